@@ -1,0 +1,142 @@
+//! The `taskherd` command: parses arguments and calls the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use taskherd::config::{Config, LoadError, LogFormat};
+use taskherd::master::{self, LogSink, Shutdown};
+
+/// Start, supervise and feed processes.
+#[derive(Debug, Parser)]
+#[command(name = "taskherd", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the herd of a config until it ends or is stopped (SIGTERM or
+    /// Ctrl-C stop cleanly; a second Ctrl-C kills at once).
+    Run {
+        /// The config file (TOML).
+        config: PathBuf,
+        /// Log format, overriding `master.log_format`.
+        #[arg(long, value_enum)]
+        log_format: Option<FormatArg>,
+    },
+    /// Validate a config and print every error found.
+    Check {
+        /// The config file (TOML).
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    /// `time level [group] [host] [command/id/group_id] message`
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Exit code when instances were marked failed.
+const EXIT_FAILED_INSTANCES: u8 = 1;
+/// Exit code for a bad config or a master that could not start.
+const EXIT_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_diagnostics();
+    let result = match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config, log_format } => run(&config, log_format),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("taskherd: {err:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// Diagnostics of taskherd itself (not the herd's log) go to stderr,
+/// filtered by `RUST_LOG` (warnings by default).
+fn init_diagnostics() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Result<Config, ExitCode>> {
+    match Config::load(path) {
+        Ok(config) => Ok(Ok(config)),
+        Err(LoadError::Invalid(errors)) => {
+            for err in &errors.0 {
+                eprintln!("error: {err}");
+            }
+            eprintln!(
+                "taskherd: {}: {} error{} found",
+                path.display(),
+                errors.0.len(),
+                if errors.0.len() == 1 { "" } else { "s" }
+            );
+            Ok(Err(ExitCode::from(EXIT_ERROR)))
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = match load(path)? {
+        Ok(config) => config,
+        Err(code) => return Ok(code),
+    };
+    let instances: u32 = config.groups.iter().map(|g| g.instance_count()).sum();
+    println!(
+        "{}: ok ({} groups, {} instances)",
+        path.display(),
+        config.groups.len(),
+        instances
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(path: &std::path::Path, log_format: Option<FormatArg>) -> anyhow::Result<ExitCode> {
+    let mut config = match load(path)? {
+        Ok(config) => config,
+        Err(code) => return Ok(code),
+    };
+    if let Some(format) = log_format {
+        config.master.log_format = match format {
+            FormatArg::Text => LogFormat::Text,
+            FormatArg::Json => LogFormat::Json,
+        };
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("taskherd")
+        .build()
+        .context("cannot start the async runtime")?;
+    let (sink, writer) = LogSink::spawn(config.master.log_format, std::io::stdout())
+        .context("cannot start the log writer")?;
+    let report = runtime.block_on(async move {
+        let shutdown = Shutdown::new();
+        master::stop_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
+        anyhow::Ok(master::run(config, sink, shutdown).await)
+    })?;
+    // Every sink clone is dropped with the runtime's tasks; then the
+    // writer drains what is left.
+    drop(runtime);
+    writer.finish();
+    Ok(if report.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED_INSTANCES)
+    })
+}

@@ -1,0 +1,534 @@
+//! Supervision of one instance: start it, relay its output and control
+//! frames, watch its liveness, stop it, and restart it per policy.
+//!
+//! One task per instance owns all of the instance's state; nothing polls
+//! it. The task sleeps until the child exits, a control frame arrives, the
+//! liveness deadline passes, or a stop is requested.
+
+use super::log::{InstanceLabel, LogRecord, LogSink, Stream};
+use super::output::LineDecoder;
+use super::process::{self, ProcessSpec, Spawned};
+use super::restart::{Decision, RestartTracker, RunOutcome};
+use super::shutdown::Shutdown;
+use crate::config::RestartSpec;
+use crate::protocol::slave::{FromSlave, Identity, Level, ToSlave};
+use crate::protocol::{Connection, ProtocolError, PROTOCOL_VERSION};
+use futures::StreamExt;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::io::AsyncRead;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tracing::Instrument;
+
+/// How long output readers and the control link may take to drain after
+/// the process group is gone (only a process that escaped the group can
+/// hold a pipe open that long).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything needed to run one instance: pure data.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    /// Who it is, for log prefixes.
+    pub label: Arc<InstanceLabel>,
+    /// What to execute.
+    pub process: ProcessSpec,
+    /// What the instance is told about itself; `identity.timeout` is the
+    /// liveness timeout once it proves it uses the library.
+    pub identity: Identity,
+    /// Liveness timeout from its first moment, library or not (set when the
+    /// group configures `timeout`).
+    pub plain_timeout: Option<Duration>,
+    /// Time between Stop and SIGKILL.
+    pub stop_grace: Duration,
+    /// Restart policy.
+    pub restart: RestartSpec,
+}
+
+/// How an instance's supervision ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceEnd {
+    /// It ended and its policy does not restart it.
+    Completed,
+    /// It was given up: restart limit reached, or failed with policy never.
+    Failed {
+        /// The last failure.
+        reason: String,
+    },
+    /// The master stopped it.
+    Stopped {
+        /// Whether it had to be SIGKILLed.
+        killed: bool,
+    },
+}
+
+/// The final word on one instance.
+#[derive(Debug, Clone)]
+pub struct InstanceReport {
+    /// Which instance.
+    pub label: Arc<InstanceLabel>,
+    /// How it ended.
+    pub end: InstanceEnd,
+}
+
+/// Last sign of life of a running process, shared by its output readers
+/// and control link (writers) and its supervisor (reader at deadlines
+/// only), so that a line costs one atomic store and no message.
+#[derive(Debug)]
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// How one run of the process ended.
+struct RunEnd {
+    outcome: RunOutcome,
+    ran_for: Duration,
+    /// Ended because the master asked it to stop.
+    stopped: bool,
+    /// Had to be SIGKILLed after the stop grace.
+    killed: bool,
+}
+
+/// What the control link learned, returned when it closes.
+#[derive(Debug, Default)]
+struct ControlSummary {
+    /// The outcome the library reported, if any: (success, message).
+    outcome: Option<(bool, Option<String>)>,
+}
+
+/// Supervises one instance until it completes, fails for good, or the
+/// master stops it.
+pub async fn supervise(spec: InstanceSpec, sink: LogSink, shutdown: Shutdown) -> InstanceReport {
+    let span = tracing::info_span!("instance", id = spec.label.id, group = %spec.label.group);
+    async move {
+        let mut tracker = RestartTracker::new(spec.restart.clone());
+        let end = loop {
+            if shutdown.is_stopping() {
+                break InstanceEnd::Stopped { killed: false };
+            }
+            let run = run_once(&spec, &sink, &shutdown).await;
+            if run.stopped {
+                break InstanceEnd::Stopped { killed: run.killed };
+            }
+            match tracker.decide(&run.outcome, run.ran_for, fastrand::f64()) {
+                Decision::Finished => match run.outcome {
+                    RunOutcome::Success => break InstanceEnd::Completed,
+                    RunOutcome::Failure(reason) => {
+                        let message = format!("marked failed: {reason} (restart policy never)");
+                        sink.instance_event(&spec.label, Level::Error, message)
+                            .await;
+                        break InstanceEnd::Failed { reason };
+                    }
+                },
+                Decision::GiveUp { restarts } => {
+                    let reason = match run.outcome {
+                        RunOutcome::Failure(reason) => reason,
+                        RunOutcome::Success => "exited".to_string(),
+                    };
+                    let message =
+                        format!("marked failed after {restarts} restarts in a row: {reason}");
+                    sink.instance_event(&spec.label, Level::Error, message)
+                        .await;
+                    break InstanceEnd::Failed { reason };
+                }
+                Decision::Restart { delay, attempt } => {
+                    let limit = spec
+                        .restart
+                        .limit
+                        .map_or_else(|| "unlimited".to_string(), |l| l.to_string());
+                    let message = format!(
+                        "restarting in {} (restart {attempt} of {limit})",
+                        humantime::format_duration(round_ms(delay))
+                    );
+                    sink.instance_event(&spec.label, Level::Info, message).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.stopping() => break InstanceEnd::Stopped { killed: false },
+                    }
+                }
+            }
+        };
+        InstanceReport {
+            label: spec.label.clone(),
+            end,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Why the wait for the process ended.
+enum Wake {
+    Exited(std::io::Result<ExitStatus>),
+    Timeout(Duration),
+    Stop,
+}
+
+async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> RunEnd {
+    let started = Instant::now();
+    let label = &spec.label;
+    let Spawned {
+        mut child,
+        pid,
+        control,
+        stdout,
+        stderr,
+    } = match process::spawn(&spec.process, &spec.identity) {
+        Ok(spawned) => spawned,
+        Err(err) => {
+            let reason = error_chain(&err);
+            sink.instance_event(label, Level::Error, reason.clone())
+                .await;
+            return RunEnd {
+                outcome: RunOutcome::Failure(reason),
+                ran_for: Duration::ZERO,
+                stopped: false,
+                killed: false,
+            };
+        }
+    };
+    sink.instance_event(label, Level::Debug, format!("started (pid {pid})"))
+        .await;
+
+    let activity = Arc::new(Activity::new());
+    let readers = [
+        tokio::spawn(relay_output(
+            stdout,
+            Stream::Stdout,
+            label.clone(),
+            sink.clone(),
+            activity.clone(),
+        )),
+        tokio::spawn(relay_output(
+            stderr,
+            Stream::Stderr,
+            label.clone(),
+            sink.clone(),
+            activity.clone(),
+        )),
+    ];
+    let (hello_tx, mut hello_rx) = mpsc::channel(1);
+    let (command_tx, command_rx) = mpsc::channel(4);
+    let control_task = tokio::spawn(control_link(
+        control,
+        spec.identity.clone(),
+        label.clone(),
+        sink.clone(),
+        activity.clone(),
+        hello_tx,
+        command_rx,
+    ));
+
+    let mut timeout = spec.plain_timeout.filter(|t| !t.is_zero());
+    let mut uses_library = false;
+    let wake = loop {
+        let deadline = timeout.map(|t| activity.last() + t);
+        tokio::select! {
+            status = child.wait() => break Wake::Exited(status),
+            Some(()) = hello_rx.recv() => {
+                uses_library = true;
+                timeout = spec.identity.timeout.filter(|t| !t.is_zero());
+            }
+            _ = sleep_until_some(deadline) => {
+                let Some(limit) = timeout else { continue };
+                // Output may have arrived while we slept: only a deadline
+                // computed from the latest activity counts.
+                if activity.last() + limit <= Instant::now() {
+                    break Wake::Timeout(limit);
+                }
+            }
+            _ = shutdown.stopping() => break Wake::Stop,
+        }
+    };
+
+    let mut killed = false;
+    let mut timed_out = None;
+    let stopped = matches!(wake, Wake::Stop);
+    let status = match wake {
+        Wake::Exited(status) => status,
+        Wake::Timeout(limit) => {
+            timed_out = Some(limit);
+            let message = format!(
+                "liveness timeout: no ping or output for {}, killing it",
+                humantime::format_duration(limit)
+            );
+            sink.instance_event(label, Level::Warning, message).await;
+            kill_group(pid, label, sink).await;
+            child.wait().await
+        }
+        Wake::Stop => {
+            if uses_library {
+                // Dropped only if the link is already gone, and then the
+                // library stops on its own.
+                let _ = command_tx.send(ToSlave::Stop).await;
+            } else if let Err(err) = process::signal_group(pid, libc::SIGTERM) {
+                let message = format!("cannot send SIGTERM: {err}");
+                sink.instance_event(label, Level::Error, message).await;
+            }
+            tokio::select! {
+                status = child.wait() => status,
+                _ = tokio::time::sleep(spec.stop_grace) => {
+                    let message = format!(
+                        "still running {} after stop: killing it",
+                        humantime::format_duration(spec.stop_grace)
+                    );
+                    sink.instance_event(label, Level::Warning, message).await;
+                    killed = true;
+                    kill_group(pid, label, sink).await;
+                    child.wait().await
+                }
+                _ = shutdown.killing() => {
+                    sink.instance_event(label, Level::Warning, "killing it now".into()).await;
+                    killed = true;
+                    kill_group(pid, label, sink).await;
+                    child.wait().await
+                }
+            }
+        }
+    };
+    let ran_for = started.elapsed();
+
+    // The leader is gone; whatever it left in its group goes too, so no
+    // grandchild outlives its instance.
+    if let Err(err) = process::signal_group(pid, libc::SIGKILL) {
+        tracing::warn!(pid, cause = %err, "cannot kill the rest of the process group");
+    }
+    drop(command_tx);
+    for reader in readers {
+        drain(reader).await;
+    }
+    let summary = drain(control_task).await.unwrap_or_default();
+
+    let outcome = classify(&status, timed_out, &summary);
+    let (level, text) = match (&status, &outcome) {
+        (_, RunOutcome::Success) => (Level::Info, describe_status(&status)),
+        _ if stopped => (Level::Info, describe_status(&status)),
+        (_, RunOutcome::Failure(reason)) => (Level::Warning, reason.clone()),
+    };
+    let text = if stopped {
+        format!("stopped: {text}")
+    } else {
+        text
+    };
+    sink.instance_event(label, level, text).await;
+    RunEnd {
+        outcome,
+        ran_for,
+        stopped,
+        killed,
+    }
+}
+
+/// Waits for a helper task of a run, aborting it if it does not end in time.
+async fn drain<T>(mut task: JoinHandle<T>) -> Option<T> {
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await {
+        Ok(joined) => joined.ok(),
+        Err(_) => {
+            task.abort();
+            None
+        }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn kill_group(pid: u32, label: &Arc<InstanceLabel>, sink: &LogSink) {
+    if let Err(err) = process::signal_group(pid, libc::SIGKILL) {
+        sink.instance_event(label, Level::Error, format!("cannot send SIGKILL: {err}"))
+            .await;
+    }
+}
+
+fn describe_status(status: &std::io::Result<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (None, Some(signal)) => format!("killed by {}", process::signal_name(signal)),
+            (None, None) => format!("ended ({status})"),
+        },
+        Err(err) => format!("cannot wait for it: {err}"),
+    }
+}
+
+fn classify(
+    status: &std::io::Result<ExitStatus>,
+    timed_out: Option<Duration>,
+    summary: &ControlSummary,
+) -> RunOutcome {
+    if let Some(limit) = timed_out {
+        return RunOutcome::Failure(format!(
+            "liveness timeout after {}",
+            humantime::format_duration(limit)
+        ));
+    }
+    if let Some((false, message)) = &summary.outcome {
+        let message = message.as_deref().unwrap_or("no reason given");
+        return RunOutcome::Failure(format!("failed: {message} ({})", describe_status(status)));
+    }
+    match status {
+        Ok(status) if status.success() => RunOutcome::Success,
+        _ => RunOutcome::Failure(describe_status(status)),
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Turns one output stream into log records.
+async fn relay_output<R: AsyncRead + Unpin>(
+    pipe: R,
+    stream: Stream,
+    label: Arc<InstanceLabel>,
+    sink: LogSink,
+    activity: Arc<Activity>,
+) {
+    let level = match stream {
+        Stream::Stderr => Level::Warning,
+        _ => Level::Info,
+    };
+    let mut lines = FramedRead::new(pipe, LineDecoder::default());
+    while let Some(line) = lines.next().await {
+        let message = match line {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(id = label.id, cause = %err, "cannot read instance output");
+                break;
+            }
+        };
+        activity.touch();
+        sink.send(LogRecord {
+            time: SystemTime::now(),
+            level,
+            instance: Some(label.clone()),
+            stream,
+            message,
+        })
+        .await;
+    }
+}
+
+/// Runs the parent side of the control channel: sends the identity,
+/// relays log frames, reports the hello, forwards Stop.
+async fn control_link(
+    socket: UnixStream,
+    identity: Identity,
+    label: Arc<InstanceLabel>,
+    sink: LogSink,
+    activity: Arc<Activity>,
+    hello_tx: mpsc::Sender<()>,
+    mut command_rx: mpsc::Receiver<ToSlave>,
+) -> ControlSummary {
+    let mut summary = ControlSummary::default();
+    let mut link = Connection::new(socket);
+    let first = ToSlave::Identity {
+        version: PROTOCOL_VERSION,
+        identity,
+    };
+    if link.write_frame(&first).await.is_err() {
+        // A plain program may close the fd or exit at once: not an error.
+        return summary;
+    }
+    loop {
+        let frame = tokio::select! {
+            frame = link.read_frame::<FromSlave>() => frame,
+            command = command_rx.recv() => match command {
+                Some(command) => {
+                    if let Err(err) = link.write_frame(&command).await {
+                        tracing::debug!(id = label.id, cause = %err, "cannot send to instance");
+                    }
+                    continue;
+                }
+                // The run is over; keep reading what the slave still sends.
+                None => link.read_frame::<FromSlave>().await,
+            },
+        };
+        match frame {
+            Ok(None) => break,
+            Ok(Some(frame)) => {
+                activity.touch();
+                match frame {
+                    FromSlave::Hello { version } if version == PROTOCOL_VERSION => {
+                        let _ = hello_tx.try_send(());
+                    }
+                    FromSlave::Hello { version } => {
+                        let message = format!(
+                            "control channel: slave speaks protocol {version}, master {PROTOCOL_VERSION}; closing the channel"
+                        );
+                        sink.instance_event(&label, Level::Error, message).await;
+                        break;
+                    }
+                    FromSlave::Ping => {}
+                    FromSlave::Log { level, message } => {
+                        sink.send(LogRecord {
+                            time: SystemTime::now(),
+                            level,
+                            instance: Some(label.clone()),
+                            stream: Stream::Control,
+                            message,
+                        })
+                        .await;
+                    }
+                    FromSlave::Outcome { success, message } => {
+                        summary.outcome = Some((success, message));
+                    }
+                }
+            }
+            // A plain program that exits without reading its identity
+            // resets the socket: that is its way of ending, not an error.
+            Err(ProtocolError::Io(err)) if err.kind() == std::io::ErrorKind::ConnectionReset => {
+                break
+            }
+            Err(err) => {
+                let message = format!(
+                    "control channel: {}; closing the channel",
+                    error_chain(&err)
+                );
+                sink.instance_event(&label, Level::Error, message).await;
+                break;
+            }
+        }
+    }
+    summary
+}

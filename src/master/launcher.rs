@@ -1,0 +1,292 @@
+//! The launcher: turns a config into supervised instances, runs them until
+//! they all end or a stop is requested, and reports how it went.
+
+use super::instance::{self, InstanceEnd, InstanceReport, InstanceSpec};
+use super::log::{InstanceLabel, LogSink};
+use super::process::ProcessSpec;
+use super::shutdown::Shutdown;
+use crate::config::{Config, GroupSpec};
+use crate::protocol::slave::{Identity, Level};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+/// Host name of instances started by the master itself.
+pub const LOCAL_HOST: &str = "localhost";
+
+/// What happened during a run, for the final message and the exit code.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    /// Every instance's final word, in id order.
+    pub instances: Vec<InstanceReport>,
+    /// Why the run was stopped, if it was.
+    pub stop_reason: Option<String>,
+}
+
+impl RunReport {
+    /// Instances given up after failing.
+    pub fn failed(&self) -> impl Iterator<Item = &InstanceReport> {
+        self.instances
+            .iter()
+            .filter(|r| matches!(r.end, InstanceEnd::Failed { .. }))
+    }
+
+    /// Instances that had to be SIGKILLed at stop.
+    pub fn killed(&self) -> impl Iterator<Item = &InstanceReport> {
+        self.instances
+            .iter()
+            .filter(|r| matches!(r.end, InstanceEnd::Stopped { killed: true }))
+    }
+
+    /// `true` when no instance was marked failed.
+    pub fn success(&self) -> bool {
+        self.failed().next().is_none()
+    }
+}
+
+/// Builds the instance specs of a config: global ids 1..N in config order,
+/// group ids 1..group_count within each group.
+pub fn instance_specs(config: &Config) -> Vec<InstanceSpec> {
+    let base_dir = config.base_dir();
+    let mut specs = Vec::new();
+    let mut next_id = 1;
+    for group in &config.groups {
+        let group_count = group.instance_count();
+        let process = process_spec(group, &base_dir);
+        let library_timeout = group.timeout.unwrap_or(config.master.timeout);
+        let stop_grace = group.stop_grace.unwrap_or(config.master.stop_grace);
+        for group_id in 1..=group_count {
+            let identity = Identity {
+                id: next_id,
+                group_id,
+                group_count,
+                group: group.name.clone(),
+                host: LOCAL_HOST.to_string(),
+                params: group.params.clone(),
+                timeout: Some(library_timeout).filter(|t| !t.is_zero()),
+                stop_grace,
+            };
+            specs.push(InstanceSpec {
+                label: Arc::new(InstanceLabel {
+                    group: group.name.clone(),
+                    host: LOCAL_HOST.to_string(),
+                    command: group.command_name().to_string(),
+                    id: next_id,
+                    group_id,
+                }),
+                process: process.clone(),
+                identity,
+                plain_timeout: group.timeout,
+                stop_grace,
+                restart: group.restart.clone(),
+            });
+            next_id += 1;
+        }
+    }
+    specs
+}
+
+fn process_spec(group: &GroupSpec, base_dir: &Path) -> ProcessSpec {
+    // A bare name is looked up in PATH; anything with a slash is a path,
+    // relative to the config file like every path in it.
+    let program = if group.command.contains('/') {
+        base_dir.join(&group.command)
+    } else {
+        PathBuf::from(&group.command)
+    };
+    ProcessSpec {
+        program,
+        args: group.args.clone(),
+        env: group
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        cwd: group.cwd.as_ref().map(|cwd| base_dir.join(cwd)),
+    }
+}
+
+/// Runs a herd until every instance has ended or `shutdown` stops it (a
+/// clean stop also follows `max_running_time`).
+///
+/// Errors of single instances are logged and reported, never fatal.
+///
+/// ```no_run
+/// # async fn demo() -> std::io::Result<()> {
+/// use taskherd::config::Config;
+/// use taskherd::master::{self, LogSink, Shutdown};
+/// let config = Config::load("herd.toml".as_ref()).expect("valid config");
+/// let (sink, writer) = LogSink::spawn(config.master.log_format, std::io::stdout())?;
+/// let shutdown = Shutdown::new();
+/// master::stop_on_signals(shutdown.clone())?;
+/// let report = master::run(config, sink, shutdown).await;
+/// writer.finish();
+/// std::process::exit(if report.success() { 0 } else { 1 });
+/// # }
+/// ```
+pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport {
+    let specs = instance_specs(&config);
+    let grace = config.master.stop_grace;
+    sink.master_event(
+        Level::Info,
+        format!(
+            "starting {} instances in {} groups from {}",
+            specs.len(),
+            config.groups.len(),
+            config.source.display()
+        ),
+    )
+    .await;
+
+    let mut tasks = JoinSet::new();
+    for spec in specs {
+        tasks.spawn(instance::supervise(spec, sink.clone(), shutdown.clone()));
+    }
+    let deadline = config
+        .master
+        .max_running_time
+        .map(|limit| (limit, tokio::time::Instant::now() + limit));
+
+    let mut reports = Vec::new();
+    let mut stop_announced = false;
+    let mut kill_announced = false;
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Ok(report)) => reports.push(report),
+                Some(Err(err)) => {
+                    sink.master_event(Level::Critical, format!("an instance supervisor crashed: {err}")).await;
+                }
+            },
+            _ = sleep_until_some(deadline.map(|(_, at)| at)), if !shutdown.is_stopping() => {
+                if let Some((limit, _)) = deadline {
+                    shutdown.request_stop(format!(
+                        "max running time of {} reached",
+                        humantime::format_duration(limit)
+                    ));
+                }
+            }
+            _ = shutdown.stopping(), if !stop_announced => {
+                stop_announced = true;
+                let reason = shutdown.reason().unwrap_or("stop requested");
+                let message = format!(
+                    "stopping every instance: {reason} (grace {}; signal again to kill at once)",
+                    humantime::format_duration(grace)
+                );
+                sink.master_event(Level::Notice, message).await;
+            }
+            _ = shutdown.killing(), if !kill_announced => {
+                kill_announced = true;
+                let reason = shutdown.reason().unwrap_or("kill requested");
+                sink.master_event(Level::Warning, format!("killing every instance now: {reason}")).await;
+            }
+        }
+    }
+    reports.sort_by_key(|r| r.label.id);
+    let report = RunReport {
+        instances: reports,
+        stop_reason: shutdown.reason().map(str::to_string),
+    };
+    announce_end(&report, &sink).await;
+    report
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn announce_end(report: &RunReport, sink: &LogSink) {
+    let labels = |reports: Vec<&InstanceReport>| {
+        reports
+            .iter()
+            .map(|r| r.label.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let killed: Vec<_> = report.killed().collect();
+    if !killed.is_empty() {
+        let message = format!(
+            "had to kill {} instances after the stop grace: {}",
+            killed.len(),
+            labels(killed)
+        );
+        sink.master_event(Level::Warning, message).await;
+    }
+    let failed: Vec<_> = report.failed().collect();
+    if !failed.is_empty() {
+        let message = format!(
+            "{} instances marked failed: {}",
+            failed.len(),
+            labels(failed)
+        );
+        sink.master_event(Level::Error, message).await;
+    }
+    let how = if report.stop_reason.is_some() {
+        "stopped"
+    } else {
+        "all instances ended"
+    };
+    sink.master_event(
+        Level::Info,
+        format!("{how}: {} instances, exiting", report.instances.len()),
+    )
+    .await;
+}
+
+/// The duration a test or caller should allow for a clean stop of `config`.
+pub fn stop_budget(config: &Config) -> Duration {
+    let group_max = config
+        .groups
+        .iter()
+        .filter_map(|g| g.stop_grace)
+        .max()
+        .unwrap_or_default();
+    config.master.stop_grace.max(group_max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_global_and_group_ids_restart() {
+        let text = r#"
+[[group]]
+name = "a"
+command = "./bin/a"
+[group.local]
+instances = 2
+
+[[group]]
+name = "b"
+command = "sh"
+timeout = "5s"
+[group.local]
+instances = 1
+"#;
+        let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
+        let specs = instance_specs(&config);
+        let ids: Vec<_> = specs
+            .iter()
+            .map(|s| {
+                (
+                    s.label.group.as_str(),
+                    s.identity.id,
+                    s.identity.group_id,
+                    s.identity.group_count,
+                )
+            })
+            .collect();
+        assert_eq!(ids, [("a", 1, 1, 2), ("a", 2, 2, 2), ("b", 3, 1, 1)]);
+        assert_eq!(specs[0].process.program, PathBuf::from("/etc/herd/./bin/a"));
+        assert_eq!(specs[2].process.program, PathBuf::from("sh"));
+        assert_eq!(specs[0].plain_timeout, None);
+        assert_eq!(specs[0].identity.timeout, Some(Duration::from_secs(30)));
+        assert_eq!(specs[2].plain_timeout, Some(Duration::from_secs(5)));
+    }
+}

@@ -1,0 +1,23 @@
+//! The master: launches groups of instances and supervises them.
+//!
+//! - [`launcher`]: config to instances, the run loop, the final report.
+//! - [`instance`]: one task per instance: start, relay, liveness, stop,
+//!   restart.
+//! - [`process`]: spawning a child with its control channel (shared with
+//!   the agent on remote hosts).
+//! - [`output`]: child output to whole lines.
+//! - [`log`]: the log stream (text or JSON lines).
+//! - [`restart`]: policy and backoff.
+//! - [`shutdown`]: the stop and kill tokens, and signal handling.
+
+pub mod instance;
+pub mod launcher;
+pub mod log;
+pub mod output;
+pub mod process;
+pub mod restart;
+pub mod shutdown;
+
+pub use launcher::{run, RunReport};
+pub use log::{LogRecord, LogSink, LogWriter};
+pub use shutdown::{stop_on_signals, Shutdown};

@@ -1,0 +1,164 @@
+//! Turns a child's stdout/stderr bytes into whole lines.
+//!
+//! The PHP originals read output with polling and lost partial lines and
+//! non-UTF-8 lines. Here a partial line stays buffered until its newline
+//! (or the end of the stream), invalid UTF-8 is shown lossily rather than
+//! dropped, and a line longer than the limit is cut into pieces of at most
+//! the limit, each ending on a character boundary, so nothing is lost and
+//! memory stays bounded.
+
+use bytes::{Buf, BytesMut};
+use tokio_util::codec::Decoder;
+
+/// Longest piece of a line emitted at once, in bytes.
+pub const MAX_LINE_LEN: usize = 64 * 1024;
+
+/// A [`Decoder`] yielding lines (without the newline) as lossy UTF-8.
+#[derive(Debug)]
+pub struct LineDecoder {
+    max_len: usize,
+    /// How far the buffer was already searched for a newline, so a long
+    /// partial line is not rescanned on every read.
+    scanned: usize,
+}
+
+impl LineDecoder {
+    /// A decoder cutting lines at `max_len` bytes (at least 4, so one
+    /// character always fits).
+    pub fn new(max_len: usize) -> Self {
+        LineDecoder {
+            max_len: max_len.max(4),
+            scanned: 0,
+        }
+    }
+
+    fn take(&mut self, buf: &mut BytesMut, len: usize, skip: usize) -> String {
+        let line = buf.split_to(len);
+        buf.advance(skip);
+        self.scanned = 0;
+        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+        String::from_utf8_lossy(line).into_owned()
+    }
+}
+
+impl Default for LineDecoder {
+    fn default() -> Self {
+        LineDecoder::new(MAX_LINE_LEN)
+    }
+}
+
+/// Largest cut at or below `limit` that does not split a UTF-8 sequence.
+fn char_boundary(bytes: &[u8], limit: usize) -> usize {
+    // A continuation byte is 0b10xx_xxxx; back off over at most 3 of them.
+    let mut cut = limit;
+    while cut > limit.saturating_sub(3) && cut > 0 && cut < bytes.len() && bytes[cut] & 0xC0 == 0x80
+    {
+        cut -= 1;
+    }
+    if cut == 0 {
+        limit
+    } else {
+        cut
+    }
+}
+
+impl Decoder for LineDecoder {
+    type Item = String;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<String>, std::io::Error> {
+        let search_end = buf.len().min(self.max_len + 1);
+        if let Some(pos) = buf[self.scanned.min(search_end)..search_end]
+            .iter()
+            .position(|&b| b == b'\n')
+        {
+            let len = self.scanned + pos;
+            return Ok(Some(self.take(buf, len, 1)));
+        }
+        if buf.len() > self.max_len {
+            let cut = char_boundary(buf, self.max_len);
+            return Ok(Some(self.take(buf, cut, 0)));
+        }
+        self.scanned = buf.len();
+        Ok(None)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<String>, std::io::Error> {
+        match self.decode(buf)? {
+            Some(line) => Ok(Some(line)),
+            None if buf.is_empty() => Ok(None),
+            None => {
+                let len = buf.len();
+                Ok(Some(self.take(buf, len, 0)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(chunks: &[&[u8]], max_len: usize) -> Vec<String> {
+        let mut decoder = LineDecoder::new(max_len);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            while let Some(line) = decoder.decode(&mut buf).unwrap() {
+                out.push(line);
+            }
+        }
+        while let Some(line) = decoder.decode_eof(&mut buf).unwrap() {
+            out.push(line);
+        }
+        out
+    }
+
+    #[test]
+    fn partial_lines_are_joined() {
+        assert_eq!(lines(&[b"ab", b"c\nde", b"f\n"], 100), ["abc", "def"]);
+    }
+
+    #[test]
+    fn last_line_without_newline_is_kept() {
+        assert_eq!(lines(&[b"one\ntwo"], 100), ["one", "two"]);
+    }
+
+    #[test]
+    fn crlf_and_empty_lines() {
+        assert_eq!(lines(&[b"a\r\n\nb\n"], 100), ["a", "", "b"]);
+    }
+
+    #[test]
+    fn invalid_utf8_is_lossy_not_dropped() {
+        assert_eq!(
+            lines(&[b"ok \xff\xfe end\n"], 100),
+            ["ok \u{FFFD}\u{FFFD} end"]
+        );
+    }
+
+    #[test]
+    fn long_lines_are_split_without_loss() {
+        let long = "x".repeat(25);
+        let out = lines(&[long.as_bytes(), b"\n"], 10);
+        assert_eq!(out, ["x".repeat(10), "x".repeat(10), "x".repeat(5)]);
+    }
+
+    #[test]
+    fn split_respects_char_boundaries() {
+        // 'é' is two bytes; a cut at 5 bytes would split the third one.
+        let text = "ééééé";
+        let out = lines(&[text.as_bytes(), b"\n"], 5);
+        assert_eq!(out.concat(), text);
+        assert!(
+            out.iter().all(|piece| !piece.contains('\u{FFFD}')),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn newline_exactly_at_limit() {
+        assert_eq!(lines(&[b"0123456789\nab\n"], 10), ["0123456789", "ab"]);
+    }
+}

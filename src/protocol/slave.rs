@@ -1,0 +1,244 @@
+//! The control channel between a parent (the master, or an agent on a
+//! remote host) and one slave instance.
+//!
+//! The parent writes [`ToSlave`] frames, the slave writes [`FromSlave`]
+//! frames, over the socketpair whose fd number the slave finds in
+//! [`CONTROL_FD_ENV`]. The parent speaks first with
+//! [`ToSlave::Identity`]; a slave that uses the library answers with
+//! [`FromSlave::Hello`]. A plain program never answers, and the parent then
+//! treats it as a plain program (stop by SIGTERM, liveness by output only).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Environment variable that holds the fd number of the control socket.
+pub const CONTROL_FD_ENV: &str = "TASKHERD_CONTROL_FD";
+/// Environment variable: the global instance id (1..N across groups).
+pub const ID_ENV: &str = "TASKHERD_ID";
+/// Environment variable: the id within the group (1..group_count).
+pub const GROUP_ID_ENV: &str = "TASKHERD_GROUP_ID";
+/// Environment variable: how many instances the group has in all.
+pub const GROUP_COUNT_ENV: &str = "TASKHERD_GROUP_COUNT";
+/// Environment variable: the group name.
+pub const GROUP_ENV: &str = "TASKHERD_GROUP";
+/// Environment variable: the host name as the master knows it.
+pub const HOST_ENV: &str = "TASKHERD_HOST";
+/// Environment variable: the group params, as JSON.
+pub const PARAMS_ENV: &str = "TASKHERD_PARAMS";
+
+/// Who a slave instance is: the first frame it receives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Global id, 1..N over all groups in config order.
+    pub id: u32,
+    /// Id within the group, 1..group_count.
+    pub group_id: u32,
+    /// Number of instances of the group (over all hosts).
+    pub group_count: u32,
+    /// Name of the group.
+    pub group: String,
+    /// Host name as the master knows it (`localhost` for local instances).
+    pub host: String,
+    /// The group's params, any JSON value (a table in the config).
+    pub params: serde_json::Value,
+    /// Liveness timeout: the slave must ping or print within it. `None`
+    /// when liveness is not checked.
+    #[serde(with = "opt_millis")]
+    pub timeout: Option<Duration>,
+    /// How long the slave has between a Stop and a SIGKILL.
+    #[serde(with = "millis")]
+    pub stop_grace: Duration,
+}
+
+/// Frames from the parent to a slave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ToSlave {
+    /// First frame: the protocol version and the slave's identity.
+    Identity {
+        /// [`super::PROTOCOL_VERSION`] of the parent.
+        version: u32,
+        /// Who the slave is.
+        identity: Identity,
+    },
+    /// Finish the current work and exit; SIGKILL follows after the grace.
+    Stop,
+}
+
+/// Frames from a slave to its parent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FromSlave {
+    /// The slave uses the library; first frame it sends.
+    Hello {
+        /// [`super::PROTOCOL_VERSION`] of the slave.
+        version: u32,
+    },
+    /// Liveness: "I am still working".
+    Ping,
+    /// A structured log record; counts as liveness too.
+    Log {
+        /// Severity chosen by the slave.
+        level: Level,
+        /// The message, one or more lines.
+        message: String,
+    },
+    /// The user function ended: the last frame before the process exits.
+    Outcome {
+        /// `true` for a clean end, `false` for an error or a panic.
+        success: bool,
+        /// Why it failed, for the log.
+        message: Option<String>,
+    },
+}
+
+/// Severity of a log line, from `trace` to `emergency` (the PSR-3 levels
+/// of the PHP originals, plus `trace`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Finest detail.
+    Trace,
+    /// Debugging detail.
+    Debug,
+    /// Normal events (stdout lines get this level).
+    Info,
+    /// Normal but significant.
+    Notice,
+    /// Something unexpected (stderr lines get this level).
+    Warning,
+    /// An error the program survives.
+    Error,
+    /// A component is unusable.
+    Critical,
+    /// Someone must act now.
+    Alert,
+    /// The system is unusable.
+    Emergency,
+}
+
+impl Level {
+    /// Every level, lowest first.
+    pub const ALL: [Level; 9] = [
+        Level::Trace,
+        Level::Debug,
+        Level::Info,
+        Level::Notice,
+        Level::Warning,
+        Level::Error,
+        Level::Critical,
+        Level::Alert,
+        Level::Emergency,
+    ];
+
+    /// The lowercase name, as in the logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Notice => "notice",
+            Level::Warning => "warning",
+            Level::Error => "error",
+            Level::Critical => "critical",
+            Level::Alert => "alert",
+            Level::Emergency => "emergency",
+        }
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Error of [`Level::from_str`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown log level {0:?} (expected one of trace, debug, info, notice, warning, error, critical, alert, emergency)")]
+pub struct UnknownLevel(pub String);
+
+impl FromStr for Level {
+    type Err = UnknownLevel;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        let name = match lower.as_str() {
+            "warn" => "warning",
+            "crit" => "critical",
+            "err" => "error",
+            "emerg" => "emergency",
+            other => other,
+        };
+        Level::ALL
+            .into_iter()
+            .find(|level| level.as_str() == name)
+            .ok_or_else(|| UnknownLevel(s.to_string()))
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+mod opt_millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<u64>::deserialize(d).map(|ms| ms.map(Duration::from_millis))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_round_trips() {
+        let frame = ToSlave::Identity {
+            version: 1,
+            identity: Identity {
+                id: 3,
+                group_id: 1,
+                group_count: 2,
+                group: "g".into(),
+                host: "localhost".into(),
+                params: serde_json::json!({"message": "hi"}),
+                timeout: Some(Duration::from_millis(1500)),
+                stop_grace: Duration::from_secs(10),
+            },
+        };
+        let text = serde_json::to_string(&frame).unwrap();
+        assert!(text.contains(r#""timeout":1500"#), "{text}");
+        assert_eq!(serde_json::from_str::<ToSlave>(&text).unwrap(), frame);
+    }
+
+    #[test]
+    fn levels_parse_with_aliases() {
+        assert_eq!("WARN".parse::<Level>().unwrap(), Level::Warning);
+        assert_eq!("emergency".parse::<Level>().unwrap(), Level::Emergency);
+        assert!("loud".parse::<Level>().is_err());
+        assert!(Level::Info < Level::Error);
+    }
+}

@@ -1,0 +1,334 @@
+//! The launcher scenarios of the original suite, on local instances.
+
+use crate::support::Herd;
+
+fn exit_code(herd: &mut Herd) -> Option<i32> {
+    herd.wait_exit().code()
+}
+
+#[test]
+fn one_instance_runs_and_ends() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "single"
+command = "{worker}"
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("info      [single] [localhost] [worker/1/1] Child 1 1");
+    herd.wait_for("[single] [localhost] [worker/1/1] Child clean exit");
+    herd.wait_for("[worker/1/1] exited with code 0");
+    herd.wait_for("all instances ended");
+    assert_eq!(exit_code(&mut herd), Some(0));
+    assert!(herd.lines_with("restarting").is_empty());
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn log_level_of_the_library_is_kept() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "loud"
+command = "{worker}"
+params = { message = "The end is near", level = "emergency" }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("emergency [loud] [localhost] [worker/1/1] The end is near");
+    assert_eq!(exit_code(&mut herd), Some(0));
+}
+
+#[test]
+fn two_instances_get_their_ids() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "pair"
+command = "{worker}"
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 2
+"#,
+    );
+    herd.start();
+    herd.wait_for("[pair] [localhost] [worker/1/1] Child 1 1");
+    herd.wait_for("[pair] [localhost] [worker/2/2] Child 2 2");
+    assert_eq!(exit_code(&mut herd), Some(0));
+    assert_eq!(herd.lines_with("Child clean exit").len(), 2);
+}
+
+#[test]
+fn two_groups_continue_ids_and_restart_group_ids() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "first"
+command = "{worker}"
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 1
+
+[[group]]
+name = "second"
+command = "{worker}"
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("[first] [localhost] [worker/1/1] Child 1 1");
+    herd.wait_for("[second] [localhost] [worker/2/1] Child 2 1");
+    assert_eq!(exit_code(&mut herd), Some(0));
+}
+
+#[test]
+fn params_reach_the_slave() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "greeter"
+command = "{worker}"
+params = { message = "Hello World!" }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("[greeter] [localhost] [worker/1/1] Hello World!");
+    assert_eq!(exit_code(&mut herd), Some(0));
+}
+
+#[test]
+fn plain_program_gets_identity_in_env_and_params_not_on_the_command_line() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "plain"
+command = "sh"
+args = ["-c", "echo \"id=$TASKHERD_ID gid=$TASKHERD_GROUP_ID count=$TASKHERD_GROUP_COUNT group=$TASKHERD_GROUP host=$TASKHERD_HOST params=$TASKHERD_PARAMS\"; echo \"cmdline=$(tr '\\0' ' ' < /proc/$$/cmdline)\""]
+params = { secret = "s3cr3t", n = 4 }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 2
+"#,
+    );
+    herd.start();
+    let line = herd.wait_for("[plain] [localhost] [sh/2/2] id=");
+    assert!(
+        line.ends_with(
+            r#"id=2 gid=2 count=2 group=plain host=localhost params={"n":4,"secret":"s3cr3t"}"#
+        ),
+        "{line}"
+    );
+    let cmdline = herd.wait_for("[sh/1/1] cmdline=");
+    assert!(cmdline.contains("sh -c"), "{cmdline}");
+    assert!(
+        !cmdline.contains("s3cr3t"),
+        "params leaked to the command line: {cmdline}"
+    );
+    assert_eq!(exit_code(&mut herd), Some(0));
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn silent_slave_is_killed_restarted_then_marked_failed() {
+    // The original's per-process timeout scenario: a slave that neither
+    // prints nor pings is killed at each timeout and restarted, until the
+    // restart limit; then the master gives up and exits non-zero.
+    let mut herd = Herd::new(
+        r#"
+[master]
+timeout = "1s"
+
+[[group]]
+name = "silent"
+command = "{worker}"
+params = { forceSleep = 90 }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+restart = { initial = "100ms", max = "200ms", limit = 3 }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("marked failed after 3 restarts in a row: liveness timeout after 1s");
+    assert_eq!(exit_code(&mut herd), Some(1));
+    assert_eq!(
+        herd.lines_with("liveness timeout: no ping or output for 1s")
+            .len(),
+        4
+    );
+    assert_eq!(herd.lines_with("restarting in").len(), 3);
+    assert!(herd.lines_with("Child clean exit").is_empty());
+    herd.wait_for("1 instances marked failed: [silent] [localhost] [worker/1/1]");
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn sleeping_slave_that_pings_is_never_killed() {
+    // `sleep` pings while it waits: a healthy slave outliving its timeout
+    // many times over must not be touched.
+    let mut herd = Herd::new(
+        r#"
+[master]
+timeout = "1s"
+
+[[group]]
+name = "patient"
+command = "{worker}"
+params = { sleep = 4 }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("[patient] [localhost] [worker/1/1] Child clean exit");
+    assert_eq!(exit_code(&mut herd), Some(0));
+    assert!(
+        herd.lines_with("liveness timeout").is_empty(),
+        "{:?}",
+        herd.seen
+    );
+}
+
+#[test]
+fn plain_program_with_group_timeout_is_killed_when_silent() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "mute"
+command = "sleep"
+args = ["60"]
+timeout = "1s"
+restart = { policy = "never" }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("[mute] [localhost] [sleep/1/1] liveness timeout");
+    herd.wait_for("marked failed: liveness timeout after 1s (restart policy never)");
+    assert_eq!(exit_code(&mut herd), Some(1));
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn crashing_slave_is_restarted_with_backoff_then_marked_failed() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "crashy"
+command = "{worker}"
+params = { fail = "database unreachable" }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+restart = { policy = "on-failure", initial = "200ms", max = "400ms", jitter = 0, limit = 2 }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("marked failed after 2 restarts in a row: failed: database unreachable");
+    assert_eq!(exit_code(&mut herd), Some(1));
+    assert_eq!(herd.lines_with("Child 1 1").len(), 3);
+    // The delay doubles: 200ms then 400ms.
+    herd.wait_for("restarting in 200ms (restart 1 of 2)");
+    herd.wait_for("restarting in 400ms (restart 2 of 2)");
+}
+
+#[test]
+fn panic_in_the_slave_is_a_failure_not_a_success() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "panicky"
+command = "{worker}"
+params = { panic = "index out of bounds" }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+restart = { policy = "never" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("marked failed: failed: index out of bounds");
+    assert_eq!(exit_code(&mut herd), Some(1));
+}
+
+#[test]
+fn policy_always_restarts_clean_exits_until_stopped() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "loop"
+command = "{worker}"
+env = { TASKHERD_TEST_MARK = "{mark}" }
+restart = { policy = "always", initial = "50ms", max = "50ms", limit = "unlimited" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for_count("[loop] [localhost] [worker/1/1] Child clean exit", 3);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(exit_code(&mut herd), Some(0));
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn json_log_format() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "js"
+command = "{worker}"
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start_with(&["--log-format", "json"]);
+    let line = herd.wait_for("Child 1 1");
+    let record: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(record["group"], "js");
+    assert_eq!(record["host"], "localhost");
+    assert_eq!(record["id"], 1);
+    assert_eq!(record["group_id"], 1);
+    assert_eq!(record["level"], "info");
+    assert_eq!(record["stream"], "stdout");
+    assert_eq!(record["message"], "Child 1 1");
+    assert_eq!(exit_code(&mut herd), Some(0));
+}
+
+#[test]
+fn command_that_cannot_start_is_reported() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "ghost"
+command = "./does-not-exist"
+restart = { initial = "10ms", limit = 1 }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    let line = herd.wait_for("cannot start");
+    assert!(
+        line.contains("does-not-exist") && line.contains("No such file"),
+        "{line}"
+    );
+    herd.wait_for("marked failed after 1 restarts");
+    assert_eq!(exit_code(&mut herd), Some(1));
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real `taskherd` binary running real processes.
+//!
+//! One test binary (linking once); `support` holds the harness.
+
+mod check;
+mod local;
+mod output;
+mod stop;
+mod support;

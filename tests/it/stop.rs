@@ -1,0 +1,147 @@
+//! Stopping: max running time, signals, grace, and no orphans.
+
+use crate::support::Herd;
+use std::time::{Duration, Instant};
+
+#[test]
+fn max_running_time_stops_the_slave_cleanly() {
+    let mut herd = Herd::new(
+        r#"
+[master]
+max_running_time = "2s"
+
+[[group]]
+name = "sleeper"
+command = "{worker}"
+params = { sleep = 20 }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("stopping every instance: max running time of 2s reached");
+    herd.wait_for("[sleeper] [localhost] [worker/1/1] Child clean exit");
+    herd.wait_for("[worker/1/1] stopped: exited with code 0");
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert!(herd.lines_with("killing").is_empty(), "{:?}", herd.seen);
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn slave_ignoring_stop_is_killed_after_the_grace() {
+    let mut herd = Herd::new(
+        r#"
+[master]
+max_running_time = "1s"
+stop_grace = "1s"
+
+[[group]]
+name = "stubborn"
+command = "{worker}"
+params = { neverDie = true }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("[stubborn] [localhost] [worker/1/1] still running 1s after stop: killing it");
+    herd.wait_for(
+        "had to kill 1 instances after the stop grace: [stubborn] [localhost] [worker/1/1]",
+    );
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert!(herd.lines_with("Child clean exit").is_empty());
+    herd.assert_no_leftovers();
+}
+
+const MIXED_HERD: &str = r#"
+[master]
+stop_grace = "5s"
+
+[[group]]
+name = "lib"
+command = "{worker}"
+params = { sleep = 1000 }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 2
+
+[[group]]
+name = "plain"
+command = "sh"
+args = ["-c", "echo plain up; exec sleep 1000"]
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 2
+"#;
+
+fn wait_until_all_up(herd: &mut Herd) {
+    herd.wait_for("[lib] [localhost] [worker/1/1] Child 1 1");
+    herd.wait_for("[lib] [localhost] [worker/2/2] Child 2 2");
+    herd.wait_for_count("plain up", 2);
+    assert_eq!(herd.marked_processes().len(), 4, "{:?}", herd.seen);
+}
+
+#[test]
+fn sigterm_stops_everything_cleanly_and_exits_zero() {
+    let mut herd = Herd::new(MIXED_HERD);
+    herd.start();
+    wait_until_all_up(&mut herd);
+    herd.signal(libc::SIGTERM);
+    herd.wait_for("stopping every instance: SIGTERM received");
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    // Library slaves end their work cleanly; plain ones die of SIGTERM.
+    assert_eq!(herd.lines_with("Child clean exit").len(), 2);
+    assert_eq!(herd.lines_with("stopped: killed by SIGTERM").len(), 2);
+    assert!(herd.lines_with("had to kill").is_empty(), "{:?}", herd.seen);
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn second_sigint_kills_at_once() {
+    let mut herd = Herd::new(
+        r#"
+[master]
+stop_grace = "60s"
+
+[[group]]
+name = "stubborn"
+command = "{worker}"
+params = { neverDie = true }
+env = { TASKHERD_TEST_MARK = "{mark}" }
+[group.local]
+instances = 2
+"#,
+    );
+    herd.start();
+    herd.wait_for_count("Child ", 2);
+    herd.signal(libc::SIGINT);
+    herd.wait_for("stopping every instance: SIGINT received (grace 1m");
+    let start = Instant::now();
+    herd.signal(libc::SIGINT);
+    herd.wait_for("killing every instance now");
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "the 60 s grace was not cut short"
+    );
+    herd.wait_for("had to kill 2 instances");
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn sigkill_of_the_master_leaves_no_instance_behind() {
+    let mut herd = Herd::new(MIXED_HERD);
+    herd.start();
+    wait_until_all_up(&mut herd);
+    herd.signal(libc::SIGKILL);
+    let status = herd.wait_exit();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    // Library slaves see their control channel close, plain ones get the
+    // parent-death signal; assert_no_leftovers waits up to 10 s.
+    herd.assert_no_leftovers();
+}
