@@ -6,7 +6,7 @@
 //! ```
 //!
 //! This program is both sides: run by you, it embeds the master
-//! (`taskherd::master::run`) with the config below; started by that master
+//! (`taskherd::master::run_blocking`) with the config below; started by that master
 //! (it finds `TASKHERD_CONTROL_FD` in its environment), it is a slave using
 //! `taskherd::slave::Handler`. The second group is a plain shell command
 //! that gets its identity from the environment. The herd stops by itself
@@ -15,7 +15,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 use taskherd::config::Config;
-use taskherd::master::{self, LogSink, Shutdown};
+use taskherd::master;
 use taskherd::slave::Handler;
 
 /// `{self}` is replaced by this program's own path.
@@ -99,15 +99,7 @@ fn master() -> Result<ExitCode, Box<dyn std::error::Error>> {
             Config::parse(&text, "embedded-herd.toml".as_ref())?
         }
     };
-    let runtime = tokio::runtime::Runtime::new()?;
-    let (sink, writer) = LogSink::spawn(config.master.log_format, std::io::stdout())?;
-    let report = runtime.block_on(async move {
-        let shutdown = Shutdown::new();
-        master::stop_on_signals(shutdown.clone())?;
-        std::io::Result::Ok(master::run(config, sink, shutdown).await)
-    })?;
-    drop(runtime);
-    writer.finish();
+    let report = master::run_blocking(config)?;
     Ok(if report.success() {
         ExitCode::SUCCESS
     } else {

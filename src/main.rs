@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use taskherd::config::{Config, LoadError, LogFormat};
-use taskherd::master::{self, LogSink, Shutdown};
+use taskherd::master;
 
 /// Start, supervise and feed processes.
 #[derive(Debug, Parser)]
@@ -118,22 +118,7 @@ fn run(path: &std::path::Path, log_format: Option<FormatArg>) -> anyhow::Result<
             FormatArg::Json => LogFormat::Json,
         };
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("taskherd")
-        .build()
-        .context("cannot start the async runtime")?;
-    let (sink, writer) = LogSink::spawn(config.master.log_format, std::io::stdout())
-        .context("cannot start the log writer")?;
-    let report = runtime.block_on(async move {
-        let shutdown = Shutdown::new();
-        master::stop_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
-        anyhow::Ok(master::run(config, sink, shutdown).await)
-    })?;
-    // Every sink clone is dropped with the runtime's tasks; then the
-    // writer drains what is left.
-    drop(runtime);
-    writer.finish();
+    let report = master::run_blocking(config).context("cannot start the master")?;
     Ok(if report.success() {
         ExitCode::SUCCESS
     } else {

@@ -156,14 +156,14 @@ pub async fn supervise(spec: InstanceSpec, sink: LogSink, shutdown: Shutdown) ->
                     break InstanceEnd::Failed { reason };
                 }
                 Decision::Restart { delay, attempt } => {
-                    let limit = spec
-                        .restart
-                        .limit
-                        .map_or_else(|| "unlimited".to_string(), |l| l.to_string());
-                    let message = format!(
-                        "restarting in {} (restart {attempt} of {limit})",
-                        humantime::format_duration(round_ms(delay))
-                    );
+                    let delay_text = humantime::format_duration(round_ms(delay));
+                    let message = match (attempt, spec.restart.limit) {
+                        (0, _) => format!("restarting in {delay_text}"),
+                        (_, Some(limit)) => {
+                            format!("restarting in {delay_text} (restart {attempt} of {limit})")
+                        }
+                        (_, None) => format!("restarting in {delay_text} (restart {attempt})"),
+                    };
                     sink.instance_event(&spec.label, Level::Info, message).await;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}

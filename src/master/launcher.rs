@@ -193,6 +193,39 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
     report
 }
 
+/// Runs a herd from a plain (non-async) program: owns a runtime, logs to
+/// stdout in the config's format, stops cleanly on SIGTERM/SIGINT (a second
+/// signal kills at once), and returns once every instance has ended and
+/// every log line is written.
+///
+/// ```no_run
+/// use taskherd::config::Config;
+/// let config = Config::load("herd.toml".as_ref()).expect("valid config");
+/// let report = taskherd::master::run_blocking(config).expect("master started");
+/// std::process::exit(if report.success() { 0 } else { 1 });
+/// ```
+///
+/// # Errors
+/// If the runtime, the log writer or the signal handlers cannot be set up;
+/// nothing was started then.
+pub fn run_blocking(config: Config) -> std::io::Result<RunReport> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("taskherd")
+        .build()?;
+    let (sink, writer) = LogSink::spawn(config.master.log_format, std::io::stdout())?;
+    let report = runtime.block_on(async move {
+        let shutdown = Shutdown::new();
+        super::stop_on_signals(shutdown.clone())?;
+        std::io::Result::Ok(run(config, sink, shutdown).await)
+    });
+    // The runtime's tasks hold the last sink clones: once they are gone the
+    // writer drains what is left and ends.
+    drop(runtime);
+    writer.finish();
+    report
+}
+
 async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,

@@ -18,6 +18,6 @@ pub mod process;
 pub mod restart;
 pub mod shutdown;
 
-pub use launcher::{run, RunReport};
+pub use launcher::{run, run_blocking, RunReport};
 pub use log::{LogRecord, LogSink, LogWriter};
 pub use shutdown::{stop_on_signals, Shutdown};

@@ -21,7 +21,8 @@ pub enum Decision {
     Restart {
         /// Backoff delay before the next start.
         delay: Duration,
-        /// Restarts in a row so far, this one included.
+        /// Restarts after failures in a row so far, this one included; 0
+        /// for a restart after a clean end (policy `always`).
         attempt: u32,
     },
     /// Too many restarts in a row: give up and mark it failed.
@@ -61,6 +62,15 @@ impl RestartTracker {
         };
         if !restart {
             return Decision::Finished;
+        }
+        if *outcome == RunOutcome::Success {
+            // Under `always`, a clean end is no failure: it does not count
+            // toward the limit, and the backoff starts over.
+            self.restarts_in_a_row = 0;
+            return Decision::Restart {
+                delay: backoff_delay(&self.spec, 0, random),
+                attempt: 0,
+            };
         }
         if let Some(limit) = self.spec.limit {
             if self.restarts_in_a_row >= limit {
@@ -171,5 +181,27 @@ mod tests {
             always.decide(&ok, SHORT, 0.5),
             Decision::Restart { .. }
         ));
+    }
+
+    #[test]
+    fn clean_ends_under_always_never_exhaust_the_limit() {
+        let mut tracker = RestartTracker::new(spec(RestartPolicy::Always, Some(1)));
+        for _ in 0..5 {
+            assert_eq!(
+                tracker.decide(&RunOutcome::Success, SHORT, 0.5),
+                Decision::Restart {
+                    delay: Duration::from_secs(1),
+                    attempt: 0
+                }
+            );
+        }
+        assert!(matches!(
+            tracker.decide(&failure(), SHORT, 0.5),
+            Decision::Restart { attempt: 1, .. }
+        ));
+        assert_eq!(
+            tracker.decide(&failure(), SHORT, 0.5),
+            Decision::GiveUp { restarts: 1 }
+        );
     }
 }

@@ -13,7 +13,6 @@ fn one_instance_runs_and_ends() {
 [[group]]
 name = "single"
 command = "{worker}"
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,
@@ -36,7 +35,6 @@ fn log_level_of_the_library_is_kept() {
 name = "loud"
 command = "{worker}"
 params = { message = "The end is near", level = "emergency" }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,
@@ -53,7 +51,6 @@ fn two_instances_get_their_ids() {
 [[group]]
 name = "pair"
 command = "{worker}"
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 2
 "#,
@@ -72,14 +69,12 @@ fn two_groups_continue_ids_and_restart_group_ids() {
 [[group]]
 name = "first"
 command = "{worker}"
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 
 [[group]]
 name = "second"
 command = "{worker}"
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,
@@ -98,7 +93,6 @@ fn params_reach_the_slave() {
 name = "greeter"
 command = "{worker}"
 params = { message = "Hello World!" }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,
@@ -117,7 +111,6 @@ name = "plain"
 command = "sh"
 args = ["-c", "echo \"id=$TASKHERD_ID gid=$TASKHERD_GROUP_ID count=$TASKHERD_GROUP_COUNT group=$TASKHERD_GROUP host=$TASKHERD_HOST params=$TASKHERD_PARAMS\"; echo \"cmdline=$(tr '\\0' ' ' < /proc/$$/cmdline)\""]
 params = { secret = "s3cr3t", n = 4 }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 2
 "#,
@@ -154,7 +147,6 @@ timeout = "1s"
 name = "silent"
 command = "{worker}"
 params = { forceSleep = 90 }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 restart = { initial = "100ms", max = "200ms", limit = 3 }
 [group.local]
 instances = 1
@@ -181,13 +173,12 @@ fn sleeping_slave_that_pings_is_never_killed() {
     let mut herd = Herd::new(
         r#"
 [master]
-timeout = "1s"
+timeout = "2s"
 
 [[group]]
 name = "patient"
 command = "{worker}"
-params = { sleep = 4 }
-env = { TASKHERD_TEST_MARK = "{mark}" }
+params = { sleep = 7 }
 [group.local]
 instances = 1
 "#,
@@ -212,7 +203,6 @@ command = "sleep"
 args = ["60"]
 timeout = "1s"
 restart = { policy = "never" }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,
@@ -232,7 +222,6 @@ fn crashing_slave_is_restarted_with_backoff_then_marked_failed() {
 name = "crashy"
 command = "{worker}"
 params = { fail = "database unreachable" }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 restart = { policy = "on-failure", initial = "200ms", max = "400ms", jitter = 0, limit = 2 }
 [group.local]
 instances = 1
@@ -255,7 +244,6 @@ fn panic_in_the_slave_is_a_failure_not_a_success() {
 name = "panicky"
 command = "{worker}"
 params = { panic = "index out of bounds" }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 restart = { policy = "never" }
 [group.local]
 instances = 1
@@ -273,7 +261,6 @@ fn policy_always_restarts_clean_exits_until_stopped() {
 [[group]]
 name = "loop"
 command = "{worker}"
-env = { TASKHERD_TEST_MARK = "{mark}" }
 restart = { policy = "always", initial = "50ms", max = "50ms", limit = "unlimited" }
 [group.local]
 instances = 1
@@ -293,7 +280,6 @@ fn json_log_format() {
 [[group]]
 name = "js"
 command = "{worker}"
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,
@@ -331,4 +317,18 @@ instances = 1
     );
     herd.wait_for("marked failed after 1 restarts");
     assert_eq!(exit_code(&mut herd), Some(1));
+}
+
+#[test]
+fn slave_run_by_hand_says_how_to_run_it() {
+    let out = std::process::Command::new(crate::support::worker_bin())
+        .env_remove("TASKHERD_CONTROL_FD")
+        .output()
+        .expect("run the worker");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("TASKHERD_CONTROL_FD") && stderr.contains("taskherd run"),
+        "{stderr}"
+    );
 }

@@ -10,7 +10,6 @@ fn partial_line_and_non_utf8_line_both_arrive() {
 name = "bytes"
 command = "sh"
 args = ["-c", "printf 'first half'; sleep 0.3; printf ' second half\n'; printf 'bad \\377\\376 bytes\n' >&2; printf 'no newline at the end'"]
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,
@@ -31,7 +30,6 @@ fn one_mebibyte_line_arrives_split_and_complete() {
 name = "big"
 command = "sh"
 args = ["-c", "head -c 1048576 /dev/zero | tr '\\0' 'x'; echo; echo after"]
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,
@@ -60,7 +58,6 @@ fn many_lines_are_all_relayed_in_order() {
 name = "chatty"
 command = "{worker}"
 params = { lines = 20000 }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,

@@ -14,7 +14,6 @@ max_running_time = "2s"
 name = "sleeper"
 command = "{worker}"
 params = { sleep = 20 }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,
@@ -40,7 +39,6 @@ stop_grace = "1s"
 name = "stubborn"
 command = "{worker}"
 params = { neverDie = true }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 1
 "#,
@@ -63,7 +61,6 @@ stop_grace = "5s"
 name = "lib"
 command = "{worker}"
 params = { sleep = 1000 }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 2
 
@@ -71,7 +68,6 @@ instances = 2
 name = "plain"
 command = "sh"
 args = ["-c", "echo plain up; exec sleep 1000"]
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 2
 "#;
@@ -109,7 +105,6 @@ stop_grace = "60s"
 name = "stubborn"
 command = "{worker}"
 params = { neverDie = true }
-env = { TASKHERD_TEST_MARK = "{mark}" }
 [group.local]
 instances = 2
 "#,

@@ -54,20 +54,17 @@ pub struct Herd {
     pub seen: Vec<String>,
 }
 
-/// Text put in every group's `env` so leftovers can be found.
+/// Put in the master's environment, inherited by every instance, so
+/// leftovers can be found.
 pub const MARK_VAR: &str = "TASKHERD_TEST_MARK";
 
 impl Herd {
-    /// Writes `config` (TOML) into a fresh temp dir. `{worker}` is replaced
-    /// by the worker example's path and `{mark}` by this herd's marker;
-    /// every `[[group]]` gets the marker in its environment through
-    /// `env = { TASKHERD_TEST_MARK = "{mark}" }` written by the test.
+    /// Writes `config` (TOML) into a fresh temp dir; `{worker}` is replaced
+    /// by the worker example's path.
     pub fn new(config: &str) -> Herd {
         let dir = tempfile::tempdir().expect("temp dir");
         let mark = unique_mark();
-        let text = config
-            .replace("{worker}", &worker_bin().display().to_string())
-            .replace("{mark}", &mark);
+        let text = config.replace("{worker}", &worker_bin().display().to_string());
         let path = dir.path().join("herd.toml");
         std::fs::write(&path, text).expect("write config");
         Herd {
@@ -86,6 +83,8 @@ impl Herd {
             .arg("run")
             .arg(&self.config)
             .args(extra)
+            // Instances inherit it: that is how leftovers are found.
+            .env(MARK_VAR, &self.mark)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -209,9 +208,14 @@ impl Herd {
         self.seen.iter().filter(|l| l.contains(needle)).collect()
     }
 
-    /// Pids of live processes carrying this herd's marker.
+    /// Pids of live processes carrying this herd's marker (the master
+    /// aside).
     pub fn marked_processes(&self) -> Vec<i32> {
+        let master = self.master.as_ref().map(|m| m.id() as i32);
         marked_processes(&self.mark)
+            .into_iter()
+            .filter(|pid| Some(*pid) != master)
+            .collect()
     }
 
     /// Waits (bounded) until no process with this herd's marker is left.
