@@ -15,6 +15,73 @@ pub struct Config {
     pub groups: Vec<GroupSpec>,
 }
 
+/// SSH settings of a remote placement: the top-level `[ssh]` table gives
+/// defaults, each `[[group.remote]]` may override any of them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SshOptions {
+    /// An ssh_config file used instead of `~/.ssh/config`. Key `ssh_config`.
+    pub config_file: Option<PathBuf>,
+    /// Private key to authenticate with (ssh-agent works without it). Key
+    /// `identity_file`.
+    pub identity_file: Option<PathBuf>,
+    /// Host key policy. Key `known_hosts`, `"strict"` (default) or
+    /// `"accept-new"`.
+    pub known_hosts: KnownHostsPolicy,
+    /// A jump host (`[user@]host[:port]`, as `ssh -J`). Key `jump_host`.
+    pub jump_host: Option<String>,
+    /// Longest wait for the TCP connection and the handshake. Key
+    /// `connect_timeout`, default 10 s.
+    pub connect_timeout: Option<Duration>,
+}
+
+/// Default of `ssh.connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How unknown or changed host keys are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KnownHostsPolicy {
+    /// Only hosts whose key is already in known_hosts (`"strict"`).
+    #[default]
+    Strict,
+    /// Unknown hosts are added on first connection; a changed key is still
+    /// refused (`"accept-new"`).
+    AcceptNew,
+}
+
+/// One host of a remote placement, as written: `[user@]name[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSpec {
+    /// The host as the master names it in logs: the entry without its
+    /// `user@` part (`web2:2222`).
+    pub label: String,
+    /// Login user; ssh's default (ssh_config or the local user) when `None`.
+    pub user: Option<String>,
+    /// Host name or address, as given to ssh (aliases of ssh_config work).
+    pub name: String,
+    /// TCP port; ssh's default when `None`.
+    pub port: Option<u16>,
+}
+
+/// `[[group.remote]]`: instances started on each of some hosts over SSH.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemotePlacement {
+    /// The hosts. Key `hosts`, a non-empty array of `[user@]name[:port]`.
+    pub hosts: Vec<HostSpec>,
+    /// Instances on each host (at least 1). Key `instances`.
+    pub instances: u32,
+    /// The command's path on these hosts, when it differs from the group's
+    /// `command`. Relative paths are relative to the remote `cwd` (or the
+    /// user's home). Key `command`.
+    pub command: Option<String>,
+    /// Working directory on these hosts. Key `cwd`, default the user's home.
+    pub cwd: Option<PathBuf>,
+    /// Environment added on these hosts, over the group's `env`. Key `env`.
+    pub env: BTreeMap<String, String>,
+    /// SSH settings (keys `ssh_config`, `identity_file`, `known_hosts`,
+    /// `jump_host`, `connect_timeout`), merged over the `[ssh]` defaults.
+    pub ssh: SshOptions,
+}
+
 /// The `[master]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MasterSpec {
@@ -28,6 +95,21 @@ pub struct MasterSpec {
     pub max_running_time: Option<Duration>,
     /// How log lines are written. Key `log_format`, `"text"` (default) or `"json"`.
     pub log_format: LogFormat,
+    /// How often master and agents tell each other they are alive. Key
+    /// `heartbeat`, default 1 s.
+    pub heartbeat: Duration,
+    /// An agent that hears nothing from the master for this long stops its
+    /// instances and exits; a master that hears nothing from an agent for
+    /// this long marks the host down and reconnects. Key `orphan_timeout`,
+    /// default 10 s.
+    pub orphan_timeout: Duration,
+    /// Where agents are cached on remote hosts (one file per version and
+    /// build); relative to the remote user's home. Key `agent_dir`, default
+    /// `.cache/taskherd`.
+    pub agent_dir: String,
+    /// Use this `taskherd` on every remote host instead of uploading the
+    /// master's own executable. Key `agent_path`.
+    pub agent_path: Option<String>,
 }
 
 impl Default for MasterSpec {
@@ -37,6 +119,10 @@ impl Default for MasterSpec {
             stop_grace: DEFAULT_STOP_GRACE,
             max_running_time: None,
             log_format: LogFormat::Text,
+            heartbeat: DEFAULT_HEARTBEAT,
+            orphan_timeout: DEFAULT_ORPHAN_TIMEOUT,
+            agent_dir: DEFAULT_AGENT_DIR.to_string(),
+            agent_path: None,
         }
     }
 }
@@ -45,6 +131,12 @@ impl Default for MasterSpec {
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of `master.stop_grace`.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Default of `master.heartbeat`.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Default of `master.orphan_timeout`.
+pub const DEFAULT_ORPHAN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `master.agent_dir`.
+pub const DEFAULT_AGENT_DIR: &str = ".cache/taskherd";
 
 /// Format of the master's log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -87,6 +179,8 @@ pub struct GroupSpec {
     pub stop_grace: Option<Duration>,
     /// Instances on the master's host. Table `[group.local]`.
     pub local: Option<LocalPlacement>,
+    /// Instances on remote hosts. Array of tables `[[group.remote]]`.
+    pub remote: Vec<RemotePlacement>,
 }
 
 /// `[group.local]`: instances started by the master itself.
@@ -146,7 +240,13 @@ pub enum RestartPolicy {
 impl GroupSpec {
     /// Total number of instances of the group over all placements.
     pub fn instance_count(&self) -> u32 {
-        self.local.as_ref().map_or(0, |local| local.instances)
+        let local = self.local.as_ref().map_or(0, |local| local.instances);
+        let remote: u32 = self
+            .remote
+            .iter()
+            .map(|placement| placement.instances.saturating_mul(placement.hosts.len() as u32))
+            .sum();
+        local.saturating_add(remote)
     }
 
     /// The command's base name, as shown in log prefixes.

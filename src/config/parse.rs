@@ -349,6 +349,7 @@ impl Walker<'_> {
             timeout: None,
             stop_grace: None,
             local: None,
+            remote: Vec::new(),
         };
         let Some(table) = self.table(&path, value) else {
             return group;
