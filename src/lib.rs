@@ -1,6 +1,8 @@
 #![warn(missing_docs)]
 //! taskherd starts, supervises and feeds processes.
 #[cfg(feature = "master")]
+pub mod agent;
+#[cfg(feature = "master")]
 pub mod config;
 #[cfg(feature = "master")]
 pub mod master;

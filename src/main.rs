@@ -31,6 +31,9 @@ enum Command {
         /// The config file (TOML).
         config: PathBuf,
     },
+    /// Serve a master on stdin/stdout (started by the master over SSH).
+    #[command(hide = true)]
+    Agent,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -52,6 +55,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config, log_format } => run(&config, log_format),
+        Command::Agent => taskherd::agent::run_stdio()
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|err| anyhow::anyhow!(err).context("agent")),
     };
     match result {
         Ok(code) => code,

@@ -191,19 +191,22 @@ pub struct LocalPlacement {
 }
 
 /// The `restart` table of a group.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RestartSpec {
     /// When to restart. Key `policy`, default `"on-failure"`.
     pub policy: RestartPolicy,
     /// First backoff delay. Key `initial`, default 1 s.
+    #[serde(with = "crate::protocol::millis")]
     pub initial: Duration,
     /// Backoff cap: the delay doubles up to this. Key `max`, default 30 s.
+    #[serde(with = "crate::protocol::millis")]
     pub max: Duration,
     /// Random spread of each delay, as a fraction (0.1 = ±10 %). Key
     /// `jitter`, default 0.1, between 0 and 1.
     pub jitter: f64,
     /// An instance that ran this long is healthy: its restart count and
     /// backoff start over. Key `reset_after`, default 60 s.
+    #[serde(with = "crate::protocol::millis")]
     pub reset_after: Duration,
     /// Restarts in a row (without a healthy period) after which the next
     /// failure marks the instance failed. `None` is unlimited. Key `limit`,
@@ -225,7 +228,8 @@ impl Default for RestartSpec {
 }
 
 /// When an instance that ended is started again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Never: an ended instance stays ended (`"never"`).
     Never,
@@ -244,7 +248,11 @@ impl GroupSpec {
         let remote: u32 = self
             .remote
             .iter()
-            .map(|placement| placement.instances.saturating_mul(placement.hosts.len() as u32))
+            .map(|placement| {
+                placement
+                    .instances
+                    .saturating_mul(placement.hosts.len() as u32)
+            })
             .sum();
         local.saturating_add(remote)
     }

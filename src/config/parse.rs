@@ -10,8 +10,8 @@
 //! nothing was recorded.
 
 use super::{
-    Config, ConfigError, ConfigErrors, GroupSpec, LocalPlacement, LogFormat, MasterSpec,
-    RestartPolicy, RestartSpec,
+    Config, ConfigError, ConfigErrors, GroupSpec, HostSpec, KnownHostsPolicy, LocalPlacement,
+    LogFormat, MasterSpec, RemotePlacement, RestartPolicy, RestartSpec, SshOptions,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -23,8 +23,25 @@ use toml::Spanned;
 /// A TOML value with the byte range it was read from.
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["master", "group"];
-const MASTER_KEYS: &[&str] = &["timeout", "stop_grace", "max_running_time", "log_format"];
+const TOP_KEYS: &[&str] = &["master", "ssh", "group"];
+const MASTER_KEYS: &[&str] = &[
+    "timeout",
+    "stop_grace",
+    "max_running_time",
+    "log_format",
+    "heartbeat",
+    "orphan_timeout",
+    "agent_dir",
+    "agent_path",
+];
+/// Keys of `[ssh]`, and the per-placement overrides of `[[group.remote]]`.
+const SSH_KEYS: &[&str] = &[
+    "ssh_config",
+    "identity_file",
+    "known_hosts",
+    "jump_host",
+    "connect_timeout",
+];
 const GROUP_KEYS: &[&str] = &[
     "name",
     "command",
@@ -36,19 +53,21 @@ const GROUP_KEYS: &[&str] = &[
     "stop_grace",
     "restart",
     "local",
+    "remote",
 ];
 /// Group keys of the design that later issues implement; naming them beats
 /// a bare "unknown key" for someone who copied the design's example.
-const GROUP_KEYS_NOT_YET: &[(&str, &str)] = &[
-    ("remote", "remote placements are not supported yet"),
-    ("feeder", "queue groups (feeder) are not supported yet"),
-];
+const GROUP_KEYS_NOT_YET: &[(&str, &str)] =
+    &[("feeder", "queue groups (feeder) are not supported yet")];
 const RESTART_KEYS: &[&str] = &["policy", "initial", "max", "reset_after", "jitter", "limit"];
 const LOCAL_KEYS: &[&str] = &["instances"];
+/// Keys of `[[group.remote]]` besides the [`SSH_KEYS`] overrides.
+const REMOTE_KEYS: &[&str] = &["hosts", "instances", "command", "cwd", "env"];
 
-const NO_GROUPS: &str =
-    "no groups: add at least one [[group]] with a name, a command and [group.local]";
-const NO_PLACEMENT: &str = "no placement: add [group.local] with instances = N";
+const NO_GROUPS: &str = "no groups: add at least one [[group]] with a name, a command and \
+                         [group.local] or [[group.remote]]";
+const NO_PLACEMENT: &str = "no placement: add [group.local] with instances = N, \
+                            or [[group.remote]] with hosts and instances";
 
 pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigErrors> {
     let mut walker = Walker {
@@ -68,7 +87,8 @@ pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigErrors> {
     let root = root.get_ref();
     walker.check_unknown(root, "", TOP_KEYS, &[]);
     let master = walker.master(root.get("master"));
-    let groups = walker.groups(root.get("group"));
+    let ssh = walker.ssh(root.get("ssh"));
+    let groups = walker.groups(root.get("group"), &ssh);
     if walker.errors.is_empty() {
         Ok(Config {
             source: source.to_path_buf(),
@@ -273,6 +293,21 @@ impl Walker<'_> {
         }
     }
 
+    /// Like [`Walker::duration`], and zero is an error too.
+    fn positive_duration(&mut self, key: &str, value: &Value<'_>) -> Option<Duration> {
+        let duration = self.duration(key, value)?;
+        if duration.is_zero() {
+            let found = humantime::format_duration(duration);
+            self.error(
+                value.span(),
+                key,
+                format!("must be greater than 0, found {found}"),
+            );
+            return None;
+        }
+        Some(duration)
+    }
+
     fn master(&mut self, value: Option<&Value<'_>>) -> MasterSpec {
         let mut master = MasterSpec::default();
         let Some(table) = value.and_then(|value| self.table("master", value)) else {
@@ -306,10 +341,132 @@ impl Walker<'_> {
                 None => LogFormat::default(),
             };
         }
+        let heartbeat = table.get("heartbeat");
+        let heartbeat_ok = match heartbeat.map(|v| self.positive_duration("master.heartbeat", v)) {
+            Some(Some(duration)) => {
+                master.heartbeat = duration;
+                true
+            }
+            Some(None) => false,
+            None => true,
+        };
+        let orphan = table.get("orphan_timeout");
+        let orphan_ok = match orphan.map(|v| self.duration("master.orphan_timeout", v)) {
+            Some(Some(duration)) => {
+                master.orphan_timeout = duration;
+                true
+            }
+            Some(None) => false,
+            None => true,
+        };
+        // As in `restart`: only compare values that are right on their own.
+        if heartbeat_ok && orphan_ok && master.orphan_timeout <= master.heartbeat {
+            let heartbeat_text = humantime::format_duration(master.heartbeat);
+            let orphan_text = humantime::format_duration(master.orphan_timeout);
+            match (orphan, heartbeat) {
+                (Some(orphan), Some(_)) => self.error(
+                    orphan.span(),
+                    "master.orphan_timeout",
+                    format!(
+                        "must be greater than heartbeat ({heartbeat_text}), found {orphan_text}"
+                    ),
+                ),
+                (Some(orphan), None) => self.error(
+                    orphan.span(),
+                    "master.orphan_timeout",
+                    format!(
+                        "must be greater than heartbeat ({heartbeat_text}, the default), \
+                         found {orphan_text}"
+                    ),
+                ),
+                (None, Some(heartbeat)) => self.error(
+                    heartbeat.span(),
+                    "master.heartbeat",
+                    format!(
+                        "must be less than orphan_timeout ({orphan_text}, the default), \
+                         found {heartbeat_text}; set orphan_timeout too"
+                    ),
+                ),
+                // The defaults are consistent, so one of them was set.
+                (None, None) => {}
+            }
+        }
+        if let Some(value) = table.get("agent_dir") {
+            if let Some(dir) = self.non_empty_string("master.agent_dir", value) {
+                master.agent_dir = dir;
+            }
+        }
+        if let Some(value) = table.get("agent_path") {
+            master.agent_path = self.non_empty_string("master.agent_path", value);
+        }
         master
     }
 
-    fn groups(&mut self, value: Option<&Value<'_>>) -> Vec<GroupSpec> {
+    /// The top-level `[ssh]` table: defaults of every remote placement.
+    fn ssh(&mut self, value: Option<&Value<'_>>) -> SshOptions {
+        let mut ssh = SshOptions::default();
+        if let Some(table) = value.and_then(|value| self.table("ssh", value)) {
+            self.check_unknown(table, "ssh", SSH_KEYS, &[]);
+            self.ssh_keys("ssh", table, &mut ssh);
+        }
+        ssh
+    }
+
+    /// Reads the [`SSH_KEYS`] of `table` into `ssh`: each key that is set
+    /// (and valid) replaces what `ssh` had, the others keep it.
+    ///
+    /// Paths are kept as written, `~/` included: relative ones are resolved
+    /// by the launcher, `~` is expanded by ssh.
+    fn ssh_keys(&mut self, path: &str, table: &DeTable<'_>, ssh: &mut SshOptions) {
+        if let Some(value) = table.get("ssh_config") {
+            if let Some(file) = self.non_empty_string(&child(path, "ssh_config"), value) {
+                ssh.config_file = Some(PathBuf::from(file));
+            }
+        }
+        if let Some(value) = table.get("identity_file") {
+            if let Some(file) = self.non_empty_string(&child(path, "identity_file"), value) {
+                ssh.identity_file = Some(PathBuf::from(file));
+            }
+        }
+        if let Some(value) = table.get("known_hosts") {
+            if let Some(policy) = self.known_hosts(&child(path, "known_hosts"), value) {
+                ssh.known_hosts = policy;
+            }
+        }
+        if let Some(value) = table.get("jump_host") {
+            if let Some(jump) = self.non_empty_string(&child(path, "jump_host"), value) {
+                ssh.jump_host = Some(jump);
+            }
+        }
+        if let Some(value) = table.get("connect_timeout") {
+            if let Some(timeout) = self.positive_duration(&child(path, "connect_timeout"), value) {
+                ssh.connect_timeout = Some(timeout);
+            }
+        }
+    }
+
+    fn known_hosts(&mut self, key: &str, value: &Value<'_>) -> Option<KnownHostsPolicy> {
+        const POLICIES: &[&str] = &["strict", "accept-new"];
+        match self.string(key, value)?.as_str() {
+            "strict" => Some(KnownHostsPolicy::Strict),
+            "accept-new" => Some(KnownHostsPolicy::AcceptNew),
+            other => {
+                let message = match closest(other, POLICIES) {
+                    Some(close) => {
+                        format!("unknown known_hosts policy {other:?}, did you mean {close:?}?")
+                    }
+                    None => format!(
+                        "unknown known_hosts policy {other:?}: expected \"strict\" or \"accept-new\""
+                    ),
+                };
+                self.error(value.span(), key, message);
+                None
+            }
+        }
+    }
+
+    /// `ssh` holds the `[ssh]` defaults for remote placements.
+    fn groups(&mut self, value: Option<&Value<'_>>, ssh: &SshOptions) -> Vec<GroupSpec> {
         let Some(value) = value else {
             self.error(0..0, "group", NO_GROUPS);
             return Vec::new();
@@ -326,7 +483,7 @@ impl Walker<'_> {
         items
             .iter()
             .enumerate()
-            .map(|(i, item)| self.group(i + 1, item, &mut first_lines))
+            .map(|(i, item)| self.group(i + 1, item, &mut first_lines, ssh))
             .collect()
     }
 
@@ -336,6 +493,7 @@ impl Walker<'_> {
         number: usize,
         value: &Value<'_>,
         first_lines: &mut BTreeMap<String, usize>,
+        ssh: &SshOptions,
     ) -> GroupSpec {
         let path = format!("group[{number}]");
         let mut group = GroupSpec {
@@ -395,9 +553,27 @@ impl Walker<'_> {
         if let Some(restart) = table.get("restart") {
             group.restart = self.restart(&child(&path, "restart"), restart);
         }
-        match table.get("local") {
-            Some(local) => group.local = self.local(&child(&path, "local"), local),
-            None => self.error(value.span(), &path, NO_PLACEMENT),
+        if let Some(local) = table.get("local") {
+            group.local = self.local(&child(&path, "local"), local);
+        }
+        if let Some(remote) = table.get("remote") {
+            // Named in the duplicate host error.
+            let group_name = match group.name.as_str() {
+                "" => path.clone(),
+                name => format!("{name:?}"),
+            };
+            group.remote = self.remotes(&child(&path, "remote"), remote, &group_name, ssh);
+        }
+        // A placement that is there but wrong has its own error already;
+        // only `remote = []` counts as none.
+        let remote_written = table.get("remote").is_some_and(|remote| {
+            remote
+                .get_ref()
+                .as_array()
+                .is_none_or(|items| !items.is_empty())
+        });
+        if table.get("local").is_none() && !remote_written {
+            self.error(value.span(), &path, NO_PLACEMENT);
         }
         group
     }
@@ -644,6 +820,13 @@ impl Walker<'_> {
     fn local(&mut self, path: &str, value: &Value<'_>) -> Option<LocalPlacement> {
         let table = self.table(path, value)?;
         self.check_unknown(table, path, LOCAL_KEYS, &[]);
+        let instances = self.instances(path, value, table)?;
+        Some(LocalPlacement { instances })
+    }
+
+    /// The required `instances` key of a placement table (`value`, whose
+    /// header a missing key is reported at).
+    fn instances(&mut self, path: &str, value: &Value<'_>, table: &DeTable<'_>) -> Option<u32> {
         let key = child(path, "instances");
         let Some(instances) = table.get("instances") else {
             self.error(value.span(), &key, "missing required key \"instances\"");
@@ -651,7 +834,7 @@ impl Walker<'_> {
         };
         let count = self.integer(&key, instances)?;
         match u32::try_from(count) {
-            Ok(count) if count >= 1 => Some(LocalPlacement { instances: count }),
+            Ok(count) if count >= 1 => Some(count),
             _ if count < 1 => {
                 let message = format!("must be at least 1, found {count}");
                 self.error(instances.span(), &key, message);
@@ -664,6 +847,198 @@ impl Walker<'_> {
             }
         }
     }
+
+    /// `[[group.remote]]` (or `remote = [{ .. }, ..]`), each placement
+    /// with its ssh settings merged over the `[ssh]` defaults.
+    fn remotes(
+        &mut self,
+        path: &str,
+        value: &Value<'_>,
+        group_name: &str,
+        ssh: &SshOptions,
+    ) -> Vec<RemotePlacement> {
+        let Some(items) = value.get_ref().as_array() else {
+            self.wrong_type(value, path, "an array of tables ([[group.remote]])");
+            return Vec::new();
+        };
+        // Host label -> line of its first entry in this group.
+        let mut first_lines = BTreeMap::new();
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| {
+                let path = index(path, i);
+                self.remote(&path, item, group_name, &mut first_lines, ssh)
+            })
+            .collect()
+    }
+
+    fn remote(
+        &mut self,
+        path: &str,
+        value: &Value<'_>,
+        group_name: &str,
+        first_lines: &mut BTreeMap<String, usize>,
+        ssh: &SshOptions,
+    ) -> Option<RemotePlacement> {
+        let table = self.table(path, value)?;
+        let allowed: Vec<&str> = REMOTE_KEYS.iter().chain(SSH_KEYS).copied().collect();
+        self.check_unknown(table, path, &allowed, &[]);
+        let key = child(path, "hosts");
+        let hosts = match table.get("hosts") {
+            Some(hosts) => self.hosts(&key, hosts, group_name, first_lines),
+            None => {
+                self.error(value.span(), &key, "missing required key \"hosts\"");
+                None
+            }
+        };
+        let instances = self.instances(path, value, table);
+        let command = table
+            .get("command")
+            .and_then(|command| self.non_empty_string(&child(path, "command"), command));
+        let cwd = table
+            .get("cwd")
+            .and_then(|cwd| self.non_empty_string(&child(path, "cwd"), cwd))
+            .map(PathBuf::from);
+        let env = table
+            .get("env")
+            .map(|env| self.env(&child(path, "env"), env))
+            .unwrap_or_default();
+        let mut ssh = ssh.clone();
+        self.ssh_keys(path, table, &mut ssh);
+        Some(RemotePlacement {
+            hosts: hosts?,
+            instances: instances?,
+            command,
+            cwd,
+            env,
+            ssh,
+        })
+    }
+
+    /// `None` if the key is unusable as a whole; bad entries are left out
+    /// (with their errors) and the rest kept.
+    fn hosts(
+        &mut self,
+        key: &str,
+        value: &Value<'_>,
+        group_name: &str,
+        first_lines: &mut BTreeMap<String, usize>,
+    ) -> Option<Vec<HostSpec>> {
+        let Some(items) = value.get_ref().as_array() else {
+            self.wrong_type(value, key, "an array of host names");
+            return None;
+        };
+        if items.is_empty() {
+            let message = "must not be empty: list at least one host, as \"[user@]name[:port]\"";
+            self.error(value.span(), key, message);
+            return None;
+        }
+        let mut hosts = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let key = index(key, i);
+            let Some(entry) = self.string(&key, item) else {
+                continue;
+            };
+            let host = match parse_host(&entry) {
+                Ok(host) => host,
+                Err(message) => {
+                    self.error(item.span(), &key, message);
+                    continue;
+                }
+            };
+            let (line, _) = self.position(item.span().start);
+            if let Some(first) = first_lines.get(&host.label) {
+                let message = format!(
+                    "host {} listed twice in group {group_name} (first on line {first})",
+                    host.label
+                );
+                self.error(item.span(), &key, message);
+                continue;
+            }
+            first_lines.insert(host.label.clone(), line);
+            hosts.push(host);
+        }
+        Some(hosts)
+    }
+}
+
+/// One `hosts` entry, `[user@]name[:port]`, an IPv6 name in brackets
+/// (`[::1]:2222`). The error is the whole message, for the caller to place.
+fn parse_host(entry: &str) -> Result<HostSpec, String> {
+    if entry.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    let invalid = |reason: &str| format!("invalid host {entry:?}: {reason}");
+    if entry.chars().any(char::is_whitespace) {
+        return Err(invalid("whitespace is not allowed"));
+    }
+    // ssh splits at the last '@' too.
+    let (user, label) = match entry.rsplit_once('@') {
+        Some((user, label)) => (Some(user), label),
+        None => (None, entry),
+    };
+    if user == Some("") {
+        return Err(invalid("empty user before '@'"));
+    }
+    let (name, port) = if let Some(bracketed) = label.strip_prefix('[') {
+        let Some((name, after)) = bracketed.split_once(']') else {
+            return Err(invalid("missing ']' after the IPv6 address"));
+        };
+        let port = match after {
+            "" => None,
+            _ => match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None => return Err(invalid("expected \":port\" after ']'")),
+            },
+        };
+        (name, port)
+    } else if label.matches(':').count() > 1 {
+        let user = user.map_or(String::new(), |user| format!("{user}@"));
+        return Err(invalid(&format!(
+            "write an IPv6 address in brackets: \"{user}[{label}]\", \
+             or \"{user}[{label}]:port\" with a port"
+        )));
+    } else {
+        match label.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (label, None),
+        }
+    };
+    if name.is_empty() {
+        return Err(invalid("empty host name"));
+    }
+    if name.contains(['[', ']']) {
+        return Err(invalid("unmatched bracket"));
+    }
+    // The destination is an argument of ssh, which must not read it as an
+    // option.
+    if entry.starts_with('-') || name.starts_with('-') {
+        return Err(invalid("must not start with '-'"));
+    }
+    let port = match port {
+        None => None,
+        Some(port) => {
+            let number = Some(port)
+                .filter(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|port| port.parse::<u16>().ok())
+                .filter(|port| *port != 0);
+            match number {
+                Some(number) => Some(number),
+                None => {
+                    return Err(invalid(&format!(
+                        "port must be a number from 1 to 65535, found {port:?}"
+                    )))
+                }
+            }
+        }
+    };
+    Ok(HostSpec {
+        label: label.to_owned(),
+        user: user.map(str::to_owned),
+        name: name.to_owned(),
+        port,
+    })
 }
 
 /// `parent.key`, quoting keys that a bare TOML key could not spell.
@@ -753,6 +1128,10 @@ timeout = "45s"
 stop_grace = "3s"
 max_running_time = "1h 30m"
 log_format = "json"
+heartbeat = "500ms"
+orphan_timeout = "1m"
+agent_dir = "/opt/taskherd/agents"
+agent_path = "/usr/local/bin/taskherd"
 
 [[group]]
 name = "workers.v2_a-b"
@@ -789,6 +1168,10 @@ instances = 1
                 stop_grace: Duration::from_secs(3),
                 max_running_time: Some(Duration::from_secs(90 * 60)),
                 log_format: LogFormat::Json,
+                heartbeat: Duration::from_millis(500),
+                orphan_timeout: Duration::from_secs(60),
+                agent_dir: "/opt/taskherd/agents".to_owned(),
+                agent_path: Some("/usr/local/bin/taskherd".to_owned()),
             }
         );
         assert_eq!(config.groups.len(), 2);
@@ -845,6 +1228,10 @@ instances = 2
         assert_eq!(config.master.stop_grace, Duration::from_secs(10));
         assert_eq!(config.master.max_running_time, None);
         assert_eq!(config.master.log_format, LogFormat::Text);
+        assert_eq!(config.master.heartbeat, Duration::from_secs(1));
+        assert_eq!(config.master.orphan_timeout, Duration::from_secs(10));
+        assert_eq!(config.master.agent_dir, ".cache/taskherd");
+        assert_eq!(config.master.agent_path, None);
         let group = &config.groups[0];
         assert!(group.args.is_empty());
         assert_eq!(group.params, serde_json::json!({}));
@@ -854,6 +1241,7 @@ instances = 2
         assert_eq!(group.stop_grace, None);
         assert_eq!(group.restart, RestartSpec::default());
         assert_eq!(group.local, Some(LocalPlacement { instances: 2 }));
+        assert!(group.remote.is_empty());
     }
 
     #[test]
@@ -981,8 +1369,8 @@ color = "red"
     }
 
     #[test]
-    fn remote_and_feeder_are_not_supported_yet() {
-        let errors = parse_err(
+    fn feeder_is_not_supported_yet() {
+        let err = only_error(
             r#"[[group]]
 name = "w"
 command = "w"
@@ -990,18 +1378,17 @@ command = "w"
 instances = 1
 [[group.remote]]
 hosts = ["web1"]
+instances = 1
 [group.feeder]
 host = "local"
 "#,
         );
-        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
         assert_error(
-            &errors[0],
-            6,
-            "group[1].remote",
-            "remote placements are not supported yet",
+            &err,
+            9,
+            "group[1].feeder",
+            "queue groups (feeder) are not supported yet",
         );
-        assert_error(&errors[1], 8, "group[1].feeder", "not supported yet");
     }
 
     #[test]
@@ -1179,8 +1566,17 @@ command = "w"
         assert_error(&err, 2, "group[1]", NO_PLACEMENT);
         assert_eq!(
             err.to_string(),
-            "conf/herd.toml:2:1: group[1]: no placement: add [group.local] with instances = N"
+            "conf/herd.toml:2:1: group[1]: no placement: add [group.local] with instances = N, \
+             or [[group.remote]] with hosts and instances"
         );
+        let err = only_error(
+            r#"[[group]]
+name = "w"
+command = "w"
+remote = []
+"#,
+        );
+        assert_error(&err, 1, "group[1]", NO_PLACEMENT);
     }
 
     #[test]
@@ -1447,5 +1843,545 @@ instances = 1
         assert_eq!(closest("color", GROUP_KEYS), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    fn host(label: &str, user: Option<&str>, name: &str, port: Option<u16>) -> HostSpec {
+        HostSpec {
+            label: label.to_owned(),
+            user: user.map(str::to_owned),
+            name: name.to_owned(),
+            port,
+        }
+    }
+
+    #[test]
+    fn remote_placements_with_ssh_defaults_and_overrides() {
+        let config = parse_ok(
+            r#"[ssh]
+ssh_config = "ssh/config"
+identity_file = "~/.ssh/id_herd"
+known_hosts = "accept-new"
+jump_host = "bastion.example.com"
+connect_timeout = "5s"
+
+[[group]]
+name = "workers"
+command = "./bin/worker"
+env = { RUST_LOG = "info" }
+
+[group.local]
+instances = 2
+
+[[group.remote]]
+hosts = ["web1", "deploy@web2:2222", "[::1]:2200"]
+instances = 2
+
+[[group.remote]]
+hosts = ["ops@[fe80::1]", "db.internal"]
+instances = 1
+command = "/opt/app/worker"
+cwd = "/srv/app"
+env = { RUST_LOG = "debug", ROLE = "db" }
+identity_file = "/etc/herd/key"
+known_hosts = "strict"
+connect_timeout = "30s"
+
+[[group]]
+name = "inline"
+command = "w"
+remote = [{ hosts = ["a", "b"], instances = 3, jump_host = "other" }]
+"#,
+        );
+        let defaults = SshOptions {
+            config_file: Some(PathBuf::from("ssh/config")),
+            identity_file: Some(PathBuf::from("~/.ssh/id_herd")),
+            known_hosts: KnownHostsPolicy::AcceptNew,
+            jump_host: Some("bastion.example.com".to_owned()),
+            connect_timeout: Some(Duration::from_secs(5)),
+        };
+        let workers = &config.groups[0];
+        assert_eq!(workers.local, Some(LocalPlacement { instances: 2 }));
+        assert_eq!(workers.remote.len(), 2);
+        assert_eq!(
+            workers.remote[0],
+            RemotePlacement {
+                hosts: vec![
+                    host("web1", None, "web1", None),
+                    host("web2:2222", Some("deploy"), "web2", Some(2222)),
+                    host("[::1]:2200", None, "::1", Some(2200)),
+                ],
+                instances: 2,
+                command: None,
+                cwd: None,
+                env: BTreeMap::new(),
+                ssh: defaults.clone(),
+            }
+        );
+        assert_eq!(
+            workers.remote[1],
+            RemotePlacement {
+                hosts: vec![
+                    host("[fe80::1]", Some("ops"), "fe80::1", None),
+                    host("db.internal", None, "db.internal", None),
+                ],
+                instances: 1,
+                command: Some("/opt/app/worker".to_owned()),
+                cwd: Some(PathBuf::from("/srv/app")),
+                env: BTreeMap::from([
+                    ("ROLE".to_owned(), "db".to_owned()),
+                    ("RUST_LOG".to_owned(), "debug".to_owned()),
+                ]),
+                ssh: SshOptions {
+                    identity_file: Some(PathBuf::from("/etc/herd/key")),
+                    known_hosts: KnownHostsPolicy::Strict,
+                    connect_timeout: Some(Duration::from_secs(30)),
+                    ..defaults.clone()
+                },
+            }
+        );
+        assert_eq!(
+            workers.env,
+            BTreeMap::from([("RUST_LOG".to_owned(), "info".to_owned())]),
+            "the group env stays separate"
+        );
+        // local 2, then 3 hosts × 2 and 2 hosts × 1.
+        assert_eq!(workers.instance_count(), 2 + 6 + 2);
+
+        let inline = &config.groups[1];
+        assert_eq!(inline.local, None, "a remote placement is enough");
+        assert_eq!(inline.remote.len(), 1);
+        assert_eq!(
+            inline.remote[0].hosts,
+            [host("a", None, "a", None), host("b", None, "b", None)]
+        );
+        assert_eq!(
+            inline.remote[0].ssh,
+            SshOptions {
+                jump_host: Some("other".to_owned()),
+                ..defaults
+            }
+        );
+        assert_eq!(inline.instance_count(), 6);
+    }
+
+    #[test]
+    fn ssh_options_default_to_unset_without_an_ssh_table() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "w"
+command = "w"
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+"#,
+        );
+        let remote = &config.groups[0].remote[0];
+        assert_eq!(remote.ssh, SshOptions::default());
+        assert_eq!(remote.ssh.known_hosts, KnownHostsPolicy::Strict);
+        assert_eq!(remote.ssh.connect_timeout, None);
+        assert!(remote.env.is_empty());
+    }
+
+    #[test]
+    fn host_syntax() {
+        assert_eq!(
+            parse_host("deploy@web2:2222"),
+            Ok(host("web2:2222", Some("deploy"), "web2", Some(2222)))
+        );
+        assert_eq!(parse_host("[::1]"), Ok(host("[::1]", None, "::1", None)));
+        assert_eq!(
+            parse_host("a@b@c:22"),
+            Ok(host("c:22", Some("a@b"), "c", Some(22))),
+            "split at the last '@', as ssh does"
+        );
+        assert_eq!(
+            parse_host("10.0.0.1:65535"),
+            Ok(host("10.0.0.1:65535", None, "10.0.0.1", Some(65535)))
+        );
+        let reason = |entry: &str| parse_host(entry).expect_err(entry);
+        assert_eq!(reason(""), "must not be empty");
+        assert!(reason("web 1").contains("whitespace"));
+        assert!(reason(" web1").contains("whitespace"));
+        assert!(reason("@web1").contains("empty user"));
+        assert!(reason("deploy@").contains("empty host name"));
+        assert!(reason(":22").contains("empty host name"));
+        assert!(reason("[]:22").contains("empty host name"));
+        for bad_port in ["web:0", "web:x", "web:70000", "web:", "web:+22", "[::1]:0"] {
+            assert!(
+                reason(bad_port).contains("port must be a number from 1 to 65535"),
+                "{bad_port}: {}",
+                reason(bad_port)
+            );
+        }
+        assert_eq!(
+            reason("deploy@::1"),
+            r#"invalid host "deploy@::1": write an IPv6 address in brackets: "deploy@[::1]", or "deploy@[::1]:port" with a port"#
+        );
+        assert!(reason("[::1").contains("missing ']'"));
+        assert!(reason("[::1]2222").contains(r#"expected ":port" after ']'"#));
+        assert!(reason("web]").contains("unmatched bracket"));
+        assert!(reason("-oProxyCommand=x").contains("must not start with '-'"));
+        assert!(reason("-l@web").contains("must not start with '-'"));
+    }
+
+    #[test]
+    fn host_errors_point_at_the_entry() {
+        let errors = parse_err(
+            r#"[[group]]
+name = "w"
+command = "w"
+[[group.remote]]
+hosts = ["ok"]
+instances = 1
+[[group.remote]]
+hosts = [
+  "",
+  "@web",
+  "web:0",
+  "web:x",
+  "web:70000",
+  "my host",
+  "::1",
+  3,
+]
+instances = 1
+"#,
+        );
+        let text = ConfigErrors(errors.clone()).to_string();
+        assert_eq!(errors.len(), 8, "{text}");
+        let expected = [
+            (9, "must not be empty"),
+            (10, "empty user"),
+            (11, r#"found "0""#),
+            (12, r#"found "x""#),
+            (13, r#"found "70000""#),
+            (14, "whitespace"),
+            (15, r#"in brackets: "[::1]""#),
+            (16, "expected a string, found integer"),
+        ];
+        for (i, (err, (line, part))) in errors.iter().zip(expected).enumerate() {
+            assert_error(
+                err,
+                line,
+                &format!("group[1].remote[2].hosts[{}]", i + 1),
+                part,
+            );
+            assert_eq!(err.column, 3, "points at the entry: {err}");
+        }
+    }
+
+    #[test]
+    fn a_host_listed_twice_in_a_group_points_at_the_second() {
+        let errors = parse_err(
+            r#"[[group]]
+name = "w"
+command = "w"
+[[group.remote]]
+hosts = ["web1", "web2:2222"]
+instances = 1
+[[group.remote]]
+hosts = ["other", "deploy@web1"]
+instances = 2
+[[group.remote]]
+hosts = ["web2:2222"]
+instances = 1
+
+[[group]]
+name = "v"
+command = "v"
+remote = [{ hosts = ["web1", "web2"], instances = 1 }]
+"#,
+        );
+        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
+        assert_error(
+            &errors[0],
+            8,
+            "group[1].remote[2].hosts[2]",
+            r#"host web1 listed twice in group "w" (first on line 5)"#,
+        );
+        assert_eq!(errors[0].column, 19);
+        assert_error(
+            &errors[1],
+            11,
+            "group[1].remote[3].hosts[1]",
+            r#"host web2:2222 listed twice in group "w" (first on line 5)"#,
+        );
+    }
+
+    #[test]
+    fn remote_placement_errors() {
+        let errors = parse_err(
+            r#"[[group]]
+name = "w"
+command = "w"
+[[group.remote]]
+instances = 0
+[[group.remote]]
+hosts = []
+host = "x"
+[[group.remote]]
+hosts = "web1"
+instances = 1
+command = ""
+cwd = 3
+env = { A = 1 }
+[[group]]
+name = "v"
+command = "v"
+[group.remote]
+hosts = ["web1"]
+instances = 1
+"#,
+        );
+        let text = ConfigErrors(errors.clone()).to_string();
+        assert_eq!(errors.len(), 10, "{text}");
+        assert_error(
+            &errors[0],
+            4,
+            "group[1].remote[1].hosts",
+            r#"missing required key "hosts""#,
+        );
+        assert_error(
+            &errors[1],
+            5,
+            "group[1].remote[1].instances",
+            "must be at least 1, found 0",
+        );
+        assert_error(
+            &errors[2],
+            6,
+            "group[1].remote[2].instances",
+            r#"missing required key "instances""#,
+        );
+        assert_error(
+            &errors[3],
+            7,
+            "group[1].remote[2].hosts",
+            "must not be empty: list at least one host",
+        );
+        assert_error(
+            &errors[4],
+            8,
+            "group[1].remote[2].host",
+            r#"did you mean "hosts"?"#,
+        );
+        assert_error(
+            &errors[5],
+            10,
+            "group[1].remote[3].hosts",
+            "expected an array of host names, found string",
+        );
+        assert_error(
+            &errors[6],
+            12,
+            "group[1].remote[3].command",
+            "must not be empty",
+        );
+        assert_error(
+            &errors[7],
+            13,
+            "group[1].remote[3].cwd",
+            "expected a string, found integer",
+        );
+        assert_error(
+            &errors[8],
+            14,
+            "group[1].remote[3].env.A",
+            "environment values are strings",
+        );
+        assert_error(
+            &errors[9],
+            18,
+            "group[2].remote",
+            "expected an array of tables ([[group.remote]]), found table",
+        );
+    }
+
+    #[test]
+    fn ssh_errors_in_the_table_and_in_placements() {
+        let errors = parse_err(
+            r#"[ssh]
+known_hosts = "accept_new"
+jump_host = ""
+connect_timeout = "0s"
+IdentityFile = "~/.ssh/id"
+ssh_config = ""
+
+[[group]]
+name = "w"
+command = "w"
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+known_hosts = "yes"
+connect_timeout = 10
+identity_file = 5
+"#,
+        );
+        let text = ConfigErrors(errors.clone()).to_string();
+        assert_eq!(errors.len(), 8, "{text}");
+        assert_error(
+            &errors[0],
+            2,
+            "ssh.known_hosts",
+            r#"unknown known_hosts policy "accept_new", did you mean "accept-new"?"#,
+        );
+        assert_error(&errors[1], 3, "ssh.jump_host", "must not be empty");
+        assert_error(
+            &errors[2],
+            4,
+            "ssh.connect_timeout",
+            "must be greater than 0, found 0s",
+        );
+        assert_error(
+            &errors[3],
+            5,
+            "ssh.IdentityFile",
+            r#"did you mean "identity_file"?"#,
+        );
+        assert_error(&errors[4], 6, "ssh.ssh_config", "must not be empty");
+        assert_error(
+            &errors[5],
+            14,
+            "group[1].remote[1].known_hosts",
+            r#"expected "strict" or "accept-new""#,
+        );
+        assert_error(
+            &errors[6],
+            15,
+            "group[1].remote[1].connect_timeout",
+            "durations are strings",
+        );
+        assert_error(
+            &errors[7],
+            16,
+            "group[1].remote[1].identity_file",
+            "expected a string, found integer",
+        );
+
+        let err = only_error(
+            r#"ssh = "strict"
+[[group]]
+name = "w"
+command = "w"
+local = { instances = 1 }
+"#,
+        );
+        assert_error(&err, 1, "ssh", "expected a table, found string");
+    }
+
+    #[test]
+    fn master_agent_and_heartbeat_errors() {
+        let errors = parse_err(
+            r#"[master]
+heartbeat = "0s"
+agent_dir = ""
+agent_path = " "
+hearbeat = "1s"
+[[group]]
+name = "w"
+command = "w"
+local = { instances = 1 }
+"#,
+        );
+        let text = ConfigErrors(errors.clone()).to_string();
+        assert_eq!(errors.len(), 4, "{text}");
+        assert_error(
+            &errors[0],
+            2,
+            "master.heartbeat",
+            "must be greater than 0, found 0s",
+        );
+        assert_error(&errors[1], 3, "master.agent_dir", "must not be empty");
+        assert_error(&errors[2], 4, "master.agent_path", "must not be empty");
+        assert_error(
+            &errors[3],
+            5,
+            "master.hearbeat",
+            r#"did you mean "heartbeat"?"#,
+        );
+    }
+
+    #[test]
+    fn orphan_timeout_must_exceed_heartbeat() {
+        let group = "[[group]]\nname = \"w\"\ncommand = \"w\"\nlocal = { instances = 1 }\n";
+        let with = |master: &str| format!("[master]\n{master}{group}");
+
+        let err = only_error(&with("heartbeat = \"5s\"\norphan_timeout = \"5s\"\n"));
+        assert_error(
+            &err,
+            3,
+            "master.orphan_timeout",
+            "must be greater than heartbeat (5s), found 5s",
+        );
+        let err = only_error(&with("orphan_timeout = \"500ms\"\n"));
+        assert_error(
+            &err,
+            2,
+            "master.orphan_timeout",
+            "must be greater than heartbeat (1s, the default), found 500ms",
+        );
+        let err = only_error(&with("heartbeat = \"20s\"\n"));
+        assert_error(
+            &err,
+            2,
+            "master.heartbeat",
+            "must be less than orphan_timeout (10s, the default), found 20s; \
+             set orphan_timeout too",
+        );
+        // A bad value is not compared as well.
+        let err = only_error(&with("heartbeat = \"0s\"\norphan_timeout = \"0s\"\n"));
+        assert_error(&err, 2, "master.heartbeat", "must be greater than 0");
+        let err = only_error(&with("heartbeat = \"20s\"\norphan_timeout = \"soon\"\n"));
+        assert_error(&err, 3, "master.orphan_timeout", "invalid duration");
+
+        let config = parse_ok(&with("heartbeat = \"20s\"\norphan_timeout = \"21s\"\n"));
+        assert_eq!(config.master.heartbeat, Duration::from_secs(20));
+        assert_eq!(config.master.orphan_timeout, Duration::from_secs(21));
+    }
+
+    #[test]
+    fn remote_problems_are_reported_with_the_others_in_file_order() {
+        let errors = parse_err(
+            r#"[master]
+orphan_timeout = "1s"
+[ssh]
+known_hosts = "never"
+[[group]]
+name = "w"
+command = ""
+[group.local]
+instances = 0
+[[group.remote]]
+hosts = ["web1", "web1:0", "web1"]
+instances = -1
+colour = "red"
+[[group]]
+name = "v"
+command = "v"
+"#,
+        );
+        let keys: Vec<_> = errors.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            keys,
+            [
+                (2, "master.orphan_timeout"),
+                (4, "ssh.known_hosts"),
+                (7, "group[1].command"),
+                (9, "group[1].local.instances"),
+                (11, "group[1].remote[1].hosts[2]"),
+                (11, "group[1].remote[1].hosts[3]"),
+                (12, "group[1].remote[1].instances"),
+                (13, "group[1].remote[1].colour"),
+                (14, "group[2]"),
+            ],
+            "{}",
+            ConfigErrors(errors.clone())
+        );
+        assert!(errors[5].message.contains("listed twice"));
+        assert!(errors[7]
+            .message
+            .contains("expected one of: hosts, instances"));
+        assert_eq!(errors[8].message, NO_PLACEMENT);
     }
 }

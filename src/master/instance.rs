@@ -31,8 +31,9 @@ use tracing::Instrument;
 /// hold a pipe open that long).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Everything needed to run one instance: pure data.
-#[derive(Debug, Clone)]
+/// Everything needed to run one instance: pure data (it travels to remote
+/// agents as is).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InstanceSpec {
     /// Who it is, for log prefixes.
     pub label: Arc<InstanceLabel>,
@@ -43,15 +44,18 @@ pub struct InstanceSpec {
     pub identity: Identity,
     /// Liveness timeout from its first moment, library or not (set when the
     /// group configures `timeout`).
+    #[serde(with = "crate::protocol::millis::option")]
     pub plain_timeout: Option<Duration>,
     /// Time between Stop and SIGKILL.
+    #[serde(with = "crate::protocol::millis")]
     pub stop_grace: Duration,
     /// Restart policy.
     pub restart: RestartSpec,
 }
 
 /// How an instance's supervision ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "end", rename_all = "snake_case")]
 pub enum InstanceEnd {
     /// It ended and its policy does not restart it.
     Completed,
@@ -64,6 +68,12 @@ pub enum InstanceEnd {
     Stopped {
         /// Whether it had to be SIGKILLed.
         killed: bool,
+    },
+    /// Its host was lost during a stop, or never reached: nobody can say
+    /// how it ended.
+    Lost {
+        /// What happened to the host.
+        reason: String,
     },
 }
 

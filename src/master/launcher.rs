@@ -4,8 +4,9 @@
 use super::instance::{self, InstanceEnd, InstanceReport, InstanceSpec};
 use super::log::{InstanceLabel, LogSink};
 use super::process::ProcessSpec;
+use super::remote::{self, AgentSettings, HostPlan};
 use super::shutdown::Shutdown;
-use crate::config::{Config, GroupSpec};
+use crate::config::{Config, GroupSpec, HostSpec, RemotePlacement, SshOptions};
 use crate::protocol::slave::{Identity, Level};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,11 +26,11 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    /// Instances given up after failing.
+    /// Instances given up after failing, or whose host was lost.
     pub fn failed(&self) -> impl Iterator<Item = &InstanceReport> {
         self.instances
             .iter()
-            .filter(|r| matches!(r.end, InstanceEnd::Failed { .. }))
+            .filter(|r| matches!(r.end, InstanceEnd::Failed { .. } | InstanceEnd::Lost { .. }))
     }
 
     /// Instances that had to be SIGKILLed at stop.
@@ -45,46 +46,120 @@ impl RunReport {
     }
 }
 
-/// Builds the instance specs of a config: global ids 1..N in config order,
-/// group ids 1..group_count within each group.
-pub fn instance_specs(config: &Config) -> Vec<InstanceSpec> {
+/// Where every instance of a config runs.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Instances the master starts itself.
+    pub local: Vec<InstanceSpec>,
+    /// One entry per remote host (all groups placed on it), in config order.
+    pub hosts: Vec<HostPlan>,
+}
+
+impl Plan {
+    /// Every instance, local and remote, in id order.
+    pub fn instances(&self) -> Vec<&InstanceSpec> {
+        let mut all: Vec<&InstanceSpec> = self
+            .local
+            .iter()
+            .chain(self.hosts.iter().flat_map(|host| host.instances.iter()))
+            .collect();
+        all.sort_by_key(|spec| spec.label.id);
+        all
+    }
+}
+
+/// Plans a config: global ids 1..N in config order (within a group: local
+/// instances first, then each remote placement's hosts in order), group
+/// ids 1..group_count within each group.
+pub fn plan(config: &Config) -> Plan {
     let base_dir = config.base_dir();
-    let mut specs = Vec::new();
+    let mut plan = Plan::default();
     let mut next_id = 1;
     for group in &config.groups {
-        let group_count = group.instance_count();
-        let process = process_spec(group, &base_dir);
-        let library_timeout = group.timeout.unwrap_or(config.master.timeout);
-        let stop_grace = group.stop_grace.unwrap_or(config.master.stop_grace);
-        for group_id in 1..=group_count {
-            let identity = Identity {
-                id: next_id,
-                group_id,
-                group_count,
+        let mut placed = GroupPlacer {
+            group,
+            config,
+            group_count: group.instance_count(),
+            next_group_id: 1,
+        };
+        if let Some(local) = &group.local {
+            let process = process_spec(group, &base_dir);
+            for _ in 0..local.instances {
+                plan.local
+                    .push(placed.instance(&mut next_id, LOCAL_HOST, &process));
+            }
+        }
+        for placement in &group.remote {
+            let process = remote_process_spec(group, placement);
+            for host in &placement.hosts {
+                let index = match plan.hosts.iter().position(|h| same_host(&h.host, host)) {
+                    Some(index) => index,
+                    None => {
+                        plan.hosts.push(HostPlan {
+                            host: host.clone(),
+                            ssh: resolve_ssh(&placement.ssh, &base_dir),
+                            instances: Vec::new(),
+                        });
+                        plan.hosts.len() - 1
+                    }
+                };
+                for _ in 0..placement.instances {
+                    let spec = placed.instance(&mut next_id, &host.label, &process);
+                    plan.hosts[index].instances.push(spec);
+                }
+            }
+        }
+    }
+    plan
+}
+
+/// One connection per host: entries naming the same login on the same
+/// address and port are one host.
+fn same_host(a: &HostSpec, b: &HostSpec) -> bool {
+    a.name == b.name && a.port == b.port && a.user == b.user
+}
+
+/// Numbers the instances of one group.
+struct GroupPlacer<'a> {
+    group: &'a GroupSpec,
+    config: &'a Config,
+    group_count: u32,
+    next_group_id: u32,
+}
+
+impl GroupPlacer<'_> {
+    fn instance(&mut self, next_id: &mut u32, host: &str, process: &ProcessSpec) -> InstanceSpec {
+        let group = self.group;
+        let id = *next_id;
+        let group_id = self.next_group_id;
+        *next_id += 1;
+        self.next_group_id += 1;
+        let library_timeout = group.timeout.unwrap_or(self.config.master.timeout);
+        let stop_grace = group.stop_grace.unwrap_or(self.config.master.stop_grace);
+        InstanceSpec {
+            label: Arc::new(InstanceLabel {
                 group: group.name.clone(),
-                host: LOCAL_HOST.to_string(),
+                host: host.to_string(),
+                command: group.command_name().to_string(),
+                id,
+                group_id,
+            }),
+            process: process.clone(),
+            identity: Identity {
+                id,
+                group_id,
+                group_count: self.group_count,
+                group: group.name.clone(),
+                host: host.to_string(),
                 params: group.params.clone(),
                 timeout: Some(library_timeout).filter(|t| !t.is_zero()),
                 stop_grace,
-            };
-            specs.push(InstanceSpec {
-                label: Arc::new(InstanceLabel {
-                    group: group.name.clone(),
-                    host: LOCAL_HOST.to_string(),
-                    command: group.command_name().to_string(),
-                    id: next_id,
-                    group_id,
-                }),
-                process: process.clone(),
-                identity,
-                plain_timeout: group.timeout,
-                stop_grace,
-                restart: group.restart.clone(),
-            });
-            next_id += 1;
+            },
+            plain_timeout: group.timeout,
+            stop_grace,
+            restart: group.restart.clone(),
         }
     }
-    specs
 }
 
 fn process_spec(group: &GroupSpec, base_dir: &Path) -> ProcessSpec {
@@ -107,6 +182,38 @@ fn process_spec(group: &GroupSpec, base_dir: &Path) -> ProcessSpec {
     }
 }
 
+/// On a remote host paths are the host's: relative ones are relative to
+/// the remote cwd (or the login's home), never to the config file.
+fn remote_process_spec(group: &GroupSpec, placement: &RemotePlacement) -> ProcessSpec {
+    let mut env = group.env.clone();
+    env.extend(placement.env.clone());
+    ProcessSpec {
+        program: PathBuf::from(placement.command.as_deref().unwrap_or(&group.command)),
+        args: group.args.clone(),
+        env: env.into_iter().collect(),
+        cwd: placement.cwd.clone(),
+    }
+}
+
+/// Local files named by ssh settings are relative to the config file
+/// (`~/` is left to ssh).
+fn resolve_ssh(options: &SshOptions, base_dir: &Path) -> SshOptions {
+    let resolve = |path: &Option<PathBuf>| {
+        path.as_ref().map(|p| {
+            if p.is_absolute() || p.starts_with("~") {
+                p.clone()
+            } else {
+                base_dir.join(p)
+            }
+        })
+    };
+    SshOptions {
+        config_file: resolve(&options.config_file),
+        identity_file: resolve(&options.identity_file),
+        ..options.clone()
+    }
+}
+
 /// Runs a herd until every instance has ended or `shutdown` stops it (a
 /// clean stop also follows `max_running_time`).
 ///
@@ -126,22 +233,55 @@ fn process_spec(group: &GroupSpec, base_dir: &Path) -> ProcessSpec {
 /// # }
 /// ```
 pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport {
-    let specs = instance_specs(&config);
+    let plan = plan(&config);
     let grace = config.master.stop_grace;
+    let total = plan.instances().len();
+    let hosts = if plan.hosts.is_empty() {
+        String::new()
+    } else {
+        format!(" on {} remote hosts and locally", plan.hosts.len())
+    };
     sink.master_event(
         Level::Info,
         format!(
-            "starting {} instances in {} groups from {}",
-            specs.len(),
+            "starting {total} instances in {} groups{hosts} from {}",
             config.groups.len(),
             config.source.display()
         ),
     )
     .await;
 
-    let mut tasks = JoinSet::new();
-    for spec in specs {
-        tasks.spawn(instance::supervise(spec, sink.clone(), shutdown.clone()));
+    let control_dir = ControlDir::create();
+    let mut tasks: JoinSet<Vec<InstanceReport>> = JoinSet::new();
+    for spec in plan.local {
+        let (sink, shutdown) = (sink.clone(), shutdown.clone());
+        tasks.spawn(async move { vec![instance::supervise(spec, sink, shutdown).await] });
+    }
+    if !plan.hosts.is_empty() {
+        let control_dir = match &control_dir {
+            Ok(dir) => dir.path.clone(),
+            Err(err) => {
+                sink.master_event(Level::Error, format!("{err}; using /tmp"))
+                    .await;
+                std::env::temp_dir()
+            }
+        };
+        let settings = Arc::new(AgentSettings {
+            heartbeat: config.master.heartbeat,
+            orphan_timeout: config.master.orphan_timeout,
+            agent_dir: config.master.agent_dir.clone(),
+            agent_path: config.master.agent_path.clone(),
+            control_dir,
+            stop_grace: stop_budget(&config),
+        });
+        for host in plan.hosts {
+            tasks.spawn(remote::supervise_host(
+                host,
+                settings.clone(),
+                sink.clone(),
+                shutdown.clone(),
+            ));
+        }
     }
     let deadline = config
         .master
@@ -155,7 +295,7 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
         tokio::select! {
             joined = tasks.join_next() => match joined {
                 None => break,
-                Some(Ok(report)) => reports.push(report),
+                Some(Ok(done)) => reports.extend(done),
                 Some(Err(err)) => {
                     sink.master_event(Level::Critical, format!("an instance supervisor crashed: {err}")).await;
                 }
@@ -282,6 +422,31 @@ pub fn stop_budget(config: &Config) -> Duration {
     config.master.stop_grace.max(group_max)
 }
 
+/// The local directory of the run's ControlMaster sockets: short (socket
+/// paths must fit 104/108 bytes), private, removed at the end of the run.
+struct ControlDir {
+    path: PathBuf,
+}
+
+impl ControlDir {
+    fn create() -> Result<ControlDir, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = std::env::temp_dir().join(format!("taskherd-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&path)
+            .map_err(|err| format!("cannot create {}: {err}", path.display()))?;
+        Ok(ControlDir { path })
+    }
+}
+
+impl Drop for ControlDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,7 +468,11 @@ timeout = "5s"
 instances = 1
 "#;
         let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
-        let specs = instance_specs(&config);
+        let specs = plan(&config)
+            .instances()
+            .into_iter()
+            .cloned()
+            .collect::<Vec<_>>();
         let ids: Vec<_> = specs
             .iter()
             .map(|s| {

@@ -9,7 +9,7 @@
 
 use crate::config::LogFormat;
 use crate::protocol::slave::Level;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 const LOG_CHANNEL_LEN: usize = 8192;
 
 /// Where an instance runs and who it is, as shown in every log prefix.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct InstanceLabel {
     /// Group name.
     pub group: String,
@@ -44,7 +44,7 @@ impl std::fmt::Display for InstanceLabel {
 }
 
 /// Which channel a line came through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stream {
     /// The instance's standard output.
@@ -153,7 +153,7 @@ impl LogSink {
         format: LogFormat,
         out: W,
     ) -> std::io::Result<(LogSink, LogWriter)> {
-        let (records_tx, mut records_rx) = mpsc::channel::<LogRecord>(LOG_CHANNEL_LEN);
+        let (sink, mut records_rx) = LogSink::channel();
         let thread = std::thread::Builder::new()
             .name("taskherd-log".into())
             .spawn(move || {
@@ -170,7 +170,14 @@ impl LogSink {
                 }
                 let _ = out.flush();
             })?;
-        Ok((LogSink { records_tx }, LogWriter { thread }))
+        Ok((sink, LogWriter { thread }))
+    }
+
+    /// A sink whose records come out of the returned receiver (the agent
+    /// relays them upstream instead of writing them).
+    pub fn channel() -> (LogSink, mpsc::Receiver<LogRecord>) {
+        let (records_tx, records_rx) = mpsc::channel(LOG_CHANNEL_LEN);
+        (LogSink { records_tx }, records_rx)
     }
 
     /// Sends a record; waits if the writer is behind.

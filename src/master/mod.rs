@@ -7,6 +7,8 @@
 //!   the agent on remote hosts).
 //! - [`output`]: child output to whole lines.
 //! - [`log`]: the log stream (text or JSON lines).
+//! - [`remote`]: one task per remote host: SSH connection, agent, relay.
+//! - [`ssh`]: ControlMaster connections and the agent upload.
 //! - [`restart`]: policy and backoff.
 //! - [`shutdown`]: the stop and kill tokens, and signal handling.
 
@@ -15,8 +17,10 @@ pub mod launcher;
 pub mod log;
 pub mod output;
 pub mod process;
+pub mod remote;
 pub mod restart;
 pub mod shutdown;
+pub mod ssh;
 
 pub use launcher::{run, run_blocking, RunReport};
 pub use log::{LogRecord, LogSink, LogWriter};

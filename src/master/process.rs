@@ -16,7 +16,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStderr, ChildStdout};
 
 /// What to execute: pure data, resolved against the config directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessSpec {
     /// Program path (or bare name looked up in `PATH`).
     pub program: PathBuf,

@@ -10,6 +10,9 @@
 //! JSON value so that the error says whether the peer sent valid JSON of an
 //! unknown shape (version skew) or garbage (corruption).
 
+#[cfg(feature = "master")]
+pub mod agent;
+pub mod millis;
 pub mod slave;
 
 use bytes::Bytes;

@@ -45,10 +45,10 @@ pub struct Identity {
     pub params: serde_json::Value,
     /// Liveness timeout: the slave must ping or print within it. `None`
     /// when liveness is not checked.
-    #[serde(with = "opt_millis")]
+    #[serde(with = "super::millis::option")]
     pub timeout: Option<Duration>,
     /// How long the slave has between a Stop and a SIGKILL.
-    #[serde(with = "millis")]
+    #[serde(with = "super::millis")]
     pub stop_grace: Duration,
 }
 
@@ -178,35 +178,6 @@ impl FromStr for Level {
             .into_iter()
             .find(|level| level.as_str() == name)
             .ok_or_else(|| UnknownLevel(s.to_string()))
-    }
-}
-
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
-    }
-}
-
-mod opt_millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Option::<u64>::deserialize(d).map(|ms| ms.map(Duration::from_millis))
     }
 }
 

@@ -1,0 +1,399 @@
+//! Remote placement: one task per host keeps one SSH connection and one
+//! agent, hands the agent the host's instances, relays what it reports,
+//! and reconnects (restarting the instances) when the host is lost.
+
+use super::instance::{InstanceEnd, InstanceReport, InstanceSpec};
+use super::log::{InstanceLabel, LogRecord, LogSink};
+use super::restart::backoff_delay;
+use super::shutdown::Shutdown;
+use super::ssh;
+use crate::agent;
+use crate::config::{HostSpec, RestartSpec, SshOptions};
+use crate::protocol::agent::{FromAgent, ToAgent};
+use crate::protocol::slave::Level;
+use crate::protocol::{Connection, PROTOCOL_VERSION};
+use futures::StreamExt;
+use openssh::{Session, Stdio};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+
+/// Longest wait for the agent's hello.
+const AGENT_HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything one host runs, and how to reach it: pure data.
+#[derive(Debug, Clone)]
+pub struct HostPlan {
+    /// The host as written in the config.
+    pub host: HostSpec,
+    /// SSH settings (of the first placement naming this host).
+    pub ssh: SshOptions,
+    /// The instances placed on it, in id order.
+    pub instances: Vec<InstanceSpec>,
+}
+
+/// Settings shared by every host of a run.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// Heartbeat interval, both ways.
+    pub heartbeat: Duration,
+    /// Silence after which a side gives the other up.
+    pub orphan_timeout: Duration,
+    /// Remote cache dir of agents.
+    pub agent_dir: String,
+    /// A preinstalled agent, instead of uploading.
+    pub agent_path: Option<String>,
+    /// Local directory of the ControlMaster sockets (short: the socket path
+    /// must fit 104/108 bytes).
+    pub control_dir: PathBuf,
+    /// Longest stop grace of the host's instances, to bound the wait for
+    /// their reports at stop.
+    pub stop_grace: Duration,
+}
+
+/// Reconnection backoff: 1 s doubling to 30 s, ±20 %.
+fn reconnect_backoff() -> RestartSpec {
+    RestartSpec {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(30),
+        jitter: 0.2,
+        ..RestartSpec::default()
+    }
+}
+
+/// How one connection to a host ended.
+enum HostOutcome {
+    /// Every instance is reported: the host is done.
+    Done,
+    /// The host was lost before that; reconnect and restart the rest.
+    Lost(String),
+}
+
+/// Supervises the instances of one host until each has a final report.
+pub async fn supervise_host(
+    plan: HostPlan,
+    settings: Arc<AgentSettings>,
+    sink: LogSink,
+    shutdown: Shutdown,
+) -> Vec<InstanceReport> {
+    let host = plan.host.label.clone();
+    let labels: BTreeMap<u32, Arc<InstanceLabel>> = plan
+        .instances
+        .iter()
+        .map(|spec| (spec.label.id, spec.label.clone()))
+        .collect();
+    let mut pending: BTreeMap<u32, InstanceSpec> = plan
+        .instances
+        .iter()
+        .map(|spec| (spec.label.id, spec.clone()))
+        .collect();
+    let mut reports = Vec::new();
+    let mut failures = 0u32;
+    let mut last_problem = String::from("never connected");
+    while !pending.is_empty() {
+        if shutdown.is_stopping() {
+            let reason = format!("never started on {host}: {last_problem}");
+            for (id, _) in std::mem::take(&mut pending) {
+                reports.push(InstanceReport {
+                    label: labels[&id].clone(),
+                    end: InstanceEnd::Lost {
+                        reason: reason.clone(),
+                    },
+                });
+            }
+            break;
+        }
+        let mut run = HostRun {
+            plan: &plan,
+            settings: &settings,
+            sink: &sink,
+            shutdown: &shutdown,
+            labels: &labels,
+            pending: &mut pending,
+            reports: &mut reports,
+        };
+        match run.connect_and_serve().await {
+            HostOutcome::Done => break,
+            HostOutcome::Lost(problem) => {
+                let delay = backoff_delay(&reconnect_backoff(), failures, fastrand::f64());
+                failures = failures.saturating_add(1);
+                sink.master_event(
+                    Level::Error,
+                    format!(
+                        "host {host}: {problem}; retrying in {}",
+                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                    ),
+                )
+                .await;
+                last_problem = problem;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.stopping() => {}
+                }
+            }
+        }
+    }
+    reports
+}
+
+struct HostRun<'a> {
+    plan: &'a HostPlan,
+    settings: &'a AgentSettings,
+    sink: &'a LogSink,
+    shutdown: &'a Shutdown,
+    labels: &'a BTreeMap<u32, Arc<InstanceLabel>>,
+    pending: &'a mut BTreeMap<u32, InstanceSpec>,
+    reports: &'a mut Vec<InstanceReport>,
+}
+
+impl HostRun<'_> {
+    async fn connect_and_serve(&mut self) -> HostOutcome {
+        let host = &self.plan.host;
+        let session = tokio::select! {
+            connected = ssh::connect(host, &self.plan.ssh, &self.settings.control_dir, self.settings.orphan_timeout / 3) => {
+                match connected {
+                    Ok(session) => session,
+                    Err(err) => return HostOutcome::Lost(format!("cannot connect: {err}")),
+                }
+            }
+            _ = self.shutdown.stopping() => return HostOutcome::Lost("stopped while connecting".into()),
+        };
+        let outcome = self.serve(&session).await;
+        // Closing the ControlMaster ends whatever still runs over it.
+        if let Err(err) = session.close().await {
+            tracing::debug!(host = %host.label, cause = %err, "closing the ssh connection");
+        }
+        outcome
+    }
+
+    async fn serve(&mut self, session: &Session) -> HostOutcome {
+        let label = self.plan.host.label.clone();
+        let agent_path = match ssh::install_agent(
+            session,
+            &self.settings.agent_dir,
+            self.settings.agent_path.as_deref(),
+        )
+        .await
+        {
+            Ok(path) => path,
+            Err(err) => return HostOutcome::Lost(err.to_string()),
+        };
+        let mut child = match session
+            .command(&agent_path)
+            .arg("agent")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+        {
+            Ok(child) => child,
+            Err(err) => return HostOutcome::Lost(format!("cannot start the agent: {err}")),
+        };
+        let (Some(stdin), Some(stdout), Some(stderr)) = (
+            child.stdin().take(),
+            child.stdout().take(),
+            child.stderr().take(),
+        ) else {
+            return HostOutcome::Lost("agent started without pipes".into());
+        };
+        tokio::spawn(relay_agent_stderr(stderr, label.clone(), self.sink.clone()));
+
+        let (to_agent_tx, to_agent_rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_to_agent(stdin, to_agent_rx));
+        let mut from_agent = Connection::new(tokio::io::join(stdout, tokio::io::empty()));
+        let _ = to_agent_tx.send(ToAgent::Hello {
+            version: PROTOCOL_VERSION,
+            heartbeat: self.settings.heartbeat,
+            orphan_timeout: self.settings.orphan_timeout,
+        });
+        let hello =
+            tokio::time::timeout(AGENT_HELLO_TIMEOUT, from_agent.read_frame::<FromAgent>()).await;
+        let pid = match hello {
+            Ok(Ok(Some(FromAgent::Hello { version, pid }))) if version == PROTOCOL_VERSION => pid,
+            Ok(Ok(Some(FromAgent::Hello { version, .. }))) => {
+                return HostOutcome::Lost(format!(
+                    "agent {agent_path} speaks protocol {version}, the master {PROTOCOL_VERSION}"
+                ))
+            }
+            Ok(Ok(Some(_))) => {
+                return HostOutcome::Lost("agent's first frame is not a hello".into())
+            }
+            Ok(Ok(None)) => {
+                return HostOutcome::Lost(format!("agent {agent_path} exited at start"))
+            }
+            Ok(Err(err)) => return HostOutcome::Lost(format!("agent link: {err}")),
+            Err(_) => return HostOutcome::Lost("agent did not answer".into()),
+        };
+        let instances: Vec<InstanceSpec> = self.pending.values().cloned().collect();
+        let count = instances.len();
+        let _ = to_agent_tx.send(ToAgent::Start { instances });
+        self.sink
+            .master_event(
+                Level::Info,
+                format!("host {label}: connected, agent pid {pid} runs {count} instances"),
+            )
+            .await;
+
+        let outcome = self.relay(&mut from_agent, &to_agent_tx).await;
+        drop(to_agent_tx);
+        writer.abort();
+        // The agent exits by itself after its last report; a lost one is
+        // cut off with its connection.
+        let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+        outcome
+    }
+
+    async fn relay(
+        &mut self,
+        from_agent: &mut Connection<tokio::io::Join<openssh::ChildStdout, tokio::io::Empty>>,
+        to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
+    ) -> HostOutcome {
+        let label = self.plan.host.label.clone();
+        let orphan_timeout = self.settings.orphan_timeout;
+        let mut ticker = tokio::time::interval(self.settings.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let mut stop_sent = self.shutdown.is_stopping();
+        let mut kill_sent = false;
+        // After a stop, reports are awaited this long at most.
+        let mut stop_deadline = None;
+        if stop_sent {
+            let _ = to_agent_tx.send(ToAgent::Stop {
+                reason: self.shutdown.reason().unwrap_or("stop").to_string(),
+            });
+            stop_deadline = Some(Instant::now() + self.stop_wait());
+        }
+        while !self.pending.is_empty() {
+            tokio::select! {
+                frame = from_agent.read_frame::<FromAgent>() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        Ok(Some(frame)) => self.handle(frame).await,
+                        Ok(None) => return self.lost(stop_sent, "the agent's link closed".into()),
+                        Err(err) => return self.lost(stop_sent, format!("agent link: {err}")),
+                    }
+                }
+                _ = tokio::time::sleep_until(last_heard + orphan_timeout) => {
+                    return self.lost(stop_sent, format!(
+                        "no heartbeat from the agent for {}, host marked down",
+                        humantime::format_duration(orphan_timeout)
+                    ));
+                }
+                _ = ticker.tick() => {
+                    let _ = to_agent_tx.send(ToAgent::Heartbeat);
+                }
+                _ = self.shutdown.stopping(), if !stop_sent => {
+                    stop_sent = true;
+                    stop_deadline = Some(Instant::now() + self.stop_wait());
+                    let _ = to_agent_tx.send(ToAgent::Stop {
+                        reason: self.shutdown.reason().unwrap_or("stop").to_string(),
+                    });
+                }
+                _ = self.shutdown.killing(), if !kill_sent => {
+                    kill_sent = true;
+                    let _ = to_agent_tx.send(ToAgent::Kill);
+                }
+                _ = sleep_until_some(stop_deadline) => {
+                    return self.lost(true, format!("host {label}: no report within the stop deadline"));
+                }
+            }
+        }
+        HostOutcome::Done
+    }
+
+    /// The wait for reports after a stop: the grace plus a margin for the
+    /// agent to kill and report.
+    fn stop_wait(&self) -> Duration {
+        self.settings.stop_grace + self.settings.orphan_timeout
+    }
+
+    async fn handle(&mut self, frame: FromAgent) {
+        match frame {
+            FromAgent::Log {
+                id,
+                time_ms,
+                level,
+                stream,
+                message,
+            } => {
+                let instance = id.and_then(|id| self.labels.get(&id).cloned());
+                let message = if instance.is_none() {
+                    format!("host {}: agent: {message}", self.plan.host.label)
+                } else {
+                    message
+                };
+                self.sink
+                    .send(LogRecord {
+                        time: agent::time_of(time_ms),
+                        level,
+                        instance,
+                        stream,
+                        message,
+                    })
+                    .await;
+            }
+            FromAgent::Ended { id, end } => {
+                if self.pending.remove(&id).is_some() {
+                    if let Some(label) = self.labels.get(&id) {
+                        self.reports.push(InstanceReport {
+                            label: label.clone(),
+                            end,
+                        });
+                    }
+                }
+            }
+            FromAgent::Heartbeat | FromAgent::Hello { .. } => {}
+        }
+    }
+
+    /// The link ended before every report: during a stop the rest is
+    /// reported lost (the agent stops them itself), otherwise reconnect.
+    fn lost(&mut self, stopping: bool, problem: String) -> HostOutcome {
+        if !stopping {
+            return HostOutcome::Lost(problem);
+        }
+        for (id, _) in std::mem::take(self.pending) {
+            self.reports.push(InstanceReport {
+                label: self.labels[&id].clone(),
+                end: InstanceEnd::Lost {
+                    reason: problem.clone(),
+                },
+            });
+        }
+        HostOutcome::Done
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_to_agent(
+    stdin: openssh::ChildStdin,
+    mut to_agent_rx: mpsc::UnboundedReceiver<ToAgent>,
+) {
+    let mut link = Connection::new(tokio::io::join(tokio::io::empty(), stdin));
+    while let Some(frame) = to_agent_rx.recv().await {
+        if link.write_frame(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The agent's own diagnostics (and the remote shell's errors, such as a
+/// missing binary) become warnings of the host.
+async fn relay_agent_stderr(stderr: openssh::ChildStderr, host: String, sink: LogSink) {
+    let mut lines = FramedRead::new(stderr, super::output::LineDecoder::default());
+    while let Some(Ok(line)) = lines.next().await {
+        sink.master_event(Level::Warning, format!("host {host}: agent: {line}"))
+            .await;
+    }
+}
