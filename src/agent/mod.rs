@@ -91,6 +91,9 @@ where
     // Reports and heartbeats go through an unbounded queue so the loop
     // below never blocks on a slow or partitioned link (they are few);
     // log lines go through the sink's bounded queue, with backpressure.
+    // An instance's lines are all in that queue before its report exists,
+    // and the writer empties it before writing a report: the master never
+    // sees a report before the lines that precede it.
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (sink, records_rx) = LogSink::channel();
     let writer_task = tokio::spawn(write_upstream(writer, control_rx, records_rx));
@@ -156,7 +159,8 @@ where
     Ok(())
 }
 
-/// Writes reports and heartbeats first, then log lines, to the master.
+/// Writes heartbeats first, reports after the log lines queued before
+/// them, and log lines, to the master.
 async fn write_upstream<W: AsyncWrite + Unpin>(
     writer: W,
     mut control_rx: mpsc::UnboundedReceiver<FromAgent>,
@@ -179,6 +183,13 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
                 }
             },
         };
+        if matches!(frame, FromAgent::Ended { .. }) {
+            while let Ok(record) = records_rx.try_recv() {
+                if link.write_frame(&log_frame(record)).await.is_err() {
+                    return;
+                }
+            }
+        }
         if link.write_frame(&frame).await.is_err() {
             // The master is gone; the main loop finds out by itself.
             return;

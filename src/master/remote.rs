@@ -97,14 +97,7 @@ pub async fn supervise_host(
     while !pending.is_empty() {
         if shutdown.is_stopping() {
             let reason = format!("never started on {host}: {last_problem}");
-            for (id, _) in std::mem::take(&mut pending) {
-                reports.push(InstanceReport {
-                    label: labels[&id].clone(),
-                    end: InstanceEnd::Lost {
-                        reason: reason.clone(),
-                    },
-                });
-            }
+            report_lost(&mut pending, &labels, &reason, &mut reports, &sink).await;
             break;
         }
         let mut run = HostRun {
@@ -179,7 +172,13 @@ impl HostRun<'_> {
         )
         .await
         {
-            Ok(path) => path,
+            Ok(installed) => {
+                if installed.uploaded {
+                    let message = format!("host {label}: uploaded the agent to {}", installed.path);
+                    self.sink.master_event(Level::Info, message).await;
+                }
+                installed.path
+            }
             Err(err) => return HostOutcome::Lost(err.to_string()),
         };
         let mut child = match session
@@ -253,7 +252,6 @@ impl HostRun<'_> {
         from_agent: &mut Connection<tokio::io::Join<openssh::ChildStdout, tokio::io::Empty>>,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
     ) -> HostOutcome {
-        let label = self.plan.host.label.clone();
         let orphan_timeout = self.settings.orphan_timeout;
         let mut ticker = tokio::time::interval(self.settings.heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -274,15 +272,16 @@ impl HostRun<'_> {
                     last_heard = Instant::now();
                     match frame {
                         Ok(Some(frame)) => self.handle(frame).await,
-                        Ok(None) => return self.lost(stop_sent, "the agent's link closed".into()),
-                        Err(err) => return self.lost(stop_sent, format!("agent link: {err}")),
+                        Ok(None) => return self.lost(stop_sent, "the agent's link closed".into()).await,
+                        Err(err) => return self.lost(stop_sent, format!("agent link: {err}")).await,
                     }
                 }
                 _ = tokio::time::sleep_until(last_heard + orphan_timeout) => {
-                    return self.lost(stop_sent, format!(
+                    let problem = format!(
                         "no heartbeat from the agent for {}, host marked down",
                         humantime::format_duration(orphan_timeout)
-                    ));
+                    );
+                    return self.lost(stop_sent, problem).await;
                 }
                 _ = ticker.tick() => {
                     let _ = to_agent_tx.send(ToAgent::Heartbeat);
@@ -299,7 +298,7 @@ impl HostRun<'_> {
                     let _ = to_agent_tx.send(ToAgent::Kill);
                 }
                 _ = sleep_until_some(stop_deadline) => {
-                    return self.lost(true, format!("host {label}: no report within the stop deadline"));
+                    return self.lost(true, "no report from the agent within the stop deadline".to_string()).await;
                 }
             }
         }
@@ -353,19 +352,33 @@ impl HostRun<'_> {
 
     /// The link ended before every report: during a stop the rest is
     /// reported lost (the agent stops them itself), otherwise reconnect.
-    fn lost(&mut self, stopping: bool, problem: String) -> HostOutcome {
+    async fn lost(&mut self, stopping: bool, problem: String) -> HostOutcome {
         if !stopping {
             return HostOutcome::Lost(problem);
         }
-        for (id, _) in std::mem::take(self.pending) {
-            self.reports.push(InstanceReport {
-                label: self.labels[&id].clone(),
-                end: InstanceEnd::Lost {
-                    reason: problem.clone(),
-                },
-            });
-        }
+        report_lost(self.pending, self.labels, &problem, self.reports, self.sink).await;
         HostOutcome::Done
+    }
+}
+
+/// Gives up on the instances still pending, saying why for each.
+async fn report_lost(
+    pending: &mut BTreeMap<u32, InstanceSpec>,
+    labels: &BTreeMap<u32, Arc<InstanceLabel>>,
+    reason: &str,
+    reports: &mut Vec<InstanceReport>,
+    sink: &LogSink,
+) {
+    for (id, _) in std::mem::take(pending) {
+        let label = labels[&id].clone();
+        sink.instance_event(&label, Level::Error, format!("lost: {reason}"))
+            .await;
+        reports.push(InstanceReport {
+            label,
+            end: InstanceEnd::Lost {
+                reason: reason.to_string(),
+            },
+        });
     }
 }
 

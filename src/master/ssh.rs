@@ -119,7 +119,14 @@ fn describe_ssh_error(err: &openssh::Error) -> String {
         text = cause.to_string();
         source = cause.source();
     }
-    let text = text.trim().trim_end_matches('.');
+    // ssh may print a banner of warnings first (a changed host key comes
+    // with a box of '@'); its verdict is the last line.
+    let text = text
+        .lines()
+        .map(str::trim)
+        .rfind(|line| !line.is_empty())
+        .unwrap_or("ssh failed without a message")
+        .trim_end_matches('.');
     let text = text.strip_prefix("ssh: ").unwrap_or(text);
     let mut text = text.to_string();
     if let Some(first) = text.get(..1) {
@@ -172,8 +179,17 @@ pub fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// Makes sure the host has an agent of exactly this build and returns its
-/// remote path: an `agent_path` is used as is; otherwise the agent lives
+/// Where the agent is on a host, and whether it was just uploaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstalledAgent {
+    /// Remote path of the `taskherd` executable.
+    pub path: String,
+    /// `true` when this call uploaded it.
+    pub uploaded: bool,
+}
+
+/// Makes sure the host has an agent of exactly this build and says where:
+/// an `agent_path` is used as is; otherwise the agent lives
 /// in `agent_dir` as `taskherd-<version>-<hash>` and is uploaded (and its
 /// hash checked) when missing, if the host's OS and architecture match.
 ///
@@ -184,9 +200,12 @@ pub async fn install_agent(
     session: &Session,
     agent_dir: &str,
     agent_path: Option<&str>,
-) -> Result<String, RemoteError> {
+) -> Result<InstalledAgent, RemoteError> {
     if let Some(path) = agent_path {
-        return Ok(path.to_string());
+        return Ok(InstalledAgent {
+            path: path.to_string(),
+            uploaded: false,
+        });
     }
     let own = own_executable().await?;
     let dir = agent_dir.strip_prefix("~/").unwrap_or(agent_dir);
@@ -210,7 +229,12 @@ pub async fn install_agent(
     let answer = String::from_utf8_lossy(&output.stdout);
     let mut lines = answer.lines();
     match lines.next() {
-        Some("present") => return Ok(file),
+        Some("present") => {
+            return Ok(InstalledAgent {
+                path: file,
+                uploaded: false,
+            })
+        }
         Some("missing") => {}
         _ => {
             return Err(RemoteError::Command {
@@ -235,7 +259,10 @@ pub async fn install_agent(
         });
     }
     upload(session, own, dir, &file).await?;
-    Ok(file)
+    Ok(InstalledAgent {
+        path: file,
+        uploaded: true,
+    })
 }
 
 async fn upload(

@@ -5,5 +5,7 @@
 mod check;
 mod local;
 mod output;
+mod remote;
+mod sshd_harness;
 mod stop;
 mod support;

@@ -2,6 +2,9 @@
 //! `taskherd` binary running it, its log lines as they arrive, and a check
 //! that nothing it started is left behind.
 
+pub mod netns;
+pub mod sshd;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};

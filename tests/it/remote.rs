@@ -1,0 +1,526 @@
+//! Remote placement against real sshd hosts on loopback (and in a network
+//! namespace for the partition test): the launcher scenarios of the
+//! original suite, plus faults.
+
+use crate::support::netns::NetNs;
+use crate::support::sshd::{SshHost, SshWorld};
+use crate::support::{taskherd_bin, Herd};
+use std::time::{Duration, Instant};
+
+/// The `[master]` and `[ssh]` tables of a test herd. Hosts are this
+/// machine, so the agent is the built binary (`agent_path`); the upload
+/// path has its own test.
+fn header(world: &SshWorld, master_extra: &str) -> String {
+    format!(
+        r#"
+[master]
+agent_path = "{agent}"
+heartbeat = "200ms"
+orphan_timeout = "3s"
+{master_extra}
+
+[ssh]
+ssh_config = "{config}"
+"#,
+        agent = taskherd_bin().display(),
+        config = world.ssh_config().display(),
+    )
+}
+
+/// Waits (bounded) until nothing started through `host` is left.
+fn assert_host_clean(host: &SshHost) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = host.processes();
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let described: Vec<String> = left
+                .iter()
+                .map(|pid| {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    format!(
+                        "{pid}: {}",
+                        String::from_utf8_lossy(&cmd).replace('\0', " ")
+                    )
+                })
+                .collect();
+            panic!("left on host {}: {described:?}", host.alias());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Pids of `worker` processes among `pids`.
+fn workers(pids: &[i32]) -> Vec<i32> {
+    pids.iter()
+        .copied()
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains("examples/worker")
+        })
+        .collect()
+}
+
+#[test]
+fn one_instance_on_one_host() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let mut herd = Herd::new(&format!(
+        r#"{}
+[[group]]
+name = "far"
+command = "{{worker}}"
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+"#,
+        header(&world, ""),
+        host = host.alias()
+    ));
+    herd.start();
+    herd.wait_for(&format!("host {}: connected", host.alias()));
+    herd.wait_for(&format!("[far] [{}] [worker/1/1] Child 1 1", host.alias()));
+    herd.wait_for(&format!(
+        "[far] [{}] [worker/1/1] Child clean exit",
+        host.alias()
+    ));
+    herd.wait_for("all instances ended");
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert_host_clean(&host);
+}
+
+#[test]
+fn two_hosts_two_instances_each_with_params() {
+    let mut world = SshWorld::new();
+    let a = world.add_host();
+    let b = world.add_host();
+    let mut herd = Herd::new(&format!(
+        r#"{}
+[[group]]
+name = "pair"
+command = "{{worker}}"
+params = {{ message = "Hello from afar" }}
+[[group.remote]]
+hosts = ["{a}", "{b}"]
+instances = 2
+"#,
+        header(&world, ""),
+        a = a.alias(),
+        b = b.alias()
+    ));
+    herd.start();
+    for (host, id) in [
+        (a.alias(), 1),
+        (a.alias(), 2),
+        (b.alias(), 3),
+        (b.alias(), 4),
+    ] {
+        herd.wait_for(&format!(
+            "[pair] [{host}] [worker/{id}/{id}] Hello from afar"
+        ));
+    }
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert_eq!(herd.lines_with("Child clean exit").len(), 4);
+    assert_host_clean(&a);
+    assert_host_clean(&b);
+}
+
+#[test]
+fn mixed_remote_and_local_groups() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let mut herd = Herd::new(&format!(
+        r#"{}
+[[group]]
+name = "remote"
+command = "{{worker}}"
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+
+[[group]]
+name = "local"
+command = "{{worker}}"
+[group.local]
+instances = 1
+"#,
+        header(&world, ""),
+        host = host.alias()
+    ));
+    herd.start();
+    herd.wait_for(&format!(
+        "[remote] [{}] [worker/1/1] Child 1 1",
+        host.alias()
+    ));
+    herd.wait_for("[local] [localhost] [worker/2/1] Child 2 1");
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert_host_clean(&host);
+}
+
+#[test]
+fn remote_max_running_time_stops_cleanly_and_ignored_stop_is_killed() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let mut herd = Herd::new(&format!(
+        r#"{}
+[[group]]
+name = "sleeper"
+command = "{{worker}}"
+params = {{ sleep = 60 }}
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+
+[[group]]
+name = "stubborn"
+command = "{{worker}}"
+params = {{ neverDie = true }}
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+"#,
+        header(&world, "max_running_time = \"3s\"\nstop_grace = \"1s\""),
+        host = host.alias()
+    ));
+    herd.start();
+    herd.wait_for("stopping every instance: max running time of 3s reached");
+    herd.wait_for(&format!(
+        "[sleeper] [{}] [worker/1/1] Child clean exit",
+        host.alias()
+    ));
+    herd.wait_for(&format!(
+        "[stubborn] [{}] [worker/2/1] still running 1s after stop: killing it",
+        host.alias()
+    ));
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.wait_for("had to kill 1 instances");
+    assert_host_clean(&host);
+}
+
+#[test]
+fn remote_hung_slave_is_killed_and_restarted_on_its_host() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let mut herd = Herd::new(&format!(
+        r#"{}
+[[group]]
+name = "silent"
+command = "{{worker}}"
+params = {{ forceSleep = 90 }}
+timeout = "1s"
+restart = {{ initial = "100ms", limit = 2 }}
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+"#,
+        header(&world, ""),
+        host = host.alias()
+    ));
+    herd.start();
+    let prefix = format!("[silent] [{}] [worker/1/1]", host.alias());
+    herd.wait_for(&format!("{prefix} marked failed after 2 restarts in a row"));
+    assert_eq!(herd.wait_exit().code(), Some(1));
+    assert_eq!(
+        herd.lines_with(&format!("{prefix} liveness timeout: no ping"))
+            .len(),
+        3
+    );
+    assert_eq!(herd.lines_with(&format!("{prefix} restarting in")).len(), 2);
+    // The host stayed up the whole time: one connection.
+    assert_eq!(herd.lines_with("connected, agent pid").len(), 1);
+    assert_host_clean(&host);
+}
+
+const LONG_RUNNERS: &str = r#"
+[[group]]
+name = "lib"
+command = "{worker}"
+params = { sleep = 1000 }
+[[group.remote]]
+hosts = ["HOSTS"]
+instances = 2
+
+[[group]]
+name = "plain"
+command = "sh"
+args = ["-c", "echo plain up; exec sleep 1000"]
+[[group.remote]]
+hosts = ["HOSTS"]
+instances = 1
+"#;
+
+fn long_runners(world: &SshWorld, hosts: &[&SshHost]) -> String {
+    let names: Vec<&str> = hosts.iter().map(|h| h.alias()).collect();
+    format!(
+        "{}{}",
+        header(world, "stop_grace = \"5s\""),
+        LONG_RUNNERS.replace("HOSTS", &names.join("\", \""))
+    )
+}
+
+#[test]
+fn sigterm_to_the_master_leaves_nothing_on_any_host() {
+    let mut world = SshWorld::new();
+    let a = world.add_host();
+    let b = world.add_host();
+    let mut herd = Herd::new(&long_runners(&world, &[&a, &b]));
+    herd.start();
+    herd.wait_for_count("plain up", 2);
+    herd.wait_for_count("] Child ", 4);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert_eq!(herd.lines_with("Child clean exit").len(), 4);
+    assert_eq!(herd.lines_with("stopped: killed by SIGTERM").len(), 2);
+    assert!(herd.lines_with("had to kill").is_empty(), "{:?}", herd.seen);
+    assert_host_clean(&a);
+    assert_host_clean(&b);
+}
+
+#[test]
+fn sigkill_to_the_master_leaves_nothing_after_a_few_seconds() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let mut herd = Herd::new(&long_runners(&world, &[&host]));
+    herd.start();
+    herd.wait_for("plain up");
+    herd.wait_for_count("] Child ", 2);
+    assert_eq!(workers(&host.processes()).len(), 2);
+    herd.signal(libc::SIGKILL);
+    herd.wait_exit();
+    // The agent sees its stdin close and stops everything; the idle
+    // ControlMaster follows within seconds.
+    assert_host_clean(&host);
+}
+
+#[test]
+fn agent_is_uploaded_once_when_missing() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let agents = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        r#"
+[master]
+agent_dir = "{dir}"
+
+[ssh]
+ssh_config = "{config}"
+
+[[group]]
+name = "far"
+command = "{{worker}}"
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+"#,
+        dir = agents.path().join("cache").display(),
+        config = world.ssh_config().display(),
+        host = host.alias()
+    );
+    let mut first = Herd::new(&config);
+    first.start();
+    let line = first.wait_for("uploaded the agent to");
+    assert_eq!(first.wait_exit().code(), Some(0), "{:?}", first.seen);
+    let uploaded: Vec<_> = std::fs::read_dir(agents.path().join("cache"))
+        .expect("agent dir exists")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(uploaded.len(), 1, "{uploaded:?}");
+    assert!(uploaded[0].starts_with(&format!("taskherd-{}-", env!("CARGO_PKG_VERSION"))));
+    assert!(line.contains(&uploaded[0]), "{line}");
+    let copy = std::fs::read(agents.path().join("cache").join(&uploaded[0])).expect("read copy");
+    assert_eq!(copy, std::fs::read(taskherd_bin()).expect("read binary"));
+
+    let mut second = Herd::new(&config);
+    second.start();
+    second.wait_for("Child clean exit");
+    assert_eq!(second.wait_exit().code(), Some(0));
+    assert!(
+        second.lines_with("uploaded").is_empty(),
+        "{:?}",
+        second.seen
+    );
+    assert_host_clean(&host);
+}
+
+#[test]
+fn unreachable_host_is_reported_and_the_others_run() {
+    let mut world = SshWorld::new();
+    let good = world.add_host();
+    // Nothing listens on port 1 of this loopback address.
+    let mut herd = Herd::new(&format!(
+        r#"{}
+[[group]]
+name = "spread"
+command = "{{worker}}"
+params = {{ sleep = 1000 }}
+[[group.remote]]
+hosts = ["{good}", "root@127.0.0.1:1"]
+instances = 1
+"#,
+        header(&world, "max_running_time = \"4s\""),
+        good = good.alias()
+    ));
+    herd.start();
+    let error = herd.wait_for("host 127.0.0.1:1: cannot connect");
+    assert!(
+        error.to_lowercase().contains("connection refused"),
+        "{error}"
+    );
+    assert!(error.contains("retrying in"), "{error}");
+    herd.wait_for(&format!(
+        "[spread] [{}] [worker/1/1] Child 1 1",
+        good.alias()
+    ));
+    herd.wait_for(&format!(
+        "[spread] [{}] [worker/1/1] Child clean exit",
+        good.alias()
+    ));
+    // The instance that never started makes the run a failure.
+    assert_eq!(herd.wait_exit().code(), Some(1));
+    herd.wait_for("never started on 127.0.0.1:1");
+    assert_host_clean(&good);
+}
+
+#[test]
+fn changed_host_key_is_refused_under_the_strict_policy() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    // A known_hosts that pins another key for this host.
+    let other_key = std::fs::read_to_string(world.identity_file().with_extension("pub"))
+        .expect("user public key");
+    let pinned = world.dir().join("wrong_known_hosts");
+    std::fs::write(
+        &pinned,
+        format!("[{}]:{} {other_key}", host.addr(), host.port()),
+    )
+    .expect("write known_hosts");
+    let config = std::fs::read_to_string(world.ssh_config())
+        .expect("read ssh_config")
+        .replace(
+            &world.known_hosts().display().to_string(),
+            &pinned.display().to_string(),
+        );
+    let wrong_config = world.dir().join("wrong_ssh_config");
+    std::fs::write(&wrong_config, config).expect("write ssh_config");
+    let mut herd = Herd::new(&format!(
+        r#"
+[master]
+agent_path = "{agent}"
+max_running_time = "3s"
+
+[ssh]
+ssh_config = "{wrong}"
+
+[[group]]
+name = "far"
+command = "{{worker}}"
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+"#,
+        agent = taskherd_bin().display(),
+        wrong = wrong_config.display(),
+        host = host.alias()
+    ));
+    herd.start();
+    let error = herd.wait_for(&format!("host {}: cannot connect", host.alias()));
+    assert!(error.contains("host key verification failed"), "{error}");
+    assert_eq!(herd.wait_exit().code(), Some(1));
+    assert!(herd.lines_with("Child 1 1").is_empty());
+    assert_host_clean(&host);
+}
+
+#[test]
+fn killed_agent_is_replaced_and_its_instances_restarted() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let mut herd = Herd::new(&long_runners(&world, &[&host]));
+    herd.start();
+    let connected = herd.wait_for("connected, agent pid");
+    herd.wait_for_count("] Child ", 2);
+    let old_workers = workers(&host.processes());
+    assert_eq!(old_workers.len(), 2);
+    let agent_pid: i32 = connected
+        .split("agent pid ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("agent pid in the log");
+    // SAFETY: plain kill(2).
+    assert_eq!(unsafe { libc::kill(agent_pid, libc::SIGKILL) }, 0);
+    herd.wait_for_count("connected, agent pid", 2);
+    herd.wait_for_count("] Child 1 1", 2);
+    herd.wait_for_count("] Child 2 2", 2);
+    // The dead agent's instances are gone (parent-death signal or their
+    // control channel closing), the new ones run.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while old_workers
+        .iter()
+        .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "old instances outlived their agent"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert_host_clean(&host);
+}
+
+#[test]
+fn partitioned_host_is_marked_down_then_reconnected() {
+    let ns = match NetNs::create() {
+        Ok(ns) => ns,
+        Err(reason) => {
+            eprintln!("skipping the partition test: {reason}");
+            return;
+        }
+    };
+    let mut world = SshWorld::new();
+    let host = world.add_host_on(ns.inside_addr(), Some(ns.name()));
+    let mut herd = Herd::new(&format!(
+        r#"{}
+[[group]]
+name = "cut"
+command = "{{worker}}"
+params = {{ sleep = 1000 }}
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+connect_timeout = "2s"
+"#,
+        header(&world, "stop_grace = \"1s\""),
+        host = host.alias()
+    ));
+    herd.start();
+    herd.wait_for(&format!("[cut] [{}] [worker/1/1] Child 1 1", host.alias()));
+    assert_eq!(workers(&ns.pids()).len(), 1);
+
+    ns.partition();
+    // The master misses the agent's heartbeats; the agent misses the
+    // master's and stops its instance on its own.
+    herd.wait_for("host marked down");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !workers(&ns.pids()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the partitioned agent kept its instance"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    ns.heal();
+    herd.wait_for_count("connected, agent pid", 2);
+    herd.wait_for_count(
+        &format!("[cut] [{}] [worker/1/1] Child 1 1", host.alias()),
+        2,
+    );
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert_host_clean(&host);
+}
