@@ -267,7 +267,7 @@ async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> R
                 uses_library = true;
                 timeout = spec.identity.timeout.filter(|t| !t.is_zero());
             }
-            _ = sleep_until_some(deadline) => {
+            _ = super::sleep_until_some(deadline) => {
                 let Some(limit) = timeout else { continue };
                 // Output may have arrived while we slept: only a deadline
                 // computed from the latest activity counts.
@@ -365,13 +365,6 @@ async fn drain<T>(mut task: JoinHandle<T>) -> Option<T> {
             task.abort();
             None
         }
-    }
-}
-
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -300,7 +300,7 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
                     sink.master_event(Level::Critical, format!("an instance supervisor crashed: {err}")).await;
                 }
             },
-            _ = sleep_until_some(deadline.map(|(_, at)| at)), if !shutdown.is_stopping() => {
+            _ = super::sleep_until_some(deadline.map(|(_, at)| at)), if !shutdown.is_stopping() => {
                 if let Some((limit, _)) = deadline {
                     shutdown.request_stop(format!(
                         "max running time of {} reached",
@@ -366,13 +366,6 @@ pub fn run_blocking(config: Config) -> std::io::Result<RunReport> {
     report
 }
 
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn announce_end(report: &RunReport, sink: &LogSink) {
     let labels = |reports: Vec<&InstanceReport>| {
         reports
@@ -429,15 +422,48 @@ struct ControlDir {
 }
 
 impl ControlDir {
+    /// Longest base directory that keeps the socket path
+    /// (`<base>/taskherd-<pid>/.ssh-connectionXXXXXX/master`) well under
+    /// the 104-byte limit of some systems.
+    const MAX_BASE_LEN: usize = 48;
+
     fn create() -> Result<ControlDir, String> {
         use std::os::unix::fs::DirBuilderExt;
-        let path = std::env::temp_dir().join(format!("taskherd-{}", std::process::id()));
+        let mut base = std::env::temp_dir();
+        if base.as_os_str().len() > Self::MAX_BASE_LEN {
+            base = PathBuf::from("/tmp");
+        }
+        Self::sweep_stale(&base);
+        let path = base.join(format!("taskherd-{}", std::process::id()));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .recursive(true)
             .create(&path)
             .map_err(|err| format!("cannot create {}: {err}", path.display()))?;
         Ok(ControlDir { path })
+    }
+}
+
+impl ControlDir {
+    /// Removes the directories of earlier runs that were killed before
+    /// they could clean up (their pid is gone).
+    fn sweep_stale(base: &Path) {
+        let Ok(entries) = std::fs::read_dir(base) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("taskherd-"))
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 }
 

@@ -25,3 +25,12 @@ pub mod ssh;
 pub use launcher::{run, run_blocking, RunReport};
 pub use log::{LogRecord, LogSink, LogWriter};
 pub use shutdown::{stop_on_signals, Shutdown};
+
+/// Sleeps until `deadline`, or forever without one: a `select!` branch for
+/// an optional timer.
+pub(crate) async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

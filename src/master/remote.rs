@@ -297,7 +297,7 @@ impl HostRun<'_> {
                     kill_sent = true;
                     let _ = to_agent_tx.send(ToAgent::Kill);
                 }
-                _ = sleep_until_some(stop_deadline) => {
+                _ = super::sleep_until_some(stop_deadline) => {
                     return self.lost(true, "no report from the agent within the stop deadline".to_string()).await;
                 }
             }
@@ -379,13 +379,6 @@ async fn report_lost(
                 reason: reason.to_string(),
             },
         });
-    }
-}
-
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -97,3 +97,21 @@ instances = 2
     herd.wait_for("group[1].instances");
     assert!(herd.lines_with("starting").is_empty(), "{:?}", herd.seen);
 }
+
+#[test]
+fn the_remote_example_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/remote.toml");
+    let out = std::process::Command::new(crate::support::taskherd_bin())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .expect("run taskherd");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok (1 groups, 11 instances)"), "{stdout}");
+}

@@ -477,7 +477,13 @@ fn partitioned_host_is_marked_down_then_reconnected() {
     let ns = match NetNs::create() {
         Ok(ns) => ns,
         Err(reason) => {
-            eprintln!("skipping the partition test: {reason}");
+            // Straight to stderr, past the test harness's capture, so the
+            // skip shows in every run.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "remote::partitioned_host_is_marked_down_then_reconnected: SKIPPED: {reason}"
+            );
             return;
         }
     };

@@ -155,7 +155,11 @@ fn partition_cuts_and_heals_a_namespaced_host() {
     let ns = match NetNs::create() {
         Ok(ns) => ns,
         Err(reason) => {
-            println!("skipping partition harness test: {reason}");
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "sshd_harness: partition harness test SKIPPED: {reason}"
+            );
             return;
         }
     };
