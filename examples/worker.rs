@@ -11,12 +11,14 @@
 //! 3. `forceSleep: n` sleeps n seconds, silent and deaf to stops;
 //! 4. `neverDie: true` ignores stops forever (pings every 200 ms);
 //! 5. `lines: n` prints `line 1` .. `line n`;
-//! 6. `fail: "reason"` ends with an error (failure outcome, exit code 1);
-//! 7. `panic: "text"` panics with that text;
-//! 8. `exitCode: n` prints `Child clean exit` and exits with status n;
-//! 9. prints `Child clean exit` and ends cleanly.
+//! 6. `jobs: n` does n jobs (prints `job k`, counts it with
+//!    `Handler::job_done`), stopping early at the group's `max_jobs`;
+//! 7. `fail: "reason"` ends with an error (failure outcome, exit code 1);
+//! 8. `panic: "text"` panics with that text;
+//! 9. `exitCode: n` prints `Child clean exit` and exits with status n;
+//! 10. prints `Child clean exit` and ends cleanly.
 //!
-//! Run it from a config, e.g. `taskherd run examples/herd.toml`.
+//! Run it from a config (see `tests/it/` for many).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -79,6 +81,19 @@ fn work(h: &Handler) -> Result<(), String> {
             let _ = writeln!(out, "line {k}");
         }
         let _ = out.flush();
+    }
+
+    if let Some(jobs) = params.get("jobs") {
+        let jobs = jobs
+            .as_u64()
+            .ok_or_else(|| format!("param jobs must be a whole number, got {jobs}"))?;
+        for k in 1..=jobs {
+            say(&format!("job {k}"));
+            // Counted for the group's max_jobs: false once it is reached.
+            if !h.job_done() {
+                break;
+            }
+        }
     }
 
     if let Some(reason) = params.get("fail") {

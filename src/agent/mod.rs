@@ -289,6 +289,7 @@ mod tests {
                 params: serde_json::json!({}),
                 timeout: None,
                 stop_grace: Duration::from_secs(5),
+                max_jobs: None,
             },
             plain_timeout: None,
             stop_grace: Duration::from_secs(5),
@@ -296,6 +297,7 @@ mod tests {
                 policy: crate::config::RestartPolicy::Never,
                 ..RestartSpec::default()
             },
+            max_lifetime: None,
         }
     }
 

@@ -177,6 +177,14 @@ pub struct GroupSpec {
     pub timeout: Option<Duration>,
     /// Stop grace for this group. Key `stop_grace`, default `master.stop_grace`.
     pub stop_grace: Option<Duration>,
+    /// Recycling: an instance running this long is stopped (Stop, grace,
+    /// SIGKILL) and started again, whatever its restart policy. Key
+    /// `max_lifetime`, default none.
+    pub max_lifetime: Option<Duration>,
+    /// Recycling: an instance that reported this many jobs done (through
+    /// the slave library) is asked to stop, and started again. Key
+    /// `max_jobs`, default none.
+    pub max_jobs: Option<u64>,
     /// Instances on the master's host. Table `[group.local]`.
     pub local: Option<LocalPlacement>,
     /// Instances on remote hosts. Array of tables `[[group.remote]]`.

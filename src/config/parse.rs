@@ -51,6 +51,8 @@ const GROUP_KEYS: &[&str] = &[
     "cwd",
     "timeout",
     "stop_grace",
+    "max_lifetime",
+    "max_jobs",
     "restart",
     "local",
     "remote",
@@ -506,6 +508,8 @@ impl Walker<'_> {
             restart: RestartSpec::default(),
             timeout: None,
             stop_grace: None,
+            max_lifetime: None,
+            max_jobs: None,
             local: None,
             remote: Vec::new(),
         };
@@ -549,6 +553,30 @@ impl Walker<'_> {
         }
         if let Some(grace) = table.get("stop_grace") {
             group.stop_grace = self.duration(&child(&path, "stop_grace"), grace);
+        }
+        if let Some(lifetime) = table.get("max_lifetime") {
+            let key = child(&path, "max_lifetime");
+            group.max_lifetime = self.duration(&key, lifetime);
+            if group.max_lifetime.is_some_and(|d| d.is_zero()) {
+                self.error(
+                    lifetime.span(),
+                    &key,
+                    "must be greater than 0 (leave it out for no limit)",
+                );
+            }
+        }
+        if let Some(jobs) = table.get("max_jobs") {
+            let key = child(&path, "max_jobs");
+            if let Some(count) = self.integer(&key, jobs) {
+                match u64::try_from(count) {
+                    Ok(count) if count >= 1 => group.max_jobs = Some(count),
+                    _ => self.error(
+                        jobs.span(),
+                        &key,
+                        format!("must be at least 1, found {count}"),
+                    ),
+                }
+            }
         }
         if let Some(restart) = table.get("restart") {
             group.restart = self.restart(&child(&path, "restart"), restart);
@@ -2383,5 +2411,47 @@ command = "v"
             .message
             .contains("expected one of: hosts, instances"));
         assert_eq!(errors[8].message, NO_PLACEMENT);
+    }
+
+    #[test]
+    fn recycling_keys() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "w"
+command = "w"
+max_lifetime = "1h"
+max_jobs = 500
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(
+            config.groups[0].max_lifetime,
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(config.groups[0].max_jobs, Some(500));
+        let errors = parse_err(
+            r#"[[group]]
+name = "w"
+command = "w"
+max_lifetime = "0s"
+max_jobs = 0
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
+        assert_error(
+            &errors[0],
+            4,
+            "group[1].max_lifetime",
+            "must be greater than 0",
+        );
+        assert_error(
+            &errors[1],
+            5,
+            "group[1].max_jobs",
+            "must be at least 1, found 0",
+        );
     }
 }

@@ -51,6 +51,9 @@ pub struct InstanceSpec {
     pub stop_grace: Duration,
     /// Restart policy.
     pub restart: RestartSpec,
+    /// Recycle the instance after it ran this long.
+    #[serde(default, with = "crate::protocol::millis::option")]
+    pub max_lifetime: Option<Duration>,
 }
 
 /// How an instance's supervision ended.
@@ -128,6 +131,8 @@ struct RunEnd {
 struct ControlSummary {
     /// The outcome the library reported, if any: (success, message).
     outcome: Option<(bool, Option<String>)>,
+    /// Why the slave asked to be recycled, if it did (`max_jobs`).
+    recycle: Option<String>,
 }
 
 /// Supervises one instance until it completes, fails for good, or the
@@ -146,7 +151,8 @@ pub async fn supervise(spec: InstanceSpec, sink: LogSink, shutdown: Shutdown) ->
             }
             match tracker.decide(&run.outcome, run.ran_for, fastrand::f64()) {
                 Decision::Finished => match run.outcome {
-                    RunOutcome::Success => break InstanceEnd::Completed,
+                    // Recycling always restarts: only a clean end finishes.
+                    RunOutcome::Success | RunOutcome::Recycled(_) => break InstanceEnd::Completed,
                     RunOutcome::Failure(reason) => {
                         let message = format!("marked failed: {reason} (restart policy never)");
                         sink.instance_event(&spec.label, Level::Error, message)
@@ -157,7 +163,7 @@ pub async fn supervise(spec: InstanceSpec, sink: LogSink, shutdown: Shutdown) ->
                 Decision::GiveUp { restarts } => {
                     let reason = match run.outcome {
                         RunOutcome::Failure(reason) => reason,
-                        RunOutcome::Success => "exited".to_string(),
+                        RunOutcome::Success | RunOutcome::Recycled(_) => "exited".to_string(),
                     };
                     let message =
                         format!("marked failed after {restarts} restarts in a row: {reason}");
@@ -200,6 +206,7 @@ enum Wake {
     Exited(std::io::Result<ExitStatus>),
     Timeout(Duration),
     Stop,
+    Lifetime(Duration),
 }
 
 async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> RunEnd {
@@ -259,6 +266,7 @@ async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> R
 
     let mut timeout = spec.plain_timeout.filter(|t| !t.is_zero());
     let mut uses_library = false;
+    let end_of_life = spec.max_lifetime.map(|limit| (limit, started + limit));
     let wake = loop {
         let deadline = timeout.map(|t| activity.last() + t);
         tokio::select! {
@@ -276,11 +284,26 @@ async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> R
                 }
             }
             _ = shutdown.stopping() => break Wake::Stop,
+            _ = super::sleep_until_some(end_of_life.map(|(_, at)| at)) => {
+                if let Some((limit, _)) = end_of_life {
+                    break Wake::Lifetime(limit);
+                }
+            }
         }
     };
 
+    let stopper = Stopper {
+        pid,
+        uses_library,
+        command_tx: &command_tx,
+        grace: spec.stop_grace,
+        label,
+        sink,
+        shutdown,
+    };
     let mut killed = false;
     let mut timed_out = None;
+    let mut recycled = None;
     let stopped = matches!(wake, Wake::Stop);
     let status = match wake {
         Wake::Exited(status) => status,
@@ -294,34 +317,22 @@ async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> R
             kill_group(pid, label, sink).await;
             child.wait().await
         }
+        Wake::Lifetime(limit) => {
+            let reason = format!(
+                "reached its max lifetime of {}",
+                humantime::format_duration(limit)
+            );
+            sink.instance_event(label, Level::Info, format!("{reason}: recycling it"))
+                .await;
+            recycled = Some(reason);
+            let (status, was_killed) = stopper.stop(&mut child).await;
+            killed = was_killed;
+            status
+        }
         Wake::Stop => {
-            if uses_library {
-                // Dropped only if the link is already gone, and then the
-                // library stops on its own.
-                let _ = command_tx.send(ToSlave::Stop).await;
-            } else if let Err(err) = process::signal_group(pid, libc::SIGTERM) {
-                let message = format!("cannot send SIGTERM: {err}");
-                sink.instance_event(label, Level::Error, message).await;
-            }
-            tokio::select! {
-                status = child.wait() => status,
-                _ = tokio::time::sleep(spec.stop_grace) => {
-                    let message = format!(
-                        "still running {} after stop: killing it",
-                        humantime::format_duration(spec.stop_grace)
-                    );
-                    sink.instance_event(label, Level::Warning, message).await;
-                    killed = true;
-                    kill_group(pid, label, sink).await;
-                    child.wait().await
-                }
-                _ = shutdown.killing() => {
-                    sink.instance_event(label, Level::Warning, "killing it now".into()).await;
-                    killed = true;
-                    kill_group(pid, label, sink).await;
-                    child.wait().await
-                }
-            }
+            let (status, was_killed) = stopper.stop(&mut child).await;
+            killed = was_killed;
+            status
         }
     };
     let ran_for = started.elapsed();
@@ -337,9 +348,12 @@ async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> R
     }
     let summary = drain(control_task).await.unwrap_or_default();
 
-    let outcome = classify(&status, timed_out, &summary);
+    let recycled = recycled.or(summary.recycle.clone());
+    let outcome = classify(&status, timed_out, recycled, &summary);
     let (level, text) = match (&status, &outcome) {
-        (_, RunOutcome::Success) => (Level::Info, describe_status(&status)),
+        (_, RunOutcome::Success | RunOutcome::Recycled(_)) => {
+            (Level::Info, describe_status(&status))
+        }
         _ if stopped => (Level::Info, describe_status(&status)),
         (_, RunOutcome::Failure(reason)) => (Level::Warning, reason.clone()),
     };
@@ -354,6 +368,50 @@ async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> R
         ran_for,
         stopped,
         killed,
+    }
+}
+
+/// The stop sequence of one running process: Stop frame (library) or
+/// SIGTERM to the group (plain program), the grace, then SIGKILL.
+struct Stopper<'a> {
+    pid: u32,
+    uses_library: bool,
+    command_tx: &'a mpsc::Sender<ToSlave>,
+    grace: Duration,
+    label: &'a Arc<InstanceLabel>,
+    sink: &'a LogSink,
+    shutdown: &'a Shutdown,
+}
+
+impl Stopper<'_> {
+    /// Stops the process; returns its status and whether it was killed.
+    async fn stop(&self, child: &mut tokio::process::Child) -> (std::io::Result<ExitStatus>, bool) {
+        let (pid, label, sink) = (self.pid, self.label, self.sink);
+        if self.uses_library {
+            // Dropped only if the link is already gone, and then the
+            // library stops on its own.
+            let _ = self.command_tx.send(ToSlave::Stop).await;
+        } else if let Err(err) = process::signal_group(pid, libc::SIGTERM) {
+            let message = format!("cannot send SIGTERM: {err}");
+            sink.instance_event(label, Level::Error, message).await;
+        }
+        tokio::select! {
+            status = child.wait() => (status, false),
+            _ = tokio::time::sleep(self.grace) => {
+                let message = format!(
+                    "still running {} after stop: killing it",
+                    humantime::format_duration(self.grace)
+                );
+                sink.instance_event(label, Level::Warning, message).await;
+                kill_group(pid, label, sink).await;
+                (child.wait().await, true)
+            }
+            _ = self.shutdown.killing() => {
+                sink.instance_event(label, Level::Warning, "killing it now".into()).await;
+                kill_group(pid, label, sink).await;
+                (child.wait().await, true)
+            }
+        }
     }
 }
 
@@ -390,8 +448,17 @@ fn describe_status(status: &std::io::Result<ExitStatus>) -> String {
 fn classify(
     status: &std::io::Result<ExitStatus>,
     timed_out: Option<Duration>,
+    recycled: Option<String>,
     summary: &ControlSummary,
 ) -> RunOutcome {
+    if let Some(reason) = recycled {
+        // A recycled instance is restarted whatever it ended with; a
+        // failure on its way out is still worth a line.
+        if !matches!(status, Ok(status) if status.success()) {
+            tracing::debug!(status = %describe_status(status), "recycled instance ended badly");
+        }
+        return RunOutcome::Recycled(reason);
+    }
     if let Some(limit) = timed_out {
         return RunOutcome::Failure(format!(
             "liveness timeout after {}",
@@ -515,6 +582,11 @@ async fn control_link(
                     }
                     FromSlave::Outcome { success, message } => {
                         summary.outcome = Some((success, message));
+                    }
+                    FromSlave::Recycle { reason } => {
+                        sink.instance_event(&label, Level::Info, format!("{reason}: recycling it"))
+                            .await;
+                        summary.recycle = Some(reason);
                     }
                 }
             }

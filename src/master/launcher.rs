@@ -154,10 +154,12 @@ impl GroupPlacer<'_> {
                 params: group.params.clone(),
                 timeout: Some(library_timeout).filter(|t| !t.is_zero()),
                 stop_grace,
+                max_jobs: group.max_jobs,
             },
             plain_timeout: group.timeout,
             stop_grace,
             restart: group.restart.clone(),
+            max_lifetime: group.max_lifetime,
         }
     }
 }

@@ -10,6 +10,8 @@ pub enum RunOutcome {
     Success,
     /// Anything else; the text says what, for the log.
     Failure(String),
+    /// Stopped on purpose to start afresh (`max_lifetime`, `max_jobs`).
+    Recycled(String),
 }
 
 /// What the supervisor does after a run ended.
@@ -54,6 +56,14 @@ impl RestartTracker {
     pub fn decide(&mut self, outcome: &RunOutcome, ran_for: Duration, random: f64) -> Decision {
         if ran_for >= self.spec.reset_after {
             self.restarts_in_a_row = 0;
+        }
+        if let RunOutcome::Recycled(_) = outcome {
+            // Recycling is no failure and follows no policy: start afresh now.
+            self.restarts_in_a_row = 0;
+            return Decision::Restart {
+                delay: Duration::ZERO,
+                attempt: 0,
+            };
         }
         let restart = match self.spec.policy {
             RestartPolicy::Never => false,
@@ -181,6 +191,24 @@ mod tests {
             always.decide(&ok, SHORT, 0.5),
             Decision::Restart { .. }
         ));
+    }
+
+    #[test]
+    fn recycling_restarts_at_once_under_any_policy() {
+        for policy in [
+            RestartPolicy::Never,
+            RestartPolicy::OnFailure,
+            RestartPolicy::Always,
+        ] {
+            let mut tracker = RestartTracker::new(spec(policy, Some(0)));
+            assert_eq!(
+                tracker.decide(&RunOutcome::Recycled("old".into()), SHORT, 0.5),
+                Decision::Restart {
+                    delay: Duration::ZERO,
+                    attempt: 0
+                }
+            );
+        }
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub struct Identity {
     /// How long the slave has between a Stop and a SIGKILL.
     #[serde(with = "super::millis")]
     pub stop_grace: Duration,
+    /// After this many jobs (counted by the library) the slave stops and
+    /// asks to be recycled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_jobs: Option<u64>,
 }
 
 /// Frames from the parent to a slave.
@@ -86,6 +90,12 @@ pub enum FromSlave {
         level: Level,
         /// The message, one or more lines.
         message: String,
+    },
+    /// The slave is stopping to be recycled (it reached `max_jobs`): its
+    /// clean end is to be followed by a fresh start.
+    Recycle {
+        /// Why, for the log.
+        reason: String,
     },
     /// The user function ended: the last frame before the process exits.
     Outcome {
@@ -198,6 +208,7 @@ mod tests {
                 params: serde_json::json!({"message": "hi"}),
                 timeout: Some(Duration::from_millis(1500)),
                 stop_grace: Duration::from_secs(10),
+                max_jobs: None,
             },
         };
         let text = serde_json::to_string(&frame).unwrap();

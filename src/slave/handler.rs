@@ -54,6 +54,8 @@ pub struct Handler {
     runtime_handle: tokio::runtime::Handle,
     /// The background runtime; taken and shut down on drop.
     runtime: Option<Runtime>,
+    /// Jobs reported done through [`Handler::job_done`], for `max_jobs`.
+    jobs_done: std::sync::atomic::AtomicU64,
 }
 
 /// Internal knobs of [`Handler::connect`], so tests can shorten waits and
@@ -201,6 +203,7 @@ impl Handler {
             outbox,
             runtime_handle,
             runtime: Some(runtime),
+            jobs_done: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -249,6 +252,28 @@ impl Handler {
             group: self.identity.group.clone(),
             source,
         })
+    }
+
+    /// Counts one job done, for recycling; returns `false` when the
+    /// instance should stop now because it reached the group's `max_jobs`
+    /// (then [`must_stop`](Self::must_stop) is true too, and the master
+    /// starts a fresh instance after this one ends).
+    ///
+    /// Without `max_jobs` it only counts, and returns `!must_stop()`.
+    pub fn job_done(&self) -> bool {
+        let done = self.jobs_done.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.identity.max_jobs == Some(done) {
+            self.outbox.send(FromSlave::Recycle {
+                reason: format!("did its max of {done} jobs"),
+            });
+            self.stop.cancel();
+        }
+        !self.must_stop()
+    }
+
+    /// Jobs counted by [`job_done`](Self::job_done) so far.
+    pub fn jobs_done(&self) -> u64 {
+        self.jobs_done.load(Ordering::SeqCst)
     }
 
     /// `true` once the master asked us to stop, or went away.
@@ -668,6 +693,7 @@ pub(crate) mod tests {
             timeout: None,
             // Long enough that the orphan guard never fires in a test.
             stop_grace: Duration::from_secs(3600),
+            max_jobs: None,
         }
     }
 

@@ -332,3 +332,72 @@ fn slave_run_by_hand_says_how_to_run_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn max_jobs_recycles_the_instance() {
+    let mut herd = Herd::new(
+        r#"
+[master]
+max_running_time = "20s"
+
+[[group]]
+name = "recycled"
+command = "{worker}"
+params = { jobs = 1000 }
+max_jobs = 3
+restart = { policy = "never" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    // Three jobs, recycling, and a fresh instance (even under policy never).
+    herd.wait_for("[recycled] [localhost] [worker/1/1] did its max of 3 jobs: recycling it");
+    herd.wait_for_count("[recycled] [localhost] [worker/1/1] Child 1 1", 2);
+    herd.wait_for_count("[worker/1/1] job 3", 2);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert!(herd.lines_with("] job 4").is_empty(), "{:?}", herd.seen);
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn max_lifetime_recycles_the_instance() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "aging"
+command = "{worker}"
+params = { sleep = 1000 }
+max_lifetime = "1s"
+restart = { policy = "never" }
+[group.local]
+instances = 1
+
+[[group]]
+name = "plain"
+command = "sh"
+args = ["-c", "echo plain $$; exec sleep 1000"]
+max_lifetime = "1s"
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("[aging] [localhost] [worker/1/1] reached its max lifetime of 1s: recycling it");
+    herd.wait_for_count("[aging] [localhost] [worker/1/1] Child clean exit", 1);
+    herd.wait_for_count("[aging] [localhost] [worker/1/1] Child 1 1", 2);
+    herd.wait_for_count(
+        "[plain] [localhost] [sh/2/1] reached its max lifetime of 1s",
+        1,
+    );
+    herd.wait_for_count("[plain] [localhost] [sh/2/1] plain ", 2);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert!(
+        herd.lines_with("marked failed").is_empty(),
+        "{:?}",
+        herd.seen
+    );
+    herd.assert_no_leftovers();
+}

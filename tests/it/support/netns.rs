@@ -299,6 +299,10 @@ impl NetNs {
         ip(&["-n", &self.name, "link", "set", &self.inside_if, "up"])
             .expect("heal: set the inside veth up");
         self.wait_carrier(true).expect("heal");
+        // Connects tried during the partition left FAILED neighbour
+        // entries that answer "no route to host" for a while: forget them.
+        let _ = ip(&["neigh", "flush", "dev", &self.outside_if]);
+        let _ = ip(&["-n", &self.name, "neigh", "flush", "dev", &self.inside_if]);
     }
 
     /// Pids of the processes in the namespace.
