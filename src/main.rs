@@ -31,6 +31,15 @@ enum Command {
         /// The config file (TOML).
         config: PathBuf,
     },
+    /// List the processes the pid killer watches (pid, group, deadline).
+    Pids {
+        /// The registry file (default: the one masters use).
+        #[arg(long)]
+        state_file: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a master on stdin/stdout (started by the master over SSH).
     #[command(hide = true)]
     Agent,
@@ -55,6 +64,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config, log_format } => run(&config, log_format),
+        Command::Pids { state_file, json } => pids(state_file, json),
         Command::Agent => taskherd::agent::run_stdio()
             .map(|()| ExitCode::SUCCESS)
             .map_err(|err| anyhow::anyhow!(err).context("agent")),
@@ -110,6 +120,44 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         config.groups.len(),
         instances
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pids(state_file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    use taskherd::pidkiller;
+    let path = state_file.unwrap_or_else(pidkiller::default_state_file);
+    let entries = if path.exists() {
+        pidkiller::read_state(&path)?
+    } else {
+        Vec::new()
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{} ({} entries)", path.display(), entries.len());
+    if entries.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>8} {:>8} {:<8} {:<28} {:>10}  LABEL",
+        "PID", "PGID", "STATE", "DEADLINE", "OWNER"
+    );
+    for entry in &entries {
+        let deadline = entry
+            .deadline
+            .map(|at| humantime::format_rfc3339_seconds(at).to_string())
+            .unwrap_or_else(|| "-".into());
+        let state = if entry.is_running() {
+            "running"
+        } else {
+            "gone"
+        };
+        println!(
+            "{:>8} {:>8} {:<8} {:<28} {:>10}  {}",
+            entry.identity.pid, entry.pgid, state, deadline, entry.owner.pid, entry.label
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,6 +17,7 @@
 use crate::master::instance::{self, InstanceReport};
 use crate::master::log::{LogRecord, LogSink};
 use crate::master::Shutdown;
+use crate::pidkiller::{default_state_file, PidKiller};
 use crate::protocol::agent::{FromAgent, ToAgent};
 use crate::protocol::{Connection, ProtocolError, PROTOCOL_VERSION};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -56,11 +57,17 @@ pub enum AgentError {
 /// has ended and been reported.
 ///
 /// `shutdown` lets the caller stop the agent too (the binary wires it to
-/// SIGTERM, SIGINT and SIGHUP).
+/// SIGTERM, SIGINT and SIGHUP); `pids` registers every instance process so
+/// that the next agent on the host reaps them if this one dies.
 ///
 /// # Errors
 /// Only handshake failures; everything after it is reported upstream.
-pub async fn serve<R, W>(reader: R, writer: W, shutdown: Shutdown) -> Result<(), AgentError>
+pub async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    shutdown: Shutdown,
+    pids: Option<PidKiller>,
+) -> Result<(), AgentError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -117,7 +124,7 @@ where
                 match frame {
                     Ok(Some(ToAgent::Start { instances })) => {
                         for spec in instances {
-                            tasks.spawn(instance::supervise(spec, sink.clone(), shutdown.clone()));
+                            tasks.spawn(instance::supervise(spec, sink.clone(), shutdown.clone(), pids.clone()));
                         }
                     }
                     Ok(Some(ToAgent::Stop { reason })) => shutdown.request_stop(reason),
@@ -235,7 +242,15 @@ pub fn run_stdio() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = runtime.block_on(async {
         let shutdown = Shutdown::new();
         watch_agent_signals(shutdown.clone())?;
-        serve(tokio::io::stdin(), tokio::io::stdout(), shutdown).await?;
+        // The agent's own log lines reach the master only once serving;
+        // reaped leftovers are reported on stderr, which the master relays.
+        let (sink, mut records_rx) = LogSink::channel();
+        let pids = crate::master::open_pid_killer(default_state_file(), &sink).await;
+        drop(sink);
+        while let Some(record) = records_rx.recv().await {
+            tracing::warn!("{}", record.message);
+        }
+        serve(tokio::io::stdin(), tokio::io::stdout(), shutdown, pids).await?;
         Ok(())
     });
     // tokio reads stdin on a blocking thread that a pending read keeps
@@ -310,7 +325,7 @@ mod tests {
     async fn start(orphan_timeout: Duration) -> FakeMaster {
         let (master_end, agent_end) = tokio::io::duplex(1 << 16);
         let (agent_rx, agent_tx) = tokio::io::split(agent_end);
-        let agent = tokio::spawn(serve(agent_rx, agent_tx, Shutdown::new()));
+        let agent = tokio::spawn(serve(agent_rx, agent_tx, Shutdown::new(), None));
         let mut to_agent = Connection::new(master_end);
         to_agent
             .write_frame(&ToAgent::Hello {
@@ -408,7 +423,7 @@ mod tests {
     async fn wrong_version_is_refused() {
         let (master_end, agent_end) = tokio::io::duplex(1 << 16);
         let (agent_rx, agent_tx) = tokio::io::split(agent_end);
-        let agent = tokio::spawn(serve(agent_rx, agent_tx, Shutdown::new()));
+        let agent = tokio::spawn(serve(agent_rx, agent_tx, Shutdown::new(), None));
         let mut to_agent = Connection::new(master_end);
         to_agent
             .write_frame(&ToAgent::Hello {

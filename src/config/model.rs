@@ -110,6 +110,10 @@ pub struct MasterSpec {
     /// Use this `taskherd` on every remote host instead of uploading the
     /// master's own executable. Key `agent_path`.
     pub agent_path: Option<String>,
+    /// Where the pid killer keeps its registry (relative to the config
+    /// file). Key `state_dir`, default `$XDG_STATE_HOME/taskherd` (or
+    /// `~/.local/state/taskherd`).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for MasterSpec {
@@ -123,6 +127,7 @@ impl Default for MasterSpec {
             orphan_timeout: DEFAULT_ORPHAN_TIMEOUT,
             agent_dir: DEFAULT_AGENT_DIR.to_string(),
             agent_path: None,
+            state_dir: None,
         }
     }
 }

@@ -33,6 +33,7 @@ const MASTER_KEYS: &[&str] = &[
     "orphan_timeout",
     "agent_dir",
     "agent_path",
+    "state_dir",
 ];
 /// Keys of `[ssh]`, and the per-placement overrides of `[[group.remote]]`.
 const SSH_KEYS: &[&str] = &[
@@ -400,6 +401,11 @@ impl Walker<'_> {
         }
         if let Some(value) = table.get("agent_path") {
             master.agent_path = self.non_empty_string("master.agent_path", value);
+        }
+        if let Some(value) = table.get("state_dir") {
+            master.state_dir = self
+                .non_empty_string("master.state_dir", value)
+                .map(PathBuf::from);
         }
         master
     }
@@ -1200,6 +1206,7 @@ instances = 1
                 orphan_timeout: Duration::from_secs(60),
                 agent_dir: "/opt/taskherd/agents".to_owned(),
                 agent_path: Some("/usr/local/bin/taskherd".to_owned()),
+                state_dir: None,
             }
         );
         assert_eq!(config.groups.len(), 2);

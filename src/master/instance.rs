@@ -11,6 +11,7 @@ use super::process::{self, ProcessSpec, Spawned};
 use super::restart::{Decision, RestartTracker, RunOutcome};
 use super::shutdown::Shutdown;
 use crate::config::RestartSpec;
+use crate::pidkiller::PidKiller;
 use crate::protocol::slave::{FromSlave, Identity, Level, ToSlave};
 use crate::protocol::{Connection, ProtocolError, PROTOCOL_VERSION};
 use futures::StreamExt;
@@ -25,6 +26,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tracing::Instrument;
+
+/// Extra time, beyond max lifetime and grace, before the pid killer's record
+/// of an instance would enforce the lifetime on its own.
+const REGISTRY_BACKSTOP_MARGIN: Duration = Duration::from_secs(10);
 
 /// How long output readers and the control link may take to drain after
 /// the process group is gone (only a process that escaped the group can
@@ -137,7 +142,16 @@ struct ControlSummary {
 
 /// Supervises one instance until it completes, fails for good, or the
 /// master stops it.
-pub async fn supervise(spec: InstanceSpec, sink: LogSink, shutdown: Shutdown) -> InstanceReport {
+///
+/// Each process is registered with `pids` (when given) while it runs, so
+/// that a master or agent that dies leaves a record the next run reaps;
+/// with `max_lifetime` the record carries a backstop deadline.
+pub async fn supervise(
+    spec: InstanceSpec,
+    sink: LogSink,
+    shutdown: Shutdown,
+    pids: Option<PidKiller>,
+) -> InstanceReport {
     let span = tracing::info_span!("instance", id = spec.label.id, group = %spec.label.group);
     async move {
         let mut tracker = RestartTracker::new(spec.restart.clone());
@@ -145,7 +159,7 @@ pub async fn supervise(spec: InstanceSpec, sink: LogSink, shutdown: Shutdown) ->
             if shutdown.is_stopping() {
                 break InstanceEnd::Stopped { killed: false };
             }
-            let run = run_once(&spec, &sink, &shutdown).await;
+            let run = run_once(&spec, &sink, &shutdown, pids.as_ref()).await;
             if run.stopped {
                 break InstanceEnd::Stopped { killed: run.killed };
             }
@@ -209,7 +223,12 @@ enum Wake {
     Lifetime(Duration),
 }
 
-async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> RunEnd {
+async fn run_once(
+    spec: &InstanceSpec,
+    sink: &LogSink,
+    shutdown: &Shutdown,
+    pids: Option<&PidKiller>,
+) -> RunEnd {
     let started = Instant::now();
     let label = &spec.label;
     let Spawned {
@@ -234,6 +253,19 @@ async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> R
     };
     sink.instance_event(label, Level::Debug, format!("started (pid {pid})"))
         .await;
+    if let Some(pids) = pids {
+        // The supervisor stops the instance itself at its max lifetime; the
+        // record's deadline only matters if this supervisor is gone by then.
+        let backstop = spec
+            .max_lifetime
+            .map(|limit| SystemTime::now() + limit + spec.stop_grace + REGISTRY_BACKSTOP_MARGIN);
+        if let Err(err) = pids
+            .register(pid, pid, backstop, spec.stop_grace, label.to_string())
+            .await
+        {
+            tracing::warn!(pid, cause = %err, "cannot register the instance with the pid killer");
+        }
+    }
 
     let activity = Arc::new(Activity::new());
     let readers = [
@@ -341,6 +373,11 @@ async fn run_once(spec: &InstanceSpec, sink: &LogSink, shutdown: &Shutdown) -> R
     // grandchild outlives its instance.
     if let Err(err) = process::signal_group(pid, libc::SIGKILL) {
         tracing::warn!(pid, cause = %err, "cannot kill the rest of the process group");
+    }
+    if let Some(pids) = pids {
+        if let Err(err) = pids.unregister(pid).await {
+            tracing::warn!(pid, cause = %err, "cannot unregister the instance from the pid killer");
+        }
     }
     drop(command_tx);
     for reader in readers {

@@ -253,11 +253,20 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
     )
     .await;
 
+    let state_file = match &config.master.state_dir {
+        Some(dir) => config
+            .base_dir()
+            .join(dir)
+            .join(crate::pidkiller::STATE_FILE_NAME),
+        None => crate::pidkiller::default_state_file(),
+    };
+    let pids = super::open_pid_killer(state_file, &sink).await;
     let control_dir = ControlDir::create();
     let mut tasks: JoinSet<Vec<InstanceReport>> = JoinSet::new();
     for spec in plan.local {
         let (sink, shutdown) = (sink.clone(), shutdown.clone());
-        tasks.spawn(async move { vec![instance::supervise(spec, sink, shutdown).await] });
+        let pids = pids.clone();
+        tasks.spawn(async move { vec![instance::supervise(spec, sink, shutdown, pids).await] });
     }
     if !plan.hosts.is_empty() {
         let control_dir = match &control_dir {

@@ -26,6 +26,36 @@ pub use launcher::{run, run_blocking, RunReport};
 pub use log::{LogRecord, LogSink, LogWriter};
 pub use shutdown::{stop_on_signals, Shutdown};
 
+/// Opens the pid killer's registry at `state_file` and reports (in the log)
+/// the processes of an earlier, crashed run it had to stop. Without a
+/// usable registry supervision goes on, with a warning.
+pub async fn open_pid_killer(
+    state_file: std::path::PathBuf,
+    sink: &LogSink,
+) -> Option<crate::pidkiller::PidKiller> {
+    use crate::protocol::slave::Level;
+    match crate::pidkiller::PidKiller::open(state_file.clone()).await {
+        Ok(pids) => {
+            for entry in pids.leftovers() {
+                let message = format!(
+                    "stopping {} (pid {}), left running by an earlier run that died",
+                    entry.label, entry.identity.pid
+                );
+                sink.master_event(Level::Warning, message).await;
+            }
+            Some(pids)
+        }
+        Err(err) => {
+            let message = format!(
+                "no pid registry ({}): {err}; processes of this run will not be reaped if it dies",
+                state_file.display()
+            );
+            sink.master_event(Level::Warning, message).await;
+            None
+        }
+    }
+}
+
 /// Sleeps until `deadline`, or forever without one: a `select!` branch for
 /// an optional timer.
 pub(crate) async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {

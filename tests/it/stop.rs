@@ -140,3 +140,93 @@ fn sigkill_of_the_master_leaves_no_instance_behind() {
     // parent-death signal; assert_no_leftovers waits up to 10 s.
     herd.assert_no_leftovers();
 }
+
+#[test]
+fn the_next_run_reaps_what_a_killed_master_left_behind() {
+    // `sh` gets the parent-death signal, but the `sleep` it started does
+    // not: it survives the master's SIGKILL in the instance's process
+    // group. The pid registry remembers the group, and the next master
+    // on the same state stops it (identity-checked).
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "leaky"
+command = "sh"
+args = ["-c", "echo up; sleep 1000; echo never"]
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("[leaky] [localhost] [sh/1/1] up");
+    herd.signal(libc::SIGKILL);
+    herd.wait_exit();
+    // Only the grandchild is left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = herd.marked_processes();
+        let only_sleep = left.len() == 1
+            && std::fs::read_to_string(format!("/proc/{}/cmdline", left[0]))
+                .unwrap_or_default()
+                .starts_with("sleep");
+        if only_sleep {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected one orphaned sleep, found {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    herd.start();
+    herd.wait_for("left running by an earlier run that died");
+    herd.wait_for_count("[leaky] [localhost] [sh/1/1] up", 2);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn pids_lists_the_running_instances() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "listed"
+command = "{worker}"
+params = { sleep = 1000 }
+[group.local]
+instances = 2
+"#,
+    );
+    herd.start();
+    herd.wait_for_count("] Child ", 2);
+    let out = std::process::Command::new(crate::support::taskherd_bin())
+        .args(["pids", "--state-file"])
+        .arg(herd.state_file())
+        .output()
+        .expect("run taskherd pids");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("(2 entries)"), "{text}");
+    for label in [
+        "[listed] [localhost] [worker/1/1]",
+        "[listed] [localhost] [worker/2/2]",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(label) && l.contains("running")),
+            "{label} missing in:\n{text}"
+        );
+    }
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    // Every instance unregistered itself when it ended.
+    let after = std::process::Command::new(crate::support::taskherd_bin())
+        .args(["pids", "--json", "--state-file"])
+        .arg(herd.state_file())
+        .output()
+        .expect("run taskherd pids");
+    let entries: serde_json::Value = serde_json::from_slice(&after.stdout).expect("json");
+    assert_eq!(entries.as_array().map(Vec::len), Some(0), "{entries}");
+}

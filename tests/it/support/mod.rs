@@ -88,6 +88,9 @@ impl Herd {
             .args(extra)
             // Instances inherit it: that is how leftovers are found.
             .env(MARK_VAR, &self.mark)
+            // A pid registry of its own: herds of parallel tests must not
+            // reap each other's processes.
+            .env("XDG_STATE_HOME", self._dir.path().join("state"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -119,6 +122,15 @@ impl Herd {
         }
         self.master = Some(child);
         self.lines_rx = Some(rx);
+    }
+
+    /// The pid registry file of this herd's master.
+    pub fn state_file(&self) -> PathBuf {
+        self._dir
+            .path()
+            .join("state")
+            .join("taskherd")
+            .join("pids.json")
     }
 
     /// Starts `taskherd run` on the config.

@@ -1,0 +1,370 @@
+//! What `/proc` says about a process, and signals to processes and groups.
+//!
+//! Everything here is synchronous and cheap (a read of a small procfs file, a
+//! `kill(2)`), except [`signal`], which retries with a short async backoff,
+//! and [`wait_exit`], which waits on a pidfd without polling.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// A process as the kernel knows it: its pid plus its start time.
+///
+/// A pid alone is not an identity: once a process is reaped its number can be
+/// given to any new process. The start time (clock ticks since boot, field 22
+/// of `/proc/<pid>/stat`) tells the two apart, so a reused pid is never
+/// signalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    /// The process id.
+    pub pid: u32,
+    /// `starttime` of `/proc/<pid>/stat`: clock ticks after boot at which the
+    /// process started; what makes the pid unambiguous.
+    pub start_time: u64,
+}
+
+impl ProcessIdentity {
+    /// Reads the identity of the live process `pid` from `/proc`.
+    ///
+    /// # Errors
+    /// The error of reading `/proc/<pid>/stat` (`NotFound` when there is no
+    /// such process), or `InvalidData` when the file cannot be parsed.
+    pub fn of(pid: u32) -> io::Result<Self> {
+        let stat = read_stat(pid)?;
+        Ok(Self {
+            pid,
+            start_time: stat.start_time,
+        })
+    }
+
+    /// The identity of the calling process.
+    ///
+    /// # Errors
+    /// As [`ProcessIdentity::of`].
+    pub fn current() -> io::Result<Self> {
+        Self::of(std::process::id())
+    }
+
+    /// Whether this very process still runs: the pid exists, is not a
+    /// zombie, and has the recorded start time.
+    pub fn is_alive_same(&self) -> bool {
+        read_stat(self.pid)
+            .is_ok_and(|stat| stat.is_running() && stat.start_time == self.start_time)
+    }
+}
+
+impl fmt::Display for ProcessIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.pid, self.start_time)
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` this module needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stat {
+    /// Field 3: `R`, `S`, `D`, `Z` (zombie), `X` (dead)...
+    pub(crate) state: u8,
+    /// Field 5: the process group.
+    pub(crate) pgrp: u32,
+    /// Field 22: start time in clock ticks after boot.
+    pub(crate) start_time: u64,
+}
+
+impl Stat {
+    /// Neither a zombie nor dead: signals still matter to it.
+    pub(crate) fn is_running(&self) -> bool {
+        !matches!(self.state, b'Z' | b'X' | b'x')
+    }
+}
+
+/// Parses the text of `/proc/<pid>/stat`.
+///
+/// The command name (field 2) sits in parentheses and may itself contain
+/// spaces and parentheses, so the fields are counted after the *last* `)`.
+pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
+    let (_, rest) = text.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // `fields[0]` is field 3 of the file.
+    let state = *fields.first()?.as_bytes().first()?;
+    let pgrp = fields.get(2)?.parse().ok()?;
+    let start_time = fields.get(19)?.parse().ok()?;
+    Some(Stat {
+        state,
+        pgrp,
+        start_time,
+    })
+}
+
+/// Reads and parses `/proc/<pid>/stat`.
+pub(crate) fn read_stat(pid: u32) -> io::Result<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("cannot parse /proc/{pid}/stat"),
+        )
+    })
+}
+
+/// Whether some running process other than a zombie is in group `pgid` and
+/// started no earlier than `since` (the recorded start of the group leader:
+/// members of the leader's group started after it).
+pub(crate) fn group_has_members(pgid: u32, since: u64) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        // A process may vanish between the listing and the read: skip it.
+        .filter_map(|pid| read_stat(pid).ok())
+        .any(|stat| stat.pgrp == pgid && stat.is_running() && stat.start_time >= since)
+}
+
+/// What a signal is sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// Every process of the group (`kill(-pgid, ..)`).
+    Group(u32),
+    /// One process (`kill(pid, ..)`): the registered process left its group.
+    Process(u32),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Group(pgid) => write!(f, "group {pgid}"),
+            Target::Process(pid) => write!(f, "process {pid}"),
+        }
+    }
+}
+
+/// The two signals of the escalation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Signal {
+    /// `SIGTERM`: the polite request, sent at the deadline.
+    Term,
+    /// `SIGKILL`: sent when the grace period is over.
+    Kill,
+}
+
+impl Signal {
+    fn number(self) -> libc::c_int {
+        match self {
+            Signal::Term => libc::SIGTERM,
+            Signal::Kill => libc::SIGKILL,
+        }
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Signal::Term => "SIGTERM",
+            Signal::Kill => "SIGKILL",
+        })
+    }
+}
+
+/// What a successful [`signal`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// The kernel accepted the signal.
+    Sent,
+    /// `ESRCH`: nothing left to signal.
+    NoSuchProcess,
+}
+
+/// How many times a failing `kill(2)` is tried in all.
+pub(crate) const SIGNAL_ATTEMPTS: u32 = 3;
+
+/// Pause before the second attempt; doubled for each further one.
+const SIGNAL_RETRY_BACKOFF: Duration = Duration::from_millis(10);
+
+/// One `kill(2)` call.
+fn send_once(target: Target, signal: Signal) -> io::Result<Delivery> {
+    let raw = match target {
+        Target::Group(pgid) => pid_t(pgid)?.checked_neg(),
+        Target::Process(pid) => Some(pid_t(pid)?),
+    };
+    // 0 and -1 (and anything <= 1 as a group) would hit our own group or
+    // every process we may signal: never, whatever the caller recorded.
+    let raw = match raw {
+        Some(raw) if !(-1..=1).contains(&raw) => raw,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("refusing to signal {target}"),
+            ))
+        }
+    };
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(raw, signal.number()) } == 0 {
+        return Ok(Delivery::Sent);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ESRCH) {
+        Ok(Delivery::NoSuchProcess)
+    } else {
+        Err(err)
+    }
+}
+
+fn pid_t(n: u32) -> io::Result<libc::pid_t> {
+    libc::pid_t::try_from(n).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{n} is not a valid pid"),
+        )
+    })
+}
+
+/// Sends `signal` to `target`, trying again with a short backoff when the
+/// kernel refuses for another reason than `ESRCH` (each failure logged).
+///
+/// # Errors
+/// The last error after [`SIGNAL_ATTEMPTS`] attempts.
+pub(crate) async fn signal(target: Target, signal: Signal, label: &str) -> io::Result<Delivery> {
+    let mut backoff = SIGNAL_RETRY_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match send_once(target, signal) {
+            Ok(delivery) => return Ok(delivery),
+            Err(err) => {
+                tracing::warn!(
+                    %target, %signal, label, attempt, max_attempts = SIGNAL_ATTEMPTS,
+                    cause = %err, "signal failed"
+                );
+                if attempt >= SIGNAL_ATTEMPTS || err.kind() == io::ErrorKind::InvalidInput {
+                    return Err(err);
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+        attempt += 1;
+    }
+}
+
+/// Own process group of the caller, which is never a valid target.
+pub(crate) fn own_pgrp() -> u32 {
+    // SAFETY: getpgrp(2) cannot fail.
+    let pgrp = unsafe { libc::getpgrp() };
+    u32::try_from(pgrp).unwrap_or(0)
+}
+
+/// Opens a pidfd on `identity` and checks that it is still that process, so
+/// the fd cannot refer to a successor that got the pid.
+///
+/// # Errors
+/// `pidfd_open(2)` failed (no such process, kernel older than 5.3), or the
+/// pid now belongs to another process.
+pub(crate) fn pidfd_open(identity: ProcessIdentity) -> io::Result<OwnedFd> {
+    let pid = pid_t(identity.pid)?;
+    // SAFETY: pidfd_open(2) takes a pid and flags, and returns a new fd
+    // (owned by nobody else) or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "pidfd out of range"))?;
+    // SAFETY: `fd` was just returned by the kernel and is owned by no one.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if !identity.is_alive_same() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("process {identity} is gone"),
+        ));
+    }
+    Ok(fd)
+}
+
+/// Waits until the process of `fd` (from [`pidfd_open`]) has exited; a pidfd
+/// becomes readable then.
+///
+/// # Errors
+/// The fd cannot be registered with the runtime.
+///
+/// # Panics
+/// If the runtime has no I/O driver (this runs in a watcher task of its
+/// own, so the registry then just waits out the grace period).
+///
+/// # Cancel safety
+/// Cancel safe: dropping the future closes the fd and nothing else.
+pub(crate) async fn wait_exit(fd: OwnedFd) -> io::Result<()> {
+    // SAFETY: the `OwnedFd` is a valid open fd, owned by the `AsyncFd` until
+    // it is dropped; nothing else closes or replaces it.
+    let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+        .map_err(|err| err.into_parts().1)?;
+    let _ready = fd.readable().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_after_the_last_parenthesis() {
+        let line = "4242 (we(i)rd) S (name)) R 1 777 777 0 -1 4194560 106 0 0 0 0 0 0 0 20 0 1 0 123456 2379776 218 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 3 0 0 0 0 0\n";
+        let stat = parse_stat(line).expect("parses");
+        assert_eq!(stat.state, b'R');
+        assert_eq!(stat.pgrp, 777);
+        assert_eq!(stat.start_time, 123456);
+        assert!(parse_stat("12 (x) S 1").is_none());
+        assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn own_identity_is_alive_and_a_wrong_start_time_is_not() {
+        let me = ProcessIdentity::current().expect("own stat");
+        assert_eq!(me.pid, std::process::id());
+        assert!(me.is_alive_same());
+        let other = ProcessIdentity {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!other.is_alive_same());
+        assert_eq!(
+            ProcessIdentity::of(0).expect_err("no pid 0").kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn refuses_dangerous_targets() {
+        for target in [Target::Group(0), Target::Group(1), Target::Process(0)] {
+            let err = send_once(target, Signal::Term).expect_err("refused");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let identity =
+            ProcessIdentity::of(child.id()).expect("identity while it runs or is a zombie");
+        // Not reaped yet: once it exits it is a zombie, which is not alive.
+        let fd = pidfd_open(identity);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        if let Ok(fd) = fd {
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), wait_exit(fd))
+                    .await
+                    .expect("exits in time")
+                    .expect("waits");
+            });
+            assert!(!identity.is_alive_same());
+        }
+        child.wait().expect("reaped");
+        assert!(!identity.is_alive_same());
+    }
+}

@@ -1,0 +1,3 @@
+//! Queues: the local queue with visibility timeout and dead letter.
+
+pub mod local;
