@@ -17,6 +17,8 @@
 //!   overlap and without catch-up bursts.
 //! - `multiplexer.rs`: [`Multiplexer`], several handlers in priority order,
 //!   one's failure not stopping the others.
+//! - `process.rs`: [`ProcessRunner`], a handler in a child process of its
+//!   own, its lifetime enforced by the [pid killer](crate::pidkiller).
 //!
 //! # How it works
 //!
@@ -29,11 +31,15 @@
 //! Blocking handlers run on tokio's blocking pool.
 
 mod multiplexer;
+mod process;
 mod registry;
 mod ticker;
 mod worker;
 
 pub use multiplexer::{MultiplexedOutcome, Multiplexer};
+pub use process::{
+    serve_child, ProcessOutcome, ProcessRunner, CALLBACK_CHILD_ENV, DEFAULT_CHILD_GRACE,
+};
 pub use registry::{Job, Registry};
 pub use ticker::{Ticker, TickerSummary};
 pub use worker::{JobReport, Pusher, Settlement, Worker, WorkerSummary, DEFAULT_IDLE_RECHECK};
@@ -76,4 +82,11 @@ pub enum CallbackError {
     /// The blocking task running a queue call panicked or was cancelled.
     #[error("local queue call did not complete")]
     QueueTask(#[source] tokio::task::JoinError),
+    /// A handler child process could not be started or waited for.
+    #[error("cannot run a handler child process")]
+    Spawn(#[source] std::io::Error),
+    /// A handler child could not be registered with the pid killer (its
+    /// lifetime could not be enforced, so it was not run).
+    #[error("cannot register a handler child with the pid killer")]
+    Register(#[source] crate::pidkiller::PidKillerError),
 }
