@@ -305,6 +305,7 @@ mod tests {
                 timeout: None,
                 stop_grace: Duration::from_secs(5),
                 max_jobs: None,
+                queue: None,
             },
             plain_timeout: None,
             stop_grace: Duration::from_secs(5),

@@ -29,6 +29,68 @@
 //! and becomes [`Outcome::Retry`](crate::retry::Outcome::Retry)`(None)`:
 //! never a success, and the retry policy decides whether it runs again.
 //! Blocking handlers run on tokio's blocking pool.
+//!
+//! # Example
+//!
+//! A registry shared by a worker on a local queue and by a ticker (the
+//! README shows much the same with a
+//! [`FileQueue`](crate::queue::local::FileQueue)):
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//! use taskherd::callback::{Job, Registry, Ticker, Worker};
+//! use taskherd::queue::local::{MemoryQueue, QueueOptions};
+//! use taskherd::retry::{Outcome, RetryPolicy};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Resize {
+//!     path: String,
+//!     width: u32,
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut registry = Registry::new();
+//! registry.register("resize", |job: Resize| async move {
+//!     if job.width == 0 {
+//!         return Outcome::Dead(format!("{}: width 0", job.path)); // never retried
+//!     }
+//!     // ... resize job.path; on a passing error: Outcome::Retry(None) ...
+//!     Outcome::Done
+//! })?;
+//! let registry = Arc::new(registry);
+//!
+//! let (buried_tx, mut buried_rx) = tokio::sync::mpsc::unbounded_channel();
+//! let queue = Arc::new(Mutex::new(MemoryQueue::new(QueueOptions::default())));
+//! let policy = RetryPolicy::exponential(Duration::from_secs(1), Duration::from_secs(60), 5);
+//! let worker = Worker::new(queue, Arc::clone(&registry), policy)
+//!     .with_dead_hook(move |message, reason| {
+//!         let _ = buried_tx.send(format!("job {} given up: {reason}", message.id));
+//!     });
+//! let pusher = worker.pusher();
+//! let cancel = CancellationToken::new();
+//! let running = tokio::spawn(worker.run(cancel.clone()));
+//!
+//! pusher.push(Job::new("resize", serde_json::json!({"path": "a.png", "width": 100}))?).await?;
+//! pusher.push(Job::new("resize", serde_json::json!({"path": "b.png", "width": 0}))?).await?;
+//!
+//! // 3 runs, 1 ms apart, the first at once.
+//! let ticker = Ticker::new(Duration::ZERO, Duration::from_millis(1), Some(3));
+//! let payload = serde_json::json!({"path": "thumbs/", "width": 64});
+//! let ticks = ticker.run_handler(cancel.clone(), Arc::clone(&registry), "resize", payload).await;
+//! assert_eq!(ticks.done, 3);
+//!
+//! // Jobs of equal priority run oldest first: a.png is done when b.png is buried.
+//! let buried = buried_rx.recv().await.expect("the worker runs");
+//! assert!(buried.ends_with("b.png: width 0"), "{buried}");
+//! cancel.cancel(); // seen between jobs: the job in progress is settled first
+//! let summary = running.await??;
+//! assert_eq!((summary.done, summary.buried), (1, 1));
+//! # Ok(())
+//! # }
+//! ```
 
 mod multiplexer;
 mod process;

@@ -620,6 +620,18 @@ async fn control_link(
                     FromSlave::Outcome { success, message } => {
                         summary.outcome = Some((success, message));
                     }
+                    FromSlave::Listening { addr } => {
+                        sink.instance_event(&label, Level::Info, format!("feeder listening on {addr}"))
+                            .await;
+                    }
+                    FromSlave::Progress { progress } => {
+                        let message = format!(
+                            "queue: {} done, {} failed, {} retried, {} dead, {} in flight, {} pending, {} consumers, {:.1} jobs/s",
+                            progress.done, progress.failed, progress.retried, progress.dead,
+                            progress.in_flight, progress.pending, progress.consumers, progress.rate
+                        );
+                        sink.instance_event(&label, Level::Info, message).await;
+                    }
                     FromSlave::Recycle { reason } => {
                         sink.instance_event(&label, Level::Info, format!("{reason}: recycling it"))
                             .await;

@@ -155,6 +155,7 @@ impl GroupPlacer<'_> {
                 timeout: Some(library_timeout).filter(|t| !t.is_zero()),
                 stop_grace,
                 max_jobs: group.max_jobs,
+                queue: None,
             },
             plain_timeout: group.timeout,
             stop_grace,

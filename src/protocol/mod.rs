@@ -13,6 +13,7 @@
 #[cfg(feature = "master")]
 pub mod agent;
 pub mod millis;
+pub mod queue;
 pub mod slave;
 
 use bytes::Bytes;

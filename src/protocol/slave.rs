@@ -54,6 +54,78 @@ pub struct Identity {
     /// asks to be recycled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_jobs: Option<u64>,
+    /// In a queue group: whether this instance is the feeder or a
+    /// consumer, and what it needs to play that part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueRole>,
+}
+
+/// The part an instance of a queue group plays.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum QueueRole {
+    /// Serve jobs to consumers over TCP.
+    Feeder {
+        /// Address to bind (`127.0.0.1:0` picks a free port).
+        bind: String,
+        /// Per-run secret consumers must prove they know.
+        secret: String,
+        /// Leases, attempts, retries, rate.
+        settings: QueueSettings,
+    },
+    /// Pull jobs from the feeder and run them.
+    Consumer {
+        /// The feeder's address, as it reported it (`host:port`).
+        feeder: String,
+        /// Per-run secret, to prove to the feeder.
+        secret: String,
+        /// Jobs run at once by this instance.
+        concurrency: u32,
+        /// Jobs the feeder may send ahead (prefetch), at least `concurrency`.
+        credits: u32,
+    },
+}
+
+/// How a feeder treats its jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueSettings {
+    /// A job not answered within this long goes back to the queue.
+    #[serde(with = "super::millis")]
+    pub lease: Duration,
+    /// Attempts after which a failing job is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before a failed job runs again.
+    pub retry: crate::retry::RetryPolicy,
+    /// Global rate limit in jobs per second (token bucket), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
+    /// How often the feeder reports its counts to the master.
+    #[serde(with = "super::millis")]
+    pub progress_every: Duration,
+}
+
+/// The feeder's counts, reported to the master.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueProgress {
+    /// Jobs acked.
+    pub done: u64,
+    /// Failed attempts (each retry or dead outcome, and lost leases).
+    pub failed: u64,
+    /// Jobs put back for another attempt.
+    pub retried: u64,
+    /// Jobs dead-lettered.
+    pub dead: u64,
+    /// Jobs leased right now.
+    pub in_flight: u64,
+    /// Jobs waiting (ready or delayed) in the feeder.
+    pub pending: u64,
+    /// Consumers connected.
+    pub consumers: u32,
+    /// Acks per second since the previous report.
+    pub rate: f64,
+    /// The feeder's source said it has nothing more for now.
+    pub empty: bool,
 }
 
 /// Frames from the parent to a slave.
@@ -96,6 +168,16 @@ pub enum FromSlave {
     Recycle {
         /// Why, for the log.
         reason: String,
+    },
+    /// The feeder listens: consumers may be started with this address.
+    Listening {
+        /// `host:port` as bound (the real port when 0 was asked).
+        addr: String,
+    },
+    /// The feeder's counts, at a steady interval and at the end.
+    Progress {
+        /// The counts.
+        progress: QueueProgress,
     },
     /// The user function ended: the last frame before the process exits.
     Outcome {
@@ -209,6 +291,7 @@ mod tests {
                 timeout: Some(Duration::from_millis(1500)),
                 stop_grace: Duration::from_secs(10),
                 max_jobs: None,
+                queue: None,
             },
         };
         let text = serde_json::to_string(&frame).unwrap();

@@ -1,3 +1,74 @@
-//! Queues: the local queue with visibility timeout and dead letter.
+//! Queues.
+//!
+//! - [`local`]: a local queue with visibility timeout and dead letter
+//!   (memory and file adapters), for programs on one host.
+//! - The job queue of queue groups: a feeder instance serves jobs over TCP
+//!   ([`crate::protocol::queue`]) to consumer instances on any host. The
+//!   jobs come from a [`Feeder`]: the user's own type (the original's
+//!   FeederInterface: next / success / error) or a built-in one.
 
 pub mod local;
+
+use std::time::Duration;
+
+/// What a [`Feeder`] has to give right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next<J> {
+    /// A job to serve.
+    Job(J),
+    /// Nothing now; ask again after [`Feeder::recheck`] (or sooner when
+    /// told new jobs arrived).
+    Empty,
+    /// Nothing ever again: once every job served has an outcome, the
+    /// queue is finished.
+    Done,
+}
+
+/// The source and sink of a queue group's jobs, on the feeder's side.
+///
+/// The feeder server pulls jobs with [`next`](Feeder::next) as consumers
+/// have room, and hands each one back exactly once with its final outcome:
+/// [`success`](Feeder::success) when a consumer acked it, or
+/// [`error`](Feeder::error) when it was dead-lettered (a consumer said so,
+/// or it failed `max_attempts` times). A job a consumer lost (crash,
+/// expired lease) is not final: it is served again.
+///
+/// ```
+/// use taskherd::queue::{Feeder, Next};
+///
+/// /// Jobs 1..=n, remembering what failed.
+/// struct Numbers { next: u32, last: u32, failed: Vec<u32> }
+///
+/// impl Feeder for Numbers {
+///     type Job = u32;
+///     fn next(&mut self) -> Next<u32> {
+///         if self.next > self.last {
+///             return Next::Done;
+///         }
+///         self.next += 1;
+///         Next::Job(self.next - 1)
+///     }
+///     fn success(&mut self, _job: u32) {}
+///     fn error(&mut self, job: u32, _reason: &str) {
+///         self.failed.push(job);
+///     }
+/// }
+/// ```
+pub trait Feeder: Send + 'static {
+    /// A job, as consumers receive it (JSON on the wire).
+    type Job: serde::Serialize + Send + 'static;
+
+    /// The next job, if there is one.
+    fn next(&mut self) -> Next<Self::Job>;
+
+    /// A consumer acked `job`.
+    fn success(&mut self, job: Self::Job);
+
+    /// `job` was dead-lettered, for `reason`.
+    fn error(&mut self, job: Self::Job, reason: &str);
+
+    /// How long to wait before asking again after [`Next::Empty`].
+    fn recheck(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+}

@@ -694,6 +694,7 @@ pub(crate) mod tests {
             // Long enough that the orphan guard never fires in a test.
             stop_grace: Duration::from_secs(3600),
             max_jobs: None,
+            queue: None,
         }
     }
 
