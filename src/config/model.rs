@@ -77,6 +77,9 @@ pub struct RemotePlacement {
     pub cwd: Option<PathBuf>,
     /// Environment added on these hosts, over the group's `env`. Key `env`.
     pub env: BTreeMap<String, String>,
+    /// In a queue group: jobs each consumer runs at once. Key
+    /// `concurrency`, default 1.
+    pub concurrency: Option<u32>,
     /// SSH settings (keys `ssh_config`, `identity_file`, `known_hosts`,
     /// `jump_host`, `connect_timeout`), merged over the `[ssh]` defaults.
     pub ssh: SshOptions,
@@ -194,6 +197,8 @@ pub struct GroupSpec {
     pub local: Option<LocalPlacement>,
     /// Instances on remote hosts. Array of tables `[[group.remote]]`.
     pub remote: Vec<RemotePlacement>,
+    /// Set for a queue group (`[group.feeder]`, `[group.queue]`).
+    pub queue: Option<QueueSpec>,
 }
 
 /// `[group.local]`: instances started by the master itself.
@@ -201,6 +206,60 @@ pub struct GroupSpec {
 pub struct LocalPlacement {
     /// How many instances (at least 1). Key `instances`.
     pub instances: u32,
+    /// In a queue group: jobs each of these consumers runs at once. Key
+    /// `concurrency`, default 1; only allowed in queue groups.
+    pub concurrency: Option<u32>,
+}
+
+/// What makes a group a queue group: `[group.feeder]` and `[group.queue]`.
+///
+/// The group's instance 1 is the feeder; every placement (`[group.local]`,
+/// `[[group.remote]]`) holds consumers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSpec {
+    /// `[group.feeder] host`: `"local"` (the default) runs the feeder on
+    /// the master's host. Only `"local"` is supported for now.
+    pub feeder_host: Option<HostSpec>,
+    /// `[group.feeder] bind`: the feeder's listening address, default
+    /// `127.0.0.1:0` (loopback, a free port chosen at start). A feeder
+    /// bound beyond loopback still requires the per-run secret.
+    pub bind: String,
+    /// `[group.queue] lease`: a job not answered within this long goes
+    /// back to the queue. Default 30 s.
+    pub lease: Duration,
+    /// `[group.queue] max_attempts`: a job failing this many times is
+    /// dead-lettered. Default 5.
+    pub max_attempts: u32,
+    /// `[group.queue] retry_initial` / `retry_max`: backoff of retried
+    /// jobs, doubling from the first to the second. Defaults 1 s and 5 min.
+    pub retry_initial: Duration,
+    /// See `retry_initial`.
+    pub retry_max: Duration,
+    /// `[group.queue] credits`: jobs a consumer may hold ahead (prefetch).
+    /// Default twice its concurrency.
+    pub credits: Option<u32>,
+    /// `[group.queue] rate`: global limit in jobs per second, written
+    /// `"200/s"`, `"5/m"` or `"1000/h"`. Default none.
+    pub rate: Option<f64>,
+    /// `[group.queue] progress_every`: how often the feeder's counts are
+    /// logged. Default 10 s.
+    pub progress_every: Duration,
+}
+
+impl Default for QueueSpec {
+    fn default() -> Self {
+        QueueSpec {
+            feeder_host: None,
+            bind: "127.0.0.1:0".to_string(),
+            lease: Duration::from_secs(30),
+            max_attempts: 5,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            credits: None,
+            rate: None,
+            progress_every: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The `restart` table of a group.
@@ -257,6 +316,7 @@ pub enum RestartPolicy {
 impl GroupSpec {
     /// Total number of instances of the group over all placements.
     pub fn instance_count(&self) -> u32 {
+        let feeder = u32::from(self.queue.is_some());
         let local = self.local.as_ref().map_or(0, |local| local.instances);
         let remote: u32 = self
             .remote
@@ -267,7 +327,7 @@ impl GroupSpec {
                     .saturating_mul(placement.hosts.len() as u32)
             })
             .sum();
-        local.saturating_add(remote)
+        feeder.saturating_add(local).saturating_add(remote)
     }
 
     /// The command's base name, as shown in log prefixes.

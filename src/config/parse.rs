@@ -512,6 +512,7 @@ impl Walker<'_> {
             env: BTreeMap::new(),
             cwd: None,
             restart: RestartSpec::default(),
+            queue: None,
             timeout: None,
             stop_grace: None,
             max_lifetime: None,
@@ -855,7 +856,10 @@ impl Walker<'_> {
         let table = self.table(path, value)?;
         self.check_unknown(table, path, LOCAL_KEYS, &[]);
         let instances = self.instances(path, value, table)?;
-        Some(LocalPlacement { instances })
+        Some(LocalPlacement {
+            instances,
+            concurrency: None,
+        })
     }
 
     /// The required `instances` key of a placement table (`value`, whose
@@ -946,6 +950,7 @@ impl Walker<'_> {
             command,
             cwd,
             env,
+            concurrency: None,
             ssh,
         })
     }
@@ -1236,7 +1241,7 @@ instances = 1
                 limit: Some(3),
             }
         );
-        assert_eq!(workers.local, Some(LocalPlacement { instances: 3 }));
+        assert_eq!(workers.local, Some(LocalPlacement { instances: 3, concurrency: None }));
         assert_eq!(workers.instance_count(), 3);
 
         let jobs = &config.groups[1];
@@ -1245,7 +1250,7 @@ instances = 1
         assert_eq!(jobs.restart.jitter, 1.0);
         assert_eq!(jobs.restart.limit, None);
         assert_eq!(jobs.restart.initial, RestartSpec::default().initial);
-        assert_eq!(jobs.local, Some(LocalPlacement { instances: 1 }));
+        assert_eq!(jobs.local, Some(LocalPlacement { instances: 1, concurrency: None }));
     }
 
     #[test]
@@ -1275,7 +1280,7 @@ instances = 2
         assert_eq!(group.timeout, None);
         assert_eq!(group.stop_grace, None);
         assert_eq!(group.restart, RestartSpec::default());
-        assert_eq!(group.local, Some(LocalPlacement { instances: 2 }));
+        assert_eq!(group.local, Some(LocalPlacement { instances: 2, concurrency: None }));
         assert!(group.remote.is_empty());
     }
 
@@ -1935,7 +1940,7 @@ remote = [{ hosts = ["a", "b"], instances = 3, jump_host = "other" }]
             connect_timeout: Some(Duration::from_secs(5)),
         };
         let workers = &config.groups[0];
-        assert_eq!(workers.local, Some(LocalPlacement { instances: 2 }));
+        assert_eq!(workers.local, Some(LocalPlacement { instances: 2, concurrency: None }));
         assert_eq!(workers.remote.len(), 2);
         assert_eq!(
             workers.remote[0],
@@ -1949,6 +1954,7 @@ remote = [{ hosts = ["a", "b"], instances = 3, jump_host = "other" }]
                 command: None,
                 cwd: None,
                 env: BTreeMap::new(),
+                concurrency: None,
                 ssh: defaults.clone(),
             }
         );
@@ -1966,6 +1972,7 @@ remote = [{ hosts = ["a", "b"], instances = 3, jump_host = "other" }]
                     ("ROLE".to_owned(), "db".to_owned()),
                     ("RUST_LOG".to_owned(), "debug".to_owned()),
                 ]),
+                concurrency: None,
                 ssh: SshOptions {
                     identity_file: Some(PathBuf::from("/etc/herd/key")),
                     known_hosts: KnownHostsPolicy::Strict,
