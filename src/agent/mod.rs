@@ -124,7 +124,12 @@ where
                 match frame {
                     Ok(Some(ToAgent::Start { instances })) => {
                         for spec in instances {
-                            tasks.spawn(instance::supervise(spec, sink.clone(), shutdown.clone(), pids.clone()));
+                            let context = instance::Supervision {
+                                sink: sink.clone(),
+                                shutdown: shutdown.clone(),
+                                pids: pids.clone(),
+                            };
+                            tasks.spawn(instance::supervise(spec, context, None));
                         }
                     }
                     Ok(Some(ToAgent::Stop { reason })) => shutdown.request_stop(reason),

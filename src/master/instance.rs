@@ -131,6 +131,26 @@ struct RunEnd {
     killed: bool,
 }
 
+/// What the control link tells the supervisor while the process runs.
+#[derive(Debug)]
+enum SlaveEvent {
+    /// The slave uses the library.
+    Hello,
+    /// A feeder listens at this address.
+    Listening(String),
+}
+
+/// Shared by every instance a master or agent supervises.
+#[derive(Debug, Clone)]
+pub struct Supervision {
+    /// Where log lines and events go.
+    pub sink: LogSink,
+    /// The run's stop and kill tokens.
+    pub shutdown: Shutdown,
+    /// The pid registry, when one could be opened.
+    pub pids: Option<PidKiller>,
+}
+
 /// What the control link learned, returned when it closes.
 #[derive(Debug, Default)]
 struct ControlSummary {
@@ -146,12 +166,19 @@ struct ControlSummary {
 /// Each process is registered with `pids` (when given) while it runs, so
 /// that a master or agent that dies leaves a record the next run reaps;
 /// with `max_lifetime` the record carries a backstop deadline.
+///
+/// A feeder's listening address is published on `listening` each time it
+/// starts, so that consumers start after it.
 pub async fn supervise(
     spec: InstanceSpec,
-    sink: LogSink,
-    shutdown: Shutdown,
-    pids: Option<PidKiller>,
+    context: Supervision,
+    listening: Option<tokio::sync::watch::Sender<Option<String>>>,
 ) -> InstanceReport {
+    let Supervision {
+        sink,
+        shutdown,
+        pids,
+    } = context;
     let span = tracing::info_span!("instance", id = spec.label.id, group = %spec.label.group);
     async move {
         let mut tracker = RestartTracker::new(spec.restart.clone());
@@ -159,7 +186,7 @@ pub async fn supervise(
             if shutdown.is_stopping() {
                 break InstanceEnd::Stopped { killed: false };
             }
-            let run = run_once(&spec, &sink, &shutdown, pids.as_ref()).await;
+            let run = run_once(&spec, &sink, &shutdown, pids.as_ref(), listening.as_ref()).await;
             if run.stopped {
                 break InstanceEnd::Stopped { killed: run.killed };
             }
@@ -228,6 +255,7 @@ async fn run_once(
     sink: &LogSink,
     shutdown: &Shutdown,
     pids: Option<&PidKiller>,
+    listening: Option<&tokio::sync::watch::Sender<Option<String>>>,
 ) -> RunEnd {
     let started = Instant::now();
     let label = &spec.label;
@@ -284,7 +312,7 @@ async fn run_once(
             activity.clone(),
         )),
     ];
-    let (hello_tx, mut hello_rx) = mpsc::channel(1);
+    let (events_tx, mut events_rx) = mpsc::channel(4);
     let (command_tx, command_rx) = mpsc::channel(4);
     let control_task = tokio::spawn(control_link(
         control,
@@ -292,7 +320,7 @@ async fn run_once(
         label.clone(),
         sink.clone(),
         activity.clone(),
-        hello_tx,
+        events_tx,
         command_rx,
     ));
 
@@ -303,10 +331,17 @@ async fn run_once(
         let deadline = timeout.map(|t| activity.last() + t);
         tokio::select! {
             status = child.wait() => break Wake::Exited(status),
-            Some(()) = hello_rx.recv() => {
-                uses_library = true;
-                timeout = spec.identity.timeout.filter(|t| !t.is_zero());
-            }
+            Some(event) = events_rx.recv() => match event {
+                SlaveEvent::Hello => {
+                    uses_library = true;
+                    timeout = spec.identity.timeout.filter(|t| !t.is_zero());
+                }
+                SlaveEvent::Listening(addr) => {
+                    if let Some(listening) = listening {
+                        listening.send_replace(Some(addr));
+                    }
+                }
+            },
             _ = super::sleep_until_some(deadline) => {
                 let Some(limit) = timeout else { continue };
                 // Output may have arrived while we slept: only a deadline
@@ -564,7 +599,7 @@ async fn control_link(
     label: Arc<InstanceLabel>,
     sink: LogSink,
     activity: Arc<Activity>,
-    hello_tx: mpsc::Sender<()>,
+    events_tx: mpsc::Sender<SlaveEvent>,
     mut command_rx: mpsc::Receiver<ToSlave>,
 ) -> ControlSummary {
     let mut summary = ControlSummary::default();
@@ -597,7 +632,7 @@ async fn control_link(
                 activity.touch();
                 match frame {
                     FromSlave::Hello { version } if version == PROTOCOL_VERSION => {
-                        let _ = hello_tx.try_send(());
+                        let _ = events_tx.send(SlaveEvent::Hello).await;
                     }
                     FromSlave::Hello { version } => {
                         let message = format!(
@@ -623,6 +658,7 @@ async fn control_link(
                     FromSlave::Listening { addr } => {
                         sink.instance_event(&label, Level::Info, format!("feeder listening on {addr}"))
                             .await;
+                        let _ = events_tx.send(SlaveEvent::Listening(addr)).await;
                     }
                     FromSlave::Progress { progress } => {
                         let message = format!(

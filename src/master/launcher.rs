@@ -13,6 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 
+/// Longest wait for a feeder's listening address before its consumers
+/// start anyway.
+const FEEDER_START_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Host name of instances started by the master itself.
 pub const LOCAL_HOST: &str = "localhost";
 
@@ -23,6 +27,8 @@ pub struct RunReport {
     pub instances: Vec<InstanceReport>,
     /// Why the run was stopped, if it was.
     pub stop_reason: Option<String>,
+    /// Why the run could not start at all, if so.
+    pub fatal: Option<String>,
 }
 
 impl RunReport {
@@ -40,15 +46,17 @@ impl RunReport {
             .filter(|r| matches!(r.end, InstanceEnd::Stopped { killed: true }))
     }
 
-    /// `true` when no instance was marked failed.
+    /// `true` when the run started and no instance was marked failed.
     pub fn success(&self) -> bool {
-        self.failed().next().is_none()
+        self.fatal.is_none() && self.failed().next().is_none()
     }
 }
 
 /// Where every instance of a config runs.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
+    /// Feeders of queue groups: started first, on the master's host.
+    pub feeders: Vec<InstanceSpec>,
     /// Instances the master starts itself.
     pub local: Vec<InstanceSpec>,
     /// One entry per remote host (all groups placed on it), in config order.
@@ -59,8 +67,9 @@ impl Plan {
     /// Every instance, local and remote, in id order.
     pub fn instances(&self) -> Vec<&InstanceSpec> {
         let mut all: Vec<&InstanceSpec> = self
-            .local
+            .feeders
             .iter()
+            .chain(self.local.iter())
             .chain(self.hosts.iter().flat_map(|host| host.instances.iter()))
             .collect();
         all.sort_by_key(|spec| spec.label.id);
@@ -82,11 +91,20 @@ pub fn plan(config: &Config) -> Plan {
             group_count: group.instance_count(),
             next_group_id: 1,
         };
+        if let Some(queue) = &group.queue {
+            let process = process_spec(group, &base_dir);
+            let mut feeder = placed.instance(&mut next_id, LOCAL_HOST, &process);
+            feeder.identity.queue = Some(super::queue::feeder_role(queue));
+            plan.feeders.push(feeder);
+        }
         if let Some(local) = &group.local {
             let process = process_spec(group, &base_dir);
             for _ in 0..local.instances {
-                plan.local
-                    .push(placed.instance(&mut next_id, LOCAL_HOST, &process));
+                let mut spec = placed.instance(&mut next_id, LOCAL_HOST, &process);
+                if let Some(queue) = &group.queue {
+                    spec.identity.queue = Some(super::queue::consumer_role(queue, local.concurrency));
+                }
+                plan.local.push(spec);
             }
         }
         for placement in &group.remote {
@@ -104,7 +122,11 @@ pub fn plan(config: &Config) -> Plan {
                     }
                 };
                 for _ in 0..placement.instances {
-                    let spec = placed.instance(&mut next_id, &host.label, &process);
+                    let mut spec = placed.instance(&mut next_id, &host.label, &process);
+                    if let Some(queue) = &group.queue {
+                        spec.identity.queue =
+                            Some(super::queue::consumer_role(queue, placement.concurrency));
+                    }
                     plan.hosts[index].instances.push(spec);
                 }
             }
@@ -236,7 +258,15 @@ fn resolve_ssh(options: &SshOptions, base_dir: &Path) -> SshOptions {
 /// # }
 /// ```
 pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport {
-    let plan = plan(&config);
+    let mut plan = plan(&config);
+    if let Err(err) = super::queue::prepare(&mut plan) {
+        sink.master_event(Level::Critical, format!("cannot start: {err}")).await;
+        return RunReport {
+            instances: Vec::new(),
+            stop_reason: Some(err.to_string()),
+            fatal: Some(err.to_string()),
+        };
+    }
     let grace = config.master.stop_grace;
     let total = plan.instances().len();
     let hosts = if plan.hosts.is_empty() {
@@ -263,11 +293,38 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
     };
     let pids = super::open_pid_killer(state_file, &sink).await;
     let control_dir = ControlDir::create();
+    let context = instance::Supervision {
+        sink: sink.clone(),
+        shutdown: shutdown.clone(),
+        pids: pids.clone(),
+    };
     let mut tasks: JoinSet<Vec<InstanceReport>> = JoinSet::new();
+    // Feeders first: their consumers start once they listen.
+    let mut listening = Vec::new();
+    for spec in plan.feeders {
+        let (listening_tx, listening_rx) = tokio::sync::watch::channel(None);
+        listening.push((spec.label.clone(), listening_rx));
+        let context = context.clone();
+        tasks.spawn(async move { vec![instance::supervise(spec, context, Some(listening_tx)).await] });
+    }
+    for (label, mut listening_rx) in listening {
+        let listened = tokio::select! {
+            listened = tokio::time::timeout(FEEDER_START_TIMEOUT, listening_rx.wait_for(Option::is_some)) => {
+                matches!(listened, Ok(Ok(_)))
+            }
+            _ = shutdown.stopping() => true,
+        };
+        if !listened {
+            let message = format!(
+                "feeder did not listen within {}; starting its consumers anyway (they connect when it does)",
+                humantime::format_duration(FEEDER_START_TIMEOUT)
+            );
+            sink.instance_event(&label, Level::Error, message).await;
+        }
+    }
     for spec in plan.local {
-        let (sink, shutdown) = (sink.clone(), shutdown.clone());
-        let pids = pids.clone();
-        tasks.spawn(async move { vec![instance::supervise(spec, sink, shutdown, pids).await] });
+        let context = context.clone();
+        tasks.spawn(async move { vec![instance::supervise(spec, context, None).await] });
     }
     if !plan.hosts.is_empty() {
         let control_dir = match &control_dir {
@@ -340,6 +397,7 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
     let report = RunReport {
         instances: reports,
         stop_reason: shutdown.reason().map(str::to_string),
+        fatal: None,
     };
     announce_end(&report, &sink).await;
     report

@@ -9,6 +9,7 @@
 //! - [`log`]: the log stream (text or JSON lines).
 //! - [`remote`]: one task per remote host: SSH connection, agent, relay.
 //! - [`ssh`]: ControlMaster connections and the agent upload.
+//! - [`queue`]: queue groups: roles, per-run secret, feeder port.
 //! - [`restart`]: policy and backoff.
 //! - [`shutdown`]: the stop and kill tokens, and signal handling.
 
@@ -17,6 +18,7 @@ pub mod launcher;
 pub mod log;
 pub mod output;
 pub mod process;
+pub mod queue;
 pub mod remote;
 pub mod restart;
 pub mod shutdown;
