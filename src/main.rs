@@ -43,6 +43,38 @@ enum Command {
     /// Serve a master on stdin/stdout (started by the master over SSH).
     #[command(hide = true)]
     Agent,
+    /// Fill and inspect the durable job queue of a file feeder.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Add jobs to a queue file (also while a feeder serves it).
+    Add {
+        /// The queue file (created if needed).
+        file: PathBuf,
+        /// The jobs, one JSON value each (quote strings: '"text"'); `-`
+        /// reads one JSON value per line from stdin.
+        #[arg(required = true, allow_hyphen_values = true)]
+        jobs: Vec<String>,
+    },
+    /// Count pending, in-flight and dead jobs, and list the dead ones with
+    /// their reasons.
+    List {
+        /// The queue file.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put every dead job back in the queue.
+    RequeueDead {
+        /// The queue file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -68,6 +100,7 @@ fn main() -> ExitCode {
         Command::Agent => taskherd::agent::run_stdio()
             .map(|()| ExitCode::SUCCESS)
             .map_err(|err| anyhow::anyhow!(err).context("agent")),
+        Command::Queue { command } => queue(command),
     };
     match result {
         Ok(code) => code,
@@ -178,4 +211,83 @@ fn run(path: &std::path::Path, log_format: Option<FormatArg>) -> anyhow::Result<
     } else {
         ExitCode::from(EXIT_FAILED_INSTANCES)
     })
+}
+
+fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
+    use taskherd::queue::feeders::FileFeeder;
+    use taskherd::queue::local::LocalQueueError;
+
+    let open = |path: &std::path::Path| {
+        if !FileFeeder::exists(path) {
+            anyhow::bail!("{}: no such queue", path.display());
+        }
+        FileFeeder::open(path).map_err(|err| match err {
+            LocalQueueError::Locked { .. } => {
+                anyhow::anyhow!("{} is in use by a running feeder", path.display())
+            }
+            err => anyhow::Error::new(err).context(format!("cannot open {}", path.display())),
+        })
+    };
+    match command {
+        QueueCommand::Add { file, jobs } => {
+            let jobs = queue_jobs(&jobs)?;
+            let added = FileFeeder::push_all(&file, jobs)
+                .with_context(|| format!("cannot add jobs to {}", file.display()))?;
+            println!("{}: added {added} jobs", file.display());
+        }
+        QueueCommand::List { file, json } => {
+            let report = open(&file)?.report()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{}: {} pending, {} in flight, {} dead",
+                file.display(),
+                report.pending,
+                report.in_flight,
+                report.dead.len()
+            );
+            for dead in &report.dead {
+                println!("  dead #{}: {}: {}", dead.id, dead.reason, dead.job);
+            }
+        }
+        QueueCommand::RequeueDead { file } => {
+            let requeued = open(&file)?.requeue_dead()?;
+            println!("{}: {requeued} dead jobs put back", file.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The JSON values of `queue add`: each argument, or the lines of stdin for `-`.
+fn queue_jobs(args: &[String]) -> anyhow::Result<Vec<serde_json::Value>> {
+    use std::io::BufRead;
+
+    let mut jobs = Vec::new();
+    let mut stdin_read = false;
+    for (i, arg) in args.iter().enumerate() {
+        if arg == "-" {
+            anyhow::ensure!(!stdin_read, "\"-\" (stdin) given twice");
+            stdin_read = true;
+            for (n, line) in std::io::stdin().lock().lines().enumerate() {
+                let line = line.context("cannot read stdin")?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let job = serde_json::from_str(&line)
+                    .with_context(|| format!("stdin line {} is not valid JSON", n + 1))?;
+                jobs.push(job);
+            }
+            continue;
+        }
+        let job = serde_json::from_str(arg).with_context(|| {
+            format!(
+                "job {} ({arg}) is not valid JSON (quote strings: '\"text\"')",
+                i + 1
+            )
+        })?;
+        jobs.push(job);
+    }
+    Ok(jobs)
 }

@@ -11,7 +11,7 @@
 
 use super::{
     Config, ConfigError, ConfigErrors, GroupSpec, HostSpec, KnownHostsPolicy, LocalPlacement,
-    LogFormat, MasterSpec, RemotePlacement, RestartPolicy, RestartSpec, SshOptions,
+    LogFormat, MasterSpec, QueueSpec, RemotePlacement, RestartPolicy, RestartSpec, SshOptions,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -57,20 +57,38 @@ const GROUP_KEYS: &[&str] = &[
     "restart",
     "local",
     "remote",
+    "feeder",
+    "queue",
 ];
-/// Group keys of the design that later issues implement; naming them beats
-/// a bare "unknown key" for someone who copied the design's example.
-const GROUP_KEYS_NOT_YET: &[(&str, &str)] =
-    &[("feeder", "queue groups (feeder) are not supported yet")];
 const RESTART_KEYS: &[&str] = &["policy", "initial", "max", "reset_after", "jitter", "limit"];
-const LOCAL_KEYS: &[&str] = &["instances"];
+const LOCAL_KEYS: &[&str] = &["instances", "concurrency"];
 /// Keys of `[[group.remote]]` besides the [`SSH_KEYS`] overrides.
-const REMOTE_KEYS: &[&str] = &["hosts", "instances", "command", "cwd", "env"];
+const REMOTE_KEYS: &[&str] = &["hosts", "instances", "command", "cwd", "env", "concurrency"];
+/// Keys of `[group.feeder]`.
+const FEEDER_KEYS: &[&str] = &["host", "bind"];
+/// Keys of `[group.queue]`.
+const QUEUE_KEYS: &[&str] = &[
+    "lease",
+    "max_attempts",
+    "retry_initial",
+    "retry_max",
+    "credits",
+    "rate",
+    "progress_every",
+];
 
 const NO_GROUPS: &str = "no groups: add at least one [[group]] with a name, a command and \
                          [group.local] or [[group.remote]]";
 const NO_PLACEMENT: &str = "no placement: add [group.local] with instances = N, \
                             or [[group.remote]] with hosts and instances";
+const NO_CONSUMERS: &str = "a queue group needs consumers: add [group.local] or [[group.remote]]";
+const ONE_FEEDER: &str = "a queue group has exactly one feeder: write one [group.feeder] table, \
+                          not [[group.feeder]]";
+const QUEUE_WITHOUT_FEEDER: &str = "a [group.queue] table needs [group.feeder]";
+const REMOTE_FEEDER: &str = "a feeder on a remote host is not supported yet; use host = \"local\"";
+const CONCURRENCY_NOT_QUEUE: &str = "concurrency is for queue groups ([group.feeder])";
+const RATE_EXAMPLE: &str = "jobs per second, minute or hour, such as \"200/s\", \"5/m\", \
+                            \"0.5/s\" or \"1000/h\"";
 
 pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigErrors> {
     let mut walker = Walker {
@@ -523,7 +541,7 @@ impl Walker<'_> {
         let Some(table) = self.table(&path, value) else {
             return group;
         };
-        self.check_unknown(table, &path, GROUP_KEYS, GROUP_KEYS_NOT_YET);
+        self.check_unknown(table, &path, GROUP_KEYS, &[]);
 
         let key = child(&path, "name");
         match table.get("name") {
@@ -588,8 +606,14 @@ impl Walker<'_> {
         if let Some(restart) = table.get("restart") {
             group.restart = self.restart(&child(&path, "restart"), restart);
         }
+        let feeder = table.get("feeder");
+        let queue = table.get("queue");
+        group.queue = self.queue_spec(&path, feeder, queue);
+        // What the user meant, even when the feeder is missing or written
+        // wrong (which has its own error): placements hold consumers then.
+        let queue_group = feeder.is_some() || queue.is_some();
         if let Some(local) = table.get("local") {
-            group.local = self.local(&child(&path, "local"), local);
+            group.local = self.local(&child(&path, "local"), local, queue_group);
         }
         if let Some(remote) = table.get("remote") {
             // Named in the duplicate host error.
@@ -597,7 +621,23 @@ impl Walker<'_> {
                 "" => path.clone(),
                 name => format!("{name:?}"),
             };
-            group.remote = self.remotes(&child(&path, "remote"), remote, &group_name, ssh);
+            group.remote = self.remotes(
+                &child(&path, "remote"),
+                remote,
+                &group_name,
+                ssh,
+                queue_group,
+            );
+        }
+        let credits = queue
+            .and_then(|queue| queue.get_ref().as_table())
+            .and_then(|queue| queue.get("credits"));
+        if let (Some(spec), Some(credits)) = (&group.queue, credits) {
+            let remotes_written = table
+                .get("remote")
+                .and_then(|remote| remote.get_ref().as_array())
+                .map_or(0, |items| items.len());
+            self.credits_cover_concurrency(&path, spec, credits, &group, remotes_written);
         }
         // A placement that is there but wrong has its own error already;
         // only `remote = []` counts as none.
@@ -608,9 +648,232 @@ impl Walker<'_> {
                 .is_none_or(|items| !items.is_empty())
         });
         if table.get("local").is_none() && !remote_written {
-            self.error(value.span(), &path, NO_PLACEMENT);
+            let message = if queue_group {
+                NO_CONSUMERS
+            } else {
+                NO_PLACEMENT
+            };
+            self.error(value.span(), &path, message);
         }
         group
+    }
+
+    /// `[group.feeder]` and `[group.queue]` of the group at `path`: a
+    /// [`QueueSpec`] if there is a feeder table, `None` otherwise (a queue
+    /// table alone is an error).
+    fn queue_spec(
+        &mut self,
+        path: &str,
+        feeder: Option<&Value<'_>>,
+        queue: Option<&Value<'_>>,
+    ) -> Option<QueueSpec> {
+        let mut spec = QueueSpec::default();
+        if let Some(feeder) = feeder {
+            self.feeder(&child(path, "feeder"), feeder, &mut spec);
+        }
+        if let Some(queue) = queue {
+            let key = child(path, "queue");
+            // Walked anyway, so its own mistakes show up in the same run.
+            self.queue_settings(&key, queue, &mut spec);
+            if feeder.is_none() {
+                self.error(queue.span(), &key, QUEUE_WITHOUT_FEEDER);
+            }
+        }
+        feeder.map(|_| spec)
+    }
+
+    /// `[group.feeder]`: where the feeder runs and listens.
+    fn feeder(&mut self, path: &str, value: &Value<'_>, spec: &mut QueueSpec) {
+        if value.get_ref().as_array().is_some() {
+            // `[[group.feeder]]`: two `[group.feeder]` tables would already
+            // be a TOML syntax error (a table defined twice).
+            self.error(value.span(), path, ONE_FEEDER);
+            return;
+        }
+        let Some(table) = self.table(path, value) else {
+            return;
+        };
+        self.check_unknown(table, path, FEEDER_KEYS, &[]);
+        if let Some(host) = table.get("host") {
+            let key = child(path, "host");
+            match self.non_empty_string(&key, host).as_deref() {
+                None | Some("local") => {}
+                Some(entry) => match parse_host(entry) {
+                    Ok(_) => self.error(host.span(), &key, REMOTE_FEEDER),
+                    Err(message) => self.error(host.span(), &key, message),
+                },
+            }
+        }
+        if let Some(bind) = table.get("bind") {
+            let key = child(path, "bind");
+            if let Some(text) = self.string(&key, bind) {
+                match text.parse::<std::net::SocketAddr>() {
+                    Ok(addr) => spec.bind = addr.to_string(),
+                    Err(_) => {
+                        let message = format!(
+                            "invalid bind address {text:?}: expected ip:port, such as \
+                             \"127.0.0.1:0\" (any free port) or \"[::1]:7000\""
+                        );
+                        self.error(bind.span(), &key, message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `[group.queue]`: leases, retries, flow control.
+    fn queue_settings(&mut self, path: &str, value: &Value<'_>, spec: &mut QueueSpec) {
+        let Some(table) = self.table(path, value) else {
+            return;
+        };
+        self.check_unknown(table, path, QUEUE_KEYS, &[]);
+        if let Some(value) = table.get("lease") {
+            if let Some(lease) = self.positive_duration(&child(path, "lease"), value) {
+                spec.lease = lease;
+            }
+        }
+        if let Some(value) = table.get("max_attempts") {
+            if let Some(attempts) = self.count(&child(path, "max_attempts"), value) {
+                spec.max_attempts = attempts;
+            }
+        }
+        let initial = table.get("retry_initial");
+        let initial_ok = match initial.map(|v| self.duration(&child(path, "retry_initial"), v)) {
+            Some(Some(duration)) => {
+                spec.retry_initial = duration;
+                true
+            }
+            Some(None) => false,
+            None => true,
+        };
+        let max = table.get("retry_max");
+        let max_ok = match max.map(|v| self.duration(&child(path, "retry_max"), v)) {
+            Some(Some(duration)) => {
+                spec.retry_max = duration;
+                true
+            }
+            Some(None) => false,
+            None => true,
+        };
+        // As in `restart`: only compare values that are right on their own.
+        if initial_ok && max_ok && spec.retry_max < spec.retry_initial {
+            let initial_text = humantime::format_duration(spec.retry_initial);
+            let max_text = humantime::format_duration(spec.retry_max);
+            match (max, initial) {
+                (Some(max), _) => self.error(
+                    max.span(),
+                    &child(path, "retry_max"),
+                    format!(
+                        "must not be less than retry_initial ({initial_text}), found {max_text}"
+                    ),
+                ),
+                (None, Some(initial)) => self.error(
+                    initial.span(),
+                    &child(path, "retry_initial"),
+                    format!(
+                        "must not be more than retry_max ({max_text}, the default), \
+                         found {initial_text}; set retry_max too"
+                    ),
+                ),
+                // The defaults are consistent, so one of them was set.
+                (None, None) => {}
+            }
+        }
+        if let Some(value) = table.get("credits") {
+            spec.credits = self.count(&child(path, "credits"), value);
+        }
+        if let Some(value) = table.get("rate") {
+            let key = child(path, "rate");
+            match value.get_ref().as_str() {
+                Some(text) => match parse_rate(text) {
+                    Ok(rate) => spec.rate = Some(rate),
+                    Err(message) => self.error(value.span(), &key, message),
+                },
+                None => {
+                    let found = value.get_ref().type_str();
+                    let message = format!("expected a string of {RATE_EXAMPLE}, found {found}");
+                    self.error(value.span(), &key, message);
+                }
+            }
+        }
+        if let Some(value) = table.get("progress_every") {
+            if let Some(every) = self.positive_duration(&child(path, "progress_every"), value) {
+                spec.progress_every = every;
+            }
+        }
+    }
+
+    /// `credits` is what a consumer may hold; fewer than it runs at once
+    /// would leave slots idle forever. One error per placement that asks
+    /// for more, at the `credits` value.
+    fn credits_cover_concurrency(
+        &mut self,
+        path: &str,
+        spec: &QueueSpec,
+        credits_value: &Value<'_>,
+        group: &GroupSpec,
+        remotes_written: usize,
+    ) {
+        let Some(credits) = spec.credits else {
+            return;
+        };
+        let local = group
+            .local
+            .iter()
+            .map(|local| (child(path, "local"), local.concurrency));
+        // A placement with errors of its own is left out of `group.remote`,
+        // and the indexes of the others would be wrong: skip them then (the
+        // config is rejected anyway).
+        let remote = group
+            .remote
+            .iter()
+            .enumerate()
+            .filter(|_| group.remote.len() == remotes_written)
+            .map(|(i, remote)| (index(&child(path, "remote"), i), remote.concurrency));
+        let placements: Vec<(String, Option<u32>)> = local.chain(remote).collect();
+        for (placement, concurrency) in placements {
+            let concurrency = concurrency.unwrap_or(1);
+            if credits < concurrency {
+                let message = format!(
+                    "credits ({credits}) must not be less than the concurrency of {placement} \
+                     ({concurrency}): its consumers could never run that many jobs at once"
+                );
+                let key = child(&child(path, "queue"), "credits");
+                self.error(credits_value.span(), &key, message);
+            }
+        }
+    }
+
+    /// A count of at least 1 that fits in a `u32`.
+    fn count(&mut self, key: &str, value: &Value<'_>) -> Option<u32> {
+        let count = self.integer(key, value)?;
+        match u32::try_from(count) {
+            Ok(count) if count >= 1 => Some(count),
+            _ if count < 1 => {
+                self.error(
+                    value.span(),
+                    key,
+                    format!("must be at least 1, found {count}"),
+                );
+                None
+            }
+            _ => {
+                let message = format!("too large: {count} (at most {})", u32::MAX);
+                self.error(value.span(), key, message);
+                None
+            }
+        }
+    }
+
+    /// `concurrency` of a placement table: only in queue groups.
+    fn concurrency(&mut self, path: &str, table: &DeTable<'_>, queue_group: bool) -> Option<u32> {
+        let value = table.get("concurrency")?;
+        let key = child(path, "concurrency");
+        if !queue_group {
+            self.error(value.span(), &key, CONCURRENCY_NOT_QUEUE);
+            return None;
+        }
+        self.count(&key, value)
     }
 
     fn group_name(
@@ -852,13 +1115,19 @@ impl Walker<'_> {
         }
     }
 
-    fn local(&mut self, path: &str, value: &Value<'_>) -> Option<LocalPlacement> {
+    fn local(
+        &mut self,
+        path: &str,
+        value: &Value<'_>,
+        queue_group: bool,
+    ) -> Option<LocalPlacement> {
         let table = self.table(path, value)?;
         self.check_unknown(table, path, LOCAL_KEYS, &[]);
-        let instances = self.instances(path, value, table)?;
+        let instances = self.instances(path, value, table);
+        let concurrency = self.concurrency(path, table, queue_group);
         Some(LocalPlacement {
-            instances,
-            concurrency: None,
+            instances: instances?,
+            concurrency,
         })
     }
 
@@ -894,6 +1163,7 @@ impl Walker<'_> {
         value: &Value<'_>,
         group_name: &str,
         ssh: &SshOptions,
+        queue_group: bool,
     ) -> Vec<RemotePlacement> {
         let Some(items) = value.get_ref().as_array() else {
             self.wrong_type(value, path, "an array of tables ([[group.remote]])");
@@ -906,7 +1176,7 @@ impl Walker<'_> {
             .enumerate()
             .filter_map(|(i, item)| {
                 let path = index(path, i);
-                self.remote(&path, item, group_name, &mut first_lines, ssh)
+                self.remote(&path, item, group_name, &mut first_lines, ssh, queue_group)
             })
             .collect()
     }
@@ -918,6 +1188,7 @@ impl Walker<'_> {
         group_name: &str,
         first_lines: &mut BTreeMap<String, usize>,
         ssh: &SshOptions,
+        queue_group: bool,
     ) -> Option<RemotePlacement> {
         let table = self.table(path, value)?;
         let allowed: Vec<&str> = REMOTE_KEYS.iter().chain(SSH_KEYS).copied().collect();
@@ -942,6 +1213,7 @@ impl Walker<'_> {
             .get("env")
             .map(|env| self.env(&child(path, "env"), env))
             .unwrap_or_default();
+        let concurrency = self.concurrency(path, table, queue_group);
         let mut ssh = ssh.clone();
         self.ssh_keys(path, table, &mut ssh);
         Some(RemotePlacement {
@@ -950,7 +1222,7 @@ impl Walker<'_> {
             command,
             cwd,
             env,
-            concurrency: None,
+            concurrency,
             ssh,
         })
     }
@@ -1078,6 +1350,39 @@ fn parse_host(entry: &str) -> Result<HostSpec, String> {
         name: name.to_owned(),
         port,
     })
+}
+
+/// A `rate`, `"N/s"`, `"N/m"` or `"N/h"`, in jobs per second. The error is
+/// the whole message, for the caller to place.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let invalid = || format!("invalid rate {text:?}: expected {RATE_EXAMPLE}");
+    let (number, unit) = text.split_once('/').ok_or_else(invalid)?;
+    let (number, unit) = (number.trim(), unit.trim());
+    let per_second = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(invalid()),
+    };
+    // Plain decimals only: `f64::from_str` would also take "inf", "NaN"
+    // and "1e3", which nobody means here.
+    let digits = number.strip_prefix('-').unwrap_or(number);
+    let decimal = digits.chars().any(|c| c.is_ascii_digit())
+        && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && digits.matches('.').count() <= 1;
+    if !decimal {
+        return Err(invalid());
+    }
+    let count: f64 = number.parse().map_err(|_| invalid())?;
+    if !count.is_finite() {
+        return Err(invalid());
+    }
+    if count <= 0.0 {
+        return Err(format!(
+            "rate must be greater than 0, found {text:?} (leave rate out for no limit)"
+        ));
+    }
+    Ok(count / per_second)
 }
 
 /// `parent.key`, quoting keys that a bare TOML key could not spell.
@@ -1241,7 +1546,13 @@ instances = 1
                 limit: Some(3),
             }
         );
-        assert_eq!(workers.local, Some(LocalPlacement { instances: 3, concurrency: None }));
+        assert_eq!(
+            workers.local,
+            Some(LocalPlacement {
+                instances: 3,
+                concurrency: None
+            })
+        );
         assert_eq!(workers.instance_count(), 3);
 
         let jobs = &config.groups[1];
@@ -1250,7 +1561,13 @@ instances = 1
         assert_eq!(jobs.restart.jitter, 1.0);
         assert_eq!(jobs.restart.limit, None);
         assert_eq!(jobs.restart.initial, RestartSpec::default().initial);
-        assert_eq!(jobs.local, Some(LocalPlacement { instances: 1, concurrency: None }));
+        assert_eq!(
+            jobs.local,
+            Some(LocalPlacement {
+                instances: 1,
+                concurrency: None
+            })
+        );
     }
 
     #[test]
@@ -1280,7 +1597,13 @@ instances = 2
         assert_eq!(group.timeout, None);
         assert_eq!(group.stop_grace, None);
         assert_eq!(group.restart, RestartSpec::default());
-        assert_eq!(group.local, Some(LocalPlacement { instances: 2, concurrency: None }));
+        assert_eq!(
+            group.local,
+            Some(LocalPlacement {
+                instances: 2,
+                concurrency: None
+            })
+        );
         assert!(group.remote.is_empty());
     }
 
@@ -1409,25 +1732,609 @@ color = "red"
     }
 
     #[test]
-    fn feeder_is_not_supported_yet() {
-        let err = only_error(
+    fn queue_group_with_every_key() {
+        let config = parse_ok(
             r#"[[group]]
-name = "w"
+name = "jobs"
+command = "./queue_worker"
+
+[group.feeder]
+host = "local"
+bind = "0.0.0.0:7000"
+
+[group.queue]
+lease = "2m"
+max_attempts = 3
+retry_initial = "500ms"
+retry_max = "1m"
+credits = 16
+rate = "200/s"
+progress_every = "30s"
+
+[group.local]
+instances = 4
+concurrency = 8
+
+[[group.remote]]
+hosts = ["web1", "web2"]
+instances = 2
+concurrency = 16
+
+[[group.remote]]
+hosts = ["web3"]
+instances = 1
+"#,
+        );
+        let jobs = &config.groups[0];
+        assert_eq!(
+            jobs.queue,
+            Some(QueueSpec {
+                feeder_host: None,
+                bind: "0.0.0.0:7000".to_owned(),
+                lease: Duration::from_secs(120),
+                max_attempts: 3,
+                retry_initial: Duration::from_millis(500),
+                retry_max: Duration::from_secs(60),
+                credits: Some(16),
+                rate: Some(200.0),
+                progress_every: Duration::from_secs(30),
+            })
+        );
+        assert_eq!(
+            jobs.local,
+            Some(LocalPlacement {
+                instances: 4,
+                concurrency: Some(8),
+            })
+        );
+        assert_eq!(jobs.remote[0].concurrency, Some(16));
+        assert_eq!(
+            jobs.remote[1].concurrency, None,
+            "default 1, left to the runtime"
+        );
+        assert_eq!(
+            jobs.instance_count(),
+            1 + 4 + 2 * 2 + 1,
+            "the feeder counts"
+        );
+    }
+
+    #[test]
+    fn queue_group_defaults() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "jobs"
+command = "w"
+[group.feeder]
+[group.local]
+instances = 2
+[[group]]
+name = "plain"
 command = "w"
 [group.local]
 instances = 1
+"#,
+        );
+        let jobs = &config.groups[0];
+        assert_eq!(jobs.queue, Some(QueueSpec::default()));
+        let queue = jobs.queue.as_ref().expect("checked above");
+        assert_eq!(queue.feeder_host, None);
+        assert_eq!(queue.bind, "127.0.0.1:0");
+        assert_eq!(queue.lease, Duration::from_secs(30));
+        assert_eq!(queue.max_attempts, 5);
+        assert_eq!(queue.retry_initial, Duration::from_secs(1));
+        assert_eq!(queue.retry_max, Duration::from_secs(300));
+        assert_eq!(queue.credits, None);
+        assert_eq!(queue.rate, None);
+        assert_eq!(queue.progress_every, Duration::from_secs(10));
+        assert_eq!(
+            jobs.local,
+            Some(LocalPlacement {
+                instances: 2,
+                concurrency: None,
+            })
+        );
+        assert_eq!(jobs.instance_count(), 3);
+        assert_eq!(config.groups[1].queue, None);
+        assert_eq!(config.groups[1].instance_count(), 1);
+
+        // The design's example, with an IPv6 bind and port 0.
+        let config = parse_ok(
+            r#"[[group]]
+name = "jobs"
+command = "w"
+[group.feeder]
+host = "local"
+bind = "[::1]:0"
+[group.local]
+instances = 4
+concurrency = 8
+"#,
+        );
+        let queue = config.groups[0].queue.as_ref().expect("a queue group");
+        assert_eq!(queue.bind, "[::1]:0");
+        assert_eq!(queue.credits, None, "twice the concurrency, at run time");
+    }
+
+    #[test]
+    fn feeder_errors() {
+        let errors = parse_err(
+            r#"[[group]]
+name = "a"
+command = "w"
+[group.feeder]
+host = "web1"
+bind = "localhost:7000"
+colour = "red"
+[group.local]
+instances = 1
+[[group]]
+name = "b"
+command = "w"
+[group.feeder]
+host = "deploy@"
+bind = "127.0.0.1"
+[group.local]
+instances = 1
+[[group]]
+name = "c"
+command = "w"
+feeder = "local"
+[group.local]
+instances = 1
+[[group]]
+name = "d"
+command = "w"
+[group.feeder]
+bind = 7000
+[group.local]
+instances = 1
+"#,
+        );
+        let keys: Vec<_> = errors.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            keys,
+            [
+                (5, "group[1].feeder.host"),
+                (6, "group[1].feeder.bind"),
+                (7, "group[1].feeder.colour"),
+                (14, "group[2].feeder.host"),
+                (15, "group[2].feeder.bind"),
+                (21, "group[3].feeder"),
+                (28, "group[4].feeder.bind"),
+            ],
+            "{}",
+            ConfigErrors(errors.clone())
+        );
+        assert_error(&errors[0], 5, "group[1].feeder.host", REMOTE_FEEDER);
+        assert_eq!(errors[0].column, 8, "points at the value");
+        assert_error(
+            &errors[1],
+            6,
+            "group[1].feeder.bind",
+            r#"invalid bind address "localhost:7000": expected ip:port"#,
+        );
+        assert_error(
+            &errors[2],
+            7,
+            "group[1].feeder.colour",
+            "expected one of: host, bind",
+        );
+        assert_error(&errors[3], 14, "group[2].feeder.host", "empty host name");
+        assert_error(
+            &errors[4],
+            15,
+            "group[2].feeder.bind",
+            "invalid bind address",
+        );
+        assert_error(
+            &errors[5],
+            21,
+            "group[3].feeder",
+            "expected a table, found string",
+        );
+        assert_error(
+            &errors[6],
+            28,
+            "group[4].feeder.bind",
+            "expected a string, found integer",
+        );
+    }
+
+    #[test]
+    fn a_queue_group_has_exactly_one_feeder() {
+        let err = only_error(
+            r#"[[group]]
+name = "jobs"
+command = "w"
+[[group.feeder]]
+host = "local"
+[[group.feeder]]
+host = "local"
+[group.local]
+instances = 1
+concurrency = 2
+"#,
+        );
+        assert_error(&err, 4, "group[1].feeder", ONE_FEEDER);
+        assert_eq!(
+            err.message,
+            "a queue group has exactly one feeder: write one [group.feeder] table, \
+             not [[group.feeder]]"
+        );
+        // Two [group.feeder] tables are a TOML error of their own.
+        let err = only_error(
+            r#"[[group]]
+name = "jobs"
+command = "w"
+[group.feeder]
+[group.feeder]
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!((err.line, err.key.as_str()), (5, "(syntax)"), "{err}");
+    }
+
+    #[test]
+    fn queue_table_needs_a_feeder() {
+        let err = only_error(
+            r#"[[group]]
+name = "jobs"
+command = "w"
+
+[group.queue]
+lease = "10s"
+
+[group.local]
+instances = 1
+concurrency = 4
+"#,
+        );
+        assert_error(&err, 5, "group[1].queue", QUEUE_WITHOUT_FEEDER);
+        assert_eq!(err.message, "a [group.queue] table needs [group.feeder]");
+        // Its own mistakes are reported in the same run.
+        let errors = parse_err(
+            r#"[[group]]
+name = "jobs"
+command = "w"
+queue = { lease = "0s" }
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
+        assert_error(&errors[0], 4, "group[1].queue", QUEUE_WITHOUT_FEEDER);
+        assert_error(
+            &errors[1],
+            4,
+            "group[1].queue.lease",
+            "must be greater than 0",
+        );
+    }
+
+    #[test]
+    fn queue_setting_errors() {
+        let errors = parse_err(
+            r#"[[group]]
+name = "jobs"
+command = "w"
+[group.feeder]
+[group.queue]
+lease = "0s"
+max_attempts = 0
+retry_initial = "1m"
+retry_max = "10s"
+credits = 0
+rate = "fast"
+progress_every = "0ms"
+leese = "1s"
+[group.local]
+instances = 1
+[[group]]
+name = "more"
+command = "w"
+[group.feeder]
+[group.queue]
+lease = 30
+max_attempts = 5000000000
+credits = -3
+rate = 200
+progress_every = "soon"
+retry_initial = "10m"
+[group.local]
+instances = 1
+"#,
+        );
+        let keys: Vec<_> = errors.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            keys,
+            [
+                (6, "group[1].queue.lease"),
+                (7, "group[1].queue.max_attempts"),
+                (9, "group[1].queue.retry_max"),
+                (10, "group[1].queue.credits"),
+                (11, "group[1].queue.rate"),
+                (12, "group[1].queue.progress_every"),
+                (13, "group[1].queue.leese"),
+                (21, "group[2].queue.lease"),
+                (22, "group[2].queue.max_attempts"),
+                (23, "group[2].queue.credits"),
+                (24, "group[2].queue.rate"),
+                (25, "group[2].queue.progress_every"),
+                (26, "group[2].queue.retry_initial"),
+            ],
+            "{}",
+            ConfigErrors(errors.clone())
+        );
+        let messages: Vec<_> = errors.iter().map(|e| e.message.as_str()).collect();
+        assert!(messages[0].contains("must be greater than 0"));
+        assert!(messages[1].contains("must be at least 1, found 0"));
+        assert!(messages[2].contains("must not be less than retry_initial (1m), found 10s"));
+        assert!(messages[3].contains("must be at least 1, found 0"));
+        assert!(messages[4].contains(r#"invalid rate "fast""#));
+        assert!(messages[4].contains(r#"such as "200/s""#), "an example");
+        assert!(messages[5].contains("must be greater than 0"));
+        assert!(messages[6].contains(r#"did you mean "lease"?"#));
+        assert!(messages[7].contains(r#"durations are strings like "30s""#));
+        assert!(messages[8].contains("too large"));
+        assert!(messages[9].contains("must be at least 1, found -3"));
+        assert!(messages[10].contains(r#"expected a string of jobs per second"#));
+        assert!(messages[10].contains("found integer"));
+        assert!(messages[11].contains(r#"invalid duration "soon""#));
+        assert!(messages[12].contains("set retry_max too"));
+    }
+
+    #[test]
+    fn rates_are_jobs_per_second() {
+        let cases: &[(&str, f64)] = &[
+            ("200/s", 200.0),
+            ("5/m", 5.0 / 60.0),
+            ("0.5/s", 0.5),
+            ("1000/h", 1000.0 / 3600.0),
+            ("1.5/m", 1.5 / 60.0),
+            (" 10 / s ", 10.0),
+        ];
+        for (text, expected) in cases {
+            let rate = parse_rate(text).unwrap_or_else(|err| panic!("{text}: {err}"));
+            assert!(
+                (rate - expected).abs() < 1e-12,
+                "{text}: {rate} != {expected}"
+            );
+        }
+        for text in [
+            "fast", "10", "10/d", "/s", "inf/s", "1e3/s", "1.2.3/s", "x/s", "",
+        ] {
+            let err = parse_rate(text).expect_err(text);
+            assert!(err.contains("invalid rate"), "{text}: {err}");
+            assert!(err.contains(r#""200/s", "5/m""#), "{text}: {err}");
+        }
+        for text in ["0/s", "-1/s", "0.0/h"] {
+            let err = parse_rate(text).expect_err(text);
+            assert!(err.contains("rate must be greater than 0"), "{text}: {err}");
+        }
+
+        let with_rate = |rate: &str| {
+            format!(
+                "[[group]]\nname = \"q\"\ncommand = \"w\"\n[group.feeder]\n\
+                 [group.queue]\nrate = {rate:?}\n[group.local]\ninstances = 1\n"
+            )
+        };
+        let config = parse_ok(&with_rate("5/m"));
+        let queue = config.groups[0].queue.as_ref().expect("a queue group");
+        assert_eq!(queue.rate, Some(5.0 / 60.0));
+        let err = only_error(&with_rate("fast"));
+        assert_error(&err, 6, "group[1].queue.rate", r#"invalid rate "fast""#);
+        assert_eq!(err.column, 8, "points at the value");
+        let err = only_error(&with_rate("0/s"));
+        assert_error(&err, 6, "group[1].queue.rate", "must be greater than 0");
+        let err = only_error(&with_rate("-1/s"));
+        assert_error(&err, 6, "group[1].queue.rate", "must be greater than 0");
+    }
+
+    #[test]
+    fn concurrency_is_for_queue_groups() {
+        let errors = parse_err(
+            r#"[[group]]
+name = "plain"
+command = "w"
+[group.local]
+instances = 2
+concurrency = 4
 [[group.remote]]
 hosts = ["web1"]
 instances = 1
+concurrency = 2
+"#,
+        );
+        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
+        assert_error(
+            &errors[0],
+            6,
+            "group[1].local.concurrency",
+            CONCURRENCY_NOT_QUEUE,
+        );
+        assert_eq!(
+            errors[0].message,
+            "concurrency is for queue groups ([group.feeder])"
+        );
+        assert_error(
+            &errors[1],
+            10,
+            "group[1].remote[1].concurrency",
+            CONCURRENCY_NOT_QUEUE,
+        );
+
+        let errors = parse_err(
+            r#"[[group]]
+name = "q"
+command = "w"
+[group.feeder]
+[group.local]
+instances = 2
+concurrency = 0
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+concurrency = "8"
+"#,
+        );
+        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
+        assert_error(
+            &errors[0],
+            7,
+            "group[1].local.concurrency",
+            "must be at least 1, found 0",
+        );
+        assert_error(
+            &errors[1],
+            11,
+            "group[1].remote[1].concurrency",
+            "expected an integer, found string",
+        );
+    }
+
+    #[test]
+    fn credits_must_cover_every_placements_concurrency() {
+        let errors = parse_err(
+            r#"[[group]]
+name = "q"
+command = "w"
+[group.feeder]
+[group.queue]
+credits = 4
+[group.local]
+instances = 1
+concurrency = 8
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+concurrency = 4
+[[group.remote]]
+hosts = ["web2"]
+instances = 1
+concurrency = 5
+"#,
+        );
+        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
+        assert_error(
+            &errors[0],
+            6,
+            "group[1].queue.credits",
+            "credits (4) must not be less than the concurrency of group[1].local (8)",
+        );
+        assert_error(
+            &errors[1],
+            6,
+            "group[1].queue.credits",
+            "credits (4) must not be less than the concurrency of group[1].remote[2] (5)",
+        );
+        // A placement with its own error leaves the indexes of the others
+        // unknown: no credits error rather than a wrong one.
+        let err = only_error(
+            r#"[[group]]
+name = "q"
+command = "w"
+[group.feeder]
+[group.queue]
+credits = 4
+[[group.remote]]
+instances = 1
+[[group.remote]]
+hosts = ["web2"]
+instances = 1
+concurrency = 5
+"#,
+        );
+        assert_error(&err, 7, "group[1].remote[1].hosts", "missing required key");
+        // Equal is enough; the default concurrency is 1.
+        let config = parse_ok(
+            r#"[[group]]
+name = "q"
+command = "w"
+[group.feeder]
+[group.queue]
+credits = 1
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+"#,
+        );
+        assert_eq!(
+            config.groups[0].queue.as_ref().and_then(|q| q.credits),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn a_queue_group_needs_consumers() {
+        let err = only_error(
+            r#"
+[[group]]
+name = "q"
+command = "w"
 [group.feeder]
 host = "local"
 "#,
         );
+        assert_error(&err, 2, "group[1]", NO_CONSUMERS);
+        assert_eq!(
+            err.message,
+            "a queue group needs consumers: add [group.local] or [[group.remote]]"
+        );
+        let err = only_error(
+            r#"[[group]]
+name = "q"
+command = "w"
+remote = []
+[group.feeder]
+"#,
+        );
+        assert_error(&err, 1, "group[1]", NO_CONSUMERS);
+    }
+
+    #[test]
+    fn a_plain_group_and_a_queue_group_cannot_share_a_name() {
+        let text = r#"[[group]]
+name = "jobs"
+command = "w"
+[group.local]
+instances = 1
+
+[[group]]
+name = "jobs"
+command = "w"
+[group.feeder]
+[group.local]
+instances = 1
+"#;
+        let err = only_error(text);
+        assert_error(
+            &err,
+            8,
+            "group[2].name",
+            r#"duplicate group name "jobs" (first used on line 2)"#,
+        );
+        // And the other way round.
+        let swapped = r#"[[group]]
+name = "jobs"
+command = "w"
+[group.feeder]
+[group.local]
+instances = 1
+
+[[group]]
+name = "jobs"
+command = "w"
+[group.local]
+instances = 1
+"#;
+        let err = only_error(swapped);
         assert_error(
             &err,
             9,
-            "group[1].feeder",
-            "queue groups (feeder) are not supported yet",
+            "group[2].name",
+            r#"duplicate group name "jobs" (first used on line 2)"#,
         );
     }
 
@@ -1940,7 +2847,13 @@ remote = [{ hosts = ["a", "b"], instances = 3, jump_host = "other" }]
             connect_timeout: Some(Duration::from_secs(5)),
         };
         let workers = &config.groups[0];
-        assert_eq!(workers.local, Some(LocalPlacement { instances: 2, concurrency: None }));
+        assert_eq!(
+            workers.local,
+            Some(LocalPlacement {
+                instances: 2,
+                concurrency: None
+            })
+        );
         assert_eq!(workers.remote.len(), 2);
         assert_eq!(
             workers.remote[0],

@@ -656,15 +656,20 @@ async fn control_link(
                         summary.outcome = Some((success, message));
                     }
                     FromSlave::Listening { addr } => {
-                        sink.instance_event(&label, Level::Info, format!("feeder listening on {addr}"))
-                            .await;
+                        sink.instance_event(
+                            &label,
+                            Level::Info,
+                            format!("feeder listening on {addr}"),
+                        )
+                        .await;
                         let _ = events_tx.send(SlaveEvent::Listening(addr)).await;
                     }
                     FromSlave::Progress { progress } => {
                         let message = format!(
-                            "queue: {} done, {} failed, {} retried, {} dead, {} in flight, {} pending, {} consumers, {:.1} jobs/s",
+                            "queue: {} done, {} failed, {} retried, {} dead, {} in flight, {} pending, {} consumers, {:.1} jobs/s{}",
                             progress.done, progress.failed, progress.retried, progress.dead,
-                            progress.in_flight, progress.pending, progress.consumers, progress.rate
+                            progress.in_flight, progress.pending, progress.consumers, progress.rate,
+                            if progress.empty { " (queue empty)" } else { "" }
                         );
                         sink.instance_event(&label, Level::Info, message).await;
                     }

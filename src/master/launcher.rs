@@ -102,7 +102,8 @@ pub fn plan(config: &Config) -> Plan {
             for _ in 0..local.instances {
                 let mut spec = placed.instance(&mut next_id, LOCAL_HOST, &process);
                 if let Some(queue) = &group.queue {
-                    spec.identity.queue = Some(super::queue::consumer_role(queue, local.concurrency));
+                    spec.identity.queue =
+                        Some(super::queue::consumer_role(queue, local.concurrency));
                 }
                 plan.local.push(spec);
             }
@@ -260,7 +261,8 @@ fn resolve_ssh(options: &SshOptions, base_dir: &Path) -> SshOptions {
 pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport {
     let mut plan = plan(&config);
     if let Err(err) = super::queue::prepare(&mut plan) {
-        sink.master_event(Level::Critical, format!("cannot start: {err}")).await;
+        sink.master_event(Level::Critical, format!("cannot start: {err}"))
+            .await;
         return RunReport {
             instances: Vec::new(),
             stop_reason: Some(err.to_string()),
@@ -305,7 +307,9 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
         let (listening_tx, listening_rx) = tokio::sync::watch::channel(None);
         listening.push((spec.label.clone(), listening_rx));
         let context = context.clone();
-        tasks.spawn(async move { vec![instance::supervise(spec, context, Some(listening_tx)).await] });
+        tasks.spawn(
+            async move { vec![instance::supervise(spec, context, Some(listening_tx)).await] },
+        );
     }
     for (label, mut listening_rx) in listening {
         let listened = tokio::select! {

@@ -21,7 +21,11 @@ pub fn feeder_role(queue: &QueueSpec) -> QueueRole {
         settings: QueueSettings {
             lease: queue.lease,
             max_attempts: queue.max_attempts,
-            retry: RetryPolicy::exponential(queue.retry_initial, queue.retry_max, queue.max_attempts),
+            retry: RetryPolicy::exponential(
+                queue.retry_initial,
+                queue.retry_max,
+                queue.max_attempts,
+            ),
             rate: queue.rate,
             progress_every: queue.progress_every,
         },
@@ -93,11 +97,13 @@ pub fn prepare(plan: &mut Plan) -> Result<(), QueuePrepareError> {
                 ip: addr.ip(),
                 source,
             })?;
-            addr = probe.local_addr().map_err(|source| QueuePrepareError::NoPort {
-                group: group.clone(),
-                ip: addr.ip(),
-                source,
-            })?;
+            addr = probe
+                .local_addr()
+                .map_err(|source| QueuePrepareError::NoPort {
+                    group: group.clone(),
+                    ip: addr.ip(),
+                    source,
+                })?;
         }
         *bind = addr.to_string();
         *secret = random_hex(SECRET_BYTES).map_err(QueuePrepareError::Secret)?;
@@ -106,7 +112,11 @@ pub fn prepare(plan: &mut Plan) -> Result<(), QueuePrepareError> {
         let consumers = plan
             .local
             .iter_mut()
-            .chain(plan.hosts.iter_mut().flat_map(|host| host.instances.iter_mut()))
+            .chain(
+                plan.hosts
+                    .iter_mut()
+                    .flat_map(|host| host.instances.iter_mut()),
+            )
             .filter(|spec| spec.label.group == group);
         for consumer in consumers {
             set_consumer_link(consumer, &reach, &run_secret);
@@ -125,8 +135,12 @@ fn set_consumer_link(consumer: &mut InstanceSpec, reach: &str, run_secret: &str)
 /// The address consumers dial: a wildcard bind is reached on loopback.
 fn reachable(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
         _ => addr,
     }
 }
@@ -159,7 +173,10 @@ concurrency = 3
         let Some(QueueRole::Feeder { bind, secret, .. }) = &feeder.identity.queue else {
             panic!("not a feeder: {:?}", feeder.identity.queue);
         };
-        assert!(!bind.ends_with(":0") && secret.len() == 64, "{bind} {secret}");
+        assert!(
+            !bind.ends_with(":0") && secret.len() == 64,
+            "{bind} {secret}"
+        );
         assert_eq!(plan.local.len(), 2);
         for (consumer, group_id) in plan.local.iter().zip([2, 3]) {
             assert_eq!(consumer.label.group_id, group_id);
@@ -178,7 +195,13 @@ concurrency = 3
 
     #[test]
     fn wildcard_binds_are_reached_on_loopback() {
-        assert_eq!(reachable("0.0.0.0:80".parse().unwrap()).to_string(), "127.0.0.1:80");
-        assert_eq!(reachable("10.1.2.3:80".parse().unwrap()).to_string(), "10.1.2.3:80");
+        assert_eq!(
+            reachable("0.0.0.0:80".parse().unwrap()).to_string(),
+            "127.0.0.1:80"
+        );
+        assert_eq!(
+            reachable("10.1.2.3:80".parse().unwrap()).to_string(),
+            "10.1.2.3:80"
+        );
     }
 }

@@ -13,7 +13,9 @@
 //!    [`ToFeeder::Ack`], [`ToFeeder::Retry`] or [`ToFeeder::Dead`]; a
 //!    consumer that goes away or lets its lease expire has the job
 //!    redelivered to another one, and its late answer is refused
-//!    ([`ToConsumer::Stale`]). An outcome frame gives the credit back.
+//!    ([`ToConsumer::Stale`]). An outcome does not give the credit back:
+//!    the consumer grants a new one when a slot frees up, so the feeder
+//!    never has more jobs out to a consumer than it was granted.
 //! 5. Both sides send heartbeats; [`ToFeeder::SlowDown`] and
 //!    [`ToFeeder::Pause`] ask the feeder's governor to lower its rate.
 //! 6. At stop the feeder sends [`ToConsumer::Drain`]: consumers finish or

@@ -7,7 +7,14 @@
 //!   jobs come from a [`Feeder`]: the user's own type (the original's
 //!   FeederInterface: next / success / error) or a built-in one.
 
+pub mod consumer;
+pub mod feeders;
+pub mod governor;
 pub mod local;
+pub mod server;
+
+pub use governor::Governor;
+pub use server::{serve, FeederServer, ServeReport, ServerError};
 
 use std::time::Duration;
 

@@ -461,10 +461,21 @@ impl Handler {
         E: fmt::Display,
     {
         let result = panic::catch_unwind(AssertUnwindSafe(|| f(&self)));
+        let result = match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(format!("{err:#}")),
+            Err(payload) => Err(panic_text(payload.as_ref())),
+        };
+        self.report_outcome(result)
+    }
+
+    /// Sends the outcome frame (`Err` carries the failure message),
+    /// flushes, and gives the exit code: the end of [`run`](Self::run),
+    /// for callers that share the handler (the queue roles).
+    pub(crate) fn report_outcome(&self, result: Result<(), String>) -> ExitCode {
         let (success, message) = match result {
-            Ok(Ok(())) => (true, None),
-            Ok(Err(err)) => (false, Some(format!("{err:#}"))),
-            Err(payload) => (false, Some(panic_text(payload.as_ref()))),
+            Ok(()) => (true, None),
+            Err(message) => (false, Some(message)),
         };
         let outcome = FromSlave::Outcome {
             success,
@@ -480,6 +491,12 @@ impl Handler {
         } else {
             ExitCode::FAILURE
         }
+    }
+
+    /// The queue to the writer task, for frames the queue roles send
+    /// (`Listening`, `Progress`).
+    pub(crate) fn outbox(&self) -> Outbox {
+        self.outbox.clone()
     }
 
     /// Blocks on the runtime from wherever we are (see

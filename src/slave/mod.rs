@@ -15,6 +15,8 @@
 //!   through [`Handler::init_tracing`] / [`MasterLayer`];
 //! - report how its work ended: [`Handler::run`] sends the outcome (an
 //!   error or a panic is a failure) and gives the exit code.
+//! - in a queue group, play the feeder or a consumer with
+//!   [`HandlerQueue::run_queue`].
 //!
 //! The API is synchronous: the program needs no async runtime. A small
 //! background runtime owns the socket. Stdout and stderr stay the
@@ -54,8 +56,11 @@ mod error;
 mod handler;
 mod layer;
 mod link;
+mod queue;
 
 pub use self::error::SlaveError;
 pub use self::handler::{Handler, FLUSH_TIMEOUT, IDENTITY_TIMEOUT, MAX_LOG_LEN};
 pub use self::layer::MasterLayer;
+pub use self::queue::{HandlerQueue, HandlerQueueError};
 pub use crate::protocol::slave::{Identity, Level};
+pub use crate::queue::consumer::JobInfo;

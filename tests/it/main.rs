@@ -5,6 +5,7 @@
 mod check;
 mod local;
 mod output;
+mod queue;
 mod remote;
 mod sshd_harness;
 mod stop;
