@@ -297,3 +297,131 @@ fn durable_queue_survives_sigkill_of_the_feeder() {
     assert_eq!(report["pending"], 0, "{report}");
     herd.assert_no_leftovers();
 }
+
+/// The feeder's address from its "listening" line.
+fn feeder_addr(herd: &mut Herd) -> String {
+    let line = herd.wait_for("feeder listening on ");
+    line.rsplit("feeder listening on ")
+        .next()
+        .expect("address")
+        .trim()
+        .to_string()
+}
+
+/// Writes one length-delimited frame.
+fn write_frame(stream: &mut std::net::TcpStream, body: &[u8]) {
+    use std::io::Write;
+    let len = u32::try_from(body.len()).expect("small frame");
+    stream.write_all(&len.to_be_bytes()).expect("write length");
+    stream.write_all(body).expect("write body");
+}
+
+/// Reads one length-delimited frame as JSON, `None` at end of stream.
+fn read_frame(stream: &mut std::net::TcpStream) -> Option<serde_json::Value> {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+/// The feeder may say why (Refused) before closing; it never sends a job.
+fn assert_closed_without_a_job(stream: &mut std::net::TcpStream) {
+    while let Some(frame) = read_frame(stream) {
+        assert_eq!(frame["type"], "refused", "{frame}");
+    }
+}
+
+#[test]
+fn strangers_and_garbage_are_refused_and_the_feeder_keeps_serving() {
+    // Consumers work slowly so the feeder is busy while we poke it.
+    let mut herd = herd("jobs = 100, work_ms = 20", 1, 2, "", "");
+    herd.start();
+    let addr = feeder_addr(&mut herd);
+    let timeout = Some(Duration::from_secs(10));
+
+    // A consumer that does not know the secret.
+    let mut stranger = std::net::TcpStream::connect(&addr).expect("connect");
+    stranger.set_read_timeout(timeout).expect("timeout");
+    let challenge = read_frame(&mut stranger).expect("a challenge");
+    assert_eq!(challenge["type"], "challenge");
+    let hello = serde_json::json!({
+        "type": "hello", "version": challenge["version"], "name": "stranger",
+        "proof": "00".repeat(32), "nonce": "abcd",
+    });
+    write_frame(&mut stranger, hello.to_string().as_bytes());
+    let answer = read_frame(&mut stranger).expect("an answer");
+    assert_eq!(answer["type"], "refused", "{answer}");
+    assert!(
+        read_frame(&mut stranger).is_none(),
+        "the connection is closed, no job sent"
+    );
+
+    // Garbage, and an oversized length prefix.
+    let mut garbage = std::net::TcpStream::connect(&addr).expect("connect");
+    garbage.set_read_timeout(timeout).expect("timeout");
+    read_frame(&mut garbage).expect("a challenge");
+    write_frame(&mut garbage, b"\x00\x01 not json at all");
+    assert_closed_without_a_job(&mut garbage);
+    let mut huge = std::net::TcpStream::connect(&addr).expect("connect");
+    huge.set_read_timeout(timeout).expect("timeout");
+    read_frame(&mut huge).expect("a challenge");
+    {
+        use std::io::Write;
+        huge.write_all(&u32::MAX.to_be_bytes()).expect("write");
+    }
+    assert_closed_without_a_job(&mut huge);
+
+    // The real consumer was never disturbed.
+    wait_all_done(&mut herd, 100);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert_eq!(done_counts(&herd).len(), 100);
+}
+
+#[test]
+fn remote_consumers_pull_from_the_local_feeder() {
+    use crate::support::sshd::SshWorld;
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let mut herd = Herd::new(&format!(
+        r#"
+[master]
+agent_path = "{agent}"
+
+[ssh]
+ssh_config = "{config}"
+
+[[group]]
+name = "jobs"
+command = "{worker}"
+params = {{ jobs = 300, work_ms = 10 }}
+
+[group.feeder]
+bind = "127.0.0.1:0"
+
+[group.local]
+instances = 1
+concurrency = 2
+
+[[group.remote]]
+hosts = ["{host}"]
+instances = 2
+concurrency = 4
+"#,
+        agent = crate::support::taskherd_bin().display(),
+        config = world.ssh_config().display(),
+        worker = queue_worker(),
+        host = host.alias(),
+    ));
+    herd.start();
+    wait_all_done(&mut herd, 300);
+    let remote_done = herd.lines_with(&format!("[jobs] [{}] [queue_worker/", host.alias()));
+    assert!(!remote_done.is_empty(), "no job done on the remote host");
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    let counts = done_counts(&herd);
+    assert_eq!(counts.len(), 300);
+    assert!(counts.values().all(|&c| c == 1));
+}
