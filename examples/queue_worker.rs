@@ -14,7 +14,7 @@
 //! - `work_ms = t`: each job takes t ms.
 //!
 //! ```text
-//! cargo build --release --examples
+//! cargo build --release --bins --examples
 //! target/release/taskherd run examples/queue.toml
 //! ```
 

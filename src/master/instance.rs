@@ -416,9 +416,9 @@ async fn run_once(
     }
     drop(command_tx);
     for reader in readers {
-        drain(reader).await;
+        drain(reader, &activity).await;
     }
-    let summary = drain(control_task).await.unwrap_or_default();
+    let summary = drain(control_task, &activity).await.unwrap_or_default();
 
     let recycled = recycled.or(summary.recycle.clone());
     let outcome = classify(&status, timed_out, recycled, &summary);
@@ -488,12 +488,19 @@ impl Stopper<'_> {
 }
 
 /// Waits for a helper task of a run, aborting it if it does not end in time.
-async fn drain<T>(mut task: JoinHandle<T>) -> Option<T> {
-    match tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await {
-        Ok(joined) => joined.ok(),
-        Err(_) => {
-            task.abort();
-            None
+///
+/// A task still relaying lines (the log writer may be slow) is waited for:
+/// only one that relayed nothing for [`DRAIN_TIMEOUT`] is given up, since
+/// then a process outside the group holds the pipe open.
+async fn drain<T>(mut task: JoinHandle<T>, activity: &Activity) -> Option<T> {
+    loop {
+        match tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await {
+            Ok(joined) => return joined.ok(),
+            Err(_) if activity.last().elapsed() < DRAIN_TIMEOUT => continue,
+            Err(_) => {
+                task.abort();
+                return None;
+            }
         }
     }
 }
@@ -588,6 +595,8 @@ async fn relay_output<R: AsyncRead + Unpin>(
             message,
         })
         .await;
+        // Relayed: progress for a drain waiting on this reader.
+        activity.touch();
     }
 }
 

@@ -260,11 +260,40 @@ fn consumer_grace(stop_grace: Duration) -> Duration {
 /// Runs `future` on a fresh multi-thread runtime with `blocking_threads`
 /// blocking threads, then drops the runtime without waiting for blocking
 /// work still running (abandoned jobs).
-fn block_on_queue<Fut>(blocking_threads: usize, future: Fut) -> Result<Fut::Output, String>
+///
+/// Meanwhile it pings the master: a feeder or consumer waiting for work is
+/// healthy, and must not be killed by the liveness timeout. (A job that
+/// hangs is the feeder's business: its lease expires and it goes to
+/// another consumer.)
+fn block_on_queue<Fut>(
+    handler: &Handler,
+    blocking_threads: usize,
+    future: Fut,
+) -> Result<Fut::Output, String>
 where
     Fut: Future + Send,
     Fut::Output: Send,
 {
+    let ping_every = handler
+        .identity()
+        .timeout
+        .filter(|timeout| !timeout.is_zero())
+        .map(|timeout| timeout / 3);
+    let future = async move {
+        let pinger = async {
+            match ping_every {
+                Some(every) => loop {
+                    tokio::time::sleep(every).await;
+                    handler.ping();
+                },
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            output = future => output,
+            never = pinger => never,
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(blocking_threads.max(1))
@@ -328,6 +357,7 @@ where
     };
     let blocking_threads = options.concurrency.max(1) as usize + 2;
     let consumed = block_on_queue(
+        handler,
         blocking_threads,
         consumer::consume(feeder_addr, secret, &name, options, run, shutdown),
     )?;
@@ -396,7 +426,7 @@ fn run_feeder<F: Feeder>(
             Err(err) => Err(error_chain(&err)),
         }
     };
-    block_on_queue(FEEDER_BLOCKING_THREADS, serve)?
+    block_on_queue(handler, FEEDER_BLOCKING_THREADS, serve)?
 }
 
 /// Binds a listener on the first address `bind` resolves to that works,

@@ -425,3 +425,19 @@ concurrency = 4
     assert_eq!(counts.len(), 300);
     assert!(counts.values().all(|&c| c == 1));
 }
+
+#[test]
+fn busy_and_idle_queue_instances_are_not_taken_for_hung() {
+    // Each job takes longer than the liveness timeout, and the feeder waits
+    // idle meanwhile: the queue machinery pings for both.
+    let mut herd = herd("jobs = 3, work_ms = 1500", 1, 1, "", "timeout = \"1s\"");
+    herd.start();
+    wait_all_done(&mut herd, 3);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert!(
+        herd.lines_with("liveness timeout").is_empty(),
+        "{:?}",
+        herd.seen
+    );
+}

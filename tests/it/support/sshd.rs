@@ -580,7 +580,7 @@ impl SshWorld {
                 "\nHost {alias}\n\
                  \x20   HostName {addr}\n\
                  \x20   Port {port}\n\
-                 \x20   User root\n\
+                 \x20   User {user}\n\
                  \x20   IdentityFile {identity}\n\
                  \x20   IdentitiesOnly yes\n\
                  \x20   UserKnownHostsFile {known_hosts}\n\
@@ -593,6 +593,7 @@ impl SshWorld {
                 alias = host.alias,
                 addr = host.addr,
                 port = host.port,
+                user = login_user(),
                 identity = identity.display(),
                 known_hosts = known_hosts.display(),
             ));
@@ -648,3 +649,28 @@ impl Default for SshWorld {
         SshWorld::new()
     }
 }
+
+/// The login of test sessions: `taskherd-test` when it exists (a uid-0
+/// user with `/bin/sh` as shell, made by `scripts/test`), else `root`.
+///
+/// Root's own shell may be bash with an rc file that does slow or locking
+/// work on every ssh command (here: `pyenv rehash`, whose lock is left
+/// stale when a test kills a session in the middle of it and then makes
+/// every later session wait); sessions of a plain `sh` login start at once.
+pub fn login_user() -> &'static str {
+    static USER: OnceLock<&'static str> = OnceLock::new();
+    USER.get_or_init(|| {
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        if passwd
+            .lines()
+            .any(|l| l.starts_with(&format!("{TEST_LOGIN}:")))
+        {
+            TEST_LOGIN
+        } else {
+            "root"
+        }
+    })
+}
+
+/// Name of the dedicated test login (see [`login_user`]).
+pub const TEST_LOGIN: &str = "taskherd-test";
