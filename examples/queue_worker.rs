@@ -11,7 +11,9 @@
 //! - `always_fail = n`: job n fails on every attempt (and ends dead);
 //! - `stall = n` with `stall_ms = t`: job n takes t ms on its first
 //!   attempt (longer than the lease, to see it redelivered);
-//! - `work_ms = t`: each job takes t ms.
+//! - `work_ms = t`: each job takes t ms;
+//! - `pause_at = n` with `pause_ms = t`: job n asks the feeder to pause
+//!   deliveries for t ms (the consumer side of the rate governor).
 //!
 //! ```text
 //! cargo build --release --bins --examples
@@ -34,6 +36,8 @@ struct Params {
     stall: Option<u64>,
     stall_ms: Option<u64>,
     work_ms: Option<u64>,
+    pause_at: Option<u64>,
+    pause_ms: Option<u64>,
 }
 
 /// Jobs 1..=last; dead jobs are printed.
@@ -90,6 +94,10 @@ fn consume(params: &Params, h: &Handler, job: u64, info: JobInfo) -> Outcome {
     }
     if params.stall == Some(job) && info.attempt == 1 {
         std::thread::sleep(Duration::from_millis(params.stall_ms.unwrap_or(0)));
+    }
+    if params.pause_at == Some(job) {
+        info.feeder
+            .pause(Duration::from_millis(params.pause_ms.unwrap_or(1000)));
     }
     if params.always_fail == Some(job) {
         return Outcome::Retry(None);

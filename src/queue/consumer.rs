@@ -151,13 +151,48 @@ impl Default for ConsumerOptions {
 }
 
 /// What the consumer's function learns about a job besides its payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct JobInfo {
     /// The job's id, stable across attempts (for logs and idempotence).
     pub id: u64,
     /// Attempts so far, this one included (1 on first delivery).
     pub attempt: u32,
+    /// Asks the feeder to send less: the consumer's side of the rate
+    /// governor.
+    pub feeder: FeederControl,
+}
+
+/// Lets a consumer tell the feeder it is overloaded (the feeder's rate
+/// governor halves its rate, then recovers gradually) or must not get
+/// anything for a while.
+///
+/// ```no_run
+/// # fn job(info: taskherd::queue::consumer::JobInfo) {
+/// use std::time::Duration;
+/// // The database answers slowly: ease off.
+/// info.feeder.slow_down();
+/// // It is down for maintenance: nothing for a minute.
+/// info.feeder.pause(Duration::from_secs(60));
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct FeederControl {
+    frames_tx: mpsc::UnboundedSender<ToFeeder>,
+}
+
+impl FeederControl {
+    /// Sends SlowDown. A lost connection drops it silently: the next
+    /// connection starts at the feeder's current rate.
+    pub fn slow_down(&self) {
+        let _ = self.frames_tx.send(ToFeeder::SlowDown);
+    }
+
+    /// Sends Pause: the feeder sends no job to anyone for `duration`
+    /// (capped by the feeder).
+    pub fn pause(&self, duration: Duration) {
+        let _ = self.frames_tx.send(ToFeeder::Pause { duration });
+    }
 }
 
 /// What a consumer did, returned when it stops.
@@ -846,7 +881,11 @@ where
                         match serde_json::from_value::<J>(payload) {
                             Ok(job) => queued.push_back(Queued {
                                 lease: job_lease,
-                                info: JobInfo { id, attempt },
+                                info: JobInfo {
+                                    id,
+                                    attempt,
+                                    feeder: FeederControl { frames_tx: frames_tx.clone() },
+                                },
                                 job,
                                 received: Instant::now(),
                             }),

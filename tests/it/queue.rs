@@ -441,3 +441,20 @@ fn busy_and_idle_queue_instances_are_not_taken_for_hung() {
         herd.seen
     );
 }
+
+#[test]
+fn a_consumer_can_pause_the_feeder() {
+    // Job 3 asks for a long pause: within the run, the feeder sends only
+    // what the consumer already had credit for.
+    let mut herd = herd(
+        "jobs = 1000, pause_at = 3, pause_ms = 60000",
+        1,
+        1,
+        "credits = 1",
+        "max_running_time = \"3s\"",
+    );
+    herd.start();
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    let done = done_counts(&herd).len();
+    assert!((3..=5).contains(&done), "{done} jobs done during a pause");
+}
