@@ -737,48 +737,12 @@ impl Walker<'_> {
                 spec.max_attempts = attempts;
             }
         }
-        let initial = table.get("retry_initial");
-        let initial_ok = match initial.map(|v| self.duration(&child(path, "retry_initial"), v)) {
-            Some(Some(duration)) => {
-                spec.retry_initial = duration;
-                true
-            }
-            Some(None) => false,
-            None => true,
-        };
-        let max = table.get("retry_max");
-        let max_ok = match max.map(|v| self.duration(&child(path, "retry_max"), v)) {
-            Some(Some(duration)) => {
-                spec.retry_max = duration;
-                true
-            }
-            Some(None) => false,
-            None => true,
-        };
-        // As in `restart`: only compare values that are right on their own.
-        if initial_ok && max_ok && spec.retry_max < spec.retry_initial {
-            let initial_text = humantime::format_duration(spec.retry_initial);
-            let max_text = humantime::format_duration(spec.retry_max);
-            match (max, initial) {
-                (Some(max), _) => self.error(
-                    max.span(),
-                    &child(path, "retry_max"),
-                    format!(
-                        "must not be less than retry_initial ({initial_text}), found {max_text}"
-                    ),
-                ),
-                (None, Some(initial)) => self.error(
-                    initial.span(),
-                    &child(path, "retry_initial"),
-                    format!(
-                        "must not be more than retry_max ({max_text}, the default), \
-                         found {initial_text}; set retry_max too"
-                    ),
-                ),
-                // The defaults are consistent, so one of them was set.
-                (None, None) => {}
-            }
-        }
+        self.backoff_bounds(
+            table,
+            path,
+            ("retry_initial", "retry_max"),
+            (&mut spec.retry_initial, &mut spec.retry_max),
+        );
         if let Some(value) = table.get("credits") {
             spec.credits = self.count(&child(path, "credits"), value);
         }
@@ -994,24 +958,12 @@ impl Walker<'_> {
                 restart.policy = policy;
             }
         }
-        let initial = table.get("initial");
-        let initial_ok = match initial.map(|v| self.duration(&child(path, "initial"), v)) {
-            Some(Some(duration)) => {
-                restart.initial = duration;
-                true
-            }
-            Some(None) => false,
-            None => true,
-        };
-        let max = table.get("max");
-        let max_ok = match max.map(|v| self.duration(&child(path, "max"), v)) {
-            Some(Some(duration)) => {
-                restart.max = duration;
-                true
-            }
-            Some(None) => false,
-            None => true,
-        };
+        self.backoff_bounds(
+            table,
+            path,
+            ("initial", "max"),
+            (&mut restart.initial, &mut restart.max),
+        );
         if let Some(value) = table.get("reset_after") {
             if let Some(duration) = self.duration(&child(path, "reset_after"), value) {
                 restart.reset_after = duration;
@@ -1031,30 +983,59 @@ impl Walker<'_> {
         if let Some(value) = table.get("limit") {
             restart.limit = self.limit(&child(path, "limit"), value);
         }
-        // Only compare values the user wrote correctly (or left at their
-        // defaults); a bad value already has its own error.
-        if initial_ok && max_ok && restart.max < restart.initial {
-            let initial_text = humantime::format_duration(restart.initial);
-            let max_text = humantime::format_duration(restart.max);
-            match (max, initial) {
-                (Some(max), _) => self.error(
-                    max.span(),
-                    &child(path, "max"),
-                    format!("must not be less than initial ({initial_text}), found {max_text}"),
-                ),
-                (None, Some(initial)) => self.error(
-                    initial.span(),
-                    &child(path, "initial"),
-                    format!(
-                        "must not be more than max ({max_text}, the default), \
-                         found {initial_text}; set max too"
-                    ),
-                ),
-                // The defaults are consistent, so one of them was set.
-                (None, None) => {}
-            }
-        }
         restart
+    }
+
+    /// A backoff's first delay and cap (keys `names`), into `bounds`:
+    /// each parsed on its own, then the cap checked against the first
+    /// delay. Only values written correctly (or left at their defaults) are
+    /// compared: a bad value already has its own error.
+    fn backoff_bounds(
+        &mut self,
+        table: &DeTable<'_>,
+        path: &str,
+        names: (&str, &str),
+        bounds: (&mut Duration, &mut Duration),
+    ) {
+        let (initial_name, max_name) = names;
+        let (initial_value, max_value) = bounds;
+        let initial = table.get(initial_name);
+        let max = table.get(max_name);
+        let parse =
+            |walker: &mut Self, name: &str, value: Option<&Value<'_>>, into: &mut Duration| {
+                match value.map(|v| walker.duration(&child(path, name), v)) {
+                    Some(Some(duration)) => {
+                        *into = duration;
+                        true
+                    }
+                    Some(None) => false,
+                    None => true,
+                }
+            };
+        let initial_ok = parse(self, initial_name, initial, initial_value);
+        let max_ok = parse(self, max_name, max, max_value);
+        if !(initial_ok && max_ok) || *max_value >= *initial_value {
+            return;
+        }
+        let initial_text = humantime::format_duration(*initial_value);
+        let max_text = humantime::format_duration(*max_value);
+        match (max, initial) {
+            (Some(max), _) => self.error(
+                max.span(),
+                &child(path, max_name),
+                format!("must not be less than {initial_name} ({initial_text}), found {max_text}"),
+            ),
+            (None, Some(initial)) => self.error(
+                initial.span(),
+                &child(path, initial_name),
+                format!(
+                    "must not be more than {max_name} ({max_text}, the default), \
+                     found {initial_text}; set {max_name} too"
+                ),
+            ),
+            // The defaults are consistent, so one of them was set.
+            (None, None) => {}
+        }
     }
 
     fn policy(&mut self, key: &str, value: &Value<'_>) -> Option<RestartPolicy> {
