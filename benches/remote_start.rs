@@ -450,7 +450,9 @@ fn time_command(mut command: Command, what: &str) -> (Duration, Output) {
 fn time_pdsh(config: &Path, targets: &[String]) -> Duration {
     let mut command = Command::new(PDSH);
     command
-        .args(["-R", "ssh", "-f", "64", "-w"])
+        // The same login as taskherd's sessions (see sshd::login_user):
+        // pdsh's %u would otherwise be the local user, with its shell rc.
+        .args(["-R", "ssh", "-f", "64", "-l", sshd::login_user(), "-w"])
         .arg(targets.join(","))
         .arg("echo ready")
         // pdsh's default is "-2 -a -x -l%u %h"; only `-F config` is added.
