@@ -6,6 +6,7 @@ pub mod agent;
 pub mod callback;
 #[cfg(feature = "master")]
 pub mod config;
+mod error_text;
 #[cfg(feature = "master")]
 pub mod master;
 #[cfg(feature = "slave")]

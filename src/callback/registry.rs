@@ -66,7 +66,7 @@ where
             match tokio::task::spawn_blocking(move || handler(payload)).await {
                 Ok(outcome) => outcome,
                 Err(err) if err.is_panic() => {
-                    let message = panic_message(err.into_panic().as_ref());
+                    let message = crate::error_text::panic_text(err.into_panic().as_ref());
                     tracing::error!(handler = %name, panic = %message, "handler panicked");
                     Outcome::Retry(None)
                 }
@@ -93,21 +93,10 @@ pub(crate) async fn guarded(name: &str, future: impl Future<Output = Outcome>) -
     match AssertUnwindSafe(future).catch_unwind().await {
         Ok(outcome) => outcome,
         Err(panic) => {
-            let message = panic_message(panic.as_ref());
+            let message = crate::error_text::panic_text(panic.as_ref());
             tracing::error!(handler = %name, panic = %message, "handler panicked");
             Outcome::Retry(None)
         }
-    }
-}
-
-/// The text of a panic payload, when it has one.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = panic.downcast_ref::<&str>() {
-        (*text).to_string()
-    } else if let Some(text) = panic.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "(non-text panic payload)".to_string()
     }
 }
 

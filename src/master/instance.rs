@@ -11,6 +11,7 @@ use super::process::{self, ProcessSpec, Spawned};
 use super::restart::{Decision, RestartTracker, RunOutcome};
 use super::shutdown::Shutdown;
 use crate::config::RestartSpec;
+use crate::error_text::error_chain;
 use crate::pidkiller::PidKiller;
 use crate::protocol::slave::{FromSlave, Identity, Level, ToSlave};
 use crate::protocol::{Connection, ProtocolError, PROTOCOL_VERSION};
@@ -552,17 +553,6 @@ fn classify(
         Ok(status) if status.success() => RunOutcome::Success,
         _ => RunOutcome::Failure(describe_status(status)),
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Turns one output stream into log records.

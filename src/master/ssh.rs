@@ -160,17 +160,13 @@ async fn own_executable() -> Result<&'static OwnExecutable, RemoteError> {
             path: path.clone(),
             source,
         })?;
-    let sha256 = tokio::task::spawn_blocking(move || {
-        Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    })
-    .await
-    .map_err(|err| RemoteError::OwnExecutable {
-        path: path.clone(),
-        source: std::io::Error::other(err),
-    })?;
+    let sha256 =
+        tokio::task::spawn_blocking(move || crate::error_text::hex(&Sha256::digest(&bytes)))
+            .await
+            .map_err(|err| RemoteError::OwnExecutable {
+                path: path.clone(),
+                source: std::io::Error::other(err),
+            })?;
     Ok(OWN_EXECUTABLE.get_or_init(|| OwnExecutable { path, sha256 }))
 }
 

@@ -22,6 +22,7 @@
 //!    hand back ([`ToFeeder::Release`]) what they hold, then say
 //!    [`ToFeeder::Bye`].
 
+use crate::error_text::hex;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -171,10 +172,6 @@ pub fn random_hex(n: usize) -> Result<String, std::io::Error> {
     let mut bytes = vec![0u8; n];
     getrandom::fill(&mut bytes).map_err(|err| std::io::Error::other(err.to_string()))?;
     Ok(hex(&bytes))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {

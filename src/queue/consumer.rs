@@ -62,6 +62,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::error_text::panic_text;
 use crate::protocol::queue::{proof, random_hex, verify, ToConsumer, ToFeeder};
 use crate::protocol::{codec, decode, encode, ProtocolError, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use crate::retry::Outcome;
@@ -1033,17 +1034,6 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// The text of a panic payload.
-pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_string()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "panic with a non-text payload".to_string()
     }
 }
 

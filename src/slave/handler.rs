@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::SlaveError;
 use super::layer::MasterLayer;
 use super::link::{self, ControlRx, ControlTx, Orphaned, Outbox};
+use crate::error_text::panic_text;
 use crate::protocol::slave::{FromSlave, Identity, Level, ToSlave, CONTROL_FD_ENV};
 use crate::protocol::{codec, decode, encode, ProtocolError, PROTOCOL_VERSION};
 
@@ -639,17 +640,6 @@ fn truncate_message(mut message: String) -> String {
         message.push('…');
     }
     message
-}
-
-/// The text of a panic payload.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_string()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "panic with a non-text payload".to_string()
-    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,9 @@ use tracing::info;
 use super::error::SlaveError;
 use super::handler::Handler;
 use super::link::{self, Outgoing};
+use crate::error_text::{error_chain, panic_text};
 use crate::protocol::slave::{FromSlave, QueueRole, QueueSettings};
-use crate::queue::consumer::{self, panic_text, ConsumerOptions, JobInfo, DEFAULT_GRACE};
+use crate::queue::consumer::{self, ConsumerOptions, JobInfo, DEFAULT_GRACE};
 use crate::queue::Feeder;
 use crate::retry::Outcome;
 
@@ -457,18 +458,6 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
-}
-
-/// An error and its causes, `: `-separated.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

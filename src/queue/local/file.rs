@@ -16,6 +16,7 @@ use super::{
     Lease, LeaseId, LocalQueue, LocalQueueError, Message, MessageId, PushOptions, QueueOptions,
     QueueStats, Result,
 };
+use crate::error_text::error_chain;
 
 /// The first bytes of every journal (format version 1).
 const MAGIC: &[u8; 8] = b"THQJNL01";
@@ -351,18 +352,6 @@ impl LocalQueue for FileQueue {
     fn next_visible_at(&self) -> Option<SystemTime> {
         self.state.next_visible_at()
     }
-}
-
-/// `err: its source: ...`, for a log line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn io_error(path: &Path, source: io::Error) -> LocalQueueError {
