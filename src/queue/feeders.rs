@@ -37,6 +37,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
+use crate::error_text::error_chain;
+
 use super::local::{
     FileQueue, LeaseId, LocalQueue, LocalQueueError, MessageId, PushOptions, QueueOptions, Result,
 };
@@ -471,7 +473,7 @@ impl FileFeeder {
                 "{doing}: the job was served again since (journal reopened); outcome dropped"
             ),
             _ => {
-                tracing::error!(path = %path, job = ?job, cause = %chain(err), "{doing}");
+                tracing::error!(path = %path, job = ?job, cause = %error_chain(err), "{doing}");
                 self.queue = None;
             }
         }
@@ -552,18 +554,6 @@ fn io_error(path: &Path, source: io::Error) -> LocalQueueError {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// `err: its source: ...`, for a log line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Takes an exclusive `flock`, waiting for it; released when `file` is
