@@ -22,9 +22,8 @@ enum Command {
     Run {
         /// The config file (TOML).
         config: PathBuf,
-        /// Log format, overriding `master.log_format`.
-        #[arg(long, value_enum)]
-        log_format: Option<FormatArg>,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Validate a config and print every error found.
     Check {
@@ -48,6 +47,63 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Show the groups and instances of a running master.
+    Status {
+        #[command(flatten)]
+        target: MasterTarget,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a running master cleanly, and wait until it has stopped.
+    Stop {
+        #[command(flatten)]
+        target: MasterTarget,
+        /// Kill at once (SIGKILL), without the stop grace.
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Stop a group's instances and keep them stopped.
+    Suspend {
+        #[command(flatten)]
+        target: MasterTarget,
+        /// The group's name.
+        group: String,
+    },
+    /// Start a suspended group's instances again.
+    Resume {
+        #[command(flatten)]
+        target: MasterTarget,
+        /// The group's name.
+        group: String,
+    },
+    /// Restart a group's instances, one at a time.
+    Restart {
+        #[command(flatten)]
+        target: MasterTarget,
+        /// The group's name.
+        group: String,
+    },
+    /// Make a running master re-read its config and apply the changes.
+    Reload {
+        #[command(flatten)]
+        target: MasterTarget,
+    },
+    /// Follow the live log of a running master (until it exits or Ctrl-C).
+    Logs {
+        #[command(flatten)]
+        target: MasterTarget,
+        /// Only this group's lines (and the master's own events).
+        group: Option<String>,
+    },
+}
+
+/// Which running master an operator's command talks to.
+#[derive(Debug, clap::Args)]
+struct MasterTarget {
+    /// The config the master runs (default: the only master running).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,12 +133,93 @@ enum QueueCommand {
     },
 }
 
+/// The log flags of `run`: each overrides its key of the config's `[log]`
+/// table.
+#[derive(Debug, clap::Args)]
+struct LogArgs {
+    /// Log format, overriding `[log] format`.
+    #[arg(long, value_enum)]
+    log_format: Option<FormatArg>,
+    /// Write the log to this file (rotated per `[log] max_size` and
+    /// `keep`), overriding `[log] file`; stdout then shows only the
+    /// master's own events.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// Which records are written: a default level and levels per group,
+    /// such as `info,web=debug`. Overrides TASKHERD_LOG, which overrides
+    /// `[log] filter` (default `info`).
+    #[arg(long, value_name = "FILTER")]
+    log_filter: Option<taskherd::master::log::LogFilter>,
+    /// Colors by level on the terminal, overriding `[log] color`.
+    #[arg(long, value_enum, value_name = "WHEN")]
+    color: Option<ColorArg>,
+}
+
+/// The environment variable with a log filter, between `[log] filter`
+/// and `--log-filter`.
+const LOG_FILTER_ENV: &str = "TASKHERD_LOG";
+
+impl LogArgs {
+    /// Puts the flags (and TASKHERD_LOG) over the config's `[log]` table.
+    fn apply(self, config: &mut Config) -> anyhow::Result<()> {
+        use taskherd::config::LogColor;
+        if let Some(format) = self.log_format {
+            config.log.format = match format {
+                FormatArg::Text => LogFormat::Text,
+                FormatArg::Json => LogFormat::Json,
+            };
+        }
+        if let Some(file) = self.log_file {
+            // Relative to where the command runs, not to the config.
+            let absolute = std::path::absolute(&file)
+                .with_context(|| format!("--log-file {}", file.display()))?;
+            config.log.file = Some(absolute);
+        }
+        if let Some(color) = self.color {
+            config.log.color = match color {
+                ColorArg::Auto => LogColor::Auto,
+                ColorArg::Always => LogColor::Always,
+                ColorArg::Never => LogColor::Never,
+            };
+        }
+        let (filter, origin) = match (self.log_filter, std::env::var_os(LOG_FILTER_ENV)) {
+            (Some(filter), _) => (filter, "--log-filter".to_owned()),
+            (None, Some(text)) if !text.to_string_lossy().trim().is_empty() => {
+                let text = text.to_string_lossy();
+                let origin = format!("{LOG_FILTER_ENV}={text:?}");
+                let filter = text.parse().with_context(|| origin.clone())?;
+                (filter, origin)
+            }
+            (None, _) => return Ok(()),
+        };
+        let names: Vec<&str> = config.groups.iter().map(|g| g.name.as_str()).collect();
+        if let Some(unknown) = filter.groups().find(|group| !names.contains(group)) {
+            anyhow::bail!(
+                "{origin}: unknown group {unknown:?} in the log filter; the groups are: {}",
+                names.join(", ")
+            );
+        }
+        config.log.filter = filter;
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum FormatArg {
     /// `time level [group] [host] [command/id/group_id] message`
     Text,
     /// One JSON object per line.
     Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ColorArg {
+    /// When stdout is a terminal (and NO_COLOR is not set).
+    Auto,
+    /// Always, even into a pipe or a file.
+    Always,
+    /// Never.
+    Never,
 }
 
 /// Exit code when instances were marked failed.
@@ -95,12 +232,27 @@ fn main() -> ExitCode {
     init_diagnostics();
     let result = match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config, log_format } => run(&config, log_format),
+        Command::Run { config, log } => run(&config, log),
         Command::Pids { state_file, json } => pids(state_file, json),
         Command::Agent => taskherd::agent::run_stdio()
             .map(|()| ExitCode::SUCCESS)
             .map_err(|err| anyhow::anyhow!(err).context("agent")),
         Command::Queue { command } => queue(command),
+        Command::Status { target, json } => operate(target, |client| status(client, json)),
+        Command::Stop { target, kill } => {
+            operate(target, |client| answer(client, ToMaster::Stop { kill }))
+        }
+        Command::Suspend { target, group } => {
+            operate(target, |client| answer(client, ToMaster::Suspend { group }))
+        }
+        Command::Resume { target, group } => {
+            operate(target, |client| answer(client, ToMaster::Resume { group }))
+        }
+        Command::Restart { target, group } => {
+            operate(target, |client| answer(client, ToMaster::Restart { group }))
+        }
+        Command::Reload { target } => operate(target, |client| answer(client, ToMaster::Reload)),
+        Command::Logs { target, group } => operate(target, |client| logs(client, group)),
     };
     match result {
         Ok(code) => code,
@@ -194,18 +346,27 @@ fn pids(state_file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(path: &std::path::Path, log_format: Option<FormatArg>) -> anyhow::Result<ExitCode> {
+fn run(path: &std::path::Path, log: LogArgs) -> anyhow::Result<ExitCode> {
     let mut config = match load(path)? {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };
-    if let Some(format) = log_format {
-        config.master.log_format = match format {
-            FormatArg::Text => LogFormat::Text,
-            FormatArg::Json => LogFormat::Json,
-        };
-    }
-    let report = master::run_blocking(config).context("cannot start the master")?;
+    log.apply(&mut config)?;
+    // Before anything starts: a second master of the same config is
+    // refused here, with the first one's pid.
+    let socket = match master::control::ControlSocket::bind(&config.source) {
+        Ok(socket) => socket,
+        Err(err @ master::control::ControlError::AlreadyRunning { .. }) => {
+            eprintln!("taskherd: {err}");
+            return Ok(ExitCode::from(EXIT_ERROR));
+        }
+        Err(err) => return Err(anyhow::Error::new(err).context("cannot open the control socket")),
+    };
+    let report = master::Launcher::new(config)
+        .control_socket(socket)
+        .reload_on_sighup()
+        .run_blocking()
+        .context("cannot start the master")?;
     Ok(if report.success() {
         ExitCode::SUCCESS
     } else {
@@ -290,4 +451,120 @@ fn queue_jobs(args: &[String]) -> anyhow::Result<Vec<serde_json::Value>> {
         jobs.push(job);
     }
     Ok(jobs)
+}
+
+// The operator's commands: talk to a running master over its control socket.
+
+use taskherd::master::control::{self as control_socket, ControlClient};
+use taskherd::protocol::control::{FromMaster, ToMaster};
+
+/// Exit code when the master answered with an error.
+const EXIT_MASTER_ERROR: u8 = 1;
+/// Exit code when no master runs (or none can be reached).
+const EXIT_NO_MASTER: u8 = 2;
+
+/// Connects to the master of `target` on a small runtime of its own and
+/// runs `command` with the connection.
+fn operate<F, Fut>(target: MasterTarget, command: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(ControlClient) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        match control_socket::connect(target.config.as_deref()).await {
+            Ok(client) => command(client).await,
+            Err(err) if err.is_no_master() => {
+                eprintln!("taskherd: {err}");
+                Ok(ExitCode::from(EXIT_NO_MASTER))
+            }
+            Err(err) => Err(err.into()),
+        }
+    })
+}
+
+/// `status`: the table, or the JSON with `--json`.
+async fn status(mut client: ControlClient, json: bool) -> anyhow::Result<ExitCode> {
+    client.request(ToMaster::Status).await?;
+    while let Some(frame) = client.next_reply().await? {
+        match frame {
+            FromMaster::Status(status) => {
+                let text = if json {
+                    serde_json::to_string_pretty(&status)? + "\n"
+                } else {
+                    control_socket::format_status(&status)
+                };
+                print_out(&text);
+                return Ok(ExitCode::SUCCESS);
+            }
+            FromMaster::Error { message } => {
+                eprintln!("taskherd: {message}");
+                return Ok(ExitCode::from(EXIT_MASTER_ERROR));
+            }
+            _ => {}
+        }
+    }
+    closed_without_answer(&client)
+}
+
+/// `stop`, `suspend`, `resume`, `restart`, `reload`: sends the request and
+/// waits for `Done` (exit 0) or `Error` (exit 1), printing log lines that
+/// come meanwhile.
+async fn answer(mut client: ControlClient, request: ToMaster) -> anyhow::Result<ExitCode> {
+    client.request(request).await?;
+    while let Some(frame) = client.next_reply().await? {
+        match frame {
+            FromMaster::Done { message } => {
+                print_out(&format!("{message}\n"));
+                return Ok(ExitCode::SUCCESS);
+            }
+            FromMaster::Error { message } => {
+                eprintln!("taskherd: {message}");
+                return Ok(ExitCode::from(EXIT_MASTER_ERROR));
+            }
+            FromMaster::Log { line, .. } => print_out(&format!("{line}\n")),
+            _ => {}
+        }
+    }
+    closed_without_answer(&client)
+}
+
+/// `logs`: every line until the master exits (or Ctrl-C, or stdout closes).
+async fn logs(mut client: ControlClient, group: Option<String>) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    client.request(ToMaster::Logs { group }).await?;
+    let mut stdout = std::io::stdout();
+    while let Some(frame) = client.next_reply().await? {
+        match frame {
+            // `taskherd logs | head`: the reader is gone.
+            FromMaster::Log { line, .. } if writeln!(stdout, "{line}").is_err() => {
+                return Ok(ExitCode::SUCCESS);
+            }
+            FromMaster::Log { .. } => {}
+            FromMaster::Error { message } => {
+                eprintln!("taskherd: {message}");
+                return Ok(ExitCode::from(EXIT_MASTER_ERROR));
+            }
+            FromMaster::Done { .. } => break,
+            _ => {}
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout, ignoring a closed pipe (`println!` would panic).
+fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes());
+}
+
+fn closed_without_answer(client: &ControlClient) -> anyhow::Result<ExitCode> {
+    eprintln!(
+        "taskherd: the master (pid {}) closed the connection without answering",
+        client.master_pid()
+    );
+    Ok(ExitCode::from(EXIT_MASTER_ERROR))
 }

@@ -110,6 +110,16 @@ where
     });
 
     let mut tasks: JoinSet<InstanceReport> = JoinSet::new();
+    let mut commands = std::collections::HashMap::new();
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let events_upstream = control_tx.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events_rx.recv().await {
+            if events_upstream.send(FromAgent::Event(event)).is_err() {
+                return;
+            }
+        }
+    });
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
@@ -128,12 +138,22 @@ where
                                 sink: sink.clone(),
                                 shutdown: shutdown.clone(),
                                 pids: pids.clone(),
+                                events: Some(events_tx.clone()),
                             };
-                            tasks.spawn(instance::supervise(spec, context, None));
+                            let listening = is_feeder(&spec)
+                                .then(|| relay_listening(spec.label.id, control_tx.clone()));
+                            let (command_tx, command_rx) = mpsc::unbounded_channel();
+                            commands.insert(spec.label.id, command_tx);
+                            tasks.spawn(instance::supervise(spec, context, listening, command_rx));
                         }
                     }
                     Ok(Some(ToAgent::Stop { reason })) => shutdown.request_stop(reason),
                     Ok(Some(ToAgent::Kill)) => shutdown.kill_now("the master asked to kill"),
+                    Ok(Some(ToAgent::Command { id, command })) => {
+                        if let Some(command_tx) = commands.get(&id) {
+                            let _ = command_tx.send(command);
+                        }
+                    }
                     Ok(Some(ToAgent::Heartbeat | ToAgent::Hello { .. })) => {}
                     Ok(None) => {
                         master_gone = true;
@@ -158,6 +178,7 @@ where
             }
             Some(joined) = tasks.join_next() => {
                 if let Ok(report) = joined {
+                    commands.remove(&report.label.id);
                     let _ = control_tx.send(FromAgent::Ended { id: report.label.id, end: report.end });
                 }
             }
@@ -165,10 +186,38 @@ where
         }
     }
     drop(sink);
+    drop(events_tx);
     drop(control_tx);
     // Bounded: a partitioned link must not keep the agent alive.
     let _ = tokio::time::timeout(orphan_timeout, writer_task).await;
     Ok(())
+}
+
+fn is_feeder(spec: &crate::master::instance::InstanceSpec) -> bool {
+    matches!(
+        spec.identity.queue,
+        Some(crate::protocol::slave::QueueRole::Feeder { .. })
+    )
+}
+
+/// A feeder's listening watch whose every address goes upstream, so that
+/// the master can start the feeder's consumers.
+fn relay_listening(
+    id: u32,
+    control_tx: mpsc::UnboundedSender<FromAgent>,
+) -> tokio::sync::watch::Sender<Option<String>> {
+    let (listening_tx, mut listening_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        while listening_rx.changed().await.is_ok() {
+            let listened = listening_rx.borrow_and_update().clone();
+            if let Some(addr) = listened {
+                if control_tx.send(FromAgent::Listening { id, addr }).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    listening_tx
 }
 
 /// Writes heartbeats first, reports after the log lines queued before

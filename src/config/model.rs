@@ -11,6 +11,8 @@ pub struct Config {
     pub source: PathBuf,
     /// Settings of the master itself.
     pub master: MasterSpec,
+    /// Where the herd's log goes and what it keeps (`[log]`).
+    pub log: LogSpec,
     /// The groups, in config order (global ids follow this order).
     pub groups: Vec<GroupSpec>,
 }
@@ -96,8 +98,6 @@ pub struct MasterSpec {
     /// After this long the master stops everything cleanly. Key
     /// `max_running_time`, default none (run until stopped or all ended).
     pub max_running_time: Option<Duration>,
-    /// How log lines are written. Key `log_format`, `"text"` (default) or `"json"`.
-    pub log_format: LogFormat,
     /// How often master and agents tell each other they are alive. Key
     /// `heartbeat`, default 1 s.
     pub heartbeat: Duration,
@@ -125,7 +125,6 @@ impl Default for MasterSpec {
             timeout: DEFAULT_TIMEOUT,
             stop_grace: DEFAULT_STOP_GRACE,
             max_running_time: None,
-            log_format: LogFormat::Text,
             heartbeat: DEFAULT_HEARTBEAT,
             orphan_timeout: DEFAULT_ORPHAN_TIMEOUT,
             agent_dir: DEFAULT_AGENT_DIR.to_string(),
@@ -145,6 +144,64 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 pub const DEFAULT_ORPHAN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of `master.agent_dir`.
 pub const DEFAULT_AGENT_DIR: &str = ".cache/taskherd";
+
+/// The `[log]` table: the herd's log (every instance's lines and the
+/// master's events).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSpec {
+    /// How lines are written. Key `format`, `"text"` (default) or
+    /// `"json"`; `[master] log_format` is its older name.
+    pub format: LogFormat,
+    /// Write the log to this file (relative to the config file), rotated
+    /// by size; standard output then only shows the master's own events.
+    /// Key `file`, default none (everything to standard output).
+    pub file: Option<PathBuf>,
+    /// Size in bytes after which the file is rotated. Key `max_size`,
+    /// such as `"100MiB"` (the default), `"500MB"` or a number of bytes.
+    pub max_size: u64,
+    /// Rotated files kept (`herd.log.1` ... `herd.log.N`, the oldest
+    /// dropped). Key `keep`, default 5, from 1 to [`MAX_LOG_KEEP`].
+    pub keep: u32,
+    /// Which records are written: a default level and levels per group,
+    /// such as `"info,web=debug"`. Key `filter`, default `"info"`.
+    pub filter: crate::master::log::LogFilter,
+    /// Colors by level on the terminal. Key `color`, `"auto"` (default:
+    /// when standard output is a terminal), `"always"` or `"never"`.
+    pub color: LogColor,
+}
+
+impl Default for LogSpec {
+    fn default() -> Self {
+        LogSpec {
+            format: LogFormat::Text,
+            file: None,
+            max_size: DEFAULT_LOG_MAX_SIZE,
+            keep: DEFAULT_LOG_KEEP,
+            filter: crate::master::log::LogFilter::default(),
+            color: LogColor::Auto,
+        }
+    }
+}
+
+/// Default of `log.max_size`: 100 MiB.
+pub const DEFAULT_LOG_MAX_SIZE: u64 = 100 * 1024 * 1024;
+/// Default of `log.keep`.
+pub const DEFAULT_LOG_KEEP: u32 = 5;
+/// Largest `log.keep` (each rotation renames every kept file).
+pub const MAX_LOG_KEEP: u32 = 1000;
+
+/// When log lines on the terminal are colored by level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogColor {
+    /// When standard output is a terminal and `NO_COLOR` is not set
+    /// (`"auto"`).
+    #[default]
+    Auto,
+    /// Always, even into a pipe (`"always"`).
+    Always,
+    /// Never (`"never"`).
+    Never,
+}
 
 /// Format of the master's log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -217,9 +274,14 @@ pub struct LocalPlacement {
 /// `[[group.remote]]`) holds consumers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSpec {
-    /// `[group.feeder] host`: `"local"` (the default) runs the feeder on
-    /// the master's host. Only `"local"` is supported for now.
+    /// `[group.feeder] host`: `None` (written `"local"`, the default) runs
+    /// the feeder on the master's host; a `[user@]name[:port]` runs it
+    /// there over SSH. A wildcard `bind` is then reached at that host's
+    /// name, from the master's view.
     pub feeder_host: Option<HostSpec>,
+    /// SSH settings for a remote feeder's host: the `[ssh]` defaults (a
+    /// placement naming the same host shares its connection and settings).
+    pub feeder_ssh: SshOptions,
     /// `[group.feeder] bind`: the feeder's listening address, default
     /// `127.0.0.1:0` (loopback, a free port chosen at start). A feeder
     /// bound beyond loopback still requires the per-run secret.
@@ -250,6 +312,7 @@ impl Default for QueueSpec {
     fn default() -> Self {
         QueueSpec {
             feeder_host: None,
+            feeder_ssh: SshOptions::default(),
             bind: "127.0.0.1:0".to_string(),
             lease: Duration::from_secs(30),
             max_attempts: 5,

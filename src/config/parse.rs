@@ -11,7 +11,8 @@
 
 use super::{
     Config, ConfigError, ConfigErrors, GroupSpec, HostSpec, KnownHostsPolicy, LocalPlacement,
-    LogFormat, MasterSpec, QueueSpec, RemotePlacement, RestartPolicy, RestartSpec, SshOptions,
+    LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec, RemotePlacement, RestartPolicy,
+    RestartSpec, SshOptions, MAX_LOG_KEEP,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -23,7 +24,7 @@ use toml::Spanned;
 /// A TOML value with the byte range it was read from.
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["master", "ssh", "group"];
+const TOP_KEYS: &[&str] = &["master", "log", "ssh", "group"];
 const MASTER_KEYS: &[&str] = &[
     "timeout",
     "stop_grace",
@@ -35,6 +36,8 @@ const MASTER_KEYS: &[&str] = &[
     "agent_path",
     "state_dir",
 ];
+/// Keys of `[log]`.
+const LOG_KEYS: &[&str] = &["format", "file", "max_size", "keep", "filter", "color"];
 /// Keys of `[ssh]`, and the per-placement overrides of `[[group.remote]]`.
 const SSH_KEYS: &[&str] = &[
     "ssh_config",
@@ -85,7 +88,6 @@ const NO_CONSUMERS: &str = "a queue group needs consumers: add [group.local] or 
 const ONE_FEEDER: &str = "a queue group has exactly one feeder: write one [group.feeder] table, \
                           not [[group.feeder]]";
 const QUEUE_WITHOUT_FEEDER: &str = "a [group.queue] table needs [group.feeder]";
-const REMOTE_FEEDER: &str = "a feeder on a remote host is not supported yet; use host = \"local\"";
 const CONCURRENCY_NOT_QUEUE: &str = "concurrency is for queue groups ([group.feeder])";
 const RATE_EXAMPLE: &str = "jobs per second, minute or hour, such as \"200/s\", \"5/m\", \
                             \"0.5/s\" or \"1000/h\"";
@@ -108,12 +110,15 @@ pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigErrors> {
     let root = root.get_ref();
     walker.check_unknown(root, "", TOP_KEYS, &[]);
     let master = walker.master(root.get("master"));
+    let log = walker.log(root.get("log"), root.get("master"));
     let ssh = walker.ssh(root.get("ssh"));
     let groups = walker.groups(root.get("group"), &ssh);
+    walker.log_filter_groups(root.get("log"), &log, &groups);
     if walker.errors.is_empty() {
         Ok(Config {
             source: source.to_path_buf(),
             master,
+            log,
             groups,
         })
     } else {
@@ -348,20 +353,7 @@ impl Walker<'_> {
         if let Some(value) = table.get("max_running_time") {
             master.max_running_time = self.duration("master.max_running_time", value);
         }
-        if let Some(value) = table.get("log_format") {
-            let key = "master.log_format";
-            master.log_format = match self.string(key, value).as_deref() {
-                Some("text") => LogFormat::Text,
-                Some("json") => LogFormat::Json,
-                Some(other) => {
-                    let message =
-                        format!("unknown log format {other:?}: expected \"text\" or \"json\"");
-                    self.error(value.span(), key, message);
-                    LogFormat::default()
-                }
-                None => LogFormat::default(),
-            };
-        }
+        // `log_format` is read with the `[log]` table.
         let heartbeat = table.get("heartbeat");
         let heartbeat_ok = match heartbeat.map(|v| self.positive_duration("master.heartbeat", v)) {
             Some(Some(duration)) => {
@@ -426,6 +418,165 @@ impl Walker<'_> {
                 .map(PathBuf::from);
         }
         master
+    }
+
+    /// The `[log]` table, and `[master] log_format`, the older name of
+    /// its `format`.
+    fn log(&mut self, value: Option<&Value<'_>>, master: Option<&Value<'_>>) -> LogSpec {
+        let mut log = LogSpec::default();
+        let old_format = master
+            .and_then(|master| master.get_ref().as_table())
+            .and_then(|master| master.get("log_format"));
+        if let Some(value) = old_format {
+            if let Some(format) = self.log_format("master.log_format", value) {
+                log.format = format;
+            }
+        }
+        let Some(table) = value.and_then(|value| self.table("log", value)) else {
+            return log;
+        };
+        let hint = [("log_format", "in [log] it is called \"format\"")];
+        self.check_unknown(table, "log", LOG_KEYS, &hint);
+        if let Some(value) = table.get("format") {
+            if let Some(old) = old_format {
+                self.error(
+                    old.span(),
+                    "master.log_format",
+                    "the log format is set twice: keep [log] format (master.log_format \
+                     is its older name)",
+                );
+            }
+            if let Some(format) = self.log_format("log.format", value) {
+                log.format = format;
+            }
+        }
+        if let Some(value) = table.get("file") {
+            log.file = self.non_empty_string("log.file", value).map(PathBuf::from);
+        }
+        if let Some(value) = table.get("max_size") {
+            if let Some(size) = self.size("log.max_size", value) {
+                log.max_size = size;
+            }
+        }
+        if let Some(value) = table.get("keep") {
+            if let Some(keep) = self.integer("log.keep", value) {
+                match u32::try_from(keep) {
+                    Ok(keep) if (1..=MAX_LOG_KEEP).contains(&keep) => log.keep = keep,
+                    _ => self.error(
+                        value.span(),
+                        "log.keep",
+                        format!("must be from 1 to {MAX_LOG_KEEP}, found {keep}"),
+                    ),
+                }
+            }
+        }
+        if let Some(value) = table.get("filter") {
+            if let Some(text) = self.string("log.filter", value) {
+                match text.parse() {
+                    Ok(filter) => log.filter = filter,
+                    Err(err) => self.error(value.span(), "log.filter", format!("{err}")),
+                }
+            }
+        }
+        if let Some(value) = table.get("color") {
+            const CHOICES: &[&str] = &["auto", "always", "never"];
+            log.color = match self.string("log.color", value).as_deref() {
+                Some("auto") => LogColor::Auto,
+                Some("always") => LogColor::Always,
+                Some("never") => LogColor::Never,
+                Some(other) => {
+                    let message = match closest(other, CHOICES) {
+                        Some(close) => format!("unknown color {other:?}, did you mean {close:?}?"),
+                        None => format!(
+                            "unknown color {other:?}: expected \"auto\", \"always\" or \"never\""
+                        ),
+                    };
+                    self.error(value.span(), "log.color", message);
+                    LogColor::default()
+                }
+                None => LogColor::default(),
+            };
+        }
+        log
+    }
+
+    fn log_format(&mut self, key: &str, value: &Value<'_>) -> Option<LogFormat> {
+        match self.string(key, value)?.as_str() {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            other => {
+                let message =
+                    format!("unknown log format {other:?}: expected \"text\" or \"json\"");
+                self.error(value.span(), key, message);
+                None
+            }
+        }
+    }
+
+    /// A size in bytes: a string with a unit (`"100MiB"`) or an integer.
+    fn size(&mut self, key: &str, value: &Value<'_>) -> Option<u64> {
+        let size = match value.get_ref() {
+            DeValue::String(text) => match parse_size(text) {
+                Ok(size) => size,
+                Err(message) => {
+                    self.error(value.span(), key, message);
+                    return None;
+                }
+            },
+            DeValue::Integer(_) => {
+                let bytes = self.integer(key, value)?;
+                match u64::try_from(bytes) {
+                    Ok(bytes) => bytes,
+                    Err(_) => {
+                        let message = format!("must be greater than 0, found {bytes}");
+                        self.error(value.span(), key, message);
+                        return None;
+                    }
+                }
+            }
+            _ => {
+                self.wrong_type(value, key, "a size such as \"100MiB\"");
+                return None;
+            }
+        };
+        if size == 0 {
+            self.error(value.span(), key, "must be greater than 0");
+            return None;
+        }
+        Some(size)
+    }
+
+    /// Groups named in `log.filter` must exist (a typo would silently
+    /// apply the default level instead).
+    fn log_filter_groups(
+        &mut self,
+        value: Option<&Value<'_>>,
+        log: &LogSpec,
+        groups: &[GroupSpec],
+    ) {
+        let Some(filter) = value
+            .and_then(|value| value.get_ref().as_table())
+            .and_then(|table| table.get("filter"))
+        else {
+            return;
+        };
+        // A group whose name is wrong has its own error already.
+        if groups.iter().any(|group| group.name.is_empty()) {
+            return;
+        }
+        let names: Vec<&str> = groups.iter().map(|group| group.name.as_str()).collect();
+        for unknown in log.filter.groups().filter(|name| !names.contains(name)) {
+            let message = match closest(unknown, &names) {
+                Some(close) => {
+                    format!("unknown group {unknown:?} in the log filter, did you mean {close:?}?")
+                }
+                None => format!(
+                    "unknown group {unknown:?} in the log filter; the groups are: {}",
+                    names.join(", ")
+                ),
+            };
+            self.error(filter.span(), "log.filter", message);
+        }
     }
 
     /// The top-level `[ssh]` table: defaults of every remote placement.
@@ -609,6 +760,9 @@ impl Walker<'_> {
         let feeder = table.get("feeder");
         let queue = table.get("queue");
         group.queue = self.queue_spec(&path, feeder, queue);
+        if let Some(spec) = &mut group.queue {
+            spec.feeder_ssh = ssh.clone();
+        }
         // What the user meant, even when the feeder is missing or written
         // wrong (which has its own error): placements hold consumers then.
         let queue_group = feeder.is_some() || queue.is_some();
@@ -699,7 +853,7 @@ impl Walker<'_> {
             match self.non_empty_string(&key, host).as_deref() {
                 None | Some("local") => {}
                 Some(entry) => match parse_host(entry) {
-                    Ok(_) => self.error(host.span(), &key, REMOTE_FEEDER),
+                    Ok(host) => spec.feeder_host = Some(host),
                     Err(message) => self.error(host.span(), &key, message),
                 },
             }
@@ -1367,6 +1521,39 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 }
 
 /// `parent.key`, quoting keys that a bare TOML key could not spell.
+/// `"100MiB"`: a number (decimals allowed) and an optional unit, `B`,
+/// `KB`/`MB`/`GB` (powers of 1000), `KiB`/`MiB`/`GiB` or `K`/`M`/`G`
+/// (powers of 1024), case-insensitive.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let invalid = || {
+        format!(
+            "invalid size {text:?}: expected a number of bytes with an optional unit (B, KB, MB, \
+             GB for powers of 1000; KiB, MiB, GiB or K, M, G for powers of 1024), such as \"100MiB\""
+        )
+    };
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: f64 = number.parse().map_err(|_| invalid())?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000 * 1000,
+        "gb" => 1000 * 1000 * 1000,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        _ => return Err(invalid()),
+    };
+    let bytes = (number * multiplier as f64).round();
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("size {text:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
 fn child(parent: &str, key: &str) -> String {
     let bare = !key.is_empty()
         && key
@@ -1492,7 +1679,6 @@ instances = 1
                 timeout: Duration::from_secs(45),
                 stop_grace: Duration::from_secs(3),
                 max_running_time: Some(Duration::from_secs(90 * 60)),
-                log_format: LogFormat::Json,
                 heartbeat: Duration::from_millis(500),
                 orphan_timeout: Duration::from_secs(60),
                 agent_dir: "/opt/taskherd/agents".to_owned(),
@@ -1500,6 +1686,7 @@ instances = 1
                 state_dir: None,
             }
         );
+        assert_eq!(config.log.format, LogFormat::Json, "from master.log_format");
         assert_eq!(config.groups.len(), 2);
         let workers = &config.groups[0];
         assert_eq!(workers.name, "workers.v2_a-b");
@@ -1565,7 +1752,12 @@ instances = 2
         assert_eq!(config.master.timeout, Duration::from_secs(30));
         assert_eq!(config.master.stop_grace, Duration::from_secs(10));
         assert_eq!(config.master.max_running_time, None);
-        assert_eq!(config.master.log_format, LogFormat::Text);
+        assert_eq!(config.log, LogSpec::default());
+        assert_eq!(config.log.format, LogFormat::Text);
+        assert_eq!(config.log.filter.to_string(), "info");
+        assert_eq!(config.log.max_size, 100 * 1024 * 1024);
+        assert_eq!(config.log.keep, 5);
+        assert_eq!(config.log.color, LogColor::Auto);
         assert_eq!(config.master.heartbeat, Duration::from_secs(1));
         assert_eq!(config.master.orphan_timeout, Duration::from_secs(10));
         assert_eq!(config.master.agent_dir, ".cache/taskherd");
@@ -1751,6 +1943,7 @@ instances = 1
             jobs.queue,
             Some(QueueSpec {
                 feeder_host: None,
+                feeder_ssh: SshOptions::default(),
                 bind: "0.0.0.0:7000".to_owned(),
                 lease: Duration::from_secs(120),
                 max_attempts: 3,
@@ -1844,7 +2037,7 @@ concurrency = 8
 name = "a"
 command = "w"
 [group.feeder]
-host = "web1"
+host = "web 1"
 bind = "localhost:7000"
 colour = "red"
 [group.local]
@@ -1887,7 +2080,12 @@ instances = 1
             "{}",
             ConfigErrors(errors.clone())
         );
-        assert_error(&errors[0], 5, "group[1].feeder.host", REMOTE_FEEDER);
+        assert_error(
+            &errors[0],
+            5,
+            "group[1].feeder.host",
+            r#"invalid host "web 1""#,
+        );
         assert_eq!(errors[0].column, 8, "points at the value");
         assert_error(
             &errors[1],
@@ -2761,6 +2959,151 @@ instances = 1
             "invalid environment variable name",
         );
         assert_eq!(err.column, 9);
+    }
+
+    #[test]
+    fn log_table() {
+        let config = parse_ok(
+            r#"[log]
+format = "json"
+file = "logs/herd.log"
+max_size = "10MiB"
+keep = 3
+filter = "warning, w=debug"
+color = "never"
+[[group]]
+name = "w"
+command = "w"
+local = { instances = 1 }
+"#,
+        );
+        assert_eq!(
+            config.log,
+            LogSpec {
+                format: LogFormat::Json,
+                file: Some(PathBuf::from("logs/herd.log")),
+                max_size: 10 * 1024 * 1024,
+                keep: 3,
+                filter: "warning,w=debug".parse().unwrap(),
+                color: LogColor::Never,
+            }
+        );
+        let config = parse_ok(
+            "[log]\nmax_size = 4096\ncolor = \"always\"\n\
+             [[group]]\nname = \"w\"\ncommand = \"w\"\nlocal = { instances = 1 }\n",
+        );
+        assert_eq!(config.log.max_size, 4096);
+        assert_eq!(config.log.color, LogColor::Always);
+    }
+
+    #[test]
+    fn log_errors_point_at_the_key() {
+        let errors = parse_err(
+            r#"[master]
+log_format = "json"
+[log]
+format = "xml"
+file = ""
+max_size = "10 parsecs"
+keep = 0
+filter = "info,web=loud"
+color = "allways"
+log_format = "text"
+[[group]]
+name = "w"
+command = "w"
+local = { instances = 1 }
+"#,
+        );
+        let text = ConfigErrors(errors.clone()).to_string();
+        assert_eq!(errors.len(), 8, "{text}");
+        assert_error(
+            &errors[0],
+            2,
+            "master.log_format",
+            "set twice: keep [log] format",
+        );
+        assert_error(&errors[1], 4, "log.format", r#"unknown log format "xml""#);
+        assert_error(&errors[2], 5, "log.file", "must not be empty");
+        assert_error(
+            &errors[3],
+            6,
+            "log.max_size",
+            r#"invalid size "10 parsecs""#,
+        );
+        assert_error(&errors[4], 7, "log.keep", "must be from 1 to 1000, found 0");
+        assert_error(
+            &errors[5],
+            8,
+            "log.filter",
+            r#"unknown level "loud" in "web=loud""#,
+        );
+        assert_error(
+            &errors[6],
+            9,
+            "log.color",
+            r#"unknown color "allways", did you mean "always"?"#,
+        );
+        assert_error(
+            &errors[7],
+            10,
+            "log.log_format",
+            r#"in [log] it is called "format""#,
+        );
+    }
+
+    #[test]
+    fn log_filter_groups_must_exist() {
+        let group = "[[group]]\nname = \"web\"\ncommand = \"w\"\nlocal = { instances = 1 }\n\
+                     [[group]]\nname = \"db\"\ncommand = \"w\"\nlocal = { instances = 1 }\n";
+        let err = only_error(&format!("[log]\nfilter = \"info,webb=debug\"\n{group}"));
+        assert_error(
+            &err,
+            2,
+            "log.filter",
+            r#"unknown group "webb" in the log filter, did you mean "web"?"#,
+        );
+        let err = only_error(&format!("[log]\nfilter = \"info,cache=debug\"\n{group}"));
+        assert_error(&err, 2, "log.filter", "the groups are: web, db");
+        let config = parse_ok(&format!("[log]\nfilter = \"warning,db=off\"\n{group}"));
+        assert_eq!(config.log.filter.level_for(Some("db")), None);
+
+        let errors = parse_err("[log]\nmax_size = 0\nkeep = 1001\nformat = 1\n[[group]]\nname = \"w\"\ncommand = \"w\"\nlocal = { instances = 1 }\n");
+        assert_eq!(errors.len(), 3, "{}", ConfigErrors(errors.clone()));
+        assert_error(&errors[0], 2, "log.max_size", "must be greater than 0");
+        assert_error(
+            &errors[1],
+            3,
+            "log.keep",
+            "must be from 1 to 1000, found 1001",
+        );
+        assert_error(
+            &errors[2],
+            4,
+            "log.format",
+            "expected a string, found integer",
+        );
+    }
+
+    #[test]
+    fn size_syntax() {
+        assert_eq!(parse_size("100MiB"), Ok(100 << 20));
+        assert_eq!(parse_size("100 MiB"), Ok(100 << 20));
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("100mb"), Ok(100_000_000));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("2KB"), Ok(2000));
+        assert_eq!(parse_size("2k"), Ok(2048));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("512B"), Ok(512));
+        assert_eq!(parse_size("0"), Ok(0), "zero is refused by the caller");
+        for bad in ["", "MiB", "10 parsecs", "-1MiB", "1.2.3KB", "1e3"] {
+            let err = parse_size(bad).expect_err(bad);
+            assert!(err.contains("expected a number of bytes"), "{bad}: {err}");
+        }
+        assert!(parse_size("99999999999999999999GiB")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]

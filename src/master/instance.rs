@@ -13,7 +13,7 @@ use super::shutdown::Shutdown;
 use crate::config::RestartSpec;
 use crate::error_text::error_chain;
 use crate::pidkiller::PidKiller;
-use crate::protocol::slave::{FromSlave, Identity, Level, ToSlave};
+use crate::protocol::slave::{FromSlave, Identity, Level, QueueRole, ToSlave};
 use crate::protocol::{Connection, ProtocolError, PROTOCOL_VERSION};
 use futures::StreamExt;
 use std::process::ExitStatus;
@@ -130,6 +130,8 @@ struct RunEnd {
     stopped: bool,
     /// Had to be SIGKILLed after the stop grace.
     killed: bool,
+    /// Stopped for this command.
+    command: Option<InstanceCommand>,
 }
 
 /// What the control link tells the supervisor while the process runs.
@@ -139,6 +141,8 @@ enum SlaveEvent {
     Hello,
     /// A feeder listens at this address.
     Listening(String),
+    /// A feeder's counts.
+    Progress(crate::protocol::slave::QueueProgress),
 }
 
 /// Shared by every instance a master or agent supervises.
@@ -150,6 +154,98 @@ pub struct Supervision {
     pub shutdown: Shutdown,
     /// The pid registry, when one could be opened.
     pub pids: Option<PidKiller>,
+    /// Where the instance's life events go (status, events API), if
+    /// anyone listens.
+    pub events: Option<mpsc::UnboundedSender<InstanceEvent>>,
+}
+
+/// What an operator (or an embedding program) asks of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceCommand {
+    /// Stop it cleanly and keep it stopped until resumed.
+    Suspend,
+    /// Start it again after a suspend.
+    Resume,
+    /// Stop it cleanly and start it again at once.
+    Restart,
+    /// Stop it cleanly and end its supervision (it left the config).
+    Remove,
+}
+
+/// Something that happened to an instance, as status and events see it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InstanceEvent {
+    /// Global id of the instance.
+    pub id: u32,
+    /// When, in ms since the Unix epoch.
+    pub time_ms: u64,
+    /// What.
+    pub kind: EventKind,
+}
+
+/// The kinds of [`InstanceEvent`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EventKind {
+    /// About to spawn its process.
+    Created,
+    /// Its process runs.
+    Started {
+        /// Its pid (on its host).
+        pid: u32,
+    },
+    /// A sign of life since the last one (sent at most every few seconds).
+    Seen,
+    /// No sign of life within its timeout: it is being killed.
+    TimedOut,
+    /// It is being stopped.
+    Stopping,
+    /// Its process ended.
+    Exited {
+        /// How ("exited with code 0", "killed by SIGKILL").
+        how: String,
+        /// Whether that counts as a failure.
+        failed: bool,
+    },
+    /// It will be restarted after this delay.
+    Backoff {
+        /// The delay, in ms.
+        delay_ms: u64,
+    },
+    /// Stopped by a suspend; waits for a resume.
+    Suspended,
+    /// Its feeder's latest counts (queue groups).
+    Progress {
+        /// The counts.
+        progress: crate::protocol::slave::QueueProgress,
+    },
+    /// Its supervision is over.
+    Ended {
+        /// How.
+        end: InstanceEnd,
+    },
+}
+
+/// How often at most an instance's signs of life become a
+/// [`EventKind::Seen`].
+const SEEN_EVERY: Duration = Duration::from_secs(5);
+
+/// Sends one event of instance `id`, if anyone listens.
+pub(crate) fn emit(
+    events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+    id: u32,
+    kind: EventKind,
+) {
+    if let Some(events) = events {
+        let time_ms = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        // Nobody listening any more is fine: the run is ending.
+        let _ = events.send(InstanceEvent { id, time_ms, kind });
+    }
 }
 
 /// What the control link learned, returned when it closes.
@@ -170,26 +266,75 @@ struct ControlSummary {
 ///
 /// A feeder's listening address is published on `listening` each time it
 /// starts, so that consumers start after it.
+///
+/// `commands` suspends, resumes, restarts or removes it (a closed channel
+/// is fine: it then runs by its policy alone).
 pub async fn supervise(
     spec: InstanceSpec,
     context: Supervision,
     listening: Option<tokio::sync::watch::Sender<Option<String>>>,
+    mut commands: mpsc::UnboundedReceiver<InstanceCommand>,
 ) -> InstanceReport {
     let Supervision {
         sink,
         shutdown,
         pids,
+        events,
     } = context;
     let span = tracing::info_span!("instance", id = spec.label.id, group = %spec.label.group);
     async move {
+        let mut spec = spec;
+        let id = spec.label.id;
         let mut tracker = RestartTracker::new(spec.restart.clone());
+        let mut suspended = false;
         let end = loop {
             if shutdown.is_stopping() {
                 break InstanceEnd::Stopped { killed: false };
             }
-            let run = run_once(&spec, &sink, &shutdown, pids.as_ref(), listening.as_ref()).await;
+            if suspended {
+                emit(events.as_ref(), id, EventKind::Suspended);
+                sink.instance_event(&spec.label, Level::Notice, "suspended".into())
+                    .await;
+                let command = tokio::select! {
+                    command = next_command(&mut commands) => command,
+                    _ = shutdown.stopping() => break InstanceEnd::Stopped { killed: false },
+                };
+                match command {
+                    InstanceCommand::Remove => break InstanceEnd::Stopped { killed: false },
+                    InstanceCommand::Suspend => continue,
+                    InstanceCommand::Resume | InstanceCommand::Restart => {
+                        suspended = false;
+                        tracker = RestartTracker::new(spec.restart.clone());
+                        sink.instance_event(&spec.label, Level::Notice, "resumed".into())
+                            .await;
+                    }
+                }
+            }
+            if let Some(listening) = &listening {
+                pin_feeder_port(spec.identity.queue.as_mut(), listening.borrow().as_deref());
+            }
+            emit(events.as_ref(), id, EventKind::Created);
+            let run = run_once(
+                &spec,
+                &sink,
+                &shutdown,
+                pids.as_ref(),
+                listening.as_ref(),
+                &mut commands,
+                events.as_ref(),
+            )
+            .await;
             if run.stopped {
                 break InstanceEnd::Stopped { killed: run.killed };
+            }
+            match run.command {
+                Some(InstanceCommand::Remove) => break InstanceEnd::Stopped { killed: run.killed },
+                Some(InstanceCommand::Suspend) => {
+                    suspended = true;
+                    continue;
+                }
+                Some(InstanceCommand::Restart) => continue,
+                Some(InstanceCommand::Resume) | None => {}
             }
             match tracker.decide(&run.outcome, run.ran_for, fastrand::f64()) {
                 Decision::Finished => match run.outcome {
@@ -223,13 +368,21 @@ pub async fn supervise(
                         (_, None) => format!("restarting in {delay_text} (restart {attempt})"),
                     };
                     sink.instance_event(&spec.label, Level::Info, message).await;
+                    let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                    emit(events.as_ref(), id, EventKind::Backoff { delay_ms });
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.stopping() => break InstanceEnd::Stopped { killed: false },
+                        command = next_command(&mut commands) => match command {
+                            InstanceCommand::Remove => break InstanceEnd::Stopped { killed: false },
+                            InstanceCommand::Suspend => suspended = true,
+                            InstanceCommand::Resume | InstanceCommand::Restart => {}
+                        },
                     }
                 }
             }
         };
+        emit(events.as_ref(), id, EventKind::Ended { end: end.clone() });
         InstanceReport {
             label: spec.label.clone(),
             end,
@@ -237,6 +390,31 @@ pub async fn supervise(
     }
     .instrument(span)
     .await
+}
+
+/// A feeder that bound port 0 binds the same port again when restarted:
+/// its consumers were given that address.
+fn pin_feeder_port(role: Option<&mut QueueRole>, listened: Option<&str>) {
+    let Some(listened) = listened.and_then(|a| a.parse::<std::net::SocketAddr>().ok()) else {
+        return;
+    };
+    if let Some(QueueRole::Feeder { bind, .. }) = role {
+        if let Ok(mut addr) = bind.parse::<std::net::SocketAddr>() {
+            if addr.port() == 0 {
+                addr.set_port(listened.port());
+                *bind = addr.to_string();
+            }
+        }
+    }
+}
+
+/// The next command; never completes once the channel is closed (nobody
+/// can command the instance any more).
+async fn next_command(commands: &mut mpsc::UnboundedReceiver<InstanceCommand>) -> InstanceCommand {
+    match commands.recv().await {
+        Some(command) => command,
+        None => std::future::pending().await,
+    }
 }
 
 fn round_ms(d: Duration) -> Duration {
@@ -249,6 +427,7 @@ enum Wake {
     Timeout(Duration),
     Stop,
     Lifetime(Duration),
+    Command(InstanceCommand),
 }
 
 async fn run_once(
@@ -257,6 +436,8 @@ async fn run_once(
     shutdown: &Shutdown,
     pids: Option<&PidKiller>,
     listening: Option<&tokio::sync::watch::Sender<Option<String>>>,
+    commands: &mut mpsc::UnboundedReceiver<InstanceCommand>,
+    events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
 ) -> RunEnd {
     let started = Instant::now();
     let label = &spec.label;
@@ -272,16 +453,26 @@ async fn run_once(
             let reason = error_chain(&err);
             sink.instance_event(label, Level::Error, reason.clone())
                 .await;
+            emit(
+                events,
+                label.id,
+                EventKind::Exited {
+                    how: reason.clone(),
+                    failed: true,
+                },
+            );
             return RunEnd {
                 outcome: RunOutcome::Failure(reason),
                 ran_for: Duration::ZERO,
                 stopped: false,
                 killed: false,
+                command: None,
             };
         }
     };
     sink.instance_event(label, Level::Debug, format!("started (pid {pid})"))
         .await;
+    emit(events, label.id, EventKind::Started { pid });
     if let Some(pids) = pids {
         // The supervisor stops the instance itself at its max lifetime; the
         // record's deadline only matters if this supervisor is gone by then.
@@ -328,6 +519,10 @@ async fn run_once(
     let mut timeout = spec.plain_timeout.filter(|t| !t.is_zero());
     let mut uses_library = false;
     let end_of_life = spec.max_lifetime.map(|limit| (limit, started + limit));
+    // Signs of life are reported at a slow pace, and only to a listener.
+    let mut seen_tick = tokio::time::interval_at(started + SEEN_EVERY, SEEN_EVERY);
+    seen_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen_reported = activity.last();
     let wake = loop {
         let deadline = timeout.map(|t| activity.last() + t);
         tokio::select! {
@@ -342,7 +537,21 @@ async fn run_once(
                         listening.send_replace(Some(addr));
                     }
                 }
+                SlaveEvent::Progress(progress) => {
+                    emit(events, label.id, EventKind::Progress { progress });
+                }
             },
+            command = next_command(commands) => match command {
+                InstanceCommand::Resume => {}
+                command => break Wake::Command(command),
+            },
+            _ = seen_tick.tick(), if events.is_some() => {
+                let last = activity.last();
+                if last > seen_reported {
+                    seen_reported = last;
+                    emit(events, label.id, EventKind::Seen);
+                }
+            }
             _ = super::sleep_until_some(deadline) => {
                 let Some(limit) = timeout else { continue };
                 // Output may have arrived while we slept: only a deadline
@@ -372,7 +581,11 @@ async fn run_once(
     let mut killed = false;
     let mut timed_out = None;
     let mut recycled = None;
+    let mut command = None;
     let stopped = matches!(wake, Wake::Stop);
+    if matches!(wake, Wake::Stop | Wake::Command(_) | Wake::Lifetime(_)) {
+        emit(events, label.id, EventKind::Stopping);
+    }
     let status = match wake {
         Wake::Exited(status) => status,
         Wake::Timeout(limit) => {
@@ -382,8 +595,22 @@ async fn run_once(
                 humantime::format_duration(limit)
             );
             sink.instance_event(label, Level::Warning, message).await;
+            emit(events, label.id, EventKind::TimedOut);
             kill_group(pid, label, sink).await;
             child.wait().await
+        }
+        Wake::Command(asked) => {
+            let verb = match asked {
+                InstanceCommand::Suspend => "suspending it",
+                InstanceCommand::Restart => "restarting it",
+                InstanceCommand::Remove => "removing it",
+                InstanceCommand::Resume => "resuming it",
+            };
+            sink.instance_event(label, Level::Notice, verb.into()).await;
+            command = Some(asked);
+            let (status, was_killed) = stopper.stop(&mut child).await;
+            killed = was_killed;
+            status
         }
         Wake::Lifetime(limit) => {
             let reason = format!(
@@ -427,20 +654,29 @@ async fn run_once(
         (_, RunOutcome::Success | RunOutcome::Recycled(_)) => {
             (Level::Info, describe_status(&status))
         }
-        _ if stopped => (Level::Info, describe_status(&status)),
+        _ if stopped || command.is_some() => (Level::Info, describe_status(&status)),
         (_, RunOutcome::Failure(reason)) => (Level::Warning, reason.clone()),
     };
-    let text = if stopped {
+    let text = if stopped || command.is_some() {
         format!("stopped: {text}")
     } else {
         text
     };
+    emit(
+        events,
+        label.id,
+        EventKind::Exited {
+            how: describe_status(&status),
+            failed: matches!(outcome, RunOutcome::Failure(_)) && !stopped && command.is_none(),
+        },
+    );
     sink.instance_event(label, level, text).await;
     RunEnd {
         outcome,
         ran_for,
         stopped,
         killed,
+        command,
     }
 }
 
@@ -671,6 +907,7 @@ async fn control_link(
                             if progress.empty { " (queue empty)" } else { "" }
                         );
                         sink.instance_event(&label, Level::Info, message).await;
+                        let _ = events_tx.send(SlaveEvent::Progress(progress)).await;
                     }
                     FromSlave::Recycle { reason } => {
                         sink.instance_event(&label, Level::Info, format!("{reason}: recycling it"))
@@ -695,4 +932,21 @@ async fn control_link(
         }
     }
     summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_feeder_on_port_0_keeps_the_port_it_got_first() {
+        let mut role = crate::master::queue::feeder_role(&crate::config::QueueSpec::default());
+        pin_feeder_port(Some(&mut role), None);
+        pin_feeder_port(Some(&mut role), Some("127.0.0.1:4711"));
+        pin_feeder_port(Some(&mut role), Some("127.0.0.1:4712"));
+        let QueueRole::Feeder { bind, .. } = role else {
+            panic!("not a feeder");
+        };
+        assert_eq!(bind, "127.0.0.1:4711");
+    }
 }

@@ -1,24 +1,24 @@
-//! The launcher: turns a config into supervised instances, runs them until
-//! they all end or a stop is requested, and reports how it went.
+//! The launcher: runs a herd until every instance has ended or a stop is
+//! requested (serving operators' requests meanwhile), and reports how it
+//! went.
 
-use super::instance::{self, InstanceEnd, InstanceReport, InstanceSpec};
-use super::log::{InstanceLabel, LogSink};
-use super::process::ProcessSpec;
-use super::remote::{self, AgentSettings, HostPlan};
+use super::actions::Running;
+use super::herd::{pump_events, Board, Herd, Launcher};
+use super::instance::{self, InstanceEnd, InstanceReport};
+use super::log::LogSink;
+use super::plan::plan;
+use super::queue::FeederAddresses;
+use super::remote::AgentSettings;
 use super::shutdown::Shutdown;
-use crate::config::{Config, GroupSpec, HostSpec, RemotePlacement, SshOptions};
-use crate::protocol::slave::{Identity, Level};
+use crate::config::Config;
+use crate::protocol::control::{FromMaster, InstanceState};
+use crate::protocol::slave::Level;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-
-/// Longest wait for a feeder's listening address before its consumers
-/// start anyway.
-const FEEDER_START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Host name of instances started by the master itself.
-pub const LOCAL_HOST: &str = "localhost";
 
 /// What happened during a run, for the final message and the exit code.
 #[derive(Debug, Clone, Default)]
@@ -52,194 +52,6 @@ impl RunReport {
     }
 }
 
-/// Where every instance of a config runs.
-#[derive(Debug, Clone, Default)]
-pub struct Plan {
-    /// Feeders of queue groups: started first, on the master's host.
-    pub feeders: Vec<InstanceSpec>,
-    /// Instances the master starts itself.
-    pub local: Vec<InstanceSpec>,
-    /// One entry per remote host (all groups placed on it), in config order.
-    pub hosts: Vec<HostPlan>,
-}
-
-impl Plan {
-    /// Every instance, local and remote, in id order.
-    pub fn instances(&self) -> Vec<&InstanceSpec> {
-        let mut all: Vec<&InstanceSpec> = self
-            .feeders
-            .iter()
-            .chain(self.local.iter())
-            .chain(self.hosts.iter().flat_map(|host| host.instances.iter()))
-            .collect();
-        all.sort_by_key(|spec| spec.label.id);
-        all
-    }
-}
-
-/// Plans a config: global ids 1..N in config order (within a group: local
-/// instances first, then each remote placement's hosts in order), group
-/// ids 1..group_count within each group.
-pub fn plan(config: &Config) -> Plan {
-    let base_dir = config.base_dir();
-    let mut plan = Plan::default();
-    let mut next_id = 1;
-    for group in &config.groups {
-        let mut placed = GroupPlacer {
-            group,
-            config,
-            group_count: group.instance_count(),
-            next_group_id: 1,
-        };
-        if let Some(queue) = &group.queue {
-            let process = process_spec(group, &base_dir);
-            let mut feeder = placed.instance(&mut next_id, LOCAL_HOST, &process);
-            feeder.identity.queue = Some(super::queue::feeder_role(queue));
-            plan.feeders.push(feeder);
-        }
-        if let Some(local) = &group.local {
-            let process = process_spec(group, &base_dir);
-            for _ in 0..local.instances {
-                let mut spec = placed.instance(&mut next_id, LOCAL_HOST, &process);
-                if let Some(queue) = &group.queue {
-                    spec.identity.queue =
-                        Some(super::queue::consumer_role(queue, local.concurrency));
-                }
-                plan.local.push(spec);
-            }
-        }
-        for placement in &group.remote {
-            let process = remote_process_spec(group, placement);
-            for host in &placement.hosts {
-                let index = match plan.hosts.iter().position(|h| same_host(&h.host, host)) {
-                    Some(index) => index,
-                    None => {
-                        plan.hosts.push(HostPlan {
-                            host: host.clone(),
-                            ssh: resolve_ssh(&placement.ssh, &base_dir),
-                            instances: Vec::new(),
-                        });
-                        plan.hosts.len() - 1
-                    }
-                };
-                for _ in 0..placement.instances {
-                    let mut spec = placed.instance(&mut next_id, &host.label, &process);
-                    if let Some(queue) = &group.queue {
-                        spec.identity.queue =
-                            Some(super::queue::consumer_role(queue, placement.concurrency));
-                    }
-                    plan.hosts[index].instances.push(spec);
-                }
-            }
-        }
-    }
-    plan
-}
-
-/// One connection per host: entries naming the same login on the same
-/// address and port are one host.
-fn same_host(a: &HostSpec, b: &HostSpec) -> bool {
-    a.name == b.name && a.port == b.port && a.user == b.user
-}
-
-/// Numbers the instances of one group.
-struct GroupPlacer<'a> {
-    group: &'a GroupSpec,
-    config: &'a Config,
-    group_count: u32,
-    next_group_id: u32,
-}
-
-impl GroupPlacer<'_> {
-    fn instance(&mut self, next_id: &mut u32, host: &str, process: &ProcessSpec) -> InstanceSpec {
-        let group = self.group;
-        let id = *next_id;
-        let group_id = self.next_group_id;
-        *next_id += 1;
-        self.next_group_id += 1;
-        let library_timeout = group.timeout.unwrap_or(self.config.master.timeout);
-        let stop_grace = group.stop_grace.unwrap_or(self.config.master.stop_grace);
-        InstanceSpec {
-            label: Arc::new(InstanceLabel {
-                group: group.name.clone(),
-                host: host.to_string(),
-                command: group.command_name().to_string(),
-                id,
-                group_id,
-            }),
-            process: process.clone(),
-            identity: Identity {
-                id,
-                group_id,
-                group_count: self.group_count,
-                group: group.name.clone(),
-                host: host.to_string(),
-                params: group.params.clone(),
-                timeout: Some(library_timeout).filter(|t| !t.is_zero()),
-                stop_grace,
-                max_jobs: group.max_jobs,
-                queue: None,
-            },
-            plain_timeout: group.timeout,
-            stop_grace,
-            restart: group.restart.clone(),
-            max_lifetime: group.max_lifetime,
-        }
-    }
-}
-
-fn process_spec(group: &GroupSpec, base_dir: &Path) -> ProcessSpec {
-    // A bare name is looked up in PATH; anything with a slash is a path,
-    // relative to the config file like every path in it.
-    let program = if group.command.contains('/') {
-        base_dir.join(&group.command)
-    } else {
-        PathBuf::from(&group.command)
-    };
-    ProcessSpec {
-        program,
-        args: group.args.clone(),
-        env: group
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        cwd: group.cwd.as_ref().map(|cwd| base_dir.join(cwd)),
-    }
-}
-
-/// On a remote host paths are the host's: relative ones are relative to
-/// the remote cwd (or the login's home), never to the config file.
-fn remote_process_spec(group: &GroupSpec, placement: &RemotePlacement) -> ProcessSpec {
-    let mut env = group.env.clone();
-    env.extend(placement.env.clone());
-    ProcessSpec {
-        program: PathBuf::from(placement.command.as_deref().unwrap_or(&group.command)),
-        args: group.args.clone(),
-        env: env.into_iter().collect(),
-        cwd: placement.cwd.clone(),
-    }
-}
-
-/// Local files named by ssh settings are relative to the config file
-/// (`~/` is left to ssh).
-fn resolve_ssh(options: &SshOptions, base_dir: &Path) -> SshOptions {
-    let resolve = |path: &Option<PathBuf>| {
-        path.as_ref().map(|p| {
-            if p.is_absolute() || p.starts_with("~") {
-                p.clone()
-            } else {
-                base_dir.join(p)
-            }
-        })
-    };
-    SshOptions {
-        config_file: resolve(&options.config_file),
-        identity_file: resolve(&options.identity_file),
-        ..options.clone()
-    }
-}
-
 /// Runs a herd until every instance has ended or `shutdown` stops it (a
 /// clean stop also follows `max_running_time`).
 ///
@@ -250,7 +62,7 @@ fn resolve_ssh(options: &SshOptions, base_dir: &Path) -> SshOptions {
 /// use taskherd::config::Config;
 /// use taskherd::master::{self, LogSink, Shutdown};
 /// let config = Config::load("herd.toml".as_ref()).expect("valid config");
-/// let (sink, writer) = LogSink::spawn(config.master.log_format, std::io::stdout())?;
+/// let (sink, writer) = LogSink::spawn(config.log.format, std::io::stdout())?;
 /// let shutdown = Shutdown::new();
 /// master::stop_on_signals(shutdown.clone())?;
 /// let report = master::run(config, sink, shutdown).await;
@@ -259,6 +71,20 @@ fn resolve_ssh(options: &SshOptions, base_dir: &Path) -> SshOptions {
 /// # }
 /// ```
 pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport {
+    Launcher::new(config).run(sink, shutdown).await
+}
+
+pub(crate) async fn run_launcher(
+    launcher: Launcher,
+    sink: LogSink,
+    shutdown: Shutdown,
+) -> RunReport {
+    let Launcher {
+        config,
+        events: callbacks,
+        control,
+        reload_on_sighup,
+    } = launcher;
     let mut plan = plan(&config);
     if let Err(err) = super::queue::prepare(&mut plan) {
         sink.master_event(Level::Critical, format!("cannot start: {err}"))
@@ -269,7 +95,7 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
             fatal: Some(err.to_string()),
         };
     }
-    let grace = config.master.stop_grace;
+    let grace = stop_budget(&config);
     let total = plan.instances().len();
     let hosts = if plan.hosts.is_empty() {
         String::new()
@@ -294,69 +120,92 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
         None => crate::pidkiller::default_state_file(),
     };
     let pids = super::open_pid_killer(state_file, &sink).await;
-    let control_dir = ControlDir::create();
-    let context = instance::Supervision {
-        sink: sink.clone(),
-        shutdown: shutdown.clone(),
-        pids: pids.clone(),
+    let control_dir = match ControlDir::create() {
+        Ok(dir) => Some(dir),
+        Err(err) => {
+            sink.master_event(Level::Error, format!("{err}; using /tmp"))
+                .await;
+            None
+        }
     };
-    let mut tasks: JoinSet<Vec<InstanceReport>> = JoinSet::new();
-    // Feeders first: their consumers start once they listen.
-    let mut listening = Vec::new();
-    for spec in plan.feeders {
-        let (listening_tx, listening_rx) = tokio::sync::watch::channel(None);
-        listening.push((spec.label.clone(), listening_rx));
-        let context = context.clone();
-        tasks.spawn(
-            async move { vec![instance::supervise(spec, context, Some(listening_tx)).await] },
-        );
-    }
-    for (label, mut listening_rx) in listening {
-        let listened = tokio::select! {
-            listened = tokio::time::timeout(FEEDER_START_TIMEOUT, listening_rx.wait_for(Option::is_some)) => {
-                matches!(listened, Ok(Ok(_)))
-            }
-            _ = shutdown.stopping() => true,
-        };
-        if !listened {
-            let message = format!(
-                "feeder did not listen within {}; starting its consumers anyway (they connect when it does)",
-                humantime::format_duration(FEEDER_START_TIMEOUT)
-            );
-            sink.instance_event(&label, Level::Error, message).await;
+    let board = Board::new(&config);
+    board.add(plan.instances().iter().map(|spec| spec.label.clone()));
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (commands_tx, mut commands_rx) = mpsc::unbounded_channel();
+    let herd = Herd::new(board.clone(), commands_tx, shutdown.clone());
+    let pump = tokio::spawn(pump_events(events_rx, herd.clone(), callbacks.clone()));
+    let (control_tx, mut control_rx) = mpsc::channel(16);
+    let control_stop = tokio_util::sync::CancellationToken::new();
+    let control_task = match control {
+        Some(socket) => {
+            sink.master_event(
+                Level::Debug,
+                format!("control socket {}", socket.path().display()),
+            )
+            .await;
+            Some(tokio::spawn(socket.serve(control_tx, control_stop.clone())))
         }
+        None => {
+            drop(control_tx);
+            None
+        }
+    };
+    if let Some(callbacks) = &callbacks {
+        callbacks.starting(&herd);
     }
-    for spec in plan.local {
-        let context = context.clone();
-        tasks.spawn(async move { vec![instance::supervise(spec, context, None).await] });
-    }
-    if !plan.hosts.is_empty() {
-        let control_dir = match &control_dir {
-            Ok(dir) => dir.path.clone(),
+    // Background duties of the run, ended with it.
+    let mut duties: JoinSet<()> = JoinSet::new();
+    if reload_on_sighup {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                let herd = herd.clone();
+                duties.spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        herd.reload();
+                    }
+                });
+            }
             Err(err) => {
-                sink.master_event(Level::Error, format!("{err}; using /tmp"))
-                    .await;
-                std::env::temp_dir()
+                let message = format!("cannot watch SIGHUP ({err}): reload with `taskherd reload`");
+                sink.master_event(Level::Warning, message).await;
             }
-        };
-        let settings = Arc::new(AgentSettings {
-            heartbeat: config.master.heartbeat,
-            orphan_timeout: config.master.orphan_timeout,
-            agent_dir: config.master.agent_dir.clone(),
-            agent_path: config.master.agent_path.clone(),
-            control_dir,
-            stop_grace: stop_budget(&config),
-        });
-        for host in plan.hosts {
-            tasks.spawn(remote::supervise_host(
-                host,
-                settings.clone(),
-                sink.clone(),
-                shutdown.clone(),
-            ));
         }
     }
-    let deadline = config
+    duties.spawn(show_progress(herd.clone(), sink.clone()));
+
+    let settings = Arc::new(AgentSettings {
+        heartbeat: config.master.heartbeat,
+        orphan_timeout: config.master.orphan_timeout,
+        agent_dir: config.master.agent_dir.clone(),
+        agent_path: config.master.agent_path.clone(),
+        control_dir: control_dir
+            .as_ref()
+            .map_or_else(std::env::temp_dir, |dir| dir.path.clone()),
+        stop_grace: grace,
+    });
+    let mut running = Running {
+        context: instance::Supervision {
+            sink: sink.clone(),
+            shutdown: shutdown.clone(),
+            pids: pids.clone(),
+            events: Some(events_tx),
+        },
+        addresses: FeederAddresses::new(&plan),
+        routes: BTreeMap::new(),
+        hosts: Vec::new(),
+        settings,
+        next_id: u32::try_from(total).unwrap_or(u32::MAX).saturating_add(1),
+        config,
+        board: board.clone(),
+        tasks: JoinSet::new(),
+        helpers: JoinSet::new(),
+    };
+    running.start(plan);
+    if let Some(callbacks) = &callbacks {
+        callbacks.started(&herd);
+    }
+    let deadline = running
+        .config
         .master
         .max_running_time
         .map(|limit| (limit, tokio::time::Instant::now() + limit));
@@ -364,15 +213,28 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
     let mut reports = Vec::new();
     let mut stop_announced = false;
     let mut kill_announced = false;
+    let mut stop_replies = Vec::new();
+    // Operators' requests being carried out (waits for states, rolling
+    // restarts, reloads): they end with the run.
+    let mut waiters: JoinSet<()> = JoinSet::new();
     loop {
         tokio::select! {
-            joined = tasks.join_next() => match joined {
+            joined = running.tasks.join_next() => match joined {
                 None => break,
                 Some(Ok(done)) => reports.extend(done),
                 Some(Err(err)) => {
                     sink.master_event(Level::Critical, format!("an instance supervisor crashed: {err}")).await;
                 }
             },
+            Some(command) = commands_rx.recv() => {
+                running.command(command, &mut waiters).await;
+            }
+            Some(request) = control_rx.recv() => {
+                running
+                    .control_request(request, &mut waiters, &mut stop_replies)
+                    .await;
+            }
+            Some(_) = waiters.join_next(), if !waiters.is_empty() => {}
             _ = super::sleep_until_some(deadline.map(|(_, at)| at)), if !shutdown.is_stopping() => {
                 if let Some((limit, _)) = deadline {
                     shutdown.request_stop(format!(
@@ -397,6 +259,13 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
             }
         }
     }
+    drop(waiters);
+    drop(duties);
+    sink.status_line(None);
+    drop(running);
+    // Every event sender is gone with the supervisors: the pump ends once
+    // it has called back for the last one.
+    let _ = pump.await;
     reports.sort_by_key(|r| r.label.id);
     let report = RunReport {
         instances: reports,
@@ -404,11 +273,72 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
         fatal: None,
     };
     announce_end(&report, &sink).await;
+    if let Some(callbacks) = &callbacks {
+        callbacks.stopped(&report);
+    }
+    let outcome = if report.success() {
+        FromMaster::Done {
+            message: format!("stopped: {} instances ended", report.instances.len()),
+        }
+    } else {
+        FromMaster::Error {
+            message: format!("stopped; {} instances failed", report.failed().count()),
+        }
+    };
+    for reply in stop_replies {
+        let _ = reply.send(outcome.clone()).await;
+    }
+    // The server ends once every connection has: no request can be
+    // handed over any more, and every reply sender is gone.
+    drop(control_rx);
+    control_stop.cancel();
+    if let Some(task) = control_task {
+        let _ = task.await;
+    }
+    drop(control_dir);
     report
 }
 
-/// Runs a herd from a plain (non-async) program: owns a runtime, logs to
-/// stdout in the config's format, stops cleanly on SIGTERM/SIGINT (a second
+/// How often the progress line (on a terminal) is refreshed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps the progress line up to date: instances running per group, and
+/// a queue group's counts.
+async fn show_progress(herd: Herd, sink: LogSink) {
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        sink.status_line(Some(progress_line(&herd.status())));
+    }
+}
+
+/// One line for the whole herd: `web 4/4 · jobs 3/3, 1200 done, 350/s`.
+pub fn progress_line(status: &crate::protocol::control::HerdStatus) -> String {
+    let parts: Vec<String> = status
+        .groups
+        .iter()
+        .map(|group| {
+            let running = group
+                .instances
+                .iter()
+                .filter(|i| i.state == InstanceState::Running)
+                .count();
+            let mut part = format!("{} {running}/{}", group.name, group.instances.len());
+            if group.suspended {
+                part.push_str(" suspended");
+            }
+            if let Some(queue) = &group.queue {
+                part.push_str(&format!(", {} done, {:.0}/s", queue.done, queue.rate));
+            }
+            part
+        })
+        .collect();
+    parts.join(" · ")
+}
+
+/// Runs a herd from a plain (non-async) program: owns a runtime, logs as
+/// the config's `[log]` table says (stdout, file), stops cleanly on SIGTERM/SIGINT (a second
 /// signal kills at once), and returns once every instance has ended and
 /// every log line is written.
 ///
@@ -420,18 +350,24 @@ pub async fn run(config: Config, sink: LogSink, shutdown: Shutdown) -> RunReport
 /// ```
 ///
 /// # Errors
-/// If the runtime, the log writer or the signal handlers cannot be set up;
-/// nothing was started then.
+/// If the runtime, the log writer (or its file) or the signal handlers
+/// cannot be set up; nothing was started then.
 pub fn run_blocking(config: Config) -> std::io::Result<RunReport> {
+    Launcher::new(config).run_blocking()
+}
+
+pub(crate) fn run_blocking_with(launcher: Launcher) -> std::io::Result<RunReport> {
+    let config = &launcher.config;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("taskherd")
         .build()?;
-    let (sink, writer) = LogSink::spawn(config.master.log_format, std::io::stdout())?;
+    let (sink, writer) =
+        LogSink::start(&config.log, &config.base_dir()).map_err(std::io::Error::other)?;
     let report = runtime.block_on(async move {
         let shutdown = Shutdown::new();
         super::stop_on_signals(shutdown.clone())?;
-        std::io::Result::Ok(run(config, sink, shutdown).await)
+        std::io::Result::Ok(launcher.run(sink, shutdown).await)
     });
     // The runtime's tasks hold the last sink clones: once they are gone the
     // writer drains what is left and ends.
@@ -544,51 +480,5 @@ impl ControlDir {
 impl Drop for ControlDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_global_and_group_ids_restart() {
-        let text = r#"
-[[group]]
-name = "a"
-command = "./bin/a"
-[group.local]
-instances = 2
-
-[[group]]
-name = "b"
-command = "sh"
-timeout = "5s"
-[group.local]
-instances = 1
-"#;
-        let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
-        let specs = plan(&config)
-            .instances()
-            .into_iter()
-            .cloned()
-            .collect::<Vec<_>>();
-        let ids: Vec<_> = specs
-            .iter()
-            .map(|s| {
-                (
-                    s.label.group.as_str(),
-                    s.identity.id,
-                    s.identity.group_id,
-                    s.identity.group_count,
-                )
-            })
-            .collect();
-        assert_eq!(ids, [("a", 1, 1, 2), ("a", 2, 2, 2), ("b", 3, 1, 1)]);
-        assert_eq!(specs[0].process.program, PathBuf::from("/etc/herd/./bin/a"));
-        assert_eq!(specs[2].process.program, PathBuf::from("sh"));
-        assert_eq!(specs[0].plain_timeout, None);
-        assert_eq!(specs[0].identity.timeout, Some(Duration::from_secs(30)));
-        assert_eq!(specs[2].plain_timeout, Some(Duration::from_secs(5)));
     }
 }

@@ -1,6 +1,12 @@
 //! The master: launches groups of instances and supervises them.
 //!
-//! - [`launcher`]: config to instances, the run loop, the final report.
+//! - [`plan`]: config to instances: where each runs, with which id.
+//! - [`launcher`]: the run loop and the final report; its `actions`
+//!   (private) carry out operators' requests: suspend, resume, rolling
+//!   restart, reload.
+//! - [`herd`]: the status board, the [`Herd`] handle, the [`Events`]
+//!   callbacks and the [`Launcher`].
+//! - [`control`]: the control socket (`taskherd status`, `stop`, ...).
 //! - [`instance`]: one task per instance: start, relay, liveness, stop,
 //!   restart.
 //! - [`process`]: spawning a child with its control channel (shared with
@@ -13,10 +19,14 @@
 //! - [`restart`]: policy and backoff.
 //! - [`shutdown`]: the stop and kill tokens, and signal handling.
 
+mod actions;
+pub mod control;
+pub mod herd;
 pub mod instance;
 pub mod launcher;
 pub mod log;
 pub mod output;
+pub mod plan;
 pub mod process;
 pub mod queue;
 pub mod remote;
@@ -24,7 +34,9 @@ pub mod restart;
 pub mod shutdown;
 pub mod ssh;
 
+pub use herd::{Events, Herd, Launcher};
 pub use launcher::{run, run_blocking, RunReport};
+pub use log::InstanceLabel;
 pub use log::{LogRecord, LogSink, LogWriter};
 pub use shutdown::{stop_on_signals, Shutdown};
 

@@ -2,12 +2,15 @@
 //! the per-run secret, the feeder's port, and the start order.
 
 use super::instance::InstanceSpec;
-use super::launcher::Plan;
+use super::plan::Plan;
 use crate::config::QueueSpec;
 use crate::protocol::queue::random_hex;
 use crate::protocol::slave::{QueueRole, QueueSettings};
 use crate::retry::RetryPolicy;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 
 /// Bytes of randomness in a per-run secret.
 const SECRET_BYTES: usize = 32;
@@ -74,23 +77,35 @@ pub enum QueuePrepareError {
     Secret(#[source] std::io::Error),
 }
 
-/// Fills in every queue group's per-run secret and the feeder's real
-/// port (a port 0 is chosen now, so that a restarted feeder binds the same
-/// port and its consumers' address stays true), and gives consumers the
-/// address to reach it.
+/// Fills in every queue group's per-run secret, and the real port of a
+/// feeder on the master's host (a port 0 is chosen now, so that a
+/// restarted feeder binds the same port and its consumers' address stays
+/// true); consumers of a local feeder get its address now, those of a
+/// remote feeder once it listens (see [`FeederAddresses`]).
 ///
 /// # Errors
 /// A bad bind address, no free port, no randomness.
 pub fn prepare(plan: &mut Plan) -> Result<(), QueuePrepareError> {
+    let remote_feeders = plan
+        .hosts
+        .iter_mut()
+        .flat_map(|host| host.instances.iter_mut())
+        .filter(|spec| matches!(spec.identity.queue, Some(QueueRole::Feeder { .. })));
+    let mut links = Vec::new();
+    for feeder in remote_feeders {
+        let group = feeder.label.group.clone();
+        if let Some(QueueRole::Feeder { bind, secret, .. }) = &mut feeder.identity.queue {
+            parse_bind(&group, bind)?;
+            *secret = random_hex(SECRET_BYTES).map_err(QueuePrepareError::Secret)?;
+            links.push((group, None, secret.clone()));
+        }
+    }
     for feeder in &mut plan.feeders {
         let group = feeder.label.group.clone();
         let Some(QueueRole::Feeder { bind, secret, .. }) = &mut feeder.identity.queue else {
             continue;
         };
-        let mut addr: SocketAddr = bind.parse().map_err(|_| QueuePrepareError::BadBind {
-            group: group.clone(),
-            bind: bind.clone(),
-        })?;
+        let mut addr = parse_bind(&group, bind)?;
         if addr.port() == 0 {
             let probe = TcpListener::bind(addr).map_err(|source| QueuePrepareError::NoPort {
                 group: group.clone(),
@@ -107,8 +122,9 @@ pub fn prepare(plan: &mut Plan) -> Result<(), QueuePrepareError> {
         }
         *bind = addr.to_string();
         *secret = random_hex(SECRET_BYTES).map_err(QueuePrepareError::Secret)?;
-        let reach = reachable(addr).to_string();
-        let run_secret = secret.clone();
+        links.push((group, Some(FeederAddress::local(addr)), secret.clone()));
+    }
+    for (group, address, run_secret) in links {
         let consumers = plan
             .local
             .iter_mut()
@@ -119,29 +135,161 @@ pub fn prepare(plan: &mut Plan) -> Result<(), QueuePrepareError> {
             )
             .filter(|spec| spec.label.group == group);
         for consumer in consumers {
-            set_consumer_link(consumer, &reach, &run_secret);
+            let reach = address
+                .as_ref()
+                .map(|address| address.for_host(&consumer.label.host));
+            if let Some(QueueRole::Consumer { feeder, secret, .. }) = &mut consumer.identity.queue {
+                *feeder = reach.unwrap_or_default();
+                *secret = run_secret.clone();
+            }
         }
     }
     Ok(())
 }
 
-fn set_consumer_link(consumer: &mut InstanceSpec, reach: &str, run_secret: &str) {
-    if let Some(QueueRole::Consumer { feeder, secret, .. }) = &mut consumer.identity.queue {
-        *feeder = reach.to_string();
-        *secret = run_secret.to_string();
+fn parse_bind(group: &str, bind: &str) -> Result<SocketAddr, QueuePrepareError> {
+    bind.parse().map_err(|_| QueuePrepareError::BadBind {
+        group: group.to_string(),
+        bind: bind.to_string(),
+    })
+}
+
+/// Points a consumer at its feeder (a no-op for other instances).
+pub fn set_feeder_address(consumer: &mut InstanceSpec, address: &FeederAddress) {
+    let reach = address.for_host(&consumer.label.host);
+    if let Some(QueueRole::Consumer { feeder, .. }) = &mut consumer.identity.queue {
+        *feeder = reach;
     }
 }
 
-/// The address consumers dial: a wildcard bind is reached on loopback.
-fn reachable(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+/// Where a feeder listens, and on which host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeederAddress {
+    /// The address it bound.
+    pub listened: SocketAddr,
+    /// Its host's label (as instance labels name hosts).
+    pub host: String,
+    /// The name other hosts dial it at, for a wildcard bind: `None` for
+    /// the master's host (its host name is used then).
+    pub dial_name: Option<String>,
+}
+
+impl FeederAddress {
+    /// A feeder on the master's host.
+    pub fn local(listened: SocketAddr) -> Self {
+        FeederAddress {
+            listened,
+            host: super::plan::LOCAL_HOST.to_string(),
+            dial_name: None,
         }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+    }
+
+    /// The address a consumer on `host` (a host label) dials: a wildcard
+    /// bind is reached on loopback from the feeder's own host, and at the
+    /// feeder host's name from the others.
+    pub fn for_host(&self, host: &str) -> String {
+        let addr = self.listened;
+        if !addr.ip().is_unspecified() {
+            return addr.to_string();
         }
-        _ => addr,
+        if host == self.host {
+            let loopback: IpAddr = match addr.ip() {
+                IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            };
+            return SocketAddr::new(loopback, addr.port()).to_string();
+        }
+        let name = match &self.dial_name {
+            Some(name) => name.clone(),
+            None => master_host_name(),
+        };
+        if name.contains(':') {
+            format!("[{name}]:{}", addr.port())
+        } else {
+            format!("{name}:{}", addr.port())
+        }
+    }
+}
+
+/// This machine's host name, as remote consumers dial a local feeder bound
+/// to a wildcard address.
+fn master_host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at
+    // most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(name) if rc == 0 && !name.is_empty() => name.to_string(),
+        _ => "localhost".to_string(),
+    }
+}
+
+/// The queue group whose feeder `spec` must wait for, if it is a consumer.
+pub fn consumer_of(spec: &InstanceSpec) -> Option<&str> {
+    match spec.identity.queue {
+        Some(QueueRole::Consumer { .. }) => Some(&spec.label.group),
+        _ => None,
+    }
+}
+
+/// Where each queue group's feeder can be reached, once it listens.
+///
+/// Consumers start only once their group's address is known: the feeder
+/// (local or remote) said it listens, or a local feeder took longer than
+/// the start timeout (its port is known in advance, so its consumers start
+/// anyway and connect when it does).
+#[derive(Debug, Clone, Default)]
+pub struct FeederAddresses {
+    groups: Arc<Mutex<BTreeMap<String, watch::Sender<Option<FeederAddress>>>>>,
+}
+
+impl FeederAddresses {
+    /// One (empty) entry per queue group of `plan`.
+    pub fn new(plan: &Plan) -> Self {
+        let addresses = FeederAddresses::default();
+        addresses.add_groups(plan);
+        addresses
+    }
+
+    /// Adds (or resets) an entry for each queue group of `plan` (a reload).
+    pub fn add_groups(&self, plan: &Plan) {
+        let mut groups = self.lock();
+        for spec in plan.instances() {
+            if matches!(spec.identity.queue, Some(QueueRole::Feeder { .. })) {
+                groups.insert(spec.label.group.clone(), watch::channel(None).0);
+            }
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, watch::Sender<Option<FeederAddress>>>> {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that `group`'s feeder listens at `address`.
+    pub fn publish(&self, group: &str, address: FeederAddress) {
+        if let Some(sender) = self.lock().get(group) {
+            sender.send_if_modified(|current| {
+                let changed = current.as_ref() != Some(&address);
+                *current = Some(address);
+                changed
+            });
+        }
+    }
+
+    /// The address of `group`'s feeder, if known.
+    pub fn get(&self, group: &str) -> Option<FeederAddress> {
+        self.lock().get(group).and_then(|s| s.borrow().clone())
+    }
+
+    /// Waits until `group`'s feeder address is known (`None` at once for a
+    /// group that is not a queue group).
+    pub async fn wait(&self, group: &str) -> Option<FeederAddress> {
+        let mut receiver = self.lock().get(group)?.subscribe();
+        let address = receiver.wait_for(Option::is_some).await.ok()?;
+        address.clone()
     }
 }
 
@@ -165,7 +313,7 @@ instances = 2
 concurrency = 3
 "#;
         let config = Config::parse(text, "herd.toml".as_ref()).unwrap();
-        let mut plan = super::super::launcher::plan(&config);
+        let mut plan = super::super::plan::plan(&config);
         prepare(&mut plan).unwrap();
         assert_eq!(plan.feeders.len(), 1);
         let feeder = &plan.feeders[0];
@@ -194,14 +342,24 @@ concurrency = 3
     }
 
     #[test]
-    fn wildcard_binds_are_reached_on_loopback() {
-        assert_eq!(
-            reachable("0.0.0.0:80".parse().unwrap()).to_string(),
-            "127.0.0.1:80"
-        );
-        assert_eq!(
-            reachable("10.1.2.3:80".parse().unwrap()).to_string(),
-            "10.1.2.3:80"
-        );
+    fn wildcard_binds_are_reached_on_loopback_from_their_host() {
+        let addr = |text: &str| text.parse::<SocketAddr>().unwrap();
+        let local = FeederAddress::local(addr("0.0.0.0:80"));
+        assert_eq!(local.for_host("localhost"), "127.0.0.1:80");
+        assert_eq!(local.for_host("web1"), format!("{}:80", master_host_name()));
+        let remote = FeederAddress {
+            listened: addr("[::]:80"),
+            host: "web1:2222".into(),
+            dial_name: Some("web1".into()),
+        };
+        assert_eq!(remote.for_host("web1:2222"), "[::1]:80");
+        assert_eq!(remote.for_host("localhost"), "web1:80");
+        let v6_name = FeederAddress {
+            dial_name: Some("fe80::1".into()),
+            ..remote
+        };
+        assert_eq!(v6_name.for_host("web2"), "[fe80::1]:80");
+        let fixed = FeederAddress::local(addr("10.1.2.3:80"));
+        assert_eq!(fixed.for_host("web1"), "10.1.2.3:80");
     }
 }

@@ -2,8 +2,12 @@
 //! agent, hands the agent the host's instances, relays what it reports,
 //! and reconnects (restarting the instances) when the host is lost.
 
-use super::instance::{InstanceEnd, InstanceReport, InstanceSpec};
+use super::instance::{
+    self, EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceReport, InstanceSpec,
+    Supervision,
+};
 use super::log::{InstanceLabel, LogRecord, LogSink};
+use super::queue::{FeederAddress, FeederAddresses};
 use super::restart::backoff_delay;
 use super::shutdown::Shutdown;
 use super::ssh;
@@ -12,9 +16,11 @@ use crate::config::{HostSpec, RestartSpec, SshOptions};
 use crate::protocol::agent::{FromAgent, ToAgent};
 use crate::protocol::slave::Level;
 use crate::protocol::{Connection, PROTOCOL_VERSION};
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use openssh::{Session, Stdio};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,30 +80,50 @@ enum HostOutcome {
 }
 
 /// Supervises the instances of one host until each has a final report.
+///
+/// Consumers of a queue group start once `addresses` knows where their
+/// feeder listens; a feeder on this host publishes its address there.
+///
+/// `commands` brings more instances (a reload) and operators' commands
+/// for single instances; the host's supervision ends once every instance
+/// has its final report.
 pub async fn supervise_host(
     plan: HostPlan,
     settings: Arc<AgentSettings>,
-    sink: LogSink,
-    shutdown: Shutdown,
+    context: Supervision,
+    addresses: FeederAddresses,
+    mut commands: mpsc::UnboundedReceiver<HostCommand>,
 ) -> Vec<InstanceReport> {
+    let Supervision {
+        sink,
+        shutdown,
+        events,
+        ..
+    } = context;
     let host = plan.host.label.clone();
-    let labels: BTreeMap<u32, Arc<InstanceLabel>> = plan
-        .instances
-        .iter()
-        .map(|spec| (spec.label.id, spec.label.clone()))
-        .collect();
-    let mut pending: BTreeMap<u32, InstanceSpec> = plan
-        .instances
-        .iter()
-        .map(|spec| (spec.label.id, spec.clone()))
-        .collect();
+    let mut state = HostState::default();
+    state.add(plan.instances.clone());
     let mut reports = Vec::new();
     let mut failures = 0u32;
     let mut last_problem = String::from("never connected");
-    while !pending.is_empty() {
+    loop {
+        while let Ok(command) = commands.try_recv() {
+            state.apply_offline(command, &mut reports, events.as_ref());
+        }
+        if state.pending.is_empty() {
+            // Nothing more can come in once closed; what came in before
+            // is still served.
+            commands.close();
+            while let Ok(command) = commands.try_recv() {
+                state.apply_offline(command, &mut reports, events.as_ref());
+            }
+            if state.pending.is_empty() {
+                break;
+            }
+        }
         if shutdown.is_stopping() {
             let reason = format!("never started on {host}: {last_problem}");
-            report_lost(&mut pending, &labels, &reason, &mut reports, &sink).await;
+            report_lost(&mut state, &reason, &mut reports, &sink, events.as_ref()).await;
             break;
         }
         let mut run = HostRun {
@@ -105,12 +131,14 @@ pub async fn supervise_host(
             settings: &settings,
             sink: &sink,
             shutdown: &shutdown,
-            labels: &labels,
-            pending: &mut pending,
+            state: &mut state,
             reports: &mut reports,
+            addresses: &addresses,
+            commands: &mut commands,
+            events: events.as_ref(),
         };
         match run.connect_and_serve().await {
-            HostOutcome::Done => break,
+            HostOutcome::Done => continue,
             HostOutcome::Lost(problem) => {
                 let delay = backoff_delay(&reconnect_backoff(), failures, fastrand::f64());
                 failures = failures.saturating_add(1);
@@ -133,14 +161,121 @@ pub async fn supervise_host(
     reports
 }
 
+/// What the host's supervisor is asked while it runs.
+#[derive(Debug)]
+pub enum HostCommand {
+    /// Run these instances too.
+    Add(Vec<InstanceSpec>),
+    /// Suspend, resume, restart or remove one instance.
+    Instance {
+        /// Its global id.
+        id: u32,
+        /// What to do.
+        command: InstanceCommand,
+    },
+}
+
+/// The instances of a host, across connections.
+#[derive(Default)]
+struct HostState {
+    labels: BTreeMap<u32, Arc<InstanceLabel>>,
+    /// Instances without a final report yet.
+    pending: BTreeMap<u32, InstanceSpec>,
+    /// Instances an operator suspended (suspended again after a
+    /// reconnection).
+    suspended: BTreeSet<u32>,
+}
+
+impl HostState {
+    fn add(&mut self, instances: Vec<InstanceSpec>) {
+        for spec in instances {
+            self.labels.insert(spec.label.id, spec.label.clone());
+            self.pending.insert(spec.label.id, spec);
+        }
+    }
+
+    /// Remembers what a command changes for later connections.
+    fn note(&mut self, id: u32, command: InstanceCommand) {
+        match command {
+            InstanceCommand::Suspend => {
+                self.suspended.insert(id);
+            }
+            InstanceCommand::Resume | InstanceCommand::Restart | InstanceCommand::Remove => {
+                self.suspended.remove(&id);
+            }
+        }
+    }
+
+    /// A command while no agent runs: instances are added, removed ones
+    /// end at once, the others take effect at the next connection.
+    fn apply_offline(
+        &mut self,
+        command: HostCommand,
+        reports: &mut Vec<InstanceReport>,
+        events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+    ) {
+        match command {
+            HostCommand::Add(instances) => self.add(instances),
+            HostCommand::Instance {
+                id,
+                command: InstanceCommand::Remove,
+            } => {
+                if let Some(spec) = self.pending.remove(&id) {
+                    let end = InstanceEnd::Stopped { killed: false };
+                    instance::emit(events, id, EventKind::Ended { end: end.clone() });
+                    reports.push(InstanceReport {
+                        label: spec.label,
+                        end,
+                    });
+                }
+            }
+            HostCommand::Instance { id, command } => {
+                self.note(id, command);
+                if command == InstanceCommand::Suspend {
+                    instance::emit(events, id, EventKind::Suspended);
+                }
+            }
+        }
+    }
+}
+
 struct HostRun<'a> {
     plan: &'a HostPlan,
     settings: &'a AgentSettings,
     sink: &'a LogSink,
     shutdown: &'a Shutdown,
-    labels: &'a BTreeMap<u32, Arc<InstanceLabel>>,
-    pending: &'a mut BTreeMap<u32, InstanceSpec>,
+    state: &'a mut HostState,
     reports: &'a mut Vec<InstanceReport>,
+    addresses: &'a FeederAddresses,
+    commands: &'a mut mpsc::UnboundedReceiver<HostCommand>,
+    events: Option<&'a mpsc::UnboundedSender<InstanceEvent>>,
+}
+
+/// Consumers held back until their feeder listens.
+#[derive(Default)]
+struct Deferred {
+    /// Ids waiting, by queue group.
+    ids: BTreeMap<String, Vec<u32>>,
+    /// One wait per group, ending with its feeder's address.
+    waits: FuturesUnordered<BoxFuture<'static, (String, Option<FeederAddress>)>>,
+}
+
+impl Deferred {
+    fn add(&mut self, group: &str, id: u32, addresses: &FeederAddresses) {
+        let ids = self.ids.entry(group.to_string()).or_default();
+        if ids.is_empty() {
+            let addresses = addresses.clone();
+            let group = group.to_string();
+            self.waits.push(
+                async move {
+                    let address = addresses.wait(&group).await;
+                    (group, address)
+                }
+                .boxed(),
+            );
+        }
+        ids.push(id);
+    }
 }
 
 impl HostRun<'_> {
@@ -228,17 +363,25 @@ impl HostRun<'_> {
             Ok(Err(err)) => return HostOutcome::Lost(format!("agent link: {err}")),
             Err(_) => return HostOutcome::Lost("agent did not answer".into()),
         };
-        let instances: Vec<InstanceSpec> = self.pending.values().cloned().collect();
-        let count = instances.len();
-        let _ = to_agent_tx.send(ToAgent::Start { instances });
+        let mut deferred = Deferred::default();
+        let ids: Vec<u32> = self.state.pending.keys().copied().collect();
+        let count = self.start(&ids, &mut deferred, &to_agent_tx);
+        let waiting = match self.state.pending.len() - count {
+            0 => String::new(),
+            n => format!(" ({n} more once their feeder listens)"),
+        };
+        for id in &self.state.suspended {
+            let command = InstanceCommand::Suspend;
+            let _ = to_agent_tx.send(ToAgent::Command { id: *id, command });
+        }
         self.sink
             .master_event(
                 Level::Info,
-                format!("host {label}: connected, agent pid {pid} runs {count} instances"),
+                format!("host {label}: connected, agent pid {pid} runs {count} instances{waiting}"),
             )
             .await;
 
-        let outcome = self.relay(&mut from_agent, &to_agent_tx).await;
+        let outcome = self.relay(&mut from_agent, &to_agent_tx, deferred).await;
         drop(to_agent_tx);
         writer.abort();
         // The agent exits by itself after its last report; a lost one is
@@ -247,10 +390,43 @@ impl HostRun<'_> {
         outcome
     }
 
+    /// Hands instances `ids` to the agent, holding back consumers whose
+    /// feeder does not listen yet; returns how many were handed over.
+    fn start(
+        &mut self,
+        ids: &[u32],
+        deferred: &mut Deferred,
+        to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
+    ) -> usize {
+        let mut instances = Vec::new();
+        for id in ids {
+            let Some(spec) = self.state.pending.get_mut(id) else {
+                continue;
+            };
+            let Some(group) = super::queue::consumer_of(spec) else {
+                instances.push(spec.clone());
+                continue;
+            };
+            match self.addresses.get(group) {
+                Some(address) => {
+                    super::queue::set_feeder_address(spec, &address);
+                    instances.push(spec.clone());
+                }
+                None => deferred.add(group, *id, self.addresses),
+            }
+        }
+        let count = instances.len();
+        if count > 0 {
+            let _ = to_agent_tx.send(ToAgent::Start { instances });
+        }
+        count
+    }
+
     async fn relay(
         &mut self,
         from_agent: &mut Connection<tokio::io::Join<openssh::ChildStdout, tokio::io::Empty>>,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
+        mut deferred: Deferred,
     ) -> HostOutcome {
         let orphan_timeout = self.settings.orphan_timeout;
         let mut ticker = tokio::time::interval(self.settings.heartbeat);
@@ -265,9 +441,39 @@ impl HostRun<'_> {
                 reason: self.shutdown.reason().unwrap_or("stop").to_string(),
             });
             stop_deadline = Some(Instant::now() + self.stop_wait());
+            let ids: Vec<u32> = std::mem::take(&mut deferred.ids)
+                .into_values()
+                .flatten()
+                .collect();
+            self.never_started(&ids);
         }
-        while !self.pending.is_empty() {
+        while !self.state.pending.is_empty() {
             tokio::select! {
+                Some(command) = self.commands.recv() => match command {
+                    HostCommand::Add(instances) => {
+                        let ids: Vec<u32> = instances.iter().map(|s| s.label.id).collect();
+                        self.state.add(instances);
+                        if stop_sent {
+                            self.never_started(&ids);
+                        } else {
+                            self.start(&ids, &mut deferred, to_agent_tx);
+                        }
+                    }
+                    HostCommand::Instance { id, command } => {
+                        self.state.note(id, command);
+                        if deferred.ids.values().any(|ids| ids.contains(&id)) {
+                            // Not started yet: only a removal matters.
+                            if command == InstanceCommand::Remove {
+                                for ids in deferred.ids.values_mut() {
+                                    ids.retain(|i| *i != id);
+                                }
+                                self.never_started(&[id]);
+                            }
+                        } else {
+                            let _ = to_agent_tx.send(ToAgent::Command { id, command });
+                        }
+                    }
+                },
                 frame = from_agent.read_frame::<FromAgent>() => {
                     last_heard = Instant::now();
                     match frame {
@@ -292,6 +498,22 @@ impl HostRun<'_> {
                     let _ = to_agent_tx.send(ToAgent::Stop {
                         reason: self.shutdown.reason().unwrap_or("stop").to_string(),
                     });
+                    let ids: Vec<u32> = std::mem::take(&mut deferred.ids).into_values().flatten().collect();
+                    self.never_started(&ids);
+                }
+                Some((group, address)) = deferred.waits.next(), if !deferred.waits.is_empty() && !stop_sent => {
+                    let ids = deferred.ids.remove(&group).unwrap_or_default();
+                    let Some(address) = address else { continue };
+                    let mut instances = Vec::new();
+                    for id in ids {
+                        if let Some(spec) = self.state.pending.get_mut(&id) {
+                            super::queue::set_feeder_address(spec, &address);
+                            instances.push(spec.clone());
+                        }
+                    }
+                    if !instances.is_empty() {
+                        let _ = to_agent_tx.send(ToAgent::Start { instances });
+                    }
                 }
                 _ = self.shutdown.killing(), if !kill_sent => {
                     kill_sent = true;
@@ -303,6 +525,21 @@ impl HostRun<'_> {
             }
         }
         HostOutcome::Done
+    }
+
+    /// Consumers still waiting for their feeder when the herd stops end
+    /// without having started.
+    fn never_started(&mut self, ids: &[u32]) {
+        for id in ids {
+            if let Some(spec) = self.state.pending.remove(id) {
+                let end = InstanceEnd::Stopped { killed: false };
+                instance::emit(self.events, *id, EventKind::Ended { end: end.clone() });
+                self.reports.push(InstanceReport {
+                    label: spec.label,
+                    end,
+                });
+            }
+        }
     }
 
     /// The wait for reports after a stop: the grace plus a margin for the
@@ -320,7 +557,7 @@ impl HostRun<'_> {
                 stream,
                 message,
             } => {
-                let instance = id.and_then(|id| self.labels.get(&id).cloned());
+                let instance = id.and_then(|id| self.state.labels.get(&id).cloned());
                 let message = if instance.is_none() {
                     format!("host {}: agent: {message}", self.plan.host.label)
                 } else {
@@ -337,12 +574,37 @@ impl HostRun<'_> {
                     .await;
             }
             FromAgent::Ended { id, end } => {
-                if self.pending.remove(&id).is_some() {
-                    if let Some(label) = self.labels.get(&id) {
+                if self.state.pending.remove(&id).is_some() {
+                    self.state.suspended.remove(&id);
+                    if let Some(label) = self.state.labels.get(&id) {
                         self.reports.push(InstanceReport {
                             label: label.clone(),
                             end,
                         });
+                    }
+                }
+            }
+            FromAgent::Event(event) => {
+                if let Some(events) = self.events {
+                    let _ = events.send(event);
+                }
+            }
+            FromAgent::Listening { id, addr } => {
+                let Some(label) = self.state.labels.get(&id) else {
+                    return;
+                };
+                match addr.parse() {
+                    Ok(listened) => self.addresses.publish(
+                        &label.group,
+                        FeederAddress {
+                            listened,
+                            host: label.host.clone(),
+                            dial_name: Some(self.plan.host.name.clone()),
+                        },
+                    ),
+                    Err(_) => {
+                        let message = format!("feeder reports a bad address {addr:?}");
+                        self.sink.instance_event(label, Level::Error, message).await;
                     }
                 }
             }
@@ -356,29 +618,28 @@ impl HostRun<'_> {
         if !stopping {
             return HostOutcome::Lost(problem);
         }
-        report_lost(self.pending, self.labels, &problem, self.reports, self.sink).await;
+        report_lost(self.state, &problem, self.reports, self.sink, self.events).await;
         HostOutcome::Done
     }
 }
 
 /// Gives up on the instances still pending, saying why for each.
 async fn report_lost(
-    pending: &mut BTreeMap<u32, InstanceSpec>,
-    labels: &BTreeMap<u32, Arc<InstanceLabel>>,
+    state: &mut HostState,
     reason: &str,
     reports: &mut Vec<InstanceReport>,
     sink: &LogSink,
+    events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
 ) {
-    for (id, _) in std::mem::take(pending) {
-        let label = labels[&id].clone();
+    for (id, spec) in std::mem::take(&mut state.pending) {
+        let label = spec.label;
         sink.instance_event(&label, Level::Error, format!("lost: {reason}"))
             .await;
-        reports.push(InstanceReport {
-            label,
-            end: InstanceEnd::Lost {
-                reason: reason.to_string(),
-            },
-        });
+        let end = InstanceEnd::Lost {
+            reason: reason.to_string(),
+        };
+        instance::emit(events, id, EventKind::Ended { end: end.clone() });
+        reports.push(InstanceReport { label, end });
     }
 }
 

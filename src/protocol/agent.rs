@@ -9,7 +9,7 @@
 //! network partition (no FIN, no RST) is noticed on both ends.
 
 use super::slave::Level;
-use crate::master::instance::{InstanceEnd, InstanceSpec};
+use crate::master::instance::{InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec};
 use crate::master::log::Stream;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -42,6 +42,13 @@ pub enum ToAgent {
     },
     /// Kill every instance at once, report each, then exit.
     Kill,
+    /// Suspend, resume, restart or remove one instance.
+    Command {
+        /// Global id of the instance.
+        id: u32,
+        /// What to do.
+        command: InstanceCommand,
+    },
     /// "I am still here".
     Heartbeat,
 }
@@ -78,6 +85,16 @@ pub enum FromAgent {
         id: u32,
         /// How.
         end: InstanceEnd,
+    },
+    /// Something happened to an instance (status and events of the
+    /// master).
+    Event(InstanceEvent),
+    /// A feeder instance listens (each time it starts).
+    Listening {
+        /// Global id of the feeder instance.
+        id: u32,
+        /// The address it bound, as it reported it (`0.0.0.0:4711`).
+        addr: String,
     },
     /// "I am still here".
     Heartbeat,

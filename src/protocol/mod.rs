@@ -12,6 +12,8 @@
 
 #[cfg(feature = "master")]
 pub mod agent;
+#[cfg(feature = "master")]
+pub mod control;
 pub mod millis;
 pub mod queue;
 pub mod slave;

@@ -3,7 +3,10 @@
 //! One test binary (linking once); `support` holds the harness.
 
 mod check;
+mod control;
+mod control_cli;
 mod local;
+mod logs;
 mod output;
 mod queue;
 mod remote;

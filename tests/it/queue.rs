@@ -79,7 +79,8 @@ fn wait_all_done(herd: &mut Herd, n: u64) {
 fn three_jobs_one_consumer_then_a_clean_stop() {
     // The original suite's queue scenario.
     let mut herd = herd("jobs = 3", 1, 1, "", "");
-    herd.start();
+    // "started (pid N)" (checked below) is a debug event, hidden by default.
+    herd.start_with(&["--log-filter", "debug"]);
     herd.wait_for("[jobs] [localhost] [queue_worker/1/1] feeder listening on 127.0.0.1:");
     for n in 1..=3 {
         herd.wait_for(&format!("[jobs] [localhost] [queue_worker/2/2] done {n}"));
@@ -424,6 +425,76 @@ concurrency = 4
     let counts = done_counts(&herd);
     assert_eq!(counts.len(), 300);
     assert!(counts.values().all(|&c| c == 1));
+}
+
+#[test]
+fn a_feeder_on_a_remote_host_feeds_consumers_there_and_here() {
+    // The original's scenario 19, with a local consumer too: the master
+    // learns the remote feeder's port from its agent and only then starts
+    // the consumers, on both hosts.
+    use crate::support::sshd::SshWorld;
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let mut herd = Herd::new(&format!(
+        r#"
+[master]
+agent_path = "{agent}"
+
+[ssh]
+ssh_config = "{config}"
+
+[[group]]
+name = "jobs"
+command = "{worker}"
+params = {{ jobs = 200, work_ms = 5 }}
+
+[group.feeder]
+host = "{host}"
+bind = "127.0.0.1:0"
+
+[group.local]
+instances = 1
+concurrency = 2
+
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+concurrency = 2
+"#,
+        agent = crate::support::taskherd_bin().display(),
+        config = world.ssh_config().display(),
+        worker = queue_worker(),
+        host = host.alias(),
+    ));
+    herd.start();
+    wait_all_done(&mut herd, 200);
+    let feeder = format!(
+        "[jobs] [{}] [queue_worker/1/1] feeder listening on",
+        host.alias()
+    );
+    assert_eq!(herd.lines_with(&feeder).len(), 1, "{:?}", herd.seen);
+    let remote = format!("[jobs] [{}] [queue_worker/", host.alias());
+    let done_remote = herd
+        .lines_with(&remote)
+        .iter()
+        .filter(|line| line.contains("] done "))
+        .count();
+    let done_local = herd
+        .lines_with("[jobs] [localhost] [queue_worker/")
+        .iter()
+        .filter(|line| line.contains("] done "))
+        .count();
+    assert!(
+        done_remote > 0 && done_local > 0,
+        "remote {done_remote}, local {done_local}"
+    );
+    herd.wait_for("(queue empty)");
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    let counts = done_counts(&herd);
+    assert_eq!(counts.len(), 200);
+    assert!(counts.values().all(|&c| c == 1), "{counts:?}");
+    crate::remote::assert_host_clean(&host);
 }
 
 #[test]

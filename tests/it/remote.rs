@@ -28,7 +28,7 @@ ssh_config = "{config}"
 }
 
 /// Waits (bounded) until nothing started through `host` is left.
-fn assert_host_clean(host: &SshHost) {
+pub(crate) fn assert_host_clean(host: &SshHost) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let left = host.processes();

@@ -91,6 +91,8 @@ impl Herd {
             // A pid registry of its own: herds of parallel tests must not
             // reap each other's processes.
             .env("XDG_STATE_HOME", self._dir.path().join("state"))
+            // A control socket of its own, found by `ctl`.
+            .env("XDG_RUNTIME_DIR", self.runtime_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -122,6 +124,28 @@ impl Herd {
         }
         self.master = Some(child);
         self.lines_rx = Some(rx);
+    }
+
+    /// The runtime dir (`$XDG_RUNTIME_DIR`) of this herd's master: its
+    /// control socket is there.
+    pub fn runtime_dir(&self) -> PathBuf {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self._dir.path().join("run");
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        dir
+    }
+
+    /// Runs an operator's command (`status`, `stop`, ...) against this
+    /// herd's master: `taskherd <args> -c <config>`.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(taskherd_bin())
+            .args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .env("XDG_RUNTIME_DIR", self.runtime_dir())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run taskherd")
     }
 
     /// The pid registry file of this herd's master.

@@ -1,0 +1,692 @@
+//! The master's log stream: every instance's lines and the master's own
+//! events, written by one thread in text or JSON lines.
+//!
+//! Producers (output readers, control links, supervisors) send records
+//! through a bounded channel: a child that prints faster than the output
+//! can take is slowed down, never has lines dropped. The writer thread
+//! takes records in batches and formats them straight into its buffers,
+//! so a burst costs one write system call per output, not one per line.
+//!
+//! # Where lines go
+//!
+//! Every record goes first to the live subscribers ([`LogSink::subscribe`],
+//! for `taskherd logs`), unfiltered, and only when there are some. Then
+//! the [`LogFilter`] decides whether it is written:
+//!
+//! - without a log file, to standard output;
+//! - with a log file ([`LogFileOptions`], rotated by size), to the file,
+//!   and only the master's own events (stream [`Stream::Master`]: starts,
+//!   exits, restarts, failures, stops) also to standard output, so that
+//!   the terminal (or the journal) shows what the herd does without its
+//!   output. A file that cannot be written sends its lines to standard
+//!   output until it can be reopened.
+//!
+//! On a terminal, text lines can be colored by level, and a status line
+//! ([`LogSink::status_line`]) is kept below the last line.
+//!
+//! - `filter`: the `info,web=debug` syntax.
+//! - `format`: a record to a line of text or JSON.
+//! - `file`: the rotated log file.
+//! - `terminal`: colors and the status line.
+//! - `writer`: the writer thread.
+
+mod file;
+mod filter;
+mod format;
+mod terminal;
+mod writer;
+
+pub use file::LogFileOptions;
+pub use filter::{FilterError, LogFilter};
+
+use crate::config::{LogColor, LogFormat, LogSpec};
+use crate::protocol::slave::Level;
+use serde::{Deserialize, Serialize};
+use std::io::{IsTerminal, Write};
+use std::os::fd::{AsFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::{broadcast, mpsc};
+use writer::{StatusSlot, Writer};
+
+/// Records buffered between producers and the writer thread.
+const LOG_CHANNEL_LEN: usize = 8192;
+
+/// Records kept for live subscribers: one that falls further behind
+/// loses the oldest and is told how many ([`broadcast::error::RecvError::Lagged`]).
+pub const LIVE_CHANNEL_LEN: usize = 4096;
+
+/// Where an instance runs and who it is, as shown in every log prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InstanceLabel {
+    /// Group name.
+    pub group: String,
+    /// Host name as the master knows it.
+    pub host: String,
+    /// Base name of the command.
+    pub command: String,
+    /// Global id.
+    pub id: u32,
+    /// Id within the group.
+    pub group_id: u32,
+}
+
+impl std::fmt::Display for InstanceLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "[{}] [{}] [{}/{}/{}]",
+            self.group, self.host, self.command, self.id, self.group_id
+        )
+    }
+}
+
+/// Which channel a line came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// The instance's standard output.
+    Stdout,
+    /// The instance's standard error.
+    Stderr,
+    /// A structured record sent through the slave library.
+    Control,
+    /// An event of the master itself.
+    Master,
+}
+
+/// One line of the log.
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    /// When the master received it.
+    pub time: SystemTime,
+    /// Severity.
+    pub level: Level,
+    /// The instance it is about; `None` for the master's own events.
+    pub instance: Option<Arc<InstanceLabel>>,
+    /// Where it came from.
+    pub stream: Stream,
+    /// The text, without trailing newline.
+    pub message: String,
+}
+
+/// How the writer writes: the resolved form of a config's `[log]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogOptions {
+    /// Text or JSON lines.
+    pub format: LogFormat,
+    /// Which records are written (subscribers get all of them).
+    pub filter: LogFilter,
+    /// Color text lines on the terminal output by level.
+    pub color: bool,
+    /// The terminal output is a TTY that keeps a status line
+    /// ([`LogSink::status_line`]); ignored otherwise.
+    pub status_line: bool,
+    /// Also write to a rotated file; the terminal output then only gets
+    /// the master's own events.
+    pub file: Option<LogFileOptions>,
+}
+
+impl Default for LogOptions {
+    /// Text, filter `info`, no colors, no status line, no file.
+    fn default() -> Self {
+        LogOptions {
+            format: LogFormat::Text,
+            filter: LogFilter::default(),
+            color: false,
+            status_line: false,
+            file: None,
+        }
+    }
+}
+
+/// Why the log stream could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogError {
+    /// The log file (or its directory) could not be opened.
+    #[error("cannot open log file {}", path.display())]
+    OpenFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The writer thread could not be spawned.
+    #[error("cannot start the log writer thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A cloneable handle to the log stream.
+#[derive(Debug, Clone)]
+pub struct LogSink {
+    records_tx: mpsc::Sender<LogRecord>,
+    /// What every clone shares with the writer.
+    shared: Arc<Shared>,
+}
+
+/// The parts of a sink that are the same for all its clones.
+#[derive(Debug)]
+struct Shared {
+    /// Hands out subscriptions; the writer holds a clone to publish.
+    live_tx: broadcast::Sender<Arc<LogRecord>>,
+    /// Set when the writer keeps a status line.
+    status: Option<Arc<StatusSlot>>,
+    /// The writer's filter, for subscribers that want the same view.
+    filter: LogFilter,
+}
+
+/// The writer thread behind a [`LogSink`]; join it to be sure every record
+/// was written.
+#[derive(Debug)]
+pub struct LogWriter {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl LogWriter {
+    /// Waits until every sink is dropped and every record written.
+    pub fn finish(self) {
+        // The thread only ends by its channel closing; a panic in it has
+        // already been printed by the panic hook.
+        let _ = self.thread.join();
+    }
+}
+
+impl LogSink {
+    /// Starts a writer thread writing every record to `out` in `format`:
+    /// no filter, no colors, no status line, no file.
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub fn spawn<W: Write + Send + 'static>(
+        format: LogFormat,
+        out: W,
+    ) -> std::io::Result<(LogSink, LogWriter)> {
+        let options = LogOptions {
+            format,
+            filter: LogFilter::all(),
+            ..LogOptions::default()
+        };
+        LogSink::spawn_with(out, options).map_err(|err| match err {
+            LogError::Thread(err) => err,
+            other => std::io::Error::other(other),
+        })
+    }
+
+    /// Starts the log of a config's `[log]` table, on standard output
+    /// and in the log file if one is set (relative to `base_dir`, the
+    /// config's directory). Colors with `color = "auto"` and the status
+    /// line are on when standard output is a terminal (colors not if
+    /// `NO_COLOR` is set).
+    ///
+    /// # Errors
+    /// If the log file cannot be opened or the thread spawned.
+    pub fn start(spec: &LogSpec, base_dir: &Path) -> Result<(LogSink, LogWriter), LogError> {
+        let stdout = std::io::stdout();
+        let tty = stdout.is_terminal();
+        let color = match spec.color {
+            LogColor::Always => true,
+            LogColor::Never => false,
+            LogColor::Auto => tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        };
+        let options = LogOptions {
+            format: spec.format,
+            filter: spec.filter.clone(),
+            color,
+            status_line: tty,
+            file: spec.file.as_ref().map(|file| LogFileOptions {
+                path: base_dir.join(file),
+                max_size: spec.max_size,
+                keep: spec.keep,
+            }),
+        };
+        // Straight to (a duplicate of) fd 1, so that a batch is one
+        // write(2): Rust's line-buffered stdout would hold back a status
+        // line, which has no newline.
+        let out: Box<dyn Write + Send> = match stdout.as_fd().try_clone_to_owned() {
+            Ok(fd) => Box::new(std::fs::File::from(fd)),
+            Err(_) => Box::new(stdout),
+        };
+        LogSink::spawn_inner(out, options, tty.then_some(libc::STDOUT_FILENO))
+    }
+
+    /// Starts a writer thread writing to `out` (the terminal output) and
+    /// to the file of `options`, if any.
+    ///
+    /// # Errors
+    /// If the log file cannot be opened or the thread spawned.
+    pub fn spawn_with<W: Write + Send + 'static>(
+        out: W,
+        options: LogOptions,
+    ) -> Result<(LogSink, LogWriter), LogError> {
+        LogSink::spawn_inner(out, options, None)
+    }
+
+    /// `width_fd`: the terminal whose width bounds the status line.
+    fn spawn_inner<W: Write + Send + 'static>(
+        out: W,
+        options: LogOptions,
+        width_fd: Option<RawFd>,
+    ) -> Result<(LogSink, LogWriter), LogError> {
+        let file = match options.file {
+            Some(file) => {
+                let path = file.path.clone();
+                let opened = file::LogFile::open(file);
+                Some(opened.map_err(|source| LogError::OpenFile { path, source })?)
+            }
+            None => None,
+        };
+        let (records_tx, records_rx) = mpsc::channel(LOG_CHANNEL_LEN);
+        let (live_tx, _) = broadcast::channel(LIVE_CHANNEL_LEN);
+        let status = options.status_line.then(|| Arc::new(StatusSlot::default()));
+        let writer = Writer {
+            format: options.format,
+            filter: options.filter.clone(),
+            terminal: terminal::Terminal::new(out, options.color, options.status_line, width_fd),
+            file,
+            live_tx: live_tx.clone(),
+            status: status.clone(),
+            notices: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("taskherd-log".into())
+            .spawn(move || writer.run(records_rx))
+            .map_err(LogError::Thread)?;
+        let shared = Arc::new(Shared {
+            live_tx,
+            status,
+            filter: options.filter,
+        });
+        Ok((LogSink { records_tx, shared }, LogWriter { thread }))
+    }
+
+    /// A sink whose records come out of the returned receiver (the agent
+    /// relays them upstream instead of writing them). Nothing is published
+    /// to its subscribers and its status line is ignored.
+    pub fn channel() -> (LogSink, mpsc::Receiver<LogRecord>) {
+        let (records_tx, records_rx) = mpsc::channel(LOG_CHANNEL_LEN);
+        let (live_tx, _) = broadcast::channel(1);
+        let shared = Arc::new(Shared {
+            live_tx,
+            status: None,
+            filter: LogFilter::all(),
+        });
+        (LogSink { records_tx, shared }, records_rx)
+    }
+
+    /// Sends a record; waits if the writer is behind.
+    ///
+    /// # Cancel safety
+    /// Cancelling drops the record (it was not sent).
+    pub async fn send(&self, record: LogRecord) {
+        // Fails only once the writer is gone, at the very end of a run.
+        let _ = self.records_tx.send(record).await;
+    }
+
+    /// Logs an event of the master about one instance.
+    pub async fn instance_event(&self, label: &Arc<InstanceLabel>, level: Level, message: String) {
+        self.send(LogRecord {
+            time: SystemTime::now(),
+            level,
+            instance: Some(label.clone()),
+            stream: Stream::Master,
+            message,
+        })
+        .await;
+    }
+
+    /// Logs an event of the master itself.
+    pub async fn master_event(&self, level: Level, message: String) {
+        self.send(LogRecord {
+            time: SystemTime::now(),
+            level,
+            instance: None,
+            stream: Stream::Master,
+            message,
+        })
+        .await;
+    }
+
+    /// A live feed of every record from the writer's next batch on, before
+    /// the filter (apply [`LogSink::filter`] for the log's own view).
+    ///
+    /// Records are only published while someone subscribes. A subscriber
+    /// that falls more than [`LIVE_CHANNEL_LEN`] records behind never slows
+    /// the herd down: it loses the oldest, and its next `recv` returns
+    /// [`broadcast::error::RecvError::Lagged`] with how many. `recv`
+    /// returns [`broadcast::error::RecvError::Closed`] once the writer has
+    /// ended. A sink made by [`LogSink::channel`] publishes nothing.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LogRecord>> {
+        self.shared.live_tx.subscribe()
+    }
+
+    /// The filter the writer applies.
+    pub fn filter(&self) -> &LogFilter {
+        &self.shared.filter
+    }
+
+    /// Sets (or, with `None`, removes) the status line: one line kept at
+    /// the bottom of the terminal below the log lines, such as
+    /// `web 4/4 running · jobs 1200 done 350/s`. Cheap; meant to be
+    /// called every second or so. Control characters become spaces and
+    /// the text is cut to the terminal's width.
+    ///
+    /// Ignored when standard output is not a terminal
+    /// ([`LogSink::has_status_line`] is false then).
+    pub fn status_line(&self, text: Option<String>) {
+        if let Some(status) = &self.shared.status {
+            status.set(text);
+        }
+    }
+
+    /// Whether [`LogSink::status_line`] shows anything (so that callers
+    /// can skip making the text).
+    pub fn has_status_line(&self) -> bool {
+        self.shared.status.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    use tokio::sync::broadcast::error::RecvError;
+
+    /// A writer whose bytes the test can read while the thread writes.
+    #[derive(Clone, Default)]
+    struct Screen(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Screen {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Screen {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+
+        /// Waits (bounded) until the text ends with `end`.
+        fn wait_end(&self, end: &str) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.text().ends_with(end) {
+                assert!(
+                    Instant::now() < deadline,
+                    "waited for {end:?}: {:?}",
+                    self.text()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    fn label(group: &str) -> Arc<InstanceLabel> {
+        Arc::new(InstanceLabel {
+            group: group.into(),
+            host: "localhost".into(),
+            command: "w".into(),
+            id: 1,
+            group_id: 1,
+        })
+    }
+
+    fn line(label: &Arc<InstanceLabel>, level: Level, message: &str) -> LogRecord {
+        LogRecord {
+            time: SystemTime::now(),
+            level,
+            instance: Some(label.clone()),
+            stream: Stream::Stdout,
+            message: message.into(),
+        }
+    }
+
+    /// The messages of `text`'s lines (text format).
+    fn messages(text: &str) -> Vec<String> {
+        text.lines()
+            .map(|line| line.rsplit("] ").next().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn spawn_writes_everything_plainly() {
+        let out = Screen::default();
+        let (sink, writer) = LogSink::spawn(LogFormat::Text, out.clone()).unwrap();
+        let web = label("web");
+        block_on(async {
+            sink.send(line(&web, Level::Trace, "trace")).await;
+            sink.master_event(Level::Debug, "debug".into()).await;
+        });
+        assert!(!sink.has_status_line());
+        sink.status_line(Some("ignored".into()));
+        drop(sink);
+        writer.finish();
+        assert_eq!(messages(&out.text()), ["trace", "debug"]);
+        assert!(!out.text().contains('\x1b'));
+    }
+
+    #[test]
+    fn the_filter_hides_records_but_subscribers_get_them_all() {
+        let out = Screen::default();
+        let options = LogOptions {
+            filter: "warning,web=debug".parse().unwrap(),
+            ..LogOptions::default()
+        };
+        let (sink, writer) = LogSink::spawn_with(out.clone(), options).unwrap();
+        assert_eq!(sink.filter().to_string(), "warning,web=debug");
+        let mut live_rx = sink.subscribe();
+        let (web, db) = (label("web"), label("db"));
+        block_on(async {
+            sink.send(line(&web, Level::Debug, "web debug")).await;
+            sink.send(line(&web, Level::Trace, "web trace")).await;
+            sink.send(line(&db, Level::Info, "db info")).await;
+            sink.send(line(&db, Level::Error, "db error")).await;
+            sink.master_event(Level::Notice, "master notice".into())
+                .await;
+            sink.master_event(Level::Warning, "master warning".into())
+                .await;
+        });
+        drop(sink);
+        writer.finish();
+        assert_eq!(
+            messages(&out.text()),
+            ["web debug", "db error", "master warning"]
+        );
+        let mut live = Vec::new();
+        loop {
+            match block_on(live_rx.recv()) {
+                Ok(record) => live.push(record.message.clone()),
+                Err(RecvError::Closed) => break,
+                Err(RecvError::Lagged(n)) => panic!("lagged {n}"),
+            }
+        }
+        assert_eq!(
+            live,
+            [
+                "web debug",
+                "web trace",
+                "db info",
+                "db error",
+                "master notice",
+                "master warning"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_slow_subscriber_lags_and_is_told_how_much() {
+        let (sink, writer) = LogSink::spawn(LogFormat::Text, std::io::sink()).unwrap();
+        let mut live_rx = sink.subscribe();
+        let web = label("web");
+        let total = LIVE_CHANNEL_LEN + 100;
+        block_on(async {
+            for n in 0..total {
+                sink.send(line(&web, Level::Info, &n.to_string())).await;
+            }
+        });
+        // The herd went on: every record was written without a reader.
+        drop(sink);
+        writer.finish();
+        assert_eq!(
+            block_on(live_rx.recv()).unwrap_err(),
+            RecvError::Lagged(100)
+        );
+        let first = block_on(live_rx.recv()).unwrap();
+        assert_eq!(first.message, "100", "the oldest were dropped");
+        let mut left = 1;
+        while block_on(live_rx.recv()).is_ok() {
+            left += 1;
+        }
+        assert_eq!(left, LIVE_CHANNEL_LEN);
+    }
+
+    #[test]
+    fn with_a_file_the_terminal_gets_only_the_masters_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Screen::default();
+        let path = dir.path().join("logs/herd.log");
+        let options = LogOptions {
+            format: LogFormat::Json,
+            file: Some(LogFileOptions {
+                path: path.clone(),
+                max_size: 1 << 20,
+                keep: 2,
+            }),
+            ..LogOptions::default()
+        };
+        let (sink, writer) = LogSink::spawn_with(out.clone(), options).unwrap();
+        let web = label("web");
+        block_on(async {
+            sink.send(line(&web, Level::Info, "a line")).await;
+            sink.instance_event(&web, Level::Warning, "restarting".into())
+                .await;
+            sink.master_event(Level::Info, "stopping".into()).await;
+        });
+        drop(sink);
+        writer.finish();
+        let json = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(|line| {
+                    let value: serde_json::Value = serde_json::from_str(line).unwrap();
+                    value["message"].as_str().unwrap().to_owned()
+                })
+                .collect()
+        };
+        let file = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(json(&file), ["a line", "restarting", "stopping"]);
+        assert_eq!(json(&out.text()), ["restarting", "stopping"]);
+    }
+
+    #[test]
+    fn a_log_file_that_cannot_be_opened_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, "").unwrap();
+        let options = LogOptions {
+            file: Some(LogFileOptions {
+                path: blocker.join("herd.log"),
+                max_size: 100,
+                keep: 1,
+            }),
+            ..LogOptions::default()
+        };
+        let err = LogSink::spawn_with(std::io::sink(), options).unwrap_err();
+        assert!(matches!(err, LogError::OpenFile { .. }));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cannot open log file {}",
+                blocker.join("herd.log").display()
+            )
+        );
+        assert!(std::error::Error::source(&err).is_some());
+    }
+
+    #[test]
+    fn colors_on_request() {
+        for color in [false, true] {
+            let out = Screen::default();
+            let options = LogOptions {
+                color,
+                ..LogOptions::default()
+            };
+            let (sink, writer) = LogSink::spawn_with(out.clone(), options).unwrap();
+            block_on(sink.master_event(Level::Error, "boom".into()));
+            drop(sink);
+            writer.finish();
+            let text = out.text();
+            assert_eq!(text.contains("\x1b[31merror\x1b[0m"), color, "{text:?}");
+            assert_eq!(text.contains('\x1b'), color, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn status_line_is_kept_below_the_lines_of_a_tty() {
+        let tty = Screen::default();
+        let options = LogOptions {
+            status_line: true,
+            ..LogOptions::default()
+        };
+        let (sink, writer) = LogSink::spawn_with(tty.clone(), options).unwrap();
+        assert!(sink.has_status_line());
+        let web = label("web");
+
+        // Drawn without any log line.
+        sink.status_line(Some("web 4/4 running".into()));
+        tty.wait_end("web 4/4 running");
+        assert_eq!(tty.text(), "web 4/4 running");
+
+        // Erased before lines, drawn again after them.
+        block_on(sink.send(line(&web, Level::Info, "hello")));
+        tty.wait_end("] hello\nweb 4/4 running");
+        let text = tty.text();
+        assert!(text.starts_with("web 4/4 running\r\x1b[K"), "{text:?}");
+        assert_eq!(text.matches("web 4/4 running").count(), 2, "{text:?}");
+
+        sink.status_line(Some("web 3/4 running".into()));
+        tty.wait_end("web 4/4 running\r\x1b[Kweb 3/4 running");
+
+        // Erased at the end, so the shell prompt starts on a clean row.
+        drop(sink);
+        writer.finish();
+        assert!(
+            tty.text().ends_with("web 3/4 running\r\x1b[K"),
+            "{:?}",
+            tty.text()
+        );
+        // Every log line is whole, on its own row.
+        let text = tty.text();
+        let rows: Vec<&str> = text
+            .split(['\n', '\r'])
+            .map(|row| row.trim_start_matches("\x1b[K"))
+            .filter(|row| !row.is_empty() && !row.starts_with("web "))
+            .collect();
+        assert_eq!(rows.len(), 1);
+        assert!(
+            rows[0].ends_with("[web] [localhost] [w/1/1] hello"),
+            "{rows:?}"
+        );
+    }
+
+    #[test]
+    fn a_channel_sink_only_relays() {
+        let (sink, mut records_rx) = LogSink::channel();
+        let mut live_rx = sink.subscribe();
+        sink.status_line(Some("ignored".into()));
+        assert!(!sink.has_status_line());
+        block_on(sink.master_event(Level::Trace, "relayed".into()));
+        let record = records_rx.try_recv().unwrap();
+        assert_eq!(record.message, "relayed");
+        drop(sink);
+        assert_eq!(block_on(live_rx.recv()).unwrap_err(), RecvError::Closed);
+    }
+}

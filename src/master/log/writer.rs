@@ -1,0 +1,205 @@
+//! The writer thread: takes records in batches, hands them to live
+//! subscribers, filters them, and writes them to the file and the
+//! terminal, one write per output and batch.
+
+use super::file::{LogFile, Notice};
+use super::terminal::Terminal;
+use super::{LogFilter, LogRecord, Stream};
+use crate::config::LogFormat;
+use std::io::Write;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+use tokio::sync::{broadcast, mpsc, Notify};
+
+/// Records taken in one batch at most, so that a producer that never lets
+/// the channel run dry still sees its lines flushed and the status line
+/// redrawn.
+const MAX_BATCH: usize = 4096;
+
+/// The status line text handed from [`super::LogSink::status_line`] to
+/// the writer.
+#[derive(Debug, Default)]
+pub(super) struct StatusSlot {
+    /// The latest text, and whether it changed since the writer took it.
+    text: Mutex<(Option<String>, bool)>,
+    /// Wakes the writer when the text changed.
+    changed: Notify,
+}
+
+impl StatusSlot {
+    /// Sets the text; wakes the writer if it changed.
+    pub(super) fn set(&self, text: Option<String>) {
+        let mut slot = self.text.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.0 != text {
+            *slot = (text, true);
+            drop(slot);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The text, if it changed since the last call.
+    fn take_change(&self) -> Option<Option<String>> {
+        let mut slot = self.text.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed = std::mem::replace(&mut slot.1, false);
+        changed.then(|| slot.0.clone())
+    }
+}
+
+/// Everything the writer thread owns.
+pub(super) struct Writer<W: Write> {
+    /// Text or JSON lines, in the file and on the terminal.
+    pub(super) format: LogFormat,
+    /// Which records are written (subscribers get all of them).
+    pub(super) filter: LogFilter,
+    /// Standard output: every record without a file, the master's own
+    /// events with one.
+    pub(super) terminal: Terminal<W>,
+    /// The rotated log file, if any.
+    pub(super) file: Option<LogFile>,
+    /// Live subscribers ([`super::LogSink::subscribe`]).
+    pub(super) live_tx: broadcast::Sender<Arc<LogRecord>>,
+    /// Set when the terminal keeps a status line.
+    pub(super) status: Option<Arc<StatusSlot>>,
+    /// Problems of the log file, to be logged.
+    pub(super) notices: Vec<Notice>,
+}
+
+impl<W: Write> Writer<W> {
+    /// Writes until every sink is gone and every record written.
+    pub(super) fn run(mut self, mut records_rx: mpsc::Receiver<LogRecord>) {
+        while let Some(first) = self.wait(&mut records_rx) {
+            self.begin_batch();
+            // Checked once per batch: a subscriber joining now gets the
+            // records from the next batch on.
+            let live = self.live_tx.receiver_count() > 0;
+            let mut taken = 0;
+            if let Some(record) = first {
+                self.take(record, live);
+                taken += 1;
+            }
+            while taken < MAX_BATCH {
+                let Ok(record) = records_rx.try_recv() else {
+                    break;
+                };
+                self.take(record, live);
+                taken += 1;
+            }
+            self.end_batch();
+        }
+        self.terminal.set_status(None);
+        self.end_batch();
+    }
+
+    /// The next record, `Some(None)` when only the status line changed,
+    /// `None` once every sink is gone and the channel empty.
+    fn wait(&self, records_rx: &mut mpsc::Receiver<LogRecord>) -> Option<Option<LogRecord>> {
+        let Some(status) = &self.status else {
+            return records_rx.blocking_recv().map(Some);
+        };
+        futures::executor::block_on(async {
+            tokio::select! {
+                biased;
+                record = records_rx.recv() => record.map(Some),
+                () = status.changed.notified() => Some(None),
+            }
+        })
+    }
+
+    fn begin_batch(&mut self) {
+        if let Some(file) = &mut self.file {
+            file.retry(&mut self.notices);
+        }
+        if let Some(text) = self.status.as_ref().and_then(|status| status.take_change()) {
+            self.terminal.set_status(text.as_deref());
+        }
+        if !self.notices.is_empty() {
+            self.report_notices();
+        }
+    }
+
+    #[inline]
+    fn take(&mut self, record: LogRecord, live: bool) {
+        if live {
+            let record = Arc::new(record);
+            // Fails only if the last subscriber just left.
+            let _ = self.live_tx.send(Arc::clone(&record));
+            self.write(&record);
+        } else {
+            self.write(&record);
+        }
+    }
+
+    #[inline]
+    fn write(&mut self, record: &LogRecord) {
+        if !self.filter.enabled(record) {
+            return;
+        }
+        let mut to_terminal = true;
+        if let Some(file) = self.file.as_mut().filter(|file| file.is_open()) {
+            let start = file.buf.len();
+            // Writing into a Vec cannot fail.
+            let _ = record.write_to(&mut file.buf, self.format, false);
+            file.buf.push(b'\n');
+            file.line_added(start, &mut self.notices);
+            if let Some(spilled) = file.take_spill() {
+                self.terminal.line_buf().extend_from_slice(&spilled);
+            }
+            to_terminal = record.stream == Stream::Master;
+        }
+        if to_terminal {
+            let color = self.terminal.color;
+            let buf = self.terminal.line_buf();
+            let _ = record.write_to(buf, self.format, color);
+            buf.push(b'\n');
+            self.terminal.line_added();
+        }
+        if !self.notices.is_empty() {
+            self.report_notices();
+        }
+    }
+
+    fn end_batch(&mut self) {
+        // Twice at most: the notices of a failed flush are flushed too.
+        for _ in 0..2 {
+            if let Some(file) = &mut self.file {
+                file.flush(&mut self.notices);
+                if let Some(spilled) = file.take_spill() {
+                    self.terminal.line_buf().extend_from_slice(&spilled);
+                }
+            }
+            if self.notices.is_empty() {
+                break;
+            }
+            self.report_notices();
+        }
+        self.terminal.finish_batch();
+    }
+
+    /// Logs the log file's problems as events of the master: on the
+    /// terminal whatever the filter (the operator must hear of them), in
+    /// the file when it is open, and to subscribers.
+    #[cold]
+    fn report_notices(&mut self) {
+        let live = self.live_tx.receiver_count() > 0;
+        for (level, message) in std::mem::take(&mut self.notices) {
+            let record = LogRecord {
+                time: SystemTime::now(),
+                level,
+                instance: None,
+                stream: Stream::Master,
+                message,
+            };
+            if let Some(file) = self.file.as_mut().filter(|file| file.is_open()) {
+                let _ = record.write_to(&mut file.buf, self.format, false);
+                file.buf.push(b'\n');
+            }
+            let color = self.terminal.color;
+            let buf = self.terminal.line_buf();
+            let _ = record.write_to(buf, self.format, color);
+            buf.push(b'\n');
+            if live {
+                let _ = self.live_tx.send(Arc::new(record));
+            }
+        }
+    }
+}

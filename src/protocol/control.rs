@@ -1,0 +1,210 @@
+//! The operator's link: `taskherd status`, `stop`, `suspend`, ... talk to a
+//! running master over its control socket (a unix socket, mode 0600).
+//!
+//! The client speaks first with [`ToMaster::Hello`]; the master answers
+//! with [`FromMaster::Hello`]. Then the client sends one request and reads
+//! frames until [`FromMaster::Done`] or [`FromMaster::Error`] (a `logs`
+//! request streams [`FromMaster::Log`] frames until the client hangs up or
+//! the master exits).
+
+use super::slave::{Level, QueueProgress};
+use serde::{Deserialize, Serialize};
+
+/// Frames from an operator's command to the master.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ToMaster {
+    /// First frame.
+    Hello {
+        /// [`super::PROTOCOL_VERSION`] of the client.
+        version: u32,
+    },
+    /// Every group and instance, with their state.
+    Status,
+    /// Stop the herd cleanly (`kill`: at once); the master answers `Done`
+    /// once every instance has ended, just before it exits.
+    Stop {
+        /// Skip the grace: SIGKILL everything now.
+        kill: bool,
+    },
+    /// Stop a group's instances and keep them stopped.
+    Suspend {
+        /// The group's name.
+        group: String,
+    },
+    /// Start a suspended group's instances again.
+    Resume {
+        /// The group's name.
+        group: String,
+    },
+    /// Restart a group's instances one at a time, each once the previous
+    /// one runs again.
+    Restart {
+        /// The group's name.
+        group: String,
+    },
+    /// Re-read the config file and apply the differences.
+    Reload,
+    /// Stream the live log (of one group, or every line).
+    Logs {
+        /// Only this group's lines (and the master's own events).
+        group: Option<String>,
+    },
+}
+
+/// Frames from the master to an operator's command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FromMaster {
+    /// Answer to the client's hello.
+    Hello {
+        /// [`super::PROTOCOL_VERSION`] of the master.
+        version: u32,
+        /// The master's pid.
+        pid: u32,
+        /// The config file it runs.
+        config: String,
+    },
+    /// The answer to [`ToMaster::Status`].
+    Status(HerdStatus),
+    /// A line of the live log.
+    Log {
+        /// The line, formatted as the master's log (text).
+        line: String,
+        /// Its severity.
+        level: Level,
+    },
+    /// The request is carried out; `message` says what happened.
+    Done {
+        /// For the operator.
+        message: String,
+    },
+    /// The request was refused or failed.
+    Error {
+        /// For the operator (a refused reload lists every config error).
+        message: String,
+    },
+}
+
+/// The state of a whole herd.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct HerdStatus {
+    /// The config file.
+    pub config: String,
+    /// The master's pid.
+    pub pid: u32,
+    /// How long the master has run, in ms.
+    pub uptime_ms: u64,
+    /// Every group, in config order.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// The state of one group.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// Its name.
+    pub name: String,
+    /// Suspended by an operator.
+    pub suspended: bool,
+    /// Its instances, in id order.
+    pub instances: Vec<InstanceStatus>,
+    /// The latest counts of its feeder, for a queue group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueProgress>,
+}
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Not started yet (its host is not connected, or its feeder not
+    /// listening).
+    Pending,
+    /// Its process runs.
+    Running,
+    /// Its process is being stopped.
+    Stopping,
+    /// Waiting to be restarted after it ended.
+    Backoff,
+    /// Stopped by an operator; not restarted until resumed.
+    Suspended,
+    /// Ended and not restarted (its policy says so).
+    Completed,
+    /// Given up after failing.
+    Failed,
+    /// Stopped with the herd.
+    Stopped,
+    /// Its host was lost: nobody knows how it ended.
+    Lost,
+}
+
+impl InstanceState {
+    /// Lower-case name, as `status` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Backoff => "backoff",
+            InstanceState::Suspended => "suspended",
+            InstanceState::Completed => "completed",
+            InstanceState::Failed => "failed",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Lost => "lost",
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The state of one instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// Global id.
+    pub id: u32,
+    /// Id within the group.
+    pub group_id: u32,
+    /// Host name as the master knows it.
+    pub host: String,
+    /// Base name of the command.
+    pub command: String,
+    /// Where it is in its life.
+    pub state: InstanceState,
+    /// Pid of the running process (on its host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// How long the current process has run, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// Restarts since the master started it first.
+    pub restarts: u32,
+    /// How its last process ended ("exited with code 3", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// Time since its last sign of life (ping, frame or output), in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_ms_ago: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_as_tagged_json() {
+        let request = ToMaster::Suspend {
+            group: "web".into(),
+        };
+        let text = serde_json::to_string(&request).unwrap();
+        assert_eq!(text, r#"{"type":"suspend","group":"web"}"#);
+        assert_eq!(serde_json::from_str::<ToMaster>(&text).unwrap(), request);
+        let state = serde_json::to_string(&InstanceState::Backoff).unwrap();
+        assert_eq!(state, r#""backoff""#);
+    }
+}

@@ -1,0 +1,675 @@
+//! The operator interface against real masters: status, stop, suspend and
+//! resume, rolling restart, reload, live logs over the control socket, the
+//! lock against a second master, and the events API of `Launcher`.
+
+use crate::support::{worker_bin, Herd, WAIT};
+use std::collections::BTreeMap;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use taskherd::config::{Config, LogFormat};
+use taskherd::master::{Events, Herd as HerdHandle, InstanceLabel, Launcher, LogSink, Shutdown};
+use taskherd::protocol::control::{HerdStatus, InstanceState};
+
+/// Two groups: library instances that honor Stop, and plain ones.
+const TWO_GROUPS: &str = r#"
+[master]
+stop_grace = "5s"
+
+[[group]]
+name = "web"
+command = "{worker}"
+params = { sleep = 600 }
+[group.local]
+instances = 3
+
+[[group]]
+name = "batch"
+command = "sh"
+args = ["-c", "echo batch up; exec sleep 600"]
+[group.local]
+instances = 2
+"#;
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "command failed: {}", text(&out));
+    text(&out)
+}
+
+fn status(herd: &Herd) -> HerdStatus {
+    let out = herd.ctl(&["status", "--json"]);
+    assert!(out.status.success(), "status failed: {}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("status --json parses")
+}
+
+/// (state, pid) of every instance of `group`, in id order.
+fn group_states(status: &HerdStatus, group: &str) -> Vec<(InstanceState, Option<u32>)> {
+    status
+        .groups
+        .iter()
+        .find(|g| g.name == group)
+        .map(|g| g.instances.iter().map(|i| (i.state, i.pid)).collect())
+        .unwrap_or_default()
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// Starts a herd and waits until every instance of TWO_GROUPS greeted.
+fn started_two_groups() -> Herd {
+    let mut herd = Herd::new(TWO_GROUPS);
+    herd.start();
+    herd.wait_for_count("] Child ", 3);
+    herd.wait_for_count("batch up", 2);
+    herd
+}
+
+#[test]
+fn status_lists_every_instance_and_stop_ends_the_herd() {
+    let mut herd = started_two_groups();
+    let status = status(&herd);
+    assert_eq!(status.config, herd.config.display().to_string());
+    let names: Vec<&str> = status.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["web", "batch"]);
+    for group in ["web", "batch"] {
+        for (state, pid) in group_states(&status, group) {
+            assert_eq!(state, InstanceState::Running, "{status:?}");
+            assert!(pid.is_some_and(alive), "{status:?}");
+        }
+    }
+    let web = &status.groups[0].instances;
+    let ids: Vec<(u32, u32)> = web.iter().map(|i| (i.id, i.group_id)).collect();
+    assert_eq!(ids, [(1, 1), (2, 2), (3, 3)]);
+
+    // The human table names every instance too.
+    let table = ok(herd.ctl(&["status"]));
+    assert_eq!(table.matches(" running ").count(), 5, "{table}");
+
+    // A second master on the same config is refused, naming the first.
+    let second = Command::new(crate::support::taskherd_bin())
+        .arg("run")
+        .arg(&herd.config)
+        .env("XDG_RUNTIME_DIR", herd.runtime_dir())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a second master");
+    assert_eq!(second.status.code(), Some(2), "{}", text(&second));
+    let said = text(&second);
+    assert!(
+        said.contains(&format!("another master (pid {})", herd.pid())),
+        "{said}"
+    );
+
+    let stopped = ok(herd.ctl(&["stop"]));
+    assert!(stopped.contains("stopped"), "{stopped}");
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+    assert!(
+        herd.lines_with("stop requested over the control socket")
+            .len()
+            == 1,
+        "{:?}",
+        herd.seen
+    );
+    // The socket went with the master.
+    let after = herd.ctl(&["status"]);
+    assert!(!after.status.success());
+}
+
+#[test]
+fn suspend_keeps_a_group_stopped_until_resume() {
+    let mut herd = started_two_groups();
+    let before = status(&herd);
+    let old_pids: Vec<u32> = group_states(&before, "web")
+        .into_iter()
+        .filter_map(|(_, pid)| pid)
+        .collect();
+
+    let said = ok(herd.ctl(&["suspend", "web"]));
+    assert!(said.contains("suspended"), "{said}");
+    let suspended = status(&herd);
+    assert!(suspended.groups[0].suspended);
+    assert_eq!(
+        group_states(&suspended, "web"),
+        vec![(InstanceState::Suspended, None); 3]
+    );
+    assert!(
+        old_pids.iter().all(|pid| !alive(*pid)),
+        "old web processes still run"
+    );
+    // The other group is untouched.
+    assert!(group_states(&suspended, "batch")
+        .iter()
+        .all(|(state, _)| *state == InstanceState::Running));
+
+    // Nothing restarts a suspended group: a whole rolling restart of the
+    // other group later, web has still not greeted again.
+    ok(herd.ctl(&["restart", "batch"]));
+    let greetings = herd.lines_with("] Child ").len();
+    assert_eq!(greetings, 3, "{:?}", herd.seen);
+    assert_eq!(
+        group_states(&status(&herd), "web"),
+        vec![(InstanceState::Suspended, None); 3]
+    );
+
+    ok(herd.ctl(&["resume", "web"]));
+    herd.wait_for_count("] Child ", 6);
+    let resumed = status(&herd);
+    assert!(!resumed.groups[0].suspended);
+    for (state, pid) in group_states(&resumed, "web") {
+        assert_eq!(state, InstanceState::Running);
+        assert!(pid.is_some_and(|pid| alive(pid) && !old_pids.contains(&pid)));
+    }
+
+    // Unknown groups are an error, not a silent no-op.
+    let unknown = herd.ctl(&["suspend", "nope"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        text(&unknown).contains("no group named \"nope\""),
+        "{}",
+        text(&unknown)
+    );
+
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn reload_adds_removes_changes_and_refuses_a_broken_config() {
+    let mut herd = started_two_groups();
+    let batch_pids: Vec<u32> = group_states(&status(&herd), "batch")
+        .into_iter()
+        .filter_map(|(_, pid)| pid)
+        .collect();
+    let original = std::fs::read_to_string(&herd.config).expect("read config");
+
+    // A broken config is refused with its errors; the herd is untouched.
+    std::fs::write(&herd.config, format!("{original}\nbogus = 1\n")).expect("write");
+    let refused = herd.ctl(&["reload"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    let said = text(&refused);
+    assert!(
+        said.contains("herd.toml:") && said.contains("bogus"),
+        "{said}"
+    );
+    assert_eq!(status(&herd).groups.len(), 2);
+
+    // web changes (one more instance, another message), batch goes,
+    // extra comes.
+    let new = original
+        .replace(
+            "params = { sleep = 600 }",
+            "params = { sleep = 600, message = \"Web v2\" }",
+        )
+        .replace("instances = 3", "instances = 4")
+        .replace("name = \"batch\"", "name = \"extra\"")
+        .replace("batch up", "extra up");
+    std::fs::write(&herd.config, new).expect("write");
+    let said = ok(herd.ctl(&["reload"]));
+    assert!(
+        said.contains("extra added")
+            && said.contains("batch removed")
+            && said.contains("web changed"),
+        "{said}"
+    );
+    herd.wait_for_count("Web v2", 4);
+    herd.wait_for("extra up");
+    let reloaded = status(&herd);
+    let names: Vec<&str> = reloaded.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["web", "extra"], "{reloaded:?}");
+    let web = group_states(&reloaded, "web");
+    assert_eq!(web.len(), 4, "{reloaded:?}");
+    assert!(web
+        .iter()
+        .all(|(state, _)| *state == InstanceState::Running));
+    assert!(
+        batch_pids.iter().all(|pid| !alive(*pid)),
+        "batch still runs"
+    );
+
+    // SIGHUP reloads too: back to the original config.
+    std::fs::write(&herd.config, &original).expect("write");
+    herd.signal(libc::SIGHUP);
+    herd.wait_for("batch removed, web changed");
+    herd.wait_for_count("batch up", 4);
+
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn logs_follows_the_live_stream_of_one_group() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "ticker"
+command = "sh"
+args = ["-c", "while true; do echo tick; sleep 0.1; done"]
+[group.local]
+instances = 1
+
+[[group]]
+name = "quiet"
+command = "sh"
+args = ["-c", "while true; do echo hush; sleep 0.1; done"]
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("tick");
+    let mut logs = Command::new(crate::support::taskherd_bin())
+        .args(["logs", "ticker", "-c"])
+        .arg(&herd.config)
+        .env("XDG_RUNTIME_DIR", herd.runtime_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start taskherd logs");
+    let stdout = logs.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while lines
+        .iter()
+        .filter(|l: &&String| l.contains("] tick"))
+        .count()
+        < 5
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => panic!("no live lines: {lines:?}"),
+        }
+    }
+    assert!(lines.iter().all(|l| !l.contains("hush")), "{lines:?}");
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("[ticker] [localhost] [sh/1/1] tick")));
+
+    // The stream ends when the master does.
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    let deadline = Instant::now() + WAIT;
+    while logs.try_wait().expect("try_wait").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "taskherd logs outlived the master"
+        );
+        let _ = rx.recv_timeout(Duration::from_millis(50));
+    }
+    herd.assert_no_leftovers();
+}
+
+/// Records the events API's calls, and plays a script on `check` ticks.
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<String>>,
+    /// (tick, action) pairs: "suspend g", "resume g", "restart g", "stop".
+    script: Mutex<BTreeMap<u32, Vec<String>>>,
+    ticks: Mutex<u32>,
+    /// Whether to start the script (set once every instance runs).
+    armed: Mutex<bool>,
+}
+
+impl Recorder {
+    fn push(&self, call: String) {
+        self.calls.lock().expect("lock").push(call);
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().expect("lock").clone()
+    }
+}
+
+/// The events trait, forwarding to a shared recorder.
+struct Recording(Arc<Recorder>);
+
+impl Events for Recording {
+    fn starting(&self, _: &HerdHandle) {
+        self.0.push("starting".into());
+    }
+    fn started(&self, _: &HerdHandle) {
+        self.0.push("started".into());
+    }
+    fn check(&self, herd: &HerdHandle) {
+        let status = herd.status();
+        let all_running = status
+            .groups
+            .iter()
+            .flat_map(|g| g.instances.iter())
+            .all(|i| i.state == InstanceState::Running);
+        let mut armed = self.0.armed.lock().expect("lock");
+        if !*armed {
+            *armed = all_running;
+            return;
+        }
+        let mut ticks = self.0.ticks.lock().expect("lock");
+        *ticks += 1;
+        let actions = self.0.script.lock().expect("lock").remove(&ticks);
+        for action in actions.unwrap_or_default() {
+            self.0.push(format!("action {action}"));
+            match action.split_once(' ') {
+                Some(("suspend", group)) => herd.suspend(group),
+                Some(("resume", group)) => herd.resume(group),
+                Some(("restart", group)) => herd.restart(group),
+                _ => herd.stop("the script says so"),
+            }
+        }
+    }
+    fn stopped(&self, report: &taskherd::master::RunReport) {
+        self.0.push(format!("stopped {}", report.instances.len()));
+    }
+    fn process_created(&self, _: &HerdHandle, instance: &InstanceLabel) {
+        self.0.push(format!("created {}", instance.id));
+    }
+    fn process_started(&self, _: &HerdHandle, instance: &InstanceLabel, _pid: u32) {
+        self.0.push(format!("started {}", instance.id));
+    }
+    fn process_stopped(&self, _: &HerdHandle, instance: &InstanceLabel, how: &str) {
+        self.0.push(format!("exited {} {how}", instance.id));
+    }
+}
+
+/// The calls about instance `id` (created, started, exited).
+fn calls_of(calls: &[String], id: u32) -> Vec<String> {
+    calls
+        .iter()
+        .filter(|c| {
+            let mut words = c.split(' ');
+            let kind = words.next().unwrap_or("");
+            ["created", "started", "exited"].contains(&kind)
+                && words.next() == Some(id.to_string().as_str())
+        })
+        .cloned()
+        .collect()
+}
+
+/// Runs `config` in this process with the recorder; returns the report.
+fn run_in_process(config: &str, recorder: Arc<Recorder>) -> taskherd::master::RunReport {
+    let text = config.replace("{worker}", &worker_bin().display().to_string());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("herd.toml");
+    std::fs::write(&path, &text).expect("write config");
+    let mut config = Config::parse(&text, &path).expect("valid config");
+    config.master.state_dir = Some(dir.path().join("state"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let report = runtime.block_on(async move {
+        let (sink, writer) = LogSink::spawn(LogFormat::Text, std::io::sink()).expect("log writer");
+        let shutdown = Shutdown::new();
+        let limit = shutdown.clone();
+        // A bound on the whole test, should the script never stop it.
+        let guard = tokio::spawn(async move {
+            tokio::time::sleep(WAIT * 2).await;
+            limit.kill_now("test took too long");
+        });
+        let report = Launcher::new(config)
+            .events(Recording(recorder))
+            .run(sink, shutdown)
+            .await;
+        guard.abort();
+        tokio::task::spawn_blocking(move || writer.finish())
+            .await
+            .expect("log writer ends");
+        report
+    });
+    drop(dir);
+    report
+}
+
+#[test]
+fn suspend_and_resume_driven_by_events() {
+    // The original's scenario 17, on check ticks instead of 10 s steps:
+    // group 1 suspended, then group 2, then group 1 resumed, then stop.
+    // Group 1 runs twice (two clean exits), group 2 once.
+    let recorder = Arc::new(Recorder::default());
+    *recorder.script.lock().expect("lock") = BTreeMap::from([
+        (1, vec!["suspend g1".to_string()]),
+        (3, vec!["suspend g2".to_string()]),
+        (5, vec!["resume g1".to_string()]),
+        (7, vec!["stop".to_string()]),
+    ]);
+    let config = r#"
+[master]
+stop_grace = "5s"
+[[group]]
+name = "g1"
+command = "{worker}"
+params = { sleep = 600 }
+[group.local]
+instances = 1
+[[group]]
+name = "g2"
+command = "{worker}"
+params = { sleep = 600 }
+[group.local]
+instances = 1
+"#;
+    let report = run_in_process(config, recorder.clone());
+    assert!(report.success(), "{report:?}");
+    let calls = recorder.calls();
+    let count = |needle: &str| calls.iter().filter(|c| c.as_str() == needle).count();
+    assert_eq!(count("started 1"), 2, "{calls:?}");
+    assert_eq!(count("exited 1 exited with code 0"), 2, "{calls:?}");
+    assert_eq!(count("started 2"), 1, "{calls:?}");
+    assert_eq!(count("exited 2 exited with code 0"), 1, "{calls:?}");
+    assert_eq!(calls.first().map(String::as_str), Some("starting"));
+    assert_eq!(calls.last().map(String::as_str), Some("stopped 2"));
+    // Each instance: created, then started, then exited, in that order.
+    for id in [1, 2] {
+        let mine: Vec<String> = calls_of(&calls, id)
+            .iter()
+            .map(|c| c.split(' ').next().unwrap_or("").to_string())
+            .collect();
+        for pair in mine.chunks(3) {
+            assert_eq!(pair, ["created", "started", "exited"], "{calls:?}");
+        }
+    }
+}
+
+#[test]
+fn rolling_restart_keeps_all_but_one_running() {
+    let recorder = Arc::new(Recorder::default());
+    *recorder.script.lock().expect("lock") = BTreeMap::from([
+        (1, vec!["restart web".to_string()]),
+        (12, vec!["stop".to_string()]),
+    ]);
+    let config = r#"
+[master]
+stop_grace = "5s"
+[[group]]
+name = "web"
+command = "{worker}"
+params = { sleep = 600 }
+[group.local]
+instances = 4
+"#;
+    let report = run_in_process(config, recorder.clone());
+    assert!(report.success(), "{report:?}");
+    let calls = recorder.calls();
+    // Replay the events: how many ran at each moment after the restart
+    // began, and in which order the instances were restarted.
+    let mut running = 0i32;
+    let mut lowest = i32::MAX;
+    let mut restarting = false;
+    let mut order = Vec::new();
+    for call in &calls {
+        let words: Vec<&str> = call.split(' ').collect();
+        match words.as_slice() {
+            ["action", "restart", _] => restarting = true,
+            ["action", "stop"] => break,
+            ["started", _] => running += 1,
+            ["exited", id, ..] => {
+                running -= 1;
+                if restarting {
+                    order.push(id.to_string());
+                }
+            }
+            _ => {}
+        }
+        if restarting {
+            lowest = lowest.min(running);
+        }
+    }
+    assert_eq!(order, ["1", "2", "3", "4"], "{calls:?}");
+    assert_eq!(lowest, 3, "{calls:?}");
+}
+
+#[test]
+fn events_come_in_order_for_remote_instances_too() {
+    use crate::support::sshd::SshWorld;
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let recorder = Arc::new(Recorder::default());
+    let config = format!(
+        r#"
+[master]
+agent_path = "{agent}"
+
+[ssh]
+ssh_config = "{ssh_config}"
+
+[[group]]
+name = "once"
+command = "{{worker}}"
+restart = {{ policy = "never" }}
+[group.local]
+instances = 1
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+command = "{worker}"
+"#,
+        agent = crate::support::taskherd_bin().display(),
+        ssh_config = world.ssh_config().display(),
+        host = host.alias(),
+        worker = worker_bin().display(),
+    );
+    let report = run_in_process(&config, recorder.clone());
+    assert!(report.success(), "{report:?}");
+    let calls = recorder.calls();
+    for id in [1, 2] {
+        let mine = calls_of(&calls, id);
+        assert_eq!(
+            mine,
+            [
+                format!("created {id}"),
+                format!("started {id}"),
+                format!("exited {id} exited with code 0")
+            ],
+            "{calls:?}"
+        );
+    }
+    assert_eq!(calls.first().map(String::as_str), Some("starting"));
+    assert_eq!(calls.last().map(String::as_str), Some("stopped 2"));
+    crate::remote::assert_host_clean(&host);
+}
+
+#[test]
+fn remote_and_queue_groups_in_status_suspend_and_restart() {
+    use crate::support::sshd::SshWorld;
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let queue_worker = worker_bin()
+        .parent()
+        .expect("examples dir")
+        .join("queue_worker");
+    let mut herd = Herd::new(&format!(
+        r#"
+[master]
+agent_path = "{agent}"
+stop_grace = "5s"
+
+[ssh]
+ssh_config = "{ssh_config}"
+
+[[group]]
+name = "far"
+command = "{{worker}}"
+params = {{ sleep = 600 }}
+[[group.remote]]
+hosts = ["{host}"]
+instances = 2
+command = "{worker}"
+
+[[group]]
+name = "jobs"
+command = "{queue_worker}"
+params = {{ jobs = 50 }}
+[group.feeder]
+[group.queue]
+progress_every = "200ms"
+[group.local]
+instances = 1
+"#,
+        agent = crate::support::taskherd_bin().display(),
+        ssh_config = world.ssh_config().display(),
+        host = host.alias(),
+        worker = worker_bin().display(),
+        queue_worker = queue_worker.display(),
+    ));
+    herd.start();
+    herd.wait_for_count("] Child ", 2);
+    herd.wait_for("(queue empty)");
+    let before = status(&herd);
+    let far = group_states(&before, "far");
+    assert_eq!(far.len(), 2);
+    assert!(far
+        .iter()
+        .all(|(state, pid)| *state == InstanceState::Running && pid.is_some()));
+    let far_hosts: Vec<&str> = before.groups[0]
+        .instances
+        .iter()
+        .map(|i| i.host.as_str())
+        .collect();
+    assert_eq!(far_hosts, [host.alias(); 2]);
+    let queue = before.groups[1].queue.expect("queue counts in status");
+    assert_eq!(queue.done, 50, "{queue:?}");
+
+    ok(herd.ctl(&["suspend", "far"]));
+    assert_eq!(
+        group_states(&status(&herd), "far"),
+        vec![(InstanceState::Suspended, None); 2]
+    );
+    // The remote processes are gone (the sshd hosts run on loopback).
+    assert!(far.iter().all(|(_, pid)| !pid.is_some_and(alive)));
+    ok(herd.ctl(&["resume", "far"]));
+    herd.wait_for_count("] Child ", 4);
+    ok(herd.ctl(&["restart", "far"]));
+    herd.wait_for_count("] Child ", 6);
+    let after = status(&herd);
+    for instance in &after.groups[0].instances {
+        assert_eq!(instance.state, InstanceState::Running);
+        assert_eq!(instance.restarts, 2, "{after:?}");
+    }
+
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+    crate::remote::assert_host_clean(&host);
+}
