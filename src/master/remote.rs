@@ -251,16 +251,37 @@ struct HostRun<'a> {
     events: Option<&'a mpsc::UnboundedSender<InstanceEvent>>,
 }
 
-/// Consumers held back until their feeder listens.
+/// Instances of this connection not handed to the agent: consumers whose
+/// feeder does not listen yet, and suspended instances (a reconnection
+/// does not start them, a resume does).
 #[derive(Default)]
-struct Deferred {
-    /// Ids waiting, by queue group.
+struct Held {
+    /// Consumers waiting, by queue group.
     ids: BTreeMap<String, Vec<u32>>,
     /// One wait per group, ending with its feeder's address.
     waits: FuturesUnordered<BoxFuture<'static, (String, Option<FeederAddress>)>>,
+    /// Suspended instances.
+    suspended: BTreeSet<u32>,
 }
 
-impl Deferred {
+impl Held {
+    /// Every held instance, which will never start if the herd stops.
+    fn take_all(&mut self) -> Vec<u32> {
+        let mut ids: Vec<u32> = std::mem::take(&mut self.ids)
+            .into_values()
+            .flatten()
+            .collect();
+        ids.extend(std::mem::take(&mut self.suspended));
+        ids
+    }
+
+    /// Stops holding `id` for its feeder.
+    fn release(&mut self, id: u32) {
+        for ids in self.ids.values_mut() {
+            ids.retain(|i| *i != id);
+        }
+    }
+
     fn add(&mut self, group: &str, id: u32, addresses: &FeederAddresses) {
         let ids = self.ids.entry(group.to_string()).or_default();
         if ids.is_empty() {
@@ -363,25 +384,27 @@ impl HostRun<'_> {
             Ok(Err(err)) => return HostOutcome::Lost(format!("agent link: {err}")),
             Err(_) => return HostOutcome::Lost("agent did not answer".into()),
         };
-        let mut deferred = Deferred::default();
+        let mut held = Held::default();
         let ids: Vec<u32> = self.state.pending.keys().copied().collect();
-        let count = self.start(&ids, &mut deferred, &to_agent_tx);
-        let waiting = match self.state.pending.len() - count {
-            0 => String::new(),
-            n => format!(" ({n} more once their feeder listens)"),
+        let count = self.start(&ids, &mut held, &to_agent_tx);
+        let suspended = held.suspended.len();
+        let waiting = self.state.pending.len() - count - suspended;
+        let held_back = match (suspended, waiting) {
+            (0, 0) => String::new(),
+            (0, n) => format!(" ({n} more once their feeder listens)"),
+            (s, 0) => format!(" ({s} suspended)"),
+            (s, n) => format!(" ({s} suspended, {n} more once their feeder listens)"),
         };
-        for id in &self.state.suspended {
-            let command = InstanceCommand::Suspend;
-            let _ = to_agent_tx.send(ToAgent::Command { id: *id, command });
-        }
         self.sink
             .master_event(
                 Level::Info,
-                format!("host {label}: connected, agent pid {pid} runs {count} instances{waiting}"),
+                format!(
+                    "host {label}: connected, agent pid {pid} runs {count} instances{held_back}"
+                ),
             )
             .await;
 
-        let outcome = self.relay(&mut from_agent, &to_agent_tx, deferred).await;
+        let outcome = self.relay(&mut from_agent, &to_agent_tx, held).await;
         drop(to_agent_tx);
         writer.abort();
         // The agent exits by itself after its last report; a lost one is
@@ -390,12 +413,13 @@ impl HostRun<'_> {
         outcome
     }
 
-    /// Hands instances `ids` to the agent, holding back consumers whose
-    /// feeder does not listen yet; returns how many were handed over.
+    /// Hands instances `ids` to the agent, holding back suspended ones and
+    /// consumers whose feeder does not listen yet; returns how many were
+    /// handed over.
     fn start(
         &mut self,
         ids: &[u32],
-        deferred: &mut Deferred,
+        held: &mut Held,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
     ) -> usize {
         let mut instances = Vec::new();
@@ -403,6 +427,11 @@ impl HostRun<'_> {
             let Some(spec) = self.state.pending.get_mut(id) else {
                 continue;
             };
+            if self.state.suspended.contains(id) {
+                held.suspended.insert(*id);
+                instance::emit(self.events, *id, EventKind::Suspended);
+                continue;
+            }
             let Some(group) = super::queue::consumer_of(spec) else {
                 instances.push(spec.clone());
                 continue;
@@ -412,7 +441,7 @@ impl HostRun<'_> {
                     super::queue::set_feeder_address(spec, &address);
                     instances.push(spec.clone());
                 }
-                None => deferred.add(group, *id, self.addresses),
+                None => held.add(group, *id, self.addresses),
             }
         }
         let count = instances.len();
@@ -426,7 +455,7 @@ impl HostRun<'_> {
         &mut self,
         from_agent: &mut Connection<tokio::io::Join<openssh::ChildStdout, tokio::io::Empty>>,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
-        mut deferred: Deferred,
+        mut held: Held,
     ) -> HostOutcome {
         let orphan_timeout = self.settings.orphan_timeout;
         let mut ticker = tokio::time::interval(self.settings.heartbeat);
@@ -441,10 +470,7 @@ impl HostRun<'_> {
                 reason: self.shutdown.reason().unwrap_or("stop").to_string(),
             });
             stop_deadline = Some(Instant::now() + self.stop_wait());
-            let ids: Vec<u32> = std::mem::take(&mut deferred.ids)
-                .into_values()
-                .flatten()
-                .collect();
+            let ids = held.take_all();
             self.never_started(&ids);
         }
         while !self.state.pending.is_empty() {
@@ -456,22 +482,12 @@ impl HostRun<'_> {
                         if stop_sent {
                             self.never_started(&ids);
                         } else {
-                            self.start(&ids, &mut deferred, to_agent_tx);
+                            self.start(&ids, &mut held, to_agent_tx);
                         }
                     }
                     HostCommand::Instance { id, command } => {
                         self.state.note(id, command);
-                        if deferred.ids.values().any(|ids| ids.contains(&id)) {
-                            // Not started yet: only a removal matters.
-                            if command == InstanceCommand::Remove {
-                                for ids in deferred.ids.values_mut() {
-                                    ids.retain(|i| *i != id);
-                                }
-                                self.never_started(&[id]);
-                            }
-                        } else {
-                            let _ = to_agent_tx.send(ToAgent::Command { id, command });
-                        }
+                        self.command(id, command, &mut held, to_agent_tx);
                     }
                 },
                 frame = from_agent.read_frame::<FromAgent>() => {
@@ -498,11 +514,11 @@ impl HostRun<'_> {
                     let _ = to_agent_tx.send(ToAgent::Stop {
                         reason: self.shutdown.reason().unwrap_or("stop").to_string(),
                     });
-                    let ids: Vec<u32> = std::mem::take(&mut deferred.ids).into_values().flatten().collect();
+                    let ids = held.take_all();
                     self.never_started(&ids);
                 }
-                Some((group, address)) = deferred.waits.next(), if !deferred.waits.is_empty() && !stop_sent => {
-                    let ids = deferred.ids.remove(&group).unwrap_or_default();
+                Some((group, address)) = held.waits.next(), if !held.waits.is_empty() && !stop_sent => {
+                    let ids = held.ids.remove(&group).unwrap_or_default();
                     let Some(address) = address else { continue };
                     let mut instances = Vec::new();
                     for id in ids {
@@ -527,8 +543,48 @@ impl HostRun<'_> {
         HostOutcome::Done
     }
 
-    /// Consumers still waiting for their feeder when the herd stops end
-    /// without having started.
+    /// Carries out an operator's command for one instance: the agent's
+    /// business once it runs there; held instances are started, given up
+    /// or held differently here.
+    fn command(
+        &mut self,
+        id: u32,
+        command: InstanceCommand,
+        held: &mut Held,
+        to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
+    ) {
+        if held.suspended.contains(&id) {
+            match command {
+                InstanceCommand::Resume | InstanceCommand::Restart => {
+                    held.suspended.remove(&id);
+                    self.start(&[id], held, to_agent_tx);
+                }
+                InstanceCommand::Remove => {
+                    held.suspended.remove(&id);
+                    self.never_started(&[id]);
+                }
+                InstanceCommand::Suspend => {}
+            }
+        } else if held.ids.values().any(|ids| ids.contains(&id)) {
+            match command {
+                InstanceCommand::Remove => {
+                    held.release(id);
+                    self.never_started(&[id]);
+                }
+                InstanceCommand::Suspend => {
+                    held.release(id);
+                    held.suspended.insert(id);
+                    instance::emit(self.events, id, EventKind::Suspended);
+                }
+                InstanceCommand::Resume | InstanceCommand::Restart => {}
+            }
+        } else {
+            let _ = to_agent_tx.send(ToAgent::Command { id, command });
+        }
+    }
+
+    /// Instances held back when the herd stops end without having
+    /// started.
     fn never_started(&mut self, ids: &[u32]) {
         for id in ids {
             if let Some(spec) = self.state.pending.remove(id) {

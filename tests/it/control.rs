@@ -60,6 +60,14 @@ fn group_states(status: &HerdStatus, group: &str) -> Vec<(InstanceState, Option<
         .unwrap_or_default()
 }
 
+/// Greeting lines of worker instances (each start prints one).
+fn greetings(herd: &Herd) -> usize {
+    herd.seen
+        .iter()
+        .filter(|line| line.contains("] Child ") && !line.contains("clean exit"))
+        .count()
+}
+
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(pid as i32, 0) == 0 }
@@ -155,15 +163,17 @@ fn suspend_keeps_a_group_stopped_until_resume() {
     // Nothing restarts a suspended group: a whole rolling restart of the
     // other group later, web has still not greeted again.
     ok(herd.ctl(&["restart", "batch"]));
-    let greetings = herd.lines_with("] Child ").len();
-    assert_eq!(greetings, 3, "{:?}", herd.seen);
+    herd.wait_for_count("batch up", 4);
+    assert_eq!(greetings(&herd), 3, "{:?}", herd.seen);
     assert_eq!(
         group_states(&status(&herd), "web"),
         vec![(InstanceState::Suspended, None); 3]
     );
 
     ok(herd.ctl(&["resume", "web"]));
-    herd.wait_for_count("] Child ", 6);
+    for id in 1..=3 {
+        herd.wait_for_count(&format!("] Child {id} {id}"), 2);
+    }
     let resumed = status(&herd);
     assert!(!resumed.groups[0].suspended);
     for (state, pid) in group_states(&resumed, "web") {
@@ -658,10 +668,31 @@ instances = 1
     );
     // The remote processes are gone (the sshd hosts run on loopback).
     assert!(far.iter().all(|(_, pid)| !pid.is_some_and(alive)));
+
+    // A new agent after a lost one does not start suspended instances.
+    let connected = herd.wait_for("connected, agent pid");
+    let agent_pid: i32 = connected
+        .split("agent pid ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("agent pid in the log");
+    // SAFETY: plain kill(2).
+    assert_eq!(unsafe { libc::kill(agent_pid, libc::SIGKILL) }, 0);
+    let again = herd.wait_for_count("connected, agent pid", 2);
+    assert!(again.contains("2 suspended"), "{again}");
+    assert_eq!(greetings(&herd), 2, "{:?}", herd.seen);
+    assert_eq!(
+        group_states(&status(&herd), "far"),
+        vec![(InstanceState::Suspended, None); 2]
+    );
+
     ok(herd.ctl(&["resume", "far"]));
-    herd.wait_for_count("] Child ", 4);
+    herd.wait_for_count("] Child 1 1", 2);
+    herd.wait_for_count("] Child 2 2", 2);
     ok(herd.ctl(&["restart", "far"]));
-    herd.wait_for_count("] Child ", 6);
+    herd.wait_for_count("] Child 1 1", 3);
+    herd.wait_for_count("] Child 2 2", 3);
     let after = status(&herd);
     for instance in &after.groups[0].instances {
         assert_eq!(instance.state, InstanceState::Running);
