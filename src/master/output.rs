@@ -37,7 +37,12 @@ impl LineDecoder {
         buf.advance(skip);
         self.scanned = 0;
         let line = line.strip_suffix(b"\r").unwrap_or(&line);
-        String::from_utf8_lossy(line).into_owned()
+        // `from_utf8` validates a word at a time; `from_utf8_lossy` walks
+        // byte by byte even when every byte is fine.
+        match std::str::from_utf8(line) {
+            Ok(text) => text.to_owned(),
+            Err(_) => String::from_utf8_lossy(line).into_owned(),
+        }
     }
 }
 

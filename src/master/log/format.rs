@@ -1,12 +1,13 @@
 //! One record to one line of text or JSON, written straight into the
 //! writer's buffer (no `String` per line).
 
-use super::{LogRecord, Stream};
+use super::{InstanceLabel, LogRecord, Stream};
 use crate::config::LogFormat;
 use crate::protocol::slave::Level;
 use serde::{Serialize, Serializer};
 use std::io::{self, Write};
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Ends a colored span.
 const RESET: &str = "\x1b[0m";
@@ -29,8 +30,12 @@ fn level_color(level: Level) -> &'static str {
 /// Width of the level column in text lines (`emergency`, the longest).
 const LEVEL_WIDTH: usize = 9;
 
+/// The level column's padding and the space after it.
+const SPACES: &[u8; LEVEL_WIDTH + 1] = b"          ";
+
 impl LogRecord {
-    /// Formats the record as one line (without the newline).
+    /// Formats the record as one line (without the newline), or as
+    /// several (separated by `\n`) if its message holds several.
     pub fn format(&self, format: LogFormat) -> String {
         let mut line = Vec::with_capacity(64 + self.message.len());
         // Writing into a Vec cannot fail.
@@ -39,8 +44,10 @@ impl LogRecord {
             .unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned())
     }
 
-    /// Writes the record as one line (without the newline) into `out`;
-    /// with `color`, a text line gets ANSI colors (a JSON line never does).
+    /// Writes the record as one line (without the newline) into `out`, or
+    /// as several (separated by `\n`, each with the same prefix) if its
+    /// message holds several ([`LogRecord::lines`]); with `color`, a text
+    /// line gets ANSI colors (a JSON line never does).
     ///
     /// # Errors
     /// Those of `out`.
@@ -50,36 +57,67 @@ impl LogRecord {
         format: LogFormat,
         color: bool,
     ) -> io::Result<()> {
+        for (n, line) in self.lines().enumerate() {
+            if n > 0 {
+                out.write_all(b"\n")?;
+            }
+            self.write_line_to(out, format, color, line)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `line` (one of [`LogRecord::lines`]) with the record's
+    /// prefix, as one line without the newline.
+    ///
+    /// # Errors
+    /// Those of `out`.
+    pub fn write_line_to<W: Write>(
+        &self,
+        out: &mut W,
+        format: LogFormat,
+        color: bool,
+        line: &str,
+    ) -> io::Result<()> {
         match format {
-            LogFormat::Text => self.write_text(out, color),
-            LogFormat::Json => self.write_json(out),
+            LogFormat::Text => self.write_text(out, color, line),
+            LogFormat::Json => self.write_json(out, line),
         }
     }
 
-    fn write_text<W: Write>(&self, out: &mut W, color: bool) -> io::Result<()> {
-        let time = humantime::format_rfc3339_millis(self.time);
-        if color {
+    /// The time stamp and the label come from this thread's [`TextCache`]:
+    /// no `core::fmt` for every line, only bytes copied.
+    fn write_text<W: Write>(&self, out: &mut W, color: bool, line: &str) -> io::Result<()> {
+        TEXT_CACHE.with_borrow_mut(|cache| {
+            let level = self.level.as_str();
+            if color {
+                out.write_all(DIM.as_bytes())?;
+                out.write_all(cache.stamp(self.time))?;
+                out.write_all(RESET.as_bytes())?;
+                out.write_all(b" ")?;
+                out.write_all(level_color(self.level).as_bytes())?;
+                out.write_all(level.as_bytes())?;
+                out.write_all(RESET.as_bytes())?;
+            } else {
+                out.write_all(cache.stamp(self.time))?;
+                out.write_all(b" ")?;
+                out.write_all(level.as_bytes())?;
+            }
             // The padding stays outside the colors, so that columns line
             // up as in plain text.
-            let pad = LEVEL_WIDTH.saturating_sub(self.level.as_str().len());
-            write!(
-                out,
-                "{DIM}{time}{RESET} {}{}{RESET}{:pad$} ",
-                level_color(self.level),
-                self.level.as_str(),
-                ""
-            )?;
-        } else {
-            write!(out, "{time} {:<LEVEL_WIDTH$} ", self.level)?;
-        }
-        match &self.instance {
-            Some(label) => write!(out, "{label} ")?,
-            None => out.write_all(b"[master] ")?,
-        }
-        out.write_all(self.message.as_bytes())
+            let pad = LEVEL_WIDTH.saturating_sub(level.len());
+            out.write_all(&SPACES[..=pad])?;
+            match &self.instance {
+                Some(label) => {
+                    out.write_all(cache.label(label))?;
+                    out.write_all(b" ")?;
+                }
+                None => out.write_all(b"[master] ")?,
+            }
+            out.write_all(line.as_bytes())
+        })
     }
 
-    fn write_json<W: Write>(&self, out: &mut W) -> io::Result<()> {
+    fn write_json<W: Write>(&self, out: &mut W, message: &str) -> io::Result<()> {
         #[derive(Serialize)]
         struct Line<'a> {
             time: Rfc3339Millis,
@@ -107,10 +145,61 @@ impl LogRecord {
             id: label.map(|l| l.id),
             group_id: label.map(|l| l.group_id),
             stream: self.stream,
-            message: &self.message,
+            message,
         };
         serde_json::to_writer(out, &line).map_err(io::Error::from)
     }
+}
+
+/// The last time stamp and instance label formatted by this thread (the
+/// writer's): the lines of a batch mostly share both (those of one read
+/// of a pipe share their time), so each is formatted once per
+/// millisecond or change of instance, not once per line.
+#[derive(Default)]
+struct TextCache {
+    /// The time `stamp` was made for (lines read together share it).
+    time: Option<SystemTime>,
+    /// Milliseconds since the epoch of `stamp`.
+    millis: Option<u128>,
+    /// `2024-05-01T12:00:00.123Z`.
+    stamp: Vec<u8>,
+    /// The label of `label_text`; held so that the pointer stays unique.
+    label: Option<Arc<InstanceLabel>>,
+    /// `[group] [host] [command/id/group_id]`.
+    label_text: Vec<u8>,
+}
+
+impl TextCache {
+    fn stamp(&mut self, time: SystemTime) -> &[u8] {
+        if self.time == Some(time) {
+            return &self.stamp;
+        }
+        self.time = Some(time);
+        let millis = time.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis());
+        if millis.is_none() || millis != self.millis {
+            self.stamp.clear();
+            let _ = write!(self.stamp, "{}", humantime::format_rfc3339_millis(time));
+            self.millis = millis;
+        }
+        &self.stamp
+    }
+
+    fn label(&mut self, label: &Arc<InstanceLabel>) -> &[u8] {
+        if !self
+            .label
+            .as_ref()
+            .is_some_and(|cached| Arc::ptr_eq(cached, label))
+        {
+            self.label_text.clear();
+            let _ = write!(self.label_text, "{label}");
+            self.label = Some(Arc::clone(label));
+        }
+        &self.label_text
+    }
+}
+
+thread_local! {
+    static TEXT_CACHE: std::cell::RefCell<TextCache> = std::cell::RefCell::default();
 }
 
 /// A time serialized as RFC 3339 with milliseconds, without a `String`.
@@ -182,6 +271,29 @@ mod tests {
             serde_json::from_str(&record(false).format(LogFormat::Json)).unwrap();
         assert!(master.get("group").is_none());
         assert_eq!(master["stream"], "control");
+    }
+
+    #[test]
+    fn each_line_of_a_bulk_record_gets_the_prefix() {
+        let mut bulk = record(true);
+        bulk.level = Level::Info;
+        bulk.message = "one\r\n\ntwo".into();
+        assert_eq!(
+            bulk.format(LogFormat::Text),
+            "1970-01-01T00:00:01.500Z info      [g] [localhost] [worker/2/1] one\n\
+             1970-01-01T00:00:01.500Z info      [g] [localhost] [worker/2/1] \n\
+             1970-01-01T00:00:01.500Z info      [g] [localhost] [worker/2/1] two"
+        );
+        let json = bulk.format(LogFormat::Json);
+        let messages: Vec<String> = json
+            .lines()
+            .map(|line| {
+                let line: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(line["id"], 2);
+                line["message"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(messages, ["one", "", "two"]);
     }
 
     #[test]

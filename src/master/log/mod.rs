@@ -107,8 +107,21 @@ pub struct LogRecord {
     pub instance: Option<Arc<InstanceLabel>>,
     /// Where it came from.
     pub stream: Stream,
-    /// The text, without trailing newline.
+    /// The text, without trailing newline. Output relayed in bulk holds
+    /// every whole line of one read, separated by `\n`: see
+    /// [`LogRecord::lines`].
     pub message: String,
+}
+
+impl LogRecord {
+    /// The lines of the message (one, unless it holds several separated
+    /// by `\n`), without a trailing `\r`; each is logged as a line of its
+    /// own with the record's time, level and instance.
+    pub fn lines(&self) -> impl Iterator<Item = &str> {
+        self.message
+            .split('\n')
+            .map(|line| line.strip_suffix('\r').unwrap_or(line))
+    }
 }
 
 /// How the writer writes: the resolved form of a config's `[log]` table.
@@ -324,6 +337,25 @@ impl LogSink {
     pub async fn send(&self, record: LogRecord) {
         // Fails only once the writer is gone, at the very end of a run.
         let _ = self.records_tx.send(record).await;
+    }
+
+    /// Sends every record of `records` (leaving it empty), in order;
+    /// waits once for room for all of them rather than once per record.
+    ///
+    /// # Cancel safety
+    /// Cancelling may drop some records (not sent).
+    pub async fn send_all(&self, records: &mut Vec<LogRecord>) {
+        let mut rest = records.drain(..);
+        while rest.len() > 0 {
+            let n = rest.len().min(LOG_CHANNEL_LEN);
+            // Fails only once the writer is gone, at the very end of a run.
+            let Ok(permits) = self.records_tx.reserve_many(n).await else {
+                return;
+            };
+            for (permit, record) in permits.zip(rest.by_ref()) {
+                permit.send(record);
+            }
+        }
     }
 
     /// Logs an event of the master about one instance.

@@ -136,13 +136,17 @@ impl<W: Write> Writer<W> {
         }
         let mut to_terminal = true;
         if let Some(file) = self.file.as_mut().filter(|file| file.is_open()) {
-            let start = file.buf.len();
-            // Writing into a Vec cannot fail.
-            let _ = record.write_to(&mut file.buf, self.format, false);
-            file.buf.push(b'\n');
-            file.line_added(start, &mut self.notices);
-            if let Some(spilled) = file.take_spill() {
-                self.terminal.line_buf().extend_from_slice(&spilled);
+            // Line by line: the file may rotate between two lines of a
+            // record that holds several.
+            for line in record.lines() {
+                let start = file.buf.len();
+                // Writing into a Vec cannot fail.
+                let _ = record.write_line_to(&mut file.buf, self.format, false, line);
+                file.buf.push(b'\n');
+                file.line_added(start, &mut self.notices);
+                if let Some(spilled) = file.take_spill() {
+                    self.terminal.line_buf().extend_from_slice(&spilled);
+                }
             }
             to_terminal = record.stream == Stream::Master;
         }
