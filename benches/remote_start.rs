@@ -16,7 +16,26 @@
 //! ```sh
 //! cargo bench --bench remote_start                 # 5 runs per scenario
 //! BENCH_RUNS=11 cargo bench --bench remote_start
+//! BENCH_RUNS=3 cargo bench --bench remote_start -- --fanout
 //! ```
+//!
+//! With `--fanout` (what `scripts/bench.sh` runs) it measures instead what
+//! issue 7 asks of remote placement, on the same sshd hosts:
+//!
+//! - **time to completion** of instances that print one line and exit
+//!   (`sh -c 'echo done $TASKHERD_ID'`, restart policy `never`): from the
+//!   spawn of `taskherd run` to its exit (0, every id's line seen), for
+//!   2 hosts × 4 and 8 hosts × 8; against `pdsh -R ssh` and `parallel -S`
+//!   running `echo done` as many times on the same hosts (`parallel -S
+//!   4/host1,4/host2`: 4 job slots per host, one ssh per job), through the
+//!   same ssh_config and login, every output line checked;
+//! - the floor of 8 × 8: `pdsh` with one ssh per host, all at once;
+//! - **stop latency** of 2 hosts × 4 library instances (`worker`, `sleep =
+//!   600`, so they honour Stop): SIGTERM to the master's exit (0), then the
+//!   hosts are checked to be quiet.
+//!
+//! It prints one `RESULT <key> <median ms> <min ms> <max ms> <runs>` line
+//! per measurement for the script to parse.
 //!
 //! Every sshd, master, agent and instance it starts is stopped before it
 //! ends (the hosts are checked to be quiet between runs). Without the
@@ -31,7 +50,7 @@ use sshd::{SshHost, SshWorld};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -90,6 +109,21 @@ impl Program {
                 toml_string(&path.display().to_string())
             ),
             ready_line: "] Child ",
+        }
+    }
+}
+
+impl Program {
+    /// `sh -c "echo done $TASKHERD_ID"`, never restarted: prints one line
+    /// and exits.
+    fn one_line() -> Program {
+        Program {
+            name: "echo",
+            group_keys: format!(
+                "command = \"sh\"\nargs = [\"-c\", {}]\nrestart = {{ policy = \"never\" }}\n",
+                toml_string("echo done $TASKHERD_ID")
+            ),
+            ready_line: "] done ",
         }
     }
 }
@@ -448,13 +482,18 @@ fn time_command(mut command: Command, what: &str) -> (Duration, Output) {
 
 /// One pdsh run of `echo ready` on `targets`; checks every target answered.
 fn time_pdsh(config: &Path, targets: &[String]) -> Duration {
+    time_pdsh_echo(config, targets, "ready")
+}
+
+/// One pdsh run of `echo <word>` on `targets`; checks every target answered.
+fn time_pdsh_echo(config: &Path, targets: &[String], word: &str) -> Duration {
     let mut command = Command::new(PDSH);
     command
         // The same login as taskherd's sessions (see sshd::login_user):
         // pdsh's %u would otherwise be the local user, with its shell rc.
         .args(["-R", "ssh", "-f", "64", "-l", sshd::login_user(), "-w"])
         .arg(targets.join(","))
-        .arg("echo ready")
+        .arg(format!("echo {word}"))
         // pdsh's default is "-2 -a -x -l%u %h"; only `-F config` is added.
         .env(
             "PDSH_SSH_ARGS",
@@ -464,13 +503,14 @@ fn time_pdsh(config: &Path, targets: &[String]) -> Duration {
         .env_remove("PDSH_RCMD_TYPE");
     let (elapsed, output) = time_command(command, "pdsh");
     let stdout = String::from_utf8_lossy(&output.stdout);
+    let suffix = format!(": {word}");
     let ready = stdout
         .lines()
-        .filter(|line| line.ends_with(": ready"))
+        .filter(|line| line.ends_with(&suffix))
         .count();
     if !output.status.success() || ready != targets.len() {
         panic!(
-            "pdsh ({}): {ready} of {} targets said ready\n--- stdout:\n{stdout}\n--- stderr:\n{}",
+            "pdsh ({}): {ready} of {} targets said {word}\n--- stdout:\n{stdout}\n--- stderr:\n{}",
             output.status,
             targets.len(),
             String::from_utf8_lossy(&output.stderr)
@@ -605,6 +645,267 @@ fn ssh_scenarios(dir: &Path, world: &SshWorld, host: &SshHost, runs: usize) -> [
     ]
 }
 
+// ---- `--fanout`: what issue 7 measures (see the crate docs) ----
+
+/// GNU parallel, from the Debian package.
+const PARALLEL: &str = "/usr/bin/parallel";
+
+/// Polls (every millisecond) until the master exits, keeping its lines;
+/// returns the time of its exit since `since`, and its status.
+fn wait_exit(master: &mut Master, since: Instant, within: Duration) -> (Duration, ExitStatus) {
+    wait_exit_watching(master, since, within, |_| {})
+}
+
+/// [`wait_exit`], calling `on_line` with each line as it is read (to the
+/// millisecond).
+fn wait_exit_watching(
+    master: &mut Master,
+    since: Instant,
+    within: Duration,
+    mut on_line: impl FnMut(&str),
+) -> (Duration, ExitStatus) {
+    let deadline = since + within;
+    loop {
+        let lines: Vec<String> = master.lines_rx.try_iter().collect();
+        lines.iter().for_each(|line| on_line(line));
+        master.seen.extend(lines);
+        match master.child.try_wait() {
+            Ok(Some(status)) => return (since.elapsed(), status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            Ok(None) => master.fail(&format!("still running after {within:?}")),
+            Err(err) => master.fail(&format!("cannot wait for it: {err}")),
+        }
+    }
+}
+
+/// Reads the rest of an exited master's log (bounded).
+fn drain_lines(master: &mut Master) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while master.next_line(deadline).is_some() {}
+}
+
+/// One run of a herd whose `expected` instances print `done <id>` and
+/// exit: the time from the spawn of `taskherd run` to its exit, and to the
+/// last `done` line. Checks the exit status (0) and that every id said done
+/// exactly once.
+fn time_completion(taskherd: &Path, config: &Path, expected: usize) -> CompletionTimes {
+    let start = Instant::now();
+    let mut master = Master::spawn(taskherd, config);
+    let (mut connected, mut last_done) = (Duration::ZERO, Duration::ZERO);
+    let (elapsed, status) = wait_exit_watching(&mut master, start, START_WITHIN, |line| {
+        if line.contains("] done ") {
+            last_done = start.elapsed();
+        }
+        if line.contains(CONNECTED_LINE) {
+            connected = start.elapsed();
+        }
+    });
+    drain_lines(&mut master);
+    if !status.success() {
+        master.fail(&format!("exited with {status}"));
+    }
+    let mut ids: Vec<u32> = master
+        .seen
+        .iter()
+        .filter_map(|line| line.split_once("] done "))
+        .filter_map(|(_, id)| id.trim().parse().ok())
+        .collect();
+    ids.sort_unstable();
+    let want: Vec<u32> = (1..=expected as u32).collect();
+    if ids != want {
+        master.fail(&format!(
+            "`done <id>` lines for ids {ids:?}, expected each of 1..={expected} once"
+        ));
+    }
+    CompletionTimes {
+        exit: elapsed,
+        connected,
+        last_line: last_done,
+    }
+}
+
+/// Times of one run to completion, from the spawn of `taskherd run`.
+struct CompletionTimes {
+    /// The master exited.
+    exit: Duration,
+    /// The last agent connected.
+    connected: Duration,
+    /// The last instance's line was read.
+    last_line: Duration,
+}
+
+/// One `parallel -S` run of `echo done <n>` for n in 1..=hosts × per_host,
+/// `per_host` job slots on each host (one ssh per job); checks every line.
+fn time_parallel(config: &Path, hosts: &[String], per_host: usize) -> Duration {
+    let total = hosts.len() * per_host;
+    let logins: Vec<String> = hosts.iter().map(|h| format!("{per_host}/{h}")).collect();
+    let mut command = Command::new(PARALLEL);
+    command
+        .arg("--will-cite")
+        .arg("--ssh")
+        .arg(format!("ssh -F {}", config.display()))
+        .arg("-S")
+        .arg(logins.join(","))
+        .arg("--tag")
+        .args(["echo", "done", ":::"])
+        .args((1..=total).map(|n| n.to_string()));
+    let (elapsed, output) = time_command(command, "parallel");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut seen: Vec<usize> = stdout
+        .lines()
+        .filter_map(|line| {
+            let (tag, rest) = line.split_once('\t')?;
+            let n: usize = tag.parse().ok()?;
+            (rest == format!("done {n}")).then_some(n)
+        })
+        .collect();
+    seen.sort_unstable();
+    if !output.status.success() || seen != (1..=total).collect::<Vec<_>>() {
+        panic!(
+            "parallel -S ({}): {} of {total} jobs said done\n--- stdout:\n{stdout}\n--- stderr:\n{}",
+            output.status,
+            seen.len(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    elapsed
+}
+
+/// One stop of a herd of `expected` instances that honour Stop: starts it,
+/// waits until every instance printed `ready_line`, then the time from
+/// SIGTERM to the master's exit (which must be 0).
+fn time_remote_stop(taskherd: &Path, config: &Path, expected: usize, ready_line: &str) -> Duration {
+    let start = Instant::now();
+    let mut master = Master::spawn(taskherd, config);
+    let mut ready = 0;
+    while ready < expected {
+        let Some(line) = master.next_line(start + START_WITHIN) else {
+            master.fail(&format!(
+                "{ready} of {expected} instances ready within {START_WITHIN:?}"
+            ));
+        };
+        if line.contains(ready_line) {
+            ready += 1;
+        }
+    }
+    let pid = master.child.id() as libc::pid_t;
+    let sent = Instant::now();
+    // SAFETY: plain kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let (elapsed, status) = wait_exit(&mut master, sent, STOP_WITHIN);
+    if !status.success() {
+        drain_lines(&mut master);
+        master.fail(&format!("exited with {status} after SIGTERM"));
+    }
+    elapsed
+}
+
+/// Prints the figures of one measurement for `scripts/bench.sh`.
+fn result_line(key: &str, figures: &Figures) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "RESULT {key} {:.1} {:.1} {:.1} {}",
+        ms(figures.median),
+        ms(figures.min),
+        ms(figures.max),
+        figures.runs
+    );
+}
+
+/// The `--fanout` measurements, `runs` runs each, tools interleaved.
+fn fanout(
+    dir: &Path,
+    taskherd: &Path,
+    world: &SshWorld,
+    hosts: &[SshHost],
+    pdsh_config: &Path,
+    aliases: &[Vec<String>],
+    runs: usize,
+) {
+    let program = Program::one_line();
+    let mut results = Vec::new();
+    for (host_count, per_host) in [(2, 4), (8, 8)] {
+        let of = &hosts[..host_count];
+        let config = write_herd_config(dir, taskherd, world, of, per_host, &program);
+        let targets: Vec<String> = aliases[..host_count]
+            .iter()
+            .flat_map(|of_host| of_host[..per_host].iter().cloned())
+            .collect();
+        let firsts: Vec<String> = aliases[..host_count]
+            .iter()
+            .map(|of_host| of_host[0].clone())
+            .collect();
+        let (mut ours, mut pdsh, mut parallel) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 1..=runs {
+            let times = time_completion(taskherd, &config, host_count * per_host);
+            let t = times.exit;
+            wait_quiet(of);
+            let p = time_pdsh_echo(pdsh_config, &targets, "done");
+            wait_quiet(of);
+            let q = time_parallel(pdsh_config, &firsts, per_host);
+            wait_quiet(of);
+            println!(
+                "fan-out {host_count} × {per_host}, run {run}: taskherd {} (agents connected at {}, last line at {}), pdsh {}, parallel -S {}",
+                ms(t),
+                ms(times.connected),
+                ms(times.last_line),
+                ms(p),
+                ms(q)
+            );
+            ours.push(t);
+            pdsh.push(p);
+            parallel.push(q);
+        }
+        let key = format!("fanout_{host_count}x{per_host}");
+        results.push((format!("{key}_taskherd"), Figures::of("taskherd", ours)));
+        results.push((format!("{key}_pdsh"), Figures::of("pdsh", pdsh)));
+        results.push((format!("{key}_parallel"), Figures::of("parallel", parallel)));
+    }
+
+    // The floor of 8 × 8: one ssh per host, all at once.
+    let firsts: Vec<String> = aliases.iter().map(|of_host| of_host[0].clone()).collect();
+    let mut floor = Vec::new();
+    for run in 1..=runs {
+        let t = time_pdsh_echo(pdsh_config, &firsts, "done");
+        wait_quiet(hosts);
+        println!(
+            "pdsh {} × 1 (one ssh per host), run {run}: {}",
+            hosts.len(),
+            ms(t)
+        );
+        floor.push(t);
+    }
+    results.push((
+        format!("fanout_{}x1_pdsh", hosts.len()),
+        Figures::of("floor", floor),
+    ));
+
+    let worker = taskherd
+        .parent()
+        .expect("invariant: the binary is in a directory")
+        .join("examples")
+        .join("worker");
+    assert!(
+        worker.exists(),
+        "{} is missing (build it with `cargo build --release --example worker`)",
+        worker.display()
+    );
+    let program = Program::worker(&worker);
+    let config = write_herd_config(dir, taskherd, world, &hosts[..2], 4, &program);
+    let mut stops = Vec::new();
+    for run in 1..=runs {
+        let t = time_remote_stop(taskherd, &config, 8, program.ready_line);
+        wait_quiet(&hosts[..2]);
+        println!("stop 2 × 4 worker, run {run}: SIGTERM to exit {}", ms(t));
+        stops.push(t);
+    }
+    results.push(("stop_remote_2x4".to_string(), Figures::of("stop", stops)));
+
+    for (key, figures) in &results {
+        result_line(key, figures);
+    }
+}
+
 fn ms(duration: Duration) -> String {
     format!("{:.1} ms", duration.as_secs_f64() * 1000.0)
 }
@@ -626,6 +927,20 @@ fn main() {
         hosts[HOSTS - 1].addr()
     );
     let (pdsh_config, aliases) = write_pdsh_config(dir.path(), &world, &hosts, 8);
+    if std::env::args().any(|arg| arg == "--fanout") {
+        fanout(
+            dir.path(),
+            &taskherd,
+            &world,
+            &hosts,
+            &pdsh_config,
+            &aliases,
+            runs,
+        );
+        drop(hosts);
+        drop(world);
+        return;
+    }
     let shell = Program::shell();
 
     let mut table = Vec::new();
