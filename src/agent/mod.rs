@@ -111,15 +111,9 @@ where
 
     let mut tasks: JoinSet<InstanceReport> = JoinSet::new();
     let mut commands = std::collections::HashMap::new();
+    // Instance events go upstream from this loop, each instance's before
+    // its report (the master stops reading a host once all are reported).
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-    let events_upstream = control_tx.clone();
-    tokio::spawn(async move {
-        while let Some(event) = events_rx.recv().await {
-            if events_upstream.send(FromAgent::Event(event)).is_err() {
-                return;
-            }
-        }
-    });
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
@@ -176,7 +170,14 @@ where
             _ = ticker.tick() => {
                 let _ = control_tx.send(FromAgent::Heartbeat);
             }
+            Some(event) = events_rx.recv() => {
+                let _ = control_tx.send(FromAgent::Event(event));
+            }
             Some(joined) = tasks.join_next() => {
+                // The instance's events were all sent before its report.
+                while let Ok(event) = events_rx.try_recv() {
+                    let _ = control_tx.send(FromAgent::Event(event));
+                }
                 if let Ok(report) = joined {
                     commands.remove(&report.label.id);
                     let _ = control_tx.send(FromAgent::Ended { id: report.label.id, end: report.end });

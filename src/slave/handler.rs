@@ -95,6 +95,13 @@ impl Handler {
     /// spawn time (on Linux): from now on the control channel tells us when
     /// the master is gone.
     ///
+    /// # Stop requests
+    ///
+    /// The master's Stop frame, the master going away, and SIGTERM (from
+    /// the master or an operator) all make [`must_stop`](Self::must_stop)
+    /// true and [`sleep`](Self::sleep) return early: the program ends its
+    /// work and returns.
+    ///
     /// # No orphans
     ///
     /// When the control channel closes (the master died), the handler
@@ -131,7 +138,27 @@ impl Handler {
         let control = unsafe { OwnedFd::from_raw_fd(fd) };
         let handler = Handler::from_fd(control)?;
         clear_parent_death_signal();
+        handler.stop_on_sigterm()?;
         Ok(handler)
+    }
+
+    /// Turns SIGTERM into a stop request, like the master's Stop frame: an
+    /// operator's `kill`, or the master's SIGTERM to an instance whose
+    /// hello it has not read yet, ends the work cleanly instead of killing
+    /// the process mid-job.
+    fn stop_on_sigterm(&self) -> Result<(), SlaveError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = {
+            let _entered = self.runtime_handle.enter();
+            signal(SignalKind::terminate()).map_err(SlaveError::Runtime)?
+        };
+        let stop = self.stop.clone();
+        self.runtime_handle.spawn(async move {
+            if term.recv().await.is_some() {
+                stop.cancel();
+            }
+        });
+        Ok(())
     }
 
     /// Connects to the master over an already open control socket.

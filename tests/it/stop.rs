@@ -230,3 +230,36 @@ instances = 2
     let entries: serde_json::Value = serde_json::from_slice(&after.stdout).expect("json");
     assert_eq!(entries.as_array().map(Vec::len), Some(0), "{entries}");
 }
+
+#[test]
+fn sigterm_to_a_library_instance_is_a_clean_stop() {
+    // An operator's `kill` (or the master's SIGTERM to an instance whose
+    // hello it has not read yet) ends the work cleanly; the instance is
+    // restarted by its policy like any clean end.
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "lib"
+command = "{worker}"
+params = { sleep = 600 }
+restart = { policy = "always", initial = "100ms" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("] Child 1 1");
+    let out = herd.ctl(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let pid = status["groups"][0]["instances"][0]["pid"]
+        .as_i64()
+        .expect("a running pid") as i32;
+    // SAFETY: plain kill(2) on the instance.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    herd.wait_for("[lib] [localhost] [worker/1/1] Child clean exit");
+    herd.wait_for("[worker/1/1] exited with code 0");
+    herd.wait_for_count("] Child 1 1", 2);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+}
