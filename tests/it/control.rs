@@ -671,14 +671,7 @@ instances = 1
 
     // A new agent after a lost one does not start suspended instances.
     let connected = herd.wait_for("connected, agent pid");
-    let agent_pid: i32 = connected
-        .split("agent pid ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|pid| pid.parse().ok())
-        .expect("agent pid in the log");
-    // SAFETY: plain kill(2).
-    assert_eq!(unsafe { libc::kill(agent_pid, libc::SIGKILL) }, 0);
+    crate::remote::kill_agent(&connected);
     let again = herd.wait_for_count("connected, agent pid", 2);
     assert!(again.contains("2 suspended"), "{again}");
     assert_eq!(greetings(&herd), 2, "{:?}", herd.seen);

@@ -27,6 +27,18 @@ ssh_config = "{config}"
     )
 }
 
+/// SIGKILLs the agent named by a `host ...: connected, agent pid N` line.
+pub(crate) fn kill_agent(connected: &str) {
+    let agent_pid: i32 = connected
+        .split("agent pid ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("agent pid in the log");
+    // SAFETY: plain kill(2).
+    assert_eq!(unsafe { libc::kill(agent_pid, libc::SIGKILL) }, 0);
+}
+
 /// Waits (bounded) until nothing started through `host` is left.
 pub(crate) fn assert_host_clean(host: &SshHost) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -443,14 +455,7 @@ fn killed_agent_is_replaced_and_its_instances_restarted() {
     herd.wait_for_count("] Child ", 2);
     let old_workers = workers(&host.processes());
     assert_eq!(old_workers.len(), 2);
-    let agent_pid: i32 = connected
-        .split("agent pid ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|pid| pid.parse().ok())
-        .expect("agent pid in the log");
-    // SAFETY: plain kill(2).
-    assert_eq!(unsafe { libc::kill(agent_pid, libc::SIGKILL) }, 0);
+    kill_agent(&connected);
     herd.wait_for_count("connected, agent pid", 2);
     herd.wait_for_count("] Child 1 1", 2);
     herd.wait_for_count("] Child 2 2", 2);
