@@ -138,7 +138,8 @@ where
                                 .then(|| relay_listening(spec.label.id, control_tx.clone()));
                             let (command_tx, command_rx) = mpsc::unbounded_channel();
                             commands.insert(spec.label.id, command_tx);
-                            tasks.spawn(instance::supervise(spec, context, listening, command_rx));
+                            // Suspended instances are held by the master, not started.
+                            tasks.spawn(instance::supervise(spec, context, listening, command_rx, false));
                         }
                     }
                     Ok(Some(ToAgent::Stop { reason })) => shutdown.request_stop(reason),

@@ -1,10 +1,16 @@
 //! Operators' actions on a running herd: starting planned instances
 //! (feeders first), suspend, resume, rolling restart, reload, and the
 //! requests of the control socket.
+//!
+//! The run loop only ever does quick work here: a rolling restart or the
+//! rolling part of a reload runs as a task of its own, which asks the loop
+//! to start and remove instances ([`HerdCommand::Start`],
+//! [`HerdCommand::Instance`]) and waits on the status board, so status,
+//! stop and logs are served meanwhile. One such change runs at a time.
 
 use super::control::ControlRequest;
 use super::herd::{is_final, Board, HerdCommand};
-use super::instance::{self, EventKind, InstanceCommand, InstanceEnd, InstanceReport};
+use super::instance::{self, EventKind, InstanceCommand, InstanceReport};
 use super::launcher::stop_budget;
 use super::log::LogSink;
 use super::plan::{plan_groups, same_host, split_plan, FeederInfo, Plan};
@@ -12,6 +18,7 @@ use super::queue::FeederAddresses;
 use super::remote::{self, AgentSettings, HostCommand, HostPlan};
 use super::shutdown::Shutdown;
 use crate::config::{Config, GroupSpec, HostSpec};
+use crate::error_text::error_chain;
 use crate::protocol::control::{FromMaster, InstanceState, ToMaster};
 use crate::protocol::slave::Level;
 use std::collections::BTreeMap;
@@ -28,7 +35,8 @@ const FEEDER_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// beyond the stop budget.
 const SETTLE_MARGIN: Duration = Duration::from_secs(30);
 
-/// Longest wait for one instance of a rolling restart to run again.
+/// Longest wait for one instance of a rolling restart (or replacement) to
+/// run.
 const RESTART_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How the run loop reaches one instance's supervisor.
@@ -53,11 +61,16 @@ pub(crate) struct Running {
     pub(crate) tasks: JoinSet<Vec<InstanceReport>>,
     /// Address relays and start gates: they end with the run.
     pub(crate) helpers: JoinSet<()>,
+    /// The run loop's own queue, for the steps of rolling changes.
+    pub(crate) commands: mpsc::UnboundedSender<HerdCommand>,
+    /// Held by the rolling change under way: one at a time.
+    pub(crate) changes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Running {
     /// Starts every instance of `plan`: feeders first, consumers once
-    /// their feeder listens.
+    /// their feeder listens; instances of a suspended group start
+    /// suspended.
     pub(crate) fn start(&mut self, plan: Plan) {
         let sink = &self.context.sink;
         for feeder in plan.instances_of_feeders() {
@@ -76,35 +89,25 @@ impl Running {
                 self.addresses.clone(),
             ));
             let context = self.context.clone();
+            let suspended = self.board.is_suspended(&spec.label.group);
             let (command_tx, command_rx) = mpsc::unbounded_channel();
             self.routes.insert(spec.label.id, Route::Local(command_tx));
             self.tasks.spawn(async move {
-                vec![instance::supervise(spec, context, Some(listening_tx), command_rx).await]
+                let listening = Some(listening_tx);
+                vec![instance::supervise(spec, context, listening, command_rx, suspended).await]
             });
         }
-        for mut spec in plan.local {
-            let context = self.context.clone();
-            let addresses = self.addresses.clone();
+        for spec in plan.local {
+            let suspended = self.board.is_suspended(&spec.label.group);
             let (command_tx, command_rx) = mpsc::unbounded_channel();
             self.routes.insert(spec.label.id, Route::Local(command_tx));
-            self.tasks.spawn(async move {
-                if let Some(group) = super::queue::consumer_of(&spec).map(str::to_string) {
-                    tokio::select! {
-                        address = addresses.wait(&group) => {
-                            if let Some(address) = address {
-                                super::queue::set_feeder_address(&mut spec, &address);
-                            }
-                        }
-                        _ = context.shutdown.stopping() => {
-                            let end = InstanceEnd::Stopped { killed: false };
-                            let id = spec.label.id;
-                            instance::emit(context.events.as_ref(), id, EventKind::Ended { end: end.clone() });
-                            return vec![InstanceReport { label: spec.label.clone(), end }];
-                        }
-                    }
-                }
-                vec![instance::supervise(spec, context, None, command_rx).await]
-            });
+            self.tasks.spawn(run_local(
+                spec,
+                self.context.clone(),
+                self.addresses.clone(),
+                command_rx,
+                suspended,
+            ));
         }
         for host in plan.hosts {
             let known = self
@@ -112,11 +115,26 @@ impl Running {
                 .iter()
                 .find(|(spec, tx)| same_host(spec, &host.host) && !tx.is_closed())
                 .map(|(_, tx)| tx.clone());
+            // A suspended group's instances are noted suspended before
+            // they arrive, so the host holds them back.
+            let mut work: Vec<HostCommand> = host
+                .instances
+                .iter()
+                .filter(|spec| self.board.is_suspended(&spec.label.group))
+                .map(|spec| HostCommand::Instance {
+                    id: spec.label.id,
+                    command: InstanceCommand::Suspend,
+                })
+                .collect();
+            work.push(HostCommand::Add(host.instances.clone()));
+            let delivered = |tx: &mpsc::UnboundedSender<HostCommand>| {
+                work.iter().all(|command| tx.send(command.clone()).is_ok())
+            };
             let host_tx = match known {
-                Some(tx) if tx.send(HostCommand::Add(host.instances.clone())).is_ok() => tx,
+                Some(tx) if delivered(&tx) => tx,
                 _ => {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    let _ = tx.send(HostCommand::Add(host.instances.clone()));
+                    delivered(&tx);
                     self.hosts.retain(|(spec, _)| !same_host(spec, &host.host));
                     self.hosts.push((host.host.clone(), tx.clone()));
                     self.tasks.spawn(remote::supervise_host(
@@ -161,7 +179,30 @@ impl Running {
     }
 
     pub(crate) async fn command(&mut self, command: HerdCommand, waiters: &mut JoinSet<()>) {
+        let stopping = self.context.shutdown.is_stopping();
         let (result, reply) = match command {
+            // The steps of a change under way: quick, and moot once the
+            // herd stops.
+            HerdCommand::Start(plan) => {
+                if !stopping {
+                    self.board
+                        .add(plan.instances().iter().map(|spec| spec.label.clone()));
+                    self.start(plan);
+                }
+                return;
+            }
+            HerdCommand::Instance(id, command) => {
+                self.send(id, command);
+                return;
+            }
+            HerdCommand::Suspend(_, reply)
+            | HerdCommand::Resume(_, reply)
+            | HerdCommand::Restart(_, reply)
+            | HerdCommand::Reload(reply)
+                if stopping =>
+            {
+                (Err("the herd is stopping".to_string()), reply)
+            }
             HerdCommand::Suspend(group, reply) => (self.suspend_or_resume(&group, true), reply),
             HerdCommand::Resume(group, reply) => (self.suspend_or_resume(&group, false), reply),
             HerdCommand::Restart(group, reply) => (self.restart(&group), reply),
@@ -213,9 +254,14 @@ impl Running {
                 return;
             }
             ToMaster::Logs { group } => {
+                if let Some(group) = &group {
+                    if let Err(message) = self.known_group(group) {
+                        let _ = reply.send(FromMaster::Error { message }).await;
+                        return;
+                    }
+                }
                 let records = self.context.sink.subscribe();
-                let filter = self.context.sink.filter().clone();
-                waiters.spawn(stream_logs(records, group, filter, reply));
+                waiters.spawn(stream_logs(records, group, reply));
                 return;
             }
             ToMaster::Suspend { group } => HerdCommand::Suspend(group, Some(reply_tx)),
@@ -241,15 +287,6 @@ impl Running {
         });
     }
 
-    /// Waits until `done` holds for the board, `limit` passes, or the herd
-    /// stops.
-    async fn settle(&self, limit: Duration, done: impl FnMut(&Board) -> bool) -> bool {
-        tokio::select! {
-            settled = self.board.wait_until(limit, done) => settled,
-            _ = self.context.shutdown.stopping() => false,
-        }
-    }
-
     fn known_group(&self, group: &str) -> Result<(), String> {
         if self.board.has_group(group) {
             Ok(())
@@ -260,6 +297,17 @@ impl Running {
 
     fn settle_limit(&self) -> Duration {
         stop_budget(&self.config) + SETTLE_MARGIN
+    }
+
+    /// What the tasks of rolling changes need.
+    fn stepper(&self) -> Stepper {
+        Stepper {
+            board: self.board.clone(),
+            commands: self.commands.clone(),
+            shutdown: self.context.shutdown.clone(),
+            changes: self.changes.clone(),
+            settle_limit: self.settle_limit(),
+        }
     }
 
     /// Suspends (`suspend`) or resumes a group; settles once every live
@@ -273,12 +321,11 @@ impl Running {
             InstanceCommand::Resume
         };
         let count = self.send_to_group(group, command);
-        let board = self.board.clone();
+        let stepper = self.stepper();
         let group = group.to_string();
-        let limit = self.settle_limit();
         Ok(Box::pin(async move {
-            let settled = board
-                .wait_until(limit, |board| {
+            let settled = stepper
+                .settle(stepper.settle_limit, |board| {
                     board.live_ids(&group).iter().all(|id| {
                         board
                             .entry(*id)
@@ -296,71 +343,63 @@ impl Running {
     }
 
     /// A rolling restart: one instance at a time, the next once the
-    /// previous one runs again.
+    /// previous one runs again; suspended instances stay suspended.
     fn restart(&mut self, group: &str) -> Result<Settled, String> {
         self.known_group(group)?;
-        let ids = self.board.live_ids(group);
-        let routes: Vec<(u32, Route)> = ids
-            .iter()
-            .filter_map(|id| self.routes.get(id).map(|r| (*id, r.clone())))
-            .collect();
-        let board = self.board.clone();
+        let stepper = self.stepper();
         let group = group.to_string();
         Ok(Box::pin(async move {
-            for (id, route) in &routes {
-                let starts = board.entry(*id).map_or(0, |e| e.starts);
-                match route {
-                    Route::Local(tx) => {
-                        let _ = tx.send(InstanceCommand::Restart);
-                    }
-                    Route::Remote(tx) => {
-                        let command = InstanceCommand::Restart;
-                        let _ = tx.send(HostCommand::Instance { id: *id, command });
-                    }
+            let _one_change = stepper.changes.lock().await;
+            let mut restarted = 0;
+            for id in stepper.board.live_ids(&group) {
+                let Some(entry) = stepper.board.entry(id) else {
+                    continue;
+                };
+                if entry.state == InstanceState::Suspended {
+                    continue;
                 }
-                let back = board
-                    .wait_until(RESTART_STEP_TIMEOUT, |board| {
-                        board.entry(*id).is_none_or(|e| {
+                stepper.instance(id, InstanceCommand::Restart);
+                let back = stepper
+                    .settle(RESTART_STEP_TIMEOUT, |board| {
+                        board.entry(id).is_none_or(|e| {
                             is_final(e.state)
-                                || (e.starts > starts && e.state == InstanceState::Running)
+                                || e.state == InstanceState::Suspended
+                                || (e.starts > entry.starts && e.state == InstanceState::Running)
                         })
                     })
                     .await;
+                stepper.still_running()?;
                 if !back {
                     return Err(format!(
                         "group {group}: instance {id} did not run again within {}; rolling restart stopped",
                         humantime::format_duration(RESTART_STEP_TIMEOUT)
                     ));
                 }
+                restarted += 1;
             }
-            Ok(format!(
-                "group {group} restarted ({} instances)",
-                routes.len()
-            ))
+            Ok(format!("group {group} restarted ({restarted} instances)"))
         }))
     }
 
     /// Re-reads the config: groups added are started, removed are stopped,
-    /// changed are replaced one instance at a time. An invalid config
-    /// changes nothing.
+    /// changed are replaced one instance at a time (a queue group as a
+    /// whole: its feeder and consumers share a per-run secret and
+    /// address). A config that cannot be read or planned changes nothing.
     async fn reload(&mut self) -> Result<Settled, String> {
         let source = self.config.source.clone();
         let new = Config::load(&source)
             .map_err(|err| format!("reload refused, the herd is unchanged:\n{err}"))?;
-        let sink = self.context.sink.clone();
         let old_groups: BTreeMap<&str, &GroupSpec> = self
             .config
             .groups
             .iter()
             .map(|g| (g.name.as_str(), g))
             .collect();
-        let new_names: Vec<&str> = new.groups.iter().map(|g| g.name.as_str()).collect();
-        let removed: Vec<String> = self
-            .config
-            .groups
-            .iter()
-            .filter(|g| !new_names.contains(&g.name.as_str()))
-            .map(|g| g.name.clone())
+        let new_names: Vec<String> = new.groups.iter().map(|g| g.name.clone()).collect();
+        let removed: Vec<String> = old_groups
+            .keys()
+            .filter(|name| !new_names.iter().any(|n| n == *name))
+            .map(|name| name.to_string())
             .collect();
         let added: Vec<String> = new
             .groups
@@ -368,7 +407,7 @@ impl Running {
             .filter(|g| !old_groups.contains_key(g.name.as_str()))
             .map(|g| g.name.clone())
             .collect();
-        let changed: Vec<String> = new
+        let changed: Vec<&GroupSpec> = new
             .groups
             .iter()
             .filter(|g| {
@@ -376,120 +415,68 @@ impl Running {
                     .get(g.name.as_str())
                     .is_some_and(|old| *old != *g)
             })
+            .collect();
+        let is_queue = |group: &GroupSpec| {
+            group.queue.is_some()
+                || old_groups
+                    .get(group.name.as_str())
+                    .is_some_and(|old| old.queue.is_some())
+        };
+        let replaced: Vec<String> = changed
+            .iter()
+            .filter(|g| is_queue(g))
             .map(|g| g.name.clone())
             .collect();
-        if new.master != self.config.master || new.log != self.config.log {
+        let rolling: Vec<String> = changed
+            .iter()
+            .filter(|g| !is_queue(g))
+            .map(|g| g.name.clone())
+            .collect();
+        let changed: Vec<String> = changed.iter().map(|g| g.name.clone()).collect();
+
+        // Plan everything before touching anything: a plan that cannot be
+        // prepared (no port, no randomness) leaves the herd as it is.
+        let mut next_id = self.next_id;
+        let fresh: Vec<String> = added.iter().chain(&replaced).cloned().collect();
+        let mut fresh_plan = plan_groups(&new, &fresh, &mut next_id);
+        super::queue::prepare(&mut fresh_plan).map_err(|err| {
+            format!(
+                "reload refused, the herd is unchanged: {}",
+                error_chain(&err)
+            )
+        })?;
+        let rolling_plans: Vec<(String, Plan)> = rolling
+            .iter()
+            .map(|group| {
+                let plan = plan_groups(&new, std::slice::from_ref(group), &mut next_id);
+                (group.clone(), plan)
+            })
+            .collect();
+        self.next_id = next_id;
+
+        let sink = self.context.sink.clone();
+        if new.master != self.config.master {
             sink.master_event(
                 Level::Warning,
-                "reload: [master] and [log] settings take effect at the next start".into(),
+                "reload: [master] settings take effect at the next start".into(),
             )
             .await;
         }
         for group in &removed {
             self.send_to_group(group, InstanceCommand::Remove);
-        }
-        // Added groups, and every changed queue group as a whole (its
-        // feeder and consumers share a per-run secret and address).
-        let mut fresh: Vec<String> = added.clone();
-        let mut rolling = Vec::new();
-        for group in &changed {
-            let is_queue = new
-                .groups
-                .iter()
-                .any(|g| &g.name == group && g.queue.is_some())
-                || old_groups
-                    .get(group.as_str())
-                    .is_some_and(|g| g.queue.is_some());
-            if is_queue {
-                self.send_to_group(group, InstanceCommand::Remove);
-                fresh.push(group.clone());
-            } else {
-                rolling.push(group.clone());
-            }
-        }
-        let mut new_plan = plan_groups(&new, &fresh, &mut self.next_id);
-        super::queue::prepare(&mut new_plan).map_err(|err| format!("reload refused: {err}"))?;
-        let mut replacements = BTreeMap::new();
-        for group in &rolling {
-            let group_plan = plan_groups(&new, std::slice::from_ref(group), &mut self.next_id);
-            replacements.insert(group.clone(), group_plan);
-        }
-        // Wait for the queue groups being replaced to be gone before their
-        // new instances start (the feeder's port may be fixed).
-        let old_queue_ids: Vec<u32> = changed
-            .iter()
-            .filter(|g| fresh.contains(g))
-            .flat_map(|g| self.board.live_ids(g))
-            .collect();
-        if !old_queue_ids.is_empty() {
-            let settled = self
-                .settle(self.settle_limit(), |board| {
-                    old_queue_ids
-                        .iter()
-                        .all(|id| board.entry(*id).is_none_or(|e| is_final(e.state)))
-                })
-                .await;
-            if !settled {
-                sink.master_event(
-                    Level::Warning,
-                    "reload: old queue instances still stopping; starting the new ones".into(),
-                )
-                .await;
-            }
-        }
-        for group in fresh.iter().filter(|g| changed.contains(g)) {
-            self.board.retire(&old_queue_ids);
-            self.board.set_suspended(group, false);
-        }
-        self.addresses.add_groups(&new_plan);
-        self.board
-            .add(new_plan.instances().iter().map(|spec| spec.label.clone()));
-        self.start(new_plan);
-        // Rolling replacement: stop one old instance, start its successor,
-        // wait until it runs, then the next.
-        let mut steps = Vec::new();
-        for group in &rolling {
-            let old_ids = self.board.live_ids(group);
-            let Some(group_plan) = replacements.remove(group) else {
-                continue;
-            };
-            let mut new_specs = split_plan(group_plan);
-            let extra: Vec<u32> = old_ids.iter().skip(new_specs.len()).copied().collect();
-            for old in &extra {
-                self.send(*old, InstanceCommand::Remove);
-            }
-            self.board.retire(&extra);
-            for (index, part) in new_specs.drain(..).enumerate() {
-                steps.push((old_ids.get(index).copied(), part));
-            }
-        }
-        for (old, part) in steps {
-            if let Some(old) = old {
-                self.send(old, InstanceCommand::Remove);
-                self.settle(self.settle_limit(), |board| {
-                    board.entry(old).is_none_or(|e| is_final(e.state))
-                })
-                .await;
-                self.board.retire(&[old]);
-            }
-            let ids: Vec<u32> = part.instances().iter().map(|s| s.label.id).collect();
-            self.board
-                .add(part.instances().iter().map(|spec| spec.label.clone()));
-            self.start(part);
-            self.settle(RESTART_STEP_TIMEOUT, |board| {
-                ids.iter().all(|id| {
-                    board
-                        .entry(*id)
-                        .is_none_or(|e| e.state == InstanceState::Running || is_final(e.state))
-                })
-            })
-            .await;
-        }
-        for group in &removed {
             self.board.retire_group(group);
         }
-        self.board
-            .set_order(new_names.iter().map(|s| s.to_string()).collect());
+        let old_queue_ids: Vec<u32> = replaced
+            .iter()
+            .flat_map(|group| self.board.all_ids(group))
+            .collect();
+        for group in &replaced {
+            self.send_to_group(group, InstanceCommand::Remove);
+        }
+        self.addresses.add_groups(&fresh_plan);
+        self.board.set_order(new_names);
+        self.config = new;
+
         let message = format!(
             "reloaded {}: {} added, {} removed, {} changed",
             source.display(),
@@ -497,10 +484,189 @@ impl Running {
             list(&removed),
             list(&changed)
         );
-        sink.master_event(Level::Notice, message.clone()).await;
-        self.config = new;
-        Ok(Box::pin(async move { Ok(message) }))
+        let stepper = self.stepper();
+        Ok(Box::pin(async move {
+            let _one_change = stepper.changes.lock().await;
+            // Replaced queue groups: the old ones end first (the feeder's
+            // port may be fixed), then the new ones start with the added
+            // groups.
+            if !old_queue_ids.is_empty() {
+                stepper
+                    .settle(stepper.settle_limit, |board| {
+                        old_queue_ids
+                            .iter()
+                            .all(|id| board.entry(*id).is_none_or(|e| is_final(e.state)))
+                    })
+                    .await;
+                stepper.still_running()?;
+                stepper.board.retire(&old_queue_ids);
+            }
+            stepper.start(fresh_plan);
+            for (group, plan) in rolling_plans {
+                stepper.replace(&group, plan).await?;
+            }
+            sink.master_event(Level::Notice, message.clone()).await;
+            Ok(message)
+        }))
     }
+}
+
+/// What a rolling change works with, away from the run loop.
+struct Stepper {
+    board: Board,
+    commands: mpsc::UnboundedSender<HerdCommand>,
+    shutdown: Shutdown,
+    changes: Arc<tokio::sync::Mutex<()>>,
+    settle_limit: Duration,
+}
+
+impl Stepper {
+    fn instance(&self, id: u32, command: InstanceCommand) {
+        let _ = self.commands.send(HerdCommand::Instance(id, command));
+    }
+
+    fn start(&self, plan: Plan) {
+        let _ = self.commands.send(HerdCommand::Start(plan));
+    }
+
+    /// Waits until `done` holds for the board, `limit` passes, or the herd
+    /// stops.
+    async fn settle(&self, limit: Duration, done: impl FnMut(&Board) -> bool) -> bool {
+        tokio::select! {
+            settled = self.board.wait_until(limit, done) => settled,
+            _ = self.shutdown.stopping() => false,
+        }
+    }
+
+    fn still_running(&self) -> Result<(), String> {
+        if self.shutdown.is_stopping() {
+            Err("the herd stopped before the change was complete".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Replaces `group`'s instances by `plan`'s, one at a time: start a
+    /// successor, wait until it runs, then stop the old instance it
+    /// replaces. A successor that fails to run is removed and the
+    /// replacement stops there, keeping the old instances left.
+    async fn replace(&self, group: &str, plan: Plan) -> Result<(), String> {
+        let old_ids = self.board.all_ids(group);
+        let parts = split_plan(plan);
+        let extra: Vec<u32> = old_ids.iter().skip(parts.len()).copied().collect();
+        for old in &extra {
+            self.instance(*old, InstanceCommand::Remove);
+        }
+        self.board.retire(&extra);
+        for (index, part) in parts.into_iter().enumerate() {
+            let ids: Vec<u32> = part.instances().iter().map(|s| s.label.id).collect();
+            self.start(part);
+            let mut failed = None;
+            self.settle(RESTART_STEP_TIMEOUT, |board| {
+                ids.iter().all(|id| {
+                    let Some(e) = board.entry(*id) else {
+                        return false;
+                    };
+                    // Ended or exited before it ever ran: it does not work.
+                    if e.state == InstanceState::Failed || (e.starts == 0 && e.last_exit.is_some())
+                    {
+                        failed = e.last_exit.clone().or(Some("failed".into()));
+                        return true;
+                    }
+                    matches!(
+                        e.state,
+                        InstanceState::Running
+                            | InstanceState::Suspended
+                            | InstanceState::Completed
+                    )
+                })
+            })
+            .await;
+            self.still_running()?;
+            let ran = failed.is_none()
+                && ids.iter().all(|id| {
+                    self.board.entry(*id).is_some_and(|e| {
+                        matches!(
+                            e.state,
+                            InstanceState::Running
+                                | InstanceState::Suspended
+                                | InstanceState::Completed
+                        )
+                    })
+                });
+            if !ran {
+                for id in &ids {
+                    self.instance(*id, InstanceCommand::Remove);
+                }
+                self.board.retire(&ids);
+                self.settle(self.settle_limit, |board| {
+                    ids.iter().all(|id| board.entry(*id).is_none())
+                })
+                .await;
+                let why = failed.unwrap_or_else(|| {
+                    format!(
+                        "not running within {}",
+                        humantime::format_duration(RESTART_STEP_TIMEOUT)
+                    )
+                });
+                let kept = old_ids.len().saturating_sub(index);
+                return Err(format!(
+                    "reload: group {group}: a new instance did not run ({why}); replacement stopped, {kept} old instances kept"
+                ));
+            }
+            if let Some(&old) = old_ids.get(index) {
+                self.instance(old, InstanceCommand::Remove);
+                self.settle(self.settle_limit, |board| {
+                    board.entry(old).is_none_or(|e| is_final(e.state))
+                })
+                .await;
+                self.still_running()?;
+                self.board.retire(&[old]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs a local instance; a consumer first waits for its feeder's address,
+/// obeying commands meanwhile (removed, it ends without running; suspended,
+/// it starts suspended).
+async fn run_local(
+    mut spec: instance::InstanceSpec,
+    context: instance::Supervision,
+    addresses: FeederAddresses,
+    mut commands: mpsc::UnboundedReceiver<InstanceCommand>,
+    mut suspended: bool,
+) -> Vec<InstanceReport> {
+    if let Some(group) = super::queue::consumer_of(&spec).map(str::to_string) {
+        let wait = addresses.wait(&group);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                address = &mut wait => {
+                    if let Some(address) = address {
+                        super::queue::set_feeder_address(&mut spec, &address);
+                    }
+                    break;
+                }
+                Some(command) = commands.recv() => match command {
+                    InstanceCommand::Remove => {
+                        return vec![instance::never_ran(spec.label, context.events.as_ref())];
+                    }
+                    InstanceCommand::Suspend => {
+                        suspended = true;
+                        instance::emit(context.events.as_ref(), spec.label.id, EventKind::Suspended);
+                    }
+                    InstanceCommand::Resume => suspended = false,
+                    InstanceCommand::Restart => {}
+                },
+                _ = context.shutdown.stopping() => {
+                    return vec![instance::never_ran(spec.label, context.events.as_ref())];
+                }
+            }
+        }
+    }
+    vec![instance::supervise(spec, context, None, commands, suspended).await]
 }
 
 fn list(names: &[String]) -> String {
@@ -518,7 +684,6 @@ type Settled = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String,
 async fn stream_logs(
     mut records: tokio::sync::broadcast::Receiver<Arc<super::log::LogRecord>>,
     group: Option<String>,
-    filter: super::log::LogFilter,
     reply: mpsc::Sender<FromMaster>,
 ) {
     use tokio::sync::broadcast::error::RecvError;
@@ -529,12 +694,12 @@ async fn stream_logs(
         };
         let frame = match record {
             Ok(record) => {
-                // The same lines as the log, of one group if asked.
-                let wanted = filter.enabled(&record)
-                    && match (&group, &record.instance) {
-                        (Some(group), Some(label)) => &label.group == group,
-                        _ => true,
-                    };
+                // Every record, whatever the log's filter; of one group
+                // (and the master's own events) if asked.
+                let wanted = match (&group, &record.instance) {
+                    (Some(group), Some(label)) => &label.group == group,
+                    _ => true,
+                };
                 if !wanted {
                     continue;
                 }
@@ -545,7 +710,7 @@ async fn stream_logs(
             }
             Err(RecvError::Lagged(missed)) => FromMaster::Log {
                 line: format!(
-                    "[taskherd logs] {missed} lines skipped: this client reads too slowly"
+                    "[taskherd logs] {missed} records skipped: this client reads too slowly"
                 ),
                 level: Level::Warning,
             },

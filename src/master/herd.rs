@@ -83,6 +83,10 @@ pub(crate) enum HerdCommand {
     Restart(String, Option<oneshot::Sender<Result<String, String>>>),
     /// Re-read the config and apply it.
     Reload(Option<oneshot::Sender<Result<String, String>>>),
+    /// A step of a rolling change: start these instances.
+    Start(super::plan::Plan),
+    /// A step of a rolling change: command one instance.
+    Instance(u32, super::instance::InstanceCommand),
 }
 
 /// A handle on a running herd: its status, and the operator's actions.
@@ -218,6 +222,8 @@ struct BoardState {
     retired: std::collections::BTreeSet<u32>,
     /// Groups that left the config: forgotten once their last instance is.
     leaving: std::collections::BTreeSet<String>,
+    /// Every id ever retired.
+    retired_ever: std::collections::BTreeSet<u32>,
 }
 
 impl BoardState {
@@ -256,6 +262,7 @@ impl Board {
                 instances: BTreeMap::new(),
                 retired: Default::default(),
                 leaving: Default::default(),
+                retired_ever: Default::default(),
             })),
             changed: Arc::new(watch::channel(0).0),
         }
@@ -298,6 +305,7 @@ impl Board {
     /// Forgets instances that left the config, each once it has ended.
     pub(crate) fn retire(&self, ids: &[u32]) {
         let mut state = self.lock();
+        state.retired_ever.extend(ids);
         for id in ids {
             let Some(entry) = state.instances.get(id) else {
                 continue;
@@ -409,6 +417,26 @@ impl Board {
             .collect()
     }
 
+    /// Ids of all of a group's instances on the board, ended ones too.
+    pub(crate) fn all_ids(&self, group: &str) -> Vec<u32> {
+        self.lock()
+            .instances
+            .values()
+            .filter(|e| e.label.group == group)
+            .map(|e| e.label.id)
+            .collect()
+    }
+
+    /// Whether an operator suspended `group`.
+    pub(crate) fn is_suspended(&self, group: &str) -> bool {
+        self.lock().suspended.get(group).copied().unwrap_or(false)
+    }
+
+    /// Every instance a reload retired: their ends are not the run's.
+    pub(crate) fn retired_ever(&self) -> std::collections::BTreeSet<u32> {
+        self.lock().retired_ever.clone()
+    }
+
     /// Whether the board knows `group`.
     pub(crate) fn has_group(&self, group: &str) -> bool {
         self.lock().groups.iter().any(|g| g == group)
@@ -495,15 +523,28 @@ pub(crate) fn is_final(state: InstanceState) -> bool {
 
 /// Applies every instance event to the board and calls the user's
 /// callbacks, in order, until every sender is gone.
+///
+/// [`Events::started`] is called from here too when `started` fires, so
+/// that every callback runs on this one task ([`Events::starting`] is
+/// called before this task exists).
 pub(crate) async fn pump_events(
     mut events_rx: mpsc::UnboundedReceiver<InstanceEvent>,
     herd: Herd,
     callbacks: Option<Arc<dyn Events>>,
+    mut started: oneshot::Receiver<()>,
 ) {
-    let mut check = tokio::time::interval(CHECK_EVERY);
+    let mut check =
+        tokio::time::interval_at(tokio::time::Instant::now() + CHECK_EVERY, CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut started_called = false;
     loop {
         tokio::select! {
+            fired = &mut started, if !started_called => {
+                started_called = true;
+                if let (Ok(()), Some(callbacks)) = (fired, &callbacks) {
+                    callbacks.started(&herd);
+                }
+            }
             event = events_rx.recv() => {
                 let Some(event) = event else { return };
                 let Some(label) = herd.board.apply(&event) else { continue };

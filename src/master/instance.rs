@@ -232,6 +232,17 @@ pub enum EventKind {
 /// [`EventKind::Seen`].
 const SEEN_EVERY: Duration = Duration::from_secs(5);
 
+/// The report of an instance that ends without having run (removed or
+/// stopped while held back), its `Ended` event sent.
+pub(crate) fn never_ran(
+    label: Arc<InstanceLabel>,
+    events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+) -> InstanceReport {
+    let end = InstanceEnd::Stopped { killed: false };
+    emit(events, label.id, EventKind::Ended { end: end.clone() });
+    InstanceReport { label, end }
+}
+
 /// Sends one event of instance `id`, if anyone listens.
 pub(crate) fn emit(
     events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
@@ -268,12 +279,14 @@ struct ControlSummary {
 /// starts, so that consumers start after it.
 ///
 /// `commands` suspends, resumes, restarts or removes it (a closed channel
-/// is fine: it then runs by its policy alone).
+/// is fine: it then runs by its policy alone); with `suspended` it starts
+/// suspended (its group is), and runs once resumed.
 pub async fn supervise(
     spec: InstanceSpec,
     context: Supervision,
     listening: Option<tokio::sync::watch::Sender<Option<String>>>,
     mut commands: mpsc::UnboundedReceiver<InstanceCommand>,
+    suspended: bool,
 ) -> InstanceReport {
     let Supervision {
         sink,
@@ -286,7 +299,7 @@ pub async fn supervise(
         let mut spec = spec;
         let id = spec.label.id;
         let mut tracker = RestartTracker::new(spec.restart.clone());
-        let mut suspended = false;
+        let mut suspended = suspended;
         let end = loop {
             if shutdown.is_stopping() {
                 break InstanceEnd::Stopped { killed: false };
@@ -301,13 +314,17 @@ pub async fn supervise(
                 };
                 match command {
                     InstanceCommand::Remove => break InstanceEnd::Stopped { killed: false },
-                    InstanceCommand::Suspend => continue,
-                    InstanceCommand::Resume | InstanceCommand::Restart => {
+                    // Only a resume ends a suspend.
+                    InstanceCommand::Suspend | InstanceCommand::Restart => continue,
+                    InstanceCommand::Resume => {
                         suspended = false;
                         tracker = RestartTracker::new(spec.restart.clone());
                         sink.instance_event(&spec.label, Level::Notice, "resumed".into())
                             .await;
                     }
+                }
+                if shutdown.is_stopping() {
+                    break InstanceEnd::Stopped { killed: false };
                 }
             }
             if let Some(listening) = &listening {
@@ -394,7 +411,7 @@ pub async fn supervise(
 
 /// A feeder that bound port 0 binds the same port again when restarted:
 /// its consumers were given that address.
-fn pin_feeder_port(role: Option<&mut QueueRole>, listened: Option<&str>) {
+pub(crate) fn pin_feeder_port(role: Option<&mut QueueRole>, listened: Option<&str>) {
     let Some(listened) = listened.and_then(|a| a.parse::<std::net::SocketAddr>().ok()) else {
         return;
     };

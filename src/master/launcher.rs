@@ -132,8 +132,17 @@ pub(crate) async fn run_launcher(
     board.add(plan.instances().iter().map(|spec| spec.label.clone()));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (commands_tx, mut commands_rx) = mpsc::unbounded_channel();
-    let herd = Herd::new(board.clone(), commands_tx, shutdown.clone());
-    let pump = tokio::spawn(pump_events(events_rx, herd.clone(), callbacks.clone()));
+    let herd = Herd::new(board.clone(), commands_tx.clone(), shutdown.clone());
+    if let Some(callbacks) = &callbacks {
+        callbacks.starting(&herd);
+    }
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let pump = tokio::spawn(pump_events(
+        events_rx,
+        herd.clone(),
+        callbacks.clone(),
+        started_rx,
+    ));
     let (control_tx, mut control_rx) = mpsc::channel(16);
     let control_stop = tokio_util::sync::CancellationToken::new();
     let control_task = match control {
@@ -150,9 +159,6 @@ pub(crate) async fn run_launcher(
             None
         }
     };
-    if let Some(callbacks) = &callbacks {
-        callbacks.starting(&herd);
-    }
     // Background duties of the run, ended with it.
     let mut duties: JoinSet<()> = JoinSet::new();
     if reload_on_sighup {
@@ -199,11 +205,11 @@ pub(crate) async fn run_launcher(
         board: board.clone(),
         tasks: JoinSet::new(),
         helpers: JoinSet::new(),
+        commands: commands_tx,
+        changes: Arc::default(),
     };
     running.start(plan);
-    if let Some(callbacks) = &callbacks {
-        callbacks.started(&herd);
-    }
+    let _ = started_tx.send(());
     let deadline = running
         .config
         .master
@@ -266,6 +272,9 @@ pub(crate) async fn run_launcher(
     // Every event sender is gone with the supervisors: the pump ends once
     // it has called back for the last one.
     let _ = pump.await;
+    // Instances a reload replaced or removed are not the herd's any more.
+    let retired = board.retired_ever();
+    reports.retain(|r| !retired.contains(&r.label.id));
     reports.sort_by_key(|r| r.label.id);
     let report = RunReport {
         instances: reports,

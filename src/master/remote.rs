@@ -142,6 +142,19 @@ pub async fn supervise_host(
             HostOutcome::Lost(problem) => {
                 let delay = backoff_delay(&reconnect_backoff(), failures, fastrand::f64());
                 failures = failures.saturating_add(1);
+                // Its instances are gone with it, until the next agent.
+                let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                for id in state.pending.keys() {
+                    if !state.suspended.contains(id) {
+                        let how = format!("host lost: {problem}");
+                        instance::emit(
+                            events.as_ref(),
+                            *id,
+                            EventKind::Exited { how, failed: true },
+                        );
+                        instance::emit(events.as_ref(), *id, EventKind::Backoff { delay_ms });
+                    }
+                }
                 sink.master_event(
                     Level::Error,
                     format!(
@@ -162,7 +175,7 @@ pub async fn supervise_host(
 }
 
 /// What the host's supervisor is asked while it runs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum HostCommand {
     /// Run these instances too.
     Add(Vec<InstanceSpec>),
@@ -184,6 +197,8 @@ struct HostState {
     /// Instances an operator suspended (suspended again after a
     /// reconnection).
     suspended: BTreeSet<u32>,
+    /// Instances being removed: a reconnection must not start them again.
+    removed: BTreeSet<u32>,
 }
 
 impl HostState {
@@ -200,8 +215,12 @@ impl HostState {
             InstanceCommand::Suspend => {
                 self.suspended.insert(id);
             }
-            InstanceCommand::Resume | InstanceCommand::Restart | InstanceCommand::Remove => {
+            InstanceCommand::Resume | InstanceCommand::Restart => {
                 self.suspended.remove(&id);
+            }
+            InstanceCommand::Remove => {
+                self.suspended.remove(&id);
+                self.removed.insert(id);
             }
         }
     }
@@ -221,12 +240,7 @@ impl HostState {
                 command: InstanceCommand::Remove,
             } => {
                 if let Some(spec) = self.pending.remove(&id) {
-                    let end = InstanceEnd::Stopped { killed: false };
-                    instance::emit(events, id, EventKind::Ended { end: end.clone() });
-                    reports.push(InstanceReport {
-                        label: spec.label,
-                        end,
-                    });
+                    reports.push(instance::never_ran(spec.label, events));
                 }
             }
             HostCommand::Instance { id, command } => {
@@ -424,6 +438,10 @@ impl HostRun<'_> {
     ) -> usize {
         let mut instances = Vec::new();
         for id in ids {
+            if self.state.removed.contains(id) {
+                self.never_started(&[*id]);
+                continue;
+            }
             let Some(spec) = self.state.pending.get_mut(id) else {
                 continue;
             };
@@ -555,7 +573,7 @@ impl HostRun<'_> {
     ) {
         if held.suspended.contains(&id) {
             match command {
-                InstanceCommand::Resume | InstanceCommand::Restart => {
+                InstanceCommand::Resume => {
                     held.suspended.remove(&id);
                     self.start(&[id], held, to_agent_tx);
                 }
@@ -563,7 +581,8 @@ impl HostRun<'_> {
                     held.suspended.remove(&id);
                     self.never_started(&[id]);
                 }
-                InstanceCommand::Suspend => {}
+                // Only a resume ends a suspend.
+                InstanceCommand::Suspend | InstanceCommand::Restart => {}
             }
         } else if held.ids.values().any(|ids| ids.contains(&id)) {
             match command {
@@ -588,12 +607,8 @@ impl HostRun<'_> {
     fn never_started(&mut self, ids: &[u32]) {
         for id in ids {
             if let Some(spec) = self.state.pending.remove(id) {
-                let end = InstanceEnd::Stopped { killed: false };
-                instance::emit(self.events, *id, EventKind::Ended { end: end.clone() });
-                self.reports.push(InstanceReport {
-                    label: spec.label,
-                    end,
-                });
+                self.reports
+                    .push(instance::never_ran(spec.label, self.events));
             }
         }
     }
@@ -601,7 +616,15 @@ impl HostRun<'_> {
     /// The wait for reports after a stop: the grace plus a margin for the
     /// agent to kill and report.
     fn stop_wait(&self) -> Duration {
-        self.settings.stop_grace + self.settings.orphan_timeout
+        let grace = self
+            .state
+            .pending
+            .values()
+            .map(|spec| spec.stop_grace)
+            .max()
+            .unwrap_or_default()
+            .max(self.settings.stop_grace);
+        grace + self.settings.orphan_timeout
     }
 
     async fn handle(&mut self, frame: FromAgent) {
@@ -649,6 +672,11 @@ impl HostRun<'_> {
                 let Some(label) = self.state.labels.get(&id) else {
                     return;
                 };
+                // A feeder on port 0 binds the same port after a
+                // reconnection: its consumers have the address.
+                if let Some(spec) = self.state.pending.get_mut(&id) {
+                    instance::pin_feeder_port(spec.identity.queue.as_mut(), Some(&addr));
+                }
                 match addr.parse() {
                     Ok(listened) => self.addresses.publish(
                         &label.group,

@@ -160,8 +160,10 @@ fn suspend_keeps_a_group_stopped_until_resume() {
         .iter()
         .all(|(state, _)| *state == InstanceState::Running));
 
-    // Nothing restarts a suspended group: a whole rolling restart of the
-    // other group later, web has still not greeted again.
+    // Nothing restarts a suspended group, not even a restart of it; a
+    // whole rolling restart of the other group later, web has still not
+    // greeted again.
+    ok(herd.ctl(&["restart", "web"]));
     ok(herd.ctl(&["restart", "batch"]));
     herd.wait_for_count("batch up", 4);
     assert_eq!(greetings(&herd), 3, "{:?}", herd.seen);
@@ -696,4 +698,106 @@ instances = 1
     assert_eq!(herd.wait_exit().code(), Some(0));
     herd.assert_no_leftovers();
     crate::remote::assert_host_clean(&host);
+}
+
+#[test]
+fn a_reload_whose_new_instances_do_not_run_keeps_the_old_ones() {
+    let mut herd = started_two_groups();
+    let batch_pids: Vec<u32> = group_states(&status(&herd), "batch")
+        .into_iter()
+        .filter_map(|(_, pid)| pid)
+        .collect();
+    let original = std::fs::read_to_string(&herd.config).expect("read config");
+    // A typo in the new command: its first instance never runs.
+    std::fs::write(
+        &herd.config,
+        original.replace("command = \"sh\"", "command = \"sh-typo-nowhere\""),
+    )
+    .expect("write");
+    let refused = herd.ctl(&["reload"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    let said = text(&refused);
+    assert!(
+        said.contains("group batch: a new instance did not run")
+            && said.contains("2 old instances kept"),
+        "{said}"
+    );
+    // The old instances still run, and the failed one is gone.
+    let after = status(&herd);
+    let batch = group_states(&after, "batch");
+    assert_eq!(batch.len(), 2, "{after:?}");
+    assert!(batch
+        .iter()
+        .all(|(state, pid)| *state == InstanceState::Running
+            && pid.is_some_and(|pid| batch_pids.contains(&pid))));
+
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn status_and_stop_are_served_during_a_rolling_reload() {
+    // Old instances that ignore SIGTERM take their whole grace to go: the
+    // reload takes a while, and the master answers meanwhile.
+    let mut herd = Herd::new(
+        r#"
+[master]
+stop_grace = "2s"
+
+[[group]]
+name = "stubborn"
+command = "sh"
+args = ["-c", "trap '' TERM; echo stubborn up; while true; do sleep 1; done"]
+[group.local]
+instances = 2
+"#,
+    );
+    herd.start();
+    herd.wait_for_count("stubborn up", 2);
+    let original = std::fs::read_to_string(&herd.config).expect("read config");
+    std::fs::write(
+        &herd.config,
+        original.replace("stubborn up", "stubborn v2 up"),
+    )
+    .expect("write");
+    let reload = Command::new(crate::support::taskherd_bin())
+        .args(["reload", "-c"])
+        .arg(&herd.config)
+        .env("XDG_RUNTIME_DIR", herd.runtime_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start taskherd reload");
+    // While the first old instance takes its grace, status shows it
+    // stopping next to its running successor.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let states: Vec<InstanceState> = group_states(&status(&herd), "stubborn")
+            .into_iter()
+            .map(|(state, _)| state)
+            .collect();
+        if states.contains(&InstanceState::Stopping) {
+            assert!(states.contains(&InstanceState::Running), "{states:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw the reload under way: {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let said = ok(reload.wait_with_output().expect("reload ends"));
+    assert!(said.contains("stubborn changed"), "{said}");
+    herd.wait_for_count("stubborn v2 up", 2);
+    assert_eq!(
+        group_states(&status(&herd), "stubborn")
+            .iter()
+            .filter(|(state, _)| *state == InstanceState::Running)
+            .count(),
+        2
+    );
+    ok(herd.ctl(&["stop"]));
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
 }
