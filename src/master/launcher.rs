@@ -265,7 +265,6 @@ pub(crate) async fn run_launcher(
             }
         }
     }
-    drop(waiters);
     drop(duties);
     sink.status_line(None);
     drop(running);
@@ -294,6 +293,8 @@ pub(crate) async fn run_launcher(
             message: format!("stopped; {} instances failed", report.failed().count()),
         }
     };
+    // Log followers had the end too; requests still pending end here.
+    drop(waiters);
     for reply in stop_replies {
         let _ = reply.send(outcome.clone()).await;
     }

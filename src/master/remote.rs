@@ -717,6 +717,11 @@ async fn report_lost(
 ) {
     for (id, spec) in std::mem::take(&mut state.pending) {
         let label = spec.label;
+        if state.suspended.contains(&id) || state.removed.contains(&id) {
+            // Not meant to run anyway: stopped, not lost.
+            reports.push(instance::never_ran(label, events));
+            continue;
+        }
         sink.instance_event(&label, Level::Error, format!("lost: {reason}"))
             .await;
         let end = InstanceEnd::Lost {
