@@ -229,7 +229,10 @@ const EXIT_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_diagnostics();
+    init_diagnostics(match cli.command {
+        Command::Run { .. } => Diagnostics::BelowStatusLine,
+        _ => Diagnostics::Plain,
+    });
     let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config, log } => run(&config, log),
@@ -263,15 +266,87 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where diagnostics are printed.
+#[derive(Debug, Clone, Copy)]
+enum Diagnostics {
+    /// No status line on the terminal.
+    Plain,
+    /// `run`: the herd's log may keep a status line at the bottom of the
+    /// terminal (stdout is a TTY).
+    BelowStatusLine,
+}
+
 /// Diagnostics of taskherd itself (not the herd's log) go to stderr,
-/// filtered by `RUST_LOG` (warnings by default).
-fn init_diagnostics() {
+/// filtered by `RUST_LOG` (warnings by default), colored only on a
+/// terminal.
+///
+/// When stderr is the terminal of stdout and `run` may keep its status
+/// line there, each diagnostic first erases the row it starts on (the
+/// status line, which has no newline), in the same write: the diagnostic
+/// gets a row of its own, and the status line comes back below with the
+/// next log lines or status change.
+fn init_diagnostics(diagnostics: Diagnostics) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let ansi = std::io::stderr().is_terminal();
+    let erase_row = matches!(diagnostics, Diagnostics::BelowStatusLine)
+        && ansi
+        && std::io::stdout().is_terminal()
+        && same_file(libc::STDOUT_FILENO, libc::STDERR_FILENO);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_writer(move || DiagnosticWriter {
+            erase_row,
+            buf: Vec::new(),
+        })
         .init();
+}
+
+/// Whether two fds are the same file (or terminal).
+fn same_file(a: libc::c_int, b: libc::c_int) -> bool {
+    let stat = |fd| {
+        // SAFETY: fstat(2) only fills the stat we pass; a bad fd is an
+        // error return.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((
+            stat.st_dev,
+            stat.st_ino,
+            stat.st_rdev,
+        ))
+    };
+    matches!((stat(a), stat(b)), (Some(a), Some(b)) if a == b)
+}
+
+/// One diagnostic on stderr, written at once when it is complete (on
+/// drop), after `\r\x1b[K` (erase the status line's row) if asked.
+struct DiagnosticWriter {
+    erase_row: bool,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for DiagnosticWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.buf.is_empty() && self.erase_row {
+            self.buf.extend_from_slice(b"\r\x1b[K");
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for DiagnosticWriter {
+    fn drop(&mut self) {
+        if !self.buf.is_empty() {
+            // Nowhere to report a failure to write a diagnostic.
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), &self.buf);
+        }
+    }
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Result<Config, ExitCode>> {
@@ -486,10 +561,27 @@ where
     })
 }
 
+/// How long `status` waits for the master's answer: a status is quick to
+/// make, so a master that takes longer is stuck.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `status`: the table, or the JSON with `--json`.
 async fn status(mut client: ControlClient, json: bool) -> anyhow::Result<ExitCode> {
     client.request(ToMaster::Status).await?;
-    while let Some(frame) = client.next_reply().await? {
+    let deadline = tokio::time::Instant::now() + STATUS_TIMEOUT;
+    loop {
+        let Ok(reply) = tokio::time::timeout_at(deadline, client.next_reply()).await else {
+            eprintln!(
+                "taskherd: the master (pid {}) did not answer the status request within {}s \
+                 (is it stuck?)",
+                client.master_pid(),
+                STATUS_TIMEOUT.as_secs()
+            );
+            return Ok(ExitCode::from(EXIT_MASTER_ERROR));
+        };
+        let Some(frame) = reply? else {
+            break;
+        };
         match frame {
             FromMaster::Status(status) => {
                 let text = if json {

@@ -801,3 +801,49 @@ instances = 2
     assert_eq!(herd.wait_exit().code(), Some(0));
     herd.assert_no_leftovers();
 }
+
+#[test]
+fn stop_works_while_nobody_reads_the_masters_stdout() {
+    // `taskherd run herd.toml | something-stuck`: the log waits for the
+    // terminal, but the master's own events and its control socket don't.
+    let herd = Herd::new(
+        r#"
+[[group]]
+name = "spam"
+command = "sh"
+args = ["-c", "while :; do echo spam spam spam spam spam spam spam; done"]
+[group.local]
+instances = 2
+"#,
+    );
+    let mut master = Command::new(crate::support::taskherd_bin())
+        .arg("run")
+        .arg(&herd.config)
+        .env(crate::support::MARK_VAR, &herd.mark)
+        .env("XDG_RUNTIME_DIR", herd.runtime_dir())
+        .env("XDG_STATE_HOME", herd.runtime_dir().join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped()) // never read
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start taskherd");
+    let deadline = Instant::now() + WAIT;
+    // Up once its socket answers; by then the pipe is filling up.
+    while !herd.ctl(&["status"]).status.success() {
+        assert!(Instant::now() < deadline, "the master never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped = herd.ctl(&["stop"]);
+    assert!(stopped.status.success(), "{}", text(&stopped));
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = master.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the master did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    drop(master.stdout.take());
+    herd.assert_no_leftovers();
+}

@@ -18,7 +18,10 @@
 //! Next to the socket, `<same name>.lock` holds the master's pid and config
 //! path, and the master holds an exclusive `flock` on it for its whole life.
 //! A second master on the same config is refused with "another master
-//! (pid N) already runs CONFIG". The lock is tied to the process, not to a
+//! (pid N) already runs CONFIG", also when it would choose another runtime
+//! directory (a master under systemd, without `XDG_RUNTIME_DIR`, and one
+//! from a login shell): once its own lock is taken, a master checks the
+//! same lock in the other directories a command searches. The lock is tied to the process, not to a
 //! pid written in a file: when a master crashes the kernel releases its lock,
 //! and the next master removes the stale socket and takes over. The lock and
 //! socket fds are close-on-exec, so no instance ever inherits the lock.
@@ -48,7 +51,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Capacity of each request's reply channel: frames the master may queue
-/// before a slow client makes its sends wait (or its `try_send`s fail).
+/// before a slow client makes its sends wait.
 pub const REPLY_CAPACITY: usize = 64;
 
 /// How long a client may take to send its hello, and then its request, and
@@ -210,9 +213,10 @@ fn list_paths(paths: &[PathBuf]) -> String {
 /// [`FromMaster::Done`] / [`FromMaster::Error`], or a stream of
 /// [`FromMaster::Log`]. Dropping `reply` ends the client's connection;
 /// once the client hangs up, sends on `reply` fail, which is how a `logs`
-/// stream learns to stop. For a stream, `try_send` (dropping a line when
-/// the channel is full) keeps a client that reads slowly from holding the
-/// master back.
+/// stream learns to stop. The master streams logs from a task of its own,
+/// fed by a [`LogSink::subscribe`](crate::master::log::LogSink::subscribe)
+/// receiver: a client that reads slowly makes that task wait, and the
+/// receiver lag (losing the oldest records, counted), never the herd.
 #[derive(Debug)]
 pub struct ControlRequest {
     /// What the operator asks (never [`ToMaster::Hello`]).

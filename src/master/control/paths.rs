@@ -293,6 +293,46 @@ pub(super) fn lock_master(path: &Path, config: &Path) -> Result<File, ControlErr
     )))
 }
 
+/// Refuses to start when a live master of the same config holds its lock
+/// in one of `dirs` (another runtime directory: a master started by
+/// systemd without `XDG_RUNTIME_DIR` and one started from a login shell
+/// choose different directories). `our_lock` is the lock we hold, which is
+/// skipped if one of `dirs` leads to it.
+///
+/// Called after taking our own lock, so that of two masters starting at
+/// once in two directories, at least one sees the other: never both run
+/// (both may refuse, in a tight race).
+pub(super) fn refuse_other_masters(
+    dirs: &[PathBuf],
+    stem: &str,
+    our_lock: &File,
+    config: &Path,
+) -> Result<(), ControlError> {
+    let ours = our_lock.metadata().ok();
+    for dir in dirs {
+        if check_runtime_dir(dir).is_err() {
+            // Missing, or not ours: no master of ours can be there.
+            continue;
+        }
+        let lock = dir.join(format!("{stem}.lock"));
+        let Ok(theirs) = fs::metadata(&lock) else {
+            continue;
+        };
+        let same_file = ours
+            .as_ref()
+            .is_some_and(|ours| ours.dev() == theirs.dev() && ours.ino() == theirs.ino());
+        if same_file || !lock_is_held(&lock) {
+            continue;
+        }
+        return Err(ControlError::AlreadyRunning {
+            pid: read_lock(&lock).pid,
+            config: config.to_owned(),
+            lock,
+        });
+    }
+    Ok(())
+}
+
 /// The socket and lock files, removed on drop (the lock file before its
 /// lock is released, see [`lock_master`]).
 #[derive(Debug)]
@@ -387,6 +427,42 @@ mod tests {
         // Another config is another master.
         let other = second_config(&setup, "other.toml");
         ControlSocket::bind_in(&setup.dir, &other).unwrap();
+    }
+
+    #[test]
+    fn a_master_in_another_runtime_dir_is_refused() {
+        let setup = setup();
+        // As under systemd (no XDG_RUNTIME_DIR) and from a login shell.
+        let system = setup.dir.with_file_name("run-system");
+        let user = setup.dir.with_file_name("run-user");
+        let dirs = [user.clone(), system.clone()];
+        let first = ControlSocket::bind_among(&system, &dirs, &setup.config).unwrap();
+        let err = ControlSocket::bind_among(&user, &dirs, &setup.config).unwrap_err();
+        let config = fs::canonicalize(&setup.config).unwrap();
+        match &err {
+            ControlError::AlreadyRunning { pid, lock, .. } => {
+                assert_eq!(*pid, Some(std::process::id()));
+                assert!(lock.starts_with(&system), "{}", lock.display());
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "another master (pid {}) already runs {}",
+                std::process::id(),
+                config.display()
+            )
+        );
+        // The refused one left nothing behind in its own directory.
+        let left: Vec<_> = fs::read_dir(&user).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        // Our own directory among the others is not another master.
+        let other = second_config(&setup, "other.toml");
+        let _other = ControlSocket::bind_among(&user, &dirs, &other).unwrap();
+        // Once the first is gone, the second may start.
+        drop(first);
+        ControlSocket::bind_among(&user, &dirs, &setup.config).unwrap();
     }
 
     #[test]

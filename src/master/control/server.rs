@@ -2,8 +2,8 @@
 //! connection.
 
 use super::paths::{
-    canonical_config, effective_uid, ensure_runtime_dir, lock_master, runtime_dir, socket_stem,
-    SocketFiles,
+    candidate_dirs, canonical_config, effective_uid, ensure_runtime_dir, lock_master,
+    refuse_other_masters, runtime_dir, socket_stem, SocketFiles,
 };
 use super::{ControlError, ControlRequest, HANDSHAKE_TIMEOUT, REPLY_CAPACITY};
 use crate::error_text::error_chain;
@@ -81,27 +81,49 @@ impl ControlSocket {
     /// Takes the lock of `config_path` and binds its socket in
     /// [`runtime_dir`] (created if needed).
     ///
+    /// A master of the same config is refused wherever it put its socket:
+    /// the other directories a master of this user may use (`/run/taskherd`
+    /// for root, `/tmp/taskherd-<uid>`) are checked too, once our lock is
+    /// taken, so that a master started by systemd (no `XDG_RUNTIME_DIR`)
+    /// and one started from a login shell never both run.
+    ///
     /// # Errors
     /// [`ControlError::AlreadyRunning`] if a live master runs this config;
     /// [`ControlError::Config`], [`ControlError::RuntimeDir`],
     /// [`ControlError::InsecureRuntimeDir`], [`ControlError::Lock`] or
     /// [`ControlError::Bind`] otherwise.
     pub fn bind(config_path: &Path) -> Result<ControlSocket, ControlError> {
-        ControlSocket::bind_in(&runtime_dir(), config_path)
+        ControlSocket::bind_among(&runtime_dir(), &candidate_dirs(), config_path)
     }
 
     /// [`ControlSocket::bind`] with the socket in `dir` instead of
-    /// [`runtime_dir`] (tests, or a master told where to put it).
+    /// [`runtime_dir`] (tests, or a master told where to put it); only
+    /// `dir` is checked for another master.
     ///
     /// # Errors
     /// As [`ControlSocket::bind`].
     pub fn bind_in(dir: &Path, config_path: &Path) -> Result<ControlSocket, ControlError> {
+        ControlSocket::bind_among(dir, &[], config_path)
+    }
+
+    /// Binds in `dir`, refusing if a master of the config holds its lock
+    /// in `dir` or in one of `other_dirs`.
+    pub(super) fn bind_among(
+        dir: &Path,
+        other_dirs: &[PathBuf],
+        config_path: &Path,
+    ) -> Result<ControlSocket, ControlError> {
         let config = canonical_config(config_path)?;
         ensure_runtime_dir(dir)?;
         let stem = socket_stem(&config);
         let socket = dir.join(format!("{stem}.sock"));
         let lock = dir.join(format!("{stem}.lock"));
         let lock_file = lock_master(&lock, &config)?;
+        if let Err(err) = refuse_other_masters(other_dirs, &stem, &lock_file, &config) {
+            // Unlinked before the lock is released (see `lock_master`).
+            let _ = fs::remove_file(&lock);
+            return Err(err);
+        }
         let files = SocketFiles {
             socket,
             lock,
@@ -246,8 +268,9 @@ fn peer_allowed(stream: &UnixStream) -> bool {
     match stream.peer_cred() {
         Ok(cred) => cred.uid() == effective_uid() || cred.uid() == 0,
         Err(err) => {
-            tracing::debug!(cause = %err, "cannot read the operator's credentials");
-            true
+            // Unknown is not allowed.
+            tracing::warn!(cause = %err, "cannot read the operator's credentials");
+            false
         }
     }
 }
@@ -260,7 +283,7 @@ async fn serve_connection(
     stop: CancellationToken,
 ) {
     if !peer_allowed(&stream) {
-        tracing::warn!("refused an operator connection from another user");
+        tracing::warn!("refused an operator connection from another user (or an unknown one)");
         return;
     }
     let mut conn = Connection::new(stream);

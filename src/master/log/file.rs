@@ -7,12 +7,18 @@
 //! between two files, and a file only grows past `max_size` when a single
 //! line is longer than that.
 //!
-//! Failures are reported (as messages for the writer to log) and never
-//! end the run: a rotation that cannot rename keeps appending to the
-//! current file; a new file that cannot be opened leaves the lines in the
-//! renamed one; a file that cannot be written hands its lines back
-//! ([`LogFile::take_spill`]) for the terminal. Each is retried after
-//! [`RETRY_AFTER`].
+//! Failures are reported (as messages for the writer to log), once per
+//! kind of problem, and never end the run; the end of a problem is
+//! reported once, after a line was written again:
+//!
+//! - a rotation that cannot rename keeps appending to the current file;
+//!   rotated files already shifted are not shifted again: the next
+//!   attempt ([`RETRY_AFTER`]) only renames the current file;
+//! - a new file that cannot be opened after a rotation leaves the lines
+//!   in the renamed one (`path.1`), which grows past `max_size`; only the
+//!   open is retried;
+//! - a file that cannot be written hands its lines back
+//!   ([`LogFile::take_spill`]) for the terminal until it can be reopened.
 
 use crate::protocol::slave::Level;
 use std::fs::{File, OpenOptions};
@@ -42,12 +48,26 @@ pub struct LogFileOptions {
 /// A problem (or a recovery) of the log file, for the writer to log.
 pub(super) type Notice = (Level, String);
 
+/// What is wrong with the log file, so that it is reported once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Problem {
+    /// A rename of the rotation failed.
+    Rotate,
+    /// No new file could be opened after a rotation.
+    OpenAfterRotation,
+    /// A write failed, or the file could not be reopened after that.
+    Write,
+}
+
 /// The open log file, its size and the lines not written yet.
 pub(super) struct LogFile {
     options: LogFileOptions,
     /// `None` after a write error or a failed reopen: lines go to the
     /// terminal until `retry_at`.
     file: Option<File>,
+    /// The name of `file`: `options.path`, or `path.1` while no new file
+    /// could be opened after a rotation.
+    current: PathBuf,
     /// Bytes in the current file (written, not counting `buf`).
     size: u64,
     /// Whole lines formatted but not written yet.
@@ -56,8 +76,20 @@ pub(super) struct LogFile {
     spill: Vec<u8>,
     /// No rotation or reopen is tried before this (after a failure).
     retry_at: Option<Instant>,
-    /// A failed reopen was reported in this outage.
-    reopen_reported: bool,
+    /// The rotated files were shifted (`path.1` is free) but `path` could
+    /// not be renamed: the next attempt only renames `path`.
+    shifted: bool,
+    /// `path` was renamed to `path.1` but no new `path` could be opened:
+    /// the next attempt only opens it.
+    reopen_after_rotation: bool,
+    /// The problem reported last, until its end is reported.
+    reported: Option<Problem>,
+    /// The end of the reported problem, to report after the next
+    /// successful write.
+    recovered: Option<String>,
+    /// Opens of a new file that fail on purpose (tests).
+    #[cfg(test)]
+    fail_opens: u32,
 }
 
 impl LogFile {
@@ -68,13 +100,19 @@ impl LogFile {
     pub(super) fn open(options: LogFileOptions) -> io::Result<LogFile> {
         let (file, size) = open_append(&options.path)?;
         Ok(LogFile {
+            current: options.path.clone(),
             options,
             file: Some(file),
             size,
             buf: Vec::with_capacity(FLUSH_AT + 4096),
             spill: Vec::new(),
             retry_at: None,
-            reopen_reported: false,
+            shifted: false,
+            reopen_after_rotation: false,
+            reported: None,
+            recovered: None,
+            #[cfg(test)]
+            fail_opens: 0,
         })
     }
 
@@ -84,39 +122,37 @@ impl LogFile {
         self.file.is_some()
     }
 
-    /// To call once per batch: after a failure, tries to open the file
-    /// again when it is time.
+    /// To call once per batch: after a failed write, or a failed open
+    /// after a rotation, tries to open the file again when it is time.
     pub(super) fn retry(&mut self, notices: &mut Vec<Notice>) {
-        if self.file.is_some() || !self.retry_due() {
+        if (self.file.is_some() && !self.reopen_after_rotation) || !self.retry_due() {
             return;
         }
-        match open_append(&self.options.path) {
-            Ok((file, size)) => {
-                self.file = Some(file);
-                self.size = size;
-                self.retry_at = None;
-                self.reopen_reported = false;
-                notices.push((
-                    Level::Notice,
-                    format!(
-                        "log file {} reopened; lines since the error went to stdout",
-                        self.options.path.display()
-                    ),
+        let path = self.options.path.clone();
+        let after_rotation = self.file.is_some();
+        match self.open_new() {
+            Ok(()) if after_rotation => {
+                let rotated = numbered(&path, 1);
+                self.cleared(format!(
+                    "log file {} opened; the lines meanwhile are in {}",
+                    path.display(),
+                    rotated.display()
                 ));
             }
+            Ok(()) => self.cleared(format!(
+                "log file {} reopened; lines since the error went to stdout",
+                path.display()
+            )),
             Err(err) => {
                 self.retry_at = Some(Instant::now() + RETRY_AFTER);
-                // Once per outage, not every few seconds.
-                if !self.reopen_reported {
-                    self.reopen_reported = true;
-                    notices.push((
-                        Level::Error,
-                        format!(
-                            "cannot reopen log file {}: {err}; trying again every {}s",
-                            self.options.path.display(),
-                            RETRY_AFTER.as_secs()
-                        ),
-                    ));
+                if !after_rotation {
+                    let message = format!(
+                        "cannot reopen log file {}: {err}; lines go to stdout meanwhile \
+                         (tried every {}s)",
+                        path.display(),
+                        RETRY_AFTER.as_secs()
+                    );
+                    self.report(Problem::Write, message, notices);
                 }
             }
         }
@@ -128,7 +164,11 @@ impl LogFile {
     #[inline]
     pub(super) fn line_added(&mut self, start: usize, notices: &mut Vec<Notice>) {
         let total = self.size + self.buf.len() as u64;
-        if total > self.options.max_size && self.size + start as u64 > 0 && self.retry_due() {
+        if total > self.options.max_size
+            && self.size + start as u64 > 0
+            && !self.reopen_after_rotation
+            && self.retry_due()
+        {
             self.rotate_before(start, notices);
         }
         if self.buf.len() >= FLUSH_AT {
@@ -142,9 +182,12 @@ impl LogFile {
     fn rotate_before(&mut self, start: usize, notices: &mut Vec<Notice>) {
         self.write_out(start, notices);
         if self.file.is_some() {
-            if let Err(problem) = self.rotate() {
-                self.retry_at = Some(Instant::now() + RETRY_AFTER);
-                notices.push((Level::Error, problem));
+            match self.rotate() {
+                Ok(()) => self.cleared(format!("log file {} rotated", self.current.display())),
+                Err((problem, message)) => {
+                    self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                    self.report(problem, message, notices);
+                }
             }
         }
         self.buf.drain(..start);
@@ -180,50 +223,109 @@ impl LogFile {
             return;
         };
         match file.write_all(bytes) {
-            Ok(()) => self.size += bytes.len() as u64,
+            Ok(()) => {
+                self.size += bytes.len() as u64;
+                if let Some(message) = self.recovered.take() {
+                    self.reported = None;
+                    notices.push((Level::Notice, message));
+                }
+            }
             Err(err) => {
                 // Some of it may be in the file already: better twice
                 // than lost.
                 self.spill.extend_from_slice(bytes);
                 self.file = None;
                 self.retry_at = Some(Instant::now() + RETRY_AFTER);
-                notices.push((
-                    Level::Error,
-                    format!(
-                        "cannot write log file {}: {err}; lines go to stdout until it \
-                         can be reopened (tried every {}s)",
-                        self.options.path.display(),
-                        RETRY_AFTER.as_secs()
-                    ),
-                ));
+                let message = format!(
+                    "cannot write log file {}: {err}; lines go to stdout until {} can be \
+                     reopened (tried every {}s)",
+                    self.current.display(),
+                    self.options.path.display(),
+                    RETRY_AFTER.as_secs()
+                );
+                self.report(Problem::Write, message, notices);
             }
         }
     }
 
-    /// Shifts `path.N-1` to `path.N` ... `path` to `path.1`, then opens a
-    /// new `path`.
+    /// Shifts `path.N-1` to `path.N` ... (unless a failed attempt already
+    /// did), then `path` to `path.1`, then opens a new `path`.
     ///
     /// # Errors
     /// What failed, as a message to log. The current file stays open
     /// (renamed or not) and takes the lines until the next attempt.
-    fn rotate(&mut self) -> Result<(), String> {
-        let path = &self.options.path;
-        for n in (1..self.options.keep).rev() {
-            rename_if_exists(&numbered(path, n), &numbered(path, n + 1))?;
-        }
-        rename_if_exists(path, &numbered(path, 1))?;
-        match open_append(path) {
-            Ok((file, size)) => {
-                self.file = Some(file);
-                self.size = size;
-                self.retry_at = None;
-                Ok(())
+    fn rotate(&mut self) -> Result<(), (Problem, String)> {
+        let path = self.options.path.clone();
+        let rename = |from: &Path, to: &Path| {
+            rename_if_exists(from, to).map_err(|err| {
+                let message = format!(
+                    "cannot rotate the log: cannot rename {} to {}: {err}; appending to {} \
+                     meanwhile (tried every {}s)",
+                    from.display(),
+                    to.display(),
+                    path.display(),
+                    RETRY_AFTER.as_secs()
+                );
+                (Problem::Rotate, message)
+            })
+        };
+        if !self.shifted {
+            // From the oldest: a failure leaves a hole, never a file
+            // renamed over another that was not meant to go.
+            for n in (1..self.options.keep).rev() {
+                rename(&numbered(&path, n), &numbered(&path, n + 1))?;
             }
-            Err(err) => Err(format!(
-                "cannot open a new log file {} after rotation: {err}; lines go on to {}",
-                path.display(),
-                numbered(path, 1).display()
-            )),
+            self.shifted = true;
+        }
+        rename(&path, &numbered(&path, 1))?;
+        self.shifted = false;
+        self.current = numbered(&path, 1);
+        match self.open_new() {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                self.reopen_after_rotation = true;
+                let message = format!(
+                    "cannot open a new log file {} after rotation: {err}; lines go on to {} \
+                     until it can be (tried every {}s)",
+                    path.display(),
+                    self.current.display(),
+                    RETRY_AFTER.as_secs()
+                );
+                Err((Problem::OpenAfterRotation, message))
+            }
+        }
+    }
+
+    /// Opens `path` (after a rotation or a failure); lines go there from
+    /// now on.
+    fn open_new(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_opens > 0 {
+            self.fail_opens -= 1;
+            return Err(io::Error::other("failing on purpose"));
+        }
+        let (file, size) = open_append(&self.options.path)?;
+        self.file = Some(file);
+        self.size = size;
+        self.current = self.options.path.clone();
+        self.retry_at = None;
+        self.reopen_after_rotation = false;
+        Ok(())
+    }
+
+    /// Reports `problem` unless it was the last one reported.
+    fn report(&mut self, problem: Problem, message: String, notices: &mut Vec<Notice>) {
+        self.recovered = None;
+        if self.reported != Some(problem) {
+            self.reported = Some(problem);
+            notices.push((Level::Error, message));
+        }
+    }
+
+    /// The reported problem is over: says so after the next write.
+    fn cleared(&mut self, message: String) {
+        if self.reported.is_some() {
+            self.recovered = Some(message);
         }
     }
 
@@ -239,16 +341,10 @@ fn numbered(path: &Path, n: u32) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn rename_if_exists(from: &Path, to: &Path) -> Result<(), String> {
+fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
     match std::fs::rename(from, to) {
-        Ok(()) => Ok(()),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(format!(
-            "cannot rotate the log: cannot rename {} to {}: {err}; appending to {} meanwhile",
-            from.display(),
-            to.display(),
-            from.display()
-        )),
+        other => other,
     }
 }
 
@@ -424,16 +520,117 @@ mod tests {
         let mut notices = Vec::new();
         // What a write error does.
         file.file = None;
+        file.reported = Some(Problem::Write);
         file.retry_at = Some(Instant::now());
         add(&mut file, "while closed", &mut notices);
         file.flush(&mut notices);
         assert_eq!(file.take_spill().as_deref(), Some(&b"while closed\n"[..]));
         file.retry(&mut notices);
         assert!(file.is_open());
-        assert_eq!(notices.len(), 1);
-        assert!(notices[0].1.contains("reopened"), "{}", notices[0].1);
+        assert!(
+            notices.is_empty(),
+            "told once a line is written: {notices:?}"
+        );
         add(&mut file, "after", &mut notices);
         file.flush(&mut notices);
+        assert_eq!(notices.len(), 1);
+        assert!(notices[0].1.contains("reopened"), "{}", notices[0].1);
         assert_eq!(read(&dir.path().join("herd.log")), "after\n");
+    }
+
+    /// Writes `text` to `path`.
+    fn write(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn a_failed_rename_is_retried_without_losing_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("herd.log");
+        write(&numbered(&base, 1), "one\n");
+        // A directory where herd.log.2 should become herd.log.3: the
+        // rename fails.
+        std::fs::create_dir(numbered(&base, 2)).unwrap();
+        write(&numbered(&base, 2).join("x"), "x");
+        write(&numbered(&base, 3), "three\n");
+        let mut file = LogFile::open(options(dir.path(), 10, 3)).unwrap();
+        let mut notices = Vec::new();
+        for n in 0..20 {
+            // Every attempt is due, as if 5 s had passed each time.
+            file.retry_at = Some(Instant::now());
+            add(&mut file, &format!("line {n}"), &mut notices);
+            file.flush(&mut notices);
+        }
+        assert_eq!(notices.len(), 1, "reported once: {notices:?}");
+        assert!(notices[0].1.contains("cannot rename"), "{}", notices[0].1);
+        assert!(
+            notices[0]
+                .1
+                .contains(&format!("appending to {} ", base.display())),
+            "{}",
+            notices[0].1
+        );
+        assert_eq!(read(&numbered(&base, 1)), "one\n");
+        assert_eq!(read(&numbered(&base, 3)), "three\n");
+        let want: String = (0..20).map(|n| format!("line {n}\n")).collect();
+        assert_eq!(read(&base), want, "kept appending");
+
+        // Fixed: the next rotation works, and says so after a write.
+        std::fs::remove_dir_all(numbered(&base, 2)).unwrap();
+        notices.clear();
+        file.retry_at = Some(Instant::now());
+        add(&mut file, "after", &mut notices);
+        file.flush(&mut notices);
+        assert_eq!(read(&base), "after\n");
+        assert_eq!(read(&numbered(&base, 1)), want);
+        assert_eq!(read(&numbered(&base, 2)), "one\n");
+        assert!(!numbered(&base, 4).exists());
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert_eq!(notices[0].0, Level::Notice);
+        assert!(notices[0].1.contains("rotated"), "{}", notices[0].1);
+    }
+
+    #[test]
+    fn a_failed_open_after_rotation_only_retries_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("herd.log");
+        write(&numbered(&base, 1), "one\n");
+        write(&numbered(&base, 2), "two\n");
+        let mut file = LogFile::open(options(dir.path(), 10, 3)).unwrap();
+        file.fail_opens = u32::MAX;
+        let mut notices = Vec::new();
+        add(&mut file, "first 0", &mut notices);
+        for n in 0..20 {
+            file.retry_at = Some(Instant::now());
+            file.retry(&mut notices);
+            add(&mut file, &format!("line {n}"), &mut notices);
+            file.flush(&mut notices);
+        }
+        assert_eq!(notices.len(), 1, "reported once: {notices:?}");
+        assert!(
+            notices[0]
+                .1
+                .contains(&format!("lines go on to {} ", numbered(&base, 1).display())),
+            "{}",
+            notices[0].1
+        );
+        // One rotation, not one per attempt.
+        let lines: String = (0..20).map(|n| format!("line {n}\n")).collect();
+        assert_eq!(read(&numbered(&base, 1)), format!("first 0\n{lines}"));
+        assert_eq!(read(&numbered(&base, 2)), "one\n");
+        assert_eq!(read(&numbered(&base, 3)), "two\n");
+        assert!(!base.exists());
+
+        file.fail_opens = 0;
+        notices.clear();
+        file.retry_at = Some(Instant::now());
+        file.retry(&mut notices);
+        assert!(notices.is_empty(), "{notices:?}");
+        add(&mut file, "after", &mut notices);
+        file.flush(&mut notices);
+        assert_eq!(read(&base), "after\n");
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(notices[0].1.contains("opened"), "{}", notices[0].1);
+        assert_eq!(read(&numbered(&base, 3)), "two\n");
     }
 }

@@ -7,7 +7,7 @@ use crate::protocol::slave::Level;
 use serde::{Serialize, Serializer};
 use std::io::{self, Write};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Ends a colored span.
 const RESET: &str = "\x1b[0m";
@@ -175,10 +175,18 @@ impl TextCache {
             return &self.stamp;
         }
         self.time = Some(time);
+        let time = representable(time);
         let millis = time.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis());
         if millis.is_none() || millis != self.millis {
             self.stamp.clear();
-            let _ = write!(self.stamp, "{}", humantime::format_rfc3339_millis(time));
+            // Through `fmt::Write`: a formatting error (there should be
+            // none, the time is clamped) is a value, never a panic.
+            let mut text = String::with_capacity(24);
+            let _ = std::fmt::Write::write_fmt(
+                &mut text,
+                format_args!("{}", humantime::format_rfc3339_millis(time)),
+            );
+            self.stamp.extend_from_slice(text.as_bytes());
             self.millis = millis;
         }
         &self.stamp
@@ -202,12 +210,27 @@ thread_local! {
     static TEXT_CACHE: std::cell::RefCell<TextCache> = std::cell::RefCell::default();
 }
 
+/// The last instant RFC 3339 can write: 9999-12-31T23:59:59.999Z.
+const LAST_REPRESENTABLE: Duration = Duration::new(253_402_300_799, 999_000_000);
+
+/// `time` within what RFC 3339 (and `humantime`) can write: from the
+/// epoch to the end of the year 9999. A record's time may come from a
+/// remote host's clock, which may be anything; formatting it must never
+/// fail (`humantime` returns an error past 9999 and panics before 1970).
+fn representable(time: SystemTime) -> SystemTime {
+    match time.duration_since(UNIX_EPOCH) {
+        Err(_) => UNIX_EPOCH,
+        Ok(since) if since > LAST_REPRESENTABLE => UNIX_EPOCH + LAST_REPRESENTABLE,
+        Ok(_) => time,
+    }
+}
+
 /// A time serialized as RFC 3339 with milliseconds, without a `String`.
 struct Rfc3339Millis(SystemTime);
 
 impl Serialize for Rfc3339Millis {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&humantime::format_rfc3339_millis(self.0))
+        serializer.collect_str(&humantime::format_rfc3339_millis(representable(self.0)))
     }
 }
 
@@ -216,7 +239,6 @@ mod tests {
     use super::*;
     use crate::master::log::InstanceLabel;
     use std::sync::Arc;
-    use std::time::{Duration, UNIX_EPOCH};
 
     fn record(instance: bool) -> LogRecord {
         LogRecord {
@@ -294,6 +316,32 @@ mod tests {
             })
             .collect();
         assert_eq!(messages, ["one", "", "two"]);
+    }
+
+    #[test]
+    fn times_out_of_range_are_clamped_not_fatal() {
+        let far = UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        let before = UNIX_EPOCH - Duration::from_secs(10);
+        for (time, stamp) in [
+            (far, "9999-12-31T23:59:59.999Z"),
+            (before, "1970-01-01T00:00:00.000Z"),
+        ] {
+            let mut bad = record(true);
+            bad.time = time;
+            let text = bad.format(LogFormat::Text);
+            assert!(
+                text.starts_with(&format!("{stamp} emergency [g]")),
+                "{text}"
+            );
+            let json: serde_json::Value =
+                serde_json::from_str(&bad.format(LogFormat::Json)).unwrap();
+            assert_eq!(json["time"], stamp);
+            assert_eq!(json["message"], "hello \"x\"");
+            // The next record is not affected (the stamp is cached).
+            assert!(record(true)
+                .format(LogFormat::Text)
+                .starts_with("1970-01-01T00:00:01.500Z"));
+        }
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! The master's log stream: every instance's lines and the master's own
 //! events, written by one thread in text or JSON lines.
 //!
-//! Producers (output readers, control links, supervisors) send records
-//! through a bounded channel: a child that prints faster than the output
-//! can take is slowed down, never has lines dropped. The writer thread
-//! takes records in batches and formats them straight into its buffers,
-//! so a burst costs one write system call per output, not one per line.
+//! Producers (output readers, control links) send records through a
+//! bounded channel: a child that prints faster than the output can take
+//! is slowed down, never has lines dropped. The master's own events
+//! ([`LogSink::master_event`], [`LogSink::instance_event`]) go through a
+//! second, unbounded channel and never wait: a stalled output (`taskherd
+//! run herd.toml | less`, left on one page) slows the children's output,
+//! never the supervision, the control socket or a stop. The writer thread
+//! takes records in batches (output first, then the events that came
+//! meanwhile) and formats them straight into its buffers, so a burst costs
+//! one write system call per output, not one per line.
 //!
 //! # Where lines go
 //!
@@ -19,7 +24,10 @@
 //!   exits, restarts, failures, stops) also to standard output, so that
 //!   the terminal (or the journal) shows what the herd does without its
 //!   output. A file that cannot be written sends its lines to standard
-//!   output until it can be reopened.
+//!   output until it can be reopened. The terminal then has a thread and
+//!   a bounded queue of its own: a terminal that does not keep up never
+//!   holds the file back; it misses lines instead, and is told how many
+//!   ("N lines not shown on the terminal").
 //!
 //! On a terminal, text lines can be colored by level, and a status line
 //! ([`LogSink::status_line`]) is kept below the last line.
@@ -47,6 +55,7 @@ use std::os::fd::{AsFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
+use terminal::{QueuedTerminal, TerminalOut};
 use tokio::sync::{broadcast, mpsc};
 use writer::{StatusSlot, Writer};
 
@@ -176,7 +185,12 @@ pub enum LogError {
 /// A cloneable handle to the log stream.
 #[derive(Debug, Clone)]
 pub struct LogSink {
+    /// Output lines: bounded, so that a fast child waits for the output.
     records_tx: mpsc::Sender<LogRecord>,
+    /// The master's events: unbounded, so that supervision never waits
+    /// for the output. `None` for a [`LogSink::channel`] sink, whose
+    /// events go through `records_tx` like the rest.
+    events_tx: Option<mpsc::UnboundedSender<LogRecord>>,
     /// What every clone shares with the writer.
     shared: Arc<Shared>,
 }
@@ -197,14 +211,47 @@ struct Shared {
 #[derive(Debug)]
 pub struct LogWriter {
     thread: std::thread::JoinHandle<()>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// How long [`LogWriter::finish`] waits for an output that takes nothing
+/// (`taskherd run | stuck`) before it gives up on the last records.
+const FINISH_STALL: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl LogWriter {
-    /// Waits until every sink is dropped and every record written.
+    /// Waits until every sink is dropped and every record written, or
+    /// until the output has taken nothing for 10 s (a pipe nobody reads):
+    /// then says so on standard error and returns, so that the process can
+    /// exit.
+    ///
+    /// A writer thread that died (a bug) is reported on standard error:
+    /// the records sent after its death were lost.
     pub fn finish(self) {
-        // The thread only ends by its channel closing; a panic in it has
-        // already been printed by the panic hook.
-        let _ = self.thread.join();
+        use std::sync::atomic::Ordering;
+        let mut seen = self.progress.load(Ordering::Relaxed);
+        let mut since = std::time::Instant::now();
+        while !self.thread.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let now = self.progress.load(Ordering::Relaxed);
+            if now != seen {
+                seen = now;
+                since = std::time::Instant::now();
+            } else if since.elapsed() >= FINISH_STALL {
+                eprintln!(
+                    "taskherd: the log output has taken nothing for {}s; exiting without the last log lines",
+                    FINISH_STALL.as_secs()
+                );
+                return;
+            }
+        }
+        // The thread only ends by its channels closing; a panic in it has
+        // already been printed by the panic hook, not what it cost.
+        if let Err(panic) = self.thread.join() {
+            let cause = crate::error_text::panic_text(panic.as_ref());
+            eprintln!(
+                "taskherd: the log writer thread died ({cause}); log records after that were lost"
+            );
+        }
     }
 }
 
@@ -293,12 +340,24 @@ impl LogSink {
             None => None,
         };
         let (records_tx, records_rx) = mpsc::channel(LOG_CHANNEL_LEN);
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (live_tx, _) = broadcast::channel(LIVE_CHANNEL_LEN);
         let status = options.status_line.then(|| Arc::new(StatusSlot::default()));
+        let screen = terminal::Terminal::new(out, options.color, options.status_line, width_fd);
+        let terminal = if file.is_some() {
+            // The file must never wait for the terminal.
+            TerminalOut::Queued(
+                QueuedTerminal::spawn(screen, options.format).map_err(LogError::Thread)?,
+            )
+        } else {
+            TerminalOut::Direct(screen)
+        };
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
+            progress: progress.clone(),
             format: options.format,
             filter: options.filter.clone(),
-            terminal: terminal::Terminal::new(out, options.color, options.status_line, width_fd),
+            terminal,
             file,
             live_tx: live_tx.clone(),
             status: status.clone(),
@@ -306,19 +365,26 @@ impl LogSink {
         };
         let thread = std::thread::Builder::new()
             .name("taskherd-log".into())
-            .spawn(move || writer.run(records_rx))
+            .spawn(move || writer.run(records_rx, events_rx))
             .map_err(LogError::Thread)?;
         let shared = Arc::new(Shared {
             live_tx,
             status,
             filter: options.filter,
         });
-        Ok((LogSink { records_tx, shared }, LogWriter { thread }))
+        let sink = LogSink {
+            records_tx,
+            events_tx: Some(events_tx),
+            shared,
+        };
+        Ok((sink, LogWriter { thread, progress }))
     }
 
     /// A sink whose records come out of the returned receiver (the agent
     /// relays them upstream instead of writing them). Nothing is published
-    /// to its subscribers and its status line is ignored.
+    /// to its subscribers and its status line is ignored. Its events go
+    /// through the same (bounded) channel as the rest, in order: they wait
+    /// when the receiver is behind.
     pub fn channel() -> (LogSink, mpsc::Receiver<LogRecord>) {
         let (records_tx, records_rx) = mpsc::channel(LOG_CHANNEL_LEN);
         let (live_tx, _) = broadcast::channel(1);
@@ -327,7 +393,12 @@ impl LogSink {
             status: None,
             filter: LogFilter::all(),
         });
-        (LogSink { records_tx, shared }, records_rx)
+        let sink = LogSink {
+            records_tx,
+            events_tx: None,
+            shared,
+        };
+        (sink, records_rx)
     }
 
     /// Sends a record; waits if the writer is behind.
@@ -358,9 +429,13 @@ impl LogSink {
         }
     }
 
-    /// Logs an event of the master about one instance.
+    /// Logs an event of the master about one instance. Never waits for
+    /// the output (except on a [`LogSink::channel`] sink).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the event is queued at once.
     pub async fn instance_event(&self, label: &Arc<InstanceLabel>, level: Level, message: String) {
-        self.send(LogRecord {
+        self.send_event(LogRecord {
             time: SystemTime::now(),
             level,
             instance: Some(label.clone()),
@@ -370,9 +445,13 @@ impl LogSink {
         .await;
     }
 
-    /// Logs an event of the master itself.
+    /// Logs an event of the master itself. Never waits for the output
+    /// (except on a [`LogSink::channel`] sink).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the event is queued at once.
     pub async fn master_event(&self, level: Level, message: String) {
-        self.send(LogRecord {
+        self.send_event(LogRecord {
             time: SystemTime::now(),
             level,
             instance: None,
@@ -380,6 +459,18 @@ impl LogSink {
             message,
         })
         .await;
+    }
+
+    /// An event goes through the unbounded channel: the writer may be
+    /// stuck on a full pipe, the master must go on.
+    async fn send_event(&self, record: LogRecord) {
+        match &self.events_tx {
+            // Fails only once the writer is gone, at the very end of a run.
+            Some(events_tx) => {
+                let _ = events_tx.send(record);
+            }
+            None => self.send(record).await,
+        }
     }
 
     /// A live feed of every record from the writer's next batch on, before
@@ -460,6 +551,44 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+    }
+
+    /// A terminal nobody reads: every write parks until the gate opens.
+    #[derive(Clone, Default)]
+    struct Gate {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        screen: Screen,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, opened) = &*self.open;
+            let mut is_open = open.lock().unwrap();
+            while !*is_open {
+                is_open = opened.wait(is_open).unwrap();
+            }
+            drop(is_open);
+            self.screen.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Gate {
+        fn open(&self) {
+            *self.open.0.lock().unwrap() = true;
+            self.open.1.notify_all();
+        }
+    }
+
+    /// Runs `f` on a thread of its own; panics if it takes more than 5 s.
+    fn promptly<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done_tx.send(f()));
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("{what} waited for the terminal"))
     }
 
     fn label(group: &str) -> Arc<InstanceLabel> {
@@ -616,6 +745,154 @@ mod tests {
         let file = std::fs::read_to_string(&path).unwrap();
         assert_eq!(json(&file), ["a line", "restarting", "stopping"]);
         assert_eq!(json(&out.text()), ["restarting", "stopping"]);
+    }
+
+    #[test]
+    fn events_never_wait_for_a_terminal_nobody_reads() {
+        let gate = Gate::default();
+        let (sink, writer) = LogSink::spawn(LogFormat::Text, gate.clone()).unwrap();
+        let web = label("web");
+        // The writer takes the first lines and parks writing them; the
+        // lines after them fill the channel and their producer waits, as
+        // meant.
+        let producer = std::thread::spawn({
+            let (sink, web) = (sink.clone(), web.clone());
+            move || {
+                block_on(async {
+                    for n in 0..3 * LOG_CHANNEL_LEN {
+                        sink.send(line(&web, Level::Info, &format!("line {n}")))
+                            .await;
+                    }
+                })
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!producer.is_finished(), "the output lines wait");
+        promptly("master_event", {
+            let (sink, web) = (sink.clone(), web.clone());
+            move || {
+                block_on(async {
+                    for n in 0..2 * LOG_CHANNEL_LEN {
+                        sink.master_event(Level::Info, format!("event {n}")).await;
+                    }
+                    sink.instance_event(&web, Level::Info, "exited".into())
+                        .await;
+                })
+            }
+        });
+        gate.open();
+        producer.join().unwrap();
+        drop(sink);
+        writer.finish();
+        let text = gate.screen.text();
+        let messages = messages(&text);
+        assert_eq!(
+            messages.len(),
+            3 * LOG_CHANNEL_LEN + 2 * LOG_CHANNEL_LEN + 1
+        );
+        let lines: Vec<&String> = messages.iter().filter(|m| m.starts_with("line ")).collect();
+        let want: Vec<String> = (0..3 * LOG_CHANNEL_LEN)
+            .map(|n| format!("line {n}"))
+            .collect();
+        assert!(
+            lines.iter().copied().eq(want.iter()),
+            "every line, in order"
+        );
+        let events: Vec<&String> = messages
+            .iter()
+            .filter(|m| m.starts_with("event "))
+            .collect();
+        let want: Vec<String> = (0..2 * LOG_CHANNEL_LEN)
+            .map(|n| format!("event {n}"))
+            .collect();
+        assert!(
+            events.iter().copied().eq(want.iter()),
+            "every event, in order"
+        );
+        let at = |message: &str| messages.iter().position(|m| m == message).unwrap();
+        assert!(at("exited") > at(&format!("event {}", 2 * LOG_CHANNEL_LEN - 1)));
+    }
+
+    #[test]
+    fn a_terminal_nobody_reads_never_holds_the_file_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("herd.log");
+        let gate = Gate::default();
+        let options = LogOptions {
+            file: Some(LogFileOptions {
+                path: path.clone(),
+                max_size: 1 << 30,
+                keep: 1,
+            }),
+            ..LogOptions::default()
+        };
+        let (sink, writer) = LogSink::spawn_with(gate.clone(), options).unwrap();
+        let web = label("web");
+        // 3 MiB of events for the terminal: more than its queue holds.
+        let events = 3 * 1024;
+        let padding = "x".repeat(1024);
+        promptly("logging", {
+            let sink = sink.clone();
+            move || {
+                block_on(async {
+                    for n in 0..events {
+                        sink.send(line(&web, Level::Info, &format!("line {n}")))
+                            .await;
+                        sink.instance_event(&web, Level::Info, format!("event {n} {padding}"))
+                            .await;
+                    }
+                })
+            }
+        });
+        // The file gets everything while the terminal is stuck.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let want = format!("event {} ", events - 1);
+        while !std::fs::read_to_string(&path).unwrap().contains(&want) {
+            assert!(Instant::now() < deadline, "the file was held back");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap().lines().count(),
+            2 * events
+        );
+        gate.open();
+        drop(sink);
+        writer.finish();
+        let text = gate.screen.text();
+        let shown = text.lines().filter(|l| l.contains("] event ")).count();
+        assert!(shown < events, "some were dropped: {shown}");
+        // Told (maybe in several notices) how many it missed.
+        let dropped: usize = text
+            .lines()
+            .filter(|l| l.contains("lines not shown on the terminal"))
+            .map(|notice| {
+                let count = notice.rsplit("] ").next().unwrap().split(' ').next();
+                count.unwrap().parse::<usize>().unwrap()
+            })
+            .sum();
+        assert!(dropped > 0, "the terminal is told");
+        assert_eq!(shown + dropped, events);
+    }
+
+    #[test]
+    fn a_record_from_a_bad_clock_does_not_stop_the_log() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let out = Screen::default();
+            let (sink, writer) = LogSink::spawn(format, out.clone()).unwrap();
+            let web = label("web");
+            let mut bad = line(&web, Level::Info, "from the year 12000");
+            bad.time = SystemTime::UNIX_EPOCH + Duration::from_secs(316_000_000_000);
+            block_on(async {
+                sink.send(bad).await;
+                sink.send(line(&web, Level::Info, "after")).await;
+            });
+            drop(sink);
+            writer.finish();
+            let text = out.text();
+            assert_eq!(text.lines().count(), 2, "{text}");
+            assert!(text.contains("9999-12-31T23:59:59.999Z"), "{text}");
+            assert!(text.contains("after"), "{text}");
+        }
     }
 
     #[test]

@@ -7,8 +7,22 @@
 //! below them: lines are never garbled, and the whole batch, erase and
 //! redraw included, is one write.
 
+//!
+//! With a log file, the terminal only shows the master's events, and has
+//! a thread of its own ([`QueuedTerminal`]) fed through a bounded queue:
+//! a terminal that does not keep up (a pipe nobody reads) never holds the
+//! file back. When the queue is full, lines for the terminal are dropped
+//! and counted, and the count is shown once the terminal takes lines
+//! again; the status line is never dropped (only its latest text counts).
+
+use super::{LogRecord, Stream};
+use crate::config::LogFormat;
+use crate::protocol::slave::Level;
+use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::RawFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Erases the current row (the status line) and goes back to its start.
 const ERASE_ROW: &[u8] = b"\r\x1b[K";
@@ -121,6 +135,279 @@ impl<W: Write> Terminal<W> {
     pub(super) fn out(&self) -> &W {
         &self.out
     }
+}
+
+/// Bytes the queue of a [`QueuedTerminal`] holds at most; lines beyond
+/// are dropped (a batch bigger than this still goes into an empty queue).
+const QUEUE_BYTES: usize = 1 << 20;
+
+/// How long, at the end of a run, the writer waits for the terminal
+/// thread to write what is queued (a terminal nobody reads must not keep
+/// the master from exiting).
+const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The terminal side as the writer sees it: written by the writer thread
+/// itself (no log file: the terminal's backpressure slows the producers,
+/// as intended), or by a thread of its own behind a bounded queue (with a
+/// log file, which must not wait for the terminal).
+pub(super) enum TerminalOut<W: Write> {
+    /// Written by the writer thread.
+    Direct(Terminal<W>),
+    /// Written by the terminal's own thread.
+    Queued(QueuedTerminal),
+}
+
+impl<W: Write> TerminalOut<W> {
+    /// Whether text lines get ANSI colors.
+    #[inline]
+    pub(super) fn color(&self) -> bool {
+        match self {
+            TerminalOut::Direct(terminal) => terminal.color,
+            TerminalOut::Queued(queued) => queued.color,
+        }
+    }
+
+    /// See [`Terminal::line_buf`].
+    #[inline]
+    pub(super) fn line_buf(&mut self) -> &mut Vec<u8> {
+        match self {
+            TerminalOut::Direct(terminal) => terminal.line_buf(),
+            TerminalOut::Queued(queued) => &mut queued.buf,
+        }
+    }
+
+    /// See [`Terminal::line_added`].
+    #[inline]
+    pub(super) fn line_added(&mut self) {
+        match self {
+            TerminalOut::Direct(terminal) => terminal.line_added(),
+            TerminalOut::Queued(queued) => {
+                if queued.buf.len() >= FLUSH_AT {
+                    queued.push();
+                }
+            }
+        }
+    }
+
+    /// See [`Terminal::set_status`].
+    pub(super) fn set_status(&mut self, text: Option<&str>) {
+        match self {
+            TerminalOut::Direct(terminal) => terminal.set_status(text),
+            TerminalOut::Queued(queued) => queued.set_status(text),
+        }
+    }
+
+    /// See [`Terminal::finish_batch`]; queued, this only hands the batch
+    /// to the terminal's thread (or drops it, counted, if its queue is
+    /// full).
+    pub(super) fn finish_batch(&mut self) {
+        match self {
+            TerminalOut::Direct(terminal) => terminal.finish_batch(),
+            TerminalOut::Queued(queued) => queued.push(),
+        }
+    }
+
+    /// At the end of the run: lets the terminal's thread write what is
+    /// queued, waiting [`FINISH_TIMEOUT`] at most.
+    pub(super) fn close(&mut self) {
+        if let TerminalOut::Queued(queued) = self {
+            queued.close();
+        }
+    }
+}
+
+/// The writer's end of a terminal written by a thread of its own.
+pub(super) struct QueuedTerminal {
+    /// Lines of the current batch.
+    buf: Vec<u8>,
+    /// Text lines get ANSI colors.
+    color: bool,
+    /// For the "lines not shown" notice.
+    format: LogFormat,
+    /// Lines dropped since the terminal last took some.
+    dropped: u64,
+    /// Shared with the terminal's thread.
+    queue: Arc<TerminalQueue>,
+    /// Joined at the end, unless the terminal is stuck.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The queue between the writer and the terminal's thread.
+#[derive(Default)]
+struct TerminalQueue {
+    state: Mutex<QueueState>,
+    /// Wakes the terminal's thread (something queued) or the writer (the
+    /// thread is done).
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Whole lines, in order.
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes in `chunks`.
+    bytes: usize,
+    /// The latest status line text not drawn yet.
+    status: Option<Option<String>>,
+    /// No more chunks will come.
+    closed: bool,
+    /// The thread has written everything and ended.
+    done: bool,
+}
+
+impl TerminalQueue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl QueuedTerminal {
+    /// Starts the thread that writes to `screen`.
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub(super) fn spawn<W: Write + Send + 'static>(
+        screen: Terminal<W>,
+        format: LogFormat,
+    ) -> std::io::Result<QueuedTerminal> {
+        let queue = Arc::new(TerminalQueue::default());
+        let color = screen.color;
+        let thread = std::thread::Builder::new()
+            .name("taskherd-tty".into())
+            .spawn({
+                let queue = Arc::clone(&queue);
+                move || write_queued(screen, &queue)
+            })?;
+        Ok(QueuedTerminal {
+            buf: Vec::new(),
+            color,
+            format,
+            dropped: 0,
+            queue,
+            thread: Some(thread),
+        })
+    }
+
+    fn set_status(&mut self, text: Option<&str>) {
+        self.queue.lock().status = Some(text.map(str::to_owned));
+        self.queue.wake.notify_all();
+    }
+
+    /// Queues the lines of `buf`, after the count of those dropped
+    /// before; drops them (counted) if the queue is full.
+    fn push(&mut self) {
+        if self.buf.is_empty() && self.dropped == 0 {
+            return;
+        }
+        let mut state = self.queue.lock();
+        let fits = |state: &QueueState, len: usize| {
+            state.chunks.is_empty() || state.bytes + len <= QUEUE_BYTES
+        };
+        let had_notice = self.dropped > 0;
+        if had_notice {
+            let mut notice = self.dropped_notice();
+            notice.append(&mut self.buf);
+            self.buf = notice;
+        }
+        if fits(&state, self.buf.len()) {
+            self.dropped = 0;
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(4096));
+            state.bytes += chunk.len();
+            state.chunks.push_back(chunk);
+            drop(state);
+            self.queue.wake.notify_all();
+        } else {
+            let lines = self.buf.iter().filter(|&&b| b == b'\n').count() as u64;
+            // The notice in front is not a line of the log.
+            self.dropped += lines - u64::from(had_notice);
+            self.buf.clear();
+        }
+    }
+
+    /// "N lines not shown on the terminal", as a line of the master.
+    fn dropped_notice(&self) -> Vec<u8> {
+        let record = LogRecord {
+            time: SystemTime::now(),
+            level: Level::Warning,
+            instance: None,
+            stream: Stream::Master,
+            message: format!(
+                "{} lines not shown on the terminal (it did not keep up; the log file has them)",
+                self.dropped
+            ),
+        };
+        let mut line = Vec::with_capacity(160);
+        // Writing into a Vec cannot fail.
+        let _ = record.write_to(&mut line, self.format, self.color);
+        line.push(b'\n');
+        line
+    }
+
+    fn close(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.push();
+        let deadline = Instant::now() + FINISH_TIMEOUT;
+        let mut state = self.queue.lock();
+        state.closed = true;
+        self.queue.wake.notify_all();
+        while !state.done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // Stuck on a terminal nobody reads: leave it behind.
+                return;
+            }
+            state = self
+                .queue
+                .wake
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(state);
+        let _ = thread.join();
+    }
+}
+
+impl Drop for QueuedTerminal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The terminal's thread: writes what is queued until the queue closes.
+fn write_queued<W: Write>(mut screen: Terminal<W>, queue: &TerminalQueue) {
+    loop {
+        let (chunks, status, closed) = {
+            let mut state = queue.lock();
+            while state.chunks.is_empty() && state.status.is_none() && !state.closed {
+                state = queue
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            state.bytes = 0;
+            (
+                std::mem::take(&mut state.chunks),
+                state.status.take(),
+                state.closed,
+            )
+        };
+        for chunk in chunks {
+            screen.line_buf().extend_from_slice(&chunk);
+            screen.line_added();
+        }
+        if let Some(text) = status {
+            screen.set_status(text.as_deref());
+        }
+        screen.finish_batch();
+        if closed {
+            break;
+        }
+    }
+    queue.lock().done = true;
+    queue.wake.notify_all();
 }
 
 /// The text as one row: control characters (newlines, escapes) become

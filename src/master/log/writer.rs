@@ -1,9 +1,13 @@
 //! The writer thread: takes records in batches, hands them to live
 //! subscribers, filters them, and writes them to the file and the
 //! terminal, one write per output and batch.
+//!
+//! A batch takes the output lines first (bounded channel), then the
+//! master's events that came meanwhile (unbounded channel): an
+//! instance's last lines mostly come before its "exited".
 
 use super::file::{LogFile, Notice};
-use super::terminal::Terminal;
+use super::terminal::TerminalOut;
 use super::{LogFilter, LogRecord, Stream};
 use crate::config::LogFormat;
 use std::io::Write;
@@ -52,30 +56,53 @@ pub(super) struct Writer<W: Write> {
     /// Which records are written (subscribers get all of them).
     pub(super) filter: LogFilter,
     /// Standard output: every record without a file, the master's own
-    /// events with one.
-    pub(super) terminal: Terminal<W>,
+    /// events with one (then through a queue and a thread of its own).
+    pub(super) terminal: TerminalOut<W>,
     /// The rotated log file, if any.
     pub(super) file: Option<LogFile>,
     /// Live subscribers ([`super::LogSink::subscribe`]).
     pub(super) live_tx: broadcast::Sender<Arc<LogRecord>>,
+    /// Batches written so far, for [`super::LogWriter::finish`] to tell a
+    /// slow output from a stuck one.
+    pub(super) progress: Arc<std::sync::atomic::AtomicU64>,
     /// Set when the terminal keeps a status line.
     pub(super) status: Option<Arc<StatusSlot>>,
     /// Problems of the log file, to be logged.
     pub(super) notices: Vec<Notice>,
 }
 
+/// What woke the writer.
+enum Wake {
+    /// An output line.
+    Record(LogRecord),
+    /// An event of the master.
+    Event(LogRecord),
+    /// Only the status line changed.
+    Status,
+}
+
 impl<W: Write> Writer<W> {
     /// Writes until every sink is gone and every record written.
-    pub(super) fn run(mut self, mut records_rx: mpsc::Receiver<LogRecord>) {
-        while let Some(first) = self.wait(&mut records_rx) {
+    pub(super) fn run(
+        mut self,
+        mut records_rx: mpsc::Receiver<LogRecord>,
+        mut events_rx: mpsc::UnboundedReceiver<LogRecord>,
+    ) {
+        let mut events = Vec::new();
+        let mut open = (true, true);
+        while let Some(wake) = self.wait(&mut records_rx, &mut events_rx, &mut open) {
             self.begin_batch();
             // Checked once per batch: a subscriber joining now gets the
             // records from the next batch on.
             let live = self.live_tx.receiver_count() > 0;
             let mut taken = 0;
-            if let Some(record) = first {
-                self.take(record, live);
-                taken += 1;
+            match wake {
+                Wake::Record(record) => {
+                    self.take(record, live);
+                    taken += 1;
+                }
+                Wake::Event(event) => events.push(event),
+                Wake::Status => {}
             }
             while taken < MAX_BATCH {
                 let Ok(record) = records_rx.try_recv() else {
@@ -84,23 +111,52 @@ impl<W: Write> Writer<W> {
                 self.take(record, live);
                 taken += 1;
             }
+            while events.len() < MAX_BATCH {
+                let Ok(event) = events_rx.try_recv() else {
+                    break;
+                };
+                events.push(event);
+            }
+            for event in events.drain(..) {
+                self.take(event, live);
+            }
             self.end_batch();
         }
         self.terminal.set_status(None);
         self.end_batch();
+        self.terminal.close();
     }
 
-    /// The next record, `Some(None)` when only the status line changed,
-    /// `None` once every sink is gone and the channel empty.
-    fn wait(&self, records_rx: &mut mpsc::Receiver<LogRecord>) -> Option<Option<LogRecord>> {
-        let Some(status) = &self.status else {
-            return records_rx.blocking_recv().map(Some);
+    /// What comes next; `None` once every sink is gone and both channels
+    /// are empty. `open` tells which channels may still give something.
+    fn wait(
+        &self,
+        records_rx: &mut mpsc::Receiver<LogRecord>,
+        events_rx: &mut mpsc::UnboundedReceiver<LogRecord>,
+        open: &mut (bool, bool),
+    ) -> Option<Wake> {
+        let status_changed = async {
+            match &self.status {
+                Some(status) => status.changed.notified().await,
+                None => std::future::pending().await,
+            }
         };
+        tokio::pin!(status_changed);
         futures::executor::block_on(async {
-            tokio::select! {
-                biased;
-                record = records_rx.recv() => record.map(Some),
-                () = status.changed.notified() => Some(None),
+            loop {
+                tokio::select! {
+                    biased;
+                    record = records_rx.recv(), if open.0 => match record {
+                        Some(record) => return Some(Wake::Record(record)),
+                        None => open.0 = false,
+                    },
+                    event = events_rx.recv(), if open.1 => match event {
+                        Some(event) => return Some(Wake::Event(event)),
+                        None => open.1 = false,
+                    },
+                    () = &mut status_changed, if open.0 || open.1 => return Some(Wake::Status),
+                    else => return None,
+                }
             }
         })
     }
@@ -151,7 +207,7 @@ impl<W: Write> Writer<W> {
             to_terminal = record.stream == Stream::Master;
         }
         if to_terminal {
-            let color = self.terminal.color;
+            let color = self.terminal.color();
             let buf = self.terminal.line_buf();
             let _ = record.write_to(buf, self.format, color);
             buf.push(b'\n');
@@ -163,6 +219,8 @@ impl<W: Write> Writer<W> {
     }
 
     fn end_batch(&mut self) {
+        self.progress
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Twice at most: the notices of a failed flush are flushed too.
         for _ in 0..2 {
             if let Some(file) = &mut self.file {
@@ -197,7 +255,7 @@ impl<W: Write> Writer<W> {
                 let _ = record.write_to(&mut file.buf, self.format, false);
                 file.buf.push(b'\n');
             }
-            let color = self.terminal.color;
+            let color = self.terminal.color();
             let buf = self.terminal.line_buf();
             let _ = record.write_to(buf, self.format, color);
             buf.push(b'\n');
