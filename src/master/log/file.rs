@@ -30,8 +30,7 @@ use std::time::{Duration, Instant};
 /// How long after a failed rotation or reopen the next attempt is made.
 pub(super) const RETRY_AFTER: Duration = Duration::from_secs(5);
 
-/// Bytes buffered before they are written, even within a batch.
-const FLUSH_AT: usize = 64 * 1024;
+use super::FLUSH_AT;
 
 /// Where the log file is and how it rotates.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -214,6 +214,10 @@ pub struct LogWriter {
     progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Bytes an output (file or terminal) buffers before writing them, even
+/// within a batch.
+const FLUSH_AT: usize = 64 * 1024;
+
 /// How long [`LogWriter::finish`] waits for an output that takes nothing
 /// (`taskherd run | stuck`) before it gives up on the last records.
 const FINISH_STALL: std::time::Duration = std::time::Duration::from_secs(10);

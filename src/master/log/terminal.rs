@@ -27,8 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 /// Erases the current row (the status line) and goes back to its start.
 const ERASE_ROW: &[u8] = b"\r\x1b[K";
 
-/// Bytes buffered before they are written, even within a batch.
-const FLUSH_AT: usize = 64 * 1024;
+use super::FLUSH_AT;
 
 /// Where log lines for the terminal go, with what is needed to keep a
 /// status line.
