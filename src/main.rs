@@ -192,12 +192,8 @@ impl LogArgs {
             }
             (None, _) => return Ok(()),
         };
-        let names: Vec<&str> = config.groups.iter().map(|g| g.name.as_str()).collect();
-        if let Some(unknown) = filter.groups().find(|group| !names.contains(group)) {
-            anyhow::bail!(
-                "{origin}: unknown group {unknown:?} in the log filter; the groups are: {}",
-                names.join(", ")
-            );
+        if let Err(message) = config.check_log_filter(&filter) {
+            anyhow::bail!("{origin}: {message}");
         }
         config.log.filter = filter;
         Ok(())

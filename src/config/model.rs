@@ -401,3 +401,26 @@ impl GroupSpec {
             .unwrap_or(&self.command)
     }
 }
+
+/// Whether `name` is a valid group name: letters, digits, `_`, `.` and `-`
+/// (what logs, filters and commands can name without quoting).
+pub fn is_valid_group_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+impl Config {
+    /// Checks that every group `filter` names is a group of this config.
+    ///
+    /// # Errors
+    /// The first unknown group, with the closest name when one is near.
+    pub fn check_log_filter(&self, filter: &crate::master::log::LogFilter) -> Result<(), String> {
+        let names: Vec<&str> = self.groups.iter().map(|g| g.name.as_str()).collect();
+        match filter.groups().find(|name| !names.contains(name)) {
+            Some(unknown) => Err(super::parse::unknown_filter_group(unknown, &names)),
+            None => Ok(()),
+        }
+    }
+}

@@ -566,15 +566,7 @@ impl Walker<'_> {
         }
         let names: Vec<&str> = groups.iter().map(|group| group.name.as_str()).collect();
         for unknown in log.filter.groups().filter(|name| !names.contains(name)) {
-            let message = match closest(unknown, &names) {
-                Some(close) => {
-                    format!("unknown group {unknown:?} in the log filter, did you mean {close:?}?")
-                }
-                None => format!(
-                    "unknown group {unknown:?} in the log filter; the groups are: {}",
-                    names.join(", ")
-                ),
-            };
+            let message = unknown_filter_group(unknown, &names);
             self.error(filter.span(), "log.filter", message);
         }
     }
@@ -1001,8 +993,7 @@ impl Walker<'_> {
         first_lines: &mut BTreeMap<String, usize>,
     ) -> Option<String> {
         let name = self.non_empty_string(key, value)?;
-        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-        if !name.chars().all(allowed) {
+        if !super::is_valid_group_name(&name) {
             let message =
                 format!("invalid group name {name:?}: use only letters, digits, '_', '.' and '-'");
             self.error(value.span(), key, message);
@@ -1574,6 +1565,19 @@ fn index(parent: &str, zero_based: usize) -> String {
 
 /// The allowed key closest to a misspelled one, if it is close enough to
 /// be a likely typo rather than a different word.
+/// Why a log filter naming `unknown` does not fit groups `names`.
+pub(super) fn unknown_filter_group(unknown: &str, names: &[&str]) -> String {
+    match closest(unknown, names) {
+        Some(close) => {
+            format!("unknown group {unknown:?} in the log filter, did you mean {close:?}?")
+        }
+        None => format!(
+            "unknown group {unknown:?} in the log filter; the groups are: {}",
+            names.join(", ")
+        ),
+    }
+}
+
 fn closest<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
     allowed
         .iter()

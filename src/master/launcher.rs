@@ -315,6 +315,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Keeps the progress line up to date: instances running per group, and
 /// a queue group's counts.
 async fn show_progress(herd: Herd, sink: LogSink) {
+    // Without a terminal there is no line to keep: no status to build.
+    if !sink.has_status_line() {
+        return;
+    }
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

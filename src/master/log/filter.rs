@@ -147,7 +147,7 @@ impl LogFilter {
                 }
                 Some((group, level)) => {
                     let (group, level) = (group.trim(), level.trim());
-                    if !valid_group_name(group) {
+                    if !crate::config::is_valid_group_name(group) {
                         return Err(FilterError::InvalidGroup {
                             group: group.to_owned(),
                         });
@@ -227,14 +227,6 @@ fn parse_level(word: &str) -> Option<Option<Level>> {
         return Some(None);
     }
     word.parse::<Level>().ok().map(Some)
-}
-
-/// As the config requires of group names.
-fn valid_group_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 #[cfg(test)]
