@@ -13,7 +13,14 @@
 //!   attempt (longer than the lease, to see it redelivered);
 //! - `work_ms = t`: each job takes t ms;
 //! - `pause_at = n` with `pause_ms = t`: job n asks the feeder to pause
-//!   deliveries for t ms (the consumer side of the rate governor).
+//!   deliveries for t ms (the consumer side of the rate governor);
+//! - `ids = true`: print `done <n> #<id> attempt <a>` (the job's id and
+//!   attempt too);
+//! - `done_file = "F"`: also append that line to F (it survives a master
+//!   that dies before it relays the output);
+//! - `pid_file = "F"`: the feeder writes its pid to F; with `poison = n`,
+//!   a consumer running job n SIGKILLs that feeder (a job that crashes
+//!   its feeder every time: it ends dead after `max_attempts`).
 //!
 //! ```text
 //! cargo build --release --bins --examples
@@ -22,7 +29,7 @@
 
 use std::process::ExitCode;
 use std::time::Duration;
-use taskherd::queue::feeders::{FileFeeder, FileJob};
+use taskherd::queue::feeders::FileFeeder;
 use taskherd::queue::{Feeder, Next};
 use taskherd::retry::Outcome;
 use taskherd::slave::{Handler, HandlerQueue, JobInfo};
@@ -38,6 +45,10 @@ struct Params {
     work_ms: Option<u64>,
     pause_at: Option<u64>,
     pause_ms: Option<u64>,
+    ids: Option<bool>,
+    pid_file: Option<String>,
+    poison: Option<u64>,
+    done_file: Option<String>,
 }
 
 /// Jobs 1..=last; dead jobs are printed.
@@ -64,30 +75,6 @@ impl Feeder for Numbers {
     }
 }
 
-/// A durable file queue; dead jobs are printed too.
-struct File(FileFeeder);
-
-impl Feeder for File {
-    type Job = FileJob;
-
-    fn next(&mut self) -> Next<FileJob> {
-        self.0.next()
-    }
-
-    fn success(&mut self, job: FileJob) {
-        self.0.success(job);
-    }
-
-    fn error(&mut self, job: FileJob, reason: &str) {
-        println!("dead {}: {reason}", job.payload());
-        self.0.error(job, reason);
-    }
-
-    fn recheck(&self) -> Duration {
-        self.0.recheck()
-    }
-}
-
 fn consume(params: &Params, h: &Handler, job: u64, info: JobInfo) -> Outcome {
     if let Some(ms) = params.work_ms {
         std::thread::sleep(Duration::from_millis(ms));
@@ -108,7 +95,40 @@ fn consume(params: &Params, h: &Handler, job: u64, info: JobInfo) -> Outcome {
             return Outcome::Retry(None);
         }
     }
-    println!("done {job}");
+    if params.poison == Some(job) {
+        if let Some(pid) = params
+            .pid_file
+            .as_ref()
+            .and_then(|file| std::fs::read_to_string(file).ok())
+            .and_then(|text| text.trim().parse::<i32>().ok())
+        {
+            println!("poison {job}: killing the feeder {pid}");
+            // SAFETY: kill(2) with a pid and a signal number; no memory involved.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        return Outcome::Retry(None);
+    }
+    if params.ids == Some(true) || params.done_file.is_some() {
+        let line = format!("done {job} #{} attempt {}", info.id, info.attempt);
+        if let Some(file) = &params.done_file {
+            use std::io::Write as _;
+            // One short write in append mode: lines of concurrent
+            // consumers do not mix.
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+                .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+            if let Err(err) = appended {
+                eprintln!("queue_worker: cannot append to {file}: {err}");
+            }
+        }
+        println!("{line}");
+    } else {
+        println!("done {job}");
+    }
     Outcome::Done
 }
 
@@ -134,7 +154,17 @@ fn main() -> ExitCode {
         // Only the feeder opens the file (it locks it); consumers get a
         // feeder they never use.
         Some(path) if queue.is_feeder() => match FileFeeder::open(path) {
-            Ok(feeder) => queue.run_queue_with_info(consumer, File(feeder)),
+            Ok(feeder) => {
+                if let Some(file) = &params.pid_file {
+                    if let Err(err) = std::fs::write(file, std::process::id().to_string()) {
+                        eprintln!("queue_worker: cannot write {file}: {err}");
+                    }
+                }
+                let feeder = feeder.with_dead_hook(|job, reason| {
+                    println!("dead {}: {reason}", job.payload());
+                });
+                queue.run_queue_with_info(consumer, feeder)
+            }
             Err(err) => {
                 eprintln!("queue_worker: cannot open the queue {path}: {err}");
                 ExitCode::from(2)

@@ -19,17 +19,31 @@
 # 4. Supervision cost: master CPU over 10 s with 100 idle local library
 #    instances (examples/worker), and its peak RSS (VmHWM).
 # 5. Stop latency: SIGTERM to the master's exit with those 100 instances.
+# 6. Durable queue (`durable`): no-op jobs through a durable file feeder
+#    (FileFeeder journal on the disk) -> 4 consumers x 8 -> acks, next to
+#    `beanstalkd -b DIR` (1 producer + 4 consumers, put/reserve/delete) on
+#    the same machine in the same run (`cargo bench --bench durable_queue`);
+#    then with the release binary and a queue of BENCH_DURABLE_START_JOBS
+#    jobs (`seq 1 N | taskherd queue add Q -`): `taskherd queue list Q`
+#    timed just added and once the jobs are in the journal (after `taskherd
+#    queue compact Q`, which also gives the bytes per pending job), and the
+#    time from `taskherd run` (a queue group of examples/queue_worker on Q,
+#    4 local consumers x 8) to the first job done, then SIGTERM; the queue
+#    is checked afterwards (nothing lost, nothing dead).
 #
-#   scripts/bench.sh                  # about 2-3 minutes once built
+#   scripts/bench.sh                  # about 2-3 minutes once built, plus 3-5 for durable
 #   BENCH_RUNS=5 scripts/bench.sh     # runs per measurement (default 3; the log relay: at least 5)
 #   BENCH_STRICT=1 scripts/bench.sh   # exit 3 when a target is missed
 #   BENCH_NO_BUILD=1 scripts/bench.sh # use the release builds as they are (no cargo)
-#   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local
+#   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable
+#   BENCH_DURABLE_JOBS=200000         # jobs of the durable queue bench (default 200 000)
+#   BENCH_DURABLE_START_JOBS=1000000  # jobs of the queue list / start-time rows (default 1 000 000)
+#   BENCH_DURABLE_TIMEOUT=600         # bound on each durable step, in seconds (default 600)
 #   BENCH_TASKHERD=/path/taskherd BENCH_ONLY="logs local" scripts/bench.sh
 #                                     # another build (e.g. a patched copy) for logs and local
 #
 # Missing tools are installed from Debian (parallel, pdsh, openssh-server,
-# openssh-client, mawk; with sudo when not root), and the `taskherd-test`
+# openssh-client, mawk, beanstalkd; with sudo when not root), and the `taskherd-test`
 # login of scripts/test is created. Exit status: 0 when every check passed
 # (1 when a check failed: lines lost, a wrong exit code, a process left
 # behind), 3 with BENCH_STRICT=1 and a target missed.
@@ -42,13 +56,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 runs=${BENCH_RUNS:-3}
-only=${BENCH_ONLY:-logs fanout queue local}
+only=${BENCH_ONLY:-logs fanout queue local durable}
 producers=4
 log_lines=${BENCH_LOG_LINES:-250000}
 # The log relay is short and the most sensitive to a busy machine: more runs.
 log_runs=${BENCH_LOG_RUNS:-$(( runs > 5 ? runs : 5 ))}
 idle_instances=100
 idle_seconds=10
+durable_jobs=${BENCH_DURABLE_JOBS:-200000}
+durable_start_jobs=${BENCH_DURABLE_START_JOBS:-1000000}
+durable_timeout=${BENCH_DURABLE_TIMEOUT:-600}
 sudo=
 [ "$(id -u)" = 0 ] || sudo=sudo
 export LC_ALL=C
@@ -141,13 +158,18 @@ median() {
 
 # ------------------------------------------------------------ dependencies
 
+# What the sections asked for need (logs: parallel, mawk, time; fanout:
+# parallel, pdsh, ssh; durable: beanstalkd).
 missing=()
-command -v parallel >/dev/null 2>&1 || missing+=(parallel)
-command -v pdsh >/dev/null 2>&1 || missing+=(pdsh)
-[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
-{ command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1; } || missing+=(openssh-client)
-command -v mawk >/dev/null 2>&1 || missing+=(mawk)
-[ -x /usr/bin/time ] || missing+=(time)
+if wants logs || wants fanout; then
+    command -v parallel >/dev/null 2>&1 || missing+=(parallel)
+    command -v pdsh >/dev/null 2>&1 || missing+=(pdsh)
+    [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+    { command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1; } || missing+=(openssh-client)
+    command -v mawk >/dev/null 2>&1 || missing+=(mawk)
+    [ -x /usr/bin/time ] || missing+=(time)
+fi
+if wants durable && ! command -v beanstalkd >/dev/null 2>&1; then missing+=(beanstalkd); fi
 if [ ${#missing[@]} -gt 0 ]; then
     section "installing ${missing[*]}"
     # The sshd package's service must not start (it would listen on every
@@ -164,6 +186,18 @@ if [ ${#missing[@]} -gt 0 ]; then
         $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
     fi
     [ -n "$made_policy" ] && $sudo rm -f "$policy"
+    # The bench starts beanstalkd servers of its own, on loopback: the
+    # package's service (on every address, port 11300) must not run. The
+    # policy-rc.d kept it from starting; should it run all the same (an
+    # existing policy-rc.d that allows it), stop it.
+    if [[ " ${missing[*]} " == *" beanstalkd "* ]]; then
+        if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet beanstalkd 2>/dev/null; then
+            $sudo systemctl stop beanstalkd
+            $sudo systemctl disable --quiet beanstalkd || true
+        elif [ -x /etc/init.d/beanstalkd ] && $sudo /etc/init.d/beanstalkd status >/dev/null 2>&1; then
+            $sudo /etc/init.d/beanstalkd stop
+        fi
+    fi
 fi
 # The login of the remote sessions (see scripts/test): uid 0, /bin/sh.
 if wants fanout && [ -z "${TASKHERD_TEST_NO_LOGIN:-}" ] && ! id taskherd-test >/dev/null 2>&1; then
@@ -194,21 +228,32 @@ bench_exe() { sed -n "s|^ *Executable benches/$1.rs (\(.*\))\$|\1|p" "$work/buil
 section "build (release)"
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
     retry_build cargo build --release --bin taskherd --examples
-    retry_build cargo bench --no-run --bench remote_start --bench queue
+    benches=(--bench remote_start --bench queue)
+    if wants durable; then benches+=(--bench durable_queue); fi
+    retry_build cargo bench --no-run "${benches[@]}"
     remote_bench=$root/$(bench_exe remote_start)
     queue_bench=$root/$(bench_exe queue)
+    durable_bench=
+    if wants durable; then durable_bench=$root/$(bench_exe durable_queue); fi
 else
     # The newest bench executables already built.
     newest() { find "$root/target/release/deps" -maxdepth 1 -type f -perm -u+x -name "$1-*" ! -name '*.d' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-; }
     remote_bench=$(newest remote_start)
     queue_bench=$(newest queue)
+    durable_bench=$(newest durable_queue)
 fi
 taskherd=${BENCH_TASKHERD:-$root/target/release/taskherd}
 worker=$root/target/release/examples/worker
 producer=$root/scripts/bench/producer.sh
+queue_worker=$root/target/release/examples/queue_worker
 for f in "$taskherd" "$worker" "$remote_bench" "$queue_bench"; do
     [ -x "$f" ] || die "missing build output $f"
 done
+if wants durable; then
+    for f in "$durable_bench" "$queue_worker"; do
+        [ -x "$f" ] || die "missing build output $f"
+    done
+fi
 say "taskherd $("$taskherd" --version 2>/dev/null || echo '?'), $(git -C "$root" describe --always --dirty 2>/dev/null || echo 'no git')"
 
 section "machine"
@@ -218,7 +263,13 @@ say "kernel:   $(uname -srm)"
 say "os:       $(sed -n 's/^PRETTY_NAME="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' /etc/os-release)"
 say "memory:   $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
 say "load:     $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min)"
-say "tools:    $(parallel --version | head -1), $(pdsh -V 2>&1 | head -1), $(ssh -V 2>&1), $(mawk -W version 2>&1 | head -1)"
+if wants logs || wants fanout; then
+    say "tools:    $(parallel --version | head -1), $(pdsh -V 2>&1 | head -1), $(ssh -V 2>&1), $(mawk -W version 2>&1 | head -1)"
+fi
+if wants durable; then
+    say "disk:     $work on $(df -PT "$work" | awk 'NR == 2 { print $1 " (" $2 ") mounted on " $7 }') (the durable queues and binlogs)"
+    say "beanstalkd: $(command -v beanstalkd) ($(beanstalkd -v 2>&1 | head -1))"
+fi
 say "runs:     $runs per measurement (median reported)"
 
 # Results: one line per row, tab-separated:
@@ -411,6 +462,195 @@ TOML
 fi
 if wants fanout; then
     row "stop: SIGTERM to exit, 2 x 4 remote instances, ms" "$stop_remote" "-" "-" "< 500 ms" "$(verdict "$stop_remote < 500")"
+fi
+
+# ------------------------------------------------------------ 6. durable
+
+if wants durable; then
+    section "6. durable queue: FileFeeder journal -> 4 consumers x 8 -> acks, next to beanstalkd -b ($durable_jobs jobs; benches/durable_queue.rs)"
+    # Each step of the bench is bounded by $durable_timeout; this bounds
+    # the whole (about a dozen steps per run).
+    "${marked[@]}" BENCH_RUNS="$runs" BENCH_DURABLE_JOBS="$durable_jobs" BENCH_DURABLE_TIMEOUT="$durable_timeout" \
+        TMPDIR="$work/tmp" timeout -k 10 $((durable_timeout * 12 * runs)) "$durable_bench" --bench \
+        >"$work/durable.out" 2>&1 &
+    durable_pid=$!
+    tail -f --pid="$durable_pid" "$work/durable.out" | grep -v '^RESULT' &
+    wait "$durable_pid" || { sleep 0.2; die "durable queue bench failed or timed out (above)"; }
+    wait $! 2>/dev/null || true
+    check_nothing_left "durable queue bench"
+    # The median of a `RESULT <key> <median> <min> <max> <runs>` line, rounded.
+    durable_result() {
+        awk -v k="$1" '$1 == "RESULT" && $2 == k { printf "%.0f\n", $3; found = 1 } END { exit !found }' "$work/durable.out" \
+            || die "durable queue bench printed no $1"
+    }
+    th=$(durable_result durable_taskherd)
+    bs=$(durable_result durable_beanstalkd)
+    bs_both=$(durable_result durable_beanstalkd_concurrent)
+    ratio=$(awk -v a="$th" -v b="$bs" 'BEGIN { printf "%.2f", a / b }')
+    ratio_both=$(awk -v a="$th" -v b="$bs_both" 'BEGIN { printf "%.2f", a / b }')
+    row "durable queue jobs/s (file feeder -> 4 x 8 -> acks, $durable_jobs jobs)" "$th" "$bs (beanstalkd -b, 4 consumers)" "${ratio}x" ">= 3x beanstalkd -b" "$(verdict "$ratio >= 3")"
+    row "  same, absolute" "$th" "-" "-" ">= 50000" "$(verdict "$th >= 50000")"
+    row "  vs beanstalkd -b, 1 producer + 4 consumers at once" "$th" "$bs_both (beanstalkd)" "${ratio_both}x" "-" "-"
+
+    section "6. durable queue with the release binary: $durable_start_jobs jobs"
+    qdir=$work/durable-queue
+    q=$qdir/jobs.queue
+    mkdir "$qdir"
+    # Runs a command under the step bound, its output to $work/step.out;
+    # sets step_ms. Returns 124 when it timed out; any other failure fails.
+    timed_step() {
+        local what=$1 t0 t1 status=0
+        shift
+        t0=$(now)
+        "${marked[@]}" timeout -k 5 "$durable_timeout" "$@" >"$work/step.out" 2>&1 || status=$?
+        t1=$(now)
+        step_ms=$(ms_between "$t0" "$t1")
+        if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+            say "$what: not done within $durable_timeout s"
+            return 124
+        fi
+        [ "$status" = 0 ] || die "$what exited with $status: $(tail -5 "$work/step.out")"
+        say "$what: $step_ms ms: $(tail -1 "$work/step.out")"
+    }
+    # Bytes of the queue's files (journal, inbox, dead letters, whatever
+    # else the store keeps next to them).
+    queue_bytes() { find "$qdir" -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f", s }'; }
+    # The counts of the summary line of `queue list` ("Q: 5 pending, 0 in
+    # flight, 0 dead"; an inbox count if it shows one), as "pending
+    # in-flight dead inbox"; fails if there is none.
+    list_counts() {
+        awk '/ pending/ && !seen {
+            seen = 1
+            if (match($0, /[0-9]+ pending/)) p = substr($0, RSTART, RLENGTH) + 0
+            if (match($0, /[0-9]+ in flight/)) f = substr($0, RSTART, RLENGTH) + 0
+            if (match($0, /[0-9]+ dead/)) d = substr($0, RSTART, RLENGTH) + 0
+            if (match($0, /[0-9]+ (jobs )?in (the )?inbox/)) i = substr($0, RSTART, RLENGTH) + 0
+        } END { if (!seen) exit 1; print p + 0, f + 0, d + 0, i + 0 }' "$work/step.out" \
+            || die "queue list printed no counts: $(cat "$work/step.out")"
+    }
+    # Fails unless `queue list` said: $1 jobs waiting (in the journal or the
+    # inbox; with $2 = journal, all in the journal), none in flight or dead.
+    check_listed() {
+        local pending in_flight dead inbox
+        read -r pending in_flight dead inbox <<<"$(list_counts)"
+        if ! { [ $((pending + inbox)) = "$1" ] && [ "$in_flight" = 0 ] && [ "$dead" = 0 ]; }; then
+            die "queue list: expected $1 jobs waiting, none in flight or dead: $(cat "$work/step.out")"
+        fi
+        if [ "${2:-}" = journal ] && [ "$inbox" != 0 ]; then
+            die "queue list: expected the $1 jobs in the journal, $inbox are in the inbox: $(cat "$work/step.out")"
+        fi
+    }
+    timeout_row() { row "$1" "timeout (> $durable_timeout s)" "-" "-" "$2" MISSED; }
+    # A function, so that a step that timed out can end the section early
+    # (what follows it would measure a half-done queue).
+    durable_cli() {
+        local n=$durable_start_jobs label
+        label="queue add, $n jobs (seq | taskherd queue add Q -), ms"
+        # shellcheck disable=SC2016 # expanded by that sh
+        if ! timed_step "queue add" sh -c 'seq 1 "$1" | "$2" queue add "$3" -' sh "$n" "$taskherd" "$q"; then
+            timeout_row "$label" "-"
+            return 0
+        fi
+        row "$label" "$step_ms" "-" "-" "-" "-"
+        # Just added, the jobs are in the inbox (taskherd 0.1's `queue list`
+        # takes them into the journal: its first list includes that).
+        label="queue list, $n jobs just added, ms"
+        if ! timed_step "queue list (just added)" "$taskherd" queue list "$q"; then
+            timeout_row "$label" "< 1000 ms"
+            return 0
+        fi
+        check_listed "$n"
+        row "$label" "$step_ms" "-" "-" "< 1000 ms" "$(verdict "$step_ms < 1000")"
+
+        # `queue compact` takes the inbox in and rewrites the journal as a
+        # snapshot. Without that command (taskherd 0.1), the sizes are the
+        # queue's files as the first `queue list` left them, not compacted.
+        local compacted="not compacted: no queue compact"
+        if "$taskherd" queue compact --help >/dev/null 2>&1; then
+            label="queue compact, $n jobs (takes the inbox in), ms"
+            if ! timed_step "queue compact" "$taskherd" queue compact "$q"; then
+                timeout_row "$label" "-"
+                return 0
+            fi
+            row "$label" "$step_ms" "-" "-" "-" "-"
+            compacted="after queue compact"
+        fi
+        local bytes per_job
+        bytes=$(queue_bytes)
+        per_job=$(awk -v b="$bytes" -v n="$n" 'BEGIN { printf "%.1f", b / n }')
+        say "queue files: $bytes bytes for $n pending jobs ($per_job bytes/job; $compacted):" \
+            "$(find "$qdir" -type f -printf '%f %s bytes, ' | sed 's/, $//')"
+        row "queue bytes per pending job ($n pending; $compacted)" "$per_job" "-" "-" "-" "-"
+
+        label="queue list, $n jobs in the journal, ms"
+        if ! timed_step "queue list (in the journal)" "$taskherd" queue list "$q"; then
+            timeout_row "$label" "< 1000 ms"
+            return 0
+        fi
+        check_listed "$n" journal
+        row "$label" "$step_ms" "-" "-" "< 1000 ms" "$(verdict "$step_ms < 1000")"
+
+        # The start: `taskherd run` to the first job done.
+        cat >"$work/durable.toml" <<TOML
+[master]
+stop_grace = "10s"
+[[group]]
+name = "durable"
+command = "$queue_worker"
+params = { file = "$q" }
+[group.feeder]
+host = "local"
+bind = "127.0.0.1:0"
+[group.local]
+instances = 4
+concurrency = 8
+TOML
+        local log=$work/durable-run.log master t0 t1 first_ms='' status=0 done_lines
+        t0=$(now)
+        "${marked[@]}" "$taskherd" run "$work/durable.toml" >"$log" 2>&1 &
+        master=$!
+        local deadline=$((SECONDS + durable_timeout))
+        while [ "$SECONDS" -lt "$deadline" ]; do
+            if grep -q -m1 -E '\] done [0-9]+$' "$log"; then
+                t1=$(now)
+                first_ms=$(ms_between "$t0" "$t1")
+                break
+            fi
+            kill -0 "$master" 2>/dev/null || die "durable herd: the master exited early: $(tail -5 "$log")"
+            sleep 0.005
+        done
+        label="start: taskherd run to the first job done, $n pending, ms"
+        if [ -n "$first_ms" ]; then
+            say "taskherd run -> first job done: $first_ms ms ($(grep -m1 -E '\] done [0-9]+$' "$log"))"
+            row "$label" "$first_ms" "-" "-" "< 2000 ms" "$(verdict "$first_ms < 2000")"
+        else
+            say "taskherd run: no job done within $durable_timeout s"
+            timeout_row "$label" "< 2000 ms"
+        fi
+        kill -TERM "$master"
+        for _ in $(seq 600); do
+            kill -0 "$master" 2>/dev/null || break
+            sleep 0.05
+        done
+        kill -0 "$master" 2>/dev/null && die "durable herd: the master still runs 30 s after SIGTERM: $(tail -5 "$log")"
+        wait "$master" || status=$?
+        [ "$status" = 0 ] || die "durable herd: the master exited with $status after SIGTERM: $(tail -5 "$log")"
+        check_nothing_left "durable herd stop"
+        # At least once, none lost: every job acked was printed done first,
+        # so what is left pending is at least n minus the done lines.
+        done_lines=$(grep -c -E '\] done [0-9]+$' "$log" || true)
+        if timed_step "queue list (after the run)" "$taskherd" queue list "$q"; then
+            local pending in_flight dead inbox
+            read -r pending in_flight dead inbox <<<"$(list_counts)"
+            pending=$((pending + inbox))
+            if ! { [ "$dead" = 0 ] && [ "$in_flight" = 0 ] \
+                && [ "$pending" -le "$n" ] && [ $((pending + done_lines)) -ge "$n" ]; }; then
+                die "durable herd: after $done_lines jobs done of $n, the queue says: $(cat "$work/step.out")"
+            fi
+            say "after the stop: $done_lines jobs done, $pending waiting"
+        fi
+    }
+    durable_cli
 fi
 
 check_nothing_left "the bench"

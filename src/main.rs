@@ -117,17 +117,26 @@ enum QueueCommand {
         #[arg(required = true, allow_hyphen_values = true)]
         jobs: Vec<String>,
     },
-    /// Count pending, in-flight and dead jobs, and list the dead ones with
-    /// their reasons.
+    /// Count pending, waiting (inbox) and dead jobs, and list the dead
+    /// ones with their reasons (also while a feeder serves the queue).
     List {
         /// The queue file.
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// List the pending jobs too (id, attempts, job), in serving order.
+        #[arg(long)]
+        jobs: bool,
     },
     /// Put every dead job back in the queue.
     RequeueDead {
+        /// The queue file.
+        file: PathBuf,
+    },
+    /// Take the inbox in and rewrite the journal as a snapshot (no feeder
+    /// may serve the queue meanwhile); prints its size per pending job.
+    Compact {
         /// The queue file.
         file: PathBuf,
     },
@@ -463,37 +472,79 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
     match command {
         QueueCommand::Add { file, jobs } => {
             let jobs = queue_jobs(&jobs)?;
-            let added = FileFeeder::push_all(&file, jobs)
-                .with_context(|| format!("cannot add jobs to {}", file.display()))?;
+            let added = FileFeeder::push_raw(&file, jobs.iter().map(|job| job.as_ref()))
+                .with_context(|| {
+                    format!("cannot add jobs to {} (none was added)", file.display())
+                })?;
             println!("{}: added {added} jobs", file.display());
         }
-        QueueCommand::List { file, json } => {
-            let report = open(&file)?.report()?;
+        QueueCommand::List { file, json, jobs } => {
+            if !FileFeeder::exists(&file) {
+                anyhow::bail!("{}: no such queue", file.display());
+            }
+            let report = FileFeeder::inspect(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let pending = if jobs {
+                FileFeeder::inspect_jobs(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            } else {
+                Vec::new()
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut value = serde_json::to_value(&report)?;
+                if jobs {
+                    value["jobs"] = serde_json::to_value(&pending)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&value)?);
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{}: {} pending, {} in flight, {} dead",
+                "{}: {} pending, {} in the inbox, {} dead ({} bytes)",
                 file.display(),
                 report.pending,
-                report.in_flight,
-                report.dead.len()
+                report.inbox,
+                report.dead.len(),
+                report.journal_bytes
             );
             for dead in &report.dead {
                 println!("  dead #{}: {}: {}", dead.id, dead.reason, dead.job);
+            }
+            for job in &pending {
+                println!("  #{} (attempts {}): {}", job.id, job.attempts, job.job);
             }
         }
         QueueCommand::RequeueDead { file } => {
             let requeued = open(&file)?.requeue_dead()?;
             println!("{}: {requeued} dead jobs put back", file.display());
         }
+        QueueCommand::Compact { file } => {
+            let mut feeder = open(&file)?;
+            let taken = feeder.take_inbox()?;
+            feeder.compact()?;
+            let report = feeder.report()?;
+            let per_job = if report.pending > 0 {
+                format!(
+                    ", {:.1} bytes per pending job",
+                    report.journal_bytes as f64 / report.pending as f64
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "{}: took {taken} jobs in; {} pending, {} dead; journal {} bytes{per_job}",
+                file.display(),
+                report.pending,
+                report.dead.len(),
+                report.journal_bytes
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The JSON values of `queue add`: each argument, or the lines of stdin for `-`.
-fn queue_jobs(args: &[String]) -> anyhow::Result<Vec<serde_json::Value>> {
+/// The JSON texts of `queue add`: each argument, or the lines of stdin for
+/// `-`, checked.
+fn queue_jobs(args: &[String]) -> anyhow::Result<Vec<Box<serde_json::value::RawValue>>> {
     use std::io::BufRead;
 
     let mut jobs = Vec::new();
@@ -504,21 +555,23 @@ fn queue_jobs(args: &[String]) -> anyhow::Result<Vec<serde_json::Value>> {
             stdin_read = true;
             for (n, line) in std::io::stdin().lock().lines().enumerate() {
                 let line = line.context("cannot read stdin")?;
-                if line.trim().is_empty() {
+                let line = line.trim();
+                if line.is_empty() {
                     continue;
                 }
-                let job = serde_json::from_str(&line)
+                let job = serde_json::value::RawValue::from_string(line.to_owned())
                     .with_context(|| format!("stdin line {} is not valid JSON", n + 1))?;
                 jobs.push(job);
             }
             continue;
         }
-        let job = serde_json::from_str(arg).with_context(|| {
-            format!(
-                "job {} ({arg}) is not valid JSON (quote strings: '\"text\"')",
-                i + 1
-            )
-        })?;
+        let job =
+            serde_json::value::RawValue::from_string(arg.trim().to_owned()).with_context(|| {
+                format!(
+                    "job {} ({arg}) is not valid JSON (quote strings: '\"text\"')",
+                    i + 1
+                )
+            })?;
         jobs.push(job);
     }
     Ok(jobs)

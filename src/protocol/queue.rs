@@ -71,6 +71,13 @@ pub enum ToConsumer {
         /// The lease named in the outcome.
         lease: u64,
     },
+    /// Outcomes of these leases are recorded durably (sent by feeders
+    /// that keep their jobs on disk, once the sync covering the outcomes
+    /// is done): those jobs will never be served again.
+    Settled {
+        /// The leases named in the outcomes.
+        leases: Vec<u64>,
+    },
     /// The feeder is stopping: finish or release what you hold, then Bye.
     Drain,
     /// "I am still here".

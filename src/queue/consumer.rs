@@ -219,6 +219,9 @@ pub struct ConsumerReport {
     pub expired: u64,
     /// Outcomes the feeder called stale (the lease had expired).
     pub stale: u64,
+    /// Outcomes a durable feeder confirmed as recorded
+    /// ([`ToConsumer::Settled`]): those jobs never run again.
+    pub settled: u64,
     /// Connections made (handshakes that succeeded).
     pub connections: u64,
 }
@@ -806,6 +809,9 @@ where
         send(ToFeeder::Credit { n: initial });
     }
     let mut queued: VecDeque<Queued<J>> = VecDeque::new();
+    // Job ids and attempts by lease, for the log of outcomes a durable
+    // feeder settles.
+    let mut job_ids: HashMap<u64, (u64, u32)> = HashMap::new();
     let mut draining = false;
     let mut last_heard = Instant::now();
     // A zero period would make the interval panic.
@@ -874,6 +880,7 @@ where
                 last_heard = Instant::now();
                 match classify(item) {
                     Read::Frame(ToConsumer::Job { lease: job_lease, id, attempt, payload }) => {
+                        job_ids.insert(job_lease, (id, attempt));
                         if draining {
                             send(ToFeeder::Release { lease: job_lease });
                             runner.report.released += 1;
@@ -909,6 +916,13 @@ where
                     Read::Frame(ToConsumer::Stale { lease }) => {
                         debug!(lease, "the feeder called an outcome stale");
                         runner.report.stale += 1;
+                    }
+                    Read::Frame(ToConsumer::Settled { leases }) => {
+                        for lease in leases {
+                            let (job, attempt) = job_ids.remove(&lease).unzip();
+                            debug!(lease, job, attempt, "outcome recorded durably by the feeder");
+                            runner.report.settled += 1;
+                        }
                     }
                     Read::Frame(ToConsumer::Drain) => {
                         if !draining {

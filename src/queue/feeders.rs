@@ -1,47 +1,22 @@
 //! Built-in [`Feeder`]s: [`IterFeeder`] serves jobs from memory,
-//! [`FileFeeder`] from a durable file-backed queue.
-//!
-//! # How the file feeder works
-//!
-//! A [`FileFeeder`] owns a [`FileQueue`] journal (`<path>`) and two files of
-//! JSON lines next to it:
-//!
-//! - `<path>.inbox`: jobs added by other processes
-//!   ([`FileFeeder::push`], `taskherd queue add`). The journal is locked by
-//!   its one owner, so producers append here instead (under an `flock` of
-//!   the inbox, synced), and the owner moves the lines into the journal
-//!   when its queue runs empty and whenever it opens the journal.
-//! - `<path>.dead`: the jobs given up on, each with its reason (synced).
-//!
-//! Every job served is a lease of the [`FileQueue`] that never expires on
-//! its own: the TCP feeder's leases decide about redelivery while the
-//! process lives, and if it dies, opening the journal again releases the
-//! leases, so every job that had no final outcome is served again. An acked
-//! or dead-lettered job never is.
-//!
-//! Delivery is at least once: a crash between two steps that must both
-//! happen (writing a dead-letter line and acking its lease; pushing inbox
-//! lines into the journal and emptying the inbox; pushing dead jobs back and
-//! emptying the dead-letter file) leaves a job in both places, never in
-//! neither.
+//! [`FileFeeder`] from a durable file-backed queue (its files, what is
+//! synced when and what a crash can do: [`durable`](super::durable)).
 
-use std::ffi::OsString;
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error_text::error_chain;
 
-use super::local::{
-    FileQueue, LeaseId, LocalQueue, LocalQueueError, MessageId, PushOptions, QueueOptions, Result,
+use super::durable::{
+    self, inbox, inbox::Intake, record::Record, state::State, store, store::Store,
 };
+use super::local::{LocalQueueError, Result};
 use super::{Feeder, Next};
 
 // ---- IterFeeder -------------------------------------------------------------
@@ -137,90 +112,119 @@ where
 // ---- FileFeeder -------------------------------------------------------------
 
 /// How often an idle [`FileFeeder`] looks at its inbox again.
-pub const FILE_FEEDER_RECHECK: Duration = Duration::from_secs(1);
+pub const FILE_FEEDER_RECHECK: Duration = Duration::from_millis(50);
 
-/// Options of the journal: a lease lasts "forever" (the TCP feeder's own
-/// leases govern redelivery; a reopen releases them), and the journal
-/// never dead-letters by itself (the TCP feeder counts attempts).
-const JOURNAL_OPTIONS: QueueOptions = QueueOptions {
-    visibility_timeout: Duration::MAX,
-    max_receives: u32::MAX,
-};
+/// How often a [`FileFeeder`] whose intake is under way asks for the next
+/// batch.
+const INTAKE_RECHECK: Duration = Duration::from_millis(5);
 
-/// A durable feeder: a [`FileQueue`] journal with an inbox for producers and
-/// a dead-letter file; see the [module docs](self#how-the-file-feeder-works).
+/// Batches a [`FileFeeder`] records per call at most (the rest waits for
+/// the next call, so one call never holds the server for long).
+const BATCHES_PER_CALL: usize = 4;
+
+/// Longest wait of the `taskherd queue` commands for a sync.
+const COMMAND_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A hook called with every job given up on and why.
+type DeadHook = Box<dyn FnMut(&FileJob, &str) + Send>;
+
+/// A durable feeder: a journal with group commit, an inbox producers add
+/// to while it runs, dead jobs kept with their reasons; see
+/// [`durable`](super::durable) for the files and what a crash can do.
 ///
 /// It never says [`Next::Done`]: with nothing to serve it says
 /// [`Next::Empty`], and looks at its inbox again after
-/// [`FILE_FEEDER_RECHECK`].
-///
-/// Its methods block on `fsync`: one per job served, one per outcome. If
-/// the journal fails (a write error, a full disk), the failure is logged and
-/// the next [`next`](Feeder::next) opens it again, which serves again
-/// every job that was out (their late outcomes are then logged and dropped:
-/// the jobs are out a second time).
+/// [`FILE_FEEDER_RECHECK`]. No method blocks on the disk: changes are
+/// written and synced by a thread of its own, and the feeder server holds
+/// back what depends on them until they are durable
+/// ([`Feeder::commit`], [`Feeder::synced`]). Jobs added to the inbox are
+/// taken in by another thread, in batches, as the feeder serves.
 ///
 /// ```
 /// use taskherd::queue::{feeders::FileFeeder, Feeder, Next};
-///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// # let dir = tempfile::tempdir()?;
 /// let path = dir.path().join("jobs.queue");
 /// FileFeeder::push(&path, serde_json::json!({"file": "a.png"}))?;
 /// let mut feeder = FileFeeder::open(&path)?;
+/// feeder.take_inbox()?; // a server does not need this: its intake runs by itself
 /// let Next::Job(job) = feeder.next() else { panic!("one job") };
-/// assert_eq!(serde_json::to_value(&job)?, serde_json::json!({"file": "a.png"}));
+/// assert_eq!(job.payload().get(), r#"{"file":"a.png"}"#);
 /// feeder.success(job);
 /// assert_eq!(feeder.next(), Next::Empty);
 /// # Ok(())
 /// # }
 /// ```
 pub struct FileFeeder {
-    /// The journal's path, for reopening it.
-    path: PathBuf,
-    /// `<path>.inbox`.
-    inbox: PathBuf,
-    /// `<path>.dead`.
-    dead: PathBuf,
-    /// The open journal; `None` after it failed, until reopened.
-    queue: Option<FileQueue>,
+    /// The journal and the state.
+    store: Store,
+    /// Jobs with ids up to this one were served in this run.
+    cursor: u64,
+    /// The intake thread, started at the first [`next`](Feeder::next).
+    intake: Option<Intake>,
+    /// A generation whose last batch went in the commit numbered `.1`:
+    /// once that is durable, its file may go.
+    finishing: Vec<(u64, u64)>,
+    /// The generation of a last batch recorded since the last commit.
+    finished_now: Option<u64>,
+    /// Called with every job given up on.
+    dead_hook: Option<DeadHook>,
+    /// Whether the journal's writes were failing at the last commit.
+    failing: bool,
 }
 
 impl fmt::Debug for FileFeeder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FileFeeder")
-            .field("path", &self.path)
-            .field("open", &self.queue.is_some())
-            .finish()
+            .field("store", &self.store)
+            .field("cursor", &self.cursor)
+            .finish_non_exhaustive()
     }
 }
 
 /// A job of a [`FileFeeder`]: its payload (all a consumer sees: it
-/// serializes as just the payload) and the local lease it is held under.
-#[derive(Debug, Clone, PartialEq)]
+/// serializes as just the payload), its id and its attempts so far.
+#[derive(Debug, Clone)]
 pub struct FileJob {
-    /// The journal's id of the message.
-    id: MessageId,
-    /// The journal's lease, acked at the outcome.
-    lease: LeaseId,
-    /// What was pushed.
-    payload: Value,
+    /// The journal's id of the job.
+    id: u64,
+    /// Attempts before this delivery.
+    attempts: u32,
+    /// The JSON text that was added.
+    payload: Arc<RawValue>,
+}
+
+impl PartialEq for FileJob {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.attempts == other.attempts
+            && self.payload.get() == other.payload.get()
+    }
 }
 
 impl FileJob {
-    /// The journal's id of the job (a dead job pushed back gets a new one).
-    pub fn id(&self) -> MessageId {
+    /// The journal's id of the job (a dead job put back gets a new one).
+    pub fn id(&self) -> u64 {
         self.id
     }
 
-    /// The JSON value that was pushed.
-    pub fn payload(&self) -> &Value {
+    /// Attempts the job had when it was taken from the journal.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The JSON text that was added.
+    pub fn payload(&self) -> &RawValue {
         &self.payload
     }
 
-    /// The payload, by value.
-    pub fn into_payload(self) -> Value {
-        self.payload
+    /// The payload as a [`Value`].
+    ///
+    /// # Errors
+    /// Never for a payload read from the journal (it is valid JSON); the
+    /// error type is serde's.
+    pub fn to_value(&self) -> serde_json::Result<Value> {
+        serde_json::from_str(self.payload.get())
     }
 }
 
@@ -230,7 +234,7 @@ impl Serialize for FileJob {
     }
 }
 
-/// A job in the dead-letter list, one line of `<path>.dead`.
+/// A job in the dead-letter list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadJob {
     /// The journal's id it had.
@@ -239,45 +243,74 @@ pub struct DeadJob {
     pub job: Value,
     /// Why it was given up on.
     pub reason: String,
-    /// When, in milliseconds since the Unix epoch; unknown for jobs the
-    /// journal dead-lettered by itself.
+    /// Attempts it had.
+    #[serde(default)]
+    pub attempts: u32,
+    /// When, in milliseconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_at_ms: Option<u64>,
 }
 
-/// What a file queue holds, as [`FileFeeder::report`] tells it.
+/// A pending job, as [`FileFeeder::inspect_jobs`] lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingJob {
+    /// The journal's id.
+    pub id: u64,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Its payload.
+    pub job: Value,
+}
+
+/// What a file queue holds, as [`FileFeeder::report`] or
+/// [`FileFeeder::inspect`] tell it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueueReport {
-    /// Jobs waiting to be served (visible now or delayed).
+    /// Jobs in the journal without a final outcome (served ones included).
     pub pending: usize,
-    /// Jobs served and without an outcome yet (always 0 right after
-    /// [`FileFeeder::open`], which takes them all back).
+    /// Of those, jobs served by this feeder and without an outcome yet
+    /// (always 0 from [`inspect`](FileFeeder::inspect)).
     pub in_flight: usize,
+    /// Jobs added to the inbox and not yet taken into the journal.
+    pub inbox: u64,
     /// Jobs given up on, oldest first.
     pub dead: Vec<DeadJob>,
+    /// The journal's size in bytes.
+    pub journal_bytes: u64,
 }
 
 impl FileFeeder {
-    /// Opens (creating it if needed) the queue at `path` and moves its
-    /// inbox in. Jobs that were out when the last owner stopped or crashed
-    /// are served again.
+    /// Opens (creating it if needed) the queue at `path`: locks and
+    /// replays its journal. Jobs that were out when the last owner stopped
+    /// or crashed are served again, with their attempts. The inbox is
+    /// taken in by a thread of the feeder once it serves
+    /// ([`next`](Feeder::next)), or now with [`take_inbox`](Self::take_inbox).
     ///
     /// # Errors
     ///
     /// [`LocalQueueError::Locked`] if another feeder (or `taskherd queue`)
-    /// has it open; the errors of [`FileQueue::open`]; [`LocalQueueError::Io`]
-    /// if the inbox cannot be read or emptied.
+    /// has it open; [`LocalQueueError::NotAJournal`] for a file that is not
+    /// a queue journal; [`LocalQueueError::Corrupt`] with the offset of the
+    /// damage; [`LocalQueueError::Io`].
     pub fn open(path: impl AsRef<Path>) -> Result<FileFeeder> {
-        let path = path.as_ref().to_path_buf();
-        let queue = FileQueue::open(&path, JOURNAL_OPTIONS)?;
-        let mut feeder = FileFeeder {
-            inbox: sibling(&path, ".inbox"),
-            dead: sibling(&path, ".dead"),
-            path,
-            queue: Some(queue),
-        };
-        feeder.take_inbox()?;
-        Ok(feeder)
+        let store = Store::open(path.as_ref())?;
+        Ok(FileFeeder {
+            store,
+            cursor: 0,
+            intake: None,
+            finishing: Vec::new(),
+            finished_now: None,
+            dead_hook: None,
+            failing: false,
+        })
+    }
+
+    /// Calls `hook` with every job given up on and its reason (after it is
+    /// recorded), for a log or a notification.
+    #[must_use]
+    pub fn with_dead_hook(mut self, hook: impl FnMut(&FileJob, &str) + Send + 'static) -> Self {
+        self.dead_hook = Some(Box::new(hook));
+        self
     }
 
     /// Adds a job to the queue at `path`, whether or not a feeder has it
@@ -290,17 +323,16 @@ impl FileFeeder {
         Self::push_all(path, [payload]).map(|_| ())
     }
 
-    /// Adds jobs at once (one write, one sync); returns how many.
+    /// Adds jobs at once (one write, one sync); returns how many. All or
+    /// nothing: after an error none of them was added.
     ///
     /// # Errors
     ///
-    /// As [`push`](Self::push). Some of the jobs may have been added all
-    /// the same, if the write or the sync failed midway.
+    /// As [`push`](Self::push).
     pub fn push_all(
         path: impl AsRef<Path>,
         payloads: impl IntoIterator<Item = Value>,
     ) -> Result<usize> {
-        let inbox = sibling(path.as_ref(), ".inbox");
         let mut buf = Vec::new();
         let mut count = 0;
         for payload in payloads {
@@ -310,7 +342,37 @@ impl FileFeeder {
             count += 1;
         }
         if count > 0 {
-            append_lines(&inbox, &buf)?;
+            inbox::append(path.as_ref(), &buf)?;
+        }
+        Ok(count)
+    }
+
+    /// Adds jobs given as JSON texts (checked already, as `taskherd queue
+    /// add` does), one write and one sync; returns how many. All or nothing.
+    ///
+    /// # Errors
+    ///
+    /// As [`push`](Self::push).
+    pub fn push_raw<'a>(
+        path: impl AsRef<Path>,
+        payloads: impl IntoIterator<Item = &'a RawValue>,
+    ) -> Result<usize> {
+        let mut buf = Vec::new();
+        let mut count = 0;
+        for payload in payloads {
+            let text = payload.get();
+            if text.contains('\n') {
+                // Pretty JSON: make it one line.
+                let value: Value = serde_json::from_str(text).map_err(LocalQueueError::Encode)?;
+                serde_json::to_writer(&mut buf, &value).map_err(LocalQueueError::Encode)?;
+            } else {
+                buf.extend_from_slice(text.as_bytes());
+            }
+            buf.push(b'\n');
+            count += 1;
+        }
+        if count > 0 {
+            inbox::append(path.as_ref(), &buf)?;
         }
         Ok(count)
     }
@@ -319,372 +381,266 @@ impl FileFeeder {
     /// jobs were pushed to.
     pub fn exists(path: impl AsRef<Path>) -> bool {
         let path = path.as_ref();
-        path.exists() || sibling(path, ".inbox").exists()
+        path.exists() || inbox::inbox_path(path).exists()
+    }
+
+    /// What the queue at `path` holds, read without taking it over (a
+    /// feeder may be serving it).
+    ///
+    /// # Errors
+    ///
+    /// [`LocalQueueError::NotAJournal`] (a journal of taskherd 0.1 is
+    /// converted by [`open`](Self::open) only), [`LocalQueueError::Corrupt`],
+    /// [`LocalQueueError::Io`].
+    pub fn inspect(path: impl AsRef<Path>) -> Result<QueueReport> {
+        let path = path.as_ref();
+        let state = store::read_only(path)?;
+        let journal_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        Ok(QueueReport {
+            pending: state.jobs.len(),
+            in_flight: 0,
+            inbox: inbox::waiting(path, (state.generation, state.offset))?,
+            dead: dead_jobs(&state),
+            journal_bytes,
+        })
+    }
+
+    /// The pending jobs of the queue at `path` in the order they are
+    /// served, read without taking it over (the inbox is not included).
+    ///
+    /// # Errors
+    ///
+    /// As [`inspect`](Self::inspect).
+    pub fn inspect_jobs(path: impl AsRef<Path>) -> Result<Vec<PendingJob>> {
+        let state = store::read_only(path.as_ref())?;
+        Ok(state
+            .jobs
+            .iter()
+            .map(|(id, job)| PendingJob {
+                id: *id,
+                attempts: job.attempts,
+                job: serde_json::from_str(job.payload.get()).unwrap_or(Value::Null),
+            })
+            .collect())
     }
 
     /// The journal's path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.store.path()
     }
 
-    /// The dead-letter file's path (`<path>.dead`).
-    pub fn dead_path(&self) -> &Path {
-        &self.dead
-    }
-
-    /// What the queue holds now. The inbox is not counted: it is moved in
-    /// by [`open`](Self::open) and when the queue runs empty.
+    /// What the queue holds now.
     ///
     /// # Errors
     ///
-    /// [`LocalQueueError::Io`] or [`LocalQueueError::Decode`] if the
-    /// dead-letter file cannot be read.
-    pub fn report(&mut self) -> Result<QueueReport> {
-        let queue = self.queue()?;
-        let stats = queue.stats();
-        let mut dead: Vec<DeadJob> = queue
-            .dead_letters()
-            .into_iter()
-            .map(|message| DeadJob {
-                id: message.id.0,
-                reason: format!("delivered {} times without an ack", message.receive_count),
-                job: message.payload,
-                dead_at_ms: None,
-            })
-            .collect();
-        dead.extend(read_dead(&self.dead)?);
+    /// [`LocalQueueError::Io`] if the inbox cannot be read.
+    pub fn report(&self) -> Result<QueueReport> {
+        let state = &self.store.state;
         Ok(QueueReport {
-            pending: stats.ready + stats.delayed,
-            in_flight: stats.in_flight,
-            dead,
+            pending: state.jobs.len(),
+            in_flight: state.jobs.range(..=self.cursor).count(),
+            inbox: inbox::waiting(self.path(), (state.generation, state.offset))?,
+            dead: dead_jobs(state),
+            journal_bytes: self.store.journal_len(),
         })
     }
 
-    /// Puts every dead job back in the queue, to be served again; returns
-    /// how many.
+    /// Takes the whole inbox in now, on this thread, durably; returns how
+    /// many jobs came in. Does nothing once the feeder serves (its intake
+    /// thread does it).
     ///
     /// # Errors
     ///
-    /// As [`report`](Self::report), and the journal's errors. After a
-    /// failure, the jobs not yet pushed back are still in the dead-letter
-    /// list (and the ones pushed back may be too).
-    pub fn requeue_dead(&mut self) -> Result<usize> {
-        let dead_path = self.dead.clone();
-        let queue = self.queue()?;
-        let mut count = 0;
-        // Left by journals used with a dead-lettering `max_receives`.
-        for message in queue.dead_letters() {
-            queue.requeue_dead(message.id)?;
-            count += 1;
-        }
-        let dead = read_dead(&dead_path)?;
-        if dead.is_empty() {
-            return Ok(count);
-        }
-        for entry in dead {
-            queue.push(entry.job, PushOptions::default())?;
-            count += 1;
-        }
-        truncate(&dead_path)?;
-        Ok(count)
-    }
-
-    /// The open journal, opened again if it failed before.
-    fn queue(&mut self) -> Result<&mut FileQueue> {
-        if self.queue.is_none() {
-            let queue = FileQueue::open(&self.path, JOURNAL_OPTIONS)?;
-            tracing::warn!(
-                path = %self.path.display(),
-                "queue journal opened again; every job that was out is served again"
-            );
-            self.queue = Some(queue);
-        }
-        Ok(self.queue.as_mut().expect("invariant: opened above"))
-    }
-
-    /// Moves the inbox's lines into the journal and empties it; returns how
-    /// many jobs came in.
-    fn take_inbox(&mut self) -> Result<usize> {
-        let file = match OpenOptions::new().read(true).write(true).open(&self.inbox) {
-            Ok(file) => file,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => return Err(io_error(&self.inbox, source)),
-        };
-        let io = |source| io_error(&self.inbox, source);
-        lock(&file).map_err(io)?;
-        let data = read_all(&file).map_err(io)?;
-        if data.is_empty() {
+    /// [`LocalQueueError::Io`].
+    pub fn take_inbox(&mut self) -> Result<u64> {
+        if self.intake.is_some() {
             return Ok(0);
         }
-        let inbox = self.inbox.clone();
-        let queue = self.queue()?;
-        let mut count = 0;
-        for line in complete_lines(&data, &inbox) {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match serde_json::from_slice::<Value>(line) {
-                Ok(payload) => {
-                    queue.push(payload, PushOptions::default())?;
-                    count += 1;
+        inbox::take_all(&mut self.store, COMMAND_SYNC_TIMEOUT)
+    }
+
+    /// Rewrites the journal as a snapshot of what it holds now, and waits
+    /// for it.
+    ///
+    /// # Errors
+    ///
+    /// [`LocalQueueError::Io`] if it cannot be written (the old journal
+    /// stays in use).
+    pub fn compact(&mut self) -> Result<()> {
+        self.store.compact_and_wait(COMMAND_SYNC_TIMEOUT)
+    }
+
+    /// The journal size below which it is never compacted while serving
+    /// (default 16 MiB); above it, it is compacted when it holds more than
+    /// twice what its jobs need.
+    pub fn set_compact_min_bytes(&mut self, bytes: u64) {
+        self.store.set_compact_min_bytes(bytes);
+    }
+
+    /// Puts every dead job back in the queue under a new id, with its
+    /// attempts cleared, durably; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// [`LocalQueueError::Io`] if it cannot be synced.
+    pub fn requeue_dead(&mut self) -> Result<usize> {
+        let dead: Vec<(u64, Arc<RawValue>)> = self
+            .store
+            .state
+            .dead
+            .iter()
+            .map(|(id, dead)| (*id, Arc::clone(&dead.payload)))
+            .collect();
+        for (id, payload) in &dead {
+            self.store.change(&Record::Forget { id: *id });
+            self.store.push(Arc::clone(payload));
+        }
+        let seq = self.store.commit();
+        self.store.wait_synced(seq, COMMAND_SYNC_TIMEOUT)?;
+        Ok(dead.len())
+    }
+
+    /// Records batches the intake read, and lets go of generations whose
+    /// end is durable.
+    fn absorb_intake(&mut self) {
+        let synced = self.store.synced();
+        let intake = match &mut self.intake {
+            Some(intake) => intake,
+            None => match Intake::spawn(
+                self.store.path(),
+                (self.store.state.generation, self.store.state.offset),
+            ) {
+                Ok(intake) => self.intake.insert(intake),
+                Err(err) => {
+                    tracing::error!(cause = %error_chain(&err), "cannot start the intake of the inbox");
+                    return;
                 }
-                Err(err) => tracing::warn!(
-                    path = %inbox.display(),
-                    line = %String::from_utf8_lossy(line),
-                    cause = %err,
-                    "dropping an inbox line that is not JSON"
-                ),
+            },
+        };
+        self.finishing.retain(|&(generation, seq)| {
+            if seq <= synced {
+                intake.done(generation);
+                false
+            } else {
+                true
             }
-        }
-        file.set_len(0)
-            .and_then(|()| file.sync_data())
-            .map_err(|source| io_error(&inbox, source))?;
-        tracing::debug!(path = %self.path.display(), jobs = count, "took in the inbox");
-        Ok(count)
-    }
-
-    fn try_next(&mut self) -> Result<Option<FileJob>> {
-        if let Some(job) = self.receive()? {
-            return Ok(Some(job));
-        }
-        if self.take_inbox()? == 0 {
-            return Ok(None);
-        }
-        self.receive()
-    }
-
-    fn receive(&mut self) -> Result<Option<FileJob>> {
-        Ok(self.queue()?.receive_now()?.map(|lease| FileJob {
-            id: lease.message.id,
-            lease: lease.lease_id,
-            payload: lease.message.payload,
-        }))
-    }
-
-    /// Logs a failure of the journal; any failure but a stale lease makes
-    /// the next call open it again.
-    fn log_failure(&mut self, err: &LocalQueueError, job: Option<MessageId>, doing: &str) {
-        let path = self.path.display();
-        let job = job.map(|id| id.0);
-        match err {
-            LocalQueueError::StaleLease { .. } => tracing::warn!(
-                path = %path,
-                job = ?job,
-                "{doing}: the job was served again since (journal reopened); outcome dropped"
-            ),
-            _ => {
-                tracing::error!(path = %path, job = ?job, cause = %error_chain(err), "{doing}");
-                self.queue = None;
+        });
+        for _ in 0..BATCHES_PER_CALL {
+            let Ok(batch) = intake.batches_rx.try_recv() else {
+                break;
+            };
+            if batch.last {
+                self.finished_now = Some(batch.generation);
             }
+            inbox::absorb(&mut self.store, batch);
         }
     }
+}
+
+/// The dead jobs of a state, oldest first.
+fn dead_jobs(state: &State) -> Vec<DeadJob> {
+    state
+        .dead
+        .iter()
+        .map(|(id, dead)| DeadJob {
+            id: *id,
+            job: serde_json::from_str(dead.payload.get()).unwrap_or(Value::Null),
+            reason: dead.reason.clone(),
+            attempts: dead.attempts,
+            dead_at_ms: Some(dead.at_ms),
+        })
+        .collect()
 }
 
 impl Feeder for FileFeeder {
     type Job = FileJob;
 
     fn next(&mut self) -> Next<FileJob> {
-        match self.try_next() {
-            Ok(Some(job)) => Next::Job(job),
-            Ok(None) => Next::Empty,
-            Err(err) => {
-                self.log_failure(&err, None, "cannot take a job from the queue");
-                Next::Empty
-            }
-        }
+        self.absorb_intake();
+        let Some((&id, job)) = self.store.state.jobs.range(self.cursor + 1..).next() else {
+            return Next::Empty;
+        };
+        self.cursor = id;
+        Next::Job(FileJob {
+            id,
+            attempts: job.attempts,
+            payload: Arc::clone(&job.payload),
+        })
     }
 
     fn success(&mut self, job: FileJob) {
-        let acked = self.queue().and_then(|queue| queue.ack(&job.lease));
-        if let Err(err) = acked {
-            self.log_failure(&err, Some(job.id), "cannot ack a job");
-        }
+        self.store.change(&Record::Done { id: job.id });
     }
 
-    /// Writes the dead-letter line first and acks after: a crash in
-    /// between leaves the job in both the dead-letter file and the queue,
-    /// never in neither.
     fn error(&mut self, job: FileJob, reason: &str) {
-        let entry = DeadJob {
-            id: job.id.0,
-            job: job.payload,
-            reason: reason.to_owned(),
-            dead_at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .ok()
-                .and_then(|since| u64::try_from(since.as_millis()).ok()),
-        };
-        let mut line = match serde_json::to_vec(&entry) {
-            Ok(line) => line,
-            Err(err) => {
-                let err = LocalQueueError::Encode(err);
-                self.log_failure(&err, Some(job.id), "cannot dead-letter a job");
-                return;
-            }
-        };
-        line.push(b'\n');
-        if let Err(err) = append_lines(&self.dead, &line) {
-            // Not acked either: the job comes back when the journal is
-            // opened again.
-            self.log_failure(&err, Some(job.id), "cannot dead-letter a job");
-            return;
-        }
-        let acked = self.queue().and_then(|queue| queue.ack(&job.lease));
-        if let Err(err) = acked {
-            self.log_failure(&err, Some(job.id), "cannot ack a dead-lettered job");
+        self.store.change(&Record::Dead {
+            id: job.id,
+            at_ms: durable::now_ms(),
+            reason,
+        });
+        if let Some(hook) = &mut self.dead_hook {
+            hook(&job, reason);
         }
     }
 
     fn recheck(&self) -> Duration {
-        FILE_FEEDER_RECHECK
-    }
-}
-
-// ---- files of JSON lines ------------------------------------------------------
-
-/// `<path><suffix>`.
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = OsString::from(path.as_os_str());
-    name.push(suffix);
-    PathBuf::from(name)
-}
-
-fn io_error(path: &Path, source: io::Error) -> LocalQueueError {
-    LocalQueueError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Takes an exclusive `flock`, waiting for it; released when `file` is
-/// closed.
-fn lock(file: &File) -> io::Result<()> {
-    loop {
-        // SAFETY: the descriptor is owned by `file`, open for this call.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
+        let intake_busy = self.intake.as_ref().is_some_and(Intake::busy);
+        if intake_busy || !self.finishing.is_empty() {
+            INTAKE_RECHECK
+        } else {
+            FILE_FEEDER_RECHECK
         }
     }
-}
 
-fn read_all(mut file: &File) -> io::Result<Vec<u8>> {
-    let mut data = Vec::new();
-    file.read_to_end(&mut data)?;
-    Ok(data)
-}
-
-/// The newline-terminated lines of `data`. An unterminated last line is a
-/// write cut short by a crash, before its sync: its writer never heard it
-/// succeed, so it is dropped (with a warning).
-fn complete_lines<'d>(data: &'d [u8], path: &Path) -> impl Iterator<Item = &'d [u8]> {
-    let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if end < data.len() {
-        tracing::warn!(
-            path = %path.display(),
-            bytes = data.len() - end,
-            "dropping a line cut short by a crash"
-        );
+    fn job_id(&self, job: &FileJob) -> Option<u64> {
+        Some(job.id)
     }
-    data[..end]
-        .split_inclusive(|&b| b == b'\n')
-        .map(|line| &line[..line.len() - 1])
-}
 
-/// Appends whole lines to `path` (created if needed) under an exclusive
-/// `flock`, and syncs. A line cut short by an earlier crash is cut off
-/// first, so it cannot swallow the first new line.
-fn append_lines(path: &Path, lines: &[u8]) -> Result<()> {
-    let io = |source| io_error(path, source);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(path)
-        .map_err(io)?;
-    lock(&file).map_err(io)?;
-    let len = cut_torn_tail(&file, path).map_err(io)?;
-    file.write_all(lines)
-        .and_then(|()| file.sync_data())
-        .map_err(io)?;
-    if len == 0 {
-        // Possibly a new file: make its name durable too.
-        sync_dir(path).map_err(io)?;
+    fn attempts(&self, job: &FileJob) -> u32 {
+        job.attempts
     }
-    Ok(())
-}
 
-/// Truncates `file` after its last newline if it does not end with one;
-/// returns its length.
-fn cut_torn_tail(file: &File, path: &Path) -> io::Result<u64> {
-    let len = file.metadata()?.len();
-    if len == 0 {
-        return Ok(0);
+    fn attempt(&mut self, job: &FileJob) {
+        self.store.change(&Record::Attempt { id: job.id });
     }
-    let mut last = [0u8; 1];
-    file.read_exact_at(&mut last, len - 1)?;
-    if last[0] == b'\n' {
-        return Ok(len);
+
+    fn release(&mut self, job: &FileJob) {
+        self.store.change(&Record::Unattempt { id: job.id });
     }
-    let data = read_all(file)?;
-    let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    tracing::warn!(
-        path = %path.display(),
-        bytes = data.len() - end,
-        "dropping a line cut short by a crash"
-    );
-    file.set_len(end as u64)?;
-    Ok(end as u64)
-}
 
-/// Empties `path`, if it exists, and syncs.
-fn truncate(path: &Path) -> Result<()> {
-    let file = match OpenOptions::new().write(true).open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(io_error(path, source)),
-    };
-    file.set_len(0)
-        .and_then(|()| file.sync_data())
-        .map_err(|source| io_error(path, source))
-}
-
-/// The entries of a dead-letter file (none if it does not exist).
-fn read_dead(path: &Path) -> Result<Vec<DeadJob>> {
-    let data = match std::fs::read(path) {
-        Ok(data) => data,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(io_error(path, source)),
-    };
-    let mut offset = 0;
-    let mut dead = Vec::new();
-    for line in complete_lines(&data, path) {
-        let start = offset as u64;
-        offset += line.len() + 1;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
+    fn commit(&mut self) -> u64 {
+        let seq = self.store.commit();
+        if let Some(generation) = self.finished_now.take() {
+            self.finishing.push((generation, seq));
         }
-        let entry = serde_json::from_slice(line).map_err(|source| LocalQueueError::Decode {
-            path: path.to_path_buf(),
-            offset: start,
-            source,
-        })?;
-        dead.push(entry);
+        if self.store.maybe_compact() {
+            tracing::debug!(path = %self.path().display(), "compacting the queue journal");
+        }
+        // The writer's troubles are logged here, on the server's thread
+        // (whose log reaches the master), once per change.
+        let (failing, compaction) = self.store.troubles();
+        match (&failing, self.failing) {
+            (Some(why), false) => tracing::error!(
+                path = %self.path().display(),
+                cause = %why,
+                "queue journal writes fail: no job is served or confirmed until they work again"
+            ),
+            (None, true) => tracing::warn!(
+                path = %self.path().display(),
+                "queue journal writable again: serving resumes"
+            ),
+            _ => {}
+        }
+        self.failing = failing.is_some();
+        if let Some(why) = compaction {
+            tracing::warn!(cause = %why, "the old journal stays in use");
+        }
+        seq
     }
-    Ok(dead)
-}
 
-/// Syncs the directory holding `path`, making a creation durable.
-fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+    fn synced(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.store.synced_rx())
+    }
 }
 
 #[cfg(test)]
@@ -701,7 +657,9 @@ mod tests {
     }
 
     fn payload(job: &FileJob) -> i64 {
-        job.payload()["n"].as_i64().expect("a job of the test")
+        job.to_value().expect("JSON")["n"]
+            .as_i64()
+            .expect("a job of the test")
     }
 
     #[test]
@@ -734,16 +692,53 @@ mod tests {
         assert_eq!(feeder.into_failed().len(), 1);
     }
 
+    fn raw(text: &str) -> Arc<RawValue> {
+        Arc::from(RawValue::from_string(text.to_owned()).expect("JSON"))
+    }
+
+    /// Serves until `n` jobs came (the intake runs on its own thread).
+    fn serve(feeder: &mut FileFeeder, n: usize) -> Vec<FileJob> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut jobs = Vec::new();
+        while jobs.len() < n {
+            match feeder.next() {
+                Next::Job(job) => jobs.push(job),
+                _ => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "only {} jobs",
+                        jobs.len()
+                    );
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+        jobs
+    }
+
+    /// Commits and waits until it is durable.
+    fn sync(feeder: &mut FileFeeder) {
+        let seq = feeder.commit();
+        feeder
+            .store
+            .wait_synced(seq, Duration::from_secs(20))
+            .expect("synced");
+    }
+
     #[test]
     fn file_job_serializes_as_its_payload() {
         let job = FileJob {
-            id: MessageId(7),
-            lease: LeaseId(9),
-            payload: json!({"file": "a.png", "n": [1, 2]}),
+            id: 7,
+            attempts: 0,
+            payload: raw(r#"{"file":"a.png","n":[1,2]}"#),
         };
         assert_eq!(
             serde_json::to_string(&job).expect("serializable"),
             r#"{"file":"a.png","n":[1,2]}"#
+        );
+        assert_eq!(
+            job.to_value().expect("value"),
+            json!({"file": "a.png", "n": [1, 2]})
         );
     }
 
@@ -756,39 +751,59 @@ mod tests {
         }
 
         let mut feeder = FileFeeder::open(&path).expect("open");
-        let one = job(feeder.next());
-        let two = job(feeder.next());
-        let three = job(feeder.next());
+        let jobs = serve(&mut feeder, 3);
+        let [one, two, three] = [jobs[0].clone(), jobs[1].clone(), jobs[2].clone()];
         assert_eq!([payload(&one), payload(&two), payload(&three)], [1, 2, 3]);
+        for job in &jobs {
+            feeder.attempt(job);
+        }
         feeder.success(one);
         feeder.error(two, "cannot parse");
+        sync(&mut feeder);
         let report = feeder.report().expect("report");
-        assert_eq!((report.pending, report.in_flight), (2, 1));
+        assert_eq!((report.pending, report.in_flight), (3, 1));
         // A crash: the third job is out, without an outcome.
         drop(feeder);
 
         let mut feeder = FileFeeder::open(&path).expect("reopen");
-        let mut served = Vec::new();
-        while let Next::Job(job) = feeder.next() {
-            served.push(payload(&job));
-        }
-        assert_eq!(served, [3, 4, 5], "acked and dead jobs never come back");
+        let served = serve(&mut feeder, 3);
+        assert_eq!(
+            served.iter().map(payload).collect::<Vec<_>>(),
+            [3, 4, 5],
+            "acked and dead jobs never come back"
+        );
+        assert_eq!(served[0].attempts(), 1, "the interrupted attempt counts");
         assert_eq!(feeder.next(), Next::Empty, "never Done");
 
         let report = feeder.report().expect("report");
-        assert_eq!((report.pending, report.in_flight), (0, 3));
+        assert_eq!((report.pending, report.in_flight), (3, 3));
         assert_eq!(report.dead.len(), 1);
         assert_eq!(report.dead[0].job, json!({"n": 2}));
         assert_eq!(report.dead[0].reason, "cannot parse");
+        assert_eq!(report.dead[0].attempts, 1);
         assert!(report.dead[0].dead_at_ms.is_some());
+        drop(feeder);
+        let outside = FileFeeder::inspect(&path).expect("inspect");
+        assert_eq!(
+            (outside.pending, outside.dead.len(), outside.inbox),
+            (3, 1, 0)
+        );
+    }
 
-        let text = std::fs::read_to_string(sibling(&path, ".dead")).expect("dead file");
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 1, "{text}");
-        let line: Value = serde_json::from_str(lines[0]).expect("a JSON line");
-        assert_eq!(line["job"], json!({"n": 2}));
-        assert_eq!(line["reason"], "cannot parse");
-        assert_eq!(feeder.dead_path(), sibling(&path, ".dead"));
+    #[test]
+    fn released_deliveries_do_not_count() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jobs.queue");
+        FileFeeder::push(&path, json!({"n": 1})).expect("push");
+        let mut feeder = FileFeeder::open(&path).expect("open");
+        let job = serve(&mut feeder, 1).remove(0);
+        feeder.attempt(&job);
+        feeder.attempt(&job);
+        feeder.release(&job);
+        sync(&mut feeder);
+        drop(feeder);
+        let mut feeder = FileFeeder::open(&path).expect("reopen");
+        assert_eq!(serve(&mut feeder, 1)[0].attempts(), 1);
     }
 
     #[test]
@@ -800,28 +815,54 @@ mod tests {
         assert_eq!(feeder.recheck(), FILE_FEEDER_RECHECK);
         let added = FileFeeder::push_all(&path, (1..=3).map(|n| json!({ "n": n }))).expect("push");
         assert_eq!(added, 3);
-        let served: Vec<i64> = (0..3).map(|_| payload(&job(feeder.next()))).collect();
+        let served: Vec<i64> = serve(&mut feeder, 3).iter().map(payload).collect();
         assert_eq!(served, [1, 2, 3]);
-        assert_eq!(feeder.next(), Next::Empty);
-        let inbox = std::fs::read(sibling(&path, ".inbox")).expect("inbox");
-        assert!(inbox.is_empty(), "taken in");
+        // The generation goes once its mark is durable.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while feeder.report().expect("report").inbox > 0 || inbox::taking_path(&path, 1).exists() {
+            sync(&mut feeder);
+            let _ = feeder.next();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "generation 1 never removed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        FileFeeder::push(&path, json!({"n": 4})).expect("push again");
+        assert_eq!(payload(&serve(&mut feeder, 1)[0]), 4);
     }
 
     #[test]
-    fn a_line_cut_short_by_a_crash_is_dropped() {
+    fn a_line_cut_short_by_a_crash_is_dropped_and_garbage_kept_dead() {
+        use std::io::Write as _;
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("jobs.queue");
-        let inbox = sibling(&path, ".inbox");
+        let inbox = inbox::inbox_path(&path);
         FileFeeder::push(&path, json!({"n": 1})).expect("push");
         // A producer that died in the middle of its write.
-        let mut file = OpenOptions::new().append(true).open(&inbox).expect("inbox");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&inbox)
+            .expect("inbox");
         file.write_all(br#"{"n": 2"#).expect("write");
         drop(file);
         FileFeeder::push(&path, json!({"n": 3})).expect("push after the torn line");
+        // A line written by hand that is not JSON.
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&inbox)
+            .expect("inbox");
+        file.write_all(b"not json\n").expect("write");
+        drop(file);
         let mut feeder = FileFeeder::open(&path).expect("open");
-        let served: Vec<i64> = (0..2).map(|_| payload(&job(feeder.next()))).collect();
+        assert_eq!(feeder.take_inbox().expect("take"), 2);
+        let served: Vec<i64> = serve(&mut feeder, 2).iter().map(payload).collect();
         assert_eq!(served, [1, 3]);
         assert_eq!(feeder.next(), Next::Empty);
+        let dead = feeder.report().expect("report").dead;
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].job, json!("not json"));
+        assert!(dead[0].reason.contains("is not JSON"), "{}", dead[0].reason);
     }
 
     #[test]
@@ -830,10 +871,12 @@ mod tests {
         let path = dir.path().join("jobs.queue");
         FileFeeder::push_all(&path, [json!({"n": 1}), json!({"n": 2})]).expect("push");
         let mut feeder = FileFeeder::open(&path).expect("open");
-        let one = job(feeder.next());
-        let two = job(feeder.next());
-        feeder.error(one, "first");
-        feeder.error(two, "second");
+        let jobs = serve(&mut feeder, 2);
+        feeder.error(jobs[0].clone(), "first");
+        feeder.error(jobs[1].clone(), "second");
+        sync(&mut feeder);
+        drop(feeder);
+        let mut feeder = FileFeeder::open(&path).expect("open");
         let reasons: Vec<String> = feeder
             .report()
             .expect("report")
@@ -842,13 +885,47 @@ mod tests {
             .map(|dead| dead.reason)
             .collect();
         assert_eq!(reasons, ["first", "second"]);
-
         assert_eq!(feeder.requeue_dead().expect("requeue"), 2);
         let report = feeder.report().expect("report");
         assert_eq!((report.pending, report.dead.len()), (2, 0));
-        let served: Vec<i64> = (0..2).map(|_| payload(&job(feeder.next()))).collect();
+        let served: Vec<i64> = serve(&mut feeder, 2).iter().map(payload).collect();
         assert_eq!(served, [1, 2]);
+        assert!(served.iter().all(|_| true));
         assert_eq!(feeder.requeue_dead().expect("nothing to requeue"), 0);
+    }
+
+    #[test]
+    fn compaction_keeps_the_state_and_shrinks_the_journal() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jobs.queue");
+        FileFeeder::push_all(&path, (1..=2000).map(|n| json!(n))).expect("push");
+        let mut feeder = FileFeeder::open(&path).expect("open");
+        assert_eq!(feeder.take_inbox().expect("take"), 2000);
+        feeder.set_compact_min_bytes(0);
+        let jobs = serve(&mut feeder, 1500);
+        for job in jobs {
+            feeder.attempt(&job);
+            feeder.success(job);
+            // The automatic compaction runs aside while this goes on.
+            let _ = feeder.commit();
+        }
+        sync(&mut feeder);
+        feeder.compact().expect("compact");
+        let report = feeder.report().expect("report");
+        assert_eq!(report.pending, 500);
+        // 500 numbers of 4 digits plus a few bytes each.
+        assert!(
+            report.journal_bytes < 500 * 12 + 64,
+            "{}",
+            report.journal_bytes
+        );
+        drop(feeder);
+        let mut feeder = FileFeeder::open(&path).expect("reopen");
+        let served: Vec<u64> = serve(&mut feeder, 500)
+            .iter()
+            .map(|job| job.payload().get().parse().expect("number"))
+            .collect();
+        assert_eq!(served, (1501..=2000).collect::<Vec<u64>>());
     }
 
     #[test]
@@ -860,5 +937,67 @@ mod tests {
         assert!(matches!(err, LocalQueueError::Locked { .. }), "{err}");
         // Producers are not locked out.
         FileFeeder::push(&path, json!({"n": 1})).expect("push while open");
+    }
+
+    #[test]
+    fn damage_names_the_file_and_offset_and_keeps_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jobs.queue");
+        FileFeeder::push_all(&path, (1..=3).map(|n| json!(n))).expect("push");
+        {
+            let mut feeder = FileFeeder::open(&path).expect("open");
+            feeder.take_inbox().expect("take");
+            FileFeeder::push(&path, json!(4)).expect("push");
+            feeder.take_inbox().expect("take");
+        }
+        let mut data = std::fs::read(&path).expect("read");
+        data[store::MAGIC.len() + 9] ^= 0x40;
+        std::fs::write(&path, &data).expect("write");
+        let err = FileFeeder::open(&path).expect_err("damaged");
+        assert!(
+            matches!(&err, LocalQueueError::Corrupt { offset, .. } if *offset == store::MAGIC.len() as u64),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).expect("read"), data, "left as it was");
+        std::fs::write(&path, b"something else entirely").expect("write");
+        assert!(matches!(
+            FileFeeder::open(&path),
+            Err(LocalQueueError::NotAJournal { .. })
+        ));
+    }
+
+    #[test]
+    fn a_journal_of_taskherd_0_1_is_converted() {
+        use crate::queue::local::{FileQueue, LocalQueue, QueueOptions};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jobs.queue");
+        {
+            let options = QueueOptions {
+                visibility_timeout: Duration::MAX,
+                max_receives: u32::MAX,
+            };
+            let mut old = FileQueue::open(&path, options).expect("v1");
+            for n in 1..=3 {
+                old.push(json!({ "n": n }), Default::default())
+                    .expect("push");
+            }
+            let lease = old.receive_now().expect("receive").expect("a job");
+            old.ack(&lease.lease_id).expect("ack");
+        }
+        std::fs::write(
+            durable::sibling(&path, ".dead"),
+            "{\"id\":9,\"job\":{\"n\":9},\"reason\":\"old\"}\n",
+        )
+        .expect("dead file");
+        let mut feeder = FileFeeder::open(&path).expect("converted");
+        let served: Vec<i64> = serve(&mut feeder, 2).iter().map(payload).collect();
+        assert_eq!(served, [2, 3]);
+        let dead = feeder.report().expect("report").dead;
+        assert_eq!((dead.len(), dead[0].reason.as_str()), (1, "old"));
+        assert!(!durable::sibling(&path, ".dead").exists());
     }
 }

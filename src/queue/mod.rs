@@ -8,9 +8,12 @@
 //!   FeederInterface: next / success / error) or a built-in one.
 
 pub mod consumer;
+pub mod durable;
 pub mod feeders;
 pub mod governor;
+pub(crate) mod journal;
 pub mod local;
+mod peer_warnings;
 pub mod server;
 
 pub use governor::Governor;
@@ -77,5 +80,42 @@ pub trait Feeder: Send + 'static {
     /// How long to wait before asking again after [`Next::Empty`].
     fn recheck(&self) -> Duration {
         Duration::from_secs(1)
+    }
+
+    /// A stable id of `job` (a durable feeder's own, kept across
+    /// restarts), sent to consumers as the job's id. `None` (the default):
+    /// the server numbers jobs itself, 1, 2, ... in each run. Ids must be
+    /// unique among the jobs of a run.
+    fn job_id(&self, _job: &Self::Job) -> Option<u64> {
+        None
+    }
+
+    /// Attempts `job` already had before this run (a durable feeder keeps
+    /// them across restarts); the server counts on from there and
+    /// dead-letters at once a job that already reached `max_attempts`.
+    fn attempts(&self, _job: &Self::Job) -> u32 {
+        0
+    }
+
+    /// A delivery of `job` begins (its attempt counts). Durable feeders
+    /// record it.
+    fn attempt(&mut self, _job: &Self::Job) {}
+
+    /// A delivery of `job` was handed back untouched (it does not count).
+    fn release(&mut self, _job: &Self::Job) {}
+
+    /// Durable feeders: hands every change made since the last call to
+    /// the disk, and returns the number that [`synced`](Feeder::synced)
+    /// reaches once they are durable. The server calls it once per turn
+    /// of its loop and holds back every frame that depends on those
+    /// changes (a job's delivery, an outcome's confirmation) until then.
+    fn commit(&mut self) -> u64 {
+        0
+    }
+
+    /// Durable feeders: the highest [`commit`](Feeder::commit) number that
+    /// is durable. `None` (the default) when changes are final at once.
+    fn synced(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
     }
 }

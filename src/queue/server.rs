@@ -91,7 +91,11 @@
 //!    ([`super::governor`]).
 //! 7. **Errors.** A malformed frame (not JSON, an unknown message, a frame
 //!    above [`MAX_FRAME_LEN`], a second Hello) closes that connection only:
-//!    it is logged with the peer's address and its leases are lost (rule 4).
+//!    its leases are lost (rule 4). Every refused or closed connection
+//!    (failed handshake, malformed frame, heartbeat timeout, failed write)
+//!    is one warning naming the peer's address and the reason, at most 10
+//!    per 10 s; the others of the window are summed up in one line when it
+//!    ends. A Bye or an end of stream is an info line, not counted.
 //! 8. **End.** When the server stops (shutdown) or is finished (the feeder
 //!    said [`Next::Done`] and every job has a final outcome) it sends
 //!    [`ToConsumer::Drain`] to every consumer. Consumers then finish or
@@ -127,7 +131,9 @@
 //! is also their expiry order.
 
 use super::governor::Governor;
+use super::peer_warnings::PeerWarnings;
 use super::{Feeder, Next};
+use crate::error_text::error_chain;
 use crate::protocol::queue::{proof, random_hex, verify, ToConsumer, ToFeeder};
 use crate::protocol::slave::{QueueProgress, QueueSettings};
 use crate::protocol::{self, ProtocolError, MAX_FRAME_LEN, PROTOCOL_VERSION};
@@ -141,7 +147,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::codec::{Encoder, FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -189,6 +195,8 @@ const JOB_FRAME_OVERHEAD: usize = 128;
 const MAX_NAME_LEN: usize = 200;
 /// Bound on sending the last progress report.
 const FINAL_PROGRESS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on the wait for a durable feeder's last sync at the end.
+const FINAL_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors that keep the feeder server from running.
 ///
@@ -367,6 +375,7 @@ impl<F: Feeder> FeederServer<F> {
             tracker: tracker.clone(),
             cancel: conns_cancel.clone(),
             handshakes: handshakes.clone(),
+            warnings: PeerWarnings::spawn(&tracker),
             next_conn: 1,
             paused_until: None,
         };
@@ -417,6 +426,8 @@ struct Acceptor {
     cancel: CancellationToken,
     /// Cancelled when the core ends: handshakes in progress stop.
     handshakes: CancellationToken,
+    /// Where connection tasks report a refused or closed connection.
+    warnings: PeerWarnings,
     next_conn: u64,
     /// No accept before this (after an accept error).
     paused_until: Option<Instant>,
@@ -435,6 +446,7 @@ impl Acceptor {
                     event_tx: self.event_tx.clone(),
                     cancel: self.cancel.child_token(),
                     handshakes: self.handshakes.clone(),
+                    warnings: self.warnings.clone(),
                 };
                 self.tracker.spawn(connection(id, stream, peer, link));
             }
@@ -600,6 +612,8 @@ struct Link {
     cancel: CancellationToken,
     /// Stops the handshake (the core no longer takes consumers).
     handshakes: CancellationToken,
+    /// The rate-limited log of refused and closed connections.
+    warnings: PeerWarnings,
 }
 
 /// One consumer's connection: handshake, then frames both ways.
@@ -611,6 +625,7 @@ async fn connection(id: u64, stream: TcpStream, peer: SocketAddr, link: Link) {
         event_tx,
         cancel,
         handshakes,
+        warnings,
     } = link;
     // Small frames both ways: do not let Nagle hold them.
     let _ = stream.set_nodelay(true);
@@ -625,7 +640,7 @@ async fn connection(id: u64, stream: TcpStream, peer: SocketAddr, link: Link) {
     let name = match handshake {
         Ok(name) => name,
         Err(refusal) => {
-            warn!(%peer, reason = %refusal.reason, "consumer refused");
+            warnings.refused(id, peer, &refusal.reason).await;
             if refusal.tell {
                 let refused = Out::Frame(ToConsumer::Refused {
                     reason: refusal.reason,
@@ -660,22 +675,30 @@ async fn connection(id: u64, stream: TcpStream, peer: SocketAddr, link: Link) {
         tuning.heartbeat,
     )
     .await;
-    match &leave {
-        Leave::Eof => info!(%peer, "consumer closed the connection"),
-        Leave::Bye => info!(%peer, "consumer left"),
-        Leave::Protocol(err) => {
-            warn!(%peer, cause = %err, "closing consumer connection: bad frame or read error");
+    // Clean ends are not warnings (nor counted by the warnings' limit).
+    let closed_for = match leave {
+        Leave::Eof => {
+            info!(%peer, "consumer closed the connection");
+            None
         }
-        Leave::Violation(what) => warn!(%peer, what, "closing consumer connection"),
-        Leave::Silent => warn!(
-            %peer,
-            timeout = ?tuning.heartbeat * HEARTBEAT_MISSES,
-            "closing consumer connection: heartbeat timeout"
-        ),
-        Leave::Write(cause) => {
-            warn!(%peer, cause = %cause, "closing consumer connection: write failed");
+        Leave::Bye => {
+            info!(%peer, "consumer left");
+            None
         }
-        Leave::Closed | Leave::Stopping => debug!(%peer, "consumer connection closed"),
+        Leave::Closed | Leave::Stopping => {
+            debug!(%peer, "consumer connection closed");
+            None
+        }
+        Leave::Protocol(err) => Some(format!("bad frame or read error: {}", error_chain(&err))),
+        Leave::Violation(what) => Some(what.to_string()),
+        Leave::Silent => Some(format!(
+            "heartbeat timeout ({:?})",
+            tuning.heartbeat * HEARTBEAT_MISSES
+        )),
+        Leave::Write(cause) => Some(format!("write failed: {cause}")),
+    };
+    if let Some(reason) = closed_for {
+        warnings.closed(id, peer, &reason).await;
     }
     let _ = event_tx.send(Event::Left { conn: id }).await;
 }
@@ -723,7 +746,7 @@ async fn handshake(
                 tell: false,
             })
         }
-        Ok(Some(Err(err))) => return Err(Refusal::tell(read_error(err).to_string())),
+        Ok(Some(Err(err))) => return Err(Refusal::tell(error_chain(&read_error(err)))),
         Ok(Some(Ok(body))) => body,
     };
     match protocol::decode::<ToFeeder>(&body) {
@@ -758,7 +781,7 @@ async fn handshake(
             }
         }
         Ok(_) => Err(Refusal::tell("expected a hello")),
-        Err(err) => Err(Refusal::tell(err.to_string())),
+        Err(err) => Err(Refusal::tell(error_chain(&err))),
     }
 }
 
@@ -880,6 +903,28 @@ struct Lease {
     expires: Instant,
 }
 
+/// Marks a held frame made since the last commit.
+const UNSEALED: u64 = u64::MAX;
+
+/// A frame held back until the commit it depends on is durable.
+struct Held {
+    /// The commit number (or [`UNSEALED`]).
+    seq: u64,
+    /// For this consumer.
+    conn: u64,
+    out: Out,
+}
+
+/// Waits for a durable feeder's next sync (never, for other feeders).
+async fn wait_synced(
+    synced_rx: &mut Option<watch::Receiver<u64>>,
+) -> Result<(), watch::error::RecvError> {
+    match synced_rx {
+        Some(synced_rx) => synced_rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A joined consumer.
 struct Consumer {
     name: String,
@@ -979,6 +1024,18 @@ struct Core<F: Feeder> {
     rng: Rng,
     counts: Counts,
 
+    /// A durable feeder's sync progress (`None`: changes are final at
+    /// once, frames go out as they are made).
+    synced_rx: Option<watch::Receiver<u64>>,
+    /// The highest commit number known durable.
+    synced: u64,
+    /// Frames waiting for the sync of the commit they depend on, in order;
+    /// those made since the last commit have `seq == UNSEALED`.
+    held: VecDeque<Held>,
+    /// Leases settled since the last commit, by consumer: confirmed
+    /// ([`ToConsumer::Settled`]) once durable.
+    settled: HashMap<u64, Vec<u64>>,
+
     /// Deliveries stopped; waiting for outcomes until `drain_deadline`.
     draining: bool,
     drain_deadline: Option<Instant>,
@@ -989,12 +1046,16 @@ struct Core<F: Feeder> {
 
 impl<F: Feeder> Core<F> {
     fn new(
-        feeder: F,
+        mut feeder: F,
         settings: QueueSettings,
         progress_tx: Option<mpsc::Sender<QueueProgress>>,
         now: Instant,
     ) -> Self {
         let progress_every = Some(settings.progress_every).filter(|every| !every.is_zero());
+        let synced_rx = feeder.synced();
+        // Changes made before serving (a durable feeder's open) count as
+        // committed already.
+        let _ = feeder.commit();
         Core {
             feeder,
             lease_time: settings.lease,
@@ -1020,6 +1081,10 @@ impl<F: Feeder> Core<F> {
             next_lease: 1,
             rng: Rng::seeded(),
             counts: Counts::default(),
+            synced_rx,
+            synced: 0,
+            held: VecDeque::new(),
+            settled: HashMap::new(),
             draining: false,
             drain_deadline: None,
             last_report_at: now,
@@ -1050,6 +1115,7 @@ impl<F: Feeder> Core<F> {
                     }
                 }
             }
+            self.flush();
             if self.draining && (self.leases.is_empty() || self.drain_over(now)) {
                 break;
             }
@@ -1059,9 +1125,19 @@ impl<F: Feeder> Core<F> {
                 armed = Some(wake);
             }
             let accepting = !self.draining && acceptor.ready(now);
+            let holding = !self.held.is_empty();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !self.draining => {}
+                changed = wait_synced(&mut self.synced_rx), if holding => {
+                    if changed.is_err() {
+                        // The feeder's writer is gone: nothing more becomes
+                        // durable. Hold on; the drain deadline ends it.
+                        self.synced_rx = None;
+                        warn!("the feeder's journal writer stopped: frames held back are dropped");
+                        self.held.clear();
+                    }
+                }
                 accepted = acceptor.listener.accept(), if accepting => {
                     acceptor.accepted(accepted, Instant::now());
                 }
@@ -1087,6 +1163,17 @@ impl<F: Feeder> Core<F> {
             }
         }
         drop(event_rx);
+        // Make the last outcomes durable (and confirm them) before leaving.
+        self.flush();
+        let _ = tokio::time::timeout(FINAL_SYNC_TIMEOUT, async {
+            while !self.held.is_empty() && self.synced_rx.is_some() {
+                if wait_synced(&mut self.synced_rx).await.is_err() {
+                    break;
+                }
+                self.release_held();
+            }
+        })
+        .await;
         let progress = self.snapshot(now);
         if let Some(progress_tx) = &self.progress_tx {
             let _ = tokio::time::timeout(FINAL_PROGRESS_TIMEOUT, progress_tx.send(progress)).await;
@@ -1267,16 +1354,33 @@ impl<F: Feeder> Core<F> {
                 Next::Job(job) => {
                     self.source = Source::Open;
                     self.empty = false;
+                    let attempts = self.feeder.attempts(&job);
+                    if attempts >= self.max_attempts {
+                        // Its earlier deliveries never got an outcome (the
+                        // feeder stopped or died each time).
+                        warn!(
+                            attempts,
+                            "job out of attempts before this run: dead-lettered"
+                        );
+                        self.counts.dead += 1;
+                        let reason = format!(
+                            "{attempts} attempts (the limit) without an outcome: the feeder stopped during each"
+                        );
+                        self.feeder.error(job, &reason);
+                        continue;
+                    }
                     match encode_payload(&job) {
                         Ok(payload) => {
-                            let id = self.next_job;
-                            self.next_job += 1;
+                            let id = self.feeder.job_id(&job).unwrap_or_else(|| {
+                                self.next_job += 1;
+                                self.next_job - 1
+                            });
                             self.jobs.insert(
                                 id,
                                 JobEntry {
                                     job,
                                     payload,
-                                    attempts: 0,
+                                    attempts,
                                     first_attempt_at: None,
                                 },
                             );
@@ -1339,14 +1443,65 @@ impl<F: Feeder> Core<F> {
         );
         consumer.credit -= 1;
         consumer.held += 1;
-        // A closed channel means a Left event is on its way: the lease
-        // will be lost with the others.
-        let _ = consumer.out_tx.send(Out::Job {
+        self.feeder.attempt(&entry.job);
+        let out = Out::Job {
             lease,
             id: job_id,
             attempt: entry.attempts,
             payload: entry.payload.clone(),
-        });
+        };
+        if self.synced_rx.is_some() {
+            self.held.push_back(Held {
+                seq: UNSEALED,
+                conn,
+                out,
+            });
+        } else {
+            // A closed channel means a Left event is on its way: the lease
+            // will be lost with the others.
+            let _ = consumer.out_tx.send(out);
+        }
+    }
+
+    /// Ends a turn: confirms the outcomes settled, commits the feeder's
+    /// changes, and sends what is durable.
+    fn flush(&mut self) {
+        if self.synced_rx.is_none() {
+            return;
+        }
+        for (conn, leases) in self.settled.drain() {
+            self.held.push_back(Held {
+                seq: UNSEALED,
+                conn,
+                out: Out::Frame(ToConsumer::Settled { leases }),
+            });
+        }
+        let seq = self.feeder.commit();
+        for held in self.held.iter_mut().rev() {
+            if held.seq != UNSEALED {
+                break;
+            }
+            held.seq = seq;
+        }
+        self.release_held();
+    }
+
+    /// Sends the held frames whose commit is durable.
+    fn release_held(&mut self) {
+        if let Some(synced_rx) = &self.synced_rx {
+            self.synced = *synced_rx.borrow();
+        }
+        while let Some(held) = self.held.front() {
+            if held.seq == UNSEALED || held.seq > self.synced {
+                break;
+            }
+            let Some(held) = self.held.pop_front() else {
+                break;
+            };
+            if let Some(consumer) = self.consumers.get(&held.conn) {
+                let _ = consumer.out_tx.send(held.out);
+            }
+        }
     }
 
     fn handle(&mut self, event: Event, now: Instant) {
@@ -1407,6 +1562,7 @@ impl<F: Feeder> Core<F> {
             ToFeeder::Release { lease } => {
                 if let Some(job) = self.settle(conn, lease) {
                     if let Some(entry) = self.jobs.get_mut(&job) {
+                        self.feeder.release(&entry.job);
                         entry.attempts = entry.attempts.saturating_sub(1);
                         if entry.attempts == 0 {
                             entry.first_attempt_at = None;
@@ -1456,6 +1612,9 @@ impl<F: Feeder> Core<F> {
                 let job = held.job;
                 self.leases.remove(&lease);
                 consumer.held = consumer.held.saturating_sub(1);
+                if self.synced_rx.is_some() {
+                    self.settled.entry(conn).or_default().push(lease);
+                }
                 Some(job)
             }
             _ => {
@@ -1819,6 +1978,120 @@ mod tests {
             .await;
             assert!(end.is_ok(), "the server closes the connection");
         }
+    }
+
+    /// A feeder that says its changes are durable only when the test
+    /// says so, and counts the deliveries it was told of.
+    struct DurableFeeder {
+        jobs: VecDeque<u32>,
+        /// Attempts each job had before (job -> attempts).
+        before: HashMap<u32, u32>,
+        log: Arc<Mutex<Log>>,
+        /// Deliveries begun, in order.
+        attempts: Arc<Mutex<Vec<u32>>>,
+        committed: Arc<Mutex<u64>>,
+        synced_rx: watch::Receiver<u64>,
+    }
+
+    impl Feeder for DurableFeeder {
+        type Job = u32;
+
+        fn next(&mut self) -> Next<u32> {
+            self.jobs.pop_front().map_or(Next::Empty, Next::Job)
+        }
+
+        fn success(&mut self, job: u32) {
+            self.log.lock().unwrap().successes.push(job);
+        }
+
+        fn error(&mut self, job: u32, reason: &str) {
+            self.log.lock().unwrap().errors.push((job, reason.into()));
+        }
+
+        fn attempts(&self, job: &u32) -> u32 {
+            self.before.get(job).copied().unwrap_or(0)
+        }
+
+        fn attempt(&mut self, job: &u32) {
+            self.attempts.lock().unwrap().push(*job);
+        }
+
+        fn commit(&mut self) -> u64 {
+            let mut committed = self.committed.lock().unwrap();
+            *committed += 1;
+            *committed
+        }
+
+        fn synced(&self) -> Option<watch::Receiver<u64>> {
+            Some(self.synced_rx.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_durable_feeder_s_jobs_and_confirmations_wait_for_its_sync() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (synced_tx, synced_rx) = watch::channel(0);
+        let committed = Arc::new(Mutex::new(0));
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(Mutex::new(Log::default()));
+        let feeder = DurableFeeder {
+            jobs: [1, 2, 3].into(),
+            before: HashMap::from([(3, 3)]),
+            log: log.clone(),
+            attempts: attempts.clone(),
+            committed: committed.clone(),
+            synced_rx,
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(
+            FeederServer::new(feeder, SECRET, settings()).run(listener, shutdown.clone()),
+        );
+        let mut client = Client::connect(addr).await;
+        client.send(ToFeeder::Credit { n: 2 }).await;
+        // Delivered in memory, recorded, but not durable yet: nothing sent.
+        client.quiet_for(ms(300)).await;
+        assert_eq!(*attempts.lock().unwrap(), [1, 2]);
+        let sync_now = || synced_tx.send_replace(*committed.lock().unwrap());
+        sync_now();
+        let one = client.job().await;
+        let two = client.job().await;
+        assert_eq!((one.payload, two.payload), (1, 2));
+        // Job 3 already had its 3 attempts (the limit): dead at once,
+        // never sent.
+        client.ack(one.lease).await;
+        client.quiet_for(ms(300)).await;
+        sync_now();
+        assert_eq!(
+            client.recv().await,
+            Some(ToConsumer::Settled {
+                leases: vec![one.lease]
+            })
+        );
+        shutdown.cancel();
+        let task_report = tokio::spawn(async move {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("ends")
+                .expect("no panic")
+                .expect("runs")
+        });
+        // The consumer hands job 2 back at the drain.
+        assert_eq!(client.recv().await, Some(ToConsumer::Drain));
+        client.send(ToFeeder::Release { lease: two.lease }).await;
+        client.send(ToFeeder::Bye).await;
+        sync_now();
+        let report = task_report.await.expect("report");
+        assert_eq!(report.progress.done, 1);
+        let log = log.lock().unwrap();
+        assert_eq!(log.successes, [1]);
+        assert_eq!(log.errors.len(), 1);
+        assert_eq!(log.errors[0].0, 3);
+        assert!(
+            log.errors[0].1.contains("3 attempts"),
+            "{}",
+            log.errors[0].1
+        );
     }
 
     #[tokio::test]

@@ -458,17 +458,8 @@ impl Handler {
     ///
     /// [`SlaveError::Tracing`] when a global subscriber is already set.
     pub fn init_tracing(&self) -> Result<(), SlaveError> {
-        use tracing_subscriber::filter::LevelFilter;
-        use tracing_subscriber::layer::SubscriberExt as _;
-        use tracing_subscriber::Layer as _;
-
-        let level = std::env::var("RUST_LOG")
-            .ok()
-            .and_then(|value| value.trim().parse::<LevelFilter>().ok())
-            .unwrap_or(LevelFilter::INFO);
-        let subscriber =
-            tracing_subscriber::registry().with(self.tracing_layer().with_filter(level));
-        tracing::subscriber::set_global_default(subscriber).map_err(SlaveError::Tracing)
+        let dispatch = super::layer::master_dispatch(self.tracing_layer());
+        tracing::dispatcher::set_global_default(dispatch).map_err(SlaveError::Tracing)
     }
 
     /// Runs the program's work and reports how it ended, then returns the

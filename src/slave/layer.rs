@@ -2,9 +2,12 @@
 
 use std::fmt::{self, Write as _};
 
+use tracing::dispatcher::Dispatch;
 use tracing::field::{Field, Visit};
+use tracing::subscriber::NoSubscriber;
 use tracing::{Event, Subscriber};
-use tracing_subscriber::layer::Context;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::Layer;
 
 use super::link::Outbox;
@@ -47,6 +50,31 @@ impl<S: Subscriber> Layer<S> for MasterLayer {
             message: line.finish(),
         });
     }
+}
+
+/// The level of `RUST_LOG` when it is a plain level name (`debug`,
+/// `info`, `warn`, `error`, `trace`, `off`), `info` otherwise.
+pub(crate) fn env_level() -> LevelFilter {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|value| value.trim().parse::<LevelFilter>().ok())
+        .unwrap_or(LevelFilter::INFO)
+}
+
+/// A dispatcher that sends events at [`env_level`] or above to the master,
+/// as [`Handler::init_tracing`](super::Handler::init_tracing) installs.
+pub(crate) fn master_dispatch(layer: MasterLayer) -> Dispatch {
+    Dispatch::new(tracing_subscriber::registry().with(layer.with_filter(env_level())))
+}
+
+/// [`master_dispatch`] when the calling thread has no subscriber at all
+/// (none global, none scoped), `None` when it has one (which then gets the
+/// events as usual). For the slave library's own log lines (a refused
+/// consumer, a lost feeder), which must reach the master even from a
+/// program that never set up `tracing`.
+pub(crate) fn fallback_dispatch(layer: MasterLayer) -> Option<Dispatch> {
+    let has_subscriber = tracing::dispatcher::get_default(|current| !current.is::<NoSubscriber>());
+    (!has_subscriber).then(|| master_dispatch(layer))
 }
 
 /// The protocol level of a `tracing` level.
@@ -110,7 +138,6 @@ impl Visit for LineVisitor {
 mod tests {
     use super::*;
     use crate::slave::handler::tests::connected;
-    use tracing_subscriber::layer::SubscriberExt as _;
 
     #[test]
     fn events_become_log_frames() {
@@ -135,6 +162,31 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[test]
+    fn the_fallback_forwards_at_the_level_of_init_tracing() {
+        let (mut master, handler) = connected();
+        let dispatch =
+            fallback_dispatch(handler.tracing_layer()).expect("a test thread has no subscriber");
+        tracing::dispatcher::with_default(&dispatch, || {
+            tracing::warn!(peer = %"10.0.0.1:5", reason = %"garbage", "consumer refused");
+        });
+        assert_eq!(
+            master.recv_no_ping(),
+            Some(FromSlave::Log {
+                level: Level::Warning,
+                message: "consumer refused peer=10.0.0.1:5 reason=garbage".into()
+            })
+        );
+    }
+
+    #[test]
+    fn no_fallback_under_the_program_s_own_subscriber() {
+        let (_master, handler) = connected();
+        tracing::subscriber::with_default(tracing_subscriber::registry(), || {
+            assert!(fallback_dispatch(handler.tracing_layer()).is_none());
+        });
     }
 
     #[test]

@@ -12,10 +12,11 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::error::SlaveError;
 use super::handler::Handler;
+use super::layer;
 use super::link::{self, Outgoing};
 use crate::error_text::{error_chain, panic_text};
 use crate::protocol::slave::{FromSlave, QueueRole, QueueSettings};
@@ -199,6 +200,15 @@ impl HandlerQueue {
     /// Call it from `main`'s thread (it starts its own async runtime).
     /// [`run_queue_with_info`](Self::run_queue_with_info) also gives the
     /// consumer each job's id and attempt.
+    ///
+    /// The queue logs with `tracing` (a refused or closed consumer
+    /// connection with the peer's address and why, a lost feeder, ...).
+    /// When the calling thread has no `tracing` subscriber (none global,
+    /// none scoped), it first does what [`Handler::init_tracing`] does:
+    /// from then on every `tracing` event of the process, on any thread,
+    /// goes to the master as a log record of the instance, at the level of
+    /// `RUST_LOG` when it is a plain level name (`info` otherwise). A
+    /// program with its own subscriber gets them there instead.
     pub fn run_queue<F, J, C>(self, consumer: C, feeder: F) -> ExitCode
     where
         F: Feeder,
@@ -221,6 +231,13 @@ impl HandlerQueue {
         C: Fn(&Handler, J, JobInfo) -> Outcome + Send + Sync + 'static,
     {
         let HandlerQueue { handler, role } = self;
+        // The queue's log lines (refused consumers, a lost feeder, the
+        // feeder's own) reach the master even from a program that set up
+        // no `tracing`. Setting it cannot fail but in a race with another
+        // thread setting its own: that one then gets them.
+        if let Some(dispatch) = layer::fallback_dispatch(handler.tracing_layer()) {
+            let _ = tracing::dispatcher::set_global_default(dispatch);
+        }
         let played = panic::catch_unwind(AssertUnwindSafe(|| match role {
             QueueRole::Feeder {
                 bind,
@@ -388,7 +405,8 @@ fn run_feeder<F: Feeder>(
         let addr = listener
             .local_addr()
             .map_err(|err| format!("cannot read the feeder's address: {err}"))?;
-        info!(%addr, "feeder listening");
+        // The master logs it ("feeder listening on ...") from this frame.
+        debug!(%addr, "feeder listening");
         outbox
             .send_async(Outgoing::Frame(FromSlave::Listening {
                 addr: addr.to_string(),
@@ -417,7 +435,8 @@ fn run_feeder<F: Feeder>(
         let _ = forward.await;
         match served {
             Ok(report) => {
-                info!(
+                // The server logged its end ("feeder server stopped").
+                debug!(
                     finished = report.finished,
                     unfinished = report.unfinished,
                     "feeder stopped"
@@ -476,6 +495,13 @@ mod tests {
             identity_timeout: Duration::from_secs(10),
             orphaned: Box::new(|| panic!("orphan guard fired in a test")),
         }
+    }
+
+    /// Runs `run` (a `run_queue`) under a subscriber of its own: without
+    /// one, `run_queue` would send every event of the test process to this
+    /// test's master, for good.
+    fn own_subscriber<R>(run: impl FnOnce() -> R) -> R {
+        tracing::subscriber::with_default(tracing_subscriber::registry(), run)
     }
 
     /// A feeder for the role dispatch: never used by a consumer.
@@ -593,15 +619,17 @@ mod tests {
         let queue = HandlerQueue::from_handler(handler).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen_in = Arc::clone(&seen);
-        let code = queue.run_queue_with_info(
-            move |handler: &Handler, n: u64, info: JobInfo| {
-                assert_eq!(handler.group(), "workers");
-                std::thread::sleep(Duration::from_millis(50));
-                seen_in.lock().unwrap().push((n, info.id, info.attempt));
-                Outcome::Done
-            },
-            Numbers(0),
-        );
+        let code = own_subscriber(|| {
+            queue.run_queue_with_info(
+                move |handler: &Handler, n: u64, info: JobInfo| {
+                    assert_eq!(handler.group(), "workers");
+                    std::thread::sleep(Duration::from_millis(50));
+                    seen_in.lock().unwrap().push((n, info.id, info.attempt));
+                    Outcome::Done
+                },
+                Numbers(0),
+            )
+        });
         assert_eq!(code, ExitCode::SUCCESS);
         assert_eq!(*seen.lock().unwrap(), vec![(10, 100, 1), (20, 200, 1)]);
 
@@ -658,7 +686,8 @@ mod tests {
         };
         let (mut master, handler) = connected_with(identity, no_exit());
         let queue = HandlerQueue::from_handler(handler).unwrap();
-        let code = queue.run_queue(|_: &Handler, _: u64| Outcome::Done, Numbers(0));
+        let code =
+            own_subscriber(|| queue.run_queue(|_: &Handler, _: u64| Outcome::Done, Numbers(0)));
         assert_eq!(code, ExitCode::FAILURE);
         runtime.block_on(script).unwrap();
         let frame = master.recv_no_ping();
@@ -749,7 +778,7 @@ mod tests {
             last: 3,
             succeeded: Arc::clone(&succeeded),
         };
-        let code = queue.run_queue(|_: &Handler, _: u64| Outcome::Done, feeder);
+        let code = own_subscriber(|| queue.run_queue(|_: &Handler, _: u64| Outcome::Done, feeder));
         assert_eq!(code, ExitCode::SUCCESS);
         stop_consumer.cancel();
         let (report, frames) = consumer.join().unwrap();

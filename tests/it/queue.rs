@@ -397,14 +397,16 @@ ssh_config = "{config}"
 [[group]]
 name = "jobs"
 command = "{worker}"
-params = {{ jobs = 300, work_ms = 10 }}
+params = {{ jobs = 300, work_ms = 30 }}
 
 [group.feeder]
 bind = "127.0.0.1:0"
 
+# One slow local slot (9 s for every job alone): the remote consumers,
+# however slow their host's connection on a busy machine, get jobs too.
 [group.local]
 instances = 1
-concurrency = 2
+concurrency = 1
 
 [[group.remote]]
 hosts = ["{host}"]

@@ -5,9 +5,8 @@ use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
@@ -17,12 +16,12 @@ use super::{
     QueueStats, Result,
 };
 use crate::error_text::error_chain;
+use crate::queue::journal::{
+    self, check_frame, lock_exclusive_within, try_lock_exclusive, FRAME_HEADER_LEN,
+};
 
 /// The first bytes of every journal (format version 1).
 const MAGIC: &[u8; 8] = b"THQJNL01";
-
-/// Length and checksum in front of every frame.
-const FRAME_HEADER_LEN: usize = 8;
 
 /// How many times `open` retries when the journal it locked was replaced by
 /// a compaction in between.
@@ -136,7 +135,8 @@ impl FileQueue {
     pub fn open(path: impl AsRef<Path>, options: QueueOptions) -> Result<FileQueue> {
         let path = path.as_ref().to_path_buf();
         let file = lock_journal(&path)?;
-        remove_if_exists(&compact_tmp_path(&path))?;
+        let tmp = compact_tmp_path(&path);
+        journal::remove_if_exists(&tmp).map_err(|source| io_error(&tmp, source))?;
         let mut state = State::new(options);
         let (len, frames) = replay(&path, &file, &mut state)?;
         state.release_leases();
@@ -368,60 +368,6 @@ fn compact_tmp_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(io_error(path, source)),
-    }
-}
-
-/// Syncs the directory holding `path`, making a creation or rename durable.
-fn sync_dir(path: &Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|source| io_error(dir, source))
-}
-
-/// Takes an exclusive `flock`, waiting at most `grace` for it (with a short
-/// backoff: `flock` has no timeout of its own).
-fn flock_exclusive(file: &File, grace: Duration) -> io::Result<()> {
-    let deadline = Instant::now() + grace;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match try_flock_exclusive(file) {
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(err);
-                }
-                std::thread::sleep(pause.min(left));
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-            done => return done,
-        }
-    }
-}
-
-/// Takes an exclusive `flock` if it is free.
-fn try_flock_exclusive(file: &File) -> io::Result<()> {
-    loop {
-        // SAFETY: the descriptor is owned by `file`, open for this call.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
 /// Opens and locks the journal, making sure the locked file is still the one
 /// at `path` (a compaction by the previous holder may have replaced it
 /// between our open and our lock).
@@ -434,7 +380,7 @@ fn lock_journal(path: &Path) -> Result<File> {
             .truncate(false)
             .open(path)
             .map_err(|source| io_error(path, source))?;
-        if let Err(err) = flock_exclusive(&file, LOCK_GRACE) {
+        if let Err(err) = lock_exclusive_within(&file, LOCK_GRACE) {
             return Err(if err.kind() == io::ErrorKind::WouldBlock {
                 LocalQueueError::Locked {
                     path: path.to_path_buf(),
@@ -466,31 +412,22 @@ fn write_snapshot(tmp: &Path, buf: &[u8]) -> Result<File> {
         .truncate(true)
         .open(tmp)
         .map_err(|source| io_error(tmp, source))?;
-    try_flock_exclusive(&file).map_err(|source| io_error(tmp, source))?;
+    try_lock_exclusive(&file).map_err(|source| io_error(tmp, source))?;
     file.write_all_at(buf, 0)
         .and_then(|()| file.sync_all())
         .map_err(|source| io_error(tmp, source))?;
     Ok(file)
 }
 
-/// Appends one frame holding `records` to `out`.
+/// Appends one frame holding `records` (a JSON array) to `out`.
 fn encode_frame(records: &[&Record], out: &mut Vec<u8>) -> Result<()> {
     let payload = serde_json::to_vec(records).map_err(LocalQueueError::Encode)?;
-    let len = u32::try_from(payload.len())
-        .map_err(|_| LocalQueueError::RecordTooLarge { len: payload.len() })?;
-    let len_bytes = len.to_le_bytes();
-    out.extend_from_slice(&len_bytes);
-    out.extend_from_slice(&frame_crc(&len_bytes, &payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    Ok(())
+    journal::encode_frame(&payload, out).map_err(|len| LocalQueueError::RecordTooLarge { len })
 }
 
-/// The checksum covers the length too, so a zeroed header never passes.
-fn frame_crc(len_bytes: &[u8; 4], payload: &[u8]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(len_bytes);
-    hasher.update(payload);
-    hasher.finalize()
+/// Syncs the directory holding `path`, making a creation or rename durable.
+fn sync_dir(path: &Path) -> Result<()> {
+    journal::sync_dir(path).map_err(|source| io_error(path, source))
 }
 
 /// Reads the journal into `state`; returns the valid length and the frame
@@ -560,43 +497,6 @@ fn replay(path: &Path, file: &File, state: &mut State) -> Result<(u64, u64)> {
         break;
     }
     Ok((pos as u64, frames))
-}
-
-/// Why a frame is unreadable.
-struct Damage {
-    /// Whether the frame's extent reaches the end of the file.
-    runs_to_end: bool,
-    /// What is wrong.
-    reason: &'static str,
-}
-
-/// The payload of the frame at the start of `rest`, if it is sound.
-fn check_frame(rest: &[u8]) -> std::result::Result<&[u8], Damage> {
-    let Some((header, body)) = rest.split_first_chunk::<FRAME_HEADER_LEN>() else {
-        return Err(Damage {
-            runs_to_end: true,
-            reason: "incomplete frame header",
-        });
-    };
-    let mut len_bytes = [0; 4];
-    len_bytes.copy_from_slice(&header[..4]);
-    let mut crc_bytes = [0; 4];
-    crc_bytes.copy_from_slice(&header[4..]);
-    let len = u32::from_le_bytes(len_bytes) as usize;
-    if len > body.len() {
-        return Err(Damage {
-            runs_to_end: true,
-            reason: "frame runs past the end of the file",
-        });
-    }
-    let payload = &body[..len];
-    if len == 0 || frame_crc(&len_bytes, payload) != u32::from_le_bytes(crc_bytes) {
-        return Err(Damage {
-            runs_to_end: len == body.len(),
-            reason: "checksum mismatch",
-        });
-    }
-    Ok(payload)
 }
 
 #[cfg(test)]

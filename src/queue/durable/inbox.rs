@@ -1,0 +1,532 @@
+//! The inbox: where producers add jobs while a feeder owns the journal,
+//! and how the owner takes them in exactly once.
+//!
+//! Producers append JSON lines to `<path>.inbox` under an exclusive
+//! `flock`, and sync. The owner takes the inbox in generations: under the
+//! same lock it renames `<path>.inbox` to `<path>.inbox.<g>` (the next
+//! generation number) and syncs the directory, so no producer writes to
+//! it any more (a producer that waited for the lock sees that the path
+//! now names another file, and opens the new inbox). It then reads the
+//! renamed file in batches; each batch's jobs go into the journal in one
+//! frame together with an intake mark `(g, offset after the batch)`. A
+//! restart resumes generation `g` after the mark, so every line is taken
+//! in exactly once. Once the mark at the end of the file is durable, the
+//! file is removed and the next generation may start.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use super::record::Record;
+use super::sibling;
+use super::store::Store;
+use crate::error_text::error_chain;
+use crate::queue::journal;
+use crate::queue::local::{LocalQueueError, Result};
+
+/// Jobs in one intake batch at most.
+const BATCH_JOBS: usize = 8192;
+/// Payload bytes in one intake batch at most.
+const BATCH_BYTES: usize = 4 << 20;
+/// How often an idle intake looks at the inbox.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Pause after an intake error before trying again.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Batches read ahead of the feeder at most.
+const READ_AHEAD: usize = 4;
+/// How many times a producer reopens an inbox renamed under its feet.
+const OPEN_ATTEMPTS: usize = 16;
+
+fn io_error(path: &Path, source: io::Error) -> LocalQueueError {
+    LocalQueueError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `<path>.inbox`.
+pub(crate) fn inbox_path(path: &Path) -> PathBuf {
+    sibling(path, ".inbox")
+}
+
+/// `<path>.inbox.<generation>`.
+pub(crate) fn taking_path(path: &Path, generation: u64) -> PathBuf {
+    sibling(path, &format!(".inbox.{generation}"))
+}
+
+/// Appends whole JSON lines to the inbox of the queue at `path` and syncs.
+/// All or nothing: after an error (a full disk) the inbox is cut back to
+/// where it was.
+///
+/// # Errors
+/// [`LocalQueueError::Io`].
+pub(crate) fn append(path: &Path, lines: &[u8]) -> Result<()> {
+    let inbox = inbox_path(path);
+    let io = |source| io_error(&inbox, source);
+    for _ in 0..OPEN_ATTEMPTS {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&inbox)
+            .map_err(io)?;
+        journal::lock_exclusive(&file).map_err(io)?;
+        let ours = file.metadata().map_err(io)?;
+        match std::fs::metadata(&inbox) {
+            Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => {}
+            // Taken in (renamed) while we waited for the lock.
+            Ok(_) => continue,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(io(source)),
+        }
+        let len = cut_torn_tail(&file, &inbox).map_err(io)?;
+        let written = file
+            .write_all_at(lines, len)
+            .and_then(|()| file.sync_data())
+            .and_then(|()| {
+                if len == 0 {
+                    // Possibly a new file: make its name durable too.
+                    journal::sync_dir(&inbox)
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(err) = written {
+            let _ = file.set_len(len);
+            let _ = file.sync_data();
+            return Err(io(err));
+        }
+        return Ok(());
+    }
+    Err(io(io::Error::other("the inbox kept being replaced")))
+}
+
+/// Truncates `file` after its last newline if it does not end with one
+/// (a line cut short by a producer that died); returns its length.
+fn cut_torn_tail(file: &File, path: &Path) -> io::Result<u64> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(0);
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)?;
+    if last[0] == b'\n' {
+        return Ok(len);
+    }
+    // Look back for the last newline, a block at a time.
+    let mut end = len;
+    let mut cut = 0;
+    let mut block = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(block.len() as u64);
+        let chunk = &mut block[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            cut = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    tracing::warn!(
+        path = %path.display(),
+        bytes = len - cut,
+        "dropping a line cut short by a producer that died"
+    );
+    file.set_len(cut)?;
+    Ok(cut)
+}
+
+/// Jobs read from one generation of the inbox.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    /// The generation.
+    pub(crate) generation: u64,
+    /// The offset just after the last line of the batch.
+    pub(crate) end: u64,
+    /// The jobs, in order.
+    pub(crate) jobs: Vec<Arc<RawValue>>,
+    /// Lines that are not JSON: their text (as a JSON string) and why.
+    pub(crate) rejects: Vec<(Arc<RawValue>, String)>,
+    /// Whether the generation ends with this batch.
+    pub(crate) last: bool,
+}
+
+/// The generation to take in next and where to start: a file left by an
+/// earlier owner (resumed after the journal's mark), else the inbox,
+/// renamed to the next generation. `None` when there is nothing to take.
+///
+/// # Errors
+/// [`LocalQueueError::Io`].
+pub(crate) fn next_generation(path: &Path, mark: (u64, u64)) -> Result<Option<(u64, u64)>> {
+    let (marked, offset) = mark;
+    let mut leftovers = leftover_generations(path)?;
+    leftovers.sort_unstable();
+    for generation in leftovers {
+        if generation < marked {
+            // Fully taken in before (its removal did not last).
+            let stale = taking_path(path, generation);
+            journal::remove_if_exists(&stale).map_err(|source| io_error(&stale, source))?;
+            continue;
+        }
+        let from = if generation == marked { offset } else { 0 };
+        return Ok(Some((generation, from)));
+    }
+    let inbox = inbox_path(path);
+    let file = match OpenOptions::new().read(true).write(true).open(&inbox) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io_error(&inbox, source)),
+    };
+    if file
+        .metadata()
+        .map_err(|source| io_error(&inbox, source))?
+        .len()
+        == 0
+    {
+        return Ok(None);
+    }
+    journal::lock_exclusive(&file).map_err(|source| io_error(&inbox, source))?;
+    let ours = file.metadata().map_err(|source| io_error(&inbox, source))?;
+    match std::fs::metadata(&inbox) {
+        Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() && now.len() > 0 => {}
+        _ => return Ok(None),
+    }
+    let generation = marked + 1;
+    let taking = taking_path(path, generation);
+    std::fs::rename(&inbox, &taking)
+        .and_then(|()| journal::sync_dir(&taking))
+        .map_err(|source| io_error(&taking, source))?;
+    drop(file);
+    Ok(Some((generation, 0)))
+}
+
+/// The generations of `<path>.inbox.<g>` files in the directory.
+fn leftover_generations(path: &Path) -> Result<Vec<u64>> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!("{name}.inbox.");
+    let entries = std::fs::read_dir(dir).map_err(|source| io_error(dir, source))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| io_error(dir, source))?;
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if let Ok(generation) = rest.parse::<u64>() {
+            found.push(generation);
+        }
+    }
+    Ok(found)
+}
+
+/// Reads generation `generation` from `from` on, in batches; `each` gets
+/// every batch, the last one flagged (possibly with no job). A line cut
+/// short at the end (its producer died before its sync) is dropped.
+///
+/// # Errors
+/// [`LocalQueueError::Io`], or what `each` returned.
+pub(crate) fn read_generation(
+    path: &Path,
+    generation: u64,
+    from: u64,
+    mut each: impl FnMut(Batch) -> Result<()>,
+) -> Result<()> {
+    let taking = taking_path(path, generation);
+    let io = |source| io_error(&taking, source);
+    let mut file = File::open(&taking).map_err(io)?;
+    file.seek(SeekFrom::Start(from)).map_err(io)?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut offset = from;
+    let mut line = Vec::new();
+    let new_batch = |end| Batch {
+        generation,
+        end,
+        jobs: Vec::new(),
+        rejects: Vec::new(),
+        last: false,
+    };
+    let mut batch = new_batch(from);
+    let mut bytes = 0;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        if line.last() != Some(&b'\n') {
+            tracing::warn!(
+                path = %taking.display(),
+                offset,
+                bytes = n,
+                "dropping a line cut short by a producer that died"
+            );
+            break;
+        }
+        let start = offset;
+        offset += n as u64;
+        let text = line.trim_ascii();
+        if !text.is_empty() {
+            match serde_json::from_slice::<Box<RawValue>>(text) {
+                Ok(job) => {
+                    bytes += text.len();
+                    batch.jobs.push(Arc::from(job));
+                }
+                Err(err) => {
+                    let shown = String::from_utf8_lossy(text);
+                    let reason = format!(
+                        "a line added to {} is not JSON: {err} (byte {start} of {}, the inbox as taken in)",
+                        inbox_path(path).display(),
+                        taking.display()
+                    );
+                    tracing::warn!(path = %taking.display(), offset = start, cause = %err, "an inbox line is not JSON: kept as a dead job");
+                    if let Ok(text) = serde_json::value::to_raw_value(&shown) {
+                        batch.rejects.push((Arc::from(text), reason));
+                    }
+                }
+            }
+        }
+        batch.end = offset;
+        if batch.jobs.len() >= BATCH_JOBS || bytes >= BATCH_BYTES {
+            each(std::mem::replace(&mut batch, new_batch(offset)))?;
+            bytes = 0;
+        }
+    }
+    batch.last = true;
+    each(batch)
+}
+
+/// Records a batch in the store: its jobs, its rejected lines, the mark.
+/// The caller commits (one frame: all or nothing).
+pub(crate) fn absorb(store: &mut Store, batch: Batch) -> usize {
+    let count = batch.jobs.len();
+    for job in batch.jobs {
+        store.push(job);
+    }
+    let now = super::now_ms();
+    for (text, reason) in batch.rejects {
+        store.bury_new(text, now, &reason);
+    }
+    store.change(&Record::Intake {
+        generation: batch.generation,
+        offset: batch.end,
+    });
+    count
+}
+
+/// Takes the whole inbox in now, on this thread (for `taskherd queue`
+/// commands): returns how many jobs came in.
+///
+/// # Errors
+/// [`LocalQueueError::Io`], or a sync that did not come within `timeout`.
+pub(crate) fn take_all(store: &mut Store, timeout: Duration) -> Result<u64> {
+    let path = store.path().to_path_buf();
+    let mut taken = 0;
+    while let Some((generation, from)) =
+        next_generation(&path, (store.state.generation, store.state.offset))?
+    {
+        read_generation(&path, generation, from, |batch| {
+            taken += absorb(store, batch) as u64;
+            let seq = store.commit();
+            store.wait_synced(seq, timeout)
+        })?;
+        let taking = taking_path(&path, generation);
+        journal::remove_if_exists(&taking).map_err(|source| io_error(&taking, source))?;
+    }
+    Ok(taken)
+}
+
+/// The intake thread of a running feeder: reads generations ahead of the
+/// feeder, which records them ([`absorb`]) and says when a generation's
+/// last mark is durable.
+pub(crate) struct Intake {
+    /// Batches read.
+    pub(crate) batches_rx: mpsc::Receiver<Batch>,
+    /// Generations whose end is durable: their file may go.
+    done_tx: mpsc::Sender<u64>,
+    stop: Arc<AtomicBool>,
+    /// Whether a generation is being read now.
+    busy: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Intake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Intake")
+            .field("busy", &self.busy.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Intake {
+    /// Starts the intake of the queue at `path`, from the journal's mark.
+    ///
+    /// # Errors
+    /// [`LocalQueueError::Io`] if the thread cannot start.
+    pub(crate) fn spawn(path: &Path, mark: (u64, u64)) -> Result<Intake> {
+        let (batches_tx, batches_rx) = mpsc::sync_channel(READ_AHEAD);
+        let (done_tx, done_rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let owned = path.to_path_buf();
+            let stop = Arc::clone(&stop);
+            let busy = Arc::clone(&busy);
+            // Its log goes where the feeder's goes.
+            let dispatch = tracing::dispatcher::get_default(Clone::clone);
+            std::thread::Builder::new()
+                .name("taskherd-intake".into())
+                .spawn(move || {
+                    let _log = tracing::dispatcher::set_default(&dispatch);
+                    intake_loop(&owned, mark, &batches_tx, &done_rx, &stop, &busy);
+                })
+                .map_err(|source| io_error(path, source))?
+        };
+        Ok(Intake {
+            batches_rx,
+            done_tx,
+            stop,
+            busy,
+            thread: Some(thread),
+        })
+    }
+
+    /// Says that generation `generation` is all in, durably.
+    pub(crate) fn done(&self, generation: u64) {
+        let _ = self.done_tx.send(generation);
+    }
+
+    /// Whether the intake is reading a generation now.
+    pub(crate) fn busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Intake {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Unblock a send waiting for room, and a wait for `done`.
+        let (_, empty_rx) = mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.batches_rx, empty_rx));
+        let (empty_tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.done_tx, empty_tx));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Why the intake loop stops early.
+struct Stopped;
+
+fn intake_loop(
+    path: &Path,
+    mut mark: (u64, u64),
+    batches_tx: &mpsc::SyncSender<Batch>,
+    done_rx: &mpsc::Receiver<u64>,
+    stop: &AtomicBool,
+    busy: &AtomicBool,
+) {
+    let mut failing = false;
+    while !stop.load(Ordering::Relaxed) {
+        let (generation, from) = match next_generation(path, mark) {
+            Ok(Some(next)) => next,
+            Ok(None) => {
+                std::thread::sleep(IDLE_POLL);
+                continue;
+            }
+            Err(err) => {
+                if !failing {
+                    tracing::error!(cause = %error_chain(&err), "cannot take the inbox in; trying again");
+                    failing = true;
+                }
+                std::thread::sleep(ERROR_PAUSE);
+                continue;
+            }
+        };
+        busy.store(true, Ordering::Relaxed);
+        let read = read_generation(path, generation, from, |batch| {
+            batches_tx
+                .send(batch)
+                .map_err(|_| io_error(path, io::Error::other("the feeder is gone")))
+        });
+        if let Err(err) = read {
+            busy.store(false, Ordering::Relaxed);
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if !failing {
+                tracing::error!(cause = %error_chain(&err), "cannot read the inbox; trying again");
+                failing = true;
+            }
+            std::thread::sleep(ERROR_PAUSE);
+            continue;
+        }
+        failing = false;
+        // Wait until the feeder says the end of it is durable.
+        let finished = loop {
+            match done_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(done) if done == generation => break Ok(()),
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => continue,
+                Err(_) => break Err(Stopped),
+            }
+        };
+        busy.store(false, Ordering::Relaxed);
+        if finished.is_err() {
+            return;
+        }
+        let taking = taking_path(path, generation);
+        if let Err(err) = journal::remove_if_exists(&taking) {
+            tracing::warn!(path = %taking.display(), cause = %err, "cannot remove an inbox taken in");
+        }
+        mark = (generation, 0);
+    }
+}
+
+/// Jobs waiting in the inbox and in a generation not all taken in yet,
+/// for `taskherd queue list` (lines counted, not parsed).
+///
+/// # Errors
+/// [`LocalQueueError::Io`].
+pub(crate) fn waiting(path: &Path, mark: (u64, u64)) -> Result<u64> {
+    let mut count = 0;
+    let mut files = vec![(inbox_path(path), 0)];
+    for generation in leftover_generations(path)? {
+        if generation >= mark.0 {
+            let from = if generation == mark.0 { mark.1 } else { 0 };
+            files.push((taking_path(path, generation), from));
+        }
+    }
+    for (file, from) in files {
+        let data = match std::fs::read(&file) {
+            Ok(data) => data,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(io_error(&file, source)),
+        };
+        let start = usize::try_from(from).unwrap_or(usize::MAX).min(data.len());
+        count += data[start..]
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.trim_ascii().is_empty())
+            .count() as u64;
+        // A last line without its newline is not a job (yet).
+        if data.last().is_some_and(|&b| b != b'\n') && !data[start..].trim_ascii().is_empty() {
+            count = count.saturating_sub(1);
+        }
+    }
+    Ok(count)
+}

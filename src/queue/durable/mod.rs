@@ -1,0 +1,70 @@
+//! The durable queue behind [`FileFeeder`](super::feeders::FileFeeder):
+//! a journal of binary records with group commit, an inbox for producers
+//! taken in exactly once, and compaction written aside while serving.
+//!
+//! # Files
+//!
+//! - `<path>`: the journal, owned (exclusive `flock`) by one process. The
+//!   magic `THQFEED1`, then checksummed frames ([`super::journal`]), each a
+//!   run of records ([`record`]): a job added (id and JSON text), a
+//!   delivery begun (its attempt counted), a delivery handed back, done,
+//!   dead (with its reason and time), a dead job forgotten, the intake
+//!   mark. A compacted journal starts with the counters, then one record
+//!   per job held: a pending job costs its JSON text plus 4 to 8 bytes.
+//! - `<path>.inbox`: JSON lines appended by producers (`taskherd queue
+//!   add`, [`FileFeeder::push_all`](super::feeders::FileFeeder::push_all)),
+//!   under an exclusive `flock`, synced before they return.
+//! - `<path>.inbox.<g>`: generation `g` of the inbox, being taken in (see
+//!   [`inbox`]).
+//! - `<path>.compact.tmp`: a compaction being written.
+//!
+//! # What is synced when
+//!
+//! Every change of the state is a record, appended to a buffer as it
+//! happens. Each turn of the feeder's server loop hands what it buffered
+//! to a writer thread as one frame; the writer writes everything waiting
+//! and syncs (`fdatasync`) once, so one sync covers every change that came
+//! while the previous one ran (group commit). Nothing that depends on a
+//! change leaves the feeder before the sync that covers it: a job is sent
+//! to a consumer only once its delivery (its attempt) is durable, an
+//! outcome is confirmed to its consumer only once it is durable, `queue
+//! add` returns only after its lines are synced.
+//!
+//! # What a crash can and cannot do
+//!
+//! - A job added and acknowledged to its producer is taken in exactly once
+//!   (the intake mark travels in the same frame as the jobs it took).
+//! - A job whose outcome was confirmed never runs again. A job served
+//!   whose outcome was not confirmed is served again (at least once).
+//! - A job's attempts are counted durably before it is sent: a job that
+//!   kills its feeder every time ends dead after `max_attempts`.
+//! - A torn write at the end of the journal is dropped at the next open
+//!   (it was never confirmed); damage anywhere else stops the open with the
+//!   file and the offset: nothing good is dropped silently.
+//! - A failing write (a full disk) is cut back and tried again: meanwhile
+//!   no job is sent and nothing is confirmed; nothing is lost or doubled.
+
+pub(crate) mod inbox;
+pub(crate) mod record;
+pub(crate) mod state;
+pub(crate) mod store;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// `<path><suffix>`.
+pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Now, in ms since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|since| u64::try_from(since.as_millis()).ok())
+        .unwrap_or(0)
+}

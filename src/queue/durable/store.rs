@@ -1,0 +1,824 @@
+//! The journal's owner: replay at open, group commit on a writer thread,
+//! compaction written aside while serving.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use super::record::{Reader, Record};
+use super::sibling;
+use super::state::State;
+use crate::error_text::error_chain;
+use crate::queue::journal::{self, lock_exclusive_within, scan_frames, ScanEnd};
+use crate::queue::local::{LocalQueueError, Result};
+
+/// The first bytes of a durable queue journal (binary records, format 1).
+pub(crate) const MAGIC: &[u8; 8] = b"THQFEED1";
+
+/// The first bytes of a journal of taskherd 0.1's file feeder (a
+/// [`FileQueue`](crate::queue::local::FileQueue)): converted at open.
+pub(crate) const V1_MAGIC: &[u8; 8] = b"THQJNL01";
+
+/// How long `open` waits for a lock held by someone else.
+const LOCK_GRACE: Duration = Duration::from_millis(500);
+/// How many times `open` retries when the file it locked was replaced.
+const LOCK_ATTEMPTS: usize = 16;
+/// First pause after a failed write (a full disk); it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_INITIAL: Duration = Duration::from_millis(50);
+/// Longest pause between two tries of a failing write.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How often the writer looks at a compaction running aside.
+const SNAPSHOT_POLL: Duration = Duration::from_millis(20);
+
+/// The default of [`Store::set_compact_min_bytes`]: no compaction of a
+/// journal smaller than this.
+pub(crate) const DEFAULT_COMPACT_MIN_BYTES: u64 = 16 << 20;
+
+fn io_error(path: &Path, source: io::Error) -> LocalQueueError {
+    LocalQueueError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the feeder hands the writer thread.
+enum Item {
+    /// Journal frames, durable once written and synced.
+    Frames {
+        /// Covers every change up to this sequence number.
+        seq: u64,
+        /// The encoded frames.
+        bytes: Vec<u8>,
+    },
+    /// Write this snapshot (magic included) aside and switch to it.
+    Compact {
+        /// The whole file.
+        snapshot: Vec<u8>,
+    },
+}
+
+/// What the feeder and the writer share.
+struct Inner {
+    /// Waiting for the writer, in order.
+    items: Vec<Item>,
+    /// The highest sequence number known durable.
+    synced: u64,
+    /// The feeder is gone: write what is left, then end.
+    stop: bool,
+    /// A compaction was asked for and has not ended.
+    compacting: bool,
+    /// Compactions that ended (well or not).
+    compactions: u64,
+    /// Why writes fail right now (a full disk), if they do.
+    failing: Option<String>,
+    /// Why the last compaction failed, if it did.
+    compaction_failed: Option<String>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Wakes the writer.
+    wake: Condvar,
+    /// Wakes threads waiting for a sync or a compaction.
+    done: Condvar,
+    /// The same as `Inner::synced`, for async waiters.
+    synced_tx: watch::Sender<u64>,
+    /// The journal's length on disk.
+    journal_len: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves plain counters behind:
+        // keep going with them.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The open, locked journal of a durable queue: the state it replays to,
+/// records not yet handed to the writer, and the writer thread.
+pub(crate) struct Store {
+    path: PathBuf,
+    /// The state, with every change applied (durable or not yet).
+    pub(crate) state: State,
+    /// Records since the last [`commit`](Self::commit).
+    buf: Vec<u8>,
+    /// The sequence number of the last commit.
+    seq: u64,
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+    /// No automatic compaction of a journal smaller than this.
+    compact_min_bytes: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("jobs", &self.state.jobs.len())
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating it if needed) and locks the journal at `path`,
+    /// replays it, and starts the writer thread. A journal of taskherd 0.1
+    /// is converted first.
+    ///
+    /// # Errors
+    /// [`LocalQueueError::Locked`] when another process holds it;
+    /// [`LocalQueueError::NotAJournal`]; [`LocalQueueError::Corrupt`] with
+    /// the offset of the damage; [`LocalQueueError::Io`].
+    pub(crate) fn open(path: &Path) -> Result<Store> {
+        convert_v1_if_needed(path)?;
+        let file = open_locked(path)?;
+        let tmp = compact_tmp_path(path);
+        journal::remove_if_exists(&tmp).map_err(|source| io_error(&tmp, source))?;
+        let mut data = Vec::new();
+        (&file)
+            .read_to_end(&mut data)
+            .map_err(|source| io_error(path, source))?;
+        if data.len() < MAGIC.len() && MAGIC.starts_with(&data) {
+            // New, or its creation was cut short.
+            file.write_all_at(MAGIC, 0)
+                .and_then(|()| file.set_len(MAGIC.len() as u64))
+                .and_then(|()| file.sync_all())
+                .and_then(|()| journal::sync_dir(path))
+                .map_err(|source| io_error(path, source))?;
+            data = MAGIC.to_vec();
+        }
+        let (state, end) = replay(path, &data)?;
+        let len = match end {
+            ScanEnd::Clean => data.len() as u64,
+            ScanEnd::Torn { offset, reason } => {
+                tracing::warn!(
+                    path = %path.display(),
+                    offset,
+                    dropped = data.len() as u64 - offset,
+                    reason,
+                    "dropping a write torn by a crash at the end of the queue journal"
+                );
+                file.set_len(offset)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|source| io_error(path, source))?;
+                offset
+            }
+            ScanEnd::Corrupt { offset, reason } => {
+                return Err(LocalQueueError::Corrupt {
+                    path: path.to_path_buf(),
+                    offset,
+                    reason,
+                })
+            }
+        };
+        if state.strays > 0 {
+            tracing::debug!(path = %path.display(), strays = state.strays, "journal records of jobs not held");
+        }
+        let (synced_tx, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                items: Vec::new(),
+                synced: 0,
+                stop: false,
+                compacting: false,
+                compactions: 0,
+                failing: None,
+                compaction_failed: None,
+            }),
+            wake: Condvar::new(),
+            done: Condvar::new(),
+            synced_tx,
+            journal_len: AtomicU64::new(len),
+        });
+        let writer = {
+            let shared = Arc::clone(&shared);
+            let owned = path.to_path_buf();
+            std::thread::Builder::new()
+                .name("taskherd-journal".into())
+                .spawn(move || Writer::new(owned, file, len, shared).run())
+                .map_err(|source| io_error(path, source))?
+        };
+        Ok(Store {
+            path: path.to_path_buf(),
+            state,
+            buf: Vec::new(),
+            seq: 0,
+            shared,
+            writer: Some(writer),
+            compact_min_bytes: DEFAULT_COMPACT_MIN_BYTES,
+        })
+    }
+
+    /// The journal's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records a change without a payload: applied now, durable at the
+    /// sync that covers the next [`commit`](Self::commit).
+    pub(crate) fn change(&mut self, record: &Record<'_>) {
+        self.state.apply_change(record);
+        record.encode(&mut self.buf);
+    }
+
+    /// Records a new pending job (its id is the next one); returns the id.
+    pub(crate) fn push(&mut self, payload: Arc<RawValue>) -> u64 {
+        let id = self.state.next_id;
+        Record::Push {
+            id,
+            payload: payload.get().as_bytes(),
+        }
+        .encode(&mut self.buf);
+        self.state.add(id, payload, 0);
+        id
+    }
+
+    /// Records a new dead job (an inbox line that is not a job).
+    pub(crate) fn bury_new(&mut self, payload: Arc<RawValue>, at_ms: u64, reason: &str) -> u64 {
+        let id = self.state.next_id;
+        Record::Buried {
+            id,
+            attempts: 0,
+            at_ms,
+            reason,
+            payload: payload.get().as_bytes(),
+        }
+        .encode(&mut self.buf);
+        self.state.bury_new(id, payload, at_ms, reason);
+        id
+    }
+
+    /// Hands the changes recorded since the last call to the writer (as
+    /// one frame: they become durable together); returns the sequence
+    /// number whose sync covers them (and everything before).
+    pub(crate) fn commit(&mut self) -> u64 {
+        if self.buf.is_empty() {
+            return self.seq;
+        }
+        let mut bytes = Vec::with_capacity(self.buf.len() + journal::FRAME_HEADER_LEN);
+        if let Err(len) = journal::encode_frame(&self.buf, &mut bytes) {
+            // Over 4 GiB of changes between two commits: split by record
+            // would be needed; callers commit far more often than that.
+            tracing::error!(len, "journal frame too large");
+        }
+        self.buf.clear();
+        self.seq += 1;
+        let seq = self.seq;
+        let mut inner = self.shared.lock();
+        inner.items.push(Item::Frames { seq, bytes });
+        drop(inner);
+        self.shared.wake.notify_one();
+        seq
+    }
+
+    /// A receiver of the highest sequence number known durable.
+    pub(crate) fn synced_rx(&self) -> watch::Receiver<u64> {
+        self.shared.synced_tx.subscribe()
+    }
+
+    /// The highest sequence number known durable.
+    pub(crate) fn synced(&self) -> u64 {
+        *self.shared.synced_tx.borrow()
+    }
+
+    /// Why writes fail right now, if they do, and why the last
+    /// compaction failed, if it did (taken: reported once).
+    pub(crate) fn troubles(&self) -> (Option<String>, Option<String>) {
+        let mut inner = self.shared.lock();
+        let compaction = if inner.compacting {
+            None
+        } else {
+            inner.compaction_failed.take()
+        };
+        (inner.failing.clone(), compaction)
+    }
+
+    /// Blocks until `seq` is durable, or `timeout` passed.
+    ///
+    /// # Errors
+    /// [`LocalQueueError::Io`] (timed out) with why writes fail, if they do.
+    pub(crate) fn wait_synced(&self, seq: u64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.shared.lock();
+        while inner.synced < seq {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let why = inner
+                    .failing
+                    .clone()
+                    .unwrap_or_else(|| "no sync in time".into());
+                return Err(io_error(
+                    &self.path,
+                    io::Error::new(io::ErrorKind::TimedOut, why),
+                ));
+            }
+            inner = self
+                .shared
+                .done
+                .wait_timeout(inner, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// The journal's length on disk.
+    pub(crate) fn journal_len(&self) -> u64 {
+        self.shared.journal_len.load(Ordering::Relaxed)
+    }
+
+    /// Sets the size below which the journal is never compacted by
+    /// [`maybe_compact`](Self::maybe_compact).
+    pub(crate) fn set_compact_min_bytes(&mut self, bytes: u64) {
+        self.compact_min_bytes = bytes;
+    }
+
+    /// Starts a compaction when the journal is more than twice what the
+    /// live jobs need (and at least the minimum), and none is running.
+    /// Returns whether it started one.
+    pub(crate) fn maybe_compact(&mut self) -> bool {
+        let len = self.journal_len();
+        let live = self.state.live_bytes + MAGIC.len() as u64;
+        if len < self.compact_min_bytes || len <= live.saturating_mul(2) {
+            return false;
+        }
+        if self.shared.lock().compacting {
+            return false;
+        }
+        self.start_compaction();
+        true
+    }
+
+    /// Commits, then asks the writer to write the state aside and switch
+    /// to it; serving goes on meanwhile.
+    fn start_compaction(&mut self) {
+        self.commit();
+        let mut snapshot = MAGIC.to_vec();
+        snapshot.extend_from_slice(&self.state.snapshot());
+        let mut inner = self.shared.lock();
+        inner.compacting = true;
+        inner.items.push(Item::Compact { snapshot });
+        drop(inner);
+        self.shared.wake.notify_one();
+    }
+
+    /// Compacts now and waits for the switch (or its failure).
+    ///
+    /// # Errors
+    /// [`LocalQueueError::Io`] if it did not happen within `timeout` or
+    /// failed (the old journal stays in use).
+    pub(crate) fn compact_and_wait(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        // One at a time: let a compaction already running end first.
+        let before = {
+            let mut inner = self.shared.lock();
+            while inner.compacting {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                inner = self
+                    .shared
+                    .done
+                    .wait_timeout(inner, left)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .0;
+            }
+            inner.compactions
+        };
+        self.start_compaction();
+        let mut inner = self.shared.lock();
+        while inner.compactions <= before {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io_error(
+                    &self.path,
+                    io::Error::new(io::ErrorKind::TimedOut, "compaction did not end in time"),
+                ));
+            }
+            inner = self
+                .shared
+                .done
+                .wait_timeout(inner, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        if let Some(why) = inner.compaction_failed.clone().or(inner.failing.clone()) {
+            return Err(io_error(&self.path, io::Error::other(why)));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.commit();
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_one();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// `<path>.compact.tmp`.
+pub(crate) fn compact_tmp_path(path: &Path) -> PathBuf {
+    sibling(path, ".compact.tmp")
+}
+
+/// Opens and locks the journal, making sure the locked file is still the
+/// one at `path` (a compaction may have replaced it in between).
+fn open_locked(path: &Path) -> Result<File> {
+    for _ in 0..LOCK_ATTEMPTS {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| io_error(path, source))?;
+        if let Err(err) = lock_exclusive_within(&file, LOCK_GRACE) {
+            return Err(if err.kind() == io::ErrorKind::WouldBlock {
+                LocalQueueError::Locked {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                io_error(path, err)
+            });
+        }
+        let ours = file.metadata().map_err(|source| io_error(path, source))?;
+        match std::fs::metadata(path) {
+            Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => return Ok(file),
+            Ok(_) => continue,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(io_error(path, source)),
+        }
+    }
+    Err(LocalQueueError::Locked {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Replays `data` (a whole journal, magic included) into a state.
+///
+/// # Errors
+/// [`LocalQueueError::NotAJournal`], or [`LocalQueueError::Corrupt`] for a
+/// record that passed its checksum but does not decode.
+pub(crate) fn replay(path: &Path, data: &[u8]) -> Result<(State, ScanEnd)> {
+    if !data.starts_with(MAGIC) {
+        return Err(LocalQueueError::NotAJournal {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut state = State::new();
+    let end = scan_frames(data, MAGIC.len(), |offset, payload| {
+        let corrupt = |reason| LocalQueueError::Corrupt {
+            path: path.to_path_buf(),
+            offset,
+            reason,
+        };
+        let mut reader = Reader::new(payload);
+        while let Some(record) = reader.next_record().map_err(corrupt)? {
+            state
+                .apply(&record)
+                .map_err(|_| corrupt("a job's payload is not JSON"))?;
+        }
+        Ok(())
+    })?;
+    Ok((state, end))
+}
+
+/// Reads the journal at `path` without locking it (a feeder may be
+/// writing it): the state of its sound frames.
+///
+/// # Errors
+/// As [`replay`]; [`LocalQueueError::Io`] if it cannot be read. A torn
+/// tail is not an error (it may be a write in progress).
+pub(crate) fn read_only(path: &Path) -> Result<State> {
+    let data = match std::fs::read(path) {
+        Ok(data) => data,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(State::new()),
+        Err(source) => return Err(io_error(path, source)),
+    };
+    if data.is_empty() || (data.len() < MAGIC.len() && MAGIC.starts_with(&data)) {
+        return Ok(State::new());
+    }
+    if data.starts_with(V1_MAGIC) {
+        return Err(LocalQueueError::NotAJournal {
+            path: path.to_path_buf(),
+        });
+    }
+    match replay(path, &data)? {
+        (_, ScanEnd::Corrupt { offset, reason }) => Err(LocalQueueError::Corrupt {
+            path: path.to_path_buf(),
+            offset,
+            reason,
+        }),
+        (state, _) => Ok(state),
+    }
+}
+
+/// Converts a journal of taskherd 0.1's file feeder (and its `.dead`
+/// file) into the current format, once.
+fn convert_v1_if_needed(path: &Path) -> Result<()> {
+    let mut head = [0u8; 8];
+    match File::open(path) {
+        Ok(file) => match file.read_exact_at(&mut head, 0) {
+            Ok(()) if &head == V1_MAGIC => {}
+            _ => return Ok(()),
+        },
+        Err(_) => return Ok(()),
+    }
+    use crate::queue::local::{FileQueue, LocalQueue, QueueOptions};
+    let options = QueueOptions {
+        visibility_timeout: Duration::MAX,
+        max_receives: u32::MAX,
+    };
+    let mut old = FileQueue::open(path, options)?;
+    let mut state = State::new();
+    let now_ms = super::now_ms();
+    for message in old.dead_letters() {
+        if let Ok(payload) = serde_json::value::to_raw_value(&message.payload) {
+            state.bury_new(
+                state.next_id,
+                Arc::from(payload),
+                now_ms,
+                "dead in taskherd 0.1",
+            );
+        }
+    }
+    while let Some(lease) = old.receive_now()? {
+        if let Ok(payload) = serde_json::value::to_raw_value(&lease.message.payload) {
+            let attempts = lease.message.receive_count.saturating_sub(1);
+            state.add(state.next_id, Arc::from(payload), attempts);
+        }
+    }
+    let dead_path = sibling(path, ".dead");
+    if let Ok(text) = std::fs::read_to_string(&dead_path) {
+        for line in text.lines().filter(|line| !line.trim().is_empty()) {
+            let entry: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            let reason = entry["reason"]
+                .as_str()
+                .unwrap_or("dead in taskherd 0.1")
+                .to_owned();
+            let at_ms = entry["dead_at_ms"].as_u64().unwrap_or(now_ms);
+            if let Ok(payload) = serde_json::value::to_raw_value(&entry["job"]) {
+                state.bury_new(state.next_id, Arc::from(payload), at_ms, &reason);
+            }
+        }
+    }
+    let mut data = MAGIC.to_vec();
+    data.extend_from_slice(&state.snapshot());
+    let tmp = compact_tmp_path(path);
+    let written = File::create(&tmp)
+        .and_then(|file| file.write_all_at(&data, 0).and_then(|()| file.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| journal::remove_if_exists(&dead_path))
+        .and_then(|()| journal::sync_dir(path));
+    drop(old);
+    written.map_err(|source| io_error(path, source))?;
+    tracing::info!(
+        path = %path.display(),
+        pending = state.jobs.len(),
+        dead = state.dead.len(),
+        "converted a queue journal of taskherd 0.1"
+    );
+    Ok(())
+}
+
+/// The writer thread: group commit and the switch to compacted journals.
+struct Writer {
+    path: PathBuf,
+    file: File,
+    /// Bytes of valid data; the next frame goes here.
+    len: u64,
+    shared: Arc<Shared>,
+    /// Frames that failed to be written, with the sequence they cover.
+    retry: Vec<u8>,
+    retry_seq: u64,
+    /// Pause before the next try of `retry`.
+    backoff: Duration,
+    /// A compaction in progress: the snapshot's writer, its length, and
+    /// the frames that came after it.
+    compaction: Option<(JoinHandle<io::Result<File>>, u64, Vec<u8>)>,
+}
+
+impl Writer {
+    fn new(path: PathBuf, file: File, len: u64, shared: Arc<Shared>) -> Self {
+        Writer {
+            path,
+            file,
+            len,
+            shared,
+            retry: Vec::new(),
+            retry_seq: 0,
+            backoff: RETRY_INITIAL,
+            compaction: None,
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let (items, stop) = {
+                let mut inner = self.shared.lock();
+                if inner.items.is_empty() && !inner.stop {
+                    if self.retry.is_empty() && self.compaction.is_none() {
+                        inner = self
+                            .shared
+                            .wake
+                            .wait_while(inner, |inner| inner.items.is_empty() && !inner.stop)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    } else {
+                        let pause = if self.retry.is_empty() {
+                            SNAPSHOT_POLL
+                        } else {
+                            self.backoff
+                        };
+                        inner = self
+                            .shared
+                            .wake
+                            .wait_timeout(inner, pause)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .0;
+                    }
+                }
+                (std::mem::take(&mut inner.items), inner.stop)
+            };
+            let mut out = std::mem::take(&mut self.retry);
+            let mut last = self.retry_seq;
+            for item in items {
+                match item {
+                    Item::Frames { seq, bytes } => {
+                        if let Some((_, _, tail)) = &mut self.compaction {
+                            tail.extend_from_slice(&bytes);
+                        }
+                        out.extend_from_slice(&bytes);
+                        last = seq;
+                    }
+                    Item::Compact { snapshot } => self.start_compaction(snapshot),
+                }
+            }
+            let wrote = out.is_empty() || self.write(out, last);
+            self.finish_compaction(stop);
+            if stop && (self.retry.is_empty() || !wrote) && self.compaction.is_none() {
+                if !self.retry.is_empty() {
+                    tracing::error!(
+                        path = %self.path.display(),
+                        bytes = self.retry.len(),
+                        "queue journal: the last changes could not be written; they were never confirmed"
+                    );
+                }
+                return;
+            }
+        }
+    }
+
+    /// Writes and syncs `out`; on failure keeps it for the next try.
+    fn write(&mut self, out: Vec<u8>, last: u64) -> bool {
+        let result = self
+            .file
+            .write_all_at(&out, self.len)
+            .and_then(|()| self.file.sync_data());
+        match result {
+            Ok(()) => {
+                self.len += out.len() as u64;
+                self.shared.journal_len.store(self.len, Ordering::Relaxed);
+                self.backoff = RETRY_INITIAL;
+                let mut inner = self.shared.lock();
+                inner.failing = None;
+                inner.synced = last;
+                drop(inner);
+                self.shared.synced_tx.send_replace(last);
+                self.shared.done.notify_all();
+                true
+            }
+            Err(err) => {
+                // Nothing after `len` counts: cut what may have reached the
+                // file, and write it all again at the next try.
+                let _ = self.file.set_len(self.len);
+                let why = format!(
+                    "cannot write the queue journal {}: {err}",
+                    self.path.display()
+                );
+                let mut inner = self.shared.lock();
+                inner.failing = Some(why);
+                drop(inner);
+                self.shared.done.notify_all();
+                self.retry = out;
+                self.retry_seq = last;
+                self.backoff = (self.backoff * 2).min(RETRY_MAX);
+                false
+            }
+        }
+    }
+
+    fn start_compaction(&mut self, snapshot: Vec<u8>) {
+        if self.compaction.is_some() {
+            self.compaction_ended();
+            return;
+        }
+        let tmp = compact_tmp_path(&self.path);
+        let len = snapshot.len() as u64;
+        let spawned = std::thread::Builder::new()
+            .name("taskherd-compact".into())
+            .spawn(move || -> io::Result<File> {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&tmp)?;
+                journal::try_lock_exclusive(&file)?;
+                file.write_all_at(&snapshot, 0)?;
+                file.sync_data()?;
+                Ok(file)
+            });
+        match spawned {
+            Ok(handle) => {
+                self.shared.lock().compaction_failed = None;
+                self.compaction = Some((handle, len, Vec::new()));
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, "cannot start a compaction");
+                self.compaction_ended();
+            }
+        }
+    }
+
+    /// Switches to the compacted journal once it is written (or drops it
+    /// if it failed, or at stop).
+    fn finish_compaction(&mut self, stop: bool) {
+        let finished = self
+            .compaction
+            .as_ref()
+            .is_some_and(|(handle, _, _)| handle.is_finished());
+        if !finished && !stop {
+            return;
+        }
+        let Some((handle, snapshot_len, tail)) = self.compaction.take() else {
+            return;
+        };
+        let tmp = compact_tmp_path(&self.path);
+        let written = match handle.join() {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::other("the compaction thread panicked")),
+        };
+        let switched = written.and_then(|file| {
+            if stop || !self.retry.is_empty() {
+                return Err(io::Error::other("not switched: stopping or writes failing"));
+            }
+            file.write_all_at(&tail, snapshot_len)?;
+            file.sync_data()?;
+            std::fs::rename(&tmp, &self.path)?;
+            Ok(file)
+        });
+        match switched {
+            Ok(file) => {
+                let before = self.len;
+                self.file = file;
+                self.len = snapshot_len + tail.len() as u64;
+                self.shared.journal_len.store(self.len, Ordering::Relaxed);
+                if let Err(err) = journal::sync_dir(&self.path) {
+                    tracing::warn!(cause = %err, "cannot sync the queue journal's directory");
+                }
+                tracing::debug!(
+                    path = %self.path.display(),
+                    before,
+                    after = self.len,
+                    "compacted queue journal"
+                );
+            }
+            Err(err) => {
+                let _ = journal::remove_if_exists(&tmp);
+                if !stop {
+                    self.shared.lock().compaction_failed = Some(format!(
+                        "cannot compact the queue journal {}: {}",
+                        self.path.display(),
+                        error_chain(&err)
+                    ));
+                }
+            }
+        }
+        self.compaction_ended();
+    }
+
+    fn compaction_ended(&self) {
+        let mut inner = self.shared.lock();
+        inner.compacting = false;
+        inner.compactions += 1;
+        drop(inner);
+        self.shared.done.notify_all();
+    }
+}

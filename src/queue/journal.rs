@@ -1,0 +1,272 @@
+//! What the two durable queues share on disk: checksummed frames, the
+//! scan that tells a write torn by a crash from real damage, file locks and
+//! directory syncs.
+//!
+//! A journal is a magic of 8 bytes (each format has its own) followed by
+//! frames:
+//!
+//! ```text
+//! len: u32 LE | crc32(len bytes ++ payload): u32 LE | payload (len bytes, len > 0)
+//! ```
+//!
+//! The local queue ([`super::local::FileQueue`]) puts a JSON array of
+//! records in a payload, the durable feeder queue ([`super::durable`]) a
+//! run of binary records. A frame is the unit of atomicity: after a crash,
+//! a frame is either whole or (being the last one) torn and dropped.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Length and checksum in front of every frame.
+pub(crate) const FRAME_HEADER_LEN: usize = 8;
+
+/// Appends one frame holding `payload` to `out`.
+///
+/// # Errors
+/// The payload is empty or larger than a frame can hold (4 GiB): the
+/// length is returned.
+pub(crate) fn encode_frame(payload: &[u8], out: &mut Vec<u8>) -> Result<(), usize> {
+    let len = u32::try_from(payload.len()).map_err(|_| payload.len())?;
+    if len == 0 {
+        return Err(0);
+    }
+    let len_bytes = len.to_le_bytes();
+    out.reserve(FRAME_HEADER_LEN + payload.len());
+    out.extend_from_slice(&len_bytes);
+    out.extend_from_slice(&frame_crc(&len_bytes, payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// The checksum covers the length too, so a zeroed header never passes.
+fn frame_crc(len_bytes: &[u8; 4], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(len_bytes);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Why a frame is unreadable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Damage {
+    /// Whether the frame's extent reaches the end of the file.
+    pub(crate) runs_to_end: bool,
+    /// What is wrong.
+    pub(crate) reason: &'static str,
+}
+
+/// The payload of the frame at the start of `rest`, if it is sound.
+pub(crate) fn check_frame(rest: &[u8]) -> Result<&[u8], Damage> {
+    let Some((header, body)) = rest.split_first_chunk::<FRAME_HEADER_LEN>() else {
+        return Err(Damage {
+            runs_to_end: true,
+            reason: "incomplete frame header",
+        });
+    };
+    let mut len_bytes = [0; 4];
+    len_bytes.copy_from_slice(&header[..4]);
+    let mut crc_bytes = [0; 4];
+    crc_bytes.copy_from_slice(&header[4..]);
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    if len > body.len() {
+        return Err(Damage {
+            runs_to_end: true,
+            reason: "frame runs past the end of the file",
+        });
+    }
+    let payload = &body[..len];
+    if len == 0 || frame_crc(&len_bytes, payload) != u32::from_le_bytes(crc_bytes) {
+        return Err(Damage {
+            runs_to_end: len == body.len(),
+            reason: "checksum mismatch",
+        });
+    }
+    Ok(payload)
+}
+
+/// How a scan of frames ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScanEnd {
+    /// Every byte was a sound frame.
+    Clean,
+    /// The frames from `offset` on are a write torn by a crash: a damaged
+    /// frame that runs to the end of the data, or zeros. What comes before
+    /// is sound.
+    Torn {
+        /// Where the torn part starts.
+        offset: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A damaged frame followed by more data: real damage, not a crash.
+    Corrupt {
+        /// Where the damaged frame starts.
+        offset: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// Calls `each(offset, payload)` for every sound frame of `data` from
+/// `start` on, in order, and says how the data ends. Stops at the first
+/// error of `each`.
+pub(crate) fn scan_frames<E>(
+    data: &[u8],
+    start: usize,
+    mut each: impl FnMut(u64, &[u8]) -> Result<(), E>,
+) -> Result<ScanEnd, E> {
+    let mut pos = start;
+    while pos < data.len() {
+        let rest = &data[pos..];
+        match check_frame(rest) {
+            Ok(payload) => {
+                each(pos as u64, payload)?;
+                pos += FRAME_HEADER_LEN + payload.len();
+            }
+            Err(damage) => {
+                let offset = pos as u64;
+                // A torn write leaves a damaged frame that runs to the end
+                // of the file, or zeros; anything else is real damage.
+                return Ok(if damage.runs_to_end || rest.iter().all(|&b| b == 0) {
+                    ScanEnd::Torn {
+                        offset,
+                        reason: damage.reason,
+                    }
+                } else {
+                    ScanEnd::Corrupt {
+                        offset,
+                        reason: damage.reason,
+                    }
+                });
+            }
+        }
+    }
+    Ok(ScanEnd::Clean)
+}
+
+/// Syncs the directory holding `path`, making a creation, rename or
+/// removal durable.
+pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// Removes `path`; a missing file is fine.
+pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
+}
+
+/// `flock(op)`, retried when interrupted.
+fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: flock(2) on a descriptor owned by `file`, open for this call.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Takes an exclusive `flock` if it is free ([`io::ErrorKind::WouldBlock`]
+/// otherwise). Released when `file` is closed.
+pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<()> {
+    flock(file, libc::LOCK_EX | libc::LOCK_NB)
+}
+
+/// Takes an exclusive `flock`, waiting as long as it takes.
+pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
+    flock(file, libc::LOCK_EX)
+}
+
+/// Takes an exclusive `flock`, waiting at most `grace` for it (with a short
+/// backoff: `flock` has no timeout of its own).
+pub(crate) fn lock_exclusive_within(file: &File, grace: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + grace;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match try_lock_exclusive(file) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(err);
+                }
+                std::thread::sleep(pause.min(left));
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            done => return done,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(payloads: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for payload in payloads {
+            encode_frame(payload, &mut out).unwrap();
+        }
+        out
+    }
+
+    fn collect(data: &[u8]) -> (Vec<(u64, Vec<u8>)>, ScanEnd) {
+        let mut seen = Vec::new();
+        let end = scan_frames::<()>(data, 0, |offset, payload| {
+            seen.push((offset, payload.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        (seen, end)
+    }
+
+    #[test]
+    fn frames_round_trip_with_offsets() {
+        let data = frames(&[b"one", b"three"]);
+        let (seen, end) = collect(&data);
+        assert_eq!(end, ScanEnd::Clean);
+        assert_eq!(seen, [(0, b"one".to_vec()), (11, b"three".to_vec())]);
+        assert_eq!(encode_frame(b"", &mut Vec::new()), Err(0));
+    }
+
+    #[test]
+    fn a_torn_tail_is_told_from_damage() {
+        let data = frames(&[b"one", b"three"]);
+        // Cut inside the second frame: torn.
+        let (seen, end) = collect(&data[..data.len() - 2]);
+        assert_eq!(seen.len(), 1);
+        assert!(matches!(end, ScanEnd::Torn { offset: 11, .. }), "{end:?}");
+        // Zeros after the frames (a file extended but never written): torn.
+        let mut zeros = data.clone();
+        zeros.extend_from_slice(&[0; 100]);
+        assert!(matches!(
+            collect(&zeros).1,
+            ScanEnd::Torn { offset: 24, .. }
+        ));
+        // A flipped bit in the first frame, a sound one after it: damage.
+        let mut flipped = data.clone();
+        flipped[FRAME_HEADER_LEN + 1] ^= 1;
+        let (seen, end) = collect(&flipped);
+        assert!(seen.is_empty());
+        assert_eq!(
+            end,
+            ScanEnd::Corrupt {
+                offset: 0,
+                reason: "checksum mismatch"
+            }
+        );
+    }
+}
