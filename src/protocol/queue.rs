@@ -48,6 +48,10 @@ pub enum ToConsumer {
         /// too late for.
         #[serde(with = "super::millis")]
         lease: Duration,
+        /// The feeder will confirm durable outcomes ([`ToConsumer::Settled`]):
+        /// it keeps its jobs on disk and the consumer asked for it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        settles: bool,
     },
     /// The consumer is not in (bad proof, version); the link closes.
     Refused {
@@ -71,9 +75,10 @@ pub enum ToConsumer {
         /// The lease named in the outcome.
         lease: u64,
     },
-    /// Outcomes of these leases are recorded durably (sent by feeders
-    /// that keep their jobs on disk, once the sync covering the outcomes
-    /// is done): those jobs will never be served again.
+    /// The final outcomes (Ack, Dead) of these leases are recorded durably:
+    /// those jobs will never be served again. Sent by feeders that keep
+    /// their jobs on disk, once the sync covering the outcomes is done, to
+    /// consumers that listed [`FEATURE_SETTLED`] in their Hello.
     Settled {
         /// The leases named in the outcomes.
         leases: Vec<u64>,
@@ -99,6 +104,10 @@ pub enum ToFeeder {
         proof: String,
         /// Random, hex: the feeder proves itself over it.
         nonce: String,
+        /// Optional frames the consumer understands ([`FEATURE_SETTLED`]);
+        /// a feeder sends none of those to a consumer that did not list it.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// Room for `n` more jobs.
     Credit {
@@ -146,6 +155,10 @@ pub enum ToFeeder {
     /// "I am still here".
     Heartbeat,
 }
+
+/// The feature a consumer lists in its Hello to be sent
+/// [`ToConsumer::Settled`].
+pub const FEATURE_SETTLED: &str = "settled";
 
 /// Proof of the secret over a nonce: HMAC-SHA256, hex.
 pub fn proof(secret: &str, nonce: &str) -> String {

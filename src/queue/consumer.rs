@@ -63,7 +63,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::error_text::panic_text;
-use crate::protocol::queue::{proof, random_hex, verify, ToConsumer, ToFeeder};
+use crate::protocol::queue::{proof, random_hex, verify, ToConsumer, ToFeeder, FEATURE_SETTLED};
 use crate::protocol::{codec, decode, encode, ProtocolError, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use crate::retry::Outcome;
 
@@ -464,6 +464,8 @@ struct Link {
     feeder_tx: FeederTx,
     /// The feeder's lease time (zero: none).
     lease: Duration,
+    /// The feeder confirms durable outcomes ([`ToConsumer::Settled`]).
+    settles: bool,
 }
 
 /// One frame read, classified.
@@ -516,7 +518,7 @@ async fn connect(feeder: &str, secret: &str, name: &str) -> Result<Link, Attempt
     let (read_half, write_half) = stream.into_split();
     let mut feeder_rx = FramedRead::new(read_half, codec());
     let mut feeder_tx = FramedWrite::new(write_half, codec());
-    let lease = tokio::time::timeout(
+    let (lease, settles) = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         handshake(&mut feeder_rx, &mut feeder_tx, feeder, secret, name),
     )
@@ -530,6 +532,7 @@ async fn connect(feeder: &str, secret: &str, name: &str) -> Result<Link, Attempt
         feeder_rx,
         feeder_tx,
         lease,
+        settles,
     })
 }
 
@@ -540,7 +543,7 @@ async fn handshake(
     feeder: &str,
     secret: &str,
     name: &str,
-) -> Result<Duration, Attempt> {
+) -> Result<(Duration, bool), Attempt> {
     let refused = |reason: String| {
         Attempt::Fatal(ConsumerError::Refused {
             feeder: feeder.to_string(),
@@ -571,6 +574,7 @@ async fn handshake(
         name: name.to_string(),
         proof: proof(secret, &nonce),
         nonce: our_nonce.clone(),
+        features: vec![FEATURE_SETTLED.to_owned()],
     };
     let body = encode(&hello).map_err(|err| Attempt::Transient(err.to_string()))?;
     feeder_tx
@@ -578,9 +582,13 @@ async fn handshake(
         .await
         .map_err(|err| Attempt::Transient(format!("cannot send hello: {err}")))?;
     match read_handshake_frame(feeder_rx).await? {
-        ToConsumer::Welcome { proof, lease } => {
+        ToConsumer::Welcome {
+            proof,
+            lease,
+            settles,
+        } => {
             if verify(secret, &our_nonce, &proof) {
-                Ok(lease)
+                Ok((lease, settles))
             } else {
                 error!("the feeder failed to prove the queue secret: closing");
                 Err(Attempt::Fatal(ConsumerError::Impostor {
@@ -794,6 +802,7 @@ where
         mut feeder_rx,
         feeder_tx,
         lease,
+        settles,
     } = link;
     let (frames_tx, frames_rx) = mpsc::unbounded_channel();
     let mut writer = tokio::spawn(write_frames(feeder_tx, frames_rx));
@@ -860,7 +869,12 @@ where
                 while let Some(joined) = next.take() {
                     if let Some((running, end)) = runner.take(joined) {
                         if running.session == session {
-                            send(runner.outcome_frame(running.lease, end));
+                            let frame = runner.outcome_frame(running.lease, end);
+                            if matches!(frame, ToFeeder::Retry { .. }) {
+                                // Not final: never settled.
+                                job_ids.remove(&running.lease);
+                            }
+                            send(frame);
                         } else {
                             debug!(
                                 lease = running.lease,
@@ -880,7 +894,9 @@ where
                 last_heard = Instant::now();
                 match classify(item) {
                     Read::Frame(ToConsumer::Job { lease: job_lease, id, attempt, payload }) => {
-                        job_ids.insert(job_lease, (id, attempt));
+                        if settles {
+                            job_ids.insert(job_lease, (id, attempt));
+                        }
                         if draining {
                             send(ToFeeder::Release { lease: job_lease });
                             runner.report.released += 1;
@@ -1126,6 +1142,7 @@ pub(crate) mod tests {
                 ToConsumer::Welcome {
                     proof: proof(&self.secret, their_nonce),
                     lease: Duration::from_secs(30),
+                    settles: false,
                 }
             } else {
                 ToConsumer::Refused {
@@ -1314,6 +1331,7 @@ pub(crate) mod tests {
         conn.write_frame(&ToConsumer::Welcome {
             proof: proof("not the secret", &nonce),
             lease: Duration::from_secs(30),
+            settles: false,
         })
         .await
         .unwrap();

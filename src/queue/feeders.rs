@@ -1,6 +1,6 @@
 //! Built-in [`Feeder`]s: [`IterFeeder`] serves jobs from memory,
 //! [`FileFeeder`] from a durable file-backed queue (its files, what is
-//! synced when and what a crash can do: [`durable`](super::durable)).
+//! synced when and what a crash can do: [`durable`]).
 
 use std::fmt;
 use std::path::Path;
@@ -130,7 +130,7 @@ type DeadHook = Box<dyn FnMut(&FileJob, &str) + Send>;
 
 /// A durable feeder: a journal with group commit, an inbox producers add
 /// to while it runs, dead jobs kept with their reasons; see
-/// [`durable`](super::durable) for the files and what a crash can do.
+/// [`durable`] for the files and what a crash can do.
 ///
 /// It never says [`Next::Done`]: with nothing to serve it says
 /// [`Next::Empty`], and looks at its inbox again after
@@ -156,12 +156,13 @@ type DeadHook = Box<dyn FnMut(&FileJob, &str) + Send>;
 /// # }
 /// ```
 pub struct FileFeeder {
+    /// The intake thread, started at the first [`next`](Feeder::next).
+    /// (Declared first: it stops before the journal's lock is let go.)
+    intake: Option<Intake>,
     /// The journal and the state.
     store: Store,
     /// Jobs with ids up to this one were served in this run.
     cursor: u64,
-    /// The intake thread, started at the first [`next`](Feeder::next).
-    intake: Option<Intake>,
     /// A generation whose last batch went in the commit numbered `.1`:
     /// once that is durable, its file may go.
     finishing: Vec<(u64, u64)>,
@@ -529,6 +530,21 @@ impl FileFeeder {
             let Ok(batch) = intake.batches_rx.try_recv() else {
                 break;
             };
+            // A batch must continue the journal's own mark; anything else
+            // would take lines in twice (or skip some).
+            let (generation, offset) = (self.store.state.generation, self.store.state.offset);
+            let continues = (batch.generation == generation && batch.start == offset)
+                || (batch.generation > generation && batch.start == 0);
+            if !continues {
+                tracing::error!(
+                    generation = batch.generation,
+                    start = batch.start,
+                    mark_generation = generation,
+                    mark_offset = offset,
+                    "an inbox batch does not follow the intake mark: dropped"
+                );
+                continue;
+            }
             if batch.last {
                 self.finished_now = Some(batch.generation);
             }

@@ -147,6 +147,16 @@ pub(crate) fn scan_frames<E>(
     Ok(ScanEnd::Clean)
 }
 
+/// Where the first sound frame after `start` begins, if any: a damaged
+/// frame followed by a sound one is damage, not a write torn at the end
+/// (a flipped bit in a length can make a frame seem to run past the end).
+pub(crate) fn sound_frame_after(data: &[u8], start: u64) -> Option<u64> {
+    let start = usize::try_from(start).ok()?;
+    (start + 1..data.len().saturating_sub(FRAME_HEADER_LEN))
+        .find(|&pos| check_frame(&data[pos..]).is_ok())
+        .map(|pos| pos as u64)
+}
+
 /// Syncs the directory holding `path`, making a creation, rename or
 /// removal durable.
 pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
@@ -163,6 +173,57 @@ pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
         Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
         _ => Ok(()),
     }
+}
+
+/// How long [`open_locked`] waits for a lock held by someone else. A
+/// descriptor closed by the previous holder can live on for a moment in a
+/// child process that another thread is just spawning (between its fork
+/// and its exec), and the lock with it.
+const LOCK_GRACE: Duration = Duration::from_millis(500);
+
+/// How many times [`open_locked`] tries again when the file it locked was
+/// replaced (by a compaction) in between.
+const LOCK_ATTEMPTS: usize = 16;
+
+/// Why [`open_locked`] failed.
+#[derive(Debug)]
+pub(crate) enum OpenLockedError {
+    /// Another holder has it (or it kept being replaced).
+    Locked,
+    /// Opening or locking failed.
+    Io(io::Error),
+}
+
+/// Opens (creating it if needed) and exclusively locks the journal at
+/// `path`, making sure the locked file is still the one at `path` (a
+/// compaction by the previous holder may have replaced it between our open
+/// and our lock).
+pub(crate) fn open_locked(path: &Path) -> Result<File, OpenLockedError> {
+    use std::os::unix::fs::MetadataExt;
+    for _ in 0..LOCK_ATTEMPTS {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(OpenLockedError::Io)?;
+        match lock_exclusive_within(&file, LOCK_GRACE) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                return Err(OpenLockedError::Locked)
+            }
+            Err(err) => return Err(OpenLockedError::Io(err)),
+        }
+        let ours = file.metadata().map_err(OpenLockedError::Io)?;
+        match std::fs::metadata(path) {
+            Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => return Ok(file),
+            Ok(_) => continue,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(OpenLockedError::Io(err)),
+        }
+    }
+    Err(OpenLockedError::Locked)
 }
 
 /// `flock(op)`, retried when interrupted.
@@ -268,5 +329,12 @@ mod tests {
                 reason: "checksum mismatch"
             }
         );
+        // A flipped bit in the first length: the frame seems to run past
+        // the end, but a sound frame follows.
+        let mut long = data.clone();
+        long[3] ^= 0x10;
+        assert!(matches!(collect(&long).1, ScanEnd::Torn { offset: 0, .. }));
+        assert_eq!(sound_frame_after(&long, 0), Some(11));
+        assert_eq!(sound_frame_after(&data[..data.len() - 2], 11), None);
     }
 }

@@ -621,6 +621,7 @@ mod tests {
             name: "test".into(),
             proof: proof(secret, nonce),
             nonce: "abcd".into(),
+            features: Vec::new(),
         }
     }
 

@@ -106,6 +106,15 @@
 //!    its own. A consumer must take end of stream after Drain as a normal
 //!    end; outcomes that come after the server ended are not recorded.
 //!
+//! 9. **Durable feeders.** With a feeder that keeps its jobs on disk
+//!    ([`Feeder::synced`] is `Some`), a Job frame is sent only once the
+//!    delivery (its attempt) is durable, and its lease starts then. A
+//!    consumer that listed [`FEATURE_SETTLED`] in its Hello (`features`)
+//!    is told so in the Welcome (`settles: true`) and gets
+//!    [`ToConsumer::Settled`]`{leases}` once the Ack or Dead outcomes of
+//!    those leases are durable: those jobs never run again. Other
+//!    consumers get no Settled frame.
+//!
 //! # How it works
 //!
 //! One task, the *queue core* (the future of [`FeederServer::run`]
@@ -134,7 +143,7 @@ use super::governor::Governor;
 use super::peer_warnings::PeerWarnings;
 use super::{Feeder, Next};
 use crate::error_text::error_chain;
-use crate::protocol::queue::{proof, random_hex, verify, ToConsumer, ToFeeder};
+use crate::protocol::queue::{proof, random_hex, verify, ToConsumer, ToFeeder, FEATURE_SETTLED};
 use crate::protocol::slave::{QueueProgress, QueueSettings};
 use crate::protocol::{self, ProtocolError, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use crate::retry::{Decision, RetryPolicy};
@@ -355,7 +364,7 @@ impl<F: Feeder> FeederServer<F> {
             }
         }
         let local = listener.local_addr().ok();
-        info!(address = ?local, "feeder server listening");
+        debug!(address = ?local, "feeder server listening");
         let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
         let tracker = TaskTracker::new();
         let conns_cancel = CancellationToken::new();
@@ -366,6 +375,7 @@ impl<F: Feeder> FeederServer<F> {
             heartbeat: self.heartbeat,
             hello_timeout: self.hello_timeout,
             lease: self.settings.lease,
+            durable: self.feeder.synced().is_some(),
         };
         let acceptor = Acceptor {
             listener,
@@ -412,6 +422,9 @@ struct Tuning {
     heartbeat: Duration,
     hello_timeout: Duration,
     lease: Duration,
+    /// The feeder keeps its jobs on disk: consumers that ask are sent
+    /// [`ToConsumer::Settled`].
+    durable: bool,
 }
 
 /// The listening side, driven by the core's loop.
@@ -543,6 +556,8 @@ enum Event {
         conn: u64,
         name: String,
         peer: SocketAddr,
+        /// It is sent [`ToConsumer::Settled`].
+        settles: bool,
         out_tx: mpsc::UnboundedSender<Out>,
     },
     /// A frame from a joined consumer (never Hello, Heartbeat or Bye).
@@ -637,8 +652,8 @@ async fn connection(id: u64, stream: TcpStream, peer: SocketAddr, link: Link) {
         _ = handshakes.cancelled() => return,
         result = handshake(&mut reader, &mut writer, &secret, tuning) => result,
     };
-    let name = match handshake {
-        Ok(name) => name,
+    let (name, settles) = match handshake {
+        Ok(joined) => joined,
         Err(refusal) => {
             warnings.refused(id, peer, &refusal.reason).await;
             if refusal.tell {
@@ -660,6 +675,7 @@ async fn connection(id: u64, stream: TcpStream, peer: SocketAddr, link: Link) {
         conn: id,
         name,
         peer,
+        settles,
         out_tx,
     };
     if event_tx.send(joined).await.is_err() {
@@ -709,7 +725,7 @@ async fn handshake(
     writer: &mut Writer,
     secret: &str,
     tuning: Tuning,
-) -> Result<String, Refusal> {
+) -> Result<(String, bool), Refusal> {
     let nonce = random_hex(NONCE_BYTES).map_err(|err| Refusal {
         reason: format!("no randomness for a nonce: {err}"),
         tell: false,
@@ -755,6 +771,7 @@ async fn handshake(
             name,
             proof: their_proof,
             nonce: their_nonce,
+            features,
         }) => {
             if version != PROTOCOL_VERSION {
                 return Err(Refusal::tell(
@@ -768,12 +785,14 @@ async fn handshake(
             if !verify(secret, &nonce, &their_proof) {
                 return Err(Refusal::tell("authentication failed"));
             }
+            let settles = tuning.durable && features.iter().any(|f| f == FEATURE_SETTLED);
             let welcome = Out::Frame(ToConsumer::Welcome {
                 proof: proof(secret, &their_nonce),
                 lease: tuning.lease,
+                settles,
             });
             match tokio::time::timeout(tuning.hello_timeout, writer.send(welcome)).await {
-                Ok(Ok(())) => Ok(truncate(name, MAX_NAME_LEN)),
+                Ok(Ok(())) => Ok((truncate(name, MAX_NAME_LEN), settles)),
                 _ => Err(Refusal {
                     reason: "cannot send the welcome".into(),
                     tell: false,
@@ -906,6 +925,10 @@ struct Lease {
 /// Marks a held frame made since the last commit.
 const UNSEALED: u64 = u64::MAX;
 
+/// The lease of a job held back until its delivery is durable, until it
+/// is sent (then it gets the real lease time).
+const HELD_LEASE: Duration = Duration::from_secs(86_400 * 365);
+
 /// A frame held back until the commit it depends on is durable.
 struct Held {
     /// The commit number (or [`UNSEALED`]).
@@ -936,6 +959,8 @@ struct Consumer {
     held: u32,
     /// Whether it is in the round-robin queue of consumers with credit.
     queued: bool,
+    /// Whether it is sent [`ToConsumer::Settled`].
+    settles: bool,
 }
 
 /// What the feeder said last.
@@ -1433,12 +1458,22 @@ impl<F: Feeder> Core<F> {
         }
         let lease = self.next_lease;
         self.next_lease += 1;
+        // A job held back until its attempt is durable starts its lease
+        // when it is sent (see `release_held`): a slow disk never expires
+        // a lease the consumer has not even seen. Held jobs are the newest
+        // leases and are sent in order, so lease numbers stay in expiry
+        // order.
+        let expires = if self.synced_rx.is_some() {
+            after(now, HELD_LEASE)
+        } else {
+            after(now, self.lease_time)
+        };
         self.leases.insert(
             lease,
             Lease {
                 job: job_id,
                 conn,
-                expires: after(now, self.lease_time),
+                expires,
             },
         );
         consumer.credit -= 1;
@@ -1498,6 +1533,11 @@ impl<F: Feeder> Core<F> {
             let Some(held) = self.held.pop_front() else {
                 break;
             };
+            if let Out::Job { lease, .. } = &held.out {
+                if let Some(lease) = self.leases.get_mut(lease) {
+                    lease.expires = after(Instant::now(), self.lease_time);
+                }
+            }
             if let Some(consumer) = self.consumers.get(&held.conn) {
                 let _ = consumer.out_tx.send(held.out);
             }
@@ -1510,6 +1550,7 @@ impl<F: Feeder> Core<F> {
                 conn,
                 name,
                 peer,
+                settles,
                 out_tx,
             } => {
                 info!(conn, %peer, name = %name, "consumer joined");
@@ -1525,6 +1566,7 @@ impl<F: Feeder> Core<F> {
                         credit: 0,
                         held: 0,
                         queued: false,
+                        settles,
                     },
                 );
             }
@@ -1538,6 +1580,7 @@ impl<F: Feeder> Core<F> {
             ToFeeder::Credit { n } => self.credit(conn, n),
             ToFeeder::Ack { lease } => {
                 if let Some(job) = self.settle(conn, lease) {
+                    self.confirm(conn, lease);
                     if let Some(entry) = self.jobs.remove(&job) {
                         self.counts.done += 1;
                         self.feeder.success(entry.job);
@@ -1555,6 +1598,7 @@ impl<F: Feeder> Core<F> {
             }
             ToFeeder::Dead { lease, reason } => {
                 if let Some(job) = self.settle(conn, lease) {
+                    self.confirm(conn, lease);
                     self.counts.failed += 1;
                     self.bury(job, &reason, "the consumer said dead");
                 }
@@ -1604,6 +1648,13 @@ impl<F: Feeder> Core<F> {
         }
     }
 
+    /// A final outcome of `conn`'s `lease`, to be confirmed once durable.
+    fn confirm(&mut self, conn: u64, lease: u64) {
+        if self.synced_rx.is_some() && self.consumers.get(&conn).is_some_and(|c| c.settles) {
+            self.settled.entry(conn).or_default().push(lease);
+        }
+    }
+
     /// Ends `conn`'s lease `lease` and gives its job, or answers Stale.
     fn settle(&mut self, conn: u64, lease: u64) -> Option<u64> {
         let consumer = self.consumers.get_mut(&conn)?;
@@ -1612,9 +1663,6 @@ impl<F: Feeder> Core<F> {
                 let job = held.job;
                 self.leases.remove(&lease);
                 consumer.held = consumer.held.saturating_sub(1);
-                if self.synced_rx.is_some() {
-                    self.settled.entry(conn).or_default().push(lease);
-                }
                 Some(job)
             }
             _ => {
@@ -1887,6 +1935,7 @@ mod tests {
                 name: "test/1@here".into(),
                 proof: proof(secret, nonce),
                 nonce: "c0ffee".into(),
+                features: vec![FEATURE_SETTLED.into()],
             }
         }
 
@@ -2044,19 +2093,24 @@ mod tests {
             synced_rx,
         };
         let shutdown = CancellationToken::new();
+        let mut settings = settings();
+        settings.lease = ms(1000);
         let task = tokio::spawn(
-            FeederServer::new(feeder, SECRET, settings()).run(listener, shutdown.clone()),
+            FeederServer::new(feeder, SECRET, settings).run(listener, shutdown.clone()),
         );
         let mut client = Client::connect(addr).await;
         client.send(ToFeeder::Credit { n: 2 }).await;
-        // Delivered in memory, recorded, but not durable yet: nothing sent.
-        client.quiet_for(ms(300)).await;
+        // Delivered in memory, recorded, but not durable yet: nothing sent;
+        // and a lease does not run while its job is held (a slow disk
+        // would have the job lost and delivered again).
+        client.quiet_for(ms(1500)).await;
         assert_eq!(*attempts.lock().unwrap(), [1, 2]);
         let sync_now = || synced_tx.send_replace(*committed.lock().unwrap());
         sync_now();
         let one = client.job().await;
         let two = client.job().await;
         assert_eq!((one.payload, two.payload), (1, 2));
+        assert_eq!((one.attempt, two.attempt), (1, 1));
         // Job 3 already had its 3 attempts (the limit): dead at once,
         // never sent.
         client.ack(one.lease).await;
@@ -2103,7 +2157,7 @@ mod tests {
             .await
             .unwrap();
         match conn.read_frame::<ToConsumer>().await.unwrap() {
-            Some(ToConsumer::Welcome { proof: p, lease }) => {
+            Some(ToConsumer::Welcome { proof: p, lease, .. }) => {
                 assert_eq!(p, proof(SECRET, "c0ffee"));
                 assert_eq!(lease, settings().lease);
             }
@@ -2171,6 +2225,7 @@ mod tests {
             name: "future".into(),
             proof: proof(SECRET, &nonce),
             nonce: "ab".into(),
+            features: Vec::new(),
         })
         .await
         .unwrap();

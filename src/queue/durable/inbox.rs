@@ -44,6 +44,9 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 const READ_AHEAD: usize = 4;
 /// How many times a producer reopens an inbox renamed under its feet.
 const OPEN_ATTEMPTS: usize = 16;
+/// Longest wait of the intake for the inbox's lock (a producer holds it
+/// for one write).
+const INBOX_LOCK_WAIT: Duration = Duration::from_secs(1);
 
 fn io_error(path: &Path, source: io::Error) -> LocalQueueError {
     LocalQueueError::Io {
@@ -150,6 +153,8 @@ fn cut_torn_tail(file: &File, path: &Path) -> io::Result<u64> {
 pub(crate) struct Batch {
     /// The generation.
     pub(crate) generation: u64,
+    /// The offset of its first line.
+    pub(crate) start: u64,
     /// The offset just after the last line of the batch.
     pub(crate) end: u64,
     /// The jobs, in order.
@@ -166,9 +171,17 @@ pub(crate) struct Batch {
 ///
 /// # Errors
 /// [`LocalQueueError::Io`].
-pub(crate) fn next_generation(path: &Path, mark: (u64, u64)) -> Result<Option<(u64, u64)>> {
+pub(crate) fn next_generation(
+    path: &Path,
+    mark: (u64, u64),
+    scan_leftovers: bool,
+) -> Result<Option<(u64, u64)>> {
     let (marked, offset) = mark;
-    let mut leftovers = leftover_generations(path)?;
+    let mut leftovers = if scan_leftovers {
+        leftover_generations(path)?
+    } else {
+        Vec::new()
+    };
     leftovers.sort_unstable();
     for generation in leftovers {
         if generation < marked {
@@ -194,7 +207,13 @@ pub(crate) fn next_generation(path: &Path, mark: (u64, u64)) -> Result<Option<(u
     {
         return Ok(None);
     }
-    journal::lock_exclusive(&file).map_err(|source| io_error(&inbox, source))?;
+    // Bounded: a producer stopped while holding the lock must not hold
+    // the intake (and the feeder's stop) forever; it is tried again later.
+    match journal::lock_exclusive_within(&file, INBOX_LOCK_WAIT) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(source) => return Err(io_error(&inbox, source)),
+    }
     let ours = file.metadata().map_err(|source| io_error(&inbox, source))?;
     match std::fs::metadata(&inbox) {
         Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() && now.len() > 0 => {}
@@ -202,6 +221,13 @@ pub(crate) fn next_generation(path: &Path, mark: (u64, u64)) -> Result<Option<(u
     }
     let generation = marked + 1;
     let taking = taking_path(path, generation);
+    if taking.exists() {
+        // Never replace a generation not taken in: it is resumed first.
+        return Err(io_error(
+            &taking,
+            io::Error::new(io::ErrorKind::AlreadyExists, "an inbox generation is in the way"),
+        ));
+    }
     std::fs::rename(&inbox, &taking)
         .and_then(|()| journal::sync_dir(&taking))
         .map_err(|source| io_error(&taking, source))?;
@@ -255,6 +281,7 @@ pub(crate) fn read_generation(
     let mut line = Vec::new();
     let new_batch = |end| Batch {
         generation,
+        start: end,
         end,
         jobs: Vec::new(),
         rejects: Vec::new(),
@@ -337,7 +364,7 @@ pub(crate) fn take_all(store: &mut Store, timeout: Duration) -> Result<u64> {
     let path = store.path().to_path_buf();
     let mut taken = 0;
     while let Some((generation, from)) =
-        next_generation(&path, (store.state.generation, store.state.offset))?
+        next_generation(&path, (store.state.generation, store.state.offset), true)?
     {
         read_generation(&path, generation, from, |batch| {
             taken += absorb(store, batch) as u64;
@@ -442,8 +469,13 @@ fn intake_loop(
     busy: &AtomicBool,
 ) {
     let mut failing = false;
+    // Leftover generations can only be there at the start: afterwards only
+    // this loop makes them.
+    let mut scan_leftovers = true;
     while !stop.load(Ordering::Relaxed) {
-        let (generation, from) = match next_generation(path, mark) {
+        let next = next_generation(path, mark, scan_leftovers);
+        scan_leftovers = next.is_err();
+        let (generation, from) = match next {
             Ok(Some(next)) => next,
             Ok(None) => {
                 std::thread::sleep(IDLE_POLL);
@@ -459,10 +491,16 @@ fn intake_loop(
             }
         };
         busy.store(true, Ordering::Relaxed);
+        // The mark follows every batch handed over: a generation is never
+        // read twice from an earlier point (after a read error, or a
+        // removal that failed).
         let read = read_generation(path, generation, from, |batch| {
+            let end = batch.end;
             batches_tx
                 .send(batch)
-                .map_err(|_| io_error(path, io::Error::other("the feeder is gone")))
+                .map_err(|_| io_error(path, io::Error::other("the feeder is gone")))?;
+            mark = (generation, end);
+            Ok(())
         });
         if let Err(err) = read {
             busy.store(false, Ordering::Relaxed);
@@ -492,9 +530,10 @@ fn intake_loop(
         }
         let taking = taking_path(path, generation);
         if let Err(err) = journal::remove_if_exists(&taking) {
+            // Resumed at its end (nothing more is read from it) next time.
             tracing::warn!(path = %taking.display(), cause = %err, "cannot remove an inbox taken in");
+            scan_leftovers = true;
         }
-        mark = (generation, 0);
     }
 }
 
@@ -513,19 +552,33 @@ pub(crate) fn waiting(path: &Path, mark: (u64, u64)) -> Result<u64> {
         }
     }
     for (file, from) in files {
-        let data = match std::fs::read(&file) {
-            Ok(data) => data,
+        let opened = File::open(&file).and_then(|mut opened| {
+            opened.seek(SeekFrom::Start(from))?;
+            Ok(opened)
+        });
+        let opened = match opened {
+            Ok(opened) => opened,
             Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
             Err(source) => return Err(io_error(&file, source)),
         };
-        let start = usize::try_from(from).unwrap_or(usize::MAX).min(data.len());
-        count += data[start..]
-            .split(|&b| b == b'\n')
-            .filter(|line| !line.trim_ascii().is_empty())
-            .count() as u64;
-        // A last line without its newline is not a job (yet).
-        if data.last().is_some_and(|&b| b != b'\n') && !data[start..].trim_ascii().is_empty() {
-            count = count.saturating_sub(1);
+        // Whole lines with something in them, read a block at a time.
+        let mut reader = BufReader::with_capacity(1 << 20, opened);
+        let mut blank = true;
+        loop {
+            let block = reader.fill_buf().map_err(|source| io_error(&file, source))?;
+            if block.is_empty() {
+                break;
+            }
+            for &byte in block {
+                if byte == b'\n' {
+                    count += u64::from(!blank);
+                    blank = true;
+                } else if !byte.is_ascii_whitespace() {
+                    blank = false;
+                }
+            }
+            let len = block.len();
+            reader.consume(len);
         }
     }
     Ok(count)

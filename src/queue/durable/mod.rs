@@ -5,8 +5,8 @@
 //! # Files
 //!
 //! - `<path>`: the journal, owned (exclusive `flock`) by one process. The
-//!   magic `THQFEED1`, then checksummed frames ([`super::journal`]), each a
-//!   run of records ([`record`]): a job added (id and JSON text), a
+//!   magic `THQFEED1`, then checksummed frames (length, CRC-32, payload), each
+//!   a run of binary records: a job added (id and JSON text), a
 //!   delivery begun (its attempt counted), a delivery handed back, done,
 //!   dead (with its reason and time), a dead job forgotten, the intake
 //!   mark. A compacted journal starts with the counters, then one record
@@ -14,8 +14,9 @@
 //! - `<path>.inbox`: JSON lines appended by producers (`taskherd queue
 //!   add`, [`FileFeeder::push_all`](super::feeders::FileFeeder::push_all)),
 //!   under an exclusive `flock`, synced before they return.
-//! - `<path>.inbox.<g>`: generation `g` of the inbox, being taken in (see
-//!   [`inbox`]).
+//! - `<path>.inbox.<g>`: generation `g` of the inbox, being taken in:
+//!   the inbox is renamed so under its lock, then read in batches, each
+//!   written to the journal with the mark of how far it was read.
 //! - `<path>.compact.tmp`: a compaction being written.
 //!
 //! # What is synced when

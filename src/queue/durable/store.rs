@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -17,7 +17,7 @@ use super::record::{Reader, Record};
 use super::sibling;
 use super::state::State;
 use crate::error_text::error_chain;
-use crate::queue::journal::{self, lock_exclusive_within, scan_frames, ScanEnd};
+use crate::queue::journal::{self, scan_frames, ScanEnd};
 use crate::queue::local::{LocalQueueError, Result};
 
 /// The first bytes of a durable queue journal (binary records, format 1).
@@ -27,10 +27,6 @@ pub(crate) const MAGIC: &[u8; 8] = b"THQFEED1";
 /// [`FileQueue`](crate::queue::local::FileQueue)): converted at open.
 pub(crate) const V1_MAGIC: &[u8; 8] = b"THQJNL01";
 
-/// How long `open` waits for a lock held by someone else.
-const LOCK_GRACE: Duration = Duration::from_millis(500);
-/// How many times `open` retries when the file it locked was replaced.
-const LOCK_ATTEMPTS: usize = 16;
 /// First pause after a failed write (a full disk); it doubles up to
 /// [`RETRY_MAX`].
 const RETRY_INITIAL: Duration = Duration::from_millis(50);
@@ -38,6 +34,9 @@ const RETRY_INITIAL: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// How often the writer looks at a compaction running aside.
 const SNAPSHOT_POLL: Duration = Duration::from_millis(20);
+/// After a failed compaction, the next waits this long (or for the journal
+/// to grow by half).
+const COMPACT_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// The default of [`Store::set_compact_min_bytes`]: no compaction of a
 /// journal smaller than this.
@@ -82,6 +81,8 @@ struct Inner {
     failing: Option<String>,
     /// Why the last compaction failed, if it did.
     compaction_failed: Option<String>,
+    /// Compactions that failed.
+    compaction_failures: u64,
 }
 
 struct Shared {
@@ -104,6 +105,28 @@ impl Shared {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// Waits (on `done`) while `blocked` holds, until `deadline`; says
+    /// whether it stopped holding.
+    fn wait_while(
+        &self,
+        deadline: Instant,
+        blocked: impl Fn(&Inner) -> bool,
+    ) -> (MutexGuard<'_, Inner>, bool) {
+        let mut inner = self.lock();
+        while blocked(&inner) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return (inner, false);
+            }
+            inner = self
+                .done
+                .wait_timeout(inner, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        (inner, true)
+    }
 }
 
 /// The open, locked journal of a durable queue: the state it replays to,
@@ -120,6 +143,10 @@ pub(crate) struct Store {
     writer: Option<JoinHandle<()>>,
     /// No automatic compaction of a journal smaller than this.
     compact_min_bytes: u64,
+    /// After a failed compaction: the journal's length and the time then.
+    compact_retry: Option<(u64, Instant)>,
+    /// Failed compactions already taken into account.
+    failures_seen: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -163,13 +190,29 @@ impl Store {
         let len = match end {
             ScanEnd::Clean => data.len() as u64,
             ScanEnd::Torn { offset, reason } => {
-                tracing::warn!(
-                    path = %path.display(),
-                    offset,
-                    dropped = data.len() as u64 - offset,
-                    reason,
-                    "dropping a write torn by a crash at the end of the queue journal"
-                );
+                if journal::sound_frame_after(&data, offset).is_some() {
+                    return Err(LocalQueueError::Corrupt {
+                        path: path.to_path_buf(),
+                        offset,
+                        reason: "damaged frame followed by sound ones",
+                    });
+                }
+                let tail = usize::try_from(offset).map_or(&data[..0], |at| &data[at..]);
+                if tail.iter().any(|&b| b != 0) {
+                    // Kept aside, never just dropped.
+                    let aside = sibling(path, &format!(".torn-{offset}"));
+                    std::fs::write(&aside, tail)
+                        .and_then(|()| File::open(&aside)?.sync_all())
+                        .map_err(|source| io_error(&aside, source))?;
+                    tracing::warn!(
+                        path = %path.display(),
+                        offset,
+                        dropped = tail.len(),
+                        kept = %aside.display(),
+                        reason,
+                        "dropping a write torn by a crash at the end of the queue journal"
+                    );
+                }
                 file.set_len(offset)
                     .and_then(|()| file.sync_all())
                     .map_err(|source| io_error(path, source))?;
@@ -196,6 +239,7 @@ impl Store {
                 compactions: 0,
                 failing: None,
                 compaction_failed: None,
+                compaction_failures: 0,
             }),
             wake: Condvar::new(),
             done: Condvar::new(),
@@ -218,6 +262,8 @@ impl Store {
             shared,
             writer: Some(writer),
             compact_min_bytes: DEFAULT_COMPACT_MIN_BYTES,
+            compact_retry: None,
+            failures_seen: 0,
         })
     }
 
@@ -311,27 +357,18 @@ impl Store {
     /// [`LocalQueueError::Io`] (timed out) with why writes fail, if they do.
     pub(crate) fn wait_synced(&self, seq: u64, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let mut inner = self.shared.lock();
-        while inner.synced < seq {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let why = inner
-                    .failing
-                    .clone()
-                    .unwrap_or_else(|| "no sync in time".into());
-                return Err(io_error(
-                    &self.path,
-                    io::Error::new(io::ErrorKind::TimedOut, why),
-                ));
-            }
-            inner = self
-                .shared
-                .done
-                .wait_timeout(inner, left)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
+        let (inner, done) = self.shared.wait_while(deadline, |inner| inner.synced < seq);
+        if done {
+            return Ok(());
         }
-        Ok(())
+        let why = inner
+            .failing
+            .clone()
+            .unwrap_or_else(|| "no sync in time".into());
+        Err(io_error(
+            &self.path,
+            io::Error::new(io::ErrorKind::TimedOut, why),
+        ))
     }
 
     /// The journal's length on disk.
@@ -354,9 +391,25 @@ impl Store {
         if len < self.compact_min_bytes || len <= live.saturating_mul(2) {
             return false;
         }
-        if self.shared.lock().compacting {
-            return false;
+        if let Some((at_len, at)) = self.compact_retry {
+            // After a failure: not again before the journal grew by half
+            // or a minute passed.
+            if len < at_len.saturating_add(at_len / 2) && at.elapsed() < COMPACT_RETRY_AFTER {
+                return false;
+            }
         }
+        {
+            let inner = self.shared.lock();
+            if inner.compacting {
+                return false;
+            }
+            if inner.compaction_failures > self.failures_seen {
+                self.failures_seen = inner.compaction_failures;
+                self.compact_retry = Some((len, Instant::now()));
+                return false;
+            }
+        }
+        self.compact_retry = None;
         self.start_compaction();
         true
     }
@@ -382,38 +435,20 @@ impl Store {
     pub(crate) fn compact_and_wait(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         // One at a time: let a compaction already running end first.
-        let before = {
-            let mut inner = self.shared.lock();
-            while inner.compacting {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                inner = self
-                    .shared
-                    .done
-                    .wait_timeout(inner, left)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .0;
-            }
-            inner.compactions
-        };
+        let before = self
+            .shared
+            .wait_while(deadline, |inner| inner.compacting)
+            .0
+            .compactions;
         self.start_compaction();
-        let mut inner = self.shared.lock();
-        while inner.compactions <= before {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io_error(
-                    &self.path,
-                    io::Error::new(io::ErrorKind::TimedOut, "compaction did not end in time"),
-                ));
-            }
-            inner = self
-                .shared
-                .done
-                .wait_timeout(inner, left)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
+        let (inner, done) = self
+            .shared
+            .wait_while(deadline, |inner| inner.compactions <= before);
+        if !done {
+            return Err(io_error(
+                &self.path,
+                io::Error::new(io::ErrorKind::TimedOut, "compaction did not end in time"),
+            ));
         }
         if let Some(why) = inner.compaction_failed.clone().or(inner.failing.clone()) {
             return Err(io_error(&self.path, io::Error::other(why)));
@@ -438,36 +473,13 @@ pub(crate) fn compact_tmp_path(path: &Path) -> PathBuf {
     sibling(path, ".compact.tmp")
 }
 
-/// Opens and locks the journal, making sure the locked file is still the
-/// one at `path` (a compaction may have replaced it in between).
+/// Opens and locks the journal (see [`journal::open_locked`]).
 fn open_locked(path: &Path) -> Result<File> {
-    for _ in 0..LOCK_ATTEMPTS {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|source| io_error(path, source))?;
-        if let Err(err) = lock_exclusive_within(&file, LOCK_GRACE) {
-            return Err(if err.kind() == io::ErrorKind::WouldBlock {
-                LocalQueueError::Locked {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                io_error(path, err)
-            });
-        }
-        let ours = file.metadata().map_err(|source| io_error(path, source))?;
-        match std::fs::metadata(path) {
-            Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => return Ok(file),
-            Ok(_) => continue,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(io_error(path, source)),
-        }
-    }
-    Err(LocalQueueError::Locked {
-        path: path.to_path_buf(),
+    journal::open_locked(path).map_err(|err| match err {
+        journal::OpenLockedError::Locked => LocalQueueError::Locked {
+            path: path.to_path_buf(),
+        },
+        journal::OpenLockedError::Io(source) => io_error(path, source),
     })
 }
 
@@ -610,6 +622,8 @@ struct Writer {
     retry_seq: u64,
     /// Pause before the next try of `retry`.
     backoff: Duration,
+    /// The directory was not synced after a compaction's rename.
+    dir_unsynced: bool,
     /// A compaction in progress: the snapshot's writer, its length, and
     /// the frames that came after it.
     compaction: Option<(JoinHandle<io::Result<File>>, u64, Vec<u8>)>,
@@ -625,6 +639,7 @@ impl Writer {
             retry: Vec::new(),
             retry_seq: 0,
             backoff: RETRY_INITIAL,
+            dir_unsynced: false,
             compaction: None,
         }
     }
@@ -690,7 +705,16 @@ impl Writer {
         let result = self
             .file
             .write_all_at(&out, self.len)
-            .and_then(|()| self.file.sync_data());
+            .and_then(|()| self.file.sync_data())
+            .and_then(|()| {
+                // The compacted journal's name must be durable before
+                // anything written to it is confirmed.
+                if self.dir_unsynced {
+                    journal::sync_dir(&self.path)?;
+                    self.dir_unsynced = false;
+                }
+                Ok(())
+            });
         match result {
             Ok(()) => {
                 self.len += out.len() as u64;
@@ -790,8 +814,9 @@ impl Writer {
                 self.file = file;
                 self.len = snapshot_len + tail.len() as u64;
                 self.shared.journal_len.store(self.len, Ordering::Relaxed);
-                if let Err(err) = journal::sync_dir(&self.path) {
-                    tracing::warn!(cause = %err, "cannot sync the queue journal's directory");
+                if journal::sync_dir(&self.path).is_err() {
+                    // Tried again before the next confirmation.
+                    self.dir_unsynced = true;
                 }
                 tracing::debug!(
                     path = %self.path.display(),
@@ -803,7 +828,9 @@ impl Writer {
             Err(err) => {
                 let _ = journal::remove_if_exists(&tmp);
                 if !stop {
-                    self.shared.lock().compaction_failed = Some(format!(
+                    let mut inner = self.shared.lock();
+                    inner.compaction_failures += 1;
+                    inner.compaction_failed = Some(format!(
                         "cannot compact the queue journal {}: {}",
                         self.path.display(),
                         error_chain(&err)

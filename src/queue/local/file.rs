@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -17,21 +17,13 @@ use super::{
 };
 use crate::error_text::error_chain;
 use crate::queue::journal::{
-    self, check_frame, lock_exclusive_within, try_lock_exclusive, FRAME_HEADER_LEN,
+    self, check_frame, try_lock_exclusive, FRAME_HEADER_LEN,
 };
 
 /// The first bytes of every journal (format version 1).
 const MAGIC: &[u8; 8] = b"THQJNL01";
 
-/// How many times `open` retries when the journal it locked was replaced by
-/// a compaction in between.
-const LOCK_ATTEMPTS: usize = 16;
 
-/// How long `open` waits for a lock held by someone else before it reports
-/// [`LocalQueueError::Locked`]. A descriptor closed by the previous holder
-/// can live on for a moment in a child process that another thread is just
-/// spawning (between its fork and its exec), and the lock with it.
-const LOCK_GRACE: Duration = Duration::from_millis(500);
 
 /// The journal is compacted only past this many frames (and past twice the
 /// number of messages); see [`FileQueue::set_compact_min_records`].
@@ -368,37 +360,13 @@ fn compact_tmp_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Opens and locks the journal, making sure the locked file is still the one
-/// at `path` (a compaction by the previous holder may have replaced it
-/// between our open and our lock).
+/// Opens and locks the journal (see [`journal::open_locked`]).
 fn lock_journal(path: &Path) -> Result<File> {
-    for _ in 0..LOCK_ATTEMPTS {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|source| io_error(path, source))?;
-        if let Err(err) = lock_exclusive_within(&file, LOCK_GRACE) {
-            return Err(if err.kind() == io::ErrorKind::WouldBlock {
-                LocalQueueError::Locked {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                io_error(path, err)
-            });
-        }
-        let ours = file.metadata().map_err(|source| io_error(path, source))?;
-        match fs::metadata(path) {
-            Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => return Ok(file),
-            Ok(_) => continue,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(io_error(path, source)),
-        }
-    }
-    Err(LocalQueueError::Locked {
-        path: path.to_path_buf(),
+    journal::open_locked(path).map_err(|err| match err {
+        journal::OpenLockedError::Locked => LocalQueueError::Locked {
+            path: path.to_path_buf(),
+        },
+        journal::OpenLockedError::Io(source) => io_error(path, source),
     })
 }
 
@@ -503,6 +471,7 @@ fn replay(path: &Path, file: &File, state: &mut State) -> Result<(u64, u64)> {
 mod tests {
     use super::*;
     use crate::queue::local::suite::behaviour_suite;
+    use std::os::unix::fs::MetadataExt;
     use std::time::UNIX_EPOCH;
 
     behaviour_suite!({
