@@ -80,7 +80,8 @@ fn slave() -> ExitCode {
         );
         for round in 1..=params.rounds {
             if !h.sleep(Duration::from_secs(1)) {
-                h.warning("stop requested, leaving early");
+                // A clean stop is normal: info, not a warning.
+                h.info("stop requested: leaving before the last round");
                 return Ok(());
             }
             h.info(format!("round {round} of {} done", params.rounds));

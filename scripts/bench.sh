@@ -35,6 +35,8 @@
 #   BENCH_RUNS=5 scripts/bench.sh     # runs per measurement (default 3; the log relay: at least 5)
 #   BENCH_STRICT=1 scripts/bench.sh   # exit 3 when a target is missed
 #   BENCH_NO_BUILD=1 scripts/bench.sh # use the release builds as they are (no cargo)
+#   CARGO_TARGET_DIR=DIR scripts/bench.sh     # builds there and runs those builds (absolute, or
+#                                             # relative to the current directory, as cargo has it)
 #   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable
 #   BENCH_DURABLE_JOBS=200000         # jobs of the durable queue bench (default 200 000)
 #   BENCH_DURABLE_START_JOBS=1000000  # jobs of the queue list / start-time rows (default 1 000 000)
@@ -53,8 +55,26 @@
 # on any exit, whatever still carries one is killed.
 # shellcheck disable=SC2317 # cleanup and its helpers run from traps
 set -euo pipefail
+# Cargo's build directory: CARGO_TARGET_DIR (or CARGO_BUILD_TARGET_DIR) as
+# the caller gave it, absolute or relative to the caller's directory, else
+# target/ of the repository. Made absolute before the cd below and exported,
+# so that cargo builds where this script looks.
+target_dir=${CARGO_TARGET_DIR:-${CARGO_BUILD_TARGET_DIR:-}}
+if [ -n "$target_dir" ]; then
+    [[ "$target_dir" == /* ]] || target_dir=$PWD/$target_dir
+    export CARGO_TARGET_DIR=$target_dir
+fi
 cd "$(dirname "$0")/.."
 root=$PWD
+target_dir=${target_dir:-$root/target}
+# A path cargo printed: relative ones are relative to $root (where cargo ran).
+from_root() {
+    case $1 in
+    '') ;;
+    /*) printf '%s\n' "$1" ;;
+    *) printf '%s\n' "$root/$1" ;;
+    esac
+}
 runs=${BENCH_RUNS:-3}
 only=${BENCH_ONLY:-logs fanout queue local durable}
 producers=4
@@ -231,21 +251,21 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
     benches=(--bench remote_start --bench queue)
     if wants durable; then benches+=(--bench durable_queue); fi
     retry_build cargo bench --no-run "${benches[@]}"
-    remote_bench=$root/$(bench_exe remote_start)
-    queue_bench=$root/$(bench_exe queue)
+    remote_bench=$(from_root "$(bench_exe remote_start)")
+    queue_bench=$(from_root "$(bench_exe queue)")
     durable_bench=
-    if wants durable; then durable_bench=$root/$(bench_exe durable_queue); fi
+    if wants durable; then durable_bench=$(from_root "$(bench_exe durable_queue)"); fi
 else
     # The newest bench executables already built.
-    newest() { find "$root/target/release/deps" -maxdepth 1 -type f -perm -u+x -name "$1-*" ! -name '*.d' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-; }
+    newest() { find "$target_dir/release/deps" -maxdepth 1 -type f -perm -u+x -name "$1-*" ! -name '*.d' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-; }
     remote_bench=$(newest remote_start)
     queue_bench=$(newest queue)
     durable_bench=$(newest durable_queue)
 fi
-taskherd=${BENCH_TASKHERD:-$root/target/release/taskherd}
-worker=$root/target/release/examples/worker
+taskherd=${BENCH_TASKHERD:-$target_dir/release/taskherd}
+worker=$target_dir/release/examples/worker
 producer=$root/scripts/bench/producer.sh
-queue_worker=$root/target/release/examples/queue_worker
+queue_worker=$target_dir/release/examples/queue_worker
 for f in "$taskherd" "$worker" "$remote_bench" "$queue_bench"; do
     [ -x "$f" ] || die "missing build output $f"
 done

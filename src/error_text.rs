@@ -1,5 +1,5 @@
-//! Text of errors and panics for log lines and outcome messages, shared by
-//! every part of the crate.
+//! Text of errors, panics and counts for log lines and outcome messages,
+//! shared by every part of the crate.
 
 /// `err: its source: its source ...`, for one log line (errors here keep
 /// their causes in `source`, so `Display` alone would drop them).
@@ -22,6 +22,17 @@ pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
         text.clone()
     } else {
         "panic with a non-text payload".to_string()
+    }
+}
+
+/// `n` and a noun that agrees with it: `1 instance`, `3 instances`, `0
+/// groups` (nouns whose plural is their singular plus `s`).
+pub(crate) fn count(n: impl TryInto<u64>, noun: &str) -> String {
+    let n: u64 = n.try_into().unwrap_or(u64::MAX);
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
@@ -51,5 +62,8 @@ mod tests {
         assert_eq!(panic_text(&String::from("bang")), "bang");
         assert_eq!(panic_text(&7u8), "panic with a non-text payload");
         assert_eq!(hex(&[0, 15, 255]), "000fff");
+        assert_eq!(count(1usize, "group"), "1 group");
+        assert_eq!(count(0u32, "group"), "0 groups");
+        assert_eq!(count(12u64, "restart"), "12 restarts");
     }
 }

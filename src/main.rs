@@ -1,34 +1,81 @@
 //! The `taskherd` command: parses arguments and calls the library.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use taskherd::config::{Config, LoadError, LogFormat};
+use taskherd::config::{CheckOptions, Checked, Config, LoadError, LogFormat};
 use taskherd::master;
 
 /// Start, supervise and feed processes.
 #[derive(Debug, Parser)]
-#[command(name = "taskherd", version, about)]
+#[command(name = "taskherd", version, about, after_help = EXAMPLES)]
 struct Cli {
+    /// Less output: warnings and errors only (the herd's log of `run`,
+    /// the lines of `logs`, what the operator's commands print).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// More output: debug records too (the herd's log of `run`, and
+    /// taskherd's own diagnostics on stderr).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `taskherd --help`'s examples.
+const EXAMPLES: &str = "\
+Examples:
+  taskherd check herd.toml         validate a config, print every error
+  taskherd run herd.toml           run it (Ctrl-C stops cleanly, a second Ctrl-C kills)
+  taskherd status                  the instances of the running master
+  taskherd logs --tail 50 web      the last 50 lines of group web, then the live log
+  taskherd stop                    stop the herd cleanly and wait until it has
+  taskherd completions bash > ~/.local/share/bash-completion/completions/taskherd
+  taskherd manpage > taskherd.1
+
+With several masters running, choose one with -c FILE (the config it runs).";
+
+/// How much the commands say: `-q`, nothing, or `-v`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verbosity {
+    /// `-q`: warnings and errors only.
+    Quiet,
+    /// The default.
+    Normal,
+    /// `-v`: debug too.
+    Verbose,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the herd of a config until it ends or is stopped (SIGTERM or
     /// Ctrl-C stop cleanly; a second Ctrl-C kills at once).
+    #[command(after_help = "\
+Examples:
+  taskherd run herd.toml
+  taskherd run herd.toml --log-file herd.log --log-filter warning,web=debug
+  taskherd -q run herd.toml        warnings and errors only
+
+Exit code: 0 when the herd ended or was stopped cleanly, 1 when instances were
+marked failed, 2 for a bad config or a master that could not start.")]
     Run {
         /// The config file (TOML).
         config: PathBuf,
         #[command(flatten)]
         log: LogArgs,
     },
-    /// Validate a config and print every error found.
+    /// Validate a config and print every error found; also look on this
+    /// machine for the programs and working directories of local groups,
+    /// the ssh files, and whether remote hosts resolve (without
+    /// connecting).
     Check {
         /// The config file (TOML).
         config: PathBuf,
+        /// Check the config alone: no programs, directories, files or
+        /// hosts looked at (for a config meant for another machine).
+        #[arg(long)]
+        config_only: bool,
     },
     /// List the processes the pid killer watches (pid, group, deadline).
     Pids {
@@ -48,14 +95,25 @@ enum Command {
         command: QueueCommand,
     },
     /// Show the groups and instances of a running master.
+    #[command(after_help = "\
+Examples:
+  taskherd status
+  taskherd status web jobs         only these groups
+  taskherd status --json -c /etc/taskherd/herd.toml")]
     Status {
         #[command(flatten)]
         target: MasterTarget,
         /// Print the status as JSON.
         #[arg(long)]
         json: bool,
+        /// Only these groups (default: every group).
+        #[arg(value_name = "GROUP")]
+        groups: Vec<String>,
     },
     /// Stop a running master cleanly, and wait until it has stopped.
+    #[command(after_help = "\
+Exit code: 0 once the master has stopped everything (instances that had failed
+earlier are counted, not an error), 1 on an error, 2 when no master runs.")]
     Stop {
         #[command(flatten)]
         target: MasterTarget,
@@ -90,11 +148,45 @@ enum Command {
         target: MasterTarget,
     },
     /// Follow the live log of a running master (until it exits or Ctrl-C).
+    #[command(after_help = "\
+Examples:
+  taskherd logs                    the live log, until the master exits or Ctrl-C
+  taskherd logs web --tail 20      the last 20 lines of group web, then the live log
+  taskherd logs --no-follow        the lines the master kept, and exit
+  taskherd -q logs                 warnings and errors only")]
     Logs {
         #[command(flatten)]
         target: MasterTarget,
         /// Only this group's lines (and the master's own events).
         group: Option<String>,
+        /// Start with the last N lines the master kept (it keeps the last
+        /// 1000 lines of the herd's log, at most 1 MiB).
+        #[arg(short = 'n', long, value_name = "N")]
+        tail: Option<u32>,
+        /// Print the lines the master kept (all of them, or the last N
+        /// with --tail) and exit instead of following the live log.
+        #[arg(long)]
+        no_follow: bool,
+    },
+    /// Print a shell completion script on stdout.
+    #[command(after_help = "\
+Examples:
+  taskherd completions bash > ~/.local/share/bash-completion/completions/taskherd
+  taskherd completions zsh > ~/.zfunc/_taskherd     (with fpath+=~/.zfunc in ~/.zshrc)
+  taskherd completions fish > ~/.config/fish/completions/taskherd.fish")]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout.
+    #[command(after_help = "\
+Examples:
+  taskherd manpage > /usr/local/share/man/man1/taskherd.1
+  taskherd manpage logs | man -l -")]
+    Manpage {
+        /// A command's own page (taskherd-COMMAND(1)) instead of taskherd(1).
+        command: Option<String>,
     },
 }
 
@@ -169,8 +261,9 @@ struct LogArgs {
 const LOG_FILTER_ENV: &str = "TASKHERD_LOG";
 
 impl LogArgs {
-    /// Puts the flags (and TASKHERD_LOG) over the config's `[log]` table.
-    fn apply(self, config: &mut Config) -> anyhow::Result<()> {
+    /// Puts the flags (and TASKHERD_LOG, then `-q` or `-v`) over the
+    /// config's `[log]` table.
+    fn apply(self, config: &mut Config, verbosity: Verbosity) -> anyhow::Result<()> {
         use taskherd::config::LogColor;
         if let Some(format) = self.log_format {
             config.log.format = match format {
@@ -199,7 +292,16 @@ impl LogArgs {
                 let filter = text.parse().with_context(|| origin.clone())?;
                 (filter, origin)
             }
-            (None, _) => return Ok(()),
+            (None, _) => {
+                // `-q` / `-v`: one level for everything, over `[log] filter`.
+                let level = match verbosity {
+                    Verbosity::Quiet => Level::Warning,
+                    Verbosity::Verbose => Level::Debug,
+                    Verbosity::Normal => return Ok(()),
+                };
+                config.log.filter = taskherd::master::log::LogFilter::at_least(Some(level));
+                return Ok(());
+            }
         };
         if let Err(message) = config.check_log_filter(&filter) {
             anyhow::bail!("{origin}: {message}");
@@ -234,33 +336,73 @@ const EXIT_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_diagnostics(match cli.command {
-        Command::Run { .. } => Diagnostics::BelowStatusLine,
-        _ => Diagnostics::Plain,
-    });
+    let verbosity = match (cli.quiet, cli.verbose) {
+        (true, _) => Verbosity::Quiet,
+        (false, true) => Verbosity::Verbose,
+        (false, false) => Verbosity::Normal,
+    };
+    init_diagnostics(
+        match cli.command {
+            Command::Run { .. } => Diagnostics::BelowStatusLine,
+            _ => Diagnostics::Plain,
+        },
+        verbosity,
+    );
     let result = match cli.command {
-        Command::Check { config } => check(&config),
-        Command::Run { config, log } => run(&config, log),
+        Command::Check {
+            config,
+            config_only,
+        } => check(&config, config_only),
+        Command::Run { config, log } => run(&config, log, verbosity),
         Command::Pids { state_file, json } => pids(state_file, json),
         Command::Agent => taskherd::agent::run_stdio()
             .map(|()| ExitCode::SUCCESS)
             .map_err(|err| anyhow::anyhow!(err).context("agent")),
         Command::Queue { command } => queue(command),
-        Command::Status { target, json } => operate(target, |client| status(client, json)),
-        Command::Stop { target, kill } => {
-            operate(target, |client| answer(client, ToMaster::Stop { kill }))
+        Command::Status {
+            target,
+            json,
+            groups,
+        } => operate(target, verbosity, |client| status(client, json, groups)),
+        Command::Stop { target, kill } => operate(target, verbosity, |client| {
+            answer(client, ToMaster::Stop { kill }, verbosity)
+        }),
+        Command::Suspend { target, group } => operate(target, verbosity, |client| {
+            answer(client, ToMaster::Suspend { group }, verbosity)
+        }),
+        Command::Resume { target, group } => operate(target, verbosity, |client| {
+            answer(client, ToMaster::Resume { group }, verbosity)
+        }),
+        Command::Restart { target, group } => operate(target, verbosity, |client| {
+            answer(client, ToMaster::Restart { group }, verbosity)
+        }),
+        Command::Reload { target } => operate(target, verbosity, |client| {
+            answer(client, ToMaster::Reload, verbosity)
+        }),
+        Command::Logs {
+            target,
+            group,
+            tail,
+            no_follow,
+        } => {
+            let request = ToMaster::Logs {
+                group,
+                // Without --tail: the live log only, or all the master kept.
+                tail: tail.unwrap_or(if no_follow {
+                    u32::try_from(taskherd::master::log::BACKLOG_LINES).unwrap_or(u32::MAX)
+                } else {
+                    0
+                }),
+                follow: !no_follow,
+            };
+            logs(target, request, verbosity)
         }
-        Command::Suspend { target, group } => {
-            operate(target, |client| answer(client, ToMaster::Suspend { group }))
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(shell, &mut Cli::command(), "taskherd", &mut out);
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Resume { target, group } => {
-            operate(target, |client| answer(client, ToMaster::Resume { group }))
-        }
-        Command::Restart { target, group } => {
-            operate(target, |client| answer(client, ToMaster::Restart { group }))
-        }
-        Command::Reload { target } => operate(target, |client| answer(client, ToMaster::Reload)),
-        Command::Logs { target, group } => operate(target, |client| logs(client, group)),
+        Command::Manpage { command } => manpage(command.as_deref()),
     };
     match result {
         Ok(code) => code,
@@ -282,21 +424,27 @@ enum Diagnostics {
 }
 
 /// Diagnostics of taskherd itself (not the herd's log) go to stderr,
-/// filtered by `RUST_LOG` (warnings by default), colored only on a
-/// terminal.
+/// filtered by `RUST_LOG` (warnings by default, taskherd's debug records
+/// too with `-v`), colored only on a terminal that is not `TERM=dumb`
+/// (and without `NO_COLOR`).
 ///
 /// When stderr is the terminal of stdout and `run` may keep its status
 /// line there, each diagnostic first erases the row it starts on (the
 /// status line, which has no newline), in the same write: the diagnostic
 /// gets a row of its own, and the status line comes back below with the
 /// next log lines or status change.
-fn init_diagnostics(diagnostics: Diagnostics) {
+fn init_diagnostics(diagnostics: Diagnostics, verbosity: Verbosity) {
     use std::io::IsTerminal;
+    let default = match verbosity {
+        Verbosity::Verbose => "warn,taskherd=debug",
+        Verbosity::Quiet | Verbosity::Normal => "warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let ansi = std::io::stderr().is_terminal();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let terminal = std::io::stderr().is_terminal() && !taskherd::master::log::is_dumb_terminal();
+    let ansi = terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let erase_row = matches!(diagnostics, Diagnostics::BelowStatusLine)
-        && ansi
+        && terminal
         && std::io::stdout().is_terminal()
         && same_file(libc::STDOUT_FILENO, libc::STDERR_FILENO);
     tracing_subscriber::fmt()
@@ -355,7 +503,15 @@ impl Drop for DiagnosticWriter {
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Result<Config, ExitCode>> {
-    match Config::load(path) {
+    loaded(Config::load(path), path)
+}
+
+/// A loaded config, or its errors printed and the exit code for them.
+fn loaded<T>(
+    result: Result<T, LoadError>,
+    path: &std::path::Path,
+) -> anyhow::Result<Result<T, ExitCode>> {
+    match result {
         Ok(config) => Ok(Ok(config)),
         Err(LoadError::Invalid(errors)) => {
             for err in &errors.0 {
@@ -373,11 +529,22 @@ fn load(path: &std::path::Path) -> anyhow::Result<Result<Config, ExitCode>> {
     }
 }
 
-fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let config = match load(path)? {
-        Ok(config) => config,
+fn check(path: &std::path::Path, config_only: bool) -> anyhow::Result<ExitCode> {
+    let result = if config_only {
+        Config::load(path).map(|config| Checked {
+            config,
+            skipped: Vec::new(),
+        })
+    } else {
+        Config::load_and_check(path, &CheckOptions::default())
+    };
+    let Checked { config, skipped } = match loaded(result, path)? {
+        Ok(checked) => checked,
         Err(code) => return Ok(code),
     };
+    for note in &skipped {
+        eprintln!("note: {note}");
+    }
     let instances: u32 = config.groups.iter().map(|g| g.instance_count()).sum();
     println!(
         "{}: ok ({} groups, {} instances)",
@@ -400,7 +567,12 @@ fn pids(state_file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{} ({} entries)", path.display(), entries.len());
+    println!(
+        "{} ({} entr{})",
+        path.display(),
+        entries.len(),
+        if entries.len() == 1 { "y" } else { "ies" }
+    );
     if entries.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
@@ -426,12 +598,12 @@ fn pids(state_file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(path: &std::path::Path, log: LogArgs) -> anyhow::Result<ExitCode> {
+fn run(path: &std::path::Path, log: LogArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
     let mut config = match load(path)? {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };
-    log.apply(&mut config)?;
+    log.apply(&mut config, verbosity)?;
     // Before anything starts: a second master of the same config is
     // refused here, with the first one's pid.
     let socket = match master::control::ControlSocket::bind(&config.source) {
@@ -476,7 +648,7 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
                 .with_context(|| {
                     format!("cannot add jobs to {} (none was added)", file.display())
                 })?;
-            println!("{}: added {added} jobs", file.display());
+            println!("{}: added {}", file.display(), jobs_text(added as u64));
         }
         QueueCommand::List { file, json, jobs } => {
             if !FileFeeder::exists(&file) {
@@ -515,7 +687,11 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
         }
         QueueCommand::RequeueDead { file } => {
             let requeued = open(&file)?.requeue_dead()?;
-            println!("{}: {requeued} dead jobs put back", file.display());
+            println!(
+                "{}: {} put back (were dead)",
+                file.display(),
+                jobs_text(requeued as u64)
+            );
         }
         QueueCommand::Compact { file } => {
             let mut feeder = open(&file)?;
@@ -531,8 +707,9 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
                 String::new()
             };
             println!(
-                "{}: took {taken} jobs in; {} pending, {} dead; journal {} bytes{per_job}",
+                "{}: took {} in; {} pending, {} dead; journal {} bytes{per_job}",
                 file.display(),
+                jobs_text(taken),
                 report.pending,
                 report.dead.len(),
                 report.journal_bytes
@@ -540,6 +717,15 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `1 job`, `2 jobs`.
+fn jobs_text(n: u64) -> String {
+    if n == 1 {
+        "1 job".into()
+    } else {
+        format!("{n} jobs")
+    }
 }
 
 /// The JSON texts of `queue add`: each argument, or the lines of stdin for
@@ -581,31 +767,63 @@ fn queue_jobs(args: &[String]) -> anyhow::Result<Vec<Box<serde_json::value::RawV
 
 use taskherd::master::control::{self as control_socket, ControlClient};
 use taskherd::protocol::control::{FromMaster, ToMaster};
+use taskherd::protocol::slave::Level;
 
 /// Exit code when the master answered with an error.
 const EXIT_MASTER_ERROR: u8 = 1;
 /// Exit code when no master runs (or none can be reached).
 const EXIT_NO_MASTER: u8 = 2;
 
-/// Connects to the master of `target` on a small runtime of its own and
-/// runs `command` with the connection.
-fn operate<F, Fut>(target: MasterTarget, command: F) -> anyhow::Result<ExitCode>
-where
-    F: FnOnce(ControlClient) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
-{
+/// Runs `work` on a small runtime of its own.
+fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        match control_socket::connect(target.config.as_deref()).await {
-            Ok(client) => command(client).await,
-            Err(err) if err.is_no_master() => {
-                eprintln!("taskherd: {err}");
-                Ok(ExitCode::from(EXIT_NO_MASTER))
+    runtime.block_on(work)
+}
+
+/// Connects to the master of `target`; `Err(code)` when none runs (said
+/// on stderr).
+async fn connect(
+    target: MasterTarget,
+    verbosity: Verbosity,
+) -> anyhow::Result<Result<ControlClient, ExitCode>> {
+    match control_socket::connect(target.config.as_deref()).await {
+        Ok(client) => {
+            if verbosity == Verbosity::Verbose {
+                eprintln!(
+                    "taskherd: connected to the master (pid {}) of {} at {}",
+                    client.master_pid(),
+                    client.config(),
+                    client.socket().display()
+                );
             }
-            Err(err) => Err(err.into()),
+            Ok(Ok(client))
+        }
+        Err(err) if err.is_no_master() => {
+            eprintln!("taskherd: {err}");
+            Ok(Err(ExitCode::from(EXIT_NO_MASTER)))
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Connects to the master of `target` on a small runtime of its own and
+/// runs `command` with the connection.
+fn operate<F, Fut>(
+    target: MasterTarget,
+    verbosity: Verbosity,
+    command: F,
+) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(ControlClient) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    block_on(async {
+        match connect(target, verbosity).await? {
+            Ok(client) => command(client).await,
+            Err(code) => Ok(code),
         }
     })
 }
@@ -614,8 +832,13 @@ where
 /// make, so a master that takes longer is stuck.
 const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// `status`: the table, or the JSON with `--json`.
-async fn status(mut client: ControlClient, json: bool) -> anyhow::Result<ExitCode> {
+/// `status`: the table, or the JSON with `--json`; only `groups` if any
+/// are named (a group the master does not have is an error, exit 1).
+async fn status(
+    mut client: ControlClient,
+    json: bool,
+    groups: Vec<String>,
+) -> anyhow::Result<ExitCode> {
     client.request(ToMaster::Status).await?;
     let deadline = tokio::time::Instant::now() + STATUS_TIMEOUT;
     loop {
@@ -632,7 +855,24 @@ async fn status(mut client: ControlClient, json: bool) -> anyhow::Result<ExitCod
             break;
         };
         match frame {
-            FromMaster::Status(status) => {
+            FromMaster::Status(mut status) => {
+                let unknown: Vec<&String> = groups
+                    .iter()
+                    .filter(|name| !status.groups.iter().any(|g| &g.name == *name))
+                    .collect();
+                if !unknown.is_empty() {
+                    let known: Vec<&str> = status.groups.iter().map(|g| g.name.as_str()).collect();
+                    for name in unknown {
+                        eprintln!(
+                            "taskherd: no group named {name:?} (the master has: {})",
+                            known.join(", ")
+                        );
+                    }
+                    return Ok(ExitCode::from(EXIT_MASTER_ERROR));
+                }
+                if !groups.is_empty() {
+                    status.groups.retain(|g| groups.contains(&g.name));
+                }
                 let text = if json {
                     serde_json::to_string_pretty(&status)? + "\n"
                 } else {
@@ -653,46 +893,112 @@ async fn status(mut client: ControlClient, json: bool) -> anyhow::Result<ExitCod
 
 /// `stop`, `suspend`, `resume`, `restart`, `reload`: sends the request and
 /// waits for `Done` (exit 0) or `Error` (exit 1), printing log lines that
-/// come meanwhile.
-async fn answer(mut client: ControlClient, request: ToMaster) -> anyhow::Result<ExitCode> {
+/// come meanwhile (with `-q`, only warnings and errors, and not the
+/// `Done` message).
+async fn answer(
+    mut client: ControlClient,
+    request: ToMaster,
+    verbosity: Verbosity,
+) -> anyhow::Result<ExitCode> {
     client.request(request).await?;
     while let Some(frame) = client.next_reply().await? {
         match frame {
             FromMaster::Done { message } => {
-                print_out(&format!("{message}\n"));
+                if verbosity != Verbosity::Quiet {
+                    print_out(&format!("{message}\n"));
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             FromMaster::Error { message } => {
                 eprintln!("taskherd: {message}");
                 return Ok(ExitCode::from(EXIT_MASTER_ERROR));
             }
-            FromMaster::Log { line, .. } => print_out(&format!("{line}\n")),
+            FromMaster::Log { line, level } if shown(level, verbosity) => {
+                print_out(&format!("{line}\n"))
+            }
             _ => {}
         }
     }
     closed_without_answer(&client)
 }
 
-/// `logs`: every line until the master exits (or Ctrl-C, or stdout closes).
-async fn logs(mut client: ControlClient, group: Option<String>) -> anyhow::Result<ExitCode> {
+/// Whether a log line is printed: with `-q`, warnings and up only.
+fn shown(level: Level, verbosity: Verbosity) -> bool {
+    verbosity != Verbosity::Quiet || level >= Level::Warning
+}
+
+/// `logs`: the backlog asked for, then every line until the master exits
+/// (or Ctrl-C, or stdout closes), all ending with exit code 0; without
+/// follow, only the backlog.
+fn logs(target: MasterTarget, request: ToMaster, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
     use std::io::Write;
-    client.request(ToMaster::Logs { group }).await?;
-    let mut stdout = std::io::stdout();
-    while let Some(frame) = client.next_reply().await? {
-        match frame {
-            // `taskherd logs | head`: the reader is gone.
-            FromMaster::Log { line, .. } if writeln!(stdout, "{line}").is_err() => {
-                return Ok(ExitCode::SUCCESS);
+    use tokio::signal::unix::{signal, SignalKind};
+    block_on(async {
+        // Ctrl-C is how one stops following: the end, not a failure.
+        // Watched from the start, so that it never kills the command.
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        let work = async {
+            let mut client = match connect(target, verbosity).await? {
+                Ok(client) => client,
+                Err(code) => return Ok(code),
+            };
+            client.request(request).await?;
+            let mut stdout = std::io::stdout();
+            while let Some(frame) = client.next_reply().await? {
+                match frame {
+                    // `taskherd logs | head`: the reader is gone.
+                    FromMaster::Log { line, level }
+                        if shown(level, verbosity) && writeln!(stdout, "{line}").is_err() =>
+                    {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    FromMaster::Log { .. } => {}
+                    FromMaster::Error { message } => {
+                        eprintln!("taskherd: {message}");
+                        return Ok(ExitCode::from(EXIT_MASTER_ERROR));
+                    }
+                    FromMaster::Done { .. } => break,
+                    _ => {}
+                }
             }
-            FromMaster::Log { .. } => {}
-            FromMaster::Error { message } => {
-                eprintln!("taskherd: {message}");
-                return Ok(ExitCode::from(EXIT_MASTER_ERROR));
-            }
-            FromMaster::Done { .. } => break,
-            _ => {}
+            Ok(ExitCode::SUCCESS)
+        };
+        tokio::select! {
+            ended = work => ended,
+            _ = interrupt.recv() => Ok(ExitCode::SUCCESS),
         }
-    }
+    })
+}
+
+/// `manpage`: taskherd(1), or taskherd-COMMAND(1), in roff on stdout.
+fn manpage(command: Option<&str>) -> anyhow::Result<ExitCode> {
+    let mut cli = Cli::command();
+    // Global flags (-q, -v) are then listed on each command's page too.
+    cli.build();
+    let page = match command {
+        None => cli,
+        Some(name) => {
+            let Some(sub) = cli
+                .get_subcommands()
+                .find(|sub| sub.get_name() == name && !sub.is_hide_set())
+            else {
+                let names: Vec<&str> = cli
+                    .get_subcommands()
+                    .filter(|sub| !sub.is_hide_set())
+                    .map(|sub| sub.get_name())
+                    .collect();
+                anyhow::bail!("no command named {name:?} (commands: {})", names.join(", "));
+            };
+            sub.clone()
+                .display_name(format!("taskherd-{name}"))
+                .bin_name(format!("taskherd {name}"))
+        }
+    };
+    let mut out = Vec::new();
+    clap_mangen::Man::new(page)
+        .render(&mut out)
+        .context("cannot render the man page")?;
+    print_out(&String::from_utf8_lossy(&out));
     Ok(ExitCode::SUCCESS)
 }
 

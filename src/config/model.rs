@@ -75,7 +75,8 @@ pub struct RemotePlacement {
     /// `command`. Relative paths are relative to the remote `cwd` (or the
     /// user's home). Key `command`.
     pub command: Option<String>,
-    /// Working directory on these hosts. Key `cwd`, default the user's home.
+    /// Working directory on these hosts, as written (`~` is expanded on
+    /// the host). Key `cwd`, default the user's home.
     pub cwd: Option<PathBuf>,
     /// Environment added on these hosts, over the group's `env`. Key `env`.
     pub env: BTreeMap<String, String>,
@@ -220,7 +221,9 @@ pub struct GroupSpec {
     pub name: String,
     /// The program to run. A relative path containing `/` is resolved
     /// against the config file's directory; a bare name is looked up in
-    /// `PATH`. Key `command`.
+    /// `PATH`. `~/` is expanded when the config is read, and a relative
+    /// path written in an included file is made absolute against that
+    /// file's directory. Key `command`.
     pub command: String,
     /// Arguments (never the params: those go over the control channel and
     /// the environment, not where `ps` shows them). Key `args`, default empty.
@@ -230,8 +233,9 @@ pub struct GroupSpec {
     pub params: serde_json::Value,
     /// Extra environment variables. Key `env`, default empty.
     pub env: BTreeMap<String, String>,
-    /// Working directory, relative to the config file's directory. Key
-    /// `cwd`, default the master's working directory.
+    /// Working directory, relative to the config file's directory (`~`
+    /// expanded, and absolute when written in an included file, as for
+    /// `command`). Key `cwd`, default the master's working directory.
     pub cwd: Option<PathBuf>,
     /// What to do when an instance ends. Key `restart`.
     pub restart: RestartSpec,

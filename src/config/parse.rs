@@ -9,6 +9,7 @@
 //! one bad value never hides the next; the [`Config`] is only handed out if
 //! nothing was recorded.
 
+use super::probe::{Probe, Spot};
 use super::{
     Config, ConfigError, ConfigErrors, GroupSpec, HostSpec, KnownHostsPolicy, LocalPlacement,
     LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec, RemotePlacement, RestartPolicy,
@@ -24,7 +25,9 @@ use toml::Spanned;
 /// A TOML value with the byte range it was read from.
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["master", "log", "ssh", "group"];
+const TOP_KEYS: &[&str] = &["master", "log", "ssh", "group", "include"];
+/// Top-level keys of an included file.
+const INCLUDED_TOP_KEYS: &[&str] = &["group", "include"];
 const MASTER_KEYS: &[&str] = &[
     "timeout",
     "stop_grace",
@@ -92,66 +95,541 @@ const CONCURRENCY_NOT_QUEUE: &str = "concurrency is for queue groups ([group.fee
 const RATE_EXAMPLE: &str = "jobs per second, minute or hour, such as \"200/s\", \"5/m\", \
                             \"0.5/s\" or \"1000/h\"";
 
+/// What parsing a config found: the config when it is valid, every
+/// problem otherwise, and what `taskherd check` may look for on this
+/// machine either way.
+pub(super) struct Parsed {
+    /// The config, if nothing is wrong with it.
+    pub(super) config: Option<Config>,
+    /// Every problem, with the index of its file (0: the main one) for
+    /// ordering.
+    pub(super) errors: Vec<(usize, ConfigError)>,
+    /// Programs, directories, files and hosts the config names, each with
+    /// where it is written.
+    pub(super) probes: Vec<Probe>,
+}
+
+impl Parsed {
+    /// The config, or every problem found in file order.
+    pub(super) fn into_result(self) -> Result<Config, ConfigErrors> {
+        match self.config {
+            Some(config) if self.errors.is_empty() => Ok(config),
+            _ => Err(sorted_errors(self.errors)),
+        }
+    }
+}
+
+/// Errors in file order: the main file first, then the included ones in
+/// the order they were read; within a file by line and column (tables are
+/// walked in key order, not file order). The same error found twice is
+/// kept once.
+pub(super) fn sorted_errors(mut errors: Vec<(usize, ConfigError)>) -> ConfigErrors {
+    errors.sort_by_key(|(source, err)| (*source, err.line, err.column));
+    errors.dedup();
+    ConfigErrors(errors.into_iter().map(|(_, err)| err).collect())
+}
+
+#[cfg(test)]
 pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigErrors> {
+    parse_all(text.to_owned(), source).into_result()
+}
+
+/// Parses and validates the main config file's `text` and the files it
+/// includes (read from disk, relative to `source`'s directory).
+pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
+    let mut errors = Vec::new();
+    let home = super::probe::home_dir();
+    let sources = collect_sources(text, source, home.as_deref(), &mut errors);
     let mut walker = Walker {
-        file: source.to_path_buf(),
-        text,
-        errors: Vec::new(),
+        sources: &sources,
+        current: 0,
+        errors,
+        probes: Vec::new(),
+        home,
+        uninterpolated: Vec::new(),
     };
-    let (root, syntax_errors) = DeTable::parse_recoverable(text);
-    if !syntax_errors.is_empty() {
-        // Recovery leaves holes (a value that failed to parse is missing),
-        // so walking the rest would add misleading "missing key" errors.
+    let mut roots = Vec::with_capacity(sources.len());
+    let mut syntax = false;
+    for (index, file) in sources.iter().enumerate() {
+        let (root, syntax_errors) = DeTable::parse_recoverable(&file.text);
+        walker.current = index;
         for err in &syntax_errors {
             walker.syntax(err);
         }
-        return Err(walker.into_errors());
+        syntax |= !syntax_errors.is_empty();
+        roots.push(root);
     }
-    let root = root.get_ref();
+    if syntax {
+        // Recovery leaves holes (a value that failed to parse is missing),
+        // so walking the rest would add misleading "missing key" errors.
+        return Parsed {
+            config: None,
+            errors: walker.errors,
+            probes: Vec::new(),
+        };
+    }
+    // Groups are numbered across files, in the order they are read.
+    let mut first_group = 0;
+    for (index, root) in roots.iter_mut().enumerate() {
+        walker.current = index;
+        let groups = walker.interpolate_root(root.get_mut(), first_group);
+        first_group += groups;
+    }
+    walker.current = 0;
+    let root = roots[0].get_ref();
     walker.check_unknown(root, "", TOP_KEYS, &[]);
+    let main_name = source.display().to_string();
+    for (index, root) in roots.iter().enumerate().skip(1) {
+        walker.current = index;
+        let hint = format!(
+            "an included file holds [[group]] tables (and include); \
+             set it in the main config file, {main_name}"
+        );
+        let hints: Vec<(&str, &str)> = ["master", "log", "ssh"]
+            .iter()
+            .map(|key| (*key, hint.as_str()))
+            .collect();
+        walker.check_unknown(root.get_ref(), "", INCLUDED_TOP_KEYS, &hints);
+    }
+    walker.current = 0;
     let master = walker.master(root.get("master"));
     let log = walker.log(root.get("log"), root.get("master"));
     let ssh = walker.ssh(root.get("ssh"));
-    let groups = walker.groups(root.get("group"), &ssh);
+    let group_values: Vec<(usize, &Value<'_>)> = roots
+        .iter()
+        .enumerate()
+        .filter_map(|(index, root)| Some((index, root.get_ref().get("group")?)))
+        .collect();
+    let groups = walker.groups(&group_values, &ssh);
+    walker.current = 0;
     walker.log_filter_groups(root.get("log"), &log, &groups);
-    if walker.errors.is_empty() {
-        Ok(Config {
-            source: source.to_path_buf(),
-            master,
-            log,
-            groups,
-        })
-    } else {
-        Err(walker.into_errors())
+    let config = walker.errors.is_empty().then(|| Config {
+        source: source.to_path_buf(),
+        master,
+        log,
+        groups,
+    });
+    Parsed {
+        config,
+        errors: walker.errors,
+        probes: walker.probes,
     }
 }
 
-/// Walks the parsed document and collects errors with their positions.
-struct Walker<'t> {
-    /// Named in every error.
+/// One file of a config: the main one, or one it includes.
+struct SourceFile {
+    /// As errors name it: the main file as given, an included file as the
+    /// directory of the file including it joined with the entry.
     file: PathBuf,
-    /// The config text, to turn byte offsets into lines and columns.
-    text: &'t str,
-    /// Everything found so far.
-    errors: Vec<ConfigError>,
+    /// Its text.
+    text: String,
+    /// The directory relative paths written in it start from (absolute
+    /// when the current directory is known).
+    dir: PathBuf,
 }
 
-impl Walker<'_> {
-    /// The errors in file order (tables are walked in key order, not file order).
-    fn into_errors(mut self) -> ConfigErrors {
-        self.errors.sort_by_key(|err| (err.line, err.column));
-        ConfigErrors(self.errors)
+/// The directory of `file`, absolute when possible.
+fn dir_of(file: &Path) -> PathBuf {
+    let dir = match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// The main file and every file it includes, depth first in the order of
+/// the `include` entries (a glob's matches in name order): the order their
+/// groups are numbered in. Problems with `include` entries go to `errors`.
+fn collect_sources(
+    text: String,
+    main: &Path,
+    home: Option<&Path>,
+    errors: &mut Vec<(usize, ConfigError)>,
+) -> Vec<SourceFile> {
+    let sources = vec![SourceFile {
+        file: main.to_path_buf(),
+        text,
+        dir: dir_of(main),
+    }];
+    // A config parsed from text may name a file that does not exist.
+    let identity = std::fs::canonicalize(main)
+        .or_else(|_| std::path::absolute(main))
+        .unwrap_or_else(|_| main.to_path_buf());
+    let mut collector = Collector {
+        sources,
+        errors,
+        home,
+        chain: vec![identity.clone()],
+        seen: vec![(identity, 0)],
+    };
+    collector.include_from(0);
+    collector.sources
+}
+
+/// State of [`collect_sources`].
+struct Collector<'e, 'h> {
+    sources: Vec<SourceFile>,
+    errors: &'e mut Vec<(usize, ConfigError)>,
+    /// For `~` in entries.
+    home: Option<&'h Path>,
+    /// Canonical paths of the files being included, outermost first: one
+    /// of them again is a cycle.
+    chain: Vec<PathBuf>,
+    /// Canonical path of every file read so far, with its source index.
+    seen: Vec<(PathBuf, usize)>,
+}
+
+impl Collector<'_, '_> {
+    fn error(&mut self, index: usize, offset: usize, key: &str, message: String) {
+        let source = &self.sources[index];
+        let (line, column) = position(&source.text, offset);
+        self.errors.push((
+            index,
+            ConfigError {
+                file: source.file.clone(),
+                line,
+                column,
+                key: key.to_owned(),
+                message,
+            },
+        ));
     }
 
-    fn error(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+    /// Reads the files that source `source` includes, and theirs.
+    fn include_from(&mut self, source: usize) {
+        for (i, span, entry) in self.entries(source) {
+            let key = index("include", i);
+            let Some(path) = super::probe::expand_home(&entry, self.home) else {
+                let message = format!("cannot expand ~ in {entry:?}: HOME is not set");
+                self.error(source, span.start, &key, message);
+                continue;
+            };
+            let path = match self.sources[source].file.parent() {
+                Some(dir) if path.is_relative() => dir.join(path),
+                _ => path,
+            };
+            let path = super::probe::clean_path(&path);
+            let files = if entry.contains(['*', '?', '[']) {
+                match self.glob(&path) {
+                    Ok(files) => files,
+                    Err(message) => {
+                        self.error(source, span.start, &key, message);
+                        continue;
+                    }
+                }
+            } else {
+                vec![path]
+            };
+            for file in files {
+                if let Err(message) = self.include(file) {
+                    self.error(source, span.start, &key, message);
+                }
+            }
+        }
+    }
+
+    /// The `include` entries of source `source`, interpolated: (position
+    /// in the array, span, text). A file with syntax errors includes
+    /// nothing (its errors are reported when it is walked).
+    fn entries(&mut self, source: usize) -> Vec<(usize, Range<usize>, String)> {
+        let text = &self.sources[source].text;
+        let (root, syntax_errors) = DeTable::parse_recoverable(text);
+        let Some(value) = root
+            .get_ref()
+            .get("include")
+            .filter(|_| syntax_errors.is_empty())
+        else {
+            return Vec::new();
+        };
+        const EXPECTED: &str = "expected an array of file names or glob patterns, \
+                                such as include = [\"conf.d/*.toml\"]";
+        let mut entries = Vec::new();
+        let mut problems = Vec::new();
+        match value.get_ref().as_array() {
+            None => {
+                let found = value.get_ref().type_str();
+                problems.push((
+                    value.span(),
+                    "include".to_owned(),
+                    format!("{EXPECTED}, found {found}"),
+                ));
+            }
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let key = index("include", i);
+                    match item.get_ref().as_str() {
+                        None => {
+                            let found = item.get_ref().type_str();
+                            problems.push((item.span(), key, format!("{EXPECTED}, found {found}")));
+                        }
+                        Some(entry) => match interpolate(entry, &env_var) {
+                            Ok(entry) if entry.trim().is_empty() => {
+                                problems.push((item.span(), key, "must not be empty".to_owned()));
+                            }
+                            Ok(entry) => entries.push((i, item.span(), entry)),
+                            Err((dollar, message)) => {
+                                let offset = raw_offset(text, item.span(), dollar);
+                                problems.push((offset..offset, key, message));
+                            }
+                        },
+                    }
+                }
+            }
+        }
+        for (span, key, message) in problems {
+            self.error(source, span.start, &key, message);
+        }
+        entries
+    }
+
+    /// The files a glob pattern matches, in name order (directories left
+    /// out). Matching nothing is fine.
+    fn glob(&self, pattern: &Path) -> Result<Vec<PathBuf>, String> {
+        let text = pattern.to_string_lossy();
+        let paths =
+            glob::glob(&text).map_err(|err| format!("invalid glob pattern {text:?}: {err}"))?;
+        let mut files = Vec::new();
+        for path in paths {
+            let path = path
+                .map_err(|err| format!("cannot read {}: {}", err.path().display(), err.error()))?;
+            if !path.is_dir() {
+                files.push(path);
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    /// Reads `file` and what it includes.
+    fn include(&mut self, file: PathBuf) -> Result<(), String> {
+        let identity = std::fs::canonicalize(&file).map_err(|err| {
+            if err.kind() == std::io::ErrorKind::NotFound {
+                format!("included file {} does not exist", file.display())
+            } else {
+                format!("cannot read included file {}: {err}", file.display())
+            }
+        })?;
+        if let Some(at) = self.chain.iter().position(|f| *f == identity) {
+            let mut names: Vec<String> = self.chain[at..]
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
+            names.push(identity.display().to_string());
+            return Err(format!(
+                "including {} makes a cycle: {}",
+                file.display(),
+                names.join(" -> ")
+            ));
+        }
+        if let Some((_, first)) = self.seen.iter().find(|(f, _)| *f == identity) {
+            let first = &self.sources[*first].file;
+            return Err(format!(
+                "{} is already part of the config (as {}); include each file once",
+                file.display(),
+                first.display()
+            ));
+        }
+        let bytes = std::fs::read(&file)
+            .map_err(|err| format!("cannot read included file {}: {err}", file.display()))?;
+        let dir = dir_of(&file);
+        let new = self.sources.len();
+        let text = match decode(bytes, &file) {
+            Ok(text) => text,
+            Err(err) => {
+                self.errors.push((new, err));
+                String::new()
+            }
+        };
+        self.sources.push(SourceFile { file, text, dir });
+        self.seen.push((identity.clone(), new));
+        self.chain.push(identity);
+        self.include_from(new);
+        self.chain.pop();
+        Ok(())
+    }
+}
+
+/// The text of a config file, or where it stops being UTF-8.
+///
+/// # Errors
+/// A [`ConfigError`] naming the file, the line and the byte offset of the
+/// first byte that is not UTF-8.
+pub(super) fn decode(bytes: Vec<u8>, file: &Path) -> Result<String, ConfigError> {
+    String::from_utf8(bytes).map_err(|err| {
+        let offset = err.utf8_error().valid_up_to();
+        let bytes = err.as_bytes();
+        // Everything before `offset` is valid.
+        let before = std::str::from_utf8(&bytes[..offset]).unwrap_or_default();
+        let (line, column) = position(before, offset);
+        ConfigError {
+            file: file.to_path_buf(),
+            line,
+            column,
+            key: "(encoding)".to_owned(),
+            message: format!(
+                "not valid UTF-8: byte 0x{:02x} at byte offset {offset}; \
+                 save the file as UTF-8",
+                bytes[offset]
+            ),
+        }
+    })
+}
+
+/// 1-based line and column of a byte offset in `text`; the column counts
+/// characters, as editors do.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// A variable of the master's environment, for [`interpolate`].
+fn env_var(name: &str) -> Result<Option<String>, String> {
+    match std::env::var(name) {
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(format!("environment variable {name} is not valid UTF-8"))
+        }
+    }
+}
+
+/// `text` with `${NAME}` and `${NAME:-default}` replaced by the variable
+/// (the default when it is unset or empty) and `$$` by `$`; any other `$`
+/// stays as it is (`$HOME` in a shell command is the shell's).
+///
+/// # Errors
+/// The index of the offending `$` among the `$` of `text`, and what is
+/// wrong.
+fn interpolate(
+    text: &str,
+    var: &dyn Fn(&str) -> Result<Option<String>, String>,
+) -> Result<String, (usize, String)> {
+    const ESCAPE: &str = "write $$ for a literal $";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut dollars = 0;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(after) = after.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+            dollars += 2;
+            continue;
+        }
+        let Some(body) = after.strip_prefix('{') else {
+            out.push('$');
+            rest = after;
+            dollars += 1;
+            continue;
+        };
+        let Some(close) = body.find('}') else {
+            return Err((
+                dollars,
+                format!("unclosed ${{ (expected ${{NAME}}; {ESCAPE})"),
+            ));
+        };
+        let inner = &body[..close];
+        let (name, default) = match inner.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (inner, None),
+        };
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err((
+                dollars,
+                format!(
+                    "invalid ${{{inner}}}: expected ${{NAME}} or ${{NAME:-default}}, NAME made \
+                     of letters, digits and '_'; {ESCAPE}"
+                ),
+            ));
+        }
+        let value = var(name).map_err(|message| (dollars, message))?;
+        match (value, default) {
+            (Some(value), Some(default)) if value.is_empty() => out.push_str(default),
+            (Some(value), _) => out.push_str(&value),
+            (None, Some(default)) => out.push_str(default),
+            (None, None) => {
+                return Err((
+                    dollars,
+                    format!(
+                        "environment variable {name} is not set (write ${{{name}:-default}} \
+                         for a default; {ESCAPE})"
+                    ),
+                ))
+            }
+        }
+        // A `$` in the default is its own.
+        dollars += 1 + default.map_or(0, |default| default.matches('$').count());
+        rest = &body[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The byte offset in the file of the `dollar`-th `$` of the string
+/// written at `span` (escapes aside, a `$` is written as itself); the start
+/// of the value if it cannot be found.
+fn raw_offset(text: &str, span: Range<usize>, dollar: usize) -> usize {
+    text.get(span.clone())
+        .and_then(|raw| raw.match_indices('$').nth(dollar))
+        .map_or(span.start, |(at, _)| span.start + at)
+}
+
+/// Walks the parsed documents and collects errors with their positions.
+struct Walker<'t> {
+    /// The main file (index 0) and the files it includes.
+    sources: &'t [SourceFile],
+    /// The source being walked: errors name it, positions are in its text.
+    current: usize,
+    /// Everything found so far, with the index of its source.
+    errors: Vec<(usize, ConfigError)>,
+    /// What `check` may look for on this machine.
+    probes: Vec<Probe>,
+    /// The home directory, for `~` in paths.
+    home: Option<PathBuf>,
+    /// (source, start) of the strings whose interpolation failed: no
+    /// probe for them (their error says enough).
+    uninterpolated: Vec<(usize, usize)>,
+}
+
+impl<'t> Walker<'t> {
+    /// The file being walked.
+    fn file(&self) -> &'t Path {
+        &self.sources[self.current].file
+    }
+
+    /// The text being walked, to turn byte offsets into lines and columns.
+    fn text(&self) -> &'t str {
+        &self.sources[self.current].text
+    }
+
+    /// Where `span` starts in the current file, for `key`.
+    fn spot(&self, span: Range<usize>, key: &str) -> Spot {
         let (line, column) = self.position(span.start);
-        self.errors.push(ConfigError {
-            file: self.file.clone(),
+        Spot {
+            source: self.current,
+            file: self.file().to_path_buf(),
             line,
             column,
             key: key.to_owned(),
-            message: message.into(),
-        });
+        }
+    }
+
+    fn error(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        let error = self.spot(span, key).error(message);
+        self.errors.push(error);
     }
 
     fn syntax(&mut self, err: &toml::de::Error) {
@@ -168,18 +646,90 @@ impl Walker<'_> {
         );
     }
 
-    /// 1-based line and column of a byte offset; the column counts
-    /// characters, as editors do.
+    /// 1-based line and column of a byte offset in the current file.
     fn position(&self, offset: usize) -> (usize, usize) {
-        let mut offset = offset.min(self.text.len());
-        while !self.text.is_char_boundary(offset) {
-            offset -= 1;
+        position(self.text(), offset)
+    }
+
+    /// `line N`, or `FILE:N` when `source` is not the current file.
+    fn line_name(&self, (source, line): (usize, usize)) -> String {
+        if source == self.current {
+            format!("line {line}")
+        } else {
+            format!("{}:{line}", self.sources[source].file.display())
         }
-        let before = &self.text[..offset];
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let line = before.matches('\n').count() + 1;
-        let column = before[line_start..].chars().count() + 1;
-        (line, column)
+    }
+
+    /// Interpolates every string value of a document (its `include`
+    /// entries aside: they were read before); `first_group` is the number
+    /// of groups in the files before it. Returns its number of groups.
+    fn interpolate_root(&mut self, root: &mut DeTable<'_>, first_group: usize) -> usize {
+        let mut groups = 0;
+        for (key, value) in root.iter_mut() {
+            let name: &str = key.get_ref();
+            match (name, value.get_mut()) {
+                ("include", _) => {}
+                ("group", DeValue::Array(items)) => {
+                    groups = items.len();
+                    for (i, item) in items.iter_mut().enumerate() {
+                        self.interpolate(&index("group", first_group + i), item);
+                    }
+                }
+                _ => self.interpolate(&child("", name), value),
+            }
+        }
+        groups
+    }
+
+    /// Replaces `${NAME}`, `${NAME:-default}` and `$$` in the strings of
+    /// `value` (`key`, for errors).
+    fn interpolate(&mut self, key: &str, value: &mut Value<'_>) {
+        let span = value.span();
+        match value.get_mut() {
+            DeValue::String(text) if text.contains('$') => match interpolate(text, &env_var) {
+                Ok(new) => *text = new.into(),
+                Err((dollar, message)) => {
+                    self.uninterpolated.push((self.current, span.start));
+                    let offset = raw_offset(self.text(), span, dollar);
+                    self.error(offset..offset, key, message);
+                }
+            },
+            DeValue::Array(items) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    self.interpolate(&index(key, i), item);
+                }
+            }
+            DeValue::Table(table) => {
+                for (name, item) in table.iter_mut() {
+                    let name: &str = name.get_ref();
+                    self.interpolate(&child(key, name), item);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A local path key: `~` expanded; in an included file, a relative
+    /// path made absolute against that file's directory (in the main file
+    /// it is kept as written, and resolved against
+    /// [`Config::base_dir`] when used).
+    fn local_path(&mut self, key: &str, value: &Value<'_>, text: String) -> Option<PathBuf> {
+        let Some(path) = super::probe::expand_home(&text, self.home.as_deref()) else {
+            let message = format!("cannot expand ~ in {text:?}: HOME is not set");
+            self.error(value.span(), key, message);
+            return None;
+        };
+        if self.current == 0 || path.is_absolute() {
+            return Some(path);
+        }
+        Some(super::probe::clean_path(
+            &self.sources[self.current].dir.join(path),
+        ))
+    }
+
+    /// Where a local path of the current file leads, for probes.
+    fn resolved(&self, path: &Path) -> PathBuf {
+        super::probe::clean_path(&self.sources[self.current].dir.join(path))
     }
 
     /// Reports keys of `table` that are not in `allowed`, with a hint when
@@ -415,7 +965,7 @@ impl Walker<'_> {
         if let Some(value) = table.get("state_dir") {
             master.state_dir = self
                 .non_empty_string("master.state_dir", value)
-                .map(PathBuf::from);
+                .and_then(|dir| self.local_path("master.state_dir", value, dir));
         }
         master
     }
@@ -451,7 +1001,9 @@ impl Walker<'_> {
             }
         }
         if let Some(value) = table.get("file") {
-            log.file = self.non_empty_string("log.file", value).map(PathBuf::from);
+            log.file = self
+                .non_empty_string("log.file", value)
+                .and_then(|file| self.local_path("log.file", value, file));
         }
         if let Some(value) = table.get("max_size") {
             if let Some(size) = self.size("log.max_size", value) {
@@ -584,17 +1136,20 @@ impl Walker<'_> {
     /// Reads the [`SSH_KEYS`] of `table` into `ssh`: each key that is set
     /// (and valid) replaces what `ssh` had, the others keep it.
     ///
-    /// Paths are kept as written, `~/` included: relative ones are resolved
-    /// by the launcher, `~` is expanded by ssh.
+    /// Paths have `~` expanded; relative ones are kept as written in the
+    /// main file (the launcher resolves them against the config file's
+    /// directory) and made absolute in included files.
     fn ssh_keys(&mut self, path: &str, table: &DeTable<'_>, ssh: &mut SshOptions) {
         if let Some(value) = table.get("ssh_config") {
-            if let Some(file) = self.non_empty_string(&child(path, "ssh_config"), value) {
-                ssh.config_file = Some(PathBuf::from(file));
+            let key = child(path, "ssh_config");
+            if let Some(file) = self.ssh_file(&key, value, "ssh_config file") {
+                ssh.config_file = Some(file);
             }
         }
         if let Some(value) = table.get("identity_file") {
-            if let Some(file) = self.non_empty_string(&child(path, "identity_file"), value) {
-                ssh.identity_file = Some(PathBuf::from(file));
+            let key = child(path, "identity_file");
+            if let Some(file) = self.ssh_file(&key, value, "identity file") {
+                ssh.identity_file = Some(file);
             }
         }
         if let Some(value) = table.get("known_hosts") {
@@ -612,6 +1167,18 @@ impl Walker<'_> {
                 ssh.connect_timeout = Some(timeout);
             }
         }
+    }
+
+    /// A local file of the ssh settings, which `check` looks for.
+    fn ssh_file(&mut self, key: &str, value: &Value<'_>, what: &'static str) -> Option<PathBuf> {
+        let text = self.non_empty_string(key, value)?;
+        let file = self.local_path(key, value, text)?;
+        self.probes.push(Probe::File {
+            at: self.spot(value.span(), key),
+            path: self.resolved(&file),
+            what,
+        });
+        Some(file)
     }
 
     fn known_hosts(&mut self, key: &str, value: &Value<'_>) -> Option<KnownHostsPolicy> {
@@ -634,26 +1201,44 @@ impl Walker<'_> {
         }
     }
 
-    /// `ssh` holds the `[ssh]` defaults for remote placements.
-    fn groups(&mut self, value: Option<&Value<'_>>, ssh: &SshOptions) -> Vec<GroupSpec> {
-        let Some(value) = value else {
-            self.error(0..0, "group", NO_GROUPS);
-            return Vec::new();
-        };
-        let Some(items) = value.get_ref().as_array() else {
-            self.wrong_type(value, "group", "an array of tables ([[group]])");
-            return Vec::new();
-        };
-        if items.is_empty() {
-            self.error(value.span(), "group", NO_GROUPS);
+    /// The `group` arrays of every file (with the index of their file), as
+    /// one list; `ssh` holds the `[ssh]` defaults for remote placements.
+    fn groups(&mut self, values: &[(usize, &Value<'_>)], ssh: &SshOptions) -> Vec<GroupSpec> {
+        let mut items = Vec::new();
+        for (source, value) in values {
+            self.current = *source;
+            match value.get_ref().as_array() {
+                Some(array) => items.extend(array.iter().map(|item| (*source, item))),
+                None => self.wrong_type(value, "group", "an array of tables ([[group]])"),
+            }
         }
-        // Group name -> line of its first use, for the duplicate error.
+        self.current = 0;
+        if items.is_empty() {
+            match values.first() {
+                // `group = []`, or groups of the wrong type (reported).
+                Some((source, value)) => {
+                    if value.get_ref().as_array().is_some() {
+                        self.current = *source;
+                        self.error(value.span(), "group", NO_GROUPS);
+                        self.current = 0;
+                    }
+                }
+                None => self.error(0..0, "group", NO_GROUPS),
+            }
+        }
+        // Group name -> file and line of its first use, for the duplicate
+        // error.
         let mut first_lines = BTreeMap::new();
-        items
-            .iter()
+        let groups = items
+            .into_iter()
             .enumerate()
-            .map(|(i, item)| self.group(i + 1, item, &mut first_lines, ssh))
-            .collect()
+            .map(|(i, (source, item))| {
+                self.current = source;
+                self.group(i + 1, item, &mut first_lines, ssh)
+            })
+            .collect();
+        self.current = 0;
+        groups
     }
 
     /// `number` counts from 1, as users count groups.
@@ -661,7 +1246,7 @@ impl Walker<'_> {
         &mut self,
         number: usize,
         value: &Value<'_>,
-        first_lines: &mut BTreeMap<String, usize>,
+        first_lines: &mut BTreeMap<String, (usize, usize)>,
         ssh: &SshOptions,
     ) -> GroupSpec {
         let path = format!("group[{number}]");
@@ -698,7 +1283,10 @@ impl Walker<'_> {
         let key = child(&path, "command");
         match table.get("command") {
             Some(command) => {
-                group.command = self.non_empty_string(&key, command).unwrap_or_default();
+                group.command = self
+                    .non_empty_string(&key, command)
+                    .and_then(|text| self.command(&key, command, text))
+                    .unwrap_or_default();
             }
             None => self.error(value.span(), &key, "missing required key \"command\""),
         }
@@ -712,9 +1300,10 @@ impl Walker<'_> {
             group.env = self.env(&child(&path, "env"), env);
         }
         if let Some(cwd) = table.get("cwd") {
+            let key = child(&path, "cwd");
             group.cwd = self
-                .non_empty_string(&child(&path, "cwd"), cwd)
-                .map(PathBuf::from);
+                .non_empty_string(&key, cwd)
+                .and_then(|text| self.local_path(&key, cwd, text));
         }
         if let Some(timeout) = table.get("timeout") {
             group.timeout = self.duration(&child(&path, "timeout"), timeout);
@@ -801,7 +1390,94 @@ impl Walker<'_> {
             };
             self.error(value.span(), &path, message);
         }
+        let local_feeder =
+            feeder.is_some() && group.queue.as_ref().is_none_or(|q| q.feeder_host.is_none());
+        if table.get("local").is_some() || local_feeder {
+            self.probe_local(&path, table, &group);
+        }
+        if let Some(host) = feeder
+            .and_then(|feeder| feeder.get_ref().as_table())
+            .and_then(|feeder| feeder.get("host"))
+        {
+            if let Some(spec) = group.queue.as_ref().and_then(|q| q.feeder_host.as_ref()) {
+                let key = child(&child(&path, "feeder"), "host");
+                self.probe_host(host.span(), &key, spec, ssh);
+            }
+        }
         group
+    }
+
+    /// What `check` looks for when the group runs on this machine: its
+    /// program and its working directory.
+    fn probe_local(&mut self, path: &str, table: &DeTable<'_>, group: &GroupSpec) {
+        let usable = |value: &&Value<'_>| {
+            !self
+                .uninterpolated
+                .contains(&(self.current, value.span().start))
+        };
+        let command = table.get("command").filter(usable);
+        let cwd = table.get("cwd").filter(usable);
+        if let Some(command) = command.filter(|_| !group.command.is_empty()) {
+            let key = child(path, "command");
+            let written = Path::new(&group.command);
+            let program = if group.command.contains('/') {
+                self.resolved(written)
+            } else {
+                written.to_path_buf()
+            };
+            let relative_to = (group.command.contains('/') && written.is_relative())
+                .then(|| self.sources[self.current].dir.clone());
+            self.probes.push(Probe::Program {
+                at: self.spot(command.span(), &key),
+                program,
+                relative_to,
+                path_var: group.env.get("PATH").cloned(),
+            });
+        }
+        if let (Some(value), Some(cwd)) = (cwd, &group.cwd) {
+            let key = child(path, "cwd");
+            self.probes.push(Probe::Dir {
+                at: self.spot(value.span(), &key),
+                dir: self.resolved(cwd),
+            });
+        }
+    }
+
+    /// A remote host `check` resolves, as ssh would with `ssh`.
+    fn probe_host(&mut self, span: Range<usize>, key: &str, host: &HostSpec, ssh: &SshOptions) {
+        // Relative files are the main file's (included ones are absolute).
+        let base = &self.sources[0].dir;
+        let resolve = |file: &Option<PathBuf>| {
+            file.as_ref()
+                .map(|f| super::probe::clean_path(&base.join(f)))
+        };
+        let ssh = SshOptions {
+            config_file: resolve(&ssh.config_file),
+            identity_file: resolve(&ssh.identity_file),
+            ..ssh.clone()
+        };
+        self.probes.push(Probe::Host {
+            at: self.spot(span, key),
+            host: host.clone(),
+            ssh,
+        });
+    }
+
+    /// A group's `command`: a path (with a `/`, or `~`) is a local path
+    /// key; a bare name stays as it is, for `PATH`.
+    fn command(&mut self, key: &str, value: &Value<'_>, text: String) -> Option<String> {
+        if !text.contains('/') && text != "~" {
+            return Some(text);
+        }
+        let path = self.local_path(key, value, text)?;
+        match path.into_os_string().into_string() {
+            Ok(text) => Some(text),
+            Err(_) => {
+                let message = "the expanded path is not valid UTF-8";
+                self.error(value.span(), key, message);
+                None
+            }
+        }
     }
 
     /// `[group.feeder]` and `[group.queue]` of the group at `path`: a
@@ -990,7 +1666,7 @@ impl Walker<'_> {
         &mut self,
         key: &str,
         value: &Value<'_>,
-        first_lines: &mut BTreeMap<String, usize>,
+        first_lines: &mut BTreeMap<String, (usize, usize)>,
     ) -> Option<String> {
         let name = self.non_empty_string(key, value)?;
         if !super::is_valid_group_name(&name) {
@@ -1001,11 +1677,12 @@ impl Walker<'_> {
         }
         let (line, _) = self.position(value.span().start);
         if let Some(first) = first_lines.get(&name) {
-            let message = format!("duplicate group name {name:?} (first used on line {first})");
+            let first = self.line_name(*first);
+            let message = format!("duplicate group name {name:?} (first used on {first})");
             self.error(value.span(), key, message);
             return None;
         }
-        first_lines.insert(name.clone(), line);
+        first_lines.insert(name.clone(), (self.current, line));
         Some(name)
     }
 
@@ -1079,7 +1756,7 @@ impl Walker<'_> {
                 }
                 DeValue::Integer(_) | DeValue::Float(_) | DeValue::Boolean(_) => {
                     let found = value.get_ref().type_str();
-                    let literal = self.text.get(value.span()).unwrap_or_default();
+                    let literal = self.text().get(value.span()).unwrap_or_default();
                     let message = format!(
                         "expected a string, found {found}; environment values are strings, \
                          write \"{literal}\""
@@ -1342,8 +2019,12 @@ impl Walker<'_> {
         let concurrency = self.concurrency(path, table, queue_group);
         let mut ssh = ssh.clone();
         self.ssh_keys(path, table, &mut ssh);
+        let hosts = hosts?;
+        for (host, span, key) in &hosts {
+            self.probe_host(span.clone(), key, host, &ssh);
+        }
         Some(RemotePlacement {
-            hosts: hosts?,
+            hosts: hosts.into_iter().map(|(host, _, _)| host).collect(),
             instances: instances?,
             command,
             cwd,
@@ -1354,14 +2035,14 @@ impl Walker<'_> {
     }
 
     /// `None` if the key is unusable as a whole; bad entries are left out
-    /// (with their errors) and the rest kept.
+    /// (with their errors) and the rest kept, each with its span and key.
     fn hosts(
         &mut self,
         key: &str,
         value: &Value<'_>,
         group_name: &str,
         first_lines: &mut BTreeMap<String, usize>,
-    ) -> Option<Vec<HostSpec>> {
+    ) -> Option<Vec<(HostSpec, Range<usize>, String)>> {
         let Some(items) = value.get_ref().as_array() else {
             self.wrong_type(value, key, "an array of host names");
             return None;
@@ -1394,7 +2075,7 @@ impl Walker<'_> {
                 continue;
             }
             first_lines.insert(host.label.clone(), line);
-            hosts.push(host);
+            hosts.push((host, item.span(), key));
         }
         Some(hosts)
     }
@@ -1607,6 +2288,10 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn home() -> PathBuf {
+        crate::config::probe::home_dir().expect("HOME is set for the tests")
+    }
 
     fn parse_ok(text: &str) -> Config {
         parse(text, Path::new("conf/herd.toml")).unwrap_or_else(|errors| panic!("{errors}"))
@@ -3169,7 +3854,8 @@ remote = [{ hosts = ["a", "b"], instances = 3, jump_host = "other" }]
         );
         let defaults = SshOptions {
             config_file: Some(PathBuf::from("ssh/config")),
-            identity_file: Some(PathBuf::from("~/.ssh/id_herd")),
+            // `~` is expanded when the config is read.
+            identity_file: Some(home().join(".ssh/id_herd")),
             known_hosts: KnownHostsPolicy::AcceptNew,
             jump_host: Some("bastion.example.com".to_owned()),
             connect_timeout: Some(Duration::from_secs(5)),
@@ -3707,6 +4393,174 @@ instances = 1
             5,
             "group[1].max_jobs",
             "must be at least 1, found 0",
+        );
+    }
+
+    /// A variable no test environment sets.
+    const UNSET: &str = "TASKHERD_TEST_SURELY_UNSET_7f3a";
+
+    fn vars(name: &str) -> Result<Option<String>, String> {
+        Ok(match name {
+            "APP" => Some("/srv/app".to_owned()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn interpolation_syntax() {
+        let ok = |text: &str| interpolate(text, &vars).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(ok("${APP}/bin"), "/srv/app/bin");
+        assert_eq!(ok("${NOPE:-/opt}/bin"), "/opt/bin");
+        assert_eq!(ok("${APP:-/opt}"), "/srv/app");
+        assert_eq!(
+            ok("${EMPTY:-fallback}"),
+            "fallback",
+            "empty counts as unset"
+        );
+        assert_eq!(ok("${EMPTY}"), "");
+        assert_eq!(ok("${NOPE:-}"), "");
+        assert_eq!(ok("cost: $$5, pid $$$$"), "cost: $5, pid $$");
+        assert_eq!(
+            ok("echo $HOME $1 $"),
+            "echo $HOME $1 $",
+            "a lone $ is the shell's"
+        );
+        assert_eq!(ok("$$${APP}"), "$/srv/app");
+        let err = |text: &str| interpolate(text, &vars).expect_err(text);
+        let (dollar, message) = err("a ${NOPE} b");
+        assert_eq!(dollar, 0);
+        assert!(
+            message.contains("environment variable NOPE is not set"),
+            "{message}"
+        );
+        assert!(message.contains("${NOPE:-default}"), "{message}");
+        // The index counts every `$` before it, escapes and defaults too.
+        assert_eq!(err("$$ ${NOPE:-$x} ${GONE}").0, 4);
+        assert!(err("${APP").1.contains("unclosed ${"));
+        assert!(err("${1X}").1.contains("invalid ${1X}"));
+        assert!(err("${A B}").1.contains("invalid ${A B}"));
+        assert!(err("${}").1.contains("write $$ for a literal $"));
+    }
+
+    #[test]
+    fn string_values_are_interpolated_from_the_environment() {
+        let home = home();
+        let home_text = home.display().to_string();
+        let config = parse_ok(&format!(
+            r#"[master]
+agent_path = "${{HOME}}/bin/taskherd"
+[[group]]
+name = "w"
+command = "${{{UNSET}:-/opt/w}}"
+args = ["$$HOME is ${{HOME}}", "sh: $HOME", "${{{UNSET}:-}}"]
+env = {{ DIR = "${{HOME}}" }}
+params = {{ dirs = ["${{HOME}}/a"] }}
+[group.local]
+instances = 1
+"#
+        ));
+        assert_eq!(
+            config.master.agent_path,
+            Some(format!("{home_text}/bin/taskherd"))
+        );
+        let group = &config.groups[0];
+        assert_eq!(group.command, "/opt/w");
+        assert_eq!(
+            group.args,
+            [
+                format!("$HOME is {home_text}"),
+                "sh: $HOME".to_owned(),
+                String::new()
+            ]
+        );
+        assert_eq!(group.env["DIR"], home_text);
+        assert_eq!(group.params["dirs"][0], format!("{home_text}/a"));
+    }
+
+    #[test]
+    fn an_unset_variable_is_an_error_at_its_dollar() {
+        let errors = parse_err(&format!(
+            r#"[[group]]
+name = "w"
+command = "w"
+args = ["ok", "x ${{{UNSET}}}"]
+cwd = '''
+  $$ ${{{UNSET}}}'''
+[group.local]
+instances = 1
+"#
+        ));
+        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
+        assert_error(
+            &errors[0],
+            4,
+            "group[1].args[2]",
+            &format!("environment variable {UNSET} is not set"),
+        );
+        assert_eq!(errors[0].column, 18, "at the `$`: {}", errors[0]);
+        assert_error(&errors[1], 6, "group[1].cwd", UNSET);
+        assert_eq!(errors[1].column, 6, "{}", errors[1]);
+    }
+
+    #[test]
+    fn tilde_is_expanded_in_local_paths_only() {
+        let home = home();
+        let config = parse_ok(
+            r#"[master]
+state_dir = "~/state"
+[log]
+file = "~/logs/herd.log"
+[ssh]
+ssh_config = "~"
+[[group]]
+name = "w"
+command = "~/bin/worker"
+cwd = "~"
+args = ["~/not/a/path"]
+[group.local]
+instances = 1
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+command = "~/bin/worker"
+cwd = "~/app"
+[[group]]
+name = "sh"
+command = "~sh"
+cwd = "~other/dir"
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(config.master.state_dir, Some(home.join("state")));
+        assert_eq!(config.log.file, Some(home.join("logs/herd.log")));
+        let group = &config.groups[0];
+        assert_eq!(group.command, home.join("bin/worker").display().to_string());
+        assert_eq!(group.cwd, Some(home.clone()));
+        assert_eq!(group.args, ["~/not/a/path"]);
+        assert_eq!(group.remote[0].ssh.config_file, Some(home.clone()));
+        // Remote paths are the host's: its agent expands `~` there.
+        assert_eq!(group.remote[0].command.as_deref(), Some("~/bin/worker"));
+        assert_eq!(group.remote[0].cwd, Some(PathBuf::from("~/app")));
+        // Only `~` and `~/`: `~user` is left alone.
+        assert_eq!(config.groups[1].command, "~sh");
+        assert_eq!(config.groups[1].cwd, Some(PathBuf::from("~other/dir")));
+    }
+
+    #[test]
+    fn non_utf8_text_names_the_line_and_byte_offset() {
+        let mut bytes = b"[[group]]\nname = \"w\"\ncommand = \"caf".to_vec();
+        bytes.extend_from_slice(&[0xe9, b'"', b'\n']);
+        let err = decode(bytes, Path::new("conf/herd.toml")).expect_err("not UTF-8");
+        assert_eq!(
+            (err.file.as_path(), err.line, err.column, err.key.as_str()),
+            (Path::new("conf/herd.toml"), 3, 15, "(encoding)")
+        );
+        assert!(err.message.contains("byte 0xe9 at byte offset 35"), "{err}");
+        assert_eq!(
+            decode(b"ok = \"\xc3\xa9\"".to_vec(), Path::new("x")),
+            Ok("ok = \"\u{e9}\"".to_owned())
         );
     }
 }

@@ -8,17 +8,19 @@
 //! [`HerdCommand::Instance`]) and waits on the status board, so status,
 //! stop and logs are served meanwhile. One such change runs at a time.
 
-use super::control::ControlRequest;
+use super::control::{stream_logs, ControlRequest, LogsRequest};
 use super::herd::{is_final, Board, HerdCommand};
 use super::instance::{self, EventKind, InstanceCommand, InstanceReport};
 use super::launcher::stop_budget;
 use super::log::LogSink;
-use super::plan::{plan_groups, same_host, split_plan, FeederInfo, Plan};
+use super::plan::{
+    is_resize, plan_groups, plan_resize, same_host, split_plan, FeederInfo, Plan, Resize,
+};
 use super::queue::FeederAddresses;
 use super::remote::{self, AgentSettings, HostCommand, HostPlan};
 use super::shutdown::Shutdown;
 use crate::config::{Config, GroupSpec, HostSpec};
-use crate::error_text::error_chain;
+use crate::error_text::{count as count_of, error_chain};
 use crate::protocol::control::{FromMaster, InstanceState, ToMaster};
 use crate::protocol::slave::Level;
 use std::collections::BTreeMap;
@@ -253,15 +255,23 @@ impl Running {
                 stop_replies.push(reply);
                 return;
             }
-            ToMaster::Logs { group } => {
+            ToMaster::Logs {
+                group,
+                tail,
+                follow,
+            } => {
                 if let Some(group) = &group {
                     if let Err(message) = self.known_group(group) {
                         let _ = reply.send(FromMaster::Error { message }).await;
                         return;
                     }
                 }
-                let records = self.context.sink.subscribe();
-                waiters.spawn(stream_logs(records, group, reply));
+                let request = LogsRequest {
+                    group,
+                    tail,
+                    follow,
+                };
+                waiters.spawn(stream_logs(&self.context.sink, request, reply));
                 return;
             }
             ToMaster::Suspend { group } => HerdCommand::Suspend(group, Some(reply_tx)),
@@ -335,7 +345,10 @@ impl Running {
                 .await;
             let done = if suspend { "suspended" } else { "resumed" };
             if settled {
-                Ok(format!("group {group} {done} ({count} instances)"))
+                Ok(format!(
+                    "group {group} {done} ({})",
+                    count_of(count, "instance")
+                ))
             } else {
                 Err(format!("group {group}: not every instance {done} in time"))
             }
@@ -377,14 +390,20 @@ impl Running {
                 }
                 restarted += 1;
             }
-            Ok(format!("group {group} restarted ({restarted} instances)"))
+            Ok(format!(
+                "group {group} restarted ({})",
+                count_of(restarted, "instance")
+            ))
         }))
     }
 
     /// Re-reads the config: groups added are started, removed are stopped,
     /// changed are replaced one instance at a time (a queue group as a
     /// whole: its feeder and consumers share a per-run secret and
-    /// address). A config that cannot be read or planned changes nothing.
+    /// address), and groups whose instance counts alone changed are
+    /// resized in place: their instances keep running with their ids, the
+    /// extra ones stop, the missing ones start with new ids. A config that
+    /// cannot be read or planned changes nothing.
     async fn reload(&mut self) -> Result<Settled, String> {
         let source = self.config.source.clone();
         let new = Config::load(&source)
@@ -422,17 +441,43 @@ impl Running {
                     .get(group.name.as_str())
                     .is_some_and(|old| old.queue.is_some())
         };
+        let is_resize = |group: &GroupSpec| {
+            old_groups
+                .get(group.name.as_str())
+                .is_some_and(|old| is_resize(old, group))
+        };
         let replaced: Vec<String> = changed
             .iter()
             .filter(|g| is_queue(g))
             .map(|g| g.name.clone())
             .collect();
-        let rolling: Vec<String> = changed
+        let resized: Vec<String> = changed
             .iter()
-            .filter(|g| !is_queue(g))
+            .filter(|g| is_resize(g))
             .map(|g| g.name.clone())
             .collect();
-        let changed: Vec<String> = changed.iter().map(|g| g.name.clone()).collect();
+        let rolling: Vec<String> = changed
+            .iter()
+            .filter(|g| !is_queue(g) && !is_resize(g))
+            .map(|g| g.name.clone())
+            .collect();
+        let changed: Vec<String> = changed
+            .iter()
+            .filter(|g| !is_resize(g))
+            .map(|g| g.name.clone())
+            .collect();
+
+        // A resize works on the instances as they are now: none may be on
+        // their way in or out. The guard of this reload's change is taken
+        // here, so that no later change starts before it.
+        let guard = self.changes.clone().try_lock_owned().ok();
+        if guard.is_none() && !resized.is_empty() {
+            return Err(format!(
+                "reload refused, the herd is unchanged: a rolling restart or reload is under way; \
+                 reload again once it is done (to resize {})",
+                resized.join(", ")
+            ));
+        }
 
         // Plan everything before touching anything: a plan that cannot be
         // prepared (no port, no randomness) leaves the herd as it is.
@@ -450,6 +495,21 @@ impl Running {
             .map(|group| {
                 let plan = plan_groups(&new, std::slice::from_ref(group), &mut next_id);
                 (group.clone(), plan)
+            })
+            .collect();
+        let retired = self.board.retired_ever();
+        let resizes: Vec<(String, Resize)> = resized
+            .iter()
+            .map(|group| {
+                let existing: Vec<_> = self
+                    .board
+                    .all_ids(group)
+                    .into_iter()
+                    .filter(|id| !retired.contains(id))
+                    .filter_map(|id| self.board.entry(id).map(|entry| entry.label))
+                    .collect();
+                let resize = plan_resize(&new, group, &existing, &mut next_id);
+                (group.clone(), resize)
             })
             .collect();
         self.next_id = next_id;
@@ -473,20 +533,59 @@ impl Running {
         for group in &replaced {
             self.send_to_group(group, InstanceCommand::Remove);
         }
+        // Resized groups: the instances kept go on as they are, the extra
+        // ones stop (highest group id first), the missing ones start.
+        let mut stopping: Vec<u32> = Vec::new();
+        let mut sizes: Vec<String> = Vec::new();
+        for (group, resize) in resizes {
+            for id in &resize.stop {
+                self.send(*id, InstanceCommand::Remove);
+            }
+            self.board.retire(&resize.stop);
+            stopping.extend(&resize.stop);
+            self.board.add(
+                resize
+                    .start
+                    .instances()
+                    .iter()
+                    .map(|spec| spec.label.clone()),
+            );
+            self.start(resize.start);
+            sizes.push(format!(
+                "{group} ({} -> {})",
+                resize.from,
+                count_of(resize.to, "instance")
+            ));
+        }
         self.addresses.add_groups(&fresh_plan);
         self.board.set_order(new_names);
         self.config = new;
 
         let message = format!(
-            "reloaded {}: {} added, {} removed, {} changed",
+            "reloaded {}: groups added: {}; removed: {}; changed: {}; resized: {}",
             source.display(),
             list(&added),
             list(&removed),
-            list(&changed)
+            list(&changed),
+            list(&sizes)
         );
         let stepper = self.stepper();
         Ok(Box::pin(async move {
-            let _one_change = stepper.changes.lock().await;
+            let _one_change = match guard {
+                Some(guard) => guard,
+                None => stepper.changes.clone().lock_owned().await,
+            };
+            // The extra instances of resized groups have stopped.
+            if !stopping.is_empty() {
+                stepper
+                    .settle(stepper.settle_limit, |board| {
+                        stopping
+                            .iter()
+                            .all(|id| board.entry(*id).is_none_or(|e| is_final(e.state)))
+                    })
+                    .await;
+                stepper.still_running()?;
+            }
             // Replaced queue groups: the old ones end first (the feeder's
             // port may be fixed), then the new ones start with the added
             // groups.
@@ -679,48 +778,6 @@ fn list(names: &[String]) -> String {
 
 /// What an operator's request settles into, once carried out.
 type Settled = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>;
-
-/// Streams the live log to an operator until they hang up.
-async fn stream_logs(
-    mut records: tokio::sync::broadcast::Receiver<Arc<super::log::LogRecord>>,
-    group: Option<String>,
-    reply: mpsc::Sender<FromMaster>,
-) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        let record = tokio::select! {
-            record = records.recv() => record,
-            _ = reply.closed() => return,
-        };
-        let frame = match record {
-            Ok(record) => {
-                // Every record, whatever the log's filter; of one group
-                // (and the master's own events) if asked.
-                let wanted = match (&group, &record.instance) {
-                    (Some(group), Some(label)) => &label.group == group,
-                    _ => true,
-                };
-                if !wanted {
-                    continue;
-                }
-                FromMaster::Log {
-                    line: record.format(crate::config::LogFormat::Text),
-                    level: record.level,
-                }
-            }
-            Err(RecvError::Lagged(missed)) => FromMaster::Log {
-                line: format!(
-                    "[taskherd logs] {missed} records skipped: this client reads too slowly"
-                ),
-                level: Level::Warning,
-            },
-            Err(RecvError::Closed) => return,
-        };
-        if reply.send(frame).await.is_err() {
-            return;
-        }
-    }
-}
 
 /// Publishes a local feeder's address each time it listens.
 async fn publish_local_feeder(

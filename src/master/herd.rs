@@ -278,6 +278,11 @@ impl Board {
         self.changed.send_modify(|generation| *generation += 1);
     }
 
+    /// Changes each time the board does (the status line redraws then).
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     /// Adds instances (pending) and the config's group order.
     pub(crate) fn add(&self, labels: impl IntoIterator<Item = Arc<InstanceLabel>>) {
         let mut state = self.lock();

@@ -369,8 +369,10 @@ pub async fn supervise(
                         RunOutcome::Failure(reason) => reason,
                         RunOutcome::Success | RunOutcome::Recycled(_) => "exited".to_string(),
                     };
-                    let message =
-                        format!("marked failed after {restarts} restarts in a row: {reason}");
+                    let message = format!(
+                        "marked failed after {} in a row: {reason}",
+                        crate::error_text::count(restarts, "restart")
+                    );
                     sink.instance_event(&spec.label, Level::Error, message)
                         .await;
                     break InstanceEnd::Failed { reason };
@@ -496,11 +498,19 @@ async fn run_once(
         let backstop = spec
             .max_lifetime
             .map(|limit| SystemTime::now() + limit + spec.stop_grace + REGISTRY_BACKSTOP_MARGIN);
-        if let Err(err) = pids
+        match pids
             .register(pid, pid, backstop, spec.stop_grace, label.to_string())
             .await
         {
-            tracing::warn!(pid, cause = %err, "cannot register the instance with the pid killer");
+            Ok(_) => {}
+            // A short-lived command (`true`, `echo`) may be done before it
+            // is registered: nothing is left to watch, nothing went wrong.
+            Err(err) if err.is_process_gone() => {
+                tracing::debug!(pid, "the instance ended before its pid killer registration");
+            }
+            Err(err) => {
+                tracing::warn!(pid, cause = %err, "cannot register the instance with the pid killer");
+            }
         }
     }
 
@@ -967,9 +977,10 @@ async fn control_link(
                     }
                     FromSlave::Progress { progress } => {
                         let message = format!(
-                            "queue: {} done, {} failed, {} retried, {} dead, {} in flight, {} pending, {} consumers, {:.1} jobs/s{}",
+                            "queue: {} done, {} failed, {} retried, {} dead, {} in flight, {} pending, {}, {:.1} jobs/s{}",
                             progress.done, progress.failed, progress.retried, progress.dead,
-                            progress.in_flight, progress.pending, progress.consumers, progress.rate,
+                            progress.in_flight, progress.pending,
+                            crate::error_text::count(progress.consumers, "consumer"), progress.rate,
                             if progress.empty { " (queue empty)" } else { "" }
                         );
                         sink.instance_event(&label, Level::Info, message).await;

@@ -11,7 +11,8 @@ use super::queue::FeederAddresses;
 use super::remote::AgentSettings;
 use super::shutdown::Shutdown;
 use crate::config::Config;
-use crate::protocol::control::{FromMaster, InstanceState};
+use crate::error_text::count;
+use crate::protocol::control::{FromMaster, HerdStatus, InstanceState};
 use crate::protocol::slave::Level;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,11 @@ pub struct RunReport {
     pub stop_reason: Option<String>,
     /// Why the run could not start at all, if so.
     pub fatal: Option<String>,
+    /// Ids of the instances SIGKILLed at once because a kill was asked
+    /// for (a second Ctrl-C or SIGTERM, `taskherd stop --kill`) before
+    /// their stop grace had passed; the others of [`RunReport::killed`]
+    /// ignored the stop for their whole grace.
+    pub killed_on_request: Vec<u32>,
 }
 
 impl RunReport {
@@ -39,11 +45,19 @@ impl RunReport {
             .filter(|r| matches!(r.end, InstanceEnd::Failed { .. } | InstanceEnd::Lost { .. }))
     }
 
-    /// Instances that had to be SIGKILLed at stop.
+    /// Instances that had to be SIGKILLed at stop (after their grace, or
+    /// at once on request).
     pub fn killed(&self) -> impl Iterator<Item = &InstanceReport> {
         self.instances
             .iter()
             .filter(|r| matches!(r.end, InstanceEnd::Stopped { killed: true }))
+    }
+
+    /// Instances SIGKILLed because they still ran when their stop grace
+    /// was over.
+    pub fn killed_after_grace(&self) -> impl Iterator<Item = &InstanceReport> {
+        self.killed()
+            .filter(|r| !self.killed_on_request.contains(&r.label.id))
     }
 
     /// `true` when the run started and no instance was marked failed.
@@ -93,6 +107,7 @@ pub(crate) async fn run_launcher(
             instances: Vec::new(),
             stop_reason: Some(err.to_string()),
             fatal: Some(err.to_string()),
+            killed_on_request: Vec::new(),
         };
     }
     let grace = stop_budget(&config);
@@ -100,13 +115,14 @@ pub(crate) async fn run_launcher(
     let hosts = if plan.hosts.is_empty() {
         String::new()
     } else {
-        format!(" on {} remote hosts and locally", plan.hosts.len())
+        format!(" on {} and locally", count(plan.hosts.len(), "remote host"))
     };
     sink.master_event(
         Level::Info,
         format!(
-            "starting {total} instances in {} groups{hosts} from {}",
-            config.groups.len(),
+            "starting {} in {}{hosts} from {}",
+            count(total, "instance"),
+            count(config.groups.len(), "group"),
             config.source.display()
         ),
     )
@@ -177,7 +193,7 @@ pub(crate) async fn run_launcher(
             }
         }
     }
-    duties.spawn(show_progress(herd.clone(), sink.clone()));
+    duties.spawn(show_progress(board.clone(), sink.clone()));
 
     let settings = Arc::new(AgentSettings {
         heartbeat: config.master.heartbeat,
@@ -252,8 +268,12 @@ pub(crate) async fn run_launcher(
             _ = shutdown.stopping(), if !stop_announced => {
                 stop_announced = true;
                 let reason = shutdown.reason().unwrap_or("stop requested");
+                let hint = shutdown
+                    .kill_hint()
+                    .map(|hint| format!("; {hint}"))
+                    .unwrap_or_default();
                 let message = format!(
-                    "stopping every instance: {reason} (grace {}; signal again to kill at once)",
+                    "stopping every instance: {reason} (grace {}{hint})",
                     humantime::format_duration(grace)
                 );
                 sink.master_event(Level::Notice, message).await;
@@ -267,6 +287,7 @@ pub(crate) async fn run_launcher(
     }
     drop(duties);
     sink.status_line(None);
+    let graces = Graces::of(&running.config);
     drop(running);
     // Every event sender is gone with the supervisors: the pump ends once
     // it has called back for the last one.
@@ -275,23 +296,26 @@ pub(crate) async fn run_launcher(
     let retired = board.retired_ever();
     reports.retain(|r| !retired.contains(&r.label.id));
     reports.sort_by_key(|r| r.label.id);
+    let killed_on_request = reports
+        .iter()
+        .filter(|r| matches!(r.end, InstanceEnd::Stopped { killed: true }))
+        .filter(|r| graces.killed_on_request(&r.label.group, &shutdown))
+        .map(|r| r.label.id)
+        .collect();
     let report = RunReport {
         instances: reports,
         stop_reason: shutdown.reason().map(str::to_string),
         fatal: None,
+        killed_on_request,
     };
     announce_end(&report, &sink).await;
     if let Some(callbacks) = &callbacks {
         callbacks.stopped(&report);
     }
-    let outcome = if report.success() {
-        FromMaster::Done {
-            message: format!("stopped: {} instances ended", report.instances.len()),
-        }
-    } else {
-        FromMaster::Error {
-            message: format!("stopped; {} instances failed", report.failed().count()),
-        }
+    // The stop worked, whatever happened before it: instances that had
+    // failed are the run's outcome (its exit code), not the request's.
+    let outcome = FromMaster::Done {
+        message: stop_outcome(&report),
     };
     // Log followers had the end too; requests still pending end here.
     drop(waiters);
@@ -312,43 +336,137 @@ pub(crate) async fn run_launcher(
 /// How often the progress line (on a terminal) is refreshed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// Keeps the progress line up to date: instances running per group, and
-/// a queue group's counts.
-async fn show_progress(herd: Herd, sink: LogSink) {
+/// Shortest time between two redraws of the progress line: a burst of
+/// changes (a whole herd starting) is drawn once.
+const PROGRESS_REDRAW_GAP: Duration = Duration::from_millis(100);
+
+/// Keeps the progress line up to date: redrawn as soon as an instance
+/// changes state (at most every [`PROGRESS_REDRAW_GAP`]), and every
+/// [`PROGRESS_EVERY`] for the queue counts.
+async fn show_progress(board: Board, sink: LogSink) {
     // Without a terminal there is no line to keep: no status to build.
     if !sink.has_status_line() {
         return;
     }
+    let mut changed = board.watch();
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        sink.status_line(Some(progress_line(&herd.status())));
+        changed.mark_unchanged();
+        sink.status_line(Some(progress_line(&board.status())));
+        tokio::select! {
+            _ = tick.tick() => {}
+            seen = changed.changed() => {
+                if seen.is_err() {
+                    return;
+                }
+                // Not a wait for an event: a bound on the redraw rate.
+                tokio::time::sleep(PROGRESS_REDRAW_GAP).await;
+            }
+        }
     }
 }
 
-/// One line for the whole herd: `web 4/4 · jobs 3/3, 1200 done, 350/s`.
-pub fn progress_line(status: &crate::protocol::control::HerdStatus) -> String {
-    let parts: Vec<String> = status
-        .groups
-        .iter()
-        .map(|group| {
-            let running = group
-                .instances
+/// One line for the whole herd, labeled: `taskherd: 7 running, 0 failed ·
+/// web 4/4 · jobs 3/3, 1200 done, 350/s` (instances running of each
+/// group; counts of the other states when there are some).
+pub fn progress_line(status: &HerdStatus) -> String {
+    let instances = || status.groups.iter().flat_map(|g| g.instances.iter());
+    let of = |state| instances().filter(|i| i.state == state).count();
+    let mut line = format!(
+        "taskherd: {} running, {} failed",
+        of(InstanceState::Running),
+        of(InstanceState::Failed)
+    );
+    for (state, word) in [
+        (InstanceState::Backoff, "restarting"),
+        (InstanceState::Pending, "pending"),
+        (InstanceState::Stopping, "stopping"),
+        (InstanceState::Suspended, "suspended"),
+        (InstanceState::Lost, "lost"),
+    ] {
+        let n = of(state);
+        if n > 0 {
+            line.push_str(&format!(", {n} {word}"));
+        }
+    }
+    for group in &status.groups {
+        let running = group
+            .instances
+            .iter()
+            .filter(|i| i.state == InstanceState::Running)
+            .count();
+        line.push_str(&format!(
+            " · {} {running}/{}",
+            group.name,
+            group.instances.len()
+        ));
+        if group.suspended {
+            line.push_str(" suspended");
+        }
+        if let Some(queue) = &group.queue {
+            line.push_str(&format!(", {} done, {:.0}/s", queue.done, queue.rate));
+        }
+    }
+    line
+}
+
+/// The stop grace of each group, to tell a kill on request from a kill
+/// after the grace.
+struct Graces {
+    /// Per group.
+    groups: BTreeMap<String, Duration>,
+    /// `master.stop_grace`, for a group not listed (one a reload removed).
+    default: Duration,
+}
+
+impl Graces {
+    fn of(config: &Config) -> Graces {
+        let default = config.master.stop_grace;
+        Graces {
+            groups: config
+                .groups
                 .iter()
-                .filter(|i| i.state == InstanceState::Running)
-                .count();
-            let mut part = format!("{} {running}/{}", group.name, group.instances.len());
-            if group.suspended {
-                part.push_str(" suspended");
-            }
-            if let Some(queue) = &group.queue {
-                part.push_str(&format!(", {} done, {:.0}/s", queue.done, queue.rate));
-            }
-            part
-        })
-        .collect();
-    parts.join(" · ")
+                .map(|g| (g.name.clone(), g.stop_grace.unwrap_or(default)))
+                .collect(),
+            default,
+        }
+    }
+
+    /// Whether an instance of `group` that was SIGKILLed at the stop was
+    /// killed because a kill was asked for before its grace had passed.
+    fn killed_on_request(&self, group: &str, shutdown: &Shutdown) -> bool {
+        let grace = self.groups.get(group).copied().unwrap_or(self.default);
+        match (shutdown.stop_requested_at(), shutdown.kill_requested_at()) {
+            (Some(stop), Some(kill)) => kill.saturating_duration_since(stop) < grace,
+            _ => false,
+        }
+    }
+}
+
+/// What `taskherd stop` prints once the herd has stopped: how many
+/// instances ended, and how many of them had failed before or had to be
+/// killed.
+fn stop_outcome(report: &RunReport) -> String {
+    let mut message = format!(
+        "stopped: {} ended",
+        count(report.instances.len(), "instance")
+    );
+    let on_request = report.killed_on_request.len();
+    if on_request > 0 {
+        message.push_str(&format!("; {on_request} killed at once, as requested"));
+    }
+    let after_grace = report.killed_after_grace().count();
+    if after_grace > 0 {
+        message.push_str(&format!("; {after_grace} killed after the stop grace"));
+    }
+    let failed = report.failed().count();
+    if failed > 0 {
+        message.push_str(&format!(
+            "; {failed} had failed before the stop (see the master's log)"
+        ));
+    }
+    message
 }
 
 /// Runs a herd from a plain (non-async) program: owns a runtime, logs as
@@ -398,20 +516,32 @@ async fn announce_end(report: &RunReport, sink: &LogSink) {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let killed: Vec<_> = report.killed().collect();
-    if !killed.is_empty() {
+    let after_grace: Vec<_> = report.killed_after_grace().collect();
+    if !after_grace.is_empty() {
         let message = format!(
-            "had to kill {} instances after the stop grace: {}",
-            killed.len(),
-            labels(killed)
+            "had to kill {} after the stop grace: {}",
+            count(after_grace.len(), "instance"),
+            labels(after_grace)
         );
         sink.master_event(Level::Warning, message).await;
+    }
+    let on_request: Vec<_> = report
+        .killed()
+        .filter(|r| report.killed_on_request.contains(&r.label.id))
+        .collect();
+    if !on_request.is_empty() {
+        let message = format!(
+            "killed {} at once, as requested: {}",
+            count(on_request.len(), "instance"),
+            labels(on_request)
+        );
+        sink.master_event(Level::Notice, message).await;
     }
     let failed: Vec<_> = report.failed().collect();
     if !failed.is_empty() {
         let message = format!(
-            "{} instances marked failed: {}",
-            failed.len(),
+            "{} marked failed: {}",
+            count(failed.len(), "instance"),
             labels(failed)
         );
         sink.master_event(Level::Error, message).await;
@@ -423,7 +553,10 @@ async fn announce_end(report: &RunReport, sink: &LogSink) {
     };
     sink.master_event(
         Level::Info,
-        format!("{how}: {} instances, exiting", report.instances.len()),
+        format!(
+            "{how}: {}, exiting",
+            count(report.instances.len(), "instance")
+        ),
     )
     .await;
 }
@@ -494,5 +627,119 @@ impl ControlDir {
 impl Drop for ControlDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::master::log::InstanceLabel;
+    use crate::protocol::control::{GroupStatus, InstanceStatus};
+
+    fn instance(id: u32, state: InstanceState) -> InstanceStatus {
+        InstanceStatus {
+            id,
+            group_id: id,
+            host: "localhost".into(),
+            command: "w".into(),
+            state,
+            pid: None,
+            uptime_ms: None,
+            restarts: 0,
+            last_exit: None,
+            seen_ms_ago: None,
+        }
+    }
+
+    #[test]
+    fn the_progress_line_is_labeled_and_counts_states() {
+        let status = HerdStatus {
+            groups: vec![
+                GroupStatus {
+                    name: "web".into(),
+                    instances: vec![
+                        instance(1, InstanceState::Running),
+                        instance(2, InstanceState::Backoff),
+                    ],
+                    ..GroupStatus::default()
+                },
+                GroupStatus {
+                    name: "batch".into(),
+                    suspended: true,
+                    instances: vec![instance(3, InstanceState::Suspended)],
+                    ..GroupStatus::default()
+                },
+            ],
+            ..HerdStatus::default()
+        };
+        assert_eq!(
+            progress_line(&status),
+            "taskherd: 1 running, 0 failed, 1 restarting, 1 suspended · web 1/2 · batch 0/1 suspended"
+        );
+    }
+
+    fn report(group: &str, id: u32, end: InstanceEnd) -> InstanceReport {
+        InstanceReport {
+            label: Arc::new(InstanceLabel {
+                group: group.into(),
+                host: "localhost".into(),
+                command: "w".into(),
+                id,
+                group_id: id,
+            }),
+            end,
+        }
+    }
+
+    #[test]
+    fn kills_on_request_and_after_the_grace_are_told_apart() {
+        let config = Config::parse(
+            "[master]\nstop_grace = \"10s\"\n\
+             [[group]]\nname = \"quick\"\ncommand = \"true\"\nstop_grace = \"1s\"\n[group.local]\ninstances = 1\n\
+             [[group]]\nname = \"slow\"\ncommand = \"true\"\n[group.local]\ninstances = 1\n",
+            Path::new("herd.toml"),
+        )
+        .unwrap();
+        let graces = Graces::of(&config);
+        // A stop, then a kill at once: within every grace.
+        let shutdown = Shutdown::new();
+        assert!(!graces.killed_on_request("slow", &shutdown));
+        shutdown.request_stop("test");
+        assert!(!graces.killed_on_request("slow", &shutdown), "no kill yet");
+        shutdown.kill_now("again");
+        assert!(graces.killed_on_request("slow", &shutdown));
+        assert!(graces.killed_on_request("quick", &shutdown));
+        assert!(graces.killed_on_request("gone", &shutdown));
+        // A grace of zero had passed by then.
+        let zero = Graces {
+            groups: BTreeMap::new(),
+            default: Duration::ZERO,
+        };
+        assert!(!zero.killed_on_request("any", &shutdown));
+
+        let stopped = |killed| InstanceEnd::Stopped { killed };
+        let run = RunReport {
+            instances: vec![
+                report("quick", 1, stopped(true)),
+                report("slow", 2, stopped(true)),
+                report("slow", 3, stopped(false)),
+                report("slow", 4, InstanceEnd::Failed { reason: "x".into() }),
+            ],
+            stop_reason: Some("test".into()),
+            fatal: None,
+            killed_on_request: vec![2],
+        };
+        assert_eq!(
+            stop_outcome(&run),
+            "stopped: 4 instances ended; 1 killed at once, as requested; \
+             1 killed after the stop grace; 1 had failed before the stop (see the master's log)"
+        );
+        let ids: Vec<u32> = run.killed_after_grace().map(|r| r.label.id).collect();
+        assert_eq!(ids, [1]);
+        let one = RunReport {
+            instances: vec![report("slow", 3, stopped(false))],
+            ..RunReport::default()
+        };
+        assert_eq!(stop_outcome(&one), "stopped: 1 instance ended");
     }
 }

@@ -6,6 +6,7 @@ use super::process::ProcessSpec;
 use super::remote::HostPlan;
 use crate::config::{Config, GroupSpec, HostSpec, RemotePlacement, SshOptions};
 use crate::protocol::slave::{Identity, QueueRole};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -218,13 +219,25 @@ fn process_spec(group: &GroupSpec, base_dir: &Path) -> ProcessSpec {
     ProcessSpec {
         program,
         args: group.args.clone(),
-        env: group
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        env: with_default_env(&group.env),
         cwd: group.cwd.as_ref().map(|cwd| base_dir.join(cwd)),
     }
+}
+
+/// Environment every instance gets unless its group's `env` (or its
+/// placement's) sets the variable: `PYTHONUNBUFFERED=1`, since Python
+/// block-buffers stdout into a pipe and loses the buffer at SIGTERM, so a
+/// Python worker's prints would show up late or never.
+pub const DEFAULT_ENV: &[(&str, &str)] = &[("PYTHONUNBUFFERED", "1")];
+
+/// `env` over [`DEFAULT_ENV`].
+fn with_default_env(env: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let mut all: BTreeMap<String, String> = DEFAULT_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    all.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    all.into_iter().collect()
 }
 
 /// On a remote host paths are the host's: relative ones are relative to
@@ -238,7 +251,7 @@ fn remote_process_spec(group: &GroupSpec, placement: Option<&RemotePlacement>) -
     ProcessSpec {
         program: PathBuf::from(command.unwrap_or(&group.command)),
         args: group.args.clone(),
-        env: env.into_iter().collect(),
+        env: with_default_env(&env),
         cwd: placement.and_then(|p| p.cwd.clone()),
     }
 }
@@ -290,6 +303,150 @@ pub(crate) fn plan_groups(config: &Config, groups: &[String], next_id: &mut u32)
         .for_each(renumber);
     *next_id += u32::try_from(plan.instances().len()).unwrap_or(u32::MAX);
     plan
+}
+
+/// Whether a reload can resize `old` into `new` in place: they differ in
+/// how many instances they place (`local.instances`, a remote placement's
+/// `instances`) and in nothing else, they are not queue groups (whose
+/// feeder and consumers are replaced together), and each of their places
+/// (the local placement, each remote host) has a log name of its own, so
+/// that an instance's label tells which place it belongs to.
+pub(crate) fn is_resize(old: &GroupSpec, new: &GroupSpec) -> bool {
+    if old == new || old.queue.is_some() || new.queue.is_some() {
+        return false;
+    }
+    if old.local.is_some() != new.local.is_some() || old.remote.len() != new.remote.len() {
+        return false;
+    }
+    let mut same_counts = new.clone();
+    if let (Some(resized), Some(old)) = (&mut same_counts.local, &old.local) {
+        resized.instances = old.instances;
+    }
+    for (resized, old) in same_counts.remote.iter_mut().zip(&old.remote) {
+        resized.instances = old.instances;
+    }
+    same_counts == *old && places_have_own_names(new)
+}
+
+/// Whether the places of `group` (local, each remote host) have distinct
+/// labels.
+fn places_have_own_names(group: &GroupSpec) -> bool {
+    let mut names = BTreeSet::new();
+    let local = group.local.iter().map(|_| LOCAL_HOST);
+    let remote = group
+        .remote
+        .iter()
+        .flat_map(|p| p.hosts.iter().map(|h| h.label.as_str()));
+    local.chain(remote).all(|name| names.insert(name))
+}
+
+/// A group resized in place by a reload.
+#[derive(Debug, Default)]
+pub(crate) struct Resize {
+    /// The instances to add, with new ids.
+    pub(crate) start: Plan,
+    /// The instances to stop: on each place, those with the highest group
+    /// ids beyond its new count; highest group id first.
+    pub(crate) stop: Vec<u32>,
+    /// How many instances the group had.
+    pub(crate) from: usize,
+    /// How many it has once resized.
+    pub(crate) to: usize,
+}
+
+/// An instance a resized place should have: the index of its host in the
+/// plan's `hosts` (`None` on the master's host) and its spec.
+type Wanted<'a> = (Option<usize>, &'a InstanceSpec);
+
+/// Plans the resize of `group` (see [`is_resize`]) to its count in
+/// `config`, given its `existing` instances: on each place they keep
+/// running with their ids (the lowest group ids first); the place's extra
+/// ones are stopped, and missing ones are added with ids from `next_id` on
+/// and the lowest group ids not in use. The instances kept keep the
+/// identity they started with (their `group_count` included).
+pub(crate) fn plan_resize(
+    config: &Config,
+    group: &str,
+    existing: &[Arc<InstanceLabel>],
+    next_id: &mut u32,
+) -> Resize {
+    let mut scratch_id = 1;
+    let full = plan_groups(config, &[group.to_string()], &mut scratch_id);
+    let group_count = u32::try_from(full.instances().len()).unwrap_or(u32::MAX);
+    // The wanted instances of each place, in plan order.
+    let mut places: Vec<(String, Vec<Wanted<'_>>)> = Vec::new();
+    let mut place =
+        |name: &str, host: Option<usize>, spec| match places.iter_mut().find(|(n, _)| n == name) {
+            Some((_, specs)) => specs.push((host, spec)),
+            None => places.push((name.to_string(), vec![(host, spec)])),
+        };
+    for spec in &full.local {
+        place(&spec.label.host, None, spec);
+    }
+    for (index, host) in full.hosts.iter().enumerate() {
+        for spec in &host.instances {
+            place(&spec.label.host, Some(index), spec);
+        }
+    }
+
+    let mut kept = BTreeSet::new();
+    let mut stop: Vec<&InstanceLabel> = Vec::new();
+    let mut missing: Vec<Wanted<'_>> = Vec::new();
+    for (name, wanted) in &places {
+        let mut here: Vec<&InstanceLabel> = existing
+            .iter()
+            .filter(|label| label.host == *name)
+            .map(|label| &**label)
+            .collect();
+        here.sort_by_key(|label| label.group_id);
+        let keep = here.len().min(wanted.len());
+        kept.extend(here[..keep].iter().map(|label| label.group_id));
+        stop.extend(&here[keep..]);
+        missing.extend(&wanted[keep..]);
+    }
+    // Instances of a place the group no longer has (none, for a resize).
+    stop.extend(
+        existing
+            .iter()
+            .filter(|label| !places.iter().any(|(name, _)| *name == label.host))
+            .map(|label| &**label),
+    );
+    stop.sort_by_key(|label| std::cmp::Reverse(label.group_id));
+
+    let mut free_group_ids = (1..).filter(|group_id| !kept.contains(group_id));
+    let mut start = Plan::default();
+    let mut hosts: Vec<Option<HostPlan>> = vec![None; full.hosts.len()];
+    for (host, spec) in missing {
+        let mut spec = spec.clone();
+        let id = *next_id;
+        *next_id += 1;
+        let group_id = free_group_ids.next().unwrap_or(u32::MAX);
+        let mut label = (*spec.label).clone();
+        label.id = id;
+        label.group_id = group_id;
+        spec.label = Arc::new(label);
+        spec.identity.id = id;
+        spec.identity.group_id = group_id;
+        spec.identity.group_count = group_count;
+        match host {
+            None => start.local.push(spec),
+            Some(index) => hosts[index]
+                .get_or_insert_with(|| HostPlan {
+                    host: full.hosts[index].host.clone(),
+                    ssh: full.hosts[index].ssh.clone(),
+                    instances: Vec::new(),
+                })
+                .instances
+                .push(spec),
+        }
+    }
+    start.hosts = hosts.into_iter().flatten().collect();
+    Resize {
+        start,
+        stop: stop.iter().map(|label| label.id).collect(),
+        from: existing.len(),
+        to: full.instances().len(),
+    }
 }
 
 /// One plan per instance, in id order (a rolling replacement starts them
@@ -370,5 +527,212 @@ instances = 1
         assert_eq!(specs[0].plain_timeout, None);
         assert_eq!(specs[0].identity.timeout, Some(Duration::from_secs(30)));
         assert_eq!(specs[2].plain_timeout, Some(Duration::from_secs(5)));
+    }
+
+    fn env_of(spec: &InstanceSpec, key: &str) -> Vec<String> {
+        spec.process
+            .env
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    #[test]
+    fn python_output_is_unbuffered_unless_the_group_says_otherwise() {
+        let text = r#"
+[[group]]
+name = "py"
+command = "python3"
+[group.local]
+instances = 1
+
+[[group]]
+name = "buffered"
+command = "python3"
+env = { PYTHONUNBUFFERED = "", OTHER = "x" }
+[group.local]
+instances = 1
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+
+[[group]]
+name = "remote"
+command = "python3"
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+env = { PYTHONUNBUFFERED = "0" }
+[[group.remote]]
+hosts = ["web2"]
+instances = 1
+"#;
+        let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
+        let plan = plan(&config);
+        let specs = plan.instances();
+        let env: Vec<(&str, &str, Vec<String>)> = specs
+            .iter()
+            .map(|s| {
+                (
+                    s.label.group.as_str(),
+                    s.label.host.as_str(),
+                    env_of(s, "PYTHONUNBUFFERED"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("py", "localhost", vec!["1".to_string()]),
+                ("buffered", "localhost", vec![String::new()]),
+                ("buffered", "web1", vec![String::new()]),
+                ("remote", "web1", vec!["0".to_string()]),
+                ("remote", "web2", vec!["1".to_string()]),
+            ]
+        );
+        assert_eq!(env_of(specs[1], "OTHER"), ["x"]);
+    }
+
+    /// `web`: `local` instances on the master's host and `remote` on each
+    /// of two remote hosts; `other`: one local instance.
+    fn sized(local: u32, remote: u32) -> String {
+        format!(
+            r#"
+[[group]]
+name = "other"
+command = "sh"
+[group.local]
+instances = 1
+
+[[group]]
+name = "web"
+command = "sh"
+params = {{ message = "hi" }}
+[group.local]
+instances = {local}
+[[group.remote]]
+hosts = ["web1", "deploy@web2"]
+instances = {remote}
+"#
+        )
+    }
+
+    fn group<'a>(config: &'a Config, name: &str) -> &'a GroupSpec {
+        config.groups.iter().find(|g| g.name == name).unwrap()
+    }
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap()
+    }
+
+    #[test]
+    fn only_a_change_of_counts_is_a_resize() {
+        let old = config(&sized(2, 2));
+        let is = |text: &str| is_resize(group(&old, "web"), group(&config(text), "web"));
+        assert!(!is(&sized(2, 2)), "unchanged");
+        assert!(is(&sized(5, 2)));
+        assert!(is(&sized(2, 1)));
+        assert!(is(&sized(1, 3)));
+        assert!(!is(&sized(5, 2).replace("\"hi\"", "\"ho\"")), "params too");
+        assert!(!is(&sized(2, 2).replace("\"web1\", ", "")), "a host less");
+        // Two places of one name (a remote host named like the master's):
+        // an instance's label does not tell which.
+        let twice = |local| sized(local, 2).replace("\"deploy@web2\"", "\"localhost\"");
+        let old = config(&twice(2));
+        assert!(!is_resize(
+            group(&old, "web"),
+            group(&config(&twice(3)), "web")
+        ));
+    }
+
+    #[test]
+    fn a_resize_keeps_the_instances_it_can_and_numbers_the_new_ones_after_the_rest() {
+        let old = plan(&config(&sized(2, 2)));
+        let labels = |plan: &Plan| -> Vec<Arc<InstanceLabel>> {
+            plan.instances()
+                .iter()
+                .filter(|s| s.label.group == "web")
+                .map(|s| s.label.clone())
+                .collect()
+        };
+        let existing = labels(&old);
+        let ids: Vec<(u32, u32, &str)> = existing
+            .iter()
+            .map(|l| (l.id, l.group_id, l.host.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                (2, 1, "localhost"),
+                (3, 2, "localhost"),
+                (4, 3, "web1"),
+                (5, 4, "web1"),
+                (6, 5, "web2"),
+                (7, 6, "web2"),
+            ]
+        );
+
+        // One more local instance, one less on each remote host.
+        let new = config(&sized(3, 1));
+        let mut next_id = 8;
+        let resize = plan_resize(&new, "web", &existing, &mut next_id);
+        assert_eq!((resize.from, resize.to), (6, 5));
+        assert_eq!(resize.stop, [7, 5], "the highest group ids first");
+        assert_eq!(next_id, 9);
+        let started: Vec<(u32, u32, u32, &str)> = resize
+            .start
+            .instances()
+            .iter()
+            .map(|s| {
+                assert_eq!(s.label.id, s.identity.id);
+                assert_eq!(s.label.group_id, s.identity.group_id);
+                assert_eq!(s.identity.params["message"], "hi");
+                (
+                    s.identity.id,
+                    s.identity.group_id,
+                    s.identity.group_count,
+                    s.label.host.as_str(),
+                )
+            })
+            .collect();
+        // The lowest group id free: 4 (web1's second went).
+        assert_eq!(started, [(8, 4, 5, "localhost")]);
+        assert!(resize.start.hosts.is_empty());
+
+        // And back: the new remote instances go to their hosts, with the
+        // group ids free again.
+        let mut now: Vec<Arc<InstanceLabel>> = existing
+            .iter()
+            .filter(|l| !resize.stop.contains(&l.id))
+            .cloned()
+            .collect();
+        now.extend(labels(&resize.start));
+        let back = plan_resize(&config(&sized(2, 2)), "web", &now, &mut next_id);
+        assert_eq!((back.from, back.to), (5, 6));
+        assert_eq!(back.stop, [8], "the local instance added last");
+        let started: Vec<(u32, u32, u32, &str)> = back
+            .start
+            .instances()
+            .iter()
+            .map(|s| {
+                (
+                    s.identity.id,
+                    s.identity.group_id,
+                    s.identity.group_count,
+                    s.label.host.as_str(),
+                )
+            })
+            .collect();
+        // Group ids 4 (freed by the local instance) and 6.
+        assert_eq!(started, [(9, 4, 6, "web1"), (10, 6, 6, "web2")]);
+        let hosts: Vec<&str> = back
+            .start
+            .hosts
+            .iter()
+            .map(|h| h.host.label.as_str())
+            .collect();
+        assert_eq!(hosts, ["web1", "web2"]);
+        assert_eq!(back.start.hosts[1].host.user.as_deref(), Some("deploy"));
     }
 }

@@ -413,7 +413,8 @@ impl HostRun<'_> {
             .master_event(
                 Level::Info,
                 format!(
-                    "host {label}: connected, agent pid {pid} runs {count} instances{held_back}"
+                    "host {label}: connected, agent pid {pid} runs {}{held_back}",
+                    crate::error_text::count(count, "instance")
                 ),
             )
             .await;

@@ -345,6 +345,17 @@ pub enum PidKillerError {
     Closed,
 }
 
+impl PidKillerError {
+    /// Whether the error says that the process to register had already
+    /// ended ([`PidKillerError::NoSuchProcess`]: gone, or a zombie not yet
+    /// reaped). A supervisor that registers the child it has just started
+    /// meets this whenever the child exits at once (`true`, `echo`): the
+    /// child needs no watching then, and that is not a failure.
+    pub fn is_process_gone(&self) -> bool {
+        matches!(self, PidKillerError::NoSuchProcess { .. })
+    }
+}
+
 /// Handle to the registry; cheap to clone. The task that owns the registry
 /// runs while a handle exists, and then until the escalations already
 /// started are done; deadlines not reached by then stay in the state file
@@ -1012,6 +1023,35 @@ mod tests {
             matches!(err, PidKillerError::NoSuchProcess { .. }),
             "{err:?}"
         );
+        assert!(err.is_process_gone());
+        // A child that exited at once and is not reaped yet (a zombie): the
+        // race of a supervisor registering a short-lived command.
+        let mut short = Victim::spawn("echo ready");
+        let zombie = short.pid;
+        let waited = tokio::task::spawn_blocking(move || {
+            // SAFETY: waitid(2) on our own child, into a zeroed siginfo_t;
+            // WNOWAIT leaves it unreaped (a zombie) for `exit_status`.
+            unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PID,
+                    zombie as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            }
+        });
+        let rc = tokio::time::timeout(BOUND, waited)
+            .await
+            .expect("the short-lived child exits in time")
+            .expect("waitid task");
+        assert_eq!(rc, 0, "waitid: {}", io::Error::last_os_error());
+        let err = killer
+            .register(zombie, zombie, None, grace, "short")
+            .await
+            .expect_err("zombie");
+        assert!(err.is_process_gone(), "{err:?}");
+        assert!(short.exit_status().await.success());
         for pgid in [0, 1, proc::own_pgrp()] {
             let err = killer
                 .register(pid, pgid, None, grace, "x")

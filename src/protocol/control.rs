@@ -4,8 +4,9 @@
 //! The client speaks first with [`ToMaster::Hello`]; the master answers
 //! with [`FromMaster::Hello`]. Then the client sends one request and reads
 //! frames until [`FromMaster::Done`] or [`FromMaster::Error`] (a `logs`
-//! request streams [`FromMaster::Log`] frames until the client hangs up or
-//! the master exits).
+//! request streams [`FromMaster::Log`] frames, the backlog's first, until
+//! the client hangs up or the master exits, or until `Done` after the
+//! backlog when it does not follow).
 
 use super::slave::{Level, QueueProgress};
 use serde::{Deserialize, Serialize};
@@ -46,11 +47,26 @@ pub enum ToMaster {
     },
     /// Re-read the config file and apply the differences.
     Reload,
-    /// Stream the live log (of one group, or every line).
+    /// Stream the log (of one group, or every line): the last `tail`
+    /// lines the master kept, then (with `follow`) the live log until the
+    /// client hangs up or the master exits; without `follow`, `Done`
+    /// after the backlog.
     Logs {
         /// Only this group's lines (and the master's own events).
         group: Option<String>,
+        /// How many of the last lines the master kept to send first (it
+        /// keeps a bounded backlog; 0: none, the live log only).
+        #[serde(default)]
+        tail: u32,
+        /// Go on with the live log after the backlog.
+        #[serde(default = "follow_by_default")]
+        follow: bool,
     },
+}
+
+/// A `logs` request without `follow` (an older client) follows.
+fn follow_by_default() -> bool {
+    true
 }
 
 /// Frames from the master to an operator's command.
@@ -204,6 +220,16 @@ mod tests {
         let text = serde_json::to_string(&request).unwrap();
         assert_eq!(text, r#"{"type":"suspend","group":"web"}"#);
         assert_eq!(serde_json::from_str::<ToMaster>(&text).unwrap(), request);
+        // A `logs` request of an older client follows, without backlog.
+        let old = serde_json::from_str::<ToMaster>(r#"{"type":"logs","group":null}"#).unwrap();
+        assert_eq!(
+            old,
+            ToMaster::Logs {
+                group: None,
+                tail: 0,
+                follow: true
+            }
+        );
         let state = serde_json::to_string(&InstanceState::Backoff).unwrap();
         assert_eq!(state, r#""backoff""#);
     }

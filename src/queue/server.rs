@@ -142,7 +142,7 @@
 use super::governor::Governor;
 use super::peer_warnings::PeerWarnings;
 use super::{Feeder, Next};
-use crate::error_text::error_chain;
+use crate::error_text::{count, error_chain};
 use crate::protocol::queue::{proof, random_hex, verify, ToConsumer, ToFeeder, FEATURE_SETTLED};
 use crate::protocol::slave::{QueueProgress, QueueSettings};
 use crate::protocol::{self, ProtocolError, MAX_FRAME_LEN, PROTOCOL_VERSION};
@@ -1389,7 +1389,8 @@ impl<F: Feeder> Core<F> {
                         );
                         self.counts.dead += 1;
                         let reason = format!(
-                            "{attempts} attempts (the limit) without an outcome: the feeder stopped during each"
+                            "{} (the limit) without an outcome: the feeder stopped during each",
+                            count(attempts, "attempt")
                         );
                         self.feeder.error(job, &reason);
                         continue;
@@ -1683,7 +1684,7 @@ impl<F: Feeder> Core<F> {
         };
         let attempts = entry.attempts;
         if attempts >= self.max_attempts {
-            let why = format!("{attempts} attempts (the limit)");
+            let why = format!("{} (the limit)", count(attempts, "attempt"));
             self.bury(job, reason, &why);
             return;
         }
@@ -1712,7 +1713,7 @@ impl<F: Feeder> Core<F> {
             return;
         };
         if entry.attempts >= self.max_attempts {
-            let reason = format!("{why} ({} attempts)", entry.attempts);
+            let reason = format!("{why} ({})", count(entry.attempts, "attempt"));
             self.bury(job, &reason, "attempt limit reached");
         } else {
             self.counts.retried += 1;
@@ -2157,7 +2158,9 @@ mod tests {
             .await
             .unwrap();
         match conn.read_frame::<ToConsumer>().await.unwrap() {
-            Some(ToConsumer::Welcome { proof: p, lease, .. }) => {
+            Some(ToConsumer::Welcome {
+                proof: p, lease, ..
+            }) => {
                 assert_eq!(p, proof(SECRET, "c0ffee"));
                 assert_eq!(lease, settings().lease);
             }

@@ -78,13 +78,17 @@ pub enum SlaveError {
         theirs: u32,
     },
     /// The group params do not have the shape the program expects.
-    #[error("params of group {group:?} do not match the expected type")]
+    ///
+    /// The message says why (serde's reason, such as ``missing field
+    /// `message` ``): programs print it with `{err}` and nothing else, so
+    /// the reason is part of it rather than a `source()` a plain print
+    /// would drop.
+    #[error("params of group {group:?} do not match the expected type: {cause}")]
     Params {
         /// The group name, to find the config entry.
         group: String,
-        /// What serde refused.
-        #[source]
-        source: serde_json::Error,
+        /// What serde refused, and why.
+        cause: serde_json::Error,
     },
     /// A global tracing subscriber is already installed.
     #[error("cannot install the tracing subscriber")]

@@ -276,9 +276,9 @@ impl Handler {
     ///
     /// [`SlaveError::Params`] when the params do not fit `T`.
     pub fn params_as<T: DeserializeOwned>(&self) -> Result<T, SlaveError> {
-        T::deserialize(&self.identity.params).map_err(|source| SlaveError::Params {
+        T::deserialize(&self.identity.params).map_err(|cause| SlaveError::Params {
             group: self.identity.group.clone(),
-            source,
+            cause,
         })
     }
 
@@ -786,6 +786,26 @@ pub(crate) mod tests {
         assert_eq!((params.message.as_str(), params.count), ("hi", 4));
         let err = handler.params_as::<Vec<u8>>().unwrap_err();
         assert!(matches!(err, SlaveError::Params { .. }), "{err}");
+
+        // Serde's reason is in the message itself: `{err}` is all most
+        // programs print.
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Other {
+            message: String,
+            missing: u32,
+        }
+        let err = handler.params_as::<Other>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "params of group \"workers\" do not match the expected type: missing field `missing`"
+        );
+        let err = handler.params_as::<Vec<u8>>().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("invalid type: map, expected a sequence"),
+            "{err}"
+        );
     }
 
     #[test]

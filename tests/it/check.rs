@@ -1,6 +1,8 @@
 //! `taskherd check`: every config error named with file, line and key.
 
 use crate::support::check;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 #[test]
 fn valid_config_passes() {
@@ -101,8 +103,9 @@ instances = 2
 #[test]
 fn the_remote_example_config_is_valid() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/remote.toml");
+    // Its hosts and programs are examples: only the text is checked.
     let out = std::process::Command::new(crate::support::taskherd_bin())
-        .arg("check")
+        .args(["check", "--config-only"])
         .arg(&path)
         .output()
         .expect("run taskherd");
@@ -114,4 +117,213 @@ fn the_remote_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("ok (1 groups, 11 instances)"), "{stdout}");
+}
+
+/// Runs `taskherd check` (with `extra` arguments) on `config` written as
+/// `herd.toml` in `dir`; returns (exit code, stdout and stderr, path).
+fn check_in(dir: &Path, config: &str, extra: &[&str]) -> (Option<i32>, String, PathBuf) {
+    let path = dir.join("herd.toml");
+    std::fs::write(&path, config).expect("write config");
+    let out = Command::new(crate::support::taskherd_bin())
+        .arg("check")
+        .args(extra)
+        .arg(&path)
+        .output()
+        .expect("run taskherd check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text, path)
+}
+
+#[track_caller]
+fn assert_line(text: &str, location: &str, key: &str, words: &str) {
+    assert!(
+        text.lines().any(|l| l.starts_with("error: ")
+            && l.contains(location)
+            && l.contains(key)
+            && l.contains(words)),
+        "no error at {location} for {key} ({words}) in:\n{text}"
+    );
+}
+
+#[test]
+fn check_finds_missing_and_unusable_programs_and_directories() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("bin")).expect("mkdir");
+    std::fs::write(dir.path().join("bin/plain.sh"), "#!/bin/sh\n").expect("write");
+    let config = r#"[[group]]
+name = "missing"
+command = "./bin/worker"
+[group.local]
+instances = 1
+
+[[group]]
+name = "plain"
+command = "bin/plain.sh"
+[group.local]
+instances = 1
+
+[[group]]
+name = "elsewhere"
+command = "sh"
+cwd = "/srv/taskherd-surely-missing"
+[group.local]
+instances = 1
+
+[[group]]
+name = "typo"
+command = "shh-surely-not-a-program"
+[group.local]
+instances = 1
+"#;
+    let (code, text, path) = check_in(dir.path(), config, &[]);
+    assert_eq!(code, Some(2), "{text}");
+    let file = path.display();
+    let bin = dir.path().join("bin");
+    assert_line(
+        &text,
+        &format!("{file}:3:11:"),
+        "group[1].command",
+        &format!("cannot start {}/worker: no such file", bin.display()),
+    );
+    assert!(!text.contains("/./"), "no doubled ./ in paths:\n{text}");
+    assert_line(
+        &text,
+        &format!("{file}:9:11:"),
+        "group[2].command",
+        "permission denied: it is not executable (chmod +x it)",
+    );
+    assert_line(
+        &text,
+        &format!("{file}:16:7:"),
+        "group[3].cwd",
+        "working directory /srv/taskherd-surely-missing does not exist",
+    );
+    assert_line(
+        &text,
+        &format!("{file}:22:11:"),
+        "group[4].command",
+        "not found in PATH",
+    );
+    assert!(text.contains("4 errors found"), "{text}");
+
+    // `--config-only` looks at the text alone.
+    let (code, text, _) = check_in(dir.path(), config, &["--config-only"]);
+    assert_eq!(code, Some(0), "{text}");
+}
+
+#[test]
+fn check_resolves_remote_hosts_through_ssh_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = dir.path().join("good_config");
+    std::fs::write(&good, "Host web1\n  HostName 127.0.0.1\n").expect("write");
+    let bad = dir.path().join("bad_config");
+    std::fs::write(&bad, "Host web2\n  NoSuchOption yes\n").expect("write");
+    let config = format!(
+        r#"[[group]]
+name = "w"
+command = "/opt/app/worker"
+[[group.remote]]
+hosts = ["web1", "deploy@web1:2222"]
+instances = 1
+ssh_config = "{good}"
+[[group.remote]]
+hosts = ["web2"]
+instances = 1
+ssh_config = "{bad}"
+[[group.remote]]
+hosts = ["web3"]
+instances = 1
+ssh_config = "missing_config"
+"#,
+        good = good.display(),
+        bad = bad.display()
+    );
+    let (code, text, path) = check_in(dir.path(), &config, &[]);
+    assert_eq!(code, Some(2), "{text}");
+    let file = path.display();
+    assert_line(
+        &text,
+        &format!("{file}:9:"),
+        "group[1].remote[2].hosts[1]",
+        "ssh -G web2 fails",
+    );
+    assert!(
+        text.contains("NoSuchOption") || text.contains("nosuchoption"),
+        "{text}"
+    );
+    assert_line(
+        &text,
+        &format!("{file}:15:"),
+        "group[1].remote[3].ssh_config",
+        "does not exist",
+    );
+    assert!(
+        !text.lines().any(|l| l.contains("remote[1]")),
+        "web1 resolves through its HostName:\n{text}"
+    );
+}
+
+#[test]
+fn run_names_a_missing_working_directory_not_the_program() {
+    let mut herd = crate::support::Herd::new(
+        r#"
+[[group]]
+name = "w"
+command = "{worker}"
+cwd = "no-such-dir"
+restart = { policy = "never" }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    let dir = herd
+        .config
+        .parent()
+        .expect("a directory")
+        .join("no-such-dir");
+    let line = herd.wait_for("working directory");
+    assert!(
+        line.contains(&format!(
+            "working directory {} does not exist",
+            dir.display()
+        )),
+        "{line}"
+    );
+    assert!(line.contains("[worker/1/1]"), "{line}");
+    assert!(
+        herd.lines_with("cannot start").is_empty(),
+        "{:?}",
+        herd.seen
+    );
+    assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn the_readme_example_config_passes_check() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("read README.md");
+    let section = readme
+        .split_once("## A config\n")
+        .expect("a section \"A config\"")
+        .1;
+    let example = section
+        .split_once("```toml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("a toml block")
+        .0;
+    // As written it runs from the repository's root after a release build;
+    // here the worker of this test build stands in.
+    let command = "./target/release/examples/worker";
+    assert!(example.contains(command), "{example}");
+    let worker = crate::support::worker_bin();
+    let config = example.replace(command, &worker.display().to_string());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (code, text, _) = check_in(dir.path(), &config, &[]);
+    assert_eq!(code, Some(0), "{text}\n{config}");
 }

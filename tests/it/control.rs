@@ -103,6 +103,24 @@ fn status_lists_every_instance_and_stop_ends_the_herd() {
     let table = ok(herd.ctl(&["status"]));
     assert_eq!(table.matches(" running ").count(), 5, "{table}");
 
+    // Some groups only, as a table or as JSON; an unknown one is an error.
+    let table = ok(herd.ctl(&["status", "batch"]));
+    assert_eq!(table.matches(" running ").count(), 2, "{table}");
+    assert!(!table.contains("web"), "{table}");
+    let out = herd.ctl(&["status", "--json", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let web: HerdStatus = serde_json::from_slice(&out.stdout).expect("status --json parses");
+    let names: Vec<&str> = web.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["web"]);
+    assert_eq!(web.groups[0].instances.len(), 3);
+    let unknown = herd.ctl(&["status", "web", "nope"]);
+    assert_eq!(unknown.status.code(), Some(1), "{}", text(&unknown));
+    assert!(
+        text(&unknown).contains("no group named \"nope\""),
+        "{}",
+        text(&unknown)
+    );
+
     // A second master on the same config is refused, naming the first.
     let second = Command::new(crate::support::taskherd_bin())
         .arg("run")
@@ -230,9 +248,7 @@ fn reload_adds_removes_changes_and_refuses_a_broken_config() {
     std::fs::write(&herd.config, new).expect("write");
     let said = ok(herd.ctl(&["reload"]));
     assert!(
-        said.contains("extra added")
-            && said.contains("batch removed")
-            && said.contains("web changed"),
+        said.contains("groups added: extra; removed: batch; changed: web; resized: none"),
         "{said}"
     );
     herd.wait_for_count("Web v2", 4);
@@ -253,7 +269,7 @@ fn reload_adds_removes_changes_and_refuses_a_broken_config() {
     // SIGHUP reloads too: back to the original config.
     std::fs::write(&herd.config, &original).expect("write");
     herd.signal(libc::SIGHUP);
-    herd.wait_for("batch removed, web changed");
+    herd.wait_for("groups added: batch; removed: extra; changed: web; resized: none");
     herd.wait_for_count("batch up", 4);
 
     herd.signal(libc::SIGTERM);
@@ -331,6 +347,215 @@ instances = 1
         );
         let _ = rx.recv_timeout(Duration::from_millis(50));
     }
+    herd.assert_no_leftovers();
+}
+
+/// A group that prints `line 1` to `line 100` and waits, and a quiet one.
+const PRINTER: &str = r#"
+[[group]]
+name = "printer"
+command = "sh"
+args = ["-c", "i=1; while [ $i -le 100 ]; do echo line $i; i=$((i+1)); done; exec sleep 600"]
+[group.local]
+instances = 1
+
+[[group]]
+name = "other"
+command = "sh"
+args = ["-c", "echo other up; exec sleep 600"]
+[group.local]
+instances = 1
+"#;
+
+/// The messages of `taskherd logs` lines (what follows the label).
+fn messages(out: &str) -> Vec<&str> {
+    out.lines()
+        .map(|line| line.rsplit_once("] ").map_or(line, |(_, message)| message))
+        .collect()
+}
+
+#[test]
+fn logs_tail_and_no_follow_give_the_last_lines_and_exit_0() {
+    let mut herd = Herd::new(PRINTER);
+    herd.start();
+    herd.wait_for("] line 100");
+    herd.wait_for("other up");
+
+    // The last 5 lines of one group, and the end.
+    let out = herd.ctl(&["logs", "printer", "--no-follow", "--tail", "5"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        messages(&said),
+        ["line 96", "line 97", "line 98", "line 99", "line 100"],
+        "{said}"
+    );
+    assert!(
+        said.lines()
+            .all(|l| l.contains("[printer] [localhost] [sh/1/1]")),
+        "{said}"
+    );
+
+    // Without --tail: everything the master kept, the master's own
+    // events and every group included.
+    let out = herd.ctl(&["logs", "--no-follow"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let messages = messages(&said);
+    for wanted in [
+        "line 1",
+        "line 100",
+        "other up",
+        "starting 2 instances in 2 groups",
+    ] {
+        assert!(
+            messages.iter().any(|m| m.starts_with(wanted)),
+            "{wanted:?} missing: {said}"
+        );
+    }
+
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn logs_follows_after_its_tail_and_ctrl_c_exits_0() {
+    let mut herd = Herd::new(PRINTER);
+    herd.start();
+    herd.wait_for("] line 100");
+    let mut logs = Command::new(crate::support::taskherd_bin())
+        .args(["logs", "printer", "--tail", "3", "-c"])
+        .arg(&herd.config)
+        .env("XDG_RUNTIME_DIR", herd.runtime_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start taskherd logs");
+    let stdout = logs.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while lines.len() < 3 {
+        match rx.recv_timeout(WAIT) {
+            Ok(line) => lines.push(line),
+            Err(_) => panic!("no backlog lines: {lines:?}"),
+        }
+    }
+    let said = lines.join("\n");
+    assert_eq!(
+        messages(&said),
+        ["line 98", "line 99", "line 100"],
+        "{said}"
+    );
+
+    // Ctrl-C ends the follow: that is not a failure.
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(logs.id() as i32, libc::SIGINT) }, 0);
+    let out = wait_output(logs);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+}
+
+/// Waits (bounded) for a command to end; kills it if it does not.
+fn wait_output(child: std::process::Child) -> Output {
+    let pid = child.id() as i32;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done_tx.send(child.wait_with_output()));
+    match done_rx.recv_timeout(WAIT) {
+        Ok(out) => out.expect("output"),
+        Err(_) => {
+            // SAFETY: plain kill(2) on our own child, not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("taskherd logs did not end");
+        }
+    }
+}
+
+#[test]
+fn stop_exits_0_when_an_instance_had_failed_before() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "broken"
+command = "sh"
+args = ["-c", "echo broken up; exit 3"]
+restart = { policy = "never" }
+[group.local]
+instances = 1
+
+[[group]]
+name = "steady"
+command = "sh"
+args = ["-c", "echo steady up; exec sleep 600"]
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("marked failed");
+    herd.wait_for("steady up");
+    let out = herd.ctl(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("stopped: 2 instances ended; 1 had failed before the stop"),
+        "{said}"
+    );
+    // The run itself still says that an instance failed.
+    assert_eq!(herd.wait_exit().code(), Some(1));
+    assert_eq!(
+        herd.lines_with("1 instance marked failed: [broken]").len(),
+        1,
+        "{:?}",
+        herd.seen
+    );
+    // No stop hint for a stop over the control socket.
+    let stopping = herd.wait_for("stopping every instance");
+    assert!(!stopping.contains("again"), "{stopping}");
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn a_kill_on_request_is_not_a_kill_after_the_grace() {
+    let mut herd = Herd::new(
+        r#"
+[master]
+stop_grace = "30s"
+
+[[group]]
+name = "stubborn"
+command = "sh"
+args = ["-c", "trap '' TERM; echo stubborn up; while true; do sleep 1; done"]
+[group.local]
+instances = 2
+"#,
+    );
+    herd.start();
+    herd.wait_for_count("stubborn up", 2);
+    let out = herd.ctl(&["stop", "--kill"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("2 killed at once, as requested"), "{said}");
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.wait_for("killed 2 instances at once, as requested: [stubborn]");
+    assert!(
+        herd.lines_with("after the stop grace").is_empty(),
+        "{:?}",
+        herd.seen
+    );
     herd.assert_no_leftovers();
 }
 
@@ -700,6 +925,191 @@ instances = 1
     crate::remote::assert_host_clean(&host);
 }
 
+/// (id, group id, pid) of every instance of `group` still supervised, in
+/// id order.
+fn ids_and_pids(status: &HerdStatus, group: &str) -> Vec<(u32, u32, Option<u32>)> {
+    status
+        .groups
+        .iter()
+        .find(|g| g.name == group)
+        .map(|g| {
+            g.instances
+                .iter()
+                .filter(|i| {
+                    !matches!(
+                        i.state,
+                        InstanceState::Stopped | InstanceState::Completed | InstanceState::Failed
+                    )
+                })
+                .map(|i| (i.id, i.group_id, i.pid))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_reload_that_only_changes_a_count_keeps_the_instances_and_their_ids() {
+    let config = |web: u32, added: bool| {
+        let mut text = format!(
+            r#"
+[master]
+stop_grace = "5s"
+
+[[group]]
+name = "first"
+command = "sh"
+args = ["-c", "echo first up; exec sleep 600"]
+[group.local]
+instances = 1
+
+[[group]]
+name = "web"
+command = "sh"
+args = ["-c", "echo web up $TASKHERD_ID/$TASKHERD_GROUP_ID/$TASKHERD_GROUP_COUNT; exec sleep 600"]
+[group.local]
+instances = {web}
+"#
+        );
+        if added {
+            // A group whose name is a word of the old message.
+            text.push_str(
+                r#"
+[[group]]
+name = "added"
+command = "sh"
+args = ["-c", "echo added up; exec sleep 600"]
+[group.local]
+instances = 1
+"#,
+            );
+        }
+        text
+    };
+    let mut herd = Herd::new(&config(4, false));
+    herd.start();
+    herd.wait_for_count("web up", 4);
+    let before = ids_and_pids(&status(&herd), "web");
+    let ids: Vec<(u32, u32)> = before.iter().map(|(id, gid, _)| (*id, *gid)).collect();
+    assert_eq!(ids, [(2, 1), (3, 2), (4, 3), (5, 4)], "{before:?}");
+    assert!(before.iter().all(|(_, _, pid)| pid.is_some_and(alive)));
+
+    // 4 -> 6, and a new group: the 4 go on, 2 more come with new ids.
+    std::fs::write(&herd.config, config(6, true)).expect("write");
+    let said = ok(herd.ctl(&["reload"]));
+    assert!(
+        said.contains(
+            "groups added: added; removed: none; changed: none; resized: web (4 -> 6 instances)"
+        ),
+        "{said}"
+    );
+    herd.wait_for("added up");
+    herd.wait_for("web up 7/5/6");
+    herd.wait_for("web up 8/6/6");
+    let grown = ids_and_pids(&status(&herd), "web");
+    assert_eq!(&grown[..4], &before[..], "the instances kept, same pids");
+    let new: Vec<(u32, u32)> = grown[4..].iter().map(|(id, gid, _)| (*id, *gid)).collect();
+    assert_eq!(new, [(7, 5), (8, 6)], "{grown:?}");
+    assert_eq!(herd.lines_with("web up").len(), 6, "nothing restarted");
+
+    // 6 -> 3: the highest group ids stop, the others go on.
+    std::fs::write(&herd.config, config(3, true)).expect("write");
+    let said = ok(herd.ctl(&["reload"]));
+    assert!(
+        said.contains(
+            "groups added: none; removed: none; changed: none; resized: web (6 -> 3 instances)"
+        ),
+        "{said}"
+    );
+    let shrunk = ids_and_pids(&status(&herd), "web");
+    assert_eq!(&shrunk[..], &before[..3], "{shrunk:?}");
+    for (id, _, pid) in grown.iter().filter(|(id, _, _)| ![2, 3, 4].contains(id)) {
+        let pid = pid.expect("ran");
+        assert!(!alive(pid), "instance {id} (pid {pid}) still runs");
+    }
+
+    // And back to 5: the group ids free again, new ids.
+    std::fs::write(&herd.config, config(5, true)).expect("write");
+    let said = ok(herd.ctl(&["reload"]));
+    assert!(said.contains("resized: web (3 -> 5 instances)"), "{said}");
+    herd.wait_for("web up 9/4/5");
+    herd.wait_for("web up 10/5/5");
+    let again = ids_and_pids(&status(&herd), "web");
+    assert_eq!(&again[..3], &before[..3], "{again:?}");
+    assert_eq!(herd.lines_with("web up").len(), 8, "nothing restarted");
+
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn a_reload_that_only_changes_a_remote_count_keeps_the_instances_there() {
+    use crate::support::sshd::SshWorld;
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let config = |remote: u32| {
+        format!(
+            r#"
+[master]
+agent_path = "{agent}"
+stop_grace = "5s"
+
+[ssh]
+ssh_config = "{ssh_config}"
+
+[[group]]
+name = "far"
+command = "sh"
+args = ["-c", "echo far up $TASKHERD_ID/$TASKHERD_GROUP_ID; exec sleep 600"]
+[group.local]
+instances = 1
+[[group.remote]]
+hosts = ["{host}"]
+instances = {remote}
+"#,
+            agent = crate::support::taskherd_bin().display(),
+            ssh_config = world.ssh_config().display(),
+            host = host.alias(),
+        )
+    };
+    let mut herd = Herd::new(&config(2));
+    herd.start();
+    herd.wait_for_count("far up", 3);
+    let before = ids_and_pids(&status(&herd), "far");
+    let ids: Vec<(u32, u32)> = before.iter().map(|(id, gid, _)| (*id, *gid)).collect();
+    assert_eq!(ids, [(1, 1), (2, 2), (3, 3)], "{before:?}");
+
+    // 2 -> 3 on the host: one more there, through the same agent.
+    std::fs::write(&herd.config, config(3)).expect("write");
+    let said = ok(herd.ctl(&["reload"]));
+    assert!(said.contains("resized: far (3 -> 4 instances)"), "{said}");
+    let line = herd.wait_for("far up 4/4");
+    assert!(
+        line.contains(&format!("[far] [{}] [sh/4/4]", host.alias())),
+        "{line}"
+    );
+    let grown = ids_and_pids(&status(&herd), "far");
+    assert_eq!(&grown[..3], &before[..], "{grown:?}");
+    assert_eq!(herd.lines_with("connected, agent pid").len(), 1);
+
+    // 3 -> 1 on the host: its highest group ids stop, the local one stays.
+    std::fs::write(&herd.config, config(1)).expect("write");
+    let said = ok(herd.ctl(&["reload"]));
+    assert!(said.contains("resized: far (4 -> 2 instances)"), "{said}");
+    let shrunk = ids_and_pids(&status(&herd), "far");
+    assert_eq!(&shrunk[..], &before[..2], "{shrunk:?}");
+    for (id, _, pid) in &grown[2..] {
+        let pid = pid.expect("ran");
+        assert!(!alive(pid), "instance {id} (pid {pid}) still runs");
+    }
+    assert_eq!(herd.lines_with("far up").len(), 4, "nothing restarted");
+
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    herd.assert_no_leftovers();
+    crate::remote::assert_host_clean(&host);
+}
+
 #[test]
 fn a_reload_whose_new_instances_do_not_run_keeps_the_old_ones() {
     let mut herd = started_two_groups();
@@ -788,7 +1198,7 @@ instances = 2
         std::thread::sleep(Duration::from_millis(20));
     }
     let said = ok(reload.wait_with_output().expect("reload ends"));
-    assert!(said.contains("stubborn changed"), "{said}");
+    assert!(said.contains("changed: stubborn;"), "{said}");
     herd.wait_for_count("stubborn v2 up", 2);
     assert_eq!(
         group_states(&status(&herd), "stubborn")

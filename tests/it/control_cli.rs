@@ -57,12 +57,30 @@ fn answer(request: ToMaster) -> Vec<FromMaster> {
         ToMaster::Reload => vec![FromMaster::Error {
             message: "reload refused, the running config is kept:\nerror: herd.toml:3: unknown key `colour`".into(),
         }],
-        ToMaster::Logs { group } => (1..=3)
-            .map(|n| FromMaster::Log {
+        ToMaster::Logs {
+            group,
+            tail,
+            follow,
+        } => {
+            // The fake's backlog: `tail` lines, then (without follow) Done.
+            let mut frames: Vec<FromMaster> = (1..=tail.min(3))
+                .map(|n| FromMaster::Log {
+                    line: format!("kept {n} of {}", group.as_deref().unwrap_or("all")),
+                    level: Level::Warning,
+                })
+                .collect();
+            if !follow {
+                frames.push(FromMaster::Done {
+                    message: "end of the backlog".into(),
+                });
+                return frames;
+            }
+            frames.extend((1..=3).map(|n| FromMaster::Log {
                 line: format!("line {n} of {}", group.as_deref().unwrap_or("all")),
                 level: Level::Info,
-            })
-            .collect(),
+            }));
+            frames
+        }
         _ => vec![],
     }
 }
@@ -157,6 +175,10 @@ async fn requests_and_exit_codes() {
         "{err}"
     );
 
+    // -q: nothing to say when it worked.
+    let (code, out, err) = master.run(&["-q", "stop"]).await;
+    assert_eq!((code, out.as_str(), err.as_str()), (Some(0), "", ""));
+
     let (code, out, err) = master.run(&["suspend", "web"]).await;
     assert_eq!((code, out.as_str()), (Some(0), "web suspended\n"), "{err}");
     let (code, _, err) = master.run(&["suspend", "nope"]).await;
@@ -182,6 +204,38 @@ async fn logs_follow_until_the_master_lets_go() {
     );
     let (_, out, _) = master.run(&["logs"]).await;
     assert!(out.starts_with("line 1 of all\n"), "{out}");
+
+    // --tail asks for the backlog first; -q shows warnings and up only.
+    let (code, out, err) = master.run(&["logs", "--tail", "2"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("kept 1 of all\nkept 2 of all\nline 1 of all\n"),
+        "{out}"
+    );
+    let (code, out, err) = master.run(&["-q", "logs", "--tail", "2"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "kept 1 of all\nkept 2 of all\n");
+
+    // --no-follow: the whole backlog (the master's bound), then the end.
+    let (code, out, err) = master.run(&["logs", "--no-follow", "web"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "kept 1 of web\nkept 2 of web\nkept 3 of web\n");
+}
+
+#[tokio::test]
+async fn status_of_some_groups() {
+    let master = FakeMaster::start();
+    let (code, out, err) = master.run(&["status", "--json", "workers"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let parsed: HerdStatus = serde_json::from_str(&out).expect("status JSON");
+    assert_eq!(parsed, status());
+    let (code, out, err) = master.run(&["status", "workers", "nope"]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("no group named \"nope\" (the master has: workers)"),
+        "{err}"
+    );
+    assert!(out.is_empty(), "{out}");
 }
 
 #[tokio::test]

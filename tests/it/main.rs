@@ -3,6 +3,7 @@
 //! One test binary (linking once); `support` holds the harness.
 
 mod check;
+mod cli;
 mod control;
 mod control_cli;
 mod local;
@@ -12,7 +13,9 @@ mod queue;
 mod queue_durable;
 mod queue_faults;
 mod queue_hostile;
+mod readme;
 mod remote;
 mod sshd_harness;
 mod stop;
 mod support;
+mod terminal;

@@ -207,7 +207,7 @@ instances = 1
         host.alias()
     ));
     assert_eq!(herd.wait_exit().code(), Some(0));
-    herd.wait_for("had to kill 1 instances");
+    herd.wait_for("had to kill 1 instance after the stop grace");
     assert_host_clean(&host);
 }
 

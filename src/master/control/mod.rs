@@ -36,10 +36,12 @@
 //! the handshake itself; the master only sees [`ControlRequest`]s.
 
 mod client;
+mod logs;
 mod paths;
 mod server;
 
 pub use client::{connect, connect_in, format_status, ControlClient};
+pub(crate) use logs::{stream_logs, LogsRequest};
 pub use paths::{runtime_dir, socket_path, RUNTIME_DIR_NAME};
 pub use server::ControlSocket;
 
@@ -214,9 +216,10 @@ fn list_paths(paths: &[PathBuf]) -> String {
 /// [`FromMaster::Log`]. Dropping `reply` ends the client's connection;
 /// once the client hangs up, sends on `reply` fail, which is how a `logs`
 /// stream learns to stop. The master streams logs from a task of its own,
-/// fed by a [`LogSink::subscribe`](crate::master::log::LogSink::subscribe)
-/// receiver: a client that reads slowly makes that task wait, and the
-/// receiver lag (losing the oldest records, counted), never the herd.
+/// fed by the backlog and a live receiver of
+/// [`LogSink::follow`](crate::master::log::LogSink::follow): a client that
+/// reads slowly makes that task wait, and the receiver lag (losing the
+/// oldest records, counted), never the herd.
 #[derive(Debug)]
 pub struct ControlRequest {
     /// What the operator asks (never [`ToMaster::Hello`]).

@@ -503,15 +503,17 @@ mod tests {
         let server = tokio::spawn(socket.serve(requests_tx, stop.clone()));
 
         let mut client = connect_in(&setup.dir, None).await.unwrap();
-        client
-            .request(ToMaster::Logs { group: None })
-            .await
-            .unwrap();
+        let logs = ToMaster::Logs {
+            group: None,
+            tail: 0,
+            follow: true,
+        };
+        client.request(logs.clone()).await.unwrap();
         let ControlRequest { request, reply } = tokio::time::timeout(WAIT, requests_rx.recv())
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(request, ToMaster::Logs { group: None });
+        assert_eq!(request, logs);
         let line = |n: u32| FromMaster::Log {
             line: format!("line {n}"),
             level: Level::Info,

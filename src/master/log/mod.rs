@@ -14,9 +14,10 @@
 //!
 //! # Where lines go
 //!
-//! Every record goes first to the live subscribers ([`LogSink::subscribe`],
-//! for `taskherd logs`), unfiltered, and only when there are some. Then
-//! the [`LogFilter`] decides whether it is written:
+//! Every record goes first to the backlog of recent records (the last
+//! [`BACKLOG_LINES`] lines) and to the live subscribers
+//! ([`LogSink::follow`], [`LogSink::subscribe`], for `taskherd logs`),
+//! unfiltered. Then the [`LogFilter`] decides whether it is written:
 //!
 //! - without a log file, to standard output;
 //! - with a log file ([`LogFileOptions`], rotated by size), to the file,
@@ -32,23 +33,28 @@
 //! On a terminal, text lines can be colored by level, and a status line
 //! ([`LogSink::status_line`]) is kept below the last line.
 //!
+//! - `feed`: the backlog and the live feed of `taskherd logs`.
 //! - `filter`: the `info,web=debug` syntax.
 //! - `format`: a record to a line of text or JSON.
 //! - `file`: the rotated log file.
 //! - `terminal`: colors and the status line.
 //! - `writer`: the writer thread.
 
+mod feed;
 mod file;
 mod filter;
 mod format;
 mod terminal;
 mod writer;
 
+pub use feed::{Follow, BACKLOG_BYTES, BACKLOG_LINES};
 pub use file::LogFileOptions;
 pub use filter::{FilterError, LogFilter};
+pub use terminal::is_dumb_terminal;
 
 use crate::config::{LogColor, LogFormat, LogSpec};
 use crate::protocol::slave::Level;
+use feed::Feed;
 use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, RawFd};
@@ -198,8 +204,8 @@ pub struct LogSink {
 /// The parts of a sink that are the same for all its clones.
 #[derive(Debug)]
 struct Shared {
-    /// Hands out subscriptions; the writer holds a clone to publish.
-    live_tx: broadcast::Sender<Arc<LogRecord>>,
+    /// The backlog and live feed; the writer holds a clone to publish.
+    feed: Arc<Feed>,
     /// Set when the writer keeps a status line.
     status: Option<Arc<StatusSlot>>,
     /// The writer's filter, for subscribers that want the same view.
@@ -283,24 +289,28 @@ impl LogSink {
     /// Starts the log of a config's `[log]` table, on standard output
     /// and in the log file if one is set (relative to `base_dir`, the
     /// config's directory). Colors with `color = "auto"` and the status
-    /// line are on when standard output is a terminal (colors not if
-    /// `NO_COLOR` is set).
+    /// line are on when standard output is a terminal that is not
+    /// `TERM=dumb` ([`is_dumb_terminal`]; colors not if `NO_COLOR` is
+    /// set either).
     ///
     /// # Errors
     /// If the log file cannot be opened or the thread spawned.
     pub fn start(spec: &LogSpec, base_dir: &Path) -> Result<(LogSink, LogWriter), LogError> {
         let stdout = std::io::stdout();
+        // A dumb terminal is a terminal for the rest (its width, for
+        // one), not for escape sequences.
         let tty = stdout.is_terminal();
+        let ansi = tty && !is_dumb_terminal();
         let color = match spec.color {
             LogColor::Always => true,
             LogColor::Never => false,
-            LogColor::Auto => tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            LogColor::Auto => ansi && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         };
         let options = LogOptions {
             format: spec.format,
             filter: spec.filter.clone(),
             color,
-            status_line: tty,
+            status_line: ansi,
             file: spec.file.as_ref().map(|file| LogFileOptions {
                 path: base_dir.join(file),
                 max_size: spec.max_size,
@@ -345,7 +355,7 @@ impl LogSink {
         };
         let (records_tx, records_rx) = mpsc::channel(LOG_CHANNEL_LEN);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let (live_tx, _) = broadcast::channel(LIVE_CHANNEL_LEN);
+        let feed = Arc::new(Feed::new(LIVE_CHANNEL_LEN, true));
         let status = options.status_line.then(|| Arc::new(StatusSlot::default()));
         let screen = terminal::Terminal::new(out, options.color, options.status_line, width_fd);
         let terminal = if file.is_some() {
@@ -363,7 +373,8 @@ impl LogSink {
             filter: options.filter.clone(),
             terminal,
             file,
-            live_tx: live_tx.clone(),
+            feed: Arc::clone(&feed),
+            published: Vec::new(),
             status: status.clone(),
             notices: Vec::new(),
         };
@@ -372,7 +383,7 @@ impl LogSink {
             .spawn(move || writer.run(records_rx, events_rx))
             .map_err(LogError::Thread)?;
         let shared = Arc::new(Shared {
-            live_tx,
+            feed,
             status,
             filter: options.filter,
         });
@@ -391,9 +402,8 @@ impl LogSink {
     /// when the receiver is behind.
     pub fn channel() -> (LogSink, mpsc::Receiver<LogRecord>) {
         let (records_tx, records_rx) = mpsc::channel(LOG_CHANNEL_LEN);
-        let (live_tx, _) = broadcast::channel(1);
         let shared = Arc::new(Shared {
-            live_tx,
+            feed: Arc::new(Feed::new(1, false)),
             status: None,
             filter: LogFilter::all(),
         });
@@ -480,14 +490,30 @@ impl LogSink {
     /// A live feed of every record from the writer's next batch on, before
     /// the filter (apply [`LogSink::filter`] for the log's own view).
     ///
-    /// Records are only published while someone subscribes. A subscriber
-    /// that falls more than [`LIVE_CHANNEL_LEN`] records behind never slows
+    /// A subscriber that falls more than [`LIVE_CHANNEL_LEN`] records behind never slows
     /// the herd down: it loses the oldest, and its next `recv` returns
     /// [`broadcast::error::RecvError::Lagged`] with how many. `recv`
     /// returns [`broadcast::error::RecvError::Closed`] once the writer has
     /// ended. A sink made by [`LogSink::channel`] publishes nothing.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<LogRecord>> {
-        self.shared.live_tx.subscribe()
+        self.shared.feed.subscribe()
+    }
+
+    /// The last `lines` lines of the backlog (the recent records the
+    /// writer keeps, at most [`BACKLOG_LINES`] lines and
+    /// [`BACKLOG_BYTES`]) among the records `wanted` keeps, and with
+    /// `follow` a live feed of every record after them, as
+    /// [`LogSink::subscribe`] gives: none is missed or repeated between
+    /// the two. Unfiltered, as for subscribers.
+    ///
+    /// A [`LogSink::channel`] sink keeps no backlog.
+    pub fn follow(
+        &self,
+        lines: usize,
+        wanted: impl Fn(&LogRecord) -> bool,
+        follow: bool,
+    ) -> Follow {
+        self.shared.feed.follow(lines, wanted, follow)
     }
 
     /// The filter the writer applies.

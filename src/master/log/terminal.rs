@@ -331,8 +331,8 @@ impl QueuedTerminal {
             instance: None,
             stream: Stream::Master,
             message: format!(
-                "{} lines not shown on the terminal (it did not keep up; the log file has them)",
-                self.dropped
+                "{} not shown on the terminal (it did not keep up; the log file has them)",
+                crate::error_text::count(self.dropped, "line")
             ),
         };
         let mut line = Vec::with_capacity(160);
@@ -420,6 +420,13 @@ fn sanitize(text: &str, width: Option<usize>) -> String {
         .collect::<String>()
         .trim_end()
         .to_owned()
+}
+
+/// Whether `TERM` says the terminal takes no escape sequences
+/// (`TERM=dumb`, as in Emacs' shell or some CI logs): then no colors
+/// (unless `always`) and no status line, which is redrawn with them.
+pub fn is_dumb_terminal() -> bool {
+    std::env::var_os("TERM").is_some_and(|term| term == "dumb")
 }
 
 /// Columns of the terminal on `fd`, if it is one.

@@ -1,11 +1,12 @@
-//! The writer thread: takes records in batches, hands them to live
-//! subscribers, filters them, and writes them to the file and the
-//! terminal, one write per output and batch.
+//! The writer thread: takes records in batches, filters them, writes them
+//! to the file and the terminal, one write per output and batch, and
+//! hands each batch to the backlog and the live subscribers.
 //!
 //! A batch takes the output lines first (bounded channel), then the
 //! master's events that came meanwhile (unbounded channel): an
 //! instance's last lines mostly come before its "exited".
 
+use super::feed::Feed;
 use super::file::{LogFile, Notice};
 use super::terminal::TerminalOut;
 use super::{LogFilter, LogRecord, Stream};
@@ -13,7 +14,7 @@ use crate::config::LogFormat;
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{mpsc, Notify};
 
 /// Records taken in one batch at most, so that a producer that never lets
 /// the channel run dry still sees its lines flushed and the status line
@@ -60,8 +61,10 @@ pub(super) struct Writer<W: Write> {
     pub(super) terminal: TerminalOut<W>,
     /// The rotated log file, if any.
     pub(super) file: Option<LogFile>,
-    /// Live subscribers ([`super::LogSink::subscribe`]).
-    pub(super) live_tx: broadcast::Sender<Arc<LogRecord>>,
+    /// The backlog and live subscribers ([`super::LogSink::follow`]).
+    pub(super) feed: Arc<Feed>,
+    /// The records of the current batch, published at its end.
+    pub(super) published: Vec<Arc<LogRecord>>,
     /// Batches written so far, for [`super::LogWriter::finish`] to tell a
     /// slow output from a stuck one.
     pub(super) progress: Arc<std::sync::atomic::AtomicU64>,
@@ -92,13 +95,10 @@ impl<W: Write> Writer<W> {
         let mut open = (true, true);
         while let Some(wake) = self.wait(&mut records_rx, &mut events_rx, &mut open) {
             self.begin_batch();
-            // Checked once per batch: a subscriber joining now gets the
-            // records from the next batch on.
-            let live = self.live_tx.receiver_count() > 0;
             let mut taken = 0;
             match wake {
                 Wake::Record(record) => {
-                    self.take(record, live);
+                    self.take(record);
                     taken += 1;
                 }
                 Wake::Event(event) => events.push(event),
@@ -108,7 +108,7 @@ impl<W: Write> Writer<W> {
                 let Ok(record) = records_rx.try_recv() else {
                     break;
                 };
-                self.take(record, live);
+                self.take(record);
                 taken += 1;
             }
             while events.len() < MAX_BATCH {
@@ -118,7 +118,7 @@ impl<W: Write> Writer<W> {
                 events.push(event);
             }
             for event in events.drain(..) {
-                self.take(event, live);
+                self.take(event);
             }
             self.end_batch();
         }
@@ -174,15 +174,10 @@ impl<W: Write> Writer<W> {
     }
 
     #[inline]
-    fn take(&mut self, record: LogRecord, live: bool) {
-        if live {
-            let record = Arc::new(record);
-            // Fails only if the last subscriber just left.
-            let _ = self.live_tx.send(Arc::clone(&record));
-            self.write(&record);
-        } else {
-            self.write(&record);
-        }
+    fn take(&mut self, record: LogRecord) {
+        let record = Arc::new(record);
+        self.write(&record);
+        self.published.push(record);
     }
 
     #[inline]
@@ -235,6 +230,7 @@ impl<W: Write> Writer<W> {
             self.report_notices();
         }
         self.terminal.finish_batch();
+        self.feed.publish(&mut self.published);
     }
 
     /// Logs the log file's problems as events of the master: on the
@@ -242,7 +238,6 @@ impl<W: Write> Writer<W> {
     /// the file when it is open, and to subscribers.
     #[cold]
     fn report_notices(&mut self) {
-        let live = self.live_tx.receiver_count() > 0;
         for (level, message) in std::mem::take(&mut self.notices) {
             let record = LogRecord {
                 time: SystemTime::now(),
@@ -259,9 +254,7 @@ impl<W: Write> Writer<W> {
             let buf = self.terminal.line_buf();
             let _ = record.write_to(buf, self.format, color);
             buf.push(b'\n');
-            if live {
-                let _ = self.live_tx.send(Arc::new(record));
-            }
+            self.published.push(Arc::new(record));
         }
     }
 }

@@ -225,7 +225,10 @@ pub(crate) fn next_generation(
         // Never replace a generation not taken in: it is resumed first.
         return Err(io_error(
             &taking,
-            io::Error::new(io::ErrorKind::AlreadyExists, "an inbox generation is in the way"),
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "an inbox generation is in the way",
+            ),
         ));
     }
     std::fs::rename(&inbox, &taking)
@@ -565,7 +568,9 @@ pub(crate) fn waiting(path: &Path, mark: (u64, u64)) -> Result<u64> {
         let mut reader = BufReader::with_capacity(1 << 20, opened);
         let mut blank = true;
         loop {
-            let block = reader.fill_buf().map_err(|source| io_error(&file, source))?;
+            let block = reader
+                .fill_buf()
+                .map_err(|source| io_error(&file, source))?;
             if block.is_empty() {
                 break;
             }

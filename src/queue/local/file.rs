@@ -16,14 +16,10 @@ use super::{
     QueueStats, Result,
 };
 use crate::error_text::error_chain;
-use crate::queue::journal::{
-    self, check_frame, try_lock_exclusive, FRAME_HEADER_LEN,
-};
+use crate::queue::journal::{self, check_frame, try_lock_exclusive, FRAME_HEADER_LEN};
 
 /// The first bytes of every journal (format version 1).
 const MAGIC: &[u8; 8] = b"THQJNL01";
-
-
 
 /// The journal is compacted only past this many frames (and past twice the
 /// number of messages); see [`FileQueue::set_compact_min_records`].

@@ -55,6 +55,8 @@ pub struct Herd {
     lines_rx: Option<mpsc::Receiver<String>>,
     /// Every line seen so far (stdout and stderr of the master).
     pub seen: Vec<String>,
+    /// Variables of the tests' environment the master must not inherit.
+    env_removed: Vec<String>,
 }
 
 /// Put in the master's environment, inherited by every instance, so
@@ -77,12 +79,23 @@ impl Herd {
             master: None,
             lines_rx: None,
             seen: Vec::new(),
+            env_removed: Vec::new(),
         }
+    }
+
+    /// Starts the master without `var` in its environment (so that it is
+    /// not what the instances inherit).
+    pub fn env_remove(&mut self, var: &str) {
+        self.env_removed.push(var.to_string());
     }
 
     /// Starts `taskherd run` on the config, with extra arguments.
     pub fn start_with(&mut self, extra: &[&str]) {
-        let mut child = Command::new(taskherd_bin())
+        let mut command = Command::new(taskherd_bin());
+        for var in &self.env_removed {
+            command.env_remove(var);
+        }
+        let mut child = command
             .arg("run")
             .arg(&self.config)
             .args(extra)
