@@ -76,6 +76,10 @@ marked failed, 2 for a bad config or a master that could not start.")]
         /// hosts looked at (for a config meant for another machine).
         #[arg(long)]
         config_only: bool,
+        /// Also log in to every remote host over SSH, with the config's
+        /// settings, and run `true` there (at most 8 hosts at once).
+        #[arg(long, conflicts_with = "config_only")]
+        connect: bool,
     },
     /// List the processes the pid killer watches (pid, group, deadline).
     Pids {
@@ -352,7 +356,8 @@ fn main() -> ExitCode {
         Command::Check {
             config,
             config_only,
-        } => check(&config, config_only),
+            connect,
+        } => check(&config, config_only, connect),
         Command::Run { config, log } => run(&config, log, verbosity),
         Command::Pids { state_file, json } => pids(state_file, json),
         Command::Agent => taskherd::agent::run_stdio()
@@ -529,7 +534,7 @@ fn loaded<T>(
     }
 }
 
-fn check(path: &std::path::Path, config_only: bool) -> anyhow::Result<ExitCode> {
+fn check(path: &std::path::Path, config_only: bool, connect: bool) -> anyhow::Result<ExitCode> {
     let result = if config_only {
         Config::load(path).map(|config| Checked {
             config,
@@ -545,15 +550,111 @@ fn check(path: &std::path::Path, config_only: bool) -> anyhow::Result<ExitCode> 
     for note in &skipped {
         eprintln!("note: {note}");
     }
+    if connect {
+        let failed = check_connections(path, &config)?;
+        if failed > 0 {
+            return Ok(ExitCode::from(1));
+        }
+    }
     let instances: u32 = config.groups.iter().map(|g| g.instance_count()).sum();
     println!(
-        "{}: ok ({} groups, {} instances)",
+        "{}: ok ({}, {})",
         path.display(),
-        config.groups.len(),
-        instances
+        count_text(config.groups.len() as u64, "group"),
+        count_text(u64::from(instances), "instance")
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// `check --connect`: logs in to every remote host of the config (each
+/// once, with the settings of its first placement) and runs `true`;
+/// prints each failure; returns how many failed.
+fn check_connections(path: &std::path::Path, config: &Config) -> anyhow::Result<usize> {
+    use futures::StreamExt;
+    use std::os::unix::fs::DirBuilderExt;
+    use taskherd::master::ssh;
+
+    let mut hosts = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for group in &config.groups {
+        let placements = group.remote.iter().flat_map(|placement| {
+            placement
+                .hosts
+                .iter()
+                .map(move |host| (host, &placement.ssh))
+        });
+        let feeder = group.queue.iter().filter_map(|queue| {
+            queue
+                .feeder_host
+                .as_ref()
+                .map(|host| (host, &queue.feeder_ssh))
+        });
+        for (host, options) in placements.chain(feeder) {
+            let key = (host.user.clone(), host.name.clone(), host.port);
+            if seen.insert(key) {
+                hosts.push((group.name.clone(), host.clone(), options.clone()));
+            }
+        }
+    }
+    if hosts.is_empty() {
+        return Ok(0);
+    }
+    let control_dir = std::env::temp_dir().join(format!("taskherd-check-{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&control_dir)
+        .with_context(|| format!("cannot create {}", control_dir.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let results: Vec<(String, String, Result<(), String>)> = runtime.block_on(async {
+        futures::stream::iter(hosts)
+            .map(|(group, host, options)| {
+                let control_dir = control_dir.clone();
+                async move {
+                    let result = async {
+                        let session = ssh::connect(&host, &options, &control_dir, CHECK_KEEPALIVE)
+                            .await
+                            .map_err(|err| err.to_string())?;
+                        let status = session.command("true").status().await;
+                        let _ = session.close().await;
+                        match status {
+                            Ok(status) if status.success() => Ok(()),
+                            Ok(status) => Err(format!("`true` ended with {status}")),
+                            Err(err) => Err(format!("cannot run a command: {err}")),
+                        }
+                    }
+                    .await;
+                    (group, host.label.clone(), result)
+                }
+            })
+            .buffer_unordered(CHECK_CONNECTIONS)
+            .collect()
+            .await
+    });
+    let _ = std::fs::remove_dir_all(&control_dir);
+    let mut failed = 0;
+    for (group, host, result) in results {
+        match result {
+            Ok(()) => eprintln!("{}: host {host} (group {group}): connected", path.display()),
+            Err(err) => {
+                failed += 1;
+                eprintln!(
+                    "error: {}: host {host} (group {group}): cannot log in: {err}",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(failed)
+}
+
+/// Hosts `check --connect` logs in to at once.
+const CHECK_CONNECTIONS: usize = 8;
+
+/// The SSH keepalive of `check --connect`'s short sessions.
+const CHECK_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn pids(state_file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     use taskherd::pidkiller;
@@ -721,10 +822,15 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
 
 /// `1 job`, `2 jobs`.
 fn jobs_text(n: u64) -> String {
+    count_text(n, "job")
+}
+
+/// `n` and a noun that agrees with it: `1 group`, `2 groups`.
+fn count_text(n: u64, noun: &str) -> String {
     if n == 1 {
-        "1 job".into()
+        format!("1 {noun}")
     } else {
-        format!("{n} jobs")
+        format!("{n} {noun}s")
     }
 }
 

@@ -18,7 +18,7 @@ instances = 3
 "#,
     );
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("ok (1 groups, 3 instances)"), "{text}");
+    assert!(text.contains("ok (1 group, 3 instances)"), "{text}");
 }
 
 #[test]
@@ -116,7 +116,7 @@ fn the_remote_example_config_is_valid() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("ok (1 groups, 11 instances)"), "{stdout}");
+    assert!(stdout.contains("ok (1 group, 11 instances)"), "{stdout}");
 }
 
 /// Runs `taskherd check` (with `extra` arguments) on `config` written as
@@ -326,4 +326,48 @@ fn the_readme_example_config_passes_check() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (code, text, _) = check_in(dir.path(), &config, &[]);
     assert_eq!(code, Some(0), "{text}\n{config}");
+}
+
+#[test]
+fn check_connect_logs_in_to_every_remote_host() {
+    use crate::support::sshd::SshWorld;
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A port nobody listens on: a free one, closed again.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let config = format!(
+        r#"[ssh]
+ssh_config = "{ssh_config}"
+connect_timeout = "3s"
+
+[[group]]
+name = "w"
+command = "/opt/app/worker"
+[[group.remote]]
+hosts = ["{good}", "127.0.0.1:{closed}"]
+instances = 1
+"#,
+        ssh_config = world.ssh_config().display(),
+        good = host.alias(),
+    );
+    let (code, text, _) = check_in(dir.path(), &config, &["--connect"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(&format!("host {} (group w): connected", host.alias())),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("error: ")
+            && l.contains(&format!("host 127.0.0.1:{closed} (group w): cannot log in"))),
+        "{text}"
+    );
+    // Without the unreachable host it passes.
+    let config = config.replace(&format!(", \"127.0.0.1:{closed}\""), "");
+    let (code, text, _) = check_in(dir.path(), &config, &["--connect"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("ok (1 group, 1 instance)"), "{text}");
 }
