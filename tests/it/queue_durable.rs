@@ -425,3 +425,66 @@ fn a_million_pending_jobs_serve_at_once_and_no_liveness_kill() {
         report["pending"].as_u64().expect("pending") + report["inbox"].as_u64().expect("inbox");
     assert!(left > 0 && left < total, "{report}");
 }
+
+#[test]
+fn a_feeder_killed_during_its_intake_takes_every_job_in_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("jobs.queue");
+    let done_file = dir.path().join("done.log");
+    let total = 50_000u64;
+    let mut add = Command::new(taskherd_bin())
+        .args(["queue", "add"])
+        .arg(&file)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("queue add");
+    {
+        let mut stdin = std::io::BufWriter::new(add.stdin.take().expect("stdin"));
+        for n in 1..=total {
+            writeln!(stdin, "{n}").expect("write jobs");
+        }
+    }
+    assert!(add.wait().expect("queue add").success());
+    let mut herd = durable_herd(
+        &file,
+        &format!("done_file = \"{}\", work_ms = 1", done_file.display()),
+        1,
+        1,
+        "",
+    );
+    herd.start();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()));
+    for round in 0..3 {
+        herd.wait_for_count("feeder listening on", round + 1);
+        // Somewhere in the intake of the 50,000 lines (or just after).
+        std::thread::sleep(Duration::from_millis(20 + rng.below(200)));
+        let pid = feeder_pid(&herd).expect("feeder running");
+        // SAFETY: plain kill(2) on a process of this herd.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    }
+    herd.wait_for_count("feeder listening on", 4);
+    herd.wait_for_count("] done ", 100);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+
+    queue(&["compact"], &file);
+    let (pending, dead) = pending_numbers(&file);
+    assert_eq!(dead, 0);
+    let mut seen = BTreeSet::new();
+    let doubled: Vec<_> = pending.iter().filter(|n| !seen.insert(**n)).collect();
+    assert!(doubled.is_empty(), "taken in twice: {doubled:?}");
+    let done: BTreeSet<u64> = std::fs::read_to_string(&done_file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    let all: BTreeSet<u64> = seen.union(&done).copied().collect();
+    assert_eq!(all, (1..=total).collect::<BTreeSet<u64>>(), "a job lost");
+    // Only jobs out when a feeder died or at the stop can be both done and
+    // still pending (done, outcome not recorded).
+    let both = seen.intersection(&done).count();
+    assert!(both <= 16, "{both} jobs both done and pending");
+}
