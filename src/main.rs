@@ -93,6 +93,34 @@ marked failed, 2 for a bad config or a master that could not start.")]
     /// Serve a master on stdin/stdout (started by the master over SSH).
     #[command(hide = true)]
     Agent,
+    /// Be a queue group's built-in durable file feeder (`[group.feeder]
+    /// file`; started by the master or an agent).
+    #[command(hide = true)]
+    BuiltinFeeder {
+        /// The queue's journal.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Be a consumer of a queue group that runs COMMAND once per job
+    /// (`[group.consumer] run = "exec"`; started by the master or an
+    /// agent): the job's JSON on its stdin, the outcome from its exit
+    /// status.
+    #[command(hide = true)]
+    ExecConsumer {
+        /// Exit statuses that mean done (besides 0), comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "CODES")]
+        done_codes: Vec<u8>,
+        /// Exit statuses that mean retry (besides 75 and 71, and any
+        /// status not otherwise mapped).
+        #[arg(long, value_delimiter = ',', value_name = "CODES")]
+        retry_codes: Vec<u8>,
+        /// Exit statuses that mean dead (besides 64 to 78, 126 and 127).
+        #[arg(long, value_delimiter = ',', value_name = "CODES")]
+        dead_codes: Vec<u8>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Fill and inspect the durable job queue of a file feeder.
     Queue {
         #[command(subcommand)]
@@ -333,6 +361,26 @@ enum ColorArg {
     Never,
 }
 
+/// `taskherd exec-consumer`: the exit map from the options, then the
+/// library's runner.
+fn exec_consumer(
+    done: &[u8],
+    retry: &[u8],
+    dead: &[u8],
+    command: &[std::ffi::OsString],
+) -> anyhow::Result<ExitCode> {
+    use taskherd::queue::exec::{run_exec_consumer, ExitClass, ExitMap};
+    let map = ExitMap::default()
+        .with(ExitClass::Done, done)
+        .and_then(|map| map.with(ExitClass::Retry, retry))
+        .and_then(|map| map.with(ExitClass::Dead, dead))
+        .context("exec-consumer")?;
+    let (program, args) = command
+        .split_first()
+        .context("exec-consumer: no command given after --")?;
+    Ok(run_exec_consumer(program, args, map))
+}
+
 /// Exit code when instances were marked failed.
 const EXIT_FAILED_INSTANCES: u8 = 1;
 /// Exit code for a bad config or a master that could not start.
@@ -345,13 +393,19 @@ fn main() -> ExitCode {
         (false, true) => Verbosity::Verbose,
         (false, false) => Verbosity::Normal,
     };
-    init_diagnostics(
-        match cli.command {
-            Command::Run { .. } => Diagnostics::BelowStatusLine,
-            _ => Diagnostics::Plain,
-        },
-        verbosity,
-    );
+    // A built-in role logs to the master through its control channel.
+    if !matches!(
+        cli.command,
+        Command::BuiltinFeeder { .. } | Command::ExecConsumer { .. }
+    ) {
+        init_diagnostics(
+            match cli.command {
+                Command::Run { .. } => Diagnostics::BelowStatusLine,
+                _ => Diagnostics::Plain,
+            },
+            verbosity,
+        );
+    }
     let result = match cli.command {
         Command::Check {
             config,
@@ -363,6 +417,13 @@ fn main() -> ExitCode {
         Command::Agent => taskherd::agent::run_stdio()
             .map(|()| ExitCode::SUCCESS)
             .map_err(|err| anyhow::anyhow!(err).context("agent")),
+        Command::BuiltinFeeder { file } => Ok(taskherd::queue::builtin::run_file_feeder(&file)),
+        Command::ExecConsumer {
+            done_codes,
+            retry_codes,
+            dead_codes,
+            command,
+        } => exec_consumer(&done_codes, &retry_codes, &dead_codes, &command),
         Command::Queue { command } => queue(command),
         Command::Status {
             target,

@@ -350,6 +350,7 @@ mod tests {
                 args: vec!["-c".into(), script.into()],
                 env: vec![],
                 cwd: None,
+                own_executable: false,
             },
             identity: Identity {
                 id,

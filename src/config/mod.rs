@@ -440,6 +440,17 @@ command = "/not/here/either"
 [[group.remote]]
 hosts = ["web1"]
 instances = 1
+
+# The feeder on this machine is taskherd's own: the command is the
+# remote consumers' only.
+[[group]]
+name = "built-in-feeder"
+command = "/not/here/either"
+[group.feeder]
+file = "jobs.queue"
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
 "#,
             ),
             ("bin/plain.sh", "#!/bin/sh\n"),

@@ -258,7 +258,8 @@ pub struct GroupSpec {
     pub local: Option<LocalPlacement>,
     /// Instances on remote hosts. Array of tables `[[group.remote]]`.
     pub remote: Vec<RemotePlacement>,
-    /// Set for a queue group (`[group.feeder]`, `[group.queue]`).
+    /// Set for a queue group (`[group.feeder]`, `[group.queue]`,
+    /// `[group.consumer]`).
     pub queue: Option<QueueSpec>,
 }
 
@@ -272,7 +273,8 @@ pub struct LocalPlacement {
     pub concurrency: Option<u32>,
 }
 
-/// What makes a group a queue group: `[group.feeder]` and `[group.queue]`.
+/// What makes a group a queue group: `[group.feeder]`, with
+/// `[group.queue]` and `[group.consumer]`.
 ///
 /// The group's instance 1 is the feeder; every placement (`[group.local]`,
 /// `[[group.remote]]`) holds consumers.
@@ -310,6 +312,46 @@ pub struct QueueSpec {
     /// `[group.queue] progress_every`: how often the feeder's counts are
     /// logged. Default 10 s.
     pub progress_every: Duration,
+    /// `[group.feeder] file`: the feeder instance runs taskherd's built-in
+    /// durable file feeder on this queue instead of the group's `command`
+    /// (which then only serves the consumers). For a feeder on the
+    /// master's host, as written (`~` expanded; relative to the config
+    /// file's directory, resolved when planned); for a remote feeder, a
+    /// path on that host (relative to the feeder's `cwd` there, `~`
+    /// expanded by the feeder). Default none.
+    pub feeder_file: Option<PathBuf>,
+    /// `[group.consumer] run`: how the consumers run the group's command.
+    /// Default [`ConsumerRun::Library`].
+    pub consumer_run: ConsumerRun,
+    /// `[group.consumer] done_codes`, `retry_codes`, `dead_codes`: exit
+    /// statuses of exec consumers' jobs mapped otherwise than by default.
+    pub exit_codes: ExitCodes,
+}
+
+/// Exit statuses an exec consumer maps to an outcome otherwise than by
+/// default (`[group.consumer] done_codes`, `retry_codes`, `dead_codes`;
+/// a status is in one list at most).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExitCodes {
+    /// Statuses that mean done.
+    pub done: Vec<u8>,
+    /// Statuses that mean retry.
+    pub retry: Vec<u8>,
+    /// Statuses that mean dead.
+    pub dead: Vec<u8>,
+}
+
+/// How the consumers of a queue group run its `command`
+/// (`[group.consumer] run`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConsumerRun {
+    /// The command is a program using the slave library's
+    /// `HandlerQueue`, started once per consumer instance (`"library"`).
+    #[default]
+    Library,
+    /// Each consumer instance is taskherd's exec consumer runner, which
+    /// runs the command once per job (`"exec"`).
+    Exec,
 }
 
 impl Default for QueueSpec {
@@ -325,6 +367,9 @@ impl Default for QueueSpec {
             credits: None,
             rate: None,
             progress_every: Duration::from_secs(10),
+            feeder_file: None,
+            consumer_run: ConsumerRun::Library,
+            exit_codes: ExitCodes::default(),
         }
     }
 }

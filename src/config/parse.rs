@@ -11,9 +11,9 @@
 
 use super::probe::{Probe, Spot};
 use super::{
-    Config, ConfigError, ConfigErrors, GroupSpec, HostSpec, KnownHostsPolicy, LocalPlacement,
-    LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec, RemotePlacement, RestartPolicy,
-    RestartSpec, SshOptions, MAX_LOG_KEEP,
+    Config, ConfigError, ConfigErrors, ConsumerRun, ExitCodes, GroupSpec, HostSpec,
+    KnownHostsPolicy, LocalPlacement, LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec,
+    RemotePlacement, RestartPolicy, RestartSpec, SshOptions, MAX_LOG_KEEP,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -65,13 +65,16 @@ const GROUP_KEYS: &[&str] = &[
     "remote",
     "feeder",
     "queue",
+    "consumer",
 ];
 const RESTART_KEYS: &[&str] = &["policy", "initial", "max", "reset_after", "jitter", "limit"];
 const LOCAL_KEYS: &[&str] = &["instances", "concurrency"];
 /// Keys of `[[group.remote]]` besides the [`SSH_KEYS`] overrides.
 const REMOTE_KEYS: &[&str] = &["hosts", "instances", "command", "cwd", "env", "concurrency"];
 /// Keys of `[group.feeder]`.
-const FEEDER_KEYS: &[&str] = &["host", "bind"];
+const FEEDER_KEYS: &[&str] = &["host", "bind", "file"];
+/// Keys of `[group.consumer]`.
+const CONSUMER_KEYS: &[&str] = &["run", "done_codes", "retry_codes", "dead_codes"];
 /// Keys of `[group.queue]`.
 const QUEUE_KEYS: &[&str] = &[
     "lease",
@@ -91,6 +94,11 @@ const NO_CONSUMERS: &str = "a queue group needs consumers: add [group.local] or 
 const ONE_FEEDER: &str = "a queue group has exactly one feeder: write one [group.feeder] table, \
                           not [[group.feeder]]";
 const QUEUE_WITHOUT_FEEDER: &str = "a [group.queue] table needs [group.feeder]";
+const CONSUMER_WITHOUT_FEEDER: &str = "a [group.consumer] table needs [group.feeder]: consumers \
+                                       are the instances of a queue group";
+const EXEC_NEEDS_FILE: &str = "exec consumers need the built-in feeder: add file = \"jobs.queue\" \
+                               to [group.feeder] (the group's command is what each job runs, \
+                               so it cannot be the feeder too)";
 const CONCURRENCY_NOT_QUEUE: &str = "concurrency is for queue groups ([group.feeder])";
 const RATE_EXAMPLE: &str = "jobs per second, minute or hour, such as \"200/s\", \"5/m\", \
                             \"0.5/s\" or \"1000/h\"";
@@ -1344,9 +1352,17 @@ impl<'t> Walker<'t> {
         if let Some(spec) = &mut group.queue {
             spec.feeder_ssh = ssh.clone();
         }
+        if let Some(consumer) = table.get("consumer") {
+            self.consumer(
+                &child(&path, "consumer"),
+                consumer,
+                feeder,
+                &mut group.queue,
+            );
+        }
         // What the user meant, even when the feeder is missing or written
         // wrong (which has its own error): placements hold consumers then.
-        let queue_group = feeder.is_some() || queue.is_some();
+        let queue_group = feeder.is_some() || queue.is_some() || table.get("consumer").is_some();
         if let Some(local) = table.get("local") {
             group.local = self.local(&child(&path, "local"), local, queue_group);
         }
@@ -1390,8 +1406,12 @@ impl<'t> Walker<'t> {
             };
             self.error(value.span(), &path, message);
         }
-        let local_feeder =
-            feeder.is_some() && group.queue.as_ref().is_none_or(|q| q.feeder_host.is_none());
+        // A built-in feeder runs taskherd itself, not the group's command.
+        let local_feeder = feeder.is_some()
+            && group
+                .queue
+                .as_ref()
+                .is_none_or(|q| q.feeder_host.is_none() && q.feeder_file.is_none());
         if table.get("local").is_some() || local_feeder {
             self.probe_local(&path, table, &group);
         }
@@ -1526,6 +1546,18 @@ impl<'t> Walker<'t> {
                 },
             }
         }
+        if let Some(file) = table.get("file") {
+            let key = child(path, "file");
+            if let Some(text) = self.non_empty_string(&key, file) {
+                // A remote feeder's file is a path on its host, as written
+                // (`~` is that host's home there); a local one is a local
+                // path key.
+                spec.feeder_file = match spec.feeder_host {
+                    Some(_) => Some(PathBuf::from(text)),
+                    None => self.local_path(&key, file, text),
+                };
+            }
+        }
         if let Some(bind) = table.get("bind") {
             let key = child(path, "bind");
             if let Some(text) = self.string(&key, bind) {
@@ -1539,6 +1571,115 @@ impl<'t> Walker<'t> {
                         self.error(bind.span(), &key, message);
                     }
                 }
+            }
+        }
+    }
+
+    /// `[group.consumer]` of a group whose `[group.feeder]` is `feeder`:
+    /// how its consumers run the command, into `queue`.
+    fn consumer(
+        &mut self,
+        path: &str,
+        value: &Value<'_>,
+        feeder: Option<&Value<'_>>,
+        queue: &mut Option<QueueSpec>,
+    ) {
+        let Some(table) = self.table(path, value) else {
+            return;
+        };
+        self.check_unknown(table, path, CONSUMER_KEYS, &[]);
+        if feeder.is_none() {
+            self.error(value.span(), path, CONSUMER_WITHOUT_FEEDER);
+        }
+        let mut codes = ExitCodes::default();
+        let mut seen: BTreeMap<u8, &'static str> = BTreeMap::new();
+        for (name, list) in [
+            ("done_codes", &mut codes.done),
+            ("retry_codes", &mut codes.retry),
+            ("dead_codes", &mut codes.dead),
+        ] {
+            let Some(value) = table.get(name) else {
+                continue;
+            };
+            let key = child(path, name);
+            let Some(items) = value.get_ref().as_array() else {
+                self.wrong_type(value, &key, "an array of exit statuses (0 to 255)");
+                continue;
+            };
+            for (i, item) in items.iter().enumerate() {
+                let item_key = index(&key, i);
+                let Some(n) = self.integer(&item_key, item) else {
+                    continue;
+                };
+                let Ok(code) = u8::try_from(n) else {
+                    self.error(
+                        item.span(),
+                        &item_key,
+                        format!("exit status {n} out of range: 0 to 255"),
+                    );
+                    continue;
+                };
+                if let Some(other) = seen.insert(code, name) {
+                    self.error(
+                        item.span(),
+                        &item_key,
+                        format!("exit status {code} is in {other} already"),
+                    );
+                    continue;
+                }
+                list.push(code);
+            }
+        }
+        let run = match table.get("run") {
+            Some(run_value) => {
+                let key = child(path, "run");
+                let Some(run) = self.consumer_run(&key, run_value) else {
+                    return;
+                };
+                if let Some(queue) = queue.as_ref() {
+                    if run == ConsumerRun::Exec && queue.feeder_file.is_none() {
+                        self.error(run_value.span(), &key, EXEC_NEEDS_FILE);
+                    }
+                }
+                run
+            }
+            None => ConsumerRun::Library,
+        };
+        if codes != ExitCodes::default() && run != ConsumerRun::Exec {
+            self.error(
+                value.span(),
+                path,
+                "done_codes, retry_codes and dead_codes are for exec consumers (run = \"exec\")",
+            );
+        }
+        if let Some(queue) = queue {
+            queue.consumer_run = run;
+            queue.exit_codes = codes;
+        }
+    }
+
+    fn consumer_run(&mut self, key: &str, value: &Value<'_>) -> Option<ConsumerRun> {
+        const KINDS: &[&str] = &["library", "exec"];
+        match self.string(key, value)?.as_str() {
+            "library" => Some(ConsumerRun::Library),
+            "exec" => Some(ConsumerRun::Exec),
+            "coprocess" => {
+                let message =
+                    "coprocess consumers are not supported yet: use \"library\" or \"exec\"";
+                self.error(value.span(), key, message);
+                None
+            }
+            other => {
+                let message = match closest(other, KINDS) {
+                    Some(close) => {
+                        format!("unknown consumer kind {other:?}, did you mean {close:?}?")
+                    }
+                    None => {
+                        format!("unknown consumer kind {other:?}: expected \"library\" or \"exec\"")
+                    }
+                };
+                self.error(value.span(), key, message);
+                None
             }
         }
     }
@@ -2641,6 +2782,9 @@ instances = 1
                 credits: Some(16),
                 rate: Some(200.0),
                 progress_every: Duration::from_secs(30),
+                feeder_file: None,
+                consumer_run: ConsumerRun::Library,
+                exit_codes: ExitCodes::default(),
             })
         );
         assert_eq!(
@@ -2690,6 +2834,8 @@ instances = 1
         assert_eq!(queue.credits, None);
         assert_eq!(queue.rate, None);
         assert_eq!(queue.progress_every, Duration::from_secs(10));
+        assert_eq!(queue.feeder_file, None);
+        assert_eq!(queue.consumer_run, ConsumerRun::Library);
         assert_eq!(
             jobs.local,
             Some(LocalPlacement {
@@ -2806,6 +2952,239 @@ instances = 1
             28,
             "group[4].feeder.bind",
             "expected a string, found integer",
+        );
+    }
+
+    #[test]
+    fn built_in_feeder_and_exec_consumers() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "local"
+command = "./handle.sh"
+[group.feeder]
+file = "queues/jobs.queue"
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 2
+
+[[group]]
+name = "home"
+command = "./queue_worker"
+[group.feeder]
+file = "~/jobs.queue"
+[group.consumer]
+run = "library"
+[group.local]
+instances = 1
+
+[[group]]
+name = "remote"
+command = "handle"
+[group.feeder]
+host = "web1"
+file = "~/jobs.queue"
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+
+[[group]]
+name = "default"
+command = "./queue_worker"
+[group.feeder]
+file = "/var/lib/jobs.queue"
+[group.consumer]
+[group.local]
+instances = 1
+"#,
+        );
+        let queue = |i: usize| config.groups[i].queue.clone().expect("a queue group");
+        // A local path key, kept relative (resolved against the config's
+        // directory when planned).
+        assert_eq!(
+            queue(0).feeder_file,
+            Some(PathBuf::from("queues/jobs.queue"))
+        );
+        assert_eq!(queue(0).consumer_run, ConsumerRun::Exec);
+        assert_eq!(queue(1).feeder_file, Some(home().join("jobs.queue")));
+        assert_eq!(queue(1).consumer_run, ConsumerRun::Library);
+        // A remote feeder's file is a path on its host: `~` is its home.
+        assert_eq!(queue(2).feeder_file, Some(PathBuf::from("~/jobs.queue")));
+        assert_eq!(queue(2).consumer_run, ConsumerRun::Library);
+        assert_eq!(
+            queue(3).feeder_file,
+            Some(PathBuf::from("/var/lib/jobs.queue"))
+        );
+        assert_eq!(queue(3).consumer_run, ConsumerRun::Library);
+    }
+
+    #[test]
+    fn exit_code_maps_of_exec_consumers() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "a"
+command = "w"
+[group.feeder]
+file = "q"
+[group.consumer]
+run = "exec"
+retry_codes = [65, 3]
+dead_codes = [1]
+[group.local]
+instances = 1
+"#,
+        );
+        let queue = config.groups[0].queue.clone().expect("a queue group");
+        assert_eq!(
+            queue.exit_codes,
+            ExitCodes {
+                done: Vec::new(),
+                retry: vec![65, 3],
+                dead: vec![1],
+            }
+        );
+        let errors = parse_err(
+            r#"[[group]]
+name = "a"
+command = "w"
+[group.feeder]
+file = "q"
+[group.consumer]
+run = "exec"
+retry_codes = [256, 3]
+dead_codes = [3, "x"]
+[group.local]
+instances = 1
+
+[[group]]
+name = "b"
+command = "w"
+[group.feeder]
+[group.consumer]
+done_codes = [0]
+[group.local]
+instances = 1
+"#,
+        );
+        let found: Vec<(usize, &str, bool)> = errors
+            .iter()
+            .map(|err| {
+                let said = err.message.contains("out of range")
+                    || err.message.contains("in retry_codes already")
+                    || err.message.contains("integer")
+                    || err.message.contains("for exec consumers");
+                (err.line, err.key.as_str(), said)
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (8, "group[1].consumer.retry_codes[1]", true),
+                (9, "group[1].consumer.dead_codes[1]", true),
+                (9, "group[1].consumer.dead_codes[2]", true),
+                (17, "group[2].consumer", true),
+            ],
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn built_in_feeder_and_consumer_errors() {
+        let errors = parse_err(
+            r#"[[group]]
+name = "a"
+command = "w"
+[group.feeder]
+file = ""
+[group.consumer]
+run = "coprocess"
+[group.local]
+instances = 1
+
+[[group]]
+name = "b"
+command = "w"
+[group.feeder]
+file = 7
+[group.consumer]
+run = "exex"
+mode = "x"
+[group.local]
+instances = 1
+
+[[group]]
+name = "c"
+command = "w"
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 1
+concurrency = 2
+
+[[group]]
+name = "d"
+command = "w"
+[group.feeder]
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 1
+
+[[group]]
+name = "e"
+command = "w"
+consumer = { run = "shell" }
+[group.feeder]
+file = "q"
+[group.local]
+instances = 1
+"#,
+        );
+        let places: Vec<(usize, &str)> = errors
+            .iter()
+            .map(|err| (err.line, err.key.as_str()))
+            .collect();
+        assert_eq!(
+            places,
+            [
+                (5, "group[1].feeder.file"),
+                (7, "group[1].consumer.run"),
+                (15, "group[2].feeder.file"),
+                (17, "group[2].consumer.run"),
+                (18, "group[2].consumer.mode"),
+                (25, "group[3].consumer"),
+                (36, "group[4].consumer.run"),
+                (43, "group[5].consumer.run"),
+            ],
+            "{}",
+            ConfigErrors(errors.clone())
+        );
+        assert_error(&errors[0], 5, "group[1].feeder.file", "must not be empty");
+        assert_eq!(
+            errors[1].message,
+            "coprocess consumers are not supported yet: use \"library\" or \"exec\""
+        );
+        assert_error(&errors[2], 15, "group[2].feeder.file", "expected a string");
+        assert_eq!(
+            errors[3].message,
+            "unknown consumer kind \"exex\", did you mean \"exec\"?"
+        );
+        assert_error(
+            &errors[4],
+            18,
+            "group[2].consumer.mode",
+            "expected one of: run",
+        );
+        assert_eq!(errors[5].message, CONSUMER_WITHOUT_FEEDER);
+        assert_eq!(
+            errors[5].to_string(),
+            "conf/herd.toml:25:1: group[3].consumer: a [group.consumer] table needs \
+             [group.feeder]: consumers are the instances of a queue group"
+        );
+        assert_eq!(errors[6].message, EXEC_NEEDS_FILE);
+        assert_eq!(
+            errors[7].message,
+            "unknown consumer kind \"shell\": expected \"library\" or \"exec\""
         );
     }
 

@@ -4,7 +4,9 @@ use super::instance::InstanceSpec;
 use super::log::InstanceLabel;
 use super::process::ProcessSpec;
 use super::remote::HostPlan;
-use crate::config::{Config, GroupSpec, HostSpec, RemotePlacement, SshOptions};
+use crate::config::{
+    Config, ConsumerRun, GroupSpec, HostSpec, QueueSpec, RemotePlacement, SshOptions,
+};
 use crate::protocol::slave::{Identity, QueueRole};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -12,6 +14,18 @@ use std::sync::Arc;
 
 /// Host name of instances started by the master itself.
 pub const LOCAL_HOST: &str = "localhost";
+
+/// The command name in the log label of a built-in file feeder
+/// (`[group.feeder] file`): `[jobs] [localhost] [file-feeder/1/1]`.
+pub const FILE_FEEDER_LABEL: &str = "file-feeder";
+
+/// The subcommand of the `taskherd` binary that runs the built-in file
+/// feeder: `taskherd builtin-feeder --file PATH`.
+pub const BUILTIN_FEEDER_COMMAND: &str = "builtin-feeder";
+
+/// The subcommand of the `taskherd` binary that runs exec consumers:
+/// `taskherd exec-consumer -- COMMAND ARGS...`.
+pub const EXEC_CONSUMER_COMMAND: &str = "exec-consumer";
 
 /// Where every instance of a config runs.
 #[derive(Debug, Clone, Default)]
@@ -83,9 +97,12 @@ pub fn plan(config: &Config) -> Plan {
         if let Some(queue) = &group.queue {
             match &queue.feeder_host {
                 None => {
-                    let process = process_spec(group, &base_dir);
+                    let process = feeder_process(queue, process_spec(group, &base_dir), |file| {
+                        base_dir.join(file)
+                    });
                     let mut feeder = placed.instance(&mut next_id, LOCAL_HOST, &process);
                     feeder.identity.queue = Some(super::queue::feeder_role(queue));
+                    label_builtin_feeder(&mut feeder, queue);
                     plan.feeders.push(feeder);
                 }
                 Some(host) => {
@@ -96,9 +113,15 @@ pub fn plan(config: &Config) -> Plan {
                         .iter()
                         .find(|p| p.hosts.iter().any(|h| same_host(h, host)))
                         .or(group.remote.first());
-                    let process = remote_process_spec(group, placement);
+                    // A built-in feeder's file is a path on that host.
+                    let process = feeder_process(
+                        queue,
+                        remote_process_spec(group, placement),
+                        Path::to_path_buf,
+                    );
                     let mut feeder = placed.instance(&mut next_id, &host.label, &process);
                     feeder.identity.queue = Some(super::queue::feeder_role(queue));
+                    label_builtin_feeder(&mut feeder, queue);
                     let index = host_index(&mut plan.hosts, host, || {
                         resolve_ssh(&queue.feeder_ssh, &base_dir)
                     });
@@ -107,7 +130,7 @@ pub fn plan(config: &Config) -> Plan {
             }
         }
         if let Some(local) = &group.local {
-            let process = process_spec(group, &base_dir);
+            let process = consumer_process(group, process_spec(group, &base_dir));
             for _ in 0..local.instances {
                 let mut spec = placed.instance(&mut next_id, LOCAL_HOST, &process);
                 if let Some(queue) = &group.queue {
@@ -118,7 +141,7 @@ pub fn plan(config: &Config) -> Plan {
             }
         }
         for placement in &group.remote {
-            let process = remote_process_spec(group, Some(placement));
+            let process = consumer_process(group, remote_process_spec(group, Some(placement)));
             for host in &placement.hosts {
                 let index = host_index(&mut plan.hosts, host, || {
                     resolve_ssh(&placement.ssh, &base_dir)
@@ -221,6 +244,76 @@ fn process_spec(group: &GroupSpec, base_dir: &Path) -> ProcessSpec {
         args: group.args.clone(),
         env: with_default_env(&group.env),
         cwd: group.cwd.as_ref().map(|cwd| base_dir.join(cwd)),
+        own_executable: false,
+    }
+}
+
+/// The feeder of a queue group: the group's `process`, or with
+/// `[group.feeder] file` the built-in file feeder (taskherd's own
+/// executable) on that file as `locate` places it, with the group's
+/// environment and working directory.
+fn feeder_process(
+    queue: &QueueSpec,
+    process: ProcessSpec,
+    locate: impl FnOnce(&Path) -> PathBuf,
+) -> ProcessSpec {
+    let Some(file) = &queue.feeder_file else {
+        return process;
+    };
+    let file = locate(file);
+    ProcessSpec {
+        program: PathBuf::from("taskherd"),
+        args: vec![
+            BUILTIN_FEEDER_COMMAND.to_string(),
+            "--file".to_string(),
+            file.to_string_lossy().into_owned(),
+        ],
+        own_executable: true,
+        ..process
+    }
+}
+
+/// A built-in feeder is named for what it is in the log, not for the
+/// group's command (which it does not run).
+fn label_builtin_feeder(feeder: &mut InstanceSpec, queue: &QueueSpec) {
+    if queue.feeder_file.is_some() {
+        let mut label = (*feeder.label).clone();
+        label.command = FILE_FEEDER_LABEL.to_string();
+        feeder.label = Arc::new(label);
+    }
+}
+
+/// A consumer of `group` (a placement's `process`): with `[group.consumer]
+/// run = "exec"`, taskherd's own exec consumer runner, which runs the
+/// command and its arguments once per job.
+fn consumer_process(group: &GroupSpec, process: ProcessSpec) -> ProcessSpec {
+    let Some(queue) = group
+        .queue
+        .as_ref()
+        .filter(|queue| queue.consumer_run == ConsumerRun::Exec)
+    else {
+        return process;
+    };
+    let mut args = vec![EXEC_CONSUMER_COMMAND.to_string()];
+    for (flag, codes) in [
+        ("--done-codes", &queue.exit_codes.done),
+        ("--retry-codes", &queue.exit_codes.retry),
+        ("--dead-codes", &queue.exit_codes.dead),
+    ] {
+        if !codes.is_empty() {
+            let list: Vec<String> = codes.iter().map(u8::to_string).collect();
+            args.push(flag.to_string());
+            args.push(list.join(","));
+        }
+    }
+    args.push("--".to_string());
+    args.push(process.program.to_string_lossy().into_owned());
+    args.extend(process.args.iter().cloned());
+    ProcessSpec {
+        program: PathBuf::from("taskherd"),
+        args,
+        own_executable: true,
+        ..process
     }
 }
 
@@ -253,6 +346,7 @@ fn remote_process_spec(group: &GroupSpec, placement: Option<&RemotePlacement>) -
         args: group.args.clone(),
         env: with_default_env(&env),
         cwd: placement.and_then(|p| p.cwd.clone()),
+        own_executable: false,
     }
 }
 
@@ -592,6 +686,105 @@ instances = 1
             ]
         );
         assert_eq!(env_of(specs[1], "OTHER"), ["x"]);
+    }
+
+    #[test]
+    fn built_in_feeders_and_exec_consumers_run_taskherd_itself() {
+        let text = r#"
+[[group]]
+name = "local"
+command = "./bin/handle"
+args = ["--fast"]
+env = { A = "1" }
+cwd = "work"
+[group.feeder]
+file = "q/jobs.queue"
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 1
+concurrency = 3
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+command = "/srv/handle"
+cwd = "/srv"
+
+[[group]]
+name = "remote"
+command = "./bin/worker"
+[group.feeder]
+host = "web1"
+file = "~/jobs.queue"
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+cwd = "/srv"
+"#;
+        let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
+        let plan = plan(&config);
+        let specs = plan.instances();
+        let run: Vec<(&str, &str, bool, Vec<&str>)> = specs
+            .iter()
+            .map(|s| {
+                (
+                    s.label.host.as_str(),
+                    s.label.command.as_str(),
+                    s.process.own_executable,
+                    s.process.args.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            run,
+            [
+                (
+                    "localhost",
+                    FILE_FEEDER_LABEL,
+                    true,
+                    vec!["builtin-feeder", "--file", "/etc/herd/q/jobs.queue"]
+                ),
+                (
+                    "localhost",
+                    "handle",
+                    true,
+                    vec!["exec-consumer", "--", "/etc/herd/./bin/handle", "--fast"]
+                ),
+                (
+                    "web1",
+                    "handle",
+                    true,
+                    vec!["exec-consumer", "--", "/srv/handle", "--fast"]
+                ),
+                (
+                    "web1",
+                    FILE_FEEDER_LABEL,
+                    true,
+                    vec!["builtin-feeder", "--file", "~/jobs.queue"]
+                ),
+                ("web1", "worker", false, vec![]),
+            ]
+        );
+        // The group's environment and working directory, roles as before.
+        assert_eq!(env_of(specs[0], "A"), ["1"]);
+        assert_eq!(specs[0].process.cwd, Some(PathBuf::from("/etc/herd/work")));
+        assert_eq!(env_of(specs[1], "A"), ["1"]);
+        assert_eq!(specs[1].process.cwd, Some(PathBuf::from("/etc/herd/work")));
+        assert_eq!(specs[2].process.cwd, Some(PathBuf::from("/srv")));
+        assert_eq!(specs[3].process.cwd, Some(PathBuf::from("/srv")));
+        assert!(matches!(
+            specs[0].identity.queue,
+            Some(QueueRole::Feeder { .. })
+        ));
+        assert!(matches!(
+            specs[1].identity.queue,
+            Some(QueueRole::Consumer { concurrency: 3, .. })
+        ));
+        assert!(matches!(
+            specs[3].identity.queue,
+            Some(QueueRole::Feeder { .. })
+        ));
+        assert_eq!(specs[4].process.program, PathBuf::from("./bin/worker"));
     }
 
     /// `web`: `local` instances on the master's host and `remote` on each

@@ -19,8 +19,19 @@ use tokio::process::{Child, ChildStderr, ChildStdout};
 /// What to execute: pure data, resolved against the config directory.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessSpec {
-    /// Program path (or bare name looked up in `PATH`).
+    /// Program path (or bare name looked up in `PATH`). With
+    /// `own_executable`, only a name for messages.
     pub program: PathBuf,
+    /// Run the spawner's own executable ([`std::env::current_exe`])
+    /// instead of `program`: taskherd's built-in roles (the file feeder,
+    /// the exec consumer runner) are subcommands of the `taskherd`
+    /// binary. On the master's host that is the master (a program that
+    /// embeds the master runs itself, so built-in roles need the
+    /// `taskherd` binary as the master); on a remote host it is the agent
+    /// (uploaded, or `master.agent_path`), since the agent spawns with
+    /// this same code. Absent in the frames of older masters: `false`.
+    #[serde(default)]
+    pub own_executable: bool,
     /// Arguments.
     pub args: Vec<String>,
     /// Extra environment, on top of the master's.
@@ -77,6 +88,10 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
+    /// The spawner's own executable (for a built-in role) could not be
+    /// found.
+    #[error("cannot find taskherd's own executable for a built-in role")]
+    OwnExecutable(#[source] std::io::Error),
     /// Params could not be turned into JSON for the environment.
     #[error("cannot encode params")]
     Params(#[source] serde_json::Error),
@@ -117,7 +132,11 @@ pub fn spawn(spec: &ProcessSpec, identity: &Identity) -> Result<Spawned, SpawnEr
         };
         path.as_deref().map(probe::clean_path)
     };
-    let program = local_path(&spec.program).unwrap_or_else(|| spec.program.clone());
+    let program = if spec.own_executable {
+        std::env::current_exe().map_err(SpawnError::OwnExecutable)?
+    } else {
+        local_path(&spec.program).unwrap_or_else(|| spec.program.clone())
+    };
     let cwd = spec
         .cwd
         .as_ref()
@@ -314,6 +333,7 @@ mod tests {
             args: args.iter().map(|arg| arg.to_string()).collect(),
             env: Vec::new(),
             cwd: cwd.map(PathBuf::from),
+            own_executable: false,
         }
     }
 
@@ -354,6 +374,32 @@ mod tests {
         let err = spawn(&spec("surely-not-a-program-7f3a", &[], None), &identity())
             .expect_err("not in PATH");
         assert!(err.to_string().contains("not found in PATH"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn own_executable_runs_the_spawner_itself() {
+        // The test binary, asked to list its tests: it prints this test.
+        let mut own = spec("not-run", &["--list", "own_executable_runs"], None);
+        own.own_executable = true;
+        let mut spawned = spawn(&own, &identity()).expect("spawn own executable");
+        let mut out = String::new();
+        spawned
+            .stdout
+            .read_to_string(&mut out)
+            .await
+            .expect("read stdout");
+        spawned.child.wait().await.expect("wait");
+        assert!(
+            out.contains("own_executable_runs_the_spawner_itself"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn specs_of_older_masters_are_not_own_executable() {
+        let old = r#"{"program":"sh","args":[],"env":[],"cwd":null}"#;
+        let spec: ProcessSpec = serde_json::from_str(old).expect("decode");
+        assert!(!spec.own_executable);
     }
 
     #[tokio::test]

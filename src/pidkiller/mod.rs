@@ -99,7 +99,7 @@
 //! # }
 //! ```
 
-mod proc;
+pub(crate) mod proc;
 mod store;
 mod task;
 

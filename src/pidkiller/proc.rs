@@ -186,7 +186,7 @@ pub(crate) const SIGNAL_ATTEMPTS: u32 = 3;
 const SIGNAL_RETRY_BACKOFF: Duration = Duration::from_millis(10);
 
 /// One `kill(2)` call.
-fn send_once(target: Target, signal: Signal) -> io::Result<Delivery> {
+pub(crate) fn send_once(target: Target, signal: Signal) -> io::Result<Delivery> {
     let raw = match target {
         Target::Group(pgid) => pid_t(pgid)?.checked_neg(),
         Target::Process(pid) => Some(pid_t(pid)?),

@@ -159,6 +159,11 @@ pub struct JobInfo {
     pub id: u64,
     /// Attempts so far, this one included (1 on first delivery).
     pub attempt: u32,
+    /// When the feeder's lease of this attempt ends, reckoned from the
+    /// job's arrival here (`None` when the feeder leases without a time
+    /// limit). An outcome sent later is refused as stale and the job runs
+    /// again elsewhere: work past it is wasted.
+    pub deadline: Option<std::time::Instant>,
     /// Asks the feeder to send less: the consumer's side of the rate
     /// governor.
     pub feeder: FeederControl,
@@ -903,16 +908,21 @@ where
                             continue;
                         }
                         match serde_json::from_value::<J>(payload) {
-                            Ok(job) => queued.push_back(Queued {
-                                lease: job_lease,
-                                info: JobInfo {
-                                    id,
-                                    attempt,
-                                    feeder: FeederControl { frames_tx: frames_tx.clone() },
-                                },
-                                job,
-                                received: Instant::now(),
-                            }),
+                            Ok(job) => {
+                                let received = Instant::now();
+                                queued.push_back(Queued {
+                                    lease: job_lease,
+                                    info: JobInfo {
+                                        id,
+                                        attempt,
+                                        deadline: (!lease.is_zero())
+                                            .then(|| (received + lease).into_std()),
+                                        feeder: FeederControl { frames_tx: frames_tx.clone() },
+                                    },
+                                    job,
+                                    received,
+                                });
+                            }
                             Err(err) => {
                                 warn!(
                                     job = id,

@@ -5,10 +5,16 @@
 //! - The job queue of queue groups: a feeder instance serves jobs over TCP
 //!   ([`crate::protocol::queue`]) to consumer instances on any host. The
 //!   jobs come from a [`Feeder`]: the user's own type (the original's
-//!   FeederInterface: next / success / error) or a built-in one.
+//!   FeederInterface: next / success / error) or a built-in one
+//!   ([`feeders`]); [`builtin`] runs the durable file feeder as the
+//!   `taskherd` binary's own feeder role.
+//! - [`exec`]: a consumer that runs a command once per job (the
+//!   `taskherd exec-consumer` subcommand).
 
+pub mod builtin;
 pub mod consumer;
 pub mod durable;
+pub mod exec;
 pub mod feeders;
 pub mod governor;
 pub(crate) mod journal;

@@ -56,7 +56,7 @@ mod error;
 mod handler;
 mod layer;
 mod link;
-mod queue;
+pub(crate) mod queue;
 
 pub use self::error::SlaveError;
 pub use self::handler::{Handler, FLUSH_TIMEOUT, IDENTITY_TIMEOUT, MAX_LOG_LEN};

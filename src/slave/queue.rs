@@ -271,7 +271,7 @@ impl Deref for HandlerQueue {
 
 /// How long a consumer's running jobs get at stop: 80 % of the stop grace
 /// (the rest is for the goodbyes), at most [`DEFAULT_GRACE`].
-fn consumer_grace(stop_grace: Duration) -> Duration {
+pub(crate) fn consumer_grace(stop_grace: Duration) -> Duration {
     stop_grace.mul_f64(0.8).min(DEFAULT_GRACE)
 }
 
