@@ -204,6 +204,7 @@ fn settings() -> QueueSettings {
         retry: RetryPolicy::default(),
         rate: None,
         progress_every: PROGRESS_EVERY,
+        joblog: None,
     }
 }
 

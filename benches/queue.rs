@@ -159,6 +159,7 @@ fn settings() -> QueueSettings {
         retry: RetryPolicy::default(),
         rate: None,
         progress_every: Duration::ZERO,
+        joblog: None,
     }
 }
 

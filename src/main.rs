@@ -93,13 +93,24 @@ marked failed, 2 for a bad config or a master that could not start.")]
     /// Serve a master on stdin/stdout (started by the master over SSH).
     #[command(hide = true)]
     Agent,
-    /// Be a queue group's built-in durable file feeder (`[group.feeder]
-    /// file`; started by the master or an agent).
+    /// Be a queue group's built-in feeder (`[group.feeder] file`, `jsonl`
+    /// or `command`; started by the master or an agent).
     #[command(hide = true)]
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["file", "jsonl", "command"])))]
     BuiltinFeeder {
-        /// The queue's journal.
+        /// Serve the durable file queue with this journal.
         #[arg(long)]
-        file: PathBuf,
+        file: Option<PathBuf>,
+        /// Serve the lines of this JSON-lines file (done ones kept in
+        /// PATH.state).
+        #[arg(long, value_name = "PATH")]
+        jsonl: Option<PathBuf>,
+        /// Serve the lines of the stdout of the command given after `--`.
+        #[arg(long, requires = "program")]
+        command: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, value_name = "COMMAND")]
+        program: Vec<std::ffi::OsString>,
     },
     /// Be a consumer of a queue group that runs COMMAND once per job
     /// (`[group.consumer] run = "exec"`; started by the master or an
@@ -117,6 +128,15 @@ marked failed, 2 for a bad config or a master that could not start.")]
         /// Exit statuses that mean dead (besides 64 to 78, 126 and 127).
         #[arg(long, value_delimiter = ',', value_name = "CODES")]
         dead_codes: Vec<u8>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Be a consumer of a queue group that starts COMMAND once and speaks
+    /// JSON lines with it (`[group.consumer] run = "coprocess"`; started by
+    /// the master or an agent).
+    #[command(hide = true)]
+    CoprocessConsumer {
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
@@ -361,6 +381,30 @@ enum ColorArg {
     Never,
 }
 
+/// `taskherd builtin-feeder`: the role its options name (clap makes sure
+/// there is exactly one).
+fn builtin_feeder(
+    file: Option<PathBuf>,
+    jsonl: Option<PathBuf>,
+    command: bool,
+    program: &[std::ffi::OsString],
+) -> ExitCode {
+    use taskherd::queue::builtin;
+    match (file, jsonl, program.split_first()) {
+        (Some(file), _, _) => builtin::run_file_feeder(&file),
+        (None, Some(jsonl), _) => builtin::run_jsonl_feeder(&jsonl),
+        (None, None, Some((program, args))) if command => {
+            builtin::run_command_feeder(program, args)
+        }
+        _ => {
+            eprintln!(
+                "taskherd builtin-feeder: give --file PATH, --jsonl PATH or --command -- COMMAND"
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// `taskherd exec-consumer`: the exit map from the options, then the
 /// library's runner.
 fn exec_consumer(
@@ -396,7 +440,9 @@ fn main() -> ExitCode {
     // A built-in role logs to the master through its control channel.
     if !matches!(
         cli.command,
-        Command::BuiltinFeeder { .. } | Command::ExecConsumer { .. }
+        Command::BuiltinFeeder { .. }
+            | Command::ExecConsumer { .. }
+            | Command::CoprocessConsumer { .. }
     ) {
         init_diagnostics(
             match cli.command {
@@ -417,13 +463,26 @@ fn main() -> ExitCode {
         Command::Agent => taskherd::agent::run_stdio()
             .map(|()| ExitCode::SUCCESS)
             .map_err(|err| anyhow::anyhow!(err).context("agent")),
-        Command::BuiltinFeeder { file } => Ok(taskherd::queue::builtin::run_file_feeder(&file)),
+        Command::BuiltinFeeder {
+            file,
+            jsonl,
+            command,
+            program,
+        } => Ok(builtin_feeder(file, jsonl, command, &program)),
         Command::ExecConsumer {
             done_codes,
             retry_codes,
             dead_codes,
             command,
         } => exec_consumer(&done_codes, &retry_codes, &dead_codes, &command),
+        Command::CoprocessConsumer { command } => match command.split_first() {
+            Some((program, args)) => Ok(taskherd::queue::coprocess::run_coprocess_consumer(
+                program, args,
+            )),
+            None => Err(anyhow::anyhow!(
+                "coprocess-consumer: no command given after --"
+            )),
+        },
         Command::Queue { command } => queue(command),
         Command::Status {
             target,

@@ -312,20 +312,69 @@ pub struct QueueSpec {
     /// `[group.queue] progress_every`: how often the feeder's counts are
     /// logged. Default 10 s.
     pub progress_every: Duration,
-    /// `[group.feeder] file`: the feeder instance runs taskherd's built-in
-    /// durable file feeder on this queue instead of the group's `command`
-    /// (which then only serves the consumers). For a feeder on the
-    /// master's host, as written (`~` expanded; relative to the config
-    /// file's directory, resolved when planned); for a remote feeder, a
-    /// path on that host (relative to the feeder's `cwd` there, `~`
-    /// expanded by the feeder). Default none.
-    pub feeder_file: Option<PathBuf>,
+    /// `[group.feeder] file`, `jsonl` or `command` (one of them at most):
+    /// the feeder instance runs one of taskherd's built-in feeders instead
+    /// of the group's `command` (which then only serves the consumers).
+    /// Default none.
+    pub builtin_feeder: Option<BuiltinFeeder>,
     /// `[group.consumer] run`: how the consumers run the group's command.
     /// Default [`ConsumerRun::Library`].
     pub consumer_run: ConsumerRun,
     /// `[group.consumer] done_codes`, `retry_codes`, `dead_codes`: exit
     /// statuses of exec consumers' jobs mapped otherwise than by default.
     pub exit_codes: ExitCodes,
+    /// `[group.queue] joblog`: the file the feeder appends one JSON line
+    /// to per outcome of a job's run. For a feeder on the master's host,
+    /// as written (`~` expanded; relative to the config file's directory,
+    /// resolved when planned); for a remote feeder, a path on that host
+    /// (relative to the feeder's `cwd` there, `~` expanded by the
+    /// feeder). Default none.
+    pub joblog: Option<PathBuf>,
+    /// `[group.queue] fail_on_dead`: `taskherd run` exits 1 when jobs of
+    /// this group ended dead. Default `true`.
+    pub fail_on_dead: bool,
+}
+
+/// A built-in feeder of a queue group (`[group.feeder] file`, `jsonl` or
+/// `command`): the feeder instance is taskherd's own executable playing
+/// that role, so the group needs no feeder program.
+///
+/// Paths: for a feeder on the master's host, as written (`~` expanded;
+/// relative to the config file's directory, resolved when planned); for a
+/// remote feeder, a path on that host (relative to the feeder's `cwd`
+/// there, `~` expanded by the feeder).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuiltinFeeder {
+    /// `file = "jobs.queue"`: the durable file queue at this path, fed
+    /// with `taskherd queue add`; it never finishes by itself.
+    File(PathBuf),
+    /// `jsonl = "jobs.jsonl"`: each line of this JSON-lines file is a job;
+    /// what was done is kept in `<path>.state`, so a restarted feeder does
+    /// not serve it again. Finishes once every line has an outcome.
+    Jsonl(PathBuf),
+    /// `command = "..."` with `args`: each line of the command's stdout
+    /// is a job (in memory: a restarted feeder runs it again). Finishes
+    /// once the command has exited and every job has an outcome.
+    Command {
+        /// The program: a bare name is looked up in `PATH`; a path is
+        /// relative to the config file (local feeder) or to the feeder's
+        /// `cwd` (remote feeder).
+        program: String,
+        /// Its arguments (`[group.feeder] args`).
+        args: Vec<String>,
+    },
+}
+
+impl BuiltinFeeder {
+    /// The key that names it in `[group.feeder]`: `file`, `jsonl` or
+    /// `command`.
+    pub fn key(&self) -> &'static str {
+        match self {
+            BuiltinFeeder::File(_) => "file",
+            BuiltinFeeder::Jsonl(_) => "jsonl",
+            BuiltinFeeder::Command { .. } => "command",
+        }
+    }
 }
 
 /// Exit statuses an exec consumer maps to an outcome otherwise than by
@@ -352,6 +401,10 @@ pub enum ConsumerRun {
     /// Each consumer instance is taskherd's exec consumer runner, which
     /// runs the command once per job (`"exec"`).
     Exec,
+    /// Each consumer instance is taskherd's coprocess consumer runner,
+    /// which starts the command once and speaks JSON lines with it
+    /// (`"coprocess"`).
+    Coprocess,
 }
 
 impl Default for QueueSpec {
@@ -367,9 +420,11 @@ impl Default for QueueSpec {
             credits: None,
             rate: None,
             progress_every: Duration::from_secs(10),
-            feeder_file: None,
+            builtin_feeder: None,
             consumer_run: ConsumerRun::Library,
             exit_codes: ExitCodes::default(),
+            joblog: None,
+            fail_on_dead: true,
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use super::probe::{Probe, Spot};
 use super::{
-    Config, ConfigError, ConfigErrors, ConsumerRun, ExitCodes, GroupSpec, HostSpec,
+    BuiltinFeeder, Config, ConfigError, ConfigErrors, ConsumerRun, ExitCodes, GroupSpec, HostSpec,
     KnownHostsPolicy, LocalPlacement, LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec,
     RemotePlacement, RestartPolicy, RestartSpec, SshOptions, MAX_LOG_KEEP,
 };
@@ -72,7 +72,7 @@ const LOCAL_KEYS: &[&str] = &["instances", "concurrency"];
 /// Keys of `[[group.remote]]` besides the [`SSH_KEYS`] overrides.
 const REMOTE_KEYS: &[&str] = &["hosts", "instances", "command", "cwd", "env", "concurrency"];
 /// Keys of `[group.feeder]`.
-const FEEDER_KEYS: &[&str] = &["host", "bind", "file"];
+const FEEDER_KEYS: &[&str] = &["host", "bind", "file", "jsonl", "command", "args"];
 /// Keys of `[group.consumer]`.
 const CONSUMER_KEYS: &[&str] = &["run", "done_codes", "retry_codes", "dead_codes"];
 /// Keys of `[group.queue]`.
@@ -84,6 +84,8 @@ const QUEUE_KEYS: &[&str] = &[
     "credits",
     "rate",
     "progress_every",
+    "joblog",
+    "fail_on_dead",
 ];
 
 const NO_GROUPS: &str = "no groups: add at least one [[group]] with a name, a command and \
@@ -96,9 +98,16 @@ const ONE_FEEDER: &str = "a queue group has exactly one feeder: write one [group
 const QUEUE_WITHOUT_FEEDER: &str = "a [group.queue] table needs [group.feeder]";
 const CONSUMER_WITHOUT_FEEDER: &str = "a [group.consumer] table needs [group.feeder]: consumers \
                                        are the instances of a queue group";
-const EXEC_NEEDS_FILE: &str = "exec consumers need the built-in feeder: add file = \"jobs.queue\" \
-                               to [group.feeder] (the group's command is what each job runs, \
-                               so it cannot be the feeder too)";
+const EXEC_NEEDS_FILE: &str = "exec consumers need a built-in feeder: add file = \"jobs.queue\", \
+                               jsonl = \"jobs.jsonl\" or command = \"...\" to [group.feeder] \
+                               (the group's command is what each job runs, so it cannot be the \
+                               feeder too)";
+const COPROCESS_NEEDS_FILE: &str = "coprocess consumers need a built-in feeder: add file = \
+                                    \"jobs.queue\", jsonl = \"jobs.jsonl\" or command = \"...\" \
+                                    to [group.feeder] (the group's command is the coprocess, so \
+                                    it cannot be the feeder too)";
+const ARGS_WITHOUT_COMMAND: &str = "args are the arguments of the feeder's command: add \
+                                    command = \"...\" to [group.feeder]";
 const CONCURRENCY_NOT_QUEUE: &str = "concurrency is for queue groups ([group.feeder])";
 const RATE_EXAMPLE: &str = "jobs per second, minute or hour, such as \"200/s\", \"5/m\", \
                             \"0.5/s\" or \"1000/h\"";
@@ -1411,7 +1420,7 @@ impl<'t> Walker<'t> {
             && group
                 .queue
                 .as_ref()
-                .is_none_or(|q| q.feeder_host.is_none() && q.feeder_file.is_none());
+                .is_none_or(|q| q.feeder_host.is_none() && q.builtin_feeder.is_none());
         if table.get("local").is_some() || local_feeder {
             self.probe_local(&path, table, &group);
         }
@@ -1546,18 +1555,7 @@ impl<'t> Walker<'t> {
                 },
             }
         }
-        if let Some(file) = table.get("file") {
-            let key = child(path, "file");
-            if let Some(text) = self.non_empty_string(&key, file) {
-                // A remote feeder's file is a path on its host, as written
-                // (`~` is that host's home there); a local one is a local
-                // path key.
-                spec.feeder_file = match spec.feeder_host {
-                    Some(_) => Some(PathBuf::from(text)),
-                    None => self.local_path(&key, file, text),
-                };
-            }
-        }
+        self.builtin_feeder(path, table, spec);
         if let Some(bind) = table.get("bind") {
             let key = child(path, "bind");
             if let Some(text) = self.string(&key, bind) {
@@ -1571,6 +1569,59 @@ impl<'t> Walker<'t> {
                         self.error(bind.span(), &key, message);
                     }
                 }
+            }
+        }
+    }
+
+    /// The built-in feeder of `[group.feeder]` (`table`), if it names
+    /// one: `file`, `jsonl` or `command` (with `args`), one at most.
+    fn builtin_feeder(&mut self, path: &str, table: &DeTable<'_>, spec: &mut QueueSpec) {
+        let mut chosen: Option<&str> = None;
+        for name in ["file", "jsonl", "command"] {
+            let Some(value) = table.get(name) else {
+                continue;
+            };
+            let key = child(path, name);
+            if let Some(first) = chosen {
+                let message = format!(
+                    "a feeder has one source: {first} or {name}, not both \
+                     (file = a durable queue, jsonl = a JSON-lines file, command = a program's \
+                     output)"
+                );
+                self.error(value.span(), &key, message);
+                continue;
+            }
+            chosen = Some(name);
+            let Some(text) = self.non_empty_string(&key, value) else {
+                continue;
+            };
+            spec.builtin_feeder = match name {
+                "command" => Some(BuiltinFeeder::Command {
+                    program: text,
+                    args: Vec::new(),
+                }),
+                _ => {
+                    // A remote feeder's file is a path on its host, as
+                    // written (`~` is that host's home there); a local one
+                    // is a local path key.
+                    let file = match spec.feeder_host {
+                        Some(_) => Some(PathBuf::from(text)),
+                        None => self.local_path(&key, value, text),
+                    };
+                    match name {
+                        "file" => file.map(BuiltinFeeder::File),
+                        _ => file.map(BuiltinFeeder::Jsonl),
+                    }
+                }
+            };
+        }
+        if let Some(args_value) = table.get("args") {
+            let key = child(path, "args");
+            let args = self.strings(&key, args_value);
+            match &mut spec.builtin_feeder {
+                Some(BuiltinFeeder::Command { args: own, .. }) => *own = args,
+                _ if chosen == Some("command") => {}
+                _ => self.error(args_value.span(), &key, ARGS_WITHOUT_COMMAND),
             }
         }
     }
@@ -1637,8 +1688,11 @@ impl<'t> Walker<'t> {
                     return;
                 };
                 if let Some(queue) = queue.as_ref() {
-                    if run == ConsumerRun::Exec && queue.feeder_file.is_none() {
+                    if run == ConsumerRun::Exec && queue.builtin_feeder.is_none() {
                         self.error(run_value.span(), &key, EXEC_NEEDS_FILE);
+                    }
+                    if run == ConsumerRun::Coprocess && queue.builtin_feeder.is_none() {
+                        self.error(run_value.span(), &key, COPROCESS_NEEDS_FILE);
                     }
                 }
                 run
@@ -1659,23 +1713,21 @@ impl<'t> Walker<'t> {
     }
 
     fn consumer_run(&mut self, key: &str, value: &Value<'_>) -> Option<ConsumerRun> {
-        const KINDS: &[&str] = &["library", "exec"];
+        const KINDS: &[&str] = &["library", "exec", "coprocess"];
         match self.string(key, value)?.as_str() {
             "library" => Some(ConsumerRun::Library),
             "exec" => Some(ConsumerRun::Exec),
-            "coprocess" => {
-                let message =
-                    "coprocess consumers are not supported yet: use \"library\" or \"exec\"";
-                self.error(value.span(), key, message);
-                None
-            }
+            "coprocess" => Some(ConsumerRun::Coprocess),
             other => {
                 let message = match closest(other, KINDS) {
                     Some(close) => {
                         format!("unknown consumer kind {other:?}, did you mean {close:?}?")
                     }
                     None => {
-                        format!("unknown consumer kind {other:?}: expected \"library\" or \"exec\"")
+                        format!(
+                            "unknown consumer kind {other:?}: expected \"library\", \"exec\" \
+                             or \"coprocess\""
+                        )
                     }
                 };
                 self.error(value.span(), key, message);
@@ -1726,6 +1778,25 @@ impl<'t> Walker<'t> {
         if let Some(value) = table.get("progress_every") {
             if let Some(every) = self.positive_duration(&child(path, "progress_every"), value) {
                 spec.progress_every = every;
+            }
+        }
+        if let Some(value) = table.get("joblog") {
+            let key = child(path, "joblog");
+            if let Some(text) = self.non_empty_string(&key, value) {
+                // Like `[group.feeder] file`: a remote feeder's joblog is a
+                // path on its host, as written; a local one is a local
+                // path key.
+                spec.joblog = match spec.feeder_host {
+                    Some(_) => Some(PathBuf::from(text)),
+                    None => self.local_path(&key, value, text),
+                };
+            }
+        }
+        if let Some(value) = table.get("fail_on_dead") {
+            let key = child(path, "fail_on_dead");
+            match value.get_ref().as_bool() {
+                Some(flag) => spec.fail_on_dead = flag,
+                None => self.wrong_type(value, &key, "true or false"),
             }
         }
     }
@@ -2782,9 +2853,11 @@ instances = 1
                 credits: Some(16),
                 rate: Some(200.0),
                 progress_every: Duration::from_secs(30),
-                feeder_file: None,
+                builtin_feeder: None,
                 consumer_run: ConsumerRun::Library,
                 exit_codes: ExitCodes::default(),
+                joblog: None,
+                fail_on_dead: true,
             })
         );
         assert_eq!(
@@ -2834,7 +2907,7 @@ instances = 1
         assert_eq!(queue.credits, None);
         assert_eq!(queue.rate, None);
         assert_eq!(queue.progress_every, Duration::from_secs(10));
-        assert_eq!(queue.feeder_file, None);
+        assert_eq!(queue.builtin_feeder, None);
         assert_eq!(queue.consumer_run, ConsumerRun::Library);
         assert_eq!(
             jobs.local,
@@ -3001,21 +3074,147 @@ instances = 1
         let queue = |i: usize| config.groups[i].queue.clone().expect("a queue group");
         // A local path key, kept relative (resolved against the config's
         // directory when planned).
+        let file = |path: PathBuf| Some(BuiltinFeeder::File(path));
         assert_eq!(
-            queue(0).feeder_file,
-            Some(PathBuf::from("queues/jobs.queue"))
+            queue(0).builtin_feeder,
+            file(PathBuf::from("queues/jobs.queue"))
         );
         assert_eq!(queue(0).consumer_run, ConsumerRun::Exec);
-        assert_eq!(queue(1).feeder_file, Some(home().join("jobs.queue")));
+        assert_eq!(queue(1).builtin_feeder, file(home().join("jobs.queue")));
         assert_eq!(queue(1).consumer_run, ConsumerRun::Library);
         // A remote feeder's file is a path on its host: `~` is its home.
-        assert_eq!(queue(2).feeder_file, Some(PathBuf::from("~/jobs.queue")));
+        assert_eq!(queue(2).builtin_feeder, file(PathBuf::from("~/jobs.queue")));
         assert_eq!(queue(2).consumer_run, ConsumerRun::Library);
         assert_eq!(
-            queue(3).feeder_file,
-            Some(PathBuf::from("/var/lib/jobs.queue"))
+            queue(3).builtin_feeder,
+            file(PathBuf::from("/var/lib/jobs.queue"))
         );
         assert_eq!(queue(3).consumer_run, ConsumerRun::Library);
+    }
+
+    #[test]
+    fn jsonl_and_command_feeders() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "lines"
+command = "./handle.sh"
+[group.feeder]
+jsonl = "jobs.jsonl"
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 1
+
+[[group]]
+name = "generated"
+command = "./handle.sh"
+[group.feeder]
+command = "./list-images.sh"
+args = ["--all", "/srv"]
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 1
+
+[[group]]
+name = "remote"
+command = "handle"
+[group.feeder]
+host = "web1"
+jsonl = "~/jobs.jsonl"
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+"#,
+        );
+        let queue = |i: usize| config.groups[i].queue.clone().expect("a queue group");
+        assert_eq!(
+            queue(0).builtin_feeder,
+            Some(BuiltinFeeder::Jsonl(PathBuf::from("jobs.jsonl")))
+        );
+        assert_eq!(
+            queue(1).builtin_feeder,
+            Some(BuiltinFeeder::Command {
+                program: "./list-images.sh".to_owned(),
+                args: vec!["--all".to_owned(), "/srv".to_owned()],
+            })
+        );
+        assert_eq!(queue(1).consumer_run, ConsumerRun::Exec);
+        assert_eq!(
+            queue(2).builtin_feeder,
+            Some(BuiltinFeeder::Jsonl(PathBuf::from("~/jobs.jsonl")))
+        );
+    }
+
+    #[test]
+    fn a_feeder_has_one_source() {
+        let errors = parse_err(
+            r#"[[group]]
+name = "a"
+command = "w"
+[group.feeder]
+file = "jobs.queue"
+jsonl = "jobs.jsonl"
+command = "seq"
+[group.local]
+instances = 1
+
+[[group]]
+name = "b"
+command = "w"
+[group.feeder]
+jsonl = "jobs.jsonl"
+args = ["1"]
+[group.local]
+instances = 1
+
+[[group]]
+name = "c"
+command = "w"
+[group.feeder]
+command = ""
+args = "10"
+[group.local]
+instances = 1
+"#,
+        );
+        let places: Vec<(usize, &str)> = errors
+            .iter()
+            .map(|err| (err.line, err.key.as_str()))
+            .collect();
+        assert_eq!(
+            places,
+            [
+                (6, "group[1].feeder.jsonl"),
+                (7, "group[1].feeder.command"),
+                (16, "group[2].feeder.args"),
+                (24, "group[3].feeder.command"),
+                (25, "group[3].feeder.args"),
+            ],
+            "{}",
+            ConfigErrors(errors.clone())
+        );
+        assert!(
+            errors[0]
+                .message
+                .starts_with("a feeder has one source: file or jsonl, not both"),
+            "{}",
+            errors[0].message
+        );
+        assert!(
+            errors[1]
+                .message
+                .starts_with("a feeder has one source: file or command"),
+            "{}",
+            errors[1].message
+        );
+        assert_eq!(errors[2].message, ARGS_WITHOUT_COMMAND);
+        assert_eq!(errors[3].message, "must not be empty");
+        assert!(
+            errors[4].message.contains("array of strings"),
+            "{}",
+            errors[4].message
+        );
     }
 
     #[test]
@@ -3097,7 +3296,7 @@ command = "w"
 [group.feeder]
 file = ""
 [group.consumer]
-run = "coprocess"
+run = "coproces"
 [group.local]
 instances = 1
 
@@ -3138,6 +3337,15 @@ consumer = { run = "shell" }
 file = "q"
 [group.local]
 instances = 1
+
+[[group]]
+name = "f"
+command = "w"
+[group.feeder]
+[group.consumer]
+run = "coprocess"
+[group.local]
+instances = 1
 "#,
         );
         let places: Vec<(usize, &str)> = errors
@@ -3155,6 +3363,7 @@ instances = 1
                 (25, "group[3].consumer"),
                 (36, "group[4].consumer.run"),
                 (43, "group[5].consumer.run"),
+                (54, "group[6].consumer.run"),
             ],
             "{}",
             ConfigErrors(errors.clone())
@@ -3162,7 +3371,7 @@ instances = 1
         assert_error(&errors[0], 5, "group[1].feeder.file", "must not be empty");
         assert_eq!(
             errors[1].message,
-            "coprocess consumers are not supported yet: use \"library\" or \"exec\""
+            "unknown consumer kind \"coproces\", did you mean \"coprocess\"?"
         );
         assert_error(&errors[2], 15, "group[2].feeder.file", "expected a string");
         assert_eq!(
@@ -3184,8 +3393,9 @@ instances = 1
         assert_eq!(errors[6].message, EXEC_NEEDS_FILE);
         assert_eq!(
             errors[7].message,
-            "unknown consumer kind \"shell\": expected \"library\" or \"exec\""
+            "unknown consumer kind \"shell\": expected \"library\", \"exec\" or \"coprocess\""
         );
+        assert_eq!(errors[8].message, COPROCESS_NEEDS_FILE);
     }
 
     #[test]

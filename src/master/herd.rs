@@ -442,6 +442,11 @@ impl Board {
         self.lock().retired_ever.clone()
     }
 
+    /// The last counts each queue group's feeder reported, by group.
+    pub(crate) fn queue_counts(&self) -> BTreeMap<String, QueueProgress> {
+        self.lock().queues.clone()
+    }
+
     /// Whether the board knows `group`.
     pub(crate) fn has_group(&self, group: &str) -> bool {
         self.lock().groups.iter().any(|g| g == group)

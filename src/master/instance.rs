@@ -531,7 +531,9 @@ async fn run_once(
             activity.clone(),
         )),
     ];
-    let (events_tx, mut events_rx) = mpsc::channel(4);
+    // Room for the progress reports of a feeder that drains at stop (read
+    // once it has exited, below).
+    let (events_tx, mut events_rx) = mpsc::channel(SLAVE_EVENTS);
     let (command_tx, command_rx) = mpsc::channel(4);
     let control_task = tokio::spawn(control_link(
         control,
@@ -674,6 +676,17 @@ async fn run_once(
         drain(reader, &activity).await;
     }
     let summary = drain(control_task, &activity).await.unwrap_or_default();
+    // A feeder's last counts come as it stops, after the loop above: they
+    // are the queue's final word (dead jobs fail the run).
+    let mut last_progress = None;
+    while let Ok(event) = events_rx.try_recv() {
+        if let SlaveEvent::Progress(progress) = event {
+            last_progress = Some(progress);
+        }
+    }
+    if let Some(progress) = last_progress {
+        emit(events, label.id, EventKind::Progress { progress });
+    }
 
     let recycled = recycled.or(summary.recycle.clone());
     let outcome = classify(&status, timed_out, recycled, &summary);
@@ -899,6 +912,9 @@ async fn relay_output<R: AsyncRead + Unpin>(
     }
 }
 
+/// Events of an instance's control link waiting for its supervisor.
+const SLAVE_EVENTS: usize = 64;
+
 /// Bytes read from an instance's stdout or stderr at once (at most).
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -1095,7 +1111,8 @@ mod tests {
 
     #[test]
     fn a_feeder_on_port_0_keeps_the_port_it_got_first() {
-        let mut role = crate::master::queue::feeder_role(&crate::config::QueueSpec::default());
+        let mut role =
+            crate::master::queue::feeder_role(&crate::config::QueueSpec::default(), None);
         pin_feeder_port(Some(&mut role), None);
         pin_feeder_port(Some(&mut role), Some("127.0.0.1:4711"));
         pin_feeder_port(Some(&mut role), Some("127.0.0.1:4712"));

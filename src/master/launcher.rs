@@ -10,7 +10,7 @@ use super::plan::plan;
 use super::queue::FeederAddresses;
 use super::remote::AgentSettings;
 use super::shutdown::Shutdown;
-use crate::config::Config;
+use crate::config::{BuiltinFeeder, Config};
 use crate::error_text::count;
 use crate::protocol::control::{FromMaster, HerdStatus, InstanceState};
 use crate::protocol::slave::Level;
@@ -35,6 +35,36 @@ pub struct RunReport {
     /// their stop grace had passed; the others of [`RunReport::killed`]
     /// ignored the stop for their whole grace.
     pub killed_on_request: Vec<u32>,
+    /// Queue groups whose jobs ended dead, in config order (from the last
+    /// progress report of each feeder, sent when it stops).
+    pub dead_jobs: Vec<DeadJobs>,
+}
+
+/// Jobs of a queue group that ended dead during a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadJobs {
+    /// The group.
+    pub group: String,
+    /// How many jobs ended dead (the feeder's `dead` count).
+    pub count: u64,
+    /// `[group.queue] fail_on_dead`: they fail the run (exit 1).
+    pub fails_run: bool,
+    /// Where to look at them: the joblog, or the file feeder's queue
+    /// (`taskherd queue list PATH`), else the feeder's log.
+    pub see: String,
+}
+
+impl DeadJobs {
+    /// `3 jobs of group jobs ended dead (see ...)`.
+    pub fn message(&self) -> String {
+        format!(
+            "{} of group {} ended dead (see {})",
+            count(self.count as usize, "job"),
+            self.group,
+            self.see
+        )
+    }
 }
 
 impl RunReport {
@@ -60,9 +90,12 @@ impl RunReport {
             .filter(|r| !self.killed_on_request.contains(&r.label.id))
     }
 
-    /// `true` when the run started and no instance was marked failed.
+    /// `true` when the run started, no instance was marked failed and no
+    /// job of a queue group with `fail_on_dead` (the default) ended dead.
     pub fn success(&self) -> bool {
-        self.fatal.is_none() && self.failed().next().is_none()
+        self.fatal.is_none()
+            && self.failed().next().is_none()
+            && !self.dead_jobs.iter().any(|dead| dead.fails_run)
     }
 }
 
@@ -108,6 +141,7 @@ pub(crate) async fn run_launcher(
             stop_reason: Some(err.to_string()),
             fatal: Some(err.to_string()),
             killed_on_request: Vec::new(),
+            dead_jobs: Vec::new(),
         };
     }
     let grace = stop_budget(&config);
@@ -288,6 +322,7 @@ pub(crate) async fn run_launcher(
     drop(duties);
     sink.status_line(None);
     let graces = Graces::of(&running.config);
+    let queues = queue_outcomes(&running.config);
     drop(running);
     // Every event sender is gone with the supervisors: the pump ends once
     // it has called back for the last one.
@@ -302,11 +337,25 @@ pub(crate) async fn run_launcher(
         .filter(|r| graces.killed_on_request(&r.label.group, &shutdown))
         .map(|r| r.label.id)
         .collect();
+    let counts = board.queue_counts();
+    let dead_jobs = queues
+        .into_iter()
+        .filter_map(|(group, fails_run, see)| {
+            let count = counts.get(&group).map_or(0, |progress| progress.dead);
+            (count > 0).then_some(DeadJobs {
+                group,
+                count,
+                fails_run,
+                see,
+            })
+        })
+        .collect();
     let report = RunReport {
         instances: reports,
         stop_reason: shutdown.reason().map(str::to_string),
         fatal: None,
         killed_on_request,
+        dead_jobs,
     };
     announce_end(&report, &sink).await;
     if let Some(callbacks) = &callbacks {
@@ -444,6 +493,32 @@ impl Graces {
     }
 }
 
+/// Each queue group of `config` in order: its name, whether dead jobs
+/// fail the run, and where to look at them.
+fn queue_outcomes(config: &Config) -> Vec<(String, bool, String)> {
+    let base_dir = config.base_dir();
+    config
+        .groups
+        .iter()
+        .filter_map(|group| {
+            let queue = group.queue.as_ref()?;
+            let see = match (&queue.joblog, &queue.feeder_host, &queue.builtin_feeder) {
+                (Some(joblog), None, _) => {
+                    format!("the joblog {}", base_dir.join(joblog).display())
+                }
+                (Some(joblog), Some(host), _) => {
+                    format!("the joblog {} on {}", joblog.display(), host.label)
+                }
+                (None, None, Some(BuiltinFeeder::File(file))) => {
+                    format!("taskherd queue list {}", base_dir.join(file).display())
+                }
+                _ => "the feeder's log".to_string(),
+            };
+            Some((group.name.clone(), queue.fail_on_dead, see))
+        })
+        .collect()
+}
+
 /// What `taskherd stop` prints once the herd has stopped: how many
 /// instances ended, and how many of them had failed before or had to be
 /// killed.
@@ -465,6 +540,10 @@ fn stop_outcome(report: &RunReport) -> String {
         message.push_str(&format!(
             "; {failed} had failed before the stop (see the master's log)"
         ));
+    }
+    for dead in &report.dead_jobs {
+        message.push_str("; ");
+        message.push_str(&dead.message());
     }
     message
 }
@@ -545,6 +624,15 @@ async fn announce_end(report: &RunReport, sink: &LogSink) {
             labels(failed)
         );
         sink.master_event(Level::Error, message).await;
+    }
+    for dead in &report.dead_jobs {
+        let (level, message) = if dead.fails_run {
+            (Level::Error, dead.message())
+        } else {
+            // `fail_on_dead = false`: said, but not a failure of the run.
+            (Level::Warning, dead.message())
+        };
+        sink.master_event(level, message).await;
     }
     let how = if report.stop_reason.is_some() {
         "stopped"
@@ -728,6 +816,7 @@ mod tests {
             stop_reason: Some("test".into()),
             fatal: None,
             killed_on_request: vec![2],
+            dead_jobs: Vec::new(),
         };
         assert_eq!(
             stop_outcome(&run),
@@ -741,5 +830,30 @@ mod tests {
             ..RunReport::default()
         };
         assert_eq!(stop_outcome(&one), "stopped: 1 instance ended");
+        assert!(one.success());
+
+        // Dead jobs fail the run unless the group says otherwise; the stop
+        // itself worked either way (its message says so).
+        let dead = |fails_run| DeadJobs {
+            group: "jobs".into(),
+            count: 3,
+            fails_run,
+            see: "taskherd queue list /q/jobs.queue".into(),
+        };
+        let failing = RunReport {
+            dead_jobs: vec![dead(true)],
+            ..one.clone()
+        };
+        assert!(!failing.success());
+        assert_eq!(
+            stop_outcome(&failing),
+            "stopped: 1 instance ended; 3 jobs of group jobs ended dead \
+             (see taskherd queue list /q/jobs.queue)"
+        );
+        let lenient = RunReport {
+            dead_jobs: vec![dead(false)],
+            ..one
+        };
+        assert!(lenient.success());
     }
 }

@@ -35,7 +35,7 @@ pub mod shutdown;
 pub mod ssh;
 
 pub use herd::{Events, Herd, Launcher};
-pub use launcher::{run, run_blocking, RunReport};
+pub use launcher::{run, run_blocking, DeadJobs, RunReport};
 pub use log::InstanceLabel;
 pub use log::{LogRecord, LogSink, LogWriter};
 pub use shutdown::{stop_on_signals, Shutdown};

@@ -5,7 +5,7 @@ use super::log::InstanceLabel;
 use super::process::ProcessSpec;
 use super::remote::HostPlan;
 use crate::config::{
-    Config, ConsumerRun, GroupSpec, HostSpec, QueueSpec, RemotePlacement, SshOptions,
+    BuiltinFeeder, Config, ConsumerRun, GroupSpec, HostSpec, QueueSpec, RemotePlacement, SshOptions,
 };
 use crate::protocol::slave::{Identity, QueueRole};
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,13 +19,26 @@ pub const LOCAL_HOST: &str = "localhost";
 /// (`[group.feeder] file`): `[jobs] [localhost] [file-feeder/1/1]`.
 pub const FILE_FEEDER_LABEL: &str = "file-feeder";
 
-/// The subcommand of the `taskherd` binary that runs the built-in file
-/// feeder: `taskherd builtin-feeder --file PATH`.
+/// The command name in the log label of a built-in JSON-lines feeder
+/// (`[group.feeder] jsonl`): `[jobs] [localhost] [jsonl-feeder/1/1]`.
+pub const JSONL_FEEDER_LABEL: &str = "jsonl-feeder";
+
+/// The command name in the log label of a built-in command feeder
+/// (`[group.feeder] command`): `[jobs] [localhost] [command-feeder/1/1]`.
+pub const COMMAND_FEEDER_LABEL: &str = "command-feeder";
+
+/// The subcommand of the `taskherd` binary that runs the built-in
+/// feeders: `taskherd builtin-feeder --file PATH`, `--jsonl PATH` or
+/// `--command -- PROGRAM ARGS...`.
 pub const BUILTIN_FEEDER_COMMAND: &str = "builtin-feeder";
 
 /// The subcommand of the `taskherd` binary that runs exec consumers:
 /// `taskherd exec-consumer -- COMMAND ARGS...`.
 pub const EXEC_CONSUMER_COMMAND: &str = "exec-consumer";
+
+/// The subcommand of the `taskherd` binary that runs coprocess consumers:
+/// `taskherd coprocess-consumer -- COMMAND ARGS...`.
+pub const COPROCESS_CONSUMER_COMMAND: &str = "coprocess-consumer";
 
 /// Where every instance of a config runs.
 #[derive(Debug, Clone, Default)]
@@ -101,7 +114,8 @@ pub fn plan(config: &Config) -> Plan {
                         base_dir.join(file)
                     });
                     let mut feeder = placed.instance(&mut next_id, LOCAL_HOST, &process);
-                    feeder.identity.queue = Some(super::queue::feeder_role(queue));
+                    let joblog = queue.joblog.as_ref().map(|joblog| base_dir.join(joblog));
+                    feeder.identity.queue = Some(super::queue::feeder_role(queue, joblog));
                     label_builtin_feeder(&mut feeder, queue);
                     plan.feeders.push(feeder);
                 }
@@ -120,7 +134,9 @@ pub fn plan(config: &Config) -> Plan {
                         Path::to_path_buf,
                     );
                     let mut feeder = placed.instance(&mut next_id, &host.label, &process);
-                    feeder.identity.queue = Some(super::queue::feeder_role(queue));
+                    // So is its joblog.
+                    let joblog = queue.joblog.clone();
+                    feeder.identity.queue = Some(super::queue::feeder_role(queue, joblog));
                     label_builtin_feeder(&mut feeder, queue);
                     let index = host_index(&mut plan.hosts, host, || {
                         resolve_ssh(&queue.feeder_ssh, &base_dir)
@@ -248,26 +264,43 @@ fn process_spec(group: &GroupSpec, base_dir: &Path) -> ProcessSpec {
     }
 }
 
-/// The feeder of a queue group: the group's `process`, or with
-/// `[group.feeder] file` the built-in file feeder (taskherd's own
-/// executable) on that file as `locate` places it, with the group's
-/// environment and working directory.
+/// The feeder of a queue group: the group's `process`, or with a built-in
+/// feeder (`[group.feeder] file`, `jsonl`, `command`) taskherd's own
+/// executable playing it, with the group's environment and working
+/// directory; `locate` places its file (or its command, when that is a
+/// path) on the feeder's host.
 fn feeder_process(
     queue: &QueueSpec,
     process: ProcessSpec,
     locate: impl FnOnce(&Path) -> PathBuf,
 ) -> ProcessSpec {
-    let Some(file) = &queue.feeder_file else {
+    let Some(builtin) = &queue.builtin_feeder else {
         return process;
     };
-    let file = locate(file);
+    let mut args = vec![BUILTIN_FEEDER_COMMAND.to_string()];
+    match builtin {
+        BuiltinFeeder::File(file) | BuiltinFeeder::Jsonl(file) => {
+            args.push(format!("--{}", builtin.key()));
+            args.push(locate(file).to_string_lossy().into_owned());
+        }
+        BuiltinFeeder::Command {
+            program,
+            args: command_args,
+        } => {
+            // A bare name is looked up in PATH; a path is placed like the
+            // group's command.
+            let program = if program.contains('/') {
+                locate(Path::new(program)).to_string_lossy().into_owned()
+            } else {
+                program.clone()
+            };
+            args.extend(["--command".to_string(), "--".to_string(), program]);
+            args.extend(command_args.iter().cloned());
+        }
+    }
     ProcessSpec {
         program: PathBuf::from("taskherd"),
-        args: vec![
-            BUILTIN_FEEDER_COMMAND.to_string(),
-            "--file".to_string(),
-            file.to_string_lossy().into_owned(),
-        ],
+        args,
         own_executable: true,
         ..process
     }
@@ -276,25 +309,33 @@ fn feeder_process(
 /// A built-in feeder is named for what it is in the log, not for the
 /// group's command (which it does not run).
 fn label_builtin_feeder(feeder: &mut InstanceSpec, queue: &QueueSpec) {
-    if queue.feeder_file.is_some() {
-        let mut label = (*feeder.label).clone();
-        label.command = FILE_FEEDER_LABEL.to_string();
-        feeder.label = Arc::new(label);
+    let Some(builtin) = &queue.builtin_feeder else {
+        return;
+    };
+    let mut label = (*feeder.label).clone();
+    label.command = match builtin {
+        BuiltinFeeder::File(_) => FILE_FEEDER_LABEL,
+        BuiltinFeeder::Jsonl(_) => JSONL_FEEDER_LABEL,
+        BuiltinFeeder::Command { .. } => COMMAND_FEEDER_LABEL,
     }
+    .to_string();
+    feeder.label = Arc::new(label);
 }
 
 /// A consumer of `group` (a placement's `process`): with `[group.consumer]
 /// run = "exec"`, taskherd's own exec consumer runner, which runs the
-/// command and its arguments once per job.
+/// command and its arguments once per job; with `run = "coprocess"`, its
+/// coprocess consumer runner, which starts them once.
 fn consumer_process(group: &GroupSpec, process: ProcessSpec) -> ProcessSpec {
-    let Some(queue) = group
-        .queue
-        .as_ref()
-        .filter(|queue| queue.consumer_run == ConsumerRun::Exec)
-    else {
+    let Some(queue) = group.queue.as_ref() else {
         return process;
     };
-    let mut args = vec![EXEC_CONSUMER_COMMAND.to_string()];
+    let subcommand = match queue.consumer_run {
+        ConsumerRun::Library => return process,
+        ConsumerRun::Exec => EXEC_CONSUMER_COMMAND,
+        ConsumerRun::Coprocess => COPROCESS_CONSUMER_COMMAND,
+    };
+    let mut args = vec![subcommand.to_string()];
     for (flag, codes) in [
         ("--done-codes", &queue.exit_codes.done),
         ("--retry-codes", &queue.exit_codes.retry),
@@ -689,6 +730,43 @@ instances = 1
     }
 
     #[test]
+    fn coprocess_consumers_run_taskherd_itself() {
+        let text = r#"
+[[group]]
+name = "co"
+command = "python3"
+args = ["thumb.py"]
+[group.feeder]
+file = "jobs.queue"
+[group.consumer]
+run = "coprocess"
+[group.local]
+instances = 1
+concurrency = 2
+"#;
+        let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
+        let plan = plan(&config);
+        let consumer = plan
+            .instances()
+            .iter()
+            .find(|s| s.label.command != FILE_FEEDER_LABEL)
+            .map(|s| (s.process.own_executable, s.process.args.clone()))
+            .unwrap();
+        assert_eq!(
+            consumer,
+            (
+                true,
+                vec![
+                    "coprocess-consumer".to_string(),
+                    "--".into(),
+                    "python3".into(),
+                    "thumb.py".into()
+                ]
+            )
+        );
+    }
+
+    #[test]
     fn built_in_feeders_and_exec_consumers_run_taskherd_itself() {
         let text = r#"
 [[group]]
@@ -785,6 +863,85 @@ cwd = "/srv"
             Some(QueueRole::Feeder { .. })
         ));
         assert_eq!(specs[4].process.program, PathBuf::from("./bin/worker"));
+    }
+
+    #[test]
+    fn jsonl_and_command_feeders_run_taskherd_itself() {
+        let text = r#"
+[[group]]
+name = "lines"
+command = "./bin/handle"
+[group.feeder]
+jsonl = "q/jobs.jsonl"
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 1
+
+[[group]]
+name = "generated"
+command = "./bin/handle"
+cwd = "work"
+[group.feeder]
+command = "./bin/list"
+args = ["--all"]
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 1
+
+[[group]]
+name = "bare"
+command = "./bin/handle"
+[group.feeder]
+command = "seq"
+args = ["1", "5"]
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 1
+"#;
+        let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
+        let plan = plan(&config);
+        let feeders: Vec<(&str, Vec<&str>)> = plan
+            .feeders
+            .iter()
+            .map(|s| {
+                assert!(s.process.own_executable);
+                (
+                    s.label.command.as_str(),
+                    s.process.args.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            feeders,
+            [
+                (
+                    JSONL_FEEDER_LABEL,
+                    vec!["builtin-feeder", "--jsonl", "/etc/herd/q/jobs.jsonl"]
+                ),
+                (
+                    COMMAND_FEEDER_LABEL,
+                    vec![
+                        "builtin-feeder",
+                        "--command",
+                        "--",
+                        "/etc/herd/./bin/list",
+                        "--all"
+                    ]
+                ),
+                (
+                    COMMAND_FEEDER_LABEL,
+                    vec!["builtin-feeder", "--command", "--", "seq", "1", "5"]
+                ),
+            ]
+        );
+        // The command runs where the group's command would.
+        assert_eq!(
+            plan.feeders[1].process.cwd,
+            Some(PathBuf::from("/etc/herd/work"))
+        );
     }
 
     /// `web`: `local` instances on the master's host and `remote` on each

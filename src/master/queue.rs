@@ -9,6 +9,7 @@ use crate::protocol::slave::{QueueRole, QueueSettings};
 use crate::retry::RetryPolicy;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -16,8 +17,9 @@ use tokio::sync::watch;
 const SECRET_BYTES: usize = 32;
 
 /// The role of a queue group's feeder, before [`prepare`] fills in the
-/// port and the secret.
-pub fn feeder_role(queue: &QueueSpec) -> QueueRole {
+/// port and the secret; `joblog` is where the feeder writes its joblog,
+/// as a path on its host.
+pub fn feeder_role(queue: &QueueSpec, joblog: Option<PathBuf>) -> QueueRole {
     QueueRole::Feeder {
         bind: queue.bind.clone(),
         secret: String::new(),
@@ -31,6 +33,7 @@ pub fn feeder_role(queue: &QueueSpec) -> QueueRole {
             ),
             rate: queue.rate,
             progress_every: queue.progress_every,
+            joblog,
         },
     }
 }

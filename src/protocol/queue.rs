@@ -52,6 +52,16 @@ pub enum ToConsumer {
         /// it keeps its jobs on disk and the consumer asked for it.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         settles: bool,
+        /// The feeder takes [`ToFeeder::Extend`]: the consumer listed
+        /// [`FEATURE_EXTEND`] in its Hello and the feeder knows the frame.
+        /// A consumer sends no Extend to a feeder that does not say so.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        extends: bool,
+        /// The feeder keeps a joblog: send [`OutcomeMeta`] with every
+        /// outcome (`meta` of [`ToFeeder::Ack`], [`ToFeeder::Retry`] and
+        /// [`ToFeeder::Dead`]). Without it a consumer sends none.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        meta: bool,
     },
     /// The consumer is not in (bad proof, version); the link closes.
     Refused {
@@ -104,8 +114,9 @@ pub enum ToFeeder {
         proof: String,
         /// Random, hex: the feeder proves itself over it.
         nonce: String,
-        /// Optional frames the consumer understands ([`FEATURE_SETTLED`]);
-        /// a feeder sends none of those to a consumer that did not list it.
+        /// Optional frames the consumer understands ([`FEATURE_SETTLED`])
+        /// or may send ([`FEATURE_EXTEND`]); a feeder sends none of those
+        /// to a consumer that did not list it.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         features: Vec<String>,
     },
@@ -118,6 +129,11 @@ pub enum ToFeeder {
     Ack {
         /// Its lease.
         lease: u64,
+        /// How the run went, for the feeder's joblog (only when the
+        /// feeder asked for it in its Welcome; feeders that do not know
+        /// the field ignore it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        meta: Option<OutcomeMeta>,
     },
     /// The job failed; run it again later (after `delay`, or per the
     /// feeder's retry policy when `None`).
@@ -129,6 +145,9 @@ pub enum ToFeeder {
         delay: Option<Duration>,
         /// What went wrong, for the feeder's error hook and log.
         reason: String,
+        /// How the run went (see [`ToFeeder::Ack`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        meta: Option<OutcomeMeta>,
     },
     /// The job can never succeed: dead-letter it.
     Dead {
@@ -136,6 +155,17 @@ pub enum ToFeeder {
         lease: u64,
         /// Why.
         reason: String,
+        /// How the run went (see [`ToFeeder::Ack`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        meta: Option<OutcomeMeta>,
+    },
+    /// The job is still being worked on: its lease starts again, for the
+    /// feeder's whole lease time from now. Sent only to feeders that said
+    /// so in their Welcome (`extends`); an Extend for a lease that is not
+    /// this consumer's (any more) changes nothing.
+    Extend {
+        /// Its lease.
+        lease: u64,
     },
     /// Hand the job back untouched (not an attempt): at stop.
     Release {
@@ -159,6 +189,38 @@ pub enum ToFeeder {
 /// The feature a consumer lists in its Hello to be sent
 /// [`ToConsumer::Settled`].
 pub const FEATURE_SETTLED: &str = "settled";
+
+/// What a consumer observed about one run of a job, sent with its
+/// outcome to a feeder that keeps a joblog ([`ToConsumer::Welcome`]
+/// `meta`). Every field is optional: a consumer fills in what it knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct OutcomeMeta {
+    /// The consumer's host, as the master names it (`localhost` for a
+    /// local instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The consumer instance's global id (`TASKHERD_ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u32>,
+    /// When the run started on the consumer, Unix time in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ms: Option<u64>,
+    /// How long the run took, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// The exit status of the job's process (exec consumers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<i32>,
+    /// The signal that killed the job's process (exec consumers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+/// The feature a consumer lists in its Hello when it may send
+/// [`ToFeeder::Extend`]; a feeder that takes it says so in its Welcome
+/// (`extends`).
+pub const FEATURE_EXTEND: &str = "extend";
 
 /// Proof of the secret over a nonce: HMAC-SHA256, hex.
 pub fn proof(secret: &str, nonce: &str) -> String {
@@ -230,8 +292,77 @@ mod tests {
             lease: 3,
             delay: Some(Duration::from_millis(250)),
             reason: "busy".into(),
+            meta: None,
         };
         let text = serde_json::to_string(&frame).unwrap();
         assert_eq!(serde_json::from_str::<ToFeeder>(&text).unwrap(), frame);
+    }
+
+    #[test]
+    fn outcome_meta_is_optional_both_ways() {
+        // A frame of an older consumer, without meta, still decodes.
+        let old: ToFeeder = serde_json::from_str(r#"{"type":"ack","lease":4}"#).unwrap();
+        assert_eq!(
+            old,
+            ToFeeder::Ack {
+                lease: 4,
+                meta: None
+            }
+        );
+        let old: ToFeeder =
+            serde_json::from_str(r#"{"type":"dead","lease":5,"reason":"no"}"#).unwrap();
+        assert_eq!(
+            old,
+            ToFeeder::Dead {
+                lease: 5,
+                reason: "no".into(),
+                meta: None
+            }
+        );
+        // Without meta, the frame is what it always was.
+        let text = serde_json::to_string(&ToFeeder::Ack {
+            lease: 4,
+            meta: None,
+        })
+        .unwrap();
+        assert_eq!(text, r#"{"type":"ack","lease":4}"#);
+        // With it, an older feeder (that knows no `meta`) reads the frame
+        // all the same: serde skips fields it does not know.
+        let meta = OutcomeMeta {
+            host: Some("web1".into()),
+            instance: Some(3),
+            start_ms: Some(1_700_000_000_000),
+            duration_ms: Some(42),
+            exit: Some(65),
+            signal: None,
+        };
+        let frame = ToFeeder::Retry {
+            lease: 6,
+            delay: None,
+            reason: "exit status 65".into(),
+            meta: Some(meta.clone()),
+        };
+        let text = serde_json::to_string(&frame).unwrap();
+        assert!(
+            text.contains(r#""meta":{"host":"web1","instance":3,"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<ToFeeder>(&text).unwrap(), frame);
+        #[derive(Deserialize, Debug, PartialEq)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum OldToFeeder {
+            Retry { lease: u64, reason: String },
+        }
+        assert_eq!(
+            serde_json::from_str::<OldToFeeder>(&text).unwrap(),
+            OldToFeeder::Retry {
+                lease: 6,
+                reason: "exit status 65".into()
+            }
+        );
+        // An old Welcome has no meta flag: no meta is sent then.
+        let welcome: ToConsumer =
+            serde_json::from_str(r#"{"type":"welcome","proof":"ab","lease":1000}"#).unwrap();
+        assert!(matches!(welcome, ToConsumer::Welcome { meta: false, .. }));
     }
 }

@@ -103,6 +103,11 @@ pub struct QueueSettings {
     /// How often the feeder reports its counts to the master.
     #[serde(with = "super::millis")]
     pub progress_every: Duration,
+    /// Where the feeder appends its joblog, one JSON line per outcome
+    /// (`[group.queue] joblog`), if anywhere: a path on the feeder's host
+    /// (relative to its working directory; a leading `~/` is its home).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joblog: Option<std::path::PathBuf>,
 }
 
 /// The feeder's counts, reported to the master.

@@ -48,7 +48,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use futures::{FutureExt as _, SinkExt, StreamExt as _};
@@ -63,7 +63,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::error_text::panic_text;
-use crate::protocol::queue::{proof, random_hex, verify, ToConsumer, ToFeeder, FEATURE_SETTLED};
+use crate::protocol::queue::{
+    proof, random_hex, verify, OutcomeMeta, ToConsumer, ToFeeder, FEATURE_EXTEND, FEATURE_SETTLED,
+};
 use crate::protocol::{codec, decode, encode, ProtocolError, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use crate::retry::Outcome;
 
@@ -107,6 +109,11 @@ pub struct ConsumerOptions {
     pub heartbeat: Duration,
     /// A feeder that sends nothing for this long is lost: reconnect.
     pub silence: Duration,
+    /// This consumer's host as the master names it, sent with each
+    /// outcome to a feeder that keeps a joblog.
+    pub host: Option<String>,
+    /// This consumer instance's global id, sent likewise.
+    pub instance: Option<u32>,
 }
 
 impl ConsumerOptions {
@@ -123,6 +130,14 @@ impl ConsumerOptions {
     /// The same options with another [`grace`](Self::grace).
     pub fn with_grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
+        self
+    }
+
+    /// The same options naming this consumer to the feeder's joblog: its
+    /// `host` and its instance's global id.
+    pub fn with_origin(mut self, host: impl Into<String>, instance: u32) -> Self {
+        self.host = Some(host.into());
+        self.instance = Some(instance);
         self
     }
 
@@ -147,7 +162,71 @@ impl Default for ConsumerOptions {
             grace: DEFAULT_GRACE,
             heartbeat: DEFAULT_HEARTBEAT,
             silence: DEFAULT_SILENCE,
+            host: None,
+            instance: None,
         }
+    }
+}
+
+/// A job's [`Outcome`] with what the consumer's function observed about
+/// its run, for the feeder's joblog. A function given to [`consume`]
+/// returns either (an `Outcome` is a result without observations).
+///
+/// ```
+/// use taskherd::queue::consumer::JobResult;
+/// use taskherd::retry::Outcome;
+/// let result = JobResult::new(Outcome::Retry(None))
+///     .with_exit(75)
+///     .with_reason("job.sh: exit status 75");
+/// assert_eq!(result.exit, Some(75));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct JobResult {
+    /// What the feeder does with the job.
+    pub outcome: Outcome,
+    /// Why a retry was asked for (a dead outcome has its own reason).
+    pub reason: Option<String>,
+    /// The exit status of the job's process, if it ran one.
+    pub exit: Option<i32>,
+    /// The signal that killed the job's process, if one did.
+    pub signal: Option<i32>,
+}
+
+impl JobResult {
+    /// `outcome`, with nothing observed.
+    pub fn new(outcome: Outcome) -> JobResult {
+        JobResult {
+            outcome,
+            reason: None,
+            exit: None,
+            signal: None,
+        }
+    }
+
+    /// With the exit status of the job's process.
+    pub fn with_exit(mut self, code: i32) -> JobResult {
+        self.exit = Some(code);
+        self
+    }
+
+    /// With the signal that killed the job's process.
+    pub fn with_signal(mut self, signal: i32) -> JobResult {
+        self.signal = Some(signal);
+        self
+    }
+
+    /// With the reason of a retry (for the feeder's error hook, log and
+    /// joblog).
+    pub fn with_reason(mut self, reason: impl Into<String>) -> JobResult {
+        self.reason = Some(reason.into());
+        self
+    }
+}
+
+impl From<Outcome> for JobResult {
+    fn from(outcome: Outcome) -> JobResult {
+        JobResult::new(outcome)
     }
 }
 
@@ -167,6 +246,32 @@ pub struct JobInfo {
     /// Asks the feeder to send less: the consumer's side of the rate
     /// governor.
     pub feeder: FeederControl,
+    /// The lease of this attempt, for [`JobInfo::extend_lease`].
+    lease: u64,
+    /// The feeder's lease time (zero: no time limit).
+    lease_time: Duration,
+    /// The feeder takes [`ToFeeder::Extend`].
+    extends: bool,
+}
+
+impl JobInfo {
+    /// Tells the feeder the job is still being worked on: its lease starts
+    /// again for the feeder's whole lease time. Returns the new end of the
+    /// lease, reckoned from now (the feeder's clock starts a little later),
+    /// or `None` when nothing was sent: the feeder leases without a time
+    /// limit, or it is too old to take the frame (then the lease keeps its
+    /// [`deadline`](Self::deadline)). A lost connection drops it silently
+    /// (the job is redelivered anyway).
+    pub fn extend_lease(&self) -> Option<std::time::Instant> {
+        if !self.extends || self.lease_time.is_zero() {
+            return None;
+        }
+        let _ = self
+            .feeder
+            .frames_tx
+            .send(ToFeeder::Extend { lease: self.lease });
+        Some(std::time::Instant::now() + self.lease_time)
+    }
 }
 
 /// Lets a consumer tell the feeder it is overloaded (the feeder's rate
@@ -310,13 +415,16 @@ pub async fn consume<J, F, Fut>(
 where
     J: DeserializeOwned + Send + 'static,
     F: Fn(J, JobInfo) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Into<JobResult>,
 {
     let mut runner = Runner {
         run: Arc::new(run),
         running: JoinSet::new(),
         in_progress: HashMap::new(),
         report: ConsumerReport::default(),
+        host: options.host.clone(),
+        instance: options.instance,
         _job: PhantomData,
     };
     let mut backoff = Backoff::new();
@@ -471,6 +579,10 @@ struct Link {
     lease: Duration,
     /// The feeder confirms durable outcomes ([`ToConsumer::Settled`]).
     settles: bool,
+    /// The feeder takes [`ToFeeder::Extend`].
+    extends: bool,
+    /// The feeder keeps a joblog: outcomes carry their [`OutcomeMeta`].
+    meta: bool,
 }
 
 /// One frame read, classified.
@@ -523,7 +635,7 @@ async fn connect(feeder: &str, secret: &str, name: &str) -> Result<Link, Attempt
     let (read_half, write_half) = stream.into_split();
     let mut feeder_rx = FramedRead::new(read_half, codec());
     let mut feeder_tx = FramedWrite::new(write_half, codec());
-    let (lease, settles) = tokio::time::timeout(
+    let (lease, settles, extends, meta) = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         handshake(&mut feeder_rx, &mut feeder_tx, feeder, secret, name),
     )
@@ -538,17 +650,20 @@ async fn connect(feeder: &str, secret: &str, name: &str) -> Result<Link, Attempt
         feeder_tx,
         lease,
         settles,
+        extends,
+        meta,
     })
 }
 
-/// Challenge, Hello, Welcome; returns the lease time.
+/// Challenge, Hello, Welcome; returns the lease time, whether the feeder
+/// settles and whether it takes Extend.
 async fn handshake(
     feeder_rx: &mut FeederRx,
     feeder_tx: &mut FeederTx,
     feeder: &str,
     secret: &str,
     name: &str,
-) -> Result<(Duration, bool), Attempt> {
+) -> Result<(Duration, bool, bool, bool), Attempt> {
     let refused = |reason: String| {
         Attempt::Fatal(ConsumerError::Refused {
             feeder: feeder.to_string(),
@@ -579,7 +694,7 @@ async fn handshake(
         name: name.to_string(),
         proof: proof(secret, &nonce),
         nonce: our_nonce.clone(),
-        features: vec![FEATURE_SETTLED.to_owned()],
+        features: vec![FEATURE_SETTLED.to_owned(), FEATURE_EXTEND.to_owned()],
     };
     let body = encode(&hello).map_err(|err| Attempt::Transient(err.to_string()))?;
     feeder_tx
@@ -591,9 +706,11 @@ async fn handshake(
             proof,
             lease,
             settles,
+            extends,
+            meta,
         } => {
             if verify(secret, &our_nonce, &proof) {
-                Ok((lease, settles))
+                Ok((lease, settles, extends, meta))
             } else {
                 error!("the feeder failed to prove the queue secret: closing");
                 Err(Attempt::Fatal(ConsumerError::Impostor {
@@ -667,7 +784,7 @@ struct Queued<J> {
 /// How a job's run ended.
 enum JobEnd {
     /// The function returned.
-    Returned(Outcome),
+    Returned(JobResult),
     /// The function panicked, with this text.
     Panicked(String),
 }
@@ -679,6 +796,26 @@ struct Running {
     session: u64,
     /// Its lease.
     lease: u64,
+    /// When it started (wall clock), for the feeder's joblog.
+    started: SystemTime,
+    /// When it started, for its duration.
+    began: Instant,
+}
+
+impl Running {
+    /// What the feeder's joblog gets about this run, ended now.
+    fn meta(&self, host: &Option<String>, instance: Option<u32>) -> OutcomeMeta {
+        let mut meta = OutcomeMeta::default();
+        meta.host.clone_from(host);
+        meta.instance = instance;
+        meta.start_ms = self
+            .started
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .and_then(|since| u64::try_from(since.as_millis()).ok());
+        meta.duration_ms = u64::try_from(self.began.elapsed().as_millis()).ok();
+        meta
+    }
 }
 
 /// The jobs running, across connections, and the counts.
@@ -691,6 +828,10 @@ struct Runner<J, F> {
     in_progress: HashMap<task::Id, Running>,
     /// What happened so far.
     report: ConsumerReport,
+    /// This consumer's host, for the feeder's joblog.
+    host: Option<String>,
+    /// This consumer instance's id, for the feeder's joblog.
+    instance: Option<u32>,
     /// The job type, for the methods.
     _job: PhantomData<fn() -> J>,
 }
@@ -699,7 +840,8 @@ impl<J, F, Fut> Runner<J, F>
 where
     J: DeserializeOwned + Send + 'static,
     F: Fn(J, JobInfo) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Into<JobResult>,
 {
     /// Runs a job in a task.
     fn start(&mut self, session: u64, queued: Queued<J>) {
@@ -712,12 +854,19 @@ where
                 .catch_unwind()
                 .await;
             match ran {
-                Ok(outcome) => JobEnd::Returned(outcome),
+                Ok(result) => JobEnd::Returned(result.into()),
                 Err(payload) => JobEnd::Panicked(panic_text(payload.as_ref())),
             }
         });
-        self.in_progress
-            .insert(abort.id(), Running { session, lease });
+        self.in_progress.insert(
+            abort.id(),
+            Running {
+                session,
+                lease,
+                started: SystemTime::now(),
+                began: Instant::now(),
+            },
+        );
     }
 
     /// A task ended: which job, and how (`None` for a job cancelled or a
@@ -757,24 +906,48 @@ where
         self.running.detach_all();
     }
 
-    /// The outcome frame of a job of the current session, counted.
-    fn outcome_frame(&mut self, lease: u64, end: JobEnd) -> ToFeeder {
+    /// What the feeder's joblog gets about `running`, ended now (`None`
+    /// when the feeder keeps no joblog).
+    fn meta(&self, running: &Running, wanted: bool) -> Option<OutcomeMeta> {
+        wanted.then(|| running.meta(&self.host, self.instance))
+    }
+
+    /// The outcome frame of a job of the current session, counted; with
+    /// its [`OutcomeMeta`] when the feeder wants it.
+    fn outcome_frame(&mut self, running: &Running, end: JobEnd, wanted: bool) -> ToFeeder {
+        let lease = running.lease;
+        let mut meta = self.meta(running, wanted);
         match end {
-            JobEnd::Returned(Outcome::Done) => {
-                self.report.done += 1;
-                ToFeeder::Ack { lease }
-            }
-            JobEnd::Returned(Outcome::Retry(delay)) => {
-                self.report.retried += 1;
-                ToFeeder::Retry {
-                    lease,
-                    delay,
-                    reason: "the consumer asked for a retry".into(),
+            JobEnd::Returned(result) => {
+                if let Some(meta) = &mut meta {
+                    meta.exit = result.exit;
+                    meta.signal = result.signal;
                 }
-            }
-            JobEnd::Returned(Outcome::Dead(reason)) => {
-                self.report.dead += 1;
-                ToFeeder::Dead { lease, reason }
+                match result.outcome {
+                    Outcome::Done => {
+                        self.report.done += 1;
+                        ToFeeder::Ack { lease, meta }
+                    }
+                    Outcome::Retry(delay) => {
+                        self.report.retried += 1;
+                        ToFeeder::Retry {
+                            lease,
+                            delay,
+                            reason: result
+                                .reason
+                                .unwrap_or_else(|| "the consumer asked for a retry".into()),
+                            meta,
+                        }
+                    }
+                    Outcome::Dead(reason) => {
+                        self.report.dead += 1;
+                        ToFeeder::Dead {
+                            lease,
+                            reason,
+                            meta,
+                        }
+                    }
+                }
             }
             JobEnd::Panicked(text) => {
                 warn!(lease, panic = %text, "job panicked: retry");
@@ -783,6 +956,7 @@ where
                     lease,
                     delay: None,
                     reason: format!("panicked: {text}"),
+                    meta,
                 }
             }
         }
@@ -800,7 +974,8 @@ async fn session<J, F, Fut>(
 where
     J: DeserializeOwned + Send + 'static,
     F: Fn(J, JobInfo) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Into<JobResult>,
 {
     let session = runner.report.connections;
     let Link {
@@ -808,6 +983,8 @@ where
         feeder_tx,
         lease,
         settles,
+        extends,
+        meta,
     } = link;
     let (frames_tx, frames_rx) = mpsc::unbounded_channel();
     let mut writer = tokio::spawn(write_frames(feeder_tx, frames_rx));
@@ -874,7 +1051,7 @@ where
                 while let Some(joined) = next.take() {
                     if let Some((running, end)) = runner.take(joined) {
                         if running.session == session {
-                            let frame = runner.outcome_frame(running.lease, end);
+                            let frame = runner.outcome_frame(&running, end, meta);
                             if matches!(frame, ToFeeder::Retry { .. }) {
                                 // Not final: never settled.
                                 job_ids.remove(&running.lease);
@@ -918,6 +1095,9 @@ where
                                         deadline: (!lease.is_zero())
                                             .then(|| (received + lease).into_std()),
                                         feeder: FeederControl { frames_tx: frames_tx.clone() },
+                                        lease: job_lease,
+                                        lease_time: lease,
+                                        extends,
                                     },
                                     job,
                                     received,
@@ -931,9 +1111,13 @@ where
                                     "job payload does not fit the job type: dead"
                                 );
                                 runner.report.dead += 1;
+                                let mut origin = OutcomeMeta::default();
+                                origin.host.clone_from(&runner.host);
+                                origin.instance = runner.instance;
                                 send(ToFeeder::Dead {
                                     lease: job_lease,
                                     reason: format!("bad payload: {err}"),
+                                    meta: meta.then_some(origin),
                                 });
                                 send(ToFeeder::Credit { n: 1 });
                             }
@@ -984,18 +1168,18 @@ where
                 break lost_or_finished(draining, cause);
             }
             () = sleep_until_some(grace_over), if grace_over.is_some() => {
-                let late: Vec<u64> = runner
+                let late: Vec<(u64, Option<OutcomeMeta>)> = runner
                     .in_progress
                     .values()
                     .filter(|running| running.session == session)
-                    .map(|running| running.lease)
+                    .map(|running| (running.lease, runner.meta(running, meta)))
                     .collect();
                 warn!(
                     jobs = late.len(),
                     grace = ?options.grace,
                     "jobs still running after the stop grace: reported as retries"
                 );
-                for lease in late {
+                for (lease, meta) in late {
                     send(ToFeeder::Retry {
                         lease,
                         delay: None,
@@ -1003,6 +1187,7 @@ where
                             "still running after the stop grace of {:?}",
                             options.grace
                         ),
+                        meta,
                     });
                     runner.report.retried += 1;
                     runner.report.interrupted += 1;
@@ -1153,6 +1338,8 @@ pub(crate) mod tests {
                     proof: proof(&self.secret, their_nonce),
                     lease: Duration::from_secs(30),
                     settles: false,
+                    extends: false,
+                    meta: false,
                 }
             } else {
                 ToConsumer::Refused {
@@ -1342,6 +1529,8 @@ pub(crate) mod tests {
             proof: proof("not the secret", &nonce),
             lease: Duration::from_secs(30),
             settles: false,
+            extends: false,
+            meta: false,
         })
         .await
         .unwrap();
@@ -1438,7 +1627,7 @@ pub(crate) mod tests {
             let frame = recv(&mut conn).await.expect("a frame");
             match &frame {
                 ToFeeder::Credit { n } => credits += n,
-                ToFeeder::Ack { lease }
+                ToFeeder::Ack { lease, .. }
                 | ToFeeder::Retry { lease, .. }
                 | ToFeeder::Dead { lease, .. } => {
                     outcomes.insert(*lease, frame.clone());
@@ -1447,7 +1636,13 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(credits, 5, "one credit back per job");
-        assert_eq!(outcomes[&1], ToFeeder::Ack { lease: 1 });
+        assert_eq!(
+            outcomes[&1],
+            ToFeeder::Ack {
+                lease: 1,
+                meta: None
+            }
+        );
         assert!(
             matches!(&outcomes[&2], ToFeeder::Retry { delay: Some(d), .. } if *d == Duration::from_millis(250)),
             "{:?}",
@@ -1457,7 +1652,8 @@ pub(crate) mod tests {
             outcomes[&3],
             ToFeeder::Dead {
                 lease: 3,
-                reason: "nope".into()
+                reason: "nope".into(),
+                meta: None
             }
         );
         assert!(
@@ -1512,14 +1708,26 @@ pub(crate) mod tests {
         let (mut conn, _) = feeder.accept().await;
         assert_eq!(recv(&mut conn).await, Some(ToFeeder::Credit { n: 1 }));
         send_job(&mut conn, 1, serde_json::json!("x")).await;
-        assert_eq!(recv(&mut conn).await, Some(ToFeeder::Ack { lease: 1 }));
+        assert_eq!(
+            recv(&mut conn).await,
+            Some(ToFeeder::Ack {
+                lease: 1,
+                meta: None
+            })
+        );
         assert_eq!(recv(&mut conn).await, Some(ToFeeder::Credit { n: 1 }));
         drop(conn);
 
         let (mut conn, _) = feeder.accept().await;
         assert_eq!(recv(&mut conn).await, Some(ToFeeder::Credit { n: 1 }));
         send_job(&mut conn, 7, serde_json::json!("y")).await;
-        assert_eq!(recv(&mut conn).await, Some(ToFeeder::Ack { lease: 7 }));
+        assert_eq!(
+            recv(&mut conn).await,
+            Some(ToFeeder::Ack {
+                lease: 7,
+                meta: None
+            })
+        );
         assert_eq!(recv(&mut conn).await, Some(ToFeeder::Credit { n: 1 }));
         drain_and_bye(&mut conn).await;
         let report = finished(consumer).await.unwrap();
@@ -1546,7 +1754,13 @@ pub(crate) mod tests {
         assert_eq!(recv(&mut conn).await, Some(ToFeeder::Credit { n: 1 }));
         send_job(&mut conn, 3, serde_json::json!("fast")).await;
         assert_eq!(started(&mut started_rx).await, 300);
-        assert_eq!(recv(&mut conn).await, Some(ToFeeder::Ack { lease: 3 }));
+        assert_eq!(
+            recv(&mut conn).await,
+            Some(ToFeeder::Ack {
+                lease: 3,
+                meta: None
+            })
+        );
         assert_eq!(recv(&mut conn).await, Some(ToFeeder::Credit { n: 1 }));
         drain_and_bye(&mut conn).await;
         let report = finished(consumer).await.unwrap();
@@ -1570,7 +1784,13 @@ pub(crate) mod tests {
         conn.write_frame(&ToConsumer::Drain).await.unwrap();
         assert_eq!(recv(&mut conn).await, Some(ToFeeder::Release { lease: 2 }));
         assert_eq!(recv(&mut conn).await, Some(ToFeeder::Release { lease: 3 }));
-        assert_eq!(recv(&mut conn).await, Some(ToFeeder::Ack { lease: 1 }));
+        assert_eq!(
+            recv(&mut conn).await,
+            Some(ToFeeder::Ack {
+                lease: 1,
+                meta: None
+            })
+        );
         assert_eq!(
             recv(&mut conn).await,
             Some(ToFeeder::Bye),
@@ -1595,7 +1815,13 @@ pub(crate) mod tests {
         assert_eq!(started(&mut started_rx).await, 100);
         shutdown.cancel();
         assert_eq!(recv(&mut conn).await, Some(ToFeeder::Release { lease: 2 }));
-        assert_eq!(recv(&mut conn).await, Some(ToFeeder::Ack { lease: 1 }));
+        assert_eq!(
+            recv(&mut conn).await,
+            Some(ToFeeder::Ack {
+                lease: 1,
+                meta: None
+            })
+        );
         assert_eq!(recv(&mut conn).await, Some(ToFeeder::Bye));
         let report = finished(consumer).await.unwrap();
         assert_eq!((report.done, report.released), (1, 1));
@@ -1716,6 +1942,7 @@ pub(crate) mod tests {
             retry: crate::retry::RetryPolicy::schedule([Duration::ZERO, Duration::ZERO]),
             rate: None,
             progress_every: Duration::ZERO,
+            joblog: None,
         };
         let server = tokio::spawn(crate::queue::server::serve(
             listener,

@@ -41,22 +41,23 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::future::Future;
-use std::io::Write as _;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::unix::pipe;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::pidkiller::proc::{self, ProcessIdentity, Signal, Target};
+use crate::pidkiller::proc::{self, Signal, Target};
 use crate::protocol::slave::CONTROL_FD_ENV;
-use crate::queue::consumer::JobInfo;
+pub use crate::queue::child::MAX_LINE;
+use crate::queue::child::{command_text, die_with_parent, relay, unix_millis, wait_exited, Stream};
+use crate::queue::consumer::{JobInfo, JobResult};
 use crate::queue::{Feeder, Next};
 use crate::retry::Outcome;
 use crate::slave::queue::consumer_grace;
@@ -80,16 +81,9 @@ pub const EXIT_USAGE: u8 = 2;
 /// Longest wait between SIGTERM and SIGKILL of a job's process group.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
 
-/// Longest output line relayed as one; longer ones are cut.
-pub const MAX_LINE: usize = 64 * 1024;
-
 /// How long output still in the pipes is relayed after the job's process
 /// group is gone (a process outside the group may hold them open).
 const OUTPUT_LINGER: Duration = Duration::from_secs(1);
-
-/// How often the end of a job's process is checked where the kernel has no
-/// pidfd (before Linux 5.3).
-const EXIT_POLL: Duration = Duration::from_millis(20);
 
 /// Exit code of a command that cannot run (`sh`'s and `bash`'s).
 const CANNOT_RUN: u8 = 126;
@@ -269,6 +263,22 @@ impl JobEnd {
         }
     }
 
+    /// `outcome` with what the joblog gets of this end: the exit status
+    /// (126 or 127 for a command that could not start, as a shell says),
+    /// the signal, and a retry's reason.
+    fn result(&self, outcome: Outcome, command: &str) -> JobResult {
+        let reason = matches!(outcome, Outcome::Retry(_)).then(|| format!("{command}: {self}"));
+        let mut result = JobResult::new(outcome);
+        result.reason = reason;
+        match self {
+            JobEnd::Exited(code) | JobEnd::CannotStart { code, .. } => {
+                result.with_exit(i32::from(*code))
+            }
+            JobEnd::Signaled(signal) => result.with_signal(*signal),
+            JobEnd::PastLease | JobEnd::Stopped => result,
+        }
+    }
+
     /// The end of an exit status.
     fn of_status(status: ExitStatus) -> JobEnd {
         match (status.code(), status.signal()) {
@@ -391,8 +401,9 @@ struct Exec {
 }
 
 impl Exec {
-    /// Runs one job to its outcome (on a thread of the consumer's).
-    fn run_job(&self, handler: &Handler, payload: &serde_json::Value, info: &JobInfo) -> Outcome {
+    /// Runs one job to its outcome (on a thread of the consumer's), with
+    /// its exit status for the feeder's joblog.
+    fn run_job(&self, handler: &Handler, payload: &serde_json::Value, info: &JobInfo) -> JobResult {
         let end = match tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -401,7 +412,8 @@ impl Exec {
             Ok(runtime) => runtime.block_on(self.run_process(handler, payload, info)),
             Err(err) => {
                 warn!(job = info.id, cause = %err, "cannot start a runtime for the job: retry");
-                return Outcome::Retry(None);
+                return JobResult::new(Outcome::Retry(None))
+                    .with_reason(format!("cannot start a runtime for the job: {err}"));
             }
         };
         if let Some(message) = self.map.broken(&end, &self.command) {
@@ -419,7 +431,7 @@ impl Exec {
             Outcome::Retry(_) => warn!(attempt, "job {id}: {end}: retry"),
             Outcome::Dead(reason) => warn!(attempt, "job {id}: {reason}: dead"),
         }
-        outcome
+        end.result(outcome, &self.command)
     }
 
     /// Starts the command, feeds it, relays its output, and waits for its
@@ -609,58 +621,9 @@ where
     (output, beside_done)
 }
 
-/// Sets the command's parent-death signal to SIGKILL: a job does not
-/// outlive a consumer instance that is killed. (It is the spawning
-/// thread's death that counts: that thread waits for the job.)
-fn die_with_parent(command: &mut Command) {
-    #[cfg(target_os = "linux")]
-    {
-        let parent = std::process::id();
-        // SAFETY: the closure only calls async-signal-safe functions
-        // (prctl, getppid) and allocates nothing.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The consumer may have died between fork and prctl.
-                if u32::try_from(libc::getppid()).ok() != Some(parent) {
-                    return Err(std::io::Error::other("the consumer exited during spawn"));
-                }
-                Ok(())
-            });
-        }
-    }
-}
-
 /// Waits (blocking, but the process has ended) for the job's process.
 fn reap(mut child: Child) -> std::io::Result<ExitStatus> {
     child.wait()
-}
-
-/// Waits until our child `pid` has ended (without reaping it: until then
-/// its pid, and its process group id, are still ours).
-async fn wait_exited(pid: u32) {
-    let Ok(identity) = ProcessIdentity::of(pid) else {
-        // An unreaped child always has its /proc entry: nothing to wait for.
-        return;
-    };
-    if let Ok(fd) = proc::pidfd_open(identity) {
-        if proc::wait_exit(fd).await.is_ok() {
-            return;
-        }
-    }
-    // Already a zombie (pidfd_open refuses those), or no pidfd.
-    while identity.is_alive_same() {
-        tokio::time::sleep(EXIT_POLL).await;
-    }
 }
 
 /// Sleeps until `deadline`, forever when there is none.
@@ -671,38 +634,6 @@ async fn sleep_until_std(deadline: Option<Instant>) {
     }
 }
 
-/// `deadline` in milliseconds since the Unix epoch.
-fn unix_millis(deadline: Instant) -> u128 {
-    let now = SystemTime::now();
-    let at = match deadline.checked_duration_since(Instant::now()) {
-        Some(left) => now + left,
-        None => now,
-    };
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis())
-}
-
-/// `command` as a line of the log: the program and its arguments, quoted
-/// when they would not read as one word.
-fn command_text(program: &OsStr, args: &[OsString]) -> String {
-    let word = |text: &OsStr| {
-        let text = text.to_string_lossy();
-        if text.is_empty()
-            || text
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control() || "\"'\\$`".contains(c))
-        {
-            format!("{text:?}")
-        } else {
-            text.into_owned()
-        }
-    };
-    std::iter::once(word(program))
-        .chain(args.iter().map(|arg| word(arg)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Writes `input` to the command's stdin, then closes it. A command that
 /// does not read it (or has ended) is its own business.
 async fn feed(stdin: Option<OwnedFd>, input: &[u8]) {
@@ -711,98 +642,6 @@ async fn feed(stdin: Option<OwnedFd>, input: &[u8]) {
         return;
     };
     let _ = pipe.write_all(input).await;
-}
-
-/// Where a relayed line goes: the instance's own stdout or stderr.
-#[derive(Debug, Clone, Copy)]
-enum Stream {
-    /// The instance's stdout.
-    Stdout,
-    /// The instance's stderr.
-    Stderr,
-}
-
-impl Stream {
-    /// Writes `prefix`, `line` and a newline as one write (lines of
-    /// concurrent jobs never mix). A lost stdout is not the job's failure.
-    fn write_line(self, prefix: &[u8], line: &[u8]) {
-        let mut text = Vec::with_capacity(prefix.len() + line.len() + 1);
-        text.extend_from_slice(prefix);
-        text.extend_from_slice(line);
-        text.push(b'\n');
-        let _ = match self {
-            Stream::Stdout => std::io::stdout().lock().write_all(&text),
-            Stream::Stderr => std::io::stderr().lock().write_all(&text),
-        };
-    }
-}
-
-/// Relays the lines read from `fd` to `stream`, each after `prefix`,
-/// until the end of the pipe.
-async fn relay(fd: Option<OwnedFd>, prefix: &[u8], stream: Stream) {
-    let Some(fd) = fd else { return };
-    let Ok(mut pipe) = pipe::Receiver::from_owned_fd(fd) else {
-        return;
-    };
-    let mut lines = Lines::default();
-    let mut buf = vec![0u8; 8192];
-    let mut emit = |line: &[u8]| stream.write_line(prefix, line);
-    loop {
-        match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => lines.push(&buf[..n], &mut emit),
-        }
-    }
-    lines.finish(&mut emit);
-}
-
-/// Cuts a byte stream into lines (without their `\n`), at most
-/// [`MAX_LINE`] bytes each.
-#[derive(Debug, Default)]
-struct Lines {
-    /// The start of a line whose end has not come yet.
-    partial: Vec<u8>,
-}
-
-impl Lines {
-    /// Takes the next bytes; gives every line they complete to `emit`.
-    fn push(&mut self, mut bytes: &[u8], emit: &mut impl FnMut(&[u8])) {
-        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
-            let (line, rest) = bytes.split_at(end);
-            if self.partial.is_empty() {
-                emit_cut(line, emit);
-            } else {
-                self.partial.extend_from_slice(line);
-                emit_cut(&self.partial, emit);
-                self.partial.clear();
-            }
-            bytes = &rest[1..];
-        }
-        self.partial.extend_from_slice(bytes);
-        if self.partial.len() >= MAX_LINE {
-            let whole = self.partial.len() / MAX_LINE * MAX_LINE;
-            emit_cut(&self.partial[..whole], emit);
-            self.partial.drain(..whole);
-        }
-    }
-
-    /// The end of the stream: the last line, if it had no newline.
-    fn finish(&mut self, emit: &mut impl FnMut(&[u8])) {
-        if !self.partial.is_empty() {
-            emit_cut(&self.partial, emit);
-            self.partial.clear();
-        }
-    }
-}
-
-/// Gives `line` to `emit` in pieces of at most [`MAX_LINE`] bytes.
-fn emit_cut(line: &[u8], emit: &mut impl FnMut(&[u8])) {
-    if line.is_empty() {
-        emit(line);
-    }
-    for piece in line.chunks(MAX_LINE) {
-        emit(piece);
-    }
 }
 
 #[cfg(test)]
@@ -857,6 +696,26 @@ mod tests {
             map.with(ExitClass::Dead, &[3]).is_ok(),
             "the same class again"
         );
+    }
+
+    #[test]
+    fn results_carry_the_exit_status_and_the_reason_of_a_retry() {
+        let cmd = "sh job.sh";
+        let done = JobEnd::Exited(0).result(Outcome::Done, cmd);
+        assert_eq!((done.exit, done.signal, done.reason), (Some(0), None, None));
+        let retry = JobEnd::Exited(75).result(Outcome::Retry(None), cmd);
+        assert_eq!(retry.exit, Some(75));
+        assert_eq!(retry.reason.as_deref(), Some("sh job.sh: exit status 75"));
+        let killed = JobEnd::Signaled(9).result(Outcome::Retry(None), cmd);
+        assert_eq!((killed.exit, killed.signal), (None, Some(9)));
+        let missing = JobEnd::CannotStart {
+            code: NOT_FOUND,
+            cause: "exit 127: not found".into(),
+        }
+        .result(Outcome::Dead("x".into()), cmd);
+        assert_eq!((missing.exit, missing.reason), (Some(127), None));
+        let late = JobEnd::PastLease.result(Outcome::Retry(None), cmd);
+        assert_eq!((late.exit, late.signal), (None, None));
     }
 
     #[test]
@@ -916,54 +775,6 @@ mod tests {
             .is_some_and(|said| said.contains("exit 127")));
     }
 
-    fn lines_of(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
-        let mut lines = Lines::default();
-        let mut out = Vec::new();
-        let mut emit = |line: &[u8]| out.push(line.to_vec());
-        for chunk in chunks {
-            lines.push(chunk, &mut emit);
-        }
-        lines.finish(&mut emit);
-        out
-    }
-
-    #[test]
-    fn lines_across_chunks_partial_and_not_utf8() {
-        assert_eq!(
-            lines_of(&[b"a\nb", b"c\n\nd\xff", b"e"]),
-            vec![
-                b"a".to_vec(),
-                b"bc".to_vec(),
-                b"".to_vec(),
-                b"d\xffe".to_vec()
-            ]
-        );
-        assert_eq!(lines_of(&[b"x\n"]), vec![b"x".to_vec()]);
-        assert!(lines_of(&[b""]).is_empty());
-    }
-
-    #[test]
-    fn long_lines_are_cut() {
-        let long = vec![b'y'; MAX_LINE * 2 + 10];
-        let mut chunked: Vec<&[u8]> = long.chunks(1000).collect();
-        chunked.push(b"\nz");
-        let lines = lines_of(&chunked);
-        let lens: Vec<usize> = lines.iter().map(Vec::len).collect();
-        assert_eq!(lens, vec![MAX_LINE, MAX_LINE, 10, 1]);
-        let one = lines_of(&[&long, b"\n"]);
-        assert_eq!(
-            one.iter().map(Vec::len).collect::<Vec<_>>(),
-            vec![MAX_LINE, MAX_LINE, 10]
-        );
-    }
-
-    #[test]
-    fn commands_read_as_typed() {
-        let args = [OsString::from("-c"), OsString::from("echo $X")];
-        assert_eq!(command_text(OsStr::new("sh"), &args), "sh -c \"echo $X\"");
-        assert_eq!(command_text(OsStr::new("/bin/true"), &[]), "/bin/true");
-    }
-
     #[test]
     fn stop_schedule_fits_the_grace() {
         assert_eq!(
@@ -977,17 +788,5 @@ mod tests {
             stop_schedule(Duration::ZERO),
             (Duration::ZERO, Duration::ZERO)
         );
-    }
-
-    #[test]
-    fn deadlines_in_unix_millis() {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("after 1970")
-            .as_millis();
-        let at = unix_millis(Instant::now() + Duration::from_secs(60));
-        assert!((now + 59_000..=now + 61_000).contains(&at), "{now} {at}");
-        let past = unix_millis(Instant::now() - Duration::from_secs(1));
-        assert!(past >= now, "a past deadline is now");
     }
 }

@@ -10,13 +10,18 @@
 //!   `taskherd` binary's own feeder role.
 //! - [`exec`]: a consumer that runs a command once per job (the
 //!   `taskherd exec-consumer` subcommand).
+//! - [`coprocess`]: a consumer that starts a command once and speaks JSON
+//!   lines with it (the `taskherd coprocess-consumer` subcommand).
 
 pub mod builtin;
+mod child;
 pub mod consumer;
+pub mod coprocess;
 pub mod durable;
 pub mod exec;
 pub mod feeders;
 pub mod governor;
+pub mod joblog;
 pub(crate) mod journal;
 pub mod local;
 mod peer_warnings;

@@ -578,6 +578,7 @@ mod tests {
             retry: Default::default(),
             rate: None,
             progress_every: Duration::ZERO,
+            joblog: None,
         };
         let shutdown = CancellationToken::new();
         let server = FeederServer::new(Numbers(10), SECRET, settings).hello_timeout(hello_timeout);

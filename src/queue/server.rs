@@ -27,6 +27,7 @@
 //!     retry: Default::default(),
 //!     rate: None,
 //!     progress_every: Duration::from_secs(10),
+//!     joblog: None,
 //! };
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let report = FeederServer::new(Numbers(1000), secret, settings)
@@ -71,6 +72,12 @@
 //!    - [`ToFeeder::Dead`]`{reason}`: dead-lettered at once with `reason`.
 //!    - [`ToFeeder::Release`]: handed back untouched: it goes to the front
 //!      of the queue and the attempt is not counted.
+//!
+//!    A consumer that listed [`FEATURE_EXTEND`] in its Hello is told in
+//!    the Welcome (`extends: true`) that it may send
+//!    [`ToFeeder::Extend`]`{lease}`: the lease then lasts
+//!    [`QueueSettings::lease`] from now (a lease not held by that consumer
+//!    is left alone).
 //!
 //!    An outcome for a lease that is unknown, expired, already settled or
 //!    held by another consumer is answered [`ToConsumer::Stale`]`{lease}`
@@ -135,22 +142,26 @@
 //! consumer has credit and nothing is ready, so at most one job is ever
 //! buffered beyond those leased, delayed or handed back.
 //!
-//! Leases all last the same time, so the lease with the lowest number
-//! always expires first: leases are kept in a `BTreeMap` by number, which
-//! is also their expiry order.
+//! Leases are kept in a `BTreeMap` by number, with an expiry index (a
+//! `BTreeSet` of `(expires, lease)`) beside it: a lease extended by its
+//! consumer ([`ToFeeder::Extend`]) expires after leases delivered later.
 
 use super::governor::Governor;
+use super::joblog::{Joblog, JoblogError, JoblogLine, JoblogOutcome, JOBLOG_CLOSE_TIMEOUT};
 use super::peer_warnings::PeerWarnings;
 use super::{Feeder, Next};
 use crate::error_text::{count, error_chain};
-use crate::protocol::queue::{proof, random_hex, verify, ToConsumer, ToFeeder, FEATURE_SETTLED};
+use crate::protocol::queue::OutcomeMeta;
+use crate::protocol::queue::{
+    proof, random_hex, verify, ToConsumer, ToFeeder, FEATURE_EXTEND, FEATURE_SETTLED,
+};
 use crate::protocol::slave::{QueueProgress, QueueSettings};
 use crate::protocol::{self, ProtocolError, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use crate::retry::{Decision, RetryPolicy};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -223,6 +234,9 @@ pub enum ServerError {
         /// What is wrong.
         reason: String,
     },
+    /// The joblog ([`QueueSettings::joblog`]) cannot be opened.
+    #[error("cannot keep the joblog")]
+    Joblog(#[source] JoblogError),
 }
 
 /// How the server ended.
@@ -363,6 +377,10 @@ impl<F: Feeder> FeederServer<F> {
                 });
             }
         }
+        let joblog = match &self.settings.joblog {
+            Some(path) => Some(Joblog::open(path).map_err(ServerError::Joblog)?),
+            None => None,
+        };
         let local = listener.local_addr().ok();
         debug!(address = ?local, "feeder server listening");
         let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
@@ -376,6 +394,7 @@ impl<F: Feeder> FeederServer<F> {
             hello_timeout: self.hello_timeout,
             lease: self.settings.lease,
             durable: self.feeder.synced().is_some(),
+            joblog: joblog.is_some(),
         };
         let acceptor = Acceptor {
             listener,
@@ -390,7 +409,8 @@ impl<F: Feeder> FeederServer<F> {
             paused_until: None,
         };
         let now = Instant::now();
-        let core = Core::new(self.feeder, self.settings, self.progress_tx, now);
+        let mut core = Core::new(self.feeder, self.settings, self.progress_tx, now);
+        core.joblog = joblog;
         let report = core.run(acceptor, event_rx, shutdown).await;
         // Connections still in their handshake will never join.
         handshakes.cancel();
@@ -425,6 +445,9 @@ struct Tuning {
     /// The feeder keeps its jobs on disk: consumers that ask are sent
     /// [`ToConsumer::Settled`].
     durable: bool,
+    /// The feeder keeps a joblog: consumers are asked for the
+    /// [`OutcomeMeta`] of their outcomes.
+    joblog: bool,
 }
 
 /// The listening side, driven by the core's loop.
@@ -786,10 +809,13 @@ async fn handshake(
                 return Err(Refusal::tell("authentication failed"));
             }
             let settles = tuning.durable && features.iter().any(|f| f == FEATURE_SETTLED);
+            let extends = features.iter().any(|f| f == FEATURE_EXTEND);
             let welcome = Out::Frame(ToConsumer::Welcome {
                 proof: proof(secret, &their_nonce),
                 lease: tuning.lease,
                 settles,
+                extends,
+                meta: tuning.joblog,
             });
             match tokio::time::timeout(tuning.hello_timeout, writer.send(welcome)).await {
                 Ok(Ok(())) => Ok((truncate(name, MAX_NAME_LEN), settles)),
@@ -912,6 +938,9 @@ struct JobEntry<J> {
     attempts: u32,
     /// Start of the first attempt, for [`RetryPolicy::next`].
     first_attempt_at: Option<SystemTime>,
+    /// The consumer of its last delivery, for the joblog line of a lost
+    /// lease (kept only with a joblog).
+    holder: Option<Arc<str>>,
 }
 
 /// A job leased to a consumer.
@@ -920,6 +949,74 @@ struct Lease {
     job: u64,
     conn: u64,
     expires: Instant,
+}
+
+/// The leases out, by number, with an index of their expiry: leases last
+/// the same time, but an extended one ([`ToFeeder::Extend`]) ends after
+/// leases numbered after it.
+#[derive(Debug, Default)]
+struct Leases {
+    /// Leases by number.
+    by_number: BTreeMap<u64, Lease>,
+    /// Every lease of `by_number` as `(expires, number)`: the expiry order.
+    expiry: BTreeSet<(Instant, u64)>,
+}
+
+impl Leases {
+    fn get(&self, number: &u64) -> Option<&Lease> {
+        self.by_number.get(number)
+    }
+
+    fn len(&self) -> usize {
+        self.by_number.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_number.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&u64, &Lease)> {
+        self.by_number.iter()
+    }
+
+    /// Records a lease (replacing one of the same number).
+    fn insert(&mut self, number: u64, lease: Lease) {
+        if let Some(old) = self.by_number.insert(number, lease) {
+            self.expiry.remove(&(old.expires, number));
+        }
+        self.expiry.insert((lease.expires, number));
+    }
+
+    /// Forgets a lease.
+    fn remove(&mut self, number: u64) -> Option<Lease> {
+        let lease = self.by_number.remove(&number)?;
+        self.expiry.remove(&(lease.expires, number));
+        Some(lease)
+    }
+
+    /// Moves the end of a lease (if it is still out).
+    fn set_expiry(&mut self, number: u64, expires: Instant) {
+        if let Some(lease) = self.by_number.get_mut(&number) {
+            self.expiry.remove(&(lease.expires, number));
+            lease.expires = expires;
+            self.expiry.insert((expires, number));
+        }
+    }
+
+    /// When the first lease ends.
+    fn first_expiry(&self) -> Option<Instant> {
+        self.expiry.first().map(|(expires, _)| *expires)
+    }
+
+    /// Removes and returns a lease that ended by `now`, the earliest first.
+    fn pop_expired(&mut self, now: Instant) -> Option<(u64, Lease)> {
+        let &(expires, number) = self.expiry.first()?;
+        if expires > now {
+            return None;
+        }
+        self.expiry.pop_first();
+        self.by_number.remove(&number).map(|lease| (number, lease))
+    }
 }
 
 /// Marks a held frame made since the last commit.
@@ -950,7 +1047,8 @@ async fn wait_synced(
 
 /// A joined consumer.
 struct Consumer {
-    name: String,
+    /// `group/id@host`, from its Hello.
+    name: Arc<str>,
     peer: SocketAddr,
     out_tx: mpsc::UnboundedSender<Out>,
     /// Jobs it may still be sent.
@@ -1031,8 +1129,8 @@ struct Core<F: Feeder> {
     ready: VecDeque<u64>,
     /// Jobs waiting for a retry, by time.
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,
-    /// Leases by number, which is also their expiry order.
-    leases: BTreeMap<u64, Lease>,
+    /// Leases by number, with their expiry order.
+    leases: Leases,
     consumers: HashMap<u64, Consumer>,
     /// Consumers with credit, in delivery order (round robin); stale
     /// entries are skipped.
@@ -1048,6 +1146,9 @@ struct Core<F: Feeder> {
     next_lease: u64,
     rng: Rng,
     counts: Counts,
+
+    /// Where each attempt's outcome is written, if anywhere.
+    joblog: Option<Joblog>,
 
     /// A durable feeder's sync progress (`None`: changes are final at
     /// once, frames go out as they are made).
@@ -1095,7 +1196,7 @@ impl<F: Feeder> Core<F> {
             jobs: HashMap::new(),
             ready: VecDeque::new(),
             delayed: BinaryHeap::new(),
-            leases: BTreeMap::new(),
+            leases: Leases::default(),
             consumers: HashMap::new(),
             credited: VecDeque::new(),
             governor: Governor::new(settings.rate, now.into_std()),
@@ -1106,6 +1207,7 @@ impl<F: Feeder> Core<F> {
             next_lease: 1,
             rng: Rng::seeded(),
             counts: Counts::default(),
+            joblog: None,
             synced_rx,
             synced: 0,
             held: VecDeque::new(),
@@ -1209,6 +1311,15 @@ impl<F: Feeder> Core<F> {
                 "stopping with jobs still leased: they count as not done"
             );
         }
+        if let Some(joblog) = self.joblog.take() {
+            let closing = tokio::task::spawn_blocking(move || joblog.close());
+            if tokio::time::timeout(JOBLOG_CLOSE_TIMEOUT, closing)
+                .await
+                .is_err()
+            {
+                warn!("the joblog's last lines were not written in time");
+            }
+        }
         ServeReport {
             finished: self.finished(),
             progress,
@@ -1234,7 +1345,7 @@ impl<F: Feeder> Core<F> {
                 wake = wake.min(at);
             }
         };
-        consider(self.leases.values().next().map(|lease| lease.expires));
+        consider(self.leases.first_expiry());
         consider(self.next_progress);
         consider(acceptor.paused_until.filter(|until| *until > now));
         if self.draining {
@@ -1276,11 +1387,7 @@ impl<F: Feeder> Core<F> {
 
     /// Leases whose time is up: their jobs are lost.
     fn expire(&mut self, now: Instant) {
-        while let Some(entry) = self.leases.first_entry() {
-            if entry.get().expires > now {
-                break;
-            }
-            let (lease_id, lease) = entry.remove_entry();
+        while let Some((lease_id, lease)) = self.leases.pop_expired(now) {
             if let Some(consumer) = self.consumers.get_mut(&lease.conn) {
                 consumer.held = consumer.held.saturating_sub(1);
             }
@@ -1392,7 +1499,11 @@ impl<F: Feeder> Core<F> {
                             "{} (the limit) without an outcome: the feeder stopped during each",
                             count(attempts, "attempt")
                         );
+                        let id = self.feeder.job_id(&job);
                         self.feeder.error(job, &reason);
+                        if let Some(id) = id {
+                            self.joblog_unsent(id, attempts, &reason);
+                        }
                         continue;
                     }
                     match encode_payload(&job) {
@@ -1408,6 +1519,7 @@ impl<F: Feeder> Core<F> {
                                     payload,
                                     attempts,
                                     first_attempt_at: None,
+                                    holder: None,
                                 },
                             );
                             self.ready.push_back(id);
@@ -1416,7 +1528,11 @@ impl<F: Feeder> Core<F> {
                         Err(reason) => {
                             warn!(%reason, "job cannot be sent: dead-lettered");
                             self.counts.dead += 1;
+                            let id = self.feeder.job_id(&job);
                             self.feeder.error(job, &reason);
+                            if let Some(id) = id {
+                                self.joblog_unsent(id, attempts, &reason);
+                            }
                         }
                     }
                 }
@@ -1479,6 +1595,9 @@ impl<F: Feeder> Core<F> {
         );
         consumer.credit -= 1;
         consumer.held += 1;
+        if self.joblog.is_some() {
+            entry.holder = Some(Arc::clone(&consumer.name));
+        }
         self.feeder.attempt(&entry.job);
         let out = Out::Job {
             lease,
@@ -1535,9 +1654,8 @@ impl<F: Feeder> Core<F> {
                 break;
             };
             if let Out::Job { lease, .. } = &held.out {
-                if let Some(lease) = self.leases.get_mut(lease) {
-                    lease.expires = after(Instant::now(), self.lease_time);
-                }
+                self.leases
+                    .set_expiry(*lease, after(Instant::now(), self.lease_time));
             }
             if let Some(consumer) = self.consumers.get(&held.conn) {
                 let _ = consumer.out_tx.send(held.out);
@@ -1561,7 +1679,7 @@ impl<F: Feeder> Core<F> {
                 self.consumers.insert(
                     conn,
                     Consumer {
-                        name,
+                        name: name.into(),
                         peer,
                         out_tx,
                         credit: 0,
@@ -1579,12 +1697,14 @@ impl<F: Feeder> Core<F> {
     fn frame(&mut self, conn: u64, frame: ToFeeder, now: Instant) {
         match frame {
             ToFeeder::Credit { n } => self.credit(conn, n),
-            ToFeeder::Ack { lease } => {
+            ToFeeder::Ack { lease, meta } => {
                 if let Some(job) = self.settle(conn, lease) {
                     self.confirm(conn, lease);
                     if let Some(entry) = self.jobs.remove(&job) {
                         self.counts.done += 1;
+                        let attempt = entry.attempts;
                         self.feeder.success(entry.job);
+                        self.joblog_outcome(conn, job, attempt, None, meta);
                     }
                 }
             }
@@ -1592,16 +1712,25 @@ impl<F: Feeder> Core<F> {
                 lease,
                 delay,
                 reason,
+                meta,
             } => {
                 if let Some(job) = self.settle(conn, lease) {
+                    let attempt = self.jobs.get(&job).map_or(0, |entry| entry.attempts);
                     self.retry(job, delay, &reason, now);
+                    self.joblog_outcome(conn, job, attempt, Some(&reason), meta);
                 }
             }
-            ToFeeder::Dead { lease, reason } => {
+            ToFeeder::Dead {
+                lease,
+                reason,
+                meta,
+            } => {
                 if let Some(job) = self.settle(conn, lease) {
                     self.confirm(conn, lease);
                     self.counts.failed += 1;
+                    let attempt = self.jobs.get(&job).map_or(0, |entry| entry.attempts);
                     self.bury(job, &reason, "the consumer said dead");
+                    self.joblog_outcome(conn, job, attempt, Some(&reason), meta);
                 }
             }
             ToFeeder::Release { lease } => {
@@ -1616,6 +1745,7 @@ impl<F: Feeder> Core<F> {
                     }
                 }
             }
+            ToFeeder::Extend { lease } => self.extend(conn, lease, now),
             ToFeeder::SlowDown => {
                 if self.governor.slow_down(now.into_std()) {
                     info!(
@@ -1649,6 +1779,23 @@ impl<F: Feeder> Core<F> {
         }
     }
 
+    /// `conn` is still working on its `lease`: the lease starts again. A
+    /// lease that is not `conn`'s (expired, settled, another's) stays as
+    /// it is; the outcome that follows will be called stale.
+    fn extend(&mut self, conn: u64, lease: u64, now: Instant) {
+        match self.leases.get(&lease) {
+            Some(held) if held.conn == conn => {
+                // A delivery still held back for its sync keeps its long
+                // lease: it starts for real when sent.
+                if held.expires < after(now, self.lease_time) {
+                    self.leases.set_expiry(lease, after(now, self.lease_time));
+                }
+                debug!(conn, lease, "lease extended");
+            }
+            _ => debug!(conn, lease, "extend of a lease not held: ignored"),
+        }
+    }
+
     /// A final outcome of `conn`'s `lease`, to be confirmed once durable.
     fn confirm(&mut self, conn: u64, lease: u64) {
         if self.synced_rx.is_some() && self.consumers.get(&conn).is_some_and(|c| c.settles) {
@@ -1662,7 +1809,7 @@ impl<F: Feeder> Core<F> {
         match self.leases.get(&lease) {
             Some(held) if held.conn == conn => {
                 let job = held.job;
-                self.leases.remove(&lease);
+                self.leases.remove(lease);
                 consumer.held = consumer.held.saturating_sub(1);
                 Some(job)
             }
@@ -1712,12 +1859,65 @@ impl<F: Feeder> Core<F> {
         let Some(entry) = self.jobs.get(&job) else {
             return;
         };
-        if entry.attempts >= self.max_attempts {
+        let (attempt, holder) = (entry.attempts, entry.holder.clone());
+        let (outcome, reason) = if entry.attempts >= self.max_attempts {
             let reason = format!("{why} ({})", count(entry.attempts, "attempt"));
             self.bury(job, &reason, "attempt limit reached");
+            (JoblogOutcome::Dead, reason)
         } else {
             self.counts.retried += 1;
             self.ready.push_front(job);
+            (JoblogOutcome::Retry, why.to_string())
+        };
+        if let Some(joblog) = &mut self.joblog {
+            joblog.write(&JoblogLine::new(
+                job,
+                attempt,
+                outcome,
+                Some(&reason),
+                None,
+                holder.as_deref(),
+            ));
+        }
+    }
+
+    /// The joblog line of `conn`'s outcome of attempt `attempt` of `job`:
+    /// `done` without a `reason`; with one, `retry` while the job waits
+    /// for another attempt, `dead` once it is gone.
+    fn joblog_outcome(
+        &mut self,
+        conn: u64,
+        job: u64,
+        attempt: u32,
+        reason: Option<&str>,
+        meta: Option<OutcomeMeta>,
+    ) {
+        let Some(joblog) = &mut self.joblog else {
+            return;
+        };
+        let outcome = match reason {
+            None => JoblogOutcome::Done,
+            Some(_) if self.jobs.contains_key(&job) => JoblogOutcome::Retry,
+            Some(_) => JoblogOutcome::Dead,
+        };
+        let consumer = self.consumers.get(&conn).map(|c| &*c.name);
+        joblog.write(&JoblogLine::new(
+            job, attempt, outcome, reason, meta, consumer,
+        ));
+    }
+
+    /// The joblog line of a job dead before any delivery (out of attempts
+    /// before this run, or one that cannot be sent).
+    fn joblog_unsent(&mut self, job: u64, attempt: u32, reason: &str) {
+        if let Some(joblog) = &mut self.joblog {
+            joblog.write(&JoblogLine::new(
+                job,
+                attempt,
+                JoblogOutcome::Dead,
+                Some(reason),
+                None,
+                None,
+            ));
         }
     }
 
@@ -1752,7 +1952,7 @@ impl<F: Feeder> Core<F> {
             .collect();
         // Pushed to the front in reverse so they keep their order.
         for (lease, job) in lost.into_iter().rev() {
-            self.leases.remove(&lease);
+            self.leases.remove(lease);
             self.lost(job, "consumer lost");
         }
     }
@@ -1840,6 +2040,7 @@ mod tests {
             retry: RetryPolicy::exponential(ms(10), ms(50), 10).with_jitter(0.0),
             rate: None,
             progress_every: Duration::ZERO,
+            joblog: None,
         }
     }
 
@@ -2009,7 +2210,7 @@ mod tests {
         }
 
         async fn ack(&mut self, lease: u64) {
-            self.send(ToFeeder::Ack { lease }).await;
+            self.send(ToFeeder::Ack { lease, meta: None }).await;
             self.send(ToFeeder::Credit { n: 1 }).await;
         }
 
@@ -2365,16 +2566,28 @@ mod tests {
         b.send(ToFeeder::Credit { n: 1 }).await;
         let again = b.job().await;
         assert_eq!((again.id, again.attempt), (first.id, 2));
-        a.send(ToFeeder::Ack { lease: first.lease }).await;
+        a.send(ToFeeder::Ack {
+            lease: first.lease,
+            meta: None,
+        })
+        .await;
         assert_eq!(
             a.recv().await,
             Some(ToConsumer::Stale { lease: first.lease })
         );
         // A lease that never existed is stale too.
-        a.send(ToFeeder::Ack { lease: 999 }).await;
+        a.send(ToFeeder::Ack {
+            lease: 999,
+            meta: None,
+        })
+        .await;
         assert_eq!(a.recv().await, Some(ToConsumer::Stale { lease: 999 }));
         // Another consumer's lease is not yours.
-        a.send(ToFeeder::Ack { lease: again.lease }).await;
+        a.send(ToFeeder::Ack {
+            lease: again.lease,
+            meta: None,
+        })
+        .await;
         assert_eq!(
             a.recv().await,
             Some(ToConsumer::Stale { lease: again.lease })
@@ -2398,6 +2611,7 @@ mod tests {
                 // Within the policy's cap of 50 ms.
                 delay: Some(ms(40)),
                 reason: "busy".into(),
+                meta: None,
             })
             .await;
         let asked = Instant::now();
@@ -2432,6 +2646,7 @@ mod tests {
                     lease: job.lease,
                     delay: None,
                     reason: reason.into(),
+                    meta: None,
                 })
                 .await;
             client.send(ToFeeder::Credit { n: 1 }).await;
@@ -2445,6 +2660,133 @@ mod tests {
         assert!(log.successes.is_empty());
     }
 
+    /// The core alone, with one consumer (conn 1) that got jobs 1 and 2
+    /// at `start` (leases 1 and 2), and what it is sent.
+    fn core_with_two_leases(
+        lease: Duration,
+        start: Instant,
+    ) -> (
+        Core<TestFeeder>,
+        mpsc::UnboundedReceiver<Out>,
+        Arc<Mutex<Log>>,
+    ) {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let feeder = TestFeeder {
+            queue: Arc::new(Mutex::new([1, 2].into_iter().collect())),
+            done_when_empty: false,
+            recheck: Duration::from_secs(1),
+            log: Arc::clone(&log),
+        };
+        let settings = QueueSettings {
+            lease,
+            max_attempts: 1,
+            ..settings()
+        };
+        let mut core = Core::new(feeder, settings, None, start);
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        core.handle(
+            Event::Joined {
+                conn: 1,
+                name: "c".into(),
+                peer: "127.0.0.1:1".parse().unwrap(),
+                settles: false,
+                out_tx,
+            },
+            start,
+        );
+        core.handle(
+            Event::Frame {
+                conn: 1,
+                frame: ToFeeder::Credit { n: 2 },
+            },
+            start,
+        );
+        core.pump(start);
+        assert_eq!(
+            core.leases.by_number.keys().copied().collect::<Vec<_>>(),
+            [1, 2]
+        );
+        (core, out_rx, log)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_extended_lease_expires_after_the_later_ones() {
+        let lease = Duration::from_secs(10);
+        let start = Instant::now();
+        let (mut core, _out_rx, log) = core_with_two_leases(lease, start);
+        // Lease 1 is extended at 6 s: it now ends at 16 s, after lease 2
+        // (10 s), which must still expire on time although its number is
+        // higher.
+        let at = start + Duration::from_secs(6);
+        core.handle(
+            Event::Frame {
+                conn: 1,
+                frame: ToFeeder::Extend { lease: 1 },
+            },
+            at,
+        );
+        assert_eq!(
+            core.leases.first_expiry(),
+            Some(start + lease),
+            "lease 2 is first"
+        );
+        core.expire(start + lease);
+        assert_eq!(
+            core.leases.by_number.keys().copied().collect::<Vec<_>>(),
+            [1]
+        );
+        assert_eq!(log.lock().unwrap().errors.len(), 1, "job 2 lost, dead");
+        assert_eq!(log.lock().unwrap().errors[0].0, 2);
+        core.expire(start + Duration::from_secs(15));
+        assert_eq!(core.leases.len(), 1, "lease 1 runs to 16 s");
+        // Extending it again moves it once more; an Extend of a lease not
+        // held (2 is gone) changes nothing.
+        core.handle(
+            Event::Frame {
+                conn: 1,
+                frame: ToFeeder::Extend { lease: 2 },
+            },
+            start + Duration::from_secs(15),
+        );
+        core.handle(
+            Event::Frame {
+                conn: 1,
+                frame: ToFeeder::Extend { lease: 1 },
+            },
+            start + Duration::from_secs(15),
+        );
+        core.expire(start + Duration::from_secs(24));
+        assert_eq!(core.leases.len(), 1, "lease 1 runs to 25 s");
+        core.expire(start + Duration::from_secs(25));
+        assert!(core.leases.is_empty());
+        assert!(
+            core.leases.expiry.is_empty(),
+            "the index follows the leases"
+        );
+        assert_eq!(log.lock().unwrap().errors.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settled_and_lost_leases_leave_the_expiry_index() {
+        let lease = Duration::from_secs(10);
+        let start = Instant::now();
+        let (mut core, _out_rx, log) = core_with_two_leases(lease, start);
+        core.handle(
+            Event::Frame {
+                conn: 1,
+                frame: ToFeeder::Ack {
+                    lease: 2,
+                    meta: None,
+                },
+            },
+            start,
+        );
+        assert_eq!(core.leases.expiry.len(), 1);
+        core.handle(Event::Left { conn: 1 }, start);
+        assert!(core.leases.is_empty() && core.leases.expiry.is_empty());
+        assert_eq!(log.lock().unwrap().successes, [2]);
+    }
+
     #[tokio::test]
     async fn dead_outcome_calls_the_error_hook_at_once() {
         let harness = Harness::simple([8]).await;
@@ -2455,6 +2797,7 @@ mod tests {
             .send(ToFeeder::Dead {
                 lease: job.lease,
                 reason: "bad input".into(),
+                meta: None,
             })
             .await;
         client.send(ToFeeder::Credit { n: 1 }).await;
@@ -2556,7 +2899,12 @@ mod tests {
         let c = client.job().await;
         client.quiet_for(ms(200)).await;
         for job in [a, b, c] {
-            client.send(ToFeeder::Ack { lease: job.lease }).await;
+            client
+                .send(ToFeeder::Ack {
+                    lease: job.lease,
+                    meta: None,
+                })
+                .await;
         }
         client.quiet_for(ms(300)).await;
         let (report, log) = harness.stop().await;
@@ -2644,11 +2992,17 @@ mod tests {
         let (a, b, c) = (client.job().await, client.job().await, client.job().await);
         harness.shutdown.cancel();
         assert_eq!(client.recv().await, Some(ToConsumer::Drain));
-        client.send(ToFeeder::Ack { lease: a.lease }).await;
+        client
+            .send(ToFeeder::Ack {
+                lease: a.lease,
+                meta: None,
+            })
+            .await;
         client
             .send(ToFeeder::Dead {
                 lease: b.lease,
                 reason: "nope".into(),
+                meta: None,
             })
             .await;
         client.send(ToFeeder::Release { lease: c.lease }).await;
@@ -2854,7 +3208,8 @@ mod tests {
                     while let Some(body) = next.take() {
                         match protocol::decode::<ToConsumer>(&body).unwrap() {
                             ToConsumer::Job { lease, .. } => {
-                                let ack = protocol::encode(&ToFeeder::Ack { lease }).unwrap();
+                                let ack =
+                                    protocol::encode(&ToFeeder::Ack { lease, meta: None }).unwrap();
                                 framed.feed(ack).await.unwrap();
                                 freed += 1;
                                 done += 1;

@@ -321,6 +321,13 @@ impl Handler {
         self.stop.child_token()
     }
 
+    /// The handler's own stop token (not a child): cancelling it stops
+    /// the instance as the master's Stop does. For the built-in roles that
+    /// must end on their own (a coprocess that broke the protocol).
+    pub(crate) fn stop_root(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
     /// Tells the master this instance is alive.
     ///
     /// Needed only when the group has a liveness timeout and the program

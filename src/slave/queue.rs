@@ -20,7 +20,7 @@ use super::layer;
 use super::link::{self, Outgoing};
 use crate::error_text::{error_chain, panic_text};
 use crate::protocol::slave::{FromSlave, QueueRole, QueueSettings};
-use crate::queue::consumer::{self, ConsumerOptions, JobInfo, DEFAULT_GRACE};
+use crate::queue::consumer::{self, ConsumerOptions, JobInfo, JobResult, DEFAULT_GRACE};
 use crate::queue::Feeder;
 use crate::retry::Outcome;
 
@@ -223,12 +223,34 @@ impl HandlerQueue {
 
     /// [`run_queue`](Self::run_queue), with the job's [`JobInfo`] (its
     /// id, stable across attempts, and the attempt number) given to the
-    /// consumer too.
-    pub fn run_queue_with_info<F, J, C>(self, consumer: C, feeder: F) -> ExitCode
+    /// consumer too. The consumer returns an [`Outcome`], or a
+    /// [`JobResult`] that also tells the feeder's joblog what it observed
+    /// (an exit status).
+    pub fn run_queue_with_info<F, J, C, R>(self, consumer: C, feeder: F) -> ExitCode
     where
         F: Feeder,
         J: DeserializeOwned + Send + 'static,
-        C: Fn(&Handler, J, JobInfo) -> Outcome + Send + Sync + 'static,
+        C: Fn(&Handler, J, JobInfo) -> R + Send + Sync + 'static,
+        R: Into<JobResult> + Send + 'static,
+    {
+        self.run_queue_then(consumer, feeder, |played| played)
+    }
+
+    /// [`run_queue_with_info`](Self::run_queue_with_info), with `then`
+    /// turning how the part was played into what is reported to the
+    /// master (the coprocess consumer fails a consumer whose program broke
+    /// the protocol, though the queue itself ended cleanly).
+    pub(crate) fn run_queue_then<F, J, C, R>(
+        self,
+        consumer: C,
+        feeder: F,
+        then: impl FnOnce(Result<(), String>) -> Result<(), String>,
+    ) -> ExitCode
+    where
+        F: Feeder,
+        J: DeserializeOwned + Send + 'static,
+        C: Fn(&Handler, J, JobInfo) -> R + Send + Sync + 'static,
+        R: Into<JobResult> + Send + 'static,
     {
         let HandlerQueue { handler, role } = self;
         // The queue's log lines (refused consumers, a lost feeder, the
@@ -252,12 +274,13 @@ impl HandlerQueue {
             } => {
                 drop(feeder);
                 let options = ConsumerOptions::new(concurrency, credits)
-                    .with_grace(consumer_grace(handler.identity().stop_grace));
+                    .with_grace(consumer_grace(handler.identity().stop_grace))
+                    .with_origin(handler.host(), handler.id());
                 run_consumer(&handler, &feeder_addr, &secret, options, consumer)
             }
         }));
         let result = played.unwrap_or_else(|payload| Err(panic_text(payload.as_ref())));
-        handler.report_outcome(result)
+        handler.report_outcome(then(result))
     }
 }
 
@@ -328,7 +351,7 @@ where
 
 /// The consumer role: [`consumer::consume`] with the user function on the
 /// blocking pool.
-fn run_consumer<J, C>(
+fn run_consumer<J, C, R>(
     handler: &Arc<Handler>,
     feeder_addr: &str,
     secret: &str,
@@ -337,7 +360,8 @@ fn run_consumer<J, C>(
 ) -> Result<(), String>
 where
     J: DeserializeOwned + Send + 'static,
-    C: Fn(&Handler, J, JobInfo) -> Outcome + Send + Sync + 'static,
+    C: Fn(&Handler, J, JobInfo) -> R + Send + Sync + 'static,
+    R: Into<JobResult> + Send + 'static,
 {
     let name = format!("{}/{}@{}", handler.group(), handler.id(), handler.host());
     // Cancelled by the master's Stop, the master going away, or max_jobs.
@@ -363,11 +387,11 @@ where
                 // A panic goes on to `consume`, which reports it as a retry
                 // with its text.
                 match ran {
-                    Ok(Ok(outcome)) => outcome,
+                    Ok(Ok(result)) => result.into(),
                     Ok(Err(payload)) => panic::resume_unwind(payload),
                     Err(err) => match err.try_into_panic() {
                         Ok(payload) => panic::resume_unwind(payload),
-                        Err(_) => Outcome::Retry(None),
+                        Err(_) => JobResult::new(Outcome::Retry(None)),
                     },
                 }
             }
@@ -639,11 +663,20 @@ mod tests {
         assert_eq!(frames.len(), 5, "{frames:?}");
         assert_eq!(
             frames[..2],
-            [ToFeeder::Ack { lease: 1 }, ToFeeder::Credit { n: 1 }],
+            [
+                ToFeeder::Ack {
+                    lease: 1,
+                    meta: None
+                },
+                ToFeeder::Credit { n: 1 }
+            ],
             "{frames:?}"
         );
         assert!(
-            frames[2..4].contains(&ToFeeder::Ack { lease: 2 }),
+            frames[2..4].contains(&ToFeeder::Ack {
+                lease: 2,
+                meta: None
+            }),
             "{frames:?}"
         );
         assert!(
@@ -733,6 +766,7 @@ mod tests {
                     retry: Default::default(),
                     rate: None,
                     progress_every: Duration::from_millis(100),
+                    joblog: None,
                 },
             }),
             ..identity()

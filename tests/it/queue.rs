@@ -169,7 +169,9 @@ fn a_job_failing_every_time_is_dead_lettered_and_the_feeder_told() {
     herd.wait_for("[jobs] [localhost] [queue_worker/1/1] dead 4:");
     herd.wait_for("queue: 4 done, 3 failed, 2 retried, 1 dead");
     herd.signal(libc::SIGTERM);
-    assert_eq!(herd.wait_exit().code(), Some(0));
+    // A job ended dead: the run failed (`fail_on_dead` is on by default).
+    assert_eq!(herd.wait_exit().code(), Some(1));
+    herd.wait_for("1 job of group jobs ended dead (see the feeder's log)");
     let counts = done_counts(&herd);
     assert_eq!(counts.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 5]);
 }

@@ -126,7 +126,9 @@ concurrency = 2
     assert!(dead.contains("reason="), "{dead}");
     herd.wait_for("(queue empty)");
     herd.signal(libc::SIGTERM);
-    assert_eq!(herd.wait_exit().code(), Some(0));
+    // Job 7 ended dead: the run failed, and says where to look.
+    assert_eq!(herd.wait_exit().code(), Some(1));
+    herd.wait_for("1 job of group jobs ended dead (see taskherd queue list");
     let done = done_counts(&herd);
     assert_eq!(done.len(), 99, "{done:?}");
     assert!(!done.contains_key(&7));
@@ -250,7 +252,7 @@ instances = 1
         (
             format!("{file}:7:"),
             "group[1].consumer.run",
-            "coprocess consumers are not supported yet",
+            "coprocess consumers need a built-in feeder",
         ),
         (
             format!("{file}:14:"),
@@ -260,12 +262,12 @@ instances = 1
         (
             format!("{file}:24:"),
             "group[3].consumer.run",
-            "expected \"library\" or \"exec\"",
+            "expected \"library\", \"exec\" or \"coprocess\"",
         ),
         (
             format!("{file}:33:"),
             "group[4].consumer.run",
-            "exec consumers need the built-in feeder",
+            "exec consumers need a built-in feeder",
         ),
     ];
     let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("error:")).collect();

@@ -113,6 +113,16 @@ fn stop(herd: &mut Herd) {
     herd.assert_no_leftovers();
 }
 
+/// Stops a herd in which jobs ended dead: `taskherd run` exits 1 and
+/// says so; nothing it started is left.
+fn stop_with_dead(herd: &mut Herd) {
+    herd.signal(libc::SIGTERM);
+    let status = herd.wait_exit();
+    assert_eq!(status.code(), Some(1), "seen:\n{}", herd.seen.join("\n"));
+    herd.wait_for("of group jobs ended dead (see taskherd queue list");
+    herd.assert_no_leftovers();
+}
+
 /// The number after `key=` in `line`.
 fn number_after(line: &str, key: &str) -> u128 {
     let at = line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len();
@@ -202,7 +212,7 @@ echo "done $job attempt $TASKHERD_JOB_ATTEMPT"
     let dead = herd.wait_for("job dead");
     assert!(dead.contains("exit status 65"), "{dead}");
     herd.wait_for("2 done, 2 failed, 1 retried, 1 dead");
-    stop(&mut herd);
+    stop_with_dead(&mut herd);
     let list = setup.list();
     let dead = list["dead"].as_array().expect("dead");
     assert_eq!(dead.len(), 1, "{list}");
@@ -227,7 +237,7 @@ fn a_command_that_cannot_run_is_dead_and_said_once_per_consumer() {
     let said = herd.wait_for("cannot run (exit status 127: not found)");
     assert!(said.contains("check the group's command"), "{said}");
     assert!(said.contains("error"), "said loudly: {said}");
-    stop(&mut herd);
+    stop_with_dead(&mut herd);
     let said = herd.lines_with("cannot run (exit status 127");
     // Once per consumer (two consumers), not once per job.
     assert!(
@@ -255,7 +265,7 @@ fn a_missing_program_is_dead_and_said_once_per_consumer() {
     herd.wait_for_count("job dead", 3);
     let said = herd.wait_for("cannot run (exit 127: not found): check the group's command");
     assert!(said.contains("no-such-program"), "{said}");
-    stop(&mut herd);
+    stop_with_dead(&mut herd);
     let said = herd.lines_with("cannot run (exit 127: not found)");
     assert!((1..=2).contains(&said.len()), "{said:#?}");
     let list = setup.list();
@@ -328,7 +338,7 @@ echo "never"
         left.is_empty()
     });
     assert!(herd.lines_with("never").is_empty());
-    stop(&mut herd);
+    stop_with_dead(&mut herd);
     let list = setup.list();
     assert_eq!(list["dead"].as_array().map(Vec::len), Some(1), "{list}");
 }
@@ -422,7 +432,7 @@ echo "done $job attempt $TASKHERD_JOB_ATTEMPT"
     herd.wait_for(r#"job 1: done "again" attempt 2"#);
     let dead = herd.wait_for("job dead");
     assert!(dead.contains("exit status 1"), "{dead}");
-    stop(&mut herd);
+    stop_with_dead(&mut herd);
     let list = setup.list();
     let dead = list["dead"].as_array().expect("dead");
     assert_eq!(dead.len(), 1, "{list}");
@@ -545,7 +555,11 @@ fn the_exec_examples_run_as_documented() {
             assert!(Instant::now() < deadline, "{config:?}: two jobs handled");
             herd.wait_for_count("handled", herd.lines_with("handled").len() + 1);
         }
-        stop(&mut herd);
+        // The "fail" job ended dead: the run says so and exits 1.
+        herd.signal(libc::SIGTERM);
+        assert_eq!(herd.wait_exit().code(), Some(1), "{}", herd.seen.join("\n"));
+        herd.wait_for("of group thumbs ended dead");
+        herd.assert_no_leftovers();
         let out = Command::new(taskherd_bin())
             .args(["queue", "list", "--json"])
             .arg(&queue)

@@ -273,13 +273,54 @@ pub(crate) fn read_generation(
     path: &Path,
     generation: u64,
     from: u64,
-    mut each: impl FnMut(Batch) -> Result<()>,
+    each: impl FnMut(Batch) -> Result<()>,
 ) -> Result<()> {
     let taking = taking_path(path, generation);
-    let io = |source| io_error(&taking, source);
-    let mut file = File::open(&taking).map_err(io)?;
-    file.seek(SeekFrom::Start(from)).map_err(io)?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let inbox = inbox_path(path);
+    let reason = |start: u64, err: &serde_json::Error| {
+        format!(
+            "a line added to {} is not JSON: {err} (byte {start} of {}, the inbox as taken in)",
+            inbox.display(),
+            taking.display()
+        )
+    };
+    read_lines(&taking, generation, from, Tail::DropCutShort, reason, each)
+}
+
+/// What [`read_lines`] does with a last line without its newline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tail {
+    /// Drop it with a warning: its producer died before its sync (an inbox
+    /// generation, which nobody writes to any more).
+    DropCutShort,
+    /// Leave it for later: its writer may still be writing it (a
+    /// JSON-lines file that may grow).
+    Wait,
+    /// Take it as a whole line: the file has not changed for a while, its
+    /// last line just has no newline (a JSON-lines file).
+    Take,
+}
+
+/// Reads the JSON lines of `file` from byte `from` on, in batches marked
+/// as generation `generation`; `each` gets every batch, the last one
+/// flagged (possibly with no job). A line that is not JSON becomes a
+/// reject with `reason(offset, error)`; `tail` says what becomes of a last
+/// line without its newline (not read, unless [`Tail::Take`]).
+///
+/// # Errors
+/// [`LocalQueueError::Io`], or what `each` returned.
+pub(crate) fn read_lines(
+    file: &Path,
+    generation: u64,
+    from: u64,
+    tail: Tail,
+    reason: impl Fn(u64, &serde_json::Error) -> String,
+    mut each: impl FnMut(Batch) -> Result<()>,
+) -> Result<()> {
+    let io = |source| io_error(file, source);
+    let mut opened = File::open(file).map_err(io)?;
+    opened.seek(SeekFrom::Start(from)).map_err(io)?;
+    let mut reader = BufReader::with_capacity(1 << 20, opened);
     let mut offset = from;
     let mut line = Vec::new();
     let new_batch = |end| Batch {
@@ -299,13 +340,19 @@ pub(crate) fn read_generation(
             break;
         }
         if line.last() != Some(&b'\n') {
-            tracing::warn!(
-                path = %taking.display(),
-                offset,
-                bytes = n,
-                "dropping a line cut short by a producer that died"
-            );
-            break;
+            match tail {
+                Tail::DropCutShort => {
+                    tracing::warn!(
+                        path = %file.display(),
+                        offset,
+                        bytes = n,
+                        "dropping a line cut short by a producer that died"
+                    );
+                    break;
+                }
+                Tail::Wait => break,
+                Tail::Take => {}
+            }
         }
         let start = offset;
         offset += n as u64;
@@ -318,12 +365,8 @@ pub(crate) fn read_generation(
                 }
                 Err(err) => {
                     let shown = String::from_utf8_lossy(text);
-                    let reason = format!(
-                        "a line added to {} is not JSON: {err} (byte {start} of {}, the inbox as taken in)",
-                        inbox_path(path).display(),
-                        taking.display()
-                    );
-                    tracing::warn!(path = %taking.display(), offset = start, cause = %err, "an inbox line is not JSON: kept as a dead job");
+                    let reason = reason(start, &err);
+                    tracing::warn!(path = %file.display(), offset = start, cause = %err, "a line is not JSON: kept as a dead job");
                     if let Ok(text) = serde_json::value::to_raw_value(&shown) {
                         batch.rejects.push((Arc::from(text), reason));
                     }
@@ -402,18 +445,32 @@ impl std::fmt::Debug for Intake {
     }
 }
 
+/// Where the jobs a feeder takes into its journal come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The inbox producers add to (`<path>.inbox`), taken in generations
+    /// (the durable file queue).
+    Inbox,
+    /// A JSON-lines file, taken in as one generation that is never renamed
+    /// or removed and may grow: the generation of its mark is the file's
+    /// inode, so a file replaced since is told from the one taken in.
+    Lines(PathBuf),
+}
+
 impl Intake {
-    /// Starts the intake of the queue at `path`, from the journal's mark.
+    /// Starts the intake of the queue at `path` from `source`, from the
+    /// journal's mark.
     ///
     /// # Errors
     /// [`LocalQueueError::Io`] if the thread cannot start.
-    pub(crate) fn spawn(path: &Path, mark: (u64, u64)) -> Result<Intake> {
+    pub(crate) fn spawn(path: &Path, mark: (u64, u64), source: &Source) -> Result<Intake> {
         let (batches_tx, batches_rx) = mpsc::sync_channel(READ_AHEAD);
         let (done_tx, done_rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let busy = Arc::new(AtomicBool::new(false));
         let thread = {
             let owned = path.to_path_buf();
+            let source = source.clone();
             let stop = Arc::clone(&stop);
             let busy = Arc::clone(&busy);
             // Its log goes where the feeder's goes.
@@ -422,7 +479,14 @@ impl Intake {
                 .name("taskherd-intake".into())
                 .spawn(move || {
                     let _log = tracing::dispatcher::set_default(&dispatch);
-                    intake_loop(&owned, mark, &batches_tx, &done_rx, &stop, &busy);
+                    match &source {
+                        Source::Inbox => {
+                            intake_loop(&owned, mark, &batches_tx, &done_rx, &stop, &busy);
+                        }
+                        Source::Lines(file) => {
+                            lines_loop(file, &owned, mark, &batches_tx, &stop, &busy);
+                        }
+                    }
                 })
                 .map_err(|source| io_error(path, source))?
         };
@@ -536,6 +600,141 @@ fn intake_loop(
             // Resumed at its end (nothing more is read from it) next time.
             tracing::warn!(path = %taking.display(), cause = %err, "cannot remove an inbox taken in");
             scan_leftovers = true;
+        }
+    }
+}
+
+/// How long the last line of a JSON-lines file may stay without its
+/// newline before it is taken in as it is (its writer may still be
+/// writing it until then).
+pub(crate) const TAIL_SETTLE: Duration = Duration::from_secs(1);
+
+/// The length of the JSON-lines file `file` and its inode (the generation
+/// of its intake mark), checked against the journal's `mark`: the file
+/// taken in so far must still be there, the same file (same inode) and
+/// at least as long as what was taken.
+///
+/// # Errors
+/// [`LocalQueueError::JobsFile`] when it is gone, was replaced or was cut
+/// shorter; [`LocalQueueError::Io`] when it cannot be looked at.
+pub(crate) fn lines_file(file: &Path, state: &Path, mark: (u64, u64)) -> Result<(u64, u64)> {
+    let problem = |problem: String| LocalQueueError::JobsFile {
+        path: file.to_path_buf(),
+        problem,
+    };
+    let meta = match std::fs::metadata(file) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return Err(problem(format!(
+                "no such file (its state is kept in {})",
+                state.display()
+            )))
+        }
+        Err(source) => return Err(io_error(file, source)),
+    };
+    let (generation, taken) = mark;
+    let restore = || {
+        format!(
+            "put the file taken in back, or remove {} to serve the new one from its start              (lines done before would run again)",
+            state.display()
+        )
+    };
+    if generation != 0 && meta.ino() != generation {
+        return Err(problem(format!(
+            "replaced by another file since {taken} bytes of it were taken in (inode {} then,              {} now): {}",
+            generation,
+            meta.ino(),
+            restore()
+        )));
+    }
+    if meta.len() < taken {
+        return Err(problem(format!(
+            "{} bytes long, but {taken} bytes of it were taken in already (cut shorter or              rewritten): {}",
+            meta.len(),
+            restore()
+        )));
+    }
+    Ok((meta.ino(), meta.len()))
+}
+
+/// Takes the JSON-lines file `file` in after `mark` (into the journal at
+/// `state`), as it grows, until stopped: every batch of new whole lines
+/// goes to the feeder; a last line without its newline waits until the
+/// file has not changed for [`TAIL_SETTLE`]. A file gone, replaced or cut
+/// shorter is logged (once) and looked at again: nothing more is taken in.
+fn lines_loop(
+    file: &Path,
+    state: &Path,
+    mut mark: (u64, u64),
+    batches_tx: &mpsc::SyncSender<Batch>,
+    stop: &AtomicBool,
+    busy: &AtomicBool,
+) {
+    let mut failing = false;
+    // A last line without its newline: the file's length then, and since
+    // when it has been so.
+    let mut tail_since: Option<(u64, std::time::Instant)> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let (inode, len) = match lines_file(file, state, mark) {
+            Ok(found) => found,
+            Err(err) => {
+                if !failing {
+                    tracing::error!(cause = %error_chain(&err), "cannot take the jobs file in; trying again");
+                    failing = true;
+                }
+                std::thread::sleep(ERROR_PAUSE);
+                continue;
+            }
+        };
+        if failing {
+            tracing::info!(path = %file.display(), "the jobs file can be taken in again");
+            failing = false;
+        }
+        if len == mark.1 {
+            tail_since = None;
+            std::thread::sleep(IDLE_POLL);
+            continue;
+        }
+        let tail = match tail_since {
+            Some((at_len, since)) if at_len == len && since.elapsed() >= TAIL_SETTLE => Tail::Take,
+            _ => Tail::Wait,
+        };
+        busy.store(true, Ordering::Relaxed);
+        let reason = |start: u64, err: &serde_json::Error| {
+            format!(
+                "a line of {} is not JSON: {err} (byte {start})",
+                file.display()
+            )
+        };
+        let read = read_lines(file, inode, mark.1, tail, reason, |batch| {
+            if batch.end == batch.start {
+                // Nothing new (a last line still without its newline).
+                return Ok(());
+            }
+            let end = batch.end;
+            batches_tx
+                .send(batch)
+                .map_err(|_| io_error(file, io::Error::other("the feeder is gone")))?;
+            mark = (inode, end);
+            Ok(())
+        });
+        busy.store(false, Ordering::Relaxed);
+        if let Err(err) = read {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            tracing::error!(cause = %error_chain(&err), "cannot read the jobs file; trying again");
+            std::thread::sleep(ERROR_PAUSE);
+            continue;
+        }
+        if mark.1 < len {
+            // A last line without its newline (or lines added meanwhile).
+            if tail_since.is_none_or(|(at_len, _)| at_len != len) {
+                tail_since = Some((len, std::time::Instant::now()));
+            }
+            std::thread::sleep(IDLE_POLL);
+        } else {
+            tail_since = None;
         }
     }
 }

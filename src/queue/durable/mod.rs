@@ -19,6 +19,12 @@
 //!   written to the journal with the mark of how far it was read.
 //! - `<path>.compact.tmp`: a compaction being written.
 //!
+//! A [`JsonlFeeder`](super::feeders::JsonlFeeder) keeps its journal at
+//! `<file>.state` and takes the JSON-lines file `<file>` in instead of an
+//! inbox: as one generation that is never renamed or removed and may grow,
+//! whose number in the intake mark is the file's inode (a file replaced
+//! since is refused, as is one cut shorter than the mark).
+//!
 //! # What is synced when
 //!
 //! Every change of the state is a record, appended to a buffer as it

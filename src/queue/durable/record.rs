@@ -44,7 +44,8 @@ pub(crate) enum Record<'a> {
         id: u64,
     },
     /// How far the inbox has been taken in: generation `generation` of the
-    /// inbox (the file `<path>.inbox.<generation>`) up to byte `offset`.
+    /// inbox (the file `<path>.inbox.<generation>`) up to byte `offset`;
+    /// for a JSON-lines file taken in instead, `generation` is its inode.
     /// Written in the same frame as the jobs it took in.
     Intake {
         /// The inbox generation.

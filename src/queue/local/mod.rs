@@ -274,6 +274,16 @@ pub enum LocalQueueError {
         /// Its encoded size.
         len: usize,
     },
+    /// The JSON-lines file of a JSONL feeder cannot be taken in further:
+    /// it is gone, or it was replaced or cut shorter than what was taken
+    /// in already (which would serve lines twice, or skip some).
+    #[error("jobs file {}: {problem}", path.display())]
+    JobsFile {
+        /// The JSON-lines file.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        problem: String,
+    },
     /// An earlier write or sync of the journal failed, so what is on disk is
     /// unknown; the queue refuses further changes. Drop it and open the file
     /// again, which replays what reached the disk.
