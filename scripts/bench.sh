@@ -30,6 +30,19 @@
 #    time from `taskherd run` (a queue group of examples/queue_worker on Q,
 #    4 local consumers x 8) to the first job done, then SIGTERM; the queue
 #    is checked afterwards (nothing lost, nothing dead).
+# 7. Exec and coprocess consumers (`exec`), with the release binary:
+#    BENCH_EXEC_JOBS no-op jobs (`true`) through exec consumers, a file
+#    feeder -> 4 local consumers x 8, next to `parallel -j32 true ::: $(seq
+#    N)` and `seq N | xargs -P32 -n1 true` in the same run; then
+#    BENCH_COPROC_JOBS no-op jobs through a Python coprocess consumer
+#    (scripts/bench/noop_coprocess.py), 4 consumers x each concurrency of
+#    BENCH_COPROC_CONCURRENCY. The jobs are added first (`taskherd queue add
+#    Q -`, not timed); the time runs from `taskherd run` until `taskherd
+#    queue list --json Q` (polled every 10 ms) shows nothing left in the
+#    journal or the inbox, then SIGTERM. Checked: exit 0, nothing left, the
+#    feeder's count (all done, none failed, retried or dead), the queue
+#    empty; for the tools their exit status (and, dry, that each runs
+#    `true N` N times); the coprocesses' own counts of jobs answered.
 #
 #   scripts/bench.sh                  # about 2-3 minutes once built, plus 3-5 for durable
 #   BENCH_RUNS=5 scripts/bench.sh     # runs per measurement (default 3; the log relay: at least 5)
@@ -37,15 +50,21 @@
 #   BENCH_NO_BUILD=1 scripts/bench.sh # use the release builds as they are (no cargo)
 #   CARGO_TARGET_DIR=DIR scripts/bench.sh     # builds there and runs those builds (absolute, or
 #                                             # relative to the current directory, as cargo has it)
-#   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable
+#   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable exec
 #   BENCH_DURABLE_JOBS=200000         # jobs of the durable queue bench (default 200 000)
 #   BENCH_DURABLE_START_JOBS=1000000  # jobs of the queue list / start-time rows (default 1 000 000)
 #   BENCH_DURABLE_TIMEOUT=600         # bound on each durable step, in seconds (default 600)
+#   BENCH_EXEC_JOBS=10000             # jobs of the exec rows (default 10 000)
+#   BENCH_EXEC_CREDITS=32             # [group.queue] credits of the exec consumers (default 32)
+#   BENCH_COPROC_JOBS=100000          # jobs of the coprocess rows (default 100 000)
+#   BENCH_COPROC_CONCURRENCY="8 32"   # concurrency of each coprocess consumer, one row each (the first
+#                                     # is the target's row; default "8 32")
+#   BENCH_EXEC_TIMEOUT=300            # bound on each exec step (a herd, a tool's run), in seconds (default 300)
 #   BENCH_TASKHERD=/path/taskherd BENCH_ONLY="logs local" scripts/bench.sh
 #                                     # another build (e.g. a patched copy) for logs and local
 #
 # Missing tools are installed from Debian (parallel, pdsh, openssh-server,
-# openssh-client, mawk, beanstalkd; with sudo when not root), and the `taskherd-test`
+# openssh-client, mawk, beanstalkd, python3; with sudo when not root), and the `taskherd-test`
 # login of scripts/test is created. Exit status: 0 when every check passed
 # (1 when a check failed: lines lost, a wrong exit code, a process left
 # behind), 3 with BENCH_STRICT=1 and a target missed.
@@ -76,7 +95,7 @@ from_root() {
     esac
 }
 runs=${BENCH_RUNS:-3}
-only=${BENCH_ONLY:-logs fanout queue local durable}
+only=${BENCH_ONLY:-logs fanout queue local durable exec}
 producers=4
 log_lines=${BENCH_LOG_LINES:-250000}
 # The log relay is short and the most sensitive to a busy machine: more runs.
@@ -86,6 +105,11 @@ idle_seconds=10
 durable_jobs=${BENCH_DURABLE_JOBS:-200000}
 durable_start_jobs=${BENCH_DURABLE_START_JOBS:-1000000}
 durable_timeout=${BENCH_DURABLE_TIMEOUT:-600}
+exec_jobs=${BENCH_EXEC_JOBS:-10000}
+exec_credits=${BENCH_EXEC_CREDITS:-32}
+coproc_jobs=${BENCH_COPROC_JOBS:-100000}
+coproc_concurrency=${BENCH_COPROC_CONCURRENCY:-8 32}
+exec_timeout=${BENCH_EXEC_TIMEOUT:-300}
 sudo=
 [ "$(id -u)" = 0 ] || sudo=sudo
 export LC_ALL=C
@@ -179,7 +203,7 @@ median() {
 # ------------------------------------------------------------ dependencies
 
 # What the sections asked for need (logs: parallel, mawk, time; fanout:
-# parallel, pdsh, ssh; durable: beanstalkd).
+# parallel, pdsh, ssh; durable: beanstalkd; exec: parallel, python3).
 missing=()
 if wants logs || wants fanout; then
     command -v parallel >/dev/null 2>&1 || missing+=(parallel)
@@ -190,6 +214,10 @@ if wants logs || wants fanout; then
     [ -x /usr/bin/time ] || missing+=(time)
 fi
 if wants durable && ! command -v beanstalkd >/dev/null 2>&1; then missing+=(beanstalkd); fi
+if wants exec; then
+    if ! command -v parallel >/dev/null 2>&1 && [[ " ${missing[*]} " != *" parallel "* ]]; then missing+=(parallel); fi
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     section "installing ${missing[*]}"
     # The sshd package's service must not start (it would listen on every
@@ -245,16 +273,26 @@ retry_build() {
 
 bench_exe() { sed -n "s|^ *Executable benches/$1.rs (\(.*\))\$|\1|p" "$work/build.log" | tail -1; }
 
+# The sections other than exec use the examples and the bench binaries;
+# exec needs the taskherd binary only.
+wants_more=
+for other in logs fanout queue local durable; do
+    if wants "$other"; then wants_more=1; fi
+done
 section "build (release)"
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
-    retry_build cargo build --release --bin taskherd --examples
-    benches=(--bench remote_start --bench queue)
-    if wants durable; then benches+=(--bench durable_queue); fi
-    retry_build cargo bench --no-run "${benches[@]}"
-    remote_bench=$(from_root "$(bench_exe remote_start)")
-    queue_bench=$(from_root "$(bench_exe queue)")
-    durable_bench=
-    if wants durable; then durable_bench=$(from_root "$(bench_exe durable_queue)"); fi
+    if [ -n "$wants_more" ]; then
+        retry_build cargo build --release --bins --examples
+        benches=(--bench remote_start --bench queue)
+        if wants durable; then benches+=(--bench durable_queue); fi
+        retry_build cargo bench --no-run "${benches[@]}"
+        remote_bench=$(from_root "$(bench_exe remote_start)")
+        queue_bench=$(from_root "$(bench_exe queue)")
+        durable_bench=
+        if wants durable; then durable_bench=$(from_root "$(bench_exe durable_queue)"); fi
+    else
+        retry_build cargo build --release --bins
+    fi
 else
     # The newest bench executables already built.
     newest() { find "$target_dir/release/deps" -maxdepth 1 -type f -perm -u+x -name "$1-*" ! -name '*.d' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-; }
@@ -266,9 +304,12 @@ taskherd=${BENCH_TASKHERD:-$target_dir/release/taskherd}
 worker=$target_dir/release/examples/worker
 producer=$root/scripts/bench/producer.sh
 queue_worker=$target_dir/release/examples/queue_worker
-for f in "$taskherd" "$worker" "$remote_bench" "$queue_bench"; do
-    [ -x "$f" ] || die "missing build output $f"
-done
+[ -x "$taskherd" ] || die "missing build output $taskherd"
+if [ -n "$wants_more" ]; then
+    for f in "$worker" "$remote_bench" "$queue_bench"; do
+        [ -x "$f" ] || die "missing build output $f"
+    done
+fi
 if wants durable; then
     for f in "$durable_bench" "$queue_worker"; do
         [ -x "$f" ] || die "missing build output $f"
@@ -289,6 +330,9 @@ fi
 if wants durable; then
     say "disk:     $work on $(df -PT "$work" | awk 'NR == 2 { print $1 " (" $2 ") mounted on " $7 }') (the durable queues and binlogs)"
     say "beanstalkd: $(command -v beanstalkd) ($(beanstalkd -v 2>&1 | head -1))"
+fi
+if wants exec; then
+    say "exec:     $(parallel --version | head -1), $(xargs --version | head -1), $(python3 --version 2>&1)"
 fi
 say "runs:     $runs per measurement (median reported)"
 
@@ -671,6 +715,191 @@ TOML
         fi
     }
     durable_cli
+fi
+
+# --------------------------------------------------------------- 7. exec
+
+if wants exec; then
+    section "7. exec consumers: $exec_jobs no-op jobs (true), 4 consumers x 8, next to parallel -j32 and xargs -P32; then a Python coprocess, $coproc_jobs jobs"
+    python=$(python3 -c 'import sys; print(sys.executable)') || die "exec: no python3"
+    say "true: $(type -P true); python: $python ($("$python" --version 2>&1)); parallel -j32, xargs -P32 -n1; step bound $exec_timeout s"
+    # Counts of `taskherd queue list --json Q` (read-only, also while a
+    # feeder serves Q) as "pending inbox dead"; fails when it does.
+    queue_counts() {
+        local out
+        out=$("$taskherd" queue list --json "$1" 2>/dev/null) || return 1
+        awk '
+            /"pending":/ { gsub(/[^0-9]/, ""); p = $0; np = 1 }
+            /"inbox":/ { gsub(/[^0-9]/, ""); i = $0; ni = 1 }
+            /"dead": *\[\]/ { d = 0; nd = 1 }
+            /"dead": *\[$/ { d = 1; nd = 1 }
+            END { if (!(np && ni && nd)) exit 1; print p + 0, i + 0, d }' <<<"$out"
+    }
+    # Adds $2 jobs (the numbers 1 to $2) to a new queue $1, untimed.
+    fill_queue() {
+        # shellcheck disable=SC2016 # expanded by that sh
+        "${marked[@]}" timeout -k 5 "$exec_timeout" sh -c 'seq 1 "$1" | "$2" queue add "$3" -' sh "$2" "$taskherd" "$1" \
+            >"$work/add.out" 2>&1 || die "exec: queue add exited with $?: $(tail -3 "$work/add.out")"
+        [ "$(queue_counts "$1")" = "0 $2 0" ] || die "exec: $1 does not hold the $2 jobs just added: $(queue_counts "$1" || true)"
+    }
+    # Runs `taskherd run $2` (a queue group on the queue $3 of $4 jobs, the
+    # feeder's counts every 100 ms) until the queue is empty: no job left
+    # in the journal or the inbox, polled with `queue list` every 10 ms.
+    # Sets herd_ms (taskherd run to all done, ms). Then SIGTERM; checks: all
+    # done within $exec_timeout s, the feeder's last count ($4 done, none
+    # failed, retried or dead), exit 0, nothing left, the queue empty.
+    herd_until_done() {
+        local what=$1 toml=$2 q=$3 n=$4 log=$5
+        local master t0 t1='' status=0 counts='' pending inbox dead last='' deadline
+        t0=$(now)
+        "${marked[@]}" "$taskherd" run "$toml" >"$log" 2>&1 &
+        master=$!
+        deadline=$((SECONDS + exec_timeout))
+        while [ "$SECONDS" -lt "$deadline" ]; do
+            if counts=$(queue_counts "$q"); then
+                read -r pending inbox dead <<<"$counts"
+                if [ "$pending" = 0 ] && [ "$inbox" = 0 ]; then
+                    t1=$(now)
+                    break
+                fi
+                [ "$dead" = 0 ] || die "$what: jobs went dead: $("$taskherd" queue list "$q" | head -5)"
+            fi
+            kill -0 "$master" 2>/dev/null || die "$what: the master exited early: $(tail -5 "$log")"
+            sleep 0.01
+        done
+        [ -n "$t1" ] || die "$what: not all $n jobs done within $exec_timeout s (pending, inbox, dead: ${counts:-?}): $(grep 'queue: ' "$log" | tail -1)"
+        herd_ms=$(ms_between "$t0" "$t1")
+        # The feeder's count: its next progress line (bounded: 5 s).
+        for _ in $(seq 100); do
+            last=$(grep -E '\] queue: [0-9]+ done' "$log" | tail -1)
+            [[ "$last" == *"] queue: $n done"* ]] && break
+            sleep 0.05
+        done
+        kill -TERM "$master"
+        for _ in $(seq 600); do
+            kill -0 "$master" 2>/dev/null || break
+            sleep 0.05
+        done
+        kill -0 "$master" 2>/dev/null && die "$what: the master still runs 30 s after SIGTERM: $(tail -5 "$log")"
+        wait "$master" || status=$?
+        [ "$status" = 0 ] || die "$what: the master exited with $status after SIGTERM: $(tail -5 "$log")"
+        check_nothing_left "$what"
+        [[ "$last" == *"] queue: $n done, 0 failed, 0 retried, 0 dead, "* ]] \
+            || die "$what: the feeder's last count is not $n done, none failed, retried or dead: ${last:-no progress line}"
+        [ "$(queue_counts "$q")" = "0 0 0" ] || die "$what: the queue is not empty after the run: $("$taskherd" queue list "$q" | head -5)"
+    }
+    # The herd of the exec rows: `true` once per job.
+    exec_herd() {
+        cat >"$1" <<TOML
+[master]
+stop_grace = "10s"
+[[group]]
+name = "exec"
+command = "true"
+[group.feeder]
+file = "$2"
+bind = "127.0.0.1:0"
+[group.consumer]
+run = "exec"
+[group.queue]
+credits = $exec_credits
+progress_every = "100ms"
+[group.local]
+instances = 4
+concurrency = 8
+TOML
+    }
+    # The herd of the coprocess rows: scripts/bench/noop_coprocess.py, one
+    # per consumer, concurrency $3 (credits: twice that, the default).
+    coproc_herd() {
+        cat >"$1" <<TOML
+[master]
+stop_grace = "10s"
+[[group]]
+name = "coproc"
+command = "$python"
+args = ["$root/scripts/bench/noop_coprocess.py"]
+[group.feeder]
+file = "$2"
+bind = "127.0.0.1:0"
+[group.consumer]
+run = "coprocess"
+[group.queue]
+progress_every = "100ms"
+[group.local]
+instances = 4
+concurrency = $3
+TOML
+    }
+    # Milliseconds of one command (its output to $work/step.out), bounded;
+    # fails unless it exits 0 and leaves nothing behind.
+    timed_tool() {
+        local what=$1 t0 t1 status=0
+        shift
+        t0=$(now)
+        "$@" >"$work/step.out" 2>&1 || status=$?
+        t1=$(now)
+        [ "$status" = 0 ] || die "$what exited with $status (124: not done within $exec_timeout s): $(tail -3 "$work/step.out")"
+        check_nothing_left "$what"
+        tool_ms=$(ms_between "$t0" "$t1")
+    }
+    # Both tools run `true N` for N in 1..jobs: checked once, dry.
+    n=$(parallel --will-cite --dry-run -j32 true ::: $(seq "$exec_jobs") | grep -c -x 'true [0-9]*' || true)
+    [ "$n" = "$exec_jobs" ] || die "exec: parallel --dry-run lists $n commands 'true N', not $exec_jobs"
+    n=$(seq "$exec_jobs" | xargs -n1 echo true | grep -c -x 'true [0-9]*' || true)
+    [ "$n" = "$exec_jobs" ] || die "exec: xargs -n1 echo true gives $n commands 'true N', not $exec_jobs"
+    # Jobs/s of $1 jobs in $2 ms.
+    rate() { awk -v n="$1" -v ms="$2" 'BEGIN { printf "%.0f", n / ms * 1000 }'; }
+    th_times=() par_times=() xargs_times=()
+    for run in $(seq "$runs"); do
+        q=$work/exec-$run/jobs.queue
+        mkdir "$work/exec-$run"
+        exec_herd "$work/exec-$run/herd.toml" "$q"
+        fill_queue "$q" "$exec_jobs"
+        herd_until_done "exec herd" "$work/exec-$run/herd.toml" "$q" "$exec_jobs" "$work/exec-$run/run.log"
+        th_ms=$herd_ms
+        timed_tool "parallel -j32 true ::: \$(seq $exec_jobs)" \
+            "${marked[@]}" timeout -k 5 "$exec_timeout" parallel --will-cite -j32 true ::: $(seq "$exec_jobs")
+        par_ms=$tool_ms
+        # shellcheck disable=SC2016 # expanded by that sh
+        timed_tool "seq $exec_jobs | xargs -P32 -n1 true" \
+            "${marked[@]}" timeout -k 5 "$exec_timeout" sh -c 'seq "$1" | xargs -P32 -n1 true' sh "$exec_jobs"
+        xargs_ms=$tool_ms
+        rm -rf "$work/exec-$run"
+        th_times+=("$th_ms") par_times+=("$par_ms") xargs_times+=("$xargs_ms")
+        say "run $run: taskherd $th_ms ms ($(rate "$exec_jobs" "$th_ms") jobs/s), parallel $par_ms ms ($(rate "$exec_jobs" "$par_ms") jobs/s), xargs $xargs_ms ms ($(rate "$exec_jobs" "$xargs_ms") jobs/s) (load $(cut -d' ' -f1 /proc/loadavg))"
+    done
+    th=$(median "${th_times[@]}") par=$(median "${par_times[@]}") xa=$(median "${xargs_times[@]}")
+    ratio_par=$(awk -v a="$par" -v b="$th" 'BEGIN { printf "%.2f", a / b }')
+    ratio_xa=$(awk -v a="$xa" -v b="$th" 'BEGIN { printf "%.2f", a / b }')
+    row "exec: $exec_jobs no-op jobs (true), 4 consumers x 8, credits $exec_credits, ms" "$th ($(rate "$exec_jobs" "$th") jobs/s)" \
+        "$par (parallel -j32, $(rate "$exec_jobs" "$par") jobs/s)" "${ratio_par}x faster" ">= 4x parallel" "$(verdict "$ratio_par >= 4")"
+    row "  same vs xargs -P32 -n1 true" "$th" "$xa (xargs, $(rate "$exec_jobs" "$xa") jobs/s)" "${ratio_xa}x" ">= 1.0x xargs" "$(verdict "$ratio_xa >= 1")"
+
+    first=1
+    for conc in $coproc_concurrency; do
+        rates=()
+        for run in $(seq "$runs"); do
+            q=$work/coproc-$run/jobs.queue
+            mkdir "$work/coproc-$run"
+            coproc_herd "$work/coproc-$run/herd.toml" "$q" "$conc"
+            fill_queue "$q" "$coproc_jobs"
+            herd_until_done "coprocess herd" "$work/coproc-$run/herd.toml" "$q" "$coproc_jobs" "$work/coproc-$run/run.log"
+            # Every job went through a coprocess: their own counts.
+            n=$(sed -n 's/.*noop coprocess: \([0-9]*\) jobs answered.*/\1/p' "$work/coproc-$run/run.log" | awk '{ s += $1 } END { print s + 0 }')
+            [ "$n" = "$coproc_jobs" ] || die "coprocess herd: the coprocesses answered $n jobs, not $coproc_jobs: $(grep 'noop coprocess' "$work/coproc-$run/run.log")"
+            rm -rf "$work/coproc-$run"
+            rates+=("$(rate "$coproc_jobs" "$herd_ms")")
+            say "run $run: python coprocess, 4 consumers x $conc: $herd_ms ms (${rates[-1]} jobs/s) (load $(cut -d' ' -f1 /proc/loadavg))"
+        done
+        cop=$(median "${rates[@]}")
+        if [ -n "$first" ]; then
+            row "coprocess (python3 no-op): $coproc_jobs jobs, 4 consumers x $conc, jobs/s" "$cop" "-" "-" ">= 20000" "$(verdict "$cop >= 20000")"
+            first=
+        else
+            row "  same, 4 consumers x $conc" "$cop" "-" "-" "-" "-"
+        fi
+    done
 fi
 
 check_nothing_left "the bench"

@@ -260,6 +260,10 @@ enum QueueCommand {
         /// reads one JSON value per line from stdin.
         #[arg(required = true, allow_hyphen_values = true)]
         jobs: Vec<String>,
+        /// Options for every job of this call (each goes in as an envelope
+        /// `{"job": ..., "options": ...}`).
+        #[command(flatten)]
+        options: JobOptionArgs,
     },
     /// Count pending, waiting (inbox) and dead jobs, and list the dead
     /// ones with their reasons (also while a feeder serves the queue).
@@ -863,8 +867,19 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
         })
     };
     match command {
-        QueueCommand::Add { file, jobs } => {
-            let jobs = queue_jobs(&jobs)?;
+        QueueCommand::Add {
+            file,
+            jobs,
+            options,
+        } => {
+            let mut jobs = queue_jobs(&jobs)?;
+            if let Some(options) = options.to_options()? {
+                let options = options.resolved_now();
+                for job in &mut jobs {
+                    let text = taskherd::queue::options::envelope_text(job, &options)?;
+                    *job = serde_json::value::RawValue::from_string(text)?;
+                }
+            }
             let added = FileFeeder::push_raw(&file, jobs.iter().map(|job| job.as_ref()))
                 .with_context(|| {
                     format!("cannot add jobs to {} (none was added)", file.display())
@@ -956,6 +971,79 @@ fn count_text(n: u64, noun: &str) -> String {
 
 /// The JSON texts of `queue add`: each argument, or the lines of stdin for
 /// `-`, checked.
+/// `taskherd queue add`'s per-job options.
+#[derive(Debug, clap::Args)]
+struct JobOptionArgs {
+    /// Not served before this long from now (`10s`, `1m 30s`).
+    #[arg(long, value_name = "DURATION")]
+    delay: Option<String>,
+    /// Not served before this time (RFC 3339, `2026-12-24T18:00:00Z`).
+    #[arg(long, value_name = "TIME")]
+    at: Option<String>,
+    /// The jobs' own retry schedule: delays after each failed attempt,
+    /// then dead (`1s,10s,1m`).
+    #[arg(long, value_name = "DELAYS", conflicts_with = "retry_every")]
+    retry: Option<String>,
+    /// The jobs' own retry interval (`30s`).
+    #[arg(long, value_name = "DURATION")]
+    retry_every: Option<String>,
+    /// With `--retry-every`: no retry starts after this time (RFC 3339).
+    #[arg(long, value_name = "TIME", requires = "retry_every")]
+    retry_until: Option<String>,
+    /// Higher first, among the jobs due (default 0).
+    #[arg(long, allow_hyphen_values = true)]
+    priority: Option<i64>,
+    /// A unique key: not added while a job with this key is pending or
+    /// running.
+    #[arg(long, value_name = "KEY")]
+    unique: Option<String>,
+}
+
+impl JobOptionArgs {
+    /// The options, `None` when no flag was given.
+    fn to_options(&self) -> anyhow::Result<Option<taskherd::queue::options::JobOptions>> {
+        use taskherd::queue::options::{parse_duration, parse_time, JobOptions};
+        let mut options = JobOptions::new();
+        let mut any = false;
+        fn flag<T>(name: &str, result: Result<T, String>) -> anyhow::Result<T> {
+            result.map_err(|why| anyhow::anyhow!("--{name}: {why}"))
+        }
+        if let Some(text) = &self.delay {
+            options = options.delay(flag("delay", parse_duration(text))?);
+            any = true;
+        }
+        if let Some(text) = &self.at {
+            options = options.at(flag("at", parse_time(text))?);
+            any = true;
+        }
+        if let Some(text) = &self.retry {
+            let delays = text
+                .split(',')
+                .map(parse_duration)
+                .collect::<Result<Vec<_>, _>>();
+            options = options.retry(flag("retry", delays)?);
+            any = true;
+        }
+        if let Some(text) = &self.retry_every {
+            options = options.retry_every(flag("retry-every", parse_duration(text))?);
+            any = true;
+        }
+        if let Some(text) = &self.retry_until {
+            options = options.retry_until(flag("retry-until", parse_time(text))?);
+            any = true;
+        }
+        if let Some(priority) = self.priority {
+            options = options.priority(priority);
+            any = true;
+        }
+        if let Some(key) = &self.unique {
+            options = options.unique(key.clone());
+            any = true;
+        }
+        Ok(any.then_some(options))
+    }
+}
+
 fn queue_jobs(args: &[String]) -> anyhow::Result<Vec<Box<serde_json::value::RawValue>>> {
     use std::io::BufRead;
 

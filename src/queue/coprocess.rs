@@ -112,11 +112,18 @@ enum Answer {
     Ok {
         /// The job.
         id: u64,
+        /// The attempt answered (optional: an answer naming another
+        /// attempt than the one outstanding is a late one, ignored).
+        #[serde(default)]
+        attempt: Option<u32>,
     },
     /// The job failed; run it again.
     Retry {
         /// The job.
         id: u64,
+        /// The attempt answered (optional).
+        #[serde(default)]
+        attempt: Option<u32>,
         /// Wanted delay, in ms.
         #[serde(default)]
         delay_ms: Option<u64>,
@@ -128,6 +135,9 @@ enum Answer {
     Dead {
         /// The job.
         id: u64,
+        /// The attempt answered (optional).
+        #[serde(default)]
+        attempt: Option<u32>,
         /// Why.
         #[serde(default)]
         reason: Option<String>,
@@ -571,7 +581,6 @@ impl Conversation<'_> {
             answer_tx,
         } = request;
         let id = info.id;
-        self.given_up.remove(&id);
         let deadline_ms = info.deadline.map_or_else(
             || "null".to_string(),
             |deadline| unix_millis(deadline).to_string(),
@@ -590,7 +599,14 @@ impl Conversation<'_> {
                 deadline,
             },
         ) {
-            // The same job again: the feeder gave up on the first one.
+            // The same job again: the feeder gave up on the first one
+            // (its lease ended before our own deadline for it fired). A
+            // late answer to it is ignored from now on.
+            warn!(
+                "job {id}: no answer from the coprocess within its lease (attempt {}): retry",
+                old.info.attempt
+            );
+            self.given_up.insert(id);
             let _ = old.answer_tx.send(Outcome::Retry(None));
         }
     }
@@ -623,20 +639,30 @@ impl Conversation<'_> {
     /// a job that is not outstanding).
     fn answer(&mut self, line: &[u8]) -> Result<(), String> {
         let answer = parse_answer(line).map_err(|why| format!("is {why}"))?;
-        let (id, outcome) = match answer {
-            Answer::Ok { id } => (id, Outcome::Done),
+        let (id, attempt, outcome) = match answer {
+            Answer::Ok { id, attempt } => (id, attempt, Outcome::Done),
             Answer::Retry {
                 id,
+                attempt,
                 delay_ms,
                 reason,
             } => {
                 if let Some(reason) = reason {
                     info!("job {id}: retry: {reason}");
                 }
-                (id, Outcome::Retry(delay_ms.map(Duration::from_millis)))
+                (
+                    id,
+                    attempt,
+                    Outcome::Retry(delay_ms.map(Duration::from_millis)),
+                )
             }
-            Answer::Dead { id, reason } => (
+            Answer::Dead {
                 id,
+                attempt,
+                reason,
+            } => (
+                id,
+                attempt,
                 Outcome::Dead(reason.unwrap_or_else(|| "the coprocess said dead".into())),
             ),
             Answer::Progress { id } => {
@@ -675,13 +701,17 @@ impl Conversation<'_> {
                 return Ok(());
             }
         };
-        match self.outstanding.remove(&id) {
-            Some(job) => {
-                let _ = job.answer_tx.send(outcome);
-                Ok(())
-            }
-            None => self.unknown(id),
+        let current = self
+            .outstanding
+            .get(&id)
+            .is_some_and(|job| attempt.is_none_or(|a| a == job.info.attempt));
+        if !current {
+            return self.unknown(id);
         }
+        if let Some(job) = self.outstanding.remove(&id) {
+            let _ = job.answer_tx.send(outcome);
+        }
+        Ok(())
     }
 
     /// An answer for job `id`, which is not outstanding: ignored when it
@@ -727,12 +757,23 @@ mod tests {
     fn answers_parse() {
         assert_eq!(
             parse_answer(br#"{"type":"ok","id":3}"#),
-            Ok(Answer::Ok { id: 3 })
+            Ok(Answer::Ok {
+                id: 3,
+                attempt: None
+            })
+        );
+        assert_eq!(
+            parse_answer(br#"{"type":"ok","id":3,"attempt":2}"#),
+            Ok(Answer::Ok {
+                id: 3,
+                attempt: Some(2)
+            })
         );
         assert_eq!(
             parse_answer(br#"{"type":"retry","id":3,"delay_ms":250,"reason":"busy","extra":1}"#),
             Ok(Answer::Retry {
                 id: 3,
+                attempt: None,
                 delay_ms: Some(250),
                 reason: Some("busy".into())
             })
@@ -741,6 +782,7 @@ mod tests {
             parse_answer(br#"{"type":"retry","id":4}"#),
             Ok(Answer::Retry {
                 id: 4,
+                attempt: None,
                 delay_ms: None,
                 reason: None
             })
@@ -749,6 +791,7 @@ mod tests {
             parse_answer(br#"{"type":"dead","id":5,"reason":"bad input"}"#),
             Ok(Answer::Dead {
                 id: 5,
+                attempt: None,
                 reason: Some("bad input".into())
             })
         );

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
@@ -24,7 +24,9 @@ use super::durable::{
     store::Store,
 };
 use super::local::{LocalQueueError, Result};
+use super::options::{envelope_text, JobOptions};
 use super::{Feeder, Next};
+use crate::retry::RetryPolicy;
 
 mod command;
 pub use command::{CommandFeeder, CommandJob, COMMAND_READ_AHEAD};
@@ -174,8 +176,6 @@ pub struct FileFeeder {
     source: Source,
     /// The journal and the state.
     store: Store,
-    /// Jobs with ids up to this one were served in this run.
-    cursor: u64,
     /// A generation whose last batch went in the commit numbered `.1`:
     /// once that is durable, its file may go.
     finishing: Vec<(u64, u64)>,
@@ -191,7 +191,6 @@ impl fmt::Debug for FileFeeder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FileFeeder")
             .field("store", &self.store)
-            .field("cursor", &self.cursor)
             .finish_non_exhaustive()
     }
 }
@@ -206,6 +205,8 @@ pub struct FileJob {
     attempts: u32,
     /// The JSON text that was added.
     payload: Arc<RawValue>,
+    /// Its options, if it was added with some.
+    options: Option<Arc<JobOptions>>,
 }
 
 impl PartialEq for FileJob {
@@ -230,6 +231,11 @@ impl FileJob {
     /// The JSON text that was added.
     pub fn payload(&self) -> &RawValue {
         &self.payload
+    }
+
+    /// The options it was added with, if any.
+    pub fn options(&self) -> Option<&JobOptions> {
+        self.options.as_deref()
     }
 
     /// The payload as a [`Value`].
@@ -316,7 +322,6 @@ impl FileFeeder {
         Ok(FileFeeder {
             source,
             store,
-            cursor: 0,
             intake: None,
             finishing: Vec::new(),
             finished_now: None,
@@ -341,6 +346,38 @@ impl FileFeeder {
     /// [`LocalQueueError::Io`] if the inbox cannot be written.
     pub fn push(path: impl AsRef<Path>, payload: Value) -> Result<()> {
         Self::push_all(path, [payload]).map(|_| ())
+    }
+
+    /// Adds a job with options (a delay or start time, its own retry
+    /// schedule, a priority, a unique key), whether or not a feeder has
+    /// the queue open: it goes to the inbox as an envelope
+    /// (`{"job": ..., "options": {...}}`, see [`options`](super::options)),
+    /// a delay already turned into a start time, synced before this
+    /// returns. A job whose unique key a pending or running job holds is
+    /// not added when the feeder takes it in (logged at info level).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use taskherd::queue::{feeders::FileFeeder, options::JobOptions};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("jobs.queue");
+    /// let options = JobOptions::new().priority(10).retry([Duration::from_secs(1)]);
+    /// FileFeeder::push_with(&path, serde_json::json!({"file": "a.png"}), options)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`push`](Self::push).
+    pub fn push_with(path: impl AsRef<Path>, payload: Value, options: JobOptions) -> Result<()> {
+        let job = serde_json::value::to_raw_value(&payload).map_err(LocalQueueError::Encode)?;
+        let options = options.resolved(durable::now_ms());
+        let text = envelope_text(&job, &options).map_err(LocalQueueError::Encode)?;
+        let mut line = text.into_bytes();
+        line.push(b'\n');
+        inbox::append(path.as_ref(), &line)
     }
 
     /// Adds jobs at once (one write, one sync); returns how many. All or
@@ -433,9 +470,20 @@ impl FileFeeder {
     /// As [`inspect`](Self::inspect).
     pub fn inspect_jobs(path: impl AsRef<Path>) -> Result<Vec<PendingJob>> {
         let state = store::read_only(path.as_ref())?;
-        Ok(state
-            .jobs
-            .iter()
+        let now = durable::now_ms();
+        let mut jobs: Vec<_> = state.jobs.iter().collect();
+        // Due jobs by priority (higher first), then id; then the ones not
+        // due yet, by time.
+        jobs.sort_by_key(|(id, job)| {
+            let options = job.options.as_deref();
+            let due = options
+                .and_then(JobOptions::due_ms)
+                .filter(|&due| due > now);
+            let priority = options.map_or(0, JobOptions::priority_value);
+            (due.is_some(), due, std::cmp::Reverse(priority), **id)
+        });
+        Ok(jobs
+            .into_iter()
             .map(|(id, job)| PendingJob {
                 id: *id,
                 attempts: job.attempts,
@@ -458,7 +506,7 @@ impl FileFeeder {
         let state = &self.store.state;
         Ok(QueueReport {
             pending: state.jobs.len(),
-            in_flight: state.jobs.range(..=self.cursor).count(),
+            in_flight: state.jobs.len() - state.untaken(),
             inbox: inbox::waiting(self.path(), (state.generation, state.offset))?,
             dead: dead_jobs(state),
             journal_bytes: self.store.journal_len(),
@@ -593,14 +641,19 @@ impl Feeder for FileFeeder {
 
     fn next(&mut self) -> Next<FileJob> {
         self.absorb_intake();
-        let Some((&id, job)) = self.store.state.jobs.range(self.cursor + 1..).next() else {
+        let state = &mut self.store.state;
+        let Some(id) = state.take_next(durable::now_ms()) else {
             return Next::Empty;
         };
-        self.cursor = id;
+        let Some(job) = state.jobs.get(&id) else {
+            // Invariant: the serving order holds pending jobs only.
+            return Next::Empty;
+        };
         Next::Job(FileJob {
             id,
             attempts: job.attempts,
             payload: Arc::clone(&job.payload),
+            options: job.options.clone(),
         })
     }
 
@@ -621,11 +674,19 @@ impl Feeder for FileFeeder {
 
     fn recheck(&self) -> Duration {
         let intake_busy = self.intake.as_ref().is_some_and(Intake::busy);
-        if intake_busy || !self.finishing.is_empty() {
+        let recheck = if intake_busy || !self.finishing.is_empty() {
             INTAKE_RECHECK
         } else {
             FILE_FEEDER_RECHECK
+        };
+        match self.store.state.next_due_ms() {
+            Some(due) => recheck.min(Duration::from_millis(due.saturating_sub(durable::now_ms()))),
+            None => recheck,
         }
+    }
+
+    fn retry_policy(&self, job: &FileJob, first_attempt_at: SystemTime) -> Option<RetryPolicy> {
+        job.options.as_ref()?.retry_policy(first_attempt_at)
     }
 
     fn job_id(&self, job: &FileJob) -> Option<u64> {
@@ -832,6 +893,10 @@ impl Feeder for JsonlFeeder {
         self.inner.recheck()
     }
 
+    fn retry_policy(&self, job: &FileJob, first_attempt_at: SystemTime) -> Option<RetryPolicy> {
+        self.inner.retry_policy(job, first_attempt_at)
+    }
+
     fn job_id(&self, job: &FileJob) -> Option<u64> {
         self.inner.job_id(job)
     }
@@ -945,6 +1010,7 @@ mod tests {
             id: 7,
             attempts: 0,
             payload: raw(r#"{"file":"a.png","n":[1,2]}"#),
+            options: None,
         };
         assert_eq!(
             serde_json::to_string(&job).expect("serializable"),
@@ -1044,6 +1110,91 @@ mod tests {
         }
         FileFeeder::push(&path, json!({"n": 4})).expect("push again");
         assert_eq!(payload(&serve(&mut feeder, 1)[0]), 4);
+    }
+
+    #[test]
+    fn envelopes_order_by_priority_hold_unique_keys_and_delays() {
+        use crate::queue::options::JobOptions;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jobs.queue");
+        FileFeeder::push(&path, json!({"n": 1})).expect("push");
+        FileFeeder::push_with(&path, json!({"n": 2}), JobOptions::new().priority(5)).expect("push");
+        let unique = JobOptions::new().priority(5).unique("u");
+        FileFeeder::push_with(&path, json!({"n": 3}), unique.clone()).expect("push");
+        FileFeeder::push_with(&path, json!({"n": 4}), unique.clone()).expect("duplicate");
+        let bad = RawValue::from_string(r#"{"job":{"n":5},"options":{"delay":"soon"}}"#.into())
+            .expect("json");
+        FileFeeder::push_raw(&path, [&*bad]).expect("push");
+        let later = JobOptions::new()
+            .delay(Duration::from_secs(3600))
+            .priority(99);
+        FileFeeder::push_with(&path, json!({"n": 6}), later).expect("push");
+        let mut feeder = FileFeeder::open(&path).expect("open");
+        feeder.take_inbox().expect("intake");
+        assert_eq!(
+            feeder.store.state.duplicates, 1,
+            "the duplicate was not added"
+        );
+        let report = feeder.report().expect("report");
+        assert_eq!(report.pending, 4);
+        assert_eq!(report.dead.len(), 1);
+        assert!(
+            report.dead[0].reason.contains("option \"delay\""),
+            "{}",
+            report.dead[0].reason
+        );
+        let served: Vec<FileJob> = (0..3)
+            .map(|_| match feeder.next() {
+                Next::Job(job) => job,
+                other => panic!("a job, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(served.iter().map(payload).collect::<Vec<_>>(), [2, 3, 1]);
+        // Job 6 is not due for an hour: nothing now, and asked again soon.
+        assert_eq!(feeder.next(), Next::Empty);
+        assert!(feeder.recheck() <= FILE_FEEDER_RECHECK);
+        assert_eq!(feeder.report().expect("report").in_flight, 3);
+        assert!(feeder.retry_policy(&served[0], SystemTime::now()).is_none());
+        // Once job 3 is done its key is free: a new job with it is added.
+        feeder.success(served[1].clone());
+        FileFeeder::push_with(&path, json!({"n": 7}), unique).expect("push");
+        assert_eq!(payload(&serve(&mut feeder, 1)[0]), 7);
+    }
+
+    #[test]
+    fn a_job_s_retry_options_are_its_retry_policy() {
+        use crate::queue::options::JobOptions;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jobs.queue");
+        let options = JobOptions::new().retry([Duration::from_secs(1), Duration::from_secs(10)]);
+        FileFeeder::push_with(&path, json!(1), options).expect("push");
+        let mut feeder = FileFeeder::open(&path).expect("open");
+        let job = serve(&mut feeder, 1).remove(0);
+        assert_eq!(job.payload().get(), "1", "consumers get the job only");
+        assert_eq!(
+            feeder.retry_policy(&job, SystemTime::now()),
+            Some(RetryPolicy::schedule([
+                Duration::from_secs(1),
+                Duration::from_secs(10)
+            ]))
+        );
+    }
+
+    #[test]
+    fn a_jsonl_file_of_envelopes_is_served_by_priority() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jobs.jsonl");
+        std::fs::write(
+            &path,
+            "1\n{\"job\": 2, \"options\": {\"priority\": 1}}\n{\"job\": 3, \"options\": {\"priority\": 2}}\n{\"job\": 4, \"options\": {\"priority\": \"high\"}}\n",
+        )
+        .expect("write");
+        let mut feeder = JsonlFeeder::open(&path).expect("open");
+        assert_eq!(numbers(&serve(&mut feeder, 3)), [3, 2, 1]);
+        let report = feeder.report().expect("report");
+        assert_eq!(report.dead.len(), 1);
+        assert!(report.dead[0].reason.contains("option \"priority\""));
+        assert!(report.dead[0].reason.contains("jobs.jsonl"));
     }
 
     #[test]

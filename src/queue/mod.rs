@@ -24,13 +24,16 @@ pub mod governor;
 pub mod joblog;
 pub(crate) mod journal;
 pub mod local;
+pub mod options;
 mod peer_warnings;
 pub mod server;
 
 pub use governor::Governor;
 pub use server::{serve, FeederServer, ServeReport, ServerError};
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use crate::retry::RetryPolicy;
 
 /// What a [`Feeder`] has to give right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +109,14 @@ pub trait Feeder: Send + 'static {
     /// dead-letters at once a job that already reached `max_attempts`.
     fn attempts(&self, _job: &Self::Job) -> u32 {
         0
+    }
+
+    /// The retry policy of `job` itself (per-job options), used instead
+    /// of the group's for its failed attempts; `first_attempt_at` is when
+    /// its first attempt (in this run) started. `max_attempts` still caps.
+    /// `None` (the default): the group's policy.
+    fn retry_policy(&self, _job: &Self::Job, _first_attempt_at: SystemTime) -> Option<RetryPolicy> {
+        None
     }
 
     /// A delivery of `job` begins (its attempt counts). Durable feeders

@@ -1838,7 +1838,9 @@ impl<F: Feeder> Core<F> {
         let wall = SystemTime::now();
         let first = entry.first_attempt_at.unwrap_or(wall);
         let random = self.rng.unit();
-        match self.retry.next(attempts, first, wall, requested, random) {
+        let own = self.feeder.retry_policy(&entry.job, first);
+        let policy = own.as_ref().unwrap_or(&self.retry);
+        match policy.next(attempts, first, wall, requested, random) {
             decision @ Decision::RetryAt(_) => {
                 let delay = decision.delay_from(wall).unwrap_or_default();
                 self.counts.retried += 1;
@@ -2002,6 +2004,8 @@ mod tests {
         done_when_empty: bool,
         recheck: Duration,
         log: Arc<Mutex<Log>>,
+        /// Every job's own retry policy, if any.
+        own_retry: Option<RetryPolicy>,
     }
 
     impl Feeder for TestFeeder {
@@ -2030,6 +2034,10 @@ mod tests {
 
         fn recheck(&self) -> Duration {
             self.recheck
+        }
+
+        fn retry_policy(&self, _job: &u32, _first: SystemTime) -> Option<RetryPolicy> {
+            self.own_retry.clone()
         }
     }
 
@@ -2068,6 +2076,7 @@ mod tests {
                 done_when_empty,
                 recheck: ms(50),
                 log: log.clone(),
+                own_retry: None,
             };
             let shutdown = CancellationToken::new();
             let server = configure(FeederServer::new(feeder, SECRET, settings));
@@ -2629,6 +2638,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_job_s_own_retry_schedule_replaces_the_group_s() {
+        // The group's policy retries within 50 ms, 10 times; the job's own
+        // schedule waits 150 ms once, then gives up.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(Log::default()));
+        let feeder = TestFeeder {
+            queue: Arc::new(Mutex::new([6].into_iter().collect())),
+            done_when_empty: true,
+            recheck: ms(50),
+            log: log.clone(),
+            own_retry: Some(RetryPolicy::schedule([ms(150)])),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(
+            FeederServer::new(feeder, SECRET, settings()).run(listener, shutdown.clone()),
+        );
+        let mut client = Client::connect(addr).await;
+        client.send(ToFeeder::Credit { n: 1 }).await;
+        let first = client.job().await;
+        assert_eq!(first.attempt, 1);
+        client
+            .send(ToFeeder::Retry {
+                lease: first.lease,
+                delay: None,
+                reason: "fail 1".into(),
+                meta: None,
+            })
+            .await;
+        let failed = Instant::now();
+        client.send(ToFeeder::Credit { n: 1 }).await;
+        let again = client.job().await;
+        assert_eq!(again.attempt, 2);
+        assert!(
+            failed.elapsed() >= ms(140),
+            "the job's own 150 ms delay, not the group's 10 ms"
+        );
+        client
+            .send(ToFeeder::Retry {
+                lease: again.lease,
+                delay: None,
+                reason: "fail 2".into(),
+                meta: None,
+            })
+            .await;
+        let report = tokio::time::timeout(WAIT, task)
+            .await
+            .expect("ends in time")
+            .expect("no panic")
+            .expect("runs");
+        assert!(report.finished);
+        assert_eq!(
+            report.progress.dead, 1,
+            "its schedule is used up after 2 attempts"
+        );
+        assert_eq!(log.lock().unwrap().errors, [(6, "fail 2".to_string())]);
+    }
+
+    #[tokio::test]
     async fn max_attempts_then_dead_with_the_reason() {
         let settings = QueueSettings {
             max_attempts: 2,
@@ -2676,6 +2744,7 @@ mod tests {
             done_when_empty: false,
             recheck: Duration::from_secs(1),
             log: Arc::clone(&log),
+            own_retry: None,
         };
         let settings = QueueSettings {
             lease,
@@ -3144,6 +3213,7 @@ mod tests {
             done_when_empty: true,
             recheck: ms(50),
             log: Default::default(),
+            own_retry: None,
         };
         let err = serve(
             listener,
@@ -3167,6 +3237,7 @@ mod tests {
                 done_when_empty: true,
                 recheck: ms(50),
                 log: Default::default(),
+                own_retry: None,
             };
             let settings = QueueSettings {
                 lease,

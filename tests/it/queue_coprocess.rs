@@ -67,6 +67,9 @@ for line in sys.stdin:
 log("end of input")
 "#;
 
+/// `[group.queue]` lines: failed attempts run again soon.
+const FAST_RETRIES: &str = "retry_initial = \"100ms\"\nretry_max = \"200ms\"";
+
 /// A temp dir with the program and the queue file.
 struct Setup {
     dir: tempfile::TempDir,
@@ -89,13 +92,36 @@ impl Setup {
 
     /// A herd with one coprocess consumer of concurrency 2.
     fn herd(&self, queue: &str) -> Herd {
+        let program = self.dir.path().join("co.py").display().to_string();
+        self.herd_with(
+            "python3",
+            &format!("[{program:?}]"),
+            "stop_grace = \"3s\"",
+            1,
+            2,
+            &format!("{FAST_RETRIES}\n{queue}"),
+        )
+    }
+
+    /// A herd with one coprocess group running `command` with `args` (a
+    /// TOML array): `group` lines in `[[group]]`, `instances` consumers of
+    /// `concurrency`, `queue` lines in `[group.queue]`.
+    fn herd_with(
+        &self,
+        command: &str,
+        args: &str,
+        group: &str,
+        instances: u32,
+        concurrency: u32,
+        queue: &str,
+    ) -> Herd {
         Herd::new(&format!(
             r#"
 [[group]]
 name = "jobs"
-command = "python3"
-args = [{program:?}]
-stop_grace = "3s"
+command = "{command}"
+args = {args}
+{group}
 restart = {{ policy = "on-failure", initial = "100ms" }}
 
 [group.feeder]
@@ -105,18 +131,27 @@ file = "{file}"
 run = "coprocess"
 
 [group.queue]
-retry_initial = "100ms"
-retry_max = "200ms"
 progress_every = "200ms"
 {queue}
 
 [group.local]
-instances = 1
-concurrency = 2
+instances = {instances}
+concurrency = {concurrency}
 "#,
-            program = self.dir.path().join("co.py").display().to_string(),
             file = self.queue().display(),
         ))
+    }
+
+    /// Writes a program into the temp dir; returns its path.
+    fn program(&self, name: &str, text: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write program");
+        path.display().to_string()
+    }
+
+    /// A file the programs append a line to per job done.
+    fn done_file(&self) -> PathBuf {
+        self.dir.path().join("done")
     }
 }
 
@@ -285,4 +320,559 @@ fn the_coprocess_examples_run_as_documented() {
         assert_eq!(dead[0]["job"]["image"], "fail", "{list}");
         assert_eq!(dead[0]["reason"], "cannot handle fail", "{list}");
     }
+}
+
+/// A coprocess in Python that does every job it gets (a thread per job,
+/// a few ms each, so that answers come out of order): a line
+/// `did <payload> attempt=<n> host=<host>` on stderr and, when given a
+/// file as its argument, `<payload> attempt=<n>` appended to it.
+const COUNTING: &str = r#"
+import json, os, random, sys, threading, time
+
+lock = threading.Lock()
+done = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if len(sys.argv) > 1 else None
+host = os.environ.get("TASKHERD_HOST", "?")
+
+def send(message):
+    with lock:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+def work(job):
+    time.sleep(random.random() * 0.01)
+    payload, attempt = json.dumps(job["payload"]), job["attempt"]
+    if done is not None:
+        os.write(done, ("%s attempt=%d\n" % (payload, attempt)).encode())
+    with lock:
+        sys.stderr.write("did %s attempt=%d host=%s\n" % (payload, attempt, host))
+        sys.stderr.flush()
+    send({"type": "ok", "id": job["id"]})
+
+hello = json.loads(sys.stdin.readline())
+sys.stderr.write("hello id=%d concurrency=%d\n" % (hello["id"], hello["concurrency"]))
+sys.stderr.flush()
+workers = []
+for line in sys.stdin:
+    job = json.loads(line)
+    if job.get("type") == "job":
+        worker = threading.Thread(target=work, args=(job,))
+        worker.start()
+        workers.append(worker)
+for worker in workers:
+    worker.join()
+"#;
+
+/// A coprocess in Python that does its jobs one by one (appending
+/// `<payload> attempt=<n>` to the file given as its argument, then
+/// answering), except on the first attempt of two payloads: "exit" makes
+/// it exit 3 without answering; "hang" leaves the job to a thread that
+/// sleeps forever, holding it, and makes the program ignore SIGTERM.
+const FAULTY: &str = r#"
+import json, os, signal, sys, threading, time
+
+lock = threading.Lock()
+done = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+def send(message):
+    with lock:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+def log(text):
+    with lock:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+def hang(job):
+    log("hanging on job %d" % job["id"])
+    while True:
+        time.sleep(3600)
+
+hello = json.loads(sys.stdin.readline())
+log("hello id=%d" % hello["id"])
+for line in sys.stdin:
+    job = json.loads(line)
+    payload, attempt = job["payload"], job["attempt"]
+    if payload == "exit" and attempt == 1:
+        log("exiting on job %d" % job["id"])
+        os._exit(3)
+    elif payload == "hang" and attempt == 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        threading.Thread(target=hang, args=(job,)).start()
+    else:
+        os.write(done, ("%s attempt=%d\n" % (json.dumps(payload), attempt)).encode())
+        send({"type": "ok", "id": job["id"]})
+log("end of input")
+"#;
+
+/// The time of day of a log line (it starts with an RFC 3339 UTC
+/// timestamp), in ms.
+fn log_millis(line: &str) -> i64 {
+    let time = line
+        .get(11..23)
+        .unwrap_or_else(|| panic!("a timestamp: {line}"));
+    let parts: Vec<i64> = time
+        .split([':', '.'])
+        .map(|part| {
+            part.parse()
+                .unwrap_or_else(|_| panic!("a timestamp: {line}"))
+        })
+        .collect();
+    ((parts[0] * 60 + parts[1]) * 60 + parts[2]) * 1000 + parts[3]
+}
+
+/// `n` jobs: the JSON numbers 1 to `n`.
+fn numbers(n: u32) -> Vec<String> {
+    (1..=n).map(|n| n.to_string()).collect()
+}
+
+/// Checks that `found` (one payload per job done) holds each of
+/// `expected` exactly once: none lost, none done twice.
+pub(crate) fn assert_each_once(what: &str, found: &[String], expected: &[String]) {
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for payload in found {
+        *counts.entry(payload.as_str()).or_default() += 1;
+    }
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|job| !counts.contains_key(job.as_str()))
+        .collect();
+    let twice: Vec<(&&str, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    let unexpected: Vec<&&str> = counts
+        .keys()
+        .filter(|job| !expected.iter().any(|e| e == **job))
+        .collect();
+    assert!(
+        missing.is_empty() && twice.is_empty() && unexpected.is_empty(),
+        "{what}: {} done for {} jobs; never done: {missing:?}; done more than once: {twice:?}; \
+         not a job: {unexpected:?}",
+        found.len(),
+        expected.len()
+    );
+    assert_eq!(found.len(), expected.len(), "{what}");
+}
+
+/// The payloads in a done file (`<payload> attempt=<n>` lines).
+fn done_payloads(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            line.split_once(" attempt=")
+                .unwrap_or_else(|| panic!("a done line: {line:?}"))
+                .0
+                .to_string()
+        })
+        .collect()
+}
+
+/// The payloads of the `did <payload> attempt=...` lines among `lines`.
+fn did_payloads<'a>(lines: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    lines
+        .into_iter()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once("] did ")?;
+            Some(rest.split_once(" attempt=")?.0.to_string())
+        })
+        .collect()
+}
+
+/// Waits for `total` lines containing `needle`, one by one: each may take
+/// up to WAIT, all of them four times that (slow on a busy machine).
+pub(crate) fn wait_for_each(herd: &mut Herd, needle: &str, total: usize) {
+    let deadline = Instant::now() + 4 * WAIT;
+    for seen in 1..=total {
+        herd.wait_for_count(needle, seen);
+        assert!(
+            Instant::now() < deadline,
+            "only {seen} of {total} lines with {needle:?} in time"
+        );
+    }
+}
+
+/// Waits for the feeder's count to say `total` jobs done and nothing
+/// else: no failed attempt, no retry, nothing dead.
+fn wait_all_done_cleanly(herd: &mut Herd, total: usize) {
+    herd.wait_for(&format!(
+        "queue: {total} done, 0 failed, 0 retried, 0 dead, 0 in flight, 0 pending"
+    ));
+}
+
+/// Waits for a line containing both `first` and `second`.
+fn wait_for_both(herd: &mut Herd, first: &str, second: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    let mut count = 1;
+    loop {
+        let line = herd.wait_for_count(second, count);
+        if line.contains(first) {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for a line with {first:?} and {second:?}; seen:\n{}",
+            herd.seen.join("\n")
+        );
+        count += 1;
+    }
+}
+
+#[test]
+fn a_python_coprocess_does_every_job_exactly_once() {
+    let setup = Setup::new();
+    let program = setup.program("count.py", COUNTING);
+    let jobs = numbers(200);
+    let job_refs: Vec<&str> = jobs.iter().map(String::as_str).collect();
+    setup.add(&job_refs);
+    let done = setup.done_file().display().to_string();
+    let mut herd = setup.herd_with(
+        "python3",
+        &format!("[{program:?}, {done:?}]"),
+        "stop_grace = \"3s\"",
+        2,
+        4,
+        "",
+    );
+    herd.start();
+    herd.wait_for_count("hello id=", 2);
+    wait_for_each(&mut herd, "] did ", 200);
+    wait_all_done_cleanly(&mut herd, 200);
+    stop(&mut herd);
+    assert_each_once("done file", &done_payloads(&setup.done_file()), &jobs);
+    assert_each_once("log", &did_payloads(&herd.seen), &jobs);
+    assert!(
+        herd.lines_with("attempt=")
+            .iter()
+            .all(|line| line.contains("attempt=1 ")),
+        "every job done on its first attempt"
+    );
+    let list = queue_list(&setup.queue());
+    assert_eq!(list["pending"], 0, "{list}");
+    assert_eq!(list["dead"].as_array().map(Vec::len), Some(0), "{list}");
+}
+
+/// `n` jobs for the thumbnail examples: `{"image":"<i>.png"}`.
+fn images(n: u32) -> Vec<String> {
+    (1..=n)
+        .map(|n| format!(r#"{{"image":"{n}.png"}}"#))
+        .collect()
+}
+
+/// The payloads of the example's `handled <payload> (job ...` lines
+/// among `lines`.
+fn handled_payloads<'a>(lines: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    lines
+        .into_iter()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once("] handled ")?;
+            Some(rest.split_once(" (job ")?.0.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn the_shell_coprocess_example_does_every_job_exactly_once() {
+    let setup = Setup::new();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/coprocess/thumbnail.sh");
+    let jobs = images(100);
+    let job_refs: Vec<&str> = jobs.iter().map(String::as_str).collect();
+    setup.add(&job_refs);
+    let mut herd = setup.herd_with(
+        &script.display().to_string(),
+        "[]",
+        "stop_grace = \"3s\"",
+        2,
+        4,
+        "",
+    );
+    herd.start();
+    wait_for_each(&mut herd, "] handled ", 100);
+    wait_all_done_cleanly(&mut herd, 100);
+    stop(&mut herd);
+    assert_each_once("log", &handled_payloads(&herd.seen), &jobs);
+    assert!(
+        herd.lines_with("] handled ")
+            .iter()
+            .all(|line| line.ends_with(", attempt 1)")),
+        "every job done on its first attempt"
+    );
+    let list = queue_list(&setup.queue());
+    assert_eq!(list["pending"], 0, "{list}");
+    assert_eq!(list["dead"].as_array().map(Vec::len), Some(0), "{list}");
+}
+
+#[test]
+fn coprocess_consumers_run_on_a_remote_host_too() {
+    use crate::support::sshd::SshWorld;
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let setup = Setup::new();
+    let program = setup.program("count.py", COUNTING);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/coprocess/thumbnail.sh");
+    // Two groups on the host: the Python program and the shell example.
+    let py_queue = setup.dir.path().join("py.queue");
+    let sh_queue = setup.dir.path().join("sh.queue");
+    let py_jobs = numbers(40);
+    let sh_jobs = images(40);
+    queue_add(
+        &py_queue,
+        &py_jobs.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    queue_add(
+        &sh_queue,
+        &sh_jobs.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let group = |name: &str, command: &str, args: &str, queue: &Path| {
+        format!(
+            r#"
+[[group]]
+name = "{name}"
+command = "{command}"
+args = {args}
+
+[group.feeder]
+file = "{file}"
+
+[group.consumer]
+run = "coprocess"
+
+[group.queue]
+progress_every = "200ms"
+
+[[group.remote]]
+hosts = ["{host}"]
+instances = 2
+concurrency = 2
+"#,
+            file = queue.display(),
+            host = host.alias(),
+        )
+    };
+    let mut herd = Herd::new(&format!(
+        r#"
+[master]
+agent_path = "{agent}"
+
+[ssh]
+ssh_config = "{config}"
+{py}
+{sh}
+"#,
+        agent = taskherd_bin().display(),
+        config = world.ssh_config().display(),
+        py = group("py", "python3", &format!("[{program:?}]"), &py_queue),
+        sh = group("sh", &script.display().to_string(), "[]", &sh_queue),
+    ));
+    herd.start();
+    wait_for_each(&mut herd, "] did ", 40);
+    wait_for_each(&mut herd, "] handled ", 40);
+    for name in ["py", "sh"] {
+        wait_for_both(
+            &mut herd,
+            &format!("[{name}] [localhost] [file-feeder/"),
+            "queue: 40 done, 0 failed, 0 retried, 0 dead, 0 in flight, 0 pending",
+        );
+    }
+    stop(&mut herd);
+    crate::remote::assert_host_clean(&host);
+    let on_host = |group: &str| {
+        let tag = format!("[{group}] [{}] [", host.alias());
+        herd.seen
+            .iter()
+            .filter(|line| line.contains(&tag))
+            .cloned()
+            .collect::<Vec<String>>()
+    };
+    let py_lines = on_host("py");
+    assert_each_once("python on the host", &did_payloads(&py_lines), &py_jobs);
+    assert!(
+        py_lines
+            .iter()
+            .filter(|line| line.contains("] did "))
+            .all(|line| line.ends_with(&format!("attempt=1 host={}", host.alias()))),
+        "{py_lines:#?}"
+    );
+    let sh_lines = on_host("sh");
+    assert_each_once("shell on the host", &handled_payloads(&sh_lines), &sh_jobs);
+    for queue in [&py_queue, &sh_queue] {
+        let list = queue_list(queue);
+        assert_eq!(list["pending"], 0, "{list}");
+        assert_eq!(list["dead"].as_array().map(Vec::len), Some(0), "{list}");
+    }
+}
+
+#[test]
+fn a_coprocess_exiting_mid_job_is_restarted_and_no_job_is_lost() {
+    let setup = Setup::new();
+    let program = setup.program("faulty.py", FAULTY);
+    let mut jobs = numbers(10);
+    jobs.insert(4, r#""exit""#.to_string());
+    setup.add(&jobs.iter().map(String::as_str).collect::<Vec<_>>());
+    let done = setup.done_file().display().to_string();
+    let mut herd = setup.herd_with(
+        "python3",
+        &format!("[{program:?}, {done:?}]"),
+        "stop_grace = \"3s\"",
+        1,
+        2,
+        &format!("{FAST_RETRIES}\nmax_attempts = 3"),
+    );
+    herd.start();
+    let exiting = herd.wait_for("exiting on job ");
+    // One clear error: the program, and how it ended.
+    let said = herd.wait_for("ended (exit status: 3)");
+    assert!(
+        said.contains("error") && said.contains(&format!("coprocess python3 {program}")),
+        "{said}"
+    );
+    herd.wait_for("restarting in");
+    herd.wait_for_count("hello id=", 2);
+    herd.wait_for(&format!("queue: {} done,", jobs.len()));
+    let progress = herd.wait_for("0 in flight, 0 pending");
+    assert!(progress.contains(" 0 dead,"), "{progress}");
+    stop(&mut herd);
+    // Said once at error by the consumer; the master adds why the
+    // instance failed (and restarts it).
+    let errors: Vec<&String> = herd
+        .lines_with("ended (exit status: 3)")
+        .into_iter()
+        .filter(|line| line.contains(" error "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{exiting}: {errors:#?}");
+    herd.wait_for("failed: coprocess python3");
+    let done_lines = std::fs::read_to_string(setup.done_file()).expect("done file");
+    assert!(
+        done_lines.lines().any(|line| line == r#""exit" attempt=2"#),
+        "{done_lines}"
+    );
+    assert_each_once("done file", &done_payloads(&setup.done_file()), &jobs);
+    let list = queue_list(&setup.queue());
+    assert_eq!(list["pending"], 0, "{list}");
+    assert_eq!(list["dead"].as_array().map(Vec::len), Some(0), "{list}");
+}
+
+#[test]
+fn a_hung_coprocess_job_is_retried_at_its_lease_and_the_program_killed_at_stop() {
+    let setup = Setup::new();
+    let program = setup.program("faulty.py", FAULTY);
+    let mut jobs = numbers(6);
+    jobs.insert(0, r#""hang""#.to_string());
+    setup.add(&jobs.iter().map(String::as_str).collect::<Vec<_>>());
+    let done = setup.done_file().display().to_string();
+    // A stop grace long enough for the coprocess consumer's own end of
+    // the program: end of input, SIGTERM (ignored), SIGKILL.
+    let mut herd = setup.herd_with(
+        "python3",
+        &format!("[{program:?}, {done:?}]"),
+        "stop_grace = \"10s\"",
+        1,
+        2,
+        // The retry waits 1 s: the consumer gives the job up at its lease
+        // before the feeder serves it again.
+        "lease = \"2s\"\nmax_attempts = 3\nretry_initial = \"1s\"\nretry_max = \"1s\"",
+    );
+    herd.start();
+    let hanging = herd.wait_for("hanging on job ");
+    let id = hanging
+        .rsplit_once("hanging on job ")
+        .map(|(_, id)| id.trim().to_string())
+        .expect("an id");
+    // Given up at the end of its lease (2 s), not before: one failed
+    // attempt, a retry, every job done.
+    let retried = herd.wait_for(", 1 failed, 1 retried, 0 dead");
+    let after = (log_millis(&retried) - log_millis(&hanging)).rem_euclid(86_400_000);
+    // (The hang is logged a little after the lease began.)
+    assert!(after >= 1_500, "retried {after} ms after it hung");
+    herd.wait_for(&format!(
+        "queue: {} done, 1 failed, 1 retried, 0 dead, 0 in flight, 0 pending",
+        jobs.len()
+    ));
+    // The consumer says so, unless the feeder's own lease (which ends a
+    // little earlier) served the job again first.
+    for line in herd.lines_with("no answer from the coprocess within its lease") {
+        assert!(
+            line.contains(&format!("job {id}: ")) && line.contains("warn"),
+            "{line}"
+        );
+    }
+    // The same program did the job again: it still runs, hung thread and
+    // all (one hello: never restarted).
+    assert_eq!(herd.lines_with("hello id=").len(), 1);
+    let running: Vec<i32> = herd
+        .marked_processes()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                let mut args = cmdline.split('\0');
+                args.next().is_some_and(|arg0| arg0.ends_with("python3"))
+                    && args.next().is_some_and(|arg1| arg1.ends_with("faulty.py"))
+            })
+        })
+        .collect();
+    assert_eq!(running.len(), 1, "the program runs: {running:?}");
+    stop(&mut herd);
+    // It did not exit at the end of its input, ignored SIGTERM, and was
+    // killed.
+    herd.wait_for("after the end of its input: SIGTERM");
+    herd.wait_for("ignored SIGTERM: SIGKILL");
+    let done_lines = std::fs::read_to_string(setup.done_file()).expect("done file");
+    assert!(
+        done_lines.lines().any(|line| line == r#""hang" attempt=2"#),
+        "{done_lines}"
+    );
+    assert_each_once("done file", &done_payloads(&setup.done_file()), &jobs);
+    let list = queue_list(&setup.queue());
+    assert_eq!(list["pending"], 0, "{list}");
+    assert_eq!(list["dead"].as_array().map(Vec::len), Some(0), "{list}");
+}
+
+/// A coprocess in Python that answers each job from a thread of its own
+/// after a while: 3.5 s on the first attempt (past a lease of 2 s), 0.5 s
+/// on later ones. Well-behaved: one answer per job it got.
+const SLOW: &str = r#"
+import json, sys, threading, time
+
+lock = threading.Lock()
+
+def send(message):
+    with lock:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+        sys.stderr.write("answered job %d attempt %d\n" % (message["id"], message["attempt"]))
+        sys.stderr.flush()
+
+def work(job):
+    time.sleep(3.5 if job["attempt"] == 1 else 0.5)
+    send({"type": "ok", "id": job["id"], "attempt": job["attempt"]})
+
+sys.stdin.readline()
+for line in sys.stdin:
+    threading.Thread(target=work, args=(json.loads(line),)).start()
+"#;
+
+#[test]
+fn a_late_answer_after_the_job_came_back_does_not_kill_the_program() {
+    let setup = Setup::new();
+    let program = setup.program("slow.py", SLOW);
+    setup.add(&[r#""slow""#]);
+    let mut herd = setup.herd_with(
+        "python3",
+        &format!("[{program:?}]"),
+        "stop_grace = \"3s\"",
+        1,
+        2,
+        "lease = \"2s\"\nmax_attempts = 3",
+    );
+    herd.start();
+    // Attempt 1 overruns its lease and is served again, to the same
+    // program; both attempts answer.
+    herd.wait_for("answered job 1 attempt 1");
+    herd.wait_for("answered job 1 attempt 2");
+    herd.wait_for("queue: 1 done, 1 failed, 1 retried, 0 dead, 0 in flight, 0 pending");
+    stop(&mut herd);
+    assert!(
+        herd.lines_with("broke the protocol").is_empty(),
+        "a well-behaved program was killed:\n{}",
+        herd.seen.join("\n")
+    );
 }

@@ -442,6 +442,75 @@ echo "done $job attempt $TASKHERD_JOB_ATTEMPT"
     );
 }
 
+/// Runs `total` jobs (the numbers 1 to `total`) through `command` with
+/// `args`, two consumers of concurrency 2, and checks that every job was
+/// done exactly once: from the command's own lines (`did <job>
+/// attempt=<n>`) and from the file it appends `<job>` to (`done` in the
+/// setup's dir).
+fn every_job_done_exactly_once(setup: &Setup, command: &str, args: &str, total: usize) {
+    let jobs: Vec<String> = (1..=total).map(|n| n.to_string()).collect();
+    setup.add(&jobs.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut herd = setup.herd(command, args, "");
+    herd.start();
+    // A process per job, slow on a busy machine.
+    crate::queue_coprocess::wait_for_each(&mut herd, ": did ", total);
+    herd.wait_for(&format!(
+        "queue: {total} done, 0 failed, 0 retried, 0 dead, 0 in flight, 0 pending"
+    ));
+    stop(&mut herd);
+    // `job <id>: did <job> attempt=1`: the job id is the job's number.
+    let did: Vec<String> = herd
+        .lines_with(": did ")
+        .iter()
+        .map(|line| {
+            let (_, rest) = line.split_once("] job ").expect("a job's line");
+            let (id, rest) = rest.split_once(": did ").expect("a job's line");
+            assert_eq!(rest, format!("{id} attempt=1"), "{line}");
+            id.to_string()
+        })
+        .collect();
+    crate::queue_coprocess::assert_each_once("log", &did, &jobs);
+    let done: Vec<String> = std::fs::read_to_string(setup.dir.path().join("done"))
+        .expect("done file")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    crate::queue_coprocess::assert_each_once("done file", &done, &jobs);
+    let list = setup.list();
+    assert_eq!(list["pending"], 0, "{list}");
+    assert_eq!(list["dead"].as_array().map(Vec::len), Some(0), "{list}");
+}
+
+#[test]
+fn a_shell_command_does_every_job_exactly_once() {
+    let setup = Setup::new();
+    let done = setup.dir.path().join("done");
+    let script = setup.script(&format!(
+        "read job\necho \"$job\" >> {done:?}\necho \"did $job attempt=$TASKHERD_JOB_ATTEMPT\"\n",
+        done = done.display().to_string()
+    ));
+    every_job_done_exactly_once(
+        &setup,
+        "sh",
+        &format!("[{:?}]", script.display().to_string()),
+        200,
+    );
+}
+
+#[test]
+fn a_python_command_does_every_job_exactly_once() {
+    let setup = Setup::new();
+    let done = setup.dir.path().join("done").display().to_string();
+    let program = format!(
+        "import json, os, sys\n\
+         n = json.load(sys.stdin)\n\
+         fd = os.open({done:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)\n\
+         os.write(fd, ('%d\\n' % n).encode())\n\
+         print('did', n, 'attempt=' + os.environ['TASKHERD_JOB_ATTEMPT'])\n"
+    );
+    every_job_done_exactly_once(&setup, "python3", &format!("[\"-c\", {program:?}]"), 100);
+}
+
 #[test]
 fn exec_consumers_run_on_a_remote_host_too() {
     use crate::support::sshd::SshWorld;
@@ -498,6 +567,21 @@ concurrency = 2
     }
     stop(&mut herd);
     crate::remote::assert_host_clean(&host);
+    // Each job exactly once, on the host: `job <id>: done <job> on <host>`.
+    let on_host = format!(" on {}", host.alias());
+    let done: Vec<String> = herd
+        .lines_with(": done ")
+        .iter()
+        .filter(|line| line.contains(&remote))
+        .map(|line| {
+            let (_, rest) = line.split_once(": done ").expect("a done line");
+            rest.strip_suffix(&on_host)
+                .unwrap_or_else(|| panic!("done on the host: {line}"))
+                .to_string()
+        })
+        .collect();
+    let expected: Vec<String> = jobs.iter().map(|job| job.to_string()).collect();
+    crate::queue_coprocess::assert_each_once("remote jobs", &done, &expected);
     let list = setup.list();
     assert_eq!(
         (

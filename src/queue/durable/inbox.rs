@@ -31,6 +31,7 @@ use super::store::Store;
 use crate::error_text::error_chain;
 use crate::queue::journal;
 use crate::queue::local::{LocalQueueError, Result};
+use crate::queue::options::{split_envelope, JobOptions};
 
 /// Jobs in one intake batch at most.
 const BATCH_JOBS: usize = 8192;
@@ -157,8 +158,9 @@ pub(crate) struct Batch {
     pub(crate) start: u64,
     /// The offset just after the last line of the batch.
     pub(crate) end: u64,
-    /// The jobs, in order.
-    pub(crate) jobs: Vec<Arc<RawValue>>,
+    /// The jobs, in order, with their options (from an envelope; a delay
+    /// not yet turned into a time).
+    pub(crate) jobs: Vec<(Arc<RawValue>, Option<JobOptions>)>,
     /// Lines that are not JSON: their text (as a JSON string) and why.
     pub(crate) rejects: Vec<(Arc<RawValue>, String)>,
     /// Whether the generation ends with this batch.
@@ -359,10 +361,24 @@ pub(crate) fn read_lines(
         let text = line.trim_ascii();
         if !text.is_empty() {
             match serde_json::from_slice::<Box<RawValue>>(text) {
-                Ok(job) => {
-                    bytes += text.len();
-                    batch.jobs.push(Arc::from(job));
-                }
+                Ok(job) => match split_envelope(job.get()) {
+                    Ok(None) => {
+                        bytes += text.len();
+                        batch.jobs.push((Arc::from(job), None));
+                    }
+                    Ok(Some((job, options))) => {
+                        bytes += text.len();
+                        batch.jobs.push((Arc::from(job), Some(options)));
+                    }
+                    Err(why) => {
+                        let reason = format!(
+                            "the job envelope at byte {start} of {} is refused: {why}",
+                            file.display()
+                        );
+                        tracing::warn!(path = %file.display(), offset = start, cause = %why, "a job envelope is refused: kept as a dead job");
+                        batch.rejects.push((Arc::from(job), reason));
+                    }
+                },
                 Err(err) => {
                     let shown = String::from_utf8_lossy(text);
                     let reason = reason(start, &err);
@@ -386,11 +402,30 @@ pub(crate) fn read_lines(
 /// Records a batch in the store: its jobs, its rejected lines, the mark.
 /// The caller commits (one frame: all or nothing).
 pub(crate) fn absorb(store: &mut Store, batch: Batch) -> usize {
-    let count = batch.jobs.len();
-    for job in batch.jobs {
-        store.push(job);
-    }
     let now = super::now_ms();
+    let mut count = 0;
+    for (job, options) in batch.jobs {
+        match options {
+            None => {
+                store.push(job);
+            }
+            Some(options) => {
+                if let Some(key) = options.unique_key() {
+                    if store.state.holds_key(key) {
+                        store.state.duplicates += 1;
+                        tracing::info!(
+                            key,
+                            duplicates = store.state.duplicates,
+                            "job not added: its unique key is held by a pending or running job"
+                        );
+                        continue;
+                    }
+                }
+                store.push_with(job, options.resolved(now));
+            }
+        }
+        count += 1;
+    }
     for (text, reason) in batch.rejects {
         store.bury_new(text, now, &reason);
     }

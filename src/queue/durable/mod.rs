@@ -6,7 +6,9 @@
 //!
 //! - `<path>`: the journal, owned (exclusive `flock`) by one process. The
 //!   magic `THQFEED1`, then checksummed frames (length, CRC-32, payload), each
-//!   a run of binary records: a job added (id and JSON text), a
+//!   a run of binary records: a job added (id and JSON text; with its
+//!   options as compact JSON when it has some: a start time, a retry
+//!   schedule, a priority, a unique key), a
 //!   delivery begun (its attempt counted), a delivery handed back, done,
 //!   dead (with its reason and time), a dead job forgotten, the intake
 //!   mark. A compacted journal starts with the counters, then one record

@@ -71,6 +71,28 @@ pub(crate) enum Record<'a> {
         /// Its JSON text.
         payload: &'a [u8],
     },
+    /// A new job with options (see [`Push`](Record::Push)); the options
+    /// as compact JSON (`JobOptions`), a delay already turned into a time.
+    PushWith {
+        /// Its id.
+        id: u64,
+        /// Its options.
+        options: &'a [u8],
+        /// Its JSON text.
+        payload: &'a [u8],
+    },
+    /// A pending job with options of a compacted journal (see
+    /// [`Job`](Record::Job)).
+    JobWith {
+        /// Its id.
+        id: u64,
+        /// Attempts so far.
+        attempts: u32,
+        /// Its options.
+        options: &'a [u8],
+        /// Its JSON text.
+        payload: &'a [u8],
+    },
     /// A dead job of a compacted journal, or an inbox line that is not a
     /// job (its text as a JSON string, and why).
     Buried {
@@ -97,6 +119,8 @@ const INTAKE: u8 = 7;
 const META: u8 = 8;
 const JOB: u8 = 9;
 const BURIED: u8 = 10;
+const PUSH_WITH: u8 = 11;
+const JOB_WITH: u8 = 12;
 
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
@@ -165,6 +189,28 @@ impl Record<'_> {
                 out.push(JOB);
                 put_varint(out, id);
                 put_varint(out, u64::from(attempts));
+                put_bytes(out, payload);
+            }
+            Record::PushWith {
+                id,
+                options,
+                payload,
+            } => {
+                out.push(PUSH_WITH);
+                put_varint(out, id);
+                put_bytes(out, options);
+                put_bytes(out, payload);
+            }
+            Record::JobWith {
+                id,
+                attempts,
+                options,
+                payload,
+            } => {
+                out.push(JOB_WITH);
+                put_varint(out, id);
+                put_varint(out, u64::from(attempts));
+                put_bytes(out, options);
                 put_bytes(out, payload);
             }
             Record::Buried {
@@ -275,6 +321,17 @@ impl<'a> Reader<'a> {
                 reason: self.text()?,
                 payload: self.bytes()?,
             },
+            PUSH_WITH => Record::PushWith {
+                id: self.varint()?,
+                options: self.bytes()?,
+                payload: self.bytes()?,
+            },
+            JOB_WITH => Record::JobWith {
+                id: self.varint()?,
+                attempts: self.u32()?,
+                options: self.bytes()?,
+                payload: self.bytes()?,
+            },
             _ => return Err("unknown record type"),
         };
         Ok(Some(record))
@@ -314,6 +371,17 @@ mod tests {
                 id: 8,
                 attempts: 2,
                 payload: b"[]",
+            },
+            Record::PushWith {
+                id: 10,
+                options: b"{\"priority\":3}",
+                payload: b"1",
+            },
+            Record::JobWith {
+                id: 11,
+                attempts: 1,
+                options: b"{}",
+                payload: b"2",
             },
             Record::Buried {
                 id: 9,

@@ -2,13 +2,15 @@
 //! rebuilds, and what a snapshot writes back. Every change is a
 //! [`Record`] applied with [`State::apply`], live and at replay alike.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
 use super::record::Record;
 use crate::queue::journal;
+use crate::queue::options::JobOptions;
 
 /// Bytes a snapshot frame holds at most (a frame is read whole at replay).
 const SNAPSHOT_FRAME: usize = 1 << 20;
@@ -20,6 +22,20 @@ pub(crate) struct Pending {
     pub(crate) payload: Arc<RawValue>,
     /// Deliveries begun, handed-back ones not counted.
     pub(crate) attempts: u32,
+    /// Its options, if it has any (a delay already turned into a time).
+    pub(crate) options: Option<Arc<JobOptions>>,
+}
+
+impl Pending {
+    /// Its priority (0 without options).
+    fn priority(&self) -> i64 {
+        self.options.as_ref().map_or(0, |o| o.priority_value())
+    }
+
+    /// When it is due, Unix ms, if it has a start time.
+    fn due_ms(&self) -> Option<u64> {
+        self.options.as_ref().and_then(|o| o.due_ms())
+    }
 }
 
 /// A job given up on.
@@ -35,12 +51,23 @@ pub(crate) struct Buried {
     pub(crate) reason: String,
 }
 
-/// The state: pending jobs by id (which is their order), dead jobs, the
-/// next id and the intake mark.
+/// The state: pending jobs by id, the order they are served in, the
+/// unique keys they hold, dead jobs, the next id and the intake mark.
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    /// Jobs without a final outcome, served in id order.
+    /// Jobs without a final outcome, by id.
     pub(crate) jobs: BTreeMap<u64, Pending>,
+    /// Pending jobs due and not taken yet ([`take_next`](Self::take_next))
+    /// by this process, in serving order: priority (higher first), then id.
+    ready: BTreeSet<(Reverse<i64>, u64)>,
+    /// Pending jobs not taken yet that have a start time: by that time
+    /// (Unix ms), then id. They move to `ready` once due.
+    not_due: BTreeSet<(u64, u64)>,
+    /// The unique keys of pending jobs (running ones included), with the
+    /// job that holds each.
+    unique: HashMap<String, u64>,
+    /// Jobs not added because their unique key was held (this process).
+    pub(crate) duplicates: u64,
     /// Dead jobs, by id.
     pub(crate) dead: BTreeMap<u64, Buried>,
     /// The next job id (ids are never reused).
@@ -76,6 +103,18 @@ fn cost(payload: &RawValue, reason: &str) -> u64 {
     (payload.get().len() + reason.len() + 16) as u64
 }
 
+/// Bytes a pending job accounts for (its options included).
+fn pending_cost(job: &Pending) -> u64 {
+    cost(&job.payload, "") + if job.options.is_some() { 48 } else { 0 }
+}
+
+/// Options read back from the journal.
+fn parse_options(id: u64, options: &[u8]) -> Result<Arc<JobOptions>, BadPayload> {
+    JobOptions::decode(options)
+        .map(Arc::new)
+        .ok_or(BadPayload { id })
+}
+
 impl State {
     /// An empty queue.
     pub(crate) fn new() -> State {
@@ -102,6 +141,25 @@ impl State {
             } => {
                 let payload = parse(id, payload)?;
                 self.add(id, payload, attempts);
+            }
+            Record::PushWith {
+                id,
+                options,
+                payload,
+            } => {
+                let payload = parse(id, payload)?;
+                let options = parse_options(id, options)?;
+                self.add_with(id, payload, 0, Some(options));
+            }
+            Record::JobWith {
+                id,
+                attempts,
+                options,
+                payload,
+            } => {
+                let payload = parse(id, payload)?;
+                let options = parse_options(id, options)?;
+                self.add_with(id, payload, attempts, Some(options));
             }
             Record::Buried {
                 id,
@@ -139,13 +197,12 @@ impl State {
                 Some(job) => job.attempts = job.attempts.saturating_sub(1),
                 None => self.strays += 1,
             },
-            Record::Done { id } => match self.jobs.remove(&id) {
-                Some(job) => self.live_bytes -= cost(&job.payload, ""),
+            Record::Done { id } => match self.remove_pending(id) {
+                Some(_) => {}
                 None => self.strays += 1,
             },
-            Record::Dead { id, at_ms, reason } => match self.jobs.remove(&id) {
+            Record::Dead { id, at_ms, reason } => match self.remove_pending(id) {
                 Some(job) => {
-                    self.live_bytes -= cost(&job.payload, "");
                     self.live_bytes += cost(&job.payload, reason);
                     self.dead.insert(
                         id,
@@ -177,17 +234,90 @@ impl State {
                 self.offset = offset;
             }
             // Records with payloads go through `apply`.
-            Record::Push { .. } | Record::Job { .. } | Record::Buried { .. } => {}
+            Record::Push { .. }
+            | Record::Job { .. }
+            | Record::PushWith { .. }
+            | Record::JobWith { .. }
+            | Record::Buried { .. } => {}
         }
     }
 
     /// Adds a pending job whose payload is already known to be JSON.
     pub(crate) fn add(&mut self, id: u64, payload: Arc<RawValue>, attempts: u32) {
+        self.add_with(id, payload, attempts, None);
+    }
+
+    /// Adds a pending job with its options (if any).
+    pub(crate) fn add_with(
+        &mut self,
+        id: u64,
+        payload: Arc<RawValue>,
+        attempts: u32,
+        options: Option<Arc<JobOptions>>,
+    ) {
         self.next_id = self.next_id.max(id.saturating_add(1));
-        self.live_bytes += cost(&payload, "");
-        if let Some(old) = self.jobs.insert(id, Pending { payload, attempts }) {
-            self.live_bytes -= cost(&old.payload, "");
+        // A job added again under its id (harmless at replay) replaces it.
+        self.remove_pending(id);
+        let job = Pending {
+            payload,
+            attempts,
+            options,
+        };
+        self.live_bytes += pending_cost(&job);
+        match job.due_ms() {
+            Some(due) => self.not_due.insert((due, id)),
+            None => self.ready.insert((Reverse(job.priority()), id)),
+        };
+        if let Some(key) = job.options.as_ref().and_then(|o| o.unique_key()) {
+            self.unique.insert(key.to_owned(), id);
         }
+        self.jobs.insert(id, job);
+    }
+
+    /// Removes a pending job from every index; returns it.
+    fn remove_pending(&mut self, id: u64) -> Option<Pending> {
+        let job = self.jobs.remove(&id)?;
+        self.live_bytes -= pending_cost(&job);
+        self.ready.remove(&(Reverse(job.priority()), id));
+        if let Some(due) = job.due_ms() {
+            self.not_due.remove(&(due, id));
+        }
+        if let Some(key) = job.options.as_ref().and_then(|o| o.unique_key()) {
+            if self.unique.get(key) == Some(&id) {
+                self.unique.remove(key);
+            }
+        }
+        Some(job)
+    }
+
+    /// Whether a pending (or running) job holds the unique key `key`.
+    pub(crate) fn holds_key(&self, key: &str) -> bool {
+        self.unique.contains_key(key)
+    }
+
+    /// The best job due at `now_ms` not taken yet (the highest priority,
+    /// then the lowest id); it is not offered again by this state.
+    pub(crate) fn take_next(&mut self, now_ms: u64) -> Option<u64> {
+        while let Some(&(due, id)) = self.not_due.first() {
+            if due > now_ms {
+                break;
+            }
+            self.not_due.pop_first();
+            let priority = self.jobs.get(&id).map_or(0, Pending::priority);
+            self.ready.insert((Reverse(priority), id));
+        }
+        self.ready.pop_first().map(|(_, id)| id)
+    }
+
+    /// When the next job not taken yet becomes due, Unix ms (`None`: none
+    /// waits for its time).
+    pub(crate) fn next_due_ms(&self) -> Option<u64> {
+        self.not_due.first().map(|&(due, _)| due)
+    }
+
+    /// Pending jobs not taken yet by this state (due or not).
+    pub(crate) fn untaken(&self) -> usize {
+        self.ready.len() + self.not_due.len()
     }
 
     /// Adds a dead job whose payload is already known to be JSON.
@@ -224,12 +354,21 @@ impl State {
             }
         };
         for (&id, job) in &self.jobs {
-            Record::Job {
-                id,
-                attempts: job.attempts,
-                payload: job.payload.get().as_bytes(),
+            match &job.options {
+                None => Record::Job {
+                    id,
+                    attempts: job.attempts,
+                    payload: job.payload.get().as_bytes(),
+                }
+                .encode(&mut records),
+                Some(options) => Record::JobWith {
+                    id,
+                    attempts: job.attempts,
+                    options: &options.encode(),
+                    payload: job.payload.get().as_bytes(),
+                }
+                .encode(&mut records),
             }
-            .encode(&mut records);
             flush(&mut records, &mut out, false);
         }
         for (&id, dead) in &self.dead {
@@ -369,5 +508,99 @@ mod tests {
             overhead < 8.0,
             "{overhead} bytes per job beyond its payload"
         );
+    }
+
+    fn with(options: JobOptions) -> Option<Arc<JobOptions>> {
+        Some(Arc::new(options))
+    }
+
+    #[test]
+    fn jobs_are_served_by_priority_then_id_once_due() {
+        let mut state = State::new();
+        state.add(1, raw("1"), 0);
+        state.add_with(2, raw("2"), 0, with(JobOptions::new().priority(5)));
+        state.add_with(3, raw("3"), 0, with(JobOptions::new().priority(-1)));
+        // Due at 100: the best of all then, but not before.
+        state.add_with(
+            4,
+            raw("4"),
+            0,
+            with(
+                JobOptions::new()
+                    .priority(9)
+                    .resolved(0)
+                    .at(std::time::UNIX_EPOCH + std::time::Duration::from_millis(100)),
+            ),
+        );
+        state.add_with(5, raw("5"), 0, with(JobOptions::new().priority(5)));
+        assert_eq!(state.next_due_ms(), Some(100));
+        assert_eq!(state.take_next(50), Some(2));
+        assert_eq!(state.take_next(50), Some(5));
+        assert_eq!(state.untaken(), 3);
+        assert_eq!(state.take_next(100), Some(4));
+        assert_eq!(state.next_due_ms(), None);
+        assert_eq!(state.take_next(100), Some(1));
+        assert_eq!(state.take_next(100), Some(3));
+        assert_eq!(state.take_next(100), None);
+    }
+
+    #[test]
+    fn unique_keys_are_freed_when_a_job_is_done_or_dead() {
+        let mut state = State::new();
+        state.add_with(1, raw("1"), 0, with(JobOptions::new().unique("a")));
+        state.add_with(2, raw("2"), 0, with(JobOptions::new().unique("b")));
+        assert!(state.holds_key("a") && state.holds_key("b"));
+        assert_eq!(state.take_next(0), Some(1));
+        // Running still holds it.
+        assert!(state.holds_key("a"));
+        state.apply_change(&Record::Done { id: 1 });
+        assert!(!state.holds_key("a"));
+        state.apply_change(&Record::Dead {
+            id: 2,
+            at_ms: 1,
+            reason: "x",
+        });
+        assert!(!state.holds_key("b"));
+        assert_eq!(state.take_next(0), None, "a dead job is not served");
+    }
+
+    #[test]
+    fn options_survive_a_snapshot_and_a_replay() {
+        let mut state = State::new();
+        let options = JobOptions::new()
+            .priority(3)
+            .unique("k")
+            .retry([std::time::Duration::from_secs(1)])
+            .delay(std::time::Duration::from_millis(500))
+            .resolved(1000);
+        state.add(1, raw("1"), 0);
+        state.add_with(2, raw("2"), 1, with(options.clone()));
+        let again = replay(&state.snapshot());
+        assert_eq!(again.jobs[&2].options.as_deref(), Some(&options));
+        assert_eq!(again.jobs[&2].attempts, 1);
+        assert!(again.holds_key("k"));
+        assert_eq!(again.next_due_ms(), Some(1500));
+        assert_eq!(again.live_bytes, state.live_bytes);
+
+        // And from the records a live journal holds.
+        let mut records = Vec::new();
+        Record::Push {
+            id: 1,
+            payload: b"1",
+        }
+        .encode(&mut records);
+        Record::PushWith {
+            id: 2,
+            options: &options.encode(),
+            payload: b"2",
+        }
+        .encode(&mut records);
+        let mut frames = Vec::new();
+        journal::encode_frame(&records, &mut frames).unwrap();
+        let mut again = replay(&frames);
+        assert_eq!(again.jobs[&2].options.as_deref(), Some(&options));
+        assert_eq!(again.take_next(1499), Some(1));
+        assert_eq!(again.take_next(1499), None);
+        assert_eq!(again.take_next(1500), Some(2));
     }
 }

@@ -19,6 +19,7 @@ use super::state::State;
 use crate::error_text::error_chain;
 use crate::queue::journal::{self, scan_frames, ScanEnd};
 use crate::queue::local::{LocalQueueError, Result};
+use crate::queue::options::JobOptions;
 
 /// The first bytes of a durable queue journal (binary records, format 1).
 pub(crate) const MAGIC: &[u8; 8] = b"THQFEED1";
@@ -288,6 +289,24 @@ impl Store {
         }
         .encode(&mut self.buf);
         self.state.add(id, payload, 0);
+        id
+    }
+
+    /// Records a new pending job with options (a delay already turned
+    /// into a time); returns its id. Jobs without options take
+    /// [`push`](Self::push) (a smaller record).
+    pub(crate) fn push_with(&mut self, payload: Arc<RawValue>, options: JobOptions) -> u64 {
+        if options.is_empty() {
+            return self.push(payload);
+        }
+        let id = self.state.next_id;
+        Record::PushWith {
+            id,
+            options: &options.encode(),
+            payload: payload.get().as_bytes(),
+        }
+        .encode(&mut self.buf);
+        self.state.add_with(id, payload, 0, Some(Arc::new(options)));
         id
     }
 

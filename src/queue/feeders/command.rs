@@ -1,6 +1,7 @@
 //! [`CommandFeeder`]: the lines a command prints on its stdout are the
 //! jobs.
 
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read as _};
@@ -8,7 +9,7 @@ use std::os::unix::process::CommandExt as _;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
@@ -16,7 +17,9 @@ use serde_json::value::RawValue;
 use crate::pidkiller::proc::{self, Signal, Target};
 use crate::protocol::slave::CONTROL_FD_ENV;
 use crate::queue::child::{command_text, die_with_parent};
+use crate::queue::options::{split_envelope, JobOptions};
 use crate::queue::{Feeder, Next};
+use crate::retry::RetryPolicy;
 
 /// Lines read ahead of the feeder at most: the reader thread stops reading
 /// the command's stdout when this many wait, so a command that prints
@@ -81,6 +84,13 @@ pub struct CommandFeeder {
     command: String,
     /// The command has ended and every line was given out.
     done: bool,
+    /// The command has ended (or cannot be read any more).
+    ended: bool,
+    /// Jobs read whose start time (envelope option `delay` or `at`) has
+    /// not come, by that time (Unix ms) and line: they wait in memory.
+    delayed: BTreeMap<(u64, u64), CommandJob>,
+    /// The unique keys of jobs served and without an outcome yet.
+    unique: HashSet<String>,
 }
 
 impl fmt::Debug for CommandFeeder {
@@ -103,6 +113,8 @@ pub struct CommandJob {
     line: u64,
     /// The JSON text, or why the line is not a job.
     payload: Result<Arc<RawValue>, String>,
+    /// Its options, for a line that is an envelope.
+    options: Option<Arc<JobOptions>>,
 }
 
 impl CommandJob {
@@ -115,6 +127,12 @@ impl CommandJob {
     /// The line's JSON text; `None` for a line that is not JSON.
     pub fn payload(&self) -> Option<&RawValue> {
         self.payload.as_deref().ok()
+    }
+
+    /// The options of a line that is an envelope (`{"job": ..., "options":
+    /// {...}}`, see [`options`](crate::queue::options)).
+    pub fn options(&self) -> Option<&JobOptions> {
+        self.options.as_deref()
     }
 
     /// Why the line is not a job, for one that is not JSON.
@@ -261,6 +279,9 @@ impl CommandFeeder {
             lines_read,
             command: command_line,
             done: false,
+            ended: false,
+            delayed: BTreeMap::new(),
+            unique: HashSet::new(),
         })
     }
 
@@ -345,9 +366,26 @@ fn read_jobs(
             }
             job_payload(text, number, command)
         };
+        let (payload, options) = match payload {
+            Ok(payload) => match split_envelope(payload.get()) {
+                Ok(None) => (Ok(payload), None),
+                Ok(Some((job, options))) => {
+                    let options = options.resolved(crate::queue::durable::now_ms());
+                    (Ok(Arc::from(job)), Some(Arc::new(options)))
+                }
+                Err(why) => (
+                    Err(format!(
+                        "line {number} of the output of {command} is a job envelope that is refused: {why}"
+                    )),
+                    None,
+                ),
+            },
+            Err(why) => (Err(why), None),
+        };
         let job = CommandJob {
             line: number,
             payload,
+            options,
         };
         if lines_tx.send(Line::Job(job)).is_err() {
             // The feeder is gone.
@@ -396,6 +434,31 @@ fn skip_line(reader: &mut BufReader<ChildStdout>) -> io::Result<()> {
     }
 }
 
+impl CommandFeeder {
+    /// `job` if it may be served now: not while a job with its unique key
+    /// is served and has no outcome (then it is dropped, logged).
+    fn admit(&mut self, job: CommandJob) -> Option<CommandJob> {
+        if let Some(key) = job.options.as_ref().and_then(|o| o.unique_key()) {
+            if !self.unique.insert(key.to_owned()) {
+                tracing::info!(
+                    key,
+                    line = job.line,
+                    "job not added: its unique key is held by a running job"
+                );
+                return None;
+            }
+        }
+        Some(job)
+    }
+
+    /// `job` has its outcome: its unique key is free again.
+    fn let_go(&mut self, job: &CommandJob) {
+        if let Some(key) = job.options.as_ref().and_then(|o| o.unique_key()) {
+            self.unique.remove(key);
+        }
+    }
+}
+
 impl Feeder for CommandFeeder {
     type Job = CommandJob;
 
@@ -403,35 +466,74 @@ impl Feeder for CommandFeeder {
         if self.done {
             return Next::Done;
         }
-        match self.lines_rx.try_recv() {
-            Ok(Line::Job(job)) => Next::Job(job),
-            Ok(Line::End(status)) => {
-                self.ended(&status);
-                self.done = true;
-                Next::Done
+        let now = crate::queue::durable::now_ms();
+        if let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 <= now {
+                let job = entry.remove();
+                if let Some(job) = self.admit(job) {
+                    return Next::Job(job);
+                }
             }
-            Ok(Line::ReadFailed(err, status)) => {
-                tracing::error!(command = %self.command, cause = %err, "cannot read the output of the feeder's command");
-                self.ended(&status);
-                self.done = true;
-                Next::Done
+        }
+        while !self.ended {
+            match self.lines_rx.try_recv() {
+                Ok(Line::Job(job)) => {
+                    let due = job.options.as_ref().and_then(|o| o.due_ms());
+                    match due {
+                        Some(due) if due > now => {
+                            self.delayed.insert((due, job.line), job);
+                        }
+                        _ => {
+                            if let Some(job) = self.admit(job) {
+                                return Next::Job(job);
+                            }
+                        }
+                    }
+                }
+                Ok(Line::End(status)) => {
+                    self.ended(&status);
+                    self.ended = true;
+                }
+                Ok(Line::ReadFailed(err, status)) => {
+                    tracing::error!(command = %self.command, cause = %err, "cannot read the output of the feeder's command");
+                    self.ended(&status);
+                    self.ended = true;
+                }
+                Err(mpsc::TryRecvError::Empty) => return Next::Empty,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    // The reader thread is gone without a word (it panicked).
+                    tracing::error!(command = %self.command, "the reader of the feeder's command is gone");
+                    self.ended = true;
+                }
             }
-            Err(mpsc::TryRecvError::Empty) => Next::Empty,
-            Err(mpsc::TryRecvError::Disconnected) => {
-                // The reader thread is gone without a word (it panicked).
-                tracing::error!(command = %self.command, "the reader of the feeder's command is gone");
-                self.done = true;
-                Next::Done
-            }
+        }
+        if self.delayed.is_empty() {
+            self.done = true;
+            Next::Done
+        } else {
+            Next::Empty
         }
     }
 
-    fn success(&mut self, _job: CommandJob) {}
+    fn success(&mut self, job: CommandJob) {
+        self.let_go(&job);
+    }
 
-    fn error(&mut self, _job: CommandJob, _reason: &str) {}
+    fn error(&mut self, job: CommandJob, _reason: &str) {
+        self.let_go(&job);
+    }
 
     fn recheck(&self) -> Duration {
-        COMMAND_RECHECK
+        match self.delayed.first_key_value() {
+            Some((&(due, _), _)) => COMMAND_RECHECK.min(Duration::from_millis(
+                due.saturating_sub(crate::queue::durable::now_ms()),
+            )),
+            None => COMMAND_RECHECK,
+        }
+    }
+
+    fn retry_policy(&self, job: &CommandJob, first_attempt_at: SystemTime) -> Option<RetryPolicy> {
+        job.options.as_ref()?.retry_policy(first_attempt_at)
     }
 }
 
@@ -520,6 +622,48 @@ mod tests {
         assert_eq!(serde_json::to_string(&jobs[0]).expect("JSON"), "1");
         assert!(matches!(feeder.next(), Next::Done), "stays done");
         assert_eq!(feeder.lines_read(), 6);
+    }
+
+    #[test]
+    fn envelope_lines_carry_options_and_a_bad_option_is_named() {
+        let script = r#"printf '%s\n' '{"job": 1, "options": {"unique": "k", "retry": ["1s"]}}' '{"job": 2, "options": {"unique": "k"}}' '{"job": 3, "options": {"delay": "300ms"}}' '{"job": 4, "options": {"at": "yesterday"}}' 5"#;
+        let mut feeder = CommandFeeder::spawn("sh", &["-c", script]).expect("spawn sh");
+        let started = Instant::now();
+        let mut jobs = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match feeder.next() {
+                Next::Job(job) => {
+                    if job.line() == 1 {
+                        // Its key is held while it runs: line 2 is dropped.
+                        assert!(feeder.retry_policy(&job, SystemTime::now()).is_some());
+                    }
+                    jobs.push(job);
+                }
+                Next::Empty => {
+                    assert!(Instant::now() < deadline, "never done");
+                    std::thread::sleep(feeder.recheck());
+                }
+                Next::Done => break,
+            }
+        }
+        let lines: Vec<u64> = jobs.iter().map(CommandJob::line).collect();
+        assert_eq!(
+            lines,
+            [1, 4, 5, 3],
+            "the duplicate dropped, the delayed one last"
+        );
+        assert_eq!(jobs[0].payload().map(RawValue::get), Some("1"));
+        assert_eq!(jobs[0].options().and_then(|o| o.unique_key()), Some("k"));
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "the delay held it"
+        );
+        let problem = jobs[1].problem().expect("a bad option");
+        assert!(
+            problem.contains("line 4") && problem.contains("option \"at\""),
+            "{problem}"
+        );
     }
 
     #[test]

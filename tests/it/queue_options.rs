@@ -1,0 +1,180 @@
+//! Per-job options through the real binary: `taskherd queue add` with
+//! `--priority`, `--delay`, `--unique` and `--retry`, served by the
+//! built-in file feeder to an exec consumer that records what it sees.
+
+use crate::support::{taskherd_bin, Herd};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A temp dir with the queue, the job script and the record it writes.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        Setup {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn queue(&self) -> PathBuf {
+        self.dir.path().join("jobs.queue")
+    }
+
+    fn record(&self) -> PathBuf {
+        self.dir.path().join("seen.txt")
+    }
+
+    /// `taskherd queue add` with `flags`, then the jobs.
+    fn add(&self, flags: &[&str], jobs: &[&str]) {
+        let out = Command::new(taskherd_bin())
+            .args(["queue", "add"])
+            .args(flags)
+            .arg(self.queue())
+            .args(jobs)
+            .output()
+            .expect("taskherd queue add");
+        assert!(
+            out.status.success(),
+            "queue add {flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// One consumer running one job at a time: the script appends `JOB
+    /// ATTEMPT MS` to the record when a job starts, and exits with 75
+    /// (retry) while its attempt is below `fail_until`.
+    fn herd(&self, fail_until: u32) -> Herd {
+        let script = self.dir.path().join("job.sh");
+        std::fs::write(
+            &script,
+            format!(
+                r#"read job
+now=$(date +%s%N | cut -c1-13)
+echo "$job $TASKHERD_JOB_ATTEMPT $now" >> "{record}"
+echo "saw $job attempt $TASKHERD_JOB_ATTEMPT"
+if [ "$TASKHERD_JOB_ATTEMPT" -lt {fail_until} ]; then exit 75; fi
+"#,
+                record = self.record().display()
+            ),
+        )
+        .expect("write script");
+        Herd::new(&format!(
+            r#"
+[[group]]
+name = "jobs"
+command = "sh"
+args = [{script:?}]
+stop_grace = "3s"
+
+[group.feeder]
+file = "{file}"
+
+[group.consumer]
+run = "exec"
+
+[group.queue]
+retry_initial = "50ms"
+retry_max = "100ms"
+max_attempts = 5
+progress_every = "200ms"
+
+[group.local]
+instances = 1
+concurrency = 1
+"#,
+            script = script.display().to_string(),
+            file = self.queue().display(),
+        ))
+    }
+
+    /// The record: (job, attempt, ms) per started attempt.
+    fn seen(&self) -> Vec<(String, u32, u64)> {
+        std::fs::read_to_string(self.record())
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                let mut parts = line.split(' ');
+                let job = parts.next().unwrap_or_default().to_owned();
+                let attempt = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let ms = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                (job, attempt, ms)
+            })
+            .collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Stops the herd cleanly and checks that nothing it started is left.
+fn stop(herd: &mut Herd) {
+    herd.signal(libc::SIGTERM);
+    let status = herd.wait_exit();
+    assert!(
+        status.success(),
+        "{status}; seen:\n{}",
+        herd.seen.join("\n")
+    );
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn jobs_come_by_priority_a_delayed_one_after_its_delay_a_duplicate_once() {
+    let setup = Setup::new();
+    let added_at = now_ms();
+    setup.add(&["--delay", "2s", "--priority", "100"], &["\"late\""]);
+    setup.add(&[], &["\"p0\""]);
+    setup.add(&["--priority", "5"], &["\"p5\""]);
+    setup.add(&["--priority", "9"], &["\"p9\""]);
+    setup.add(&["--priority", "-1"], &["\"pm1\""]);
+    setup.add(&["--unique", "k"], &["\"u1\""]);
+    setup.add(&["--unique", "k"], &["\"u2\""]);
+    let mut herd = setup.herd(0);
+    herd.start();
+    herd.wait_for("its unique key is held");
+    herd.wait_for("saw \"late\" attempt 1");
+    herd.wait_for("6 done, 0 failed");
+    stop(&mut herd);
+    let seen = setup.seen();
+    let order: Vec<&str> = seen.iter().map(|(job, _, _)| job.as_str()).collect();
+    assert_eq!(
+        order,
+        ["\"p9\"", "\"p5\"", "\"p0\"", "\"u1\"", "\"pm1\"", "\"late\""],
+        "priority first, then the order added; the delayed one once due"
+    );
+    let late = seen.last().map_or(0, |(_, _, ms)| *ms);
+    assert!(
+        late >= added_at + 2000,
+        "served {} ms after it was added",
+        late - added_at
+    );
+}
+
+#[test]
+fn a_job_s_own_retry_schedule_is_followed() {
+    let setup = Setup::new();
+    setup.add(&["--retry", "400ms,1200ms"], &["\"r\""]);
+    let mut herd = setup.herd(3);
+    herd.start();
+    herd.wait_for("saw \"r\" attempt 3");
+    herd.wait_for("1 done, 2 failed");
+    stop(&mut herd);
+    let seen = setup.seen();
+    let times: Vec<u64> = seen.iter().map(|(_, _, ms)| *ms).collect();
+    assert_eq!(
+        seen.iter()
+            .map(|(_, attempt, _)| *attempt)
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    // The group's backoff is 50 to 100 ms; the job's own is 400 ms, then
+    // 1.2 s (counted from the end of the failed attempt).
+    assert!(times[1] - times[0] >= 400, "{times:?}");
+    assert!(times[2] - times[1] >= 1200, "{times:?}");
+}
