@@ -57,7 +57,7 @@
 #   BENCH_EXEC_JOBS=10000             # jobs of the exec rows (default 10 000)
 #   BENCH_EXEC_CREDITS=32             # [group.queue] credits of the exec consumers (default 32)
 #   BENCH_COPROC_JOBS=100000          # jobs of the coprocess rows (default 100 000)
-#   BENCH_COPROC_CONCURRENCY="8 32"   # concurrency of each coprocess consumer, one row each (the first
+#   BENCH_COPROC_CONCURRENCY="32 8"   # concurrency of each coprocess consumer, one row each (the first
 #                                     # is the target's row; default "8 32")
 #   BENCH_EXEC_TIMEOUT=300            # bound on each exec step (a herd, a tool's run), in seconds (default 300)
 #   BENCH_TASKHERD=/path/taskherd BENCH_ONLY="logs local" scripts/bench.sh
@@ -108,7 +108,7 @@ durable_timeout=${BENCH_DURABLE_TIMEOUT:-600}
 exec_jobs=${BENCH_EXEC_JOBS:-10000}
 exec_credits=${BENCH_EXEC_CREDITS:-32}
 coproc_jobs=${BENCH_COPROC_JOBS:-100000}
-coproc_concurrency=${BENCH_COPROC_CONCURRENCY:-8 32}
+coproc_concurrency=${BENCH_COPROC_CONCURRENCY:-32 8}
 exec_timeout=${BENCH_EXEC_TIMEOUT:-300}
 sudo=
 [ "$(id -u)" = 0 ] || sudo=sudo
