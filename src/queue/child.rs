@@ -195,6 +195,22 @@ fn emit_cut(line: &[u8], emit: &mut impl FnMut(&[u8])) {
     }
 }
 
+/// The feeder `HandlerQueue` wants of a program that only consumes (the
+/// exec and coprocess runners); never used, a consumer does not feed.
+pub(crate) struct NoFeeder;
+
+impl crate::queue::Feeder for NoFeeder {
+    type Job = ();
+
+    fn next(&mut self) -> crate::queue::Next<()> {
+        crate::queue::Next::Done
+    }
+
+    fn success(&mut self, _job: ()) {}
+
+    fn error(&mut self, _job: (), _reason: &str) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

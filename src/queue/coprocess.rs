@@ -82,10 +82,9 @@ use tracing::{debug, error, info, trace, warn};
 use crate::pidkiller::proc::{self, Signal, Target};
 use crate::protocol::slave::{QueueRole, CONTROL_FD_ENV};
 use crate::queue::child::{
-    command_text, die_with_parent, relay, unix_millis, wait_exited, Lines, Stream,
+    command_text, die_with_parent, relay, unix_millis, wait_exited, Lines, NoFeeder, Stream,
 };
 use crate::queue::consumer::{FeederControl, JobInfo};
-use crate::queue::{Feeder, Next};
 use crate::retry::Outcome;
 use crate::slave::{Handler, HandlerQueue};
 
@@ -300,22 +299,6 @@ pub fn run_coprocess_consumer<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> E
         },
     );
     code
-}
-
-/// The feeder [`HandlerQueue::run_queue_then`] wants; never used, a
-/// consumer does not feed.
-struct NoFeeder;
-
-impl Feeder for NoFeeder {
-    type Job = ();
-
-    fn next(&mut self) -> Next<()> {
-        Next::Done
-    }
-
-    fn success(&mut self, _job: ()) {}
-
-    fn error(&mut self, _job: (), _reason: &str) {}
 }
 
 /// A job for the program, from a thread of the consumer's.

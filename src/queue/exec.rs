@@ -56,9 +56,10 @@ use tracing::{debug, error, info, warn};
 use crate::pidkiller::proc::{self, Signal, Target};
 use crate::protocol::slave::CONTROL_FD_ENV;
 pub use crate::queue::child::MAX_LINE;
-use crate::queue::child::{command_text, die_with_parent, relay, unix_millis, wait_exited, Stream};
+use crate::queue::child::{
+    command_text, die_with_parent, relay, unix_millis, wait_exited, NoFeeder, Stream,
+};
 use crate::queue::consumer::{JobInfo, JobResult};
-use crate::queue::{Feeder, Next};
 use crate::retry::Outcome;
 use crate::slave::queue::consumer_grace;
 use crate::slave::{Handler, HandlerQueue};
@@ -352,22 +353,6 @@ pub fn run_exec_consumer<A: AsRef<OsStr>>(program: &OsStr, args: &[A], map: Exit
     // process groups must not outlive us.
     exec.kill_abandoned();
     code
-}
-
-/// The feeder [`HandlerQueue::run_queue_with_info`] wants; never used, a
-/// consumer does not feed.
-struct NoFeeder;
-
-impl Feeder for NoFeeder {
-    type Job = ();
-
-    fn next(&mut self) -> Next<()> {
-        Next::Done
-    }
-
-    fn success(&mut self, _job: ()) {}
-
-    fn error(&mut self, _job: (), _reason: &str) {}
 }
 
 /// The process groups of the jobs running, for the last sweep.
