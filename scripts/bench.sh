@@ -31,9 +31,11 @@
 #    4 local consumers x 8) to the first job done, then SIGTERM; the queue
 #    is checked afterwards (nothing lost, nothing dead).
 # 7. Exec and coprocess consumers (`exec`), with the release binary:
-#    BENCH_EXEC_JOBS no-op jobs (`true`) through exec consumers, a file
-#    feeder -> 4 local consumers x 8, next to `parallel -j32 true ::: $(seq
-#    N)` and `seq N | xargs -P32 -n1 true` in the same run; then
+#    BENCH_EXEC_JOBS no-op jobs (`true`) through exec consumers, 4 local
+#    consumers x 8, next to `parallel -j32 true ::: $(seq N)` and `seq N |
+#    xargs -P32 -n1 true` in the same run: first fed by the command feeder
+#    (`seq 1 N`), timed as those tools are (`taskherd run` until it ends by
+#    itself, every job done); then from a durable file queue, as below; then
 #    BENCH_COPROC_JOBS no-op jobs through a Python coprocess consumer
 #    (scripts/bench/noop_coprocess.py), 4 consumers x each concurrency of
 #    BENCH_COPROC_CONCURRENCY. The jobs are added first (`taskherd queue add
@@ -809,6 +811,29 @@ instances = 4
 concurrency = 8
 TOML
     }
+    # The herd of the end-to-end exec row: the same consumers fed by the
+    # built-in command feeder (`seq 1 N`); the run ends by itself once
+    # every job is done, as parallel and xargs do.
+    exec_command_herd() {
+        cat >"$1" <<TOML
+[master]
+stop_grace = "10s"
+[[group]]
+name = "exec"
+command = "true"
+[group.feeder]
+command = "seq"
+args = ["1", "$exec_jobs"]
+bind = "127.0.0.1:0"
+[group.consumer]
+run = "exec"
+[group.queue]
+credits = $exec_credits
+[group.local]
+instances = 4
+concurrency = 8
+TOML
+    }
     # The herd of the coprocess rows: scripts/bench/noop_coprocess.py, one
     # per consumer, concurrency $3 (credits: twice that, the default).
     coproc_herd() {
@@ -850,10 +875,16 @@ TOML
     [ "$n" = "$exec_jobs" ] || die "exec: xargs -n1 echo true gives $n commands 'true N', not $exec_jobs"
     # Jobs/s of $1 jobs in $2 ms.
     rate() { awk -v n="$1" -v ms="$2" 'BEGIN { printf "%.0f", n / ms * 1000 }'; }
-    th_times=() par_times=() xargs_times=()
+    th_times=() par_times=() xargs_times=() cmd_times=()
     for run in $(seq "$runs"); do
         q=$work/exec-$run/jobs.queue
         mkdir "$work/exec-$run"
+        exec_command_herd "$work/exec-$run/command.toml"
+        timed_tool "taskherd run (command feeder seq 1 $exec_jobs)" \
+            "${marked[@]}" timeout -k 5 "$exec_timeout" "$taskherd" run "$work/exec-$run/command.toml"
+        cmd_ms=$tool_ms
+        grep -q "feeder server stopped finished=true done=$exec_jobs dead=0 unfinished=0" "$work/step.out" \
+            || die "exec (command feeder): not every one of the $exec_jobs jobs done: $(grep 'feeder server stopped' "$work/step.out" || tail -3 "$work/step.out")"
         exec_herd "$work/exec-$run/herd.toml" "$q"
         fill_queue "$q" "$exec_jobs"
         herd_until_done "exec herd" "$work/exec-$run/herd.toml" "$q" "$exec_jobs" "$work/exec-$run/run.log"
@@ -866,15 +897,18 @@ TOML
             "${marked[@]}" timeout -k 5 "$exec_timeout" sh -c 'seq "$1" | xargs -P32 -n1 true' sh "$exec_jobs"
         xargs_ms=$tool_ms
         rm -rf "$work/exec-$run"
-        th_times+=("$th_ms") par_times+=("$par_ms") xargs_times+=("$xargs_ms")
-        say "run $run: taskherd $th_ms ms ($(rate "$exec_jobs" "$th_ms") jobs/s), parallel $par_ms ms ($(rate "$exec_jobs" "$par_ms") jobs/s), xargs $xargs_ms ms ($(rate "$exec_jobs" "$xargs_ms") jobs/s) (load $(cut -d' ' -f1 /proc/loadavg))"
+        th_times+=("$th_ms") par_times+=("$par_ms") xargs_times+=("$xargs_ms") cmd_times+=("$cmd_ms")
+        say "run $run: taskherd (command feeder, end to end) $cmd_ms ms ($(rate "$exec_jobs" "$cmd_ms") jobs/s), taskherd (file queue) $th_ms ms ($(rate "$exec_jobs" "$th_ms") jobs/s), parallel $par_ms ms ($(rate "$exec_jobs" "$par_ms") jobs/s), xargs $xargs_ms ms ($(rate "$exec_jobs" "$xargs_ms") jobs/s) (load $(cut -d' ' -f1 /proc/loadavg))"
     done
-    th=$(median "${th_times[@]}") par=$(median "${par_times[@]}") xa=$(median "${xargs_times[@]}")
-    ratio_par=$(awk -v a="$par" -v b="$th" 'BEGIN { printf "%.2f", a / b }')
-    ratio_xa=$(awk -v a="$xa" -v b="$th" 'BEGIN { printf "%.2f", a / b }')
-    row "exec: $exec_jobs no-op jobs (true), 4 consumers x 8, credits $exec_credits, ms" "$th ($(rate "$exec_jobs" "$th") jobs/s)" \
+    th=$(median "${th_times[@]}") par=$(median "${par_times[@]}") xa=$(median "${xargs_times[@]}") cmd=$(median "${cmd_times[@]}")
+    ratio_par=$(awk -v a="$par" -v b="$cmd" 'BEGIN { printf "%.2f", a / b }')
+    ratio_xa=$(awk -v a="$xa" -v b="$cmd" 'BEGIN { printf "%.2f", a / b }')
+    row "exec: $exec_jobs no-op jobs (true), 4 consumers x 8, credits $exec_credits, command feeder (seq), taskherd run end to end, ms" "$cmd ($(rate "$exec_jobs" "$cmd") jobs/s)" \
         "$par (parallel -j32, $(rate "$exec_jobs" "$par") jobs/s)" "${ratio_par}x faster" ">= 4x parallel" "$(verdict "$ratio_par >= 4")"
-    row "  same vs xargs -P32 -n1 true" "$th" "$xa (xargs, $(rate "$exec_jobs" "$xa") jobs/s)" "${ratio_xa}x" ">= 1.0x xargs" "$(verdict "$ratio_xa >= 1")"
+    row "  same vs xargs -P32 -n1 true" "$cmd" "$xa (xargs, $(rate "$exec_jobs" "$xa") jobs/s)" "${ratio_xa}x" ">= 1.0x xargs" "$(verdict "$ratio_xa >= 1")"
+    ratio_th=$(awk -v a="$xa" -v b="$th" 'BEGIN { printf "%.2f", a / b }')
+    row "  same from a durable file queue (filled before, polled with queue list every 10 ms), ms" "$th ($(rate "$exec_jobs" "$th") jobs/s)" \
+        "$xa (xargs)" "${ratio_th}x" "-" "-"
 
     first=1
     for conc in $coproc_concurrency; do

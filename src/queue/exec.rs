@@ -42,8 +42,8 @@ use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::future::Future;
 use std::os::fd::OwnedFd;
-use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::{ExitCode, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -56,10 +56,9 @@ use tracing::{debug, error, info, warn};
 use crate::pidkiller::proc::{self, Signal, Target};
 use crate::protocol::slave::CONTROL_FD_ENV;
 pub use crate::queue::child::MAX_LINE;
-use crate::queue::child::{
-    command_text, die_with_parent, relay, unix_millis, wait_exited, NoFeeder, Stream,
-};
+use crate::queue::child::{command_text, relay, unix_millis, NoFeeder, Stream};
 use crate::queue::consumer::{JobInfo, JobResult};
+use crate::queue::spawn::{JobCommand, JobProcess};
 use crate::retry::Outcome;
 use crate::slave::queue::consumer_grace;
 use crate::slave::{Handler, HandlerQueue};
@@ -335,8 +334,23 @@ pub fn run_exec_consumer<A: AsRef<OsStr>>(program: &OsStr, args: &[A], map: Exit
     let args: Vec<OsString> = args.iter().map(|arg| arg.as_ref().to_owned()).collect();
     let exec = Arc::new(Exec {
         command: command_text(program, &args),
-        program: program.to_owned(),
-        args,
+        // The instance's environment (its identity) without the control
+        // channel, which is the consumer's alone.
+        spawn: JobCommand::new(
+            program,
+            &args,
+            std::env::vars_os().filter(|(key, _)| {
+                ![
+                    CONTROL_FD_ENV,
+                    JOB_ID_ENV,
+                    JOB_ATTEMPT_ENV,
+                    JOB_DEADLINE_ENV,
+                ]
+                .iter()
+                .any(|name| key == name)
+            }),
+        )
+        .map_err(|err| err.to_string()),
         map,
         stop_grace: consumer_grace(queue.identity().stop_grace),
         broken_said: AtomicBool::new(false),
@@ -368,10 +382,9 @@ struct Groups {
 /// What every job of this consumer shares.
 #[derive(Debug)]
 struct Exec {
-    /// The program to run.
-    program: OsString,
-    /// Its arguments.
-    args: Vec<OsString>,
+    /// The command ready to spawn, or why it cannot be (a NUL byte in
+    /// it).
+    spawn: Result<JobCommand, String>,
     /// `program args...`, for the log and dead letters.
     command: String,
     /// Exit status to outcome.
@@ -427,21 +440,23 @@ impl Exec {
         payload: &serde_json::Value,
         info: &JobInfo,
     ) -> JobEnd {
-        let mut command = Command::new(&self.program);
-        command
-            .args(&self.args)
-            .env_remove(CONTROL_FD_ENV)
-            .env(JOB_ID_ENV, info.id.to_string())
-            .env(JOB_ATTEMPT_ENV, info.attempt.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+        let mut env = vec![
+            (JOB_ID_ENV, info.id.to_string()),
+            (JOB_ATTEMPT_ENV, info.attempt.to_string()),
+        ];
         if let Some(deadline) = info.deadline {
-            command.env(JOB_DEADLINE_ENV, unix_millis(deadline).to_string());
+            env.push((JOB_DEADLINE_ENV, unix_millis(deadline).to_string()));
         }
-        die_with_parent(&mut command);
-        let mut child = match command.spawn() {
+        let command = match &self.spawn {
+            Ok(command) => command,
+            Err(cause) => {
+                return JobEnd::CannotStart {
+                    code: CANNOT_RUN,
+                    cause: format!("exit {CANNOT_RUN}: {cause}"),
+                }
+            }
+        };
+        let mut child = match command.spawn(&env) {
             Ok(child) => child,
             Err(err) => return JobEnd::cannot_start(&err),
         };
@@ -449,7 +464,7 @@ impl Exec {
         if !self.register(pid) {
             // The consumer is gone: nobody waits for this job.
             let _ = proc::signal(Target::Group(pid), Signal::Kill, "exec job").await;
-            let _ = reap(child);
+            let _ = child.wait();
             return JobEnd::Stopped;
         }
         let prefix = format!("job {}: ", info.id).into_bytes();
@@ -458,9 +473,9 @@ impl Exec {
             text.push(b'\n');
             text
         };
-        let stdin = child.stdin.take().map(OwnedFd::from);
-        let stdout = child.stdout.take().map(OwnedFd::from);
-        let stderr = child.stderr.take().map(OwnedFd::from);
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
         let output = async {
             tokio::join!(
                 feed(stdin, &input),
@@ -478,7 +493,7 @@ impl Exec {
             );
         }
         self.unregister(pid);
-        match reap(child) {
+        match child.wait() {
             Ok(status) => end.unwrap_or_else(|| JobEnd::of_status(status)),
             Err(err) => {
                 warn!(job = info.id, cause = %err, "cannot wait for the job's process");
@@ -493,12 +508,12 @@ impl Exec {
     /// reaped yet) and its group has had SIGKILL.
     async fn supervise(
         &self,
-        child: &Child,
+        child: &JobProcess,
         info: &JobInfo,
         stop: CancellationToken,
     ) -> Option<JobEnd> {
         let pid = child.id();
-        let exited = wait_exited(pid);
+        let exited = child.exited();
         tokio::pin!(exited);
         let lease_over = sleep_until_std(info.deadline);
         let stopped = async {
@@ -604,11 +619,6 @@ where
             .is_ok();
     }
     (output, beside_done)
-}
-
-/// Waits (blocking, but the process has ended) for the job's process.
-fn reap(mut child: Child) -> std::io::Result<ExitStatus> {
-    child.wait()
 }
 
 /// Sleeps until `deadline`, forever when there is none.

@@ -27,6 +27,7 @@ pub mod local;
 pub mod options;
 mod peer_warnings;
 pub mod server;
+mod spawn;
 
 pub use governor::Governor;
 pub use server::{serve, FeederServer, ServeReport, ServerError};

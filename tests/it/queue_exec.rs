@@ -378,6 +378,48 @@ sleep 3004
     assert_eq!(list["dead"].as_array().map(Vec::len), Some(0), "{list}");
 }
 
+/// The parent pid of `pid`, from `/proc/PID/stat`.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn a_killed_consumer_takes_its_running_job_with_it() {
+    let setup = Setup::new();
+    let script = setup.script(
+        r#"read job
+echo "started $job attempt $TASKHERD_JOB_ATTEMPT"
+exec sleep 3005
+"#,
+    );
+    setup.add(&["1"]);
+    let mut herd = setup.herd("sh", &format!("[{:?}]", script.display().to_string()), "");
+    herd.start();
+    herd.wait_for("job 1: started 1 attempt 1");
+    let mut jobs = Vec::new();
+    wait_until("the job runs", || {
+        jobs = marked_with(&herd, "sleep 3005");
+        jobs.len() == 1
+    });
+    let job = jobs[0];
+    let consumer = parent_of(job).expect("the job's parent");
+    assert!(
+        marked_with(&herd, "exec-consumer").contains(&consumer),
+        "the job's parent {consumer} is not a consumer"
+    );
+    // SAFETY: kill(2) of a process of this test's herd.
+    assert_eq!(unsafe { libc::kill(consumer, libc::SIGKILL) }, 0);
+    // The job dies with its consumer (its parent-death signal) ...
+    wait_until("the job is gone", || {
+        !marked_with(&herd, "sleep 3005").contains(&job)
+    });
+    // ... and is done again by the consumer the master starts anew.
+    herd.wait_for("job 1: started 1 attempt 2");
+    stop(&mut herd);
+}
+
 #[test]
 fn exec_consumer_outside_a_herd_says_why_and_is_hidden() {
     let out = Command::new(taskherd_bin())
