@@ -918,7 +918,13 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
                 println!("  dead #{}: {}: {}", dead.id, dead.reason, dead.job);
             }
             for job in &pending {
-                println!("  #{} (attempts {}): {}", job.id, job.attempts, job.job);
+                match &job.options {
+                    Some(options) => println!(
+                        "  #{} (attempts {}, options {options}): {}",
+                        job.id, job.attempts, job.job
+                    ),
+                    None => println!("  #{} (attempts {}): {}", job.id, job.attempts, job.job),
+                }
             }
         }
         QueueCommand::RequeueDead { file } => {

@@ -280,6 +280,10 @@ pub struct PendingJob {
     pub attempts: u32,
     /// Its payload.
     pub job: Value,
+    /// Its options (the envelope's `options` object, a delay already
+    /// turned into an `at` time), if it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<Value>,
 }
 
 /// What a file queue holds, as [`FileFeeder::report`] or
@@ -488,6 +492,7 @@ impl FileFeeder {
                 id: *id,
                 attempts: job.attempts,
                 job: serde_json::from_str(job.payload.get()).unwrap_or(Value::Null),
+                options: job.options.as_deref().map(JobOptions::to_json),
             })
             .collect())
     }

@@ -178,3 +178,98 @@ fn a_job_s_own_retry_schedule_is_followed() {
     assert!(times[1] - times[0] >= 400, "{times:?}");
     assert!(times[2] - times[1] >= 1200, "{times:?}");
 }
+
+#[test]
+fn a_job_retried_every_interval_until_a_time_then_dead() {
+    let setup = Setup::new();
+    // Always fails (exit 75): retried every 500 ms while a retry starts
+    // before `until`, then dead (max_attempts, 5, is not reached first).
+    let mut herd = setup.herd(u32::MAX);
+    herd.start();
+    herd.wait_for("consumer joined");
+    let until = now_ms() + 1_300;
+    let until_text =
+        humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(until))
+            .to_string();
+    setup.add(
+        &["--retry-every", "500ms", "--retry-until", &until_text],
+        &["\"poll\""],
+    );
+    herd.wait_for("job dead");
+    herd.signal(libc::SIGTERM);
+    let status = herd.wait_exit();
+    assert_eq!(status.code(), Some(1), "dead jobs fail the run");
+    herd.assert_no_leftovers();
+    let seen = setup.seen();
+    let times: Vec<u64> = seen.iter().map(|(_, _, ms)| *ms).collect();
+    let attempts: Vec<u32> = seen.iter().map(|(_, attempt, _)| *attempt).collect();
+    assert!(
+        (2..5).contains(&attempts.len()),
+        "attempts {attempts:?} at {times:?}, until {until}"
+    );
+    assert_eq!(attempts, (1..=attempts.len() as u32).collect::<Vec<_>>());
+    for pair in times.windows(2) {
+        assert!(pair[1] - pair[0] >= 500, "{times:?}");
+    }
+    // Every retry began before `until` (the script notes its start a
+    // little after), and the next one would have begun after it.
+    let last = *times.last().expect("an attempt");
+    assert!(last <= until + 300, "a retry at {last}, until {until}");
+    assert!(
+        last + 500 + 300 > until,
+        "gave up early: last {last}, until {until}"
+    );
+    let out = Command::new(taskherd_bin())
+        .args(["queue", "list", "--json"])
+        .arg(setup.queue())
+        .output()
+        .expect("taskherd queue list");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(list["dead"].as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list["pending"], 0, "{list}");
+}
+
+#[test]
+fn queue_list_shows_each_pending_job_s_options() {
+    let setup = Setup::new();
+    let added_at = now_ms();
+    setup.add(
+        &["--delay", "1h", "--priority", "7", "--unique", "k"],
+        &["\"a\""],
+    );
+    setup.add(&[], &["\"b\""]);
+    // `compact` takes the inbox in (a feeder would too).
+    let queue = |args: &[&str]| {
+        let out = Command::new(taskherd_bin())
+            .arg("queue")
+            .args(args)
+            .arg(setup.queue())
+            .output()
+            .expect("taskherd queue");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    queue(&["compact"]);
+    let list: serde_json::Value =
+        serde_json::from_str(&queue(&["list", "--jobs", "--json"])).expect("JSON");
+    let jobs = list["jobs"].as_array().expect("jobs");
+    // Due first: "b"; then "a", an hour away.
+    assert_eq!(jobs.len(), 2, "{list}");
+    assert_eq!(jobs[0]["job"], "b", "{list}");
+    assert!(jobs[0].get("options").is_none(), "{list}");
+    assert_eq!(jobs[1]["job"], "a", "{list}");
+    let options = &jobs[1]["options"];
+    assert_eq!(options["priority"], 7, "{list}");
+    assert_eq!(options["unique"], "k", "{list}");
+    let at = options["at"].as_u64().expect("at");
+    assert!(
+        at >= added_at + 3_600_000 && at < now_ms() + 3_600_000 + 1,
+        "{list}"
+    );
+    let text = queue(&["list", "--jobs"]);
+    assert!(text.contains("options {"), "{text}");
+}
