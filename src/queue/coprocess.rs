@@ -334,8 +334,9 @@ struct Manager {
 
 /// How the conversation with the program ended.
 enum End {
-    /// The consumer is done: stop the program.
-    Finish,
+    /// The consumer is done: stop the program. Its stdout, still read
+    /// until it ends (a program may log on its way out).
+    Finish(StdoutTail),
     /// The program broke the protocol (or closed its stdout): why.
     Broken(String),
     /// The program exited (not reaped yet).
@@ -402,6 +403,7 @@ impl Manager {
         let end = conversation
             .run(pid, stdout, &mut requests_rx, &finish)
             .await;
+        let mut tail_task = None;
         let broken = match end {
             End::Broken(why) => Some(why),
             End::Exited => {
@@ -415,7 +417,10 @@ impl Manager {
                 };
                 Some(format!("coprocess {} ended ({status})", self.command))
             }
-            End::Finish => None,
+            End::Finish(tail) => {
+                tail_task = Some(tokio::spawn(tail.read()));
+                None
+            }
         };
         match broken {
             Some(why) => {
@@ -456,6 +461,79 @@ impl Manager {
         drop(conversation);
         let _ = tokio::time::timeout(EOF_GRACE, writer).await;
         let _ = tokio::time::timeout(EOF_GRACE, stderr_relay).await;
+        if let Some(tail_task) = tail_task {
+            let _ = tokio::time::timeout(EOF_GRACE, tail_task).await;
+        }
+    }
+}
+
+/// The program's stdout once the consumer is done: read to its end so
+/// that the program can still write (a last `log` line) on its way out.
+struct StdoutTail {
+    /// The program's stdout.
+    stdout: pipe::Receiver,
+    /// The part of a line read so far.
+    lines: Lines,
+    /// Lines read so far.
+    number: u64,
+    /// `program args...`, for the log.
+    command: String,
+}
+
+impl StdoutTail {
+    /// Reads to the end: `log` lines are logged; answers are ignored (the
+    /// jobs were retried when the consumer finished), anything else is
+    /// said once.
+    async fn read(mut self) {
+        let mut buf = vec![0u8; 8192];
+        let mut said = false;
+        loop {
+            let mut complete = Vec::new();
+            let ended = match self.stdout.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    self.lines
+                        .finish(&mut |line: &[u8]| complete.push(line.to_vec()));
+                    true
+                }
+                Ok(n) => {
+                    self.lines
+                        .push(&buf[..n], &mut |line: &[u8]| complete.push(line.to_vec()));
+                    false
+                }
+            };
+            for line in complete {
+                self.number += 1;
+                match parse_answer(&line) {
+                    Ok(Answer::Log { level, message }) => log_message(level.as_deref(), &message),
+                    Ok(_) => debug!("coprocess {}: answer after the end: ignored", self.command),
+                    Err(why) if !said => {
+                        said = true;
+                        warn!(
+                            "coprocess {}: line {} of its stdout, after the end of its input, \
+                             is {why}: {}: ignored",
+                            self.command,
+                            self.number,
+                            quote(&line)
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
+            if ended {
+                return;
+            }
+        }
+    }
+}
+
+/// Logs a `log` message of the program at its level.
+fn log_message(level: Option<&str>, message: &str) {
+    match level {
+        Some("error") => error!("{message}"),
+        Some("warn" | "warning") => warn!("{message}"),
+        Some("debug") => debug!("{message}"),
+        Some("trace") => trace!("{message}"),
+        _ => info!("{message}"),
     }
 }
 
@@ -520,7 +598,14 @@ impl Conversation<'_> {
                 .min();
             tokio::select! {
                 biased;
-                () = finish.cancelled() => return End::Finish,
+                () = finish.cancelled() => {
+                    return End::Finish(StdoutTail {
+                        stdout,
+                        lines,
+                        number,
+                        command: command.to_string(),
+                    });
+                }
                 read = stdout.read(&mut buf) => {
                     let chunk: &[u8] = match read {
                         Ok(0) | Err(_) => {
@@ -674,13 +759,7 @@ impl Conversation<'_> {
                 return Ok(());
             }
             Answer::Log { level, message } => {
-                match level.as_deref() {
-                    Some("error") => error!("{message}"),
-                    Some("warn" | "warning") => warn!("{message}"),
-                    Some("debug") => debug!("{message}"),
-                    Some("trace") => trace!("{message}"),
-                    _ => info!("{message}"),
-                }
+                log_message(level.as_deref(), &message);
                 return Ok(());
             }
         };

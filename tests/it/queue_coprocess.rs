@@ -876,3 +876,47 @@ fn a_late_answer_after_the_job_came_back_does_not_kill_the_program() {
         herd.seen.join("\n")
     );
 }
+
+/// A shell coprocess that answers each job, and at the end of its input
+/// writes a last `log` line, then notes whether that write worked.
+const LAST_WORDS: &str = r#"
+n=0
+read -r hello
+while read -r line; do
+    id=${line#*\"id\":}; id=${id%%,*}
+    attempt=${line#*\"attempt\":}; attempt=${attempt%%,*}
+    n=$((n + 1))
+    printf '{"type":"ok","id":%s,"attempt":%s}\n' "$id" "$attempt"
+done
+if printf '{"type":"log","message":"bye after %s jobs"}\n' "$n"; then
+    echo "last words written" >&2
+else
+    echo "last words lost" >&2
+fi
+"#;
+
+#[test]
+fn a_coprocess_can_still_log_after_the_end_of_its_input() {
+    let setup = Setup::new();
+    let program = setup.program("last.sh", LAST_WORDS);
+    setup.add(&["1", "2", "3"]);
+    let mut herd = setup.herd_with(
+        "sh",
+        &format!("[{program:?}]"),
+        "stop_grace = \"3s\"",
+        1,
+        1,
+        "",
+    );
+    herd.start();
+    herd.wait_for("3 done, 0 failed");
+    stop(&mut herd);
+    herd.wait_for("bye after 3 jobs");
+    herd.wait_for("last words written");
+    assert!(herd.lines_with("last words lost").is_empty());
+    assert!(
+        herd.lines_with("after the end of its input: SIGTERM").is_empty(),
+        "{}",
+        herd.seen.join("\n")
+    );
+}
