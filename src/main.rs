@@ -852,7 +852,7 @@ fn run(path: &std::path::Path, log: LogArgs, verbosity: Verbosity) -> anyhow::Re
 }
 
 fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
-    use taskherd::queue::feeders::FileFeeder;
+    use taskherd::queue::feeders::{FileFeeder, JsonlFeeder};
     use taskherd::queue::local::LocalQueueError;
 
     let open = |path: &std::path::Path| {
@@ -866,12 +866,37 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
             err => anyhow::Error::new(err).context(format!("cannot open {}", path.display())),
         })
     };
+    // A JSON-lines feeder's queue: its state journal (`jobs.jsonl.state`),
+    // or the file itself once it has one.
+    let jsonl_of = |path: &std::path::Path| {
+        JsonlFeeder::file_of_state(path).or_else(|| {
+            (path.is_file() && FileFeeder::exists(JsonlFeeder::state_path(path)))
+                .then(|| path.to_path_buf())
+        })
+    };
+    let open_jsonl = |file: &std::path::Path| {
+        JsonlFeeder::open(file).map_err(|err| match err {
+            LocalQueueError::Locked { .. } => anyhow::anyhow!(
+                "{} is in use by a running feeder",
+                JsonlFeeder::state_path(file).display()
+            ),
+            err => anyhow::Error::new(err).context(format!("cannot open {}", file.display())),
+        })
+    };
     match command {
         QueueCommand::Add {
             file,
             jobs,
             options,
         } => {
+            if let Some(jsonl) = jsonl_of(&file) {
+                anyhow::bail!(
+                    "{} is the queue of the JSON-lines file {}: append the jobs to that file, \
+                     one per line (none was added)",
+                    file.display(),
+                    jsonl.display()
+                );
+            }
             let mut jobs = queue_jobs(&jobs)?;
             if let Some(options) = options.to_options()? {
                 let options = options.resolved_now();
@@ -887,6 +912,10 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
             println!("{}: added {}", file.display(), jobs_text(added as u64));
         }
         QueueCommand::List { file, json, jobs } => {
+            let file = match jsonl_of(&file) {
+                Some(jsonl) => JsonlFeeder::state_path(jsonl),
+                None => file,
+            };
             if !FileFeeder::exists(&file) {
                 anyhow::bail!("{}: no such queue", file.display());
             }
@@ -928,7 +957,10 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
             }
         }
         QueueCommand::RequeueDead { file } => {
-            let requeued = open(&file)?.requeue_dead()?;
+            let requeued = match jsonl_of(&file) {
+                Some(jsonl) => open_jsonl(&jsonl)?.requeue_dead()?,
+                None => open(&file)?.requeue_dead()?,
+            };
             println!(
                 "{}: {} put back (were dead)",
                 file.display(),
@@ -936,10 +968,20 @@ fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
             );
         }
         QueueCommand::Compact { file } => {
-            let mut feeder = open(&file)?;
-            let taken = feeder.take_inbox()?;
-            feeder.compact()?;
-            let report = feeder.report()?;
+            let (taken, report) = match jsonl_of(&file) {
+                // Its lines are taken in by its feeder only.
+                Some(jsonl) => {
+                    let mut feeder = open_jsonl(&jsonl)?;
+                    feeder.compact()?;
+                    (0, feeder.report()?)
+                }
+                None => {
+                    let mut feeder = open(&file)?;
+                    let taken = feeder.take_inbox()?;
+                    feeder.compact()?;
+                    (taken, feeder.report()?)
+                }
+            };
             let per_job = if report.pending > 0 {
                 format!(
                     ", {:.1} bytes per pending job",

@@ -860,6 +860,37 @@ impl JsonlFeeder {
         self.inner.report()
     }
 
+    /// Rewrites the journal as a snapshot of what it holds now (the mark
+    /// of how far the file was taken in included), as
+    /// [`FileFeeder::compact`].
+    ///
+    /// # Errors
+    ///
+    /// As [`FileFeeder::compact`].
+    pub fn compact(&mut self) -> Result<()> {
+        self.inner.compact()
+    }
+
+    /// Puts every dead line back in the queue, as
+    /// [`FileFeeder::requeue_dead`]; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// As [`FileFeeder::requeue_dead`].
+    pub fn requeue_dead(&mut self) -> Result<usize> {
+        self.inner.requeue_dead()
+    }
+
+    /// The JSON-lines file whose state `path` is, when it is one:
+    /// `path` ends with `.state` and the file it names without that
+    /// ending exists.
+    pub fn file_of_state(path: impl AsRef<Path>) -> Option<std::path::PathBuf> {
+        let path = path.as_ref();
+        let name = path.file_name()?.to_str()?;
+        let file = path.with_file_name(name.strip_suffix(".state")?);
+        (file.is_file() && Self::state_path(&file) == path).then_some(file)
+    }
+
     /// Whether the whole file is in the journal, every job in it was
     /// served (the caller saw [`Next::Empty`] from the inner feeder), and
     /// no last line waits for its newline.

@@ -915,7 +915,8 @@ fn a_coprocess_can_still_log_after_the_end_of_its_input() {
     herd.wait_for("last words written");
     assert!(herd.lines_with("last words lost").is_empty());
     assert!(
-        herd.lines_with("after the end of its input: SIGTERM").is_empty(),
+        herd.lines_with("after the end of its input: SIGTERM")
+            .is_empty(),
         "{}",
         herd.seen.join("\n")
     );

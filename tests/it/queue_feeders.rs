@@ -175,6 +175,106 @@ concurrency = 4
     assert_eq!(numbers, (1..=500).collect());
 }
 
+/// `taskherd queue ARGS...`: (success, stdout and stderr).
+fn queue_cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(taskherd_bin())
+        .arg("queue")
+        .args(args)
+        .output()
+        .expect("taskherd queue");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_queue_commands_on_a_jsonl_feeder_s_queue() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jsonl = dir.path().join("jobs.jsonl");
+    let state = dir.path().join("jobs.jsonl.state");
+    let done = dir.path().join("done.log");
+    let fixed = dir.path().join("fixed");
+    std::fs::write(&jsonl, "\"a\"\n\"bad\"\n\"c\"\n").expect("write jobs");
+    // "bad" is dead (exit 65) until the file `fixed` exists.
+    let script = dir.path().join("job.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "read job\nif [ \"$job\" = '\"bad\"' ] && [ ! -e {fixed:?} ]; then exit 65; fi\n\
+             printf '%s\\n' \"$job\" >> {done:?}\n",
+            fixed = fixed.display().to_string(),
+            done = done.display().to_string()
+        ),
+    )
+    .expect("write the job script");
+    let config = format!(
+        r#"
+[[group]]
+name = "lines"
+command = "sh"
+args = [{script:?}]
+
+[group.feeder]
+jsonl = {jsonl:?}
+
+[group.consumer]
+run = "exec"
+
+[group.local]
+instances = 1
+concurrency = 2
+"#,
+        script = script.display().to_string(),
+        jsonl = jsonl.display().to_string(),
+    );
+    let mut herd = Herd::new(&config);
+    herd.start();
+    let status = herd.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a dead line fails the run: {}",
+        herd.seen.join("\n")
+    );
+    herd.assert_no_leftovers();
+    let jsonl_arg = jsonl.display().to_string();
+    let state_arg = state.display().to_string();
+    // Jobs go into the file, not into its state: refused, said why.
+    for target in [&jsonl_arg, &state_arg] {
+        let (ok, text) = queue_cli(&["add", target, "\"x\""]);
+        assert!(!ok, "queue add {target} worked: {text}");
+        assert!(text.contains("append the jobs to that file"), "{text}");
+    }
+    assert!(!dir.path().join("jobs.jsonl.state.inbox").exists());
+    // The file or its state: the same queue.
+    for target in [&jsonl_arg, &state_arg] {
+        let (ok, text) = queue_cli(&["list", target]);
+        assert!(ok, "{text}");
+        assert!(text.contains("0 pending, 0 in the inbox, 1 dead"), "{text}");
+        assert!(text.contains("\"bad\""), "{text}");
+    }
+    std::fs::write(&fixed, "").expect("fix");
+    let (ok, text) = queue_cli(&["requeue-dead", &jsonl_arg]);
+    assert!(ok && text.contains("1 job put back"), "{text}");
+    let (ok, text) = queue_cli(&["compact", &state_arg]);
+    assert!(ok && text.contains("1 pending, 0 dead"), "{text}");
+    // The next run serves the line put back, and no other line again.
+    let mut herd = Herd::new(&config);
+    herd.start();
+    let status = herd.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", herd.seen.join("\n"));
+    herd.assert_no_leftovers();
+    let counts = done_counts(&done);
+    let expected: BTreeMap<String, usize> = [("\"a\"", 1), ("\"bad\"", 1), ("\"c\"", 1)]
+        .into_iter()
+        .map(|(job, n)| (job.to_string(), n))
+        .collect();
+    assert_eq!(counts, expected);
+}
+
 #[test]
 fn feeder_source_config_errors() {
     let (code, text, path, _dir) = check(

@@ -670,13 +670,13 @@ pub(crate) fn lines_file(file: &Path, state: &Path, mark: (u64, u64)) -> Result<
     let (generation, taken) = mark;
     let restore = || {
         format!(
-            "put the file taken in back, or remove {} to serve the new one from its start              (lines done before would run again)",
+            "put the file taken in back, or remove {} to serve the new one from its start (lines done before would run again)",
             state.display()
         )
     };
     if generation != 0 && meta.ino() != generation {
         return Err(problem(format!(
-            "replaced by another file since {taken} bytes of it were taken in (inode {} then,              {} now): {}",
+            "replaced by another file since {taken} bytes of it were taken in (inode {} then, {} now): {}",
             generation,
             meta.ino(),
             restore()
@@ -684,7 +684,7 @@ pub(crate) fn lines_file(file: &Path, state: &Path, mark: (u64, u64)) -> Result<
     }
     if meta.len() < taken {
         return Err(problem(format!(
-            "{} bytes long, but {taken} bytes of it were taken in already (cut shorter or              rewritten): {}",
+            "{} bytes long, but {taken} bytes of it were taken in already (cut shorter or rewritten): {}",
             meta.len(),
             restore()
         )));
