@@ -790,7 +790,10 @@ if wants exec; then
             || die "$what: the feeder's last count is not $n done, none failed, retried or dead: ${last:-no progress line}"
         [ "$(queue_counts "$q")" = "0 0 0" ] || die "$what: the queue is not empty after the run: $("$taskherd" queue list "$q" | head -5)"
     }
-    # The herd of the exec rows: `true` once per job.
+    # The herd of the exec rows: `true` once per job, 4 consumers x 8, the
+    # `[group.feeder]` source line $2: a file queue, or the command feeder
+    # (`seq 1 N`; the run then ends by itself once every job is done, as
+    # parallel and xargs do).
     exec_herd() {
         cat >"$1" <<TOML
 [master]
@@ -799,36 +802,13 @@ stop_grace = "10s"
 name = "exec"
 command = "true"
 [group.feeder]
-file = "$2"
+$2
 bind = "127.0.0.1:0"
 [group.consumer]
 run = "exec"
 [group.queue]
 credits = $exec_credits
 progress_every = "100ms"
-[group.local]
-instances = 4
-concurrency = 8
-TOML
-    }
-    # The herd of the end-to-end exec row: the same consumers fed by the
-    # built-in command feeder (`seq 1 N`); the run ends by itself once
-    # every job is done, as parallel and xargs do.
-    exec_command_herd() {
-        cat >"$1" <<TOML
-[master]
-stop_grace = "10s"
-[[group]]
-name = "exec"
-command = "true"
-[group.feeder]
-command = "seq"
-args = ["1", "$exec_jobs"]
-bind = "127.0.0.1:0"
-[group.consumer]
-run = "exec"
-[group.queue]
-credits = $exec_credits
 [group.local]
 instances = 4
 concurrency = 8
@@ -879,13 +859,14 @@ TOML
     for run in $(seq "$runs"); do
         q=$work/exec-$run/jobs.queue
         mkdir "$work/exec-$run"
-        exec_command_herd "$work/exec-$run/command.toml"
+        exec_herd "$work/exec-$run/command.toml" "command = \"seq\"
+args = [\"1\", \"$exec_jobs\"]"
         timed_tool "taskherd run (command feeder seq 1 $exec_jobs)" \
             "${marked[@]}" timeout -k 5 "$exec_timeout" "$taskherd" run "$work/exec-$run/command.toml"
         cmd_ms=$tool_ms
         grep -q "feeder server stopped finished=true done=$exec_jobs dead=0 unfinished=0" "$work/step.out" \
             || die "exec (command feeder): not every one of the $exec_jobs jobs done: $(grep 'feeder server stopped' "$work/step.out" || tail -3 "$work/step.out")"
-        exec_herd "$work/exec-$run/herd.toml" "$q"
+        exec_herd "$work/exec-$run/herd.toml" "file = \"$q\""
         fill_queue "$q" "$exec_jobs"
         herd_until_done "exec herd" "$work/exec-$run/herd.toml" "$q" "$exec_jobs" "$work/exec-$run/run.log"
         th_ms=$herd_ms

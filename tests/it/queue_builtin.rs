@@ -4,10 +4,9 @@
 //! consumers; and the config errors of `[group.feeder] file` and
 //! `[group.consumer] run`.
 
-use crate::support::{check, taskherd_bin, Herd};
+use crate::support::{check, queue_add, queue_on, taskherd_bin, Herd};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn queue_worker() -> String {
@@ -17,27 +16,11 @@ fn queue_worker() -> String {
         .to_string()
 }
 
-/// `taskherd queue ARGS FILE EXTRA...`, checked; its stdout.
-fn queue(args: &[&str], file: &Path, extra: &[String]) -> String {
-    let out = Command::new(taskherd_bin())
-        .arg("queue")
-        .args(args)
-        .arg(file)
-        .args(extra)
-        .output()
-        .expect("taskherd queue");
-    assert!(
-        out.status.success(),
-        "queue {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Adds the jobs `numbers` to the queue at `file`.
 fn add(file: &Path, numbers: std::ops::RangeInclusive<u64>) {
     let numbers: Vec<String> = numbers.map(|n| n.to_string()).collect();
-    queue(&["add"], file, &numbers);
+    let numbers: Vec<&str> = numbers.iter().map(String::as_str).collect();
+    queue_add(file, &numbers);
 }
 
 /// How many times each job was reported done.
@@ -77,7 +60,7 @@ fn wait_done(herd: &mut Herd, n: usize) {
 /// `queue list --json`: (pending, in the inbox, dead).
 fn counts(file: &Path) -> (u64, u64, usize) {
     let report: serde_json::Value =
-        serde_json::from_str(&queue(&["list", "--json"], file, &[])).expect("JSON");
+        serde_json::from_str(&queue_on(&["list", "--json"], file)).expect("JSON");
     (
         report["pending"].as_u64().expect("pending"),
         report["inbox"].as_u64().expect("inbox"),

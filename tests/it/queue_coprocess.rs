@@ -2,7 +2,7 @@
 //! binary starts a Python program once per consumer instance and speaks
 //! JSON lines with it; jobs from the built-in file feeder.
 
-use crate::support::{taskherd_bin, Herd, WAIT};
+use crate::support::{queue_add, queue_list, taskherd_bin, Herd, WAIT};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -153,36 +153,6 @@ concurrency = {concurrency}
     fn done_file(&self) -> PathBuf {
         self.dir.path().join("done")
     }
-}
-
-/// `taskherd queue add` of each job (JSON texts).
-fn queue_add(queue: &Path, jobs: &[&str]) {
-    let out = Command::new(taskherd_bin())
-        .args(["queue", "add"])
-        .arg(queue)
-        .args(jobs)
-        .output()
-        .expect("taskherd queue add");
-    assert!(
-        out.status.success(),
-        "queue add: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `taskherd queue list --json` (once the herd has stopped).
-fn queue_list(queue: &Path) -> serde_json::Value {
-    let out = Command::new(taskherd_bin())
-        .args(["queue", "list", "--json"])
-        .arg(queue)
-        .output()
-        .expect("taskherd queue list");
-    assert!(
-        out.status.success(),
-        "queue list: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
 /// Stops the herd cleanly and checks that nothing it started is left.

@@ -2,7 +2,7 @@
 //! intake, a million pending jobs, a feeder (and a master) killed while
 //! consumers run, a job that kills its feeder every time.
 
-use crate::support::{taskherd_bin, Herd};
+use crate::support::{queue_on, taskherd_bin, Herd};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write as _;
 use std::path::Path;
@@ -16,26 +16,10 @@ fn queue_worker() -> String {
         .to_string()
 }
 
-/// `taskherd queue ARGS FILE`, checked.
-fn queue(args: &[&str], file: &Path) -> String {
-    let out = Command::new(taskherd_bin())
-        .arg("queue")
-        .args(args)
-        .arg(file)
-        .output()
-        .expect("taskherd queue");
-    assert!(
-        out.status.success(),
-        "queue {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The pending jobs' payloads (numbers), and the dead count.
 fn pending_numbers(file: &Path) -> (Vec<u64>, usize) {
     let report: serde_json::Value =
-        serde_json::from_str(&queue(&["list", "--json", "--jobs"], file)).expect("JSON");
+        serde_json::from_str(&queue_on(&["list", "--json", "--jobs"], file)).expect("JSON");
     let jobs = report["jobs"]
         .as_array()
         .expect("jobs")
@@ -128,7 +112,7 @@ fn intake_is_exactly_once_whatever_is_killed_when() {
         kill_after(list, Duration::from_millis(rng.below(5)));
     }
     // Take in what is left, then look.
-    queue(&["compact"], &file);
+    queue_on(&["compact"], &file);
     let (pending, dead) = pending_numbers(&file);
     assert_eq!(dead, 0);
     let mut seen = BTreeMap::new();
@@ -368,7 +352,7 @@ fn a_job_that_kills_its_feeder_every_time_ends_dead_after_max_attempts() {
     let kills = herd.lines_with("poison 7: killing the feeder").len();
     assert_eq!(kills, 3, "the feeder died once per attempt");
     let report: serde_json::Value =
-        serde_json::from_str(&queue(&["list", "--json"], &file)).expect("JSON");
+        serde_json::from_str(&queue_on(&["list", "--json"], &file)).expect("JSON");
     assert_eq!(report["pending"], 0, "{report}");
     let dead = report["dead"].as_array().expect("dead");
     assert_eq!(dead.len(), 1, "{report}");
@@ -421,7 +405,7 @@ fn a_million_pending_jobs_serve_at_once_and_no_liveness_kill() {
         assert!(killed.is_empty(), "round {round}: {killed:?}");
     }
     let report: serde_json::Value =
-        serde_json::from_str(&queue(&["list", "--json"], &file)).expect("JSON");
+        serde_json::from_str(&queue_on(&["list", "--json"], &file)).expect("JSON");
     let left =
         report["pending"].as_u64().expect("pending") + report["inbox"].as_u64().expect("inbox");
     assert!(left > 0 && left < total, "{report}");
@@ -471,7 +455,7 @@ fn a_feeder_killed_during_its_intake_takes_every_job_in_once() {
     assert_eq!(herd.wait_exit().code(), Some(0));
     herd.assert_no_leftovers();
 
-    queue(&["compact"], &file);
+    queue_on(&["compact"], &file);
     let (pending, dead) = pending_numbers(&file);
     assert_eq!(dead, 0);
     let mut seen = BTreeSet::new();

@@ -3,7 +3,7 @@
 //! outcomes from exit statuses, output tagged with the job id, jobs past
 //! their lease killed with their whole process group.
 
-use crate::support::{taskherd_bin, Herd, WAIT};
+use crate::support::{queue_add, queue_list, taskherd_bin, Herd, WAIT};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -33,33 +33,12 @@ impl Setup {
 
     /// `taskherd queue add` of each job (JSON texts).
     fn add(&self, jobs: &[&str]) {
-        let out = Command::new(taskherd_bin())
-            .args(["queue", "add"])
-            .arg(self.queue())
-            .args(jobs)
-            .output()
-            .expect("taskherd queue add");
-        assert!(
-            out.status.success(),
-            "queue add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        queue_add(&self.queue(), jobs);
     }
 
-    /// `taskherd queue list --json` (once the herd has stopped: the
-    /// feeder owns the journal while it runs).
+    /// `taskherd queue list --json`.
     fn list(&self) -> serde_json::Value {
-        let out = Command::new(taskherd_bin())
-            .args(["queue", "list", "--json"])
-            .arg(self.queue())
-            .output()
-            .expect("taskherd queue list");
-        assert!(
-            out.status.success(),
-            "queue list: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("JSON")
+        queue_list(&self.queue())
     }
 
     /// A herd with one exec queue group: `command` and `args` (a TOML

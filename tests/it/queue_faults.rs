@@ -8,7 +8,7 @@
 //! (or when the mount fails, in a container without the capability) they
 //! say why on stderr and pass without checking anything.
 
-use crate::support::{taskherd_bin, Herd};
+use crate::support::{queue_list, queue_ok, taskherd_bin, Herd};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io::Write as _;
@@ -148,17 +148,6 @@ fn taskherd_queue<S: AsRef<OsStr>>(args: &[S], stdin: Option<Vec<u8>>) -> Output
     out
 }
 
-/// `taskherd queue ARGS`, which must succeed; its stdout.
-fn queue_ok<S: AsRef<OsStr> + std::fmt::Debug>(args: &[S]) -> String {
-    let out = taskherd_queue(args, None);
-    assert!(
-        out.status.success(),
-        "queue {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `taskherd queue ARGS`, which must fail; its stderr.
 fn queue_err<S: AsRef<OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     let out = taskherd_queue(args, None);
@@ -168,17 +157,6 @@ fn queue_err<S: AsRef<OsStr> + std::fmt::Debug>(args: &[S]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// `taskherd queue list --json --jobs FILE`.
-fn list(file: &Path) -> serde_json::Value {
-    let args = [
-        OsStr::new("list"),
-        OsStr::new("--json"),
-        OsStr::new("--jobs"),
-        file.as_os_str(),
-    ];
-    serde_json::from_str(&queue_ok(&args)).expect("queue list --json prints JSON")
 }
 
 /// The payloads of the pending jobs of a `list` report, in serving order.
@@ -248,7 +226,7 @@ fn queue_add_on_a_full_disk_fails_and_adds_nothing() {
         "the inbox was cut back"
     );
     assert_eq!(std::fs::read(&file).expect("the journal"), journal_before);
-    let report = list(&file);
+    let report = queue_list(&file);
     assert_eq!(report["pending"], 5, "{report}");
     assert_eq!(report["inbox"], 3, "{report}");
     assert_eq!(report["dead"].as_array().map(Vec::len), Some(0), "{report}");
@@ -258,7 +236,7 @@ fn queue_add_on_a_full_disk_fails_and_adds_nothing() {
     std::fs::remove_file(&filler).expect("remove the filler");
     let compacted = queue_ok(&[OsStr::new("compact"), file.as_os_str()]);
     assert!(compacted.contains("took 3 jobs in"), "{compacted}");
-    let report = list(&file);
+    let report = queue_list(&file);
     assert_eq!(report["inbox"], 0, "{report}");
     assert_eq!(report["dead"].as_array().map(Vec::len), Some(0), "{report}");
     assert_eq!(
@@ -410,7 +388,7 @@ concurrency = 4
         .map(|(&n, _)| n)
         .collect();
     assert!(doubles.len() <= 16, "done more than once: {doubles:?}");
-    let report = list(&file);
+    let report = queue_list(&file);
     assert_eq!(report["pending"], 0, "{report}");
     assert_eq!(report["inbox"], 0, "{report}");
     assert_eq!(report["dead"].as_array().map(Vec::len), Some(0), "{report}");
@@ -523,7 +501,7 @@ fn damaged_files_get_a_clear_error() {
     }
     // Sound again, it opens.
     std::fs::write(&file, &sound).expect("restore the journal");
-    assert_eq!(list(&file)["pending"], 25_000);
+    assert_eq!(queue_list(&file)["pending"], 25_000);
 
     // A file that is not a journal at all.
     let hello = dir.path().join("hello");
@@ -549,7 +527,7 @@ fn damaged_files_get_a_clear_error() {
     queue_ok(&[OsStr::new("add"), file.as_os_str(), "3".as_ref()]);
     let compacted = queue_ok(&[OsStr::new("compact"), file.as_os_str()]);
     assert!(compacted.contains("took 3 jobs in"), "{compacted}");
-    let report = list(&file);
+    let report = queue_list(&file);
     assert_eq!(
         pending_jobs(&report),
         [

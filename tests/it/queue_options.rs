@@ -2,9 +2,9 @@
 //! `--priority`, `--delay`, `--unique` and `--retry`, served by the
 //! built-in file feeder to an exec consumer that records what it sees.
 
-use crate::support::{taskherd_bin, Herd};
+use crate::support::{queue_list, queue_ok, Herd};
+use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A temp dir with the queue, the job script and the record it writes.
@@ -29,18 +29,12 @@ impl Setup {
 
     /// `taskherd queue add` with `flags`, then the jobs.
     fn add(&self, flags: &[&str], jobs: &[&str]) {
-        let out = Command::new(taskherd_bin())
-            .args(["queue", "add"])
-            .args(flags)
-            .arg(self.queue())
-            .args(jobs)
-            .output()
-            .expect("taskherd queue add");
-        assert!(
-            out.status.success(),
-            "queue add {flags:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let queue = self.queue();
+        let mut args = vec![OsStr::new("add")];
+        args.extend(flags.iter().map(OsStr::new));
+        args.push(queue.as_os_str());
+        args.extend(jobs.iter().map(OsStr::new));
+        queue_ok(&args);
     }
 
     /// One consumer running one job at a time: the script appends `JOB
@@ -219,12 +213,7 @@ fn a_job_retried_every_interval_until_a_time_then_dead() {
         last + 500 + 300 > until,
         "gave up early: last {last}, until {until}"
     );
-    let out = Command::new(taskherd_bin())
-        .args(["queue", "list", "--json"])
-        .arg(setup.queue())
-        .output()
-        .expect("taskherd queue list");
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let list = queue_list(&setup.queue());
     assert_eq!(list["dead"].as_array().map(Vec::len), Some(1), "{list}");
     assert_eq!(list["pending"], 0, "{list}");
 }
@@ -239,23 +228,9 @@ fn queue_list_shows_each_pending_job_s_options() {
     );
     setup.add(&[], &["\"b\""]);
     // `compact` takes the inbox in (a feeder would too).
-    let queue = |args: &[&str]| {
-        let out = Command::new(taskherd_bin())
-            .arg("queue")
-            .args(args)
-            .arg(setup.queue())
-            .output()
-            .expect("taskherd queue");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    queue(&["compact"]);
-    let list: serde_json::Value =
-        serde_json::from_str(&queue(&["list", "--jobs", "--json"])).expect("JSON");
+    let queue = |command: &str| queue_ok(&[OsStr::new(command), setup.queue().as_os_str()]);
+    queue("compact");
+    let list = queue_list(&setup.queue());
     let jobs = list["jobs"].as_array().expect("jobs");
     // Due first: "b"; then "a", an hour away.
     assert_eq!(jobs.len(), 2, "{list}");
@@ -270,6 +245,10 @@ fn queue_list_shows_each_pending_job_s_options() {
         at >= added_at + 3_600_000 && at < now_ms() + 3_600_000 + 1,
         "{list}"
     );
-    let text = queue(&["list", "--jobs"]);
+    let text = queue_ok(&[
+        OsStr::new("list"),
+        OsStr::new("--jobs"),
+        setup.queue().as_os_str(),
+    ]);
     assert!(text.contains("options {"), "{text}");
 }

@@ -3,10 +3,9 @@
 //! (`fail_on_dead`), through the real binary with exec consumers and with
 //! the `queue_worker` library consumer.
 
-use crate::support::{taskherd_bin, Herd};
+use crate::support::{queue_add, Herd};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 
 /// A temp dir with the job script and the queue file.
 struct Setup {
@@ -42,17 +41,7 @@ impl Setup {
 
     /// `taskherd queue add` of each job (JSON texts).
     fn add(&self, jobs: &[&str]) {
-        let out = Command::new(taskherd_bin())
-            .args(["queue", "add"])
-            .arg(self.queue())
-            .args(jobs)
-            .output()
-            .expect("taskherd queue add");
-        assert!(
-            out.status.success(),
-            "queue add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        queue_add(&self.queue(), jobs);
     }
 
     /// A herd of one exec queue group on the script, with the joblog,

@@ -19,6 +19,52 @@ pub fn taskherd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_taskherd"))
 }
 
+/// `taskherd queue ARGS...` (the path of the queue among them), checked:
+/// it must exit 0; its stdout.
+pub fn queue_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = Command::new(taskherd_bin())
+        .arg("queue")
+        .args(args)
+        .output()
+        .expect("taskherd queue");
+    let shown: Vec<_> = args
+        .iter()
+        .map(|arg| arg.as_ref().to_string_lossy())
+        .collect();
+    assert!(
+        out.status.success(),
+        "taskherd queue {shown:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `taskherd queue ARGS... FILE`, checked; its stdout.
+pub fn queue_on(args: &[&str], file: &std::path::Path) -> String {
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    all.push(file.as_os_str());
+    queue_ok(&all)
+}
+
+/// `taskherd queue add FILE JOBS...` (JSON texts), checked.
+pub fn queue_add(file: &std::path::Path, jobs: &[&str]) {
+    let mut args = vec![std::ffi::OsStr::new("add"), file.as_os_str()];
+    args.extend(jobs.iter().map(std::ffi::OsStr::new));
+    queue_ok(&args);
+}
+
+/// `taskherd queue list --json --jobs FILE`: the report (read-only, also
+/// while a feeder serves the queue).
+pub fn queue_list(file: &std::path::Path) -> serde_json::Value {
+    let args = [
+        std::ffi::OsStr::new("list"),
+        std::ffi::OsStr::new("--json"),
+        std::ffi::OsStr::new("--jobs"),
+        file.as_os_str(),
+    ];
+    serde_json::from_str(&queue_ok(&args)).expect("queue list --json prints JSON")
+}
+
 /// The `worker` example (the test slave), built by `cargo test`.
 pub fn worker_bin() -> PathBuf {
     let bin = taskherd_bin();
