@@ -19,7 +19,7 @@ use crate::protocol::{Connection, PROTOCOL_VERSION};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use openssh::{Session, Stdio};
+use openssh::Session;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -335,41 +335,27 @@ impl HostRun<'_> {
 
     async fn serve(&mut self, session: &Session) -> HostOutcome {
         let label = self.plan.host.label.clone();
-        let agent_path = match ssh::install_agent(
+        let ssh::RunningAgent {
+            child,
+            stdin,
+            stdout,
+            stderr,
+            path: agent_path,
+            uploaded,
+        } = match ssh::start_agent(
             session,
             &self.settings.agent_dir,
             self.settings.agent_path.as_deref(),
         )
         .await
         {
-            Ok(installed) => {
-                if installed.uploaded {
-                    let message = format!("host {label}: uploaded the agent to {}", installed.path);
-                    self.sink.master_event(Level::Info, message).await;
-                }
-                installed.path
-            }
+            Ok(running) => running,
             Err(err) => return HostOutcome::Lost(err.to_string()),
         };
-        let mut child = match session
-            .command(&agent_path)
-            .arg("agent")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .await
-        {
-            Ok(child) => child,
-            Err(err) => return HostOutcome::Lost(format!("cannot start the agent: {err}")),
-        };
-        let (Some(stdin), Some(stdout), Some(stderr)) = (
-            child.stdin().take(),
-            child.stdout().take(),
-            child.stderr().take(),
-        ) else {
-            return HostOutcome::Lost("agent started without pipes".into());
-        };
+        if uploaded {
+            let message = format!("host {label}: uploaded the agent to {agent_path}");
+            self.sink.master_event(Level::Info, message).await;
+        }
         tokio::spawn(relay_agent_stderr(stderr, label.clone(), self.sink.clone()));
 
         let (to_agent_tx, to_agent_rx) = mpsc::unbounded_channel();
@@ -472,7 +458,9 @@ impl HostRun<'_> {
 
     async fn relay(
         &mut self,
-        from_agent: &mut Connection<tokio::io::Join<openssh::ChildStdout, tokio::io::Empty>>,
+        from_agent: &mut Connection<
+            tokio::io::Join<tokio::io::BufReader<openssh::ChildStdout>, tokio::io::Empty>,
+        >,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
         mut held: Held,
     ) -> HostOutcome {

@@ -10,7 +10,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
 /// How long an idle ControlMaster survives the master (it has no other
 /// user): long enough to reconnect the agent, short enough not to linger.
@@ -175,33 +175,72 @@ pub fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// Where the agent is on a host, and whether it was just uploaded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InstalledAgent {
+/// The line the start command prints just before it execs the agent:
+/// what comes after it on stdout are the agent's frames.
+const AGENT_STARTS: &str = "taskherd-agent-starts";
+
+/// The line the start command prints when the agent is not on the host,
+/// followed by `uname -s` and `uname -m`.
+const AGENT_MISSING: &str = "taskherd-agent-missing";
+
+/// Bytes a login may print on stdout (its rc files' chatter) before the
+/// start command's own line; more is taken for a broken login.
+const MAX_LOGIN_NOISE: usize = 64 * 1024;
+
+/// How long the start command may take to say whether the agent starts
+/// (a login's rc files run first).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The agent running on a host, its stdio ready for the agent protocol.
+#[derive(Debug)]
+pub struct RunningAgent<'s> {
+    /// The remote command (the agent, after its shell's `exec`).
+    pub child: openssh::Child<&'s Session>,
+    /// The agent's stdin: frames to the agent.
+    pub stdin: openssh::ChildStdin,
+    /// The agent's stdout, past the start line: frames from the agent.
+    pub stdout: BufReader<openssh::ChildStdout>,
+    /// The agent's stderr: its own log lines and the login's chatter.
+    pub stderr: openssh::ChildStderr,
     /// Remote path of the `taskherd` executable.
     pub path: String,
-    /// `true` when this call uploaded it.
+    /// `true` when it was uploaded to start it.
     pub uploaded: bool,
 }
 
-/// Makes sure the host has an agent of exactly this build and says where:
-/// an `agent_path` is used as is; otherwise the agent lives
-/// in `agent_dir` as `taskherd-<version>-<hash>` and is uploaded (and its
-/// hash checked) when missing, if the host's OS and architecture match.
+/// Starts the agent on the host in **one remote command** when it is
+/// there (each command pays the login's shell rc files): a short script
+/// starts the agent of exactly this build if the host has it, else says
+/// what the host is; then, if the OS and architecture match, **one more
+/// command** uploads it and starts it, the executable and then the agent
+/// protocol on the same stdin. An `agent_path` is started as is. The
+/// agent lives in `agent_dir` as `taskherd-<version>-<hash>`; an upload
+/// is written under a temporary name, checked (size, and SHA-256 where
+/// `sha256sum` exists) and renamed.
+///
+/// Lines the login prints on stdout before the script's own (rc files
+/// that echo) are skipped, up to 64 KiB.
 ///
 /// # Errors
 /// [`RemoteError::Platform`] on a mismatch, [`RemoteError::Command`] when
-/// the check or the upload fails.
-pub async fn install_agent(
-    session: &Session,
+/// a command fails or says something unexpected (with its stderr),
+/// [`RemoteError::OwnExecutable`] when our executable cannot be read.
+pub async fn start_agent<'s>(
+    session: &'s Session,
     agent_dir: &str,
     agent_path: Option<&str>,
-) -> Result<InstalledAgent, RemoteError> {
+) -> Result<RunningAgent<'s>, RemoteError> {
     if let Some(path) = agent_path {
-        return Ok(InstalledAgent {
-            path: path.to_string(),
-            uploaded: false,
-        });
+        let script = format!(
+            "f={f}; if [ -x \"$f\" ]; then echo {AGENT_STARTS}; exec \"$f\" agent; fi; \
+             echo \"master.agent_path $f is not an executable file on this host\" >&2; exit 127",
+            f = shell_quote(path)
+        );
+        let mut started = Started::spawn(session, script, "cannot start the agent").await?;
+        return match started.first_line().await? {
+            Some(line) if line == AGENT_STARTS => Ok(started.running(path.to_string(), false)),
+            line => Err(started.unexpected(line).await),
+        };
     }
     let own = own_executable().await?;
     let dir = agent_dir.strip_prefix("~/").unwrap_or(agent_dir);
@@ -210,41 +249,20 @@ pub async fn install_agent(
         env!("CARGO_PKG_VERSION"),
         &own.sha256[..16]
     );
-    let probe = format!(
-        "if [ -x {f} ]; then echo present; else echo missing; uname -s; uname -m; fi",
+    let script = format!(
+        "f={f}; if [ -x \"$f\" ]; then echo {AGENT_STARTS}; exec \"$f\" agent; fi; \
+         echo {AGENT_MISSING}; uname -s; uname -m",
         f = shell_quote(&file)
     );
-    let output = session
-        .shell(probe)
-        .output()
-        .await
-        .map_err(|err| RemoteError::Command {
-            what: "cannot look for the agent",
-            detail: err.to_string(),
-        })?;
-    let answer = String::from_utf8_lossy(&output.stdout);
-    let mut lines = answer.lines();
-    match lines.next() {
-        Some("present") => {
-            return Ok(InstalledAgent {
-                path: file,
-                uploaded: false,
-            })
-        }
-        Some("missing") => {}
-        _ => {
-            return Err(RemoteError::Command {
-                what: "cannot look for the agent",
-                detail: format!(
-                    "unexpected answer {:?} ({})",
-                    answer.trim(),
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ),
-            })
-        }
+    let mut probe = Started::spawn(session, script, "cannot look for the agent").await?;
+    match probe.first_line().await? {
+        Some(line) if line == AGENT_STARTS => return Ok(probe.running(file, false)),
+        Some(line) if line == AGENT_MISSING => {}
+        line => return Err(probe.unexpected(line).await),
     }
-    let remote_os = lines.next().unwrap_or_default().trim().to_lowercase();
-    let remote_arch = lines.next().unwrap_or_default().trim().to_string();
+    let remote_os = probe.next_line().await.to_lowercase();
+    let remote_arch = probe.next_line().await;
+    let _ = tokio::time::timeout(START_TIMEOUT, probe.child.wait()).await;
     let arch_matches = remote_arch == std::env::consts::ARCH
         || (std::env::consts::ARCH == "aarch64" && remote_arch == "arm64");
     if remote_os != std::env::consts::OS || !arch_matches {
@@ -254,74 +272,199 @@ pub async fn install_agent(
             version: env!("CARGO_PKG_VERSION"),
         });
     }
-    upload(session, own, dir, &file).await?;
-    Ok(InstalledAgent {
-        path: file,
-        uploaded: true,
-    })
+    upload_and_start(session, own, dir, &file).await
 }
 
-async fn upload(
-    session: &Session,
+/// Uploads our executable as `file` and starts it as the agent, in one
+/// command: exactly its size is read off stdin (`head -c`, which reads no
+/// further), and what follows on stdin is the agent protocol.
+async fn upload_and_start<'s>(
+    session: &'s Session,
     own: &OwnExecutable,
     dir: &str,
     file: &str,
-) -> Result<(), RemoteError> {
+) -> Result<RunningAgent<'s>, RemoteError> {
+    let own_error = |source| RemoteError::OwnExecutable {
+        path: own.path.clone(),
+        source,
+    };
+    let mut local = tokio::fs::File::open(&own.path).await.map_err(own_error)?;
+    let size = local.metadata().await.map_err(own_error)?.len();
     // Written under a temporary name and renamed: a concurrent master or an
     // interrupted upload never leaves a half file under the final name.
     let script = format!(
-        "set -e; umask 077; mkdir -p {dir}; t={file}.part.$$; cat > \"$t\"; chmod 700 \"$t\"; \
+        "set -e; umask 077; mkdir -p {dir}; t={file}.part.$$; head -c {size} > \"$t\"; \
+         if [ \"$(wc -c < \"$t\")\" -ne {size} ]; then rm -f \"$t\"; echo \"short upload\" >&2; exit 3; fi; \
+         chmod 700 \"$t\"; \
          if command -v sha256sum >/dev/null 2>&1; then \
            h=$(sha256sum \"$t\" | cut -d' ' -f1); \
            if [ \"$h\" != {hash} ]; then rm -f \"$t\"; echo \"hash mismatch: $h\" >&2; exit 3; fi; \
-         fi; mv -f \"$t\" {file}",
+         fi; mv -f \"$t\" {file}; echo {AGENT_STARTS}; exec {file} agent",
         dir = shell_quote(dir),
         file = shell_quote(file),
         hash = shell_quote(&own.sha256),
     );
-    let upload_failed = |detail: String| RemoteError::Command {
-        what: "cannot upload the agent",
-        detail,
-    };
-    let mut child = session
-        .shell(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+    let mut started = Started::spawn(session, script, "cannot upload the agent").await?;
+    let copied = tokio::io::copy(&mut (&mut local).take(size), &mut started.stdin).await;
+    if let Err(err) = copied.and_then(|n| {
+        if n == size {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("{n} of {size} bytes sent")))
+        }
+    }) {
+        let mut failed = started.unexpected(None).await;
+        if let RemoteError::Command { detail, .. } = &mut failed {
+            *detail = format!("{err}; {detail}");
+        }
+        return Err(failed);
+    }
+    started
+        .stdin
+        .flush()
         .await
-        .map_err(|err| upload_failed(err.to_string()))?;
-    let mut stdin = child
-        .stdin()
-        .take()
-        .ok_or_else(|| upload_failed("no stdin".into()))?;
-    let mut local =
-        tokio::fs::File::open(&own.path)
+        .map_err(|err| RemoteError::Command {
+            what: started.what,
+            detail: err.to_string(),
+        })?;
+    match started.first_line().await? {
+        Some(line) if line == AGENT_STARTS => Ok(started.running(file.to_string(), true)),
+        line => Err(started.unexpected(line).await),
+    }
+}
+
+/// A start command running, its stdio piped.
+struct Started<'s> {
+    /// What it does, for errors.
+    what: &'static str,
+    child: openssh::Child<&'s Session>,
+    stdin: openssh::ChildStdin,
+    stdout: BufReader<openssh::ChildStdout>,
+    stderr: openssh::ChildStderr,
+}
+
+impl<'s> Started<'s> {
+    /// Runs `script` through the login's shell.
+    async fn spawn(
+        session: &'s Session,
+        script: String,
+        what: &'static str,
+    ) -> Result<Started<'s>, RemoteError> {
+        let failed = |detail: String| RemoteError::Command { what, detail };
+        let mut child = session
+            .shell(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .await
-            .map_err(|source| RemoteError::OwnExecutable {
-                path: own.path.clone(),
-                source,
-            })?;
-    tokio::io::copy(&mut local, &mut stdin)
-        .await
-        .map_err(|err| upload_failed(err.to_string()))?;
-    stdin
-        .shutdown()
-        .await
-        .map_err(|err| upload_failed(err.to_string()))?;
-    drop(stdin);
-    let output = child
-        .wait_with_output()
-        .await
-        .map_err(|err| upload_failed(err.to_string()))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(upload_failed(format!(
-            "{} ({})",
-            String::from_utf8_lossy(&output.stderr).trim(),
-            output.status
-        )))
+            .map_err(|err| failed(err.to_string()))?;
+        let (Some(stdin), Some(stdout), Some(stderr)) = (
+            child.stdin().take(),
+            child.stdout().take(),
+            child.stderr().take(),
+        ) else {
+            return Err(failed("started without pipes".into()));
+        };
+        Ok(Started {
+            what,
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+            stderr,
+        })
+    }
+
+    /// The first line of the script's own on stdout (`None` at its end),
+    /// past what the login printed first.
+    async fn first_line(&mut self) -> Result<Option<String>, RemoteError> {
+        let what = self.what;
+        let read = async {
+            let mut noise = 0usize;
+            loop {
+                let mut line = String::new();
+                match self.stdout.read_line(&mut line).await {
+                    Ok(0) => return Ok(None),
+                    Ok(n) => {
+                        let line = line.trim_end();
+                        if line == AGENT_STARTS || line == AGENT_MISSING {
+                            return Ok(Some(line.to_string()));
+                        }
+                        noise += n;
+                        if noise > MAX_LOGIN_NOISE {
+                            return Err(RemoteError::Command {
+                                what,
+                                detail: format!(
+                                    "the login printed more than {MAX_LOGIN_NOISE} bytes on stdout \
+                                     before the command's answer (last: {line:?})"
+                                ),
+                            });
+                        }
+                    }
+                    Err(err) => {
+                        return Err(RemoteError::Command {
+                            what,
+                            detail: err.to_string(),
+                        })
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(START_TIMEOUT, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RemoteError::Command {
+                    what,
+                    detail: format!("no answer within {}s", START_TIMEOUT.as_secs()),
+                })
+            })
+    }
+
+    /// The next line on stdout, trimmed (empty at the end).
+    async fn next_line(&mut self) -> String {
+        let mut line = String::new();
+        let _ = tokio::time::timeout(START_TIMEOUT, self.stdout.read_line(&mut line)).await;
+        line.trim().to_string()
+    }
+
+    /// The agent started: its stdio.
+    fn running(self, path: String, uploaded: bool) -> RunningAgent<'s> {
+        RunningAgent {
+            child: self.child,
+            stdin: self.stdin,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            path,
+            uploaded,
+        }
+    }
+
+    /// The error of a command that did not answer as expected: what it
+    /// said instead (`line`), its stderr and its exit status.
+    async fn unexpected(mut self, line: Option<String>) -> RemoteError {
+        drop(self.stdin);
+        let mut stderr = Vec::new();
+        let _ = tokio::time::timeout(
+            START_TIMEOUT,
+            (&mut self.stderr)
+                .take(MAX_LOGIN_NOISE as u64)
+                .read_to_end(&mut stderr),
+        )
+        .await;
+        let status = match tokio::time::timeout(START_TIMEOUT, self.child.wait()).await {
+            Ok(Ok(status)) => status.to_string(),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "still running".to_string(),
+        };
+        let stderr = String::from_utf8_lossy(&stderr);
+        let said = match line {
+            Some(line) => format!("unexpected answer {line:?}"),
+            None => "no answer".to_string(),
+        };
+        RemoteError::Command {
+            what: self.what,
+            detail: format!("{said} ({status}): {}", stderr.trim()),
+        }
     }
 }
 

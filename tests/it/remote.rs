@@ -3,7 +3,7 @@
 //! original suite, plus faults.
 
 use crate::support::netns::NetNs;
-use crate::support::sshd::{SshHost, SshWorld};
+use crate::support::sshd::{self, SshHost, SshWorld};
 use crate::support::{taskherd_bin, Herd};
 use std::time::{Duration, Instant};
 
@@ -304,6 +304,87 @@ fn sigkill_to_the_master_leaves_nothing_after_a_few_seconds() {
     // The agent sees its stdin close and stops everything; the idle
     // ControlMaster follows within seconds.
     assert_host_clean(&host);
+}
+
+#[test]
+fn one_remote_command_per_host_with_the_agent_cached_two_when_uploaded() {
+    if !sshd::rc_login_exists() {
+        eprintln!(
+            "skipped: no {} login here (scripts/test makes it with TASKHERD_TEST_LOGIN=1, as .ci/run does)",
+            sshd::RC_LOGIN
+        );
+        return;
+    }
+    let mut world = SshWorld::with_login(sshd::RC_LOGIN);
+    let hosts = [world.add_host(), world.add_host()];
+    let agents = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        r#"
+[master]
+agent_dir = "{dir}"
+
+[ssh]
+ssh_config = "{config}"
+
+[[group]]
+name = "far"
+command = "{{worker}}"
+[[group.remote]]
+hosts = ["{one}", "{two}"]
+instances = 2
+"#,
+        dir = agents.path().join("cache").display(),
+        config = world.ssh_config().display(),
+        one = hosts[0].alias(),
+        two = hosts[1].alias(),
+    );
+    // Each command a login runs passes through its rc file, which notes it.
+    let first_count: Vec<usize> = hosts.iter().map(sshd::rc_commands).collect();
+    let mut first = Herd::new(&config);
+    first.start();
+    first.wait_for_count("uploaded the agent to", 2);
+    assert_eq!(first.wait_exit().code(), Some(0), "{:?}", first.seen);
+    assert_eq!(
+        first.lines_with("Child clean exit").len(),
+        4,
+        "{:?}",
+        first.seen
+    );
+    // Uploaded: the look, then the upload that starts it.
+    for (host, before) in hosts.iter().zip(&first_count) {
+        assert_eq!(
+            sshd::rc_commands(host) - before,
+            2,
+            "commands on {}",
+            host.alias()
+        );
+    }
+    let mut second = Herd::new(&config);
+    second.start();
+    assert_eq!(second.wait_exit().code(), Some(0), "{:?}", second.seen);
+    assert_eq!(
+        second.lines_with("Child clean exit").len(),
+        4,
+        "{:?}",
+        second.seen
+    );
+    assert!(
+        second.lines_with("uploaded").is_empty(),
+        "{:?}",
+        second.seen
+    );
+    // Cached: one command per host.
+    for (host, before) in hosts.iter().zip(&first_count) {
+        assert_eq!(
+            sshd::rc_commands(host) - before,
+            3,
+            "commands on {}",
+            host.alias()
+        );
+    }
+    for host in &hosts {
+        assert_host_clean(host);
+    }
 }
 
 #[test]

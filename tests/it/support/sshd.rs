@@ -527,15 +527,24 @@ pub struct SshWorld {
     /// Shared with the hosts, so their files outlive the world if need be.
     dir: Arc<tempfile::TempDir>,
     hosts: Vec<HostEntry>,
+    /// The login of its sessions.
+    login: String,
 }
 
 impl SshWorld {
-    /// A new world without hosts (empty ssh_config and known_hosts).
+    /// A new world without hosts (empty ssh_config and known_hosts),
+    /// whose sessions log in as [`login_user`].
     pub fn new() -> SshWorld {
+        SshWorld::with_login(login_user())
+    }
+
+    /// A new world whose sessions log in as `login`.
+    pub fn with_login(login: &str) -> SshWorld {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir for an ssh world"));
         let world = SshWorld {
             dir,
             hosts: Vec::new(),
+            login: login.to_string(),
         };
         let public = keygen(&world.identity_file(), "taskherd-test-user");
         std::fs::write(world.authorized_keys(), format!("{public}\n"))
@@ -593,7 +602,7 @@ impl SshWorld {
                 alias = host.alias,
                 addr = host.addr,
                 port = host.port,
-                user = login_user(),
+                user = self.login,
                 identity = identity.display(),
                 known_hosts = known_hosts.display(),
             ));
@@ -674,3 +683,29 @@ pub fn login_user() -> &'static str {
 
 /// Name of the dedicated test login (see [`login_user`]).
 pub const TEST_LOGIN: &str = "taskherd-test";
+
+/// A login whose shell is bash with an rc file that costs what a real
+/// one does (0.2 s) and notes every command it runs: a line with the
+/// sshd's marker (`TASKHERD_TEST_SSHD`) in [`RC_LOGIN_LOG`]. Made by
+/// `scripts/test` with `TASKHERD_TEST_LOGIN=1`.
+pub const RC_LOGIN: &str = "taskherd-rc";
+
+/// Where [`RC_LOGIN`]'s rc file notes each command.
+pub const RC_LOGIN_LOG: &str = "/var/lib/taskherd-rc/commands.log";
+
+/// Whether [`RC_LOGIN`] exists here.
+pub fn rc_login_exists() -> bool {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .any(|line| line.starts_with(&format!("{RC_LOGIN}:")))
+}
+
+/// How many commands [`RC_LOGIN`]'s rc file has noted on `host`.
+pub fn rc_commands(host: &SshHost) -> usize {
+    std::fs::read_to_string(RC_LOGIN_LOG)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| *line == host.marker())
+        .count()
+}
