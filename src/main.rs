@@ -80,6 +80,10 @@ marked failed, 2 for a bad config or a master that could not start.")]
         /// settings, and run `true` there (at most 8 hosts at once).
         #[arg(long, conflicts_with = "config_only")]
         connect: bool,
+        /// Also print the hosts of every remote placement, host ranges
+        /// (`web[01-16]`) and inventory groups (`@web`) expanded.
+        #[arg(long)]
+        hosts: bool,
     },
     /// List the processes the pid killer watches (pid, group, deadline).
     Pids {
@@ -461,7 +465,8 @@ fn main() -> ExitCode {
             config,
             config_only,
             connect,
-        } => check(&config, config_only, connect),
+            hosts,
+        } => check(&config, config_only, connect, hosts),
         Command::Run { config, log } => run(&config, log, verbosity),
         Command::Pids { state_file, json } => pids(state_file, json),
         Command::Agent => taskherd::agent::run_stdio()
@@ -658,7 +663,12 @@ fn loaded<T>(
     }
 }
 
-fn check(path: &std::path::Path, config_only: bool, connect: bool) -> anyhow::Result<ExitCode> {
+fn check(
+    path: &std::path::Path,
+    config_only: bool,
+    connect: bool,
+    hosts: bool,
+) -> anyhow::Result<ExitCode> {
     let result = if config_only {
         Config::load(path).map(|config| Checked {
             config,
@@ -674,6 +684,9 @@ fn check(path: &std::path::Path, config_only: bool, connect: bool) -> anyhow::Re
     for note in &skipped {
         eprintln!("note: {note}");
     }
+    if hosts {
+        print_hosts(&config);
+    }
     if connect {
         let failed = check_connections(path, &config)?;
         if failed > 0 {
@@ -688,6 +701,30 @@ fn check(path: &std::path::Path, config_only: bool, connect: bool) -> anyhow::Re
         count_text(u64::from(instances), "instance")
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `check --hosts`: each remote placement's hosts, expanded.
+fn print_hosts(config: &Config) {
+    for group in &config.groups {
+        for (i, placement) in group.remote.iter().enumerate() {
+            let hosts: Vec<String> = placement
+                .hosts
+                .iter()
+                .map(|host| match &host.user {
+                    Some(user) => format!("{user}@{}", host.label),
+                    None => host.label.clone(),
+                })
+                .collect();
+            println!(
+                "{} [[group.remote]] {}: {} x {}: {}",
+                group.name,
+                i + 1,
+                count_text(hosts.len() as u64, "host"),
+                count_text(u64::from(placement.instances), "instance"),
+                hosts.join(" ")
+            );
+        }
+    }
 }
 
 /// `check --connect`: logs in to every remote host of the config (each

@@ -25,6 +25,7 @@
 //! assert_eq!(config.groups[0].instance_count(), 2);
 //! ```
 
+pub mod hosts;
 mod model;
 mod parse;
 pub mod probe;

@@ -25,7 +25,7 @@ use toml::Spanned;
 /// A TOML value with the byte range it was read from.
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["master", "log", "ssh", "group", "include"];
+const TOP_KEYS: &[&str] = &["master", "log", "ssh", "inventory", "group", "include"];
 /// Top-level keys of an included file.
 const INCLUDED_TOP_KEYS: &[&str] = &["group", "include"];
 const MASTER_KEYS: &[&str] = &[
@@ -164,6 +164,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
         probes: Vec::new(),
         home,
         uninterpolated: Vec::new(),
+        inventory: BTreeMap::new(),
     };
     let mut roots = Vec::with_capacity(sources.len());
     let mut syntax = false;
@@ -202,7 +203,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
             "an included file holds [[group]] tables (and include); \
              set it in the main config file, {main_name}"
         );
-        let hints: Vec<(&str, &str)> = ["master", "log", "ssh"]
+        let hints: Vec<(&str, &str)> = ["master", "log", "ssh", "inventory"]
             .iter()
             .map(|key| (*key, hint.as_str()))
             .collect();
@@ -212,6 +213,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
     let master = walker.master(root.get("master"));
     let log = walker.log(root.get("log"), root.get("master"));
     let ssh = walker.ssh(root.get("ssh"));
+    walker.inventory(root.get("inventory"));
     let group_values: Vec<(usize, &Value<'_>)> = roots
         .iter()
         .enumerate()
@@ -619,6 +621,9 @@ struct Walker<'t> {
     /// (source, start) of the strings whose interpolation failed: no
     /// probe for them (their error says enough).
     uninterpolated: Vec<(usize, usize)>,
+    /// `[inventory]`: the host entries (ranges expanded) of each group of
+    /// hosts, named `@name` in placements.
+    inventory: BTreeMap<String, Vec<String>>,
 }
 
 impl<'t> Walker<'t> {
@@ -2270,26 +2275,127 @@ impl<'t> Walker<'t> {
             let Some(entry) = self.string(&key, item) else {
                 continue;
             };
-            let host = match parse_host(&entry) {
-                Ok(host) => host,
-                Err(message) => {
+            let Some(entries) = self.host_entries(&entry, item.span(), &key) else {
+                continue;
+            };
+            for entry in entries {
+                let host = match parse_host(&entry) {
+                    Ok(host) => host,
+                    Err(message) => {
+                        self.error(item.span(), &key, message);
+                        continue;
+                    }
+                };
+                let (line, _) = self.position(item.span().start);
+                if let Some(first) = first_lines.get(&host.label) {
+                    let message = format!(
+                        "host {} listed twice in group {group_name} (first on line {first})",
+                        host.label
+                    );
                     self.error(item.span(), &key, message);
                     continue;
                 }
-            };
-            let (line, _) = self.position(item.span().start);
-            if let Some(first) = first_lines.get(&host.label) {
-                let message = format!(
-                    "host {} listed twice in group {group_name} (first on line {first})",
-                    host.label
-                );
-                self.error(item.span(), &key, message);
-                continue;
+                first_lines.insert(host.label.clone(), line);
+                hosts.push((host, item.span(), key.clone()));
             }
-            first_lines.insert(host.label.clone(), line);
-            hosts.push((host, item.span(), key));
         }
         Some(hosts)
+    }
+
+    /// The host entries one `hosts` item stands for: a group of the
+    /// inventory (`@web`), a range (`web[01-16]`), or itself.
+    fn host_entries(&mut self, entry: &str, span: Range<usize>, key: &str) -> Option<Vec<String>> {
+        if let Some(name) = entry.strip_prefix('@') {
+            if let Some(entries) = self.inventory.get(name) {
+                return Some(entries.clone());
+            }
+            let names: Vec<&str> = self.inventory.keys().map(String::as_str).collect();
+            let message = match (closest(name, &names), names.is_empty()) {
+                (_, true) => format!(
+                    "unknown host group @{name}: there is no [inventory] table \
+                     (add [inventory] with {name} = [\"host1\", \"host2\"])"
+                ),
+                (Some(close), _) => {
+                    format!("unknown host group @{name}, did you mean @{close}?")
+                }
+                (None, _) => format!(
+                    "unknown host group @{name}; the [inventory] has: {}",
+                    names.join(", ")
+                ),
+            };
+            self.error(span, key, message);
+            return None;
+        }
+        match super::hosts::expand(entry) {
+            Ok(entries) => Some(entries),
+            Err(message) => {
+                self.error(span, key, message);
+                None
+            }
+        }
+    }
+
+    /// `[inventory]`: groups of hosts, each an array of host entries
+    /// (ranges allowed), named `@group` in placements.
+    fn inventory(&mut self, value: Option<&Value<'_>>) {
+        let Some(table) = value.and_then(|value| self.table("inventory", value)) else {
+            return;
+        };
+        for (name, items) in table {
+            let group: &str = name.get_ref();
+            let key = child("inventory", group);
+            if group.is_empty() || !super::is_valid_group_name(group) {
+                self.error(
+                    name.span(),
+                    &key,
+                    format!(
+                        "invalid host group name {group:?}: use letters, digits, '_', '-' and '.'"
+                    ),
+                );
+                continue;
+            }
+            let Some(list) = items.get_ref().as_array() else {
+                self.wrong_type(items, &key, "an array of host names");
+                continue;
+            };
+            if list.is_empty() {
+                self.error(
+                    items.span(),
+                    &key,
+                    "must not be empty: list at least one host",
+                );
+                continue;
+            }
+            let mut entries = Vec::new();
+            for (i, item) in list.iter().enumerate() {
+                let key = index(&key, i);
+                let Some(entry) = self.string(&key, item) else {
+                    continue;
+                };
+                if entry.starts_with('@') {
+                    let message = format!(
+                        "an inventory group lists hosts, not other groups ({entry}): \
+                         list its hosts, or name both groups in the placement"
+                    );
+                    self.error(item.span(), &key, message);
+                    continue;
+                }
+                let expanded = match super::hosts::expand(&entry) {
+                    Ok(expanded) => expanded,
+                    Err(message) => {
+                        self.error(item.span(), &key, message);
+                        continue;
+                    }
+                };
+                for host in expanded {
+                    match parse_host(&host) {
+                        Ok(_) => entries.push(host),
+                        Err(message) => self.error(item.span(), &key, message),
+                    }
+                }
+            }
+            self.inventory.insert(group.to_string(), entries);
+        }
     }
 }
 
@@ -4594,7 +4700,7 @@ instances = 1
 [[group.remote]]
 hosts = [
   "",
-  "@web",
+  "@web:22",
   "web:0",
   "web:x",
   "web:70000",
@@ -4609,7 +4715,7 @@ instances = 1
         assert_eq!(errors.len(), 8, "{text}");
         let expected = [
             (9, "must not be empty"),
-            (10, "empty user"),
+            (10, "unknown host group @web:22"),
             (11, r#"found "0""#),
             (12, r#"found "x""#),
             (13, r#"found "70000""#),
@@ -5150,6 +5256,143 @@ instances = 1
         assert_eq!(
             decode(b"ok = \"\xc3\xa9\"".to_vec(), Path::new("x")),
             Ok("ok = \"\u{e9}\"".to_owned())
+        );
+    }
+
+    /// The labels of the hosts of a group's placements, in order.
+    fn host_labels(config: &Config, group: usize) -> Vec<Vec<String>> {
+        config.groups[group]
+            .remote
+            .iter()
+            .map(|placement| placement.hosts.iter().map(|h| h.label.clone()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn host_ranges_and_inventory_groups_expand() {
+        let config = parse_ok(
+            r#"[inventory]
+web = ["web[01-03]"]
+db = ["db[1,3]", "deploy@backup:2222"]
+
+[[group]]
+name = "app"
+command = "w"
+[[group.remote]]
+hosts = ["@web", "cache[8-9]"]
+instances = 1
+[[group.remote]]
+hosts = ["@db"]
+instances = 2
+"#,
+        );
+        assert_eq!(
+            host_labels(&config, 0),
+            [
+                vec!["web01", "web02", "web03", "cache8", "cache9"],
+                vec!["db1", "db3", "backup:2222"],
+            ]
+        );
+        assert_eq!(
+            config.groups[0].remote[1].hosts[2].user.as_deref(),
+            Some("deploy")
+        );
+    }
+
+    #[test]
+    fn bad_ranges_and_groups_name_the_line_and_key() {
+        let errors = parse_err(
+            r#"[inventory]
+web = ["web[3-1]"]
+"with space" = ["a"]
+nested = ["@web"]
+
+[[group]]
+name = "app"
+command = "w"
+[[group.remote]]
+hosts = ["db[a-b]", "@webb", "@nope", "n[1-2]", "n2"]
+instances = 1
+"#,
+        );
+        assert_eq!(errors.len(), 7, "{}", ConfigErrors(errors.clone()));
+        assert_error(
+            &errors[0],
+            2,
+            "inventory.web[1]",
+            "invalid host range [3-1] in \"web[3-1]\": \"3-1\" runs backwards",
+        );
+        assert_error(
+            &errors[1],
+            3,
+            "inventory.\"with space\"",
+            "invalid host group name",
+        );
+        assert_error(
+            &errors[2],
+            4,
+            "inventory.nested[1]",
+            "lists hosts, not other groups",
+        );
+        assert_error(
+            &errors[3],
+            10,
+            "group[1].remote[1].hosts[1]",
+            "is not a number or a range",
+        );
+        assert_error(
+            &errors[4],
+            10,
+            "group[1].remote[1].hosts[2]",
+            "unknown host group @webb, did you mean @web?",
+        );
+        assert_error(
+            &errors[5],
+            10,
+            "group[1].remote[1].hosts[3]",
+            "unknown host group @nope; the [inventory] has: nested, web",
+        );
+        assert_error(
+            &errors[6],
+            10,
+            "group[1].remote[1].hosts[5]",
+            "host n2 listed twice in group \"app\" (first on line 10)",
+        );
+        // Without an inventory, @name says how to make one.
+        let err = only_error(
+            r#"[[group]]
+name = "app"
+command = "w"
+[[group.remote]]
+hosts = ["@web"]
+instances = 1
+"#,
+        );
+        assert_error(
+            &err,
+            5,
+            "group[1].remote[1].hosts[1]",
+            "there is no [inventory] table",
+        );
+    }
+
+    #[test]
+    fn an_included_file_cannot_hold_the_inventory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("more.toml"), "[inventory]\nweb = [\"a\"]\n")
+            .expect("write");
+        let main = dir.path().join("herd.toml");
+        std::fs::write(
+            &main,
+            "include = [\"more.toml\"]\n[[group]]\nname = \"g\"\ncommand = \"w\"\n[group.local]\ninstances = 1\n",
+        )
+        .expect("write");
+        let text = std::fs::read_to_string(&main).expect("read");
+        let err = parse(&text, &main).expect_err("inventory in an included file");
+        let text = err.to_string();
+        assert!(
+            text.contains("unknown key \"inventory\": an included file holds [[group]] tables"),
+            "{text}"
         );
     }
 }

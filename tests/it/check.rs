@@ -371,3 +371,62 @@ instances = 1
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("ok (1 group, 1 instance)"), "{text}");
 }
+
+#[test]
+fn check_hosts_shows_ranges_and_inventory_groups_expanded() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("herd.toml");
+    std::fs::write(
+        &path,
+        r#"[inventory]
+web = ["web[01-03]"]
+
+[[group]]
+name = "crawl"
+command = "/bin/true"
+[[group.remote]]
+hosts = ["@web", "deploy@db[1,3]:2222"]
+instances = 2
+"#,
+    )
+    .expect("write config");
+    let out = Command::new(crate::support::taskherd_bin())
+        .args(["check", "--config-only", "--hosts"])
+        .arg(&path)
+        .output()
+        .expect("run taskherd check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(
+            "crawl [[group.remote]] 1: 5 hosts x 2 instances: \
+             web01 web02 web03 deploy@db1:2222 deploy@db3:2222"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("ok (1 group, 10 instances)"), "{text}");
+    // A bad range: file, line and key.
+    std::fs::write(
+        &path,
+        "[[group]]\nname = \"crawl\"\ncommand = \"/bin/true\"\n[[group.remote]]\nhosts = [\"web[9-1]\"]\ninstances = 1\n",
+    )
+    .expect("write config");
+    let out = Command::new(crate::support::taskherd_bin())
+        .args(["check", "--config-only", "--hosts"])
+        .arg(&path)
+        .output()
+        .expect("run taskherd check");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{}:5:10: group[1].remote[1].hosts[1]: invalid host range [9-1] in \"web[9-1]\": \"9-1\" runs backwards",
+            path.display()
+        )),
+        "{text}"
+    );
+}
