@@ -118,6 +118,11 @@ pub struct MasterSpec {
     /// file). Key `state_dir`, default `$XDG_STATE_HOME/taskherd` (or
     /// `~/.local/state/taskherd`).
     pub state_dir: Option<PathBuf>,
+    /// SSH handshakes to remote hosts under way at once (more hosts wait
+    /// their turn), so that hundreds of hosts behind one sshd or bastion
+    /// stay within its `MaxStartups` (10:30:60 by default). Key
+    /// `max_handshakes`, default 32 (pdsh's fan-out).
+    pub max_handshakes: u32,
 }
 
 impl Default for MasterSpec {
@@ -131,10 +136,13 @@ impl Default for MasterSpec {
             agent_dir: DEFAULT_AGENT_DIR.to_string(),
             agent_path: None,
             state_dir: None,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
         }
     }
 }
 
+/// Default of `master.max_handshakes`.
+pub const DEFAULT_MAX_HANDSHAKES: u32 = 32;
 /// Default of `master.timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of `master.stop_grace`.

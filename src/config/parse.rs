@@ -38,6 +38,7 @@ const MASTER_KEYS: &[&str] = &[
     "agent_dir",
     "agent_path",
     "state_dir",
+    "max_handshakes",
 ];
 /// Keys of `[log]`.
 const LOG_KEYS: &[&str] = &["format", "file", "max_size", "keep", "filter", "color"];
@@ -988,6 +989,11 @@ impl<'t> Walker<'t> {
             master.state_dir = self
                 .non_empty_string("master.state_dir", value)
                 .and_then(|dir| self.local_path("master.state_dir", value, dir));
+        }
+        if let Some(value) = table.get("max_handshakes") {
+            if let Some(count) = self.count("master.max_handshakes", value) {
+                master.max_handshakes = count;
+            }
         }
         master
     }
@@ -2651,6 +2657,7 @@ heartbeat = "500ms"
 orphan_timeout = "1m"
 agent_dir = "/opt/taskherd/agents"
 agent_path = "/usr/local/bin/taskherd"
+max_handshakes = 8
 
 [[group]]
 name = "workers.v2_a-b"
@@ -2691,6 +2698,7 @@ instances = 1
                 agent_dir: "/opt/taskherd/agents".to_owned(),
                 agent_path: Some("/usr/local/bin/taskherd".to_owned()),
                 state_dir: None,
+                max_handshakes: 8,
             }
         );
         assert_eq!(config.log.format, LogFormat::Json, "from master.log_format");

@@ -238,6 +238,9 @@ pub(crate) async fn run_launcher(
             .as_ref()
             .map_or_else(std::env::temp_dir, |dir| dir.path.clone()),
         stop_grace: grace,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(config.master.max_handshakes).unwrap_or(usize::MAX),
+        )),
     });
     let mut running = Running {
         context: instance::Supervision {

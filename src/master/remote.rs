@@ -59,6 +59,9 @@ pub struct AgentSettings {
     /// Longest stop grace of the host's instances, to bound the wait for
     /// their reports at stop.
     pub stop_grace: Duration,
+    /// Turns to open an SSH connection (`master.max_handshakes`), shared
+    /// by every host.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 /// Reconnection backoff: 1 s doubling to 30 s, ±20 %.
@@ -71,12 +74,26 @@ fn reconnect_backoff() -> RestartSpec {
     }
 }
 
+/// Retries of a host that refused the handshake (sshd's MaxStartups):
+/// 200 ms doubling to 3 s, ±50 %, so that the refused ones spread out.
+fn refused_backoff() -> RestartSpec {
+    RestartSpec {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(3),
+        jitter: 0.5,
+        ..RestartSpec::default()
+    }
+}
+
 /// How one connection to a host ended.
 enum HostOutcome {
     /// Every instance is reported: the host is done.
     Done,
     /// The host was lost before that; reconnect and restart the rest.
     Lost(String),
+    /// The host refused the handshake (sshd's MaxStartups): try again
+    /// soon, quietly.
+    Refused(String),
 }
 
 /// Supervises the instances of one host until each has a final report.
@@ -105,6 +122,7 @@ pub async fn supervise_host(
     state.add(plan.instances.clone());
     let mut reports = Vec::new();
     let mut failures = 0u32;
+    let mut refusals = 0u32;
     let mut last_problem = String::from("never connected");
     loop {
         while let Ok(command) = commands.try_recv() {
@@ -138,8 +156,30 @@ pub async fn supervise_host(
             events: events.as_ref(),
         };
         match run.connect_and_serve().await {
-            HostOutcome::Done => continue,
+            HostOutcome::Done => {
+                refusals = 0;
+                continue;
+            }
+            HostOutcome::Refused(problem) => {
+                let delay = backoff_delay(&refused_backoff(), refusals, fastrand::f64());
+                refusals = refusals.saturating_add(1);
+                // Said once per streak: hundreds of hosts behind one sshd
+                // may each be refused a few times on their way in.
+                if refusals == 1 {
+                    sink.master_event(
+                        Level::Info,
+                        format!("host {host}: {problem}; retrying shortly"),
+                    )
+                    .await;
+                }
+                last_problem = problem;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.stopping() => {}
+                }
+            }
             HostOutcome::Lost(problem) => {
+                refusals = 0;
                 let delay = backoff_delay(&reconnect_backoff(), failures, fastrand::f64());
                 failures = failures.saturating_add(1);
                 // Its instances are gone with it, until the next agent.
@@ -316,10 +356,24 @@ impl Held {
 impl HostRun<'_> {
     async fn connect_and_serve(&mut self) -> HostOutcome {
         let host = &self.plan.host;
+        // One of `max_handshakes` turns, held for the handshake only.
+        let connect = async {
+            let _turn = self.settings.handshakes.acquire().await;
+            ssh::connect(
+                host,
+                &self.plan.ssh,
+                &self.settings.control_dir,
+                self.settings.orphan_timeout / 3,
+            )
+            .await
+        };
         let session = tokio::select! {
-            connected = ssh::connect(host, &self.plan.ssh, &self.settings.control_dir, self.settings.orphan_timeout / 3) => {
+            connected = connect => {
                 match connected {
                     Ok(session) => session,
+                    Err(err @ ssh::RemoteError::Refused(_)) => {
+                        return HostOutcome::Refused(format!("cannot connect: {err}"))
+                    }
                     Err(err) => return HostOutcome::Lost(format!("cannot connect: {err}")),
                 }
             }

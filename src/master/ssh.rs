@@ -56,6 +56,11 @@ pub enum RemoteError {
     /// The agent link failed.
     #[error("agent link: {0}")]
     Link(String),
+    /// The host closed the connection before the SSH handshake, as sshd
+    /// does past its `MaxStartups` (too many connections being set up at
+    /// once): worth retrying soon.
+    #[error("{0} (refused before the handshake: sshd's MaxStartups?)")]
+    Refused(String),
 }
 
 /// Opens the ControlMaster connection to `host`.
@@ -103,7 +108,16 @@ pub async fn connect(
     let limit = connect_timeout * 2 + Duration::from_secs(5);
     match tokio::time::timeout(limit, builder.connect(&host.name)).await {
         Ok(Ok(session)) => Ok(session),
-        Ok(Err(err)) => Err(RemoteError::Connect(describe_ssh_error(&err))),
+        Ok(Err(err)) => {
+            let text = describe_ssh_error(&err);
+            // sshd past MaxStartups closes the connection at once, before
+            // its banner: ssh says so from `kex_exchange_identification`.
+            if text.contains("kex_exchange_identification") {
+                Err(RemoteError::Refused(text))
+            } else {
+                Err(RemoteError::Connect(text))
+            }
+        }
         Err(_) => Err(RemoteError::Connect(format!(
             "no answer within {}",
             humantime::format_duration(limit)

@@ -387,6 +387,93 @@ instances = 2
     }
 }
 
+/// A herd of one group with `instances` worker(s) on each of `hosts`
+/// (aliases of the world's ssh_config), with `master` lines.
+fn herd_on(world: &SshWorld, hosts: &[&str], instances: u32, master: &str) -> Herd {
+    let hosts: Vec<String> = hosts.iter().map(|host| format!("{host:?}")).collect();
+    Herd::new(&format!(
+        r#"{header}
+[[group]]
+name = "far"
+command = "{{worker}}"
+[[group.remote]]
+hosts = [{hosts}]
+instances = {instances}
+"#,
+        header = header(world, master),
+        hosts = hosts.join(", "),
+    ))
+}
+
+#[test]
+fn a_host_that_refuses_the_handshake_is_retried_and_joins() {
+    let mut world = SshWorld::new();
+    let host = world.add_host_with_max_startups(1);
+    // A connection that never authenticates holds sshd's one startup:
+    // the master's is dropped until it goes (as sshd does past
+    // MaxStartups).
+    // (The harness's own readiness probe may hold it a moment longer:
+    // until then sshd answers "Exceeded MaxStartups".)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let squatter = loop {
+        let mut stream = std::net::TcpStream::connect((host.addr(), host.port())).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut banner = [0u8; 4];
+        if std::io::Read::read_exact(&mut stream, &mut banner).is_ok() && &banner == b"SSH-" {
+            break stream;
+        }
+        assert!(Instant::now() < deadline, "sshd never let a connection in");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut herd = herd_on(&world, &[host.alias()], 1, "");
+    herd.start();
+    let refused = herd.wait_for("refused before the handshake");
+    assert!(
+        refused.contains(&format!("host {}", host.alias())),
+        "{refused}"
+    );
+    assert!(refused.contains("info"), "said quietly: {refused}");
+    drop(squatter);
+    herd.wait_for(&format!("host {}: connected", host.alias()));
+    herd.wait_for("Child clean exit");
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    // Said once, however many times it was refused.
+    assert_eq!(herd.lines_with("refused before the handshake").len(), 1);
+    assert_host_clean(&host);
+}
+
+#[test]
+fn handshakes_are_capped_by_max_handshakes() {
+    let mut world = SshWorld::new();
+    // Two startups at once at most; four hosts (aliases of this sshd)
+    // one handshake at a time never meet the limit.
+    let host = world.add_host_with_max_startups(2);
+    let aliases = ["th-cap-a", "th-cap-b", "th-cap-c", "th-cap-d"];
+    for alias in aliases {
+        world.add_alias(&host, alias);
+    }
+    let mut herd = herd_on(&world, &aliases, 1, "max_handshakes = 1");
+    herd.start();
+    for alias in aliases {
+        herd.wait_for(&format!("host {alias}: connected"));
+    }
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    assert_eq!(
+        herd.lines_with("Child clean exit").len(),
+        4,
+        "{:?}",
+        herd.seen
+    );
+    assert!(
+        herd.lines_with("refused before the handshake").is_empty(),
+        "{:?}",
+        herd.seen
+    );
+    assert_host_clean(&host);
+}
+
 #[test]
 fn agent_is_uploaded_once_when_missing() {
     let mut world = SshWorld::new();

@@ -135,6 +135,8 @@ pub struct SshHost {
     host_dir: PathBuf,
     /// The listening sshd; `None` once stopped.
     child: Option<Child>,
+    /// Its `MaxStartups`.
+    max_startups: u32,
     /// Keeps the directory holding the sshd's files alive while it runs.
     _dir: Arc<tempfile::TempDir>,
 }
@@ -152,7 +154,7 @@ impl SshHost {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir for a standalone sshd"));
         let authorized_keys = dir.path().join("authorized_keys");
         std::fs::write(&authorized_keys, "").expect("write an empty authorized_keys");
-        SshHost::launch(dir, addr, None, &authorized_keys)
+        SshHost::launch(dir, addr, None, &authorized_keys, DEFAULT_MAX_STARTUPS)
     }
 
     /// Starts an sshd in `dir/<alias>/`, accepting the keys of
@@ -162,6 +164,7 @@ impl SshHost {
         addr: IpAddr,
         netns: Option<&str>,
         authorized_keys: &Path,
+        max_startups: u32,
     ) -> SshHost {
         let n = next_host_number();
         let alias = format!("th-host-{n}");
@@ -186,6 +189,7 @@ impl SshHost {
             host_key,
             host_dir,
             child: None,
+            max_startups,
             _dir: dir,
         };
         let mut failures = Vec::new();
@@ -248,7 +252,7 @@ impl SshHost {
              PubkeyAuthentication yes\n\
              PasswordAuthentication no\n\
              KbdInteractiveAuthentication no\n\
-             MaxStartups 100\n\
+             MaxStartups {max_startups}\n\
              MaxSessions 100\n\
              LogLevel ERROR\n\
              PrintMotd no\n\
@@ -259,6 +263,7 @@ impl SshHost {
             pid_file = self.host_dir.join("sshd.pid").display(),
             authorized_keys = authorized_keys.display(),
             marker = self.marker,
+            max_startups = self.max_startups,
         );
         // From 9.8 on, sshd penalizes sources that disconnect before
         // authenticating (our readiness probe, host key failures): every
@@ -567,7 +572,36 @@ impl SshWorld {
     /// `ip netns exec`) when given, and adds it to ssh_config and
     /// known_hosts.
     pub fn add_host_on(&mut self, addr: IpAddr, netns: Option<&str>) -> SshHost {
-        let host = SshHost::launch(self.dir.clone(), addr, netns, &self.authorized_keys());
+        self.launch_host(addr, netns, DEFAULT_MAX_STARTUPS)
+    }
+
+    /// Starts a new sshd that sets up at most `max_startups` connections
+    /// at once (its `MaxStartups`): it drops the next ones, as a busy
+    /// sshd or bastion does.
+    pub fn add_host_with_max_startups(&mut self, max_startups: u32) -> SshHost {
+        self.launch_host(loopback_for(next_host_number()), None, max_startups)
+    }
+
+    /// Another alias of `host` in ssh_config (same sshd): a second "host"
+    /// for a master.
+    pub fn add_alias(&mut self, host: &SshHost, alias: &str) {
+        self.hosts.push(HostEntry {
+            alias: alias.to_string(),
+            addr: host.addr,
+            port: host.port,
+            host_key: host.host_key.clone(),
+        });
+        self.write_files();
+    }
+
+    fn launch_host(&mut self, addr: IpAddr, netns: Option<&str>, max_startups: u32) -> SshHost {
+        let host = SshHost::launch(
+            self.dir.clone(),
+            addr,
+            netns,
+            &self.authorized_keys(),
+            max_startups,
+        );
         self.hosts.push(HostEntry {
             alias: host.alias.clone(),
             addr: host.addr,
@@ -680,6 +714,9 @@ pub fn login_user() -> &'static str {
         }
     })
 }
+
+/// `MaxStartups` of the test sshds unless a test asks for less.
+const DEFAULT_MAX_STARTUPS: u32 = 100;
 
 /// Name of the dedicated test login (see [`login_user`]).
 pub const TEST_LOGIN: &str = "taskherd-test";
