@@ -1,5 +1,7 @@
 //! The `taskherd` command: parses arguments and calls the library.
 
+mod cli;
+
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -65,6 +67,13 @@ marked failed, 2 for a bad config or a master that could not start.")]
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Run a command on hosts without a config file, like pdsh: `taskherd
+    /// exec -w 'web[1-4],local' -n 2 -- uptime`. Output lines are tagged
+    /// with the host and instance; at the end, how each instance ended.
+    ///
+    /// Exit code: 0 when every instance exited 0, 1 when any failed, 2 for
+    /// bad arguments.
+    Exec(cli::exec::ExecArgs),
     /// Validate a config and print every error found; also look on this
     /// machine for the programs and working directories of local groups,
     /// the ssh files, and whether remote hosts resolve (without
@@ -468,6 +477,7 @@ fn main() -> ExitCode {
             hosts,
         } => check(&config, config_only, connect, hosts),
         Command::Run { config, log } => run(&config, log, verbosity),
+        Command::Exec(args) => cli::exec::run(args, verbosity),
         Command::Pids { state_file, json } => pids(state_file, json),
         Command::Agent => taskherd::agent::run_stdio()
             .map(|()| ExitCode::SUCCESS)

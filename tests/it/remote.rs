@@ -703,3 +703,57 @@ connect_timeout = "2s"
     assert_eq!(herd.wait_exit().code(), Some(0));
     assert_host_clean(&host);
 }
+
+#[test]
+fn exec_runs_a_command_on_hosts_and_locally_and_sums_up() {
+    let mut world = SshWorld::new();
+    let hosts = [world.add_host(), world.add_host(), world.add_host()];
+    let failing = hosts[1].alias().to_string();
+    // Tagged output from each, one failure, a summary, exit code 1.
+    let script = format!(
+        "echo \"out from $TASKHERD_HOST\"; if [ \"$TASKHERD_HOST\" = {failing} ]; then exit 5; fi"
+    );
+    let list = format!("{},{},local", hosts[0].alias(), hosts[1].alias());
+    let out = std::process::Command::new(taskherd_bin())
+        .args(["exec", "-w", &list, "-w", hosts[2].alias(), "-n", "2", "-F"])
+        .arg(world.ssh_config())
+        .arg("--agent-path")
+        .arg(taskherd_bin())
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .expect("run taskherd exec");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    for host in hosts.iter().map(SshHost::alias).chain(["localhost"]) {
+        let tagged: Vec<&str> = stdout
+            .lines()
+            .filter(|line| line.contains(&format!("[exec] [{host}] [sh/")))
+            .filter(|line| line.ends_with(&format!("out from {host}")))
+            .collect();
+        assert_eq!(tagged.len(), 2, "two tagged lines from {host}:\n{stdout}");
+    }
+    assert!(
+        stderr.contains("taskherd exec: 8 instances on 4 hosts: 6 exited 0, 2 failed"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|line| line.contains(&format!("[exec] [{failing}] [sh/"))
+                && line.ends_with("exited with code 5"))
+            .count(),
+        2,
+        "{stderr}"
+    );
+    // A bad range: said, exit code 2, nothing started.
+    let out = std::process::Command::new(taskherd_bin())
+        .args(["exec", "-w", "web[2-1]", "--", "true"])
+        .output()
+        .expect("run taskherd exec");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs backwards"));
+    for host in &hosts {
+        assert_host_clean(host);
+    }
+}

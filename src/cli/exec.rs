@@ -1,0 +1,251 @@
+//! `taskherd exec -w HOSTS [-n N] -- COMMAND ARGS...`: a command on hosts
+//! without a config file, for the pdsh and GNU parallel habit.
+//!
+//! It writes the herd a config would hold (one group, `restart = never`,
+//! the hosts of `-w` as one remote placement, `local` as a local one) and
+//! runs it through the config parser and the master like any other: the
+//! same SSH settings (ssh_config, ssh-agent, known_hosts), host ranges,
+//! tagged output and stop on Ctrl-C. At the end it sums up how every
+//! instance ended; the exit code is 1 when any failed.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use taskherd::config::{hosts, Config};
+use taskherd::master;
+use taskherd::master::instance::InstanceEnd;
+
+use crate::{LogArgs, Verbosity, EXIT_ERROR, EXIT_FAILED_INSTANCES};
+
+/// The `-w` entry that means the master's own host.
+pub const LOCAL: &str = "local";
+
+/// The name of the group `exec` runs.
+const GROUP: &str = "exec";
+
+/// What `taskherd exec` is given.
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// Where to run: host names, ranges (`web[01-16]`, `db[1,3,5]`),
+    /// `user@host:port`, and `local` for this machine; comma-separated
+    /// (commas inside brackets belong to the range), or `-w` again.
+    #[arg(short = 'w', long = "hosts", value_name = "HOSTS", required = true)]
+    hosts: Vec<String>,
+    /// Instances of the command on each host.
+    #[arg(short = 'n', long, default_value_t = 1, value_name = "N")]
+    instances: u32,
+    /// The ssh_config file to use (default: ssh's own).
+    #[arg(short = 'F', long, value_name = "FILE")]
+    ssh_config: Option<PathBuf>,
+    /// The private key to log in with (default: ssh's, or ssh-agent).
+    #[arg(short = 'i', long, value_name = "FILE")]
+    identity_file: Option<PathBuf>,
+    /// Add unknown hosts' keys on first contact (a changed key is still
+    /// refused), as `known_hosts = "accept-new"`.
+    #[arg(long)]
+    accept_new_hosts: bool,
+    /// A taskherd already installed on the hosts, instead of uploading
+    /// this one.
+    #[arg(long, value_name = "PATH")]
+    agent_path: Option<String>,
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// Runs `taskherd exec`.
+pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
+    let mut remote = Vec::new();
+    let mut local = false;
+    for entry in args.hosts.iter().flat_map(|list| split_list(list)) {
+        if entry == LOCAL {
+            local = true;
+            continue;
+        }
+        if let Err(err) = hosts::expand(&entry) {
+            eprintln!("taskherd exec: -w {entry}: {err}");
+            return Ok(ExitCode::from(EXIT_ERROR));
+        }
+        remote.push(entry);
+    }
+    if !local && remote.is_empty() {
+        eprintln!("taskherd exec: -w names no host");
+        return Ok(ExitCode::from(EXIT_ERROR));
+    }
+    let text = herd_text(&args, local, &remote)?;
+    // Relative commands and files are taken from the current directory.
+    let source = Path::new("taskherd exec");
+    let mut config = match Config::parse(&text, source) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("taskherd exec: {errors}");
+            return Ok(ExitCode::from(EXIT_ERROR));
+        }
+    };
+    args.log.apply(&mut config, verbosity)?;
+    let report = master::Launcher::new(config)
+        .run_blocking()
+        .context("cannot start the master")?;
+    let summary = summary(&report.instances);
+    eprintln!("taskherd exec: {summary}");
+    Ok(if report.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED_INSTANCES)
+    })
+}
+
+/// The herd's config: one group, the command, its placements.
+fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<String> {
+    use toml::{Table, Value};
+    let (program, command_args) = args.command.split_first().context("no command given")?;
+    let mut root = Table::new();
+    if let Some(path) = &args.agent_path {
+        let mut master = Table::new();
+        master.insert("agent_path".into(), Value::String(path.clone()));
+        root.insert("master".into(), Value::Table(master));
+    }
+    let mut ssh = Table::new();
+    if let Some(file) = &args.ssh_config {
+        ssh.insert("ssh_config".into(), path_value(file)?);
+    }
+    if let Some(file) = &args.identity_file {
+        ssh.insert("identity_file".into(), path_value(file)?);
+    }
+    if args.accept_new_hosts {
+        ssh.insert("known_hosts".into(), Value::String("accept-new".into()));
+    }
+    if !ssh.is_empty() {
+        root.insert("ssh".into(), Value::Table(ssh));
+    }
+    let mut group = Table::new();
+    group.insert("name".into(), Value::String(GROUP.into()));
+    group.insert("command".into(), Value::String(program.clone()));
+    group.insert(
+        "args".into(),
+        Value::Array(command_args.iter().cloned().map(Value::String).collect()),
+    );
+    let mut restart = Table::new();
+    restart.insert("policy".into(), Value::String("never".into()));
+    group.insert("restart".into(), Value::Table(restart));
+    let instances = Value::Integer(i64::from(args.instances));
+    if local {
+        let mut placement = Table::new();
+        placement.insert("instances".into(), instances.clone());
+        group.insert("local".into(), Value::Table(placement));
+    }
+    if !remote.is_empty() {
+        let mut placement = Table::new();
+        placement.insert(
+            "hosts".into(),
+            Value::Array(remote.iter().cloned().map(Value::String).collect()),
+        );
+        placement.insert("instances".into(), instances);
+        group.insert("remote".into(), Value::Array(vec![Value::Table(placement)]));
+    }
+    root.insert("group".into(), Value::Array(vec![Value::Table(group)]));
+    toml::to_string(&root).context("cannot write the herd's config")
+}
+
+/// A path as a TOML string (absolute, so that it does not depend on
+/// where the config would be).
+fn path_value(path: &Path) -> anyhow::Result<toml::Value> {
+    let path = std::path::absolute(path)
+        .with_context(|| format!("cannot make {} absolute", path.display()))?;
+    let text = path
+        .to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))?;
+    Ok(toml::Value::String(text.to_string()))
+}
+
+/// `a,b[1,2],c` split at the commas outside brackets; empty entries
+/// dropped.
+pub fn split_list(list: &str) -> Vec<String> {
+    let mut entries = Vec::new();
+    let mut depth = 0usize;
+    let mut current = String::new();
+    for c in list.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                entries.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    entries.push(current);
+    entries
+        .into_iter()
+        .map(|entry| entry.trim().to_string())
+        .filter(|entry| !entry.is_empty())
+        .collect()
+}
+
+/// `8 instances on 4 hosts: 7 exited 0, 1 failed: [exec] [web3] [sh/5/3]
+/// exited with code 1`.
+fn summary(instances: &[master::instance::InstanceReport]) -> String {
+    let hosts: std::collections::BTreeSet<&str> =
+        instances.iter().map(|r| r.label.host.as_str()).collect();
+    let mut ok = 0usize;
+    let mut failed = Vec::new();
+    let mut stopped = 0usize;
+    let mut lost = Vec::new();
+    for report in instances {
+        match &report.end {
+            InstanceEnd::Completed => ok += 1,
+            InstanceEnd::Failed { reason } => failed.push(format!("{}: {reason}", report.label)),
+            InstanceEnd::Stopped { .. } => stopped += 1,
+            InstanceEnd::Lost { reason } => lost.push(format!("{}: {reason}", report.label)),
+        }
+    }
+    let mut parts = vec![format!("{ok} exited 0")];
+    if !failed.is_empty() {
+        parts.push(format!("{} failed", failed.len()));
+    }
+    if !lost.is_empty() {
+        parts.push(format!("{} lost", lost.len()));
+    }
+    if stopped > 0 {
+        parts.push(format!("{stopped} stopped"));
+    }
+    let mut text = format!(
+        "{} on {}: {}",
+        plural(instances.len(), "instance"),
+        plural(hosts.len(), "host"),
+        parts.join(", ")
+    );
+    for line in failed.iter().chain(&lost) {
+        text.push_str("\n  ");
+        text.push_str(line);
+    }
+    text
+}
+
+/// `1 host`, `2 hosts`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_split_outside_brackets() {
+        assert_eq!(
+            split_list("web[1,3],db1, local,,[::1]:22"),
+            ["web[1,3]", "db1", "local", "[::1]:22"]
+        );
+        assert!(split_list(" , ").is_empty());
+    }
+}

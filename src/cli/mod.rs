@@ -1,0 +1,4 @@
+//! Subcommands of the `taskherd` binary that have grown past a few lines:
+//! each in a file of its own.
+
+pub mod exec;
