@@ -8,6 +8,8 @@ pub mod callback;
 pub mod config;
 mod error_text;
 #[cfg(feature = "master")]
+pub mod log;
+#[cfg(feature = "master")]
 pub mod master;
 #[cfg(feature = "slave")]
 pub mod pidkiller;

@@ -14,8 +14,8 @@
 //! killed, plain programs get their parent-death signal and library
 //! instances see their control channel close.
 
+use crate::log::{LogRecord, LogSink};
 use crate::master::instance::{self, InstanceReport};
-use crate::master::log::{LogRecord, LogSink};
 use crate::master::Shutdown;
 use crate::pidkiller::{default_state_file, PidKiller};
 use crate::protocol::agent::{FromAgent, ToAgent};
@@ -330,8 +330,8 @@ fn watch_agent_signals(shutdown: Shutdown) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::config::RestartSpec;
+    use crate::log::InstanceLabel;
     use crate::master::instance::{InstanceEnd, InstanceSpec};
-    use crate::master::log::InstanceLabel;
     use crate::master::process::ProcessSpec;
     use crate::protocol::slave::Identity;
     use std::sync::Arc;

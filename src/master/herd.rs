@@ -5,9 +5,9 @@
 
 use super::instance::{EventKind, InstanceEnd, InstanceEvent};
 use super::launcher::RunReport;
-use super::log::{InstanceLabel, LogSink};
 use super::shutdown::Shutdown;
 use crate::config::Config;
+use crate::log::{InstanceLabel, LogSink};
 use crate::protocol::control::{GroupStatus, HerdStatus, InstanceState, InstanceStatus};
 use crate::protocol::slave::QueueProgress;
 use std::collections::BTreeMap;

@@ -5,13 +5,13 @@
 //! it. The task sleeps until the child exits, a control frame arrives, the
 //! liveness deadline passes, or a stop is requested.
 
-use super::log::{InstanceLabel, LogRecord, LogSink, Stream};
 use super::output::{LineDecoder, MAX_LINE_LEN};
 use super::process::{self, ProcessSpec, Spawned};
 use super::restart::{Decision, RestartTracker, RunOutcome};
 use super::shutdown::Shutdown;
 use crate::config::RestartSpec;
 use crate::error_text::error_chain;
+use crate::log::{InstanceLabel, LogRecord, LogSink, Stream};
 use crate::pidkiller::PidKiller;
 use crate::protocol::slave::{FromSlave, Identity, Level, QueueRole, ToSlave};
 use crate::protocol::{Connection, ProtocolError, PROTOCOL_VERSION};

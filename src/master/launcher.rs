@@ -5,13 +5,13 @@
 use super::actions::Running;
 use super::herd::{pump_events, Board, Herd, Launcher};
 use super::instance::{self, InstanceEnd, InstanceReport};
-use super::log::LogSink;
 use super::plan::plan;
 use super::queue::FeederAddresses;
 use super::remote::AgentSettings;
 use super::shutdown::Shutdown;
 use crate::config::{BuiltinFeeder, Config};
 use crate::error_text::count;
+use crate::log::LogSink;
 use crate::protocol::control::{FromMaster, HerdStatus, InstanceState};
 use crate::protocol::slave::Level;
 use std::collections::BTreeMap;
@@ -721,7 +721,7 @@ impl Drop for ControlDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::master::log::InstanceLabel;
+    use crate::log::InstanceLabel;
     use crate::protocol::control::{GroupStatus, InstanceStatus};
 
     fn instance(id: u32, state: InstanceState) -> InstanceStatus {

@@ -12,7 +12,6 @@
 //! - [`process`]: spawning a child with its control channel (shared with
 //!   the agent on remote hosts).
 //! - [`output`]: child output to whole lines.
-//! - [`log`]: the log stream (text or JSON lines).
 //! - [`remote`]: one task per remote host: SSH connection, agent, relay.
 //! - [`ssh`]: ControlMaster connections and the agent upload.
 //! - [`queue`]: queue groups: roles, per-run secret, feeder port.
@@ -24,7 +23,6 @@ pub mod control;
 pub mod herd;
 pub mod instance;
 pub mod launcher;
-pub mod log;
 pub mod output;
 pub mod plan;
 pub mod process;
@@ -34,10 +32,9 @@ pub mod restart;
 pub mod shutdown;
 pub mod ssh;
 
+pub use crate::log::{InstanceLabel, LogRecord, LogSink, LogWriter};
 pub use herd::{Events, Herd, Launcher};
 pub use launcher::{run, run_blocking, DeadJobs, RunReport};
-pub use log::InstanceLabel;
-pub use log::{LogRecord, LogSink, LogWriter};
 pub use shutdown::{stop_on_signals, Shutdown};
 
 /// Opens the pid killer's registry at `state_file` and reports (in the log)

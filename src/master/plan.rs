@@ -1,12 +1,12 @@
 //! Placement: which instance runs where, with which id, as pure data.
 
 use super::instance::InstanceSpec;
-use super::log::InstanceLabel;
 use super::process::ProcessSpec;
 use super::remote::HostPlan;
 use crate::config::{
     BuiltinFeeder, Config, ConsumerRun, GroupSpec, HostSpec, QueueSpec, RemotePlacement, SshOptions,
 };
+use crate::log::InstanceLabel;
 use crate::protocol::slave::{Identity, QueueRole};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -6,13 +6,13 @@ use super::instance::{
     self, EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceReport, InstanceSpec,
     Supervision,
 };
-use super::log::{InstanceLabel, LogRecord, LogSink};
 use super::queue::{FeederAddress, FeederAddresses};
 use super::restart::backoff_delay;
 use super::shutdown::Shutdown;
 use super::ssh;
 use crate::agent;
 use crate::config::{HostSpec, RestartSpec, SshOptions};
+use crate::log::{InstanceLabel, LogRecord, LogSink};
 use crate::protocol::agent::{FromAgent, ToAgent};
 use crate::protocol::slave::Level;
 use crate::protocol::{Connection, PROTOCOL_VERSION};

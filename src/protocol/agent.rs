@@ -9,8 +9,8 @@
 //! network partition (no FIN, no RST) is noticed on both ends.
 
 use super::slave::Level;
+use crate::log::Stream;
 use crate::master::instance::{InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec};
-use crate::master::log::Stream;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 

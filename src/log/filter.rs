@@ -32,7 +32,7 @@ const DEFAULT_LEVEL: Level = Level::Info;
 /// `warn`, `err`, `crit`, `emerg`), or `off` for nothing.
 ///
 /// ```
-/// use taskherd::master::log::LogFilter;
+/// use taskherd::log::LogFilter;
 /// let filter: LogFilter = "warning,web=debug".parse().unwrap();
 /// assert_eq!(filter.to_string(), "warning,web=debug");
 /// ```
@@ -232,7 +232,7 @@ fn parse_level(word: &str) -> Option<Option<Level>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::master::log::{InstanceLabel, Stream};
+    use crate::log::{InstanceLabel, Stream};
     use std::sync::Arc;
     use std::time::SystemTime;
 
