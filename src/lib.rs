@@ -19,3 +19,5 @@ pub mod queue;
 pub mod retry;
 #[cfg(feature = "slave")]
 pub mod slave;
+#[cfg(feature = "master")]
+pub mod supervise;

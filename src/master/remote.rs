@@ -2,13 +2,7 @@
 //! agent, hands the agent the host's instances, relays what it reports,
 //! and reconnects (restarting the instances) when the host is lost.
 
-use super::instance::{
-    self, EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceReport, InstanceSpec,
-    Supervision,
-};
 use super::queue::{FeederAddress, FeederAddresses};
-use super::restart::backoff_delay;
-use super::shutdown::Shutdown;
 use super::ssh;
 use crate::agent;
 use crate::config::{HostSpec, RestartSpec, SshOptions};
@@ -16,6 +10,12 @@ use crate::log::{InstanceLabel, LogRecord, LogSink};
 use crate::protocol::agent::{FromAgent, ToAgent};
 use crate::protocol::slave::Level;
 use crate::protocol::{Connection, PROTOCOL_VERSION};
+use crate::supervise::instance::{
+    self, EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceReport, InstanceSpec,
+    Supervision,
+};
+use crate::supervise::restart::backoff_delay;
+use crate::supervise::shutdown::Shutdown;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -554,7 +554,7 @@ impl HostRun<'_> {
                     kill_sent = true;
                     let _ = to_agent_tx.send(ToAgent::Kill);
                 }
-                _ = super::sleep_until_some(stop_deadline) => {
+                _ = crate::supervise::sleep_until_some(stop_deadline) => {
                     return self.lost(true, "no report from the agent within the stop deadline".to_string()).await;
                 }
             }
@@ -748,7 +748,7 @@ async fn write_to_agent(
 /// The agent's own diagnostics (and the remote shell's errors, such as a
 /// missing binary) become warnings of the host.
 async fn relay_agent_stderr(stderr: openssh::ChildStderr, host: String, sink: LogSink) {
-    let mut lines = FramedRead::new(stderr, super::output::LineDecoder::default());
+    let mut lines = FramedRead::new(stderr, crate::supervise::output::LineDecoder::default());
     while let Some(Ok(line)) = lines.next().await {
         sink.master_event(Level::Warning, format!("host {host}: agent: {line}"))
             .await;

@@ -10,7 +10,7 @@
 
 use super::slave::Level;
 use crate::log::Stream;
-use crate::master::instance::{InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec};
+use crate::supervise::instance::{InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 

@@ -1111,8 +1111,22 @@ mod tests {
 
     #[test]
     fn a_feeder_on_port_0_keeps_the_port_it_got_first() {
-        let mut role =
-            crate::master::queue::feeder_role(&crate::config::QueueSpec::default(), None);
+        let mut role = QueueRole::Feeder {
+            bind: "127.0.0.1:0".into(),
+            secret: String::new(),
+            settings: crate::protocol::slave::QueueSettings {
+                lease: Duration::from_secs(30),
+                max_attempts: 3,
+                retry: crate::retry::RetryPolicy::exponential(
+                    Duration::from_secs(1),
+                    Duration::from_secs(60),
+                    3,
+                ),
+                rate: None,
+                progress_every: Duration::from_secs(5),
+                joblog: None,
+            },
+        };
         pin_feeder_port(Some(&mut role), None);
         pin_feeder_port(Some(&mut role), Some("127.0.0.1:4711"));
         pin_feeder_port(Some(&mut role), Some("127.0.0.1:4712"));
