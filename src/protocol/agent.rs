@@ -8,9 +8,8 @@
 //! sides send [`ToAgent::Heartbeat`] / [`FromAgent::Heartbeat`] so a
 //! network partition (no FIN, no RST) is noticed on both ends.
 
+use super::instance::{InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec, Stream};
 use super::slave::Level;
-use crate::log::Stream;
-use crate::supervise::instance::{InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 

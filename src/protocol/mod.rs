@@ -14,6 +14,8 @@
 pub mod agent;
 #[cfg(feature = "master")]
 pub mod control;
+#[cfg(feature = "master")]
+pub mod instance;
 pub mod millis;
 pub mod queue;
 pub mod slave;

@@ -6,10 +6,9 @@
 //! liveness deadline passes, or a stop is requested.
 
 use super::output::{LineDecoder, MAX_LINE_LEN};
-use super::process::{self, ProcessSpec, Spawned};
+use super::process::{self, Spawned};
 use super::restart::{Decision, RestartTracker, RunOutcome};
 use super::shutdown::Shutdown;
-use crate::config::RestartSpec;
 use crate::error_text::error_chain;
 use crate::log::{InstanceLabel, LogRecord, LogSink, Stream};
 use crate::pidkiller::PidKiller;
@@ -28,6 +27,11 @@ use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tracing::Instrument;
 
+// What travels to agents and back is wire data, defined with the agent link.
+pub use crate::protocol::instance::{
+    EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec,
+};
+
 /// Extra time, beyond max lifetime and grace, before the pid killer's record
 /// of an instance would enforce the lifetime on its own.
 const REGISTRY_BACKSTOP_MARGIN: Duration = Duration::from_secs(10);
@@ -36,55 +40,6 @@ const REGISTRY_BACKSTOP_MARGIN: Duration = Duration::from_secs(10);
 /// the process group is gone (only a process that escaped the group can
 /// hold a pipe open that long).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Everything needed to run one instance: pure data (it travels to remote
-/// agents as is).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct InstanceSpec {
-    /// Who it is, for log prefixes.
-    pub label: Arc<InstanceLabel>,
-    /// What to execute.
-    pub process: ProcessSpec,
-    /// What the instance is told about itself; `identity.timeout` is the
-    /// liveness timeout once it proves it uses the library.
-    pub identity: Identity,
-    /// Liveness timeout from its first moment, library or not (set when the
-    /// group configures `timeout`).
-    #[serde(with = "crate::protocol::millis::option")]
-    pub plain_timeout: Option<Duration>,
-    /// Time between Stop and SIGKILL.
-    #[serde(with = "crate::protocol::millis")]
-    pub stop_grace: Duration,
-    /// Restart policy.
-    pub restart: RestartSpec,
-    /// Recycle the instance after it ran this long.
-    #[serde(default, with = "crate::protocol::millis::option")]
-    pub max_lifetime: Option<Duration>,
-}
-
-/// How an instance's supervision ended.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "end", rename_all = "snake_case")]
-pub enum InstanceEnd {
-    /// It ended and its policy does not restart it.
-    Completed,
-    /// It was given up: restart limit reached, or failed with policy never.
-    Failed {
-        /// The last failure.
-        reason: String,
-    },
-    /// The master stopped it.
-    Stopped {
-        /// Whether it had to be SIGKILLed.
-        killed: bool,
-    },
-    /// Its host was lost during a stop, or never reached: nobody can say
-    /// how it ended.
-    Lost {
-        /// What happened to the host.
-        reason: String,
-    },
-}
 
 /// The final word on one instance.
 #[derive(Debug, Clone)]
@@ -157,75 +112,6 @@ pub struct Supervision {
     /// Where the instance's life events go (status, events API), if
     /// anyone listens.
     pub events: Option<mpsc::UnboundedSender<InstanceEvent>>,
-}
-
-/// What an operator (or an embedding program) asks of one instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InstanceCommand {
-    /// Stop it cleanly and keep it stopped until resumed.
-    Suspend,
-    /// Start it again after a suspend.
-    Resume,
-    /// Stop it cleanly and start it again at once.
-    Restart,
-    /// Stop it cleanly and end its supervision (it left the config).
-    Remove,
-}
-
-/// Something that happened to an instance, as status and events see it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct InstanceEvent {
-    /// Global id of the instance.
-    pub id: u32,
-    /// When, in ms since the Unix epoch.
-    pub time_ms: u64,
-    /// What.
-    pub kind: EventKind,
-}
-
-/// The kinds of [`InstanceEvent`].
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum EventKind {
-    /// About to spawn its process.
-    Created,
-    /// Its process runs.
-    Started {
-        /// Its pid (on its host).
-        pid: u32,
-    },
-    /// A sign of life since the last one (sent at most every few seconds).
-    Seen,
-    /// No sign of life within its timeout: it is being killed.
-    TimedOut,
-    /// It is being stopped.
-    Stopping,
-    /// Its process ended.
-    Exited {
-        /// How ("exited with code 0", "killed by SIGKILL").
-        how: String,
-        /// Whether that counts as a failure.
-        failed: bool,
-    },
-    /// It will be restarted after this delay.
-    Backoff {
-        /// The delay, in ms.
-        delay_ms: u64,
-    },
-    /// Stopped by a suspend; waits for a resume.
-    Suspended,
-    /// Its feeder's latest counts (queue groups).
-    Progress {
-        /// The counts.
-        progress: crate::protocol::slave::QueueProgress,
-    },
-    /// Its supervision is over.
-    Ended {
-        /// How.
-        end: InstanceEnd,
-    },
 }
 
 /// How often at most an instance's signs of life become a
