@@ -20,7 +20,7 @@ use crate::protocol::agent::{FromAgent, ToAgent};
 use crate::protocol::{Connection, ProtocolError, PROTOCOL_VERSION};
 use crate::supervise::instance::{self, InstanceReport};
 use crate::supervise::shutdown::Shutdown;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -279,11 +279,6 @@ fn log_frame(record: LogRecord) -> FromAgent {
         stream: record.stream,
         message: record.message,
     }
-}
-
-/// The time of a relayed log line.
-pub fn time_of(time_ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(time_ms)
 }
 
 /// Entry point of `taskherd agent`: serves the master on stdin/stdout.

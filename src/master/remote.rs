@@ -4,10 +4,9 @@
 
 use super::queue::{FeederAddress, FeederAddresses};
 use super::ssh;
-use crate::agent;
 use crate::config::{HostSpec, RestartSpec, SshOptions};
 use crate::log::{InstanceLabel, LogRecord, LogSink};
-use crate::protocol::agent::{FromAgent, ToAgent};
+use crate::protocol::agent::{time_of, FromAgent, ToAgent};
 use crate::protocol::slave::Level;
 use crate::protocol::{Connection, PROTOCOL_VERSION};
 use crate::supervise::instance::{
@@ -645,7 +644,7 @@ impl HostRun<'_> {
                 };
                 self.sink
                     .send(LogRecord {
-                        time: agent::time_of(time_ms),
+                        time: time_of(time_ms),
                         level,
                         instance,
                         stream,
