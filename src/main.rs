@@ -306,7 +306,7 @@ struct LogArgs {
     /// such as `info,web=debug`. Overrides TASKHERD_LOG, which overrides
     /// `[log] filter` (default `info`).
     #[arg(long, value_name = "FILTER")]
-    log_filter: Option<taskherd::log::LogFilter>,
+    log_filter: Option<taskherd::config::LogFilter>,
     /// Colors by level on the terminal, overriding `[log] color`.
     #[arg(long, value_enum, value_name = "WHEN")]
     color: Option<ColorArg>,
@@ -355,7 +355,7 @@ impl LogArgs {
                     Verbosity::Verbose => Level::Debug,
                     Verbosity::Normal => return Ok(()),
                 };
-                config.log.filter = taskherd::log::LogFilter::at_least(Some(level));
+                config.log.filter = taskherd::config::LogFilter::at_least(Some(level));
                 return Ok(());
             }
         };

@@ -25,10 +25,12 @@
 //! assert_eq!(config.groups[0].instance_count(), 2);
 //! ```
 
+mod log_filter;
 mod model;
 mod parse;
 pub mod probe;
 
+pub use log_filter::{FilterError, LogFilter};
 pub use model::*;
 
 use std::fmt;

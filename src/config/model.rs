@@ -165,7 +165,7 @@ pub struct LogSpec {
     pub keep: u32,
     /// Which records are written: a default level and levels per group,
     /// such as `"info,web=debug"`. Key `filter`, default `"info"`.
-    pub filter: crate::log::LogFilter,
+    pub filter: super::LogFilter,
     /// Colors by level on the terminal. Key `color`, `"auto"` (default:
     /// when standard output is a terminal), `"always"` or `"never"`.
     pub color: LogColor,
@@ -178,7 +178,7 @@ impl Default for LogSpec {
             file: None,
             max_size: DEFAULT_LOG_MAX_SIZE,
             keep: DEFAULT_LOG_KEEP,
-            filter: crate::log::LogFilter::default(),
+            filter: super::LogFilter::default(),
             color: LogColor::Auto,
         }
     }
@@ -520,7 +520,7 @@ impl Config {
     ///
     /// # Errors
     /// The first unknown group, with the closest name when one is near.
-    pub fn check_log_filter(&self, filter: &crate::log::LogFilter) -> Result<(), String> {
+    pub fn check_log_filter(&self, filter: &super::LogFilter) -> Result<(), String> {
         let names: Vec<&str> = self.groups.iter().map(|g| g.name.as_str()).collect();
         match filter.groups().find(|name| !names.contains(name)) {
             Some(unknown) => Err(super::parse::unknown_filter_group(unknown, &names)),

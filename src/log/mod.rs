@@ -34,7 +34,6 @@
 //! ([`LogSink::status_line`]) is kept below the last line.
 //!
 //! - `feed`: the backlog and the live feed of `taskherd logs`.
-//! - `filter`: the `info,web=debug` syntax.
 //! - `format`: a record to a line of text or JSON.
 //! - `file`: the rotated log file.
 //! - `terminal`: colors and the status line.
@@ -42,14 +41,14 @@
 
 mod feed;
 mod file;
-mod filter;
 mod format;
 mod terminal;
 mod writer;
 
 pub use feed::{Follow, BACKLOG_BYTES, BACKLOG_LINES};
 pub use file::LogFileOptions;
-pub use filter::{FilterError, LogFilter};
+// The filter is parsed with the config, which holds it.
+pub use crate::config::{FilterError, LogFilter};
 pub use terminal::is_dumb_terminal;
 
 // The label and stream of a line travel with it between hosts: wire data.

@@ -13,7 +13,7 @@
 //! `emerg`), or `off` for nothing. Spaces around directives are ignored.
 //! Without a default level, `info` applies.
 
-use super::LogRecord;
+use crate::log::LogRecord;
 use crate::protocol::slave::Level;
 use std::fmt;
 use std::str::FromStr;
@@ -32,7 +32,7 @@ const DEFAULT_LEVEL: Level = Level::Info;
 /// `warn`, `err`, `crit`, `emerg`), or `off` for nothing.
 ///
 /// ```
-/// use taskherd::log::LogFilter;
+/// use taskherd::config::LogFilter;
 /// let filter: LogFilter = "warning,web=debug".parse().unwrap();
 /// assert_eq!(filter.to_string(), "warning,web=debug");
 /// ```
@@ -147,7 +147,7 @@ impl LogFilter {
                 }
                 Some((group, level)) => {
                     let (group, level) = (group.trim(), level.trim());
-                    if !crate::config::is_valid_group_name(group) {
+                    if !super::is_valid_group_name(group) {
                         return Err(FilterError::InvalidGroup {
                             group: group.to_owned(),
                         });
