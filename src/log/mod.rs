@@ -34,6 +34,7 @@
 //! ([`LogSink::status_line`]) is kept below the last line.
 //!
 //! - `feed`: the backlog and the live feed of `taskherd logs`.
+//! - `filter`: which records the [`LogFilter`] (`info,web=debug`) lets through.
 //! - `format`: a record to a line of text or JSON.
 //! - `file`: the rotated log file.
 //! - `terminal`: colors and the status line.
@@ -41,6 +42,7 @@
 
 mod feed;
 mod file;
+mod filter;
 mod format;
 mod terminal;
 mod writer;
