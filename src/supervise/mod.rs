@@ -4,17 +4,22 @@
 //! it for the instances placed on its own host, every agent for the
 //! instances placed on its remote host, with the same code.
 //!
-//! - [`instance`]: one task per instance: start, relay, liveness, stop,
-//!   restart.
+//! - [`instance`]: one task per instance: start, liveness, stop, restart;
+//!   its runs' output goes through `relay` (stdout and stderr to log
+//!   records) and their control channel through `control_link`, both
+//!   marking signs of life on an `activity` clock.
 //! - [`process`]: spawning a child with its control channel, and
 //!   signalling its process group.
 //! - [`output`]: child output to whole lines.
 //! - [`restart`]: policy and backoff.
 //! - [`shutdown`]: the stop and kill tokens, and signal handling.
 
+mod activity;
+mod control_link;
 pub mod instance;
 pub mod output;
 pub mod process;
+mod relay;
 pub mod restart;
 pub mod shutdown;
 
