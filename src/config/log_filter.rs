@@ -31,7 +31,7 @@ const DEFAULT_LEVEL: Level = Level::Info;
 /// `warn`, `err`, `crit`, `emerg`), or `off` for nothing.
 ///
 /// The config holds it (`[log] filter`); the log stream applies it to
-/// its records (`LogFilter::enabled`, in [`crate::log`]).
+/// its records (`LogFilter::enabled`, in the `log` module).
 ///
 /// ```
 /// use taskherd::config::LogFilter;

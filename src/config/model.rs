@@ -4,6 +4,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+// The restart policy travels to agents with each instance: wire data.
+pub use crate::protocol::instance::{RestartPolicy, RestartSpec};
+
 /// A whole herd: master settings and groups, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -427,57 +430,6 @@ impl Default for QueueSpec {
             fail_on_dead: true,
         }
     }
-}
-
-/// The `restart` table of a group.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RestartSpec {
-    /// When to restart. Key `policy`, default `"on-failure"`.
-    pub policy: RestartPolicy,
-    /// First backoff delay. Key `initial`, default 1 s.
-    #[serde(with = "crate::protocol::millis")]
-    pub initial: Duration,
-    /// Backoff cap: the delay doubles up to this. Key `max`, default 30 s.
-    #[serde(with = "crate::protocol::millis")]
-    pub max: Duration,
-    /// Random spread of each delay, as a fraction (0.1 = ±10 %). Key
-    /// `jitter`, default 0.1, between 0 and 1.
-    pub jitter: f64,
-    /// An instance that ran this long is healthy: its restart count and
-    /// backoff start over. Key `reset_after`, default 60 s.
-    #[serde(with = "crate::protocol::millis")]
-    pub reset_after: Duration,
-    /// Restarts in a row (without a healthy period) after which the next
-    /// failure marks the instance failed. `None` is unlimited. Key `limit`,
-    /// default 10, or `"unlimited"`.
-    pub limit: Option<u32>,
-}
-
-impl Default for RestartSpec {
-    fn default() -> Self {
-        RestartSpec {
-            policy: RestartPolicy::OnFailure,
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(30),
-            jitter: 0.1,
-            reset_after: Duration::from_secs(60),
-            limit: Some(10),
-        }
-    }
-}
-
-/// When an instance that ended is started again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartPolicy {
-    /// Never: an ended instance stays ended (`"never"`).
-    Never,
-    /// After a failure: non-zero exit, death by signal, liveness timeout,
-    /// or a failure reported by the slave library (`"on-failure"`).
-    #[default]
-    OnFailure,
-    /// Whatever the outcome, until the master stops (`"always"`).
-    Always,
 }
 
 impl GroupSpec {

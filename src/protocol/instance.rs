@@ -1,13 +1,13 @@
 //! What the master and the agents exchange about instances: what to run
 //! ([`InstanceSpec`]), what an operator asks of one ([`InstanceCommand`]),
 //! what happens to it ([`InstanceEvent`]) and how it ended
-//! ([`InstanceEnd`]), and the labels and streams of its log lines.
+//! ([`InstanceEnd`]), its restart policy ([`RestartSpec`]), and the
+//! labels and streams of its log lines.
 //!
-//! Plain data only: [`crate::supervise`] gives it its behaviour, on the
+//! Plain data only: supervision (`supervise`) gives it its behaviour, on the
 //! master's host and on every agent's alike.
 
 use super::slave::{Identity, QueueProgress};
-use crate::config::RestartSpec;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -99,6 +99,58 @@ pub struct InstanceSpec {
     /// Recycle the instance after it ran this long.
     #[serde(default, with = "super::millis::option")]
     pub max_lifetime: Option<Duration>,
+}
+
+/// The `restart` table of a group (config keys below), as each of its
+/// instances is supervised by it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestartSpec {
+    /// When to restart. Key `policy`, default `"on-failure"`.
+    pub policy: RestartPolicy,
+    /// First backoff delay. Key `initial`, default 1 s.
+    #[serde(with = "super::millis")]
+    pub initial: Duration,
+    /// Backoff cap: the delay doubles up to this. Key `max`, default 30 s.
+    #[serde(with = "super::millis")]
+    pub max: Duration,
+    /// Random spread of each delay, as a fraction (0.1 = ±10 %). Key
+    /// `jitter`, default 0.1, between 0 and 1.
+    pub jitter: f64,
+    /// An instance that ran this long is healthy: its restart count and
+    /// backoff start over. Key `reset_after`, default 60 s.
+    #[serde(with = "super::millis")]
+    pub reset_after: Duration,
+    /// Restarts in a row (without a healthy period) after which the next
+    /// failure marks the instance failed. `None` is unlimited. Key `limit`,
+    /// default 10, or `"unlimited"`.
+    pub limit: Option<u32>,
+}
+
+impl Default for RestartSpec {
+    fn default() -> Self {
+        RestartSpec {
+            policy: RestartPolicy::OnFailure,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+            jitter: 0.1,
+            reset_after: Duration::from_secs(60),
+            limit: Some(10),
+        }
+    }
+}
+
+/// When an instance that ended is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never: an ended instance stays ended (`"never"`).
+    Never,
+    /// After a failure: non-zero exit, death by signal, liveness timeout,
+    /// or a failure reported by the slave library (`"on-failure"`).
+    #[default]
+    OnFailure,
+    /// Whatever the outcome, until the master stops (`"always"`).
+    Always,
 }
 
 /// How an instance's supervision ended.
