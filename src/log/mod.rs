@@ -1,5 +1,7 @@
-//! The master's log stream: every instance's lines and the master's own
-//! events, written by one thread in text or JSON lines.
+//! The log stream: every instance's lines and the master's own events,
+//! written by one thread in text or JSON lines. (An agent feeds its
+//! instances' records to its link to the master through the same
+//! [`LogSink`].)
 //!
 //! Producers (output readers, control links) send records through a
 //! bounded channel: a child that prints faster than the output can take

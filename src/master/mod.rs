@@ -1,5 +1,11 @@
 //! The master: launches groups of instances and supervises them.
 //!
+//! Each instance on the master's host is supervised by
+//! [`crate::supervise`], as on every agent's host; lines and events go to
+//! the [`crate::log`] stream. The names of those floors that users of the
+//! master need ([`Shutdown`], [`LogSink`], [`InstanceLabel`], ...) are
+//! re-exported here.
+//!
 //! - [`plan`]: config to instances: where each runs, with which id.
 //! - [`launcher`]: the run loop and the final report; its `actions`
 //!   (private) carry out operators' requests: suspend, resume, rolling

@@ -1,10 +1,10 @@
 //! Starting one instance process and signalling its process group.
 //!
-//! This is the part of local placement that the agent will reuse on remote
-//! hosts: a child in its own process group, a control socketpair at a known
-//! fd, the identity in the environment, stdout/stderr piped, stdin closed,
-//! and a parent-death signal so that even a SIGKILLed master leaves no
-//! plain program behind.
+//! The master spawns its local instances with it, and every agent the
+//! instances of its remote host: a child in its own process group, a
+//! control socketpair at a known fd, the identity in the environment,
+//! stdout/stderr piped, stdin closed, and a parent-death signal so that
+//! even a SIGKILLed master leaves no plain program behind.
 
 use crate::config::probe::{self, DirProblem, ProgramProblem};
 use crate::protocol::slave::{self as wire, Identity};
