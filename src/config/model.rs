@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 // The restart policy travels to agents with each instance: wire data.
+#[doc(inline)]
 pub use crate::protocol::instance::{RestartPolicy, RestartSpec};
 
 /// A whole herd: master settings and groups, validated.
