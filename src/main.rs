@@ -319,7 +319,7 @@ struct LogArgs {
     /// such as `info,web=debug`. Overrides TASKHERD_LOG, which overrides
     /// `[log] filter` (default `info`).
     #[arg(long, value_name = "FILTER")]
-    log_filter: Option<taskherd::master::log::LogFilter>,
+    log_filter: Option<taskherd::config::LogFilter>,
     /// Colors by level on the terminal, overriding `[log] color`.
     #[arg(long, value_enum, value_name = "WHEN")]
     color: Option<ColorArg>,
@@ -368,7 +368,7 @@ impl LogArgs {
                     Verbosity::Verbose => Level::Debug,
                     Verbosity::Normal => return Ok(()),
                 };
-                config.log.filter = taskherd::master::log::LogFilter::at_least(Some(level));
+                config.log.filter = taskherd::config::LogFilter::at_least(Some(level));
                 return Ok(());
             }
         };
@@ -533,7 +533,7 @@ fn main() -> ExitCode {
                 group,
                 // Without --tail: the live log only, or all the master kept.
                 tail: tail.unwrap_or(if no_follow {
-                    u32::try_from(taskherd::master::log::BACKLOG_LINES).unwrap_or(u32::MAX)
+                    u32::try_from(taskherd::log::BACKLOG_LINES).unwrap_or(u32::MAX)
                 } else {
                     0
                 }),
@@ -585,7 +585,7 @@ fn init_diagnostics(diagnostics: Diagnostics, verbosity: Verbosity) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let terminal = std::io::stderr().is_terminal() && !taskherd::master::log::is_dumb_terminal();
+    let terminal = std::io::stderr().is_terminal() && !taskherd::log::is_dumb_terminal();
     let ansi = terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let erase_row = matches!(diagnostics, Diagnostics::BelowStatusLine)
         && terminal

@@ -3,7 +3,7 @@
 //! The master starts `taskherd agent` on each remote host over its one SSH
 //! connection. The agent is local spawning plus an upstream link: it runs
 //! every instance the master hands it with the same supervision code as
-//! the master's local instances ([`crate::master::instance::supervise`]),
+//! the master's local instances ([`crate::supervise::instance::supervise`]),
 //! and relays their log lines and final reports over its stdout, in the
 //! frames of [`crate::protocol::agent`].
 //!
@@ -14,13 +14,13 @@
 //! killed, plain programs get their parent-death signal and library
 //! instances see their control channel close.
 
-use crate::master::instance::{self, InstanceReport};
-use crate::master::log::{LogRecord, LogSink};
-use crate::master::Shutdown;
+use crate::log::{LogRecord, LogSink};
 use crate::pidkiller::{default_state_file, PidKiller};
 use crate::protocol::agent::{FromAgent, ToAgent};
 use crate::protocol::{Connection, ProtocolError, PROTOCOL_VERSION};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use crate::supervise::instance::{self, InstanceReport};
+use crate::supervise::shutdown::Shutdown;
+use std::time::{Duration, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -195,7 +195,7 @@ where
     Ok(())
 }
 
-fn is_feeder(spec: &crate::master::instance::InstanceSpec) -> bool {
+fn is_feeder(spec: &crate::supervise::instance::InstanceSpec) -> bool {
     matches!(
         spec.identity.queue,
         Some(crate::protocol::slave::QueueRole::Feeder { .. })
@@ -281,11 +281,6 @@ fn log_frame(record: LogRecord) -> FromAgent {
     }
 }
 
-/// The time of a relayed log line.
-pub fn time_of(time_ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(time_ms)
-}
-
 /// Entry point of `taskherd agent`: serves the master on stdin/stdout.
 ///
 /// # Errors
@@ -301,7 +296,7 @@ pub fn run_stdio() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         // The agent's own log lines reach the master only once serving;
         // reaped leftovers are reported on stderr, which the master relays.
         let (sink, mut records_rx) = LogSink::channel();
-        let pids = crate::master::open_pid_killer(default_state_file(), &sink).await;
+        let pids = crate::supervise::open_pid_killer(default_state_file(), &sink).await;
         drop(sink);
         while let Some(record) = records_rx.recv().await {
             tracing::warn!("{}", record.message);
@@ -323,17 +318,17 @@ fn watch_agent_signals(shutdown: Shutdown) -> std::io::Result<()> {
         hangup.recv().await;
         shutdown_on_hup.request_stop("SIGHUP received");
     });
-    crate::master::stop_on_signals(shutdown).map(drop)
+    crate::supervise::shutdown::stop_on_signals(shutdown).map(drop)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::RestartSpec;
-    use crate::master::instance::{InstanceEnd, InstanceSpec};
-    use crate::master::log::InstanceLabel;
-    use crate::master::process::ProcessSpec;
+    use crate::log::InstanceLabel;
     use crate::protocol::slave::Identity;
+    use crate::supervise::instance::{InstanceEnd, InstanceSpec};
+    use crate::supervise::process::ProcessSpec;
     use std::sync::Arc;
 
     fn spec(id: u32, script: &str) -> InstanceSpec {

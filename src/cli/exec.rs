@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use taskherd::config::{hosts, Config};
 use taskherd::master;
-use taskherd::master::instance::InstanceEnd;
+use taskherd::supervise::instance::{InstanceEnd, InstanceReport};
 
 use crate::{LogArgs, Verbosity, EXIT_ERROR, EXIT_FAILED_INSTANCES};
 
@@ -189,7 +189,7 @@ pub fn split_list(list: &str) -> Vec<String> {
 
 /// `8 instances on 4 hosts: 7 exited 0, 1 failed: [exec] [web3] [sh/5/3]
 /// exited with code 1`.
-fn summary(instances: &[master::instance::InstanceReport]) -> String {
+fn summary(instances: &[InstanceReport]) -> String {
     let hosts: std::collections::BTreeSet<&str> =
         instances.iter().map(|r| r.label.host.as_str()).collect();
     let mut ok = 0usize;

@@ -26,10 +26,12 @@
 //! ```
 
 pub mod hosts;
+mod log_filter;
 mod model;
 mod parse;
 pub mod probe;
 
+pub use log_filter::{FilterError, LogFilter};
 pub use model::*;
 
 use std::fmt;

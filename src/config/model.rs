@@ -4,6 +4,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+// The restart policy travels to agents with each instance: wire data.
+#[doc(inline)]
+pub use crate::protocol::instance::{RestartPolicy, RestartSpec};
+
 /// A whole herd: master settings and groups, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -173,7 +177,7 @@ pub struct LogSpec {
     pub keep: u32,
     /// Which records are written: a default level and levels per group,
     /// such as `"info,web=debug"`. Key `filter`, default `"info"`.
-    pub filter: crate::master::log::LogFilter,
+    pub filter: super::LogFilter,
     /// Colors by level on the terminal. Key `color`, `"auto"` (default:
     /// when standard output is a terminal), `"always"` or `"never"`.
     pub color: LogColor,
@@ -186,7 +190,7 @@ impl Default for LogSpec {
             file: None,
             max_size: DEFAULT_LOG_MAX_SIZE,
             keep: DEFAULT_LOG_KEEP,
-            filter: crate::master::log::LogFilter::default(),
+            filter: super::LogFilter::default(),
             color: LogColor::Auto,
         }
     }
@@ -437,57 +441,6 @@ impl Default for QueueSpec {
     }
 }
 
-/// The `restart` table of a group.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RestartSpec {
-    /// When to restart. Key `policy`, default `"on-failure"`.
-    pub policy: RestartPolicy,
-    /// First backoff delay. Key `initial`, default 1 s.
-    #[serde(with = "crate::protocol::millis")]
-    pub initial: Duration,
-    /// Backoff cap: the delay doubles up to this. Key `max`, default 30 s.
-    #[serde(with = "crate::protocol::millis")]
-    pub max: Duration,
-    /// Random spread of each delay, as a fraction (0.1 = ±10 %). Key
-    /// `jitter`, default 0.1, between 0 and 1.
-    pub jitter: f64,
-    /// An instance that ran this long is healthy: its restart count and
-    /// backoff start over. Key `reset_after`, default 60 s.
-    #[serde(with = "crate::protocol::millis")]
-    pub reset_after: Duration,
-    /// Restarts in a row (without a healthy period) after which the next
-    /// failure marks the instance failed. `None` is unlimited. Key `limit`,
-    /// default 10, or `"unlimited"`.
-    pub limit: Option<u32>,
-}
-
-impl Default for RestartSpec {
-    fn default() -> Self {
-        RestartSpec {
-            policy: RestartPolicy::OnFailure,
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(30),
-            jitter: 0.1,
-            reset_after: Duration::from_secs(60),
-            limit: Some(10),
-        }
-    }
-}
-
-/// When an instance that ended is started again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartPolicy {
-    /// Never: an ended instance stays ended (`"never"`).
-    Never,
-    /// After a failure: non-zero exit, death by signal, liveness timeout,
-    /// or a failure reported by the slave library (`"on-failure"`).
-    #[default]
-    OnFailure,
-    /// Whatever the outcome, until the master stops (`"always"`).
-    Always,
-}
-
 impl GroupSpec {
     /// Total number of instances of the group over all placements.
     pub fn instance_count(&self) -> u32 {
@@ -528,7 +481,7 @@ impl Config {
     ///
     /// # Errors
     /// The first unknown group, with the closest name when one is near.
-    pub fn check_log_filter(&self, filter: &crate::master::log::LogFilter) -> Result<(), String> {
+    pub fn check_log_filter(&self, filter: &super::LogFilter) -> Result<(), String> {
         let names: Vec<&str> = self.groups.iter().map(|g| g.name.as_str()).collect();
         match filter.groups().find(|name| !names.contains(name)) {
             Some(unknown) => Err(super::parse::unknown_filter_group(unknown, &names)),

@@ -10,19 +10,19 @@
 
 use super::control::{stream_logs, ControlRequest, LogsRequest};
 use super::herd::{is_final, Board, HerdCommand};
-use super::instance::{self, EventKind, InstanceCommand, InstanceReport};
 use super::launcher::stop_budget;
-use super::log::LogSink;
 use super::plan::{
     is_resize, plan_groups, plan_resize, same_host, split_plan, FeederInfo, Plan, Resize,
 };
 use super::queue::FeederAddresses;
 use super::remote::{self, AgentSettings, HostCommand, HostPlan};
-use super::shutdown::Shutdown;
 use crate::config::{Config, GroupSpec, HostSpec};
 use crate::error_text::{count as count_of, error_chain};
+use crate::log::LogSink;
 use crate::protocol::control::{FromMaster, InstanceState, ToMaster};
 use crate::protocol::slave::Level;
+use crate::supervise::instance::{self, EventKind, InstanceCommand, InstanceReport};
+use crate::supervise::shutdown::Shutdown;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,13 +3,13 @@
 //! resume, restart, reload, stop), the [`Events`] callbacks, and the
 //! [`Launcher`] that runs a config with them.
 
-use super::instance::{EventKind, InstanceEnd, InstanceEvent};
 use super::launcher::RunReport;
-use super::log::{InstanceLabel, LogSink};
-use super::shutdown::Shutdown;
 use crate::config::Config;
+use crate::log::{InstanceLabel, LogSink};
 use crate::protocol::control::{GroupStatus, HerdStatus, InstanceState, InstanceStatus};
 use crate::protocol::slave::QueueProgress;
+use crate::supervise::instance::{EventKind, InstanceEnd, InstanceEvent};
+use crate::supervise::shutdown::Shutdown;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -86,7 +86,7 @@ pub(crate) enum HerdCommand {
     /// A step of a rolling change: start these instances.
     Start(super::plan::Plan),
     /// A step of a rolling change: command one instance.
-    Instance(u32, super::instance::InstanceCommand),
+    Instance(u32, crate::supervise::instance::InstanceCommand),
 }
 
 /// A handle on a running herd: its status, and the operator's actions.

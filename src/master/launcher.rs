@@ -4,16 +4,16 @@
 
 use super::actions::Running;
 use super::herd::{pump_events, Board, Herd, Launcher};
-use super::instance::{self, InstanceEnd, InstanceReport};
-use super::log::LogSink;
 use super::plan::plan;
 use super::queue::FeederAddresses;
 use super::remote::AgentSettings;
-use super::shutdown::Shutdown;
 use crate::config::{BuiltinFeeder, Config};
 use crate::error_text::count;
+use crate::log::LogSink;
 use crate::protocol::control::{FromMaster, HerdStatus, InstanceState};
 use crate::protocol::slave::Level;
+use crate::supervise::instance::{self, InstanceEnd, InstanceReport};
+use crate::supervise::shutdown::Shutdown;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -169,7 +169,7 @@ pub(crate) async fn run_launcher(
             .join(crate::pidkiller::STATE_FILE_NAME),
         None => crate::pidkiller::default_state_file(),
     };
-    let pids = super::open_pid_killer(state_file, &sink).await;
+    let pids = crate::supervise::open_pid_killer(state_file, &sink).await;
     let control_dir = match ControlDir::create() {
         Ok(dir) => Some(dir),
         Err(err) => {
@@ -294,7 +294,7 @@ pub(crate) async fn run_launcher(
                     .await;
             }
             Some(_) = waiters.join_next(), if !waiters.is_empty() => {}
-            _ = super::sleep_until_some(deadline.map(|(_, at)| at)), if !shutdown.is_stopping() => {
+            _ = crate::supervise::sleep_until_some(deadline.map(|(_, at)| at)), if !shutdown.is_stopping() => {
                 if let Some((limit, _)) = deadline {
                     shutdown.request_stop(format!(
                         "max running time of {} reached",
@@ -580,7 +580,7 @@ pub(crate) fn run_blocking_with(launcher: Launcher) -> std::io::Result<RunReport
         LogSink::start(&config.log, &config.base_dir()).map_err(std::io::Error::other)?;
     let report = runtime.block_on(async move {
         let shutdown = Shutdown::new();
-        super::stop_on_signals(shutdown.clone())?;
+        crate::supervise::shutdown::stop_on_signals(shutdown.clone())?;
         std::io::Result::Ok(launcher.run(sink, shutdown).await)
     });
     // The runtime's tasks hold the last sink clones: once they are gone the
@@ -724,7 +724,7 @@ impl Drop for ControlDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::master::log::InstanceLabel;
+    use crate::log::InstanceLabel;
     use crate::protocol::control::{GroupStatus, InstanceStatus};
 
     fn instance(id: u32, state: InstanceState) -> InstanceStatus {

@@ -1,13 +1,13 @@
 //! Placement: which instance runs where, with which id, as pure data.
 
-use super::instance::InstanceSpec;
-use super::log::InstanceLabel;
-use super::process::ProcessSpec;
 use super::remote::HostPlan;
 use crate::config::{
     BuiltinFeeder, Config, ConsumerRun, GroupSpec, HostSpec, QueueSpec, RemotePlacement, SshOptions,
 };
+use crate::log::InstanceLabel;
 use crate::protocol::slave::{Identity, QueueRole};
+use crate::supervise::instance::InstanceSpec;
+use crate::supervise::process::ProcessSpec;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,12 +1,12 @@
 //! Queue groups on the master's side: the feeder's and consumers' roles,
 //! the per-run secret, the feeder's port, and the start order.
 
-use super::instance::InstanceSpec;
 use super::plan::Plan;
 use crate::config::QueueSpec;
 use crate::protocol::queue::random_hex;
 use crate::protocol::slave::{QueueRole, QueueSettings};
 use crate::retry::RetryPolicy;
+use crate::supervise::instance::InstanceSpec;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;

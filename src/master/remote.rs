@@ -2,20 +2,19 @@
 //! agent, hands the agent the host's instances, relays what it reports,
 //! and reconnects (restarting the instances) when the host is lost.
 
-use super::instance::{
+use super::queue::{FeederAddress, FeederAddresses};
+use super::ssh;
+use crate::config::{HostSpec, RestartSpec, SshOptions};
+use crate::log::{InstanceLabel, LogRecord, LogSink};
+use crate::protocol::agent::{time_of, FromAgent, ToAgent};
+use crate::protocol::slave::Level;
+use crate::protocol::{Connection, PROTOCOL_VERSION};
+use crate::supervise::instance::{
     self, EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceReport, InstanceSpec,
     Supervision,
 };
-use super::log::{InstanceLabel, LogRecord, LogSink};
-use super::queue::{FeederAddress, FeederAddresses};
-use super::restart::backoff_delay;
-use super::shutdown::Shutdown;
-use super::ssh;
-use crate::agent;
-use crate::config::{HostSpec, RestartSpec, SshOptions};
-use crate::protocol::agent::{FromAgent, ToAgent};
-use crate::protocol::slave::Level;
-use crate::protocol::{Connection, PROTOCOL_VERSION};
+use crate::supervise::restart::backoff_delay;
+use crate::supervise::shutdown::Shutdown;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -596,7 +595,7 @@ impl HostRun<'_> {
                     kill_sent = true;
                     let _ = to_agent_tx.send(ToAgent::Kill);
                 }
-                _ = super::sleep_until_some(stop_deadline) => {
+                _ = crate::supervise::sleep_until_some(stop_deadline) => {
                     return self.lost(true, "no report from the agent within the stop deadline".to_string()).await;
                 }
             }
@@ -687,7 +686,7 @@ impl HostRun<'_> {
                 };
                 self.sink
                     .send(LogRecord {
-                        time: agent::time_of(time_ms),
+                        time: time_of(time_ms),
                         level,
                         instance,
                         stream,
@@ -790,7 +789,7 @@ async fn write_to_agent(
 /// The agent's own diagnostics (and the remote shell's errors, such as a
 /// missing binary) become warnings of the host.
 async fn relay_agent_stderr(stderr: openssh::ChildStderr, host: String, sink: LogSink) {
-    let mut lines = FramedRead::new(stderr, super::output::LineDecoder::default());
+    let mut lines = FramedRead::new(stderr, crate::supervise::output::LineDecoder::default());
     while let Some(Ok(line)) = lines.next().await {
         sink.master_event(Level::Warning, format!("host {host}: agent: {line}"))
             .await;

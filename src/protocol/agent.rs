@@ -8,11 +8,10 @@
 //! sides send [`ToAgent::Heartbeat`] / [`FromAgent::Heartbeat`] so a
 //! network partition (no FIN, no RST) is noticed on both ends.
 
+use super::instance::{InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec, Stream};
 use super::slave::Level;
-use crate::master::instance::{InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec};
-use crate::master::log::Stream;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Frames from the master to an agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,4 +97,9 @@ pub enum FromAgent {
     },
     /// "I am still here".
     Heartbeat,
+}
+
+/// The time of a relayed log line ([`FromAgent::Log`]'s `time_ms`).
+pub fn time_of(time_ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(time_ms)
 }

@@ -1,10 +1,13 @@
 //! Frames and the codec shared by every link.
 //!
-//! Every link of taskherd (master <-> slave over the control socket, and
-//! later master <-> agent and feeder <-> consumer) carries the same thing:
-//! length-delimited frames (a 4-byte big-endian length, then the body) whose
-//! body is one JSON document. [`Connection`] wraps any byte stream with that
-//! codec; each link has its own file with its message enums.
+//! Every link of taskherd (master <-> slave over the control socket,
+//! master <-> agent, feeder <-> consumer, and the master's control socket)
+//! carries the same thing: length-delimited frames (a 4-byte big-endian
+//! length, then the body) whose body is one JSON document. [`Connection`]
+//! wraps any byte stream with that codec; each link has its own file with
+//! its message enums (`slave`, `agent`, `queue`, `control`), and
+//! `instance` holds the data about instances that the agent link carries
+//! and both its ends supervise by.
 //!
 //! A frame that does not decode as the expected enum is re-read as a plain
 //! JSON value so that the error says whether the peer sent valid JSON of an
@@ -14,6 +17,8 @@
 pub mod agent;
 #[cfg(feature = "master")]
 pub mod control;
+#[cfg(feature = "master")]
+pub mod instance;
 pub mod millis;
 pub mod queue;
 pub mod slave;

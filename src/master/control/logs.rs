@@ -2,7 +2,7 @@
 //! then the live log.
 
 use crate::config::LogFormat;
-use crate::master::log::{LogRecord, LogSink};
+use crate::log::{LogRecord, LogSink};
 use crate::protocol::control::FromMaster;
 use crate::protocol::slave::Level;
 use std::sync::Arc;
@@ -115,7 +115,7 @@ fn line_text(record: &LogRecord, line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::master::log::{InstanceLabel, Stream};
+    use crate::log::{InstanceLabel, Stream};
     use std::time::{Duration, SystemTime};
 
     fn line(group: &str, message: &str) -> LogRecord {

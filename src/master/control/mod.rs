@@ -217,7 +217,7 @@ fn list_paths(paths: &[PathBuf]) -> String {
 /// once the client hangs up, sends on `reply` fail, which is how a `logs`
 /// stream learns to stop. The master streams logs from a task of its own,
 /// fed by the backlog and a live receiver of
-/// [`LogSink::follow`](crate::master::log::LogSink::follow): a client that
+/// [`LogSink::follow`](crate::log::LogSink::follow): a client that
 /// reads slowly makes that task wait, and the receiver lag (losing the
 /// oldest records, counted), never the herd.
 #[derive(Debug)]

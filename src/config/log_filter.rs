@@ -13,7 +13,6 @@
 //! `emerg`), or `off` for nothing. Spaces around directives are ignored.
 //! Without a default level, `info` applies.
 
-use super::LogRecord;
 use crate::protocol::slave::Level;
 use std::fmt;
 use std::str::FromStr;
@@ -31,8 +30,11 @@ const DEFAULT_LEVEL: Level = Level::Info;
 /// `notice`, `warning`, `error`, `critical`, `alert`, `emergency` (also
 /// `warn`, `err`, `crit`, `emerg`), or `off` for nothing.
 ///
+/// The config holds it (`[log] filter`); the log stream applies it to
+/// its records (`LogFilter::enabled`, in the `log` module).
+///
 /// ```
-/// use taskherd::master::log::LogFilter;
+/// use taskherd::config::LogFilter;
 /// let filter: LogFilter = "warning,web=debug".parse().unwrap();
 /// assert_eq!(filter.to_string(), "warning,web=debug");
 /// ```
@@ -147,7 +149,7 @@ impl LogFilter {
                 }
                 Some((group, level)) => {
                     let (group, level) = (group.trim(), level.trim());
-                    if !crate::config::is_valid_group_name(group) {
+                    if !super::is_valid_group_name(group) {
                         return Err(FilterError::InvalidGroup {
                             group: group.to_owned(),
                         });
@@ -166,17 +168,6 @@ impl LogFilter {
             default: default.map_or(Some(DEFAULT_LEVEL), |(_, level)| level),
             groups,
         })
-    }
-
-    /// Whether `record` passes.
-    #[inline]
-    pub fn enabled(&self, record: &LogRecord) -> bool {
-        let group = match &record.instance {
-            Some(label) if !self.groups.is_empty() => Some(label.group.as_str()),
-            _ => None,
-        };
-        self.level_for(group)
-            .is_some_and(|lowest| record.level >= lowest)
     }
 
     /// The lowest level written for records of `group` (`None` for the
@@ -232,30 +223,20 @@ fn parse_level(word: &str) -> Option<Option<Level>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::master::log::{InstanceLabel, Stream};
-    use std::sync::Arc;
-    use std::time::SystemTime;
-
-    fn record(group: Option<&str>, level: Level) -> LogRecord {
-        LogRecord {
-            time: SystemTime::now(),
-            level,
-            instance: group.map(|group| {
-                Arc::new(InstanceLabel {
-                    group: group.into(),
-                    host: "localhost".into(),
-                    command: "w".into(),
-                    id: 1,
-                    group_id: 1,
-                })
-            }),
-            stream: Stream::Stdout,
-            message: String::new(),
-        }
-    }
 
     fn parse(text: &str) -> LogFilter {
         LogFilter::parse(text).unwrap_or_else(|err| panic!("{text}: {err}"))
+    }
+
+    #[test]
+    fn levels_by_group() {
+        let filter = parse("warning,web=debug,quiet=off");
+        assert_eq!(filter.level_for(Some("web")), Some(Level::Debug));
+        assert_eq!(filter.level_for(Some("quiet")), None);
+        assert_eq!(filter.level_for(Some("db")), Some(Level::Warning));
+        assert_eq!(filter.level_for(None), Some(Level::Warning));
+        assert_eq!(LogFilter::default().level_for(None), Some(Level::Info));
+        assert_eq!(parse("off").level_for(Some("web")), None);
     }
 
     #[test]
@@ -323,27 +304,5 @@ mod tests {
             "group \"web\" given twice in log filter"
         );
         assert!(matches!(err("web="), FilterError::UnknownLevel { .. }));
-    }
-
-    #[test]
-    fn matches_by_level_then_group() {
-        let filter = parse("warning,web=debug,quiet=off");
-        assert!(!filter.enabled(&record(None, Level::Info)));
-        assert!(filter.enabled(&record(None, Level::Warning)));
-        assert!(filter.enabled(&record(None, Level::Emergency)));
-        assert!(!filter.enabled(&record(Some("db"), Level::Notice)));
-        assert!(filter.enabled(&record(Some("db"), Level::Error)));
-        assert!(filter.enabled(&record(Some("web"), Level::Debug)));
-        assert!(!filter.enabled(&record(Some("web"), Level::Trace)));
-        assert!(!filter.enabled(&record(Some("quiet"), Level::Emergency)));
-        assert_eq!(filter.level_for(Some("web")), Some(Level::Debug));
-        assert_eq!(filter.level_for(Some("quiet")), None);
-        assert_eq!(filter.level_for(None), Some(Level::Warning));
-
-        let default = LogFilter::default();
-        assert!(!default.enabled(&record(Some("web"), Level::Debug)));
-        assert!(default.enabled(&record(Some("web"), Level::Info)));
-        assert!(LogFilter::all().enabled(&record(None, Level::Trace)));
-        assert!(!parse("off").enabled(&record(None, Level::Emergency)));
     }
 }

@@ -1,5 +1,7 @@
-//! The master's log stream: every instance's lines and the master's own
-//! events, written by one thread in text or JSON lines.
+//! The log stream: every instance's lines and the master's own events,
+//! written by one thread in text or JSON lines. (An agent feeds its
+//! instances' records to its link to the master through the same
+//! [`LogSink`].)
 //!
 //! Producers (output readers, control links) send records through a
 //! bounded channel: a child that prints faster than the output can take
@@ -34,7 +36,7 @@
 //! ([`LogSink::status_line`]) is kept below the last line.
 //!
 //! - `feed`: the backlog and the live feed of `taskherd logs`.
-//! - `filter`: the `info,web=debug` syntax.
+//! - `filter`: which records the [`LogFilter`] (`info,web=debug`) lets through.
 //! - `format`: a record to a line of text or JSON.
 //! - `file`: the rotated log file.
 //! - `terminal`: colors and the status line.
@@ -49,13 +51,16 @@ mod writer;
 
 pub use feed::{Follow, BACKLOG_BYTES, BACKLOG_LINES};
 pub use file::LogFileOptions;
-pub use filter::{FilterError, LogFilter};
+// The filter is parsed with the config, which holds it.
+pub use crate::config::{FilterError, LogFilter};
 pub use terminal::is_dumb_terminal;
+
+// The label and stream of a line travel with it between hosts: wire data.
+pub use crate::protocol::instance::{InstanceLabel, Stream};
 
 use crate::config::{LogColor, LogFormat, LogSpec};
 use crate::protocol::slave::Level;
 use feed::Feed;
-use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -71,45 +76,6 @@ const LOG_CHANNEL_LEN: usize = 8192;
 /// Records kept for live subscribers: one that falls further behind
 /// loses the oldest and is told how many ([`broadcast::error::RecvError::Lagged`]).
 pub const LIVE_CHANNEL_LEN: usize = 4096;
-
-/// Where an instance runs and who it is, as shown in every log prefix.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct InstanceLabel {
-    /// Group name.
-    pub group: String,
-    /// Host name as the master knows it.
-    pub host: String,
-    /// Base name of the command.
-    pub command: String,
-    /// Global id.
-    pub id: u32,
-    /// Id within the group.
-    pub group_id: u32,
-}
-
-impl std::fmt::Display for InstanceLabel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "[{}] [{}] [{}/{}/{}]",
-            self.group, self.host, self.command, self.id, self.group_id
-        )
-    }
-}
-
-/// Which channel a line came through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stream {
-    /// The instance's standard output.
-    Stdout,
-    /// The instance's standard error.
-    Stderr,
-    /// A structured record sent through the slave library.
-    Control,
-    /// An event of the master itself.
-    Master,
-}
 
 /// One line of the log.
 #[derive(Debug, Clone)]

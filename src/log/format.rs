@@ -237,7 +237,7 @@ impl Serialize for Rfc3339Millis {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::master::log::InstanceLabel;
+    use crate::log::InstanceLabel;
     use std::sync::Arc;
 
     fn record(instance: bool) -> LogRecord {

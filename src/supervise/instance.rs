@@ -3,30 +3,32 @@
 //!
 //! One task per instance owns all of the instance's state; nothing polls
 //! it. The task sleeps until the child exits, a control frame arrives, the
-//! liveness deadline passes, or a stop is requested.
+//! liveness deadline passes, or a stop is requested. Its output readers
+//! (`relay`) and its control link (`control_link`) are tasks of their own
+//! for each run of the process.
 
-use super::log::{InstanceLabel, LogRecord, LogSink, Stream};
-use super::output::{LineDecoder, MAX_LINE_LEN};
-use super::process::{self, ProcessSpec, Spawned};
+use super::activity::Activity;
+use super::control_link::{control_link, ControlSummary, SlaveEvent, SLAVE_EVENTS};
+use super::process::{self, Spawned};
+use super::relay::relay_output;
 use super::restart::{Decision, RestartTracker, RunOutcome};
 use super::shutdown::Shutdown;
-use crate::config::RestartSpec;
 use crate::error_text::error_chain;
+use crate::log::{InstanceLabel, LogSink, Stream};
 use crate::pidkiller::PidKiller;
-use crate::protocol::slave::{FromSlave, Identity, Level, QueueRole, ToSlave};
-use crate::protocol::{Connection, ProtocolError, PROTOCOL_VERSION};
-use bytes::{BufMut, BytesMut};
+use crate::protocol::slave::{Level, QueueRole, ToSlave};
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::codec::Decoder;
 use tracing::Instrument;
+
+// What travels to agents and back is wire data: `protocol::instance`.
+pub use crate::protocol::instance::{
+    EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec,
+};
 
 /// Extra time, beyond max lifetime and grace, before the pid killer's record
 /// of an instance would enforce the lifetime on its own.
@@ -37,55 +39,6 @@ const REGISTRY_BACKSTOP_MARGIN: Duration = Duration::from_secs(10);
 /// hold a pipe open that long).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Everything needed to run one instance: pure data (it travels to remote
-/// agents as is).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct InstanceSpec {
-    /// Who it is, for log prefixes.
-    pub label: Arc<InstanceLabel>,
-    /// What to execute.
-    pub process: ProcessSpec,
-    /// What the instance is told about itself; `identity.timeout` is the
-    /// liveness timeout once it proves it uses the library.
-    pub identity: Identity,
-    /// Liveness timeout from its first moment, library or not (set when the
-    /// group configures `timeout`).
-    #[serde(with = "crate::protocol::millis::option")]
-    pub plain_timeout: Option<Duration>,
-    /// Time between Stop and SIGKILL.
-    #[serde(with = "crate::protocol::millis")]
-    pub stop_grace: Duration,
-    /// Restart policy.
-    pub restart: RestartSpec,
-    /// Recycle the instance after it ran this long.
-    #[serde(default, with = "crate::protocol::millis::option")]
-    pub max_lifetime: Option<Duration>,
-}
-
-/// How an instance's supervision ended.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "end", rename_all = "snake_case")]
-pub enum InstanceEnd {
-    /// It ended and its policy does not restart it.
-    Completed,
-    /// It was given up: restart limit reached, or failed with policy never.
-    Failed {
-        /// The last failure.
-        reason: String,
-    },
-    /// The master stopped it.
-    Stopped {
-        /// Whether it had to be SIGKILLed.
-        killed: bool,
-    },
-    /// Its host was lost during a stop, or never reached: nobody can say
-    /// how it ended.
-    Lost {
-        /// What happened to the host.
-        reason: String,
-    },
-}
-
 /// The final word on one instance.
 #[derive(Debug, Clone)]
 pub struct InstanceReport {
@@ -93,33 +46,6 @@ pub struct InstanceReport {
     pub label: Arc<InstanceLabel>,
     /// How it ended.
     pub end: InstanceEnd,
-}
-
-/// Last sign of life of a running process, shared by its output readers
-/// and control link (writers) and its supervisor (reader at deadlines
-/// only), so that a line costs one atomic store and no message.
-#[derive(Debug)]
-struct Activity {
-    epoch: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
 }
 
 /// How one run of the process ended.
@@ -134,17 +60,6 @@ struct RunEnd {
     command: Option<InstanceCommand>,
 }
 
-/// What the control link tells the supervisor while the process runs.
-#[derive(Debug)]
-enum SlaveEvent {
-    /// The slave uses the library.
-    Hello,
-    /// A feeder listens at this address.
-    Listening(String),
-    /// A feeder's counts.
-    Progress(crate::protocol::slave::QueueProgress),
-}
-
 /// Shared by every instance a master or agent supervises.
 #[derive(Debug, Clone)]
 pub struct Supervision {
@@ -157,75 +72,6 @@ pub struct Supervision {
     /// Where the instance's life events go (status, events API), if
     /// anyone listens.
     pub events: Option<mpsc::UnboundedSender<InstanceEvent>>,
-}
-
-/// What an operator (or an embedding program) asks of one instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InstanceCommand {
-    /// Stop it cleanly and keep it stopped until resumed.
-    Suspend,
-    /// Start it again after a suspend.
-    Resume,
-    /// Stop it cleanly and start it again at once.
-    Restart,
-    /// Stop it cleanly and end its supervision (it left the config).
-    Remove,
-}
-
-/// Something that happened to an instance, as status and events see it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct InstanceEvent {
-    /// Global id of the instance.
-    pub id: u32,
-    /// When, in ms since the Unix epoch.
-    pub time_ms: u64,
-    /// What.
-    pub kind: EventKind,
-}
-
-/// The kinds of [`InstanceEvent`].
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum EventKind {
-    /// About to spawn its process.
-    Created,
-    /// Its process runs.
-    Started {
-        /// Its pid (on its host).
-        pid: u32,
-    },
-    /// A sign of life since the last one (sent at most every few seconds).
-    Seen,
-    /// No sign of life within its timeout: it is being killed.
-    TimedOut,
-    /// It is being stopped.
-    Stopping,
-    /// Its process ended.
-    Exited {
-        /// How ("exited with code 0", "killed by SIGKILL").
-        how: String,
-        /// Whether that counts as a failure.
-        failed: bool,
-    },
-    /// It will be restarted after this delay.
-    Backoff {
-        /// The delay, in ms.
-        delay_ms: u64,
-    },
-    /// Stopped by a suspend; waits for a resume.
-    Suspended,
-    /// Its feeder's latest counts (queue groups).
-    Progress {
-        /// The counts.
-        progress: crate::protocol::slave::QueueProgress,
-    },
-    /// Its supervision is over.
-    Ended {
-        /// How.
-        end: InstanceEnd,
-    },
 }
 
 /// How often at most an instance's signs of life become a
@@ -257,15 +103,6 @@ pub(crate) fn emit(
         // Nobody listening any more is fine: the run is ending.
         let _ = events.send(InstanceEvent { id, time_ms, kind });
     }
-}
-
-/// What the control link learned, returned when it closes.
-#[derive(Debug, Default)]
-struct ControlSummary {
-    /// The outcome the library reported, if any: (success, message).
-    outcome: Option<(bool, Option<String>)>,
-    /// Why the slave asked to be recycled, if it did (`max_jobs`).
-    recycle: Option<String>,
 }
 
 /// Supervises one instance until it completes, fails for good, or the
@@ -831,288 +668,28 @@ fn classify(
     }
 }
 
-/// Turns one output stream into log records.
-async fn relay_output<R: AsyncRead + Unpin>(
-    mut pipe: R,
-    stream: Stream,
-    label: Arc<InstanceLabel>,
-    sink: LogSink,
-    activity: Arc<Activity>,
-) {
-    let level = match stream {
-        Stream::Stderr => Level::Warning,
-        _ => Level::Info,
-    };
-    let mut decoder = LineDecoder::default();
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut records = Vec::new();
-    let record = |time, message| LogRecord {
-        time,
-        level,
-        instance: Some(label.clone()),
-        stream,
-        message,
-    };
-    loop {
-        buf.reserve(READ_CHUNK);
-        // At most READ_CHUNK (<= MAX_LINE_LEN) bytes: a line that starts
-        // in this read is never longer than the decoder's limit.
-        let end = match pipe.read_buf(&mut (&mut buf).limit(READ_CHUNK)).await {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(err) => {
-                tracing::warn!(id = label.id, cause = %err, "cannot read instance output");
-                true
-            }
-        };
-        // The lines of one read arrived together: one time stamp for all.
-        let time = SystemTime::now();
-        while let Some(first) = buf.iter().position(|&b| b == b'\n') {
-            if first > MAX_LINE_LEN {
-                // A line begun in earlier reads and too long: cut by the
-                // decoder.
-                match decoder.decode(&mut buf) {
-                    Ok(Some(piece)) => records.push(record(time, piece)),
-                    _ => break,
-                }
-                continue;
-            }
-            // Every whole line in one record (one allocation, one UTF-8
-            // check, one channel slot); the writer splits them.
-            let last = buf.iter().rposition(|&b| b == b'\n').unwrap_or(first);
-            let lines = buf.split_to(last + 1);
-            let lines = &lines[..last];
-            let message = match std::str::from_utf8(lines) {
-                Ok(text) => text.to_owned(),
-                Err(_) => String::from_utf8_lossy(lines).into_owned(),
-            };
-            records.push(record(time, message));
-            decoder = LineDecoder::default();
-        }
-        // What is left has no newline: the decoder cuts it if too long,
-        // and takes it whole at the end.
-        loop {
-            let piece = if end {
-                decoder.decode_eof(&mut buf)
-            } else {
-                decoder.decode(&mut buf)
-            };
-            let Ok(Some(piece)) = piece else { break };
-            records.push(record(time, piece));
-        }
-        if !records.is_empty() {
-            activity.touch();
-            sink.send_all(&mut records).await;
-            // Relayed: progress for a drain waiting on this reader.
-            activity.touch();
-        }
-        if end {
-            break;
-        }
-    }
-}
-
-/// Events of an instance's control link waiting for its supervisor.
-const SLAVE_EVENTS: usize = 64;
-
-/// Bytes read from an instance's stdout or stderr at once (at most).
-const READ_CHUNK: usize = 64 * 1024;
-
-/// Runs the parent side of the control channel: sends the identity,
-/// relays log frames, reports the hello, forwards Stop.
-async fn control_link(
-    socket: UnixStream,
-    identity: Identity,
-    label: Arc<InstanceLabel>,
-    sink: LogSink,
-    activity: Arc<Activity>,
-    events_tx: mpsc::Sender<SlaveEvent>,
-    mut command_rx: mpsc::Receiver<ToSlave>,
-) -> ControlSummary {
-    let mut summary = ControlSummary::default();
-    let mut link = Connection::new(socket);
-    let first = ToSlave::Identity {
-        version: PROTOCOL_VERSION,
-        identity,
-    };
-    if link.write_frame(&first).await.is_err() {
-        // A plain program may close the fd or exit at once: not an error.
-        return summary;
-    }
-    loop {
-        let frame = tokio::select! {
-            frame = link.read_frame::<FromSlave>() => frame,
-            command = command_rx.recv() => match command {
-                Some(command) => {
-                    if let Err(err) = link.write_frame(&command).await {
-                        tracing::debug!(id = label.id, cause = %err, "cannot send to instance");
-                    }
-                    continue;
-                }
-                // The run is over; keep reading what the slave still sends.
-                None => link.read_frame::<FromSlave>().await,
-            },
-        };
-        match frame {
-            Ok(None) => break,
-            Ok(Some(frame)) => {
-                activity.touch();
-                match frame {
-                    FromSlave::Hello { version } if version == PROTOCOL_VERSION => {
-                        let _ = events_tx.send(SlaveEvent::Hello).await;
-                    }
-                    FromSlave::Hello { version } => {
-                        let message = format!(
-                            "control channel: slave speaks protocol {version}, master {PROTOCOL_VERSION}; closing the channel"
-                        );
-                        sink.instance_event(&label, Level::Error, message).await;
-                        break;
-                    }
-                    FromSlave::Ping => {}
-                    FromSlave::Log { level, message } => {
-                        sink.send(LogRecord {
-                            time: SystemTime::now(),
-                            level,
-                            instance: Some(label.clone()),
-                            stream: Stream::Control,
-                            message,
-                        })
-                        .await;
-                    }
-                    FromSlave::Outcome { success, message } => {
-                        summary.outcome = Some((success, message));
-                    }
-                    FromSlave::Listening { addr } => {
-                        sink.instance_event(
-                            &label,
-                            Level::Info,
-                            format!("feeder listening on {addr}"),
-                        )
-                        .await;
-                        let _ = events_tx.send(SlaveEvent::Listening(addr)).await;
-                    }
-                    FromSlave::Progress { progress } => {
-                        let message = format!(
-                            "queue: {} done, {} failed, {} retried, {} dead, {} in flight, {} pending, {}, {:.1} jobs/s{}",
-                            progress.done, progress.failed, progress.retried, progress.dead,
-                            progress.in_flight, progress.pending,
-                            crate::error_text::count(progress.consumers, "consumer"), progress.rate,
-                            if progress.empty { " (queue empty)" } else { "" }
-                        );
-                        sink.instance_event(&label, Level::Info, message).await;
-                        let _ = events_tx.send(SlaveEvent::Progress(progress)).await;
-                    }
-                    FromSlave::Recycle { reason } => {
-                        sink.instance_event(&label, Level::Info, format!("{reason}: recycling it"))
-                            .await;
-                        summary.recycle = Some(reason);
-                    }
-                }
-            }
-            // A plain program that exits without reading its identity
-            // resets the socket: that is its way of ending, not an error.
-            Err(ProtocolError::Io(err)) if err.kind() == std::io::ErrorKind::ConnectionReset => {
-                break
-            }
-            Err(err) => {
-                let message = format!(
-                    "control channel: {}; closing the channel",
-                    error_chain(&err)
-                );
-                sink.instance_event(&label, Level::Error, message).await;
-                break;
-            }
-        }
-    }
-    summary
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// What `relay_output` makes of `input` written in pieces of the
-    /// given sizes (cycled), as the lines the log would show.
-    async fn relayed(input: &[u8], sizes: &[usize]) -> Vec<String> {
-        use tokio::io::AsyncWriteExt;
-        let (mut writer, reader) = tokio::io::duplex(1 << 20);
-        let (sink, mut records) = LogSink::channel();
-        let label = Arc::new(InstanceLabel {
-            group: "g".into(),
-            host: "h".into(),
-            command: "c".into(),
-            id: 1,
-            group_id: 1,
-        });
-        let relay = tokio::spawn(relay_output(
-            reader,
-            Stream::Stdout,
-            label,
-            sink,
-            Arc::new(Activity::new()),
-        ));
-        let collect = tokio::spawn(async move {
-            let mut lines = Vec::new();
-            while let Some(record) = records.recv().await {
-                lines.extend(record.lines().map(str::to_string));
-            }
-            lines
-        });
-        let mut rest = input;
-        for size in sizes.iter().cycle() {
-            if rest.is_empty() {
-                break;
-            }
-            let (piece, after) = rest.split_at((*size).clamp(1, rest.len()));
-            writer.write_all(piece).await.unwrap();
-            writer.flush().await.unwrap();
-            // Let the reader see this piece on its own.
-            tokio::task::yield_now().await;
-            rest = after;
-        }
-        drop(writer);
-        relay.await.unwrap();
-        collect.await.unwrap()
-    }
-
-    #[tokio::test]
-    async fn relayed_lines_do_not_depend_on_how_the_output_is_cut() {
-        let mut input = Vec::new();
-        input.extend_from_slice(b"first\nsecond\r\n\nbad \xff utf8\n");
-        input.extend(std::iter::repeat_n(b'x', 70_000));
-        input.extend_from_slice("\u{e9}t\u{e9}\n".as_bytes());
-        for n in 0..500 {
-            input.extend_from_slice(format!("line {n}\n").as_bytes());
-        }
-        input.extend(std::iter::repeat_n(b'y', 140_000));
-        input.extend_from_slice(b"\nno newline at the end");
-        // The reference: the line decoder over the whole input at once.
-        let mut expected = Vec::new();
-        let mut buf = bytes::BytesMut::from(&input[..]);
-        let mut decoder = LineDecoder::default();
-        while let Some(line) = decoder.decode_eof(&mut buf).unwrap() {
-            expected.push(line);
-        }
-        assert!(expected.len() > 500, "{}", expected.len());
-        for sizes in [
-            &[1 << 20][..],
-            &[1, 7, 4096],
-            &[65_535, 3],
-            &[100_000],
-            &[13],
-        ] {
-            assert_eq!(
-                relayed(&input, sizes).await,
-                expected,
-                "pieces of {sizes:?}"
-            );
-        }
-    }
-
     #[test]
     fn a_feeder_on_port_0_keeps_the_port_it_got_first() {
-        let mut role =
-            crate::master::queue::feeder_role(&crate::config::QueueSpec::default(), None);
+        let mut role = QueueRole::Feeder {
+            bind: "127.0.0.1:0".into(),
+            secret: String::new(),
+            settings: crate::protocol::slave::QueueSettings {
+                lease: Duration::from_secs(30),
+                max_attempts: 3,
+                retry: crate::retry::RetryPolicy::exponential(
+                    Duration::from_secs(1),
+                    Duration::from_secs(60),
+                    3,
+                ),
+                rate: None,
+                progress_every: Duration::from_secs(5),
+                joblog: None,
+            },
+        };
         pin_feeder_port(Some(&mut role), None);
         pin_feeder_port(Some(&mut role), Some("127.0.0.1:4711"));
         pin_feeder_port(Some(&mut role), Some("127.0.0.1:4712"));

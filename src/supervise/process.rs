@@ -1,10 +1,10 @@
 //! Starting one instance process and signalling its process group.
 //!
-//! This is the part of local placement that the agent will reuse on remote
-//! hosts: a child in its own process group, a control socketpair at a known
-//! fd, the identity in the environment, stdout/stderr piped, stdin closed,
-//! and a parent-death signal so that even a SIGKILLed master leaves no
-//! plain program behind.
+//! The master spawns its local instances with it, and every agent the
+//! instances of its remote host: a child in its own process group, a
+//! control socketpair at a known fd, the identity in the environment,
+//! stdout/stderr piped, stdin closed, and a parent-death signal so that
+//! even a SIGKILLed master leaves no plain program behind.
 
 use crate::config::probe::{self, DirProblem, ProgramProblem};
 use crate::protocol::slave::{self as wire, Identity};
@@ -16,29 +16,7 @@ use std::process::Stdio;
 use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStderr, ChildStdout};
 
-/// What to execute: pure data, resolved against the config directory.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ProcessSpec {
-    /// Program path (or bare name looked up in `PATH`). With
-    /// `own_executable`, only a name for messages.
-    pub program: PathBuf,
-    /// Run the spawner's own executable ([`std::env::current_exe`])
-    /// instead of `program`: taskherd's built-in roles (the file feeder,
-    /// the exec consumer runner) are subcommands of the `taskherd`
-    /// binary. On the master's host that is the master (a program that
-    /// embeds the master runs itself, so built-in roles need the
-    /// `taskherd` binary as the master); on a remote host it is the agent
-    /// (uploaded, or `master.agent_path`), since the agent spawns with
-    /// this same code. Absent in the frames of older masters: `false`.
-    #[serde(default)]
-    pub own_executable: bool,
-    /// Arguments.
-    pub args: Vec<String>,
-    /// Extra environment, on top of the master's.
-    pub env: Vec<(String, String)>,
-    /// Working directory; the master's when `None`.
-    pub cwd: Option<PathBuf>,
-}
+pub use crate::protocol::instance::ProcessSpec;
 
 /// A started instance process with its pipes and control socket.
 #[derive(Debug)]
@@ -393,13 +371,6 @@ mod tests {
             out.contains("own_executable_runs_the_spawner_itself"),
             "{out}"
         );
-    }
-
-    #[test]
-    fn specs_of_older_masters_are_not_own_executable() {
-        let old = r#"{"program":"sh","args":[],"env":[],"cwd":null}"#;
-        let spec: ProcessSpec = serde_json::from_str(old).expect("decode");
-        assert!(!spec.own_executable);
     }
 
     #[tokio::test]

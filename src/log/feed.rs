@@ -162,7 +162,7 @@ impl Feed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::master::log::{InstanceLabel, Stream};
+    use crate::log::{InstanceLabel, Stream};
     use crate::protocol::slave::Level;
     use std::time::SystemTime;
 

@@ -9,8 +9,8 @@
 use super::feed::Feed;
 use super::file::{LogFile, Notice};
 use super::terminal::TerminalOut;
-use super::{LogFilter, LogRecord, Stream};
-use crate::config::LogFormat;
+use super::{LogRecord, Stream};
+use crate::config::{LogFilter, LogFormat};
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;

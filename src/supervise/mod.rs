@@ -1,0 +1,65 @@
+//! Supervision: one instance's life, from spawn to its last report.
+//!
+//! This is the floor below both the master and the agent: the master runs
+//! it for the instances placed on its own host, every agent for the
+//! instances placed on its remote host, with the same code.
+//!
+//! - [`instance`]: one task per instance: start, liveness, stop, restart;
+//!   its runs' output goes through `relay` (stdout and stderr to log
+//!   records) and their control channel through `control_link`, both
+//!   marking signs of life on an `activity` clock.
+//! - [`process`]: spawning a child with its control channel, and
+//!   signalling its process group.
+//! - [`output`]: child output to whole lines.
+//! - [`restart`]: policy and backoff.
+//! - [`shutdown`]: the stop and kill tokens, and signal handling.
+
+mod activity;
+mod control_link;
+pub mod instance;
+pub mod output;
+pub mod process;
+mod relay;
+pub mod restart;
+pub mod shutdown;
+
+use crate::log::LogSink;
+
+/// Opens the pid killer's registry at `state_file` and reports (in the log)
+/// the processes of an earlier, crashed run it had to stop. Without a
+/// usable registry supervision goes on, with a warning.
+pub async fn open_pid_killer(
+    state_file: std::path::PathBuf,
+    sink: &LogSink,
+) -> Option<crate::pidkiller::PidKiller> {
+    use crate::protocol::slave::Level;
+    match crate::pidkiller::PidKiller::open(state_file.clone()).await {
+        Ok(pids) => {
+            for entry in pids.leftovers() {
+                let message = format!(
+                    "stopping {} (pid {}), left running by an earlier run that died",
+                    entry.label, entry.identity.pid
+                );
+                sink.master_event(Level::Warning, message).await;
+            }
+            Some(pids)
+        }
+        Err(err) => {
+            let message = format!(
+                "no pid registry ({}): {err}; processes of this run will not be reaped if it dies",
+                state_file.display()
+            );
+            sink.master_event(Level::Warning, message).await;
+            None
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one: a `select!` branch for
+/// an optional timer.
+pub(crate) async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,179 @@
+//! An instance's stdout and stderr to log records: whole lines, batched
+//! per read, never lost (see [`super::output`] for the line rules).
+
+use super::activity::Activity;
+use super::output::{LineDecoder, MAX_LINE_LEN};
+use crate::log::{InstanceLabel, LogRecord, LogSink, Stream};
+use crate::protocol::slave::Level;
+use bytes::{BufMut, BytesMut};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::codec::Decoder;
+
+/// Bytes read from an instance's stdout or stderr at once (at most).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Turns one output stream into log records.
+pub(super) async fn relay_output<R: AsyncRead + Unpin>(
+    mut pipe: R,
+    stream: Stream,
+    label: Arc<InstanceLabel>,
+    sink: LogSink,
+    activity: Arc<Activity>,
+) {
+    let level = match stream {
+        Stream::Stderr => Level::Warning,
+        _ => Level::Info,
+    };
+    let mut decoder = LineDecoder::default();
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut records = Vec::new();
+    let record = |time, message| LogRecord {
+        time,
+        level,
+        instance: Some(label.clone()),
+        stream,
+        message,
+    };
+    loop {
+        buf.reserve(READ_CHUNK);
+        // At most READ_CHUNK (<= MAX_LINE_LEN) bytes: a line that starts
+        // in this read is never longer than the decoder's limit.
+        let end = match pipe.read_buf(&mut (&mut buf).limit(READ_CHUNK)).await {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(err) => {
+                tracing::warn!(id = label.id, cause = %err, "cannot read instance output");
+                true
+            }
+        };
+        // The lines of one read arrived together: one time stamp for all.
+        let time = SystemTime::now();
+        while let Some(first) = buf.iter().position(|&b| b == b'\n') {
+            if first > MAX_LINE_LEN {
+                // A line begun in earlier reads and too long: cut by the
+                // decoder.
+                match decoder.decode(&mut buf) {
+                    Ok(Some(piece)) => records.push(record(time, piece)),
+                    _ => break,
+                }
+                continue;
+            }
+            // Every whole line in one record (one allocation, one UTF-8
+            // check, one channel slot); the writer splits them.
+            let last = buf.iter().rposition(|&b| b == b'\n').unwrap_or(first);
+            let lines = buf.split_to(last + 1);
+            let lines = &lines[..last];
+            let message = match std::str::from_utf8(lines) {
+                Ok(text) => text.to_owned(),
+                Err(_) => String::from_utf8_lossy(lines).into_owned(),
+            };
+            records.push(record(time, message));
+            decoder = LineDecoder::default();
+        }
+        // What is left has no newline: the decoder cuts it if too long,
+        // and takes it whole at the end.
+        loop {
+            let piece = if end {
+                decoder.decode_eof(&mut buf)
+            } else {
+                decoder.decode(&mut buf)
+            };
+            let Ok(Some(piece)) = piece else { break };
+            records.push(record(time, piece));
+        }
+        if !records.is_empty() {
+            activity.touch();
+            sink.send_all(&mut records).await;
+            // Relayed: progress for a drain waiting on this reader.
+            activity.touch();
+        }
+        if end {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `relay_output` makes of `input` written in pieces of the
+    /// given sizes (cycled), as the lines the log would show.
+    async fn relayed(input: &[u8], sizes: &[usize]) -> Vec<String> {
+        use tokio::io::AsyncWriteExt;
+        let (mut writer, reader) = tokio::io::duplex(1 << 20);
+        let (sink, mut records) = LogSink::channel();
+        let label = Arc::new(InstanceLabel {
+            group: "g".into(),
+            host: "h".into(),
+            command: "c".into(),
+            id: 1,
+            group_id: 1,
+        });
+        let relay = tokio::spawn(relay_output(
+            reader,
+            Stream::Stdout,
+            label,
+            sink,
+            Arc::new(Activity::new()),
+        ));
+        let collect = tokio::spawn(async move {
+            let mut lines = Vec::new();
+            while let Some(record) = records.recv().await {
+                lines.extend(record.lines().map(str::to_string));
+            }
+            lines
+        });
+        let mut rest = input;
+        for size in sizes.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (piece, after) = rest.split_at((*size).clamp(1, rest.len()));
+            writer.write_all(piece).await.unwrap();
+            writer.flush().await.unwrap();
+            // Let the reader see this piece on its own.
+            tokio::task::yield_now().await;
+            rest = after;
+        }
+        drop(writer);
+        relay.await.unwrap();
+        collect.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn relayed_lines_do_not_depend_on_how_the_output_is_cut() {
+        let mut input = Vec::new();
+        input.extend_from_slice(b"first\nsecond\r\n\nbad \xff utf8\n");
+        input.extend(std::iter::repeat_n(b'x', 70_000));
+        input.extend_from_slice("\u{e9}t\u{e9}\n".as_bytes());
+        for n in 0..500 {
+            input.extend_from_slice(format!("line {n}\n").as_bytes());
+        }
+        input.extend(std::iter::repeat_n(b'y', 140_000));
+        input.extend_from_slice(b"\nno newline at the end");
+        // The reference: the line decoder over the whole input at once.
+        let mut expected = Vec::new();
+        let mut buf = bytes::BytesMut::from(&input[..]);
+        let mut decoder = LineDecoder::default();
+        while let Some(line) = decoder.decode_eof(&mut buf).unwrap() {
+            expected.push(line);
+        }
+        assert!(expected.len() > 500, "{}", expected.len());
+        for sizes in [
+            &[1 << 20][..],
+            &[1, 7, 4096],
+            &[65_535, 3],
+            &[100_000],
+            &[13],
+        ] {
+            assert_eq!(
+                relayed(&input, sizes).await,
+                expected,
+                "pieces of {sizes:?}"
+            );
+        }
+    }
+}
