@@ -733,6 +733,10 @@ fn print_hosts(config: &Config) {
                 count_text(u64::from(placement.instances), "instance"),
                 hosts.join(" ")
             );
+            for host in placement.hosts.iter().filter(|host| !host.vars.is_empty()) {
+                let vars: Vec<String> = host.vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("  {}: {}", host.label, vars.join(" "));
+            }
         }
     }
 }

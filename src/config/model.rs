@@ -66,6 +66,9 @@ pub struct HostSpec {
     pub name: String,
     /// TCP port; ssh's default when `None`.
     pub port: Option<u16>,
+    /// The values `[host_vars]` gives this host: in the environment and
+    /// the identity of its instances. Empty when none applies.
+    pub vars: BTreeMap<String, String>,
 }
 
 /// `[[group.remote]]`: instances started on each of some hosts over SSH.

@@ -25,7 +25,15 @@ use toml::Spanned;
 /// A TOML value with the byte range it was read from.
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["master", "log", "ssh", "inventory", "group", "include"];
+const TOP_KEYS: &[&str] = &[
+    "master",
+    "log",
+    "ssh",
+    "inventory",
+    "host_vars",
+    "group",
+    "include",
+];
 /// Top-level keys of an included file.
 const INCLUDED_TOP_KEYS: &[&str] = &["group", "include"];
 const MASTER_KEYS: &[&str] = &[
@@ -204,7 +212,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
             "an included file holds [[group]] tables (and include); \
              set it in the main config file, {main_name}"
         );
-        let hints: Vec<(&str, &str)> = ["master", "log", "ssh", "inventory"]
+        let hints: Vec<(&str, &str)> = ["master", "log", "ssh", "inventory", "host_vars"]
             .iter()
             .map(|key| (*key, hint.as_str()))
             .collect();
@@ -215,12 +223,14 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
     let log = walker.log(root.get("log"), root.get("master"));
     let ssh = walker.ssh(root.get("ssh"));
     walker.inventory(root.get("inventory"));
+    let host_vars = walker.host_vars(root.get("host_vars"));
     let group_values: Vec<(usize, &Value<'_>)> = roots
         .iter()
         .enumerate()
         .filter_map(|(index, root)| Some((index, root.get_ref().get("group")?)))
         .collect();
-    let groups = walker.groups(&group_values, &ssh);
+    let mut groups = walker.groups(&group_values, &ssh);
+    apply_host_vars(&mut groups, &host_vars);
     walker.current = 0;
     walker.log_filter_groups(root.get("log"), &log, &groups);
     let config = walker.errors.is_empty().then(|| Config {
@@ -2341,6 +2351,63 @@ impl<'t> Walker<'t> {
         }
     }
 
+    /// `[host_vars]`: per-host values, each key a host entry, a range or
+    /// an inventory group, each value a table of variables; in order.
+    fn host_vars(
+        &mut self,
+        value: Option<&Value<'_>>,
+    ) -> Vec<(Vec<String>, BTreeMap<String, String>)> {
+        let mut all = Vec::new();
+        let Some(table) = value.and_then(|value| self.table("host_vars", value)) else {
+            return all;
+        };
+        for (entry, vars) in table {
+            let entry_text: &str = entry.get_ref();
+            let key = child("host_vars", entry_text);
+            let Some(entries) = self.host_entries(entry_text, entry.span(), &key) else {
+                continue;
+            };
+            let mut labels = Vec::new();
+            for host in entries {
+                match parse_host(&host) {
+                    Ok(host) => labels.push(host.label),
+                    Err(message) => self.error(entry.span(), &key, message),
+                }
+            }
+            let Some(vars_table) = self.table(&key, vars) else {
+                continue;
+            };
+            let mut values = BTreeMap::new();
+            for (name, value) in vars_table {
+                let name_text: &str = name.get_ref();
+                let var_key = child(&key, name_text);
+                if !is_env_name(name_text) {
+                    self.error(
+                        name.span(),
+                        &var_key,
+                        format!(
+                            "invalid variable name {name_text:?}: it goes into the environment, \
+                             so letters, digits and '_', not starting with a digit"
+                        ),
+                    );
+                    continue;
+                }
+                let text = match value.get_ref() {
+                    toml::de::DeValue::String(text) => text.to_string(),
+                    toml::de::DeValue::Integer(number) => number.to_string(),
+                    toml::de::DeValue::Boolean(flag) => flag.to_string(),
+                    _ => {
+                        self.wrong_type(value, &var_key, "a string, an integer or a boolean");
+                        continue;
+                    }
+                };
+                values.insert(name_text.to_string(), text);
+            }
+            all.push((labels, values));
+        }
+        all
+    }
+
     /// `[inventory]`: groups of hosts, each an array of host entries
     /// (ranges allowed), named `@group` in placements.
     fn inventory(&mut self, value: Option<&Value<'_>>) {
@@ -2403,6 +2470,47 @@ impl<'t> Walker<'t> {
             self.inventory.insert(group.to_string(), entries);
         }
     }
+}
+
+/// Gives every remote host (of placements and of remote feeders) the
+/// values of the `[host_vars]` entries that name it, later entries over
+/// earlier ones.
+fn apply_host_vars(
+    groups: &mut [GroupSpec],
+    host_vars: &[(Vec<String>, BTreeMap<String, String>)],
+) {
+    if host_vars.is_empty() {
+        return;
+    }
+    let apply = |host: &mut HostSpec| {
+        for (labels, vars) in host_vars {
+            if labels.contains(&host.label) {
+                host.vars
+                    .extend(vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        }
+    };
+    for group in groups {
+        for placement in &mut group.remote {
+            placement.hosts.iter_mut().for_each(apply);
+        }
+        if let Some(host) = group
+            .queue
+            .as_mut()
+            .and_then(|queue| queue.feeder_host.as_mut())
+        {
+            apply(host);
+        }
+    }
+}
+
+/// Whether `name` can be an environment variable's name.
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// One `hosts` entry, `[user@]name[:port]`, an IPv6 name in brackets
@@ -2480,6 +2588,7 @@ fn parse_host(entry: &str) -> Result<HostSpec, String> {
         user: user.map(str::to_owned),
         name: name.to_owned(),
         port,
+        vars: BTreeMap::new(),
     })
 }
 
@@ -4514,6 +4623,7 @@ local = { instances = 1 }
             user: user.map(str::to_owned),
             name: name.to_owned(),
             port,
+            vars: BTreeMap::new(),
         }
     }
 
@@ -5402,5 +5512,88 @@ instances = 1
             text.contains("unknown key \"inventory\": an included file holds [[group]] tables"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn host_vars_apply_by_range_group_and_name_later_over_earlier() {
+        let config = parse_ok(
+            r#"[inventory]
+web = ["web[1-3]"]
+
+[host_vars]
+"@web" = { ROLE = "front", REGION = "eu" }
+"web[3-4]" = { REGION = "us", SHARD = 3 }
+"deploy@web2" = { DEBUG = true }
+
+[[group]]
+name = "app"
+command = "w"
+[[group.remote]]
+hosts = ["@web", "web4", "db1"]
+instances = 1
+"#,
+        );
+        let vars = |i: usize| -> Vec<(String, String)> {
+            config.groups[0].remote[0].hosts[i]
+                .vars
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(vars(0), pairs(&[("REGION", "eu"), ("ROLE", "front")]));
+        assert_eq!(
+            vars(1),
+            pairs(&[("DEBUG", "true"), ("REGION", "eu"), ("ROLE", "front")])
+        );
+        assert_eq!(
+            vars(2),
+            pairs(&[("REGION", "us"), ("ROLE", "front"), ("SHARD", "3")])
+        );
+        assert_eq!(vars(3), pairs(&[("REGION", "us"), ("SHARD", "3")]));
+        assert!(vars(4).is_empty());
+    }
+
+    #[test]
+    fn bad_host_vars_say_where() {
+        let errors = parse_err(
+            r#"[host_vars]
+"web[2-1]" = { A = "1" }
+"@nope" = { A = "1" }
+web1 = { "1A" = "x", B = [1] }
+web2 = "x"
+
+[[group]]
+name = "app"
+command = "w"
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(errors.len(), 5, "{}", ConfigErrors(errors.clone()));
+        assert_error(&errors[0], 2, "host_vars.\"web[2-1]\"", "runs backwards");
+        assert_error(
+            &errors[1],
+            3,
+            "host_vars.\"@nope\"",
+            "unknown host group @nope",
+        );
+        assert_error(
+            &errors[2],
+            4,
+            "host_vars.web1.1A",
+            "invalid variable name \"1A\"",
+        );
+        assert_error(
+            &errors[3],
+            4,
+            "host_vars.web1.B",
+            "expected a string, an integer or a boolean",
+        );
+        assert_error(&errors[4], 5, "host_vars.web2", "expected a table");
     }
 }

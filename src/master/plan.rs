@@ -134,6 +134,7 @@ pub fn plan(config: &Config) -> Plan {
                         Path::to_path_buf,
                     );
                     let mut feeder = placed.instance(&mut next_id, &host.label, &process);
+                    with_host_vars(&mut feeder, host);
                     // So is its joblog.
                     let joblog = queue.joblog.clone();
                     feeder.identity.queue = Some(super::queue::feeder_role(queue, joblog));
@@ -164,6 +165,7 @@ pub fn plan(config: &Config) -> Plan {
                 });
                 for _ in 0..placement.instances {
                     let mut spec = placed.instance(&mut next_id, &host.label, &process);
+                    with_host_vars(&mut spec, host);
                     if let Some(queue) = &group.queue {
                         spec.identity.queue =
                             Some(super::queue::consumer_role(queue, placement.concurrency));
@@ -174,6 +176,19 @@ pub fn plan(config: &Config) -> Plan {
         }
     }
     plan
+}
+
+/// Gives an instance of `host` the host's `[host_vars]`: in its
+/// environment (over the group's and the placement's `env`) and its
+/// identity.
+fn with_host_vars(spec: &mut InstanceSpec, host: &HostSpec) {
+    if host.vars.is_empty() {
+        return;
+    }
+    let env = &mut spec.process.env;
+    env.retain(|(key, _)| !host.vars.contains_key(key));
+    env.extend(host.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+    spec.identity.vars = host.vars.clone();
 }
 
 /// The index of `host` in `hosts`, added (with `ssh`) if new.
@@ -228,6 +243,7 @@ impl GroupPlacer<'_> {
             }),
             process: process.clone(),
             identity: Identity {
+                vars: Default::default(),
                 id,
                 group_id,
                 group_count: self.group_count,
@@ -671,6 +687,47 @@ instances = 1
             .filter(|(k, _)| k == key)
             .map(|(_, v)| v.clone())
             .collect()
+    }
+
+    #[test]
+    fn host_vars_reach_the_environment_and_the_identity_of_that_host_only() {
+        let text = r#"
+[host_vars]
+web1 = { REGION = "eu", ROLE = "front" }
+
+[[group]]
+name = "app"
+command = "w"
+env = { REGION = "group", OTHER = "g" }
+[group.local]
+instances = 1
+[[group.remote]]
+hosts = ["web1", "web2"]
+instances = 1
+env = { ROLE = "placement" }
+"#;
+        let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
+        let plan = plan(&config);
+        let specs = plan.instances();
+        let (local, web1, web2) = (specs[0], specs[1], specs[2]);
+        assert_eq!(web1.label.host, "web1");
+        // The host's values over the placement's and the group's, once.
+        assert_eq!(env_of(web1, "REGION"), ["eu"]);
+        assert_eq!(env_of(web1, "ROLE"), ["front"]);
+        assert_eq!(env_of(web1, "OTHER"), ["g"]);
+        assert_eq!(
+            web1.identity
+                .vars
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+            ["REGION=eu", "ROLE=front"]
+        );
+        assert_eq!(env_of(web2, "REGION"), ["group"]);
+        assert_eq!(env_of(web2, "ROLE"), ["placement"]);
+        assert!(web2.identity.vars.is_empty());
+        assert_eq!(env_of(local, "REGION"), ["group"]);
+        assert!(local.identity.vars.is_empty());
     }
 
     #[test]

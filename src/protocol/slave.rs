@@ -58,6 +58,11 @@ pub struct Identity {
     /// consumer, and what it needs to play that part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueRole>,
+    /// The values the config's `[host_vars]` gives this instance's host
+    /// (empty for local instances and hosts without any). They are in
+    /// its environment too.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub vars: std::collections::BTreeMap<String, String>,
 }
 
 /// The part an instance of a queue group plays.
@@ -289,6 +294,7 @@ mod tests {
         let frame = ToSlave::Identity {
             version: 1,
             identity: Identity {
+                vars: Default::default(),
                 id: 3,
                 group_id: 1,
                 group_count: 2,

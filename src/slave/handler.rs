@@ -265,6 +265,12 @@ impl Handler {
         &self.identity.host
     }
 
+    /// The values the config's `[host_vars]` gives this instance's host
+    /// (also in its environment); empty for local instances.
+    pub fn vars(&self) -> &std::collections::BTreeMap<String, String> {
+        &self.identity.vars
+    }
+
     /// The group's params, as given in the config.
     pub fn params(&self) -> &serde_json::Value {
         &self.identity.params
@@ -716,6 +722,7 @@ pub(crate) mod tests {
 
     pub(crate) fn identity() -> Identity {
         Identity {
+            vars: Default::default(),
             id: 7,
             group_id: 2,
             group_count: 3,
@@ -842,6 +849,7 @@ pub(crate) mod tests {
             }),
         };
         let identity = Identity {
+            vars: Default::default(),
             stop_grace: Duration::from_millis(200),
             ..identity()
         };
@@ -879,6 +887,7 @@ pub(crate) mod tests {
     #[test]
     fn sleep_pings() {
         let identity = Identity {
+            vars: Default::default(),
             timeout: Some(Duration::from_millis(150)),
             ..identity()
         };

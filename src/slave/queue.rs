@@ -559,6 +559,7 @@ mod tests {
     #[test]
     fn roles_are_told_apart() {
         let consumer = Identity {
+            vars: Default::default(),
             queue: Some(QueueRole::Consumer {
                 feeder: "127.0.0.1:1".into(),
                 secret: SECRET.into(),
@@ -630,6 +631,7 @@ mod tests {
         });
 
         let identity = Identity {
+            vars: Default::default(),
             max_jobs: Some(2),
             queue: Some(QueueRole::Consumer {
                 feeder: addr,
@@ -709,6 +711,7 @@ mod tests {
             let (_conn, _) = feeder.accept().await;
         });
         let identity = Identity {
+            vars: Default::default(),
             queue: Some(QueueRole::Consumer {
                 feeder: addr,
                 secret: SECRET.into(),
@@ -757,6 +760,7 @@ mod tests {
     #[test]
     fn feeder_role_says_where_it_listens_and_serves() {
         let identity = Identity {
+            vars: Default::default(),
             queue: Some(QueueRole::Feeder {
                 bind: "127.0.0.1:0".into(),
                 secret: SECRET.into(),

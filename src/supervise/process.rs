@@ -292,6 +292,7 @@ mod tests {
 
     fn identity() -> Identity {
         Identity {
+            vars: Default::default(),
             id: 1,
             group_id: 1,
             group_count: 1,

@@ -757,3 +757,61 @@ fn exec_runs_a_command_on_hosts_and_locally_and_sums_up() {
         assert_host_clean(host);
     }
 }
+
+#[test]
+fn host_vars_reach_the_instances_of_each_host() {
+    let mut world = SshWorld::new();
+    let hosts = [world.add_host(), world.add_host()];
+    let (one, two) = (hosts[0].alias(), hosts[1].alias());
+    let config = format!(
+        r#"{header}
+[inventory]
+pair = ["{one}", "{two}"]
+
+[host_vars]
+"@pair" = {{ ROLE = "worker" }}
+"{one}" = {{ REGION = "eu" }}
+"{two}" = {{ REGION = "us", SHARD = 2 }}
+
+[[group]]
+name = "vars"
+command = "sh"
+args = ["-c", "echo \"vars region=$REGION role=$ROLE shard=$${{SHARD:-none}}\""]
+restart = {{ policy = "never" }}
+[[group.remote]]
+hosts = ["@pair"]
+instances = 1
+"#,
+        header = header(&world, ""),
+    );
+    let mut herd = Herd::new(&config);
+    herd.start();
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    let line_of = |host: &str| -> String {
+        herd.lines_with(&format!("[vars] [{host}] [sh/"))
+            .into_iter()
+            .find(|line| line.contains("vars region="))
+            .cloned()
+            .unwrap_or_else(|| panic!("no line from {host}: {:?}", herd.seen))
+    };
+    assert!(line_of(one).ends_with("vars region=eu role=worker shard=none"));
+    let line = line_of(two);
+    assert!(line.ends_with("vars region=us role=worker shard=2"), "{line}");
+    // `check --hosts` shows them.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("herd.toml");
+    std::fs::write(&path, &config).expect("write config");
+    let out = std::process::Command::new(taskherd_bin())
+        .args(["check", "--config-only", "--hosts"])
+        .arg(&path)
+        .output()
+        .expect("taskherd check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("  {two}: REGION=us ROLE=worker SHARD=2")),
+        "{text}"
+    );
+    for host in &hosts {
+        assert_host_clean(host);
+    }
+}
