@@ -796,7 +796,10 @@ instances = 1
     };
     assert!(line_of(one).ends_with("vars region=eu role=worker shard=none"));
     let line = line_of(two);
-    assert!(line.ends_with("vars region=us role=worker shard=2"), "{line}");
+    assert!(
+        line.ends_with("vars region=us role=worker shard=2"),
+        "{line}"
+    );
     // `check --hosts` shows them.
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("herd.toml");
