@@ -487,8 +487,16 @@ async fn drive<F: Feeder>(
     }
     drop(event_rx);
     // Make the last outcomes durable (and confirm them) before leaving.
-    core.flush();
-    let _ = tokio::time::timeout(FINAL_SYNC_TIMEOUT, core.last_syncs()).await;
+    core.flush(Instant::now());
+    let _ = tokio::time::timeout(FINAL_SYNC_TIMEOUT, async {
+        while core.holding() && core.durable() {
+            if core.synced_changed().await.is_err() {
+                break;
+            }
+            core.release_held(Instant::now());
+        }
+    })
+    .await;
     let End {
         report,
         progress_tx,

@@ -277,15 +277,16 @@ impl Client {
 
 /// A feeder that says its changes are durable only when the test
 /// says so, and counts the deliveries it was told of.
-struct DurableFeeder {
-    jobs: VecDeque<u32>,
+pub(super) struct DurableFeeder {
+    pub(super) jobs: VecDeque<u32>,
     /// Attempts each job had before (job -> attempts).
-    before: HashMap<u32, u32>,
-    log: Arc<Mutex<Log>>,
+    pub(super) before: HashMap<u32, u32>,
+    pub(super) log: Arc<Mutex<Log>>,
     /// Deliveries begun, in order.
-    attempts: Arc<Mutex<Vec<u32>>>,
-    committed: Arc<Mutex<u64>>,
-    synced_rx: watch::Receiver<u64>,
+    pub(super) attempts: Arc<Mutex<Vec<u32>>>,
+    /// The number of the last commit.
+    pub(super) committed: Arc<Mutex<u64>>,
+    pub(super) synced_rx: watch::Receiver<u64>,
 }
 
 impl Feeder for DurableFeeder {

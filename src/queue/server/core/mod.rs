@@ -328,7 +328,7 @@ impl<F: Feeder> Core<F> {
                 }
             }
         }
-        self.flush();
+        self.flush(now);
         self.draining && (self.leases.is_empty() || self.drain_over(now))
     }
 
@@ -361,15 +361,9 @@ impl<F: Feeder> Core<F> {
         self.held.clear();
     }
 
-    /// Makes what is left durable: waits for the feeder's syncs while
-    /// frames are held back (the caller bounds the wait).
-    pub(super) async fn last_syncs(&mut self) {
-        while !self.held.is_empty() && self.synced_rx.is_some() {
-            if wait_synced(&mut self.synced_rx).await.is_err() {
-                break;
-            }
-            self.release_held();
-        }
+    /// The feeder keeps its changes on disk: frames wait for its syncs.
+    pub(super) fn durable(&self) -> bool {
+        self.synced_rx.is_some()
     }
 
     /// The end of serving: the final counts, and what the caller still has
@@ -685,7 +679,7 @@ impl<F: Feeder> Core<F> {
 
     /// Ends a turn: confirms the outcomes settled, commits the feeder's
     /// changes, and sends what is durable.
-    pub(super) fn flush(&mut self) {
+    pub(super) fn flush(&mut self, now: Instant) {
         if self.synced_rx.is_none() {
             return;
         }
@@ -703,11 +697,12 @@ impl<F: Feeder> Core<F> {
             }
             held.seq = seq;
         }
-        self.release_held();
+        self.release_held(now);
     }
 
-    /// Sends the held frames whose commit is durable.
-    pub(super) fn release_held(&mut self) {
+    /// Sends the held frames whose commit is durable; the leases of the
+    /// jobs among them start `now`.
+    pub(super) fn release_held(&mut self, now: Instant) {
         if let Some(synced_rx) = &self.synced_rx {
             self.synced = *synced_rx.borrow();
         }
@@ -719,8 +714,7 @@ impl<F: Feeder> Core<F> {
                 break;
             };
             if let Out::Job { lease, .. } = &held.out {
-                self.leases
-                    .set_expiry(*lease, after(Instant::now(), self.lease_time));
+                self.leases.set_expiry(*lease, after(now, self.lease_time));
             }
             if let Some(consumer) = self.consumers.get(&held.conn) {
                 let _ = consumer.out_tx.send(held.out);
@@ -803,7 +797,7 @@ pub(super) fn encode_payload<J: serde::Serialize>(job: &J) -> Result<Bytes, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::server::tests::{settings, Log, TestFeeder};
+    use crate::queue::server::tests::{settings, DurableFeeder, Log, TestFeeder};
     use std::sync::Mutex;
 
     /// The core alone, with one consumer (conn 1) that got jobs 1 and 2
@@ -935,5 +929,451 @@ mod tests {
         assert!(encode_payload(&map).is_err());
         let big = "x".repeat(MAX_FRAME_LEN);
         assert!(encode_payload(&big).unwrap_err().contains("too big"));
+    }
+
+    // ---- The core driven by events and time, without sockets or runtime.
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    /// A job as a consumer got it.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Sent {
+        lease: u64,
+        id: u64,
+        attempt: u32,
+        payload: u32,
+    }
+
+    /// A core serving `jobs` (then Done) with `settings`, and what its
+    /// feeder is told.
+    fn core_of(
+        jobs: impl IntoIterator<Item = u32>,
+        settings: QueueSettings,
+        start: Instant,
+    ) -> (Core<TestFeeder>, Arc<Mutex<Log>>) {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let feeder = TestFeeder {
+            queue: Arc::new(Mutex::new(jobs.into_iter().collect())),
+            done_when_empty: true,
+            recheck: SECOND,
+            log: Arc::clone(&log),
+            own_retry: None,
+        };
+        (Core::new(feeder, settings, None, None, start), log)
+    }
+
+    /// Consumer `conn` joins and grants `credit`; its outbox.
+    fn join<F: Feeder>(
+        core: &mut Core<F>,
+        conn: u64,
+        credit: u32,
+        now: Instant,
+    ) -> mpsc::UnboundedReceiver<Out> {
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        core.handle(
+            Event::Joined {
+                conn,
+                name: format!("test/{conn}@here"),
+                peer: SocketAddr::from(([127, 0, 0, 1], 40_000 + conn as u16)),
+                settles: true,
+                out_tx,
+            },
+            now,
+        );
+        if credit > 0 {
+            send(core, conn, ToFeeder::Credit { n: credit }, now);
+        }
+        out_rx
+    }
+
+    /// A frame from consumer `conn`.
+    fn send<F: Feeder>(core: &mut Core<F>, conn: u64, frame: ToFeeder, now: Instant) {
+        core.handle(Event::Frame { conn, frame }, now);
+    }
+
+    fn ack(lease: u64) -> ToFeeder {
+        ToFeeder::Ack { lease, meta: None }
+    }
+
+    /// Everything sent to a consumer since the last look; jobs with their
+    /// payload decoded.
+    fn sent(out_rx: &mut mpsc::UnboundedReceiver<Out>) -> Vec<Result<Sent, ToConsumer>> {
+        std::iter::from_fn(|| out_rx.try_recv().ok())
+            .map(|out| match out {
+                Out::Job {
+                    lease,
+                    id,
+                    attempt,
+                    payload,
+                } => Ok(Sent {
+                    lease,
+                    id,
+                    attempt,
+                    payload: serde_json::from_slice(&payload).expect("a number"),
+                }),
+                Out::Frame(frame) => Err(frame),
+            })
+            .collect()
+    }
+
+    /// The jobs sent to a consumer since the last look (nothing else may
+    /// have been sent).
+    fn jobs(out_rx: &mut mpsc::UnboundedReceiver<Out>) -> Vec<Sent> {
+        sent(out_rx)
+            .into_iter()
+            .map(|sent| sent.unwrap_or_else(|frame| panic!("expected a job, got {frame:?}")))
+            .collect()
+    }
+
+    fn payloads(jobs: &[Sent]) -> Vec<u32> {
+        jobs.iter().map(|job| job.payload).collect()
+    }
+
+    #[test]
+    fn a_consumer_joining_with_credits_is_served_that_many_jobs() {
+        let start = Instant::now();
+        let (mut core, log) = core_of([10, 20, 30], settings(), start);
+        let mut out_rx = join(&mut core, 1, 2, start);
+        assert!(!core.turn(start, false));
+        let got = jobs(&mut out_rx);
+        assert_eq!(
+            got,
+            [
+                Sent {
+                    lease: 1,
+                    id: 1,
+                    attempt: 1,
+                    payload: 10
+                },
+                Sent {
+                    lease: 2,
+                    id: 2,
+                    attempt: 1,
+                    payload: 20
+                },
+            ]
+        );
+        assert_eq!(
+            log.lock().unwrap().nexts,
+            2,
+            "nothing pulled beyond the credits"
+        );
+        // Without credit nothing more goes out, turn after turn.
+        assert!(!core.turn(start + SECOND, false));
+        assert!(jobs(&mut out_rx).is_empty());
+        // An outcome does not give the credit back; a Credit does.
+        send(&mut core, 1, ack(1), start + SECOND);
+        assert!(!core.turn(start + SECOND, false));
+        assert!(jobs(&mut out_rx).is_empty());
+        send(&mut core, 1, ToFeeder::Credit { n: 1 }, start + SECOND);
+        core.turn(start + SECOND, false);
+        assert_eq!(payloads(&jobs(&mut out_rx)), [30]);
+        let progress = core.snapshot(start + SECOND);
+        assert_eq!((progress.done, progress.in_flight), (1, 2));
+        assert_eq!(progress.consumers, 1);
+    }
+
+    #[test]
+    fn an_ack_calls_success_once_and_a_second_one_is_stale() {
+        let start = Instant::now();
+        let (mut core, log) = core_of([7], settings(), start);
+        let mut out_rx = join(&mut core, 1, 1, start);
+        core.turn(start, false);
+        let [job] = jobs(&mut out_rx)[..] else {
+            panic!("one job")
+        };
+        send(&mut core, 1, ack(job.lease), start);
+        send(&mut core, 1, ack(job.lease), start);
+        // A lease that never was is stale too.
+        send(&mut core, 1, ack(99), start);
+        assert_eq!(
+            sent(&mut out_rx),
+            [
+                Err(ToConsumer::Stale { lease: job.lease }),
+                Err(ToConsumer::Stale { lease: 99 })
+            ]
+        );
+        assert_eq!(log.lock().unwrap().successes, [7]);
+        assert_eq!(core.snapshot(start).done, 1, "counted once");
+    }
+
+    #[test]
+    fn a_retry_waits_its_delay_then_the_job_is_served_again() {
+        let start = Instant::now();
+        let (mut core, log) = core_of([5], settings(), start);
+        let mut out_rx = join(&mut core, 1, 2, start);
+        core.turn(start, false);
+        let [first] = jobs(&mut out_rx)[..] else {
+            panic!("one job")
+        };
+        let delay = Duration::from_millis(40);
+        let retry = ToFeeder::Retry {
+            lease: first.lease,
+            delay: Some(delay),
+            reason: "busy".into(),
+            meta: None,
+        };
+        send(&mut core, 1, retry, start);
+        core.turn(start, false);
+        assert!(jobs(&mut out_rx).is_empty(), "not before its delay");
+        // The policy (10 ms doubling, jitter 0) honours the 40 ms asked.
+        let wake = core.next_wake(start, None);
+        assert!(wake > start && wake <= start + delay, "{wake:?}");
+        core.turn(start + delay, false);
+        let [again] = jobs(&mut out_rx)[..] else {
+            panic!("the job again")
+        };
+        assert_eq!((again.id, again.attempt, again.payload), (first.id, 2, 5));
+        assert_ne!(again.lease, first.lease);
+        send(&mut core, 1, ack(again.lease), start + delay);
+        let progress = core.snapshot(start + delay);
+        assert_eq!(
+            (
+                progress.done,
+                progress.failed,
+                progress.retried,
+                progress.dead
+            ),
+            (1, 1, 1, 0)
+        );
+        assert_eq!(log.lock().unwrap().successes, [5]);
+    }
+
+    #[test]
+    fn an_expired_lease_is_served_again_and_its_late_outcome_is_stale() {
+        let start = Instant::now();
+        let lease = 10 * SECOND;
+        let settings = QueueSettings {
+            lease,
+            ..settings()
+        };
+        let (mut core, log) = core_of([1, 2], settings, start);
+        let mut a = join(&mut core, 1, 1, start);
+        core.turn(start, false);
+        let [first] = jobs(&mut a)[..] else {
+            panic!("one job")
+        };
+        let mut b = join(&mut core, 2, 1, start);
+        core.turn(start, false);
+        let [second] = jobs(&mut b)[..] else {
+            panic!("one job")
+        };
+        assert_eq!(core.next_wake(start, None), start + lease);
+        // B still works on its job: its lease starts again.
+        send(
+            &mut core,
+            2,
+            ToFeeder::Extend {
+                lease: second.lease,
+            },
+            start + SECOND,
+        );
+        assert!(!core.turn(start + lease, false));
+        // A's lease is over: its job goes to the front, for the next
+        // consumer with credit.
+        assert!(jobs(&mut a).is_empty());
+        send(&mut core, 2, ToFeeder::Credit { n: 1 }, start + lease);
+        core.turn(start + lease, false);
+        let [again] = jobs(&mut b)[..] else {
+            panic!("A's job")
+        };
+        assert_eq!((again.id, again.attempt), (first.id, 2));
+        // A's answer comes too late.
+        send(&mut core, 1, ack(first.lease), start + lease);
+        assert_eq!(
+            sent(&mut a),
+            [Err(ToConsumer::Stale { lease: first.lease })]
+        );
+        send(&mut core, 2, ack(again.lease), start + lease);
+        send(&mut core, 2, ack(second.lease), start + lease);
+        assert_eq!(log.lock().unwrap().successes, [1, 2]);
+        let progress = core.snapshot(start + lease);
+        assert_eq!(
+            (progress.done, progress.failed, progress.retried),
+            (2, 1, 1)
+        );
+    }
+
+    #[test]
+    fn a_consumer_leaving_with_jobs_in_flight_has_them_served_again_in_order() {
+        let start = Instant::now();
+        let (mut core, log) = core_of([1, 2, 3, 4], settings(), start);
+        let mut a = join(&mut core, 1, 3, start);
+        let mut b = join(&mut core, 2, 0, start);
+        core.turn(start, false);
+        let held = jobs(&mut a);
+        assert_eq!(payloads(&held), [1, 2, 3]);
+        send(&mut core, 1, ack(held[1].lease), start);
+        core.handle(Event::Left { conn: 1 }, start);
+        send(&mut core, 2, ToFeeder::Credit { n: 3 }, start);
+        core.turn(start, false);
+        let again = jobs(&mut b);
+        assert_eq!(payloads(&again), [1, 3, 4], "the lost ones first, in order");
+        assert_eq!(
+            again
+                .iter()
+                .map(|job| (job.id, job.attempt))
+                .collect::<Vec<_>>(),
+            [(held[0].id, 2), (held[2].id, 2), (4, 1)]
+        );
+        let progress = core.snapshot(start);
+        assert_eq!(
+            (progress.done, progress.failed, progress.retried),
+            (1, 2, 2)
+        );
+        assert_eq!(progress.consumers, 1);
+        assert_eq!(log.lock().unwrap().successes, [2]);
+    }
+
+    #[test]
+    fn a_lost_job_out_of_attempts_is_dead_lettered() {
+        let start = Instant::now();
+        let settings = QueueSettings {
+            max_attempts: 1,
+            ..settings()
+        };
+        let (mut core, log) = core_of([9], settings, start);
+        let _a = join(&mut core, 1, 1, start);
+        core.turn(start, false);
+        core.handle(Event::Left { conn: 1 }, start);
+        assert_eq!(
+            log.lock().unwrap().errors,
+            [(9, "consumer lost (1 attempt)".to_string())]
+        );
+        let progress = core.snapshot(start);
+        assert_eq!((progress.failed, progress.dead), (1, 1));
+        assert_eq!((progress.in_flight, progress.pending), (0, 0));
+    }
+
+    #[test]
+    fn drain_at_stop_stops_deliveries_and_ends_once_nothing_is_leased() {
+        let start = Instant::now();
+        let (mut core, log) = core_of(1..=5, settings(), start);
+        let mut a = join(&mut core, 1, 2, start);
+        core.turn(start, false);
+        let held = jobs(&mut a);
+        assert_eq!(held.len(), 2);
+        assert!(!core.turn(start, true), "jobs are still leased");
+        assert!(core.draining());
+        assert_eq!(sent(&mut a), [Err(ToConsumer::Drain)]);
+        // A consumer that joins now is drained at once, and served nothing.
+        let mut b = join(&mut core, 2, 5, start);
+        assert!(!core.turn(start, true));
+        assert_eq!(sent(&mut b), [Err(ToConsumer::Drain)]);
+        // A finishes one job and hands the other back (not an attempt).
+        send(&mut core, 1, ack(held[0].lease), start);
+        send(
+            &mut core,
+            1,
+            ToFeeder::Release {
+                lease: held[1].lease,
+            },
+            start,
+        );
+        send(&mut core, 1, ToFeeder::Credit { n: 1 }, start);
+        assert!(core.turn(start, true), "nothing leased any more");
+        assert!(sent(&mut a).is_empty() && sent(&mut b).is_empty());
+        let end = core.end(start);
+        assert!(!end.report.finished);
+        assert_eq!(end.report.progress.done, 1);
+        assert_eq!(end.report.progress.failed, 0, "a release is no attempt");
+        assert_eq!(end.report.unfinished, 1, "the job handed back");
+        assert_eq!(log.lock().unwrap().successes, [1]);
+    }
+
+    #[test]
+    fn drain_at_stop_ends_at_its_deadline_with_jobs_still_leased() {
+        let start = Instant::now();
+        let (mut core, log) = core_of([1, 2], settings(), start);
+        let mut a = join(&mut core, 1, 1, start);
+        core.turn(start, false);
+        assert_eq!(jobs(&mut a).len(), 1);
+        assert!(!core.turn(start, true));
+        // The lease (30 s) is longer than MAX_DRAIN: that is the deadline.
+        assert_eq!(core.next_wake(start, None), start + MAX_DRAIN);
+        assert!(!core.turn(start + MAX_DRAIN - SECOND, true));
+        assert!(core.turn(start + MAX_DRAIN, true));
+        let end = core.end(start + MAX_DRAIN);
+        assert_eq!(end.report.unfinished, 1);
+        assert_eq!(end.report.progress.in_flight, 1);
+        let log = log.lock().unwrap();
+        assert!(log.successes.is_empty() && log.errors.is_empty());
+    }
+
+    #[test]
+    fn the_core_drains_by_itself_once_every_job_has_its_outcome() {
+        let start = Instant::now();
+        let (mut core, _log) = core_of([1], settings(), start);
+        let mut a = join(&mut core, 1, 5, start);
+        core.turn(start, false);
+        let [job] = jobs(&mut a)[..] else {
+            panic!("one job")
+        };
+        assert!(!core.finished(), "the job has no outcome yet");
+        send(&mut core, 1, ack(job.lease), start);
+        assert!(core.turn(start, false), "finished: drained, nothing leased");
+        assert_eq!(sent(&mut a), [Err(ToConsumer::Drain)]);
+        assert!(core.end(start).report.finished);
+    }
+
+    #[test]
+    fn a_durable_feeder_s_frames_wait_for_its_sync() {
+        let start = Instant::now();
+        let (synced_tx, synced_rx) = watch::channel(0);
+        let committed = Arc::new(Mutex::new(0));
+        let log = Arc::new(Mutex::new(Log::default()));
+        let feeder = DurableFeeder {
+            jobs: [1, 2].into(),
+            before: HashMap::new(),
+            log: Arc::clone(&log),
+            attempts: Arc::default(),
+            committed: Arc::clone(&committed),
+            synced_rx,
+        };
+        let lease = 10 * SECOND;
+        let settings = QueueSettings {
+            lease,
+            ..settings()
+        };
+        let mut core = Core::new(feeder, settings, None, None, start);
+        assert!(core.durable());
+        let mut a = join(&mut core, 1, 1, start);
+        core.turn(start, false);
+        assert!(core.holding() && jobs(&mut a).is_empty(), "not durable yet");
+        // A slow disk does not expire a lease the consumer has not seen.
+        assert!(!core.turn(start + 2 * lease, false));
+        assert!(jobs(&mut a).is_empty());
+        synced_tx.send_replace(*committed.lock().unwrap());
+        let synced_at = start + 2 * lease;
+        core.release_held(synced_at);
+        let [job] = jobs(&mut a)[..] else {
+            panic!("the job, once durable")
+        };
+        assert!(!core.holding());
+        assert_eq!(
+            core.next_wake(synced_at, None),
+            synced_at + lease,
+            "its lease starts now"
+        );
+        // The ack is confirmed (Settled) only once durable too.
+        send(&mut core, 1, ack(job.lease), synced_at);
+        core.turn(synced_at, false);
+        assert!(sent(&mut a).is_empty());
+        synced_tx.send_replace(*committed.lock().unwrap());
+        core.release_held(synced_at);
+        assert_eq!(
+            sent(&mut a),
+            [Err(ToConsumer::Settled {
+                leases: vec![job.lease]
+            })]
+        );
+        assert_eq!(log.lock().unwrap().successes, [1]);
+        // A journal writer that is gone drops what is held.
+        send(&mut core, 1, ToFeeder::Credit { n: 1 }, synced_at);
+        core.turn(synced_at, false);
+        assert!(core.holding());
+        core.writer_gone();
+        assert!(!core.holding() && !core.durable());
+        assert!(jobs(&mut a).is_empty());
     }
 }
