@@ -1,10 +1,12 @@
 //! Frames and the codec shared by every link.
 //!
-//! Every link of taskherd (master <-> slave over the control socket, and
-//! later master <-> agent and feeder <-> consumer) carries the same thing:
+//! Every link of taskherd (master <-> slave over the control socket,
+//! master <-> agent, feeder <-> consumer) carries the same thing:
 //! length-delimited frames (a 4-byte big-endian length, then the body) whose
 //! body is one JSON document. [`Connection`] wraps any byte stream with that
-//! codec; each link has its own file with its message enums.
+//! codec; [`FrameReader`] and [`FrameWriter`] are its two halves for a
+//! stream split between a reading and a writing task (the queue link).
+//! Each link has its own file with its message enums.
 //!
 //! A frame that does not decode as the expected enum is re-read as a plain
 //! JSON value so that the error says whether the peer sent valid JSON of an
@@ -14,6 +16,7 @@
 pub mod agent;
 #[cfg(feature = "master")]
 pub mod control;
+mod frame;
 pub mod millis;
 pub mod queue;
 pub mod slave;
@@ -23,6 +26,8 @@ use futures::{SinkExt, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+pub use frame::{FrameReader, FrameWriter};
 
 /// Version of the wire protocol, sent in the first frame of every link.
 ///
@@ -127,6 +132,8 @@ fn snippet(body: &[u8]) -> String {
     text
 }
 
+/// Maps a read error of the codec: the one place that tells an oversized
+/// frame from an I/O error.
 fn map_codec_error(err: std::io::Error) -> ProtocolError {
     // LengthDelimitedCodec reports an oversized frame as InvalidData.
     if err.kind() == std::io::ErrorKind::InvalidData {

@@ -50,15 +50,13 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
-use futures::{FutureExt as _, SinkExt, StreamExt as _};
+use futures::FutureExt as _;
 use serde::de::DeserializeOwned;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::{self, JoinError, JoinSet};
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -66,7 +64,7 @@ use crate::error_text::panic_text;
 use crate::protocol::queue::{
     proof, random_hex, verify, OutcomeMeta, ToConsumer, ToFeeder, FEATURE_EXTEND, FEATURE_SETTLED,
 };
-use crate::protocol::{codec, decode, encode, ProtocolError, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use crate::protocol::{FrameReader, FrameWriter, ProtocolError, PROTOCOL_VERSION};
 use crate::retry::Outcome;
 
 /// First delay before reconnecting to the feeder; it doubles per failed
@@ -565,9 +563,9 @@ enum Attempt {
 }
 
 /// Frames read from the feeder.
-type FeederRx = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
+type FeederRx = FrameReader<OwnedReadHalf, ToConsumer>;
 /// Frames written to the feeder.
-type FeederTx = FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>;
+type FeederTx = FrameWriter<OwnedWriteHalf, ToFeeder>;
 
 /// A connection past the handshake.
 struct Link {
@@ -597,20 +595,12 @@ enum Read {
     Broken(ProtocolError),
 }
 
-fn classify(item: Option<Result<BytesMut, std::io::Error>>) -> Read {
-    match item {
-        None => Read::Closed,
-        Some(Err(err)) if err.kind() == std::io::ErrorKind::InvalidData => {
-            Read::Broken(ProtocolError::FrameTooBig {
-                limit: MAX_FRAME_LEN,
-            })
-        }
-        Some(Err(err)) => Read::Broken(ProtocolError::Io(err)),
-        Some(Ok(body)) => match decode::<ToConsumer>(&body) {
-            Ok(frame) => Read::Frame(frame),
-            Err(err @ ProtocolError::UnexpectedMessage { .. }) => Read::Unknown(err),
-            Err(err) => Read::Broken(err),
-        },
+fn classify(read: Result<Option<ToConsumer>, ProtocolError>) -> Read {
+    match read {
+        Ok(Some(frame)) => Read::Frame(frame),
+        Ok(None) => Read::Closed,
+        Err(err @ ProtocolError::UnexpectedMessage { .. }) => Read::Unknown(err),
+        Err(err) => Read::Broken(err),
     }
 }
 
@@ -633,8 +623,8 @@ async fn connect(feeder: &str, secret: &str, name: &str) -> Result<Link, Attempt
     // Small frames (outcomes, credits) must not wait for Nagle.
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
-    let mut feeder_rx = FramedRead::new(read_half, codec());
-    let mut feeder_tx = FramedWrite::new(write_half, codec());
+    let mut feeder_rx = FeederRx::new(read_half);
+    let mut feeder_tx = FeederTx::new(write_half);
     let (lease, settles, extends, meta) = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         handshake(&mut feeder_rx, &mut feeder_tx, feeder, secret, name),
@@ -696,11 +686,10 @@ async fn handshake(
         nonce: our_nonce.clone(),
         features: vec![FEATURE_SETTLED.to_owned(), FEATURE_EXTEND.to_owned()],
     };
-    let body = encode(&hello).map_err(|err| Attempt::Transient(err.to_string()))?;
-    feeder_tx
-        .send(body)
-        .await
-        .map_err(|err| Attempt::Transient(format!("cannot send hello: {err}")))?;
+    feeder_tx.send(hello).await.map_err(|err| match err {
+        ProtocolError::Io(err) => Attempt::Transient(format!("cannot send hello: {err}")),
+        err => Attempt::Transient(err.to_string()),
+    })?;
     match read_handshake_frame(feeder_rx).await? {
         ToConsumer::Welcome {
             proof,
@@ -726,7 +715,7 @@ async fn handshake(
 }
 
 async fn read_handshake_frame(feeder_rx: &mut FeederRx) -> Result<ToConsumer, Attempt> {
-    match classify(feeder_rx.next().await) {
+    match classify(feeder_rx.read().await) {
         Read::Frame(frame) => Ok(frame),
         Read::Closed => Err(Attempt::Transient(
             "the feeder closed the connection during the handshake".into(),
@@ -746,19 +735,12 @@ async fn write_frames(
     while let Some(first) = frames_rx.recv().await {
         let mut next = Some(first);
         while let Some(frame) = next.take() {
-            feeder_tx
-                .feed(encode(&frame)?)
-                .await
-                .map_err(ProtocolError::Io)?;
+            feeder_tx.feed(frame).await?;
             next = frames_rx.try_recv().ok();
         }
-        SinkExt::<bytes::Bytes>::flush(&mut feeder_tx)
-            .await
-            .map_err(ProtocolError::Io)?;
+        feeder_tx.flush().await?;
     }
-    SinkExt::<bytes::Bytes>::close(&mut feeder_tx)
-        .await
-        .map_err(ProtocolError::Io)
+    feeder_tx.close().await
 }
 
 /// How a session ended.
@@ -1072,7 +1054,7 @@ where
                     send(ToFeeder::Credit { n: freed });
                 }
             }
-            item = feeder_rx.next() => {
+            item = feeder_rx.read() => {
                 last_heard = Instant::now();
                 match classify(item) {
                     Read::Frame(ToConsumer::Job { lease: job_lease, id, attempt, payload }) => {
@@ -1084,7 +1066,7 @@ where
                             runner.report.released += 1;
                             continue;
                         }
-                        match serde_json::from_value::<J>(payload) {
+                        match payload.decode::<J>() {
                             Ok(job) => {
                                 let received = Instant::now();
                                 queued.push_back(Queued {
@@ -1104,6 +1086,7 @@ where
                                 });
                             }
                             Err(err) => {
+                                let err = payload_error(&err);
                                 warn!(
                                     job = id,
                                     lease = job_lease,
@@ -1242,6 +1225,21 @@ fn lost_or_finished(draining: bool, cause: String) -> SessionEnd {
     }
 }
 
+/// serde's complaint about a payload that does not fit the job type, as
+/// it reads for a payload decoded from a JSON value: without the position
+/// in the payload's text (the same reason whichever way the payload came).
+fn payload_error(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    if err.line() == 0 {
+        return text;
+    }
+    let position = format!(" at line {} column {}", err.line(), err.column());
+    match text.strip_suffix(&position) {
+        Some(message) => message.to_string(),
+        None => text,
+    }
+}
+
 /// Hands back every job not started.
 fn release_all<J, F>(
     queued: &mut VecDeque<Queued<J>>,
@@ -1275,6 +1273,7 @@ impl fmt::Display for ConsumerReport {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::protocol::queue::JobPayload;
     use crate::protocol::Connection;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
@@ -1372,7 +1371,7 @@ pub(crate) mod tests {
             lease,
             id: lease * 100,
             attempt: 1,
-            payload,
+            payload: JobPayload::encode(&payload).unwrap(),
         })
         .await
         .unwrap();
@@ -1662,7 +1661,7 @@ pub(crate) mod tests {
             outcomes[&4]
         );
         assert!(
-            matches!(&outcomes[&5], ToFeeder::Dead { reason, .. } if reason.contains("invalid type")),
+            matches!(&outcomes[&5], ToFeeder::Dead { reason, .. } if reason == "bad payload: invalid type: integer `42`, expected a string"),
             "a bad payload is dead with serde's error: {:?}",
             outcomes[&5]
         );

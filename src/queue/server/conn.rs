@@ -9,15 +9,13 @@
 //! every frame waiting into one write.
 
 use super::super::peer_warnings::PeerWarnings;
-use super::core::{Event, Out, JOB_FRAME_OVERHEAD};
+use super::core::Event;
 use super::HEARTBEAT_MISSES;
 use crate::error_text::error_chain;
 use crate::protocol::queue::{
     proof, random_hex, verify, ToConsumer, ToFeeder, FEATURE_EXTEND, FEATURE_SETTLED,
 };
-use crate::protocol::{self, ProtocolError, MAX_FRAME_LEN, PROTOCOL_VERSION};
-use bytes::{BufMut, BytesMut};
-use futures::{SinkExt, StreamExt};
+use crate::protocol::{FrameReader, FrameWriter, ProtocolError, PROTOCOL_VERSION};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +23,6 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::codec::{Encoder, FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -121,59 +118,20 @@ impl Acceptor {
     }
 }
 
-/// Writes [`Out`] as length-delimited JSON frames, straight into the
-/// write buffer (the same wire format as [`protocol::codec`]).
-#[derive(Debug, Default)]
-struct OutCodec;
+/// The consumer's frames.
+type Reader = FrameReader<OwnedReadHalf, ToFeeder>;
+/// Frames to the consumer.
+type Writer = FrameWriter<OwnedWriteHalf, ToConsumer>;
 
-impl Encoder<Out> for OutCodec {
-    type Error = std::io::Error;
-
-    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), Self::Error> {
-        let start = dst.len();
-        dst.put_u32(0);
-        match &item {
-            Out::Frame(frame) => serde_json::to_writer(dst.writer(), frame)
-                .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?,
-            Out::Job {
-                lease,
-                id,
-                attempt,
-                payload,
-            } => {
-                use std::fmt::Write as _;
-                dst.reserve(payload.len() + JOB_FRAME_OVERHEAD);
-                write!(
-                    dst,
-                    r#"{{"type":"job","lease":{lease},"id":{id},"attempt":{attempt},"payload":"#
-                )
-                .map_err(|_| std::io::Error::other("cannot format a job frame"))?;
-                dst.extend_from_slice(payload);
-                dst.put_u8(b'}');
-            }
-        }
-        let len = dst.len() - start - 4;
-        let Ok(len32) = u32::try_from(len) else {
-            dst.truncate(start);
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "frame too big",
-            ));
-        };
-        if len > MAX_FRAME_LEN {
-            dst.truncate(start);
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "frame too big",
-            ));
-        }
-        dst[start..start + 4].copy_from_slice(&len32.to_be_bytes());
-        Ok(())
+/// What a failed write says in the log: the I/O error's own text.
+fn write_cause(err: &ProtocolError) -> String {
+    match err {
+        ProtocolError::Io(err) => err.to_string(),
+        ProtocolError::Encode(err) => err.to_string(),
+        ProtocolError::FrameTooBig { .. } => "frame too big".into(),
+        other => other.to_string(),
     }
 }
-
-type Reader = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
-type Writer = FramedWrite<OwnedWriteHalf, OutCodec>;
 
 /// Why a handshake failed.
 #[derive(Debug)]
@@ -214,17 +172,6 @@ enum Leave {
     Stopping,
 }
 
-/// Maps a read error of the codec, as [`protocol::Connection`] does.
-fn read_error(err: std::io::Error) -> ProtocolError {
-    if err.kind() == std::io::ErrorKind::InvalidData {
-        ProtocolError::FrameTooBig {
-            limit: MAX_FRAME_LEN,
-        }
-    } else {
-        ProtocolError::Io(err)
-    }
-}
-
 /// What a connection task gets from the server besides its stream.
 struct Link {
     /// The per-run secret.
@@ -254,8 +201,8 @@ async fn connection(id: u64, stream: TcpStream, peer: SocketAddr, link: Link) {
     // Small frames both ways: do not let Nagle hold them.
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
-    let mut reader = FramedRead::new(read_half, protocol::codec());
-    let mut writer = FramedWrite::new(write_half, OutCodec);
+    let mut reader = Reader::new(read_half);
+    let mut writer = Writer::new(write_half);
 
     let handshake = tokio::select! {
         _ = handshakes.cancelled() => return,
@@ -266,9 +213,9 @@ async fn connection(id: u64, stream: TcpStream, peer: SocketAddr, link: Link) {
         Err(refusal) => {
             warnings.refused(id, peer, &refusal.reason).await;
             if refusal.tell {
-                let refused = Out::Frame(ToConsumer::Refused {
+                let refused = ToConsumer::Refused {
                     reason: refusal.reason,
-                });
+                };
                 let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
                     writer.send(refused).await?;
                     writer.close().await
@@ -339,15 +286,15 @@ async fn handshake(
         reason: format!("no randomness for a nonce: {err}"),
         tell: false,
     })?;
-    let challenge = Out::Frame(ToConsumer::Challenge {
+    let challenge = ToConsumer::Challenge {
         version: PROTOCOL_VERSION,
         nonce: nonce.clone(),
-    });
+    };
     match tokio::time::timeout(tuning.hello_timeout, writer.send(challenge)).await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => {
             return Err(Refusal {
-                reason: format!("cannot send the challenge: {err}"),
+                reason: format!("cannot send the challenge: {}", write_cause(&err)),
                 tell: false,
             })
         }
@@ -358,30 +305,30 @@ async fn handshake(
             })
         }
     }
-    let body = match tokio::time::timeout(tuning.hello_timeout, reader.next()).await {
+    let hello = match tokio::time::timeout(tuning.hello_timeout, reader.read()).await {
         Err(_) => {
             return Err(Refusal::tell(format!(
                 "no hello within {:?}",
                 tuning.hello_timeout
             )))
         }
-        Ok(None) => {
+        Ok(Ok(None)) => {
             return Err(Refusal {
                 reason: "connection closed before the hello".into(),
                 tell: false,
             })
         }
-        Ok(Some(Err(err))) => return Err(Refusal::tell(error_chain(&read_error(err)))),
-        Ok(Some(Ok(body))) => body,
+        Ok(Err(err)) => return Err(Refusal::tell(error_chain(&err))),
+        Ok(Ok(Some(hello))) => hello,
     };
-    match protocol::decode::<ToFeeder>(&body) {
-        Ok(ToFeeder::Hello {
+    match hello {
+        ToFeeder::Hello {
             version,
             name,
             proof: their_proof,
             nonce: their_nonce,
             features,
-        }) => {
+        } => {
             if version != PROTOCOL_VERSION {
                 return Err(Refusal::tell(
                     ProtocolError::VersionMismatch {
@@ -396,13 +343,13 @@ async fn handshake(
             }
             let settles = tuning.durable && features.iter().any(|f| f == FEATURE_SETTLED);
             let extends = features.iter().any(|f| f == FEATURE_EXTEND);
-            let welcome = Out::Frame(ToConsumer::Welcome {
+            let welcome = ToConsumer::Welcome {
                 proof: proof(secret, &their_nonce),
                 lease: tuning.lease,
                 settles,
                 extends,
                 meta: tuning.joblog,
-            });
+            };
             match tokio::time::timeout(tuning.hello_timeout, writer.send(welcome)).await {
                 Ok(Ok(())) => Ok((truncate(name, MAX_NAME_LEN), settles)),
                 _ => Err(Refusal {
@@ -411,8 +358,7 @@ async fn handshake(
                 }),
             }
         }
-        Ok(_) => Err(Refusal::tell("expected a hello")),
-        Err(err) => Err(Refusal::tell(error_chain(&err))),
+        _ => Err(Refusal::tell("expected a hello")),
     }
 }
 
@@ -432,7 +378,7 @@ async fn session(
     id: u64,
     reader: &mut Reader,
     writer: &mut Writer,
-    mut out_rx: mpsc::UnboundedReceiver<Out>,
+    mut out_rx: mpsc::UnboundedReceiver<ToConsumer>,
     event_tx: &mpsc::Sender<Event>,
     cancel: &CancellationToken,
     heartbeat: Duration,
@@ -455,7 +401,7 @@ async fn session(
                     // leave: closing with its frames unread would reset the
                     // connection under its feet.
                     let _ = tokio::time::timeout(LINGER, async {
-                        while let Some(Ok(_)) = reader.next().await {}
+                        while let Ok(true) = reader.skip().await {}
                     })
                     .await;
                     return Leave::Closed;
@@ -468,23 +414,19 @@ async fn session(
                 };
                 match tokio::time::timeout(write_timeout, write).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(err)) => return Leave::Write(err.to_string()),
+                    Ok(Err(err)) => return Leave::Write(write_cause(&err)),
                     Err(_) => return Leave::Write(format!("no progress for {write_timeout:?}")),
                 }
             }
-            frame = reader.next(), if !core_gone => {
+            frame = reader.read(), if !core_gone => {
                 quiet = 0;
-                let body = match frame {
-                    None => return Leave::Eof,
-                    Some(Err(err)) => return Leave::Protocol(read_error(err)),
-                    Some(Ok(body)) => body,
-                };
-                match protocol::decode::<ToFeeder>(&body) {
+                match frame {
+                    Ok(None) => return Leave::Eof,
                     Err(err) => return Leave::Protocol(err),
-                    Ok(ToFeeder::Heartbeat) => {}
-                    Ok(ToFeeder::Bye) => return Leave::Bye,
-                    Ok(ToFeeder::Hello { .. }) => return Leave::Violation("hello after the handshake"),
-                    Ok(frame) => {
+                    Ok(Some(ToFeeder::Heartbeat)) => {}
+                    Ok(Some(ToFeeder::Bye)) => return Leave::Bye,
+                    Ok(Some(ToFeeder::Hello { .. })) => return Leave::Violation("hello after the handshake"),
+                    Ok(Some(frame)) => {
                         if event_tx.send(Event::Frame { conn: id, frame }).await.is_err() {
                             // The core has finished: write what it queued
                             // for us (its Drain), then close and linger,
@@ -499,10 +441,10 @@ async fn session(
                 if quiet > HEARTBEAT_MISSES {
                     return Leave::Silent;
                 }
-                let beat = writer.send(Out::Frame(ToConsumer::Heartbeat));
+                let beat = writer.send(ToConsumer::Heartbeat);
                 match tokio::time::timeout(write_timeout, beat).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(err)) => return Leave::Write(err.to_string()),
+                    Ok(Err(err)) => return Leave::Write(write_cause(&err)),
                     Err(_) => return Leave::Write(format!("no progress for {write_timeout:?}")),
                 }
             }
@@ -512,10 +454,9 @@ async fn session(
 
 #[cfg(test)]
 mod tests {
-    use super::super::core::encode_payload;
     use super::super::tests::{ms, settings, Client, Harness, SECRET, WAIT};
     use super::*;
-    use crate::protocol::Connection;
+    use crate::protocol::{Connection, MAX_FRAME_LEN};
     use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
@@ -680,42 +621,5 @@ mod tests {
         let (report, _) = harness.report().await;
         assert!(report.finished);
         a.closed().await;
-    }
-
-    #[test]
-    fn job_frames_decode_as_the_protocol_says() {
-        let mut buf = BytesMut::new();
-        let payload = encode_payload(&serde_json::json!({"a": [1, "x"]})).unwrap();
-        OutCodec
-            .encode(
-                Out::Job {
-                    lease: 7,
-                    id: 3,
-                    attempt: 2,
-                    payload,
-                },
-                &mut buf,
-            )
-            .unwrap();
-        OutCodec
-            .encode(Out::Frame(ToConsumer::Stale { lease: 9 }), &mut buf)
-            .unwrap();
-        let mut codec = protocol::codec();
-        let mut frames = Vec::new();
-        while let Some(body) = tokio_util::codec::Decoder::decode(&mut codec, &mut buf).unwrap() {
-            frames.push(protocol::decode::<ToConsumer>(&body).unwrap());
-        }
-        assert_eq!(
-            frames,
-            [
-                ToConsumer::Job {
-                    lease: 7,
-                    id: 3,
-                    attempt: 2,
-                    payload: serde_json::json!({"a": [1, "x"]}),
-                },
-                ToConsumer::Stale { lease: 9 },
-            ]
-        );
     }
 }

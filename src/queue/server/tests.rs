@@ -240,7 +240,7 @@ impl Client {
                 lease,
                 id,
                 attempt,
-                payload: serde_json::from_value(payload).unwrap(),
+                payload: payload.decode().unwrap(),
             },
             other => panic!("expected a job, got {other:?}"),
         }
@@ -445,7 +445,7 @@ async fn many_consumers_get_disjoint_jobs_each_done_once() {
                         attempt,
                     }) => {
                         assert_eq!(attempt, 1);
-                        got.push((id, serde_json::from_value::<u32>(payload).unwrap()));
+                        got.push((id, payload.decode::<u32>().unwrap()));
                         client.ack(lease).await;
                     }
                     Some(ToConsumer::Drain) => {

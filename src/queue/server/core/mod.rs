@@ -2,12 +2,15 @@
 //! [`Feeder`] and every piece of state (ready and delayed jobs, leases,
 //! consumers and their credits, attempts, counts, the [`Governor`]).
 //!
-//! It does no I/O of its own, and never waits: connection tasks hand it
-//! [`Event`]s, it answers by sending [`Out`] frames on each consumer's
-//! channel (progress reports and joblog lines go out on channels too), and
-//! the server's loop (`drive` in the parent module) calls [`Core::turn`]
-//! for the work that time brings (lease expiries, retries coming due,
-//! deliveries, progress), sleeping until [`Core::next_wake`].
+//! It does no I/O of its own and works at the time it is given (it reads
+//! only the wall clock, for retry schedules): connection tasks hand it
+//! [`Event`]s, it answers by sending [`ToConsumer`] frames on each
+//! consumer's channel (progress reports and joblog lines go out on
+//! channels too), and the server's loop (`drive` in the parent module)
+//! calls [`Core::turn`] with the time for the work that time brings (lease
+//! expiries, retries coming due, deliveries, progress), sleeping until
+//! [`Core::next_wake`] or a durable feeder's sync
+//! ([`Core::synced_changed`]).
 
 use self::leases::{Lease, Leases};
 use super::super::governor::Governor;
@@ -15,11 +18,10 @@ use super::super::joblog::Joblog;
 use super::super::{Feeder, Next};
 use super::{ServeReport, MAX_DRAIN};
 use crate::error_text::count;
-use crate::protocol::queue::{ToConsumer, ToFeeder};
+use crate::protocol::queue::{JobPayload, ToConsumer, ToFeeder};
 use crate::protocol::slave::{QueueProgress, QueueSettings};
 use crate::protocol::MAX_FRAME_LEN;
 use crate::retry::RetryPolicy;
-use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -33,7 +35,7 @@ mod leases;
 mod outcomes;
 
 /// Room in a frame for everything of a job frame except its payload.
-pub(super) const JOB_FRAME_OVERHEAD: usize = 128;
+const JOB_FRAME_OVERHEAD: usize = 128;
 
 /// Frames from connection tasks to the core.
 #[derive(Debug)]
@@ -49,7 +51,7 @@ pub(super) enum Event {
         /// It is sent [`ToConsumer::Settled`].
         settles: bool,
         /// What the core sends it.
-        out_tx: mpsc::UnboundedSender<Out>,
+        out_tx: mpsc::UnboundedSender<ToConsumer>,
     },
     /// A frame from a joined consumer (never Hello, Heartbeat or Bye).
     Frame {
@@ -62,25 +64,6 @@ pub(super) enum Event {
     Left {
         /// The connection's number.
         conn: u64,
-    },
-}
-
-/// What the core tells a connection task to write.
-#[derive(Debug)]
-pub(super) enum Out {
-    /// Any frame, encoded with serde.
-    Frame(ToConsumer),
-    /// A [`ToConsumer::Job`], with its payload already encoded (once per
-    /// job, not once per delivery).
-    Job {
-        /// The lease, named in the outcome.
-        lease: u64,
-        /// The job's id.
-        id: u64,
-        /// Attempts so far, this one included.
-        attempt: u32,
-        /// The job as JSON.
-        payload: Bytes,
     },
 }
 
@@ -99,7 +82,7 @@ struct JobEntry<J> {
     /// Handed back to the feeder with the final outcome.
     job: J,
     /// The job as JSON, encoded once.
-    payload: Bytes,
+    payload: JobPayload,
     /// Deliveries so far, released ones not counted.
     attempts: u32,
     /// Start of the first attempt, for [`RetryPolicy::next`].
@@ -122,7 +105,7 @@ struct Held {
     seq: u64,
     /// For this consumer.
     conn: u64,
-    out: Out,
+    out: ToConsumer,
 }
 
 /// Waits for a durable feeder's next sync (never, for other feeders).
@@ -140,7 +123,7 @@ struct Consumer {
     /// `group/id@host`, from its Hello.
     name: Arc<str>,
     peer: SocketAddr,
-    out_tx: mpsc::UnboundedSender<Out>,
+    out_tx: mpsc::UnboundedSender<ToConsumer>,
     /// Jobs it may still be sent.
     credit: u32,
     /// Leases it holds.
@@ -486,7 +469,7 @@ impl<F: Feeder> Core<F> {
         self.draining = true;
         self.drain_deadline = Some(after(now, self.lease_time.min(MAX_DRAIN)));
         for consumer in self.consumers.values() {
-            let _ = consumer.out_tx.send(Out::Frame(ToConsumer::Drain));
+            let _ = consumer.out_tx.send(ToConsumer::Drain);
         }
         info!(
             why,
@@ -658,7 +641,7 @@ impl<F: Feeder> Core<F> {
             entry.holder = Some(Arc::clone(&consumer.name));
         }
         self.feeder.attempt(&entry.job);
-        let out = Out::Job {
+        let out = ToConsumer::Job {
             lease,
             id: job_id,
             attempt: entry.attempts,
@@ -687,7 +670,7 @@ impl<F: Feeder> Core<F> {
             self.held.push_back(Held {
                 seq: UNSEALED,
                 conn,
-                out: Out::Frame(ToConsumer::Settled { leases }),
+                out: ToConsumer::Settled { leases },
             });
         }
         let seq = self.feeder.commit();
@@ -713,7 +696,7 @@ impl<F: Feeder> Core<F> {
             let Some(held) = self.held.pop_front() else {
                 break;
             };
-            if let Out::Job { lease, .. } = &held.out {
+            if let ToConsumer::Job { lease, .. } = &held.out {
                 self.leases.set_expiry(*lease, after(now, self.lease_time));
             }
             if let Some(consumer) = self.consumers.get(&held.conn) {
@@ -733,7 +716,7 @@ impl<F: Feeder> Core<F> {
             } => {
                 info!(conn, %peer, name = %name, "consumer joined");
                 if self.draining {
-                    let _ = out_tx.send(Out::Frame(ToConsumer::Drain));
+                    let _ = out_tx.send(ToConsumer::Drain);
                 }
                 self.consumers.insert(
                     conn,
@@ -782,16 +765,16 @@ impl<F: Feeder> Core<F> {
 }
 
 /// A job as the JSON of its frame's payload, or why it cannot be sent.
-pub(super) fn encode_payload<J: serde::Serialize>(job: &J) -> Result<Bytes, String> {
-    let body = serde_json::to_vec(job).map_err(|err| format!("cannot encode the job: {err}"))?;
-    if body.len() > MAX_FRAME_LEN - JOB_FRAME_OVERHEAD {
+pub(super) fn encode_payload<J: serde::Serialize>(job: &J) -> Result<JobPayload, String> {
+    let payload = JobPayload::encode(job).map_err(|err| format!("cannot encode the job: {err}"))?;
+    let len = payload.get().len();
+    if len > MAX_FRAME_LEN - JOB_FRAME_OVERHEAD {
         return Err(format!(
-            "job too big to send ({} bytes, limit {})",
-            body.len(),
+            "job too big to send ({len} bytes, limit {})",
             MAX_FRAME_LEN - JOB_FRAME_OVERHEAD
         ));
     }
-    Ok(Bytes::from(body))
+    Ok(payload)
 }
 
 #[cfg(test)]
@@ -807,7 +790,7 @@ mod tests {
         start: Instant,
     ) -> (
         Core<TestFeeder>,
-        mpsc::UnboundedReceiver<Out>,
+        mpsc::UnboundedReceiver<ToConsumer>,
         Arc<Mutex<Log>>,
     ) {
         let log = Arc::new(Mutex::new(Log::default()));
@@ -968,7 +951,7 @@ mod tests {
         conn: u64,
         credit: u32,
         now: Instant,
-    ) -> mpsc::UnboundedReceiver<Out> {
+    ) -> mpsc::UnboundedReceiver<ToConsumer> {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         core.handle(
             Event::Joined {
@@ -997,10 +980,10 @@ mod tests {
 
     /// Everything sent to a consumer since the last look; jobs with their
     /// payload decoded.
-    fn sent(out_rx: &mut mpsc::UnboundedReceiver<Out>) -> Vec<Result<Sent, ToConsumer>> {
+    fn sent(out_rx: &mut mpsc::UnboundedReceiver<ToConsumer>) -> Vec<Result<Sent, ToConsumer>> {
         std::iter::from_fn(|| out_rx.try_recv().ok())
             .map(|out| match out {
-                Out::Job {
+                ToConsumer::Job {
                     lease,
                     id,
                     attempt,
@@ -1009,16 +992,16 @@ mod tests {
                     lease,
                     id,
                     attempt,
-                    payload: serde_json::from_slice(&payload).expect("a number"),
+                    payload: payload.decode().expect("a number"),
                 }),
-                Out::Frame(frame) => Err(frame),
+                frame => Err(frame),
             })
             .collect()
     }
 
     /// The jobs sent to a consumer since the last look (nothing else may
     /// have been sent).
-    fn jobs(out_rx: &mut mpsc::UnboundedReceiver<Out>) -> Vec<Sent> {
+    fn jobs(out_rx: &mut mpsc::UnboundedReceiver<ToConsumer>) -> Vec<Sent> {
         sent(out_rx)
             .into_iter()
             .map(|sent| sent.unwrap_or_else(|frame| panic!("expected a job, got {frame:?}")))

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::{after, Out, Source};
+use super::{after, Source};
 
 impl<F: Feeder> Core<F> {
     /// What a frame of a joined consumer does.
@@ -140,9 +140,7 @@ impl<F: Feeder> Core<F> {
             }
             _ => {
                 debug!(conn, lease, "stale outcome");
-                let _ = consumer
-                    .out_tx
-                    .send(Out::Frame(ToConsumer::Stale { lease }));
+                let _ = consumer.out_tx.send(ToConsumer::Stale { lease });
                 None
             }
         }
