@@ -155,8 +155,6 @@
 
 mod conn;
 mod core;
-#[cfg(test)]
-mod tests;
 
 use self::conn::{Acceptor, Tuning};
 use self::core::{Core, End, Event};
@@ -520,3 +518,6 @@ async fn drive<F: Feeder>(
     drop(core);
     report
 }
+
+#[cfg(test)]
+mod tests;
