@@ -4,10 +4,12 @@
 //! master <-> agent, feeder <-> consumer, and the master's control socket)
 //! carries the same thing: length-delimited frames (a 4-byte big-endian
 //! length, then the body) whose body is one JSON document. [`Connection`]
-//! wraps any byte stream with that codec; each link has its own file with
-//! its message enums (`slave`, `agent`, `queue`, `control`), and
-//! `instance` holds the data about instances that the agent link carries
-//! and both its ends supervise by.
+//! wraps any byte stream with that codec; [`FrameReader`] and
+//! [`FrameWriter`] are its two halves for a stream split between a reading
+//! and a writing task (the queue link). Each link has its own file with its
+//! message enums (`slave`, `agent`, `queue`, `control`), and `instance`
+//! holds the data about instances that the agent link carries and both its
+//! ends supervise by.
 //!
 //! A frame that does not decode as the expected enum is re-read as a plain
 //! JSON value so that the error says whether the peer sent valid JSON of an
@@ -17,6 +19,7 @@
 pub mod agent;
 #[cfg(feature = "master")]
 pub mod control;
+mod frame;
 #[cfg(feature = "master")]
 pub mod instance;
 pub mod millis;
@@ -28,6 +31,8 @@ use futures::{SinkExt, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+pub use frame::{FrameReader, FrameWriter};
 
 /// Version of the wire protocol, sent in the first frame of every link.
 ///
@@ -132,6 +137,8 @@ fn snippet(body: &[u8]) -> String {
     text
 }
 
+/// Maps a read error of the codec: the one place that tells an oversized
+/// frame from an I/O error.
 fn map_codec_error(err: std::io::Error) -> ProtocolError {
     // LengthDelimitedCodec reports an oversized frame as InvalidData.
     if err.kind() == std::io::ErrorKind::InvalidData {

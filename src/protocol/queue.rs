@@ -24,13 +24,26 @@
 
 use crate::error_text::hex;
 use hmac::{Hmac, Mac};
+use serde::de::{DeserializeOwned, Deserializer};
+use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sha2::Sha256;
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Frames from the feeder to a consumer.
+///
+/// Its serde form is the wire's: a JSON object tagged by `type`. The
+/// payload of a [`ToConsumer::Job`] is written as it is (the text of its
+/// [`JobPayload`]) and read as it came, so it is neither rewritten by the
+/// feeder nor decoded twice by the consumer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+// `remote = "Self"`: the derived code becomes `ToConsumer::serialize` and
+// `ToConsumer::deserialize`, which the trait impls below wrap.
+#[serde(remote = "Self", tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ToConsumer {
     /// First frame: prove you know the secret.
@@ -76,8 +89,8 @@ pub enum ToConsumer {
         id: u64,
         /// Attempts so far, this one included (1 on first delivery).
         attempt: u32,
-        /// The job itself.
-        payload: serde_json::Value,
+        /// The job itself, as JSON.
+        payload: JobPayload,
     },
     /// An outcome came for a lease that is no longer this consumer's (it
     /// expired and the job went elsewhere): it was ignored.
@@ -97,6 +110,154 @@ pub enum ToConsumer {
     Drain,
     /// "I am still here".
     Heartbeat,
+}
+
+impl Serialize for ToConsumer {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        ToConsumer::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ToConsumer {
+    /// Reads the frame as raw JSON, then as [`ToConsumer::from_json`]
+    /// does: a Job keeps its payload as it came.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        ToConsumer::from_json(raw.get().as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A [`ToConsumer::Job`] as it is read, its payload kept raw.
+#[derive(Deserialize)]
+struct JobFrame {
+    /// Always `job`.
+    #[serde(rename = "type")]
+    _type: JobTag,
+    lease: u64,
+    id: u64,
+    attempt: u32,
+    payload: Box<RawValue>,
+}
+
+/// The tag of a Job frame, and only that one.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum JobTag {
+    Job,
+}
+
+/// The tag of any frame.
+#[derive(Deserialize)]
+struct Tag<'a> {
+    #[serde(rename = "type", borrow)]
+    tag: Option<Cow<'a, str>>,
+}
+
+impl ToConsumer {
+    /// Decodes one frame body. A Job is read straight into its fields
+    /// with its payload kept as it came (the feeder puts `type` first, so
+    /// any other frame is told apart at its first field); the others
+    /// through their serde derive.
+    ///
+    /// # Errors
+    /// serde's, for a body that is not JSON or not a frame of this enum.
+    pub fn from_json(body: &[u8]) -> Result<ToConsumer, serde_json::Error> {
+        let job_error = match serde_json::from_slice::<JobFrame>(body) {
+            Ok(job) => {
+                return Ok(ToConsumer::Job {
+                    lease: job.lease,
+                    id: job.id,
+                    attempt: job.attempt,
+                    payload: JobPayload::from(job.payload),
+                })
+            }
+            Err(err) => err,
+        };
+        let is_job = serde_json::from_slice::<Tag<'_>>(body)
+            .is_ok_and(|tag| tag.tag.as_deref() == Some("job"));
+        if is_job {
+            return Err(job_error);
+        }
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let frame = ToConsumer::deserialize(&mut deserializer)?;
+        deserializer.end()?;
+        Ok(frame)
+    }
+}
+
+/// A job as JSON, the payload of a [`ToConsumer::Job`]: the text the
+/// feeder encoded, once per job, shared by its deliveries. It is written
+/// to the wire as it is and decoded by the consumer once, into its own
+/// job type ([`JobPayload::decode`]).
+///
+/// ```
+/// use taskherd::protocol::queue::JobPayload;
+/// let payload = JobPayload::encode(&vec![1, 2])?;
+/// assert_eq!(payload.get(), "[1,2]");
+/// assert_eq!(payload.decode::<Vec<u32>>()?, [1, 2]);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct JobPayload(Arc<RawValue>);
+
+impl JobPayload {
+    /// Encodes a job as JSON.
+    ///
+    /// # Errors
+    /// serde's, for a job that JSON cannot carry (a map whose keys are not
+    /// strings, a failing `Serialize` impl).
+    pub fn encode<J: Serialize + ?Sized>(job: &J) -> Result<JobPayload, serde_json::Error> {
+        serde_json::value::to_raw_value(job).map(JobPayload::from)
+    }
+
+    /// The JSON text, as the feeder encoded it.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Decodes the job into the consumer's type.
+    ///
+    /// # Errors
+    /// serde's, for a job that does not fit `J`.
+    pub fn decode<J: DeserializeOwned>(&self) -> Result<J, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+}
+
+impl From<Box<RawValue>> for JobPayload {
+    /// Takes JSON text that is known valid as it is.
+    fn from(raw: Box<RawValue>) -> JobPayload {
+        JobPayload(Arc::from(raw))
+    }
+}
+
+impl PartialEq for JobPayload {
+    /// The same text.
+    fn eq(&self, other: &JobPayload) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl fmt::Debug for JobPayload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("JobPayload").field(&self.get()).finish()
+    }
+}
+
+impl Serialize for JobPayload {
+    /// The text as it is.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for JobPayload {
+    /// The text as it is (like [`RawValue`], this needs the JSON itself:
+    /// it does not work inside buffered input such as an internally
+    /// tagged enum; [`ToConsumer`] reads its jobs without that).
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(JobPayload::from)
+    }
 }
 
 /// Frames from a consumer to the feeder.
@@ -364,5 +525,90 @@ mod tests {
         let welcome: ToConsumer =
             serde_json::from_str(r#"{"type":"welcome","proof":"ab","lease":1000}"#).unwrap();
         assert!(matches!(welcome, ToConsumer::Welcome { meta: false, .. }));
+    }
+
+    #[test]
+    fn job_frames_have_the_wire_s_shape_and_keep_their_payload_as_it_came() {
+        // A payload as a feeder may hold it: its own spacing and key order.
+        let raw = r#"{"b": [1, "x"], "a":{}}"#;
+        let payload = JobPayload::from(RawValue::from_string(raw.to_string()).unwrap());
+        let frame = ToConsumer::Job {
+            lease: 7,
+            id: 3,
+            attempt: 2,
+            payload,
+        };
+        let text = serde_json::to_string(&frame).unwrap();
+        // The shape every consumer parses (what the feeder used to write by
+        // hand), the payload spliced in as it is.
+        assert_eq!(
+            text,
+            format!(r#"{{"type":"job","lease":7,"id":3,"attempt":2,"payload":{raw}}}"#)
+        );
+        let read = [
+            ToConsumer::from_json(text.as_bytes()).unwrap(),
+            serde_json::from_str::<ToConsumer>(&text).unwrap(),
+            crate::protocol::decode::<ToConsumer>(text.as_bytes()).unwrap(),
+        ];
+        for read in read {
+            assert_eq!(read, frame);
+            let ToConsumer::Job { payload, .. } = read else {
+                panic!("a job")
+            };
+            assert_eq!(payload.get(), raw, "kept as it came");
+            assert_eq!(
+                payload.decode::<serde_json::Value>().unwrap(),
+                serde_json::json!({"a": {}, "b": [1, "x"]})
+            );
+        }
+        // Another feeder's field order reads the same.
+        let reordered = format!(r#"{{"payload":{raw},"attempt":2,"id":3,"lease":7,"type":"job"}}"#);
+        assert_eq!(ToConsumer::from_json(reordered.as_bytes()).unwrap(), frame);
+        // The other frames are serde's, both ways.
+        assert_eq!(
+            serde_json::to_string(&ToConsumer::Stale { lease: 9 }).unwrap(),
+            r#"{"type":"stale","lease":9}"#
+        );
+        for frame in [
+            ToConsumer::Challenge {
+                version: 1,
+                nonce: "ab".into(),
+            },
+            ToConsumer::Welcome {
+                proof: "cd".into(),
+                lease: Duration::from_secs(30),
+                settles: true,
+                extends: false,
+                meta: true,
+            },
+            ToConsumer::Refused {
+                reason: "no".into(),
+            },
+            ToConsumer::Stale { lease: 9 },
+            ToConsumer::Settled { leases: vec![1, 2] },
+            ToConsumer::Drain,
+            ToConsumer::Heartbeat,
+        ] {
+            let text = serde_json::to_string(&frame).unwrap();
+            assert_eq!(ToConsumer::from_json(text.as_bytes()).unwrap(), frame);
+            assert_eq!(serde_json::from_str::<ToConsumer>(&text).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn a_bad_job_frame_says_what_is_wrong() {
+        use crate::protocol::{decode, ProtocolError};
+        let cause = |err: ProtocolError| match err {
+            ProtocolError::UnexpectedMessage { source, .. } => source.to_string(),
+            other => panic!("expected an unexpected message, got {other}"),
+        };
+        let err = decode::<ToConsumer>(br#"{"type":"job","lease":1,"id":2,"payload":3}"#);
+        assert!(cause(err.unwrap_err()).contains("missing field `attempt`"));
+        let err = decode::<ToConsumer>(br#"{"type":"launch"}"#);
+        assert!(cause(err.unwrap_err()).contains("unknown variant `launch`"));
+        let err = decode::<ToConsumer>(br#"{"lease":1}"#);
+        assert!(cause(err.unwrap_err()).contains("missing field `type`"));
+        let err = decode::<ToConsumer>(b"\x00\x01garbage").unwrap_err();
+        assert!(matches!(err, ProtocolError::Corrupt { .. }), "{err}");
     }
 }
