@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use taskherd::config::{CheckOptions, Checked, Config, LoadError, LogFormat};
+use taskherd::config::{Config, LoadError, LogFormat};
 use taskherd::master;
 
 /// Start, supervise and feed processes.
@@ -157,7 +157,7 @@ marked failed, 2 for a bad config or a master that could not start.")]
     /// Fill and inspect the durable job queue of a file feeder.
     Queue {
         #[command(subcommand)]
-        command: QueueCommand,
+        command: cli::queue::QueueCommand,
     },
     /// Show the groups and instances of a running master.
     #[command(after_help = "\
@@ -261,46 +261,6 @@ struct MasterTarget {
     /// The config the master runs (default: the only master running).
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
-}
-
-#[derive(Debug, Subcommand)]
-enum QueueCommand {
-    /// Add jobs to a queue file (also while a feeder serves it).
-    Add {
-        /// The queue file (created if needed).
-        file: PathBuf,
-        /// The jobs, one JSON value each (quote strings: '"text"'); `-`
-        /// reads one JSON value per line from stdin.
-        #[arg(required = true, allow_hyphen_values = true)]
-        jobs: Vec<String>,
-        /// Options for every job of this call (each goes in as an envelope
-        /// `{"job": ..., "options": ...}`).
-        #[command(flatten)]
-        options: JobOptionArgs,
-    },
-    /// Count pending, waiting (inbox) and dead jobs, and list the dead
-    /// ones with their reasons (also while a feeder serves the queue).
-    List {
-        /// The queue file.
-        file: PathBuf,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-        /// List the pending jobs too (id, attempts, job), in serving order.
-        #[arg(long)]
-        jobs: bool,
-    },
-    /// Put every dead job back in the queue.
-    RequeueDead {
-        /// The queue file.
-        file: PathBuf,
-    },
-    /// Take the inbox in and rewrite the journal as a snapshot (no feeder
-    /// may serve the queue meanwhile); prints its size per pending job.
-    Compact {
-        /// The queue file.
-        file: PathBuf,
-    },
 }
 
 /// The log flags of `run`: each overrides its key of the config's `[log]`
@@ -461,10 +421,10 @@ fn main() -> ExitCode {
             | Command::ExecConsumer { .. }
             | Command::CoprocessConsumer { .. }
     ) {
-        init_diagnostics(
+        cli::diagnostics::init_diagnostics(
             match cli.command {
-                Command::Run { .. } => Diagnostics::BelowStatusLine,
-                _ => Diagnostics::Plain,
+                Command::Run { .. } => cli::diagnostics::Diagnostics::BelowStatusLine,
+                _ => cli::diagnostics::Diagnostics::Plain,
             },
             verbosity,
         );
@@ -475,7 +435,7 @@ fn main() -> ExitCode {
             config_only,
             connect,
             hosts,
-        } => check(&config, config_only, connect, hosts),
+        } => cli::check::check(&config, config_only, connect, hosts),
         Command::Run { config, log } => run(&config, log, verbosity),
         Command::Exec(args) => cli::exec::run(args, verbosity),
         Command::Pids { state_file, json } => pids(state_file, json),
@@ -502,7 +462,7 @@ fn main() -> ExitCode {
                 "coprocess-consumer: no command given after --"
             )),
         },
-        Command::Queue { command } => queue(command),
+        Command::Queue { command } => cli::queue::run(command),
         Command::Status {
             target,
             json,
@@ -557,95 +517,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Where diagnostics are printed.
-#[derive(Debug, Clone, Copy)]
-enum Diagnostics {
-    /// No status line on the terminal.
-    Plain,
-    /// `run`: the herd's log may keep a status line at the bottom of the
-    /// terminal (stdout is a TTY).
-    BelowStatusLine,
-}
-
-/// Diagnostics of taskherd itself (not the herd's log) go to stderr,
-/// filtered by `RUST_LOG` (warnings by default, taskherd's debug records
-/// too with `-v`), colored only on a terminal that is not `TERM=dumb`
-/// (and without `NO_COLOR`).
-///
-/// When stderr is the terminal of stdout and `run` may keep its status
-/// line there, each diagnostic first erases the row it starts on (the
-/// status line, which has no newline), in the same write: the diagnostic
-/// gets a row of its own, and the status line comes back below with the
-/// next log lines or status change.
-fn init_diagnostics(diagnostics: Diagnostics, verbosity: Verbosity) {
-    use std::io::IsTerminal;
-    let default = match verbosity {
-        Verbosity::Verbose => "warn,taskherd=debug",
-        Verbosity::Quiet | Verbosity::Normal => "warn",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let terminal = std::io::stderr().is_terminal() && !taskherd::log::is_dumb_terminal();
-    let ansi = terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let erase_row = matches!(diagnostics, Diagnostics::BelowStatusLine)
-        && terminal
-        && std::io::stdout().is_terminal()
-        && same_file(libc::STDOUT_FILENO, libc::STDERR_FILENO);
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(move || DiagnosticWriter {
-            erase_row,
-            buf: Vec::new(),
-        })
-        .init();
-}
-
-/// Whether two fds are the same file (or terminal).
-fn same_file(a: libc::c_int, b: libc::c_int) -> bool {
-    let stat = |fd| {
-        // SAFETY: fstat(2) only fills the stat we pass; a bad fd is an
-        // error return.
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((
-            stat.st_dev,
-            stat.st_ino,
-            stat.st_rdev,
-        ))
-    };
-    matches!((stat(a), stat(b)), (Some(a), Some(b)) if a == b)
-}
-
-/// One diagnostic on stderr, written at once when it is complete (on
-/// drop), after `\r\x1b[K` (erase the status line's row) if asked.
-struct DiagnosticWriter {
-    erase_row: bool,
-    buf: Vec<u8>,
-}
-
-impl std::io::Write for DiagnosticWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if self.buf.is_empty() && self.erase_row {
-            self.buf.extend_from_slice(b"\r\x1b[K");
-        }
-        self.buf.extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for DiagnosticWriter {
-    fn drop(&mut self) {
-        if !self.buf.is_empty() {
-            // Nowhere to report a failure to write a diagnostic.
-            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), &self.buf);
-        }
-    }
-}
-
 fn load(path: &std::path::Path) -> anyhow::Result<Result<Config, ExitCode>> {
     loaded(Config::load(path), path)
 }
@@ -672,164 +543,6 @@ fn loaded<T>(
         Err(err) => Err(err.into()),
     }
 }
-
-fn check(
-    path: &std::path::Path,
-    config_only: bool,
-    connect: bool,
-    hosts: bool,
-) -> anyhow::Result<ExitCode> {
-    let result = if config_only {
-        Config::load(path).map(|config| Checked {
-            config,
-            skipped: Vec::new(),
-        })
-    } else {
-        Config::load_and_check(path, &CheckOptions::default())
-    };
-    let Checked { config, skipped } = match loaded(result, path)? {
-        Ok(checked) => checked,
-        Err(code) => return Ok(code),
-    };
-    for note in &skipped {
-        eprintln!("note: {note}");
-    }
-    if hosts {
-        print_hosts(&config);
-    }
-    if connect {
-        let failed = check_connections(path, &config)?;
-        if failed > 0 {
-            return Ok(ExitCode::from(1));
-        }
-    }
-    let instances: u32 = config.groups.iter().map(|g| g.instance_count()).sum();
-    println!(
-        "{}: ok ({}, {})",
-        path.display(),
-        count_text(config.groups.len() as u64, "group"),
-        count_text(u64::from(instances), "instance")
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `check --hosts`: each remote placement's hosts, expanded.
-fn print_hosts(config: &Config) {
-    for group in &config.groups {
-        for (i, placement) in group.remote.iter().enumerate() {
-            let hosts: Vec<String> = placement
-                .hosts
-                .iter()
-                .map(|host| match &host.user {
-                    Some(user) => format!("{user}@{}", host.label),
-                    None => host.label.clone(),
-                })
-                .collect();
-            println!(
-                "{} [[group.remote]] {}: {} x {}: {}",
-                group.name,
-                i + 1,
-                count_text(hosts.len() as u64, "host"),
-                count_text(u64::from(placement.instances), "instance"),
-                hosts.join(" ")
-            );
-            for host in placement.hosts.iter().filter(|host| !host.vars.is_empty()) {
-                let vars: Vec<String> = host.vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                println!("  {}: {}", host.label, vars.join(" "));
-            }
-        }
-    }
-}
-
-/// `check --connect`: logs in to every remote host of the config (each
-/// once, with the settings of its first placement) and runs `true`;
-/// prints each failure; returns how many failed.
-fn check_connections(path: &std::path::Path, config: &Config) -> anyhow::Result<usize> {
-    use futures::StreamExt;
-    use std::os::unix::fs::DirBuilderExt;
-    use taskherd::master::ssh;
-
-    let mut hosts = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for group in &config.groups {
-        let placements = group.remote.iter().flat_map(|placement| {
-            placement
-                .hosts
-                .iter()
-                .map(move |host| (host, &placement.ssh))
-        });
-        let feeder = group.queue.iter().filter_map(|queue| {
-            queue
-                .feeder_host
-                .as_ref()
-                .map(|host| (host, &queue.feeder_ssh))
-        });
-        for (host, options) in placements.chain(feeder) {
-            let key = (host.user.clone(), host.name.clone(), host.port);
-            if seen.insert(key) {
-                hosts.push((group.name.clone(), host.clone(), options.clone()));
-            }
-        }
-    }
-    if hosts.is_empty() {
-        return Ok(0);
-    }
-    let control_dir = std::env::temp_dir().join(format!("taskherd-check-{}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&control_dir)
-        .with_context(|| format!("cannot create {}", control_dir.display()))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start a runtime")?;
-    let results: Vec<(String, String, Result<(), String>)> = runtime.block_on(async {
-        futures::stream::iter(hosts)
-            .map(|(group, host, options)| {
-                let control_dir = control_dir.clone();
-                async move {
-                    let result = async {
-                        let session = ssh::connect(&host, &options, &control_dir, CHECK_KEEPALIVE)
-                            .await
-                            .map_err(|err| err.to_string())?;
-                        let status = session.command("true").status().await;
-                        let _ = session.close().await;
-                        match status {
-                            Ok(status) if status.success() => Ok(()),
-                            Ok(status) => Err(format!("`true` ended with {status}")),
-                            Err(err) => Err(format!("cannot run a command: {err}")),
-                        }
-                    }
-                    .await;
-                    (group, host.label.clone(), result)
-                }
-            })
-            .buffer_unordered(CHECK_CONNECTIONS)
-            .collect()
-            .await
-    });
-    let _ = std::fs::remove_dir_all(&control_dir);
-    let mut failed = 0;
-    for (group, host, result) in results {
-        match result {
-            Ok(()) => eprintln!("{}: host {host} (group {group}): connected", path.display()),
-            Err(err) => {
-                failed += 1;
-                eprintln!(
-                    "error: {}: host {host} (group {group}): cannot log in: {err}",
-                    path.display()
-                );
-            }
-        }
-    }
-    Ok(failed)
-}
-
-/// Hosts `check --connect` logs in to at once.
-const CHECK_CONNECTIONS: usize = 8;
-
-/// The SSH keepalive of `check --connect`'s short sessions.
-const CHECK_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn pids(state_file: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     use taskherd::pidkiller;
@@ -902,163 +615,6 @@ fn run(path: &std::path::Path, log: LogArgs, verbosity: Verbosity) -> anyhow::Re
     })
 }
 
-fn queue(command: QueueCommand) -> anyhow::Result<ExitCode> {
-    use taskherd::queue::feeders::{FileFeeder, JsonlFeeder};
-    use taskherd::queue::local::LocalQueueError;
-
-    let open = |path: &std::path::Path| {
-        if !FileFeeder::exists(path) {
-            anyhow::bail!("{}: no such queue", path.display());
-        }
-        FileFeeder::open(path).map_err(|err| match err {
-            LocalQueueError::Locked { .. } => {
-                anyhow::anyhow!("{} is in use by a running feeder", path.display())
-            }
-            err => anyhow::Error::new(err).context(format!("cannot open {}", path.display())),
-        })
-    };
-    // A JSON-lines feeder's queue: its state journal (`jobs.jsonl.state`),
-    // or the file itself once it has one.
-    let jsonl_of = |path: &std::path::Path| {
-        JsonlFeeder::file_of_state(path).or_else(|| {
-            (path.is_file() && FileFeeder::exists(JsonlFeeder::state_path(path)))
-                .then(|| path.to_path_buf())
-        })
-    };
-    let open_jsonl = |file: &std::path::Path| {
-        JsonlFeeder::open(file).map_err(|err| match err {
-            LocalQueueError::Locked { .. } => anyhow::anyhow!(
-                "{} is in use by a running feeder",
-                JsonlFeeder::state_path(file).display()
-            ),
-            err => anyhow::Error::new(err).context(format!("cannot open {}", file.display())),
-        })
-    };
-    match command {
-        QueueCommand::Add {
-            file,
-            jobs,
-            options,
-        } => {
-            if let Some(jsonl) = jsonl_of(&file) {
-                anyhow::bail!(
-                    "{} is the queue of the JSON-lines file {}: append the jobs to that file, \
-                     one per line (none was added)",
-                    file.display(),
-                    jsonl.display()
-                );
-            }
-            let mut jobs = queue_jobs(&jobs)?;
-            if let Some(options) = options.to_options()? {
-                let options = options.resolved_now();
-                for job in &mut jobs {
-                    let text = taskherd::queue::options::envelope_text(job, &options)?;
-                    *job = serde_json::value::RawValue::from_string(text)?;
-                }
-            }
-            let added = FileFeeder::push_raw(&file, jobs.iter().map(|job| job.as_ref()))
-                .with_context(|| {
-                    format!("cannot add jobs to {} (none was added)", file.display())
-                })?;
-            println!("{}: added {}", file.display(), jobs_text(added as u64));
-        }
-        QueueCommand::List { file, json, jobs } => {
-            let file = match jsonl_of(&file) {
-                Some(jsonl) => JsonlFeeder::state_path(jsonl),
-                None => file,
-            };
-            if !FileFeeder::exists(&file) {
-                anyhow::bail!("{}: no such queue", file.display());
-            }
-            let report = FileFeeder::inspect(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let pending = if jobs {
-                FileFeeder::inspect_jobs(&file)
-                    .with_context(|| format!("cannot read {}", file.display()))?
-            } else {
-                Vec::new()
-            };
-            if json {
-                let mut value = serde_json::to_value(&report)?;
-                if jobs {
-                    value["jobs"] = serde_json::to_value(&pending)?;
-                }
-                println!("{}", serde_json::to_string_pretty(&value)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!(
-                "{}: {} pending, {} in the inbox, {} dead ({} bytes)",
-                file.display(),
-                report.pending,
-                report.inbox,
-                report.dead.len(),
-                report.journal_bytes
-            );
-            for dead in &report.dead {
-                println!("  dead #{}: {}: {}", dead.id, dead.reason, dead.job);
-            }
-            for job in &pending {
-                match &job.options {
-                    Some(options) => println!(
-                        "  #{} (attempts {}, options {options}): {}",
-                        job.id, job.attempts, job.job
-                    ),
-                    None => println!("  #{} (attempts {}): {}", job.id, job.attempts, job.job),
-                }
-            }
-        }
-        QueueCommand::RequeueDead { file } => {
-            let requeued = match jsonl_of(&file) {
-                Some(jsonl) => open_jsonl(&jsonl)?.requeue_dead()?,
-                None => open(&file)?.requeue_dead()?,
-            };
-            println!(
-                "{}: {} put back (were dead)",
-                file.display(),
-                jobs_text(requeued as u64)
-            );
-        }
-        QueueCommand::Compact { file } => {
-            let (taken, report) = match jsonl_of(&file) {
-                // Its lines are taken in by its feeder only.
-                Some(jsonl) => {
-                    let mut feeder = open_jsonl(&jsonl)?;
-                    feeder.compact()?;
-                    (0, feeder.report()?)
-                }
-                None => {
-                    let mut feeder = open(&file)?;
-                    let taken = feeder.take_inbox()?;
-                    feeder.compact()?;
-                    (taken, feeder.report()?)
-                }
-            };
-            let per_job = if report.pending > 0 {
-                format!(
-                    ", {:.1} bytes per pending job",
-                    report.journal_bytes as f64 / report.pending as f64
-                )
-            } else {
-                String::new()
-            };
-            println!(
-                "{}: took {} in; {} pending, {} dead; journal {} bytes{per_job}",
-                file.display(),
-                jobs_text(taken),
-                report.pending,
-                report.dead.len(),
-                report.journal_bytes
-            );
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `1 job`, `2 jobs`.
-fn jobs_text(n: u64) -> String {
-    count_text(n, "job")
-}
-
 /// `n` and a noun that agrees with it: `1 group`, `2 groups`.
 fn count_text(n: u64, noun: &str) -> String {
     if n == 1 {
@@ -1067,116 +623,6 @@ fn count_text(n: u64, noun: &str) -> String {
         format!("{n} {noun}s")
     }
 }
-
-/// The JSON texts of `queue add`: each argument, or the lines of stdin for
-/// `-`, checked.
-/// `taskherd queue add`'s per-job options.
-#[derive(Debug, clap::Args)]
-struct JobOptionArgs {
-    /// Not served before this long from now (`10s`, `1m 30s`).
-    #[arg(long, value_name = "DURATION")]
-    delay: Option<String>,
-    /// Not served before this time (RFC 3339, `2026-12-24T18:00:00Z`).
-    #[arg(long, value_name = "TIME")]
-    at: Option<String>,
-    /// The jobs' own retry schedule: delays after each failed attempt,
-    /// then dead (`1s,10s,1m`).
-    #[arg(long, value_name = "DELAYS", conflicts_with = "retry_every")]
-    retry: Option<String>,
-    /// The jobs' own retry interval (`30s`).
-    #[arg(long, value_name = "DURATION")]
-    retry_every: Option<String>,
-    /// With `--retry-every`: no retry starts after this time (RFC 3339).
-    #[arg(long, value_name = "TIME", requires = "retry_every")]
-    retry_until: Option<String>,
-    /// Higher first, among the jobs due (default 0).
-    #[arg(long, allow_hyphen_values = true)]
-    priority: Option<i64>,
-    /// A unique key: not added while a job with this key is pending or
-    /// running.
-    #[arg(long, value_name = "KEY")]
-    unique: Option<String>,
-}
-
-impl JobOptionArgs {
-    /// The options, `None` when no flag was given.
-    fn to_options(&self) -> anyhow::Result<Option<taskherd::queue::options::JobOptions>> {
-        use taskherd::queue::options::{parse_duration, parse_time, JobOptions};
-        let mut options = JobOptions::new();
-        let mut any = false;
-        fn flag<T>(name: &str, result: Result<T, String>) -> anyhow::Result<T> {
-            result.map_err(|why| anyhow::anyhow!("--{name}: {why}"))
-        }
-        if let Some(text) = &self.delay {
-            options = options.delay(flag("delay", parse_duration(text))?);
-            any = true;
-        }
-        if let Some(text) = &self.at {
-            options = options.at(flag("at", parse_time(text))?);
-            any = true;
-        }
-        if let Some(text) = &self.retry {
-            let delays = text
-                .split(',')
-                .map(parse_duration)
-                .collect::<Result<Vec<_>, _>>();
-            options = options.retry(flag("retry", delays)?);
-            any = true;
-        }
-        if let Some(text) = &self.retry_every {
-            options = options.retry_every(flag("retry-every", parse_duration(text))?);
-            any = true;
-        }
-        if let Some(text) = &self.retry_until {
-            options = options.retry_until(flag("retry-until", parse_time(text))?);
-            any = true;
-        }
-        if let Some(priority) = self.priority {
-            options = options.priority(priority);
-            any = true;
-        }
-        if let Some(key) = &self.unique {
-            options = options.unique(key.clone());
-            any = true;
-        }
-        Ok(any.then_some(options))
-    }
-}
-
-fn queue_jobs(args: &[String]) -> anyhow::Result<Vec<Box<serde_json::value::RawValue>>> {
-    use std::io::BufRead;
-
-    let mut jobs = Vec::new();
-    let mut stdin_read = false;
-    for (i, arg) in args.iter().enumerate() {
-        if arg == "-" {
-            anyhow::ensure!(!stdin_read, "\"-\" (stdin) given twice");
-            stdin_read = true;
-            for (n, line) in std::io::stdin().lock().lines().enumerate() {
-                let line = line.context("cannot read stdin")?;
-                let line = line.trim();
-                if line.is_empty() {
-                    continue;
-                }
-                let job = serde_json::value::RawValue::from_string(line.to_owned())
-                    .with_context(|| format!("stdin line {} is not valid JSON", n + 1))?;
-                jobs.push(job);
-            }
-            continue;
-        }
-        let job =
-            serde_json::value::RawValue::from_string(arg.trim().to_owned()).with_context(|| {
-                format!(
-                    "job {} ({arg}) is not valid JSON (quote strings: '\"text\"')",
-                    i + 1
-                )
-            })?;
-        jobs.push(job);
-    }
-    Ok(jobs)
-}
-
-// The operator's commands: talk to a running master over its control socket.
 
 use taskherd::master::control::{self as control_socket, ControlClient};
 use taskherd::protocol::control::{FromMaster, ToMaster};

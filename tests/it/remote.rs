@@ -511,7 +511,10 @@ instances = 1
     assert!(uploaded[0].starts_with(&format!("taskherd-{}-", env!("CARGO_PKG_VERSION"))));
     assert!(line.contains(&uploaded[0]), "{line}");
     let copy = std::fs::read(agents.path().join("cache").join(&uploaded[0])).expect("read copy");
-    assert_eq!(copy, std::fs::read(taskherd_bin()).expect("read binary"));
+    assert!(
+        copy == std::fs::read(taskherd_bin()).expect("read binary"),
+        "the uploaded agent differs from the binary (was it rebuilt meanwhile?)"
+    );
 
     let mut second = Herd::new(&config);
     second.start();

@@ -1,0 +1,315 @@
+//! `taskherd queue add|list|requeue-dead|compact`: the durable file queue
+//! (and a JSON-lines feeder's queue) from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+
+use crate::count_text;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum QueueCommand {
+    /// Add jobs to a queue file (also while a feeder serves it).
+    Add {
+        /// The queue file (created if needed).
+        file: PathBuf,
+        /// The jobs, one JSON value each (quote strings: '"text"'); `-`
+        /// reads one JSON value per line from stdin.
+        #[arg(required = true, allow_hyphen_values = true)]
+        jobs: Vec<String>,
+        /// Options for every job of this call (each goes in as an envelope
+        /// `{"job": ..., "options": ...}`).
+        #[command(flatten)]
+        options: JobOptionArgs,
+    },
+    /// Count pending, waiting (inbox) and dead jobs, and list the dead
+    /// ones with their reasons (also while a feeder serves the queue).
+    List {
+        /// The queue file.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// List the pending jobs too (id, attempts, job), in serving order.
+        #[arg(long)]
+        jobs: bool,
+    },
+    /// Put every dead job back in the queue.
+    RequeueDead {
+        /// The queue file.
+        file: PathBuf,
+    },
+    /// Take the inbox in and rewrite the journal as a snapshot (no feeder
+    /// may serve the queue meanwhile); prints its size per pending job.
+    Compact {
+        /// The queue file.
+        file: PathBuf,
+    },
+}
+
+pub(crate) fn run(command: QueueCommand) -> anyhow::Result<ExitCode> {
+    use taskherd::queue::feeders::{FileFeeder, JsonlFeeder};
+    use taskherd::queue::local::LocalQueueError;
+
+    let open = |path: &std::path::Path| {
+        if !FileFeeder::exists(path) {
+            anyhow::bail!("{}: no such queue", path.display());
+        }
+        FileFeeder::open(path).map_err(|err| match err {
+            LocalQueueError::Locked { .. } => {
+                anyhow::anyhow!("{} is in use by a running feeder", path.display())
+            }
+            err => anyhow::Error::new(err).context(format!("cannot open {}", path.display())),
+        })
+    };
+    // A JSON-lines feeder's queue: its state journal (`jobs.jsonl.state`),
+    // or the file itself once it has one.
+    let jsonl_of = |path: &std::path::Path| {
+        JsonlFeeder::file_of_state(path).or_else(|| {
+            (path.is_file() && FileFeeder::exists(JsonlFeeder::state_path(path)))
+                .then(|| path.to_path_buf())
+        })
+    };
+    let open_jsonl = |file: &std::path::Path| {
+        JsonlFeeder::open(file).map_err(|err| match err {
+            LocalQueueError::Locked { .. } => anyhow::anyhow!(
+                "{} is in use by a running feeder",
+                JsonlFeeder::state_path(file).display()
+            ),
+            err => anyhow::Error::new(err).context(format!("cannot open {}", file.display())),
+        })
+    };
+    match command {
+        QueueCommand::Add {
+            file,
+            jobs,
+            options,
+        } => {
+            if let Some(jsonl) = jsonl_of(&file) {
+                anyhow::bail!(
+                    "{} is the queue of the JSON-lines file {}: append the jobs to that file, \
+                     one per line (none was added)",
+                    file.display(),
+                    jsonl.display()
+                );
+            }
+            let mut jobs = queue_jobs(&jobs)?;
+            if let Some(options) = options.to_options()? {
+                let options = options.resolved_now();
+                for job in &mut jobs {
+                    let text = taskherd::queue::options::envelope_text(job, &options)?;
+                    *job = serde_json::value::RawValue::from_string(text)?;
+                }
+            }
+            let added = FileFeeder::push_raw(&file, jobs.iter().map(|job| job.as_ref()))
+                .with_context(|| {
+                    format!("cannot add jobs to {} (none was added)", file.display())
+                })?;
+            println!("{}: added {}", file.display(), jobs_text(added as u64));
+        }
+        QueueCommand::List { file, json, jobs } => {
+            let file = match jsonl_of(&file) {
+                Some(jsonl) => JsonlFeeder::state_path(jsonl),
+                None => file,
+            };
+            if !FileFeeder::exists(&file) {
+                anyhow::bail!("{}: no such queue", file.display());
+            }
+            let report = FileFeeder::inspect(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let pending = if jobs {
+                FileFeeder::inspect_jobs(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            } else {
+                Vec::new()
+            };
+            if json {
+                let mut value = serde_json::to_value(&report)?;
+                if jobs {
+                    value["jobs"] = serde_json::to_value(&pending)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{}: {} pending, {} in the inbox, {} dead ({} bytes)",
+                file.display(),
+                report.pending,
+                report.inbox,
+                report.dead.len(),
+                report.journal_bytes
+            );
+            for dead in &report.dead {
+                println!("  dead #{}: {}: {}", dead.id, dead.reason, dead.job);
+            }
+            for job in &pending {
+                match &job.options {
+                    Some(options) => println!(
+                        "  #{} (attempts {}, options {options}): {}",
+                        job.id, job.attempts, job.job
+                    ),
+                    None => println!("  #{} (attempts {}): {}", job.id, job.attempts, job.job),
+                }
+            }
+        }
+        QueueCommand::RequeueDead { file } => {
+            let requeued = match jsonl_of(&file) {
+                Some(jsonl) => open_jsonl(&jsonl)?.requeue_dead()?,
+                None => open(&file)?.requeue_dead()?,
+            };
+            println!(
+                "{}: {} put back (were dead)",
+                file.display(),
+                jobs_text(requeued as u64)
+            );
+        }
+        QueueCommand::Compact { file } => {
+            let (taken, report) = match jsonl_of(&file) {
+                // Its lines are taken in by its feeder only.
+                Some(jsonl) => {
+                    let mut feeder = open_jsonl(&jsonl)?;
+                    feeder.compact()?;
+                    (0, feeder.report()?)
+                }
+                None => {
+                    let mut feeder = open(&file)?;
+                    let taken = feeder.take_inbox()?;
+                    feeder.compact()?;
+                    (taken, feeder.report()?)
+                }
+            };
+            let per_job = if report.pending > 0 {
+                format!(
+                    ", {:.1} bytes per pending job",
+                    report.journal_bytes as f64 / report.pending as f64
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "{}: took {} in; {} pending, {} dead; journal {} bytes{per_job}",
+                file.display(),
+                jobs_text(taken),
+                report.pending,
+                report.dead.len(),
+                report.journal_bytes
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `1 job`, `2 jobs`.
+fn jobs_text(n: u64) -> String {
+    count_text(n, "job")
+}
+
+/// `taskherd queue add`'s per-job options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct JobOptionArgs {
+    /// Not served before this long from now (`10s`, `1m 30s`).
+    #[arg(long, value_name = "DURATION")]
+    delay: Option<String>,
+    /// Not served before this time (RFC 3339, `2026-12-24T18:00:00Z`).
+    #[arg(long, value_name = "TIME")]
+    at: Option<String>,
+    /// The jobs' own retry schedule: delays after each failed attempt,
+    /// then dead (`1s,10s,1m`).
+    #[arg(long, value_name = "DELAYS", conflicts_with = "retry_every")]
+    retry: Option<String>,
+    /// The jobs' own retry interval (`30s`).
+    #[arg(long, value_name = "DURATION")]
+    retry_every: Option<String>,
+    /// With `--retry-every`: no retry starts after this time (RFC 3339).
+    #[arg(long, value_name = "TIME", requires = "retry_every")]
+    retry_until: Option<String>,
+    /// Higher first, among the jobs due (default 0).
+    #[arg(long, allow_hyphen_values = true)]
+    priority: Option<i64>,
+    /// A unique key: not added while a job with this key is pending or
+    /// running.
+    #[arg(long, value_name = "KEY")]
+    unique: Option<String>,
+}
+
+impl JobOptionArgs {
+    /// The options, `None` when no flag was given.
+    fn to_options(&self) -> anyhow::Result<Option<taskherd::queue::options::JobOptions>> {
+        use taskherd::queue::options::{parse_duration, parse_time, JobOptions};
+        let mut options = JobOptions::new();
+        let mut any = false;
+        fn flag<T>(name: &str, result: Result<T, String>) -> anyhow::Result<T> {
+            result.map_err(|why| anyhow::anyhow!("--{name}: {why}"))
+        }
+        if let Some(text) = &self.delay {
+            options = options.delay(flag("delay", parse_duration(text))?);
+            any = true;
+        }
+        if let Some(text) = &self.at {
+            options = options.at(flag("at", parse_time(text))?);
+            any = true;
+        }
+        if let Some(text) = &self.retry {
+            let delays = text
+                .split(',')
+                .map(parse_duration)
+                .collect::<Result<Vec<_>, _>>();
+            options = options.retry(flag("retry", delays)?);
+            any = true;
+        }
+        if let Some(text) = &self.retry_every {
+            options = options.retry_every(flag("retry-every", parse_duration(text))?);
+            any = true;
+        }
+        if let Some(text) = &self.retry_until {
+            options = options.retry_until(flag("retry-until", parse_time(text))?);
+            any = true;
+        }
+        if let Some(priority) = self.priority {
+            options = options.priority(priority);
+            any = true;
+        }
+        if let Some(key) = &self.unique {
+            options = options.unique(key.clone());
+            any = true;
+        }
+        Ok(any.then_some(options))
+    }
+}
+
+/// The JSON texts of `queue add`: each argument, or the lines of stdin for
+/// `-`, checked.
+fn queue_jobs(args: &[String]) -> anyhow::Result<Vec<Box<serde_json::value::RawValue>>> {
+    use std::io::BufRead;
+
+    let mut jobs = Vec::new();
+    let mut stdin_read = false;
+    for (i, arg) in args.iter().enumerate() {
+        if arg == "-" {
+            anyhow::ensure!(!stdin_read, "\"-\" (stdin) given twice");
+            stdin_read = true;
+            for (n, line) in std::io::stdin().lock().lines().enumerate() {
+                let line = line.context("cannot read stdin")?;
+                let line = line.trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let job = serde_json::value::RawValue::from_string(line.to_owned())
+                    .with_context(|| format!("stdin line {} is not valid JSON", n + 1))?;
+                jobs.push(job);
+            }
+            continue;
+        }
+        let job =
+            serde_json::value::RawValue::from_string(arg.trim().to_owned()).with_context(|| {
+                format!(
+                    "job {} ({arg}) is not valid JSON (quote strings: '\"text\"')",
+                    i + 1
+                )
+            })?;
+        jobs.push(job);
+    }
+    Ok(jobs)
+}
