@@ -106,6 +106,14 @@ marked failed, 2 for a bad config or a master that could not start.")]
     /// Serve a master on stdin/stdout (started by the master over SSH).
     #[command(hide = true)]
     Agent,
+    /// Stop what a master or agent left in its pid registry once it ends
+    /// (started by them, beside the registry).
+    #[command(hide = true)]
+    Watchdog {
+        /// The pid registry.
+        #[arg(long, value_name = "FILE")]
+        state_file: PathBuf,
+    },
     /// Be a queue group's built-in feeder (`[group.feeder] file`, `jsonl`
     /// or `command`; started by the master or an agent).
     #[command(hide = true)]
@@ -408,6 +416,10 @@ const EXIT_FAILED_INSTANCES: u8 = 1;
 const EXIT_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
+    // Masters and agents run this binary as their watchdog.
+    if let Ok(program) = std::env::current_exe() {
+        taskherd::supervise::watchdog::enable(program);
+    }
     let cli = Cli::parse();
     let verbosity = match (cli.quiet, cli.verbose) {
         (true, _) => Verbosity::Quiet,
@@ -439,6 +451,7 @@ fn main() -> ExitCode {
         Command::Run { config, log } => run(&config, log, verbosity),
         Command::Exec(args) => cli::exec::run(args, verbosity),
         Command::Pids { state_file, json } => pids(state_file, json),
+        Command::Watchdog { state_file } => Ok(taskherd::supervise::watchdog::run(&state_file)),
         Command::Agent => taskherd::agent::run_stdio()
             .map(|()| ExitCode::SUCCESS)
             .map_err(|err| anyhow::anyhow!(err).context("agent")),

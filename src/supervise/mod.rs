@@ -22,6 +22,7 @@ pub mod process;
 mod relay;
 pub mod restart;
 pub mod shutdown;
+pub mod watchdog;
 
 use crate::log::LogSink;
 
@@ -35,6 +36,13 @@ pub async fn open_pid_killer(
     use crate::protocol::slave::Level;
     match crate::pidkiller::PidKiller::open(state_file.clone()).await {
         Ok(pids) => {
+            if let Err(err) = watchdog::start(&state_file) {
+                let message = format!(
+                    "cannot start the watchdog ({err}): if this process is killed, \
+                     its instances run on until the next run stops them"
+                );
+                sink.master_event(Level::Warning, message).await;
+            }
             for entry in pids.leftovers() {
                 let message = format!(
                     "stopping {} (pid {}), left running by an earlier run that died",

@@ -76,7 +76,7 @@ fn wait_until_all_up(herd: &mut Herd) {
     herd.wait_for("[lib] [localhost] [worker/1/1] Child 1 1");
     herd.wait_for("[lib] [localhost] [worker/2/2] Child 2 2");
     herd.wait_for_count("plain up", 2);
-    assert_eq!(herd.marked_processes().len(), 4, "{:?}", herd.seen);
+    assert_eq!(herd.herd_processes().len(), 4, "{:?}", herd.seen);
 }
 
 #[test]
@@ -149,6 +149,71 @@ fn sigkill_of_the_master_leaves_no_instance_behind() {
     herd.assert_no_leftovers();
 }
 
+/// The master's watchdog (`taskherd watchdog --state-file ...`), once it
+/// runs.
+fn wait_for_watchdog(herd: &Herd) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = herd.marked_processes().into_iter().find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .contains("watchdog\0--state-file")
+        });
+        if let Some(pid) = found {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no watchdog running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_killed_master_s_instances_and_their_children_are_gone_at_once() {
+    // The scenario of the issue: plain `sh` instances that start children
+    // in the background, the master SIGKILLed, again and again. Its
+    // watchdog stops each instance's process group, grandchildren
+    // included, then exits itself; no next run is needed.
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "bg"
+command = "sh"
+args = ["-c", "sleep 1001 & sleep 1002 & echo up; wait"]
+[group.local]
+instances = 3
+"#,
+    );
+    for round in 1..=5 {
+        herd.start();
+        herd.wait_for_count("up", 3 * round);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sleeps(&herd) < 6 {
+            assert!(Instant::now() < deadline, "round {round}: 6 sleeps never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        wait_for_watchdog(&herd);
+        // (An instance killed with the master before it is registered is
+        // beyond the watchdog: registration follows the spawn.)
+        herd.wait_registered(3);
+        herd.signal(libc::SIGKILL);
+        herd.wait_exit();
+        // Everything the herd started is gone, the watchdog too.
+        herd.assert_no_leftovers();
+    }
+}
+
+/// The herd's `sleep 100x` processes.
+fn sleeps(herd: &Herd) -> usize {
+    herd.marked_processes()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .starts_with("sleep\x00100")
+        })
+        .count()
+}
+
 #[test]
 fn the_next_run_reaps_what_a_killed_master_left_behind() {
     // `sh` gets the parent-death signal, but the `sleep` it started does
@@ -167,6 +232,11 @@ instances = 1
     );
     herd.start();
     herd.wait_for("[leaky] [localhost] [sh/1/1] up");
+    // Without its watchdog (killed first, as anything can be), the
+    // master's SIGKILL leaves the grandchild running.
+    let watchdog = wait_for_watchdog(&herd);
+    // SAFETY: kill(2) of this test's own watchdog process.
+    assert_eq!(unsafe { libc::kill(watchdog, libc::SIGKILL) }, 0);
     herd.signal(libc::SIGKILL);
     herd.wait_exit();
     // Only the grandchild is left.

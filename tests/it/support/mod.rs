@@ -306,6 +306,40 @@ impl Herd {
         self.seen.iter().filter(|l| l.contains(needle)).collect()
     }
 
+    /// [`marked_processes`](Self::marked_processes) but the master's
+    /// watchdog (`taskherd watchdog`): what the herd runs.
+    pub fn herd_processes(&self) -> Vec<i32> {
+        self.marked_processes()
+            .into_iter()
+            .filter(|pid| {
+                !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .unwrap_or_default()
+                    .contains("watchdog\0--state-file")
+            })
+            .collect()
+    }
+
+    /// Waits (bounded) until the master's pid registry holds `count`
+    /// entries: its instances are known to its watchdog.
+    pub fn wait_registered(&self, count: usize) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = std::fs::read_to_string(self.state_file()).unwrap_or_default();
+            let entries = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|state| state["entries"].as_array().map(Vec::len))
+                .unwrap_or(0);
+            if entries == count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pid registry holds {entries} entries, not {count}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Pids of live processes carrying this herd's marker (the master
     /// aside).
     pub fn marked_processes(&self) -> Vec<i32> {

@@ -1,0 +1,169 @@
+//! The watchdog: no orphans when a master or an agent dies by SIGKILL.
+//!
+//! The pid registry ([`crate::pidkiller`]) records every instance's
+//! process group with the identity (pid and start time) of the master or
+//! agent that started it; a later run stops what a dead owner left. The
+//! watchdog does it at once: a small process (`taskherd watchdog`, started
+//! when the registry opens, in a process group of its own) that holds the
+//! read end of a pipe whose write end only its owner has. When the owner
+//! ends, however it ends, the kernel closes that end; the watchdog then
+//! opens the registry, which takes the dead owner's entries over and stops
+//! them (SIGTERM to each process group, its stop grace, SIGKILL), waits
+//! until they are gone, and exits. After a clean stop the owner's entries
+//! are gone already, and the watchdog exits at once.
+//!
+//! It kills only what the registry recorded, each checked by pid and start
+//! time (a reused pid is not ours), and only entries whose owner is dead.
+//! Instances' children in their instance's process group die with it; a
+//! process that left its group (`setsid`) is out of its reach.
+//!
+//! The taskherd binary turns it on with [`enable`]; a program that embeds
+//! the master and wants it too calls [`enable`] with a program that runs
+//! [`run`] when given the arguments `watchdog --state-file FILE`.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::pidkiller::proc::group_has_members;
+use crate::pidkiller::PidKiller;
+
+/// The subcommand that runs [`run`].
+pub const WATCHDOG_COMMAND: &str = "watchdog";
+
+/// Longest wait for a dead owner's processes beyond their stop grace.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// How often the watchdog looks whether they are gone.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The program started as the watchdog, once [`enable`]d.
+static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
+
+/// This process's watchdog, once started: one per process, alive as long
+/// as the process.
+static RUNNING: Mutex<Option<Running>> = Mutex::new(None);
+
+/// A started watchdog: its process and our end of its pipe.
+struct Running {
+    /// The watchdog process (reaped when it ends with us, by init).
+    _child: Child,
+    /// The write end: closed by the kernel when we end.
+    _pipe: ChildStdin,
+    /// The registry it watches.
+    state_file: PathBuf,
+}
+
+/// Turns the watchdog on for this process: `program watchdog --state-file
+/// FILE` is started beside the first pid registry opened.
+pub fn enable(program: PathBuf) {
+    let _ = PROGRAM.set(program);
+}
+
+/// Starts this process's watchdog for the registry `state_file`, if it is
+/// [`enable`]d and not started yet. `Ok(false)` when there is nothing to
+/// do.
+///
+/// # Errors
+/// The watchdog process could not be started.
+pub(crate) fn start(state_file: &Path) -> std::io::Result<bool> {
+    let Some(program) = PROGRAM.get() else {
+        return Ok(false);
+    };
+    let mut running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+    if running
+        .as_ref()
+        .is_some_and(|running| running.state_file == state_file)
+    {
+        return Ok(false);
+    }
+    let mut child = Command::new(program)
+        .arg(WATCHDOG_COMMAND)
+        .arg("--state-file")
+        .arg(state_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        // Out of our process group: a Ctrl-C meant for the master does
+        // not end it before the master has stopped its instances.
+        .process_group(0)
+        .spawn()?;
+    let Some(pipe) = child.stdin.take() else {
+        return Err(std::io::Error::other("the watchdog started without its pipe"));
+    };
+    *running = Some(Running {
+        _child: child,
+        _pipe: pipe,
+        state_file: state_file.to_path_buf(),
+    });
+    Ok(true)
+}
+
+/// The watchdog process: waits for the end of its stdin (its owner has
+/// ended), then stops what the owner left in the registry `state_file`
+/// and waits (bounded) until it is gone. Call it from `main`.
+pub fn run(state_file: &Path) -> ExitCode {
+    let owner = std::os::unix::process::parent_id();
+    // Nothing comes on the pipe: a read returns 0 (or fails) once the
+    // owner has ended.
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 64];
+    loop {
+        match std::io::Read::read(&mut stdin, &mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    // The pipe closes while the owner exits, before it is dead: until we
+    // are its child no more, the registry would take it for alive (and
+    // its entries for someone else's).
+    let deadline = Instant::now() + SETTLE;
+    while std::os::unix::process::parent_id() == owner && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("taskherd watchdog: cannot start a runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        // Opening takes the dead owner's entries over and stops them.
+        let killer = match PidKiller::open(state_file.to_path_buf()).await {
+            Ok(killer) => killer,
+            Err(err) => {
+                eprintln!(
+                    "taskherd watchdog: cannot open the pid registry {}: {err}",
+                    state_file.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        let leftovers = killer.leftovers().to_vec();
+        let grace = leftovers
+            .iter()
+            .map(|entry| entry.grace)
+            .max()
+            .unwrap_or_default();
+        // The registry stops them (SIGTERM, grace, SIGKILL) on its task:
+        // wait until no process is left in their groups.
+        let deadline = Instant::now() + grace + SETTLE;
+        while Instant::now() < deadline
+            && leftovers
+                .iter()
+                .any(|entry| group_has_members(entry.pgid, entry.identity.start_time))
+        {
+            tokio::time::sleep(POLL).await;
+        }
+        drop(killer);
+        ExitCode::SUCCESS
+    })
+}
