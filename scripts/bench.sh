@@ -60,7 +60,9 @@
 #    them), which shows how much of a gap is the kernel's per-session CPU
 #    share (autogroup) against other work on the machine. 64 hosts x 8
 #    long-running instances, /bin/sh login: spawn to all 512 running, then
-#    SIGTERM to exit. The master's CPU, VmHWM and file descriptors (and its
+#    SIGTERM to exit; the same with each ssh in its own session and with
+#    KexAlgorithms curve25519-sha256 in the ssh_config (OpenSSH's default,
+#    sntrup761x25519, costs the client several times the CPU). The master's CPU, VmHWM and file descriptors (and its
 #    ssh processes': a ControlMaster and a session client per host) at 8,
 #    16, 32 and 64 hosts x 8, all running and over 10 s idle, with the
 #    slope per host; its CPU per relayed line, 8 hosts x 4 instances
@@ -471,7 +473,7 @@ if wants fanout; then
     stop_remote=$(result stop_remote_2x4)
 fi
 
-# -------------------------------------------------------------- 2b. scale
+# -------------------------------------------------------------- 8. scale
 
 if wants scale; then
     section "8. scale: 2 to 64 loopback sshd hosts, /bin/sh and rc logins, the master's cost per host (remote_start --scale)"
@@ -507,13 +509,23 @@ if wants scale; then
                 row "$label" "$th" "$pd (pdsh, 1 command per host)" "$(ratio_of "$pd" "$th")x" "-" "-"
             fi
             [ "$own" != - ] && row "  same, taskherd's ssh each in a session of its own (as pdsh's)" "$own" "$pd (pdsh)" "$(ratio_of "$pd" "$own")x" "-" "-"
+            row "  CPU of the tool's processes here / on the hosts, ms" \
+                "$(sfigure "${key}_taskherd_client_cpu_ms") / $(sfigure "${key}_taskherd_hosts_cpu_ms")" \
+                "$(sfigure "${key}_pdsh_client_cpu_ms") / $(sfigure "${key}_pdsh_hosts_cpu_ms") (pdsh)" "-" "-" "-"
         done
     done
+    row "scale: ssh host true, the client's CPU: default key exchange (sntrup761x25519) / curve25519-sha256, ms" \
+        "$(sfigure scale_ssh_true_sh_client_cpu_ms 1) / $(sfigure scale_ssh_true_sh_curve25519_client_cpu_ms 1)" "-" "-" "-" "-"
     ready=$(sresult scale_start_64x8_ready)
     row "scale: 64 hosts x 8 long-running, /bin/sh login, spawn to all 512 running, ms" "$ready" "-" "-" "< 5000" "$(verdict "$ready < 5000")"
     row "  of which all 64 agents connected, ms" "$(sresult scale_start_64x8_connected)" "-" "-" "-" "-"
+    row "  CPU until all ran: the master / its ssh (handshakes) / the hosts, ms" \
+        "$(sfigure scale_start_64x8_master_cpu_ms) / $(sfigure scale_start_64x8_ssh_cpu_ms) / $(sfigure scale_start_64x8_hosts_cpu_ms)" "-" "-" "-" "-"
     own=$(sresult scale_start_64x8_ready_own_session)
     [ "$own" != - ] && row "  same, taskherd's ssh each in a session of its own, ms" "$own" "-" "-" "-" "-"
+    row "  same, KexAlgorithms curve25519-sha256 in the ssh_config, ms" "$(sresult scale_start_64x8_ready_curve25519)" "-" "-" "-" "-"
+    row "    CPU until all ran: the master / its ssh / the hosts, ms" \
+        "$(sfigure scale_start_64x8_master_cpu_ms_curve25519) / $(sfigure scale_start_64x8_ssh_cpu_ms_curve25519) / $(sfigure scale_start_64x8_hosts_cpu_ms_curve25519)" "-" "-" "-" "-"
     row "  stop: SIGTERM to exit, 512 remote instances, ms" "$(sresult scale_start_64x8_stop)" "-" "-" "-" "-"
     for n in 8 16 32 64; do
         c=scale_cost_$n

@@ -16,7 +16,8 @@
 //! - 64 hosts × 8 long-running instances with the plain login: from the
 //!   spawn of `taskherd run` until all 512 have printed their first line
 //!   (and where the CPU went until then), then SIGTERM to the master's
-//!   exit, the hosts checked quiet;
+//!   exit, the hosts checked quiet; the same with the master's ssh in
+//!   sessions of their own, and with the classic key exchange;
 //! - the master's CPU time, peak RSS and file descriptors at 8, 16, 32 and
 //!   64 hosts × 8 (when all are running, and over [`IDLE_WINDOW`] after),
 //!   and the same of the ssh processes it keeps (a ControlMaster and a
@@ -75,8 +76,24 @@ struct Login {
     ssh_config: PathBuf,
 }
 
+/// The classic key exchange, for [`login_config_with`]: OpenSSH's
+/// default since 9.0, sntrup761x25519 (post-quantum), costs the client
+/// several times the CPU.
+const CLASSIC_KEX: &str = "KexAlgorithms curve25519-sha256";
+
 /// A copy of the world's ssh_config whose hosts log in as `user`.
 fn login_config(dir: &Path, world: &SshWorld, hosts: usize, user: &'static str) -> PathBuf {
+    login_config_with(dir, world, hosts, user, "")
+}
+
+/// [`login_config`], with `option` (an ssh_config line) for every host.
+fn login_config_with(
+    dir: &Path,
+    world: &SshWorld,
+    hosts: usize,
+    user: &'static str,
+    option: &str,
+) -> PathBuf {
     let text = std::fs::read_to_string(world.ssh_config())
         .unwrap_or_else(|err| panic!("read {}: {err}", world.ssh_config().display()));
     let from = format!("    User {}\n", sshd::login_user());
@@ -86,8 +103,17 @@ fn login_config(dir: &Path, world: &SshWorld, hosts: usize, user: &'static str) 
         "one `User` line per host in {}",
         world.ssh_config().display()
     );
-    let path = dir.join(format!("ssh_config_{user}"));
-    std::fs::write(&path, text.replace(&from, &format!("    User {user}\n")))
+    let (to, name) = if option.is_empty() {
+        (format!("    User {user}\n"), format!("ssh_config_{user}"))
+    } else {
+        let name = option.split_whitespace().collect::<Vec<_>>().join("_");
+        (
+            format!("    User {user}\n    {option}\n"),
+            format!("ssh_config_{user}_{name}"),
+        )
+    };
+    let path = dir.join(name);
+    std::fs::write(&path, text.replace(&from, &to))
         .unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
     path
 }
@@ -985,38 +1011,66 @@ fn line_rows(dir: &Path, taskherd: &Path, hosts: &[SshHost], login: &Login, runs
     }
 }
 
-/// 64 × 8 long-running instances: from the spawn until all run, then
-/// SIGTERM until the master's exit; with `own_session`, also with the
-/// master's ssh in sessions of their own.
+/// One way of starting the 64 × 8 herd.
+struct StartVariant {
+    /// Suffix of its keys: "" for taskherd as a user runs it.
+    key: &'static str,
+    /// What the printed figures call it.
+    label: &'static str,
+    /// Its herd config.
+    config: PathBuf,
+    /// The directory of [`own_session_ssh`], to put first on its PATH.
+    own_session: Option<PathBuf>,
+}
+
+/// 64 × 8 long-running instances: from the spawn until all run (and where
+/// the CPU went until then), then SIGTERM until the master's exit; also,
+/// to show what the time goes to, with the master's ssh in sessions of
+/// their own and with the classic key exchange in the ssh_config.
 fn start_rows(
     dir: &Path,
     taskherd: &Path,
+    world: &SshWorld,
     hosts: &[SshHost],
     login: &Login,
     own_session: Option<&Path>,
     runs: usize,
-    results: &mut Vec<(String, Figures)>,
-) {
+) -> Vec<(String, Figures)> {
     let program = Program::shell();
-    let config = write_herd_config(
-        dir,
-        taskherd,
-        &login.ssh_config,
-        hosts,
-        START_PER_HOST,
-        &program,
-    );
+    let config_of = |ssh_config: &Path| {
+        write_herd_config(dir, taskherd, ssh_config, hosts, START_PER_HOST, &program)
+    };
+    let mut variants = vec![StartVariant {
+        key: "",
+        label: "taskherd",
+        config: config_of(&login.ssh_config),
+        own_session: None,
+    }];
+    if let Some(bin) = own_session {
+        variants.push(StartVariant {
+            key: "_own_session",
+            label: "ssh in own sessions",
+            config: variants[0].config.clone(),
+            own_session: Some(bin.to_path_buf()),
+        });
+    }
+    let curve = login_config_with(dir, world, hosts.len(), login.user, CLASSIC_KEX);
+    variants.push(StartVariant {
+        key: "_curve25519",
+        label: "KexAlgorithms curve25519-sha256",
+        config: config_of(&curve),
+        own_session: None,
+    });
     let expected = hosts.len() * START_PER_HOST;
-    let mut times: HashMap<&str, Vec<Duration>> = HashMap::new();
-    // ms of CPU until all ran: [master, its ssh, hosts].
+    let mut times: HashMap<String, Vec<Duration>> = HashMap::new();
+    // ms of CPU until all ran, per variant: [master, its ssh, hosts].
     let mut cpu: HashMap<&str, Vec<[f64; 3]>> = HashMap::new();
-    let variants: Vec<Option<&Path>> = std::iter::once(None).chain(own_session.map(Some)).collect();
     for run in 1..=runs {
         let at_load = load();
         let mut said = Vec::new();
         for i in 0..variants.len() {
-            let variant = variants[(i + run - 1) % variants.len()];
-            let command = match variant {
+            let variant = &variants[(i + run - 1) % variants.len()];
+            let command = match &variant.own_session {
                 Some(bin) => taskherd_own_session(taskherd, bin),
                 None => Command::new(taskherd),
             };
@@ -1024,7 +1078,7 @@ fn start_rows(
             let (master, started) = start_until_ready_in(
                 command,
                 taskherd,
-                &config,
+                &variant.config,
                 hosts.len(),
                 expected,
                 program.ready_line,
@@ -1039,13 +1093,9 @@ fn start_rows(
             let stop = sent.elapsed();
             wait_quiet(hosts);
             said.push(format!(
-                "{} all agents connected at {}, all {expected} running at {} [CPU until then: master {}, \
+                "{}: all agents connected at {}, all {expected} running at {} [CPU until then: master {}, \
                  its ssh {}, hosts {}], SIGTERM to exit {}",
-                if variant.is_some() {
-                    "ssh in own sessions:"
-                } else {
-                    "taskherd:"
-                },
+                variant.label,
                 ms(started.connected),
                 ms(started.ready),
                 ms(usage.cpu),
@@ -1053,30 +1103,20 @@ fn start_rows(
                 ms(on_hosts),
                 ms(stop)
             ));
-            let cpu_key = if variant.is_some() {
-                "own_session"
-            } else {
-                "taskherd"
-            };
-            cpu.entry(cpu_key).or_default().push([
+            cpu.entry(variant.key).or_default().push([
                 usage.cpu.as_secs_f64() * 1000.0,
                 (usage.children_cpu + ssh.cpu).as_secs_f64() * 1000.0,
                 on_hosts.as_secs_f64() * 1000.0,
             ]);
-            let keys: [&str; 3] = if variant.is_some() {
-                [
-                    "ready_own_session",
-                    "connected_own_session",
-                    "stop_own_session",
-                ]
-            } else {
-                ["ready", "connected", "stop"]
-            };
-            for (key, value) in keys
-                .into_iter()
-                .zip([started.ready, started.connected, stop])
-            {
-                times.entry(key).or_default().push(value);
+            for (what, value) in [
+                ("ready", started.ready),
+                ("connected", started.connected),
+                ("stop", stop),
+            ] {
+                times
+                    .entry(format!("{what}{}", variant.key))
+                    .or_default()
+                    .push(value);
             }
         }
         println!(
@@ -1088,21 +1128,24 @@ fn start_rows(
         );
     }
     let prefix = format!("scale_start_{}x{START_PER_HOST}", hosts.len());
-    for (variant, samples) in &cpu {
+    for variant in &variants {
+        let samples = &cpu[variant.key];
         for (i, what) in ["master", "ssh", "hosts"].iter().enumerate() {
             let values = samples.iter().map(|sample| sample[i]).collect();
             figure_line(
-                &format!("{prefix}_{variant}_{what}_cpu_ms"),
+                &format!("{prefix}_{what}_cpu_ms{}", variant.key),
                 median_of(values),
             );
         }
     }
-    let mut keys: Vec<&str> = times.keys().copied().collect();
+    let mut keys: Vec<String> = times.keys().cloned().collect();
     keys.sort_unstable();
-    for key in keys {
-        let figures = Figures::of(key, times.remove(key).unwrap_or_default());
-        results.push((format!("{prefix}_{key}"), figures));
-    }
+    keys.into_iter()
+        .map(|key| {
+            let figures = Figures::of(key.clone(), times.remove(&key).unwrap_or_default());
+            (format!("{prefix}_{key}"), figures)
+        })
+        .collect()
 }
 
 /// The `--scale` measurements, `runs` runs each.
@@ -1156,15 +1199,15 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize) {
             &mut results,
         );
     }
-    start_rows(
+    results.extend(start_rows(
         dir,
         taskherd,
+        &world,
         &hosts,
         &plain,
         own_session.as_deref(),
         runs,
-        &mut results,
-    );
+    ));
     cost_rows(dir, taskherd, &hosts, &plain, runs);
     line_rows(dir, taskherd, &hosts, &plain, runs);
 
