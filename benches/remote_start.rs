@@ -18,6 +18,7 @@
 //! BENCH_RUNS=11 cargo bench --bench remote_start
 //! BENCH_RUNS=3 cargo bench --bench remote_start -- --fanout
 //! BENCH_RUNS=3 cargo bench --bench remote_start -- --scale
+//! BENCH_RUNS=1 BENCH_SCALE_COST_HOSTS="64 128 192" cargo bench --bench remote_start -- --scale --costs
 //! ```
 //!
 //! With `--fanout` (what `scripts/bench.sh` runs) it measures instead what
@@ -987,7 +988,8 @@ fn main() {
     let taskherd = PathBuf::from(env!("CARGO_BIN_EXE_taskherd"));
     let dir = tempfile::tempdir().expect("temp dir for the bench's configs");
     if std::env::args().any(|arg| arg == "--scale") {
-        scale::run(dir.path(), &taskherd, runs);
+        let costs_only = std::env::args().any(|arg| arg == "--costs");
+        scale::run(dir.path(), &taskherd, runs, costs_only);
         return;
     }
 

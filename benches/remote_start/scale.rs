@@ -44,8 +44,31 @@ const FANOUT_HOSTS: [usize; 3] = [2, 16, 64];
 /// Instances per host of the fan-out rows (pdsh prints as many lines).
 const FANOUT_PER_HOST: usize = 4;
 
-/// Host counts of the cost rows.
+/// Host counts of the cost rows unless `BENCH_SCALE_COST_HOSTS` (e.g.
+/// "8 64 128 192", at most 253) says otherwise.
 const COST_HOSTS: [usize; 4] = [8, 16, 32, 64];
+
+/// The host counts of the cost rows: `BENCH_SCALE_COST_HOSTS`, default
+/// [`COST_HOSTS`].
+fn cost_hosts() -> Vec<usize> {
+    match std::env::var("BENCH_SCALE_COST_HOSTS") {
+        Ok(text) => {
+            let counts: Vec<usize> = text
+                .split_whitespace()
+                .map(|n| match n.parse() {
+                    Ok(n) if (1..=253).contains(&n) => n,
+                    _ => panic!("BENCH_SCALE_COST_HOSTS: {n:?} is not a host count from 1 to 253"),
+                })
+                .collect();
+            assert!(
+                counts.len() >= 2,
+                "BENCH_SCALE_COST_HOSTS: at least two host counts, for a slope"
+            );
+            counts
+        }
+        Err(_) => COST_HOSTS.to_vec(),
+    }
+}
 
 /// Long-running instances per host of the start and cost rows.
 const START_PER_HOST: usize = 8;
@@ -724,9 +747,16 @@ fn figure_line(key: &str, value: f64) {
     println!("FIGURE {key} {value:.3}");
 }
 
-/// The cost rows: [`COST_HOSTS`] × `runs`, medians per host count, and
-/// their slopes per host.
-fn cost_rows(dir: &Path, taskherd: &Path, hosts: &[SshHost], login: &Login, runs: usize) {
+/// The cost rows: each of `counts` hosts × `runs`, medians per host count,
+/// and their slopes per host.
+fn cost_rows(
+    dir: &Path,
+    taskherd: &Path,
+    hosts: &[SshHost],
+    login: &Login,
+    counts: &[usize],
+    runs: usize,
+) {
     // Per host count, per quantity, one value per run.
     let quantities = [
         "ready_ms",
@@ -746,7 +776,7 @@ fn cost_rows(dir: &Path, taskherd: &Path, hosts: &[SshHost], login: &Login, runs
     ];
     let mut values: HashMap<(usize, &str), Vec<f64>> = HashMap::new();
     for run in 1..=runs {
-        for n in COST_HOSTS {
+        for &n in counts {
             let costs = measure_costs(dir, taskherd, &hosts[..n], login);
             let ((master, ssh), (master_idle, ssh_idle)) = (costs.at_ready, costs.after_idle);
             let window = IDLE_WINDOW.as_secs_f64();
@@ -796,10 +826,13 @@ fn cost_rows(dir: &Path, taskherd: &Path, hosts: &[SshHost], login: &Login, runs
     println!(
         "{:<22} {}",
         "median per host count",
-        COST_HOSTS.map(|n| format!("{n:>10}")).join("")
+        counts
+            .iter()
+            .map(|n| format!("{n:>10}"))
+            .collect::<String>()
     );
     for quantity in quantities {
-        let medians: Vec<f64> = COST_HOSTS
+        let medians: Vec<f64> = counts
             .iter()
             .map(|&n| median_of(values[&(n, quantity)].clone()))
             .collect();
@@ -810,12 +843,12 @@ fn cost_rows(dir: &Path, taskherd: &Path, hosts: &[SshHost], login: &Login, runs
                 .map(|v| format!("{v:>10.1}"))
                 .collect::<String>()
         );
-        let points: Vec<(f64, f64)> = COST_HOSTS
+        let points: Vec<(f64, f64)> = counts
             .iter()
             .zip(&medians)
             .map(|(&n, &v)| (n as f64, v))
             .collect();
-        for (&n, &v) in COST_HOSTS.iter().zip(&medians) {
+        for (&n, &v) in counts.iter().zip(&medians) {
             figure_line(&format!("scale_cost_{n}_{quantity}"), v);
         }
         let (slope, intercept) = fit(&points);
@@ -1148,15 +1181,23 @@ fn start_rows(
         .collect()
 }
 
-/// The `--scale` measurements, `runs` runs each.
-pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize) {
+/// The `--scale` measurements, `runs` runs each; with `costs_only`
+/// (`--costs`) only the cost rows (at `BENCH_SCALE_COST_HOSTS`, to check
+/// the extrapolation further).
+pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize, costs_only: bool) {
+    let counts = cost_hosts();
+    let started = if costs_only {
+        counts.iter().copied().max().unwrap_or(SCALE_HOSTS)
+    } else {
+        SCALE_HOSTS.max(counts.iter().copied().max().unwrap_or(0))
+    };
     let mut world = SshWorld::new();
-    let hosts: Vec<SshHost> = (0..SCALE_HOSTS).map(|_| world.add_host()).collect();
+    let hosts: Vec<SshHost> = (0..started).map(|_| world.add_host()).collect();
     println!(
-        "{SCALE_HOSTS} sshd hosts on loopback ({} ... {}), {runs} runs per scenario; ulimit -n {}; \
+        "{started} sshd hosts on loopback ({} ... {}), {runs} runs per scenario; ulimit -n {}; \
          scheduling by session (autogroup) {}; load {}",
         hosts[0].addr(),
-        hosts[SCALE_HOSTS - 1].addr(),
+        hosts[started - 1].addr(),
         open_files_limit(),
         autogroup(),
         load()
@@ -1183,6 +1224,10 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize) {
     if own_session.is_none() {
         println!("skipping the own-session rows: no setsid or ssh on PATH");
     }
+    if costs_only {
+        cost_rows(dir, taskherd, &hosts, &plain, &counts, runs);
+        return;
+    }
     let mut results = Vec::new();
 
     let logins: Vec<Login> = std::iter::once(plain.clone()).chain(rc).collect();
@@ -1203,12 +1248,12 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize) {
         dir,
         taskherd,
         &world,
-        &hosts,
+        &hosts[..SCALE_HOSTS],
         &plain,
         own_session.as_deref(),
         runs,
     ));
-    cost_rows(dir, taskherd, &hosts, &plain, runs);
+    cost_rows(dir, taskherd, &hosts, &plain, &counts, runs);
     line_rows(dir, taskherd, &hosts, &plain, runs);
 
     for (key, figures) in &results {
