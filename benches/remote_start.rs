@@ -17,6 +17,8 @@
 //! cargo bench --bench remote_start                 # 5 runs per scenario
 //! BENCH_RUNS=11 cargo bench --bench remote_start
 //! BENCH_RUNS=3 cargo bench --bench remote_start -- --fanout
+//! BENCH_RUNS=3 cargo bench --bench remote_start -- --scale
+//! BENCH_RUNS=1 BENCH_SCALE_COST_HOSTS="64 128 192" cargo bench --bench remote_start -- --scale --costs
 //! ```
 //!
 //! With `--fanout` (what `scripts/bench.sh` runs) it measures instead what
@@ -34,8 +36,18 @@
 //!   600`, so they honour Stop): SIGTERM to the master's exit (0), then the
 //!   hosts are checked to be quiet.
 //!
+//! With `--scale` (`BENCH_ONLY=scale scripts/bench.sh`) it measures on 64
+//! sshd hosts what the master costs as hosts are added (see
+//! `remote_start/scale.rs`): fan-out of 2, 16 and 64 hosts × 4 with the
+//! plain `/bin/sh` login and with a login whose rc file costs 0.2 s
+//! (`taskherd-rc`), next to `pdsh -R ssh -f 64` running one command per
+//! host; the rc file's cost; 64 hosts × 8 long-running instances until
+//! all run; the master's CPU, memory and file descriptors per connected
+//! host at 8, 16, 32 and 64 hosts, and its CPU per relayed line.
+//!
 //! It prints one `RESULT <key> <median ms> <min ms> <max ms> <runs>` line
-//! per measurement for the script to parse.
+//! per measurement for the script to parse (and, with `--scale`, `FIGURE
+//! <key> <value>` lines for costs).
 //!
 //! Every sshd, master, agent and instance it starts is stopped before it
 //! ends (the hosts are checked to be quiet between runs). Without the
@@ -45,6 +57,9 @@
 #[allow(dead_code)]
 #[path = "../tests/it/support/sshd.rs"]
 mod sshd;
+
+#[path = "remote_start/scale.rs"]
+mod scale;
 
 use sshd::{SshHost, SshWorld};
 use std::collections::HashMap;
@@ -179,7 +194,13 @@ struct Master {
 
 impl Master {
     fn spawn(taskherd: &Path, config: &Path) -> Master {
-        let mut child = Command::new(taskherd)
+        Master::spawn_in(Command::new(taskherd), taskherd, config)
+    }
+
+    /// [`Master::spawn`] with `command` (`taskherd`, maybe with some
+    /// environment set).
+    fn spawn_in(mut command: Command, taskherd: &Path, config: &Path) -> Master {
+        let mut child = command
             .arg("run")
             .arg(config)
             .stdin(Stdio::null())
@@ -287,7 +308,7 @@ fn runs() -> usize {
 fn write_herd_config(
     dir: &Path,
     taskherd: &Path,
-    world: &SshWorld,
+    ssh_config: &Path,
     hosts: &[SshHost],
     instances: usize,
     program: &Program,
@@ -308,12 +329,16 @@ fn write_herd_config(
          hosts = [{hosts}]\n\
          instances = {instances}\n",
         agent = toml_string(&taskherd.display().to_string()),
-        ssh_config = toml_string(&world.ssh_config().display().to_string()),
+        ssh_config = toml_string(&ssh_config.display().to_string()),
         group_keys = program.group_keys,
         hosts = aliases.join(", "),
     );
+    let login = ssh_config
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let path = dir.join(format!(
-        "herd-{}x{instances}-{}.toml",
+        "herd-{}x{instances}-{}-{login}.toml",
         hosts.len(),
         program.name
     ));
@@ -329,8 +354,35 @@ fn time_herd(
     expected: usize,
     ready_line: &str,
 ) -> StartTimes {
+    let (master, times) = start_until_ready(taskherd, config, hosts, expected, ready_line);
+    master.stop();
+    times
+}
+
+/// Spawns `taskherd run` and waits (bounded) until `expected` instances on
+/// `hosts` hosts have printed `ready_line`; returns the running master.
+fn start_until_ready(
+    taskherd: &Path,
+    config: &Path,
+    hosts: usize,
+    expected: usize,
+    ready_line: &str,
+) -> (Master, StartTimes) {
+    let command = Command::new(taskherd);
+    start_until_ready_in(command, taskherd, config, hosts, expected, ready_line)
+}
+
+/// [`start_until_ready`] with `command` (see [`Master::spawn_in`]).
+fn start_until_ready_in(
+    command: Command,
+    taskherd: &Path,
+    config: &Path,
+    hosts: usize,
+    expected: usize,
+    ready_line: &str,
+) -> (Master, StartTimes) {
     let start = Instant::now();
-    let mut master = Master::spawn(taskherd, config);
+    let mut master = Master::spawn_in(command, taskherd, config);
     let deadline = start + START_WITHIN;
     let (mut connected_hosts, mut ready) = (0, 0);
     let mut connected = None;
@@ -351,12 +403,12 @@ fn time_herd(
         }
     }
     let ready_at = start.elapsed();
-    master.stop();
-    StartTimes {
+    let times = StartTimes {
         // Instances only start once their agent is connected.
         connected: connected.unwrap_or(ready_at),
         ready: ready_at,
-    }
+    };
+    (master, times)
 }
 
 /// Waits (bounded) until nothing started through `hosts` is left.
@@ -390,7 +442,14 @@ fn herd_scenario(
     runs: usize,
 ) -> (Figures, Figures) {
     let label = format!("taskherd {} × {instances} ({})", hosts.len(), program.name);
-    let config = write_herd_config(dir, taskherd, world, hosts, instances, program);
+    let config = write_herd_config(
+        dir,
+        taskherd,
+        &world.ssh_config(),
+        hosts,
+        instances,
+        program,
+    );
     let (mut connected, mut ready) = (Vec::new(), Vec::new());
     for run in 1..=runs {
         let times = time_herd(
@@ -689,8 +748,18 @@ fn drain_lines(master: &mut Master) {
 /// last `done` line. Checks the exit status (0) and that every id said done
 /// exactly once.
 fn time_completion(taskherd: &Path, config: &Path, expected: usize) -> CompletionTimes {
+    time_completion_in(Command::new(taskherd), taskherd, config, expected)
+}
+
+/// [`time_completion`] with `command` (see [`Master::spawn_in`]).
+fn time_completion_in(
+    command: Command,
+    taskherd: &Path,
+    config: &Path,
+    expected: usize,
+) -> CompletionTimes {
     let start = Instant::now();
-    let mut master = Master::spawn(taskherd, config);
+    let mut master = Master::spawn_in(command, taskherd, config);
     let (mut connected, mut last_done) = (Duration::ZERO, Duration::ZERO);
     let (elapsed, status) = wait_exit_watching(&mut master, start, START_WITHIN, |line| {
         if line.contains("] done ") {
@@ -826,7 +895,7 @@ fn fanout(
     let mut results = Vec::new();
     for (host_count, per_host) in [(2, 4), (8, 8)] {
         let of = &hosts[..host_count];
-        let config = write_herd_config(dir, taskherd, world, of, per_host, &program);
+        let config = write_herd_config(dir, taskherd, &world.ssh_config(), of, per_host, &program);
         let targets: Vec<String> = aliases[..host_count]
             .iter()
             .flat_map(|of_host| of_host[..per_host].iter().cloned())
@@ -891,7 +960,7 @@ fn fanout(
         worker.display()
     );
     let program = Program::worker(&worker);
-    let config = write_herd_config(dir, taskherd, world, &hosts[..2], 4, &program);
+    let config = write_herd_config(dir, taskherd, &world.ssh_config(), &hosts[..2], 4, &program);
     let mut stops = Vec::new();
     for run in 1..=runs {
         let t = time_remote_stop(taskherd, &config, 8, program.ready_line);
@@ -918,6 +987,11 @@ fn main() {
     let runs = runs();
     let taskherd = PathBuf::from(env!("CARGO_BIN_EXE_taskherd"));
     let dir = tempfile::tempdir().expect("temp dir for the bench's configs");
+    if std::env::args().any(|arg| arg == "--scale") {
+        let costs_only = std::env::args().any(|arg| arg == "--costs");
+        scale::run(dir.path(), &taskherd, runs, costs_only);
+        return;
+    }
 
     let mut world = SshWorld::new();
     let hosts: Vec<SshHost> = (0..HOSTS).map(|_| world.add_host()).collect();

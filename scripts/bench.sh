@@ -45,6 +45,29 @@
 #    feeder's count (all done, none failed, retried or dead), the queue
 #    empty; for the tools their exit status (and, dry, that each runs
 #    `true N` N times); the coprocesses' own counts of jobs answered.
+# 8. Scale (`scale`, only when asked for: BENCH_ONLY=scale; about 10-15
+#    minutes with 3 runs on 2 cores): `cargo bench --bench remote_start --
+#    --scale` on 64 loopback sshd hosts. The cost of the rc file of the
+#    `taskherd-rc` login (bash, a .bashrc that sleeps 0.2 s, as
+#    scripts/test makes it; made here when missing): `ssh host true` as
+#    taskherd-rc minus as taskherd-test (/bin/sh). Fan-out to completion of
+#    2, 16 and 64 hosts x 4 instances (`echo done $TASKHERD_ID`, exit) with
+#    each login, next to `pdsh -R ssh -f 64` running ONE remote command per
+#    host that prints the 4 lines (its best case: one handshake and one rc
+#    file per host, as taskherd; the rc file's log is checked for exactly
+#    one run per host and tool); the same taskherd with each ssh in a
+#    session of its own (an `ssh` wrapper doing `setsid ssh`, as pdsh starts
+#    them), which shows how much of a gap is the kernel's per-session CPU
+#    share (autogroup) against other work on the machine. 64 hosts x 8
+#    long-running instances, /bin/sh login: spawn to all 512 running, then
+#    SIGTERM to exit; the same with each ssh in its own session and with
+#    KexAlgorithms curve25519-sha256 in the ssh_config (OpenSSH's default,
+#    sntrup761x25519, costs the client several times the CPU). The master's CPU, VmHWM and file descriptors (and its
+#    ssh processes': a ControlMaster and a session client per host) at 8,
+#    16, 32 and 64 hosts x 8, all running and over 10 s idle, with the
+#    slope per host; its CPU per relayed line, 8 hosts x 4 instances
+#    printing 20 000 lines each at once, and 1 000 each 5 ms apart (a frame
+#    per line).
 #
 #   scripts/bench.sh                  # about 2-3 minutes once built, plus 3-5 for durable
 #   BENCH_RUNS=5 scripts/bench.sh     # runs per measurement (default 3; the log relay: at least 5)
@@ -52,7 +75,8 @@
 #   BENCH_NO_BUILD=1 scripts/bench.sh # use the release builds as they are (no cargo)
 #   CARGO_TARGET_DIR=DIR scripts/bench.sh     # builds there and runs those builds (absolute, or
 #                                             # relative to the current directory, as cargo has it)
-#   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable exec
+#   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable exec scale
+#   BENCH_ONLY=scale scripts/bench.sh # the scale rows (8. below; not in the default set)
 #   BENCH_DURABLE_JOBS=200000         # jobs of the durable queue bench (default 200 000)
 #   BENCH_DURABLE_START_JOBS=1000000  # jobs of the queue list / start-time rows (default 1 000 000)
 #   BENCH_DURABLE_TIMEOUT=600         # bound on each durable step, in seconds (default 600)
@@ -207,7 +231,7 @@ median() {
 # What the sections asked for need (logs: parallel, mawk, time; fanout:
 # parallel, pdsh, ssh; durable: beanstalkd; exec: parallel, python3).
 missing=()
-if wants logs || wants fanout; then
+if wants logs || wants fanout || wants scale; then
     command -v parallel >/dev/null 2>&1 || missing+=(parallel)
     command -v pdsh >/dev/null 2>&1 || missing+=(pdsh)
     [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
@@ -250,11 +274,24 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 # The login of the remote sessions (see scripts/test): uid 0, /bin/sh.
-if wants fanout && [ -z "${TASKHERD_TEST_NO_LOGIN:-}" ] && ! id taskherd-test >/dev/null 2>&1; then
+if { wants fanout || wants scale; } && [ -z "${TASKHERD_TEST_NO_LOGIN:-}" ] && ! id taskherd-test >/dev/null 2>&1; then
     $sudo useradd --non-unique --uid 0 --gid 0 --no-create-home \
         --home-dir /var/lib/taskherd-test --shell /bin/sh taskherd-test
     $sudo usermod --password '*' taskherd-test
     $sudo mkdir -p /var/lib/taskherd-test
+fi
+# The login with a 0.2 s rc file (as scripts/test makes it with
+# TASKHERD_TEST_LOGIN=1): uid 0, bash, a .bashrc that notes each command.
+if wants scale && [ -z "${TASKHERD_TEST_NO_LOGIN:-}" ] && ! id taskherd-rc >/dev/null 2>&1; then
+    $sudo useradd --non-unique --uid 0 --gid 0 --no-create-home \
+        --home-dir /var/lib/taskherd-rc --shell /bin/bash taskherd-rc
+    $sudo usermod --password '*' taskherd-rc
+    $sudo mkdir -p /var/lib/taskherd-rc
+    # shellcheck disable=SC2016 # the rc file expands it, not us
+    printf '%s\n' \
+        '# taskherd tests: an rc file that costs time and notes each command' \
+        'printf "%s\n" "${TASKHERD_TEST_SSHD:-none}" >> /var/lib/taskherd-rc/commands.log' \
+        'sleep 0.2' | $sudo tee /var/lib/taskherd-rc/.bashrc >/dev/null
 fi
 
 # ------------------------------------------------------------------ build
@@ -278,7 +315,7 @@ bench_exe() { sed -n "s|^ *Executable benches/$1.rs (\(.*\))\$|\1|p" "$work/buil
 # The sections other than exec use the examples and the bench binaries;
 # exec needs the taskherd binary only.
 wants_more=
-for other in logs fanout queue local durable; do
+for other in logs fanout queue local durable scale; do
     if wants "$other"; then wants_more=1; fi
 done
 section "build (release)"
@@ -308,9 +345,13 @@ producer=$root/scripts/bench/producer.sh
 queue_worker=$target_dir/release/examples/queue_worker
 [ -x "$taskherd" ] || die "missing build output $taskherd"
 if [ -n "$wants_more" ]; then
-    for f in "$worker" "$remote_bench" "$queue_bench"; do
-        [ -x "$f" ] || die "missing build output $f"
-    done
+    [ -x "$worker" ] || die "missing build output $worker"
+fi
+if wants fanout || wants scale; then
+    [ -x "$remote_bench" ] || die "missing build output ${remote_bench:-benches/remote_start.rs}"
+fi
+if wants queue; then
+    [ -x "$queue_bench" ] || die "missing build output ${queue_bench:-benches/queue.rs}"
 fi
 if wants durable; then
     for f in "$durable_bench" "$queue_worker"; do
@@ -326,7 +367,7 @@ say "kernel:   $(uname -srm)"
 say "os:       $(sed -n 's/^PRETTY_NAME="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' /etc/os-release)"
 say "memory:   $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
 say "load:     $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min)"
-if wants logs || wants fanout; then
+if wants logs || wants fanout || wants scale; then
     say "tools:    $(parallel --version | head -1), $(pdsh -V 2>&1 | head -1), $(ssh -V 2>&1), $(mawk -W version 2>&1 | head -1)"
 fi
 if wants durable; then
@@ -430,6 +471,76 @@ if wants fanout; then
     done
     row "  floor: pdsh, 8 hosts x 1 (one ssh each), ms" "-" "$(result fanout_8x1_pdsh) (pdsh)" "-" "-" "-"
     stop_remote=$(result stop_remote_2x4)
+fi
+
+# -------------------------------------------------------------- 8. scale
+
+if wants scale; then
+    section "8. scale: 2 to 64 loopback sshd hosts, /bin/sh and rc logins, the master's cost per host (remote_start --scale)"
+    "${marked[@]}" BENCH_RUNS="$runs" TMPDIR="$work/tmp" setsid "$remote_bench" --scale --bench >"$work/scale.out" 2>&1 &
+    bench_pids+=("$!")
+    [ "$(ps -o pgid= -p "$!" | tr -d ' ')" = "$!" ] || die "scale bench: not in a process group of its own"
+    tail -f --pid="$!" "$work/scale.out" | grep -v -e '^RESULT' -e '^FIGURE' &
+    wait "${bench_pids[-1]}" || { sleep 0.2; die "scale bench failed (above)"; }
+    wait $! 2>/dev/null || true
+    check_nothing_left "scale bench"
+    # The median of a RESULT line (ms), or a FIGURE's value, rounded to $2
+    # decimals (default 0); `-` when the bench skipped it.
+    sresult() { awk -v k="$1" -v d="${2:-0}" '$1 == "RESULT" && $2 == k { printf "%.*f\n", d, $3; found = 1 } END { if (!found) print "-" }' "$work/scale.out"; }
+    sfigure() { awk -v k="$1" -v d="${2:-0}" '$1 == "FIGURE" && $2 == k { printf "%.*f\n", d, $3; found = 1 } END { if (!found) print "-" }' "$work/scale.out"; }
+    ratio_of() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+    plain_true=$(sresult scale_ssh_true_sh) rc_true=$(sresult scale_ssh_true_rc)
+    if [ "$rc_true" != - ]; then
+        rc_cost=$(awk -v a="$rc_true" -v b="$plain_true" 'BEGIN { printf "%.0f", a - b }')
+        row "scale: the rc file's cost, ssh host true as taskherd-rc ($rc_true ms) minus as taskherd-test ($plain_true ms), ms" "$rc_cost" "-" "-" "-" "-"
+    else
+        say "scale: no taskherd-rc login: no rc rows"
+    fi
+    for login in rc sh; do
+        for n in 2 16 64; do
+            key=scale_fanout_${login}_${n}x4
+            th=$(sresult "${key}_taskherd") pd=$(sresult "${key}_pdsh") own=$(sresult "${key}_taskherd_own_session")
+            [ "$th" = - ] && continue
+            if [ "$login" = rc ]; then
+                label="scale: fan-out $n hosts x 4 (echo, exit), rc login (0.2 s rc file), spawn to exit, ms"
+                row "$label" "$th" "$pd (pdsh, 1 command per host)" "$(ratio_of "$pd" "$th")x" "<= pdsh" "$(verdict "$th <= $pd")"
+            else
+                label="scale: fan-out $n hosts x 4, /bin/sh login, ms"
+                row "$label" "$th" "$pd (pdsh, 1 command per host)" "$(ratio_of "$pd" "$th")x" "-" "-"
+            fi
+            [ "$own" != - ] && row "  same, taskherd's ssh each in a session of its own (as pdsh's)" "$own" "$pd (pdsh)" "$(ratio_of "$pd" "$own")x" "-" "-"
+            row "  CPU of the tool's processes here / on the hosts, ms" \
+                "$(sfigure "${key}_taskherd_client_cpu_ms") / $(sfigure "${key}_taskherd_hosts_cpu_ms")" \
+                "$(sfigure "${key}_pdsh_client_cpu_ms") / $(sfigure "${key}_pdsh_hosts_cpu_ms") (pdsh)" "-" "-" "-"
+        done
+    done
+    row "scale: ssh host true, the client's CPU: default key exchange (sntrup761x25519) / curve25519-sha256, ms" \
+        "$(sfigure scale_ssh_true_sh_client_cpu_ms 1) / $(sfigure scale_ssh_true_sh_curve25519_client_cpu_ms 1)" "-" "-" "-" "-"
+    ready=$(sresult scale_start_64x8_ready)
+    row "scale: 64 hosts x 8 long-running, /bin/sh login, spawn to all 512 running, ms" "$ready" "-" "-" "< 5000" "$(verdict "$ready < 5000")"
+    row "  of which all 64 agents connected, ms" "$(sresult scale_start_64x8_connected)" "-" "-" "-" "-"
+    row "  CPU until all ran: the master / its ssh (handshakes) / the hosts, ms" \
+        "$(sfigure scale_start_64x8_master_cpu_ms) / $(sfigure scale_start_64x8_ssh_cpu_ms) / $(sfigure scale_start_64x8_hosts_cpu_ms)" "-" "-" "-" "-"
+    own=$(sresult scale_start_64x8_ready_own_session)
+    [ "$own" != - ] && row "  same, taskherd's ssh each in a session of its own, ms" "$own" "-" "-" "-" "-"
+    row "  same, KexAlgorithms curve25519-sha256 in the ssh_config, ms" "$(sresult scale_start_64x8_ready_curve25519)" "-" "-" "-" "-"
+    row "    CPU until all ran: the master / its ssh / the hosts, ms" \
+        "$(sfigure scale_start_64x8_master_cpu_ms_curve25519) / $(sfigure scale_start_64x8_ssh_cpu_ms_curve25519) / $(sfigure scale_start_64x8_hosts_cpu_ms_curve25519)" "-" "-" "-" "-"
+    row "  stop: SIGTERM to exit, 512 remote instances, ms" "$(sresult scale_start_64x8_stop)" "-" "-" "-" "-"
+    for n in 8 16 32 64; do
+        c=scale_cost_$n
+        row "scale: master at $n hosts x 8: CPU to start ms / idle % of a core / VmHWM KiB / fds" \
+            "$(sfigure "${c}_master_cpu_ms") / $(sfigure "${c}_master_idle_cpu_pct" 2) / $(sfigure "${c}_master_hwm_kib") / $(sfigure "${c}_master_fds")" \
+            "ssh: $(sfigure "${c}_ssh_processes") processes, CPU $(sfigure "${c}_reaped_cpu_ms") ms reaped + $(sfigure "${c}_ssh_cpu_ms") ms live, PSS $(sfigure "${c}_ssh_pss_kib") KiB" \
+            "-" "-" "-"
+    done
+    p=scale_cost_per_host
+    row "scale: per connected host (slope over 8-64): master CPU to start ms / idle % / VmHWM KiB / fds" \
+        "$(sfigure "${p}_master_cpu_ms" 2) / $(sfigure "${p}_master_idle_cpu_pct" 3) / $(sfigure "${p}_master_hwm_kib") / $(sfigure "${p}_master_fds" 1)" \
+        "ssh: $(sfigure "${p}_ssh_processes" 1) processes, CPU $(sfigure "${p}_reaped_cpu_ms") ms, PSS $(sfigure "${p}_ssh_pss_kib") KiB, $(sfigure "${p}_ssh_fds" 1) fds" \
+        "-" "-" "-"
+    row "scale: master CPU per relayed line, 8 x 4 x 20 000 at once, us" "$(sfigure scale_line_burst_master_cpu_us 2)" "ssh: $(sfigure scale_line_burst_ssh_cpu_us 2) us" "-" "-" "-"
+    row "  same, 8 x 4 x 1 000 lines 5 ms apart (a frame per line), us" "$(sfigure scale_line_trickle_master_cpu_us 2)" "ssh: $(sfigure scale_line_trickle_ssh_cpu_us 2) us" "-" "-" "-"
 fi
 
 # -------------------------------------------------------------- 3. queue
