@@ -8,7 +8,7 @@
 //! [`HerdCommand::Instance`]) and waits on the status board, so status,
 //! stop and logs are served meanwhile. One such change runs at a time.
 
-use super::control::{stream_logs, ControlRequest, LogsRequest};
+use super::control::{stream_logs, ControlRequest};
 use super::herd::{is_final, Board, HerdCommand};
 use super::launcher::stop_budget;
 use super::plan::{
@@ -16,17 +16,18 @@ use super::plan::{
 };
 use super::queue::FeederAddresses;
 use super::remote::{self, AgentSettings, HostCommand, HostPlan};
+use super::request::{Answer, Asked, HerdError, Reply, Request};
 use crate::config::{Config, GroupSpec, HostSpec};
-use crate::error_text::{count as count_of, error_chain};
+use crate::error_text::count as count_of;
 use crate::log::LogSink;
-use crate::protocol::control::{FromMaster, InstanceState, ToMaster};
+use crate::protocol::control::InstanceState;
 use crate::protocol::slave::Level;
 use crate::supervise::instance::{self, EventKind, InstanceCommand, InstanceReport};
 use crate::supervise::shutdown::Shutdown;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 /// Longest wait for a feeder's listening address before its consumers
@@ -180,54 +181,26 @@ impl Running {
         }
     }
 
-    pub(crate) async fn command(&mut self, command: HerdCommand, waiters: &mut JoinSet<()>) {
-        let stopping = self.context.shutdown.is_stopping();
-        let (result, reply) = match command {
+    pub(crate) async fn command(
+        &mut self,
+        command: HerdCommand,
+        waiters: &mut JoinSet<()>,
+        stop_replies: &mut Vec<Reply>,
+    ) {
+        match command {
+            HerdCommand::Ask(request, reply) => {
+                self.request(request, reply, waiters, stop_replies).await;
+            }
             // The steps of a change under way: quick, and moot once the
             // herd stops.
             HerdCommand::Start(plan) => {
-                if !stopping {
+                if !self.context.shutdown.is_stopping() {
                     self.board
                         .add(plan.instances().iter().map(|spec| spec.label.clone()));
                     self.start(plan);
                 }
-                return;
             }
-            HerdCommand::Instance(id, command) => {
-                self.send(id, command);
-                return;
-            }
-            HerdCommand::Suspend(_, reply)
-            | HerdCommand::Resume(_, reply)
-            | HerdCommand::Restart(_, reply)
-            | HerdCommand::Reload(reply)
-                if stopping =>
-            {
-                (Err("the herd is stopping".to_string()), reply)
-            }
-            HerdCommand::Suspend(group, reply) => (self.suspend_or_resume(&group, true), reply),
-            HerdCommand::Resume(group, reply) => (self.suspend_or_resume(&group, false), reply),
-            HerdCommand::Restart(group, reply) => (self.restart(&group), reply),
-            HerdCommand::Reload(reply) => (self.reload().await, reply),
-        };
-        match result {
-            Ok(settled) => {
-                waiters.spawn(async move {
-                    let outcome = settled.await;
-                    if let Some(reply) = reply {
-                        let _ = reply.send(outcome);
-                    }
-                });
-            }
-            Err(message) => {
-                self.context
-                    .sink
-                    .master_event(Level::Error, message.clone())
-                    .await;
-                if let Some(reply) = reply {
-                    let _ = reply.send(Err(message));
-                }
-            }
+            HerdCommand::Instance(id, command) => self.send(id, command),
         }
     }
 
@@ -236,72 +209,88 @@ impl Running {
         &mut self,
         request: ControlRequest,
         waiters: &mut JoinSet<()>,
-        stop_replies: &mut Vec<mpsc::Sender<FromMaster>>,
+        stop_replies: &mut Vec<Reply>,
     ) {
         let ControlRequest { request, reply } = request;
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let command = match request {
-            ToMaster::Status => {
-                let _ = reply.send(FromMaster::Status(self.board.status())).await;
-                return;
+        match Request::from_wire(request) {
+            Ok(Asked::Herd(request)) => {
+                let reply = Some(Reply::Control(reply));
+                self.request(request, reply, waiters, stop_replies).await;
             }
-            ToMaster::Stop { kill } => {
-                let shutdown = &self.context.shutdown;
-                if kill {
-                    shutdown.kill_now("kill requested over the control socket");
-                } else {
-                    shutdown.request_stop("stop requested over the control socket");
-                }
-                stop_replies.push(reply);
-                return;
-            }
-            ToMaster::Logs {
-                group,
-                tail,
-                follow,
-            } => {
-                if let Some(group) = &group {
-                    if let Err(message) = self.known_group(group) {
-                        let _ = reply.send(FromMaster::Error { message }).await;
+            Ok(Asked::Logs(request)) => {
+                if let Some(group) = &request.group {
+                    if let Err(err) = self.known_group(group) {
+                        Reply::Control(reply).send(Err(err));
                         return;
                     }
                 }
-                let request = LogsRequest {
-                    group,
-                    tail,
-                    follow,
-                };
                 waiters.spawn(stream_logs(&self.context.sink, request, reply));
-                return;
             }
-            ToMaster::Suspend { group } => HerdCommand::Suspend(group, Some(reply_tx)),
-            ToMaster::Resume { group } => HerdCommand::Resume(group, Some(reply_tx)),
-            ToMaster::Restart { group } => HerdCommand::Restart(group, Some(reply_tx)),
-            ToMaster::Reload => HerdCommand::Reload(Some(reply_tx)),
-            other => {
-                let message = format!("not a request: {other:?}");
-                let _ = reply.send(FromMaster::Error { message }).await;
-                return;
-            }
-        };
-        self.command(command, waiters).await;
-        waiters.spawn(async move {
-            let frame = match reply_rx.await {
-                Ok(Ok(message)) => FromMaster::Done { message },
-                Ok(Err(message)) => FromMaster::Error { message },
-                Err(_) => FromMaster::Error {
-                    message: "the herd is ending".into(),
-                },
-            };
-            let _ = reply.send(frame).await;
-        });
+            Err(err) => Reply::Control(reply).send(Err(err)),
+        }
     }
 
-    fn known_group(&self, group: &str) -> Result<(), String> {
+    /// Carries out an operator's request; answers `reply` (if the asker
+    /// waits) once it is done.
+    async fn request(
+        &mut self,
+        request: Request,
+        reply: Option<Reply>,
+        waiters: &mut JoinSet<()>,
+        stop_replies: &mut Vec<Reply>,
+    ) {
+        let stopping = self.context.shutdown.is_stopping();
+        let result = match request {
+            Request::Status => {
+                if let Some(reply) = reply {
+                    reply.send(Ok(Answer::Status(self.board.status())));
+                }
+                return;
+            }
+            Request::Stop { kill, reason } => {
+                let shutdown = &self.context.shutdown;
+                if kill {
+                    shutdown.kill_now(reason);
+                } else {
+                    shutdown.request_stop(reason);
+                }
+                stop_replies.extend(reply);
+                return;
+            }
+            _ if stopping => Err(HerdError::Stopping),
+            Request::Suspend { group } => self.suspend_or_resume(&group, true),
+            Request::Resume { group } => self.suspend_or_resume(&group, false),
+            Request::Restart { group } => self.restart(&group),
+            Request::Reload => self.reload().await,
+        };
+        match result {
+            Ok(settled) => {
+                waiters.spawn(async move {
+                    let outcome = settled.await;
+                    if let Some(reply) = reply {
+                        reply.send(outcome.map(Answer::Done));
+                    }
+                });
+            }
+            Err(err) => {
+                self.context
+                    .sink
+                    .master_event(Level::Error, err.to_string())
+                    .await;
+                if let Some(reply) = reply {
+                    reply.send(Err(err));
+                }
+            }
+        }
+    }
+
+    fn known_group(&self, group: &str) -> Result<(), HerdError> {
         if self.board.has_group(group) {
             Ok(())
         } else {
-            Err(format!("no group named {group:?}"))
+            Err(HerdError::UnknownGroup {
+                group: group.to_string(),
+            })
         }
     }
 
@@ -322,7 +311,7 @@ impl Running {
 
     /// Suspends (`suspend`) or resumes a group; settles once every live
     /// instance of it is suspended, or no longer is.
-    fn suspend_or_resume(&mut self, group: &str, suspend: bool) -> Result<Settled, String> {
+    fn suspend_or_resume(&mut self, group: &str, suspend: bool) -> Result<Settled, HerdError> {
         self.known_group(group)?;
         self.board.set_suspended(group, suspend);
         let command = if suspend {
@@ -350,14 +339,14 @@ impl Running {
                     count_of(count, "instance")
                 ))
             } else {
-                Err(format!("group {group}: not every instance {done} in time"))
+                Err(HerdError::NotSettled { group, suspend })
             }
         }))
     }
 
     /// A rolling restart: one instance at a time, the next once the
     /// previous one runs again; suspended instances stay suspended.
-    fn restart(&mut self, group: &str) -> Result<Settled, String> {
+    fn restart(&mut self, group: &str) -> Result<Settled, HerdError> {
         self.known_group(group)?;
         let stepper = self.stepper();
         let group = group.to_string();
@@ -383,10 +372,11 @@ impl Running {
                     .await;
                 stepper.still_running()?;
                 if !back {
-                    return Err(format!(
-                        "group {group}: instance {id} did not run again within {}; rolling restart stopped",
-                        humantime::format_duration(RESTART_STEP_TIMEOUT)
-                    ));
+                    return Err(HerdError::RestartStalled {
+                        group,
+                        id,
+                        limit: RESTART_STEP_TIMEOUT,
+                    });
                 }
                 restarted += 1;
             }
@@ -404,10 +394,9 @@ impl Running {
     /// resized in place: their instances keep running with their ids, the
     /// extra ones stop, the missing ones start with new ids. A config that
     /// cannot be read or planned changes nothing.
-    async fn reload(&mut self) -> Result<Settled, String> {
+    async fn reload(&mut self) -> Result<Settled, HerdError> {
         let source = self.config.source.clone();
-        let new = Config::load(&source)
-            .map_err(|err| format!("reload refused, the herd is unchanged:\n{err}"))?;
+        let new = Config::load(&source).map_err(HerdError::ConfigRefused)?;
         let old_groups: BTreeMap<&str, &GroupSpec> = self
             .config
             .groups
@@ -472,11 +461,7 @@ impl Running {
         // here, so that no later change starts before it.
         let guard = self.changes.clone().try_lock_owned().ok();
         if guard.is_none() && !resized.is_empty() {
-            return Err(format!(
-                "reload refused, the herd is unchanged: a rolling restart or reload is under way; \
-                 reload again once it is done (to resize {})",
-                resized.join(", ")
-            ));
+            return Err(HerdError::ChangeUnderWay { resized });
         }
 
         // Plan everything before touching anything: a plan that cannot be
@@ -484,12 +469,7 @@ impl Running {
         let mut next_id = self.next_id;
         let fresh: Vec<String> = added.iter().chain(&replaced).cloned().collect();
         let mut fresh_plan = plan_groups(&new, &fresh, &mut next_id);
-        super::queue::prepare(&mut fresh_plan).map_err(|err| {
-            format!(
-                "reload refused, the herd is unchanged: {}",
-                error_chain(&err)
-            )
-        })?;
+        super::queue::prepare(&mut fresh_plan).map_err(HerdError::Unprepared)?;
         let rolling_plans: Vec<(String, Plan)> = rolling
             .iter()
             .map(|group| {
@@ -637,9 +617,9 @@ impl Stepper {
         }
     }
 
-    fn still_running(&self) -> Result<(), String> {
+    fn still_running(&self) -> Result<(), HerdError> {
         if self.shutdown.is_stopping() {
-            Err("the herd stopped before the change was complete".into())
+            Err(HerdError::StoppedMidway)
         } else {
             Ok(())
         }
@@ -649,7 +629,7 @@ impl Stepper {
     /// successor, wait until it runs, then stop the old instance it
     /// replaces. A successor that fails to run is removed and the
     /// replacement stops there, keeping the old instances left.
-    async fn replace(&self, group: &str, plan: Plan) -> Result<(), String> {
+    async fn replace(&self, group: &str, plan: Plan) -> Result<(), HerdError> {
         let old_ids = self.board.all_ids(group);
         let parts = split_plan(plan);
         let extra: Vec<u32> = old_ids.iter().skip(parts.len()).copied().collect();
@@ -708,10 +688,11 @@ impl Stepper {
                         humantime::format_duration(RESTART_STEP_TIMEOUT)
                     )
                 });
-                let kept = old_ids.len().saturating_sub(index);
-                return Err(format!(
-                    "reload: group {group}: a new instance did not run ({why}); replacement stopped, {kept} old instances kept"
-                ));
+                return Err(HerdError::ReplacementFailed {
+                    group: group.to_string(),
+                    why,
+                    kept: old_ids.len().saturating_sub(index),
+                });
             }
             if let Some(&old) = old_ids.get(index) {
                 self.instance(old, InstanceCommand::Remove);
@@ -777,7 +758,8 @@ fn list(names: &[String]) -> String {
 }
 
 /// What an operator's request settles into, once carried out.
-type Settled = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>;
+type Settled =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, HerdError>> + Send>>;
 
 /// Publishes a local feeder's address each time it listens.
 async fn publish_local_feeder(

@@ -4,6 +4,7 @@
 //! [`Launcher`] that runs a config with them.
 
 use super::launcher::RunReport;
+use super::request::{HerdError, Reply, Request};
 use crate::config::Config;
 use crate::log::{InstanceLabel, LogSink};
 use crate::protocol::control::{GroupStatus, HerdStatus, InstanceState, InstanceStatus};
@@ -71,18 +72,13 @@ pub trait Events: Send + Sync + 'static {
     fn event(&self, herd: &Herd, instance: &InstanceLabel, event: &EventKind) {}
 }
 
-/// What an operator asks of the whole herd (from the control socket or a
-/// [`Herd`] handle).
+/// What the run loop is asked on its own queue: operators' requests (from
+/// a [`Herd`] handle; with a reply when the asker waits), and the steps of
+/// rolling changes.
 #[derive(Debug)]
 pub(crate) enum HerdCommand {
-    /// Suspend a group.
-    Suspend(String, Option<oneshot::Sender<Result<String, String>>>),
-    /// Resume a group.
-    Resume(String, Option<oneshot::Sender<Result<String, String>>>),
-    /// Restart a group, one instance at a time.
-    Restart(String, Option<oneshot::Sender<Result<String, String>>>),
-    /// Re-read the config and apply it.
-    Reload(Option<oneshot::Sender<Result<String, String>>>),
+    /// An operator's request.
+    Ask(Request, Option<Reply>),
     /// A step of a rolling change: start these instances.
     Start(super::plan::Plan),
     /// A step of a rolling change: command one instance.
@@ -97,20 +93,11 @@ pub(crate) enum HerdCommand {
 pub struct Herd {
     board: Board,
     commands: mpsc::UnboundedSender<HerdCommand>,
-    shutdown: Shutdown,
 }
 
 impl Herd {
-    pub(crate) fn new(
-        board: Board,
-        commands: mpsc::UnboundedSender<HerdCommand>,
-        shutdown: Shutdown,
-    ) -> Self {
-        Herd {
-            board,
-            commands,
-            shutdown,
-        }
+    pub(crate) fn new(board: Board, commands: mpsc::UnboundedSender<HerdCommand>) -> Self {
+        Herd { board, commands }
     }
 
     /// Every group and instance, with their state.
@@ -121,51 +108,58 @@ impl Herd {
     /// Stops a group's instances and keeps them stopped (the original's
     /// suspendGroup).
     pub fn suspend(&self, group: &str) {
-        let _ = self
-            .commands
-            .send(HerdCommand::Suspend(group.to_string(), None));
+        self.tell(Request::Suspend {
+            group: group.to_string(),
+        });
     }
 
     /// Starts a suspended group's instances again (resumeGroup).
     pub fn resume(&self, group: &str) {
-        let _ = self
-            .commands
-            .send(HerdCommand::Resume(group.to_string(), None));
+        self.tell(Request::Resume {
+            group: group.to_string(),
+        });
     }
 
     /// Restarts a group's instances one at a time.
     pub fn restart(&self, group: &str) {
-        let _ = self
-            .commands
-            .send(HerdCommand::Restart(group.to_string(), None));
+        self.tell(Request::Restart {
+            group: group.to_string(),
+        });
     }
 
     /// Re-reads the config file and applies the differences.
     pub fn reload(&self) {
-        let _ = self.commands.send(HerdCommand::Reload(None));
+        self.tell(Request::Reload);
     }
 
     /// Stops the whole herd cleanly.
     pub fn stop(&self, reason: &str) {
-        self.shutdown.request_stop(reason);
+        self.tell(Request::Stop {
+            kill: false,
+            reason: reason.to_string(),
+        });
     }
 
     /// Suspends a group and waits until its instances are stopped.
     ///
     /// # Errors
     /// An unknown group, or a herd that is ending.
-    pub async fn suspend_and_wait(&self, group: &str) -> Result<String, String> {
-        self.ask(|reply| HerdCommand::Suspend(group.to_string(), Some(reply)))
-            .await
+    pub async fn suspend_and_wait(&self, group: &str) -> Result<String, HerdError> {
+        self.ask(Request::Suspend {
+            group: group.to_string(),
+        })
+        .await
     }
 
     /// Resumes a group and waits until its instances run again.
     ///
     /// # Errors
     /// An unknown group, or a herd that is ending.
-    pub async fn resume_and_wait(&self, group: &str) -> Result<String, String> {
-        self.ask(|reply| HerdCommand::Resume(group.to_string(), Some(reply)))
-            .await
+    pub async fn resume_and_wait(&self, group: &str) -> Result<String, HerdError> {
+        self.ask(Request::Resume {
+            group: group.to_string(),
+        })
+        .await
     }
 
     /// Restarts a group, one instance at a time, each once the previous one
@@ -174,9 +168,11 @@ impl Herd {
     /// # Errors
     /// An unknown group, an instance that did not come back, or a herd
     /// that is ending.
-    pub async fn restart_and_wait(&self, group: &str) -> Result<String, String> {
-        self.ask(|reply| HerdCommand::Restart(group.to_string(), Some(reply)))
-            .await
+    pub async fn restart_and_wait(&self, group: &str) -> Result<String, HerdError> {
+        self.ask(Request::Restart {
+            group: group.to_string(),
+        })
+        .await
     }
 
     /// Reloads the config and waits until the changes are applied.
@@ -184,21 +180,22 @@ impl Herd {
     /// # Errors
     /// An invalid config (with every error; the herd is untouched), or a
     /// herd that is ending.
-    pub async fn reload_and_wait(&self) -> Result<String, String> {
-        self.ask(|reply| HerdCommand::Reload(Some(reply))).await
+    pub async fn reload_and_wait(&self) -> Result<String, HerdError> {
+        self.ask(Request::Reload).await
     }
 
-    async fn ask(
-        &self,
-        command: impl FnOnce(oneshot::Sender<Result<String, String>>) -> HerdCommand,
-    ) -> Result<String, String> {
+    /// Asks without waiting for the answer.
+    fn tell(&self, request: Request) {
+        let _ = self.commands.send(HerdCommand::Ask(request, None));
+    }
+
+    async fn ask(&self, request: Request) -> Result<String, HerdError> {
         let (reply_tx, reply_rx) = oneshot::channel();
         self.commands
-            .send(command(reply_tx))
-            .map_err(|_| "the herd is ending".to_string())?;
-        reply_rx
-            .await
-            .map_err(|_| "the herd is ending".to_string())?
+            .send(HerdCommand::Ask(request, Some(Reply::Handle(reply_tx))))
+            .map_err(|_| HerdError::Ending)?;
+        let answer = reply_rx.await.map_err(|_| HerdError::Ending)??;
+        Ok(answer.into_message())
     }
 }
 

@@ -7,10 +7,11 @@ use super::herd::{pump_events, Board, Herd, Launcher};
 use super::plan::plan;
 use super::queue::FeederAddresses;
 use super::remote::AgentSettings;
+use super::request::Answer;
 use crate::config::{BuiltinFeeder, Config};
 use crate::error_text::count;
 use crate::log::LogSink;
-use crate::protocol::control::{FromMaster, HerdStatus, InstanceState};
+use crate::protocol::control::{HerdStatus, InstanceState};
 use crate::protocol::slave::Level;
 use crate::supervise::instance::{self, InstanceEnd, InstanceReport};
 use crate::supervise::shutdown::Shutdown;
@@ -182,7 +183,7 @@ pub(crate) async fn run_launcher(
     board.add(plan.instances().iter().map(|spec| spec.label.clone()));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (commands_tx, mut commands_rx) = mpsc::unbounded_channel();
-    let herd = Herd::new(board.clone(), commands_tx.clone(), shutdown.clone());
+    let herd = Herd::new(board.clone(), commands_tx.clone());
     if let Some(callbacks) = &callbacks {
         callbacks.starting(&herd);
     }
@@ -286,7 +287,7 @@ pub(crate) async fn run_launcher(
                 }
             },
             Some(command) = commands_rx.recv() => {
-                running.command(command, &mut waiters).await;
+                running.command(command, &mut waiters, &mut stop_replies).await;
             }
             Some(request) = control_rx.recv() => {
                 running
@@ -366,13 +367,11 @@ pub(crate) async fn run_launcher(
     }
     // The stop worked, whatever happened before it: instances that had
     // failed are the run's outcome (its exit code), not the request's.
-    let outcome = FromMaster::Done {
-        message: stop_outcome(&report),
-    };
+    let outcome = stop_outcome(&report);
     // Log followers had the end too; requests still pending end here.
     drop(waiters);
     for reply in stop_replies {
-        let _ = reply.send(outcome.clone()).await;
+        reply.send(Ok(Answer::Done(outcome.clone())));
     }
     // The server ends once every connection has: no request can be
     // handed over any more, and every reply sender is gone.

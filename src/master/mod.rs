@@ -12,6 +12,8 @@
 //!   restart, reload.
 //! - [`herd`]: the status board, the [`Herd`] handle, the [`Events`]
 //!   callbacks and the [`Launcher`].
+//! - `request` (private): operators' requests, one type for the [`Herd`]
+//!   handle and the control socket, answered with [`HerdError`] on failure.
 //! - [`control`]: the control socket (`taskherd status`, `stop`, ...).
 //! - [`remote`]: one task per remote host: SSH connection, agent, relay.
 //! - [`ssh`]: ControlMaster connections and the agent upload.
@@ -24,6 +26,7 @@ pub mod launcher;
 pub mod plan;
 pub mod queue;
 pub mod remote;
+mod request;
 pub mod ssh;
 
 pub use crate::log::{InstanceLabel, LogRecord, LogSink, LogWriter};
@@ -31,3 +34,4 @@ pub use crate::supervise::open_pid_killer;
 pub use crate::supervise::shutdown::{stop_on_signals, Shutdown};
 pub use herd::{Events, Herd, Launcher};
 pub use launcher::{run, run_blocking, DeadJobs, RunReport};
+pub use request::HerdError;
