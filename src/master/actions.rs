@@ -10,7 +10,6 @@
 
 use super::control::{stream_logs, ControlRequest};
 use super::herd::{is_final, Board, HerdCommand};
-use super::launcher::stop_budget;
 use super::plan::{
     is_resize, plan_groups, plan_resize, same_host, split_plan, FeederInfo, Plan, Resize,
 };
@@ -68,6 +67,10 @@ pub(crate) struct Running {
     pub(crate) commands: mpsc::UnboundedSender<HerdCommand>,
     /// Held by the rolling change under way: one at a time.
     pub(crate) changes: Arc<tokio::sync::Mutex<()>>,
+    /// The herd's longest stop grace so far (never shorter after a reload:
+    /// instances of a removed group may still be stopping); hosts bound
+    /// their wait at stop with it.
+    pub(crate) longest_grace: tokio::sync::watch::Sender<Duration>,
 }
 
 impl Running {
@@ -295,7 +298,7 @@ impl Running {
     }
 
     fn settle_limit(&self) -> Duration {
-        stop_budget(&self.config) + SETTLE_MARGIN
+        *self.longest_grace.borrow() + SETTLE_MARGIN
     }
 
     /// What the tasks of rolling changes need.
@@ -539,6 +542,9 @@ impl Running {
         }
         self.addresses.add_groups(&fresh_plan);
         self.board.set_order(new_names);
+        let longest = new.longest_stop_grace();
+        self.longest_grace
+            .send_if_modified(|grace| std::mem::replace(grace, longest.max(*grace)) < longest);
         self.config = new;
 
         let message = format!(

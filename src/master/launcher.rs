@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 /// What happened during a run, for the final message and the exit code.
@@ -145,7 +145,7 @@ pub(crate) async fn run_launcher(
             dead_jobs: Vec::new(),
         };
     }
-    let grace = stop_budget(&config);
+    let (longest_grace, longest_grace_rx) = watch::channel(config.longest_stop_grace());
     let total = plan.instances().len();
     let hosts = if plan.hosts.is_empty() {
         String::new()
@@ -238,7 +238,7 @@ pub(crate) async fn run_launcher(
         control_dir: control_dir
             .as_ref()
             .map_or_else(std::env::temp_dir, |dir| dir.path.clone()),
-        stop_grace: grace,
+        stop_grace: longest_grace_rx,
         handshakes: Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(config.master.max_handshakes).unwrap_or(usize::MAX),
         )),
@@ -261,6 +261,7 @@ pub(crate) async fn run_launcher(
         helpers: JoinSet::new(),
         commands: commands_tx,
         changes: Arc::default(),
+        longest_grace,
     };
     running.start(plan);
     let _ = started_tx.send(());
@@ -312,7 +313,7 @@ pub(crate) async fn run_launcher(
                     .unwrap_or_default();
                 let message = format!(
                     "stopping every instance: {reason} (grace {}{hint})",
-                    humantime::format_duration(grace)
+                    humantime::format_duration(*running.longest_grace.borrow())
                 );
                 sink.master_event(Level::Notice, message).await;
             }
@@ -325,8 +326,8 @@ pub(crate) async fn run_launcher(
     }
     drop(duties);
     sink.status_line(None);
-    let graces = Graces::of(&running.config);
-    let queues = queue_outcomes(&running.config);
+    let config = running.config.clone();
+    let queues = queue_outcomes(&config);
     drop(running);
     // Every event sender is gone with the supervisors: the pump ends once
     // it has called back for the last one.
@@ -338,7 +339,7 @@ pub(crate) async fn run_launcher(
     let killed_on_request = reports
         .iter()
         .filter(|r| matches!(r.end, InstanceEnd::Stopped { killed: true }))
-        .filter(|r| graces.killed_on_request(&r.label.group, &shutdown))
+        .filter(|r| killed_on_request(config.stop_grace(&r.label.group), &shutdown))
         .map(|r| r.label.id)
         .collect();
     let counts = board.queue_counts();
@@ -462,36 +463,13 @@ pub fn progress_line(status: &HerdStatus) -> String {
     line
 }
 
-/// The stop grace of each group, to tell a kill on request from a kill
-/// after the grace.
-struct Graces {
-    /// Per group.
-    groups: BTreeMap<String, Duration>,
-    /// `master.stop_grace`, for a group not listed (one a reload removed).
-    default: Duration,
-}
-
-impl Graces {
-    fn of(config: &Config) -> Graces {
-        let default = config.master.stop_grace;
-        Graces {
-            groups: config
-                .groups
-                .iter()
-                .map(|g| (g.name.clone(), g.stop_grace.unwrap_or(default)))
-                .collect(),
-            default,
-        }
-    }
-
-    /// Whether an instance of `group` that was SIGKILLed at the stop was
-    /// killed because a kill was asked for before its grace had passed.
-    fn killed_on_request(&self, group: &str, shutdown: &Shutdown) -> bool {
-        let grace = self.groups.get(group).copied().unwrap_or(self.default);
-        match (shutdown.stop_requested_at(), shutdown.kill_requested_at()) {
-            (Some(stop), Some(kill)) => kill.saturating_duration_since(stop) < grace,
-            _ => false,
-        }
+/// Whether an instance whose stop grace is `grace`, SIGKILLed at the
+/// stop, was killed because a kill was asked for before its grace had
+/// passed.
+fn killed_on_request(grace: Duration, shutdown: &Shutdown) -> bool {
+    match (shutdown.stop_requested_at(), shutdown.kill_requested_at()) {
+        (Some(stop), Some(kill)) => kill.saturating_duration_since(stop) < grace,
+        _ => false,
     }
 }
 
@@ -651,15 +629,10 @@ async fn announce_end(report: &RunReport, sink: &LogSink) {
     .await;
 }
 
-/// The duration a test or caller should allow for a clean stop of `config`.
+/// The duration a test or caller should allow for a clean stop of
+/// `config`: its [longest stop grace](Config::longest_stop_grace).
 pub fn stop_budget(config: &Config) -> Duration {
-    let group_max = config
-        .groups
-        .iter()
-        .filter_map(|g| g.stop_grace)
-        .max()
-        .unwrap_or_default();
-    config.master.stop_grace.max(group_max)
+    config.longest_stop_grace()
 }
 
 /// The local directory of the run's ControlMaster sockets: short (socket
@@ -790,22 +763,21 @@ mod tests {
             Path::new("herd.toml"),
         )
         .unwrap();
-        let graces = Graces::of(&config);
+        let grace = |group| config.stop_grace(group);
+        assert_eq!(grace("quick"), Duration::from_secs(1));
+        assert_eq!(grace("gone"), Duration::from_secs(10));
+        assert_eq!(stop_budget(&config), Duration::from_secs(10));
         // A stop, then a kill at once: within every grace.
         let shutdown = Shutdown::new();
-        assert!(!graces.killed_on_request("slow", &shutdown));
+        assert!(!killed_on_request(grace("slow"), &shutdown));
         shutdown.request_stop("test");
-        assert!(!graces.killed_on_request("slow", &shutdown), "no kill yet");
+        assert!(!killed_on_request(grace("slow"), &shutdown), "no kill yet");
         shutdown.kill_now("again");
-        assert!(graces.killed_on_request("slow", &shutdown));
-        assert!(graces.killed_on_request("quick", &shutdown));
-        assert!(graces.killed_on_request("gone", &shutdown));
+        assert!(killed_on_request(grace("slow"), &shutdown));
+        assert!(killed_on_request(grace("quick"), &shutdown));
+        assert!(killed_on_request(grace("gone"), &shutdown));
         // A grace of zero had passed by then.
-        let zero = Graces {
-            groups: BTreeMap::new(),
-            default: Duration::ZERO,
-        };
-        assert!(!zero.killed_on_request("any", &shutdown));
+        assert!(!killed_on_request(Duration::ZERO, &shutdown));
 
         let stopped = |killed| InstanceEnd::Stopped { killed };
         let run = RunReport {

@@ -55,9 +55,12 @@ pub struct AgentSettings {
     /// Local directory of the ControlMaster sockets (short: the socket path
     /// must fit 104/108 bytes).
     pub control_dir: PathBuf,
-    /// Longest stop grace of the host's instances, to bound the wait for
-    /// their reports at stop.
-    pub stop_grace: Duration,
+    /// The herd's longest stop grace ([`Config::longest_stop_grace`]; it
+    /// only grows with reloads, since instances of a group a reload removed
+    /// may still be stopping), to bound the wait for reports at stop.
+    ///
+    /// [`Config::longest_stop_grace`]: crate::config::Config::longest_stop_grace
+    pub stop_grace: tokio::sync::watch::Receiver<Duration>,
     /// Turns to open an SSH connection (`master.max_handshakes`), shared
     /// by every host.
     pub handshakes: Arc<tokio::sync::Semaphore>,
@@ -658,15 +661,7 @@ impl HostRun<'_> {
     /// The wait for reports after a stop: the grace plus a margin for the
     /// agent to kill and report.
     fn stop_wait(&self) -> Duration {
-        let grace = self
-            .state
-            .pending
-            .values()
-            .map(|spec| spec.stop_grace)
-            .max()
-            .unwrap_or_default()
-            .max(self.settings.stop_grace);
-        grace + self.settings.orphan_timeout
+        *self.settings.stop_grace.borrow() + self.settings.orphan_timeout
     }
 
     async fn handle(&mut self, frame: FromAgent) {
