@@ -1,19 +1,18 @@
-//! A running herd as operators and embedding programs see it: the status
-//! board fed by instance events, the [`Herd`] handle (status, suspend,
-//! resume, restart, reload, stop), the [`Events`] callbacks, and the
-//! [`Launcher`] that runs a config with them.
+//! A running herd as operators and embedding programs see it: the board
+//! (the master's core, shared for its status), the [`Herd`] handle
+//! (status, suspend, resume, restart, reload, stop), the [`Events`]
+//! callbacks, and the [`Launcher`] that runs a config with them.
 
+use super::core::{Core, Effect, Event, Now};
 use super::launcher::RunReport;
 use super::request::{HerdError, Reply, Request};
 use crate::config::Config;
 use crate::log::{InstanceLabel, LogSink};
-use crate::protocol::control::{GroupStatus, HerdStatus, InstanceState, InstanceStatus};
-use crate::protocol::slave::QueueProgress;
-use crate::supervise::instance::{EventKind, InstanceEnd, InstanceEvent};
+use crate::protocol::control::HerdStatus;
+use crate::supervise::instance::{EventKind, InstanceEvent};
 use crate::supervise::shutdown::Shutdown;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How often [`Events::check`] is called while the herd runs.
@@ -72,18 +71,9 @@ pub trait Events: Send + Sync + 'static {
     fn event(&self, herd: &Herd, instance: &InstanceLabel, event: &EventKind) {}
 }
 
-/// What the run loop is asked on its own queue: operators' requests (from
-/// a [`Herd`] handle; with a reply when the asker waits), and the steps of
-/// rolling changes.
-#[derive(Debug)]
-pub(crate) enum HerdCommand {
-    /// An operator's request.
-    Ask(Request, Option<Reply>),
-    /// A step of a rolling change: start these instances.
-    Start(super::plan::Plan),
-    /// A step of a rolling change: command one instance.
-    Instance(u32, crate::supervise::instance::InstanceCommand),
-}
+/// An operator's request from a [`Herd`] handle, with where the answer
+/// goes when the asker waits for it.
+pub(crate) type Ask = (Request, Option<Reply>);
 
 /// A handle on a running herd: its status, and the operator's actions.
 ///
@@ -92,12 +82,12 @@ pub(crate) enum HerdCommand {
 #[derive(Debug, Clone)]
 pub struct Herd {
     board: Board,
-    commands: mpsc::UnboundedSender<HerdCommand>,
+    asks: mpsc::UnboundedSender<Ask>,
 }
 
 impl Herd {
-    pub(crate) fn new(board: Board, commands: mpsc::UnboundedSender<HerdCommand>) -> Self {
-        Herd { board, commands }
+    pub(crate) fn new(board: Board, asks: mpsc::UnboundedSender<Ask>) -> Self {
+        Herd { board, asks }
     }
 
     /// Every group and instance, with their state.
@@ -186,356 +176,76 @@ impl Herd {
 
     /// Asks without waiting for the answer.
     fn tell(&self, request: Request) {
-        let _ = self.commands.send(HerdCommand::Ask(request, None));
+        let _ = self.asks.send((request, None));
     }
 
     async fn ask(&self, request: Request) -> Result<String, HerdError> {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.commands
-            .send(HerdCommand::Ask(request, Some(Reply::Handle(reply_tx))))
+        self.asks
+            .send((request, Some(Reply::Handle(reply_tx))))
             .map_err(|_| HerdError::Ending)?;
         let answer = reply_rx.await.map_err(|_| HerdError::Ending)??;
         Ok(answer.into_message())
     }
 }
 
-/// The status of every instance, kept up to date by the events.
+/// The master's core, shared: the run loop feeds it events, handles read
+/// its status.
+///
+/// Only the run loop changes the core (through [`Board::handle`]);
+/// [`Herd`] handles and the progress line lock it for the moment it takes
+/// to copy a status.
 #[derive(Debug, Clone)]
 pub(crate) struct Board {
-    inner: Arc<Mutex<BoardState>>,
+    core: Arc<Mutex<Core>>,
     changed: Arc<watch::Sender<u64>>,
 }
 
-#[derive(Debug)]
-struct BoardState {
-    config: String,
-    started: SystemTime,
-    /// Group names in config order.
-    groups: Vec<String>,
-    suspended: BTreeMap<String, bool>,
-    queues: BTreeMap<String, QueueProgress>,
-    instances: BTreeMap<u32, Entry>,
-    /// Instances that left the config: forgotten once they end.
-    retired: std::collections::BTreeSet<u32>,
-    /// Groups that left the config: forgotten once their last instance is.
-    leaving: std::collections::BTreeSet<String>,
-    /// Every id ever retired.
-    retired_ever: std::collections::BTreeSet<u32>,
-}
-
-impl BoardState {
-    fn drop_group_if_gone(&mut self, group: &str) {
-        let listed = self.instances.values().any(|e| e.label.group == group);
-        if !listed && self.leaving.remove(group) {
-            self.groups.retain(|g| g != group);
-            self.suspended.remove(group);
-            self.queues.remove(group);
-        }
-    }
-}
-
-/// One instance on the board.
-#[derive(Debug, Clone)]
-pub(crate) struct Entry {
-    pub(crate) label: Arc<InstanceLabel>,
-    pub(crate) state: InstanceState,
-    pub(crate) pid: Option<u32>,
-    pub(crate) since: Option<SystemTime>,
-    /// Processes started so far.
-    pub(crate) starts: u32,
-    pub(crate) last_exit: Option<String>,
-    pub(crate) seen: Option<SystemTime>,
-}
-
 impl Board {
-    pub(crate) fn new(config: &Config) -> Self {
+    pub(crate) fn new(core: Core) -> Self {
         Board {
-            inner: Arc::new(Mutex::new(BoardState {
-                config: config.source.display().to_string(),
-                started: SystemTime::now(),
-                groups: config.groups.iter().map(|g| g.name.clone()).collect(),
-                suspended: BTreeMap::new(),
-                queues: BTreeMap::new(),
-                instances: BTreeMap::new(),
-                retired: Default::default(),
-                leaving: Default::default(),
-                retired_ever: Default::default(),
-            })),
+            core: Arc::new(Mutex::new(core)),
             changed: Arc::new(watch::channel(0).0),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, BoardState> {
+    /// The core, locked.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock leaves plain data behind: keep
         // serving it.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn bump(&self) {
+    /// Hands `event` to the core; returns the effects.
+    pub(crate) fn handle(&self, event: Event) -> Vec<Effect> {
+        let now = Now {
+            at: tokio::time::Instant::now().into_std(),
+            wall: SystemTime::now(),
+        };
+        let effects = self.lock().handle(event, now);
         self.changed.send_modify(|generation| *generation += 1);
+        effects
     }
 
-    /// Changes each time the board does (the status line redraws then).
+    /// Changes each time the core handles an event (the status line
+    /// redraws then).
     pub(crate) fn watch(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
-    /// Adds instances (pending) and the config's group order.
-    pub(crate) fn add(&self, labels: impl IntoIterator<Item = Arc<InstanceLabel>>) {
-        let mut state = self.lock();
-        for label in labels {
-            if !state.groups.contains(&label.group) {
-                state.groups.push(label.group.clone());
-            }
-            state.instances.insert(
-                label.id,
-                Entry {
-                    label,
-                    state: InstanceState::Pending,
-                    pid: None,
-                    since: None,
-                    starts: 0,
-                    last_exit: None,
-                    seen: None,
-                },
-            );
-        }
-        drop(state);
-        self.bump();
-    }
-
-    /// Forgets instances that left the config, each once it has ended.
-    pub(crate) fn retire(&self, ids: &[u32]) {
-        let mut state = self.lock();
-        state.retired_ever.extend(ids);
-        for id in ids {
-            let Some(entry) = state.instances.get(id) else {
-                continue;
-            };
-            let group = entry.label.group.clone();
-            if is_final(entry.state) {
-                state.instances.remove(id);
-                state.drop_group_if_gone(&group);
-            } else {
-                state.retired.insert(*id);
-            }
-        }
-        drop(state);
-        self.bump();
-    }
-
-    /// Forgets a group that left the config, once its instances ended.
-    pub(crate) fn retire_group(&self, group: &str) {
-        let ids: Vec<u32> = {
-            let mut state = self.lock();
-            state.leaving.insert(group.to_string());
-            state
-                .instances
-                .values()
-                .filter(|e| e.label.group == group)
-                .map(|e| e.label.id)
-                .collect()
-        };
-        self.retire(&ids);
-        let mut state = self.lock();
-        state.drop_group_if_gone(group);
-    }
-
-    /// Orders the groups as the (reloaded) config does; groups that left
-    /// it stay listed after them while they have instances.
-    pub(crate) fn set_order(&self, groups: Vec<String>) {
-        let mut state = self.lock();
-        let mut order = groups;
-        for group in &state.groups {
-            if !order.contains(group) {
-                order.push(group.clone());
-            }
-        }
-        state.groups = order;
-        drop(state);
-        self.bump();
-    }
-
-    pub(crate) fn set_suspended(&self, group: &str, suspended: bool) {
-        self.lock().suspended.insert(group.to_string(), suspended);
-        self.bump();
-    }
-
-    /// Applies an event; returns the instance's label, if known.
-    pub(crate) fn apply(&self, event: &InstanceEvent) -> Option<Arc<InstanceLabel>> {
-        let at = UNIX_EPOCH + Duration::from_millis(event.time_ms);
-        let mut state = self.lock();
-        let entry = state.instances.get_mut(&event.id)?;
-        let label = entry.label.clone();
-        match &event.kind {
-            EventKind::Created => {}
-            EventKind::Started { pid } => {
-                entry.state = InstanceState::Running;
-                entry.pid = Some(*pid);
-                entry.since = Some(at);
-                entry.seen = Some(at);
-                entry.starts += 1;
-            }
-            EventKind::Seen => entry.seen = Some(at),
-            EventKind::TimedOut | EventKind::Stopping => entry.state = InstanceState::Stopping,
-            EventKind::Exited { how, .. } => {
-                entry.pid = None;
-                entry.since = None;
-                entry.last_exit = Some(how.clone());
-                entry.state = InstanceState::Backoff;
-            }
-            EventKind::Backoff { .. } => entry.state = InstanceState::Backoff,
-            EventKind::Suspended => entry.state = InstanceState::Suspended,
-            EventKind::Progress { progress } => {
-                state.queues.insert(label.group.clone(), *progress);
-            }
-            EventKind::Ended { end } => {
-                entry.pid = None;
-                entry.since = None;
-                entry.state = match end {
-                    InstanceEnd::Completed => InstanceState::Completed,
-                    InstanceEnd::Failed { .. } => InstanceState::Failed,
-                    InstanceEnd::Stopped { .. } => InstanceState::Stopped,
-                    InstanceEnd::Lost { .. } => InstanceState::Lost,
-                };
-                if state.retired.remove(&event.id) {
-                    state.instances.remove(&event.id);
-                    state.drop_group_if_gone(&label.group);
-                }
-            }
-        }
-        drop(state);
-        self.bump();
-        Some(label)
-    }
-
-    /// Ids of a group's instances still supervised, in order.
-    pub(crate) fn live_ids(&self, group: &str) -> Vec<u32> {
-        self.lock()
-            .instances
-            .values()
-            .filter(|e| e.label.group == group && !is_final(e.state))
-            .map(|e| e.label.id)
-            .collect()
-    }
-
-    /// Ids of all of a group's instances on the board, ended ones too.
-    pub(crate) fn all_ids(&self, group: &str) -> Vec<u32> {
-        self.lock()
-            .instances
-            .values()
-            .filter(|e| e.label.group == group)
-            .map(|e| e.label.id)
-            .collect()
-    }
-
-    /// Whether an operator suspended `group`.
-    pub(crate) fn is_suspended(&self, group: &str) -> bool {
-        self.lock().suspended.get(group).copied().unwrap_or(false)
-    }
-
-    /// Every instance a reload retired: their ends are not the run's.
-    pub(crate) fn retired_ever(&self) -> std::collections::BTreeSet<u32> {
-        self.lock().retired_ever.clone()
-    }
-
-    /// The last counts each queue group's feeder reported, by group.
-    pub(crate) fn queue_counts(&self) -> BTreeMap<String, QueueProgress> {
-        self.lock().queues.clone()
-    }
-
-    /// Whether the board knows `group`.
-    pub(crate) fn has_group(&self, group: &str) -> bool {
-        self.lock().groups.iter().any(|g| g == group)
-    }
-
-    /// A copy of one instance's entry.
-    pub(crate) fn entry(&self, id: u32) -> Option<Entry> {
-        self.lock().instances.get(&id).cloned()
-    }
-
-    /// Waits until `done` holds for the board, or `limit` passes; returns
-    /// whether it holds.
-    pub(crate) async fn wait_until(
-        &self,
-        limit: Duration,
-        mut done: impl FnMut(&Board) -> bool,
-    ) -> bool {
-        let mut changed = self.changed.subscribe();
-        let waited = tokio::time::timeout(limit, async {
-            loop {
-                if done(self) {
-                    return;
-                }
-                if changed.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        })
-        .await;
-        waited.is_ok()
-    }
-
     pub(crate) fn status(&self) -> HerdStatus {
-        let state = self.lock();
-        let now = SystemTime::now();
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let since =
-            |t: Option<SystemTime>| t.map(|t| ms(now.duration_since(t).unwrap_or_default()));
-        let groups = state
-            .groups
-            .iter()
-            .map(|name| GroupStatus {
-                name: name.clone(),
-                suspended: state.suspended.get(name).copied().unwrap_or(false),
-                instances: state
-                    .instances
-                    .values()
-                    .filter(|e| &e.label.group == name)
-                    .map(|e| InstanceStatus {
-                        id: e.label.id,
-                        group_id: e.label.group_id,
-                        host: e.label.host.clone(),
-                        command: e.label.command.clone(),
-                        state: e.state,
-                        pid: e.pid,
-                        uptime_ms: since(e.since),
-                        restarts: e.starts.saturating_sub(1),
-                        last_exit: e.last_exit.clone(),
-                        seen_ms_ago: since(e.seen).filter(|_| e.pid.is_some()),
-                    })
-                    .collect(),
-                queue: state.queues.get(name).cloned(),
-            })
-            .collect();
-        HerdStatus {
-            config: state.config.clone(),
-            pid: std::process::id(),
-            uptime_ms: ms(now.duration_since(state.started).unwrap_or_default()),
-            groups,
-        }
+        self.lock().status(SystemTime::now())
     }
 }
 
-/// States an instance never leaves.
-pub(crate) fn is_final(state: InstanceState) -> bool {
-    matches!(
-        state,
-        InstanceState::Completed
-            | InstanceState::Failed
-            | InstanceState::Stopped
-            | InstanceState::Lost
-    )
-}
-
-/// Applies every instance event to the board and calls the user's
-/// callbacks, in order, until every sender is gone.
+/// Calls the user's callbacks for every instance event, in order, until
+/// every sender is gone.
 ///
 /// [`Events::started`] is called from here too when `started` fires, so
 /// that every callback runs on this one task ([`Events::starting`] is
 /// called before this task exists).
 pub(crate) async fn pump_events(
-    mut events_rx: mpsc::UnboundedReceiver<InstanceEvent>,
+    mut events_rx: mpsc::UnboundedReceiver<(Arc<InstanceLabel>, InstanceEvent)>,
     herd: Herd,
     callbacks: Option<Arc<dyn Events>>,
     mut started: oneshot::Receiver<()>,
@@ -553,8 +263,7 @@ pub(crate) async fn pump_events(
                 }
             }
             event = events_rx.recv() => {
-                let Some(event) = event else { return };
-                let Some(label) = herd.board.apply(&event) else { continue };
+                let Some((label, event)) = event else { return };
                 if let Some(callbacks) = &callbacks {
                     call(callbacks.as_ref(), &herd, &label, &event.kind);
                 }

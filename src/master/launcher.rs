@@ -2,12 +2,11 @@
 //! requested (serving operators' requests meanwhile), and reports how it
 //! went.
 
-use super::actions::Running;
+use super::core::{Core, Event, Now};
 use super::herd::{pump_events, Board, Herd, Launcher};
 use super::plan::plan;
-use super::queue::FeederAddresses;
 use super::remote::AgentSettings;
-use super::request::Answer;
+use super::shell::{Inbox, Shell};
 use crate::config::{BuiltinFeeder, Config};
 use crate::error_text::count;
 use crate::log::LogSink;
@@ -15,7 +14,6 @@ use crate::protocol::control::{HerdStatus, InstanceState};
 use crate::protocol::slave::Level;
 use crate::supervise::instance::{self, InstanceEnd, InstanceReport};
 use crate::supervise::shutdown::Shutdown;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,7 +143,6 @@ pub(crate) async fn run_launcher(
             dead_jobs: Vec::new(),
         };
     }
-    let (longest_grace, longest_grace_rx) = watch::channel(config.longest_stop_grace());
     let total = plan.instances().len();
     let hosts = if plan.hosts.is_empty() {
         String::new()
@@ -179,22 +176,41 @@ pub(crate) async fn run_launcher(
             None
         }
     };
-    let board = Board::new(&config);
-    board.add(plan.instances().iter().map(|spec| spec.label.clone()));
+    let now = Now {
+        at: tokio::time::Instant::now().into_std(),
+        wall: std::time::SystemTime::now(),
+    };
+    let (longest_grace, longest_grace_rx) = watch::channel(config.longest_stop_grace());
+    let settings = Arc::new(AgentSettings {
+        heartbeat: config.master.heartbeat,
+        orphan_timeout: config.master.orphan_timeout,
+        agent_dir: config.master.agent_dir.clone(),
+        agent_path: config.master.agent_path.clone(),
+        control_dir: control_dir
+            .as_ref()
+            .map_or_else(std::env::temp_dir, |dir| dir.path.clone()),
+        stop_grace: longest_grace_rx,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(config.master.max_handshakes).unwrap_or(usize::MAX),
+        )),
+    });
+    let board = Board::new(Core::new(config.clone(), now));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let (commands_tx, mut commands_rx) = mpsc::unbounded_channel();
-    let herd = Herd::new(board.clone(), commands_tx.clone());
+    let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+    let (asks_tx, asks_rx) = mpsc::unbounded_channel();
+    let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+    let herd = Herd::new(board.clone(), asks_tx);
     if let Some(callbacks) = &callbacks {
         callbacks.starting(&herd);
     }
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let pump = tokio::spawn(pump_events(
-        events_rx,
+        publish_rx,
         herd.clone(),
         callbacks.clone(),
         started_rx,
     ));
-    let (control_tx, mut control_rx) = mpsc::channel(16);
+    let (control_tx, control_rx) = mpsc::channel(16);
     let control_stop = tokio_util::sync::CancellationToken::new();
     let control_task = match control {
         Some(socket) => {
@@ -230,110 +246,44 @@ pub(crate) async fn run_launcher(
     }
     duties.spawn(show_progress(board.clone(), sink.clone()));
 
-    let settings = Arc::new(AgentSettings {
-        heartbeat: config.master.heartbeat,
-        orphan_timeout: config.master.orphan_timeout,
-        agent_dir: config.master.agent_dir.clone(),
-        agent_path: config.master.agent_path.clone(),
-        control_dir: control_dir
-            .as_ref()
-            .map_or_else(std::env::temp_dir, |dir| dir.path.clone()),
-        stop_grace: longest_grace_rx,
-        handshakes: Arc::new(tokio::sync::Semaphore::new(
-            usize::try_from(config.master.max_handshakes).unwrap_or(usize::MAX),
-        )),
-    });
-    let mut running = Running {
-        context: instance::Supervision {
-            sink: sink.clone(),
-            shutdown: shutdown.clone(),
-            pids: pids.clone(),
-            events: Some(events_tx),
-        },
-        addresses: FeederAddresses::new(&plan),
-        routes: BTreeMap::new(),
-        hosts: Vec::new(),
-        settings,
-        next_id: u32::try_from(total).unwrap_or(u32::MAX).saturating_add(1),
-        config,
-        board: board.clone(),
-        tasks: JoinSet::new(),
-        helpers: JoinSet::new(),
-        commands: commands_tx,
-        changes: Arc::default(),
-        longest_grace,
+    let context = instance::Supervision {
+        sink: sink.clone(),
+        shutdown: shutdown.clone(),
+        pids: pids.clone(),
+        events: Some(events_tx),
     };
-    running.start(plan);
+    let mut shell = Shell::new(
+        board.clone(),
+        context,
+        settings,
+        reports_tx,
+        publish_tx,
+        longest_grace,
+    );
+    shell.handle(Event::Start(plan)).await;
     let _ = started_tx.send(());
-    let deadline = running
-        .config
-        .master
-        .max_running_time
-        .map(|limit| (limit, tokio::time::Instant::now() + limit));
-
-    let mut reports = Vec::new();
-    let mut stop_announced = false;
-    let mut kill_announced = false;
-    let mut stop_replies = Vec::new();
-    // Operators' requests being carried out (waits for states, rolling
-    // restarts, reloads): they end with the run.
-    let mut waiters: JoinSet<()> = JoinSet::new();
-    loop {
-        tokio::select! {
-            joined = running.tasks.join_next() => match joined {
-                None => break,
-                Some(Ok(done)) => reports.extend(done),
-                Some(Err(err)) => {
-                    sink.master_event(Level::Critical, format!("an instance supervisor crashed: {err}")).await;
-                }
-            },
-            Some(command) = commands_rx.recv() => {
-                running.command(command, &mut waiters, &mut stop_replies).await;
-            }
-            Some(request) = control_rx.recv() => {
-                running
-                    .control_request(request, &mut waiters, &mut stop_replies)
-                    .await;
-            }
-            Some(_) = waiters.join_next(), if !waiters.is_empty() => {}
-            _ = crate::supervise::sleep_until_some(deadline.map(|(_, at)| at)), if !shutdown.is_stopping() => {
-                if let Some((limit, _)) = deadline {
-                    shutdown.request_stop(format!(
-                        "max running time of {} reached",
-                        humantime::format_duration(limit)
-                    ));
-                }
-            }
-            _ = shutdown.stopping(), if !stop_announced => {
-                stop_announced = true;
-                let reason = shutdown.reason().unwrap_or("stop requested");
-                let hint = shutdown
-                    .kill_hint()
-                    .map(|hint| format!("; {hint}"))
-                    .unwrap_or_default();
-                let message = format!(
-                    "stopping every instance: {reason} (grace {}{hint})",
-                    humantime::format_duration(*running.longest_grace.borrow())
-                );
-                sink.master_event(Level::Notice, message).await;
-            }
-            _ = shutdown.killing(), if !kill_announced => {
-                kill_announced = true;
-                let reason = shutdown.reason().unwrap_or("kill requested");
-                sink.master_event(Level::Warning, format!("killing every instance now: {reason}")).await;
-            }
-        }
-    }
+    let mut inbox = Inbox {
+        events: events_rx,
+        reports: reports_rx,
+        asks: asks_rx,
+        control: control_rx,
+    };
+    shell.run(&mut inbox).await;
     drop(duties);
     sink.status_line(None);
-    let config = running.config.clone();
-    let queues = queue_outcomes(&config);
-    drop(running);
-    // Every event sender is gone with the supervisors: the pump ends once
-    // it has called back for the last one.
+    // Every event for the callbacks is sent: the pump ends once it has
+    // called back for the last one.
+    shell.stop_publishing();
+    drop(herd);
     let _ = pump.await;
+
+    let (config, retired, counts) = {
+        let core = board.lock();
+        let counts = core.queue_counts().clone();
+        (core.config().clone(), core.retired_ever().clone(), counts)
+    };
     // Instances a reload replaced or removed are not the herd's any more.
-    let retired = board.retired_ever();
+    let mut reports = std::mem::take(&mut shell.reports);
     reports.retain(|r| !retired.contains(&r.label.id));
     reports.sort_by_key(|r| r.label.id);
     let killed_on_request = reports
@@ -342,8 +292,7 @@ pub(crate) async fn run_launcher(
         .filter(|r| killed_on_request(config.stop_grace(&r.label.group), &shutdown))
         .map(|r| r.label.id)
         .collect();
-    let counts = board.queue_counts();
-    let dead_jobs = queues
+    let dead_jobs = queue_outcomes(&config)
         .into_iter()
         .filter_map(|(group, fails_run, see)| {
             let count = counts.get(&group).map_or(0, |progress| progress.dead);
@@ -368,15 +317,11 @@ pub(crate) async fn run_launcher(
     }
     // The stop worked, whatever happened before it: instances that had
     // failed are the run's outcome (its exit code), not the request's.
-    let outcome = stop_outcome(&report);
-    // Log followers had the end too; requests still pending end here.
-    drop(waiters);
-    for reply in stop_replies {
-        reply.send(Ok(Answer::Done(outcome.clone())));
-    }
+    shell.finish(stop_outcome(&report)).await;
+    drop(shell);
     // The server ends once every connection has: no request can be
     // handed over any more, and every reply sender is gone.
-    drop(control_rx);
+    drop(inbox);
     control_stop.cancel();
     if let Some(task) = control_task {
         let _ = task.await;

@@ -1,8 +1,11 @@
 //! Remote placement: one task per host keeps one SSH connection and one
 //! agent, hands the agent the host's instances, relays what it reports,
 //! and reconnects (restarting the instances) when the host is lost.
+//!
+//! What it learns goes to the run loop as [`HostReport`]s, in order, on
+//! one channel: instance events, feeders listening, the host lost.
 
-use super::queue::{FeederAddress, FeederAddresses};
+use super::queue::FeederAddress;
 use super::ssh;
 use crate::config::{HostSpec, RestartSpec, SshOptions};
 use crate::log::{InstanceLabel, LogRecord, LogSink};
@@ -10,14 +13,12 @@ use crate::protocol::agent::{time_of, FromAgent, ToAgent};
 use crate::protocol::slave::Level;
 use crate::protocol::{Connection, PROTOCOL_VERSION};
 use crate::supervise::instance::{
-    self, EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceReport, InstanceSpec,
-    Supervision,
+    event_now, pin_feeder_port, EventKind, InstanceCommand, InstanceEnd, InstanceEvent,
+    InstanceReport, InstanceSpec,
 };
 use crate::supervise::restart::backoff_delay;
 use crate::supervise::shutdown::Shutdown;
-use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use openssh::Session;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -98,27 +99,73 @@ enum HostOutcome {
     Refused(String),
 }
 
+/// What a host's supervisor tells the run loop, in the order it
+/// happened.
+#[derive(Debug, Clone)]
+pub enum HostReport {
+    /// An event of one of its instances.
+    Event(InstanceEvent),
+    /// A feeder listens.
+    Listening {
+        /// The feeder.
+        id: u32,
+        /// Where its consumers reach it.
+        address: FeederAddress,
+    },
+    /// The agent was lost; its instances are gone with it until the host
+    /// reconnects, in `retry_in`.
+    Lost {
+        /// The host.
+        host: HostSpec,
+        /// What happened.
+        problem: String,
+        /// When it tries again.
+        retry_in: Duration,
+    },
+}
+
+/// Where a host's supervisor reports.
+#[derive(Debug, Clone)]
+struct Reporter(mpsc::UnboundedSender<HostReport>);
+
+impl Reporter {
+    /// Sends one event of instance `id` (nobody listening any more is
+    /// fine: the run is ending).
+    fn emit(&self, id: u32, kind: EventKind) {
+        let _ = self.0.send(HostReport::Event(event_now(id, kind)));
+    }
+
+    fn send(&self, report: HostReport) {
+        let _ = self.0.send(report);
+    }
+
+    /// The report of an instance that ends without having run (removed,
+    /// or stopped while held back), its `Ended` event sent.
+    fn never_ran(&self, label: Arc<InstanceLabel>) -> InstanceReport {
+        let end = InstanceEnd::Stopped { killed: false };
+        self.emit(label.id, EventKind::Ended { end: end.clone() });
+        InstanceReport { label, end }
+    }
+}
+
 /// Supervises the instances of one host until each has a final report.
 ///
-/// Consumers of a queue group start once `addresses` knows where their
-/// feeder listens; a feeder on this host publishes its address there.
+/// Consumers of a queue group come with their feeder's address; a feeder
+/// on this host reports where it listens on `reports_tx`, with the events
+/// of every instance and the loss of the host.
 ///
-/// `commands` brings more instances (a reload) and operators' commands
-/// for single instances; the host's supervision ends once every instance
-/// has its final report.
+/// `commands` brings more instances (a reload, consumers whose feeder
+/// listens) and operators' commands for single instances; the host's
+/// supervision ends once every instance has its final report.
 pub async fn supervise_host(
     plan: HostPlan,
     settings: Arc<AgentSettings>,
-    context: Supervision,
-    addresses: FeederAddresses,
+    sink: LogSink,
+    shutdown: Shutdown,
+    reports_tx: mpsc::UnboundedSender<HostReport>,
     mut commands: mpsc::UnboundedReceiver<HostCommand>,
 ) -> Vec<InstanceReport> {
-    let Supervision {
-        sink,
-        shutdown,
-        events,
-        ..
-    } = context;
+    let reporter = Reporter(reports_tx);
     let host = plan.host.label.clone();
     let mut state = HostState::default();
     state.add(plan.instances.clone());
@@ -128,14 +175,14 @@ pub async fn supervise_host(
     let mut last_problem = String::from("never connected");
     loop {
         while let Ok(command) = commands.try_recv() {
-            state.apply_offline(command, &mut reports, events.as_ref());
+            state.apply_offline(command, &mut reports, &reporter);
         }
         if state.pending.is_empty() {
             // Nothing more can come in once closed; what came in before
             // is still served.
             commands.close();
             while let Ok(command) = commands.try_recv() {
-                state.apply_offline(command, &mut reports, events.as_ref());
+                state.apply_offline(command, &mut reports, &reporter);
             }
             if state.pending.is_empty() {
                 break;
@@ -143,7 +190,7 @@ pub async fn supervise_host(
         }
         if shutdown.is_stopping() {
             let reason = format!("never started on {host}: {last_problem}");
-            report_lost(&mut state, &reason, &mut reports, &sink, events.as_ref()).await;
+            report_lost(&mut state, &reason, &mut reports, &sink, &reporter).await;
             break;
         }
         let mut run = HostRun {
@@ -153,9 +200,8 @@ pub async fn supervise_host(
             shutdown: &shutdown,
             state: &mut state,
             reports: &mut reports,
-            addresses: &addresses,
             commands: &mut commands,
-            events: events.as_ref(),
+            reporter: &reporter,
         };
         match run.connect_and_serve().await {
             HostOutcome::Done => {
@@ -185,26 +231,11 @@ pub async fn supervise_host(
                 let delay = backoff_delay(&reconnect_backoff(), failures, fastrand::f64());
                 failures = failures.saturating_add(1);
                 // Its instances are gone with it, until the next agent.
-                let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-                for id in state.pending.keys() {
-                    if !state.suspended.contains(id) {
-                        let how = format!("host lost: {problem}");
-                        instance::emit(
-                            events.as_ref(),
-                            *id,
-                            EventKind::Exited { how, failed: true },
-                        );
-                        instance::emit(events.as_ref(), *id, EventKind::Backoff { delay_ms });
-                    }
-                }
-                sink.master_event(
-                    Level::Error,
-                    format!(
-                        "host {host}: {problem}; retrying in {}",
-                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
-                    ),
-                )
-                .await;
+                reporter.send(HostReport::Lost {
+                    host: plan.host.clone(),
+                    problem: problem.clone(),
+                    retry_in: delay,
+                });
                 last_problem = problem;
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -273,7 +304,7 @@ impl HostState {
         &mut self,
         command: HostCommand,
         reports: &mut Vec<InstanceReport>,
-        events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+        reporter: &Reporter,
     ) {
         match command {
             HostCommand::Add(instances) => self.add(instances),
@@ -282,13 +313,13 @@ impl HostState {
                 command: InstanceCommand::Remove,
             } => {
                 if let Some(spec) = self.pending.remove(&id) {
-                    reports.push(instance::never_ran(spec.label, events));
+                    reports.push(reporter.never_ran(spec.label));
                 }
             }
             HostCommand::Instance { id, command } => {
                 self.note(id, command);
                 if command == InstanceCommand::Suspend {
-                    instance::emit(events, id, EventKind::Suspended);
+                    reporter.emit(id, EventKind::Suspended);
                 }
             }
         }
@@ -302,57 +333,8 @@ struct HostRun<'a> {
     shutdown: &'a Shutdown,
     state: &'a mut HostState,
     reports: &'a mut Vec<InstanceReport>,
-    addresses: &'a FeederAddresses,
     commands: &'a mut mpsc::UnboundedReceiver<HostCommand>,
-    events: Option<&'a mpsc::UnboundedSender<InstanceEvent>>,
-}
-
-/// Instances of this connection not handed to the agent: consumers whose
-/// feeder does not listen yet, and suspended instances (a reconnection
-/// does not start them, a resume does).
-#[derive(Default)]
-struct Held {
-    /// Consumers waiting, by queue group.
-    ids: BTreeMap<String, Vec<u32>>,
-    /// One wait per group, ending with its feeder's address.
-    waits: FuturesUnordered<BoxFuture<'static, (String, Option<FeederAddress>)>>,
-    /// Suspended instances.
-    suspended: BTreeSet<u32>,
-}
-
-impl Held {
-    /// Every held instance, which will never start if the herd stops.
-    fn take_all(&mut self) -> Vec<u32> {
-        let mut ids: Vec<u32> = std::mem::take(&mut self.ids)
-            .into_values()
-            .flatten()
-            .collect();
-        ids.extend(std::mem::take(&mut self.suspended));
-        ids
-    }
-
-    /// Stops holding `id` for its feeder.
-    fn release(&mut self, id: u32) {
-        for ids in self.ids.values_mut() {
-            ids.retain(|i| *i != id);
-        }
-    }
-
-    fn add(&mut self, group: &str, id: u32, addresses: &FeederAddresses) {
-        let ids = self.ids.entry(group.to_string()).or_default();
-        if ids.is_empty() {
-            let addresses = addresses.clone();
-            let group = group.to_string();
-            self.waits.push(
-                async move {
-                    let address = addresses.wait(&group).await;
-                    (group, address)
-                }
-                .boxed(),
-            );
-        }
-        ids.push(id);
-    }
+    reporter: &'a Reporter,
 }
 
 impl HostRun<'_> {
@@ -440,16 +422,14 @@ impl HostRun<'_> {
             Ok(Err(err)) => return HostOutcome::Lost(format!("agent link: {err}")),
             Err(_) => return HostOutcome::Lost("agent did not answer".into()),
         };
-        let mut held = Held::default();
+        // Suspended instances are held here: a reconnection does not
+        // start them, a resume does.
+        let mut held = BTreeSet::new();
         let ids: Vec<u32> = self.state.pending.keys().copied().collect();
         let count = self.start(&ids, &mut held, &to_agent_tx);
-        let suspended = held.suspended.len();
-        let waiting = self.state.pending.len() - count - suspended;
-        let held_back = match (suspended, waiting) {
-            (0, 0) => String::new(),
-            (0, n) => format!(" ({n} more once their feeder listens)"),
-            (s, 0) => format!(" ({s} suspended)"),
-            (s, n) => format!(" ({s} suspended, {n} more once their feeder listens)"),
+        let held_back = match held.len() {
+            0 => String::new(),
+            n => format!(" ({n} suspended)"),
         };
         self.sink
             .master_event(
@@ -470,13 +450,12 @@ impl HostRun<'_> {
         outcome
     }
 
-    /// Hands instances `ids` to the agent, holding back suspended ones and
-    /// consumers whose feeder does not listen yet; returns how many were
-    /// handed over.
+    /// Hands instances `ids` to the agent, holding back suspended ones;
+    /// returns how many were handed over.
     fn start(
         &mut self,
         ids: &[u32],
-        held: &mut Held,
+        held: &mut BTreeSet<u32>,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
     ) -> usize {
         let mut instances = Vec::new();
@@ -485,25 +464,15 @@ impl HostRun<'_> {
                 self.never_started(&[*id]);
                 continue;
             }
-            let Some(spec) = self.state.pending.get_mut(id) else {
+            let Some(spec) = self.state.pending.get(id) else {
                 continue;
             };
             if self.state.suspended.contains(id) {
-                held.suspended.insert(*id);
-                instance::emit(self.events, *id, EventKind::Suspended);
+                held.insert(*id);
+                self.reporter.emit(*id, EventKind::Suspended);
                 continue;
             }
-            let Some(group) = super::queue::consumer_of(spec) else {
-                instances.push(spec.clone());
-                continue;
-            };
-            match self.addresses.get(group) {
-                Some(address) => {
-                    super::queue::set_feeder_address(spec, &address);
-                    instances.push(spec.clone());
-                }
-                None => held.add(group, *id, self.addresses),
-            }
+            instances.push(spec.clone());
         }
         let count = instances.len();
         if count > 0 {
@@ -518,7 +487,7 @@ impl HostRun<'_> {
             tokio::io::Join<tokio::io::BufReader<openssh::ChildStdout>, tokio::io::Empty>,
         >,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
-        mut held: Held,
+        mut held: BTreeSet<u32>,
     ) -> HostOutcome {
         let orphan_timeout = self.settings.orphan_timeout;
         let mut ticker = tokio::time::interval(self.settings.heartbeat);
@@ -533,7 +502,7 @@ impl HostRun<'_> {
                 reason: self.shutdown.reason().unwrap_or("stop").to_string(),
             });
             stop_deadline = Some(Instant::now() + self.stop_wait());
-            let ids = held.take_all();
+            let ids: Vec<u32> = std::mem::take(&mut held).into_iter().collect();
             self.never_started(&ids);
         }
         while !self.state.pending.is_empty() {
@@ -577,22 +546,8 @@ impl HostRun<'_> {
                     let _ = to_agent_tx.send(ToAgent::Stop {
                         reason: self.shutdown.reason().unwrap_or("stop").to_string(),
                     });
-                    let ids = held.take_all();
+                    let ids: Vec<u32> = std::mem::take(&mut held).into_iter().collect();
                     self.never_started(&ids);
-                }
-                Some((group, address)) = held.waits.next(), if !held.waits.is_empty() && !stop_sent => {
-                    let ids = held.ids.remove(&group).unwrap_or_default();
-                    let Some(address) = address else { continue };
-                    let mut instances = Vec::new();
-                    for id in ids {
-                        if let Some(spec) = self.state.pending.get_mut(&id) {
-                            super::queue::set_feeder_address(spec, &address);
-                            instances.push(spec.clone());
-                        }
-                    }
-                    if !instances.is_empty() {
-                        let _ = to_agent_tx.send(ToAgent::Start { instances });
-                    }
                 }
                 _ = self.shutdown.killing(), if !kill_sent => {
                     kill_sent = true;
@@ -607,43 +562,30 @@ impl HostRun<'_> {
     }
 
     /// Carries out an operator's command for one instance: the agent's
-    /// business once it runs there; held instances are started, given up
-    /// or held differently here.
+    /// business once it runs there; a suspended instance held here is
+    /// started or given up here.
     fn command(
         &mut self,
         id: u32,
         command: InstanceCommand,
-        held: &mut Held,
+        held: &mut BTreeSet<u32>,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
     ) {
-        if held.suspended.contains(&id) {
-            match command {
-                InstanceCommand::Resume => {
-                    held.suspended.remove(&id);
-                    self.start(&[id], held, to_agent_tx);
-                }
-                InstanceCommand::Remove => {
-                    held.suspended.remove(&id);
-                    self.never_started(&[id]);
-                }
-                // Only a resume ends a suspend.
-                InstanceCommand::Suspend | InstanceCommand::Restart => {}
-            }
-        } else if held.ids.values().any(|ids| ids.contains(&id)) {
-            match command {
-                InstanceCommand::Remove => {
-                    held.release(id);
-                    self.never_started(&[id]);
-                }
-                InstanceCommand::Suspend => {
-                    held.release(id);
-                    held.suspended.insert(id);
-                    instance::emit(self.events, id, EventKind::Suspended);
-                }
-                InstanceCommand::Resume | InstanceCommand::Restart => {}
-            }
-        } else {
+        if !held.contains(&id) {
             let _ = to_agent_tx.send(ToAgent::Command { id, command });
+            return;
+        }
+        match command {
+            InstanceCommand::Resume => {
+                held.remove(&id);
+                self.start(&[id], held, to_agent_tx);
+            }
+            InstanceCommand::Remove => {
+                held.remove(&id);
+                self.never_started(&[id]);
+            }
+            // Only a resume ends a suspend.
+            InstanceCommand::Suspend | InstanceCommand::Restart => {}
         }
     }
 
@@ -652,8 +594,7 @@ impl HostRun<'_> {
     fn never_started(&mut self, ids: &[u32]) {
         for id in ids {
             if let Some(spec) = self.state.pending.remove(id) {
-                self.reports
-                    .push(instance::never_ran(spec.label, self.events));
+                self.reports.push(self.reporter.never_ran(spec.label));
             }
         }
     }
@@ -700,11 +641,7 @@ impl HostRun<'_> {
                     }
                 }
             }
-            FromAgent::Event(event) => {
-                if let Some(events) = self.events {
-                    let _ = events.send(event);
-                }
-            }
+            FromAgent::Event(event) => self.reporter.send(HostReport::Event(event)),
             FromAgent::Listening { id, addr } => {
                 let Some(label) = self.state.labels.get(&id) else {
                     return;
@@ -712,17 +649,17 @@ impl HostRun<'_> {
                 // A feeder on port 0 binds the same port after a
                 // reconnection: its consumers have the address.
                 if let Some(spec) = self.state.pending.get_mut(&id) {
-                    instance::pin_feeder_port(spec.identity.queue.as_mut(), Some(&addr));
+                    pin_feeder_port(spec.identity.queue.as_mut(), Some(&addr));
                 }
                 match addr.parse() {
-                    Ok(listened) => self.addresses.publish(
-                        &label.group,
-                        FeederAddress {
+                    Ok(listened) => self.reporter.send(HostReport::Listening {
+                        id,
+                        address: FeederAddress {
                             listened,
                             host: label.host.clone(),
                             dial_name: Some(self.plan.host.name.clone()),
                         },
-                    ),
+                    }),
                     Err(_) => {
                         let message = format!("feeder reports a bad address {addr:?}");
                         self.sink.instance_event(label, Level::Error, message).await;
@@ -739,7 +676,7 @@ impl HostRun<'_> {
         if !stopping {
             return HostOutcome::Lost(problem);
         }
-        report_lost(self.state, &problem, self.reports, self.sink, self.events).await;
+        report_lost(self.state, &problem, self.reports, self.sink, self.reporter).await;
         HostOutcome::Done
     }
 }
@@ -750,13 +687,13 @@ async fn report_lost(
     reason: &str,
     reports: &mut Vec<InstanceReport>,
     sink: &LogSink,
-    events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+    reporter: &Reporter,
 ) {
     for (id, spec) in std::mem::take(&mut state.pending) {
         let label = spec.label;
         if state.suspended.contains(&id) || state.removed.contains(&id) {
             // Not meant to run anyway: stopped, not lost.
-            reports.push(instance::never_ran(label, events));
+            reports.push(reporter.never_ran(label));
             continue;
         }
         sink.instance_event(&label, Level::Error, format!("lost: {reason}"))
@@ -764,7 +701,7 @@ async fn report_lost(
         let end = InstanceEnd::Lost {
             reason: reason.to_string(),
         };
-        instance::emit(events, id, EventKind::Ended { end: end.clone() });
+        reporter.emit(id, EventKind::Ended { end: end.clone() });
         reports.push(InstanceReport { label, end });
     }
 }
