@@ -14,8 +14,8 @@
 //!   until their feeder listens, and runs rolling restarts and reloads
 //!   one instance, one change at a time.
 //! - `shell` (private): the run loop around the core: it feeds the core
-//!   and carries out its effects (spawns local instances, hands instances
-//!   to hosts, answers operators).
+//!   and carries out its effects (hands instances to their host's
+//!   supervisor, commands them, answers operators).
 //! - [`launcher`]: starts a run (plan, log, control socket, core and
 //!   shell) and makes its final report.
 //! - [`herd`]: the [`Herd`] handle (the core's status, operators'
@@ -23,6 +23,9 @@
 //! - `request` (private): operators' requests, one type for the [`Herd`]
 //!   handle and the control socket, answered with [`HerdError`] on failure.
 //! - [`control`]: the control socket (`taskherd status`, `stop`, ...).
+//! - `host` (private): the one interface of every host's supervisor
+//!   (instances and commands in, reports out) and the run loop's handle
+//!   on it; `local` (private): the master's own host behind it.
 //! - [`remote`]: one task per remote host: SSH connection, agent, relay;
 //!   it reports instance events, feeders listening and its losses.
 //! - [`ssh`]: ControlMaster connections and the agent upload.
@@ -31,7 +34,9 @@
 pub mod control;
 mod core;
 pub mod herd;
+mod host;
 pub mod launcher;
+mod local;
 pub mod plan;
 pub mod queue;
 pub mod remote;

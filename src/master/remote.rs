@@ -2,9 +2,11 @@
 //! agent, hands the agent the host's instances, relays what it reports,
 //! and reconnects (restarting the instances) when the host is lost.
 //!
-//! What it learns goes to the run loop as [`HostReport`]s, in order, on
-//! one channel: instance events, feeders listening, the host lost.
+//! It speaks the interface of every host ([`super::host`]): what it learns
+//! goes to the run loop as [`HostReport`]s, in order, on one channel:
+//! instance events, feeders listening, the host lost.
 
+pub use super::host::{HostCommand, HostReport};
 use super::queue::FeederAddress;
 use super::ssh;
 use crate::config::{HostSpec, RestartSpec, SshOptions};
@@ -13,8 +15,8 @@ use crate::protocol::agent::{time_of, FromAgent, ToAgent};
 use crate::protocol::slave::Level;
 use crate::protocol::{Connection, PROTOCOL_VERSION};
 use crate::supervise::instance::{
-    event_now, pin_feeder_port, EventKind, InstanceCommand, InstanceEnd, InstanceEvent,
-    InstanceReport, InstanceSpec,
+    event_now, pin_feeder_port, EventKind, InstanceCommand, InstanceEnd, InstanceReport,
+    InstanceSpec,
 };
 use crate::supervise::restart::backoff_delay;
 use crate::supervise::shutdown::Shutdown;
@@ -97,31 +99,6 @@ enum HostOutcome {
     /// The host refused the handshake (sshd's MaxStartups): try again
     /// soon, quietly.
     Refused(String),
-}
-
-/// What a host's supervisor tells the run loop, in the order it
-/// happened.
-#[derive(Debug, Clone)]
-pub enum HostReport {
-    /// An event of one of its instances.
-    Event(InstanceEvent),
-    /// A feeder listens.
-    Listening {
-        /// The feeder.
-        id: u32,
-        /// Where its consumers reach it.
-        address: FeederAddress,
-    },
-    /// The agent was lost; its instances are gone with it until the host
-    /// reconnects, in `retry_in`.
-    Lost {
-        /// The host.
-        host: HostSpec,
-        /// What happened.
-        problem: String,
-        /// When it tries again.
-        retry_in: Duration,
-    },
 }
 
 /// Where a host's supervisor reports.
@@ -245,20 +222,6 @@ pub async fn supervise_host(
         }
     }
     reports
-}
-
-/// What the host's supervisor is asked while it runs.
-#[derive(Debug, Clone)]
-pub enum HostCommand {
-    /// Run these instances too.
-    Add(Vec<InstanceSpec>),
-    /// Suspend, resume, restart or remove one instance.
-    Instance {
-        /// Its global id.
-        id: u32,
-        /// What to do.
-        command: InstanceCommand,
-    },
 }
 
 /// The instances of a host, across connections.

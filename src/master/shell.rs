@@ -1,19 +1,20 @@
 //! The master's shell: the run loop around the [core](super::core). It
 //! only does I/O: it hands the core what happens (instance events, hosts'
 //! reports, operators' requests, deadlines, the stop) and carries out
-//! what the core decides (spawn local instances, hand instances to
-//! hosts, command them, answer operators, log).
+//! what the core decides (hand instances to their host's supervisor, the
+//! master's own host's as a remote one's, command them, answer
+//! operators, log).
 
 use super::control::{stream_logs, ControlRequest};
 use super::core::{Effect, Event, Place, ReplyId};
 use super::herd::{Ask, Board};
-use super::plan::same_host;
-use super::queue::FeederAddress;
-use super::remote::{self, AgentSettings, HostCommand, HostPlan, HostReport};
+use super::host::{HostHandle, HostReport};
+use super::local;
+use super::remote::{self, AgentSettings, HostPlan};
 use super::request::{Asked, Reply, Request};
-use crate::config::{Config, HostSpec};
+use crate::config::Config;
 use crate::log::InstanceLabel;
-use crate::protocol::slave::{Level, QueueRole};
+use crate::protocol::slave::Level;
 use crate::supervise::instance::{
     self, InstanceCommand, InstanceEvent, InstanceReport, InstanceSpec,
 };
@@ -22,15 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-
-/// How the shell reaches one instance's supervisor.
-#[derive(Debug, Clone)]
-enum Route {
-    /// Its task on the master's host.
-    Local(mpsc::UnboundedSender<InstanceCommand>),
-    /// Its host's task.
-    Remote(mpsc::UnboundedSender<HostCommand>),
-}
 
 /// What comes into the run loop.
 pub(crate) struct Inbox {
@@ -58,14 +50,12 @@ pub(crate) struct Shell {
     publish_tx: Option<mpsc::UnboundedSender<(Arc<InstanceLabel>, InstanceEvent)>>,
     /// The herd's longest stop grace, followed by hosts.
     pub(crate) longest_grace: watch::Sender<Duration>,
-    /// Each instance's supervisor.
-    routes: BTreeMap<u32, Route>,
+    /// Each instance's host.
+    routes: BTreeMap<u32, HostHandle>,
     /// Each host's supervisor (the latest one, if it had ended).
-    hosts: Vec<(HostSpec, mpsc::UnboundedSender<HostCommand>)>,
-    /// Supervisors: of one local instance, or of a host.
+    hosts: Vec<HostHandle>,
+    /// Hosts' supervisors, the master's own host's too.
     tasks: JoinSet<Vec<InstanceReport>>,
-    /// Relays of local feeders' addresses: they end with the run.
-    helpers: JoinSet<()>,
     /// Log streams of `taskherd logs`: they end with the run.
     streams: JoinSet<()>,
     /// Operators waiting for an answer.
@@ -97,7 +87,6 @@ impl Shell {
             routes: BTreeMap::new(),
             hosts: Vec::new(),
             tasks: JoinSet::new(),
-            helpers: JoinSet::new(),
             streams: JoinSet::new(),
             replies: BTreeMap::new(),
             next_reply: 0,
@@ -122,7 +111,7 @@ impl Shell {
                     match joined {
                         Ok(done) => self.reports.extend(done),
                         Err(err) => {
-                            let message = format!("an instance supervisor crashed: {err}");
+                            let message = format!("a host supervisor crashed: {err}");
                             self.context.sink.master_event(Level::Critical, message).await;
                         }
                     }
@@ -172,7 +161,6 @@ impl Shell {
     /// The run has ended: operators who stopped it read `outcome`; log
     /// streams end.
     pub(crate) async fn finish(&mut self, outcome: String) {
-        self.helpers.abort_all();
         // Log followers had the end too; requests still pending end here.
         self.streams.abort_all();
         self.handle(Event::Ended { outcome }).await;
@@ -253,17 +241,7 @@ impl Shell {
                 place,
                 instances,
                 suspended,
-            } => match place {
-                Place::Local => self.start_local(instances, &suspended),
-                Place::Host { host, ssh } => self.start_remote(
-                    HostPlan {
-                        host,
-                        ssh,
-                        instances,
-                    },
-                    &suspended,
-                ),
-            },
+            } => self.start(place, instances, &suspended),
             Effect::Command { id, command } => self.send(id, command),
             Effect::NeverRan(label) => {
                 let report = instance::never_ran(label, self.context.events.as_ref());
@@ -310,96 +288,67 @@ impl Shell {
         None
     }
 
-    /// Spawns the supervisors of local instances; a feeder's address is
-    /// reported where hosts report theirs.
-    fn start_local(&mut self, instances: Vec<InstanceSpec>, suspended: &[u32]) {
-        for spec in instances {
-            let id = spec.label.id;
-            let listening = matches!(spec.identity.queue, Some(QueueRole::Feeder { .. }))
-                .then(|| self.relay_listening(id));
-            let (command_tx, command_rx) = mpsc::unbounded_channel();
-            self.routes.insert(id, Route::Local(command_tx));
-            let context = self.context.clone();
-            let suspended = suspended.contains(&id);
-            self.tasks.spawn(async move {
-                vec![instance::supervise(spec, context, listening, command_rx, suspended).await]
-            });
-        }
-    }
-
-    /// A local feeder's listening watch: each address it listens at is
-    /// reported.
-    fn relay_listening(&mut self, id: u32) -> watch::Sender<Option<String>> {
-        let (listening_tx, mut listening_rx) = watch::channel::<Option<String>>(None);
-        let reports_tx = self.reports_tx.clone();
-        self.helpers.spawn(async move {
-            while listening_rx.changed().await.is_ok() {
-                let listened = listening_rx.borrow_and_update().clone();
-                if let Some(addr) = listened.and_then(|a| a.parse::<std::net::SocketAddr>().ok()) {
-                    let address = FeederAddress::local(addr);
-                    let _ = reports_tx.send(HostReport::Listening { id, address });
-                }
-            }
-        });
-        listening_tx
-    }
-
-    /// Hands instances to their host's supervisor (started if it has none
-    /// running); those in `suspended` are noted suspended first, so that
-    /// the host holds them back.
-    fn start_remote(&mut self, plan: HostPlan, suspended: &[u32]) {
-        let known = self
+    /// Hands instances to the supervisor of their host (started if it
+    /// has none running); those in `suspended` start suspended.
+    fn start(&mut self, place: Place, instances: Vec<InstanceSpec>, suspended: &[u32]) {
+        let ids: Vec<u32> = instances.iter().map(|spec| spec.label.id).collect();
+        let running = self
             .hosts
             .iter()
-            .find(|(spec, tx)| same_host(spec, &plan.host) && !tx.is_closed())
-            .map(|(_, tx)| tx.clone());
-        let mut work: Vec<HostCommand> = suspended
-            .iter()
-            .map(|id| HostCommand::Instance {
-                id: *id,
-                command: InstanceCommand::Suspend,
-            })
-            .collect();
-        work.push(HostCommand::Add(plan.instances.clone()));
-        let delivered = |tx: &mpsc::UnboundedSender<HostCommand>| {
-            work.iter().all(|command| tx.send(command.clone()).is_ok())
+            .find(|host| host.is(&place) && host.is_open())
+            .cloned();
+        let instances = match running {
+            Some(host) => match host.add(instances, suspended) {
+                Ok(()) => {
+                    self.route(&ids, &host);
+                    return;
+                }
+                Err(instances) => instances,
+            },
+            None => instances,
         };
-        let host_tx = match known {
-            Some(tx) if delivered(&tx) => tx,
-            _ => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                delivered(&tx);
-                self.hosts.retain(|(spec, _)| !same_host(spec, &plan.host));
-                self.hosts.push((plan.host.clone(), tx.clone()));
+        // Handed over before the supervisor runs: it ends at once when it
+        // has nothing to supervise.
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+        let host = HostHandle::new(place.clone(), commands_tx);
+        let _ = host.add(instances, suspended);
+        match place {
+            Place::Local => {
+                self.tasks.spawn(local::supervise_local(
+                    self.context.clone(),
+                    self.reports_tx.clone(),
+                    commands_rx,
+                ));
+            }
+            Place::Host { host, ssh } => {
                 self.tasks.spawn(remote::supervise_host(
                     HostPlan {
+                        host,
+                        ssh,
                         instances: Vec::new(),
-                        ..plan.clone()
                     },
                     self.settings.clone(),
                     self.context.sink.clone(),
                     self.context.shutdown.clone(),
                     self.reports_tx.clone(),
-                    rx,
+                    commands_rx,
                 ));
-                tx
             }
-        };
-        for spec in &plan.instances {
-            self.routes
-                .insert(spec.label.id, Route::Remote(host_tx.clone()));
+        }
+        self.hosts.retain(|known| !known.is(host.place()));
+        self.hosts.push(host.clone());
+        self.route(&ids, &host);
+    }
+
+    fn route(&mut self, ids: &[u32], host: &HostHandle) {
+        for id in ids {
+            self.routes.insert(*id, host.clone());
         }
     }
 
     fn send(&self, id: u32, command: InstanceCommand) {
-        match self.routes.get(&id) {
-            Some(Route::Local(tx)) => {
-                let _ = tx.send(command);
-            }
-            Some(Route::Remote(tx)) => {
-                let _ = tx.send(HostCommand::Instance { id, command });
-            }
-            None => {}
+        if let Some(host) = self.routes.get(&id) {
+            host.command(id, command);
         }
     }
 }
