@@ -361,3 +361,80 @@ impl Launcher {
         super::launcher::run_blocking_with(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::master::request::Answer;
+
+    fn board() -> Board {
+        let config = Config::parse(
+            "[[group]]\nname = \"web\"\ncommand = \"w\"\n[group.local]\ninstances = 1\n",
+            "/etc/herd/herd.toml".as_ref(),
+        )
+        .expect("valid config");
+        let now = Now {
+            at: std::time::Instant::now(),
+            wall: SystemTime::now(),
+        };
+        Board::new(Core::new(config, now))
+    }
+
+    #[tokio::test]
+    async fn a_handle_asks_the_run_loop_and_reads_the_status_of_the_core() {
+        let (asks_tx, mut asks_rx) = mpsc::unbounded_channel();
+        let herd = Herd::new(board(), asks_tx);
+        let status = herd.status();
+        assert_eq!(status.config, "/etc/herd/herd.toml");
+        assert_eq!(status.groups[0].name, "web");
+
+        // What the run loop answers is what the waiting caller gets.
+        let run_loop = tokio::spawn(async move {
+            let mut asked = Vec::new();
+            while let Some((request, reply)) = asks_rx.recv().await {
+                let answer = match &request {
+                    Request::Suspend { group } if group == "web" => {
+                        Ok(Answer::Done("group web suspended (1 instance)".into()))
+                    }
+                    Request::Suspend { group } => Err(HerdError::UnknownGroup {
+                        group: group.clone(),
+                    }),
+                    _ => Ok(Answer::Done(String::new())),
+                };
+                if let Some(reply) = reply {
+                    reply.send(answer);
+                }
+                asked.push(request);
+                if asked.len() == 4 {
+                    return asked;
+                }
+            }
+            asked
+        });
+        assert_eq!(
+            herd.suspend_and_wait("web").await.expect("suspended"),
+            "group web suspended (1 instance)"
+        );
+        let err = herd.suspend_and_wait("nope").await.expect_err("unknown");
+        assert_eq!(err.to_string(), "no group named \"nope\"");
+        // Asking without waiting: the run loop is told all the same.
+        herd.restart("web");
+        herd.stop("the script says so");
+        let asked = run_loop.await.expect("run loop");
+        assert_eq!(
+            asked[2..],
+            [
+                Request::Restart {
+                    group: "web".into()
+                },
+                Request::Stop {
+                    kill: false,
+                    reason: "the script says so".into()
+                }
+            ]
+        );
+        // Once the run loop is gone, the herd is ending.
+        let err = herd.reload_and_wait().await.expect_err("ended");
+        assert!(matches!(err, HerdError::Ending), "{err}");
+    }
+}

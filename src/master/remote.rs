@@ -690,3 +690,135 @@ async fn relay_agent_stderr(stderr: openssh::ChildStderr, host: String, sink: Lo
             .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RestartSpec;
+    use crate::protocol::slave::Identity;
+    use crate::supervise::process::ProcessSpec;
+
+    fn spec(id: u32) -> InstanceSpec {
+        InstanceSpec {
+            label: Arc::new(InstanceLabel {
+                group: "g".into(),
+                host: "web1".into(),
+                command: "w".into(),
+                id,
+                group_id: id,
+            }),
+            process: ProcessSpec {
+                program: "w".into(),
+                args: vec![],
+                env: vec![],
+                cwd: None,
+                own_executable: false,
+            },
+            identity: Identity {
+                id,
+                group_id: id,
+                group_count: 3,
+                group: "g".into(),
+                host: "web1".into(),
+                params: serde_json::json!({}),
+                timeout: None,
+                stop_grace: Duration::from_secs(5),
+                max_jobs: None,
+                queue: None,
+            },
+            plain_timeout: None,
+            stop_grace: Duration::from_secs(5),
+            restart: RestartSpec::default(),
+            max_lifetime: None,
+        }
+    }
+
+    /// The events reported so far, as `(id, kind)`.
+    fn events(reports_rx: &mut mpsc::UnboundedReceiver<HostReport>) -> Vec<(u32, EventKind)> {
+        let mut events = Vec::new();
+        while let Ok(report) = reports_rx.try_recv() {
+            if let HostReport::Event(event) = report {
+                events.push((event.id, event.kind));
+            }
+        }
+        events
+    }
+
+    #[tokio::test]
+    async fn offline_commands_wait_for_the_next_agent_and_a_stop_tells_lost_from_stopped() {
+        let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
+        let reporter = Reporter(reports_tx);
+        let mut state = HostState::default();
+        let mut reports = Vec::new();
+        state.apply_offline(
+            HostCommand::Add(vec![spec(1), spec(2), spec(3)]),
+            &mut reports,
+            &reporter,
+        );
+        // Suspended while no agent runs: noted for the next one, and said.
+        let suspend = HostCommand::Instance {
+            id: 2,
+            command: InstanceCommand::Suspend,
+        };
+        state.apply_offline(suspend, &mut reports, &reporter);
+        assert!(state.suspended.contains(&2));
+        // Removed while no agent runs: it ends at once, never having run.
+        let remove = HostCommand::Instance {
+            id: 3,
+            command: InstanceCommand::Remove,
+        };
+        state.apply_offline(remove, &mut reports, &reporter);
+        let stopped = InstanceEnd::Stopped { killed: false };
+        assert_eq!(
+            events(&mut reports_rx),
+            [
+                (2, EventKind::Suspended),
+                (
+                    3,
+                    EventKind::Ended {
+                        end: stopped.clone()
+                    }
+                )
+            ]
+        );
+        assert_eq!(reports.len(), 1);
+        assert_eq!(state.pending.keys().copied().collect::<Vec<_>>(), [1, 2]);
+
+        // The herd stops before an agent ran them: the suspended one was
+        // not meant to run (stopped), the other is lost, and said so.
+        let (sink, mut records) = LogSink::channel();
+        report_lost(
+            &mut state,
+            "never started on web1: refused",
+            &mut reports,
+            &sink,
+            &reporter,
+        )
+        .await;
+        let ends: Vec<(u32, InstanceEnd)> = reports
+            .iter()
+            .map(|r| (r.label.id, r.end.clone()))
+            .collect();
+        let lost = InstanceEnd::Lost {
+            reason: "never started on web1: refused".into(),
+        };
+        assert_eq!(
+            ends,
+            [
+                (3, stopped.clone()),
+                (1, lost.clone()),
+                (2, stopped.clone())
+            ]
+        );
+        assert_eq!(
+            events(&mut reports_rx),
+            [
+                (1, EventKind::Ended { end: lost }),
+                (2, EventKind::Ended { end: stopped })
+            ]
+        );
+        let line = records.try_recv().expect("a log line");
+        assert_eq!(line.message, "lost: never started on web1: refused");
+        assert!(state.pending.is_empty());
+    }
+}
