@@ -3,6 +3,16 @@
 //! by a task of [`crate::supervise`] (the code every agent runs), without
 //! the agent's link: their events go straight to the run loop, and a
 //! feeder's address is reported as a remote host reports its feeders'.
+//!
+//! Running them through an agent in this process instead (over an
+//! in-memory pipe) would make the two kinds of hosts one code path down
+//! to the frames, but every log line and event would be encoded and
+//! decoded once more, on the master's busiest path. `benches/local_hop.rs`
+//! measures it: on 2 shared cores, medians of 9 runs, 200 instances of
+//! `true` took 361 ms to start and end directly and 454 ms through the
+//! agent; 800 000 lines of output reached the log sink in 37 ms directly
+//! and 54 ms through the agent (63 ms against 29 ms in a run of 5). Not
+//! negligible: the master's own instances stay direct.
 
 use super::host::{HostCommand, HostReport};
 use super::queue::FeederAddress;

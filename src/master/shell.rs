@@ -111,7 +111,7 @@ impl Shell {
                     match joined {
                         Ok(done) => self.reports.extend(done),
                         Err(err) => {
-                            let message = format!("a host supervisor crashed: {err}");
+                            let message = format!("an instance supervisor crashed: {err}");
                             self.context.sink.master_event(Level::Critical, message).await;
                         }
                     }
