@@ -7,8 +7,9 @@
 //! only from the floors below it, never from one above:
 //!
 //! ```text
-//! master/     the master: plan, run loop, herd and events, control socket,
-//!             remote hosts over SSH, queue groups
+//! master/     the master: plan, a core without I/O (events in, effects
+//!             out) in a run loop that carries them out, herd and events,
+//!             control socket, remote hosts over SSH, queue groups
 //! agent/      the remote side (`taskherd agent`): supervise + an upstream link
 //!             (master and agent never import each other)
 //! supervise/  one instance's life: spawn, output relay, control channel,

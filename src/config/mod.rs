@@ -168,6 +168,26 @@ impl Config {
         parse::parse_all(text.to_owned(), source).into_result()
     }
 
+    /// The stop grace of group `group` (time between the Stop request and
+    /// SIGKILL): its own `stop_grace`, else `[master] stop_grace` (also
+    /// for a group the config does not have).
+    pub fn stop_grace(&self, group: &str) -> Duration {
+        self.groups
+            .iter()
+            .find(|g| g.name == group)
+            .and_then(|g| g.stop_grace)
+            .unwrap_or(self.master.stop_grace)
+    }
+
+    /// The longest stop grace of the config (`[master] stop_grace` or a
+    /// group's): the longest a clean stop of the whole herd may take.
+    pub fn longest_stop_grace(&self) -> Duration {
+        self.groups
+            .iter()
+            .filter_map(|g| g.stop_grace)
+            .fold(self.master.stop_grace, Duration::max)
+    }
+
     /// The directory relative paths in the config are resolved against:
     /// the config file's, absolute (so that a relative command does not
     /// depend on the instance's `cwd`) unless the current directory is

@@ -1,18 +1,18 @@
-//! A running herd as operators and embedding programs see it: the status
-//! board fed by instance events, the [`Herd`] handle (status, suspend,
-//! resume, restart, reload, stop), the [`Events`] callbacks, and the
-//! [`Launcher`] that runs a config with them.
+//! A running herd as operators and embedding programs see it: the board
+//! (the master's core, shared for its status), the [`Herd`] handle
+//! (status, suspend, resume, restart, reload, stop), the [`Events`]
+//! callbacks, and the [`Launcher`] that runs a config with them.
 
+use super::core::{Core, Effect, Event, Now};
 use super::launcher::RunReport;
+use super::request::{HerdError, Reply, Request};
 use crate::config::Config;
 use crate::log::{InstanceLabel, LogSink};
-use crate::protocol::control::{GroupStatus, HerdStatus, InstanceState, InstanceStatus};
-use crate::protocol::slave::QueueProgress;
-use crate::supervise::instance::{EventKind, InstanceEnd, InstanceEvent};
+use crate::protocol::control::HerdStatus;
+use crate::supervise::instance::{EventKind, InstanceEvent};
 use crate::supervise::shutdown::Shutdown;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How often [`Events::check`] is called while the herd runs.
@@ -71,23 +71,9 @@ pub trait Events: Send + Sync + 'static {
     fn event(&self, herd: &Herd, instance: &InstanceLabel, event: &EventKind) {}
 }
 
-/// What an operator asks of the whole herd (from the control socket or a
-/// [`Herd`] handle).
-#[derive(Debug)]
-pub(crate) enum HerdCommand {
-    /// Suspend a group.
-    Suspend(String, Option<oneshot::Sender<Result<String, String>>>),
-    /// Resume a group.
-    Resume(String, Option<oneshot::Sender<Result<String, String>>>),
-    /// Restart a group, one instance at a time.
-    Restart(String, Option<oneshot::Sender<Result<String, String>>>),
-    /// Re-read the config and apply it.
-    Reload(Option<oneshot::Sender<Result<String, String>>>),
-    /// A step of a rolling change: start these instances.
-    Start(super::plan::Plan),
-    /// A step of a rolling change: command one instance.
-    Instance(u32, crate::supervise::instance::InstanceCommand),
-}
+/// An operator's request from a [`Herd`] handle, with where the answer
+/// goes when the asker waits for it.
+pub(crate) type Ask = (Request, Option<Reply>);
 
 /// A handle on a running herd: its status, and the operator's actions.
 ///
@@ -96,21 +82,12 @@ pub(crate) enum HerdCommand {
 #[derive(Debug, Clone)]
 pub struct Herd {
     board: Board,
-    commands: mpsc::UnboundedSender<HerdCommand>,
-    shutdown: Shutdown,
+    asks: mpsc::UnboundedSender<Ask>,
 }
 
 impl Herd {
-    pub(crate) fn new(
-        board: Board,
-        commands: mpsc::UnboundedSender<HerdCommand>,
-        shutdown: Shutdown,
-    ) -> Self {
-        Herd {
-            board,
-            commands,
-            shutdown,
-        }
+    pub(crate) fn new(board: Board, asks: mpsc::UnboundedSender<Ask>) -> Self {
+        Herd { board, asks }
     }
 
     /// Every group and instance, with their state.
@@ -121,51 +98,58 @@ impl Herd {
     /// Stops a group's instances and keeps them stopped (the original's
     /// suspendGroup).
     pub fn suspend(&self, group: &str) {
-        let _ = self
-            .commands
-            .send(HerdCommand::Suspend(group.to_string(), None));
+        self.tell(Request::Suspend {
+            group: group.to_string(),
+        });
     }
 
     /// Starts a suspended group's instances again (resumeGroup).
     pub fn resume(&self, group: &str) {
-        let _ = self
-            .commands
-            .send(HerdCommand::Resume(group.to_string(), None));
+        self.tell(Request::Resume {
+            group: group.to_string(),
+        });
     }
 
     /// Restarts a group's instances one at a time.
     pub fn restart(&self, group: &str) {
-        let _ = self
-            .commands
-            .send(HerdCommand::Restart(group.to_string(), None));
+        self.tell(Request::Restart {
+            group: group.to_string(),
+        });
     }
 
     /// Re-reads the config file and applies the differences.
     pub fn reload(&self) {
-        let _ = self.commands.send(HerdCommand::Reload(None));
+        self.tell(Request::Reload);
     }
 
     /// Stops the whole herd cleanly.
     pub fn stop(&self, reason: &str) {
-        self.shutdown.request_stop(reason);
+        self.tell(Request::Stop {
+            kill: false,
+            reason: reason.to_string(),
+        });
     }
 
     /// Suspends a group and waits until its instances are stopped.
     ///
     /// # Errors
     /// An unknown group, or a herd that is ending.
-    pub async fn suspend_and_wait(&self, group: &str) -> Result<String, String> {
-        self.ask(|reply| HerdCommand::Suspend(group.to_string(), Some(reply)))
-            .await
+    pub async fn suspend_and_wait(&self, group: &str) -> Result<String, HerdError> {
+        self.ask(Request::Suspend {
+            group: group.to_string(),
+        })
+        .await
     }
 
     /// Resumes a group and waits until its instances run again.
     ///
     /// # Errors
     /// An unknown group, or a herd that is ending.
-    pub async fn resume_and_wait(&self, group: &str) -> Result<String, String> {
-        self.ask(|reply| HerdCommand::Resume(group.to_string(), Some(reply)))
-            .await
+    pub async fn resume_and_wait(&self, group: &str) -> Result<String, HerdError> {
+        self.ask(Request::Resume {
+            group: group.to_string(),
+        })
+        .await
     }
 
     /// Restarts a group, one instance at a time, each once the previous one
@@ -174,9 +158,11 @@ impl Herd {
     /// # Errors
     /// An unknown group, an instance that did not come back, or a herd
     /// that is ending.
-    pub async fn restart_and_wait(&self, group: &str) -> Result<String, String> {
-        self.ask(|reply| HerdCommand::Restart(group.to_string(), Some(reply)))
-            .await
+    pub async fn restart_and_wait(&self, group: &str) -> Result<String, HerdError> {
+        self.ask(Request::Restart {
+            group: group.to_string(),
+        })
+        .await
     }
 
     /// Reloads the config and waits until the changes are applied.
@@ -184,361 +170,82 @@ impl Herd {
     /// # Errors
     /// An invalid config (with every error; the herd is untouched), or a
     /// herd that is ending.
-    pub async fn reload_and_wait(&self) -> Result<String, String> {
-        self.ask(|reply| HerdCommand::Reload(Some(reply))).await
+    pub async fn reload_and_wait(&self) -> Result<String, HerdError> {
+        self.ask(Request::Reload).await
     }
 
-    async fn ask(
-        &self,
-        command: impl FnOnce(oneshot::Sender<Result<String, String>>) -> HerdCommand,
-    ) -> Result<String, String> {
+    /// Asks without waiting for the answer.
+    fn tell(&self, request: Request) {
+        let _ = self.asks.send((request, None));
+    }
+
+    async fn ask(&self, request: Request) -> Result<String, HerdError> {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.commands
-            .send(command(reply_tx))
-            .map_err(|_| "the herd is ending".to_string())?;
-        reply_rx
-            .await
-            .map_err(|_| "the herd is ending".to_string())?
+        self.asks
+            .send((request, Some(Reply::Handle(reply_tx))))
+            .map_err(|_| HerdError::Ending)?;
+        let answer = reply_rx.await.map_err(|_| HerdError::Ending)??;
+        Ok(answer.into_message())
     }
 }
 
-/// The status of every instance, kept up to date by the events.
+/// The master's core, shared: the run loop feeds it events, handles read
+/// its status.
+///
+/// Only the run loop changes the core (through [`Board::handle`]);
+/// [`Herd`] handles and the progress line lock it for the moment it takes
+/// to copy a status.
 #[derive(Debug, Clone)]
 pub(crate) struct Board {
-    inner: Arc<Mutex<BoardState>>,
+    core: Arc<Mutex<Core>>,
     changed: Arc<watch::Sender<u64>>,
 }
 
-#[derive(Debug)]
-struct BoardState {
-    config: String,
-    started: SystemTime,
-    /// Group names in config order.
-    groups: Vec<String>,
-    suspended: BTreeMap<String, bool>,
-    queues: BTreeMap<String, QueueProgress>,
-    instances: BTreeMap<u32, Entry>,
-    /// Instances that left the config: forgotten once they end.
-    retired: std::collections::BTreeSet<u32>,
-    /// Groups that left the config: forgotten once their last instance is.
-    leaving: std::collections::BTreeSet<String>,
-    /// Every id ever retired.
-    retired_ever: std::collections::BTreeSet<u32>,
-}
-
-impl BoardState {
-    fn drop_group_if_gone(&mut self, group: &str) {
-        let listed = self.instances.values().any(|e| e.label.group == group);
-        if !listed && self.leaving.remove(group) {
-            self.groups.retain(|g| g != group);
-            self.suspended.remove(group);
-            self.queues.remove(group);
-        }
-    }
-}
-
-/// One instance on the board.
-#[derive(Debug, Clone)]
-pub(crate) struct Entry {
-    pub(crate) label: Arc<InstanceLabel>,
-    pub(crate) state: InstanceState,
-    pub(crate) pid: Option<u32>,
-    pub(crate) since: Option<SystemTime>,
-    /// Processes started so far.
-    pub(crate) starts: u32,
-    pub(crate) last_exit: Option<String>,
-    pub(crate) seen: Option<SystemTime>,
-}
-
 impl Board {
-    pub(crate) fn new(config: &Config) -> Self {
+    pub(crate) fn new(core: Core) -> Self {
         Board {
-            inner: Arc::new(Mutex::new(BoardState {
-                config: config.source.display().to_string(),
-                started: SystemTime::now(),
-                groups: config.groups.iter().map(|g| g.name.clone()).collect(),
-                suspended: BTreeMap::new(),
-                queues: BTreeMap::new(),
-                instances: BTreeMap::new(),
-                retired: Default::default(),
-                leaving: Default::default(),
-                retired_ever: Default::default(),
-            })),
+            core: Arc::new(Mutex::new(core)),
             changed: Arc::new(watch::channel(0).0),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, BoardState> {
+    /// The core, locked.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock leaves plain data behind: keep
         // serving it.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn bump(&self) {
+    /// Hands `event` to the core; returns the effects.
+    pub(crate) fn handle(&self, event: Event) -> Vec<Effect> {
+        let now = Now {
+            at: tokio::time::Instant::now().into_std(),
+            wall: SystemTime::now(),
+        };
+        let effects = self.lock().handle(event, now);
         self.changed.send_modify(|generation| *generation += 1);
+        effects
     }
 
-    /// Changes each time the board does (the status line redraws then).
+    /// Changes each time the core handles an event (the status line
+    /// redraws then).
     pub(crate) fn watch(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
-    /// Adds instances (pending) and the config's group order.
-    pub(crate) fn add(&self, labels: impl IntoIterator<Item = Arc<InstanceLabel>>) {
-        let mut state = self.lock();
-        for label in labels {
-            if !state.groups.contains(&label.group) {
-                state.groups.push(label.group.clone());
-            }
-            state.instances.insert(
-                label.id,
-                Entry {
-                    label,
-                    state: InstanceState::Pending,
-                    pid: None,
-                    since: None,
-                    starts: 0,
-                    last_exit: None,
-                    seen: None,
-                },
-            );
-        }
-        drop(state);
-        self.bump();
-    }
-
-    /// Forgets instances that left the config, each once it has ended.
-    pub(crate) fn retire(&self, ids: &[u32]) {
-        let mut state = self.lock();
-        state.retired_ever.extend(ids);
-        for id in ids {
-            let Some(entry) = state.instances.get(id) else {
-                continue;
-            };
-            let group = entry.label.group.clone();
-            if is_final(entry.state) {
-                state.instances.remove(id);
-                state.drop_group_if_gone(&group);
-            } else {
-                state.retired.insert(*id);
-            }
-        }
-        drop(state);
-        self.bump();
-    }
-
-    /// Forgets a group that left the config, once its instances ended.
-    pub(crate) fn retire_group(&self, group: &str) {
-        let ids: Vec<u32> = {
-            let mut state = self.lock();
-            state.leaving.insert(group.to_string());
-            state
-                .instances
-                .values()
-                .filter(|e| e.label.group == group)
-                .map(|e| e.label.id)
-                .collect()
-        };
-        self.retire(&ids);
-        let mut state = self.lock();
-        state.drop_group_if_gone(group);
-    }
-
-    /// Orders the groups as the (reloaded) config does; groups that left
-    /// it stay listed after them while they have instances.
-    pub(crate) fn set_order(&self, groups: Vec<String>) {
-        let mut state = self.lock();
-        let mut order = groups;
-        for group in &state.groups {
-            if !order.contains(group) {
-                order.push(group.clone());
-            }
-        }
-        state.groups = order;
-        drop(state);
-        self.bump();
-    }
-
-    pub(crate) fn set_suspended(&self, group: &str, suspended: bool) {
-        self.lock().suspended.insert(group.to_string(), suspended);
-        self.bump();
-    }
-
-    /// Applies an event; returns the instance's label, if known.
-    pub(crate) fn apply(&self, event: &InstanceEvent) -> Option<Arc<InstanceLabel>> {
-        let at = UNIX_EPOCH + Duration::from_millis(event.time_ms);
-        let mut state = self.lock();
-        let entry = state.instances.get_mut(&event.id)?;
-        let label = entry.label.clone();
-        match &event.kind {
-            EventKind::Created => {}
-            EventKind::Started { pid } => {
-                entry.state = InstanceState::Running;
-                entry.pid = Some(*pid);
-                entry.since = Some(at);
-                entry.seen = Some(at);
-                entry.starts += 1;
-            }
-            EventKind::Seen => entry.seen = Some(at),
-            EventKind::TimedOut | EventKind::Stopping => entry.state = InstanceState::Stopping,
-            EventKind::Exited { how, .. } => {
-                entry.pid = None;
-                entry.since = None;
-                entry.last_exit = Some(how.clone());
-                entry.state = InstanceState::Backoff;
-            }
-            EventKind::Backoff { .. } => entry.state = InstanceState::Backoff,
-            EventKind::Suspended => entry.state = InstanceState::Suspended,
-            EventKind::Progress { progress } => {
-                state.queues.insert(label.group.clone(), *progress);
-            }
-            EventKind::Ended { end } => {
-                entry.pid = None;
-                entry.since = None;
-                entry.state = match end {
-                    InstanceEnd::Completed => InstanceState::Completed,
-                    InstanceEnd::Failed { .. } => InstanceState::Failed,
-                    InstanceEnd::Stopped { .. } => InstanceState::Stopped,
-                    InstanceEnd::Lost { .. } => InstanceState::Lost,
-                };
-                if state.retired.remove(&event.id) {
-                    state.instances.remove(&event.id);
-                    state.drop_group_if_gone(&label.group);
-                }
-            }
-        }
-        drop(state);
-        self.bump();
-        Some(label)
-    }
-
-    /// Ids of a group's instances still supervised, in order.
-    pub(crate) fn live_ids(&self, group: &str) -> Vec<u32> {
-        self.lock()
-            .instances
-            .values()
-            .filter(|e| e.label.group == group && !is_final(e.state))
-            .map(|e| e.label.id)
-            .collect()
-    }
-
-    /// Ids of all of a group's instances on the board, ended ones too.
-    pub(crate) fn all_ids(&self, group: &str) -> Vec<u32> {
-        self.lock()
-            .instances
-            .values()
-            .filter(|e| e.label.group == group)
-            .map(|e| e.label.id)
-            .collect()
-    }
-
-    /// Whether an operator suspended `group`.
-    pub(crate) fn is_suspended(&self, group: &str) -> bool {
-        self.lock().suspended.get(group).copied().unwrap_or(false)
-    }
-
-    /// Every instance a reload retired: their ends are not the run's.
-    pub(crate) fn retired_ever(&self) -> std::collections::BTreeSet<u32> {
-        self.lock().retired_ever.clone()
-    }
-
-    /// The last counts each queue group's feeder reported, by group.
-    pub(crate) fn queue_counts(&self) -> BTreeMap<String, QueueProgress> {
-        self.lock().queues.clone()
-    }
-
-    /// Whether the board knows `group`.
-    pub(crate) fn has_group(&self, group: &str) -> bool {
-        self.lock().groups.iter().any(|g| g == group)
-    }
-
-    /// A copy of one instance's entry.
-    pub(crate) fn entry(&self, id: u32) -> Option<Entry> {
-        self.lock().instances.get(&id).cloned()
-    }
-
-    /// Waits until `done` holds for the board, or `limit` passes; returns
-    /// whether it holds.
-    pub(crate) async fn wait_until(
-        &self,
-        limit: Duration,
-        mut done: impl FnMut(&Board) -> bool,
-    ) -> bool {
-        let mut changed = self.changed.subscribe();
-        let waited = tokio::time::timeout(limit, async {
-            loop {
-                if done(self) {
-                    return;
-                }
-                if changed.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        })
-        .await;
-        waited.is_ok()
-    }
-
     pub(crate) fn status(&self) -> HerdStatus {
-        let state = self.lock();
-        let now = SystemTime::now();
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let since =
-            |t: Option<SystemTime>| t.map(|t| ms(now.duration_since(t).unwrap_or_default()));
-        let groups = state
-            .groups
-            .iter()
-            .map(|name| GroupStatus {
-                name: name.clone(),
-                suspended: state.suspended.get(name).copied().unwrap_or(false),
-                instances: state
-                    .instances
-                    .values()
-                    .filter(|e| &e.label.group == name)
-                    .map(|e| InstanceStatus {
-                        id: e.label.id,
-                        group_id: e.label.group_id,
-                        host: e.label.host.clone(),
-                        command: e.label.command.clone(),
-                        state: e.state,
-                        pid: e.pid,
-                        uptime_ms: since(e.since),
-                        restarts: e.starts.saturating_sub(1),
-                        last_exit: e.last_exit.clone(),
-                        seen_ms_ago: since(e.seen).filter(|_| e.pid.is_some()),
-                    })
-                    .collect(),
-                queue: state.queues.get(name).cloned(),
-            })
-            .collect();
-        HerdStatus {
-            config: state.config.clone(),
-            pid: std::process::id(),
-            uptime_ms: ms(now.duration_since(state.started).unwrap_or_default()),
-            groups,
-        }
+        self.lock().status(SystemTime::now())
     }
 }
 
-/// States an instance never leaves.
-pub(crate) fn is_final(state: InstanceState) -> bool {
-    matches!(
-        state,
-        InstanceState::Completed
-            | InstanceState::Failed
-            | InstanceState::Stopped
-            | InstanceState::Lost
-    )
-}
-
-/// Applies every instance event to the board and calls the user's
-/// callbacks, in order, until every sender is gone.
+/// Calls the user's callbacks for every instance event, in order, until
+/// every sender is gone.
 ///
 /// [`Events::started`] is called from here too when `started` fires, so
 /// that every callback runs on this one task ([`Events::starting`] is
 /// called before this task exists).
 pub(crate) async fn pump_events(
-    mut events_rx: mpsc::UnboundedReceiver<InstanceEvent>,
+    mut events_rx: mpsc::UnboundedReceiver<(Arc<InstanceLabel>, InstanceEvent)>,
     herd: Herd,
     callbacks: Option<Arc<dyn Events>>,
     mut started: oneshot::Receiver<()>,
@@ -556,8 +263,7 @@ pub(crate) async fn pump_events(
                 }
             }
             event = events_rx.recv() => {
-                let Some(event) = event else { return };
-                let Some(label) = herd.board.apply(&event) else { continue };
+                let Some((label, event)) = event else { return };
                 if let Some(callbacks) = &callbacks {
                     call(callbacks.as_ref(), &herd, &label, &event.kind);
                 }
@@ -653,5 +359,82 @@ impl Launcher {
     /// up; nothing was started then.
     pub fn run_blocking(self) -> std::io::Result<RunReport> {
         super::launcher::run_blocking_with(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::master::request::Answer;
+
+    fn board() -> Board {
+        let config = Config::parse(
+            "[[group]]\nname = \"web\"\ncommand = \"w\"\n[group.local]\ninstances = 1\n",
+            "/etc/herd/herd.toml".as_ref(),
+        )
+        .expect("valid config");
+        let now = Now {
+            at: std::time::Instant::now(),
+            wall: SystemTime::now(),
+        };
+        Board::new(Core::new(config, now))
+    }
+
+    #[tokio::test]
+    async fn a_handle_asks_the_run_loop_and_reads_the_status_of_the_core() {
+        let (asks_tx, mut asks_rx) = mpsc::unbounded_channel();
+        let herd = Herd::new(board(), asks_tx);
+        let status = herd.status();
+        assert_eq!(status.config, "/etc/herd/herd.toml");
+        assert_eq!(status.groups[0].name, "web");
+
+        // What the run loop answers is what the waiting caller gets.
+        let run_loop = tokio::spawn(async move {
+            let mut asked = Vec::new();
+            while let Some((request, reply)) = asks_rx.recv().await {
+                let answer = match &request {
+                    Request::Suspend { group } if group == "web" => {
+                        Ok(Answer::Done("group web suspended (1 instance)".into()))
+                    }
+                    Request::Suspend { group } => Err(HerdError::UnknownGroup {
+                        group: group.clone(),
+                    }),
+                    _ => Ok(Answer::Done(String::new())),
+                };
+                if let Some(reply) = reply {
+                    reply.send(answer);
+                }
+                asked.push(request);
+                if asked.len() == 4 {
+                    return asked;
+                }
+            }
+            asked
+        });
+        assert_eq!(
+            herd.suspend_and_wait("web").await.expect("suspended"),
+            "group web suspended (1 instance)"
+        );
+        let err = herd.suspend_and_wait("nope").await.expect_err("unknown");
+        assert_eq!(err.to_string(), "no group named \"nope\"");
+        // Asking without waiting: the run loop is told all the same.
+        herd.restart("web");
+        herd.stop("the script says so");
+        let asked = run_loop.await.expect("run loop");
+        assert_eq!(
+            asked[2..],
+            [
+                Request::Restart {
+                    group: "web".into()
+                },
+                Request::Stop {
+                    kill: false,
+                    reason: "the script says so".into()
+                }
+            ]
+        );
+        // Once the run loop is gone, the herd is ending.
+        let err = herd.reload_and_wait().await.expect_err("ended");
+        assert!(matches!(err, HerdError::Ending), "{err}");
     }
 }

@@ -2,23 +2,22 @@
 //! requested (serving operators' requests meanwhile), and reports how it
 //! went.
 
-use super::actions::Running;
+use super::core::{Core, Event, Now};
 use super::herd::{pump_events, Board, Herd, Launcher};
 use super::plan::plan;
-use super::queue::FeederAddresses;
 use super::remote::AgentSettings;
+use super::shell::{Inbox, Shell};
 use crate::config::{BuiltinFeeder, Config};
 use crate::error_text::count;
 use crate::log::LogSink;
-use crate::protocol::control::{FromMaster, HerdStatus, InstanceState};
+use crate::protocol::control::{HerdStatus, InstanceState};
 use crate::protocol::slave::Level;
 use crate::supervise::instance::{self, InstanceEnd, InstanceReport};
 use crate::supervise::shutdown::Shutdown;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 /// What happened during a run, for the final message and the exit code.
@@ -144,7 +143,6 @@ pub(crate) async fn run_launcher(
             dead_jobs: Vec::new(),
         };
     }
-    let grace = stop_budget(&config);
     let total = plan.instances().len();
     let hosts = if plan.hosts.is_empty() {
         String::new()
@@ -178,22 +176,41 @@ pub(crate) async fn run_launcher(
             None
         }
     };
-    let board = Board::new(&config);
-    board.add(plan.instances().iter().map(|spec| spec.label.clone()));
+    let now = Now {
+        at: tokio::time::Instant::now().into_std(),
+        wall: std::time::SystemTime::now(),
+    };
+    let (longest_grace, longest_grace_rx) = watch::channel(config.longest_stop_grace());
+    let settings = Arc::new(AgentSettings {
+        heartbeat: config.master.heartbeat,
+        orphan_timeout: config.master.orphan_timeout,
+        agent_dir: config.master.agent_dir.clone(),
+        agent_path: config.master.agent_path.clone(),
+        control_dir: control_dir
+            .as_ref()
+            .map_or_else(std::env::temp_dir, |dir| dir.path.clone()),
+        stop_grace: longest_grace_rx,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(config.master.max_handshakes).unwrap_or(usize::MAX),
+        )),
+    });
+    let board = Board::new(Core::new(config.clone(), now));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let (commands_tx, mut commands_rx) = mpsc::unbounded_channel();
-    let herd = Herd::new(board.clone(), commands_tx.clone(), shutdown.clone());
+    let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+    let (asks_tx, asks_rx) = mpsc::unbounded_channel();
+    let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+    let herd = Herd::new(board.clone(), asks_tx);
     if let Some(callbacks) = &callbacks {
         callbacks.starting(&herd);
     }
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let pump = tokio::spawn(pump_events(
-        events_rx,
+        publish_rx,
         herd.clone(),
         callbacks.clone(),
         started_rx,
     ));
-    let (control_tx, mut control_rx) = mpsc::channel(16);
+    let (control_tx, control_rx) = mpsc::channel(16);
     let control_stop = tokio_util::sync::CancellationToken::new();
     let control_task = match control {
         Some(socket) => {
@@ -229,119 +246,53 @@ pub(crate) async fn run_launcher(
     }
     duties.spawn(show_progress(board.clone(), sink.clone()));
 
-    let settings = Arc::new(AgentSettings {
-        heartbeat: config.master.heartbeat,
-        orphan_timeout: config.master.orphan_timeout,
-        agent_dir: config.master.agent_dir.clone(),
-        agent_path: config.master.agent_path.clone(),
-        control_dir: control_dir
-            .as_ref()
-            .map_or_else(std::env::temp_dir, |dir| dir.path.clone()),
-        stop_grace: grace,
-        handshakes: Arc::new(tokio::sync::Semaphore::new(
-            usize::try_from(config.master.max_handshakes).unwrap_or(usize::MAX),
-        )),
-    });
-    let mut running = Running {
-        context: instance::Supervision {
-            sink: sink.clone(),
-            shutdown: shutdown.clone(),
-            pids: pids.clone(),
-            events: Some(events_tx),
-        },
-        addresses: FeederAddresses::new(&plan),
-        routes: BTreeMap::new(),
-        hosts: Vec::new(),
-        settings,
-        next_id: u32::try_from(total).unwrap_or(u32::MAX).saturating_add(1),
-        config,
-        board: board.clone(),
-        tasks: JoinSet::new(),
-        helpers: JoinSet::new(),
-        commands: commands_tx,
-        changes: Arc::default(),
+    let context = instance::Supervision {
+        sink: sink.clone(),
+        shutdown: shutdown.clone(),
+        pids: pids.clone(),
+        events: Some(events_tx),
     };
-    running.start(plan);
+    let mut shell = Shell::new(
+        board.clone(),
+        context,
+        settings,
+        reports_tx,
+        publish_tx,
+        longest_grace,
+    );
+    shell.handle(Event::Start(plan)).await;
     let _ = started_tx.send(());
-    let deadline = running
-        .config
-        .master
-        .max_running_time
-        .map(|limit| (limit, tokio::time::Instant::now() + limit));
-
-    let mut reports = Vec::new();
-    let mut stop_announced = false;
-    let mut kill_announced = false;
-    let mut stop_replies = Vec::new();
-    // Operators' requests being carried out (waits for states, rolling
-    // restarts, reloads): they end with the run.
-    let mut waiters: JoinSet<()> = JoinSet::new();
-    loop {
-        tokio::select! {
-            joined = running.tasks.join_next() => match joined {
-                None => break,
-                Some(Ok(done)) => reports.extend(done),
-                Some(Err(err)) => {
-                    sink.master_event(Level::Critical, format!("an instance supervisor crashed: {err}")).await;
-                }
-            },
-            Some(command) = commands_rx.recv() => {
-                running.command(command, &mut waiters).await;
-            }
-            Some(request) = control_rx.recv() => {
-                running
-                    .control_request(request, &mut waiters, &mut stop_replies)
-                    .await;
-            }
-            Some(_) = waiters.join_next(), if !waiters.is_empty() => {}
-            _ = crate::supervise::sleep_until_some(deadline.map(|(_, at)| at)), if !shutdown.is_stopping() => {
-                if let Some((limit, _)) = deadline {
-                    shutdown.request_stop(format!(
-                        "max running time of {} reached",
-                        humantime::format_duration(limit)
-                    ));
-                }
-            }
-            _ = shutdown.stopping(), if !stop_announced => {
-                stop_announced = true;
-                let reason = shutdown.reason().unwrap_or("stop requested");
-                let hint = shutdown
-                    .kill_hint()
-                    .map(|hint| format!("; {hint}"))
-                    .unwrap_or_default();
-                let message = format!(
-                    "stopping every instance: {reason} (grace {}{hint})",
-                    humantime::format_duration(grace)
-                );
-                sink.master_event(Level::Notice, message).await;
-            }
-            _ = shutdown.killing(), if !kill_announced => {
-                kill_announced = true;
-                let reason = shutdown.reason().unwrap_or("kill requested");
-                sink.master_event(Level::Warning, format!("killing every instance now: {reason}")).await;
-            }
-        }
-    }
+    let mut inbox = Inbox {
+        events: events_rx,
+        reports: reports_rx,
+        asks: asks_rx,
+        control: control_rx,
+    };
+    shell.run(&mut inbox).await;
     drop(duties);
     sink.status_line(None);
-    let graces = Graces::of(&running.config);
-    let queues = queue_outcomes(&running.config);
-    drop(running);
-    // Every event sender is gone with the supervisors: the pump ends once
-    // it has called back for the last one.
+    // Every event for the callbacks is sent: the pump ends once it has
+    // called back for the last one.
+    shell.stop_publishing();
+    drop(herd);
     let _ = pump.await;
+
+    let (config, retired, counts) = {
+        let core = board.lock();
+        let counts = core.queue_counts().clone();
+        (core.config().clone(), core.retired_ever().clone(), counts)
+    };
     // Instances a reload replaced or removed are not the herd's any more.
-    let retired = board.retired_ever();
+    let mut reports = std::mem::take(&mut shell.reports);
     reports.retain(|r| !retired.contains(&r.label.id));
     reports.sort_by_key(|r| r.label.id);
     let killed_on_request = reports
         .iter()
         .filter(|r| matches!(r.end, InstanceEnd::Stopped { killed: true }))
-        .filter(|r| graces.killed_on_request(&r.label.group, &shutdown))
+        .filter(|r| killed_on_request(config.stop_grace(&r.label.group), &shutdown))
         .map(|r| r.label.id)
         .collect();
-    let counts = board.queue_counts();
-    let dead_jobs = queues
+    let dead_jobs = queue_outcomes(&config)
         .into_iter()
         .filter_map(|(group, fails_run, see)| {
             let count = counts.get(&group).map_or(0, |progress| progress.dead);
@@ -366,17 +317,11 @@ pub(crate) async fn run_launcher(
     }
     // The stop worked, whatever happened before it: instances that had
     // failed are the run's outcome (its exit code), not the request's.
-    let outcome = FromMaster::Done {
-        message: stop_outcome(&report),
-    };
-    // Log followers had the end too; requests still pending end here.
-    drop(waiters);
-    for reply in stop_replies {
-        let _ = reply.send(outcome.clone()).await;
-    }
+    shell.finish(stop_outcome(&report)).await;
+    drop(shell);
     // The server ends once every connection has: no request can be
     // handed over any more, and every reply sender is gone.
-    drop(control_rx);
+    drop(inbox);
     control_stop.cancel();
     if let Some(task) = control_task {
         let _ = task.await;
@@ -463,36 +408,13 @@ pub fn progress_line(status: &HerdStatus) -> String {
     line
 }
 
-/// The stop grace of each group, to tell a kill on request from a kill
-/// after the grace.
-struct Graces {
-    /// Per group.
-    groups: BTreeMap<String, Duration>,
-    /// `master.stop_grace`, for a group not listed (one a reload removed).
-    default: Duration,
-}
-
-impl Graces {
-    fn of(config: &Config) -> Graces {
-        let default = config.master.stop_grace;
-        Graces {
-            groups: config
-                .groups
-                .iter()
-                .map(|g| (g.name.clone(), g.stop_grace.unwrap_or(default)))
-                .collect(),
-            default,
-        }
-    }
-
-    /// Whether an instance of `group` that was SIGKILLed at the stop was
-    /// killed because a kill was asked for before its grace had passed.
-    fn killed_on_request(&self, group: &str, shutdown: &Shutdown) -> bool {
-        let grace = self.groups.get(group).copied().unwrap_or(self.default);
-        match (shutdown.stop_requested_at(), shutdown.kill_requested_at()) {
-            (Some(stop), Some(kill)) => kill.saturating_duration_since(stop) < grace,
-            _ => false,
-        }
+/// Whether an instance whose stop grace is `grace`, SIGKILLed at the
+/// stop, was killed because a kill was asked for before its grace had
+/// passed.
+fn killed_on_request(grace: Duration, shutdown: &Shutdown) -> bool {
+    match (shutdown.stop_requested_at(), shutdown.kill_requested_at()) {
+        (Some(stop), Some(kill)) => kill.saturating_duration_since(stop) < grace,
+        _ => false,
     }
 }
 
@@ -652,15 +574,10 @@ async fn announce_end(report: &RunReport, sink: &LogSink) {
     .await;
 }
 
-/// The duration a test or caller should allow for a clean stop of `config`.
+/// The duration a test or caller should allow for a clean stop of
+/// `config`: its [longest stop grace](Config::longest_stop_grace).
 pub fn stop_budget(config: &Config) -> Duration {
-    let group_max = config
-        .groups
-        .iter()
-        .filter_map(|g| g.stop_grace)
-        .max()
-        .unwrap_or_default();
-    config.master.stop_grace.max(group_max)
+    config.longest_stop_grace()
 }
 
 /// The local directory of the run's ControlMaster sockets: short (socket
@@ -791,22 +708,21 @@ mod tests {
             Path::new("herd.toml"),
         )
         .unwrap();
-        let graces = Graces::of(&config);
+        let grace = |group| config.stop_grace(group);
+        assert_eq!(grace("quick"), Duration::from_secs(1));
+        assert_eq!(grace("gone"), Duration::from_secs(10));
+        assert_eq!(stop_budget(&config), Duration::from_secs(10));
         // A stop, then a kill at once: within every grace.
         let shutdown = Shutdown::new();
-        assert!(!graces.killed_on_request("slow", &shutdown));
+        assert!(!killed_on_request(grace("slow"), &shutdown));
         shutdown.request_stop("test");
-        assert!(!graces.killed_on_request("slow", &shutdown), "no kill yet");
+        assert!(!killed_on_request(grace("slow"), &shutdown), "no kill yet");
         shutdown.kill_now("again");
-        assert!(graces.killed_on_request("slow", &shutdown));
-        assert!(graces.killed_on_request("quick", &shutdown));
-        assert!(graces.killed_on_request("gone", &shutdown));
+        assert!(killed_on_request(grace("slow"), &shutdown));
+        assert!(killed_on_request(grace("quick"), &shutdown));
+        assert!(killed_on_request(grace("gone"), &shutdown));
         // A grace of zero had passed by then.
-        let zero = Graces {
-            groups: BTreeMap::new(),
-            default: Duration::ZERO,
-        };
-        assert!(!zero.killed_on_request("any", &shutdown));
+        assert!(!killed_on_request(Duration::ZERO, &shutdown));
 
         let stopped = |killed| InstanceEnd::Stopped { killed };
         let run = RunReport {

@@ -232,7 +232,7 @@ impl GroupPlacer<'_> {
         *next_id += 1;
         self.next_group_id += 1;
         let library_timeout = group.timeout.unwrap_or(self.config.master.timeout);
-        let stop_grace = group.stop_grace.unwrap_or(self.config.master.stop_grace);
+        let stop_grace = self.config.stop_grace(&group.name);
         InstanceSpec {
             label: Arc::new(InstanceLabel {
                 group: group.name.clone(),

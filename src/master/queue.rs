@@ -7,11 +7,8 @@ use crate::protocol::queue::random_hex;
 use crate::protocol::slave::{QueueRole, QueueSettings};
 use crate::retry::RetryPolicy;
 use crate::supervise::instance::InstanceSpec;
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use tokio::sync::watch;
 
 /// Bytes of randomness in a per-run secret.
 const SECRET_BYTES: usize = 32;
@@ -84,7 +81,8 @@ pub enum QueuePrepareError {
 /// feeder on the master's host (a port 0 is chosen now, so that a
 /// restarted feeder binds the same port and its consumers' address stays
 /// true); consumers of a local feeder get its address now, those of a
-/// remote feeder once it listens (see [`FeederAddresses`]).
+/// remote feeder once it listens (the master's core holds them until
+/// then).
 ///
 /// # Errors
 /// A bad bind address, no free port, no randomness.
@@ -233,66 +231,6 @@ pub fn consumer_of(spec: &InstanceSpec) -> Option<&str> {
     match spec.identity.queue {
         Some(QueueRole::Consumer { .. }) => Some(&spec.label.group),
         _ => None,
-    }
-}
-
-/// Where each queue group's feeder can be reached, once it listens.
-///
-/// Consumers start only once their group's address is known: the feeder
-/// (local or remote) said it listens, or a local feeder took longer than
-/// the start timeout (its port is known in advance, so its consumers start
-/// anyway and connect when it does).
-#[derive(Debug, Clone, Default)]
-pub struct FeederAddresses {
-    groups: Arc<Mutex<BTreeMap<String, watch::Sender<Option<FeederAddress>>>>>,
-}
-
-impl FeederAddresses {
-    /// One (empty) entry per queue group of `plan`.
-    pub fn new(plan: &Plan) -> Self {
-        let addresses = FeederAddresses::default();
-        addresses.add_groups(plan);
-        addresses
-    }
-
-    /// Adds (or resets) an entry for each queue group of `plan` (a reload).
-    pub fn add_groups(&self, plan: &Plan) {
-        let mut groups = self.lock();
-        for spec in plan.instances() {
-            if matches!(spec.identity.queue, Some(QueueRole::Feeder { .. })) {
-                groups.insert(spec.label.group.clone(), watch::channel(None).0);
-            }
-        }
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<String, watch::Sender<Option<FeederAddress>>>> {
-        self.groups.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Records that `group`'s feeder listens at `address`.
-    pub fn publish(&self, group: &str, address: FeederAddress) {
-        if let Some(sender) = self.lock().get(group) {
-            sender.send_if_modified(|current| {
-                let changed = current.as_ref() != Some(&address);
-                *current = Some(address);
-                changed
-            });
-        }
-    }
-
-    /// The address of `group`'s feeder, if known.
-    pub fn get(&self, group: &str) -> Option<FeederAddress> {
-        self.lock().get(group).and_then(|s| s.borrow().clone())
-    }
-
-    /// Waits until `group`'s feeder address is known (`None` at once for a
-    /// group that is not a queue group).
-    pub async fn wait(&self, group: &str) -> Option<FeederAddress> {
-        let mut receiver = self.lock().get(group)?.subscribe();
-        let address = receiver.wait_for(Option::is_some).await.ok()?;
-        address.clone()
     }
 }
 

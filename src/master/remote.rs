@@ -1,8 +1,13 @@
 //! Remote placement: one task per host keeps one SSH connection and one
 //! agent, hands the agent the host's instances, relays what it reports,
 //! and reconnects (restarting the instances) when the host is lost.
+//!
+//! It speaks the interface of every host ([`super::host`]): what it learns
+//! goes to the run loop as [`HostReport`]s, in order, on one channel:
+//! instance events, feeders listening, the host lost.
 
-use super::queue::{FeederAddress, FeederAddresses};
+pub use super::host::{HostCommand, HostReport};
+use super::queue::FeederAddress;
 use super::ssh;
 use crate::config::{HostSpec, RestartSpec, SshOptions};
 use crate::log::{InstanceLabel, LogRecord, LogSink};
@@ -10,14 +15,12 @@ use crate::protocol::agent::{time_of, FromAgent, ToAgent};
 use crate::protocol::slave::Level;
 use crate::protocol::{Connection, PROTOCOL_VERSION};
 use crate::supervise::instance::{
-    self, EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceReport, InstanceSpec,
-    Supervision,
+    event_now, pin_feeder_port, EventKind, InstanceCommand, InstanceEnd, InstanceReport,
+    InstanceSpec,
 };
 use crate::supervise::restart::backoff_delay;
 use crate::supervise::shutdown::Shutdown;
-use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use openssh::Session;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -55,9 +58,12 @@ pub struct AgentSettings {
     /// Local directory of the ControlMaster sockets (short: the socket path
     /// must fit 104/108 bytes).
     pub control_dir: PathBuf,
-    /// Longest stop grace of the host's instances, to bound the wait for
-    /// their reports at stop.
-    pub stop_grace: Duration,
+    /// The herd's longest stop grace ([`Config::longest_stop_grace`]; it
+    /// only grows with reloads, since instances of a group a reload removed
+    /// may still be stopping), to bound the wait for reports at stop.
+    ///
+    /// [`Config::longest_stop_grace`]: crate::config::Config::longest_stop_grace
+    pub stop_grace: tokio::sync::watch::Receiver<Duration>,
     /// Turns to open an SSH connection (`master.max_handshakes`), shared
     /// by every host.
     pub handshakes: Arc<tokio::sync::Semaphore>,
@@ -95,27 +101,48 @@ enum HostOutcome {
     Refused(String),
 }
 
+/// Where a host's supervisor reports.
+#[derive(Debug, Clone)]
+struct Reporter(mpsc::UnboundedSender<HostReport>);
+
+impl Reporter {
+    /// Sends one event of instance `id` (nobody listening any more is
+    /// fine: the run is ending).
+    fn emit(&self, id: u32, kind: EventKind) {
+        let _ = self.0.send(HostReport::Event(event_now(id, kind)));
+    }
+
+    fn send(&self, report: HostReport) {
+        let _ = self.0.send(report);
+    }
+
+    /// The report of an instance that ends without having run (removed,
+    /// or stopped while held back), its `Ended` event sent.
+    fn never_ran(&self, label: Arc<InstanceLabel>) -> InstanceReport {
+        let end = InstanceEnd::Stopped { killed: false };
+        self.emit(label.id, EventKind::Ended { end: end.clone() });
+        InstanceReport { label, end }
+    }
+}
+
 /// Supervises the instances of one host until each has a final report.
 ///
-/// Consumers of a queue group start once `addresses` knows where their
-/// feeder listens; a feeder on this host publishes its address there.
+/// Consumers of a queue group come with their feeder's address; a feeder
+/// on this host reports where it listens on `reports_tx`, with the events
+/// of every instance and the loss of the host.
 ///
-/// `commands` brings more instances (a reload) and operators' commands
-/// for single instances; the host's supervision ends once every instance
-/// has its final report.
+/// `commands` brings more instances (a reload, consumers whose feeder
+/// listens) and operators' commands for single instances; the host's
+/// supervision ends once every instance has its final report.
 pub async fn supervise_host(
     plan: HostPlan,
     settings: Arc<AgentSettings>,
-    context: Supervision,
-    addresses: FeederAddresses,
+    sink: LogSink,
+    shutdown: Shutdown,
+    reports_tx: mpsc::UnboundedSender<HostReport>,
     mut commands: mpsc::UnboundedReceiver<HostCommand>,
 ) -> Vec<InstanceReport> {
-    let Supervision {
-        sink,
-        shutdown,
-        events,
-        ..
-    } = context;
+    let reporter = Reporter(reports_tx);
     let host = plan.host.label.clone();
     let mut state = HostState::default();
     state.add(plan.instances.clone());
@@ -125,14 +152,14 @@ pub async fn supervise_host(
     let mut last_problem = String::from("never connected");
     loop {
         while let Ok(command) = commands.try_recv() {
-            state.apply_offline(command, &mut reports, events.as_ref());
+            state.apply_offline(command, &mut reports, &reporter);
         }
         if state.pending.is_empty() {
             // Nothing more can come in once closed; what came in before
             // is still served.
             commands.close();
             while let Ok(command) = commands.try_recv() {
-                state.apply_offline(command, &mut reports, events.as_ref());
+                state.apply_offline(command, &mut reports, &reporter);
             }
             if state.pending.is_empty() {
                 break;
@@ -140,7 +167,7 @@ pub async fn supervise_host(
         }
         if shutdown.is_stopping() {
             let reason = format!("never started on {host}: {last_problem}");
-            report_lost(&mut state, &reason, &mut reports, &sink, events.as_ref()).await;
+            report_lost(&mut state, &reason, &mut reports, &sink, &reporter).await;
             break;
         }
         let mut run = HostRun {
@@ -150,9 +177,8 @@ pub async fn supervise_host(
             shutdown: &shutdown,
             state: &mut state,
             reports: &mut reports,
-            addresses: &addresses,
             commands: &mut commands,
-            events: events.as_ref(),
+            reporter: &reporter,
         };
         match run.connect_and_serve().await {
             HostOutcome::Done => {
@@ -182,26 +208,11 @@ pub async fn supervise_host(
                 let delay = backoff_delay(&reconnect_backoff(), failures, fastrand::f64());
                 failures = failures.saturating_add(1);
                 // Its instances are gone with it, until the next agent.
-                let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-                for id in state.pending.keys() {
-                    if !state.suspended.contains(id) {
-                        let how = format!("host lost: {problem}");
-                        instance::emit(
-                            events.as_ref(),
-                            *id,
-                            EventKind::Exited { how, failed: true },
-                        );
-                        instance::emit(events.as_ref(), *id, EventKind::Backoff { delay_ms });
-                    }
-                }
-                sink.master_event(
-                    Level::Error,
-                    format!(
-                        "host {host}: {problem}; retrying in {}",
-                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
-                    ),
-                )
-                .await;
+                reporter.send(HostReport::Lost {
+                    host: plan.host.clone(),
+                    problem: problem.clone(),
+                    retry_in: delay,
+                });
                 last_problem = problem;
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -211,20 +222,6 @@ pub async fn supervise_host(
         }
     }
     reports
-}
-
-/// What the host's supervisor is asked while it runs.
-#[derive(Debug, Clone)]
-pub enum HostCommand {
-    /// Run these instances too.
-    Add(Vec<InstanceSpec>),
-    /// Suspend, resume, restart or remove one instance.
-    Instance {
-        /// Its global id.
-        id: u32,
-        /// What to do.
-        command: InstanceCommand,
-    },
 }
 
 /// The instances of a host, across connections.
@@ -270,7 +267,7 @@ impl HostState {
         &mut self,
         command: HostCommand,
         reports: &mut Vec<InstanceReport>,
-        events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+        reporter: &Reporter,
     ) {
         match command {
             HostCommand::Add(instances) => self.add(instances),
@@ -279,13 +276,13 @@ impl HostState {
                 command: InstanceCommand::Remove,
             } => {
                 if let Some(spec) = self.pending.remove(&id) {
-                    reports.push(instance::never_ran(spec.label, events));
+                    reports.push(reporter.never_ran(spec.label));
                 }
             }
             HostCommand::Instance { id, command } => {
                 self.note(id, command);
                 if command == InstanceCommand::Suspend {
-                    instance::emit(events, id, EventKind::Suspended);
+                    reporter.emit(id, EventKind::Suspended);
                 }
             }
         }
@@ -299,57 +296,8 @@ struct HostRun<'a> {
     shutdown: &'a Shutdown,
     state: &'a mut HostState,
     reports: &'a mut Vec<InstanceReport>,
-    addresses: &'a FeederAddresses,
     commands: &'a mut mpsc::UnboundedReceiver<HostCommand>,
-    events: Option<&'a mpsc::UnboundedSender<InstanceEvent>>,
-}
-
-/// Instances of this connection not handed to the agent: consumers whose
-/// feeder does not listen yet, and suspended instances (a reconnection
-/// does not start them, a resume does).
-#[derive(Default)]
-struct Held {
-    /// Consumers waiting, by queue group.
-    ids: BTreeMap<String, Vec<u32>>,
-    /// One wait per group, ending with its feeder's address.
-    waits: FuturesUnordered<BoxFuture<'static, (String, Option<FeederAddress>)>>,
-    /// Suspended instances.
-    suspended: BTreeSet<u32>,
-}
-
-impl Held {
-    /// Every held instance, which will never start if the herd stops.
-    fn take_all(&mut self) -> Vec<u32> {
-        let mut ids: Vec<u32> = std::mem::take(&mut self.ids)
-            .into_values()
-            .flatten()
-            .collect();
-        ids.extend(std::mem::take(&mut self.suspended));
-        ids
-    }
-
-    /// Stops holding `id` for its feeder.
-    fn release(&mut self, id: u32) {
-        for ids in self.ids.values_mut() {
-            ids.retain(|i| *i != id);
-        }
-    }
-
-    fn add(&mut self, group: &str, id: u32, addresses: &FeederAddresses) {
-        let ids = self.ids.entry(group.to_string()).or_default();
-        if ids.is_empty() {
-            let addresses = addresses.clone();
-            let group = group.to_string();
-            self.waits.push(
-                async move {
-                    let address = addresses.wait(&group).await;
-                    (group, address)
-                }
-                .boxed(),
-            );
-        }
-        ids.push(id);
-    }
+    reporter: &'a Reporter,
 }
 
 impl HostRun<'_> {
@@ -437,16 +385,14 @@ impl HostRun<'_> {
             Ok(Err(err)) => return HostOutcome::Lost(format!("agent link: {err}")),
             Err(_) => return HostOutcome::Lost("agent did not answer".into()),
         };
-        let mut held = Held::default();
+        // Suspended instances are held here: a reconnection does not
+        // start them, a resume does.
+        let mut held = BTreeSet::new();
         let ids: Vec<u32> = self.state.pending.keys().copied().collect();
         let count = self.start(&ids, &mut held, &to_agent_tx);
-        let suspended = held.suspended.len();
-        let waiting = self.state.pending.len() - count - suspended;
-        let held_back = match (suspended, waiting) {
-            (0, 0) => String::new(),
-            (0, n) => format!(" ({n} more once their feeder listens)"),
-            (s, 0) => format!(" ({s} suspended)"),
-            (s, n) => format!(" ({s} suspended, {n} more once their feeder listens)"),
+        let held_back = match held.len() {
+            0 => String::new(),
+            n => format!(" ({n} suspended)"),
         };
         self.sink
             .master_event(
@@ -467,13 +413,12 @@ impl HostRun<'_> {
         outcome
     }
 
-    /// Hands instances `ids` to the agent, holding back suspended ones and
-    /// consumers whose feeder does not listen yet; returns how many were
-    /// handed over.
+    /// Hands instances `ids` to the agent, holding back suspended ones;
+    /// returns how many were handed over.
     fn start(
         &mut self,
         ids: &[u32],
-        held: &mut Held,
+        held: &mut BTreeSet<u32>,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
     ) -> usize {
         let mut instances = Vec::new();
@@ -482,25 +427,15 @@ impl HostRun<'_> {
                 self.never_started(&[*id]);
                 continue;
             }
-            let Some(spec) = self.state.pending.get_mut(id) else {
+            let Some(spec) = self.state.pending.get(id) else {
                 continue;
             };
             if self.state.suspended.contains(id) {
-                held.suspended.insert(*id);
-                instance::emit(self.events, *id, EventKind::Suspended);
+                held.insert(*id);
+                self.reporter.emit(*id, EventKind::Suspended);
                 continue;
             }
-            let Some(group) = super::queue::consumer_of(spec) else {
-                instances.push(spec.clone());
-                continue;
-            };
-            match self.addresses.get(group) {
-                Some(address) => {
-                    super::queue::set_feeder_address(spec, &address);
-                    instances.push(spec.clone());
-                }
-                None => held.add(group, *id, self.addresses),
-            }
+            instances.push(spec.clone());
         }
         let count = instances.len();
         if count > 0 {
@@ -515,7 +450,7 @@ impl HostRun<'_> {
             tokio::io::Join<tokio::io::BufReader<openssh::ChildStdout>, tokio::io::Empty>,
         >,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
-        mut held: Held,
+        mut held: BTreeSet<u32>,
     ) -> HostOutcome {
         let orphan_timeout = self.settings.orphan_timeout;
         let mut ticker = tokio::time::interval(self.settings.heartbeat);
@@ -530,7 +465,7 @@ impl HostRun<'_> {
                 reason: self.shutdown.reason().unwrap_or("stop").to_string(),
             });
             stop_deadline = Some(Instant::now() + self.stop_wait());
-            let ids = held.take_all();
+            let ids: Vec<u32> = std::mem::take(&mut held).into_iter().collect();
             self.never_started(&ids);
         }
         while !self.state.pending.is_empty() {
@@ -574,22 +509,8 @@ impl HostRun<'_> {
                     let _ = to_agent_tx.send(ToAgent::Stop {
                         reason: self.shutdown.reason().unwrap_or("stop").to_string(),
                     });
-                    let ids = held.take_all();
+                    let ids: Vec<u32> = std::mem::take(&mut held).into_iter().collect();
                     self.never_started(&ids);
-                }
-                Some((group, address)) = held.waits.next(), if !held.waits.is_empty() && !stop_sent => {
-                    let ids = held.ids.remove(&group).unwrap_or_default();
-                    let Some(address) = address else { continue };
-                    let mut instances = Vec::new();
-                    for id in ids {
-                        if let Some(spec) = self.state.pending.get_mut(&id) {
-                            super::queue::set_feeder_address(spec, &address);
-                            instances.push(spec.clone());
-                        }
-                    }
-                    if !instances.is_empty() {
-                        let _ = to_agent_tx.send(ToAgent::Start { instances });
-                    }
                 }
                 _ = self.shutdown.killing(), if !kill_sent => {
                     kill_sent = true;
@@ -604,43 +525,30 @@ impl HostRun<'_> {
     }
 
     /// Carries out an operator's command for one instance: the agent's
-    /// business once it runs there; held instances are started, given up
-    /// or held differently here.
+    /// business once it runs there; a suspended instance held here is
+    /// started or given up here.
     fn command(
         &mut self,
         id: u32,
         command: InstanceCommand,
-        held: &mut Held,
+        held: &mut BTreeSet<u32>,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
     ) {
-        if held.suspended.contains(&id) {
-            match command {
-                InstanceCommand::Resume => {
-                    held.suspended.remove(&id);
-                    self.start(&[id], held, to_agent_tx);
-                }
-                InstanceCommand::Remove => {
-                    held.suspended.remove(&id);
-                    self.never_started(&[id]);
-                }
-                // Only a resume ends a suspend.
-                InstanceCommand::Suspend | InstanceCommand::Restart => {}
-            }
-        } else if held.ids.values().any(|ids| ids.contains(&id)) {
-            match command {
-                InstanceCommand::Remove => {
-                    held.release(id);
-                    self.never_started(&[id]);
-                }
-                InstanceCommand::Suspend => {
-                    held.release(id);
-                    held.suspended.insert(id);
-                    instance::emit(self.events, id, EventKind::Suspended);
-                }
-                InstanceCommand::Resume | InstanceCommand::Restart => {}
-            }
-        } else {
+        if !held.contains(&id) {
             let _ = to_agent_tx.send(ToAgent::Command { id, command });
+            return;
+        }
+        match command {
+            InstanceCommand::Resume => {
+                held.remove(&id);
+                self.start(&[id], held, to_agent_tx);
+            }
+            InstanceCommand::Remove => {
+                held.remove(&id);
+                self.never_started(&[id]);
+            }
+            // Only a resume ends a suspend.
+            InstanceCommand::Suspend | InstanceCommand::Restart => {}
         }
     }
 
@@ -649,8 +557,7 @@ impl HostRun<'_> {
     fn never_started(&mut self, ids: &[u32]) {
         for id in ids {
             if let Some(spec) = self.state.pending.remove(id) {
-                self.reports
-                    .push(instance::never_ran(spec.label, self.events));
+                self.reports.push(self.reporter.never_ran(spec.label));
             }
         }
     }
@@ -658,15 +565,7 @@ impl HostRun<'_> {
     /// The wait for reports after a stop: the grace plus a margin for the
     /// agent to kill and report.
     fn stop_wait(&self) -> Duration {
-        let grace = self
-            .state
-            .pending
-            .values()
-            .map(|spec| spec.stop_grace)
-            .max()
-            .unwrap_or_default()
-            .max(self.settings.stop_grace);
-        grace + self.settings.orphan_timeout
+        *self.settings.stop_grace.borrow() + self.settings.orphan_timeout
     }
 
     async fn handle(&mut self, frame: FromAgent) {
@@ -705,11 +604,7 @@ impl HostRun<'_> {
                     }
                 }
             }
-            FromAgent::Event(event) => {
-                if let Some(events) = self.events {
-                    let _ = events.send(event);
-                }
-            }
+            FromAgent::Event(event) => self.reporter.send(HostReport::Event(event)),
             FromAgent::Listening { id, addr } => {
                 let Some(label) = self.state.labels.get(&id) else {
                     return;
@@ -717,17 +612,17 @@ impl HostRun<'_> {
                 // A feeder on port 0 binds the same port after a
                 // reconnection: its consumers have the address.
                 if let Some(spec) = self.state.pending.get_mut(&id) {
-                    instance::pin_feeder_port(spec.identity.queue.as_mut(), Some(&addr));
+                    pin_feeder_port(spec.identity.queue.as_mut(), Some(&addr));
                 }
                 match addr.parse() {
-                    Ok(listened) => self.addresses.publish(
-                        &label.group,
-                        FeederAddress {
+                    Ok(listened) => self.reporter.send(HostReport::Listening {
+                        id,
+                        address: FeederAddress {
                             listened,
                             host: label.host.clone(),
                             dial_name: Some(self.plan.host.name.clone()),
                         },
-                    ),
+                    }),
                     Err(_) => {
                         let message = format!("feeder reports a bad address {addr:?}");
                         self.sink.instance_event(label, Level::Error, message).await;
@@ -744,7 +639,7 @@ impl HostRun<'_> {
         if !stopping {
             return HostOutcome::Lost(problem);
         }
-        report_lost(self.state, &problem, self.reports, self.sink, self.events).await;
+        report_lost(self.state, &problem, self.reports, self.sink, self.reporter).await;
         HostOutcome::Done
     }
 }
@@ -755,13 +650,13 @@ async fn report_lost(
     reason: &str,
     reports: &mut Vec<InstanceReport>,
     sink: &LogSink,
-    events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+    reporter: &Reporter,
 ) {
     for (id, spec) in std::mem::take(&mut state.pending) {
         let label = spec.label;
         if state.suspended.contains(&id) || state.removed.contains(&id) {
             // Not meant to run anyway: stopped, not lost.
-            reports.push(instance::never_ran(label, events));
+            reports.push(reporter.never_ran(label));
             continue;
         }
         sink.instance_event(&label, Level::Error, format!("lost: {reason}"))
@@ -769,7 +664,7 @@ async fn report_lost(
         let end = InstanceEnd::Lost {
             reason: reason.to_string(),
         };
-        instance::emit(events, id, EventKind::Ended { end: end.clone() });
+        reporter.emit(id, EventKind::Ended { end: end.clone() });
         reports.push(InstanceReport { label, end });
     }
 }
@@ -793,5 +688,137 @@ async fn relay_agent_stderr(stderr: openssh::ChildStderr, host: String, sink: Lo
     while let Some(Ok(line)) = lines.next().await {
         sink.master_event(Level::Warning, format!("host {host}: agent: {line}"))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RestartSpec;
+    use crate::protocol::slave::Identity;
+    use crate::supervise::process::ProcessSpec;
+
+    fn spec(id: u32) -> InstanceSpec {
+        InstanceSpec {
+            label: Arc::new(InstanceLabel {
+                group: "g".into(),
+                host: "web1".into(),
+                command: "w".into(),
+                id,
+                group_id: id,
+            }),
+            process: ProcessSpec {
+                program: "w".into(),
+                args: vec![],
+                env: vec![],
+                cwd: None,
+                own_executable: false,
+            },
+            identity: Identity {
+                id,
+                group_id: id,
+                group_count: 3,
+                group: "g".into(),
+                host: "web1".into(),
+                params: serde_json::json!({}),
+                timeout: None,
+                stop_grace: Duration::from_secs(5),
+                max_jobs: None,
+                queue: None,
+            },
+            plain_timeout: None,
+            stop_grace: Duration::from_secs(5),
+            restart: RestartSpec::default(),
+            max_lifetime: None,
+        }
+    }
+
+    /// The events reported so far, as `(id, kind)`.
+    fn events(reports_rx: &mut mpsc::UnboundedReceiver<HostReport>) -> Vec<(u32, EventKind)> {
+        let mut events = Vec::new();
+        while let Ok(report) = reports_rx.try_recv() {
+            if let HostReport::Event(event) = report {
+                events.push((event.id, event.kind));
+            }
+        }
+        events
+    }
+
+    #[tokio::test]
+    async fn offline_commands_wait_for_the_next_agent_and_a_stop_tells_lost_from_stopped() {
+        let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
+        let reporter = Reporter(reports_tx);
+        let mut state = HostState::default();
+        let mut reports = Vec::new();
+        state.apply_offline(
+            HostCommand::Add(vec![spec(1), spec(2), spec(3)]),
+            &mut reports,
+            &reporter,
+        );
+        // Suspended while no agent runs: noted for the next one, and said.
+        let suspend = HostCommand::Instance {
+            id: 2,
+            command: InstanceCommand::Suspend,
+        };
+        state.apply_offline(suspend, &mut reports, &reporter);
+        assert!(state.suspended.contains(&2));
+        // Removed while no agent runs: it ends at once, never having run.
+        let remove = HostCommand::Instance {
+            id: 3,
+            command: InstanceCommand::Remove,
+        };
+        state.apply_offline(remove, &mut reports, &reporter);
+        let stopped = InstanceEnd::Stopped { killed: false };
+        assert_eq!(
+            events(&mut reports_rx),
+            [
+                (2, EventKind::Suspended),
+                (
+                    3,
+                    EventKind::Ended {
+                        end: stopped.clone()
+                    }
+                )
+            ]
+        );
+        assert_eq!(reports.len(), 1);
+        assert_eq!(state.pending.keys().copied().collect::<Vec<_>>(), [1, 2]);
+
+        // The herd stops before an agent ran them: the suspended one was
+        // not meant to run (stopped), the other is lost, and said so.
+        let (sink, mut records) = LogSink::channel();
+        report_lost(
+            &mut state,
+            "never started on web1: refused",
+            &mut reports,
+            &sink,
+            &reporter,
+        )
+        .await;
+        let ends: Vec<(u32, InstanceEnd)> = reports
+            .iter()
+            .map(|r| (r.label.id, r.end.clone()))
+            .collect();
+        let lost = InstanceEnd::Lost {
+            reason: "never started on web1: refused".into(),
+        };
+        assert_eq!(
+            ends,
+            [
+                (3, stopped.clone()),
+                (1, lost.clone()),
+                (2, stopped.clone())
+            ]
+        );
+        assert_eq!(
+            events(&mut reports_rx),
+            [
+                (1, EventKind::Ended { end: lost }),
+                (2, EventKind::Ended { end: stopped })
+            ]
+        );
+        let line = records.try_recv().expect("a log line");
+        assert_eq!(line.message, "lost: never started on web1: refused");
+        assert!(state.pending.is_empty());
     }
 }

@@ -96,13 +96,18 @@ pub(crate) fn emit(
     kind: EventKind,
 ) {
     if let Some(events) = events {
-        let time_ms = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
         // Nobody listening any more is fine: the run is ending.
-        let _ = events.send(InstanceEvent { id, time_ms, kind });
+        let _ = events.send(event_now(id, kind));
     }
+}
+
+/// An event of instance `id`, happening now.
+pub(crate) fn event_now(id: u32, kind: EventKind) -> InstanceEvent {
+    let time_ms = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    InstanceEvent { id, time_ms, kind }
 }
 
 /// Supervises one instance until it completes, fails for good, or the

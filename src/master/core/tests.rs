@@ -1,0 +1,808 @@
+//! The core driven by events, without processes: start, instance events
+//! and exits, hosts lost, feeders listening, suspend and resume, rolling
+//! restarts, reloads, the stop.
+
+use super::*;
+use crate::master::plan::plan;
+use crate::supervise::instance::InstanceEnd;
+use std::time::UNIX_EPOCH;
+
+fn config(text: &str) -> Config {
+    Config::parse(text, "/etc/herd/herd.toml".as_ref()).expect("valid config")
+}
+
+/// A core and its clock.
+struct Herd {
+    core: Core,
+    start: Instant,
+    elapsed: Duration,
+}
+
+impl Herd {
+    /// A core of `text`, its plan started.
+    fn started(text: &str) -> (Herd, Vec<Effect>) {
+        let config = config(text);
+        let plan = plan(&config);
+        let start = Instant::now();
+        let mut herd = Herd {
+            core: Core::new(config, Herd::now_at(start, Duration::ZERO)),
+            start,
+            elapsed: Duration::ZERO,
+        };
+        let effects = herd.handle(Event::Start(plan));
+        (herd, effects)
+    }
+
+    fn now_at(start: Instant, elapsed: Duration) -> Now {
+        Now {
+            at: start + elapsed,
+            wall: UNIX_EPOCH + Duration::from_secs(1_000_000) + elapsed,
+        }
+    }
+
+    fn handle(&mut self, event: Event) -> Vec<Effect> {
+        self.core
+            .handle(event, Herd::now_at(self.start, self.elapsed))
+    }
+
+    /// Lets `time` pass, then ticks.
+    fn wait(&mut self, time: Duration) -> Vec<Effect> {
+        self.elapsed += time;
+        self.handle(Event::Tick)
+    }
+
+    fn instance(&mut self, id: u32, kind: EventKind) -> Vec<Effect> {
+        let time_ms = 1_000_000_000 + u64::try_from(self.elapsed.as_millis()).unwrap();
+        self.handle(Event::Instance(InstanceEvent { id, time_ms, kind }))
+    }
+
+    /// Instance `id` runs (again).
+    fn runs(&mut self, id: u32) -> Vec<Effect> {
+        self.instance(id, EventKind::Started { pid: 1000 + id })
+    }
+
+    /// Instance `id` has stopped for good.
+    fn stopped(&mut self, id: u32) -> Vec<Effect> {
+        let end = InstanceEnd::Stopped { killed: false };
+        self.instance(id, EventKind::Ended { end })
+    }
+
+    fn ask(&mut self, request: Request, reply: u64) -> Vec<Effect> {
+        let reply = Some(ReplyId(reply));
+        self.handle(Event::Request { request, reply })
+    }
+
+    fn state(&self, id: u32) -> Option<InstanceState> {
+        self.core.table.entry(id).map(|e| e.state)
+    }
+
+    /// Feeds back what the shell would: events emitted by the core, the
+    /// config read, the plan prepared (unchanged: no ports, no secrets).
+    fn feed_back(&mut self, effects: Vec<Effect>, read: &Config) -> Vec<Effect> {
+        let mut seen = Vec::new();
+        let mut queue: VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            let next = match &effect {
+                Effect::Emit { id, kind } => Some(Event::Instance(InstanceEvent {
+                    id: *id,
+                    time_ms: 0,
+                    kind: kind.clone(),
+                })),
+                Effect::NeverRan(label) => Some(Event::Instance(InstanceEvent {
+                    id: label.id,
+                    time_ms: 0,
+                    kind: EventKind::Ended {
+                        end: InstanceEnd::Stopped { killed: false },
+                    },
+                })),
+                Effect::ReadConfig { reply, .. } => Some(Event::ConfigRead {
+                    result: Ok(read.clone()),
+                    reply: *reply,
+                }),
+                Effect::Prepare(plan) => Some(Event::Prepared(Ok(plan.clone()))),
+                _ => None,
+            };
+            seen.push(effect);
+            if let Some(event) = next {
+                queue.extend(self.handle(event));
+            }
+        }
+        seen
+    }
+}
+
+/// `place: ids (suspended ids)` of every start.
+fn starts(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Start {
+                place,
+                instances,
+                suspended,
+            } => {
+                let place = match place {
+                    Place::Local => "local".to_string(),
+                    Place::Host { host, .. } => host.label.clone(),
+                };
+                let ids: Vec<String> = instances.iter().map(|s| s.label.id.to_string()).collect();
+                let mut text = format!("{place}: {}", ids.join(" "));
+                if !suspended.is_empty() {
+                    text.push_str(&format!(" (suspended {suspended:?})"));
+                }
+                Some(text)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn commands(effects: &[Effect]) -> Vec<(u32, InstanceCommand)> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Command { id, command } => Some((*id, *command)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every answer: `Ok(message)` or `Err(text)`.
+fn answers(effects: &[Effect]) -> Vec<(u64, Result<String, String>)> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Answer { reply, answer } => Some((
+                reply.0,
+                match answer {
+                    Ok(answer) => Ok(answer.clone().into_message()),
+                    Err(err) => Err(err.to_string()),
+                },
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn logs(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Log { message, .. } => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn emitted(effects: &[Effect]) -> Vec<(u32, EventKind)> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Emit { id, kind } => Some((*id, kind.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn never_ran(effects: &[Effect]) -> Vec<u32> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::NeverRan(label) => Some(label.id),
+            _ => None,
+        })
+        .collect()
+}
+
+const WEB: &str = r#"
+[master]
+stop_grace = "5s"
+
+[[group]]
+name = "web"
+command = "w"
+[group.local]
+instances = 3
+
+[[group]]
+name = "batch"
+command = "b"
+[group.local]
+instances = 1
+"#;
+
+/// A queue group whose feeder runs on web1, with consumers here and on
+/// web2; and one whose feeder runs here.
+const QUEUES: &str = r#"
+[[group]]
+name = "far"
+command = "q"
+[group.feeder]
+host = "web1"
+[group.local]
+instances = 1
+[[group.remote]]
+hosts = ["web2"]
+instances = 2
+
+[[group]]
+name = "near"
+command = "q"
+[group.feeder]
+bind = "127.0.0.1:4700"
+[group.local]
+instances = 1
+[[group.remote]]
+hosts = ["web1"]
+instances = 1
+
+[[group]]
+name = "plain"
+command = "p"
+[[group.remote]]
+hosts = ["web2"]
+instances = 1
+"#;
+
+#[test]
+fn start_places_every_instance_and_events_reach_the_status_and_the_callbacks() {
+    let (mut herd, effects) = Herd::started(WEB);
+    assert_eq!(starts(&effects), ["local: 1 2 3 4"]);
+    assert_eq!(herd.state(1), Some(InstanceState::Pending));
+    let effects = herd.runs(1);
+    assert!(
+        matches!(&effects[..], [Effect::Publish { label, event }] if label.id == 1 && event.id == 1),
+        "{effects:?}"
+    );
+    assert_eq!(herd.state(1), Some(InstanceState::Running));
+    herd.instance(
+        2,
+        EventKind::Exited {
+            how: "exited with code 1".into(),
+            failed: true,
+        },
+    );
+    let status = herd
+        .core
+        .status(UNIX_EPOCH + Duration::from_secs(1_000_010));
+    let web = &status.groups[0];
+    assert_eq!(web.name, "web");
+    assert_eq!(web.instances[0].pid, Some(1001));
+    assert_eq!(web.instances[0].uptime_ms, Some(10_000));
+    assert_eq!(web.instances[1].state, InstanceState::Backoff);
+    assert_eq!(
+        web.instances[1].last_exit.as_deref(),
+        Some("exited with code 1")
+    );
+    // An unknown instance is nobody's business.
+    assert!(herd.runs(99).is_empty());
+    assert!(!herd.core.holds_instances());
+}
+
+#[test]
+fn consumers_are_held_until_their_feeder_listens_obeying_meanwhile() {
+    let (mut herd, effects) = Herd::started(QUEUES);
+    // far: feeder 1 on web1, consumers 2 (local), 3 and 4 (web2); near:
+    // feeder 5 here, consumers 6 (local) and 7 (web1); plain: 8 (web2).
+    assert_eq!(starts(&effects), ["local: 5", "web1: 1", "web2: 8"]);
+    assert!(herd.core.holds_instances());
+
+    // Meanwhile a held consumer is suspended with its group, and another
+    // one is removed: neither reaches a host, both obey.
+    let effects = herd.ask(
+        Request::Suspend {
+            group: "far".into(),
+        },
+        1,
+    );
+    assert_eq!(commands(&effects), [(1, InstanceCommand::Suspend)]);
+    assert_eq!(
+        emitted(&effects),
+        [
+            (2, EventKind::Suspended),
+            (3, EventKind::Suspended),
+            (4, EventKind::Suspended)
+        ]
+    );
+    herd.core.command(4, InstanceCommand::Remove);
+    let effects = herd.handle(Event::Tick);
+    assert_eq!(never_ran(&effects), [4]);
+    // The near feeder listens: its consumers start with its address.
+    let address = FeederAddress::local("127.0.0.1:4700".parse().unwrap());
+    let effects = herd.handle(Event::Listening { id: 5, address });
+    assert_eq!(starts(&effects), ["local: 6", "web1: 7"]);
+    let Some(Effect::Start { instances, .. }) = effects.first() else {
+        panic!("{effects:?}");
+    };
+    assert_eq!(
+        instances[0].identity.queue,
+        Some(crate::protocol::slave::QueueRole::Consumer {
+            feeder: "127.0.0.1:4700".into(),
+            secret: String::new(),
+            concurrency: 1,
+            credits: 2,
+        })
+    );
+    // The far feeder listens on web1: its consumers left start,
+    // suspended as their group is.
+    let address = FeederAddress {
+        listened: "0.0.0.0:4800".parse().unwrap(),
+        host: "web1".into(),
+        dial_name: Some("web1".into()),
+    };
+    let effects = herd.handle(Event::Listening { id: 1, address });
+    assert_eq!(
+        starts(&effects),
+        ["local: 2 (suspended [2])", "web2: 3 (suspended [3])"]
+    );
+    let Some(Effect::Start { instances, .. }) = effects.first() else {
+        panic!("{effects:?}");
+    };
+    assert!(matches!(
+        &instances[0].identity.queue,
+        Some(crate::protocol::slave::QueueRole::Consumer { feeder, .. }) if feeder == "web1:4800"
+    ));
+    assert!(!herd.core.holds_instances());
+}
+
+#[test]
+fn a_feeder_late_to_listen_is_said_and_its_local_consumers_start_anyway() {
+    let (mut herd, _) = Herd::started(QUEUES);
+    assert_eq!(
+        herd.core.next_deadline(),
+        Some(herd.start + FEEDER_START_TIMEOUT)
+    );
+    assert!(herd.wait(Duration::from_secs(29)).is_empty());
+    let effects = herd.wait(Duration::from_secs(1));
+    assert_eq!(
+        logs(&effects),
+        [
+            "feeder did not listen within 30s; its consumers wait for it",
+            "feeder did not listen within 30s; starting its consumers anyway (they connect when it does)",
+        ]
+    );
+    // near's consumers, at the address planned for its feeder.
+    assert_eq!(starts(&effects), ["local: 6", "web1: 7"]);
+    assert_eq!(herd.core.next_deadline(), None);
+    // far's wait on until their feeder listens, or the herd stops.
+    assert!(herd.core.holds_instances());
+    let effects = herd.handle(Event::Stopping {
+        reason: "test".into(),
+        hint: None,
+    });
+    assert_eq!(never_ran(&effects), [2, 3, 4]);
+    assert!(!herd.core.holds_instances());
+}
+
+#[test]
+fn a_lost_host_takes_its_instances_with_it_but_not_the_suspended_ones() {
+    let (mut herd, _) = Herd::started(QUEUES);
+    herd.runs(8);
+    let effects = herd.handle(Event::Listening {
+        id: 5,
+        address: FeederAddress::local("127.0.0.1:4700".parse().unwrap()),
+    });
+    herd.feed_back(effects, &config(QUEUES));
+    herd.runs(7);
+    herd.instance(1, EventKind::Suspended);
+    let web1 = herd.core.table.entry(1).unwrap().host.clone().unwrap();
+    let effects = herd.handle(Event::HostLost {
+        host: web1,
+        problem: "agent link: broken pipe".into(),
+        retry_in: Duration::from_millis(1500),
+    });
+    let how = "host lost: agent link: broken pipe".to_string();
+    assert_eq!(
+        emitted(&effects),
+        [
+            (7, EventKind::Exited { how, failed: true }),
+            (7, EventKind::Backoff { delay_ms: 1500 })
+        ]
+    );
+    assert_eq!(
+        logs(&effects),
+        ["host web1: agent link: broken pipe; retrying in 1s 500ms"]
+    );
+    herd.feed_back(effects, &config(QUEUES));
+    assert_eq!(herd.state(7), Some(InstanceState::Backoff));
+    assert_eq!(herd.state(8), Some(InstanceState::Running), "on web2");
+}
+
+#[test]
+fn suspend_and_resume_settle_once_every_instance_has() {
+    let (mut herd, _) = Herd::started(WEB);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    let effects = herd.ask(
+        Request::Suspend {
+            group: "web".into(),
+        },
+        1,
+    );
+    assert_eq!(
+        commands(&effects),
+        [
+            (1, InstanceCommand::Suspend),
+            (2, InstanceCommand::Suspend),
+            (3, InstanceCommand::Suspend)
+        ]
+    );
+    assert!(answers(&effects).is_empty());
+    herd.instance(1, EventKind::Suspended);
+    assert!(answers(&herd.instance(2, EventKind::Suspended)).is_empty());
+    // An instance that ends for good no longer counts.
+    let effects = herd.instance(
+        3,
+        EventKind::Ended {
+            end: InstanceEnd::Completed,
+        },
+    );
+    assert_eq!(
+        answers(&effects),
+        [(1, Ok("group web suspended (3 instances)".into()))]
+    );
+    assert!(herd.core.status(UNIX_EPOCH).groups[0].suspended);
+
+    // A resume that does not settle in time says so.
+    let effects = herd.ask(
+        Request::Resume {
+            group: "web".into(),
+        },
+        2,
+    );
+    assert_eq!(
+        commands(&effects),
+        [(1, InstanceCommand::Resume), (2, InstanceCommand::Resume)]
+    );
+    herd.runs(1);
+    // The stop grace (5 s) and a margin of 30 s.
+    assert!(answers(&herd.wait(Duration::from_secs(34))).is_empty());
+    assert_eq!(
+        answers(&herd.wait(Duration::from_secs(1))),
+        [(
+            2,
+            Err("group web: not every instance resumed in time".into())
+        )]
+    );
+
+    // An unknown group is refused, in the log and to the operator.
+    let effects = herd.ask(
+        Request::Suspend {
+            group: "nope".into(),
+        },
+        3,
+    );
+    assert_eq!(logs(&effects), ["no group named \"nope\""]);
+    assert_eq!(
+        answers(&effects),
+        [(3, Err("no group named \"nope\"".into()))]
+    );
+}
+
+#[test]
+fn a_rolling_restart_goes_one_instance_at_a_time_and_the_next_change_waits_its_turn() {
+    let (mut herd, _) = Herd::started(WEB);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    herd.instance(2, EventKind::Suspended);
+    let effects = herd.ask(
+        Request::Restart {
+            group: "web".into(),
+        },
+        1,
+    );
+    assert_eq!(commands(&effects), [(1, InstanceCommand::Restart)]);
+    // A second restart, of another group, waits for the first.
+    let effects = herd.ask(
+        Request::Restart {
+            group: "batch".into(),
+        },
+        2,
+    );
+    assert!(commands(&effects).is_empty());
+    // Stopping is not running again.
+    assert!(commands(&herd.instance(1, EventKind::Stopping)).is_empty());
+    herd.instance(
+        1,
+        EventKind::Exited {
+            how: "stopped".into(),
+            failed: false,
+        },
+    );
+    // Running again: the next one (2 is suspended: it stays so).
+    let effects = herd.runs(1);
+    assert_eq!(commands(&effects), [(3, InstanceCommand::Restart)]);
+    let effects = herd.runs(3);
+    assert_eq!(
+        answers(&effects),
+        [(1, Ok("group web restarted (2 instances)".into()))]
+    );
+    assert_eq!(commands(&effects), [(4, InstanceCommand::Restart)]);
+
+    // One that does not come back within a minute stops the restart.
+    assert!(answers(&herd.wait(Duration::from_secs(59))).is_empty());
+    assert_eq!(
+        answers(&herd.wait(Duration::from_secs(1))),
+        [(
+            2,
+            Err(
+                "group batch: instance 4 did not run again within 1m; rolling restart stopped"
+                    .into()
+            )
+        )]
+    );
+}
+
+/// `WEB` reloaded: web changed (a new message) and one instance more,
+/// batch removed, extra added.
+const WEB_RELOADED: &str = r#"
+[master]
+stop_grace = "5s"
+
+[[group]]
+name = "web"
+command = "w"
+params = { message = "v2" }
+[group.local]
+instances = 4
+
+[[group]]
+name = "extra"
+command = "e"
+stop_grace = "20s"
+[group.local]
+instances = 1
+"#;
+
+#[test]
+fn a_reload_starts_added_groups_stops_removed_ones_and_replaces_changed_ones_one_by_one() {
+    let (mut herd, _) = Herd::started(WEB);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    let new = config(WEB_RELOADED);
+    let effects = herd.ask(Request::Reload, 1);
+    assert!(matches!(
+        &effects[..],
+        [Effect::ReadConfig {
+            reply: Some(ReplyId(1)),
+            ..
+        }]
+    ));
+    let effects = herd.feed_back(effects, &new);
+    // batch goes at once; extra (id 5) starts; web's first successor (6)
+    // starts; the longest grace grew for the hosts.
+    assert_eq!(commands(&effects), [(4, InstanceCommand::Remove)]);
+    assert_eq!(starts(&effects), ["local: 5", "local: 6"]);
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::LongestGrace(grace) if *grace == Duration::from_secs(20))));
+    // Once 6 runs, the old 1 goes; once 1 has ended, 7 starts, ...
+    assert_eq!(commands(&herd.runs(6)), [(1, InstanceCommand::Remove)]);
+    assert_eq!(starts(&herd.stopped(1)), ["local: 7"]);
+    assert_eq!(commands(&herd.runs(7)), [(2, InstanceCommand::Remove)]);
+    assert_eq!(starts(&herd.stopped(2)), ["local: 8"]);
+    assert_eq!(commands(&herd.runs(8)), [(3, InstanceCommand::Remove)]);
+    let effects = herd.stopped(3);
+    // ... and the one more has no old instance to replace.
+    assert_eq!(starts(&effects), ["local: 9"]);
+    let effects = herd.runs(9);
+    let message = "reloaded /etc/herd/herd.toml: groups added: extra; removed: batch; \
+                   changed: web; resized: none";
+    assert_eq!(logs(&effects), [message]);
+    assert_eq!(answers(&effects), [(1, Ok(message.into()))]);
+    let status = herd.core.status(UNIX_EPOCH);
+    let names: Vec<&str> = status.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["web", "extra", "batch"], "batch until 4 has ended");
+    herd.stopped(4);
+    let status = herd.core.status(UNIX_EPOCH);
+    let names: Vec<&str> = status.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["web", "extra"]);
+    let web: Vec<u32> = status.groups[0].instances.iter().map(|i| i.id).collect();
+    assert_eq!(web, [6, 7, 8, 9]);
+    assert_eq!(
+        herd.core.retired_ever().iter().copied().collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+}
+
+#[test]
+fn a_successor_that_does_not_run_ends_the_replacement_and_the_old_instances_stay() {
+    let (mut herd, _) = Herd::started(WEB);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    let new = config(&WEB.replace("command = \"w\"", "command = \"w-typo\""));
+    let effects = herd.ask(Request::Reload, 1);
+    let effects = herd.feed_back(effects, &new);
+    assert_eq!(starts(&effects), ["local: 5"]);
+    let how = "cannot spawn w-typo: No such file or directory".to_string();
+    let effects = herd.instance(
+        5,
+        EventKind::Exited {
+            how: how.clone(),
+            failed: true,
+        },
+    );
+    assert_eq!(commands(&effects), [(5, InstanceCommand::Remove)]);
+    assert!(answers(&effects).is_empty(), "not before it is gone");
+    let effects = herd.stopped(5);
+    assert_eq!(
+        answers(&effects),
+        [(
+            1,
+            Err(format!(
+                "reload: group web: a new instance did not run ({how}); replacement stopped, \
+                 3 old instances kept"
+            ))
+        )]
+    );
+    assert_eq!(herd.core.table.live_ids("web"), [1, 2, 3]);
+}
+
+#[test]
+fn a_reload_that_resizes_keeps_the_instances_and_is_refused_during_another_change() {
+    let (mut herd, _) = Herd::started(WEB);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    let bigger = config(&WEB.replace("instances = 3", "instances = 5"));
+    // Refused while a restart is under way: nothing changes.
+    herd.ask(
+        Request::Restart {
+            group: "batch".into(),
+        },
+        1,
+    );
+    let effects = herd.ask(Request::Reload, 2);
+    let effects = herd.feed_back(effects, &bigger);
+    assert_eq!(
+        answers(&effects),
+        [(
+            2,
+            Err(
+                "reload refused, the herd is unchanged: a rolling restart or reload is under way; \
+                 reload again once it is done (to resize web)"
+                    .into()
+            )
+        )]
+    );
+    assert!(starts(&effects).is_empty());
+    herd.runs(4);
+
+    // Then: two more, with new ids, the instances kept as they are.
+    let effects = herd.ask(Request::Reload, 3);
+    let effects = herd.feed_back(effects, &bigger);
+    assert_eq!(starts(&effects), ["local: 5 6"]);
+    assert!(commands(&effects).is_empty());
+    assert_eq!(
+        answers(&effects),
+        [(
+            3,
+            Ok(
+                "reloaded /etc/herd/herd.toml: groups added: none; removed: none; \
+                changed: none; resized: web (3 -> 5 instances)"
+                    .into()
+            )
+        )]
+    );
+    // And back to 2: the highest group ids stop, the answer once they
+    // have.
+    let smaller = config(&WEB.replace("instances = 3", "instances = 2"));
+    let effects = herd.ask(Request::Reload, 4);
+    let effects = herd.feed_back(effects, &smaller);
+    assert_eq!(
+        commands(&effects),
+        [
+            (6, InstanceCommand::Remove),
+            (5, InstanceCommand::Remove),
+            (3, InstanceCommand::Remove)
+        ]
+    );
+    herd.stopped(6);
+    herd.stopped(5);
+    let effects = herd.stopped(3);
+    assert!(
+        matches!(&answers(&effects)[..], [(4, Ok(message))] if message.ends_with("resized: web (5 -> 2 instances)"))
+    );
+    assert_eq!(herd.core.table.live_ids("web"), [1, 2]);
+}
+
+#[test]
+fn a_reload_of_a_broken_config_changes_nothing() {
+    let (mut herd, _) = Herd::started(WEB);
+    let effects = herd.ask(Request::Reload, 1);
+    assert_eq!(effects.len(), 1);
+    let result = Config::load("/nonexistent/herd.toml".as_ref());
+    let effects = herd.handle(Event::ConfigRead {
+        result,
+        reply: Some(ReplyId(1)),
+    });
+    let refused =
+        "reload refused, the herd is unchanged:\ncannot read config /nonexistent/herd.toml";
+    assert_eq!(logs(&effects), [refused]);
+    assert_eq!(answers(&effects), [(1, Err(refused.into()))]);
+    assert!(starts(&effects).is_empty() && commands(&effects).is_empty());
+}
+
+#[test]
+fn the_stop_ends_what_waits_refuses_changes_and_is_answered_at_the_end() {
+    let (mut herd, _) = Herd::started(QUEUES);
+    herd.runs(8);
+    let effects = herd.ask(
+        Request::Stop {
+            kill: false,
+            reason: "stop requested over the control socket".into(),
+        },
+        1,
+    );
+    assert!(matches!(
+        &effects[..],
+        [Effect::Shutdown { kill: false, reason }] if reason.contains("control socket")
+    ));
+    herd.ask(
+        Request::Restart {
+            group: "plain".into(),
+        },
+        2,
+    );
+    let effects = herd.handle(Event::Stopping {
+        reason: "stop requested over the control socket".into(),
+        hint: Some("Ctrl-C again to kill at once".into()),
+    });
+    assert_eq!(
+        logs(&effects),
+        [
+            "stopping every instance: stop requested over the control socket \
+          (grace 10s; Ctrl-C again to kill at once)"
+        ]
+    );
+    // Consumers held for their feeder never start; the restart ends.
+    assert_eq!(never_ran(&effects), [2, 3, 4, 6, 7]);
+    assert_eq!(
+        answers(&effects),
+        [(
+            2,
+            Err("the herd stopped before the change was complete".into())
+        )]
+    );
+    let effects = herd.ask(Request::Reload, 3);
+    assert_eq!(answers(&effects), [(3, Err("the herd is stopping".into()))]);
+    let effects = herd.handle(Event::Killing {
+        reason: "kill requested".into(),
+    });
+    assert_eq!(
+        logs(&effects),
+        ["killing every instance now: kill requested"]
+    );
+    let effects = herd.handle(Event::Ended {
+        outcome: "stopped: 8 instances ended".into(),
+    });
+    assert_eq!(
+        answers(&effects),
+        [(1, Ok("stopped: 8 instances ended".into()))]
+    );
+}
+
+#[test]
+fn the_max_running_time_stops_the_herd() {
+    let text = WEB.replace("stop_grace = \"5s\"", "max_running_time = \"1h\"");
+    let (mut herd, _) = Herd::started(&text);
+    assert_eq!(
+        herd.core.next_deadline(),
+        Some(herd.start + Duration::from_secs(3600))
+    );
+    let effects = herd.wait(Duration::from_secs(3600));
+    assert!(matches!(
+        &effects[..],
+        [Effect::Shutdown { kill: false, reason }] if reason == "max running time of 1h reached"
+    ));
+    assert_eq!(herd.core.next_deadline(), None);
+    let effects = herd.ask(Request::Status, 1);
+    assert!(matches!(
+        &effects[..],
+        [Effect::Answer { answer: Ok(Answer::Status(status)), .. }] if status.groups.len() == 2
+    ));
+}
