@@ -2,7 +2,8 @@
 //! agent, hands the agent the host's instances, relays what it reports,
 //! and reconnects (restarting the instances) when the host is lost.
 //!
-//! It speaks the interface of every host ([`super::host`]): what it learns
+//! It speaks the interface of every host, the master's own too: it is
+//! handed instances and commands as [`HostCommand`]s, and what it learns
 //! goes to the run loop as [`HostReport`]s, in order, on one channel:
 //! instance events, feeders listening, the host lost.
 
