@@ -48,6 +48,7 @@ fn spec(id: u32, script: &str) -> InstanceSpec {
             own_executable: false,
         },
         identity: Identity {
+            vars: Default::default(),
             id,
             group_id: id,
             group_count: 1,

@@ -716,6 +716,7 @@ mod tests {
                 own_executable: false,
             },
             identity: Identity {
+                vars: Default::default(),
                 id,
                 group_id: id,
                 group_count: 3,
