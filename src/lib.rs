@@ -32,6 +32,7 @@
 
 #[cfg(feature = "master")]
 pub mod agent;
+mod backoff;
 #[cfg(feature = "slave")]
 pub mod callback;
 #[cfg(feature = "master")]

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use super::record::{Reader, Record};
 use super::sibling;
 use super::state::State;
+use crate::backoff::Backoff;
 use crate::error_text::error_chain;
 use crate::queue::journal::{self, scan_frames, ScanEnd};
 use crate::queue::local::{LocalQueueError, Result};
@@ -33,6 +34,9 @@ pub(crate) const V1_MAGIC: &[u8; 8] = b"THQJNL01";
 const RETRY_INITIAL: Duration = Duration::from_millis(50);
 /// Longest pause between two tries of a failing write.
 const RETRY_MAX: Duration = Duration::from_secs(1);
+/// The pauses between tries of a failing write, without jitter (one
+/// writer per journal: nothing to spread).
+const WRITE_RETRY: Backoff = Backoff::doubling(RETRY_INITIAL, RETRY_MAX, 0.0);
 /// How often the writer looks at a compaction running aside.
 const SNAPSHOT_POLL: Duration = Duration::from_millis(20);
 /// After a failed compaction, the next waits this long (or for the journal
@@ -639,8 +643,9 @@ struct Writer {
     /// Frames that failed to be written, with the sequence they cover.
     retry: Vec<u8>,
     retry_seq: u64,
-    /// Pause before the next try of `retry`.
-    backoff: Duration,
+    /// Writes failed in a row: the [`WRITE_RETRY`] step of the pause
+    /// before the next try of `retry`.
+    failures: u32,
     /// The directory was not synced after a compaction's rename.
     dir_unsynced: bool,
     /// A compaction in progress: the snapshot's writer, its length, and
@@ -657,7 +662,7 @@ impl Writer {
             shared,
             retry: Vec::new(),
             retry_seq: 0,
-            backoff: RETRY_INITIAL,
+            failures: 0,
             dir_unsynced: false,
             compaction: None,
         }
@@ -678,7 +683,7 @@ impl Writer {
                         let pause = if self.retry.is_empty() {
                             SNAPSHOT_POLL
                         } else {
-                            self.backoff
+                            WRITE_RETRY.delay(self.failures, 0.5)
                         };
                         inner = self
                             .shared
@@ -738,7 +743,7 @@ impl Writer {
             Ok(()) => {
                 self.len += out.len() as u64;
                 self.shared.journal_len.store(self.len, Ordering::Relaxed);
-                self.backoff = RETRY_INITIAL;
+                self.failures = 0;
                 let mut inner = self.shared.lock();
                 inner.failing = None;
                 inner.synced = last;
@@ -761,7 +766,7 @@ impl Writer {
                 self.shared.done.notify_all();
                 self.retry = out;
                 self.retry_seq = last;
-                self.backoff = (self.backoff * 2).min(RETRY_MAX);
+                self.failures = self.failures.saturating_add(1);
                 false
             }
         }
