@@ -431,11 +431,7 @@ mod millis_vec {
     use std::time::Duration;
 
     pub fn serialize<S: Serializer>(delays: &[Duration], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(
-            delays
-                .iter()
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        )
+        s.collect_seq(delays.iter().map(|d| crate::protocol::millis::of(*d)))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {

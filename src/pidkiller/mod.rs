@@ -588,10 +588,7 @@ mod epoch_ms {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         match t {
-            Some(t) => {
-                let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
-                s.serialize_some(&u64::try_from(ms).unwrap_or(u64::MAX))
-            }
+            Some(t) => s.serialize_some(&crate::protocol::millis::since_epoch(*t)),
             None => s.serialize_none(),
         }
     }
@@ -867,11 +864,7 @@ mod tests {
 
     /// What a deadline looks like after a round trip through the file.
     fn round_to_ms(t: SystemTime) -> SystemTime {
-        let ms = t
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after the epoch")
-            .as_millis();
-        std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).expect("fits"))
+        std::time::UNIX_EPOCH + Duration::from_millis(crate::protocol::millis::since_epoch(t))
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ use super::shutdown::Shutdown;
 use crate::error_text::error_chain;
 use crate::log::{InstanceLabel, LogSink, Stream};
 use crate::pidkiller::PidKiller;
+use crate::protocol::millis;
 use crate::protocol::slave::{Level, QueueRole, ToSlave};
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -96,10 +97,7 @@ pub(crate) fn emit(
     kind: EventKind,
 ) {
     if let Some(events) = events {
-        let time_ms = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
+        let time_ms = millis::now();
         // Nobody listening any more is fine: the run is ending.
         let _ = events.send(InstanceEvent { id, time_ms, kind });
     }
@@ -224,7 +222,7 @@ pub async fn supervise(
                         (_, None) => format!("restarting in {delay_text} (restart {attempt})"),
                     };
                     sink.instance_event(&spec.label, Level::Info, message).await;
-                    let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                    let delay_ms = millis::of(delay);
                     emit(events.as_ref(), id, EventKind::Backoff { delay_ms });
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -274,7 +272,7 @@ async fn next_command(commands: &mut mpsc::UnboundedReceiver<InstanceCommand>) -
 }
 
 fn round_ms(d: Duration) -> Duration {
-    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    Duration::from_millis(millis::of(d))
 }
 
 /// Why the wait for the process ended.

@@ -402,7 +402,7 @@ pub(crate) fn read_lines(
 /// Records a batch in the store: its jobs, its rejected lines, the mark.
 /// The caller commits (one frame: all or nothing).
 pub(crate) fn absorb(store: &mut Store, batch: Batch) -> usize {
-    let now = super::now_ms();
+    let now = crate::protocol::millis::now();
     let mut count = 0;
     for (job, options) in batch.jobs {
         match options {

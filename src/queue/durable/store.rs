@@ -583,7 +583,7 @@ fn convert_v1_if_needed(path: &Path) -> Result<()> {
     };
     let mut old = FileQueue::open(path, options)?;
     let mut state = State::new();
-    let now_ms = super::now_ms();
+    let now_ms = crate::protocol::millis::now();
     for message in old.dead_letters() {
         if let Ok(payload) = serde_json::value::to_raw_value(&message.payload) {
             state.bury_new(

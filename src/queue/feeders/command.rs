@@ -370,7 +370,7 @@ fn read_jobs(
             Ok(payload) => match split_envelope(payload.get()) {
                 Ok(None) => (Ok(payload), None),
                 Ok(Some((job, options))) => {
-                    let options = options.resolved(crate::queue::durable::now_ms());
+                    let options = options.resolved(crate::protocol::millis::now());
                     (Ok(Arc::from(job)), Some(Arc::new(options)))
                 }
                 Err(why) => (
@@ -466,7 +466,7 @@ impl Feeder for CommandFeeder {
         if self.done {
             return Next::Done;
         }
-        let now = crate::queue::durable::now_ms();
+        let now = crate::protocol::millis::now();
         if let Some(entry) = self.delayed.first_entry() {
             if entry.key().0 <= now {
                 let job = entry.remove();
@@ -526,7 +526,7 @@ impl Feeder for CommandFeeder {
     fn recheck(&self) -> Duration {
         match self.delayed.first_key_value() {
             Some((&(due, _), _)) => COMMAND_RECHECK.min(Duration::from_millis(
-                due.saturating_sub(crate::queue::durable::now_ms()),
+                due.saturating_sub(crate::protocol::millis::now()),
             )),
             None => COMMAND_RECHECK,
         }
