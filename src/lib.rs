@@ -47,6 +47,8 @@ pub mod pidkiller;
 pub mod protocol;
 #[cfg(feature = "slave")]
 pub mod queue;
+#[cfg(feature = "slave")]
+mod random;
 pub mod retry;
 #[cfg(feature = "slave")]
 pub mod slave;

@@ -188,7 +188,7 @@ pub async fn supervise(
                 Some(InstanceCommand::Restart) => continue,
                 Some(InstanceCommand::Resume) | None => {}
             }
-            match tracker.decide(&run.outcome, run.ran_for, fastrand::f64()) {
+            match tracker.decide(&run.outcome, run.ran_for, crate::random::unit()) {
                 Decision::Finished => match run.outcome {
                     // Recycling always restarts: only a clean end finishes.
                     RunOutcome::Success | RunOutcome::Recycled(_) => break InstanceEnd::Completed,

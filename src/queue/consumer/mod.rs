@@ -541,9 +541,7 @@ impl Reconnects {
     fn next_delay(&mut self) -> Duration {
         let step = self.failures;
         self.failures = self.failures.saturating_add(1);
-        // Without randomness the delay is just not spread.
-        let unit = getrandom::u32().map_or(0.5, |r| f64::from(r) / f64::from(u32::MAX));
-        Backoff::doubling(RECONNECT_INITIAL, RECONNECT_MAX, 0.25).delay(step, unit)
+        Backoff::doubling(RECONNECT_INITIAL, RECONNECT_MAX, 0.25).delay(step, crate::random::unit())
     }
 }
 
