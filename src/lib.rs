@@ -38,6 +38,8 @@ pub mod callback;
 #[cfg(feature = "master")]
 pub mod config;
 mod error_text;
+#[cfg(feature = "slave")]
+mod files;
 #[cfg(feature = "master")]
 pub mod log;
 #[cfg(feature = "master")]

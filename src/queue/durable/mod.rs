@@ -57,13 +57,3 @@ pub(crate) mod inbox;
 pub(crate) mod record;
 pub(crate) mod state;
 pub(crate) mod store;
-
-use std::ffi::OsString;
-use std::path::{Path, PathBuf};
-
-/// `<path><suffix>`.
-pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = OsString::from(path.as_os_str());
-    name.push(suffix);
-    PathBuf::from(name)
-}

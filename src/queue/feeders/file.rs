@@ -996,7 +996,7 @@ mod tests {
             old.ack(&lease.lease_id).expect("ack");
         }
         std::fs::write(
-            crate::queue::durable::sibling(&path, ".dead"),
+            crate::files::sibling(&path, ".dead"),
             "{\"id\":9,\"job\":{\"n\":9},\"reason\":\"old\"}\n",
         )
         .expect("dead file");
@@ -1005,6 +1005,6 @@ mod tests {
         assert_eq!(served, [2, 3]);
         let dead = feeder.report().expect("report").dead;
         assert_eq!((dead.len(), dead[0].reason.as_str()), (1, "old"));
-        assert!(!crate::queue::durable::sibling(&path, ".dead").exists());
+        assert!(!crate::files::sibling(&path, ".dead").exists());
     }
 }
