@@ -125,8 +125,7 @@ fn ensure_dir(path: &Path) -> Result<PathBuf, PidKillerError> {
         .create(&dir)
         .map_err(dir_err)?;
     let meta = fs::symlink_metadata(&dir).map_err(dir_err)?;
-    // SAFETY: geteuid(2) cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     // A symlinked directory is fine if the link target passes the checks.
     let meta = if meta.file_type().is_symlink() {
         fs::metadata(&dir).map_err(dir_err)?
