@@ -32,6 +32,7 @@ pub(crate) struct Backoff {
 pub(crate) enum Cap {
     /// The delay before jitter: at the cap, delays still spread both ways
     /// around `max` (instance restarts and the master's reconnects).
+    #[cfg_attr(not(feature = "master"), allow(dead_code))]
     Base,
     /// The delay itself, jitter included: never longer than `max` (job
     /// retries, the consumer's reconnects).

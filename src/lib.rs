@@ -1,4 +1,8 @@
-#![warn(missing_docs)]
+// The crate's lints are in Cargo.toml's `[lints]` (missing docs, unsafe
+// operations, safety comments, ...); this one is for the library's own
+// code, not its tests: no `unwrap` on what can fail at run time (an
+// invariant is written `.expect("invariant: ...")`).
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 //! taskherd starts, supervises and feeds processes.
 //!
 //! # Layout

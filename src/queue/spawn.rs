@@ -304,9 +304,11 @@ impl Drop for JobProcess {
 fn clone_vfork(setup: &ChildSetup, stack: &mut [MaybeUninit<u8>]) -> io::Result<libc::pid_t> {
     // The stack grows down from its 16-byte aligned top.
     let top = stack.as_mut_ptr_range().end as usize & !15;
-    // SAFETY: sigfillset/pthread_sigmask write sigset_t values we own.
+    // SAFETY: sigset_t is a plain C bit set: all zeros is a valid value.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigfillset/pthread_sigmask write sigset_t values we own.
     unsafe {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
