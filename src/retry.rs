@@ -68,6 +68,9 @@ impl Outcome {
 }
 
 /// What follows a failed attempt, as decided by [`RetryPolicy::next`].
+///
+/// (An instance's restart is decided by `supervise::restart`'s own
+/// `Decision`: it has more cases and no wall-clock time.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Run the job again at this time.

@@ -16,6 +16,11 @@ pub enum RunOutcome {
 }
 
 /// What the supervisor does after a run ended.
+///
+/// Not the same thing as a job's [`retry::Decision`](crate::retry::Decision):
+/// an instance can also be done for good (its policy says so after a clean
+/// end), its delay is relative and counts restarts in a row, and giving
+/// up counts restarts rather than naming a reason for a dead letter.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// The instance is done (policy says no restart).
