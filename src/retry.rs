@@ -23,6 +23,7 @@
 //! assert!(matches!(policy.next(3, t0, t0, None, 0.5), Decision::GiveUp(_)));
 //! ```
 
+use crate::backoff::{Backoff, Cap};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime};
 
@@ -67,6 +68,9 @@ impl Outcome {
 }
 
 /// What follows a failed attempt, as decided by [`RetryPolicy::next`].
+///
+/// (An instance's restart is decided by `supervise::restart`'s own
+/// `Decision`: it has more cases and no wall-clock time.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Run the job again at this time.
@@ -406,7 +410,14 @@ impl RetryPolicy {
                 }
                 match requested {
                     Some(requested) => requested.min(*max),
-                    None => backoff(*initial, *max, *factor, *jitter, attempt, random),
+                    None => Backoff {
+                        initial: *initial,
+                        max: *max,
+                        factor: *factor,
+                        jitter: *jitter,
+                        cap: Cap::Delay,
+                    }
+                    .delay(attempt - 1, random),
                 }
             }
         };
@@ -417,50 +428,13 @@ impl RetryPolicy {
     }
 }
 
-/// Delay after attempt `attempt` (≥ 1): `initial * factor^(attempt-1)`,
-/// spread by ±`jitter` with `random` in [0, 1], then capped at `max`.
-fn backoff(
-    initial: Duration,
-    max: Duration,
-    factor: f64,
-    jitter: f64,
-    attempt: u32,
-    random: f64,
-) -> Duration {
-    let factor = if factor.is_finite() {
-        factor.max(1.0)
-    } else {
-        1.0
-    };
-    let exponent = i32::try_from(attempt - 1).unwrap_or(i32::MAX).min(1023);
-    let max_secs = max.as_secs_f64();
-    let base = (initial.as_secs_f64() * factor.powi(exponent)).min(max_secs);
-    let jitter = if jitter.is_finite() {
-        jitter.clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    let random = if random.is_finite() {
-        random.clamp(0.0, 1.0)
-    } else {
-        0.5
-    };
-    let spread = 1.0 + jitter * (2.0 * random - 1.0);
-    let secs = (base * spread).clamp(0.0, max_secs);
-    Duration::try_from_secs_f64(secs).unwrap_or(max)
-}
-
 /// `Vec<Duration>` as a list of milliseconds.
 mod millis_vec {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
     pub fn serialize<S: Serializer>(delays: &[Duration], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(
-            delays
-                .iter()
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        )
+        s.collect_seq(delays.iter().map(|d| crate::protocol::millis::of(*d)))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {

@@ -17,10 +17,11 @@
 use crate::log::{LogRecord, LogSink};
 use crate::pidkiller::{default_state_file, PidKiller};
 use crate::protocol::agent::{FromAgent, ToAgent};
+use crate::protocol::millis;
 use crate::protocol::{Connection, ProtocolError, PROTOCOL_VERSION};
 use crate::supervise::instance::{self, InstanceReport};
 use crate::supervise::shutdown::Shutdown;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -267,11 +268,7 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
 }
 
 fn log_frame(record: LogRecord) -> FromAgent {
-    let time_ms = record
-        .time
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0);
+    let time_ms = millis::since_epoch(record.time);
     FromAgent::Log {
         id: record.instance.as_ref().map(|label| label.id),
         time_ms,

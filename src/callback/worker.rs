@@ -1,8 +1,6 @@
 //! A worker: pulls jobs from a local queue, runs their handlers, settles
 //! them per a retry policy.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -446,7 +444,7 @@ impl<Q: LocalQueue + ?Sized + 'static> Worker<Q> {
                     lease.message.enqueued_at,
                     now,
                     *requested,
-                    random_unit(),
+                    crate::random::unit(),
                 );
                 match decision {
                     Decision::RetryAt(at) => {
@@ -666,18 +664,6 @@ where
         Ok(result) => result,
         Err(err) => Err(CallbackError::QueueTask(err)),
     }
-}
-
-/// A number uniform enough in [0, 1) to spread retries (std only: the
-/// per-instance random keys of `RandomState`, mixed with the time).
-fn random_unit() -> f64 {
-    let mut hasher = RandomState::new().build_hasher();
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    hasher.write_u128(nanos);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -1190,13 +1176,5 @@ mod tests {
             job(Outcome::Retry(None))
         );
         assert!(reopened.receive(later).expect("receive").is_none());
-    }
-
-    #[test]
-    fn random_unit_is_in_range() {
-        for _ in 0..1000 {
-            let r = random_unit();
-            assert!((0.0..1.0).contains(&r), "{r}");
-        }
     }
 }

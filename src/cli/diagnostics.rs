@@ -2,6 +2,7 @@
 //! (then through the log's writer so lines do not interleave).
 
 use crate::Verbosity;
+use std::os::fd::{AsFd, BorrowedFd};
 
 /// Where diagnostics are printed.
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +37,7 @@ pub(crate) fn init_diagnostics(diagnostics: Diagnostics, verbosity: Verbosity) {
     let erase_row = matches!(diagnostics, Diagnostics::BelowStatusLine)
         && terminal
         && std::io::stdout().is_terminal()
-        && same_file(libc::STDOUT_FILENO, libc::STDERR_FILENO);
+        && same_file(std::io::stdout(), std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -48,18 +49,13 @@ pub(crate) fn init_diagnostics(diagnostics: Diagnostics, verbosity: Verbosity) {
 }
 
 /// Whether two fds are the same file (or terminal).
-fn same_file(a: libc::c_int, b: libc::c_int) -> bool {
-    let stat = |fd| {
-        // SAFETY: fstat(2) only fills the stat we pass; a bad fd is an
-        // error return.
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((
-            stat.st_dev,
-            stat.st_ino,
-            stat.st_rdev,
-        ))
+fn same_file(a: impl AsFd, b: impl AsFd) -> bool {
+    let stat = |fd: BorrowedFd<'_>| {
+        rustix::fs::fstat(fd)
+            .ok()
+            .map(|stat| (stat.st_dev, stat.st_ino, stat.st_rdev))
     };
-    matches!((stat(a), stat(b)), (Some(a), Some(b)) if a == b)
+    matches!((stat(a.as_fd()), stat(b.as_fd())), (Some(a), Some(b)) if a == b)
 }
 
 /// One diagnostic on stderr, written at once when it is complete (on

@@ -215,13 +215,10 @@ impl FeederAddress {
 /// This machine's host name, as remote consumers dial a local feeder bound
 /// to a wildcard address.
 fn master_host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname writes at
-    // most that many bytes.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    match std::str::from_utf8(&buf[..len]) {
-        Ok(name) if rc == 0 && !name.is_empty() => name.to_string(),
+    // uname(2)'s node name is what gethostname(2) gives.
+    let uname = rustix::system::uname();
+    match uname.nodename().to_str() {
+        Ok(name) if !name.is_empty() => name.to_string(),
         _ => "localhost".to_string(),
     }
 }

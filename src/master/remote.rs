@@ -187,7 +187,7 @@ pub async fn supervise_host(
                 continue;
             }
             HostOutcome::Refused(problem) => {
-                let delay = backoff_delay(&refused_backoff(), refusals, fastrand::f64());
+                let delay = backoff_delay(&refused_backoff(), refusals, crate::random::unit());
                 refusals = refusals.saturating_add(1);
                 // Said once per streak: hundreds of hosts behind one sshd
                 // may each be refused a few times on their way in.
@@ -206,7 +206,7 @@ pub async fn supervise_host(
             }
             HostOutcome::Lost(problem) => {
                 refusals = 0;
-                let delay = backoff_delay(&reconnect_backoff(), failures, fastrand::f64());
+                let delay = backoff_delay(&reconnect_backoff(), failures, crate::random::unit());
                 failures = failures.saturating_add(1);
                 // Its instances are gone with it, until the next agent.
                 reporter.send(HostReport::Lost {

@@ -563,8 +563,7 @@ pub fn read_state(path: impl AsRef<Path>) -> Result<Vec<Entry>, PidKillerError> 
 /// `$HOME/.local/state/taskherd`, else `/tmp/taskherd-state-<uid>`
 /// (relative values are ignored).
 pub fn default_state_dir() -> PathBuf {
-    // SAFETY: getuid(2) cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = rustix::process::getuid().as_raw();
     store::state_dir_from(
         std::env::var_os("XDG_STATE_HOME"),
         std::env::var_os("HOME"),
@@ -588,10 +587,7 @@ mod epoch_ms {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         match t {
-            Some(t) => {
-                let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
-                s.serialize_some(&u64::try_from(ms).unwrap_or(u64::MAX))
-            }
+            Some(t) => s.serialize_some(&crate::protocol::millis::since_epoch(*t)),
             None => s.serialize_none(),
         }
     }
@@ -612,6 +608,7 @@ mod epoch_ms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proc::Target;
     use std::io::{BufRead, BufReader};
     use std::os::unix::process::{CommandExt, ExitStatusExt};
     use std::process::{Child, Command, ExitStatus, Stdio};
@@ -684,8 +681,8 @@ mod tests {
         fn drop(&mut self) {
             if let Some(mut child) = self.child.take() {
                 if matches!(child.try_wait(), Ok(None)) {
-                    // SAFETY: kill(2); the group is our unreaped child's.
-                    unsafe { libc::kill(-(self.pid as libc::pid_t), libc::SIGKILL) };
+                    // The group is our unreaped child's.
+                    let _ = proc::send_once(Target::Group(self.pid), Signal::Kill);
                 }
                 let _ = child.wait();
             }
@@ -867,11 +864,7 @@ mod tests {
 
     /// What a deadline looks like after a round trip through the file.
     fn round_to_ms(t: SystemTime) -> SystemTime {
-        let ms = t
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after the epoch")
-            .as_millis();
-        std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).expect("fits"))
+        std::time::UNIX_EPOCH + Duration::from_millis(crate::protocol::millis::since_epoch(t))
     }
 
     #[tokio::test]
@@ -881,8 +874,8 @@ mod tests {
         let mut stubborn = Victim::spawn("trap '' TERM; echo ready; exec sleep 60");
         let mut gone = Victim::spawn("echo ready; exec sleep 60");
         let gone_identity = gone.identity();
-        // SAFETY: kill(2) of our own unreaped child.
-        unsafe { libc::kill(gone.pid as libc::pid_t, libc::SIGKILL) };
+        // Our own unreaped child.
+        proc::send_once(Target::Process(gone.pid), Signal::Kill).expect("kill");
         gone.exit_status().await;
         let dead_owner = dead_identity();
         let entry = |identity: ProcessIdentity, label: &str| Entry {
@@ -973,8 +966,8 @@ mod tests {
             .await
             .expect("register");
         // The leader dies alone (as with a parent-death signal).
-        // SAFETY: kill(2) of our own unreaped child.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        // Our own unreaped child.
+        proc::send_once(Target::Process(pid), Signal::Kill).expect("kill");
         leader.exit_status().await;
         assert!(member.is_alive_same());
 
@@ -1000,8 +993,8 @@ mod tests {
     impl Drop for KillOnDrop {
         fn drop(&mut self) {
             if self.0.is_alive_same() {
-                // SAFETY: kill(2); identity checked just before.
-                unsafe { libc::kill(self.0.pid as libc::pid_t, libc::SIGKILL) };
+                // Identity checked just before.
+                let _ = proc::send_once(Target::Process(self.0.pid), Signal::Kill);
             }
         }
     }
@@ -1029,23 +1022,18 @@ mod tests {
         let mut short = Victim::spawn("echo ready");
         let zombie = short.pid;
         let waited = tokio::task::spawn_blocking(move || {
-            // SAFETY: waitid(2) on our own child, into a zeroed siginfo_t;
-            // WNOWAIT leaves it unreaped (a zombie) for `exit_status`.
-            unsafe {
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                libc::waitid(
-                    libc::P_PID,
-                    zombie as libc::id_t,
-                    &mut info,
-                    libc::WEXITED | libc::WNOWAIT,
-                )
-            }
+            // WNOWAIT leaves our child unreaped (a zombie) for `exit_status`.
+            let pid = rustix::process::Pid::from_raw(zombie as i32).expect("a pid");
+            rustix::process::waitid(
+                rustix::process::WaitId::Pid(pid),
+                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
+            )
         });
-        let rc = tokio::time::timeout(BOUND, waited)
+        tokio::time::timeout(BOUND, waited)
             .await
             .expect("the short-lived child exits in time")
-            .expect("waitid task");
-        assert_eq!(rc, 0, "waitid: {}", io::Error::last_os_error());
+            .expect("waitid task")
+            .expect("waitid");
         let err = killer
             .register(zombie, zombie, None, grace, "short")
             .await

@@ -4,10 +4,12 @@
 //! `kill(2)`), except [`signal`], which retries with a short async backoff,
 //! and [`wait_exit`], which waits on a pidfd without polling.
 
+use crate::backoff::Backoff;
+use rustix::process::{Pid, PidfdFlags};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -153,10 +155,10 @@ pub enum Signal {
 }
 
 impl Signal {
-    fn number(self) -> libc::c_int {
+    fn rustix(self) -> rustix::process::Signal {
         match self {
-            Signal::Term => libc::SIGTERM,
-            Signal::Kill => libc::SIGKILL,
+            Signal::Term => rustix::process::Signal::TERM,
+            Signal::Kill => rustix::process::Signal::KILL,
         }
     }
 }
@@ -182,45 +184,46 @@ pub(crate) enum Delivery {
 /// How many times a failing `kill(2)` is tried in all.
 pub(crate) const SIGNAL_ATTEMPTS: u32 = 3;
 
-/// Pause before the second attempt; doubled for each further one.
-const SIGNAL_RETRY_BACKOFF: Duration = Duration::from_millis(10);
+/// Pauses between attempts: 10 ms before the second, doubled for each
+/// further one.
+const SIGNAL_RETRY: Backoff =
+    Backoff::doubling(Duration::from_millis(10), Duration::from_secs(1), 0.0);
 
 /// One `kill(2)` call.
 pub(crate) fn send_once(target: Target, signal: Signal) -> io::Result<Delivery> {
-    let raw = match target {
-        Target::Group(pgid) => pid_t(pgid)?.checked_neg(),
-        Target::Process(pid) => Some(pid_t(pid)?),
-    };
-    // 0 and -1 (and anything <= 1 as a group) would hit our own group or
-    // every process we may signal: never, whatever the caller recorded.
-    let raw = match raw {
-        Some(raw) if !(-1..=1).contains(&raw) => raw,
-        _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("refusing to signal {target}"),
-            ))
-        }
-    };
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    if unsafe { libc::kill(raw, signal.number()) } == 0 {
-        return Ok(Delivery::Sent);
+    let (Target::Group(n) | Target::Process(n)) = target;
+    // 0 and 1 (kill(2)'s 0 and -1 as a group, or init) would hit our own
+    // group, every process we may signal, or init: never, whatever the
+    // caller recorded.
+    if n <= 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("refusing to signal {target}"),
+        ));
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ESRCH) {
-        Ok(Delivery::NoSuchProcess)
-    } else {
-        Err(err)
+    let pid = pid(n)?;
+    let sent = match target {
+        Target::Group(_) => rustix::process::kill_process_group(pid, signal.rustix()),
+        Target::Process(_) => rustix::process::kill_process(pid, signal.rustix()),
+    };
+    match sent {
+        Ok(()) => Ok(Delivery::Sent),
+        Err(rustix::io::Errno::SRCH) => Ok(Delivery::NoSuchProcess),
+        Err(err) => Err(err.into()),
     }
 }
 
-fn pid_t(n: u32) -> io::Result<libc::pid_t> {
-    libc::pid_t::try_from(n).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{n} is not a valid pid"),
-        )
-    })
+/// `n` as a pid (0 and anything past `i32::MAX` are none).
+fn pid(n: u32) -> io::Result<Pid> {
+    i32::try_from(n)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{n} is not a valid pid"),
+            )
+        })
 }
 
 /// Sends `signal` to `target`, trying again with a short backoff when the
@@ -229,7 +232,6 @@ fn pid_t(n: u32) -> io::Result<libc::pid_t> {
 /// # Errors
 /// The last error after [`SIGNAL_ATTEMPTS`] attempts.
 pub(crate) async fn signal(target: Target, signal: Signal, label: &str) -> io::Result<Delivery> {
-    let mut backoff = SIGNAL_RETRY_BACKOFF;
     let mut attempt = 1;
     loop {
         match send_once(target, signal) {
@@ -244,17 +246,14 @@ pub(crate) async fn signal(target: Target, signal: Signal, label: &str) -> io::R
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff *= 2;
+        tokio::time::sleep(SIGNAL_RETRY.delay(attempt - 1, 0.5)).await;
         attempt += 1;
     }
 }
 
 /// Own process group of the caller, which is never a valid target.
 pub(crate) fn own_pgrp() -> u32 {
-    // SAFETY: getpgrp(2) cannot fail.
-    let pgrp = unsafe { libc::getpgrp() };
-    u32::try_from(pgrp).unwrap_or(0)
+    rustix::process::getpgrp().as_raw_pid().unsigned_abs()
 }
 
 /// Opens a pidfd on `identity` and checks that it is still that process, so
@@ -264,17 +263,8 @@ pub(crate) fn own_pgrp() -> u32 {
 /// `pidfd_open(2)` failed (no such process, kernel older than 5.3), or the
 /// pid now belongs to another process.
 pub(crate) fn pidfd_open(identity: ProcessIdentity) -> io::Result<OwnedFd> {
-    let pid = pid_t(identity.pid)?;
-    // SAFETY: pidfd_open(2) takes a pid and flags, and returns a new fd
-    // (owned by nobody else) or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = libc::c_int::try_from(fd)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "pidfd out of range"))?;
-    // SAFETY: `fd` was just returned by the kernel and is owned by no one.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let pid = pid(identity.pid)?;
+    let fd = rustix::process::pidfd_open(pid, PidfdFlags::empty())?;
     if !identity.is_alive_same() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,

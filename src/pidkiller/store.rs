@@ -17,11 +17,11 @@
 
 use super::proc::{self, ProcessIdentity};
 use super::{Entry, PidKillerError};
+use crate::files::{self, sibling, LockKind};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -125,8 +125,7 @@ fn ensure_dir(path: &Path) -> Result<PathBuf, PidKillerError> {
         .create(&dir)
         .map_err(dir_err)?;
     let meta = fs::symlink_metadata(&dir).map_err(dir_err)?;
-    // SAFETY: geteuid(2) cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     // A symlinked directory is fine if the link target passes the checks.
     let meta = if meta.file_type().is_symlink() {
         fs::metadata(&dir).map_err(dir_err)?
@@ -159,33 +158,16 @@ pub(crate) fn lock(path: &Path) -> Result<Lock, PidKillerError> {
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
         .open(&lock_path)
         .map_err(lock_err)?;
-    loop {
-        // SAFETY: flock(2) on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(Lock { _file: file });
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(lock_err(err));
-        }
-    }
-}
-
-/// `<file><suffix>` in the same directory.
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
+    files::lock(&file, LockKind::Exclusive).map_err(lock_err)?;
+    Ok(Lock { _file: file })
 }
 
 /// Writes `state` atomically (tmp file, fsync, rename, fsync of the dir).
 /// The caller holds the [`Lock`].
 pub(crate) fn write(path: &Path, state: &StateFile) -> Result<(), PidKillerError> {
-    let dir = ensure_dir(path)?;
-    let tmp = sibling(path, ".tmp");
+    ensure_dir(path)?;
     let write_err = |source| PidKillerError::Write {
         path: path.to_owned(),
         source,
@@ -193,22 +175,7 @@ pub(crate) fn write(path: &Path, state: &StateFile) -> Result<(), PidKillerError
     let mut bytes = serde_json::to_vec_pretty(state)
         .map_err(|err| write_err(io::Error::new(io::ErrorKind::InvalidData, err)))?;
     bytes.push(b'\n');
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&tmp)
-        .map_err(write_err)?;
-    file.write_all(&bytes).map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(write_err)?;
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(write_err)?;
-    Ok(())
+    files::write_atomic(path, &bytes, 0o600).map_err(write_err)
 }
 
 /// The outcome of [`merge`].

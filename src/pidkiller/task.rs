@@ -386,7 +386,7 @@ impl Registry {
             Ok(Delivery::Sent) => {
                 tracing::info!(
                     pid, %target, label = %entry.label, ?reason,
-                    grace_ms = u64::try_from(entry.grace.as_millis()).unwrap_or(u64::MAX),
+                    grace_ms = crate::protocol::millis::of(entry.grace),
                     "sent SIGTERM"
                 );
                 self.start_grace(&entry, exit_fd);

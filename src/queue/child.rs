@@ -8,12 +8,13 @@ use std::os::fd::OwnedFd;
 #[cfg(target_os = "linux")]
 use std::os::unix::process::CommandExt as _;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::AsyncReadExt as _;
 use tokio::net::unix::pipe;
 
 use crate::pidkiller::proc::{self, ProcessIdentity};
+use crate::protocol::millis;
 
 /// Longest output line relayed as one; longer ones are cut.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -72,14 +73,13 @@ pub(crate) async fn wait_exited(pid: u32) {
 }
 
 /// `deadline` in milliseconds since the Unix epoch.
-pub(crate) fn unix_millis(deadline: Instant) -> u128 {
+pub(crate) fn unix_millis(deadline: Instant) -> u64 {
     let now = SystemTime::now();
     let at = match deadline.checked_duration_since(Instant::now()) {
         Some(left) => now + left,
         None => now,
     };
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis())
+    millis::since_epoch(at)
 }
 
 /// `command` as a line of the log: the program and its arguments, quoted
@@ -265,10 +265,7 @@ mod tests {
 
     #[test]
     fn deadlines_in_unix_millis() {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("after 1970")
-            .as_millis();
+        let now = millis::now();
         let at = unix_millis(Instant::now() + Duration::from_secs(60));
         assert!((now + 59_000..=now + 61_000).contains(&at), "{now} {at}");
         let past = unix_millis(Instant::now() - Duration::from_secs(1));

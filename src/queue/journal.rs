@@ -1,6 +1,7 @@
 //! What the two durable queues share on disk: checksummed frames, the
-//! scan that tells a write torn by a crash from real damage, file locks and
-//! directory syncs.
+//! scan that tells a write torn by a crash from real damage, and the
+//! opening of a locked journal (the locks and syncs themselves are the
+//! crate's `files` helpers).
 //!
 //! A journal is a magic of 8 bytes (each format has its own) followed by
 //! frames:
@@ -16,9 +17,14 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::files::{self, LockKind};
+
+/// The suffix of a compaction being written beside its journal
+/// (`<path>.compact.tmp`).
+pub(crate) const COMPACT_SUFFIX: &str = ".compact.tmp";
 
 /// Length and checksum in front of every frame.
 pub(crate) const FRAME_HEADER_LEN: usize = 8;
@@ -157,24 +163,6 @@ pub(crate) fn sound_frame_after(data: &[u8], start: u64) -> Option<u64> {
         .map(|pos| pos as u64)
 }
 
-/// Syncs the directory holding `path`, making a creation, rename or
-/// removal durable.
-pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
-}
-
-/// Removes `path`; a missing file is fine.
-pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
-        _ => Ok(()),
-    }
-}
-
 /// How long [`open_locked`] waits for a lock held by someone else. A
 /// descriptor closed by the previous holder can live on for a moment in a
 /// child process that another thread is just spawning (between its fork
@@ -208,7 +196,7 @@ pub(crate) fn open_locked(path: &Path) -> Result<File, OpenLockedError> {
             .truncate(false)
             .open(path)
             .map_err(OpenLockedError::Io)?;
-        match lock_exclusive_within(&file, LOCK_GRACE) {
+        match files::lock_within(&file, LockKind::Exclusive, LOCK_GRACE) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 return Err(OpenLockedError::Locked)
@@ -224,52 +212,6 @@ pub(crate) fn open_locked(path: &Path) -> Result<File, OpenLockedError> {
         }
     }
     Err(OpenLockedError::Locked)
-}
-
-/// `flock(op)`, retried when interrupted.
-fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
-    loop {
-        // SAFETY: flock(2) on a descriptor owned by `file`, open for this call.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// Takes an exclusive `flock` if it is free ([`io::ErrorKind::WouldBlock`]
-/// otherwise). Released when `file` is closed.
-pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<()> {
-    flock(file, libc::LOCK_EX | libc::LOCK_NB)
-}
-
-/// Takes an exclusive `flock`, waiting as long as it takes.
-pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
-    flock(file, libc::LOCK_EX)
-}
-
-/// Takes an exclusive `flock`, waiting at most `grace` for it (with a short
-/// backoff: `flock` has no timeout of its own).
-pub(crate) fn lock_exclusive_within(file: &File, grace: Duration) -> io::Result<()> {
-    let deadline = Instant::now() + grace;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match try_lock_exclusive(file) {
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(err);
-                }
-                std::thread::sleep(pause.min(left));
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-            done => return done,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::protocol::millis;
 use crate::retry::RetryPolicy;
 
 /// The options of one job; see the [module docs](self) for the envelope
@@ -76,14 +77,6 @@ fn is_zero(n: &i64) -> bool {
     *n == 0
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, millis)
-}
-
 impl JobOptions {
     /// No option: served in its turn, the group's retry policy, priority 0.
     pub fn new() -> Self {
@@ -93,14 +86,14 @@ impl JobOptions {
     /// Not served before `delay` after it is added.
     #[must_use]
     pub fn delay(mut self, delay: Duration) -> Self {
-        self.delay_ms = Some(millis(delay));
+        self.delay_ms = Some(millis::of(delay));
         self
     }
 
     /// Not served before `at`.
     #[must_use]
     pub fn at(mut self, at: SystemTime) -> Self {
-        self.at_ms = Some(unix_ms(at));
+        self.at_ms = Some(millis::since_epoch(at));
         self
     }
 
@@ -108,7 +101,7 @@ impl JobOptions {
     /// each delay in turn, then is dead (`max_attempts` still caps).
     #[must_use]
     pub fn retry(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
-        self.retry_ms = Some(delays.into_iter().map(millis).collect());
+        self.retry_ms = Some(delays.into_iter().map(millis::of).collect());
         self
     }
 
@@ -116,14 +109,14 @@ impl JobOptions {
     /// or for good: `max_attempts` still caps).
     #[must_use]
     pub fn retry_every(mut self, interval: Duration) -> Self {
-        self.retry_every_ms = Some(millis(interval));
+        self.retry_every_ms = Some(millis::of(interval));
         self
     }
 
     /// With [`retry_every`](Self::retry_every): no retry starts after `until`.
     #[must_use]
     pub fn retry_until(mut self, until: SystemTime) -> Self {
-        self.retry_until_ms = Some(unix_ms(until));
+        self.retry_until_ms = Some(millis::since_epoch(until));
         self
     }
 
@@ -179,7 +172,7 @@ impl JobOptions {
     /// does before it writes them).
     #[must_use]
     pub fn resolved_now(self) -> Self {
-        self.resolved(crate::queue::durable::now_ms())
+        self.resolved(millis::now())
     }
 
     /// Its own retry policy, if it has one; `first_attempt_at` is when its
@@ -296,7 +289,7 @@ pub fn duration_ms(value: &Value) -> Result<u64, String> {
         Value::Number(n) => n
             .as_u64()
             .ok_or_else(|| format!("{n} is not a number of milliseconds")),
-        Value::String(text) => parse_duration(text).map(millis),
+        Value::String(text) => parse_duration(text).map(millis::of),
         other => Err(format!("{other} is not a duration (\"10s\" or ms)")),
     }
 }
@@ -319,7 +312,7 @@ pub fn time_ms(value: &Value) -> Result<u64, String> {
         Value::Number(n) => n
             .as_u64()
             .ok_or_else(|| format!("{n} is not a Unix time in ms")),
-        Value::String(text) => parse_time(text).map(unix_ms),
+        Value::String(text) => parse_time(text).map(millis::since_epoch),
         other => Err(format!("{other} is not a time (RFC 3339 or Unix ms)")),
     }
 }

@@ -28,7 +28,7 @@
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::process::ExitStatus;
@@ -37,6 +37,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use libc::{c_char, c_int, c_void};
+use rustix::pipe::PipeFlags;
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions, WaitOptions};
 
 use crate::pidkiller::proc;
 
@@ -176,8 +178,7 @@ impl JobCommand {
                 stdout_write.as_raw_fd(),
                 stderr_write.as_raw_fd(),
             ],
-            // SAFETY: getpid(2) cannot fail.
-            parent: unsafe { libc::getpid() },
+            parent: rustix::process::getpid().as_raw_pid(),
             error: AtomicI32::new(0),
         };
         // Not zeroed: a stack needs no initial contents.
@@ -229,35 +230,29 @@ impl JobProcess {
     /// A pidfd of the process: no identity check is needed, an unreaped
     /// child's pid cannot be anybody else's.
     fn pidfd(&self) -> io::Result<OwnedFd> {
-        let pid =
-            libc::pid_t::try_from(self.pid).map_err(|_| io::Error::other("pid out of range"))?;
-        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd
-        // or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = c_int::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
-        // SAFETY: `fd` was just returned by the kernel and is owned by no one.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        Ok(rustix::process::pidfd_open(
+            self.rustix_pid()?,
+            PidfdFlags::empty(),
+        )?)
+    }
+
+    /// The pid as rustix takes it.
+    fn rustix_pid(&self) -> io::Result<Pid> {
+        i32::try_from(self.pid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .ok_or_else(|| io::Error::other("pid out of range"))
     }
 
     /// Whether the process has ended (not reaped: `WNOWAIT`). An error
     /// counts as ended: there is nothing left to wait for.
     fn has_exited(&self) -> bool {
-        let pid: libc::id_t = self.pid;
-        // SAFETY: waitid(2) writes one siginfo_t we own.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let got = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
+        let Ok(pid) = self.rustix_pid() else {
+            return true;
         };
-        // SAFETY: si_pid is set by waitid (0 when nothing has ended).
-        got != 0 || unsafe { info.si_pid() } != 0
+        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        // `None`: nothing has ended yet.
+        !matches!(rustix::process::waitid(WaitId::Pid(pid), options), Ok(None))
     }
 
     /// Waits for the process to end (blocking) and reaps it.
@@ -267,21 +262,25 @@ impl JobProcess {
 
     /// `waitpid` until it answers.
     fn reap(&mut self) -> io::Result<ExitStatus> {
-        let pid =
-            libc::pid_t::try_from(self.pid).map_err(|_| io::Error::other("pid out of range"))?;
-        let mut status: c_int = 0;
+        let pid = self.rustix_pid()?;
         loop {
-            // SAFETY: waitpid(2) writes one int we own.
-            let got = unsafe { libc::waitpid(pid, &mut status, 0) };
-            if got == pid {
-                self.reaped = true;
-                return Ok(ExitStatus::from_raw(status));
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                // ECHILD: somebody else reaped it; nothing left to do.
-                self.reaped = true;
-                return Err(err);
+            match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
+                Ok(Some((got, status))) if got == pid => {
+                    self.reaped = true;
+                    return Ok(ExitStatus::from_raw(status.as_raw()));
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                // Without WNOHANG only our child answers; anything else is
+                // as good as ECHILD: somebody else reaped it, nothing left
+                // to do.
+                Ok(_) => {
+                    self.reaped = true;
+                    return Err(io::Error::other("waitpid answered for another process"));
+                }
+                Err(err) => {
+                    self.reaped = true;
+                    return Err(err.into());
+                }
             }
         }
     }
@@ -291,9 +290,8 @@ impl Drop for JobProcess {
     fn drop(&mut self) {
         if !self.reaped {
             // Not reaped: the pid is still ours.
-            if let Ok(pid) = libc::pid_t::try_from(self.pid) {
-                // SAFETY: kill(2) on our own unreaped child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+            if let Ok(pid) = self.rustix_pid() {
+                let _ = rustix::process::kill_process(pid, Signal::KILL);
             }
             let _ = self.reap();
         }
@@ -306,9 +304,11 @@ impl Drop for JobProcess {
 fn clone_vfork(setup: &ChildSetup, stack: &mut [MaybeUninit<u8>]) -> io::Result<libc::pid_t> {
     // The stack grows down from its 16-byte aligned top.
     let top = stack.as_mut_ptr_range().end as usize & !15;
-    // SAFETY: sigfillset/pthread_sigmask write sigset_t values we own.
+    // SAFETY: sigset_t is a plain C bit set: all zeros is a valid value.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigfillset/pthread_sigmask write sigset_t values we own.
     unsafe {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
@@ -418,13 +418,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
 /// A pipe, both ends close-on-exec and above 2 (so that the child's
 /// `dup2` onto 0, 1 and 2 cannot overwrite one).
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds: [c_int; 2] = [-1, -1];
-    // SAFETY: pipe2(2) writes two fds into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both fds were just returned by the kernel, owned by nobody.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
     Ok((above_stdio(read)?, above_stdio(write)?))
 }
 

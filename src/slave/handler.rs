@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io::Write as _;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -127,11 +127,16 @@ impl Handler {
     pub fn from_env() -> Result<Handler, SlaveError> {
         let value = std::env::var_os(CONTROL_FD_ENV).ok_or(SlaveError::NotStarted)?;
         let fd = parse_control_fd(&value.to_string_lossy())?;
-        check_control_fd(fd)?;
+        // SAFETY: the number is only passed to fstat(2) and fcntl(2), and
+        // nothing closes it while the borrow lives (it ends before the
+        // ownership is taken). If nothing is open there (which the check
+        // is for), fstat(2) answers EBADF: no other file is touched.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        check_control_fd(borrowed)?;
         if CONTROL_FD_TAKEN.swap(true, Ordering::SeqCst) {
             return Err(SlaveError::AlreadyTaken);
         }
-        set_cloexec(fd)?;
+        set_cloexec(borrowed)?;
         // SAFETY: `fd` is open and is a socket (checked above); the master
         // handed it to this process for the control channel, and
         // `CONTROL_FD_TAKEN` makes sure only one owner is ever made.
@@ -609,55 +614,34 @@ fn parse_control_fd(value: &str) -> Result<RawFd, SlaveError> {
 }
 
 /// Checks that `fd` is open and is a socket, without taking it.
-fn check_control_fd(fd: RawFd) -> Result<(), SlaveError> {
-    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat only writes into the buffer we give it, and accepts
-    // any fd number (EBADF for a closed one).
-    if unsafe { libc::fstat(fd, stat.as_mut_ptr()) } != 0 {
-        return Err(SlaveError::BadFd {
-            fd,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: fstat succeeded, so it filled the buffer.
-    let stat = unsafe { stat.assume_init() };
-    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(SlaveError::NotASocket { fd });
+fn check_control_fd(fd: BorrowedFd<'_>) -> Result<(), SlaveError> {
+    let stat = rustix::fs::fstat(fd).map_err(|errno| SlaveError::BadFd {
+        fd: fd.as_raw_fd(),
+        source: errno.into(),
+    })?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
+        return Err(SlaveError::NotASocket { fd: fd.as_raw_fd() });
     }
     Ok(())
 }
 
 /// Marks `fd` close-on-exec, so the program's own children never inherit
 /// the control channel.
-fn set_cloexec(fd: RawFd) -> Result<(), SlaveError> {
-    let bad_fd = || SlaveError::BadFd {
-        fd,
-        source: std::io::Error::last_os_error(),
+fn set_cloexec(fd: BorrowedFd<'_>) -> Result<(), SlaveError> {
+    let bad_fd = |errno: rustix::io::Errno| SlaveError::BadFd {
+        fd: fd.as_raw_fd(),
+        source: errno.into(),
     };
-    // SAFETY: fcntl F_GETFD/F_SETFD only read and write the fd flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags < 0 {
-        return Err(bad_fd());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
-        return Err(bad_fd());
-    }
-    Ok(())
+    let flags = rustix::io::fcntl_getfd(fd).map_err(bad_fd)?;
+    rustix::io::fcntl_setfd(fd, flags | rustix::io::FdFlags::CLOEXEC).map_err(bad_fd)
 }
 
 /// Clears the parent-death signal the master sets for plain programs: a
 /// library slave is told by its control channel instead, and gets the
 /// stop grace to finish.
 fn clear_parent_death_signal() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: PR_SET_PDEATHSIG with 0 only clears a process attribute.
-        // Failure is harmless (the signal stays), so the result is ignored.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0);
-        }
-    }
+    // Failure is harmless (the signal stays), so the result is ignored.
+    let _ = rustix::process::set_parent_process_death_signal(None);
 }
 
 /// Cuts `message` to [`MAX_LOG_LEN`] bytes on a char boundary.
@@ -1104,17 +1088,19 @@ pub(crate) mod tests {
             Err(SlaveError::InvalidFdVar { .. })
         ));
         assert_eq!(parse_control_fd(" 3\n").unwrap(), 3);
+        // SAFETY: only passed to fstat(2), which answers EBADF: nothing is
+        // open at that number.
+        let closed = unsafe { BorrowedFd::borrow_raw(1_000_000) };
         assert!(matches!(
-            check_control_fd(1_000_000),
-            Err(SlaveError::BadFd { .. })
+            check_control_fd(closed),
+            Err(SlaveError::BadFd { fd: 1_000_000, .. })
         ));
         let file = std::fs::File::open("/dev/null").unwrap();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
         assert!(matches!(
-            check_control_fd(fd),
+            check_control_fd(std::os::fd::AsFd::as_fd(&file)),
             Err(SlaveError::NotASocket { .. })
         ));
         let (sock, _other) = UnixStream::pair().unwrap();
-        check_control_fd(std::os::fd::AsRawFd::as_raw_fd(&sock)).unwrap();
+        check_control_fd(std::os::fd::AsFd::as_fd(&sock)).unwrap();
     }
 }

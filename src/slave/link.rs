@@ -111,7 +111,7 @@ impl Outbox {
     }
 
     fn mark_sent(&self) {
-        let ms = u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ms = crate::protocol::millis::of(self.inner.epoch.elapsed());
         self.inner.last_sent_ms.store(ms, Ordering::Relaxed);
     }
 

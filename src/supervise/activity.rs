@@ -25,7 +25,7 @@ impl Activity {
 
     /// A sign of life, now.
     pub(super) fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ms = crate::protocol::millis::of(self.epoch.elapsed());
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 

@@ -16,6 +16,7 @@ use super::shutdown::Shutdown;
 use crate::error_text::error_chain;
 use crate::log::{InstanceLabel, LogSink, Stream};
 use crate::pidkiller::PidKiller;
+use crate::protocol::millis;
 use crate::protocol::slave::{Level, QueueRole, ToSlave};
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -103,11 +104,11 @@ pub(crate) fn emit(
 
 /// An event of instance `id`, happening now.
 pub(crate) fn event_now(id: u32, kind: EventKind) -> InstanceEvent {
-    let time_ms = SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0);
-    InstanceEvent { id, time_ms, kind }
+    InstanceEvent {
+        id,
+        time_ms: millis::now(),
+        kind,
+    }
 }
 
 /// Supervises one instance until it completes, fails for good, or the
@@ -195,7 +196,7 @@ pub async fn supervise(
                 Some(InstanceCommand::Restart) => continue,
                 Some(InstanceCommand::Resume) | None => {}
             }
-            match tracker.decide(&run.outcome, run.ran_for, fastrand::f64()) {
+            match tracker.decide(&run.outcome, run.ran_for, crate::random::unit()) {
                 Decision::Finished => match run.outcome {
                     // Recycling always restarts: only a clean end finishes.
                     RunOutcome::Success | RunOutcome::Recycled(_) => break InstanceEnd::Completed,
@@ -229,7 +230,7 @@ pub async fn supervise(
                         (_, None) => format!("restarting in {delay_text} (restart {attempt})"),
                     };
                     sink.instance_event(&spec.label, Level::Info, message).await;
-                    let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                    let delay_ms = millis::of(delay);
                     emit(events.as_ref(), id, EventKind::Backoff { delay_ms });
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -279,7 +280,7 @@ async fn next_command(commands: &mut mpsc::UnboundedReceiver<InstanceCommand>) -
 }
 
 fn round_ms(d: Duration) -> Duration {
-    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    Duration::from_millis(millis::of(d))
 }
 
 /// Why the wait for the process ended.

@@ -248,17 +248,15 @@ fn explain(
 /// # Errors
 /// Any other failure of `kill(2)` (e.g. permission denied).
 pub fn signal_group(pgid: u32, signal: libc::c_int) -> std::io::Result<()> {
-    let pgid = libc::pid_t::try_from(pgid)
-        .map_err(|_| std::io::Error::other(format!("pid {pgid} out of range")))?;
-    // SAFETY: kill has no memory-safety preconditions.
-    if unsafe { libc::kill(-pgid, signal) } == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(err)
+    // Not 0 either: kill(2) would take it for our own group.
+    let pgid = i32::try_from(pgid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other(format!("pid {pgid} out of range")))?;
+    let signal = rustix::process::Signal::from_named_raw(signal).ok_or(rustix::io::Errno::INVAL)?;
+    match rustix::process::kill_process_group(pgid, signal) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(err) => Err(err.into()),
     }
 }
 

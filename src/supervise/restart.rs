@@ -1,5 +1,6 @@
 //! Restart decisions: policy, exponential backoff with jitter, limit.
 
+use crate::backoff::{Backoff, Cap};
 use crate::config::{RestartPolicy, RestartSpec};
 use std::time::Duration;
 
@@ -15,6 +16,11 @@ pub enum RunOutcome {
 }
 
 /// What the supervisor does after a run ended.
+///
+/// Not the same thing as a job's [`retry::Decision`](crate::retry::Decision):
+/// an instance can also be done for good (its policy says so after a clean
+/// end), its delay is relative and counts restarts in a row, and giving
+/// up counts restarts rather than naming a reason for a dead letter.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// The instance is done (policy says no restart).
@@ -99,12 +105,15 @@ impl RestartTracker {
 }
 
 /// Delay before restart number `previous + 1`: `initial * 2^previous`,
-/// capped at `max`, then spread by ±`jitter` with `random` in [0, 1).
+/// capped at `max`, then spread by ±`jitter` with `random` in [0, 1) (so
+/// at the cap it spreads around `max`): the crate's one backoff, with its
+/// cap on the delay before jitter.
 pub fn backoff_delay(spec: &RestartSpec, previous: u32, random: f64) -> Duration {
-    let factor = 2f64.powi(previous.min(62) as i32);
-    let base = (spec.initial.as_secs_f64() * factor).min(spec.max.as_secs_f64());
-    let spread = 1.0 + spec.jitter * (2.0 * random.clamp(0.0, 1.0) - 1.0);
-    Duration::from_secs_f64((base * spread).max(0.0))
+    Backoff {
+        cap: Cap::Base,
+        ..Backoff::doubling(spec.initial, spec.max, spec.jitter)
+    }
+    .delay(previous, random)
 }
 
 #[cfg(test)]

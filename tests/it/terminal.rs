@@ -203,10 +203,8 @@ instances = 1
     let mut run = OnATerminal::start(&herd, "dumb");
     run.wait_for("sleepy up");
     // SAFETY: plain kill(2) on our own child.
-    assert_eq!(
-        unsafe { libc::kill(run.master.id() as i32, libc::SIGINT) },
-        0
-    );
+    let sent = unsafe { libc::kill(run.master.id() as i32, libc::SIGINT) };
+    assert_eq!(sent, 0);
     run.wait_for("Ctrl-C again to kill at once");
     let (seen, code) = run.finish();
     assert_eq!(code, Some(0), "{seen}");

@@ -59,6 +59,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::protocol::queue::ToFeeder;
 use crate::retry::Outcome;
 // Names the docs link to.
@@ -423,7 +424,7 @@ where
     Fut::Output: Into<JobResult>,
 {
     let mut runner = Runner::new(run, &options);
-    let mut backoff = Backoff::new();
+    let mut reconnects = Reconnects::default();
     // When the feeder became unreachable, so an outage is logged once.
     let mut outage: Option<Instant> = None;
     let mut stop = Stop::default();
@@ -456,7 +457,7 @@ where
                     } else {
                         debug!(cause = %cause, "feeder still unreachable");
                     }
-                    let delay = backoff.next_delay();
+                    let delay = reconnects.next_delay();
                     let wake = Instant::now() + delay;
                     let stopped = loop {
                         tokio::select! {
@@ -475,7 +476,7 @@ where
                 }
             }
         };
-        backoff.reset();
+        reconnects.reset();
         runner.report.connections += 1;
         match outage.take() {
             Some(since) => info!(after = ?since.elapsed(), "connected to the feeder again"),
@@ -524,31 +525,23 @@ impl Stop {
     }
 }
 
-/// Connection backoff: doubling from [`RECONNECT_INITIAL`] to
-/// [`RECONNECT_MAX`], ±25 % jitter.
-#[derive(Debug)]
-struct Backoff {
-    /// The delay before jitter of the next wait.
-    next: Duration,
+/// Connection backoff: the crate's one backoff, doubling from
+/// [`RECONNECT_INITIAL`] to [`RECONNECT_MAX`], ±25 % jitter.
+#[derive(Debug, Default)]
+struct Reconnects {
+    /// Failed attempts since the last connection: the backoff's step.
+    failures: u32,
 }
 
-impl Backoff {
-    fn new() -> Self {
-        Backoff {
-            next: RECONNECT_INITIAL,
-        }
-    }
-
+impl Reconnects {
     fn reset(&mut self) {
-        self.next = RECONNECT_INITIAL;
+        self.failures = 0;
     }
 
     fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (base * 2).min(RECONNECT_MAX);
-        // Without randomness the delay is just not spread.
-        let unit = getrandom::u32().map_or(0.5, |r| f64::from(r) / f64::from(u32::MAX));
-        base.mul_f64(0.75 + 0.5 * unit).min(RECONNECT_MAX)
+        let step = self.failures;
+        self.failures = self.failures.saturating_add(1);
+        Backoff::doubling(RECONNECT_INITIAL, RECONNECT_MAX, 0.25).delay(step, crate::random::unit())
     }
 }
 

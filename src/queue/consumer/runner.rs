@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 
 use super::{ConsumerOptions, ConsumerReport, JobInfo, JobResult};
 use crate::error_text::panic_text;
+use crate::protocol::millis;
 use crate::protocol::queue::{OutcomeMeta, ToFeeder};
 use crate::retry::Outcome;
 
@@ -58,12 +59,8 @@ impl Running {
         let mut meta = OutcomeMeta::default();
         meta.host.clone_from(host);
         meta.instance = instance;
-        meta.start_ms = self
-            .started
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .and_then(|since| u64::try_from(since.as_millis()).ok());
-        meta.duration_ms = u64::try_from(self.began.elapsed().as_millis()).ok();
+        meta.start_ms = self.started.duration_since(UNIX_EPOCH).ok().map(millis::of);
+        meta.duration_ms = Some(millis::of(self.began.elapsed()));
         meta
     }
 }

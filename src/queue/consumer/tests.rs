@@ -165,7 +165,7 @@ fn consume_is_send() {
 
 #[test]
 fn backoff_doubles_to_the_cap_with_jitter() {
-    let mut backoff = Backoff::new();
+    let mut backoff = Reconnects::default();
     let first = backoff.next_delay();
     assert!(
         first >= Duration::from_millis(75) && first <= Duration::from_millis(125),

@@ -26,10 +26,9 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 use super::record::Record;
-use super::sibling;
 use super::store::Store;
 use crate::error_text::error_chain;
-use crate::queue::journal;
+use crate::files::{self, sibling, LockKind};
 use crate::queue::local::{LocalQueueError, Result};
 use crate::queue::options::{split_envelope, JobOptions};
 
@@ -83,7 +82,7 @@ pub(crate) fn append(path: &Path, lines: &[u8]) -> Result<()> {
             .truncate(false)
             .open(&inbox)
             .map_err(io)?;
-        journal::lock_exclusive(&file).map_err(io)?;
+        files::lock(&file, LockKind::Exclusive).map_err(io)?;
         let ours = file.metadata().map_err(io)?;
         match std::fs::metadata(&inbox) {
             Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => {}
@@ -99,7 +98,7 @@ pub(crate) fn append(path: &Path, lines: &[u8]) -> Result<()> {
             .and_then(|()| {
                 if len == 0 {
                     // Possibly a new file: make its name durable too.
-                    journal::sync_dir(&inbox)
+                    files::sync_dir(&inbox)
                 } else {
                     Ok(())
                 }
@@ -189,7 +188,7 @@ pub(crate) fn next_generation(
         if generation < marked {
             // Fully taken in before (its removal did not last).
             let stale = taking_path(path, generation);
-            journal::remove_if_exists(&stale).map_err(|source| io_error(&stale, source))?;
+            files::remove_if_exists(&stale).map_err(|source| io_error(&stale, source))?;
             continue;
         }
         let from = if generation == marked { offset } else { 0 };
@@ -211,7 +210,7 @@ pub(crate) fn next_generation(
     }
     // Bounded: a producer stopped while holding the lock must not hold
     // the intake (and the feeder's stop) forever; it is tried again later.
-    match journal::lock_exclusive_within(&file, INBOX_LOCK_WAIT) {
+    match files::lock_within(&file, LockKind::Exclusive, INBOX_LOCK_WAIT) {
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
         Err(source) => return Err(io_error(&inbox, source)),
@@ -234,7 +233,7 @@ pub(crate) fn next_generation(
         ));
     }
     std::fs::rename(&inbox, &taking)
-        .and_then(|()| journal::sync_dir(&taking))
+        .and_then(|()| files::sync_dir(&taking))
         .map_err(|source| io_error(&taking, source))?;
     drop(file);
     Ok(Some((generation, 0)))
@@ -402,7 +401,7 @@ pub(crate) fn read_lines(
 /// Records a batch in the store: its jobs, its rejected lines, the mark.
 /// The caller commits (one frame: all or nothing).
 pub(crate) fn absorb(store: &mut Store, batch: Batch) -> usize {
-    let now = super::now_ms();
+    let now = crate::protocol::millis::now();
     let mut count = 0;
     for (job, options) in batch.jobs {
         match options {
@@ -453,7 +452,7 @@ pub(crate) fn take_all(store: &mut Store, timeout: Duration) -> Result<u64> {
             store.wait_synced(seq, timeout)
         })?;
         let taking = taking_path(&path, generation);
-        journal::remove_if_exists(&taking).map_err(|source| io_error(&taking, source))?;
+        files::remove_if_exists(&taking).map_err(|source| io_error(&taking, source))?;
     }
     Ok(taken)
 }
@@ -631,7 +630,7 @@ fn intake_loop(
             return;
         }
         let taking = taking_path(path, generation);
-        if let Err(err) = journal::remove_if_exists(&taking) {
+        if let Err(err) = files::remove_if_exists(&taking) {
             // Resumed at its end (nothing more is read from it) next time.
             tracing::warn!(path = %taking.display(), cause = %err, "cannot remove an inbox taken in");
             scan_leftovers = true;

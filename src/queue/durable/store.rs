@@ -1,7 +1,7 @@
 //! The journal's owner: replay at open, group commit on a writer thread,
 //! compaction written aside while serving.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -14,10 +14,11 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::record::{Reader, Record};
-use super::sibling;
 use super::state::State;
+use crate::backoff::Backoff;
 use crate::error_text::error_chain;
-use crate::queue::journal::{self, scan_frames, ScanEnd};
+use crate::files::{self, sibling, LockKind, Replacement};
+use crate::queue::journal::{self, scan_frames, ScanEnd, COMPACT_SUFFIX};
 use crate::queue::local::{LocalQueueError, Result};
 use crate::queue::options::JobOptions;
 
@@ -33,6 +34,9 @@ pub(crate) const V1_MAGIC: &[u8; 8] = b"THQJNL01";
 const RETRY_INITIAL: Duration = Duration::from_millis(50);
 /// Longest pause between two tries of a failing write.
 const RETRY_MAX: Duration = Duration::from_secs(1);
+/// The pauses between tries of a failing write, without jitter (one
+/// writer per journal: nothing to spread).
+const WRITE_RETRY: Backoff = Backoff::doubling(RETRY_INITIAL, RETRY_MAX, 0.0);
 /// How often the writer looks at a compaction running aside.
 const SNAPSHOT_POLL: Duration = Duration::from_millis(20);
 /// After a failed compaction, the next waits this long (or for the journal
@@ -173,7 +177,7 @@ impl Store {
         convert_v1_if_needed(path)?;
         let file = open_locked(path)?;
         let tmp = compact_tmp_path(path);
-        journal::remove_if_exists(&tmp).map_err(|source| io_error(&tmp, source))?;
+        files::remove_if_exists(&tmp).map_err(|source| io_error(&tmp, source))?;
         let mut data = Vec::new();
         (&file)
             .read_to_end(&mut data)
@@ -183,7 +187,7 @@ impl Store {
             file.write_all_at(MAGIC, 0)
                 .and_then(|()| file.set_len(MAGIC.len() as u64))
                 .and_then(|()| file.sync_all())
-                .and_then(|()| journal::sync_dir(path))
+                .and_then(|()| files::sync_dir(path))
                 .map_err(|source| io_error(path, source))?;
             data = MAGIC.to_vec();
         }
@@ -488,8 +492,8 @@ impl Drop for Store {
 }
 
 /// `<path>.compact.tmp`.
-pub(crate) fn compact_tmp_path(path: &Path) -> PathBuf {
-    sibling(path, ".compact.tmp")
+fn compact_tmp_path(path: &Path) -> PathBuf {
+    sibling(path, COMPACT_SUFFIX)
 }
 
 /// Opens and locks the journal (see [`journal::open_locked`]).
@@ -579,7 +583,7 @@ fn convert_v1_if_needed(path: &Path) -> Result<()> {
     };
     let mut old = FileQueue::open(path, options)?;
     let mut state = State::new();
-    let now_ms = super::now_ms();
+    let now_ms = crate::protocol::millis::now();
     for message in old.dead_letters() {
         if let Ok(payload) = serde_json::value::to_raw_value(&message.payload) {
             state.bury_new(
@@ -612,12 +616,14 @@ fn convert_v1_if_needed(path: &Path) -> Result<()> {
     }
     let mut data = MAGIC.to_vec();
     data.extend_from_slice(&state.snapshot());
-    let tmp = compact_tmp_path(path);
-    let written = File::create(&tmp)
-        .and_then(|file| file.write_all_at(&data, 0).and_then(|()| file.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .and_then(|()| journal::remove_if_exists(&dead_path))
-        .and_then(|()| journal::sync_dir(path));
+    let written = Replacement::create(path, COMPACT_SUFFIX, 0o666)
+        .and_then(|new| {
+            new.file()
+                .write_all_at(&data, 0)
+                .and_then(|()| new.commit())
+        })
+        .and_then(|_converted| files::remove_if_exists(&dead_path))
+        .and_then(|()| files::sync_dir(path));
     drop(old);
     written.map_err(|source| io_error(path, source))?;
     tracing::info!(
@@ -639,13 +645,14 @@ struct Writer {
     /// Frames that failed to be written, with the sequence they cover.
     retry: Vec<u8>,
     retry_seq: u64,
-    /// Pause before the next try of `retry`.
-    backoff: Duration,
+    /// Writes failed in a row: the [`WRITE_RETRY`] step of the pause
+    /// before the next try of `retry`.
+    failures: u32,
     /// The directory was not synced after a compaction's rename.
     dir_unsynced: bool,
     /// A compaction in progress: the snapshot's writer, its length, and
     /// the frames that came after it.
-    compaction: Option<(JoinHandle<io::Result<File>>, u64, Vec<u8>)>,
+    compaction: Option<(JoinHandle<io::Result<Replacement>>, u64, Vec<u8>)>,
 }
 
 impl Writer {
@@ -657,7 +664,7 @@ impl Writer {
             shared,
             retry: Vec::new(),
             retry_seq: 0,
-            backoff: RETRY_INITIAL,
+            failures: 0,
             dir_unsynced: false,
             compaction: None,
         }
@@ -678,7 +685,7 @@ impl Writer {
                         let pause = if self.retry.is_empty() {
                             SNAPSHOT_POLL
                         } else {
-                            self.backoff
+                            WRITE_RETRY.delay(self.failures, 0.5)
                         };
                         inner = self
                             .shared
@@ -729,7 +736,7 @@ impl Writer {
                 // The compacted journal's name must be durable before
                 // anything written to it is confirmed.
                 if self.dir_unsynced {
-                    journal::sync_dir(&self.path)?;
+                    files::sync_dir(&self.path)?;
                     self.dir_unsynced = false;
                 }
                 Ok(())
@@ -738,7 +745,7 @@ impl Writer {
             Ok(()) => {
                 self.len += out.len() as u64;
                 self.shared.journal_len.store(self.len, Ordering::Relaxed);
-                self.backoff = RETRY_INITIAL;
+                self.failures = 0;
                 let mut inner = self.shared.lock();
                 inner.failing = None;
                 inner.synced = last;
@@ -761,7 +768,7 @@ impl Writer {
                 self.shared.done.notify_all();
                 self.retry = out;
                 self.retry_seq = last;
-                self.backoff = (self.backoff * 2).min(RETRY_MAX);
+                self.failures = self.failures.saturating_add(1);
                 false
             }
         }
@@ -772,21 +779,18 @@ impl Writer {
             self.compaction_ended();
             return;
         }
-        let tmp = compact_tmp_path(&self.path);
+        let path = self.path.clone();
         let len = snapshot.len() as u64;
         let spawned = std::thread::Builder::new()
             .name("taskherd-compact".into())
-            .spawn(move || -> io::Result<File> {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&tmp)?;
-                journal::try_lock_exclusive(&file)?;
-                file.write_all_at(&snapshot, 0)?;
-                file.sync_data()?;
-                Ok(file)
+            .spawn(move || -> io::Result<Replacement> {
+                let new = Replacement::create(&path, COMPACT_SUFFIX, 0o666)?;
+                // Locked before it takes the journal's place, so no opener
+                // can slip in between.
+                files::try_lock(new.file(), LockKind::Exclusive)?;
+                new.file().write_all_at(&snapshot, 0)?;
+                new.file().sync_data()?;
+                Ok(new)
             });
         match spawned {
             Ok(handle) => {
@@ -813,19 +817,17 @@ impl Writer {
         let Some((handle, snapshot_len, tail)) = self.compaction.take() else {
             return;
         };
-        let tmp = compact_tmp_path(&self.path);
+        // A compaction dropped unfinished removes its file.
         let written = match handle.join() {
             Ok(result) => result,
             Err(_) => Err(io::Error::other("the compaction thread panicked")),
         };
-        let switched = written.and_then(|file| {
+        let switched = written.and_then(|new| {
             if stop || !self.retry.is_empty() {
                 return Err(io::Error::other("not switched: stopping or writes failing"));
             }
-            file.write_all_at(&tail, snapshot_len)?;
-            file.sync_data()?;
-            std::fs::rename(&tmp, &self.path)?;
-            Ok(file)
+            new.file().write_all_at(&tail, snapshot_len)?;
+            new.commit()
         });
         match switched {
             Ok(file) => {
@@ -833,7 +835,7 @@ impl Writer {
                 self.file = file;
                 self.len = snapshot_len + tail.len() as u64;
                 self.shared.journal_len.store(self.len, Ordering::Relaxed);
-                if journal::sync_dir(&self.path).is_err() {
+                if files::sync_dir(&self.path).is_err() {
                     // Tried again before the next confirmation.
                     self.dir_unsynced = true;
                 }
@@ -845,7 +847,6 @@ impl Writer {
                 );
             }
             Err(err) => {
-                let _ = journal::remove_if_exists(&tmp);
                 if !stop {
                     let mut inner = self.shared.lock();
                     inner.compaction_failures += 1;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use rustix::process::{Pid, WaitId, WaitIdOptions};
 use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
 
@@ -199,20 +200,16 @@ impl ChildSlot {
 
 /// Waits (blocking) until our child `pid` has exited, without reaping it.
 fn wait_exited(pid: u32) -> io::Result<()> {
-    let id = libc::id_t::from(pid);
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or(rustix::io::Errno::INVAL)?;
+    // WNOWAIT leaves the child to be reaped by `Child::wait`.
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT;
     loop {
-        // SAFETY: a zeroed siginfo_t is a valid value of this plain C
-        // struct.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid only writes into `info`, which outlives the call;
-        // WNOWAIT leaves the child to be reaped by `Child::wait`.
-        let rc = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
+        match rustix::process::waitid(WaitId::Pid(pid), options) {
+            Err(rustix::io::Errno::INTR) => {}
+            done => return done.map(drop).map_err(io::Error::from),
         }
     }
 }
@@ -370,7 +367,7 @@ fn read_jobs(
             Ok(payload) => match split_envelope(payload.get()) {
                 Ok(None) => (Ok(payload), None),
                 Ok(Some((job, options))) => {
-                    let options = options.resolved(crate::queue::durable::now_ms());
+                    let options = options.resolved(crate::protocol::millis::now());
                     (Ok(Arc::from(job)), Some(Arc::new(options)))
                 }
                 Err(why) => (
@@ -466,7 +463,7 @@ impl Feeder for CommandFeeder {
         if self.done {
             return Next::Done;
         }
-        let now = crate::queue::durable::now_ms();
+        let now = crate::protocol::millis::now();
         if let Some(entry) = self.delayed.first_entry() {
             if entry.key().0 <= now {
                 let job = entry.remove();
@@ -526,7 +523,7 @@ impl Feeder for CommandFeeder {
     fn recheck(&self) -> Duration {
         match self.delayed.first_key_value() {
             Some((&(due, _), _)) => COMMAND_RECHECK.min(Duration::from_millis(
-                due.saturating_sub(crate::queue::durable::now_ms()),
+                due.saturating_sub(crate::protocol::millis::now()),
             )),
             None => COMMAND_RECHECK,
         }

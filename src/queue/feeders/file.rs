@@ -12,8 +12,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error_text::error_chain;
+use crate::protocol::millis;
 use crate::queue::durable::{
-    self,
     inbox::{self, Intake, Source},
     record::Record,
     state::State,
@@ -44,7 +44,7 @@ type DeadHook = Box<dyn FnMut(&FileJob, &str) + Send>;
 
 /// A durable feeder: a journal with group commit, an inbox producers add
 /// to while it runs, dead jobs kept with their reasons; see
-/// [`durable`] for the files and what a crash can do.
+/// [`durable`](crate::queue::durable) for the files and what a crash can do.
 ///
 /// It never says [`Next::Done`]: with nothing to serve it says
 /// [`Next::Empty`], and looks at its inbox again after
@@ -279,7 +279,7 @@ impl FileFeeder {
     /// As [`push`](Self::push).
     pub fn push_with(path: impl AsRef<Path>, payload: Value, options: JobOptions) -> Result<()> {
         let job = serde_json::value::to_raw_value(&payload).map_err(LocalQueueError::Encode)?;
-        let options = options.resolved(durable::now_ms());
+        let options = options.resolved(millis::now());
         let text = envelope_text(&job, &options).map_err(LocalQueueError::Encode)?;
         let mut line = text.into_bytes();
         line.push(b'\n');
@@ -376,7 +376,7 @@ impl FileFeeder {
     /// As [`inspect`](Self::inspect).
     pub fn inspect_jobs(path: impl AsRef<Path>) -> Result<Vec<PendingJob>> {
         let state = store::read_only(path.as_ref())?;
-        let now = durable::now_ms();
+        let now = millis::now();
         let mut jobs: Vec<_> = state.jobs.iter().collect();
         // Due jobs by priority (higher first), then id; then the ones not
         // due yet, by time.
@@ -549,7 +549,7 @@ impl Feeder for FileFeeder {
     fn next(&mut self) -> Next<FileJob> {
         self.absorb_intake();
         let state = &mut self.store.state;
-        let Some(id) = state.take_next(durable::now_ms()) else {
+        let Some(id) = state.take_next(millis::now()) else {
             return Next::Empty;
         };
         let Some(job) = state.jobs.get(&id) else {
@@ -571,7 +571,7 @@ impl Feeder for FileFeeder {
     fn error(&mut self, job: FileJob, reason: &str) {
         self.store.change(&Record::Dead {
             id: job.id,
-            at_ms: durable::now_ms(),
+            at_ms: millis::now(),
             reason,
         });
         if let Some(hook) = &mut self.dead_hook {
@@ -587,7 +587,7 @@ impl Feeder for FileFeeder {
             FILE_FEEDER_RECHECK
         };
         match self.store.state.next_due_ms() {
-            Some(due) => recheck.min(Duration::from_millis(due.saturating_sub(durable::now_ms()))),
+            Some(due) => recheck.min(Duration::from_millis(due.saturating_sub(millis::now()))),
             None => recheck,
         }
     }
@@ -996,7 +996,7 @@ mod tests {
             old.ack(&lease.lease_id).expect("ack");
         }
         std::fs::write(
-            durable::sibling(&path, ".dead"),
+            crate::files::sibling(&path, ".dead"),
             "{\"id\":9,\"job\":{\"n\":9},\"reason\":\"old\"}\n",
         )
         .expect("dead file");
@@ -1005,6 +1005,6 @@ mod tests {
         assert_eq!(served, [2, 3]);
         let dead = feeder.report().expect("report").dead;
         assert_eq!((dead.len(), dead[0].reason.as_str()), (1, "old"));
-        assert!(!durable::sibling(&path, ".dead").exists());
+        assert!(!crate::files::sibling(&path, ".dead").exists());
     }
 }

@@ -6,10 +6,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::file::{FileFeeder, FileJob, QueueReport};
-use crate::queue::durable::{
-    self,
-    inbox::{self, Intake, Source},
-};
+use crate::queue::durable::inbox::{self, Intake, Source};
 use crate::queue::local::Result;
 use crate::queue::{Feeder, Next};
 use crate::retry::RetryPolicy;
@@ -81,7 +78,7 @@ impl JsonlFeeder {
     /// The journal that keeps the state of the JSON-lines file `file`:
     /// `<file>.state`.
     pub fn state_path(file: impl AsRef<Path>) -> std::path::PathBuf {
-        durable::sibling(file.as_ref(), ".state")
+        crate::files::sibling(file.as_ref(), ".state")
     }
 
     /// Opens the feeder of the JSON-lines file `file`: locks and replays

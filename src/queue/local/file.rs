@@ -1,8 +1,7 @@
 //! The file adapter: the queue state, journaled. The format and its
 //! rules are documented on [`FileQueue`].
 
-use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +15,8 @@ use super::{
     QueueStats, Result,
 };
 use crate::error_text::error_chain;
-use crate::queue::journal::{self, check_frame, try_lock_exclusive, FRAME_HEADER_LEN};
+use crate::files::{self, LockKind, Replacement};
+use crate::queue::journal::{self, check_frame, COMPACT_SUFFIX, FRAME_HEADER_LEN};
 
 /// The first bytes of every journal (format version 1).
 const MAGIC: &[u8; 8] = b"THQJNL01";
@@ -124,7 +124,7 @@ impl FileQueue {
         let path = path.as_ref().to_path_buf();
         let file = lock_journal(&path)?;
         let tmp = compact_tmp_path(&path);
-        journal::remove_if_exists(&tmp).map_err(|source| io_error(&tmp, source))?;
+        files::remove_if_exists(&tmp).map_err(|source| io_error(&tmp, source))?;
         let mut state = State::new(options);
         let (len, frames) = replay(&path, &file, &mut state)?;
         state.release_leases();
@@ -178,20 +178,7 @@ impl FileQueue {
         for record in &records {
             encode_frame(&[record], &mut buf)?;
         }
-        let tmp = compact_tmp_path(&journal.path);
-        let written = write_snapshot(&tmp, &buf).and_then(|file| {
-            fs::rename(&tmp, &journal.path)
-                .map(|()| file)
-                .map_err(|source| io_error(&journal.path, source))
-        });
-        let file = match written {
-            Ok(file) => file,
-            Err(err) => {
-                // Best effort: the next open removes it anyway.
-                let _ = fs::remove_file(&tmp);
-                return Err(err);
-            }
-        };
+        let file = write_snapshot(&journal.path, &buf)?;
         // Committed: the path now names the snapshot, whose lock we hold
         // (taken before the rename, so no opener can slip in between).
         let old_len = journal.len;
@@ -351,9 +338,7 @@ fn io_error(path: &Path, source: io::Error) -> LocalQueueError {
 
 /// `<path>.compact.tmp`.
 fn compact_tmp_path(path: &Path) -> PathBuf {
-    let mut name = OsString::from(path.as_os_str());
-    name.push(".compact.tmp");
-    PathBuf::from(name)
+    files::sibling(path, COMPACT_SUFFIX)
 }
 
 /// Opens and locks the journal (see [`journal::open_locked`]).
@@ -366,21 +351,18 @@ fn lock_journal(path: &Path) -> Result<File> {
     })
 }
 
-/// Writes a complete snapshot to `tmp`, synced and locked, ready to be
-/// renamed over the journal.
-fn write_snapshot(tmp: &Path, buf: &[u8]) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)
-        .map_err(|source| io_error(tmp, source))?;
-    try_lock_exclusive(&file).map_err(|source| io_error(tmp, source))?;
-    file.write_all_at(buf, 0)
-        .and_then(|()| file.sync_all())
-        .map_err(|source| io_error(tmp, source))?;
-    Ok(file)
+/// Writes a complete snapshot beside the journal at `path`, synced and
+/// locked, and renames it over the journal (the directory is not synced
+/// yet). On failure the old journal stays and the snapshot is removed.
+fn write_snapshot(path: &Path, buf: &[u8]) -> Result<File> {
+    let tmp_error = |source| io_error(&compact_tmp_path(path), source);
+    let new = Replacement::create(path, COMPACT_SUFFIX, 0o666).map_err(tmp_error)?;
+    files::try_lock(new.file(), LockKind::Exclusive).map_err(tmp_error)?;
+    new.file()
+        .write_all_at(buf, 0)
+        .and_then(|()| new.file().sync_all())
+        .map_err(tmp_error)?;
+    new.commit().map_err(|source| io_error(path, source))
 }
 
 /// Appends one frame holding `records` (a JSON array) to `out`.
@@ -391,7 +373,7 @@ fn encode_frame(records: &[&Record], out: &mut Vec<u8>) -> Result<()> {
 
 /// Syncs the directory holding `path`, making a creation or rename durable.
 fn sync_dir(path: &Path) -> Result<()> {
-    journal::sync_dir(path).map_err(|source| io_error(path, source))
+    files::sync_dir(path).map_err(|source| io_error(path, source))
 }
 
 /// Reads the journal into `state`; returns the valid length and the frame
@@ -467,6 +449,7 @@ fn replay(path: &Path, file: &File, state: &mut State) -> Result<(u64, u64)> {
 mod tests {
     use super::*;
     use crate::queue::local::suite::behaviour_suite;
+    use std::fs::{self, OpenOptions};
     use std::os::unix::fs::MetadataExt;
     use std::time::UNIX_EPOCH;
 

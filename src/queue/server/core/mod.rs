@@ -145,32 +145,6 @@ enum Source {
     Done,
 }
 
-/// A small PRNG for retry jitter (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn seeded() -> Self {
-        let mut bytes = [0u8; 8];
-        let seed = if getrandom::fill(&mut bytes).is_ok() {
-            u64::from_le_bytes(bytes)
-        } else {
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
-        };
-        Rng(seed | 1)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// `now + d`, saturating far in the future instead of overflowing.
 fn after(now: Instant, d: Duration) -> Instant {
     now.checked_add(d)
@@ -217,7 +191,6 @@ pub(super) struct Core<F: Feeder> {
     empty: bool,
     next_job: u64,
     next_lease: u64,
-    rng: Rng,
     counts: Counts,
 
     /// Where each attempt's outcome is written, if anywhere.
@@ -281,7 +254,6 @@ impl<F: Feeder> Core<F> {
             empty: false,
             next_job: 1,
             next_lease: 1,
-            rng: Rng::seeded(),
             counts: Counts::default(),
             joblog,
             synced_rx,

@@ -160,7 +160,7 @@ impl<F: Feeder> Core<F> {
         }
         let wall = SystemTime::now();
         let first = entry.first_attempt_at.unwrap_or(wall);
-        let random = self.rng.unit();
+        let random = crate::random::unit();
         let own = self.feeder.retry_policy(&entry.job, first);
         let policy = own.as_ref().unwrap_or(&self.retry);
         match policy.next(attempts, first, wall, requested, random) {
