@@ -143,6 +143,81 @@ mod tests {
         collect.await.unwrap()
     }
 
+    /// The log lines (text, then JSON) of the records relayed from
+    /// `input`, written at once, with a fixed time.
+    async fn formatted(input: &[u8]) -> (String, String) {
+        use tokio::io::AsyncWriteExt;
+        let (mut writer, reader) = tokio::io::duplex(1 << 20);
+        let (sink, mut records) = LogSink::channel();
+        let label = Arc::new(InstanceLabel {
+            group: "g".into(),
+            host: "h".into(),
+            command: "c".into(),
+            id: 1,
+            group_id: 1,
+        });
+        let relay = tokio::spawn(relay_output(
+            reader,
+            Stream::Stderr,
+            label,
+            sink,
+            Arc::new(Activity::new()),
+        ));
+        writer.write_all(input).await.unwrap();
+        drop(writer);
+        relay.await.unwrap();
+        let (mut text, mut json) = (Vec::new(), Vec::new());
+        while let Some(mut record) = records.recv().await {
+            record.time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_500);
+            record
+                .write_to(&mut text, crate::config::LogFormat::Text, false)
+                .unwrap();
+            text.push(b'\n');
+            record
+                .write_to(&mut json, crate::config::LogFormat::Json, false)
+                .unwrap();
+            json.push(b'\n');
+        }
+        (
+            String::from_utf8(text).unwrap(),
+            String::from_utf8(json).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_read_of_several_lines_is_formatted_line_by_line() {
+        let (text, json) =
+            formatted(b"first\r\nsecond\n\r\na\rb \xff\r\n\n\"quoted\"\tend\r\npartial\r").await;
+        let prefix = "1970-01-01T00:00:01.500Z warning   [g] [h] [c/1/1] ";
+        let want: String = [
+            "first",
+            "second",
+            "",
+            "a\rb \u{fffd}",
+            "",
+            "\"quoted\"\tend",
+            "partial",
+        ]
+        .iter()
+        .map(|line| format!("{prefix}{line}\n"))
+        .collect();
+        assert_eq!(text, want);
+        let json_prefix = r#"{"time":"1970-01-01T00:00:01.500Z","level":"warning","group":"g","host":"h","command":"c","id":1,"group_id":1,"stream":"stderr","message":"#;
+        let want: String = [
+            r#""first""#,
+            r#""second""#,
+            r#""""#,
+            "\"a\\rb \u{fffd}\"",
+            r#""""#,
+            r#""\"quoted\"\tend""#,
+            r#""partial""#,
+        ]
+        .iter()
+        .map(|message| format!("{json_prefix}{message}}}\n"))
+        .collect();
+        assert_eq!(json, want);
+    }
+
     #[tokio::test]
     async fn relayed_lines_do_not_depend_on_how_the_output_is_cut() {
         let mut input = Vec::new();
