@@ -690,7 +690,7 @@ impl HostRun<'_> {
                         level,
                         instance,
                         stream,
-                        message,
+                        message: message.into(),
                     })
                     .await;
             }

@@ -2,14 +2,13 @@
 //! per read, never lost (see [`super::output`] for the line rules).
 
 use super::activity::Activity;
-use super::output::{LineDecoder, MAX_LINE_LEN};
+use super::output::LineDecoder;
 use crate::log::{InstanceLabel, LogRecord, LogSink, Stream};
 use crate::protocol::slave::Level;
 use bytes::{BufMut, BytesMut};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio_util::codec::Decoder;
 
 /// Bytes read from an instance's stdout or stderr at once (at most).
 const READ_CHUNK: usize = 64 * 1024;
@@ -29,17 +28,8 @@ pub(super) async fn relay_output<R: AsyncRead + Unpin>(
     let mut decoder = LineDecoder::default();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut records = Vec::new();
-    let record = |time, message| LogRecord {
-        time,
-        level,
-        instance: Some(label.clone()),
-        stream,
-        message,
-    };
     loop {
         buf.reserve(READ_CHUNK);
-        // At most READ_CHUNK (<= MAX_LINE_LEN) bytes: a line that starts
-        // in this read is never longer than the decoder's limit.
         let end = match pipe.read_buf(&mut (&mut buf).limit(READ_CHUNK)).await {
             Ok(0) => true,
             Ok(_) => false,
@@ -48,40 +38,18 @@ pub(super) async fn relay_output<R: AsyncRead + Unpin>(
                 true
             }
         };
-        // The lines of one read arrived together: one time stamp for all.
+        // The lines of one read arrived together: one time stamp for all,
+        // and one record for all the whole lines (one allocation, one
+        // UTF-8 check, one channel slot), their places found once.
         let time = SystemTime::now();
-        while let Some(first) = buf.iter().position(|&b| b == b'\n') {
-            if first > MAX_LINE_LEN {
-                // A line begun in earlier reads and too long: cut by the
-                // decoder.
-                match decoder.decode(&mut buf) {
-                    Ok(Some(piece)) => records.push(record(time, piece)),
-                    _ => break,
-                }
-                continue;
-            }
-            // Every whole line in one record (one allocation, one UTF-8
-            // check, one channel slot); the writer splits them.
-            let last = buf.iter().rposition(|&b| b == b'\n').unwrap_or(first);
-            let lines = buf.split_to(last + 1);
-            let lines = &lines[..last];
-            let message = match std::str::from_utf8(lines) {
-                Ok(text) => text.to_owned(),
-                Err(_) => String::from_utf8_lossy(lines).into_owned(),
-            };
-            records.push(record(time, message));
-            decoder = LineDecoder::default();
-        }
-        // What is left has no newline: the decoder cuts it if too long,
-        // and takes it whole at the end.
-        loop {
-            let piece = if end {
-                decoder.decode_eof(&mut buf)
-            } else {
-                decoder.decode(&mut buf)
-            };
-            let Ok(Some(piece)) = piece else { break };
-            records.push(record(time, piece));
+        while let Some(message) = decoder.decode_message(&mut buf, end) {
+            records.push(LogRecord {
+                time,
+                level,
+                instance: Some(label.clone()),
+                stream,
+                message,
+            });
         }
         if !records.is_empty() {
             activity.touch();
@@ -233,7 +201,9 @@ mod tests {
         let mut expected = Vec::new();
         let mut buf = bytes::BytesMut::from(&input[..]);
         let mut decoder = LineDecoder::default();
-        while let Some(line) = decoder.decode_eof(&mut buf).unwrap() {
+        while let Some(line) =
+            tokio_util::codec::Decoder::decode_eof(&mut decoder, &mut buf).unwrap()
+        {
             expected.push(line);
         }
         assert!(expected.len() > 500, "{}", expected.len());
