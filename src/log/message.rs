@@ -97,7 +97,11 @@ impl Message {
     ///
     /// Invalid UTF-8 is replaced by U+FFFD (line by line: a `\n` never
     /// belongs to a multi-byte character, so no line gains or loses one).
-    pub fn whole_lines(bytes: &[u8], from: usize, max_len: usize) -> Option<(Message, usize)> {
+    pub(crate) fn whole_lines(
+        bytes: &[u8],
+        from: usize,
+        max_len: usize,
+    ) -> Option<(Message, usize)> {
         let search_end = bytes.len().min(max_len.saturating_add(1));
         let first =
             from.min(search_end) + memchr::memchr(b'\n', &bytes[from.min(search_end)..search_end])?;

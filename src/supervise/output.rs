@@ -153,6 +153,49 @@ mod tests {
         out
     }
 
+    /// The lines of the messages `decode_message` makes of `chunks`.
+    fn message_lines(chunks: &[&[u8]], max_len: usize) -> Vec<String> {
+        let mut decoder = LineDecoder::new(max_len);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for (n, chunk) in chunks.iter().enumerate() {
+            buf.extend_from_slice(chunk);
+            let eof = n + 1 == chunks.len();
+            while let Some(message) = decoder.decode_message(&mut buf, eof) {
+                out.extend(message.lines().map(str::to_owned));
+            }
+        }
+        assert!(buf.is_empty());
+        out
+    }
+
+    #[test]
+    fn messages_hold_the_lines_the_decoder_gives_one_by_one() {
+        let chunks: &[&[u8]] = &[
+            b"ab",
+            b"c\r\nde\n\nf\rg\r\n",
+            "0123456789012345678901234é\n".as_bytes(),
+            b"x\xffy\r\n\r",
+            b"tail\r",
+        ];
+        for max_len in [4, 10, 100] {
+            let one_by_one = lines(chunks, max_len);
+            assert_eq!(message_lines(chunks, max_len), one_by_one, "{max_len}");
+        }
+        assert_eq!(
+            lines(chunks, 100),
+            [
+                "abc",
+                "de",
+                "",
+                "f\rg",
+                "0123456789012345678901234é",
+                "x\u{fffd}y",
+                "\rtail"
+            ]
+        );
+    }
+
     #[test]
     fn partial_lines_are_joined() {
         assert_eq!(lines(&[b"ab", b"c\nde", b"f\n"], 100), ["abc", "def"]);
