@@ -156,7 +156,7 @@ async fn through_agent(specs: Vec<InstanceSpec>) -> (Duration, usize) {
                     level,
                     instance,
                     stream,
-                    message,
+                    message: message.into(),
                 })
                 .await;
             }

@@ -5,9 +5,11 @@
 #
 #   measurement | taskherd | other tool | ratio | target | met/MISSED
 #
-# 1. Log relay: 4 local producers (scripts/bench/producer.sh, 250 000 lines
-#    of 60 bytes each) under `taskherd run` (lines tagged with group, host
-#    and instance, to a file) and under `parallel --tag --line-buffer`;
+# 1. Log relay: 4, then 32 local producers (scripts/bench/producer.sh,
+#    1 000 000 lines of 60 bytes in all: 250 000 each, then 31 250) under
+#    `taskherd run` (lines tagged with group, host and instance, to a file)
+#    and under `parallel --tag --line-buffer` (its default -j: one job per
+#    core at a time);
 #    every line checked (present once, intact, tagged, in order) and the
 #    checksum of the untagged payloads compared with the producers' own.
 # 2. Remote fan-out: instances that print one line and exit, on loopback
@@ -71,6 +73,8 @@
 #
 #   scripts/bench.sh                  # about 2-3 minutes once built, plus 3-5 for durable
 #   BENCH_RUNS=5 scripts/bench.sh     # runs per measurement (default 3; the log relay: at least 5)
+#   BENCH_LOG_PRODUCERS="4 32"        # producers of the log relay rows, one row each (default "4 32")
+#   BENCH_LOG_LINES=250000            # lines of each of 4 producers; N producers print 4/N of that each
 #   BENCH_STRICT=1 scripts/bench.sh   # exit 3 when a target is missed
 #   BENCH_NO_BUILD=1 scripts/bench.sh # use the release builds as they are (no cargo)
 #   CARGO_TARGET_DIR=DIR scripts/bench.sh     # builds there and runs those builds (absolute, or
@@ -122,8 +126,8 @@ from_root() {
 }
 runs=${BENCH_RUNS:-3}
 only=${BENCH_ONLY:-logs fanout queue local durable exec}
-producers=4
-log_lines=${BENCH_LOG_LINES:-250000}
+log_producers=${BENCH_LOG_PRODUCERS:-4 32}
+log_lines_of_4=${BENCH_LOG_LINES:-250000}
 # The log relay is short and the most sensitive to a busy machine: more runs.
 log_runs=${BENCH_LOG_RUNS:-$(( runs > 5 ? runs : 5 ))}
 idle_instances=100
@@ -391,18 +395,6 @@ verdict() { if holds "$1"; then echo met; else echo MISSED; fi; }
 # -------------------------------------------------------------- 1. logs
 
 if wants logs; then
-    section "1. log relay: $producers producers × $log_lines lines of 60 bytes"
-    cat >"$work/logs.toml" <<TOML
-[[group]]
-name = "logs"
-command = "$producer"
-args = ["$log_lines"]
-restart = { policy = "never" }
-[group.local]
-instances = $producers
-TOML
-    total=$((producers * log_lines))
-    for id in $(seq "$producers"); do "$producer" "$log_lines" "$id"; done | md5sum | cut -d' ' -f1 >"$work/want.md5"
     # Checks one log; fails loudly.
     check_log() {
         local tool=$1 log=$2
@@ -413,31 +405,47 @@ TOML
         [ "$got" = "$(cat "$work/want.md5")" ] || die "log relay: $tool: checksum of the payloads $got, producers printed $(cat "$work/want.md5")"
         rm -f "$work"/payload.*
     }
-    th_rates=() par_rates=()
-    for run in $(seq "$log_runs"); do
-        t0=$(now)
-        "${marked[@]}" /usr/bin/time -f '%U %S' -o "$work/th.time" "$taskherd" run "$work/logs.toml" >"$work/th.log" \
-            || die "log relay: taskherd run exited with $?"
-        t1=$(now)
-        check_nothing_left "log relay (taskherd)"
-        "${marked[@]}" /usr/bin/time -f '%U %S' -o "$work/par.time" parallel --will-cite --tag --line-buffer \
-            "$producer" "$log_lines" {} ::: $(seq "$producers") >"$work/par.log" \
-            || die "log relay: parallel exited with $?"
-        t2=$(now)
-        check_nothing_left "log relay (parallel)"
-        th_ms=$(ms_between "$t0" "$t1") par_ms=$(ms_between "$t1" "$t2")
-        check_log taskherd "$work/th.log"
-        check_log parallel "$work/par.log"
-        th_rate=$(awk -v n="$total" -v ms="$th_ms" 'BEGIN { printf "%.0f", n / ms * 1000 }')
-        par_rate=$(awk -v n="$total" -v ms="$par_ms" 'BEGIN { printf "%.0f", n / ms * 1000 }')
-        th_rates+=("$th_rate") par_rates+=("$par_rate")
-        read -r tu ts <"$work/th.time"
-        read -r pu ps <"$work/par.time"
-        say "run $run: taskherd $th_ms ms ($th_rate lines/s, cpu ${tu}u+${ts}s incl. producers), parallel $par_ms ms ($par_rate lines/s, cpu ${pu}u+${ps}s)"
+    for producers in $log_producers; do
+        # The same lines in all, whatever the number of producers.
+        log_lines=$((log_lines_of_4 * 4 / producers))
+        section "1. log relay: $producers producers × $log_lines lines of 60 bytes"
+        cat >"$work/logs.toml" <<TOML
+[[group]]
+name = "logs"
+command = "$producer"
+args = ["$log_lines"]
+restart = { policy = "never" }
+[group.local]
+instances = $producers
+TOML
+        total=$((producers * log_lines))
+        for id in $(seq "$producers"); do "$producer" "$log_lines" "$id"; done | md5sum | cut -d' ' -f1 >"$work/want.md5"
+        th_rates=() par_rates=()
+        for run in $(seq "$log_runs"); do
+            t0=$(now)
+            "${marked[@]}" /usr/bin/time -f '%U %S' -o "$work/th.time" "$taskherd" run "$work/logs.toml" >"$work/th.log" \
+                || die "log relay: taskherd run exited with $?"
+            t1=$(now)
+            check_nothing_left "log relay (taskherd)"
+            "${marked[@]}" /usr/bin/time -f '%U %S' -o "$work/par.time" parallel --will-cite --tag --line-buffer \
+                "$producer" "$log_lines" {} ::: $(seq "$producers") >"$work/par.log" \
+                || die "log relay: parallel exited with $?"
+            t2=$(now)
+            check_nothing_left "log relay (parallel)"
+            th_ms=$(ms_between "$t0" "$t1") par_ms=$(ms_between "$t1" "$t2")
+            check_log taskherd "$work/th.log"
+            check_log parallel "$work/par.log"
+            th_rate=$(awk -v n="$total" -v ms="$th_ms" 'BEGIN { printf "%.0f", n / ms * 1000 }')
+            par_rate=$(awk -v n="$total" -v ms="$par_ms" 'BEGIN { printf "%.0f", n / ms * 1000 }')
+            th_rates+=("$th_rate") par_rates+=("$par_rate")
+            read -r tu ts <"$work/th.time"
+            read -r pu ps <"$work/par.time"
+            say "run $run: taskherd $th_ms ms ($th_rate lines/s, cpu ${tu}u+${ts}s incl. producers), parallel $par_ms ms ($par_rate lines/s, cpu ${pu}u+${ps}s) (load $(cut -d' ' -f1 /proc/loadavg))"
+        done
+        th=$(median "${th_rates[@]}") par=$(median "${par_rates[@]}")
+        ratio=$(awk -v a="$th" -v b="$par" 'BEGIN { printf "%.2f", a / b }')
+        row "log relay, lines/s ($producers x $log_lines, to a file; $log_runs runs)" "$th" "$par (parallel)" "${ratio}x" ">= 1.5x parallel" "$(verdict "$ratio >= 1.5")"
     done
-    th=$(median "${th_rates[@]}") par=$(median "${par_rates[@]}")
-    ratio=$(awk -v a="$th" -v b="$par" 'BEGIN { printf "%.2f", a / b }')
-    row "log relay, lines/s (4 x $log_lines, to a file; $log_runs runs)" "$th" "$par (parallel)" "${ratio}x" ">= 1.5x parallel" "$(verdict "$ratio >= 1.5")"
 fi
 
 # ------------------------------------------------------------ 2. fan-out

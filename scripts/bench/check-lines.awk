@@ -48,7 +48,8 @@ function problem(why) {
         payload = substr(rest, close_at + 2)
         if (payload !~ /^P[0-9]+ [0-9]+ /) { events++; next }
     }
-    if (tag !~ /^[0-9]+$/ || tag < 1 || tag > producers + 0) { problem("bad tag " tag); next }
+    # tag + 0: a number, not the string (which "4" > "32" would compare)
+    if (tag !~ /^[0-9]+$/ || tag + 0 < 1 || tag + 0 > producers + 0) { problem("bad tag " tag); next }
     if (level != "info") { problem("level " level); next }
     want = sprintf("P%d %07d %s", tag, seen[tag] + 1, body)
     if (payload != want) { problem("expected \"" want "\""); next }

@@ -274,7 +274,7 @@ fn log_frame(record: LogRecord) -> FromAgent {
         time_ms,
         level: record.level,
         stream: record.stream,
-        message: record.message,
+        message: record.message.into_string(),
     }
 }
 

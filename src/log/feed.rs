@@ -45,7 +45,7 @@ struct Backlog {
 
 impl Backlog {
     fn push(&mut self, record: Arc<LogRecord>) {
-        let lines = line_count(&record.message);
+        let lines = record.message.line_count();
         self.lines += lines;
         self.bytes += record.message.len();
         self.records.push_back((record, lines));
@@ -61,11 +61,6 @@ impl Backlog {
             self.records.pop_front();
         }
     }
-}
-
-/// Lines of a message ([`LogRecord::lines`]): one more than its `\n`s.
-fn line_count(message: &str) -> usize {
-    message.bytes().filter(|&b| b == b'\n').count() + 1
 }
 
 /// What a follower gets: the last lines of the backlog it asked for, and

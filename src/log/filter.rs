@@ -36,7 +36,7 @@ mod tests {
                 })
             }),
             stream: Stream::Stdout,
-            message: String::new(),
+            message: Default::default(),
         }
     }
 

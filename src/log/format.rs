@@ -1,5 +1,7 @@
-//! One record to one line of text or JSON, written straight into the
-//! writer's buffer (no `String` per line).
+//! One record to lines of text or JSON, written straight into the
+//! writer's buffer (no `String` per line): the prefix (time, level, label)
+//! is formatted once per record ([`LinePrefix`]) and copied before each
+//! of its lines.
 
 use super::{InstanceLabel, LogRecord, Stream};
 use crate::config::LogFormat;
@@ -38,8 +40,14 @@ impl LogRecord {
     /// several (separated by `\n`) if its message holds several.
     pub fn format(&self, format: LogFormat) -> String {
         let mut line = Vec::with_capacity(64 + self.message.len());
-        // Writing into a Vec cannot fail.
-        let _ = self.write_to(&mut line, format, false);
+        let mut prefix = LinePrefix::default();
+        prefix.set(self, format, false);
+        for (n, text) in self.lines().enumerate() {
+            if n > 0 {
+                line.push(b'\n');
+            }
+            prefix.write_line(&mut line, text);
+        }
         String::from_utf8(line)
             .unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned())
     }
@@ -57,13 +65,16 @@ impl LogRecord {
         format: LogFormat,
         color: bool,
     ) -> io::Result<()> {
+        let mut prefix = LinePrefix::default();
+        prefix.set(self, format, color);
+        let mut lines = Vec::with_capacity(64 + self.message.len());
         for (n, line) in self.lines().enumerate() {
             if n > 0 {
-                out.write_all(b"\n")?;
+                lines.push(b'\n');
             }
-            self.write_line_to(out, format, color, line)?;
+            prefix.write_line(&mut lines, line);
         }
-        Ok(())
+        out.write_all(&lines)
     }
 
     /// Writes `line` (one of [`LogRecord::lines`]) with the record's
@@ -78,48 +89,50 @@ impl LogRecord {
         color: bool,
         line: &str,
     ) -> io::Result<()> {
-        match format {
-            LogFormat::Text => self.write_text(out, color, line),
-            LogFormat::Json => self.write_json(out, line),
-        }
+        let mut prefix = LinePrefix::default();
+        prefix.set(self, format, color);
+        let mut bytes = Vec::with_capacity(prefix.bytes.len() + line.len() + 8);
+        prefix.write_line(&mut bytes, line);
+        out.write_all(&bytes)
     }
 
     /// The time stamp and the label come from this thread's [`TextCache`]:
-    /// no `core::fmt` for every line, only bytes copied.
-    fn write_text<W: Write>(&self, out: &mut W, color: bool, line: &str) -> io::Result<()> {
+    /// no `core::fmt` for every record, only bytes copied.
+    fn write_text_prefix(&self, out: &mut Vec<u8>, color: bool) {
         TEXT_CACHE.with_borrow_mut(|cache| {
             let level = self.level.as_str();
             if color {
-                out.write_all(DIM.as_bytes())?;
-                out.write_all(cache.stamp(self.time))?;
-                out.write_all(RESET.as_bytes())?;
-                out.write_all(b" ")?;
-                out.write_all(level_color(self.level).as_bytes())?;
-                out.write_all(level.as_bytes())?;
-                out.write_all(RESET.as_bytes())?;
+                out.extend_from_slice(DIM.as_bytes());
+                out.extend_from_slice(cache.stamp(self.time));
+                out.extend_from_slice(RESET.as_bytes());
+                out.push(b' ');
+                out.extend_from_slice(level_color(self.level).as_bytes());
+                out.extend_from_slice(level.as_bytes());
+                out.extend_from_slice(RESET.as_bytes());
             } else {
-                out.write_all(cache.stamp(self.time))?;
-                out.write_all(b" ")?;
-                out.write_all(level.as_bytes())?;
+                out.extend_from_slice(cache.stamp(self.time));
+                out.push(b' ');
+                out.extend_from_slice(level.as_bytes());
             }
             // The padding stays outside the colors, so that columns line
             // up as in plain text.
             let pad = LEVEL_WIDTH.saturating_sub(level.len());
-            out.write_all(&SPACES[..=pad])?;
+            out.extend_from_slice(&SPACES[..=pad]);
             match &self.instance {
                 Some(label) => {
-                    out.write_all(cache.label(label))?;
-                    out.write_all(b" ")?;
+                    out.extend_from_slice(cache.label(label));
+                    out.push(b' ');
                 }
-                None => out.write_all(b"[master] ")?,
+                None => out.extend_from_slice(b"[master] "),
             }
-            out.write_all(line.as_bytes())
-        })
+        });
     }
 
-    fn write_json<W: Write>(&self, out: &mut W, message: &str) -> io::Result<()> {
+    /// The JSON object of a line up to its message: `{"time":...,
+    /// "stream":"stdout","message":`.
+    fn write_json_prefix(&self, out: &mut Vec<u8>) {
         #[derive(Serialize)]
-        struct Line<'a> {
+        struct Head<'a> {
             time: Rfc3339Millis,
             level: Level,
             #[serde(skip_serializing_if = "Option::is_none")]
@@ -133,10 +146,9 @@ impl LogRecord {
             #[serde(skip_serializing_if = "Option::is_none")]
             group_id: Option<u32>,
             stream: Stream,
-            message: &'a str,
         }
         let label = self.instance.as_deref();
-        let line = Line {
+        let head = Head {
             time: Rfc3339Millis(self.time),
             level: self.level,
             group: label.map(|l| l.group.as_str()),
@@ -145,9 +157,65 @@ impl LogRecord {
             id: label.map(|l| l.id),
             group_id: label.map(|l| l.group_id),
             stream: self.stream,
-            message,
         };
-        serde_json::to_writer(out, &line).map_err(io::Error::from)
+        // Into a Vec, of fields that always serialize: cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &head);
+        // The object goes on with the message: `{...,"stream":"stdout"`
+        // and `,"message":`, then each line's string and `}`.
+        if out.last() == Some(&b'}') {
+            out.pop();
+        }
+        out.extend_from_slice(b",\"message\":");
+    }
+}
+
+/// What every line of one record starts with, in one format: the time,
+/// level and label formatted once per record, then copied before each of
+/// its lines.
+#[derive(Debug, Default)]
+pub(super) struct LinePrefix {
+    /// Text: `<time> <level>   <label> `; JSON: the object up to the
+    /// message's value.
+    bytes: Vec<u8>,
+    /// A line is a JSON string then `}`, not the text as it is.
+    json: bool,
+}
+
+impl LinePrefix {
+    /// The prefix of `record`'s lines in `format` (with ANSI colors if
+    /// `color`, in text).
+    pub(super) fn set(&mut self, record: &LogRecord, format: LogFormat, color: bool) {
+        self.bytes.clear();
+        self.json = format == LogFormat::Json;
+        match format {
+            LogFormat::Text => record.write_text_prefix(&mut self.bytes, color),
+            LogFormat::Json => record.write_json_prefix(&mut self.bytes),
+        }
+    }
+
+    /// Appends `line` with the prefix, without a newline.
+    #[inline]
+    pub(super) fn write_line(&self, out: &mut Vec<u8>, line: &str) {
+        out.extend_from_slice(&self.bytes);
+        if self.json {
+            // A string into a Vec: cannot fail.
+            let _ = serde_json::to_writer(&mut *out, line);
+            out.push(b'}');
+        } else {
+            out.extend_from_slice(line.as_bytes());
+        }
+    }
+
+    /// Appends every line of `record` (whose prefix this is), each with
+    /// the prefix and a newline.
+    #[inline]
+    pub(super) fn write_lines(&self, out: &mut Vec<u8>, record: &LogRecord) {
+        let lines = record.lines();
+        out.reserve(record.message.len() + lines.len() * (self.bytes.len() + 2));
+        for line in lines {
+            self.write_line(out, line);
+            out.push(b'\n');
+        }
     }
 }
 

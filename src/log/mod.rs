@@ -37,7 +37,8 @@
 //!
 //! - `feed`: the backlog and the live feed of `taskherd logs`.
 //! - `filter`: which records the [`LogFilter`] (`info,web=debug`) lets through.
-//! - `format`: a record to a line of text or JSON.
+//! - `format`: a record to lines of text or JSON.
+//! - `message`: a record's text and its lines ([`Message`]), found once.
 //! - `file`: the rotated log file.
 //! - `terminal`: colors and the status line.
 //! - `writer`: the writer thread.
@@ -46,11 +47,14 @@ mod feed;
 mod file;
 mod filter;
 mod format;
+mod message;
 mod terminal;
 mod writer;
 
 pub use feed::{Follow, BACKLOG_BYTES, BACKLOG_LINES};
 pub use file::LogFileOptions;
+pub(crate) use message::line_content;
+pub use message::Message;
 // The filter is parsed with the config, which holds it.
 pub use crate::config::{FilterError, LogFilter};
 pub use terminal::is_dumb_terminal;
@@ -77,7 +81,8 @@ const LOG_CHANNEL_LEN: usize = 8192;
 /// loses the oldest and is told how many ([`broadcast::error::RecvError::Lagged`]).
 pub const LIVE_CHANNEL_LEN: usize = 4096;
 
-/// One line of the log.
+/// One line of the log, or several (the lines of one read of an
+/// instance's output), with the same time, level and instance.
 #[derive(Debug, Clone)]
 pub struct LogRecord {
     /// When the master received it.
@@ -88,20 +93,19 @@ pub struct LogRecord {
     pub instance: Option<Arc<InstanceLabel>>,
     /// Where it came from.
     pub stream: Stream,
-    /// The text, without trailing newline. Output relayed in bulk holds
-    /// every whole line of one read, separated by `\n`: see
-    /// [`LogRecord::lines`].
-    pub message: String,
+    /// The text, without trailing newline (`"text".into()`, or
+    /// `String::into`). Output relayed in bulk holds every whole line of
+    /// one read: see [`LogRecord::lines`].
+    pub message: Message,
 }
 
 impl LogRecord {
     /// The lines of the message (one, unless it holds several separated
-    /// by `\n`), without a trailing `\r`; each is logged as a line of its
-    /// own with the record's time, level and instance.
-    pub fn lines(&self) -> impl Iterator<Item = &str> {
-        self.message
-            .split('\n')
-            .map(|line| line.strip_suffix('\r').unwrap_or(line))
+    /// by `\n`), without a `\r` that ends one; each is logged as a line of
+    /// its own with the record's time, level and instance.
+    #[inline]
+    pub fn lines(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator + Clone {
+        self.message.lines()
     }
 }
 
@@ -343,6 +347,7 @@ impl LogSink {
             published: Vec::new(),
             status: status.clone(),
             notices: Vec::new(),
+            prefix: format::LinePrefix::default(),
         };
         let thread = std::thread::Builder::new()
             .name("taskherd-log".into())
@@ -420,7 +425,7 @@ impl LogSink {
             level,
             instance: Some(label.clone()),
             stream: Stream::Master,
-            message,
+            message: message.into(),
         })
         .await;
     }
@@ -436,7 +441,7 @@ impl LogSink {
             level,
             instance: None,
             stream: Stream::Master,
-            message,
+            message: message.into(),
         })
         .await;
     }

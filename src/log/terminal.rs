@@ -333,7 +333,8 @@ impl QueuedTerminal {
             message: format!(
                 "{} not shown on the terminal (it did not keep up; the log file has them)",
                 crate::error_text::count(self.dropped, "line")
-            ),
+            )
+            .into(),
         };
         let mut line = Vec::with_capacity(160);
         // Writing into a Vec cannot fail.

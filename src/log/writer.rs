@@ -8,6 +8,7 @@
 
 use super::feed::Feed;
 use super::file::{LogFile, Notice};
+use super::format::LinePrefix;
 use super::terminal::TerminalOut;
 use super::{LogRecord, Stream};
 use crate::config::{LogFilter, LogFormat};
@@ -72,6 +73,8 @@ pub(super) struct Writer<W: Write> {
     pub(super) status: Option<Arc<StatusSlot>>,
     /// Problems of the log file, to be logged.
     pub(super) notices: Vec<Notice>,
+    /// The prefix of the current record's lines (kept for its buffer).
+    pub(super) prefix: LinePrefix,
 }
 
 /// What woke the writer.
@@ -187,12 +190,12 @@ impl<W: Write> Writer<W> {
         }
         let mut to_terminal = true;
         if let Some(file) = self.file.as_mut().filter(|file| file.is_open()) {
+            self.prefix.set(record, self.format, false);
             // Line by line: the file may rotate between two lines of a
             // record that holds several.
             for line in record.lines() {
                 let start = file.buf.len();
-                // Writing into a Vec cannot fail.
-                let _ = record.write_line_to(&mut file.buf, self.format, false, line);
+                self.prefix.write_line(&mut file.buf, line);
                 file.buf.push(b'\n');
                 file.line_added(start, &mut self.notices);
                 if let Some(spilled) = file.take_spill() {
@@ -202,10 +205,8 @@ impl<W: Write> Writer<W> {
             to_terminal = record.stream == Stream::Master;
         }
         if to_terminal {
-            let color = self.terminal.color();
-            let buf = self.terminal.line_buf();
-            let _ = record.write_to(buf, self.format, color);
-            buf.push(b'\n');
+            self.prefix.set(record, self.format, self.terminal.color());
+            self.prefix.write_lines(self.terminal.line_buf(), record);
             self.terminal.line_added();
         }
         if !self.notices.is_empty() {
@@ -244,16 +245,14 @@ impl<W: Write> Writer<W> {
                 level,
                 instance: None,
                 stream: Stream::Master,
-                message,
+                message: message.into(),
             };
             if let Some(file) = self.file.as_mut().filter(|file| file.is_open()) {
-                let _ = record.write_to(&mut file.buf, self.format, false);
-                file.buf.push(b'\n');
+                self.prefix.set(&record, self.format, false);
+                self.prefix.write_lines(&mut file.buf, &record);
             }
-            let color = self.terminal.color();
-            let buf = self.terminal.line_buf();
-            let _ = record.write_to(buf, self.format, color);
-            buf.push(b'\n');
+            self.prefix.set(&record, self.format, self.terminal.color());
+            self.prefix.write_lines(self.terminal.line_buf(), &record);
             self.published.push(Arc::new(record));
         }
     }

@@ -590,7 +590,7 @@ impl HostRun<'_> {
                         level,
                         instance,
                         stream,
-                        message,
+                        message: message.into(),
                     })
                     .await;
             }

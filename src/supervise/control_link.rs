@@ -92,7 +92,7 @@ pub(super) async fn control_link(
                             level,
                             instance: Some(label.clone()),
                             stream: Stream::Control,
-                            message,
+                            message: message.into(),
                         })
                         .await;
                     }

@@ -5,8 +5,14 @@
 //! (or the end of the stream), invalid UTF-8 is shown lossily rather than
 //! dropped, and a line longer than the limit is cut into pieces of at most
 //! the limit, each ending on a character boundary, so nothing is lost and
-//! memory stays bounded.
+//! memory stays bounded. A `\r` before a newline is not part of the line
+//! (the rule of [`Message`], the only place that applies it).
+//!
+//! The relay takes the lines of a read at once, as one log [`Message`]
+//! ([`LineDecoder::decode_message`]); the [`Decoder`] gives them one
+//! `String` at a time.
 
+use crate::log::{line_content, Message};
 use bytes::{Buf, BytesMut};
 use tokio_util::codec::Decoder;
 
@@ -32,17 +38,44 @@ impl LineDecoder {
         }
     }
 
-    fn take(&mut self, buf: &mut BytesMut, len: usize, skip: usize) -> String {
+    /// The first `len` bytes of `buf` (and `skip` more dropped).
+    fn take(&mut self, buf: &mut BytesMut, len: usize, skip: usize) -> BytesMut {
         let line = buf.split_to(len);
         buf.advance(skip);
         self.scanned = 0;
-        let line = line.strip_suffix(b"\r").unwrap_or(&line);
-        // `from_utf8` validates a word at a time; `from_utf8_lossy` walks
-        // byte by byte even when every byte is fine.
-        match std::str::from_utf8(line) {
-            Ok(text) => text.to_owned(),
-            Err(_) => String::from_utf8_lossy(line).into_owned(),
+        line
+    }
+
+    /// The next lines of `buf` as one message: every whole line at its
+    /// start; else a piece of a line longer than the limit; else, at the
+    /// end of the stream (`eof`), what is left. `None`: more bytes are
+    /// needed (or, at the end, `buf` is empty).
+    pub fn decode_message(&mut self, buf: &mut BytesMut, eof: bool) -> Option<Message> {
+        if let Some((message, taken)) = Message::whole_lines(buf, self.scanned, self.max_len) {
+            buf.advance(taken);
+            self.scanned = 0;
+            return Some(message);
         }
+        let len = if buf.len() > self.max_len {
+            char_boundary(buf, self.max_len)
+        } else if eof && !buf.is_empty() {
+            buf.len()
+        } else {
+            self.scanned = buf.len();
+            return None;
+        };
+        let piece = self.take(buf, len, 0);
+        Some(Message::new(text(&piece)))
+    }
+}
+
+/// `bytes` as text, invalid UTF-8 replaced.
+fn text(bytes: &[u8]) -> String {
+    // `from_utf8` validates a word at a time; `from_utf8_lossy` walks
+    // byte by byte even when every byte is fine.
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
     }
 }
 
@@ -73,16 +106,15 @@ impl Decoder for LineDecoder {
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<String>, std::io::Error> {
         let search_end = buf.len().min(self.max_len + 1);
-        if let Some(pos) = buf[self.scanned.min(search_end)..search_end]
-            .iter()
-            .position(|&b| b == b'\n')
-        {
+        if let Some(pos) = memchr::memchr(b'\n', &buf[self.scanned.min(search_end)..search_end]) {
             let len = self.scanned + pos;
-            return Ok(Some(self.take(buf, len, 1)));
+            let line = self.take(buf, len, 1);
+            return Ok(Some(text(line_content(&line))));
         }
         if buf.len() > self.max_len {
             let cut = char_boundary(buf, self.max_len);
-            return Ok(Some(self.take(buf, cut, 0)));
+            let piece = self.take(buf, cut, 0);
+            return Ok(Some(text(line_content(&piece))));
         }
         self.scanned = buf.len();
         Ok(None)
@@ -94,7 +126,8 @@ impl Decoder for LineDecoder {
             None if buf.is_empty() => Ok(None),
             None => {
                 let len = buf.len();
-                Ok(Some(self.take(buf, len, 0)))
+                let rest = self.take(buf, len, 0);
+                Ok(Some(text(line_content(&rest))))
             }
         }
     }
@@ -118,6 +151,49 @@ mod tests {
             out.push(line);
         }
         out
+    }
+
+    /// The lines of the messages `decode_message` makes of `chunks`.
+    fn message_lines(chunks: &[&[u8]], max_len: usize) -> Vec<String> {
+        let mut decoder = LineDecoder::new(max_len);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for (n, chunk) in chunks.iter().enumerate() {
+            buf.extend_from_slice(chunk);
+            let eof = n + 1 == chunks.len();
+            while let Some(message) = decoder.decode_message(&mut buf, eof) {
+                out.extend(message.lines().map(str::to_owned));
+            }
+        }
+        assert!(buf.is_empty());
+        out
+    }
+
+    #[test]
+    fn messages_hold_the_lines_the_decoder_gives_one_by_one() {
+        let chunks: &[&[u8]] = &[
+            b"ab",
+            b"c\r\nde\n\nf\rg\r\n",
+            "0123456789012345678901234é\n".as_bytes(),
+            b"x\xffy\r\n\r",
+            b"tail\r",
+        ];
+        for max_len in [4, 10, 100] {
+            let one_by_one = lines(chunks, max_len);
+            assert_eq!(message_lines(chunks, max_len), one_by_one, "{max_len}");
+        }
+        assert_eq!(
+            lines(chunks, 100),
+            [
+                "abc",
+                "de",
+                "",
+                "f\rg",
+                "0123456789012345678901234é",
+                "x\u{fffd}y",
+                "\rtail"
+            ]
+        );
     }
 
     #[test]

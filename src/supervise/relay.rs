@@ -2,14 +2,13 @@
 //! per read, never lost (see [`super::output`] for the line rules).
 
 use super::activity::Activity;
-use super::output::{LineDecoder, MAX_LINE_LEN};
+use super::output::LineDecoder;
 use crate::log::{InstanceLabel, LogRecord, LogSink, Stream};
 use crate::protocol::slave::Level;
 use bytes::{BufMut, BytesMut};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio_util::codec::Decoder;
 
 /// Bytes read from an instance's stdout or stderr at once (at most).
 const READ_CHUNK: usize = 64 * 1024;
@@ -29,17 +28,8 @@ pub(super) async fn relay_output<R: AsyncRead + Unpin>(
     let mut decoder = LineDecoder::default();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut records = Vec::new();
-    let record = |time, message| LogRecord {
-        time,
-        level,
-        instance: Some(label.clone()),
-        stream,
-        message,
-    };
     loop {
         buf.reserve(READ_CHUNK);
-        // At most READ_CHUNK (<= MAX_LINE_LEN) bytes: a line that starts
-        // in this read is never longer than the decoder's limit.
         let end = match pipe.read_buf(&mut (&mut buf).limit(READ_CHUNK)).await {
             Ok(0) => true,
             Ok(_) => false,
@@ -48,40 +38,18 @@ pub(super) async fn relay_output<R: AsyncRead + Unpin>(
                 true
             }
         };
-        // The lines of one read arrived together: one time stamp for all.
+        // The lines of one read arrived together: one time stamp for all,
+        // and one record for all the whole lines (one allocation, one
+        // UTF-8 check, one channel slot), their places found once.
         let time = SystemTime::now();
-        while let Some(first) = buf.iter().position(|&b| b == b'\n') {
-            if first > MAX_LINE_LEN {
-                // A line begun in earlier reads and too long: cut by the
-                // decoder.
-                match decoder.decode(&mut buf) {
-                    Ok(Some(piece)) => records.push(record(time, piece)),
-                    _ => break,
-                }
-                continue;
-            }
-            // Every whole line in one record (one allocation, one UTF-8
-            // check, one channel slot); the writer splits them.
-            let last = buf.iter().rposition(|&b| b == b'\n').unwrap_or(first);
-            let lines = buf.split_to(last + 1);
-            let lines = &lines[..last];
-            let message = match std::str::from_utf8(lines) {
-                Ok(text) => text.to_owned(),
-                Err(_) => String::from_utf8_lossy(lines).into_owned(),
-            };
-            records.push(record(time, message));
-            decoder = LineDecoder::default();
-        }
-        // What is left has no newline: the decoder cuts it if too long,
-        // and takes it whole at the end.
-        loop {
-            let piece = if end {
-                decoder.decode_eof(&mut buf)
-            } else {
-                decoder.decode(&mut buf)
-            };
-            let Ok(Some(piece)) = piece else { break };
-            records.push(record(time, piece));
+        while let Some(message) = decoder.decode_message(&mut buf, end) {
+            records.push(LogRecord {
+                time,
+                level,
+                instance: Some(label.clone()),
+                stream,
+                message,
+            });
         }
         if !records.is_empty() {
             activity.touch();
@@ -143,6 +111,81 @@ mod tests {
         collect.await.unwrap()
     }
 
+    /// The log lines (text, then JSON) of the records relayed from
+    /// `input`, written at once, with a fixed time.
+    async fn formatted(input: &[u8]) -> (String, String) {
+        use tokio::io::AsyncWriteExt;
+        let (mut writer, reader) = tokio::io::duplex(1 << 20);
+        let (sink, mut records) = LogSink::channel();
+        let label = Arc::new(InstanceLabel {
+            group: "g".into(),
+            host: "h".into(),
+            command: "c".into(),
+            id: 1,
+            group_id: 1,
+        });
+        let relay = tokio::spawn(relay_output(
+            reader,
+            Stream::Stderr,
+            label,
+            sink,
+            Arc::new(Activity::new()),
+        ));
+        writer.write_all(input).await.unwrap();
+        drop(writer);
+        relay.await.unwrap();
+        let (mut text, mut json) = (Vec::new(), Vec::new());
+        while let Some(mut record) = records.recv().await {
+            record.time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_500);
+            record
+                .write_to(&mut text, crate::config::LogFormat::Text, false)
+                .unwrap();
+            text.push(b'\n');
+            record
+                .write_to(&mut json, crate::config::LogFormat::Json, false)
+                .unwrap();
+            json.push(b'\n');
+        }
+        (
+            String::from_utf8(text).unwrap(),
+            String::from_utf8(json).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_read_of_several_lines_is_formatted_line_by_line() {
+        let (text, json) =
+            formatted(b"first\r\nsecond\n\r\na\rb \xff\r\n\n\"quoted\"\tend\r\npartial\r").await;
+        let prefix = "1970-01-01T00:00:01.500Z warning   [g] [h] [c/1/1] ";
+        let want: String = [
+            "first",
+            "second",
+            "",
+            "a\rb \u{fffd}",
+            "",
+            "\"quoted\"\tend",
+            "partial",
+        ]
+        .iter()
+        .map(|line| format!("{prefix}{line}\n"))
+        .collect();
+        assert_eq!(text, want);
+        let json_prefix = r#"{"time":"1970-01-01T00:00:01.500Z","level":"warning","group":"g","host":"h","command":"c","id":1,"group_id":1,"stream":"stderr","message":"#;
+        let want: String = [
+            r#""first""#,
+            r#""second""#,
+            r#""""#,
+            "\"a\\rb \u{fffd}\"",
+            r#""""#,
+            r#""\"quoted\"\tend""#,
+            r#""partial""#,
+        ]
+        .iter()
+        .map(|message| format!("{json_prefix}{message}}}\n"))
+        .collect();
+        assert_eq!(json, want);
+    }
+
     #[tokio::test]
     async fn relayed_lines_do_not_depend_on_how_the_output_is_cut() {
         let mut input = Vec::new();
@@ -158,7 +201,9 @@ mod tests {
         let mut expected = Vec::new();
         let mut buf = bytes::BytesMut::from(&input[..]);
         let mut decoder = LineDecoder::default();
-        while let Some(line) = decoder.decode_eof(&mut buf).unwrap() {
+        while let Some(line) =
+            tokio_util::codec::Decoder::decode_eof(&mut decoder, &mut buf).unwrap()
+        {
             expected.push(line);
         }
         assert!(expected.len() > 500, "{}", expected.len());
