@@ -91,7 +91,9 @@ pub(crate) fn start(state_file: &Path) -> std::io::Result<bool> {
         .process_group(0)
         .spawn()?;
     let Some(pipe) = child.stdin.take() else {
-        return Err(std::io::Error::other("the watchdog started without its pipe"));
+        return Err(std::io::Error::other(
+            "the watchdog started without its pipe",
+        ));
     };
     *running = Some(Running {
         _child: child,

@@ -188,7 +188,10 @@ instances = 3
         herd.wait_for_count("up", 3 * round);
         let deadline = Instant::now() + Duration::from_secs(10);
         while sleeps(&herd) < 6 {
-            assert!(Instant::now() < deadline, "round {round}: 6 sleeps never ran");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: 6 sleeps never ran"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         wait_for_watchdog(&herd);
