@@ -444,7 +444,7 @@ TOML
         done
         th=$(median "${th_rates[@]}") par=$(median "${par_rates[@]}")
         ratio=$(awk -v a="$th" -v b="$par" 'BEGIN { printf "%.2f", a / b }')
-        row "log relay, lines/s ($producers x $log_lines, to a file; $log_runs runs)" "$th" "$par (parallel)" "${ratio}x" ">= 1.5x parallel" "$(verdict "$ratio >= 1.5")"
+        row "log relay, lines/s ($producers x $log_lines, to a file; $log_runs runs)" "$th" "$par (parallel)" "${ratio}x" ">= 2x parallel" "$(verdict "$ratio >= 2")"
     done
 fi
 
