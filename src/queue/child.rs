@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::unix::pipe;
 
-use crate::pidkiller::proc::{self, ProcessIdentity};
+use crate::pidkiller::proc;
 use crate::protocol::millis;
 
 /// Longest output line relayed as one; longer ones are cut.
@@ -57,19 +57,37 @@ pub(crate) fn die_with_parent(command: &mut Command) {
 /// Waits until our child `pid` has ended (without reaping it: until then
 /// its pid, and its process group id, are still ours).
 pub(crate) async fn wait_exited(pid: u32) {
-    let Ok(identity) = ProcessIdentity::of(pid) else {
-        // An unreaped child always has its /proc entry: nothing to wait for.
-        return;
-    };
-    if let Ok(fd) = proc::pidfd_open(identity) {
-        if proc::wait_exit(fd).await.is_ok() {
-            return;
+    // An unreaped child's pid cannot be anybody else's: no identity check.
+    if let Some(raw) = rustix_pid(pid) {
+        if let Ok(fd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+            if proc::wait_exit(fd).await.is_ok() {
+                return;
+            }
         }
     }
-    // Already a zombie (pidfd_open refuses those), or no pidfd.
-    while identity.is_alive_same() {
+    // No pidfd (before Linux 5.3): poll.
+    while !has_exited(pid) {
         tokio::time::sleep(EXIT_POLL).await;
     }
+}
+
+/// Whether our child `pid` has ended (not reaped: `WNOWAIT`). An error
+/// counts as ended: there is nothing left to wait for.
+pub(crate) fn has_exited(pid: u32) -> bool {
+    let Some(raw) = rustix_pid(pid) else {
+        return true;
+    };
+    use rustix::process::{WaitId, WaitIdOptions};
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    // `None`: nothing has ended yet.
+    !matches!(rustix::process::waitid(WaitId::Pid(raw), options), Ok(None))
+}
+
+/// `pid` as rustix takes it.
+fn rustix_pid(pid: u32) -> Option<rustix::process::Pid> {
+    i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
 }
 
 /// `deadline` in milliseconds since the Unix epoch.

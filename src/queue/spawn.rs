@@ -34,17 +34,12 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::process::ExitStatus;
 use std::ptr;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
 
 use libc::{c_char, c_int, c_void};
 use rustix::pipe::PipeFlags;
-use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions, WaitOptions};
+use rustix::process::{Pid, Signal, WaitOptions};
 
-use crate::pidkiller::proc;
-
-/// How often the end of a job's process is checked where the kernel has
-/// no pidfd (before Linux 5.3).
-const EXIT_POLL: Duration = Duration::from_millis(20);
+use crate::queue::child::wait_exited;
 
 /// Stack of the child until it execs (it calls a handful of libc
 /// functions; `posix_spawn` gives its child about as much).
@@ -216,24 +211,7 @@ impl JobProcess {
     /// Waits until the process has ended, without reaping it (until
     /// [`wait`](Self::wait), its pid and process group id stay ours).
     pub(crate) async fn exited(&self) {
-        if let Ok(fd) = self.pidfd() {
-            if proc::wait_exit(fd).await.is_ok() {
-                return;
-            }
-        }
-        // No pidfd (before Linux 5.3): poll.
-        while !self.has_exited() {
-            tokio::time::sleep(EXIT_POLL).await;
-        }
-    }
-
-    /// A pidfd of the process: no identity check is needed, an unreaped
-    /// child's pid cannot be anybody else's.
-    fn pidfd(&self) -> io::Result<OwnedFd> {
-        Ok(rustix::process::pidfd_open(
-            self.rustix_pid()?,
-            PidfdFlags::empty(),
-        )?)
+        wait_exited(self.pid).await;
     }
 
     /// The pid as rustix takes it.
@@ -242,17 +220,6 @@ impl JobProcess {
             .ok()
             .and_then(Pid::from_raw)
             .ok_or_else(|| io::Error::other("pid out of range"))
-    }
-
-    /// Whether the process has ended (not reaped: `WNOWAIT`). An error
-    /// counts as ended: there is nothing left to wait for.
-    fn has_exited(&self) -> bool {
-        let Ok(pid) = self.rustix_pid() else {
-            return true;
-        };
-        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
-        // `None`: nothing has ended yet.
-        !matches!(rustix::process::waitid(WaitId::Pid(pid), options), Ok(None))
     }
 
     /// Waits for the process to end (blocking) and reaps it.
@@ -562,10 +529,10 @@ mod tests {
             .build()
             .expect("runtime");
         let running = sh("exec sleep 30", &[]).spawn(&[]).expect("spawn");
-        assert!(!running.has_exited());
+        assert!(!crate::queue::child::has_exited(running.id()));
         let quick = sh("exit 5", &[]).spawn(&[]).expect("spawn");
         runtime.block_on(quick.exited());
-        assert!(quick.has_exited());
+        assert!(crate::queue::child::has_exited(quick.id()));
         // Not reaped yet: still a zombie of ours.
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", quick.id())).expect("stat");
         assert!(stat.contains(") Z "), "{stat}");
