@@ -67,6 +67,7 @@ fn spec(id: u32, script: &str) -> InstanceSpec {
             ..RestartSpec::default()
         },
         max_lifetime: None,
+        health: None,
     }
 }
 

@@ -183,16 +183,43 @@ Examples:
         #[arg(value_name = "GROUP")]
         groups: Vec<String>,
     },
-    /// Stop a running master cleanly, and wait until it has stopped.
+    /// Stop a running master cleanly and wait until it has stopped; or,
+    /// given GROUP[:ID], stop those instances only and keep them stopped
+    /// until `taskherd start`.
     #[command(after_help = "\
-Exit code: 0 once the master has stopped everything (instances that had failed
-earlier are counted, not an error), 1 on an error, 2 when no master runs.")]
+Examples:
+  taskherd stop                    the whole herd (the master exits)
+  taskherd stop web                group web's instances; the herd goes on
+  taskherd stop web:2              instance 2 of group web (its id within the group)
+
+Exit code: 0 once done (instances that had failed earlier are counted, not an
+error), 1 on an error, 2 when no master runs.")]
     Stop {
         #[command(flatten)]
         target: MasterTarget,
-        /// Kill at once (SIGKILL), without the stop grace.
-        #[arg(long)]
+        /// Kill at once (SIGKILL), without the stop grace (the whole herd
+        /// only).
+        #[arg(long, conflicts_with = "instances")]
         kill: bool,
+        /// Only this group, or one of its instances (`web:2`).
+        #[arg(value_name = "GROUP[:ID]")]
+        instances: Option<master::Target>,
+    },
+    /// Start the instances of a group (or one: GROUP:ID) that do not run:
+    /// failed, stopped, completed, or not started (`autostart = false`).
+    #[command(after_help = "\
+Examples:
+  taskherd start web               every instance of web that does not run
+  taskherd start web:2             instance 2 of group web (its id within the group)
+
+Running instances are left alone (the answer says so). A failed instance starts
+with a fresh restart budget. Exit code 1 when an instance does not start.")]
+    Start {
+        #[command(flatten)]
+        target: MasterTarget,
+        /// The group, or one of its instances (`web:2`).
+        #[arg(value_name = "GROUP[:ID]")]
+        instances: master::Target,
     },
     /// Stop a group's instances and keep them stopped.
     Suspend {
@@ -208,12 +235,14 @@ earlier are counted, not an error), 1 on an error, 2 when no master runs.")]
         /// The group's name.
         group: String,
     },
-    /// Restart a group's instances, one at a time.
+    /// Restart a group's instances one at a time (or one: GROUP:ID); ended
+    /// ones (failed, stopped, completed) start again.
     Restart {
         #[command(flatten)]
         target: MasterTarget,
-        /// The group's name.
-        group: String,
+        /// The group, or one of its instances (`web:2`).
+        #[arg(value_name = "GROUP[:ID]")]
+        instances: master::Target,
     },
     /// Make a running master re-read its config and apply the changes.
     Reload {
@@ -481,8 +510,25 @@ fn main() -> ExitCode {
             json,
             groups,
         } => operate(target, verbosity, |client| status(client, json, groups)),
-        Command::Stop { target, kill } => operate(target, verbosity, |client| {
+        Command::Stop {
+            target,
+            kill,
+            instances: None,
+        } => operate(target, verbosity, |client| {
             answer(client, ToMaster::Stop { kill }, verbosity)
+        }),
+        Command::Stop {
+            target,
+            instances: Some(master::Target { group, id }),
+            ..
+        } => operate(target, verbosity, |client| {
+            answer(client, ToMaster::StopInstances { group, id }, verbosity)
+        }),
+        Command::Start {
+            target,
+            instances: master::Target { group, id },
+        } => operate(target, verbosity, |client| {
+            answer(client, ToMaster::Start { group, id }, verbosity)
         }),
         Command::Suspend { target, group } => operate(target, verbosity, |client| {
             answer(client, ToMaster::Suspend { group }, verbosity)
@@ -490,8 +536,11 @@ fn main() -> ExitCode {
         Command::Resume { target, group } => operate(target, verbosity, |client| {
             answer(client, ToMaster::Resume { group }, verbosity)
         }),
-        Command::Restart { target, group } => operate(target, verbosity, |client| {
-            answer(client, ToMaster::Restart { group }, verbosity)
+        Command::Restart {
+            target,
+            instances: master::Target { group, id },
+        } => operate(target, verbosity, |client| {
+            answer(client, ToMaster::Restart { group, id }, verbosity)
         }),
         Command::Reload { target } => operate(target, verbosity, |client| {
             answer(client, ToMaster::Reload, verbosity)

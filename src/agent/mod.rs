@@ -364,6 +364,7 @@ mod tests {
                 ..RestartSpec::default()
             },
             max_lifetime: None,
+            health: None,
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 // The restart policy travels to agents with each instance: wire data.
 #[doc(inline)]
-pub use crate::protocol::instance::{RestartPolicy, RestartSpec};
+pub use crate::protocol::instance::{HealthProbe, HealthSpec, RestartPolicy, RestartSpec};
 
 /// A whole herd: master settings and groups, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -276,6 +276,59 @@ pub struct GroupSpec {
     /// Set for a queue group (`[group.feeder]`, `[group.queue]`,
     /// `[group.consumer]`).
     pub queue: Option<QueueSpec>,
+    /// Start the group's instances with the herd. With `false` they are
+    /// listed as stopped until an operator starts them (`taskherd start
+    /// GROUP`), and the herd runs until stopped. Key `autostart`, default
+    /// `true`; not in queue groups.
+    pub autostart: bool,
+    /// Programs run on the master's host when something happens to an
+    /// instance of the group. Table `[group.hooks]`.
+    pub hooks: HooksSpec,
+    /// A health check of each instance, beside liveness. Table
+    /// `[group.health]`, default none.
+    pub health: Option<HealthSpec>,
+}
+
+/// Default of `[group.health] interval`.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+/// Default of `[group.health] timeout`.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of `[group.health] failures`.
+pub const DEFAULT_HEALTH_FAILURES: u32 = 3;
+
+/// `[group.hooks]`: shell commands (`sh -c`) run on the master's host on
+/// an instance's events, with the event as JSON on their stdin; each is
+/// bounded by `timeout` and never holds supervision up.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HooksSpec {
+    /// An instance's process failed (non-zero exit, signal, liveness
+    /// timeout), whether or not it is restarted. Key `on_failure`.
+    pub on_failure: Option<String>,
+    /// An instance's process started again (a restart, by its policy or an
+    /// operator). Key `on_restart`.
+    pub on_restart: Option<String>,
+    /// An instance was given up: its restart policy has no restart left
+    /// (it is marked failed). Key `on_exhausted`.
+    pub on_exhausted: Option<String>,
+    /// An instance was stopped (with the herd, by an operator, by a
+    /// reload). Key `on_stop`.
+    pub on_stop: Option<String>,
+    /// Longest run of one hook; then its process group is killed. Key
+    /// `timeout`, default 10 s.
+    pub timeout: Duration,
+}
+
+/// Default of `[group.hooks] timeout`.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl HooksSpec {
+    /// No hook, the default timeout.
+    pub fn none() -> Self {
+        HooksSpec {
+            timeout: DEFAULT_HOOK_TIMEOUT,
+            ..HooksSpec::default()
+        }
+    }
 }
 
 /// `[group.local]`: instances started by the master itself.

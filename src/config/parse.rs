@@ -11,9 +11,11 @@
 
 use super::probe::{Probe, Spot};
 use super::{
-    BuiltinFeeder, Config, ConfigError, ConfigErrors, ConsumerRun, ExitCodes, GroupSpec, HostSpec,
-    KnownHostsPolicy, LocalPlacement, LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec,
-    RemotePlacement, RestartPolicy, RestartSpec, SshOptions, MAX_LOG_KEEP,
+    BuiltinFeeder, Config, ConfigError, ConfigErrors, ConsumerRun, ExitCodes, GroupSpec,
+    HealthProbe, HealthSpec, HooksSpec, HostSpec, KnownHostsPolicy, LocalPlacement, LogColor,
+    LogFormat, LogSpec, MasterSpec, QueueSpec, RemotePlacement, RestartPolicy, RestartSpec,
+    SshOptions, DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
+    MAX_LOG_KEEP,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -75,6 +77,19 @@ const GROUP_KEYS: &[&str] = &[
     "feeder",
     "queue",
     "consumer",
+    "autostart",
+    "hooks",
+    "health",
+];
+/// Keys of `[group.health]`.
+const HEALTH_KEYS: &[&str] = &["tcp", "http", "command", "interval", "timeout", "failures"];
+/// Keys of `[group.hooks]`.
+const HOOK_KEYS: &[&str] = &[
+    "on_failure",
+    "on_restart",
+    "on_exhausted",
+    "on_stop",
+    "timeout",
 ];
 const RESTART_KEYS: &[&str] = &["policy", "initial", "max", "reset_after", "jitter", "limit"];
 const LOCAL_KEYS: &[&str] = &["instances", "concurrency"];
@@ -1303,6 +1318,9 @@ impl<'t> Walker<'t> {
             max_jobs: None,
             local: None,
             remote: Vec::new(),
+            autostart: true,
+            hooks: HooksSpec::none(),
+            health: None,
         };
         let Some(table) = self.table(&path, value) else {
             return group;
@@ -1376,8 +1394,27 @@ impl<'t> Walker<'t> {
         if let Some(restart) = table.get("restart") {
             group.restart = self.restart(&child(&path, "restart"), restart);
         }
+        if let Some(hooks) = table.get("hooks") {
+            group.hooks = self.hooks(&child(&path, "hooks"), hooks);
+        }
+        if let Some(health) = table.get("health") {
+            group.health = self.health(&child(&path, "health"), health);
+        }
         let feeder = table.get("feeder");
         let queue = table.get("queue");
+        if let Some(value) = table.get("autostart") {
+            let key = child(&path, "autostart");
+            match value.get_ref().as_bool() {
+                Some(false) if feeder.is_some() || queue.is_some() => self.error(
+                    value.span(),
+                    &key,
+                    "a queue group starts with the herd (its consumers need their feeder); \
+                     leave autostart out, or suspend the group once it runs",
+                ),
+                Some(flag) => group.autostart = flag,
+                None => self.wrong_type(value, &key, "true or false"),
+            }
+        }
         group.queue = self.queue_spec(&path, feeder, queue);
         if let Some(spec) = &mut group.queue {
             spec.feeder_ssh = ssh.clone();
@@ -2000,6 +2037,140 @@ impl<'t> Walker<'t> {
             }
         }
         env
+    }
+
+    /// `[group.health]`: exactly one probe (`tcp = "host:port"`, `http =
+    /// "http://..."`, `command = "..."`), an interval and a timeout above
+    /// zero, at least 1 failure.
+    fn health(&mut self, path: &str, value: &Value<'_>) -> Option<HealthSpec> {
+        let table = self.table(path, value)?;
+        let errors_before = self.errors.len();
+        self.check_unknown(table, path, HEALTH_KEYS, &[]);
+        let mut probes = Vec::new();
+        if let Some(value) = table.get("tcp") {
+            let key = child(path, "tcp");
+            if let Some(addr) = self.non_empty_string(&key, value) {
+                match addr
+                    .rsplit_once(':')
+                    .map(|(host, port)| (host, port.parse::<u16>()))
+                {
+                    Some((host, Ok(port))) if !host.is_empty() && port > 0 => {
+                        probes.push(HealthProbe::Tcp(addr))
+                    }
+                    _ => self.error(
+                        value.span(),
+                        &key,
+                        format!("expected host:port (as 127.0.0.1:8080), found {addr:?}"),
+                    ),
+                }
+            }
+        }
+        if let Some(value) = table.get("http") {
+            let key = child(path, "http");
+            if let Some(url) = self.non_empty_string(&key, value) {
+                match url.strip_prefix("http://") {
+                    Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {
+                        probes.push(HealthProbe::Http(url))
+                    }
+                    _ => self.error(
+                        value.span(),
+                        &key,
+                        format!(
+                            "expected an http:// URL (as http://127.0.0.1:8080/health; \
+                             no https: use a command probe with curl), found {url:?}"
+                        ),
+                    ),
+                }
+            }
+        }
+        if let Some(value) = table.get("command") {
+            if let Some(command) = self.non_empty_string(&child(path, "command"), value) {
+                probes.push(HealthProbe::Command(command));
+            }
+        }
+        let mut interval = DEFAULT_HEALTH_INTERVAL;
+        let mut timeout = DEFAULT_HEALTH_TIMEOUT;
+        for (name, slot) in [("interval", &mut interval), ("timeout", &mut timeout)] {
+            if let Some(value) = table.get(name) {
+                let key = child(path, name);
+                match self.duration(&key, value) {
+                    Some(duration) if duration.is_zero() => {
+                        self.error(value.span(), &key, "must be greater than 0")
+                    }
+                    Some(duration) => *slot = duration,
+                    None => {}
+                }
+            }
+        }
+        let mut failures = DEFAULT_HEALTH_FAILURES;
+        if let Some(value) = table.get("failures") {
+            let key = child(path, "failures");
+            if let Some(count) = self.integer(&key, value) {
+                match u32::try_from(count) {
+                    Ok(count) if count >= 1 => failures = count,
+                    _ => self.error(
+                        value.span(),
+                        &key,
+                        format!("must be at least 1, found {count}"),
+                    ),
+                }
+            }
+        }
+        if probes.len() > 1 {
+            self.error(
+                value.span(),
+                path,
+                "one probe per health check: tcp, http or command, not several",
+            );
+            return None;
+        }
+        let Some(probe) = probes.pop() else {
+            if self.errors.len() == errors_before {
+                self.error(
+                    value.span(),
+                    path,
+                    "a health check needs a probe: tcp = \"host:port\", http = \"http://...\" or command = \"...\"",
+                );
+            }
+            return None;
+        };
+        Some(HealthSpec {
+            probe,
+            interval,
+            timeout,
+            failures,
+        })
+    }
+
+    /// `[group.hooks]`: each hook a non-empty shell command, a timeout
+    /// above zero.
+    fn hooks(&mut self, path: &str, value: &Value<'_>) -> HooksSpec {
+        let mut hooks = HooksSpec::none();
+        let Some(table) = self.table(path, value) else {
+            return hooks;
+        };
+        self.check_unknown(table, path, HOOK_KEYS, &[]);
+        for (name, slot) in [
+            ("on_failure", &mut hooks.on_failure),
+            ("on_restart", &mut hooks.on_restart),
+            ("on_exhausted", &mut hooks.on_exhausted),
+            ("on_stop", &mut hooks.on_stop),
+        ] {
+            if let Some(value) = table.get(name) {
+                *slot = self.non_empty_string(&child(path, name), value);
+            }
+        }
+        if let Some(value) = table.get("timeout") {
+            let key = child(path, "timeout");
+            match self.duration(&key, value) {
+                Some(timeout) if timeout.is_zero() => {
+                    self.error(value.span(), &key, "must be greater than 0")
+                }
+                Some(timeout) => hooks.timeout = timeout,
+                None => {}
+            }
+        }
+        hooks
     }
 
     fn restart(&mut self, path: &str, value: &Value<'_>) -> RestartSpec {
@@ -5207,6 +5378,187 @@ instances = 1
             "group[1].max_jobs",
             "must be at least 1, found 0",
         );
+    }
+
+    #[test]
+    fn autostart_is_a_flag_and_not_for_queue_groups() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "w"
+command = "w"
+autostart = false
+[group.local]
+instances = 1
+
+[[group]]
+name = "v"
+command = "v"
+[group.local]
+instances = 1
+"#,
+        );
+        assert!(!config.groups[0].autostart);
+        assert!(config.groups[1].autostart);
+        let errors = parse_err(
+            r#"[[group]]
+name = "w"
+command = "w"
+autostart = "no"
+[group.local]
+instances = 1
+
+[[group]]
+name = "q"
+command = "q"
+autostart = false
+[group.feeder]
+file = "jobs.queue"
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
+        assert_error(&errors[0], 4, "group[1].autostart", "true or false");
+        assert_error(
+            &errors[1],
+            11,
+            "group[2].autostart",
+            "a queue group starts with the herd",
+        );
+    }
+
+    #[test]
+    fn hooks_are_commands_with_a_timeout() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "w"
+command = "w"
+[group.hooks]
+on_failure = "notify failure"
+on_exhausted = "notify given up"
+timeout = "3s"
+[group.local]
+instances = 1
+"#,
+        );
+        let hooks = &config.groups[0].hooks;
+        assert_eq!(hooks.on_failure.as_deref(), Some("notify failure"));
+        assert_eq!(hooks.on_exhausted.as_deref(), Some("notify given up"));
+        assert_eq!(
+            (hooks.on_restart.as_deref(), hooks.on_stop.as_deref()),
+            (None, None)
+        );
+        assert_eq!(hooks.timeout, Duration::from_secs(3));
+        let errors = parse_err(
+            r#"[[group]]
+name = "w"
+command = "w"
+[group.hooks]
+on_failure = ""
+on_crash = "x"
+timeout = "0s"
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(errors.len(), 3, "{}", ConfigErrors(errors.clone()));
+        assert_error(
+            &errors[0],
+            5,
+            "group[1].hooks.on_failure",
+            "must not be empty",
+        );
+        assert_error(&errors[1], 6, "group[1].hooks.on_crash", "unknown key");
+        assert_error(
+            &errors[2],
+            7,
+            "group[1].hooks.timeout",
+            "must be greater than 0",
+        );
+    }
+
+    #[test]
+    fn a_health_check_has_one_probe_and_bounds() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "w"
+command = "w"
+[group.health]
+http = "http://127.0.0.1:8080/health"
+interval = "2s"
+failures = 2
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(
+            config.groups[0].health,
+            Some(HealthSpec {
+                probe: HealthProbe::Http("http://127.0.0.1:8080/health".into()),
+                interval: Duration::from_secs(2),
+                timeout: DEFAULT_HEALTH_TIMEOUT,
+                failures: 2,
+            })
+        );
+        let errors = parse_err(
+            r#"[[group]]
+name = "a"
+command = "w"
+[group.health]
+tcp = "no-port"
+interval = "0s"
+failures = 0
+[group.local]
+instances = 1
+
+[[group]]
+name = "b"
+command = "w"
+[group.health]
+http = "https://example.com/"
+[group.local]
+instances = 1
+
+[[group]]
+name = "c"
+command = "w"
+[group.health]
+tcp = "db:5432"
+command = "true"
+[group.local]
+instances = 1
+
+[[group]]
+name = "d"
+command = "w"
+[group.health]
+interval = "5s"
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(errors.len(), 6, "{}", ConfigErrors(errors.clone()));
+        assert_error(&errors[0], 5, "group[1].health.tcp", "expected host:port");
+        assert_error(
+            &errors[1],
+            6,
+            "group[1].health.interval",
+            "must be greater than 0",
+        );
+        assert_error(
+            &errors[2],
+            7,
+            "group[1].health.failures",
+            "must be at least 1",
+        );
+        assert_error(&errors[3], 15, "group[2].health.http", "no https");
+        assert_error(
+            &errors[4],
+            22,
+            "group[3].health",
+            "one probe per health check",
+        );
+        assert_error(&errors[5], 31, "group[4].health", "needs a probe");
     }
 
     /// A variable no test environment sets.

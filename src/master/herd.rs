@@ -8,7 +8,7 @@ use super::launcher::RunReport;
 use super::request::{HerdError, Reply, Request};
 use crate::config::Config;
 use crate::log::{InstanceLabel, LogSink};
-use crate::protocol::control::HerdStatus;
+use crate::protocol::control::{HerdStatus, Target};
 use crate::supervise::instance::{EventKind, InstanceEvent};
 use crate::supervise::shutdown::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -113,7 +113,7 @@ impl Herd {
     /// Restarts a group's instances one at a time.
     pub fn restart(&self, group: &str) {
         self.tell(Request::Restart {
-            group: group.to_string(),
+            target: Target::group(group),
         });
     }
 
@@ -159,8 +159,49 @@ impl Herd {
     /// An unknown group, an instance that did not come back, or a herd
     /// that is ending.
     pub async fn restart_and_wait(&self, group: &str) -> Result<String, HerdError> {
+        self.restart_target_and_wait(&Target::group(group)).await
+    }
+
+    /// Restarts a group or one instance (`web:2`): running instances one
+    /// at a time, each once the previous one runs again, ended ones
+    /// (failed, stopped, completed) started again; returns when the last
+    /// one runs.
+    ///
+    /// # Errors
+    /// An unknown group or instance, an instance that did not come back,
+    /// or a herd that is ending.
+    pub async fn restart_target_and_wait(&self, target: &Target) -> Result<String, HerdError> {
         self.ask(Request::Restart {
-            group: group.to_string(),
+            target: target.clone(),
+        })
+        .await
+    }
+
+    /// Starts the instances of a group, or one instance, that do not run
+    /// (failed ones with a fresh restart budget, stopped ones, completed
+    /// ones, those of an `autostart = false` group); returns once they
+    /// run, saying what was done.
+    ///
+    /// # Errors
+    /// An unknown group or instance, a queue group, an instance that did
+    /// not start, or a herd that is ending.
+    pub async fn start_and_wait(&self, target: &Target) -> Result<String, HerdError> {
+        self.ask(Request::Start {
+            target: target.clone(),
+        })
+        .await
+    }
+
+    /// Stops the instances of a group, or one instance, and keeps them
+    /// stopped until started; returns once they have ended. The herd goes
+    /// on (until stopped, while an instance is stopped so).
+    ///
+    /// # Errors
+    /// An unknown group or instance, a queue group, instances that did
+    /// not end in time, or a herd that is ending.
+    pub async fn stop_and_wait(&self, target: &Target) -> Result<String, HerdError> {
+        self.ask(Request::StopInstances {
+            target: target.clone(),
         })
         .await
     }
@@ -425,7 +466,7 @@ mod tests {
             asked[2..],
             [
                 Request::Restart {
-                    group: "web".into()
+                    target: Target::group("web")
                 },
                 Request::Stop {
                     kill: false,

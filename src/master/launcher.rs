@@ -656,6 +656,7 @@ mod tests {
             restarts: 0,
             last_exit: None,
             seen_ms_ago: None,
+            health: None,
         }
     }
 

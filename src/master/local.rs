@@ -189,6 +189,7 @@ mod tests {
                 ..RestartSpec::default()
             },
             max_lifetime: None,
+            health: None,
         }
     }
 

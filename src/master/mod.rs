@@ -23,6 +23,8 @@
 //! - `request` (private): operators' requests, one type for the [`Herd`]
 //!   handle and the control socket, answered with [`HerdError`] on failure.
 //! - [`control`]: the control socket (`taskherd status`, `stop`, ...).
+//! - `hooks` (private): the programs groups run on their instances'
+//!   events (`[group.hooks]`), bounded and beside supervision.
 //! - `host` (private): the one interface of every host's supervisor
 //!   (instances and commands in, reports out) and the run loop's handle
 //!   on it; `local` (private): the master's own host behind it.
@@ -34,6 +36,7 @@
 pub mod control;
 mod core;
 pub mod herd;
+mod hooks;
 mod host;
 pub mod launcher;
 mod local;
@@ -45,6 +48,7 @@ mod shell;
 pub mod ssh;
 
 pub use crate::log::{InstanceLabel, LogRecord, LogSink, LogWriter};
+pub use crate::protocol::control::Target;
 pub use crate::supervise::open_pid_killer;
 pub use crate::supervise::shutdown::{stop_on_signals, Shutdown};
 pub use herd::{Events, Herd, Launcher};

@@ -259,6 +259,7 @@ impl GroupPlacer<'_> {
             stop_grace,
             restart: group.restart.clone(),
             max_lifetime: group.max_lifetime,
+            health: group.health.clone(),
         }
     }
 }

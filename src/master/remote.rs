@@ -732,6 +732,7 @@ mod tests {
             stop_grace: Duration::from_secs(5),
             restart: RestartSpec::default(),
             max_lifetime: None,
+            health: None,
         }
     }
 

@@ -6,7 +6,7 @@
 use super::control::LogsRequest;
 use crate::config::LoadError;
 use crate::error_text::error_chain;
-use crate::protocol::control::{FromMaster, HerdStatus, ToMaster};
+use crate::protocol::control::{FromMaster, HerdStatus, Target, ToMaster};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,10 +25,30 @@ pub(crate) enum Request {
         /// The group.
         group: String,
     },
-    /// Restart a group's instances one at a time.
+    /// Restart a group's instances one at a time (or one instance), each
+    /// once the previous one runs again; instances that had ended (failed,
+    /// stopped, completed, never started) are started again. Answered
+    /// once the last one runs.
     Restart {
-        /// The group.
-        group: String,
+        /// The group, or one of its instances.
+        target: Target,
+    },
+    /// Start the instances of a group (or one instance) that do not run:
+    /// failed ones (revived: a fresh restart budget), ones an operator
+    /// stopped, completed ones, and those of an `autostart = false` group
+    /// not started yet. Answered once they run; running ones are left
+    /// alone and counted.
+    Start {
+        /// The group, or one of its instances.
+        target: Target,
+    },
+    /// Stop the instances of a group (or one instance) and keep them
+    /// stopped until a [`Request::Start`] (or a restart); the herd goes on
+    /// (it runs until stopped while an instance is stopped so). Answered
+    /// once they have ended.
+    StopInstances {
+        /// The group, or one of its instances.
+        target: Target,
     },
     /// Re-read the config file and apply the differences.
     Reload,
@@ -70,7 +90,15 @@ impl Request {
             },
             ToMaster::Suspend { group } => Request::Suspend { group },
             ToMaster::Resume { group } => Request::Resume { group },
-            ToMaster::Restart { group } => Request::Restart { group },
+            ToMaster::Restart { group, id } => Request::Restart {
+                target: Target { group, id },
+            },
+            ToMaster::Start { group, id } => Request::Start {
+                target: Target { group, id },
+            },
+            ToMaster::StopInstances { group, id } => Request::StopInstances {
+                target: Target { group, id },
+            },
             ToMaster::Reload => Request::Reload,
             ToMaster::Logs {
                 group,
@@ -124,6 +152,37 @@ pub enum HerdError {
         /// The name asked for.
         group: String,
     },
+    /// The group has no instance with this id.
+    #[error("group {group} has no instance {id}")]
+    UnknownInstance {
+        /// The group.
+        group: String,
+        /// The id within the group asked for.
+        id: u32,
+    },
+    /// Instances of a queue group are started and stopped with the herd
+    /// (its consumers need their feeder, at the address they were given).
+    #[error("group {group} is a queue group: its instances start and stop with the herd (suspend, resume or restart it instead)")]
+    QueueGroup {
+        /// The group.
+        group: String,
+    },
+    /// An instance asked to start did not run.
+    #[error("{instance} did not start: {why}")]
+    NotStarted {
+        /// The instance (`web:2`).
+        instance: String,
+        /// How it ended, or that it did not run in time.
+        why: String,
+    },
+    /// Instances asked to stop had not ended in time.
+    #[error("{target}: not every instance stopped within {}", humantime::format_duration(*.limit))]
+    NotStopped {
+        /// The group or instance.
+        target: Target,
+        /// How long they were given.
+        limit: Duration,
+    },
     /// The herd is stopping: it takes no more changes.
     #[error("the herd is stopping")]
     Stopping,
@@ -149,7 +208,7 @@ pub enum HerdError {
     RestartStalled {
         /// The group.
         group: String,
-        /// The instance.
+        /// The instance (its id within the group).
         id: u32,
         /// How long it was given.
         limit: Duration,

@@ -8,6 +8,7 @@
 use super::control::{stream_logs, ControlRequest};
 use super::core::{Effect, Event, Place, ReplyId};
 use super::herd::{Ask, Board};
+use super::hooks::Hooks;
 use super::host::{HostHandle, HostReport};
 use super::local;
 use super::remote::{self, AgentSettings, HostPlan};
@@ -58,6 +59,8 @@ pub(crate) struct Shell {
     tasks: JoinSet<Vec<InstanceReport>>,
     /// Log streams of `taskherd logs`: they end with the run.
     streams: JoinSet<()>,
+    /// Hooks running.
+    hooks: Hooks,
     /// Operators waiting for an answer.
     replies: BTreeMap<ReplyId, Reply>,
     /// The next reply's id.
@@ -77,7 +80,9 @@ impl Shell {
         publish_tx: mpsc::UnboundedSender<(Arc<InstanceLabel>, InstanceEvent)>,
         longest_grace: watch::Sender<Duration>,
     ) -> Self {
+        let hooks = Hooks::new(context.sink.clone());
         Shell {
+            hooks,
             board,
             context,
             settings,
@@ -163,6 +168,8 @@ impl Shell {
     pub(crate) async fn finish(&mut self, outcome: String) {
         // Log followers had the end too; requests still pending end here.
         self.streams.abort_all();
+        // The stop's own hooks (on_stop) run to their end, each bounded.
+        self.hooks.finish().await;
         self.handle(Event::Ended { outcome }).await;
         self.replies.clear();
     }
@@ -248,6 +255,7 @@ impl Shell {
                 self.reports.push(report);
             }
             Effect::Emit { id, kind } => instance::emit(self.context.events.as_ref(), id, kind),
+            Effect::Hook(call) => self.hooks.call(call).await,
             Effect::Publish { label, event } => {
                 if let Some(publish_tx) = &self.publish_tx {
                     let _ = publish_tx.send((label, event));

@@ -40,10 +40,34 @@ pub enum ToMaster {
         group: String,
     },
     /// Restart a group's instances one at a time, each once the previous
-    /// one runs again.
+    /// one runs again (or one instance: `id`); instances that had ended
+    /// (failed, stopped, completed) are started again.
     Restart {
         /// The group's name.
         group: String,
+        /// Only this instance (its id within the group). Absent in the
+        /// frames of older clients: the whole group.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u32>,
+    },
+    /// Start the group's instances (or one: `id`) that do not run: failed,
+    /// stopped by an operator, completed, or not started yet
+    /// (`autostart = false`); answered once they run.
+    Start {
+        /// The group's name.
+        group: String,
+        /// Only this instance (its id within the group).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u32>,
+    },
+    /// Stop the group's instances (or one: `id`) and keep them stopped
+    /// until started; answered once they have ended. The herd goes on.
+    StopInstances {
+        /// The group's name.
+        group: String,
+        /// Only this instance (its id within the group).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u32>,
     },
     /// Re-read the config file and apply the differences.
     Reload,
@@ -62,6 +86,61 @@ pub enum ToMaster {
         #[serde(default = "follow_by_default")]
         follow: bool,
     },
+}
+
+/// What an operator's `start`, `stop` or `restart` is about: a whole
+/// group (`web`) or one of its instances (`web:2`, its id within the
+/// group, as `status` shows it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// The group's name.
+    pub group: String,
+    /// One instance's id within the group; `None`: the whole group.
+    pub id: Option<u32>,
+}
+
+impl Target {
+    /// The whole of `group`.
+    pub fn group(group: impl Into<String>) -> Self {
+        Target {
+            group: group.into(),
+            id: None,
+        }
+    }
+
+    /// Instance `id` (within the group) of `group`.
+    pub fn instance(group: impl Into<String>, id: u32) -> Self {
+        Target {
+            group: group.into(),
+            id: Some(id),
+        }
+    }
+}
+
+/// `GROUP` or `GROUP:ID` (a group name may hold `:`; only a number
+/// after the last one is an instance's id).
+impl std::str::FromStr for Target {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(match text.rsplit_once(':') {
+            Some((group, id)) if !group.is_empty() => match id.parse() {
+                Ok(id) => Target::instance(group, id),
+                Err(_) => Target::group(text),
+            },
+            _ => Target::group(text),
+        })
+    }
+}
+
+/// `group web` or `web:2`, as the answers say it.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.id {
+            Some(id) => write!(f, "{}:{id}", self.group),
+            None => write!(f, "group {}", self.group),
+        }
+    }
 }
 
 /// A `logs` request without `follow` (an older client) follows.
@@ -206,6 +285,11 @@ pub struct InstanceStatus {
     /// Time since its last sign of life (ping, frame or output), in ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seen_ms_ago: Option<u64>,
+    /// Its health check's verdict on the running process (`healthy`, or
+    /// `unhealthy: WHY`); none without a health check or before its first
+    /// verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
 }
 
 #[cfg(test)]
@@ -232,5 +316,33 @@ mod tests {
         );
         let state = serde_json::to_string(&InstanceState::Backoff).unwrap();
         assert_eq!(state, r#""backoff""#);
+        // A `restart` of an older client is of the whole group.
+        let old = serde_json::from_str::<ToMaster>(r#"{"type":"restart","group":"web"}"#).unwrap();
+        assert_eq!(
+            old,
+            ToMaster::Restart {
+                group: "web".into(),
+                id: None
+            }
+        );
+        let start = ToMaster::Start {
+            group: "web".into(),
+            id: Some(2),
+        };
+        let text = serde_json::to_string(&start).unwrap();
+        assert_eq!(text, r#"{"type":"start","group":"web","id":2}"#);
+    }
+
+    #[test]
+    fn targets_are_a_group_or_one_instance() {
+        let parse = |text: &str| text.parse::<Target>().unwrap();
+        assert_eq!(parse("web"), Target::group("web"));
+        assert_eq!(parse("web:2"), Target::instance("web", 2));
+        // Only a number after the last `:` is an id.
+        assert_eq!(parse("a:b"), Target::group("a:b"));
+        assert_eq!(parse("a:b:3"), Target::instance("a:b", 3));
+        assert_eq!(parse(":3"), Target::group(":3"));
+        assert_eq!(parse("web:2").to_string(), "web:2");
+        assert_eq!(parse("web").to_string(), "group web");
     }
 }

@@ -99,6 +99,54 @@ pub struct InstanceSpec {
     /// Recycle the instance after it ran this long.
     #[serde(default, with = "super::millis::option")]
     pub max_lifetime: Option<Duration>,
+    /// Its health check, run where it runs, beside liveness. Absent in the
+    /// frames of older masters: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
+}
+
+/// A group's health check (`[group.health]`), as each of its instances is
+/// checked: one probe every `interval`, each bounded by `timeout`;
+/// `failures` failed in a row and the instance is killed (its process
+/// group) and restarted per its policy, as after a liveness timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthSpec {
+    /// What is probed.
+    pub probe: HealthProbe,
+    /// Time between two probes (and before the first). Key `interval`,
+    /// default 10 s.
+    #[serde(with = "super::millis")]
+    pub interval: Duration,
+    /// Longest wait for one probe. Key `timeout`, default 5 s.
+    #[serde(with = "super::millis")]
+    pub timeout: Duration,
+    /// Probes failed in a row that make the instance unhealthy. Key
+    /// `failures`, default 3.
+    pub failures: u32,
+}
+
+/// What a health check probes (one of the keys `tcp`, `http`,
+/// `command`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthProbe {
+    /// A TCP connection to `host:port` is accepted.
+    Tcp(String),
+    /// A `GET` of an `http://` URL answers with a 2xx status.
+    Http(String),
+    /// `sh -c COMMAND` exits with 0 (in the instance's directory and
+    /// environment).
+    Command(String),
+}
+
+impl std::fmt::Display for HealthProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HealthProbe::Tcp(addr) => write!(f, "tcp {addr}"),
+            HealthProbe::Http(url) => write!(f, "http {url}"),
+            HealthProbe::Command(command) => write!(f, "command `{command}`"),
+        }
+    }
 }
 
 /// The `restart` table of a group (config keys below), as each of its
@@ -238,6 +286,15 @@ pub enum EventKind {
     Progress {
         /// The counts.
         progress: QueueProgress,
+    },
+    /// Its health check's verdict changed (the first verdict of each
+    /// process too).
+    Health {
+        /// Healthy (else unhealthy).
+        healthy: bool,
+        /// The last failure, while unhealthy or failing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        why: Option<String>,
     },
     /// Its supervision is over.
     Ended {

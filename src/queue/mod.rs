@@ -14,7 +14,7 @@
 //!   lines with it (the `taskherd coprocess-consumer` subcommand).
 
 pub mod builtin;
-mod child;
+pub(crate) mod child;
 pub mod consumer;
 pub mod coprocess;
 pub mod durable;

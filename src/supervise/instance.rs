@@ -9,6 +9,7 @@
 
 use super::activity::Activity;
 use super::control_link::{control_link, ControlSummary, SlaveEvent, SLAVE_EVENTS};
+use super::health::Verdict;
 use super::process::{self, Spawned};
 use super::relay::relay_output;
 use super::restart::{Decision, RestartTracker, RunOutcome};
@@ -290,6 +291,8 @@ enum Wake {
     Stop,
     Lifetime(Duration),
     Command(InstanceCommand),
+    /// Its health check failed this many times in a row (the last: why).
+    Unhealthy(u32, String),
 }
 
 async fn run_once(
@@ -395,6 +398,16 @@ async fn run_once(
     let mut seen_tick = tokio::time::interval_at(started + SEEN_EVERY, SEEN_EVERY);
     seen_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen_reported = activity.last();
+    // The health check, while the process runs.
+    let (health_tx, mut health_rx) = mpsc::channel(1);
+    let health_task = spec.health.clone().map(|health| {
+        tokio::spawn(super::health::check(
+            health,
+            spec.process.clone(),
+            health_tx,
+        ))
+    });
+    let mut tally = super::health::Tally::default();
     let wake = loop {
         let deadline = timeout.map(|t| activity.last() + t);
         tokio::select! {
@@ -432,6 +445,21 @@ async fn run_once(
                     break Wake::Timeout(limit);
                 }
             }
+            Some(result) = health_rx.recv() => {
+                let limit = spec.health.as_ref().map_or(1, |h| h.failures);
+                match tally.count(result, limit) {
+                    Verdict::Same => {}
+                    Verdict::Healthy => {
+                        sink.instance_event(label, Level::Info, "healthy".into()).await;
+                        emit(events, label.id, EventKind::Health { healthy: true, why: None });
+                    }
+                    Verdict::Failing { failed, limit, why } => {
+                        let message = format!("health check failed ({failed} of {limit} in a row): {why}");
+                        sink.instance_event(label, Level::Warning, message).await;
+                    }
+                    Verdict::Unhealthy { failed, why } => break Wake::Unhealthy(failed, why),
+                }
+            }
             _ = shutdown.stopping() => break Wake::Stop,
             _ = super::sleep_until_some(end_of_life.map(|(_, at)| at)) => {
                 if let Some((limit, _)) = end_of_life {
@@ -441,6 +469,9 @@ async fn run_once(
         }
     };
 
+    if let Some(task) = health_task {
+        task.abort();
+    }
     let stopper = Stopper {
         pid,
         uses_library,
@@ -452,6 +483,7 @@ async fn run_once(
     };
     let mut killed = false;
     let mut timed_out = None;
+    let mut unhealthy = None;
     let mut recycled = None;
     let mut command = None;
     let stopped = matches!(wake, Wake::Stop);
@@ -468,6 +500,24 @@ async fn run_once(
             );
             sink.instance_event(label, Level::Warning, message).await;
             emit(events, label.id, EventKind::TimedOut);
+            kill_group(pid, label, sink).await;
+            child.wait().await
+        }
+        Wake::Unhealthy(failed, why) => {
+            let message = format!(
+                "unhealthy: {} failed in a row, the last: {why}; killing it",
+                crate::error_text::count(failed, "health check")
+            );
+            sink.instance_event(label, Level::Warning, message).await;
+            emit(
+                events,
+                label.id,
+                EventKind::Health {
+                    healthy: false,
+                    why: Some(why.clone()),
+                },
+            );
+            unhealthy = Some(why);
             kill_group(pid, label, sink).await;
             child.wait().await
         }
@@ -532,7 +582,10 @@ async fn run_once(
     }
 
     let recycled = recycled.or(summary.recycle.clone());
-    let outcome = classify(&status, timed_out, recycled, &summary);
+    let outcome = match unhealthy {
+        Some(why) => RunOutcome::Failure(format!("unhealthy: {why}")),
+        None => classify(&status, timed_out, recycled, &summary),
+    };
     let (level, text) = match (&status, &outcome) {
         (_, RunOutcome::Success | RunOutcome::Recycled(_)) => {
             (Level::Info, describe_status(&status))
@@ -632,7 +685,9 @@ async fn kill_group(pid: u32, label: &Arc<InstanceLabel>, sink: &LogSink) {
     }
 }
 
-fn describe_status(status: &std::io::Result<ExitStatus>) -> String {
+/// How a process ended, as the log says it ("exited with code 3", "killed by
+/// SIGKILL").
+pub(crate) fn describe_status(status: &std::io::Result<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
         Ok(status) => match (status.code(), status.signal()) {

@@ -12,10 +12,13 @@
 //!   signalling its process group.
 //! - [`output`]: child output to whole lines.
 //! - [`restart`]: policy and backoff.
+//! - `health` (private): health checks (tcp, http, command probes) and
+//!   the count of their failures in a row.
 //! - [`shutdown`]: the stop and kill tokens, and signal handling.
 
 mod activity;
 mod control_link;
+mod health;
 pub mod instance;
 pub mod output;
 pub mod process;

@@ -1257,3 +1257,123 @@ instances = 2
     drop(master.stdout.take());
     herd.assert_no_leftovers();
 }
+
+#[test]
+fn start_stop_and_restart_of_one_instance_revive_failed_ones_and_say_what_was_done() {
+    // web runs; flaky fails for good until a file exists; manual starts
+    // only on request.
+    let mut herd = Herd::new(
+        r#"
+[master]
+stop_grace = "5s"
+
+[[group]]
+name = "web"
+command = "sh"
+args = ["-c", "echo web $TASKHERD_GROUP_ID up; exec sleep 600"]
+[group.local]
+instances = 2
+
+[[group]]
+name = "flaky"
+command = "sh"
+cwd = "."
+args = ["-c", "if [ -e fixed ]; then echo flaky up; exec sleep 600; fi; echo flaky broken; exit 3"]
+restart = { policy = "never" }
+[group.local]
+instances = 1
+
+[[group]]
+name = "manual"
+command = "sh"
+args = ["-c", "echo manual up; exec sleep 600"]
+autostart = false
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("web 1 up");
+    herd.wait_for("web 2 up");
+    herd.wait_for("[flaky] [localhost] [sh/3/1] marked failed");
+    herd.wait_for("group manual not started (autostart = false)");
+    let states = |herd: &Herd, group: &str| -> Vec<InstanceState> {
+        group_states(&status(herd), group)
+            .into_iter()
+            .map(|(state, _)| state)
+            .collect()
+    };
+    assert_eq!(states(&herd, "flaky"), [InstanceState::Failed]);
+    assert_eq!(states(&herd, "manual"), [InstanceState::Stopped]);
+
+    // One instance stops and stays stopped; the other runs on.
+    let web2 = group_states(&status(&herd), "web")[1]
+        .1
+        .expect("web:2 runs");
+    assert_eq!(ok(herd.ctl(&["stop", "web:2"])).trim(), "web:2 stopped");
+    assert!(!alive(web2));
+    assert_eq!(
+        states(&herd, "web"),
+        [InstanceState::Running, InstanceState::Stopped]
+    );
+    assert_eq!(
+        ok(herd.ctl(&["stop", "web:2"])).trim(),
+        "web:2 was not running (stopped)"
+    );
+    assert_eq!(ok(herd.ctl(&["start", "web:2"])).trim(), "web:2 started");
+    herd.wait_for_count("web 2 up", 2);
+    assert_eq!(
+        ok(herd.ctl(&["start", "web"])).trim(),
+        "group web: nothing to start, 2 were running already"
+    );
+
+    // A failed instance: start says how it failed again, then, fixed, it
+    // runs; the run no longer counts it failed.
+    let out = herd.ctl(&["start", "flaky:1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("flaky:1 did not start: exited with code 3"),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(herd.config.with_file_name("fixed"), "").expect("fix flaky");
+    assert_eq!(
+        ok(herd.ctl(&["restart", "flaky"])).trim(),
+        "group flaky restarted (1 instance; 1 of them had ended and started again)"
+    );
+    herd.wait_for("flaky up");
+    assert_eq!(states(&herd, "flaky"), [InstanceState::Running]);
+
+    // autostart = false: started on request.
+    assert_eq!(
+        ok(herd.ctl(&["start", "manual"])).trim(),
+        "group manual: 1 instance started"
+    );
+    herd.wait_for("manual up");
+    assert_eq!(
+        ok(herd.ctl(&["resume", "manual"])).trim(),
+        "group manual was not suspended: nothing to resume (1 instance running)"
+    );
+    let unknown = herd.ctl(&["restart", "web:7"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(text(&unknown).contains("group web has no instance 7"));
+
+    // Every instance stopped on request: the herd waits for an operator.
+    ok(herd.ctl(&["stop", "web"]));
+    ok(herd.ctl(&["stop", "flaky"]));
+    ok(herd.ctl(&["stop", "manual"]));
+    assert!(herd.marked_processes().iter().all(|pid| {
+        // Only the watchdog is left.
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .contains("watchdog")
+    }));
+    assert_eq!(
+        states(&herd, "web"),
+        [InstanceState::Stopped, InstanceState::Stopped]
+    );
+    let out = herd.ctl(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+}

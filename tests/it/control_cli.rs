@@ -39,6 +39,7 @@ fn status() -> HerdStatus {
                 restarts: 2,
                 last_exit: Some("exited with code 3".into()),
                 seen_ms_ago: Some(2_000),
+                health: None,
             }],
             queue: None,
         }],

@@ -6,6 +6,8 @@ mod check;
 mod cli;
 mod control;
 mod control_cli;
+mod health;
+mod hooks;
 mod local;
 mod logs;
 mod output;

@@ -821,3 +821,157 @@ instances = 1
         assert_host_clean(host);
     }
 }
+
+/// Waits up to 5 s until `left` finds nothing; panics naming what is
+/// left.
+fn gone_within_5s(what: &str, left: impl Fn() -> Vec<i32>) {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(5);
+    loop {
+        let pids = left();
+        if pids.is_empty() {
+            eprintln!("gone {what} after {:?}", start.elapsed());
+            return;
+        }
+        if Instant::now() >= deadline {
+            let described: Vec<String> = pids
+                .iter()
+                .map(|pid| {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    format!(
+                        "{pid}: {}",
+                        String::from_utf8_lossy(&cmd).replace('\0', " ")
+                    )
+                })
+                .collect();
+            panic!("5 s after the kill, left {what}: {described:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigkilled_masters_leave_no_grandchild_here_or_on_a_remote_host() {
+    // The issue's loop: plain `sh` instances that start children in the
+    // background, here and on a real sshd host, the master SIGKILLed
+    // round after round; 5 s after each kill nothing is left on either
+    // side (instances, grandchildren, agent, watchdogs, ssh).
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let config = format!(
+        r#"{}
+[[group]]
+name = "bg"
+command = "sh"
+args = ["-c", "sleep 1000 & sleep 1000 & echo bg up; wait"]
+[group.local]
+instances = 2
+[[group.remote]]
+hosts = ["{}"]
+instances = 2
+"#,
+        header(&world, "stop_grace = \"5s\""),
+        host.alias()
+    );
+    let mut herd = Herd::new(&config);
+    let sleeps = |pids: Vec<i32>| -> usize {
+        pids.into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmd| cmd.starts_with(b"sleep\0"))
+            })
+            .count()
+    };
+    for round in 1..=3 {
+        herd.start();
+        herd.wait_for_count("bg up", 4 * round);
+        // Every grandchild runs, on both sides, before the kill.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sleeps(herd.marked_processes()) < 4 || sleeps(host.processes()) < 4 {
+            assert!(Instant::now() < deadline, "round {round}: sleeps never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // (An instance killed with the master before it is registered is
+        // beyond the watchdog: registration follows the spawn.)
+        herd.wait_registered(2);
+        herd.signal(libc::SIGKILL);
+        herd.wait_exit();
+        // On the host: instances, grandchildren, agent and its watchdog.
+        // The per-connection sshd of the master's idle ControlMaster goes
+        // when that does (below).
+        let not_sshd = |pids: Vec<i32>| -> Vec<i32> {
+            pids.into_iter()
+                .filter(|pid| {
+                    !std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|cmd| cmd.starts_with(b"sshd"))
+                })
+                .collect()
+        };
+        gone_within_5s("on the remote host", || not_sshd(host.processes()));
+        // The master's side: its instances, their children and its
+        // watchdog. Its idle ssh ControlMaster lingers a few seconds
+        // more, by design (ControlPersist), and is not the herd's.
+        gone_within_5s("on the master's host", || {
+            herd.marked_processes()
+                .into_iter()
+                .filter(|pid| {
+                    !std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|cmd| cmd.starts_with(b"ssh\0"))
+                })
+                .collect()
+        });
+        herd.assert_no_leftovers();
+        assert_host_clean(&host);
+    }
+}
+
+#[test]
+fn a_sigkilled_agent_s_instances_and_grandchildren_are_gone_at_once() {
+    // The agent's own watchdog stops what it registered on its host; the
+    // master starts a new agent, which starts the instances again.
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let config = format!(
+        r#"{}
+[[group]]
+name = "bg"
+command = "sh"
+args = ["-c", "sleep 1000 & sleep 1000 & echo bg up; wait"]
+[[group.remote]]
+hosts = ["{}"]
+instances = 2
+"#,
+        header(&world, "stop_grace = \"5s\""),
+        host.alias()
+    );
+    let mut herd = Herd::new(&config);
+    herd.start();
+    let connected = herd.wait_for("connected, agent pid");
+    herd.wait_for_count("bg up", 2);
+    let sleeps = || -> Vec<i32> {
+        host.processes()
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmd| cmd.starts_with(b"sleep\0"))
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleeps().len() < 4 {
+        assert!(Instant::now() < deadline, "the sleeps never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let old = sleeps();
+    kill_agent(&connected);
+    gone_within_5s("of the killed agent's instances", || {
+        old.iter()
+            .copied()
+            .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .collect()
+    });
+    herd.wait_for_count("bg up", 4);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    assert_host_clean(&host);
+}

@@ -1,6 +1,7 @@
 //! Stopping: max running time, signals, grace, and no orphans.
 
 use crate::support::Herd;
+use std::os::unix::process::CommandExt as _;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -342,5 +343,60 @@ instances = 1
     herd.wait_for_count("] Child 1 1", 2);
     herd.signal(libc::SIGTERM);
     assert_eq!(herd.wait_exit().code(), Some(0));
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn the_watchdog_never_signals_a_pid_that_is_someone_else_s_now() {
+    // The registry names the instance by pid and start time. Here its
+    // record is made to name a pid that another process has now (the
+    // record's start time is not that process's): a killed master's
+    // watchdog must leave that process, and its group, alone.
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "one"
+command = "sh"
+args = ["-c", "echo up; exec sleep 1000"]
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    herd.wait_for("[one] [localhost] [sh/1/1] up");
+    herd.wait_registered(1);
+    let watchdog = wait_for_watchdog(&herd);
+    // Not the herd's: a process of this test, in a group of its own.
+    let mut other = std::process::Command::new("sleep")
+        .arg("1000")
+        .process_group(0)
+        .spawn()
+        .expect("start sleep");
+    let other_pid = other.id();
+    let state = herd.state_file();
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("read registry"))
+            .expect("registry JSON");
+    let entry = &mut doc["entries"][0];
+    entry["identity"]["pid"] = other_pid.into();
+    entry["pgid"] = other_pid.into();
+    std::fs::write(&state, doc.to_string()).expect("write registry");
+
+    herd.signal(libc::SIGKILL);
+    herd.wait_exit();
+    // The watchdog did its work and ended...
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::path::Path::new(&format!("/proc/{watchdog}")).exists() {
+        assert!(Instant::now() < deadline, "the watchdog did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...and the other process still runs.
+    assert!(
+        other.try_wait().expect("try_wait").is_none(),
+        "the watchdog killed a process that was not the herd's"
+    );
+    other.kill().expect("kill sleep");
+    other.wait().expect("reap sleep");
+    // The instance itself died with the master (its parent-death signal).
     herd.assert_no_leftovers();
 }

@@ -314,17 +314,25 @@ fn instance_row(group: &GroupStatus, instance: &InstanceStatus) -> Vec<String> {
         instance.uptime_ms.map(format_ms).unwrap_or_else(dash),
         instance.restarts.to_string(),
         instance.last_exit.clone().unwrap_or_else(dash),
-        instance
-            .seen_ms_ago
-            .map(|ms| {
-                if ms < 1000 {
-                    "seen just now".to_string()
-                } else {
-                    format!("seen {} ago", format_ms(ms))
-                }
-            })
-            .unwrap_or_else(dash),
+        liveness(instance),
     ]
+}
+
+/// The last sign of life, and the health check's verdict.
+fn liveness(instance: &InstanceStatus) -> String {
+    let seen = instance.seen_ms_ago.map(|ms| {
+        if ms < 1000 {
+            "seen just now".to_string()
+        } else {
+            format!("seen {} ago", format_ms(ms))
+        }
+    });
+    match (seen, &instance.health) {
+        (Some(seen), Some(health)) => format!("{seen}, {health}"),
+        (Some(seen), None) => seen,
+        (None, Some(health)) => health.clone(),
+        (None, None) => "-".to_string(),
+    }
 }
 
 /// Milliseconds as `1h 2m 5s` (whole seconds).
@@ -361,6 +369,7 @@ mod tests {
                             restarts: 0,
                             last_exit: None,
                             seen_ms_ago: Some(2_300),
+                            health: Some("healthy".into()),
                         },
                         InstanceStatus {
                             id: 2,
@@ -373,6 +382,7 @@ mod tests {
                             restarts: 3,
                             last_exit: Some("exited with code 3".into()),
                             seen_ms_ago: None,
+                            health: None,
                         },
                     ],
                     queue: None,
@@ -505,7 +515,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            lines[2].contains("running") && lines[2].ends_with("seen 2s ago"),
+            lines[2].contains("running") && lines[2].ends_with("seen 2s ago, healthy"),
             "{text}"
         );
         assert!(lines[3].contains("exited with code 3"), "{text}");

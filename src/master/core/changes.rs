@@ -6,12 +6,13 @@
 //! commands or starts instances and waits for a condition on the table
 //! (this instance runs again, those have ended), up to a deadline.
 
+use super::operate::instance_name;
 use super::table::is_final;
 use super::{Core, ReplyId};
 use crate::error_text::count;
 use crate::master::plan::{split_plan, Plan};
 use crate::master::request::{Answer, HerdError};
-use crate::protocol::control::InstanceState;
+use crate::protocol::control::{InstanceState, Target};
 use crate::protocol::slave::Level;
 use crate::supervise::instance::InstanceCommand;
 use std::collections::VecDeque;
@@ -57,16 +58,21 @@ enum ChangeKind {
 }
 
 /// A rolling restart: one instance at a time, the next once the previous
-/// one runs again; suspended instances stay suspended.
+/// one runs again; suspended instances stay suspended; ended ones (not
+/// in a queue group) are started again.
 #[derive(Debug)]
 struct Restart {
-    group: String,
+    /// The group, or one of its instances.
+    target: Target,
     /// The instances left, taken when the restart begins.
     todo: Option<VecDeque<u32>>,
-    /// The instance restarting: its id, its starts before, the deadline.
-    current: Option<(u32, u32, Instant)>,
+    /// The instance restarting: its id, its starts before, the deadline,
+    /// and whether it had ended (started again under a new id).
+    current: Option<(u32, u32, Instant, bool)>,
     /// How many were restarted.
     restarted: usize,
+    /// How many of them had ended and were started again.
+    revived: usize,
 }
 
 /// The rolling part of a reload (its immediate part was done when it was
@@ -145,16 +151,33 @@ enum Progress {
     Done(Result<String, HerdError>),
 }
 
+impl Restart {
+    /// What the answer of a restart done says.
+    fn said(&self) -> String {
+        let target = &self.target;
+        match (target.id, self.revived) {
+            (Some(_), 0) => format!("{target} restarted"),
+            (Some(_), _) => format!("{target} had ended: started again"),
+            (None, 0) => format!("{target} restarted ({})", count(self.restarted, "instance")),
+            (None, revived) => format!(
+                "{target} restarted ({}; {revived} of them had ended and started again)",
+                count(self.restarted, "instance")
+            ),
+        }
+    }
+}
+
 impl Change {
-    /// A rolling restart of `group`.
-    pub(crate) fn restart(group: String, reply: Option<ReplyId>) -> Self {
+    /// A rolling restart of `target`.
+    pub(crate) fn restart(target: Target, reply: Option<ReplyId>) -> Self {
         Change {
             reply,
             kind: ChangeKind::Restart(Restart {
-                group,
+                target,
                 todo: None,
                 current: None,
                 restarted: 0,
+                revived: 0,
             }),
         }
     }
@@ -170,7 +193,7 @@ impl Change {
     /// When the step under way gives up waiting.
     pub(crate) fn deadline(&self) -> Option<Instant> {
         match &self.kind {
-            ChangeKind::Restart(restart) => restart.current.map(|(_, _, at)| at),
+            ChangeKind::Restart(restart) => restart.current.map(|(_, _, at, _)| at),
             ChangeKind::Reload(reload) => reload.deadline,
         }
     }
@@ -227,16 +250,36 @@ impl Core {
     }
 
     fn advance_restart(&mut self, restart: &mut Restart, now: Instant) -> Progress {
-        let group = restart.group.clone();
-        let todo = restart
-            .todo
-            .get_or_insert_with(|| self.table.live_ids(&group).into());
+        let group = restart.target.group.clone();
+        // A queue group's ended instances stay so: they start with the herd.
+        let revive = !self.is_queue_group(&group);
+        if restart.todo.is_none() {
+            let ids = match self.target_ids(&restart.target) {
+                Ok(ids) => ids,
+                Err(err) => return Progress::Done(Err(err)),
+            };
+            restart.todo = Some(ids.into());
+        }
         loop {
-            if let Some((id, starts, deadline)) = restart.current {
+            if let Some((id, starts, deadline, revived)) = restart.current {
                 if self.stopping {
                     return Progress::Done(Err(HerdError::StoppedMidway));
                 }
-                let back = self.table.entry(id).is_none_or(|e| {
+                let entry = self.table.entry(id);
+                if revived {
+                    if let Some(e) = entry.filter(|e| {
+                        matches!(
+                            e.state,
+                            InstanceState::Failed | InstanceState::Lost | InstanceState::Stopped
+                        )
+                    }) {
+                        return Progress::Done(Err(HerdError::NotStarted {
+                            instance: instance_name(&e.label.group, e.label.group_id),
+                            why: e.last_exit.clone().unwrap_or_else(|| e.state.to_string()),
+                        }));
+                    }
+                }
+                let back = entry.is_none_or(|e| {
                     is_final(e.state)
                         || e.state == InstanceState::Suspended
                         || (e.starts > starts && e.state == InstanceState::Running)
@@ -247,18 +290,17 @@ impl Core {
                     }
                     return Progress::Done(Err(HerdError::RestartStalled {
                         group,
-                        id,
+                        id: entry.map_or(id, |e| e.label.group_id),
                         limit: RESTART_STEP_TIMEOUT,
                     }));
                 }
                 restart.restarted += 1;
+                restart.revived += usize::from(revived);
                 restart.current = None;
             }
+            let todo = restart.todo.get_or_insert_with(VecDeque::new);
             let Some(id) = todo.pop_front() else {
-                return Progress::Done(Ok(format!(
-                    "group {group} restarted ({})",
-                    count(restart.restarted, "instance")
-                )));
+                return Progress::Done(Ok(restart.said()));
             };
             let Some(entry) = self.table.entry(id) else {
                 continue;
@@ -266,7 +308,16 @@ impl Core {
             if entry.state == InstanceState::Suspended {
                 continue;
             }
-            restart.current = Some((id, entry.starts, now + RESTART_STEP_TIMEOUT));
+            if is_final(entry.state) {
+                if !revive {
+                    continue;
+                }
+                if let Some(new_id) = self.revive(id) {
+                    restart.current = Some((new_id, 0, now + RESTART_STEP_TIMEOUT, true));
+                }
+                continue;
+            }
+            restart.current = Some((id, entry.starts, now + RESTART_STEP_TIMEOUT, false));
             self.command(id, InstanceCommand::Restart);
         }
     }
@@ -308,6 +359,9 @@ impl Core {
                 reload.deadline = None;
             }
         }
+        // The specs of instances the reload retired are of no more use.
+        let table = &self.table;
+        self.kept.retain(|id, _| table.entry(*id).is_some());
         self.log(Level::Notice, reload.message.clone());
         Progress::Done(Ok(reload.message.clone()))
     }

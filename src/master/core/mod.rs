@@ -23,6 +23,7 @@
 //! - the stop: who waits for its end, and what no longer starts.
 
 mod changes;
+mod operate;
 mod reload;
 mod table;
 #[cfg(test)]
@@ -31,6 +32,8 @@ mod tests;
 pub(crate) use table::{is_final, Table};
 
 use self::changes::{Change, Wait};
+use self::operate::{Await, Kept};
+use super::hooks::{hook_for, HookCall};
 use super::plan::{same_host, Plan};
 use super::queue::{consumer_of, set_feeder_address, FeederAddress};
 use super::request::{Answer, HerdError, Request};
@@ -169,6 +172,8 @@ pub(crate) enum Effect {
         /// What happened.
         kind: EventKind,
     },
+    /// Run a hook of the instance's group (beside supervision, bounded).
+    Hook(HookCall),
     /// Tell the events callbacks.
     Publish {
         /// The instance.
@@ -256,6 +261,11 @@ pub(crate) struct Core {
     held: BTreeMap<u32, Held>,
     /// Suspends and resumes to answer once settled.
     waits: Vec<Wait>,
+    /// Starts and stops of instances to answer once done.
+    awaits: Vec<Await>,
+    /// Every instance's spec and place, to start it again once it has
+    /// ended.
+    kept: BTreeMap<u32, Kept>,
     /// Rolling changes: the first is under way, the others wait.
     changes: VecDeque<Change>,
     /// A reload being planned (between [`Effect::Prepare`] and
@@ -291,6 +301,8 @@ impl Core {
             gates: BTreeMap::new(),
             held: BTreeMap::new(),
             waits: Vec::new(),
+            awaits: Vec::new(),
+            kept: BTreeMap::new(),
             changes: VecDeque::new(),
             draft: None,
             stopping: false,
@@ -309,6 +321,7 @@ impl Core {
             }
             Event::Instance(event) => {
                 if let Some(label) = self.table.apply(&event) {
+                    self.hook(&label, &event);
                     self.out.push(Effect::Publish { label, event });
                 }
             }
@@ -353,14 +366,21 @@ impl Core {
             .map(|(_, at)| at)
             .filter(|_| !self.stopping);
         let waits = self.waits.iter().map(|wait| wait.deadline);
+        let awaits = self.awaits.iter().map(Await::next_deadline);
         let change = self.changes.front().and_then(Change::deadline);
-        gates.chain(max_running).chain(waits).chain(change).min()
+        gates
+            .chain(max_running)
+            .chain(waits)
+            .chain(awaits)
+            .chain(change)
+            .min()
     }
 
-    /// Whether consumers are held for their feeder (the run is not over
-    /// while they are, supervised or not).
+    /// Whether consumers are held for their feeder, or instances are
+    /// stopped until an operator starts them (the run is not over while
+    /// they are, supervised or not, until the herd stops).
     pub(crate) fn holds_instances(&self) -> bool {
-        !self.held.is_empty()
+        !self.held.is_empty() || (!self.stopping && self.table.any_parked())
     }
 
     /// Every group and instance, with their state, `now`.
@@ -394,6 +414,26 @@ impl Core {
             Err(HerdError::UnknownGroup {
                 group: group.to_string(),
             })
+        }
+    }
+
+    /// Calls the hook of `label`'s group that `event` (just applied)
+    /// calls, if any.
+    fn hook(&mut self, label: &Arc<InstanceLabel>, event: &InstanceEvent) {
+        let Some(group) = self.config.groups.iter().find(|g| g.name == label.group) else {
+            return;
+        };
+        // Ended instances a reload retired are gone from the table: one
+        // start is all they had.
+        let starts = self.table.entry(label.id).map_or(1, |e| e.starts);
+        let dir = self
+            .config
+            .source
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or_else(|| std::path::Path::new("."));
+        if let Some(call) = hook_for(&group.hooks, dir, label, event, starts) {
+            self.out.push(Effect::Hook(call));
         }
     }
 
@@ -452,14 +492,41 @@ impl Core {
             hosts,
         } = plan;
         self.start_on(Place::Local, feeders);
+        let local = self.park_unstarted(Place::Local, local);
         self.start_on(Place::Local, local);
         for host in hosts {
             let place = Place::Host {
                 host: host.host,
                 ssh: host.ssh,
             };
-            self.start_on(place, host.instances);
+            let instances = self.park_unstarted(place.clone(), host.instances);
+            self.start_on(place, instances);
         }
+    }
+
+    /// Keeps back the instances of `autostart = false` groups, listed
+    /// stopped until an operator starts them; returns the others.
+    fn park_unstarted(&mut self, place: Place, specs: Vec<InstanceSpec>) -> Vec<InstanceSpec> {
+        let (start, park): (Vec<_>, Vec<_>) = specs
+            .into_iter()
+            .partition(|spec| self.autostarts(&spec.label.group));
+        let mut groups: Vec<String> = Vec::new();
+        for spec in park {
+            let id = spec.label.id;
+            if !groups.contains(&spec.label.group) {
+                groups.push(spec.label.group.clone());
+            }
+            self.table.park_unstarted(id);
+            let place = place.clone();
+            self.kept.insert(id, Kept { spec, place });
+        }
+        for group in groups {
+            self.log(
+                Level::Notice,
+                format!("group {group} not started (autostart = false): `taskherd start {group}` starts it"),
+            );
+        }
+        start
     }
 
     /// Starts `specs` at `place`, holding consumers whose feeder does not
@@ -468,6 +535,11 @@ impl Core {
         let mut instances = Vec::new();
         let mut suspended = Vec::new();
         for mut spec in specs {
+            let kept = Kept {
+                spec: spec.clone(),
+                place: place.clone(),
+            };
+            self.kept.insert(spec.label.id, kept);
             let group_suspended = self.table.is_suspended(&spec.label.group);
             if let Some(gate) = consumer_of(&spec).and_then(|group| self.gates.get(group)) {
                 match &gate.address {
@@ -635,7 +707,11 @@ impl Core {
                 self.out.push(Effect::Shutdown { kill, reason });
                 self.stop_waiters.extend(reply);
             }
-            Request::Suspend { .. } | Request::Resume { .. } | Request::Restart { .. }
+            Request::Suspend { .. }
+            | Request::Resume { .. }
+            | Request::Restart { .. }
+            | Request::Start { .. }
+            | Request::StopInstances { .. }
                 if self.stopping =>
             {
                 self.refuse(reply, HerdError::Stopping);
@@ -643,10 +719,12 @@ impl Core {
             Request::Reload if self.stopping => self.refuse(reply, HerdError::Stopping),
             Request::Suspend { group } => self.suspend_or_resume(group, true, reply, now.at),
             Request::Resume { group } => self.suspend_or_resume(group, false, reply, now.at),
-            Request::Restart { group } => match self.known_group(&group) {
-                Ok(()) => self.changes.push_back(Change::restart(group, reply)),
+            Request::Restart { target } => match self.target_ids(&target) {
+                Ok(_) => self.changes.push_back(Change::restart(target, reply)),
                 Err(err) => self.refuse(reply, err),
             },
+            Request::Start { target } => self.start_target(target, reply, now.at),
+            Request::StopInstances { target } => self.stop_target(target, reply, now.at),
             Request::Reload => {
                 let path = self.config.source.clone();
                 self.out.push(Effect::ReadConfig { path, reply });
@@ -665,6 +743,20 @@ impl Core {
     ) {
         if let Err(err) = self.known_group(&group) {
             self.refuse(reply, err);
+            return;
+        }
+        if self.table.is_suspended(&group) == suspend {
+            // Said as it is: nothing was done.
+            let live = self.table.live_ids(&group).len();
+            let message = if suspend {
+                format!("group {group} was suspended already")
+            } else {
+                format!(
+                    "group {group} was not suspended: nothing to resume ({} running)",
+                    count(live, "instance")
+                )
+            };
+            self.answer(reply, Ok(Answer::Done(message)));
             return;
         }
         self.table.set_suspended(&group, suspend);
@@ -728,6 +820,7 @@ impl Core {
             }
         }
         self.settle_waits(now);
+        self.settle_awaits(now);
         self.advance_changes(now);
     }
 

@@ -54,6 +54,12 @@ pub(crate) struct Entry {
     pub(crate) last_exit: Option<String>,
     /// Its last sign of life.
     pub(crate) seen: Option<SystemTime>,
+    /// Its health check's last verdict on the running process.
+    pub(crate) health: Option<String>,
+    /// Stopped on purpose until an operator starts it: an operator
+    /// stopped it, or its group has `autostart = false`. The herd runs
+    /// on (until stopped) while an instance is parked.
+    pub(crate) parked: bool,
 }
 
 /// States an instance never leaves.
@@ -104,9 +110,33 @@ impl Table {
                     starts: 0,
                     last_exit: None,
                     seen: None,
+                    health: None,
+                    parked: false,
                 },
             );
         }
+    }
+
+    /// Parks instance `id`: an operator stops it, and it stays stopped
+    /// until started.
+    pub(crate) fn park(&mut self, id: u32) {
+        if let Some(entry) = self.instances.get_mut(&id) {
+            entry.parked = true;
+        }
+    }
+
+    /// Parks instance `id` before it ever ran (`autostart = false`): it
+    /// is listed stopped.
+    pub(crate) fn park_unstarted(&mut self, id: u32) {
+        if let Some(entry) = self.instances.get_mut(&id) {
+            entry.parked = true;
+            entry.state = InstanceState::Stopped;
+        }
+    }
+
+    /// Whether an instance is parked (see [`Entry::parked`]).
+    pub(crate) fn any_parked(&self) -> bool {
+        self.instances.values().any(|e| e.parked)
     }
 
     fn drop_group_if_gone(&mut self, group: &str) {
@@ -182,6 +212,14 @@ impl Table {
                 entry.since = Some(at);
                 entry.seen = Some(at);
                 entry.starts += 1;
+                entry.health = None;
+            }
+            EventKind::Health { healthy: true, .. } => entry.health = Some("healthy".into()),
+            EventKind::Health { why, .. } => {
+                entry.health = Some(match why {
+                    Some(why) => format!("unhealthy: {why}"),
+                    None => "unhealthy".into(),
+                });
             }
             EventKind::Seen => entry.seen = Some(at),
             EventKind::TimedOut | EventKind::Stopping => entry.state = InstanceState::Stopping,
@@ -257,6 +295,19 @@ impl Table {
         self.instances.get(&id)
     }
 
+    /// A group's instances listed, by id within the group (an instance
+    /// started again has a new global id, and keeps its id within the
+    /// group).
+    fn in_group_order(&self, group: &str) -> Vec<&Entry> {
+        let mut entries: Vec<&Entry> = self
+            .instances
+            .values()
+            .filter(|e| e.label.group == group)
+            .collect();
+        entries.sort_by_key(|e| (e.label.group_id, e.label.id));
+        entries
+    }
+
     /// Every group and instance with their state, `now`.
     pub(crate) fn status(&self, now: SystemTime) -> HerdStatus {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -269,9 +320,8 @@ impl Table {
                 name: name.clone(),
                 suspended: self.suspended.contains(name),
                 instances: self
-                    .instances
-                    .values()
-                    .filter(|e| &e.label.group == name)
+                    .in_group_order(name)
+                    .into_iter()
                     .map(|e| InstanceStatus {
                         id: e.label.id,
                         group_id: e.label.group_id,
@@ -283,6 +333,7 @@ impl Table {
                         restarts: e.starts.saturating_sub(1),
                         last_exit: e.last_exit.clone(),
                         seen_ms_ago: since(e.seen).filter(|_| e.pid.is_some()),
+                        health: e.health.clone().filter(|_| e.pid.is_some()),
                     })
                     .collect(),
                 queue: self.queues.get(name).cloned(),

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::master::plan::plan;
+use crate::protocol::control::Target;
 use crate::supervise::instance::InstanceEnd;
 use std::time::UNIX_EPOCH;
 
@@ -489,7 +490,7 @@ fn a_rolling_restart_goes_one_instance_at_a_time_and_the_next_change_waits_its_t
     herd.instance(2, EventKind::Suspended);
     let effects = herd.ask(
         Request::Restart {
-            group: "web".into(),
+            target: Target::group("web"),
         },
         1,
     );
@@ -497,7 +498,7 @@ fn a_rolling_restart_goes_one_instance_at_a_time_and_the_next_change_waits_its_t
     // A second restart, of another group, waits for the first.
     let effects = herd.ask(
         Request::Restart {
-            group: "batch".into(),
+            target: Target::group("batch"),
         },
         2,
     );
@@ -528,7 +529,7 @@ fn a_rolling_restart_goes_one_instance_at_a_time_and_the_next_change_waits_its_t
         [(
             2,
             Err(
-                "group batch: instance 4 did not run again within 1m; rolling restart stopped"
+                "group batch: instance 1 did not run again within 1m; rolling restart stopped"
                     .into()
             )
         )]
@@ -652,7 +653,7 @@ fn a_reload_that_resizes_keeps_the_instances_and_is_refused_during_another_chang
     // Refused while a restart is under way: nothing changes.
     herd.ask(
         Request::Restart {
-            group: "batch".into(),
+            target: Target::group("batch"),
         },
         1,
     );
@@ -744,7 +745,7 @@ fn the_stop_ends_what_waits_refuses_changes_and_is_answered_at_the_end() {
     ));
     herd.ask(
         Request::Restart {
-            group: "plain".into(),
+            target: Target::group("plain"),
         },
         2,
     );
@@ -805,4 +806,450 @@ fn the_max_running_time_stops_the_herd() {
         &effects[..],
         [Effect::Answer { answer: Ok(Answer::Status(status)), .. }] if status.groups.len() == 2
     ));
+}
+
+/// Instance `id` has exited (`how`) and is given up.
+fn fails(herd: &mut Herd, id: u32, how: &str) -> Vec<Effect> {
+    let how = how.to_string();
+    herd.instance(
+        id,
+        EventKind::Exited {
+            how: how.clone(),
+            failed: true,
+        },
+    );
+    let end = InstanceEnd::Failed { reason: how };
+    herd.instance(id, EventKind::Ended { end })
+}
+
+/// `id:group_id` of a group's instances, as the status lists them.
+fn listed(herd: &Herd, group: &str) -> Vec<String> {
+    let status = herd.core.status(UNIX_EPOCH);
+    status
+        .groups
+        .iter()
+        .filter(|g| g.name == group)
+        .flat_map(|g| &g.instances)
+        .map(|i| format!("{}:{} {}", i.id, i.group_id, i.state))
+        .collect()
+}
+
+#[test]
+fn one_instance_stops_stays_stopped_and_starts_again_under_a_new_id() {
+    let (mut herd, _) = Herd::started(WEB);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    let effects = herd.ask(
+        Request::StopInstances {
+            target: Target::instance("web", 2),
+        },
+        1,
+    );
+    assert_eq!(commands(&effects), [(2, InstanceCommand::Remove)]);
+    assert_eq!(logs(&effects), ["stopping web:2 on request"]);
+    assert!(answers(&effects).is_empty());
+    let effects = herd.stopped(2);
+    assert_eq!(answers(&effects), [(1, Ok("web:2 stopped".into()))]);
+    assert_eq!(herd.state(2), Some(InstanceState::Stopped));
+    // The herd runs on while an instance is stopped so.
+    assert!(herd.core.holds_instances());
+    let effects = herd.ask(
+        Request::StopInstances {
+            target: Target::instance("web", 2),
+        },
+        2,
+    );
+    assert_eq!(
+        answers(&effects),
+        [(2, Ok("web:2 was not running (stopped)".into()))]
+    );
+
+    // Started again: the same spec, a new global id, the same id within
+    // the group; answered once it runs.
+    let effects = herd.ask(
+        Request::Start {
+            target: Target::instance("web", 2),
+        },
+        3,
+    );
+    assert_eq!(starts(&effects), ["local: 5"]);
+    assert_eq!(logs(&effects), ["starting web:2 on request"]);
+    assert!(answers(&effects).is_empty());
+    assert_eq!(herd.state(2), None);
+    assert_eq!(
+        herd.core.retired_ever().iter().copied().collect::<Vec<_>>(),
+        [2]
+    );
+    // Answered once it has run for a second (one that ends at once did
+    // not start).
+    assert!(answers(&herd.runs(5)).is_empty());
+    assert!(answers(&herd.wait(Duration::from_millis(999))).is_empty());
+    let effects = herd.wait(Duration::from_millis(1));
+    assert_eq!(answers(&effects), [(3, Ok("web:2 started".into()))]);
+    assert_eq!(
+        listed(&herd, "web"),
+        ["1:1 running", "5:2 running", "3:3 running"]
+    );
+    assert!(!herd.core.holds_instances());
+    let effects = herd.ask(
+        Request::Start {
+            target: Target::instance("web", 2),
+        },
+        4,
+    );
+    assert_eq!(
+        answers(&effects),
+        [(4, Ok("web:2 was running already".into()))]
+    );
+    assert!(starts(&effects).is_empty());
+
+    // A whole group: those not running are counted.
+    let effects = herd.ask(
+        Request::StopInstances {
+            target: Target::group("web"),
+        },
+        5,
+    );
+    assert_eq!(
+        commands(&effects),
+        [
+            (1, InstanceCommand::Remove),
+            (3, InstanceCommand::Remove),
+            (5, InstanceCommand::Remove)
+        ]
+    );
+    herd.stopped(1);
+    herd.stopped(3);
+    let effects = herd.stopped(5);
+    assert_eq!(
+        answers(&effects),
+        [(5, Ok("group web: 3 instances stopped".into()))]
+    );
+}
+
+#[test]
+fn start_revives_failed_instances_and_says_what_was_running() {
+    let (mut herd, _) = Herd::started(WEB);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    fails(&mut herd, 3, "exited with code 1");
+    assert_eq!(herd.state(3), Some(InstanceState::Failed));
+    let effects = herd.ask(
+        Request::Start {
+            target: Target::group("web"),
+        },
+        1,
+    );
+    assert_eq!(starts(&effects), ["local: 5"]);
+    herd.runs(5);
+    let effects = herd.wait(Duration::from_secs(1));
+    assert_eq!(
+        answers(&effects),
+        [(
+            1,
+            Ok("group web: 1 instance started, 2 were running already".into())
+        )]
+    );
+    let effects = herd.ask(
+        Request::Start {
+            target: Target::group("web"),
+        },
+        2,
+    );
+    assert_eq!(
+        answers(&effects),
+        [(
+            2,
+            Ok("group web: nothing to start, 3 were running already".into())
+        )]
+    );
+
+    // One that fails again before it runs: the answer says how.
+    fails(&mut herd, 5, "exited with code 1");
+    let effects = herd.ask(
+        Request::Start {
+            target: Target::instance("web", 3),
+        },
+        3,
+    );
+    assert_eq!(starts(&effects), ["local: 6"]);
+    let effects = fails(&mut herd, 6, "exited with code 2");
+    assert_eq!(
+        answers(&effects),
+        [(3, Err("web:3 did not start: exited with code 2".into()))]
+    );
+    // One that does not run within a minute.
+    let effects = herd.ask(
+        Request::Start {
+            target: Target::instance("web", 3),
+        },
+        4,
+    );
+    assert_eq!(starts(&effects), ["local: 7"]);
+    assert!(answers(&herd.wait(Duration::from_secs(59))).is_empty());
+    assert_eq!(
+        answers(&herd.wait(Duration::from_secs(1))),
+        [(4, Err("web:3 did not start: not running within 1m".into()))]
+    );
+
+    // What cannot be started is refused, and says why.
+    let effects = herd.ask(
+        Request::Start {
+            target: Target::instance("web", 9),
+        },
+        5,
+    );
+    assert_eq!(
+        answers(&effects),
+        [(5, Err("group web has no instance 9".into()))]
+    );
+    let (mut queues, _) = Herd::started(QUEUES);
+    let effects = queues.ask(
+        Request::StopInstances {
+            target: Target::group("far"),
+        },
+        1,
+    );
+    assert!(commands(&effects).is_empty());
+    assert_eq!(
+        answers(&effects),
+        [(
+            1,
+            Err(
+                "group far is a queue group: its instances start and stop with the herd \
+                 (suspend, resume or restart it instead)"
+                    .into()
+            )
+        )]
+    );
+}
+
+#[test]
+fn a_restart_starts_ended_instances_again_one_at_a_time() {
+    let (mut herd, _) = Herd::started(WEB);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    fails(&mut herd, 2, "exited with code 1");
+    let effects = herd.ask(
+        Request::Restart {
+            target: Target::group("web"),
+        },
+        1,
+    );
+    assert_eq!(commands(&effects), [(1, InstanceCommand::Restart)]);
+    // 1 runs again: 2, which had failed, starts again.
+    let effects = herd.runs(1);
+    assert_eq!(starts(&effects), ["local: 5"]);
+    let effects = herd.runs(5);
+    assert_eq!(commands(&effects), [(3, InstanceCommand::Restart)]);
+    let effects = herd.runs(3);
+    assert_eq!(
+        answers(&effects),
+        [(
+            1,
+            Ok("group web restarted (3 instances; 1 of them had ended and started again)".into())
+        )]
+    );
+    // One instance, by its id within the group.
+    let effects = herd.ask(
+        Request::Restart {
+            target: Target::instance("web", 2),
+        },
+        2,
+    );
+    assert_eq!(commands(&effects), [(5, InstanceCommand::Restart)]);
+    let effects = herd.runs(5);
+    assert_eq!(answers(&effects), [(2, Ok("web:2 restarted".into()))]);
+    // One that had ended and fails again: the restart says so.
+    fails(&mut herd, 4, "exited with code 3");
+    let effects = herd.ask(
+        Request::Restart {
+            target: Target::group("batch"),
+        },
+        3,
+    );
+    assert_eq!(starts(&effects), ["local: 6"]);
+    let effects = fails(&mut herd, 6, "exited with code 3");
+    assert_eq!(
+        answers(&effects),
+        [(3, Err("batch:1 did not start: exited with code 3".into()))]
+    );
+}
+
+#[test]
+fn an_autostart_false_group_waits_for_a_start_and_keeps_the_herd_up() {
+    let text = WEB.replace(
+        "name = \"web\"\ncommand = \"w\"",
+        "name = \"web\"\ncommand = \"w\"\nautostart = false",
+    );
+    let (mut herd, effects) = Herd::started(&text);
+    assert_eq!(starts(&effects), ["local: 4"]);
+    assert_eq!(
+        logs(&effects),
+        ["group web not started (autostart = false): `taskherd start web` starts it"]
+    );
+    assert_eq!(
+        listed(&herd, "web"),
+        ["1:1 stopped", "2:2 stopped", "3:3 stopped"]
+    );
+    // batch is done; web waits for an operator.
+    herd.runs(4);
+    herd.instance(
+        4,
+        EventKind::Ended {
+            end: InstanceEnd::Completed,
+        },
+    );
+    assert!(herd.core.holds_instances());
+    let effects = herd.ask(
+        Request::Start {
+            target: Target::group("web"),
+        },
+        1,
+    );
+    assert_eq!(starts(&effects), ["local: 5", "local: 6", "local: 7"]);
+    herd.runs(5);
+    herd.runs(6);
+    herd.runs(7);
+    let effects = herd.wait(Duration::from_secs(1));
+    assert_eq!(
+        answers(&effects),
+        [(1, Ok("group web: 3 instances started".into()))]
+    );
+    // Stopped again: the herd waits again, until it is stopped.
+    herd.ask(
+        Request::StopInstances {
+            target: Target::instance("web", 1),
+        },
+        2,
+    );
+    herd.stopped(5);
+    assert!(herd.core.holds_instances());
+    herd.handle(Event::Stopping {
+        reason: "SIGTERM received".into(),
+        hint: None,
+    });
+    assert!(!herd.core.holds_instances());
+}
+
+#[test]
+fn a_resume_of_a_running_group_and_a_suspend_of_a_suspended_one_say_so() {
+    let (mut herd, _) = Herd::started(WEB);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    let effects = herd.ask(
+        Request::Resume {
+            group: "web".into(),
+        },
+        1,
+    );
+    assert!(commands(&effects).is_empty());
+    assert_eq!(
+        answers(&effects),
+        [(
+            1,
+            Ok("group web was not suspended: nothing to resume (3 instances running)".into())
+        )]
+    );
+    herd.ask(
+        Request::Suspend {
+            group: "web".into(),
+        },
+        2,
+    );
+    for id in 1..=3 {
+        herd.instance(id, EventKind::Suspended);
+    }
+    let effects = herd.ask(
+        Request::Suspend {
+            group: "web".into(),
+        },
+        3,
+    );
+    assert!(commands(&effects).is_empty());
+    assert_eq!(
+        answers(&effects),
+        [(3, Ok("group web was suspended already".into()))]
+    );
+}
+
+/// `hook: payload` of every hook called.
+fn hooks(effects: &[Effect]) -> Vec<(&'static str, serde_json::Value)> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Hook(call) => Some((
+                call.hook,
+                serde_json::from_str(&call.payload).expect("a hook's payload is JSON"),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn events_call_their_group_s_hooks_with_the_event_as_json() {
+    let text = WEB.replace(
+        "name = \"web\"\ncommand = \"w\"",
+        "name = \"web\"\ncommand = \"w\"\n\
+         hooks = { on_failure = \"notify f\", on_restart = \"notify r\", \
+         on_exhausted = \"notify x\", on_stop = \"notify s\", timeout = \"2s\" }",
+    );
+    let (mut herd, _) = Herd::started(&text);
+    // A first start is no restart.
+    assert!(hooks(&herd.runs(1)).is_empty());
+    let effects = herd.instance(
+        1,
+        EventKind::Exited {
+            how: "exited with code 3".into(),
+            failed: true,
+        },
+    );
+    let called = hooks(&effects);
+    assert_eq!(called.len(), 1, "{effects:?}");
+    let (hook, payload) = &called[0];
+    assert_eq!(*hook, "on_failure");
+    assert_eq!(payload["name"], "web:1");
+    assert_eq!(payload["group"], "web");
+    assert_eq!(payload["event"]["event"], "exited");
+    assert_eq!(payload["event"]["how"], "exited with code 3");
+    assert!(matches!(
+        &effects[..],
+        [Effect::Hook(call), Effect::Publish { .. }]
+            if call.command == "notify f" && call.timeout == Duration::from_secs(2)
+    ));
+    // Its restart, then given up, then another one stopped.
+    let called = hooks(&herd.runs(1));
+    assert_eq!(called[0].0, "on_restart");
+    assert_eq!(called[0].1["restarts"], 1);
+    let effects = herd.instance(
+        1,
+        EventKind::Exited {
+            how: "exited with code 3".into(),
+            failed: true,
+        },
+    );
+    assert_eq!(hooks(&effects)[0].0, "on_failure");
+    let end = InstanceEnd::Failed {
+        reason: "exited with code 3".into(),
+    };
+    let called = hooks(&herd.instance(1, EventKind::Ended { end }));
+    assert_eq!(called[0].0, "on_exhausted");
+    assert_eq!(called[0].1["event"]["end"]["end"], "failed");
+    assert_eq!(hooks(&herd.stopped(2))[0].0, "on_stop");
+    // A stop without a failure calls nothing else; batch has no hooks.
+    let effects = herd.instance(
+        2,
+        EventKind::Exited {
+            how: "killed by SIGTERM".into(),
+            failed: false,
+        },
+    );
+    assert!(hooks(&effects).is_empty());
+    herd.runs(4);
+    assert!(hooks(&fails(&mut herd, 4, "exited with code 1")).is_empty());
 }
