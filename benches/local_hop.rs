@@ -68,6 +68,7 @@ fn spec(id: u32, script: &str) -> InstanceSpec {
         },
         max_lifetime: None,
         health: None,
+        limits: Default::default(),
     }
 }
 

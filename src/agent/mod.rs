@@ -365,6 +365,7 @@ mod tests {
             },
             max_lifetime: None,
             health: None,
+            limits: Default::default(),
         }
     }
 

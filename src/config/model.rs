@@ -6,7 +6,7 @@ use std::time::Duration;
 
 // The restart policy travels to agents with each instance: wire data.
 #[doc(inline)]
-pub use crate::protocol::instance::{HealthProbe, HealthSpec, RestartPolicy, RestartSpec};
+pub use crate::protocol::instance::{HealthProbe, HealthSpec, Limits, RestartPolicy, RestartSpec};
 
 /// A whole herd: master settings and groups, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -287,6 +287,9 @@ pub struct GroupSpec {
     /// A health check of each instance, beside liveness. Table
     /// `[group.health]`, default none.
     pub health: Option<HealthSpec>,
+    /// Who the instances run as (keys `user`, `group`) and their
+    /// resource limits (table `[group.limits]`).
+    pub limits: Limits,
 }
 
 /// Default of `[group.health] interval`.

@@ -12,10 +12,10 @@
 use super::probe::{Probe, Spot};
 use super::{
     BuiltinFeeder, Config, ConfigError, ConfigErrors, ConsumerRun, ExitCodes, GroupSpec,
-    HealthProbe, HealthSpec, HooksSpec, HostSpec, KnownHostsPolicy, LocalPlacement, LogColor,
-    LogFormat, LogSpec, MasterSpec, QueueSpec, RemotePlacement, RestartPolicy, RestartSpec,
-    SshOptions, DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
-    MAX_LOG_KEEP,
+    HealthProbe, HealthSpec, HooksSpec, HostSpec, KnownHostsPolicy, Limits, LocalPlacement,
+    LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec, RemotePlacement, RestartPolicy,
+    RestartSpec, SshOptions, DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_HEALTH_TIMEOUT, MAX_LOG_KEEP,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -80,7 +80,12 @@ const GROUP_KEYS: &[&str] = &[
     "autostart",
     "hooks",
     "health",
+    "user",
+    "group",
+    "limits",
 ];
+/// Keys of `[group.limits]`.
+const LIMIT_KEYS: &[&str] = &["nofile", "nproc", "core", "memory"];
 /// Keys of `[group.health]`.
 const HEALTH_KEYS: &[&str] = &["tcp", "http", "command", "interval", "timeout", "failures"];
 /// Keys of `[group.hooks]`.
@@ -1321,6 +1326,7 @@ impl<'t> Walker<'t> {
             autostart: true,
             hooks: HooksSpec::none(),
             health: None,
+            limits: Limits::default(),
         };
         let Some(table) = self.table(&path, value) else {
             return group;
@@ -1399,6 +1405,17 @@ impl<'t> Walker<'t> {
         }
         if let Some(health) = table.get("health") {
             group.health = self.health(&child(&path, "health"), health);
+        }
+        for (name, slot) in [
+            ("user", &mut group.limits.user),
+            ("group", &mut group.limits.group),
+        ] {
+            if let Some(value) = table.get(name) {
+                *slot = self.non_empty_string(&child(&path, name), value);
+            }
+        }
+        if let Some(limits) = table.get("limits") {
+            self.limits(&child(&path, "limits"), limits, &mut group.limits);
         }
         let feeder = table.get("feeder");
         let queue = table.get("queue");
@@ -2140,6 +2157,37 @@ impl<'t> Walker<'t> {
             timeout,
             failures,
         })
+    }
+
+    /// `[group.limits]`: counts (`nofile`, `nproc`, `core`: integers, 0
+    /// allowed) and the memory cap (`memory`: a size, as `\"512M\"`).
+    fn limits(&mut self, path: &str, value: &Value<'_>, limits: &mut Limits) {
+        let Some(table) = self.table(path, value) else {
+            return;
+        };
+        self.check_unknown(table, path, LIMIT_KEYS, &[]);
+        for (name, slot) in [
+            ("nofile", &mut limits.nofile),
+            ("nproc", &mut limits.nproc),
+            ("core", &mut limits.core),
+        ] {
+            if let Some(value) = table.get(name) {
+                let key = child(path, name);
+                if let Some(count) = self.integer(&key, value) {
+                    match u64::try_from(count) {
+                        Ok(count) => *slot = Some(count),
+                        Err(_) => self.error(
+                            value.span(),
+                            &key,
+                            format!("must be 0 or more, found {count}"),
+                        ),
+                    }
+                }
+            }
+        }
+        if let Some(value) = table.get("memory") {
+            limits.memory = self.size(&child(path, "memory"), value);
+        }
     }
 
     /// `[group.hooks]`: each hook a non-empty shell command, a timeout
@@ -5559,6 +5607,51 @@ instances = 1
             "one probe per health check",
         );
         assert_error(&errors[5], 31, "group[4].health", "needs a probe");
+    }
+
+    #[test]
+    fn user_group_and_limits() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "w"
+command = "w"
+user = "www-data"
+group = "adm"
+[group.limits]
+nofile = 4096
+core = 0
+memory = "512MiB"
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(
+            config.groups[0].limits,
+            Limits {
+                user: Some("www-data".into()),
+                group: Some("adm".into()),
+                nofile: Some(4096),
+                nproc: None,
+                core: Some(0),
+                memory: Some(512 * 1024 * 1024),
+            }
+        );
+        let errors = parse_err(
+            r#"[[group]]
+name = "w"
+command = "w"
+user = ""
+[group.limits]
+nofile = -1
+stack = 1
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(errors.len(), 3, "{}", ConfigErrors(errors.clone()));
+        assert_error(&errors[0], 4, "group[1].user", "must not be empty");
+        assert_error(&errors[1], 6, "group[1].limits.nofile", "must be 0 or more");
+        assert_error(&errors[2], 7, "group[1].limits.stack", "unknown key");
     }
 
     /// A variable no test environment sets.

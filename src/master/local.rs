@@ -190,6 +190,7 @@ mod tests {
             },
             max_lifetime: None,
             health: None,
+            limits: Default::default(),
         }
     }
 

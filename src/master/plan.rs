@@ -260,6 +260,7 @@ impl GroupPlacer<'_> {
             restart: group.restart.clone(),
             max_lifetime: group.max_lifetime,
             health: group.health.clone(),
+            limits: group.limits.clone(),
         }
     }
 }

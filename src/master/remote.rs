@@ -733,6 +733,7 @@ mod tests {
             restart: RestartSpec::default(),
             max_lifetime: None,
             health: None,
+            limits: Default::default(),
         }
     }
 

@@ -103,6 +103,46 @@ pub struct InstanceSpec {
     /// frames of older masters: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSpec>,
+    /// Who it runs as and under which limits, applied on its host. Absent
+    /// in the frames of older masters: none.
+    #[serde(default, skip_serializing_if = "Limits::is_none")]
+    pub limits: Limits,
+}
+
+/// Who an instance runs as and the resource limits it runs under (keys
+/// `user` and `group` of a group, and its `[group.limits]`), applied on
+/// the instance's host at each start. Switching user or group needs the
+/// master (or the agent) to run as root.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Limits {
+    /// Run as this user (name), with its groups. Key `user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Run with this group (name) as the primary group (the user's own
+    /// otherwise). Key `group`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// `RLIMIT_NOFILE`: open files. Key `nofile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nofile: Option<u64>,
+    /// `RLIMIT_NPROC`: processes of the user. Key `nproc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nproc: Option<u64>,
+    /// `RLIMIT_CORE`: core file size in bytes (0: no core files). Key
+    /// `core`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core: Option<u64>,
+    /// Memory cap in bytes, as `RLIMIT_AS` (address space) of each
+    /// process. Key `memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+}
+
+impl Limits {
+    /// Nothing set: the master's user and limits.
+    pub fn is_none(&self) -> bool {
+        *self == Limits::default()
+    }
 }
 
 /// A group's health check (`[group.health]`), as each of its instances is

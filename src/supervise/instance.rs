@@ -312,7 +312,7 @@ async fn run_once(
         control,
         stdout,
         stderr,
-    } = match process::spawn(&spec.process, &spec.identity) {
+    } = match process::spawn(&spec.process, &spec.identity, &spec.limits) {
         Ok(spawned) => spawned,
         Err(err) => {
             let reason = error_chain(&err);

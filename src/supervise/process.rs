@@ -16,7 +16,7 @@ use std::process::Stdio;
 use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStderr, ChildStdout};
 
-pub use crate::protocol::instance::ProcessSpec;
+pub use crate::protocol::instance::{Limits, ProcessSpec};
 
 /// A started instance process with its pipes and control socket.
 #[derive(Debug)]
@@ -73,6 +73,22 @@ pub enum SpawnError {
     /// Params could not be turned into JSON for the environment.
     #[error("cannot encode params")]
     Params(#[source] serde_json::Error),
+    /// `user` or `group` asked of a master or agent that is not root.
+    #[error("{what}: only a master (or agent) running as root can run instances as another user or group; this one runs as uid {uid}")]
+    NotRoot {
+        /// The key and value (`user = "www-data"`).
+        what: String,
+        /// Our effective uid.
+        uid: u32,
+    },
+    /// No such user or group on this host.
+    #[error("{what}: no such {kind} on this host")]
+    NoSuchName {
+        /// The key and value (`user = "www-data"`).
+        what: String,
+        /// `user` or `group`.
+        kind: &'static str,
+    },
 }
 
 /// Starts one instance.
@@ -93,7 +109,13 @@ pub enum SpawnError {
 /// # Errors
 /// [`SpawnError`] if the socket cannot be made or the program not started;
 /// a missing working directory or program is named as such.
-pub fn spawn(spec: &ProcessSpec, identity: &Identity) -> Result<Spawned, SpawnError> {
+pub fn spawn(
+    spec: &ProcessSpec,
+    identity: &Identity,
+    limits: &Limits,
+) -> Result<Spawned, SpawnError> {
+    let credentials = credentials(limits)?;
+    let rlimits = rlimits(limits);
     let (parent_end, child_end) = StdUnixStream::pair().map_err(SpawnError::Socket)?;
     let child_end = OwnedFd::from(child_end);
     let child_fd = child_end.as_raw_fd();
@@ -143,10 +165,38 @@ pub fn spawn(spec: &ProcessSpec, identity: &Identity) -> Result<Spawned, SpawnEr
     if let Some(cwd) = &cwd {
         command.current_dir(cwd);
     }
-    // SAFETY: the closure only calls async-signal-safe functions (prctl,
-    // getppid, fcntl) and allocates nothing.
+    // SAFETY: the closure only calls async-signal-safe functions
+    // (prlimit, setgroups, setgid, setuid, prctl, getppid, fcntl) and
+    // allocates nothing (what it reads was made before the fork).
     unsafe {
         command.pre_exec(move || {
+            for (resource, value) in &rlimits {
+                let limit = rustix::process::Rlimit {
+                    current: Some(*value),
+                    maximum: Some(*value),
+                };
+                rustix::process::setrlimit(*resource, limit)?;
+            }
+            // Groups, then the group, then the user: each needs root.
+            // (Before the parent-death signal: a change of credentials
+            // clears it.)
+            if let Some(credentials) = &credentials {
+                if let Some(groups) = &credentials.groups {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(gid) = credentials.gid {
+                    if libc::setgid(gid) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(uid) = credentials.uid {
+                    if libc::setuid(uid) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
@@ -191,6 +241,153 @@ pub fn spawn(spec: &ProcessSpec, identity: &Identity) -> Result<Spawned, SpawnEr
         stdout,
         stderr,
     })
+}
+
+/// Who an instance runs as, resolved on this host before the fork.
+#[derive(Debug)]
+struct Credentials {
+    /// The user's id.
+    uid: Option<libc::uid_t>,
+    /// The primary group's id.
+    gid: Option<libc::gid_t>,
+    /// The supplementary groups (the user's), when a user is set.
+    groups: Option<Vec<libc::gid_t>>,
+}
+
+/// Resolves `limits.user` and `limits.group` (none: `None`).
+///
+/// # Errors
+/// Not root, or no such user or group here.
+fn credentials(limits: &Limits) -> Result<Option<Credentials>, SpawnError> {
+    if limits.user.is_none() && limits.group.is_none() {
+        return Ok(None);
+    }
+    let what = match (&limits.user, &limits.group) {
+        (Some(user), _) => format!("user = {user:?}"),
+        (None, Some(group)) => format!("group = {group:?}"),
+        (None, None) => String::new(),
+    };
+    let uid = rustix::process::geteuid().as_raw();
+    if uid != 0 {
+        return Err(SpawnError::NotRoot { what, uid });
+    }
+    let mut credentials = Credentials {
+        uid: None,
+        gid: None,
+        groups: None,
+    };
+    if let Some(user) = &limits.user {
+        let (uid, gid) = user_ids(user).ok_or_else(|| SpawnError::NoSuchName {
+            what: format!("user = {user:?}"),
+            kind: "user",
+        })?;
+        credentials.uid = Some(uid);
+        credentials.gid = Some(gid);
+        credentials.groups = Some(group_list(user, gid));
+    }
+    if let Some(group) = &limits.group {
+        let gid = group_id(group).ok_or_else(|| SpawnError::NoSuchName {
+            what: format!("group = {group:?}"),
+            kind: "group",
+        })?;
+        credentials.gid = Some(gid);
+        if let Some(groups) = &mut credentials.groups {
+            if !groups.contains(&gid) {
+                groups.push(gid);
+            }
+        }
+    }
+    Ok(Some(credentials))
+}
+
+/// The rlimits to set, as `setrlimit` takes them.
+fn rlimits(limits: &Limits) -> Vec<(rustix::process::Resource, u64)> {
+    use rustix::process::Resource;
+    [
+        (Resource::Nofile, limits.nofile),
+        (Resource::Nproc, limits.nproc),
+        (Resource::Core, limits.core),
+        (Resource::As, limits.memory),
+    ]
+    .into_iter()
+    .filter_map(|(resource, value)| value.map(|value| (resource, value)))
+    .collect()
+}
+
+/// Size of the buffer of `getpwnam_r` and `getgrnam_r`.
+const NSS_BUFFER: usize = 16 * 1024;
+
+/// The uid and primary gid of `user`, if it exists.
+fn user_ids(user: &str) -> Option<(libc::uid_t, libc::gid_t)> {
+    let name = std::ffi::CString::new(user).ok()?;
+    let mut buf = vec![0 as libc::c_char; NSS_BUFFER];
+    let mut entry = std::mem::MaybeUninit::<libc::passwd>::uninit();
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: the name is a C
+    // string, the entry and the buffer (of the length given) are ours;
+    // `found` is set to the entry or null.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            entry.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return None;
+    }
+    // SAFETY: `found` is not null: the entry was filled in.
+    let entry = unsafe { entry.assume_init() };
+    Some((entry.pw_uid, entry.pw_gid))
+}
+
+/// The gid of `group`, if it exists.
+fn group_id(group: &str) -> Option<libc::gid_t> {
+    let name = std::ffi::CString::new(group).ok()?;
+    let mut buf = vec![0 as libc::c_char; NSS_BUFFER];
+    let mut entry = std::mem::MaybeUninit::<libc::group>::uninit();
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as in `user_ids`.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            entry.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return None;
+    }
+    // SAFETY: `found` is not null: the entry was filled in.
+    let entry = unsafe { entry.assume_init() };
+    Some(entry.gr_gid)
+}
+
+/// The groups of `user` (with `gid`), as `initgroups` would set them.
+fn group_list(user: &str, gid: libc::gid_t) -> Vec<libc::gid_t> {
+    let Ok(name) = std::ffi::CString::new(user) else {
+        return vec![gid];
+    };
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut count = libc::c_int::try_from(groups.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the name is a C string; `groups` has room for `count`
+        // ids, and `count` is updated to how many there are.
+        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
+        let count = usize::try_from(count).unwrap_or(0);
+        if rc >= 0 {
+            groups.truncate(count);
+            return groups;
+        }
+        if count <= groups.len() || groups.len() >= 65536 {
+            return vec![gid];
+        }
+        groups.resize(count, 0);
+    }
 }
 
 /// Why `exec` failed, in the user's terms: `exec` reports a missing working
@@ -314,6 +511,40 @@ mod tests {
         }
     }
 
+    #[test]
+    fn users_and_groups_resolve_on_this_host_and_need_root() {
+        assert!(credentials(&Limits::default())
+            .expect("nothing to resolve")
+            .is_none());
+        let root = Limits {
+            user: Some("root".into()),
+            group: Some("root".into()),
+            ..Limits::default()
+        };
+        let nobody = Limits {
+            user: Some("taskherd-surely-no-such-user".into()),
+            ..Limits::default()
+        };
+        match credentials(&root) {
+            Ok(Some(found)) => {
+                assert_eq!((found.uid, found.gid), (Some(0), Some(0)));
+                assert!(found.groups.is_some_and(|groups| groups.contains(&0)));
+                let err = credentials(&nobody).expect_err("no such user");
+                assert_eq!(
+                    err.to_string(),
+                    "user = \"taskherd-surely-no-such-user\": no such user on this host"
+                );
+            }
+            // Not root: refused, and said so.
+            Err(err @ SpawnError::NotRoot { .. }) => {
+                assert!(err.to_string().starts_with(
+                    "user = \"root\": only a master (or agent) running as root can run instances"
+                ));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn spawn_errors_name_the_real_cause() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -321,6 +552,7 @@ mod tests {
         let err = spawn(
             &spec("sh", &[], Some(missing_dir.to_str().unwrap())),
             &identity(),
+            &Limits::default(),
         )
         .expect_err("no such cwd");
         assert_eq!(
@@ -329,7 +561,8 @@ mod tests {
         );
 
         let program = format!("{}/./bin/./worker", dir.path().display());
-        let err = spawn(&spec(&program, &[], None), &identity()).expect_err("no program");
+        let err = spawn(&spec(&program, &[], None), &identity(), &Limits::default())
+            .expect_err("no program");
         assert_eq!(
             err.to_string(),
             format!(
@@ -340,16 +573,24 @@ mod tests {
 
         let script = dir.path().join("script.sh");
         std::fs::write(&script, "#!/bin/sh\n").expect("write");
-        let err = spawn(&spec(script.to_str().unwrap(), &[], None), &identity())
-            .expect_err("not executable");
+        let err = spawn(
+            &spec(script.to_str().unwrap(), &[], None),
+            &identity(),
+            &Limits::default(),
+        )
+        .expect_err("not executable");
         assert!(
             err.to_string()
                 .ends_with("permission denied: it is not executable (chmod +x it)"),
             "{err}"
         );
 
-        let err = spawn(&spec("surely-not-a-program-7f3a", &[], None), &identity())
-            .expect_err("not in PATH");
+        let err = spawn(
+            &spec("surely-not-a-program-7f3a", &[], None),
+            &identity(),
+            &Limits::default(),
+        )
+        .expect_err("not in PATH");
         assert!(err.to_string().contains("not found in PATH"), "{err}");
     }
 
@@ -358,7 +599,8 @@ mod tests {
         // The test binary, asked to list its tests: it prints this test.
         let mut own = spec("not-run", &["--list", "own_executable_runs"], None);
         own.own_executable = true;
-        let mut spawned = spawn(&own, &identity()).expect("spawn own executable");
+        let mut spawned =
+            spawn(&own, &identity(), &Limits::default()).expect("spawn own executable");
         let mut out = String::new();
         spawned
             .stdout
@@ -377,8 +619,12 @@ mod tests {
         let Some(home) = probe::home_dir() else {
             return;
         };
-        let mut spawned =
-            spawn(&spec("sh", &["-c", "pwd -P"], Some("~")), &identity()).expect("spawn in ~");
+        let mut spawned = spawn(
+            &spec("sh", &["-c", "pwd -P"], Some("~")),
+            &identity(),
+            &Limits::default(),
+        )
+        .expect("spawn in ~");
         let mut out = String::new();
         spawned
             .stdout

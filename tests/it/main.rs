@@ -8,6 +8,7 @@ mod control;
 mod control_cli;
 mod health;
 mod hooks;
+mod limits;
 mod local;
 mod logs;
 mod output;

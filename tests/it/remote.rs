@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 /// The `[master]` and `[ssh]` tables of a test herd. Hosts are this
 /// machine, so the agent is the built binary (`agent_path`); the upload
 /// path has its own test.
-fn header(world: &SshWorld, master_extra: &str) -> String {
+pub(crate) fn header(world: &SshWorld, master_extra: &str) -> String {
     format!(
         r#"
 [master]

@@ -1,0 +1,108 @@
+//! Identity and limits: `user`, `group` and `[group.limits]`, applied to
+//! instances on the master's host (as root) and on a real sshd host (as
+//! its login user, who may lower limits but not switch users).
+
+use crate::remote::{assert_host_clean, header};
+use crate::support::sshd::SshWorld;
+use crate::support::Herd;
+
+/// Whether these tests run as root (user switching needs it).
+fn root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// What an instance prints about itself.
+const SAYS: &str =
+    "echo who=$(id -un) nofile=$(ulimit -n) core=$(ulimit -c) as=$(ulimit -v); exec sleep 1000";
+
+#[test]
+fn instances_run_as_their_user_with_their_limits() {
+    if !root() {
+        eprintln!(
+            "skipped: switching users needs the tests to run as root (they run as uid {})",
+            rustix::process::geteuid().as_raw()
+        );
+        return;
+    }
+    let mut herd = Herd::new(&format!(
+        r#"
+[[group]]
+name = "jailed"
+command = "sh"
+args = ["-c", "{SAYS}"]
+user = "nobody"
+[group.limits]
+nofile = 123
+core = 0
+memory = "256MiB"
+[group.local]
+instances = 1
+
+[[group]]
+name = "nosuch"
+command = "sh"
+args = ["-c", "echo never"]
+user = "taskherd-no-such-user"
+restart = {{ policy = "never" }}
+[group.local]
+instances = 1
+"#
+    ));
+    herd.start();
+    herd.wait_for("[jailed] [localhost] [sh/1/1] who=nobody nofile=123 core=0 as=262144");
+    herd.wait_for(
+        "[nosuch] [localhost] [sh/2/1] user = \"taskherd-no-such-user\": no such user on this host",
+    );
+    herd.signal(libc::SIGTERM);
+    herd.wait_exit();
+    herd.assert_no_leftovers();
+}
+
+#[test]
+fn remote_instances_get_their_user_and_limits_where_they_run() {
+    // The agent applies them on its host: a user when it logs in as root,
+    // a refusal that says why otherwise.
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let mut herd = Herd::new(&format!(
+        r#"{}
+[[group]]
+name = "limited"
+command = "sh"
+args = ["-c", "{SAYS}"]
+[group.limits]
+nofile = 77
+core = 0
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+
+[[group]]
+name = "switched"
+command = "sh"
+args = ["-c", "echo switched to $(id -un); exec sleep 1000"]
+user = "nobody"
+restart = {{ policy = "never" }}
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+"#,
+        header(&world, "stop_grace = \"5s\""),
+        host = host.alias(),
+    ));
+    herd.start();
+    let said = herd.wait_for("nofile=77 core=0 as=unlimited");
+    assert!(said.contains("[limited] "), "{said}");
+    if said.contains("who=root ") {
+        herd.wait_for("[switched] ");
+        herd.wait_for("switched to nobody");
+    } else {
+        herd.wait_for(
+            "user = \"nobody\": only a master (or agent) running as root can run instances \
+             as another user or group",
+        );
+    }
+    herd.signal(libc::SIGTERM);
+    herd.wait_exit();
+    assert_host_clean(&host);
+}
