@@ -23,6 +23,8 @@
 //! - `request` (private): operators' requests, one type for the [`Herd`]
 //!   handle and the control socket, answered with [`HerdError`] on failure.
 //! - [`control`]: the control socket (`taskherd status`, `stop`, ...).
+//! - [`http`]: the HTTP interface (`[http]`): webhook, status, events,
+//!   group actions, Prometheus metrics, the dashboard.
 //! - `host` (private): the one interface of every host's supervisor
 //!   (instances and commands in, reports out) and the run loop's handle
 //!   on it; `local` (private): the master's own host behind it.
@@ -35,6 +37,7 @@ pub mod control;
 mod core;
 pub mod herd;
 mod host;
+pub mod http;
 pub mod launcher;
 mod local;
 pub mod plan;
@@ -48,5 +51,6 @@ pub use crate::log::{InstanceLabel, LogRecord, LogSink, LogWriter};
 pub use crate::supervise::open_pid_killer;
 pub use crate::supervise::shutdown::{stop_on_signals, Shutdown};
 pub use herd::{Events, Herd, Launcher};
+pub use http::HttpError;
 pub use launcher::{run, run_blocking, DeadJobs, RunReport};
 pub use request::HerdError;

@@ -6,6 +6,8 @@ mod check;
 mod cli;
 mod control;
 mod control_cli;
+mod dashboard;
+mod http;
 mod local;
 mod logs;
 mod output;
