@@ -383,6 +383,17 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
+    let tmp = std::env::temp_dir();
+    let fs = Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(&tmp)
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .unwrap_or_default();
+    println!(
+        "queues in {} ({fs}; a tmpfs makes fsync free)",
+        tmp.display()
+    );
     let (mut batched, mut single, mut cli) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ms, mut cpu, mut kb) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {

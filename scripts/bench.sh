@@ -328,7 +328,7 @@ bench_exe() { sed -n "s|^ *Executable benches/$1.rs (\(.*\))\$|\1|p" "$work/buil
 # The sections other than exec use the examples and the bench binaries;
 # exec needs the taskherd binary only.
 wants_more=
-for other in logs fanout queue local durable scale http; do
+for other in logs fanout queue local durable scale; do
     if wants "$other"; then wants_more=1; fi
 done
 section "build (release)"
@@ -347,6 +347,10 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
         if wants http; then http_bench=$(from_root "$(bench_exe http)"); fi
     else
         retry_build cargo build --release --bins
+        if wants http; then
+            retry_build cargo bench --no-run --bench http
+            http_bench=$(from_root "$(bench_exe http)")
+        fi
     fi
 else
     # The newest bench executables already built.
