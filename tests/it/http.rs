@@ -221,6 +221,13 @@ fn jobs_posted_to_the_webhook_are_run_and_bad_requests_are_refused() {
         plain.error(),
         "group web takes no jobs over HTTP: it is not a queue group"
     );
+    let method = get(address, jobs, None);
+    assert_eq!(method.status, 405);
+    assert!(
+        method.error().starts_with("GET is not allowed here"),
+        "{}",
+        method.text()
+    );
     let nowhere = get(address, "/v2/anything", None);
     assert_eq!(nowhere.status, 404);
     assert!(

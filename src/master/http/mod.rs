@@ -34,7 +34,7 @@ use super::request::{Answer, HerdError, Request};
 use crate::config::{HttpSpec, HttpToken, HTTP_TOKEN_ENV};
 use crate::log::LogSink;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -211,6 +211,7 @@ fn router(shared: Arc<Shared>, max_body: usize) -> Router {
         .route("/v1/groups/{group}/{action}", post(action))
         .route("/v1/queues/{group}/jobs", post(enqueue))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(shared)
 }
@@ -284,6 +285,19 @@ async fn not_found() -> ApiError {
     )
 }
 
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed here: reads are GET, jobs and actions POST"),
+    )
+}
+
+/// A path's parts, or the JSON error of why not.
+fn path_of<T>(path: Result<UrlPath<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|UrlPath(parts)| parts)
+        .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))
+}
+
 async fn status(State(shared): AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     shared.access.read(&headers)?;
     Ok(Json(shared.herd.status()).into_response())
@@ -321,11 +335,12 @@ fn yes() -> bool {
 
 async fn action(
     State(shared): AppState,
-    UrlPath((group, action)): UrlPath<(String, String)>,
+    path: Result<UrlPath<(String, String)>, PathRejection>,
     query: Result<Query<ActionQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     shared.access.write(&headers)?;
+    let (group, action) = path_of(path)?;
     let Query(ActionQuery { wait }) =
         query.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
     let request = match action.as_str() {
@@ -435,11 +450,12 @@ async fn stop(
 
 async fn enqueue(
     State(shared): AppState,
-    UrlPath(group): UrlPath<String>,
+    path: Result<UrlPath<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     shared.access.write(&headers)?;
+    let group = path_of(path)?;
     let body = body_of(body)?;
     let ids = shared.intakes.enqueue(&group, &body).await?;
     Ok((
