@@ -70,6 +70,14 @@
 #    slope per host; its CPU per relayed line, 8 hosts x 4 instances
 #    printing 20 000 lines each at once, and 1 000 each 5 ms apart (a frame
 #    per line).
+# 9. HTTP (`http`, only when asked for: BENCH_ONLY=http; about 1-2
+#    minutes with 3 runs): `cargo bench --bench http` with the release
+#    binary: jobs posted to the webhook of a running master (its queue
+#    group suspended, so the HTTP side and the durable inbox are what is
+#    measured), 1000 jobs a request on 4 connections and 1 job a request
+#    on 32, next to `taskherd queue add` run once per job; every job
+#    checked in the queue afterwards. Then `/metrics` of a master running
+#    1000 `sleep` instances: time, master CPU and size per scrape.
 #
 #   scripts/bench.sh                  # about 2-3 minutes once built, plus 3-5 for durable
 #   BENCH_RUNS=5 scripts/bench.sh     # runs per measurement (default 3; the log relay: at least 5)
@@ -81,6 +89,7 @@
 #                                             # relative to the current directory, as cargo has it)
 #   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable exec scale
 #   BENCH_ONLY=scale scripts/bench.sh # the scale rows (8. below; not in the default set)
+#   BENCH_ONLY=http scripts/bench.sh  # the HTTP rows (9. below; not in the default set)
 #   BENCH_DURABLE_JOBS=200000         # jobs of the durable queue bench (default 200 000)
 #   BENCH_DURABLE_START_JOBS=1000000  # jobs of the queue list / start-time rows (default 1 000 000)
 #   BENCH_DURABLE_TIMEOUT=600         # bound on each durable step, in seconds (default 600)
@@ -328,13 +337,20 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
         retry_build cargo build --release --bins --examples
         benches=(--bench remote_start --bench queue)
         if wants durable; then benches+=(--bench durable_queue); fi
+        if wants http; then benches+=(--bench http); fi
         retry_build cargo bench --no-run "${benches[@]}"
         remote_bench=$(from_root "$(bench_exe remote_start)")
         queue_bench=$(from_root "$(bench_exe queue)")
         durable_bench=
         if wants durable; then durable_bench=$(from_root "$(bench_exe durable_queue)"); fi
+        http_bench=
+        if wants http; then http_bench=$(from_root "$(bench_exe http)"); fi
     else
         retry_build cargo build --release --bins
+        if wants http; then
+            retry_build cargo bench --no-run --bench http
+            http_bench=$(from_root "$(bench_exe http)")
+        fi
     fi
 else
     # The newest bench executables already built.
@@ -342,6 +358,7 @@ else
     remote_bench=$(newest remote_start)
     queue_bench=$(newest queue)
     durable_bench=$(newest durable_queue)
+    http_bench=$(newest http)
 fi
 taskherd=${BENCH_TASKHERD:-$target_dir/release/taskherd}
 worker=$target_dir/release/examples/worker
@@ -1037,6 +1054,30 @@ args = [\"1\", \"$exec_jobs\"]"
 fi
 
 check_nothing_left "the bench"
+
+# ---------------------------------------------------------------- 9. http
+
+if wants http; then
+    [ -x "$http_bench" ] || die "missing build output ${http_bench:-benches/http.rs}"
+    section "9. HTTP: jobs through the webhook into the durable queue, next to taskherd queue add; /metrics at 1000 instances (benches/http.rs)"
+    "${marked[@]}" BENCH_RUNS="$runs" BENCH_TASKHERD="$taskherd" TMPDIR="$work/tmp" \
+        timeout -k 10 $((600 * runs)) "$http_bench" --bench >"$work/http.out" 2>&1 \
+        || { cat "$work/http.out" >&2; die "http bench failed"; }
+    grep -v '^RESULT' "$work/http.out" || true
+    check_nothing_left "http bench"
+    http_result() {
+        awk -v k="$1" -v d="${2:-0}" '$1 == "RESULT" && $2 == k { printf "%.*f\n", d, $3; found = 1 } END { exit !found }' "$work/http.out" \
+            || die "http bench printed no $1"
+    }
+    batched=$(http_result http_batched)
+    single=$(http_result http_single)
+    cli=$(http_result http_cli)
+    ratio=$(awk -v a="$single" -v b="$cli" 'BEGIN { printf "%.0f", a / b }')
+    row "http enqueue jobs/s, 1000 jobs a request, 4 connections" "$batched" "-" "-" ">= 20000" "$(verdict "$batched >= 20000")"
+    row "http enqueue jobs/s, 1 job a request, 32 connections" "$single" "$cli (taskherd queue add per job)" "${ratio}x" "-" "-"
+    row "/metrics at 1000 instances, ms per scrape" "$(http_result http_metrics_ms 2)" "-" "-" "-" "-"
+    row "  master CPU per scrape, ms; size, KiB" "$(http_result http_metrics_cpu_ms 2)" "$(http_result http_metrics_kb) KiB" "-" "-" "-"
+fi
 
 # -------------------------------------------------------------- table
 

@@ -8,7 +8,8 @@
 //! ```text
 //! master/     the master: plan, a core without I/O (events in, effects
 //!             out) in a run loop that carries them out, herd and events,
-//!             control socket, remote hosts over SSH, queue groups
+//!             control socket, HTTP interface (webhook, events, metrics,
+//!             dashboard), remote hosts over SSH, queue groups
 //! agent/      the remote side (`taskherd agent`): supervise + an upstream link
 //!             (master and agent never import each other)
 //! supervise/  one instance's life: spawn, output relay, control channel,

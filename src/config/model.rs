@@ -19,6 +19,59 @@ pub struct Config {
     pub log: LogSpec,
     /// The groups, in config order (global ids follow this order).
     pub groups: Vec<GroupSpec>,
+    /// The master's HTTP interface (`[http]`): off when `None` (boxed:
+    /// configs travel in the master's events, kept small).
+    pub http: Option<Box<HttpSpec>>,
+}
+
+/// Default port of `http.bind`.
+pub const DEFAULT_HTTP_PORT: u16 = 8470;
+
+/// Default of `http.max_body`: 4 MiB.
+pub const DEFAULT_HTTP_MAX_BODY: u64 = 4 << 20;
+
+/// The environment variable that gives the HTTP token when the config
+/// sets neither `http.token` nor `http.token_file`.
+pub const HTTP_TOKEN_ENV: &str = "TASKHERD_HTTP_TOKEN";
+
+/// The `[http]` table: the master's HTTP interface (webhook, status,
+/// events, metrics, dashboard).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSpec {
+    /// Where it listens. Key `bind`, default `127.0.0.1:8470`
+    /// ([`DEFAULT_HTTP_PORT`]); port 0 picks a free one.
+    pub bind: std::net::SocketAddr,
+    /// Where the bearer token comes from (needed for every write, and for
+    /// everything on an address beyond loopback).
+    pub token: HttpToken,
+    /// Largest request body accepted, in bytes. Key `max_body`, a size
+    /// such as `"4MiB"` (the default).
+    pub max_body: u64,
+}
+
+/// Where the HTTP token comes from.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum HttpToken {
+    /// Key `token`: written in the config (`"${VAR}"` works too).
+    Text(String),
+    /// Key `token_file`: the first line of this file (relative to the
+    /// config file), read when the master starts.
+    File(PathBuf),
+    /// Neither: the [`HTTP_TOKEN_ENV`] environment variable when it is
+    /// set and not empty, else no token (reads only, on loopback).
+    #[default]
+    Environment,
+}
+
+impl std::fmt::Debug for HttpToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Never in a log.
+            HttpToken::Text(_) => f.write_str("Text(..)"),
+            HttpToken::File(path) => f.debug_tuple("File").field(path).finish(),
+            HttpToken::Environment => f.write_str("Environment"),
+        }
+    }
 }
 
 /// SSH settings of a remote placement: the top-level `[ssh]` table gives

@@ -12,10 +12,10 @@
 use super::probe::{Probe, Spot};
 use super::{
     BuiltinFeeder, Config, ConfigError, ConfigErrors, ConsumerRun, ExitCodes, GroupSpec,
-    HealthProbe, HealthSpec, HooksSpec, HostSpec, KnownHostsPolicy, Limits, LocalPlacement,
-    LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec, RemotePlacement, RestartPolicy,
-    RestartSpec, SshOptions, DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_INTERVAL,
-    DEFAULT_HEALTH_TIMEOUT, MAX_LOG_KEEP,
+    HealthProbe, HealthSpec, HooksSpec, HostSpec, HttpSpec, HttpToken, KnownHostsPolicy, Limits,
+    LocalPlacement, LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec, RemotePlacement,
+    RestartPolicy, RestartSpec, SshOptions, DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_HEALTH_TIMEOUT, DEFAULT_HTTP_MAX_BODY, DEFAULT_HTTP_PORT, HTTP_TOKEN_ENV, MAX_LOG_KEEP,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -35,6 +35,7 @@ const TOP_KEYS: &[&str] = &[
     "host_vars",
     "group",
     "include",
+    "http",
 ];
 /// Top-level keys of an included file.
 const INCLUDED_TOP_KEYS: &[&str] = &["group", "include"];
@@ -50,6 +51,8 @@ const MASTER_KEYS: &[&str] = &[
     "state_dir",
     "max_handshakes",
 ];
+/// Keys of `[http]`.
+const HTTP_KEYS: &[&str] = &["bind", "token", "token_file", "max_body"];
 /// Keys of `[log]`.
 const LOG_KEYS: &[&str] = &["format", "file", "max_size", "keep", "filter", "color"];
 /// Keys of `[ssh]`, and the per-placement overrides of `[[group.remote]]`.
@@ -232,7 +235,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
             "an included file holds [[group]] tables (and include); \
              set it in the main config file, {main_name}"
         );
-        let hints: Vec<(&str, &str)> = ["master", "log", "ssh", "inventory", "host_vars"]
+        let hints: Vec<(&str, &str)> = ["master", "log", "ssh", "inventory", "host_vars", "http"]
             .iter()
             .map(|key| (*key, hint.as_str()))
             .collect();
@@ -242,6 +245,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
     let master = walker.master(root.get("master"));
     let log = walker.log(root.get("log"), root.get("master"));
     let ssh = walker.ssh(root.get("ssh"));
+    let http = walker.http(root.get("http"));
     walker.inventory(root.get("inventory"));
     let host_vars = walker.host_vars(root.get("host_vars"));
     let group_values: Vec<(usize, &Value<'_>)> = roots
@@ -258,6 +262,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
         master,
         log,
         groups,
+        http,
     });
     Parsed {
         config,
@@ -276,6 +281,32 @@ struct SourceFile {
     /// The directory relative paths written in it start from (absolute
     /// when the current directory is known).
     dir: PathBuf,
+}
+
+/// The span of an optional value (the table's, for a key it lacks).
+fn value_span(value: Option<&Value<'_>>) -> Range<usize> {
+    value.map_or(0..0, |value| value.span())
+}
+
+/// `http.bind`: `host:port`, `:port` (loopback) or a port alone.
+fn parse_bind(text: &str) -> Result<std::net::SocketAddr, String> {
+    let text = text.trim();
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    if let Ok(port) = text.trim_start_matches(':').parse::<u16>() {
+        return Ok(std::net::SocketAddr::new(loopback, port));
+    }
+    if let Ok(address) = text.parse::<std::net::SocketAddr>() {
+        return Ok(address);
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        if let Ok(port) = port.parse::<u16>() {
+            return Ok(std::net::SocketAddr::new(loopback, port));
+        }
+    }
+    Err(format!(
+        "{text:?} is not an address: expected IP:PORT such as \"127.0.0.1:{DEFAULT_HTTP_PORT}\" \
+         or \"0.0.0.0:{DEFAULT_HTTP_PORT}\" (a port alone listens on 127.0.0.1)"
+    ))
 }
 
 /// The directory of `file`, absolute when possible.
@@ -1108,6 +1139,67 @@ impl<'t> Walker<'t> {
             };
         }
         log
+    }
+
+    /// The `[http]` table: `None` when absent (no HTTP server).
+    fn http(&mut self, value: Option<&Value<'_>>) -> Option<Box<HttpSpec>> {
+        let table = self.table("http", value?)?;
+        self.check_unknown(table, "http", HTTP_KEYS, &[]);
+        let mut http = HttpSpec {
+            bind: std::net::SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT)),
+            token: HttpToken::Environment,
+            max_body: DEFAULT_HTTP_MAX_BODY,
+        };
+        if let Some(value) = table.get("bind") {
+            if let Some(text) = self.string("http.bind", value) {
+                match parse_bind(&text) {
+                    Ok(bind) => http.bind = bind,
+                    Err(message) => self.error(value.span(), "http.bind", message),
+                }
+            }
+        }
+        match (table.get("token"), table.get("token_file")) {
+            (Some(_), Some(file)) => self.error(
+                file.span(),
+                "http.token_file",
+                "the token is set twice: keep token or token_file",
+            ),
+            (Some(value), None) => {
+                if let Some(token) = self.non_empty_string("http.token", value) {
+                    http.token = HttpToken::Text(token.trim().to_string());
+                }
+            }
+            (None, Some(value)) => {
+                if let Some(path) = self
+                    .non_empty_string("http.token_file", value)
+                    .and_then(|text| self.local_path("http.token_file", value, text))
+                {
+                    http.token = HttpToken::File(path);
+                }
+            }
+            (None, None) => {}
+        }
+        if let Some(value) = table.get("max_body") {
+            if let Some(size) = self.size("http.max_body", value) {
+                http.max_body = size;
+            }
+        }
+        let env_token = std::env::var(HTTP_TOKEN_ENV).is_ok_and(|token| !token.trim().is_empty());
+        if !http.bind.ip().is_loopback() && http.token == HttpToken::Environment && !env_token {
+            let span = table
+                .get("bind")
+                .map_or_else(|| value_span(value), |bind| bind.span());
+            self.error(
+                span,
+                "http.bind",
+                format!(
+                    "{} is reachable beyond this machine: set http.token, http.token_file \
+                     or {HTTP_TOKEN_ENV}, or bind to 127.0.0.1",
+                    http.bind
+                ),
+            );
+        }
+        Some(Box::new(http))
     }
 
     fn log_format(&mut self, key: &str, value: &Value<'_>) -> Option<LogFormat> {
@@ -6040,5 +6132,57 @@ instances = 1
             "expected a string, an integer or a boolean",
         );
         assert_error(&errors[4], 5, "host_vars.web2", "expected a table");
+    }
+
+    #[test]
+    fn the_http_table() {
+        const GROUP: &str =
+            "[[group]]\nname = \"w\"\ncommand = \"w\"\n[group.local]\ninstances = 1\n";
+        // Absent: no server.
+        assert_eq!(parse_ok(GROUP).http, None);
+        // Present but empty: the defaults.
+        let http = parse_ok(&format!("[http]\n{GROUP}")).http.expect("[http]");
+        assert_eq!(
+            http.bind.to_string(),
+            format!("127.0.0.1:{DEFAULT_HTTP_PORT}")
+        );
+        assert_eq!(http.token, HttpToken::Environment);
+        assert_eq!(http.max_body, DEFAULT_HTTP_MAX_BODY);
+        let http = parse_ok(&format!(
+            "[http]\nbind = \"0.0.0.0:9000\"\ntoken = \" s3cret \"\nmax_body = \"64KiB\"\n{GROUP}"
+        ))
+        .http
+        .expect("[http]");
+        assert_eq!(http.bind.to_string(), "0.0.0.0:9000");
+        assert_eq!(http.token, HttpToken::Text("s3cret".into()));
+        assert_eq!(format!("{:?}", http.token), "Text(..)", "never in a log");
+        assert_eq!(http.max_body, 64 << 10);
+        let http = parse_ok(&format!(
+            "[http]\nbind = \"9001\"\ntoken_file = \"t\"\n{GROUP}"
+        ))
+        .http
+        .expect("[http]");
+        assert_eq!(http.bind.to_string(), "127.0.0.1:9001");
+        assert_eq!(http.token, HttpToken::File("t".into()));
+
+        // Beyond loopback without a token (the tests never set the
+        // variable): refused, saying why and how.
+        if std::env::var_os(HTTP_TOKEN_ENV).is_none() {
+            let err = only_error(&format!("[http]\nbind = \"0.0.0.0:9000\"\n{GROUP}"));
+            assert_error(
+                &err,
+                2,
+                "http.bind",
+                "reachable beyond this machine: set http.token",
+            );
+        }
+        let errors = parse_err(&format!(
+            "[http]\nbind = \"nowhere\"\ntoken = \"a\"\ntoken_file = \"b\"\nmax_body = 0\nport = 1\n{GROUP}"
+        ));
+        assert_eq!(errors.len(), 4, "{}", ConfigErrors(errors.clone()));
+        assert_error(&errors[0], 2, "http.bind", "is not an address");
+        assert_error(&errors[1], 4, "http.token_file", "set twice");
+        assert_error(&errors[2], 5, "http.max_body", "greater than 0");
+        assert_error(&errors[3], 6, "http.port", "unknown key");
     }
 }

@@ -8,6 +8,7 @@
 
 use super::LogRecord;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::broadcast;
 
@@ -30,6 +31,20 @@ pub(super) struct Feed {
     /// Whether records are kept at all (not for a sink whose records go
     /// elsewhere, such as an agent's).
     keep: bool,
+    /// Lines of instances' output published so far (not the master's
+    /// events), for the master's metrics.
+    output_lines: AtomicU64,
+    /// Their bytes (the messages' text, without newlines).
+    output_bytes: AtomicU64,
+}
+
+/// How much instances' output the log has relayed so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogTotals {
+    /// Lines of output (the master's own events are not counted).
+    pub lines: u64,
+    /// Their bytes, without newlines.
+    pub bytes: u64,
 }
 
 /// The recent records and what they add up to.
@@ -85,6 +100,8 @@ impl Feed {
             backlog: Mutex::new(Backlog::default()),
             live_tx: broadcast::channel(capacity).0,
             keep,
+            output_lines: AtomicU64::new(0),
+            output_bytes: AtomicU64::new(0),
         }
     }
 
@@ -100,6 +117,17 @@ impl Feed {
         if batch.is_empty() {
             return;
         }
+        let (lines, bytes) = batch
+            .iter()
+            .filter(|record| record.stream != crate::protocol::instance::Stream::Master)
+            .fold((0, 0), |(lines, bytes), record| {
+                (
+                    lines + record.message.line_count() as u64,
+                    bytes + record.message.len() as u64,
+                )
+            });
+        self.output_lines.fetch_add(lines, Ordering::Relaxed);
+        self.output_bytes.fetch_add(bytes, Ordering::Relaxed);
         let mut backlog = self.lock();
         let live = self.live_tx.receiver_count() > 0;
         for record in batch.drain(..) {
@@ -110,6 +138,14 @@ impl Feed {
             if self.keep {
                 backlog.push(record);
             }
+        }
+    }
+
+    /// What has been published so far.
+    pub(super) fn totals(&self) -> LogTotals {
+        LogTotals {
+            lines: self.output_lines.load(Ordering::Relaxed),
+            bytes: self.output_bytes.load(Ordering::Relaxed),
         }
     }
 

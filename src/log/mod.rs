@@ -51,7 +51,7 @@ mod message;
 mod terminal;
 mod writer;
 
-pub use feed::{Follow, BACKLOG_BYTES, BACKLOG_LINES};
+pub use feed::{Follow, LogTotals, BACKLOG_BYTES, BACKLOG_LINES};
 pub use file::LogFileOptions;
 pub(crate) use message::line_content;
 pub use message::Message;
@@ -485,6 +485,13 @@ impl LogSink {
         follow: bool,
     ) -> Follow {
         self.shared.feed.follow(lines, wanted, follow)
+    }
+
+    /// How much instances' output the writer has taken so far (lines and
+    /// bytes; the master's own events not counted). A
+    /// [`LogSink::channel`] sink counts nothing.
+    pub fn totals(&self) -> LogTotals {
+        self.shared.feed.totals()
     }
 
     /// The filter the writer applies.

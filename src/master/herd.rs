@@ -4,7 +4,9 @@
 //! callbacks, and the [`Launcher`] that runs a config with them.
 
 use super::core::{Core, Effect, Event, Now};
+use super::http::EventTally;
 use super::launcher::RunReport;
+use super::request::Answer;
 use super::request::{HerdError, Reply, Request};
 use crate::config::Config;
 use crate::log::{InstanceLabel, LogSink};
@@ -13,7 +15,7 @@ use crate::supervise::instance::{EventKind, InstanceEvent};
 use crate::supervise::shutdown::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 /// How often [`Events::check`] is called while the herd runs.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -221,12 +223,23 @@ impl Herd {
     }
 
     async fn ask(&self, request: Request) -> Result<String, HerdError> {
+        Ok(self.answer(request).await?.into_message())
+    }
+
+    /// Asks the run loop and waits for its answer (the HTTP interface's
+    /// way in: the same requests as the handle's and the control socket's).
+    pub(crate) async fn answer(&self, request: Request) -> Result<Answer, HerdError> {
         let (reply_tx, reply_rx) = oneshot::channel();
         self.asks
             .send((request, Some(Reply::Handle(reply_tx))))
             .map_err(|_| HerdError::Ending)?;
-        let answer = reply_rx.await.map_err(|_| HerdError::Ending)??;
-        Ok(answer.into_message())
+        reply_rx.await.map_err(|_| HerdError::Ending)?
+    }
+
+    /// The board behind the handle (the HTTP interface reads its events
+    /// and counts).
+    pub(crate) fn board(&self) -> &Board {
+        &self.board
     }
 }
 
@@ -240,13 +253,58 @@ impl Herd {
 pub(crate) struct Board {
     core: Arc<Mutex<Core>>,
     changed: Arc<watch::Sender<u64>>,
+    /// Every instance event the core publishes, for the HTTP event
+    /// stream: bounded, a subscriber that falls behind loses the oldest
+    /// (the run loop never waits for it).
+    published: broadcast::Sender<Published>,
+    /// Counts of instance events (liveness kills, exits by cause), for
+    /// the metrics.
+    tally: Arc<Mutex<EventTally>>,
 }
+
+/// An instance event as the board publishes it.
+pub(crate) type Published = Arc<(Arc<InstanceLabel>, InstanceEvent)>;
+
+/// Events kept for each subscriber of [`Board::subscribe`].
+const PUBLISHED_LEN: usize = 1024;
 
 impl Board {
     pub(crate) fn new(core: Core) -> Self {
         Board {
             core: Arc::new(Mutex::new(core)),
             changed: Arc::new(watch::channel(0).0),
+            published: broadcast::channel(PUBLISHED_LEN).0,
+            tally: Arc::new(Mutex::new(EventTally::default())),
+        }
+    }
+
+    /// Every instance event from now on (a bounded channel: a receiver
+    /// that falls behind loses the oldest).
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Published> {
+        self.published.subscribe()
+    }
+
+    /// The counts of instance events so far.
+    pub(crate) fn tally(&self) -> EventTally {
+        self.tally.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Counts and publishes the instance events among `effects`.
+    fn observe(&self, effects: &[Effect]) {
+        let live = self.published.receiver_count() > 0;
+        let mut tally = None;
+        for effect in effects {
+            if let Effect::Publish { label, event } = effect {
+                tally
+                    .get_or_insert_with(|| self.tally.lock().unwrap_or_else(|e| e.into_inner()))
+                    .count(label, &event.kind);
+                if live {
+                    // Fails only if the last subscriber just left.
+                    let _ = self
+                        .published
+                        .send(Arc::new((label.clone(), event.clone())));
+                }
+            }
         }
     }
 
@@ -264,6 +322,7 @@ impl Board {
             wall: SystemTime::now(),
         };
         let effects = self.lock().handle(event, now);
+        self.observe(&effects);
         self.changed.send_modify(|generation| *generation += 1);
         effects
     }
@@ -406,7 +465,6 @@ impl Launcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::master::request::Answer;
 
     fn board() -> Board {
         let config = Config::parse(

@@ -4,6 +4,7 @@
 
 use super::core::{Core, Event, Now};
 use super::herd::{pump_events, Board, Herd, Launcher};
+use super::http::HttpServer;
 use super::plan::plan;
 use super::remote::AgentSettings;
 use super::shell::{Inbox, Shell};
@@ -143,6 +144,26 @@ pub(crate) async fn run_launcher(
             dead_jobs: Vec::new(),
         };
     }
+    let http = match config
+        .http
+        .as_ref()
+        .map(|spec| HttpServer::bind(spec, &config.base_dir()))
+    {
+        Some(Ok(server)) => Some(server),
+        Some(Err(err)) => {
+            let why = crate::error_text::error_chain(&err);
+            sink.master_event(Level::Critical, format!("cannot start: {why}"))
+                .await;
+            return RunReport {
+                instances: Vec::new(),
+                stop_reason: Some(why.clone()),
+                fatal: Some(why),
+                killed_on_request: Vec::new(),
+                dead_jobs: Vec::new(),
+            };
+        }
+        None => None,
+    };
     let total = plan.instances().len();
     let hosts = if plan.hosts.is_empty() {
         String::new()
@@ -225,6 +246,18 @@ pub(crate) async fn run_launcher(
             drop(control_tx);
             None
         }
+    };
+    let http_stop = tokio_util::sync::CancellationToken::new();
+    let http_task = match http {
+        Some(server) => {
+            if let Some(address) = server.local_addr() {
+                sink.master_event(Level::Info, format!("http: listening on http://{address}/"))
+                    .await;
+            }
+            let serve = server.serve(herd.clone(), sink.clone(), http_stop.clone());
+            Some(tokio::spawn(serve))
+        }
+        None => None,
     };
     // Background duties of the run, ended with it.
     let mut duties: JoinSet<()> = JoinSet::new();
@@ -325,6 +358,15 @@ pub(crate) async fn run_launcher(
     control_stop.cancel();
     if let Some(task) = control_task {
         let _ = task.await;
+    }
+    http_stop.cancel();
+    if let Some(mut task) = http_task {
+        if tokio::time::timeout(super::http::SHUTDOWN_WAIT, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
     }
     drop(control_dir);
     report

@@ -25,6 +25,8 @@
 //! - [`control`]: the control socket (`taskherd status`, `stop`, ...).
 //! - `hooks` (private): the programs groups run on their instances'
 //!   events (`[group.hooks]`), bounded and beside supervision.
+//! - [`http`]: the HTTP interface (`[http]`): webhook, status, events,
+//!   group actions, Prometheus metrics, the dashboard.
 //! - `host` (private): the one interface of every host's supervisor
 //!   (instances and commands in, reports out) and the run loop's handle
 //!   on it; `local` (private): the master's own host behind it.
@@ -38,6 +40,7 @@ mod core;
 pub mod herd;
 mod hooks;
 mod host;
+pub mod http;
 pub mod launcher;
 mod local;
 pub mod plan;
@@ -52,5 +55,6 @@ pub use crate::protocol::control::Target;
 pub use crate::supervise::open_pid_killer;
 pub use crate::supervise::shutdown::{stop_on_signals, Shutdown};
 pub use herd::{Events, Herd, Launcher};
+pub use http::HttpError;
 pub use launcher::{run, run_blocking, DeadJobs, RunReport};
 pub use request::HerdError;

@@ -2,6 +2,7 @@
 //! `taskherd` binary running it, its log lines as they arrive, and a check
 //! that nothing it started is left behind.
 
+pub mod http;
 pub mod netns;
 pub mod sshd;
 
@@ -103,6 +104,8 @@ pub struct Herd {
     pub seen: Vec<String>,
     /// Variables of the tests' environment the master must not inherit.
     env_removed: Vec<String>,
+    /// Variables set in the master's environment.
+    env_set: Vec<(String, String)>,
 }
 
 /// Put in the master's environment, inherited by every instance, so
@@ -126,7 +129,13 @@ impl Herd {
             lines_rx: None,
             seen: Vec::new(),
             env_removed: Vec::new(),
+            env_set: Vec::new(),
         }
+    }
+
+    /// Starts the master with `var` set to `value` in its environment.
+    pub fn env_set(&mut self, var: &str, value: &str) {
+        self.env_set.push((var.to_string(), value.to_string()));
     }
 
     /// Starts the master without `var` in its environment (so that it is
@@ -140,6 +149,9 @@ impl Herd {
         let mut command = Command::new(taskherd_bin());
         for var in &self.env_removed {
             command.env_remove(var);
+        }
+        for (var, value) in &self.env_set {
+            command.env(var, value);
         }
         let mut child = command
             .arg("run")
