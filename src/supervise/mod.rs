@@ -12,11 +12,13 @@
 //!   signalling its process group.
 //! - [`output`]: child output to whole lines.
 //! - [`restart`]: policy and backoff.
+//! - [`limits`]: the open-file limit of a process holding many hosts.
 //! - [`shutdown`]: the stop and kill tokens, and signal handling.
 
 mod activity;
 mod control_link;
 pub mod instance;
+pub mod limits;
 pub mod output;
 pub mod process;
 mod relay;

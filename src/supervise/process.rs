@@ -144,7 +144,7 @@ pub fn spawn(spec: &ProcessSpec, identity: &Identity) -> Result<Spawned, SpawnEr
         command.current_dir(cwd);
     }
     // SAFETY: the closure only calls async-signal-safe functions (prctl,
-    // getppid, fcntl) and allocates nothing.
+    // getppid, fcntl, setrlimit) and allocates nothing.
     unsafe {
         command.pre_exec(move || {
             if libc::prctl(
@@ -165,7 +165,9 @@ pub fn spawn(spec: &ProcessSpec, identity: &Identity) -> Result<Spawned, SpawnEr
             if libc::fcntl(child_fd, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            // The open-file limit the master was given, not the one it
+            // raised for itself.
+            super::limits::restore_in_child()
         });
     }
     let mut child = command
