@@ -6,7 +6,7 @@
 //! often far higher. [`raise_open_files`] raises the soft limit to the hard
 //! one, as many daemons do (Go programs do it by default). The processes
 //! the master spawns get the limit it was given back
-//! ([`restore_in_child`]): a program that still uses `select(2)`, or that
+//! (`restore_in_child`, between fork and exec): a program that still uses `select(2)`, or that
 //! closes every descriptor up to the limit, sees what it would have seen
 //! without taskherd.
 
