@@ -9,7 +9,6 @@ use sha2::{Digest, Sha256};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
@@ -284,12 +283,15 @@ struct OwnExecutable {
     sha256: String,
 }
 
-static OWN_EXECUTABLE: OnceLock<OwnExecutable> = OnceLock::new();
+/// Hashed once per process: hosts that need it at the same moment wait
+/// for the one hashing instead of each reading and hashing it again.
+static OWN_EXECUTABLE: tokio::sync::OnceCell<OwnExecutable> = tokio::sync::OnceCell::const_new();
 
 async fn own_executable() -> Result<&'static OwnExecutable, RemoteError> {
-    if let Some(own) = OWN_EXECUTABLE.get() {
-        return Ok(own);
-    }
+    OWN_EXECUTABLE.get_or_try_init(hash_own_executable).await
+}
+
+async fn hash_own_executable() -> Result<OwnExecutable, RemoteError> {
     let path = std::env::current_exe().map_err(|source| RemoteError::OwnExecutable {
         path: PathBuf::from("/proc/self/exe"),
         source,
@@ -308,7 +310,7 @@ async fn own_executable() -> Result<&'static OwnExecutable, RemoteError> {
                 path: path.clone(),
                 source: std::io::Error::other(err),
             })?;
-    Ok(OWN_EXECUTABLE.get_or_init(|| OwnExecutable { path, sha256 }))
+    Ok(OwnExecutable { path, sha256 })
 }
 
 /// Quotes a string for a POSIX shell.
