@@ -57,15 +57,13 @@
 #    each login, next to `pdsh -R ssh -f 64` running ONE remote command per
 #    host that prints the 4 lines (its best case: one handshake and one rc
 #    file per host, as taskherd; the rc file's log is checked for exactly
-#    one run per host and tool); the same taskherd with each ssh in a
-#    session of its own (an `ssh` wrapper doing `setsid ssh`, as pdsh starts
-#    them), which shows how much of a gap is the kernel's per-session CPU
-#    share (autogroup) against other work on the machine. 64 hosts x 8
+#    one run per host and tool; taskherd, as pdsh, starts each ssh in a
+#    session of its own). 64 hosts x 8
 #    long-running instances, /bin/sh login: spawn to all 512 running, then
-#    SIGTERM to exit; the same with each ssh in its own session and with
+#    SIGTERM to exit; the same with
 #    KexAlgorithms curve25519-sha256 in the ssh_config (OpenSSH's default,
 #    sntrup761x25519, costs the client several times the CPU). The master's CPU, VmHWM and file descriptors (and its
-#    ssh processes': a ControlMaster and a session client per host) at 8,
+#    ssh processes': a ControlMaster per host) at 8,
 #    16, 32 and 64 hosts x 8, all running and over 10 s idle, with the
 #    slope per host; its CPU per relayed line, 8 hosts x 4 instances
 #    printing 20 000 lines each at once, and 1 000 each 5 ms apart (a frame
@@ -524,7 +522,7 @@ if wants scale; then
     for login in rc sh; do
         for n in 2 16 64; do
             key=scale_fanout_${login}_${n}x4
-            th=$(sresult "${key}_taskherd") pd=$(sresult "${key}_pdsh") own=$(sresult "${key}_taskherd_own_session")
+            th=$(sresult "${key}_taskherd") pd=$(sresult "${key}_pdsh")
             [ "$th" = - ] && continue
             if [ "$login" = rc ]; then
                 label="scale: fan-out $n hosts x 4 (echo, exit), rc login (0.2 s rc file), spawn to exit, ms"
@@ -533,7 +531,6 @@ if wants scale; then
                 label="scale: fan-out $n hosts x 4, /bin/sh login, ms"
                 row "$label" "$th" "$pd (pdsh, 1 command per host)" "$(ratio_of "$pd" "$th")x" "-" "-"
             fi
-            [ "$own" != - ] && row "  same, taskherd's ssh each in a session of its own (as pdsh's)" "$own" "$pd (pdsh)" "$(ratio_of "$pd" "$own")x" "-" "-"
             row "  CPU of the tool's processes here / on the hosts, ms" \
                 "$(sfigure "${key}_taskherd_client_cpu_ms") / $(sfigure "${key}_taskherd_hosts_cpu_ms")" \
                 "$(sfigure "${key}_pdsh_client_cpu_ms") / $(sfigure "${key}_pdsh_hosts_cpu_ms") (pdsh)" "-" "-" "-"
@@ -546,8 +543,6 @@ if wants scale; then
     row "  of which all 64 agents connected, ms" "$(sresult scale_start_64x8_connected)" "-" "-" "-" "-"
     row "  CPU until all ran: the master / its ssh (handshakes) / the hosts, ms" \
         "$(sfigure scale_start_64x8_master_cpu_ms) / $(sfigure scale_start_64x8_ssh_cpu_ms) / $(sfigure scale_start_64x8_hosts_cpu_ms)" "-" "-" "-" "-"
-    own=$(sresult scale_start_64x8_ready_own_session)
-    [ "$own" != - ] && row "  same, taskherd's ssh each in a session of its own, ms" "$own" "-" "-" "-" "-"
     row "  same, KexAlgorithms curve25519-sha256 in the ssh_config, ms" "$(sresult scale_start_64x8_ready_curve25519)" "-" "-" "-" "-"
     row "    CPU until all ran: the master / its ssh / the hosts, ms" \
         "$(sfigure scale_start_64x8_master_cpu_ms_curve25519) / $(sfigure scale_start_64x8_ssh_cpu_ms_curve25519) / $(sfigure scale_start_64x8_hosts_cpu_ms_curve25519)" "-" "-" "-" "-"

@@ -470,6 +470,16 @@ fn main() -> ExitCode {
             verbosity,
         );
     }
+    // A master holds about four descriptors per remote host: the soft
+    // limit goes up to the hard one (its instances get the old one back).
+    if matches!(cli.command, Command::Run { .. } | Command::Exec(_)) {
+        if let Err(err) = taskherd::supervise::limits::raise_open_files() {
+            tracing::warn!(
+                cause = %err,
+                "cannot raise the limit of open files: each remote host takes about 4"
+            );
+        }
+    }
     let result = match cli.command {
         Command::Check {
             config,

@@ -10,14 +10,13 @@
 //!   running ONE remote command per host that prints the 4 lines (its best
 //!   case: one handshake and one rc file per host, as taskherd; the rc
 //!   file's log is checked for exactly one run per host and tool), each
-//!   with the CPU it took here and on the hosts; and the same taskherd with
-//!   each of its ssh in a session of its own, as pdsh starts them (see
-//!   [`own_session_ssh`]);
+//!   with the CPU it took here and on the hosts (taskherd, as pdsh, starts
+//!   each ssh in a session of its own);
 //! - 64 hosts × 8 long-running instances with the plain login: from the
 //!   spawn of `taskherd run` until all 512 have printed their first line
 //!   (and where the CPU went until then), then SIGTERM to the master's
-//!   exit, the hosts checked quiet; the same with the master's ssh in
-//!   sessions of their own, and with the classic key exchange;
+//!   exit, the hosts checked quiet; the same with the classic key
+//!   exchange;
 //! - the master's CPU time, peak RSS and file descriptors at 8, 16, 32 and
 //!   64 hosts × 8 (when all are running, and over [`IDLE_WINDOW`] after),
 //!   and the same of the ssh processes it keeps (a ControlMaster and a
@@ -157,54 +156,6 @@ fn autogroup() -> String {
     std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled")
         .map(|text| if text.trim() == "1" { "on" } else { "off" }.to_string())
         .unwrap_or_else(|_| "unknown".to_string())
-}
-
-/// The first executable `name` on PATH.
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|file| {
-            std::fs::metadata(file)
-                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        })
-}
-
-/// A directory holding an `ssh` that execs the real one through `setsid`,
-/// so each ssh the master starts runs in a session of its own, as pdsh
-/// starts them; `None` without setsid. Put first on the master's PATH,
-/// it shows how much of a difference is the scheduler's share.
-fn own_session_ssh(dir: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let (ssh, setsid) = (find_in_path("ssh")?, find_in_path("setsid")?);
-    let bin = dir.join("own-session-bin");
-    std::fs::create_dir_all(&bin).expect("create the own-session ssh directory");
-    let file = bin.join("ssh");
-    std::fs::write(
-        &file,
-        format!(
-            "#!/bin/sh\n# ssh in a session of its own, as pdsh runs it\nexec {} {} \"$@\"\n",
-            setsid.display(),
-            ssh.display()
-        ),
-    )
-    .expect("write the own-session ssh");
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
-        .expect("make the own-session ssh executable");
-    Some(bin)
-}
-
-/// `taskherd`, its ssh started through [`own_session_ssh`]'s directory.
-fn taskherd_own_session(taskherd: &Path, bin: &Path) -> Command {
-    let mut command = Command::new(taskherd);
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs = std::iter::once(bin.to_path_buf()).chain(std::env::split_paths(&path));
-    command.env(
-        "PATH",
-        std::env::join_paths(dirs).expect("invariant: PATH entries without ':'"),
-    );
-    command
 }
 
 /// How many commands [`sshd::RC_LOGIN`]'s rc file has noted per host.
@@ -423,29 +374,23 @@ fn ssh_rows(logins: &[Login], host: &SshHost, runs: usize, results: &mut Vec<(St
 }
 
 /// Fan-out to completion with `login`: taskherd `n` × 4 against pdsh with
-/// one command per host, for each `n` of [`FANOUT_HOSTS`]; with `own_session`
-/// also taskherd whose ssh run in sessions of their own.
+/// one command per host, for each `n` of [`FANOUT_HOSTS`].
 fn fanout_rows(
     dir: &Path,
     taskherd: &Path,
     hosts: &[SshHost],
     login: &Login,
-    own_session: Option<&Path>,
     runs: usize,
     results: &mut Vec<(String, Figures)>,
 ) {
     #[derive(Clone, Copy, PartialEq)]
     enum Tool {
         Taskherd,
-        TaskherdOwnSession,
         Pdsh,
     }
     let program = Program::one_line();
     let counts_rc = login.user == sshd::RC_LOGIN;
-    let mut tools = vec![Tool::Taskherd, Tool::Pdsh];
-    if own_session.is_some() {
-        tools.push(Tool::TaskherdOwnSession);
-    }
+    let tools = [Tool::Taskherd, Tool::Pdsh];
     for n in FANOUT_HOSTS {
         let of = &hosts[..n];
         let config = write_herd_config(
@@ -470,19 +415,14 @@ fn fanout_rows(
                 let before = rc_counts(of);
                 let (client_before, hosts_before) = (children_cpu(), hosts_cpu(of));
                 let (key, elapsed) = match tool {
-                    Tool::Taskherd | Tool::TaskherdOwnSession => {
-                        let command = match (tool, own_session) {
-                            (Tool::TaskherdOwnSession, Some(bin)) => {
-                                taskherd_own_session(taskherd, bin)
-                            }
-                            _ => Command::new(taskherd),
-                        };
-                        let t = time_completion_in(command, taskherd, &config, n * FANOUT_PER_HOST);
-                        let key = if tool == Tool::Taskherd {
-                            "taskherd"
-                        } else {
-                            "taskherd_own_session"
-                        };
+                    Tool::Taskherd => {
+                        let t = time_completion_in(
+                            Command::new(taskherd),
+                            taskherd,
+                            &config,
+                            n * FANOUT_PER_HOST,
+                        );
+                        let key = "taskherd";
                         said.push(format!(
                             "{key} {} (agents connected at {}, last line at {})",
                             ms(t.exit),
@@ -1052,21 +992,18 @@ struct StartVariant {
     label: &'static str,
     /// Its herd config.
     config: PathBuf,
-    /// The directory of [`own_session_ssh`], to put first on its PATH.
-    own_session: Option<PathBuf>,
 }
 
 /// 64 × 8 long-running instances: from the spawn until all run (and where
 /// the CPU went until then), then SIGTERM until the master's exit; also,
-/// to show what the time goes to, with the master's ssh in sessions of
-/// their own and with the classic key exchange in the ssh_config.
+/// to show what the time goes to, with the classic key exchange in the
+/// ssh_config.
 fn start_rows(
     dir: &Path,
     taskherd: &Path,
     world: &SshWorld,
     hosts: &[SshHost],
     login: &Login,
-    own_session: Option<&Path>,
     runs: usize,
 ) -> Vec<(String, Figures)> {
     let program = Program::shell();
@@ -1077,22 +1014,12 @@ fn start_rows(
         key: "",
         label: "taskherd",
         config: config_of(&login.ssh_config),
-        own_session: None,
     }];
-    if let Some(bin) = own_session {
-        variants.push(StartVariant {
-            key: "_own_session",
-            label: "ssh in own sessions",
-            config: variants[0].config.clone(),
-            own_session: Some(bin.to_path_buf()),
-        });
-    }
     let curve = login_config_with(dir, world, hosts.len(), login.user, CLASSIC_KEX);
     variants.push(StartVariant {
         key: "_curve25519",
         label: "KexAlgorithms curve25519-sha256",
         config: config_of(&curve),
-        own_session: None,
     });
     let expected = hosts.len() * START_PER_HOST;
     let mut times: HashMap<String, Vec<Duration>> = HashMap::new();
@@ -1103,10 +1030,7 @@ fn start_rows(
         let mut said = Vec::new();
         for i in 0..variants.len() {
             let variant = &variants[(i + run - 1) % variants.len()];
-            let command = match &variant.own_session {
-                Some(bin) => taskherd_own_session(taskherd, bin),
-                None => Command::new(taskherd),
-            };
+            let command = Command::new(taskherd);
             let hosts_before = hosts_cpu(hosts);
             let (master, started) = start_until_ready_in(
                 command,
@@ -1220,10 +1144,6 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize, costs_only: bool) {
         );
         None
     };
-    let own_session = own_session_ssh(dir);
-    if own_session.is_none() {
-        println!("skipping the own-session rows: no setsid or ssh on PATH");
-    }
     if costs_only {
         cost_rows(dir, taskherd, &hosts, &plain, &counts, runs);
         return;
@@ -1234,15 +1154,7 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize, costs_only: bool) {
     // ssh true is short and noisy: at least 5 runs.
     ssh_rows(&logins, &hosts[0], runs.max(5), &mut results);
     for login in &logins {
-        fanout_rows(
-            dir,
-            taskherd,
-            &hosts,
-            login,
-            own_session.as_deref(),
-            runs,
-            &mut results,
-        );
+        fanout_rows(dir, taskherd, &hosts, login, runs, &mut results);
     }
     results.extend(start_rows(
         dir,
@@ -1250,7 +1162,6 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize, costs_only: bool) {
         &world,
         &hosts[..SCALE_HOSTS],
         &plain,
-        own_session.as_deref(),
         runs,
     ));
     cost_rows(dir, taskherd, &hosts, &plain, &counts, runs);

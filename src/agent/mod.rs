@@ -223,8 +223,15 @@ fn relay_listening(
     listening_tx
 }
 
+/// Most frames written to the master in one write: what is queued when
+/// the link is free goes out together (many lines that came at once cost
+/// the master one read and the SSH link one packet), and a long backlog
+/// still goes out in pieces.
+const MAX_FRAMES_PER_WRITE: usize = 256;
+
 /// Writes heartbeats first, reports after the log lines queued before
-/// them, and log lines, to the master.
+/// them, and log lines, to the master; whatever is queued at once in one
+/// write.
 async fn write_upstream<W: AsyncWrite + Unpin>(
     writer: W,
     mut control_rx: mpsc::UnboundedReceiver<FromAgent>,
@@ -233,7 +240,7 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
     let mut link = Connection::new(tokio::io::join(tokio::io::empty(), writer));
     let mut records_open = true;
     loop {
-        let frame = tokio::select! {
+        let first = tokio::select! {
             biased;
             frame = control_rx.recv() => match frame {
                 Some(frame) => frame,
@@ -247,24 +254,41 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
                 }
             },
         };
-        if matches!(frame, FromAgent::Ended { .. }) {
-            while let Ok(record) = records_rx.try_recv() {
-                if link.write_frame(&log_frame(record)).await.is_err() {
-                    return;
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(frame) = next.take() {
+            if matches!(frame, FromAgent::Ended { .. }) {
+                while let Ok(record) = records_rx.try_recv() {
+                    if link.feed_frame(&log_frame(record)).await.is_err() {
+                        return;
+                    }
                 }
             }
+            if link.feed_frame(&frame).await.is_err() {
+                // The master is gone; the main loop finds out by itself.
+                return;
+            }
+            written += 1;
+            if written >= MAX_FRAMES_PER_WRITE {
+                break;
+            }
+            // The same order as the select above: control frames first.
+            next = match control_rx.try_recv() {
+                Ok(frame) => Some(frame),
+                Err(_) => records_rx.try_recv().ok().map(log_frame),
+            };
         }
-        if link.write_frame(&frame).await.is_err() {
-            // The master is gone; the main loop finds out by itself.
+        if link.flush().await.is_err() {
             return;
         }
     }
     // The control queue closes last: flush the log lines still queued.
     while let Ok(record) = records_rx.try_recv() {
-        if link.write_frame(&log_frame(record)).await.is_err() {
+        if link.feed_frame(&log_frame(record)).await.is_err() {
             return;
         }
     }
+    let _ = link.flush().await;
 }
 
 fn log_frame(record: LogRecord) -> FromAgent {

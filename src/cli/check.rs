@@ -125,11 +125,12 @@ fn check_connections(path: &std::path::Path, config: &Config) -> anyhow::Result<
                 let control_dir = control_dir.clone();
                 async move {
                     let result = async {
-                        let session = ssh::connect(&host, &options, &control_dir, CHECK_KEEPALIVE)
-                            .await
-                            .map_err(|err| err.to_string())?;
-                        let status = session.command("true").status().await;
-                        let _ = session.close().await;
+                        let connection =
+                            ssh::connect(&host, &options, &control_dir, CHECK_KEEPALIVE)
+                                .await
+                                .map_err(|err| err.to_string())?;
+                        let status = connection.session().command("true").status().await;
+                        connection.close().await;
                         match status {
                             Ok(status) if status.success() => Ok(()),
                             Ok(status) => Err(format!("`true` ended with {status}")),

@@ -630,7 +630,7 @@ struct ControlDir {
 
 impl ControlDir {
     /// Longest base directory that keeps the socket path
-    /// (`<base>/taskherd-<pid>/.ssh-connectionXXXXXX/master`) well under
+    /// (`<base>/taskherd-<pid>/<n>.sock`) well under
     /// the 104-byte limit of some systems.
     const MAX_BASE_LEN: usize = 48;
 

@@ -315,10 +315,10 @@ impl HostRun<'_> {
             )
             .await
         };
-        let session = tokio::select! {
+        let connection = tokio::select! {
             connected = connect => {
                 match connected {
-                    Ok(session) => session,
+                    Ok(connection) => connection,
                     Err(err @ ssh::RemoteError::Refused(_)) => {
                         return HostOutcome::Refused(format!("cannot connect: {err}"))
                     }
@@ -327,16 +327,29 @@ impl HostRun<'_> {
             }
             _ = self.shutdown.stopping() => return HostOutcome::Lost("stopped while connecting".into()),
         };
-        let outcome = self.serve(&session).await;
+        let outcome = self.serve(connection.session()).await;
         // Closing the ControlMaster ends whatever still runs over it.
-        if let Err(err) = session.close().await {
-            tracing::debug!(host = %host.label, cause = %err, "closing the ssh connection");
-        }
+        connection.close().await;
         outcome
     }
 
     async fn serve(&mut self, session: &Session) -> HostOutcome {
         let label = self.plan.host.label.clone();
+        // The hello goes with the start command: the agent reads it as it
+        // starts, without waiting for the master to see it start.
+        let hello = ToAgent::Hello {
+            version: PROTOCOL_VERSION,
+            heartbeat: self.settings.heartbeat,
+            orphan_timeout: self.settings.orphan_timeout,
+        };
+        let mut prelude = bytes::BytesMut::new();
+        let encoded = crate::protocol::encode(&hello).and_then(|body| {
+            tokio_util::codec::Encoder::encode(&mut crate::protocol::codec(), body, &mut prelude)
+                .map_err(crate::protocol::ProtocolError::Io)
+        });
+        if let Err(err) = encoded {
+            return HostOutcome::Lost(format!("cannot encode the hello: {err}"));
+        }
         let ssh::RunningAgent {
             child,
             stdin,
@@ -348,6 +361,7 @@ impl HostRun<'_> {
             session,
             &self.settings.agent_dir,
             self.settings.agent_path.as_deref(),
+            &prelude,
         )
         .await
         {
@@ -363,11 +377,13 @@ impl HostRun<'_> {
         let (to_agent_tx, to_agent_rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_to_agent(stdin, to_agent_rx));
         let mut from_agent = Connection::new(tokio::io::join(stdout, tokio::io::empty()));
-        let _ = to_agent_tx.send(ToAgent::Hello {
-            version: PROTOCOL_VERSION,
-            heartbeat: self.settings.heartbeat,
-            orphan_timeout: self.settings.orphan_timeout,
-        });
+        // Suspended instances are held here: a reconnection does not
+        // start them, a resume does. The others are handed over at once,
+        // behind the hello: an agent that turns out wrong below never
+        // started them (it checks the hello first).
+        let mut held = BTreeSet::new();
+        let ids: Vec<u32> = self.state.pending.keys().copied().collect();
+        let count = self.start(&ids, &mut held, &to_agent_tx);
         let hello =
             tokio::time::timeout(AGENT_HELLO_TIMEOUT, from_agent.read_frame::<FromAgent>()).await;
         let pid = match hello {
@@ -386,11 +402,6 @@ impl HostRun<'_> {
             Ok(Err(err)) => return HostOutcome::Lost(format!("agent link: {err}")),
             Err(_) => return HostOutcome::Lost("agent did not answer".into()),
         };
-        // Suspended instances are held here: a reconnection does not
-        // start them, a resume does.
-        let mut held = BTreeSet::new();
-        let ids: Vec<u32> = self.state.pending.keys().copied().collect();
-        let count = self.start(&ids, &mut held, &to_agent_tx);
         let held_back = match held.len() {
             0 => String::new(),
             n => format!(" ({n} suspended)"),

@@ -4,11 +4,11 @@
 //! binary on the host, uploaded when missing.
 
 use crate::config::{HostSpec, KnownHostsPolicy, SshOptions, DEFAULT_CONNECT_TIMEOUT};
-use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
+use openssh::{Session, Stdio};
 use sha2::{Digest, Sha256};
-use std::num::NonZeroUsize;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
@@ -63,83 +63,209 @@ pub enum RemoteError {
     Refused(String),
 }
 
-/// Opens the ControlMaster connection to `host`.
+/// One SSH connection to a host: an OpenSSH ControlMaster that this
+/// process started, and the [`Session`] that runs commands over its socket
+/// from this process (the `openssh` crate's native mux: no `ssh` client
+/// process per command).
+#[derive(Debug)]
+pub struct SshConnection {
+    session: Session,
+    /// The ControlMaster's socket and log, removed at the close.
+    socket: PathBuf,
+    log: PathBuf,
+    /// The ControlMaster process (it forked into the background after the
+    /// handshake), to end it at the close.
+    master: Option<OwnedFd>,
+}
+
+impl SshConnection {
+    /// The session, to run commands on the host.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Ends the ControlMaster, and with it whatever still runs over it,
+    /// and waits (2 s at most) until it has exited.
+    pub async fn close(self) {
+        let SshConnection {
+            session,
+            socket,
+            log,
+            master,
+        } = self;
+        match master {
+            Some(fd) => {
+                // ssh takes SIGTERM as `ssh -O exit` takes its request:
+                // it closes the connection and exits.
+                if rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::TERM).is_ok() {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        crate::pidkiller::proc::wait_exit(fd),
+                    )
+                    .await;
+                }
+                drop(session);
+            }
+            None => {
+                if let Err(err) = session.close().await {
+                    tracing::debug!(cause = %err, "closing the ssh connection");
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&log);
+    }
+}
+
+/// Numbers the connections of this process: their socket names in the
+/// control directory.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+/// Opens the ControlMaster connection to `host`: `ssh -M -f -N`, which
+/// returns once it has authenticated and forked into the background.
+///
+/// The ssh process starts in a **session of its own** (`setsid`), as pdsh
+/// starts its ssh: a terminal's signals do not reach it (the master stops
+/// its hosts itself), and with the kernel's per-session scheduling
+/// (autogroup) each handshake gets its own share of the CPU rather than
+/// all of them sharing the master's.
+///
+/// The key exchange and every other SSH setting are ssh's and the user's
+/// ssh_config's: none is forced here (see the README's performance
+/// section on `KexAlgorithms`).
 ///
 /// # Errors
 /// [`RemoteError::Connect`] with ssh's message, lowercased: `connection
 /// refused`, `host key verification failed`, `permission denied
-/// (publickey)`...
+/// (publickey)`...; [`RemoteError::Refused`] when the host closed the
+/// connection before its banner (sshd past `MaxStartups`).
 pub async fn connect(
     host: &HostSpec,
     options: &SshOptions,
     control_dir: &Path,
     keepalive: Duration,
-) -> Result<Session, RemoteError> {
-    let mut builder = SessionBuilder::default();
+) -> Result<SshConnection, RemoteError> {
     let connect_timeout = options.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    builder
-        .known_hosts_check(match options.known_hosts {
-            KnownHostsPolicy::Strict => KnownHosts::Strict,
-            KnownHostsPolicy::AcceptNew => KnownHosts::Add,
+    let n = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+    let socket = control_dir.join(format!("{n}.sock"));
+    let log = control_dir.join(format!("{n}.log"));
+    let mut ssh = tokio::process::Command::new("ssh");
+    ssh.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .arg("-E")
+        .arg(&log)
+        .arg("-S")
+        .arg(&socket)
+        .args(["-M", "-f", "-N", "-o"])
+        .arg(format!("ControlPersist={CONTROL_PERSIST_SECS}s"))
+        .args(["-o", "BatchMode=yes", "-o"])
+        .arg(match options.known_hosts {
+            KnownHostsPolicy::Strict => "StrictHostKeyChecking=yes",
+            KnownHostsPolicy::AcceptNew => "StrictHostKeyChecking=accept-new",
         })
-        .connect_timeout(connect_timeout)
-        .server_alive_interval(keepalive.max(Duration::from_secs(1)))
-        .control_directory(control_dir)
-        .control_persist(ControlPersist::IdleFor(
-            NonZeroUsize::new(CONTROL_PERSIST_SECS).unwrap_or(NonZeroUsize::MIN),
+        .arg("-o")
+        .arg(format!(
+            "ConnectTimeout={}",
+            connect_timeout.as_secs().max(1)
+        ))
+        .arg("-o")
+        .arg(format!(
+            "ServerAliveInterval={}",
+            keepalive.as_secs().max(1)
         ));
-    if let Some(user) = &host.user {
-        builder.user(user.clone());
-    }
     if let Some(port) = host.port {
-        builder.port(port);
+        ssh.arg("-p").arg(port.to_string());
     }
-    if let Some(file) = &options.config_file {
-        builder.config_file(file);
+    if let Some(user) = &host.user {
+        ssh.arg("-l").arg(user);
     }
     if let Some(key) = &options.identity_file {
-        builder.keyfile(key);
+        // Only that key, as with `ssh -i` in a script.
+        ssh.args(["-o", "IdentitiesOnly=yes", "-i"]).arg(key);
+    }
+    if let Some(file) = &options.config_file {
+        ssh.arg("-F").arg(file);
     }
     if let Some(jump) = &options.jump_host {
-        builder.jump_hosts([jump]);
+        ssh.arg("-J").arg(jump);
+    }
+    ssh.arg("--").arg(&host.name);
+    // A handshake cut short by the timeout below is not left running.
+    ssh.kill_on_drop(true);
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes the setsid(2) system call, which is async-signal-safe; it
+    // allocates nothing and touches no lock.
+    unsafe {
+        ssh.pre_exec(|| {
+            rustix::process::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
     }
     // ssh's ConnectTimeout covers the TCP connect only; a host that
     // accepts and then stalls is bounded here.
     let limit = connect_timeout * 2 + Duration::from_secs(5);
-    match tokio::time::timeout(limit, builder.connect(&host.name)).await {
-        Ok(Ok(session)) => Ok(session),
+    let status = match tokio::time::timeout(limit, ssh.status()).await {
+        Ok(Ok(status)) => status,
         Ok(Err(err)) => {
-            let text = describe_ssh_error(&err);
-            // sshd past MaxStartups closes the connection at once, before
-            // its banner: ssh says so from `kex_exchange_identification`.
-            if text.contains("kex_exchange_identification") {
-                Err(RemoteError::Refused(text))
-            } else {
-                Err(RemoteError::Connect(text))
-            }
+            return Err(RemoteError::Connect(format!("cannot run ssh: {err}")));
         }
-        Err(_) => Err(RemoteError::Connect(format!(
-            "no answer within {}",
-            humantime::format_duration(limit)
-        ))),
+        Err(_) => {
+            let _ = std::fs::remove_file(&log);
+            return Err(RemoteError::Connect(format!(
+                "no answer within {}",
+                humantime::format_duration(limit)
+            )));
+        }
+    };
+    if !status.success() {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        let text = ssh_verdict(&said).unwrap_or_else(|| format!("ssh failed ({status})"));
+        // sshd past MaxStartups closes the connection at once, before
+        // its banner: ssh says so from `kex_exchange_identification`.
+        return Err(if text.contains("kex_exchange_identification") {
+            RemoteError::Refused(text)
+        } else {
+            RemoteError::Connect(text)
+        });
     }
+    // The ControlMaster's pid, from itself, to end it at the close.
+    let master = match openssh_mux_client::Connection::connect(&socket).await {
+        Ok(mut mux) => match mux.send_alive_check().await {
+            Ok(pid) => crate::pidkiller::proc::ProcessIdentity::of(pid.get())
+                .and_then(crate::pidkiller::proc::pidfd_open)
+                .ok(),
+            Err(_) => None,
+        },
+        Err(err) => {
+            return Err(RemoteError::Connect(format!(
+                "the ssh ControlMaster does not answer on {}: {err}",
+                socket.display()
+            )))
+        }
+    };
+    let session = Session::resume_mux(
+        socket.clone().into_boxed_path(),
+        Some(log.clone().into_boxed_path()),
+    );
+    Ok(SshConnection {
+        session,
+        socket,
+        log,
+        master,
+    })
 }
 
-/// ssh's message for a failed connection, without the noise.
-fn describe_ssh_error(err: &openssh::Error) -> String {
-    let mut text = String::new();
-    let mut source: Option<&dyn std::error::Error> = Some(err);
-    while let Some(cause) = source {
-        text = cause.to_string();
-        source = cause.source();
-    }
-    // ssh may print a banner of warnings first (a changed host key comes
-    // with a box of '@'); its verdict is the last line.
-    let text = text
+/// ssh's verdict in what it printed: its last line, without the noise
+/// (ssh may print a banner of warnings first: a changed host key comes
+/// with a box of '@'), lowercased; `None` when it said nothing.
+fn ssh_verdict(said: &str) -> Option<String> {
+    let text = said
         .lines()
         .map(str::trim)
-        .rfind(|line| !line.is_empty())
-        .unwrap_or("ssh failed without a message")
+        .rfind(|line| !line.is_empty())?
         .trim_end_matches('.');
     let text = text.strip_prefix("ssh: ").unwrap_or(text);
     let mut text = text.to_string();
@@ -147,7 +273,7 @@ fn describe_ssh_error(err: &openssh::Error) -> String {
         let lower = first.to_lowercase();
         text.replace_range(..1, &lower);
     }
-    text
+    Some(text)
 }
 
 /// Our own executable, its hash and the name it gets on remote hosts.
@@ -157,12 +283,15 @@ struct OwnExecutable {
     sha256: String,
 }
 
-static OWN_EXECUTABLE: OnceLock<OwnExecutable> = OnceLock::new();
+/// Hashed once per process: hosts that need it at the same moment wait
+/// for the one hashing instead of each reading and hashing it again.
+static OWN_EXECUTABLE: tokio::sync::OnceCell<OwnExecutable> = tokio::sync::OnceCell::const_new();
 
 async fn own_executable() -> Result<&'static OwnExecutable, RemoteError> {
-    if let Some(own) = OWN_EXECUTABLE.get() {
-        return Ok(own);
-    }
+    OWN_EXECUTABLE.get_or_try_init(hash_own_executable).await
+}
+
+async fn hash_own_executable() -> Result<OwnExecutable, RemoteError> {
     let path = std::env::current_exe().map_err(|source| RemoteError::OwnExecutable {
         path: PathBuf::from("/proc/self/exe"),
         source,
@@ -181,7 +310,7 @@ async fn own_executable() -> Result<&'static OwnExecutable, RemoteError> {
                 path: path.clone(),
                 source: std::io::Error::other(err),
             })?;
-    Ok(OWN_EXECUTABLE.get_or_init(|| OwnExecutable { path, sha256 }))
+    Ok(OwnExecutable { path, sha256 })
 }
 
 /// Quotes a string for a POSIX shell.
@@ -235,6 +364,11 @@ pub struct RunningAgent<'s> {
 /// Lines the login prints on stdout before the script's own (rc files
 /// that echo) are skipped, up to 64 KiB.
 ///
+/// `prelude` (the master's first frames) is written to the agent's stdin
+/// as soon as the command runs, without waiting for its answer: the agent
+/// finds it there when it starts, a round trip earlier. A start command
+/// that does not start the agent reads none of it.
+///
 /// # Errors
 /// [`RemoteError::Platform`] on a mismatch, [`RemoteError::Command`] when
 /// a command fails or says something unexpected (with its stderr),
@@ -243,6 +377,7 @@ pub async fn start_agent<'s>(
     session: &'s Session,
     agent_dir: &str,
     agent_path: Option<&str>,
+    prelude: &[u8],
 ) -> Result<RunningAgent<'s>, RemoteError> {
     if let Some(path) = agent_path {
         let script = format!(
@@ -251,6 +386,7 @@ pub async fn start_agent<'s>(
             f = shell_quote(path)
         );
         let mut started = Started::spawn(session, script, "cannot start the agent").await?;
+        started.send_prelude(prelude).await;
         return match started.first_line().await? {
             Some(line) if line == AGENT_STARTS => Ok(started.running(path.to_string(), false)),
             line => Err(started.unexpected(line).await),
@@ -269,6 +405,7 @@ pub async fn start_agent<'s>(
         f = shell_quote(&file)
     );
     let mut probe = Started::spawn(session, script, "cannot look for the agent").await?;
+    probe.send_prelude(prelude).await;
     match probe.first_line().await? {
         Some(line) if line == AGENT_STARTS => return Ok(probe.running(file, false)),
         Some(line) if line == AGENT_MISSING => {}
@@ -286,7 +423,7 @@ pub async fn start_agent<'s>(
             version: env!("CARGO_PKG_VERSION"),
         });
     }
-    upload_and_start(session, own, dir, &file).await
+    upload_and_start(session, own, dir, &file, prelude).await
 }
 
 /// Uploads our executable as `file` and starts it as the agent, in one
@@ -297,6 +434,7 @@ async fn upload_and_start<'s>(
     own: &OwnExecutable,
     dir: &str,
     file: &str,
+    prelude: &[u8],
 ) -> Result<RunningAgent<'s>, RemoteError> {
     let own_error = |source| RemoteError::OwnExecutable {
         path: own.path.clone(),
@@ -333,6 +471,7 @@ async fn upload_and_start<'s>(
         }
         return Err(failed);
     }
+    started.send_prelude(prelude).await;
     started
         .stdin
         .flush()
@@ -387,6 +526,14 @@ impl<'s> Started<'s> {
             stdout: BufReader::new(stdout),
             stderr,
         })
+    }
+
+    /// Writes `prelude` to the command's stdin. A failure is left for the
+    /// answer to tell (the command ended: it says why on stderr).
+    async fn send_prelude(&mut self, prelude: &[u8]) {
+        if !prelude.is_empty() {
+            let _ = self.stdin.write_all(prelude).await;
+        }
     }
 
     /// The first line of the script's own on stdout (`None` at its end),
@@ -490,5 +637,19 @@ mod tests {
     fn quoting() {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn the_verdict_is_the_last_line_lowercased() {
+        let said = "@@@@@@@@\nWARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!\n\nHost key verification failed.\n";
+        assert_eq!(
+            ssh_verdict(said).as_deref(),
+            Some("host key verification failed")
+        );
+        assert_eq!(
+            ssh_verdict("ssh: connect to host x port 22: Connection refused\n").as_deref(),
+            Some("connect to host x port 22: Connection refused")
+        );
+        assert_eq!(ssh_verdict(" \n"), None);
     }
 }

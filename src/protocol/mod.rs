@@ -195,6 +195,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.framed.send(body).await.map_err(map_codec_error)
     }
 
+    /// Writes one message into the buffer, without flushing it (the
+    /// buffer is written out when it is full): [`Connection::flush`]
+    /// after a batch.
+    ///
+    /// # Errors
+    /// I/O errors and messages that cannot be encoded.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe, as [`Connection::write_frame`].
+    pub async fn feed_frame<M: Serialize>(&mut self, message: &M) -> Result<(), ProtocolError> {
+        let body = encode(message)?;
+        self.framed.feed(body).await.map_err(map_codec_error)
+    }
+
+    /// Writes out what [`Connection::feed_frame`] buffered.
+    ///
+    /// # Errors
+    /// I/O errors.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe, as [`Connection::write_frame`].
+    pub async fn flush(&mut self) -> Result<(), ProtocolError> {
+        SinkExt::<Bytes>::flush(&mut self.framed)
+            .await
+            .map_err(map_codec_error)
+    }
+
     /// Gives back the stream, dropping anything buffered.
     pub fn into_inner(self) -> S {
         self.framed.into_inner()

@@ -14,12 +14,14 @@
 //! - [`restart`]: policy and backoff.
 //! - `health` (private): health checks (tcp, http, command probes) and
 //!   the count of their failures in a row.
+//! - [`limits`]: the open-file limit of a process holding many hosts.
 //! - [`shutdown`]: the stop and kill tokens, and signal handling.
 
 mod activity;
 mod control_link;
 mod health;
 pub mod instance;
+pub mod limits;
 pub mod output;
 pub mod process;
 mod relay;

@@ -166,10 +166,14 @@ pub fn spawn(
         command.current_dir(cwd);
     }
     // SAFETY: the closure only calls async-signal-safe functions
-    // (prlimit, setgroups, setgid, setuid, prctl, getppid, fcntl) and
-    // allocates nothing (what it reads was made before the fork).
+    // (setrlimit, prlimit, setgroups, setgid, setuid, prctl, getppid,
+    // fcntl) and allocates nothing (what it reads was made before the
+    // fork).
     unsafe {
         command.pre_exec(move || {
+            // The open-file limit the master was given, not the one it
+            // raised for itself (a configured `nofile` comes after).
+            super::limits::restore_in_child()?;
             for (resource, value) in &rlimits {
                 let limit = rustix::process::Rlimit {
                     current: Some(*value),

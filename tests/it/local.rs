@@ -488,3 +488,47 @@ instances = 1
     );
     herd.assert_no_leftovers();
 }
+
+/// The soft and hard "Max open files" of a process, from /proc.
+fn open_files_limits(pid: i32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (
+        fields.next().expect("soft").to_string(),
+        fields.next().expect("hard").to_string(),
+    )
+}
+
+#[test]
+fn the_master_raises_its_open_files_limit_and_its_instances_keep_the_old_one() {
+    let (_, hard) = open_files_limits(std::process::id() as i32);
+    if hard.parse::<u64>().is_ok_and(|hard| hard <= 256) {
+        eprintln!("skipped: the hard limit of open files is {hard}, nothing to raise to");
+        return;
+    }
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "fds"
+command = "sh"
+args = ["-c", "echo \"open files: $(ulimit -n)\"; exec sleep 600"]
+[group.local]
+instances = 1
+"#,
+    );
+    // A login's usual soft limit is 1 024, with a higher hard one; less
+    // here, so that the raise shows whatever this machine's limits are.
+    herd.soft_open_files(200);
+    herd.start();
+    herd.wait_for("open files: 200");
+    // The master itself may open as many as its hard limit allows: about 4
+    // per remote host.
+    assert_eq!(open_files_limits(herd.pid()), (hard.clone(), hard));
+    herd.signal(libc::SIGTERM);
+    herd.wait_exit();
+    herd.assert_no_leftovers();
+}

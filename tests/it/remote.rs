@@ -975,3 +975,76 @@ instances = 2
     assert_eq!(herd.wait_exit().code(), Some(0));
     assert_host_clean(&host);
 }
+
+/// `(ppid, session id, comm)` of a process, from /proc.
+fn stat_of(pid: i32) -> Option<(i32, i32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state ppid pgrp session ...
+    Some((
+        fields.get(1)?.parse().ok()?,
+        fields.get(3)?.parse().ok()?,
+        comm,
+    ))
+}
+
+#[test]
+fn each_ssh_handshake_runs_in_a_session_of_its_own() {
+    // A host that accepts the connection and never says a word: the
+    // master's ssh stays in its handshake while we look at it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let mut herd = Herd::new(&format!(
+        r#"
+[master]
+agent_path = "{agent}"
+
+[ssh]
+connect_timeout = "60s"
+
+[[group]]
+name = "far"
+command = "sh"
+args = ["-c", "true"]
+[[group.remote]]
+hosts = ["127.0.0.1:{port}"]
+instances = 1
+"#,
+        agent = taskherd_bin().display(),
+    ));
+    herd.start();
+    let _accepted = silent.accept().expect("the master's ssh connects");
+    let master = herd.pid();
+    let (_, master_session, _) = stat_of(master).expect("the master runs");
+    // The ssh child (it connected, so it has exec'd).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ssh = loop {
+        let found = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+            .find(|&pid| {
+                stat_of(pid).is_some_and(|(ppid, _, comm)| ppid == master && comm == "ssh")
+            });
+        if let Some(pid) = found {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no ssh child of the master");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (_, session, _) = stat_of(ssh).expect("the ssh runs");
+    // Its own session, which it leads: a terminal's Ctrl-C does not reach
+    // it, and the scheduler gives it a CPU share of its own.
+    assert_eq!(session, ssh, "ssh {ssh} leads its session");
+    assert_ne!(session, master_session);
+    // Stopped while connecting: the handshake is not left behind.
+    herd.signal(libc::SIGTERM);
+    herd.wait_exit();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stat_of(ssh).is_some_and(|(_, _, comm)| comm == "ssh") {
+        assert!(Instant::now() < deadline, "ssh {ssh} outlived the master");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -366,18 +366,38 @@ instances = 1
     herd.wait_for("[one] [localhost] [sh/1/1] up");
     herd.wait_registered(1);
     let watchdog = wait_for_watchdog(&herd);
-    // Not the herd's: a process of this test, in a group of its own.
-    let mut other = std::process::Command::new("sleep")
-        .arg("1000")
-        .process_group(0)
-        .spawn()
-        .expect("start sleep");
-    let other_pid = other.id();
     let state = herd.state_file();
     let mut doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state).expect("read registry"))
             .expect("registry JSON");
     let entry = &mut doc["entries"][0];
+    let recorded_start = entry["identity"]["start_time"]
+        .as_u64()
+        .expect("a start time");
+    // Not the herd's: a process of this test, in a group of its own,
+    // started in a later clock tick than the instance (started in the same
+    // tick, it would be the instance as far as anyone can tell).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut other = loop {
+        let mut other = std::process::Command::new("sleep")
+            .arg("1000")
+            .process_group(0)
+            .spawn()
+            .expect("start sleep");
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", other.id())).expect("stat");
+        let start: u64 = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+            .and_then(|field| field.parse().ok())
+            .expect("start time of sleep");
+        if start != recorded_start {
+            break other;
+        }
+        other.kill().expect("kill sleep");
+        other.wait().expect("reap sleep");
+        assert!(Instant::now() < deadline, "the clock does not tick");
+    };
+    let other_pid = other.id();
     entry["identity"]["pid"] = other_pid.into();
     entry["pgid"] = other_pid.into();
     std::fs::write(&state, doc.to_string()).expect("write registry");

@@ -106,6 +106,8 @@ pub struct Herd {
     env_removed: Vec<String>,
     /// Variables set in the master's environment.
     env_set: Vec<(String, String)>,
+    /// The soft limit of open files the master starts with, if set.
+    soft_open_files: Option<u64>,
 }
 
 /// Put in the master's environment, inherited by every instance, so
@@ -130,6 +132,7 @@ impl Herd {
             seen: Vec::new(),
             env_removed: Vec::new(),
             env_set: Vec::new(),
+            soft_open_files: None,
         }
     }
 
@@ -144,6 +147,12 @@ impl Herd {
         self.env_removed.push(var.to_string());
     }
 
+    /// Starts the master with a soft limit of `n` open files (its hard
+    /// limit unchanged), as `ulimit -Sn n` would.
+    pub fn soft_open_files(&mut self, n: u64) {
+        self.soft_open_files = Some(n);
+    }
+
     /// Starts `taskherd run` on the config, with extra arguments.
     pub fn start_with(&mut self, extra: &[&str]) {
         let mut command = Command::new(taskherd_bin());
@@ -152,6 +161,27 @@ impl Herd {
         }
         for (var, value) in &self.env_set {
             command.env(var, value);
+        }
+        if let Some(soft) = self.soft_open_files {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: getrlimit and setrlimit only, which are
+            // async-signal-safe; nothing is allocated.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    limit.rlim_cur = soft as libc::rlim_t;
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = command
             .arg("run")
