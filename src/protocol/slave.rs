@@ -136,6 +136,50 @@ pub struct QueueProgress {
     pub rate: f64,
     /// The feeder's source said it has nothing more for now.
     pub empty: bool,
+    /// How long the jobs done so far took.
+    #[serde(default, skip_serializing_if = "JobDurations::is_empty")]
+    pub durations: JobDurations,
+}
+
+/// Upper bounds, in seconds, of the buckets of [`JobDurations`] (one more
+/// bucket holds what took longer than the last).
+pub const JOB_DURATION_BOUNDS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// How long the jobs a feeder saw done took, from the lease to the ack
+/// (the attempt that succeeded): a histogram of fixed buckets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobDurations {
+    /// Jobs per bucket, not cumulative: `buckets[i]` took at most
+    /// `JOB_DURATION_BOUNDS[i]` seconds and more than the bound before it;
+    /// the last one, more than every bound.
+    pub buckets: [u64; JOB_DURATION_BOUNDS.len() + 1],
+    /// The sum of their durations, in seconds.
+    pub sum_seconds: f64,
+}
+
+impl JobDurations {
+    /// Counts one job that took `took`.
+    pub fn observe(&mut self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = JOB_DURATION_BOUNDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(JOB_DURATION_BOUNDS.len());
+        self.buckets[bucket] += 1;
+        self.sum_seconds += seconds;
+    }
+
+    /// How many jobs were counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.count() == 0
+    }
 }
 
 /// Frames from the parent to a slave.
@@ -288,6 +332,32 @@ impl FromStr for Level {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_durations_fall_in_the_bucket_of_their_bound() {
+        let mut durations = JobDurations::default();
+        assert!(durations.is_empty());
+        durations.observe(Duration::from_millis(5)); // on the first bound
+        durations.observe(Duration::from_millis(6));
+        durations.observe(Duration::from_secs(1));
+        durations.observe(Duration::from_secs(3600)); // beyond every bound
+        assert_eq!(durations.count(), 4);
+        assert_eq!(durations.buckets[0], 1);
+        assert_eq!(durations.buckets[1], 1);
+        assert_eq!(durations.buckets[7], 1, "1 s: the bucket of 1.0");
+        assert_eq!(durations.buckets[JOB_DURATION_BOUNDS.len()], 1);
+        assert!((durations.sum_seconds - 3601.011).abs() < 1e-9);
+        // Reported only once there is something to report, and read back.
+        let empty = serde_json::to_value(QueueProgress::default()).expect("json");
+        assert!(empty.get("durations").is_none());
+        let progress = QueueProgress {
+            durations,
+            ..QueueProgress::default()
+        };
+        let text = serde_json::to_string(&progress).expect("json");
+        let back: QueueProgress = serde_json::from_str(&text).expect("read back");
+        assert_eq!(back, progress);
+    }
 
     #[test]
     fn identity_round_trips() {

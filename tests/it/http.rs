@@ -478,6 +478,34 @@ fn metrics_parse_as_prometheus_text_and_match_the_status() {
         3.0
     );
     assert_eq!(queue["done"], 3);
+    // How long they took: a histogram of the 3.
+    assert_eq!(
+        value("taskherd_job_duration_seconds_count", &[("group", "jobs")]),
+        3.0
+    );
+    assert!(value("taskherd_job_duration_seconds_sum", &[("group", "jobs")]) > 0.0);
+    let buckets = parsed
+        .samples
+        .iter()
+        .find_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets)
+                if s.metric == "taskherd_job_duration_seconds"
+                    && s.labels.get("group") == Some("jobs") =>
+            {
+                Some(buckets.clone())
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no job duration histogram in\n{text}"));
+    assert!(
+        buckets.windows(2).all(|w| w[0].count <= w[1].count),
+        "{buckets:?}"
+    );
+    let all = buckets.last().expect("a +Inf bucket");
+    assert!(
+        all.less_than.is_infinite() && all.count == 3.0,
+        "{buckets:?}"
+    );
     assert_eq!(
         value(
             "taskherd_queue_jobs",

@@ -8,9 +8,10 @@ use super::enqueue::Intakes;
 use crate::log::{InstanceLabel, LogSink, LogTotals};
 use crate::master::herd::Herd;
 use crate::protocol::control::{HerdStatus, InstanceState};
+use crate::protocol::slave::{JobDurations, JOB_DURATION_BOUNDS};
 use crate::supervise::instance::EventKind;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
@@ -157,6 +158,26 @@ fn single<M: EncodeMetric>(
     value.encode(metric)
 }
 
+/// A feeder's [`JobDurations`] as a Prometheus histogram.
+#[derive(Debug)]
+struct JobHistogram(JobDurations);
+
+impl EncodeMetric for JobHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = JOB_DURATION_BOUNDS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.0.buckets)
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(self.0.sum_seconds, self.0.count(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 /// Every state, so that a state with no instance shows as 0.
 const STATES: [InstanceState; 9] = [
     InstanceState::Pending,
@@ -289,6 +310,13 @@ impl Collector for HerdCollector {
                 queues().map(|(group, q)| (vec![("group", group)], ConstCounter::new(value(q)))),
             )?;
         }
+        family(
+            &mut encoder,
+            "taskherd_job_duration_seconds",
+            "How long the jobs done took, from the lease to the ack (the attempt that succeeded)",
+            MetricType::Histogram,
+            queues().map(|(group, q)| (vec![("group", group)], JobHistogram(q.durations))),
+        )?;
         family(
             &mut encoder,
             "taskherd_queue_consumers",

@@ -13,6 +13,8 @@ pub(super) struct Lease {
     pub(super) conn: u64,
     /// When it ends.
     pub(super) expires: Instant,
+    /// When it was granted: the start of the attempt.
+    pub(super) granted: Instant,
 }
 
 /// The leases out, by number, with an index of their expiry: leases last
@@ -103,6 +105,7 @@ mod tests {
             job,
             conn: 1,
             expires,
+            granted: expires,
         }
     }
 

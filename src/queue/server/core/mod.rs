@@ -19,7 +19,7 @@ use super::super::{Feeder, Next};
 use super::{ServeReport, MAX_DRAIN};
 use crate::error_text::count;
 use crate::protocol::queue::{JobPayload, ToConsumer, ToFeeder};
-use crate::protocol::slave::{QueueProgress, QueueSettings};
+use crate::protocol::slave::{JobDurations, QueueProgress, QueueSettings};
 use crate::protocol::MAX_FRAME_LEN;
 use crate::retry::RetryPolicy;
 use std::cmp::Reverse;
@@ -158,6 +158,8 @@ struct Counts {
     failed: u64,
     retried: u64,
     dead: u64,
+    /// How long the done ones took.
+    durations: JobDurations,
 }
 
 /// The queue core: owns the feeder and every piece of state.
@@ -434,6 +436,7 @@ impl<F: Feeder> Core<F> {
             consumers: u32::try_from(self.consumers.len()).unwrap_or(u32::MAX),
             rate,
             empty: self.empty,
+            durations: self.counts.durations,
         }
     }
 
@@ -605,6 +608,7 @@ impl<F: Feeder> Core<F> {
                 job: job_id,
                 conn,
                 expires,
+                granted: now,
             },
         );
         consumer.credit -= 1;
@@ -752,6 +756,7 @@ pub(super) fn encode_payload<J: serde::Serialize>(job: &J) -> Result<JobPayload,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::slave::JOB_DURATION_BOUNDS;
     use crate::queue::server::tests::{settings, DurableFeeder, Log, TestFeeder};
     use std::sync::Mutex;
 
@@ -1026,6 +1031,14 @@ mod tests {
         let progress = core.snapshot(start + SECOND);
         assert_eq!((progress.done, progress.in_flight), (1, 2));
         assert_eq!(progress.consumers, 1);
+        // The job done took a second, from its lease to its ack.
+        assert_eq!(progress.durations.count(), 1);
+        let one_second = JOB_DURATION_BOUNDS
+            .iter()
+            .position(|bound| *bound == 1.0)
+            .expect("a bound of 1 s");
+        assert_eq!(progress.durations.buckets[one_second], 1);
+        assert!((progress.durations.sum_seconds - 1.0).abs() < 1e-9);
     }
 
     #[test]

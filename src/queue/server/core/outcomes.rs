@@ -23,10 +23,15 @@ impl<F: Feeder> Core<F> {
         match frame {
             ToFeeder::Credit { n } => self.credit(conn, n),
             ToFeeder::Ack { lease, meta } => {
+                let granted = self.leases.get(&lease).map(|held| held.granted);
                 if let Some(job) = self.settle(conn, lease) {
                     self.confirm(conn, lease);
                     if let Some(entry) = self.jobs.remove(&job) {
                         self.counts.done += 1;
+                        if let Some(granted) = granted {
+                            let took = now.saturating_duration_since(granted);
+                            self.counts.durations.observe(took);
+                        }
                         let attempt = entry.attempts;
                         self.feeder.success(entry.job);
                         self.joblog_outcome(conn, job, attempt, None, meta);
