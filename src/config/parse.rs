@@ -12,8 +12,8 @@
 use super::probe::{Probe, Spot};
 use super::{
     BuiltinFeeder, Config, ConfigError, ConfigErrors, ConsumerRun, ExitCodes, GroupSpec, HostSpec,
-    KnownHostsPolicy, LocalPlacement, LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec,
-    RemotePlacement, RestartPolicy, RestartSpec, SshOptions, MAX_LOG_KEEP,
+    KnownHostsPolicy, LocalPlacement, LogColor, LogFormat, LogSpec, MasterSpec, NatsSpec,
+    QueueBackend, QueueSpec, RemotePlacement, RestartPolicy, RestartSpec, SshOptions, MAX_LOG_KEEP,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -33,6 +33,7 @@ const TOP_KEYS: &[&str] = &[
     "host_vars",
     "group",
     "include",
+    "nats",
 ];
 /// Top-level keys of an included file.
 const INCLUDED_TOP_KEYS: &[&str] = &["group", "include"];
@@ -95,7 +96,17 @@ const QUEUE_KEYS: &[&str] = &[
     "progress_every",
     "joblog",
     "fail_on_dead",
+    "backend",
+    "stream",
+    "subject",
 ];
+/// Keys of `[nats]`.
+const NATS_KEYS: &[&str] = &[
+    "servers", "user", "password", "token", "creds", "nkey", "tls_ca", "replicas", "storage",
+];
+const NATS_FEEDER: &str = "a queue group with backend = \"nats\" has no feeder instance: \
+                           producers publish jobs on its JetStream subject (taskherd queue add, \
+                           any NATS client); remove [group.feeder]";
 
 const NO_GROUPS: &str = "no groups: add at least one [[group]] with a name, a command and \
                          [group.local] or [[group.remote]]";
@@ -212,7 +223,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
             "an included file holds [[group]] tables (and include); \
              set it in the main config file, {main_name}"
         );
-        let hints: Vec<(&str, &str)> = ["master", "log", "ssh", "inventory", "host_vars"]
+        let hints: Vec<(&str, &str)> = ["master", "log", "ssh", "inventory", "host_vars", "nats"]
             .iter()
             .map(|key| (*key, hint.as_str()))
             .collect();
@@ -222,6 +233,10 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
     let master = walker.master(root.get("master"));
     let log = walker.log(root.get("log"), root.get("master"));
     let ssh = walker.ssh(root.get("ssh"));
+    let nats = root
+        .get("nats")
+        .and_then(|value| walker.nats(value))
+        .map(Box::new);
     walker.inventory(root.get("inventory"));
     let host_vars = walker.host_vars(root.get("host_vars"));
     let group_values: Vec<(usize, &Value<'_>)> = roots
@@ -238,6 +253,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
         master,
         log,
         groups,
+        nats,
     });
     Parsed {
         config,
@@ -1177,6 +1193,108 @@ impl<'t> Walker<'t> {
     /// Paths have `~` expanded; relative ones are kept as written in the
     /// main file (the launcher resolves them against the config file's
     /// directory) and made absolute in included files.
+    /// `[nats]`: the servers and credentials of JetStream queue groups.
+    fn nats(&mut self, value: &Value<'_>) -> Option<NatsSpec> {
+        use crate::protocol::slave::NatsAuth;
+        let table = self.table("nats", value)?;
+        self.check_unknown(table, "nats", NATS_KEYS, &[]);
+        let mut spec = NatsSpec {
+            replicas: 1,
+            ..NatsSpec::default()
+        };
+        if let Some(servers) = table.get("servers") {
+            let key = "nats.servers";
+            spec.servers = match servers.get_ref().as_str() {
+                Some(one) => vec![one.to_string()],
+                None => self.strings(key, servers),
+            };
+            for server in &spec.servers {
+                let rest = server
+                    .split_once("://")
+                    .map_or(server.as_str(), |(_, rest)| rest);
+                if rest.is_empty() || server.contains(char::is_whitespace) {
+                    let message = format!(
+                        "invalid NATS server {server:?}: expected a URL such as \
+                         \"nats://127.0.0.1:4222\""
+                    );
+                    self.error(servers.span(), key, message);
+                }
+            }
+        }
+        let text = |walker: &mut Self, name: &str| {
+            table
+                .get(name)
+                .and_then(|value| walker.non_empty_string(&child("nats", name), value))
+        };
+        let user = text(self, "user");
+        let password = text(self, "password");
+        let token = text(self, "token");
+        let file = |walker: &mut Self, name: &str, what: &'static str| {
+            let value = table.get(name)?;
+            walker.ssh_file(&child("nats", name), value, what)
+        };
+        let creds = file(self, "creds", "NATS credentials file");
+        let nkey = file(self, "nkey", "NATS nkey seed file");
+        spec.tls_ca = file(self, "tls_ca", "TLS CA file");
+        let chosen = [
+            user.is_some(),
+            token.is_some(),
+            creds.is_some(),
+            nkey.is_some(),
+        ]
+        .iter()
+        .filter(|set| **set)
+        .count();
+        if chosen > 1 {
+            self.error(
+                value.span(),
+                "nats",
+                "give one way to log in: user (with password), token, creds or nkey",
+            );
+        }
+        if password.is_some() && user.is_none() {
+            if let Some(value) = table.get("password") {
+                self.error(value.span(), "nats.password", "a password needs a user");
+            }
+        }
+        spec.auth = match (user, token, creds, nkey) {
+            (Some(user), _, _, _) => NatsAuth::User {
+                user,
+                password: password.unwrap_or_default(),
+            },
+            (_, Some(token), _, _) => NatsAuth::Token(token),
+            (_, _, Some(creds), _) => NatsAuth::Creds(self.resolved(&creds)),
+            (_, _, _, Some(nkey)) => NatsAuth::Nkey(self.resolved(&nkey)),
+            _ => NatsAuth::None,
+        };
+        spec.tls_ca = spec.tls_ca.map(|ca| self.resolved(&ca));
+        if let Some(value) = table.get("replicas") {
+            if let Some(n) = self.integer("nats.replicas", value) {
+                match n {
+                    1..=5 => spec.replicas = n as usize,
+                    _ => self.error(
+                        value.span(),
+                        "nats.replicas",
+                        format!("must be 1 to 5 (JetStream's limit), found {n}"),
+                    ),
+                }
+            }
+        }
+        if let Some(value) = table.get("storage") {
+            match self.string("nats.storage", value).as_deref() {
+                Some("file") => spec.memory = false,
+                Some("memory") => spec.memory = true,
+                Some(other) => self.error(
+                    value.span(),
+                    "nats.storage",
+                    format!("unknown storage {other:?}: expected \"file\" or \"memory\""),
+                ),
+                None => {}
+            }
+        }
+        Some(spec)
+    }
+
     fn ssh_keys(&mut self, path: &str, table: &DeTable<'_>, ssh: &mut SshOptions) {
         if let Some(value) = table.get("ssh_config") {
             let key = child(path, "ssh_config");
@@ -1547,8 +1665,15 @@ impl<'t> Walker<'t> {
             let key = child(path, "queue");
             // Walked anyway, so its own mistakes show up in the same run.
             self.queue_settings(&key, queue, &mut spec);
-            if feeder.is_none() {
+            let nats = spec.backend == QueueBackend::Nats;
+            if let (true, Some(feeder)) = (nats, feeder) {
+                self.error(feeder.span(), &child(path, "feeder"), NATS_FEEDER);
+            }
+            if feeder.is_none() && !nats {
                 self.error(queue.span(), &key, QUEUE_WITHOUT_FEEDER);
+            }
+            if nats {
+                return Some(spec);
             }
         }
         feeder.map(|_| spec)
@@ -1660,7 +1785,8 @@ impl<'t> Walker<'t> {
             return;
         };
         self.check_unknown(table, path, CONSUMER_KEYS, &[]);
-        if feeder.is_none() {
+        let nats = queue.as_ref().is_some_and(|queue| !queue.has_feeder());
+        if feeder.is_none() && !nats {
             self.error(value.span(), path, CONSUMER_WITHOUT_FEEDER);
         }
         let mut codes = ExitCodes::default();
@@ -1709,10 +1835,11 @@ impl<'t> Walker<'t> {
                     return;
                 };
                 if let Some(queue) = queue.as_ref() {
-                    if run == ConsumerRun::Exec && queue.builtin_feeder.is_none() {
+                    let needs_feeder = queue.builtin_feeder.is_none() && queue.has_feeder();
+                    if run == ConsumerRun::Exec && needs_feeder {
                         self.error(run_value.span(), &key, EXEC_NEEDS_FILE);
                     }
-                    if run == ConsumerRun::Coprocess && queue.builtin_feeder.is_none() {
+                    if run == ConsumerRun::Coprocess && needs_feeder {
                         self.error(run_value.span(), &key, COPROCESS_NEEDS_FILE);
                     }
                 }
@@ -1818,6 +1945,41 @@ impl<'t> Walker<'t> {
             match value.get_ref().as_bool() {
                 Some(flag) => spec.fail_on_dead = flag,
                 None => self.wrong_type(value, &key, "true or false"),
+            }
+        }
+        if let Some(value) = table.get("backend") {
+            let key = child(path, "backend");
+            match self.string(&key, value).as_deref() {
+                Some("feeder") => spec.backend = QueueBackend::Feeder,
+                Some("nats") => spec.backend = QueueBackend::Nats,
+                Some(other) => self.error(
+                    value.span(),
+                    &key,
+                    format!("unknown queue backend {other:?}: expected \"feeder\" or \"nats\""),
+                ),
+                None => {}
+            }
+        }
+        for (name, field) in [("stream", &mut spec.stream), ("subject", &mut spec.subject)] {
+            if let Some(value) = table.get(name) {
+                let key = child(path, name);
+                if let Some(text) = self.non_empty_string(&key, value) {
+                    let bad = if name == "stream" {
+                        text.contains(['.', '*', '>', '/', '\\'])
+                            || text.contains(char::is_whitespace)
+                    } else {
+                        text.contains(char::is_whitespace)
+                            || text
+                                .split('.')
+                                .any(|token| token.is_empty() || token == "*" || token == ">")
+                    };
+                    if bad {
+                        let message = format!("invalid JetStream {name} name {text:?}");
+                        self.error(value.span(), &key, message);
+                    } else {
+                        *field = Some(text);
+                    }
+                }
             }
         }
     }
@@ -3081,6 +3243,9 @@ instances = 1
                 exit_codes: ExitCodes::default(),
                 joblog: None,
                 fail_on_dead: true,
+                backend: QueueBackend::Feeder,
+                stream: None,
+                subject: None,
             })
         );
         assert_eq!(

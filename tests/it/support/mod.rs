@@ -2,6 +2,7 @@
 //! `taskherd` binary running it, its log lines as they arrive, and a check
 //! that nothing it started is left behind.
 
+pub mod nats;
 pub mod netns;
 pub mod sshd;
 
