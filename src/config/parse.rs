@@ -3327,6 +3327,91 @@ concurrency = 8
     }
 
     #[test]
+    fn a_queue_group_on_jetstream() {
+        let config = parse_ok(
+            r#"[nats]
+servers = ["nats://10.0.0.5:4222", "nats://10.0.0.6:4222"]
+user = "herd"
+password = "secret"
+replicas = 3
+storage = "memory"
+
+[[group]]
+name = "img.resize"
+command = "/bin/resize"
+[group.queue]
+backend = "nats"
+lease = "10s"
+max_attempts = 4
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 2
+concurrency = 8
+"#,
+        );
+        let group = &config.groups[0];
+        assert_eq!(group.instance_count(), 2, "no feeder instance");
+        let queue = config
+            .jetstream_queue("img.resize")
+            .expect("a JetStream queue");
+        assert_eq!(
+            queue.servers,
+            ["nats://10.0.0.5:4222", "nats://10.0.0.6:4222"]
+        );
+        assert_eq!(
+            queue.auth,
+            crate::protocol::slave::NatsAuth::User {
+                user: "herd".into(),
+                password: "secret".into()
+            }
+        );
+        assert_eq!(queue.stream, "TASKHERD_IMG_RESIZE");
+        assert_eq!(queue.subject, "taskherd.img_resize.jobs");
+        assert_eq!(queue.dead_stream, "TASKHERD_IMG_RESIZE_DEAD");
+        assert_eq!(queue.settings.lease, Duration::from_secs(10));
+        assert_eq!(queue.settings.max_attempts, 4);
+        assert_eq!((queue.replicas, queue.memory), (3, true));
+        assert!(config.jetstream_queue("other").is_none());
+    }
+
+    #[test]
+    fn jetstream_errors() {
+        let group =
+            "[[group]]\nname = \"jobs\"\ncommand = \"/bin/w\"\n[group.local]\ninstances = 1\n";
+        let errors = parse_err(&format!("{group}[group.queue]\nbackend = \"kafka\"\n"));
+        let err = errors
+            .iter()
+            .find(|err| err.key == "group[1].queue.backend")
+            .expect("an error at the backend");
+        assert_error(
+            err,
+            7,
+            "group[1].queue.backend",
+            "expected \"feeder\" or \"nats\"",
+        );
+        let err = only_error(&format!(
+            "{group}[group.queue]\nbackend = \"nats\"\n[group.feeder]\nbind = \"127.0.0.1:0\"\n"
+        ));
+        assert_error(&err, 8, "group[1].feeder", "no feeder instance");
+        let err = only_error(&format!(
+            "{group}[group.queue]\nbackend = \"nats\"\nsubject = \"jobs.*\"\n"
+        ));
+        assert_error(
+            &err,
+            8,
+            "group[1].queue.subject",
+            "invalid JetStream subject",
+        );
+        let err = only_error(&format!("[nats]\nuser = \"a\"\ntoken = \"t\"\n{group}"));
+        assert_error(&err, 1, "nats", "one way to log in");
+        let err = only_error(&format!("[nats]\nreplicas = 7\n{group}"));
+        assert_error(&err, 2, "nats.replicas", "1 to 5");
+        let err = only_error(&format!("[nats]\nserver = \"x\"\n{group}"));
+        assert_error(&err, 2, "nats.server", "servers");
+    }
+
+    #[test]
     fn feeder_errors() {
         let errors = parse_err(
             r#"[[group]]

@@ -520,3 +520,118 @@ fn jetstream_two_masters_share_one_queue() {
     wait_list(&second, "every job acked", |r| r["pending"] == 0);
     stop(&mut second);
 }
+
+/// `taskherd queue SUBCOMMAND -c CONFIG ARGS...` (the group among the
+/// args), checked.
+fn queue_in(herd: &Herd, args: &[&str]) -> String {
+    let out = Command::new(taskherd_bin())
+        .arg("queue")
+        .arg(args[0])
+        .arg("-c")
+        .arg(&herd.config)
+        .args(&args[1..])
+        .output()
+        .expect("taskherd queue");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "queue {args:?}: {text}");
+    text
+}
+
+#[test]
+fn jetstream_exec_and_coprocess_consumers_run_unchanged() {
+    let Some(server) = NatsServer::start("jetstream_exec_and_coprocess_consumers_run_unchanged")
+    else {
+        return;
+    };
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join("coprocess")
+        .join("thumbnail.sh");
+    let mut herd = Herd::new(&format!(
+        r#"
+[master]
+stop_grace = "5s"
+
+[nats]
+servers = ["{url}"]
+
+[[group]]
+name = "ex"
+command = "sh"
+args = ["-c", "printf 'exec did '; cat; echo"]
+[group.queue]
+backend = "nats"
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 1
+concurrency = 2
+
+[[group]]
+name = "co"
+command = "sh"
+args = ["{script}"]
+[group.queue]
+backend = "nats"
+[group.consumer]
+run = "coprocess"
+[group.local]
+instances = 1
+concurrency = 2
+"#,
+        url = server.url(),
+        script = script.display()
+    ));
+    herd.start();
+    herd.wait_for("JetStream stream TASKHERD_EX ready");
+    herd.wait_for("JetStream stream TASKHERD_CO ready");
+    queue_in(&herd, &["add", "ex", r#"{"n":1}"#, r#"{"n":2}"#]);
+    queue_in(
+        &herd,
+        &["add", "co", r#"{"image":"a.png"}"#, r#"{"fail":1}"#],
+    );
+    herd.wait_for(r#"exec did {"n":1}"#);
+    herd.wait_for(r#"exec did {"n":2}"#);
+    herd.wait_for(r#"handled {"image":"a.png"}"#);
+    let deadline = Instant::now() + crate::support::WAIT;
+    loop {
+        let text = queue_in(&herd, &["list", "--json", "co"]);
+        let report: serde_json::Value = serde_json::from_str(&text).expect("json");
+        if report["dead_count"] == 1 && report["pending"] == 0 {
+            assert_eq!(report["dead"][0]["job"], r#"{"fail":1}"#, "{report}");
+            assert_eq!(
+                report["dead"][0]["reason"], "cannot handle fail",
+                "{report}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{report}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop(&mut herd);
+}
+
+#[test]
+fn jetstream_a_pause_holds_the_whole_group() {
+    let Some(server) = NatsServer::start("jetstream_a_pause_holds_the_whole_group") else {
+        return;
+    };
+    // Job 1 asks the group to pause for 5 s (the rate governor's pause),
+    // broadcast to both consumers.
+    let mut herd = herd(&[server.url()], "pause_at = 1, pause_ms = 5000", 2, 1, "", "");
+    start(&mut herd);
+    add(&herd, &["1"]);
+    herd.wait_for("] done 1 ");
+    let after_pause = Instant::now();
+    add(&herd, &["2", "3"]);
+    wait_all_done(&mut herd, 3, Duration::from_secs(30));
+    assert!(
+        after_pause.elapsed() >= Duration::from_secs(3),
+        "jobs ran during the group's pause"
+    );
+    stop(&mut herd);
+}

@@ -227,7 +227,9 @@ impl Bridge {
                     Some(frame) => self.frame(frame).await,
                     None => break,
                 },
-                item = next_of(&mut batch), if batch.is_some() => match item {
+                // A paused group takes nothing more, not even from a
+                // pull under way (its jobs wait here for the pause).
+                item = next_of(&mut batch), if batch.is_some() && hold_until.is_none() => match item {
                     Some(Ok(message)) => {
                         self.pull_succeeded();
                         self.arrived(message).await;
