@@ -118,13 +118,6 @@ fn add_numbers(herd: &Herd, n: u64) {
     assert!(text.contains(&format!("added {n} job")), "{text}");
 }
 
-/// `taskherd queue list --json`.
-fn list(herd: &Herd) -> serde_json::Value {
-    let (ok, text) = queue_cmd(herd, &["list", "--json"], None);
-    assert!(ok, "queue list: {text}");
-    serde_json::from_str(&text).unwrap_or_else(|err| panic!("{err}: {text}"))
-}
-
 /// Each job's `done` lines: job -> attempts that ended done.
 fn done(herd: &Herd) -> BTreeMap<u64, Vec<u32>> {
     let mut done: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
@@ -185,10 +178,17 @@ fn wait_list(
     what: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    // A `queue list` that fails is tried again: a cluster that lost a
+    // node answers once its streams have a leader again.
     let deadline = Instant::now() + crate::support::WAIT;
     loop {
-        let report = list(herd);
-        if check(&report) {
+        let (ok, text) = queue_cmd(herd, &["list", "--json"], None);
+        let report = if ok {
+            serde_json::from_str(&text).unwrap_or_else(|err| panic!("{err}: {text}"))
+        } else {
+            serde_json::Value::String(text)
+        };
+        if ok && check(&report) {
             return report;
         }
         assert!(Instant::now() < deadline, "{what}: {report}");
@@ -622,7 +622,14 @@ fn jetstream_a_pause_holds_the_whole_group() {
     };
     // Job 1 asks the group to pause for 5 s (the rate governor's pause),
     // broadcast to both consumers.
-    let mut herd = herd(&[server.url()], "pause_at = 1, pause_ms = 5000", 2, 1, "", "");
+    let mut herd = herd(
+        &[server.url()],
+        "pause_at = 1, pause_ms = 5000",
+        2,
+        1,
+        "",
+        "",
+    );
     start(&mut herd);
     add(&herd, &["1"]);
     herd.wait_for("] done 1 ");
