@@ -237,8 +237,9 @@ fn jetstream_many_consumers_do_every_job_exactly_once() {
     };
     let mut herd = herd(&[server.url()], "", 4, 4, "", "");
     start(&mut herd);
-    add_numbers(&herd, 1000);
-    wait_all_done(&mut herd, 1000, Duration::from_secs(60));
+    // More than the client's 5 000 publications awaiting their acks.
+    add_numbers(&herd, 6000);
+    wait_all_done(&mut herd, 6000, Duration::from_secs(120));
     wait_list(&herd, "every job acked", |r| {
         r["pending"] == 0 && r["in_flight"] == 0
     });
@@ -246,7 +247,7 @@ fn jetstream_many_consumers_do_every_job_exactly_once() {
     let done = done(&herd);
     let twice: Vec<_> = done.iter().filter(|(_, runs)| runs.len() != 1).collect();
     assert!(twice.is_empty(), "jobs done more than once: {twice:?}");
-    assert_eq!(done.len(), 1000);
+    assert_eq!(done.len(), 6000);
 }
 
 #[test]

@@ -468,7 +468,7 @@ impl Bridge {
     }
 
     /// A job that reached MaxDeliver without an outcome (the backstop of
-    /// [`decide`]): moved from the work stream to the dead stream.
+    /// `decide.rs`): moved from the work stream to the dead stream.
     fn exhausted(&mut self, advisory: MaxDeliveries) {
         let queue = Arc::clone(&self.queue);
         let js = self.js.clone();

@@ -9,7 +9,7 @@
 //! dead-lettered by the consumer that receives it past `max_attempts`
 //! (consumers that crashed or hung used its attempts up), so it normally
 //! never reaches MaxDeliver; the MAX_DELIVERIES advisory is the backstop
-//! ([`super::advisory`]).
+//! (handled in `bridge.rs`).
 
 use std::time::{Duration, SystemTime};
 

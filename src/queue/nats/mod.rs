@@ -20,7 +20,7 @@
 //! A message's body is the job itself: one JSON value. Any NATS client
 //! can publish jobs (`nats pub taskherd.jobs.jobs '{"n": 1}'`).
 //!
-//! The consumer side is [`bridge`]: it speaks the feeder protocol's frames
+//! The consumer side is `bridge.rs`: it speaks the feeder protocol's frames
 //! to the consumer's session over in-process channels, so the Rust
 //! `HandlerQueue`, the exec and the coprocess consumers run unchanged on
 //! it. [`setup`] creates or checks the streams and the consumer (the

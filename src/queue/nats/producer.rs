@@ -44,8 +44,14 @@ pub async fn add(
     unique: Option<&str>,
 ) -> Result<Added, NatsError> {
     let js = jetstream::new(client.clone());
-    let mut acks = Vec::with_capacity(jobs.len());
+    let mut added = Added::default();
+    // The client holds a bounded number of publications waiting for their
+    // acks (5 000): the acks are awaited in windows below that.
+    let mut acks = Vec::with_capacity(ACK_WINDOW);
     for job in jobs {
+        if acks.len() >= ACK_WINDOW {
+            settle(queue, &mut acks, &mut added).await?;
+        }
         let mut headers = async_nats::HeaderMap::new();
         if let Some(at) = not_before {
             let ms = at
@@ -67,8 +73,20 @@ pub async fn add(
             })?;
         acks.push(ack);
     }
-    let mut added = Added::default();
-    for ack in acks {
+    settle(queue, &mut acks, &mut added).await?;
+    Ok(added)
+}
+
+/// Publications awaited at a time by [`add`].
+const ACK_WINDOW: usize = 1000;
+
+/// Awaits the acks of `acks`, counted in `added`.
+async fn settle(
+    queue: &JetStreamQueue,
+    acks: &mut Vec<async_nats::jetstream::context::PublishAckFuture>,
+    added: &mut Added,
+) -> Result<(), NatsError> {
+    for ack in acks.drain(..) {
         let ack = ack.await.map_err(|err| NatsError::Api {
             what: format!("the stream {:?} did not take a job", queue.stream),
             reason: err.to_string(),
@@ -79,7 +97,7 @@ pub async fn add(
             added.added += 1;
         }
     }
-    Ok(added)
+    Ok(())
 }
 
 /// A dead job, as [`inspect`] lists it.
