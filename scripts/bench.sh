@@ -76,6 +76,12 @@
 #    on 32, next to `taskherd queue add` run once per job; every job
 #    checked in the queue afterwards. Then `/metrics` of a master running
 #    1000 `sleep` instances: time, master CPU and size per scrape.
+# 10. NATS JetStream (`nats`, only when asked for: BENCH_ONLY=nats): no-op jobs with acks through a real
+#    `nats-server -js` on loopback (file storage), 4 consumers x 8 (the
+#    real JetStream consumer, `cargo bench --bench nats_queue`): one node
+#    (R1) and a 3-node cluster (R3); next to the durable queue's embedded
+#    feeder and beanstalkd rows when `durable` runs in the same run
+#    (BENCH_ONLY="durable nats").
 #
 #   scripts/bench.sh                  # about 2-3 minutes once built, plus 3-5 for durable
 #   BENCH_RUNS=5 scripts/bench.sh     # runs per measurement (default 3; the log relay: at least 5)
@@ -85,7 +91,8 @@
 #   BENCH_NO_BUILD=1 scripts/bench.sh # use the release builds as they are (no cargo)
 #   CARGO_TARGET_DIR=DIR scripts/bench.sh     # builds there and runs those builds (absolute, or
 #                                             # relative to the current directory, as cargo has it)
-#   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable exec scale
+#   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable exec nats scale
+#   BENCH_NATS_JOBS=100000            # jobs of the JetStream rows (default 100 000)
 #   BENCH_ONLY=scale scripts/bench.sh # the scale rows (8. below; not in the default set)
 #   BENCH_ONLY=http scripts/bench.sh  # the HTTP rows (9. below; not in the default set)
 #   BENCH_DURABLE_JOBS=200000         # jobs of the durable queue bench (default 200 000)
@@ -251,6 +258,7 @@ if wants logs || wants fanout || wants scale; then
     [ -x /usr/bin/time ] || missing+=(time)
 fi
 if wants durable && ! command -v beanstalkd >/dev/null 2>&1; then missing+=(beanstalkd); fi
+if wants nats && [ ! -x /usr/sbin/nats-server ]; then missing+=(nats-server); fi
 if wants exec; then
     if ! command -v parallel >/dev/null 2>&1 && [[ " ${missing[*]} " != *" parallel "* ]]; then missing+=(parallel); fi
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
@@ -326,7 +334,7 @@ bench_exe() { sed -n "s|^ *Executable benches/$1.rs (\(.*\))\$|\1|p" "$work/buil
 # The sections other than exec use the examples and the bench binaries;
 # exec needs the taskherd binary only.
 wants_more=
-for other in logs fanout queue local durable scale; do
+for other in logs fanout queue local durable nats scale; do
     if wants "$other"; then wants_more=1; fi
 done
 section "build (release)"
@@ -336,6 +344,7 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
         benches=(--bench remote_start --bench queue)
         if wants durable; then benches+=(--bench durable_queue); fi
         if wants http; then benches+=(--bench http); fi
+        if wants nats; then benches+=(--bench nats_queue); fi
         retry_build cargo bench --no-run "${benches[@]}"
         remote_bench=$(from_root "$(bench_exe remote_start)")
         queue_bench=$(from_root "$(bench_exe queue)")
@@ -343,6 +352,8 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
         if wants durable; then durable_bench=$(from_root "$(bench_exe durable_queue)"); fi
         http_bench=
         if wants http; then http_bench=$(from_root "$(bench_exe http)"); fi
+        nats_bench=
+        if wants nats; then nats_bench=$(from_root "$(bench_exe nats_queue)"); fi
     else
         retry_build cargo build --release --bins
         if wants http; then
@@ -357,6 +368,7 @@ else
     queue_bench=$(newest queue)
     durable_bench=$(newest durable_queue)
     http_bench=$(newest http)
+    nats_bench=$(newest nats_queue)
 fi
 taskherd=${BENCH_TASKHERD:-$target_dir/release/taskherd}
 worker=$target_dir/release/examples/worker
@@ -376,6 +388,9 @@ if wants durable; then
     for f in "$durable_bench" "$queue_worker"; do
         [ -x "$f" ] || die "missing build output $f"
     done
+fi
+if wants nats; then
+    [ -x "$nats_bench" ] || die "missing build output ${nats_bench:-benches/nats_queue.rs}"
 fi
 say "taskherd $("$taskherd" --version 2>/dev/null || echo '?'), $(git -C "$root" describe --always --dirty 2>/dev/null || echo 'no git')"
 
@@ -1046,6 +1061,32 @@ args = [\"1\", \"$exec_jobs\"]"
             row "  same, 4 consumers x $conc" "$cop" "-" "-" "-" "-"
         fi
     done
+fi
+
+# --------------------------------------------------------------- 9. nats
+
+if wants nats; then
+    nats_jobs=${BENCH_NATS_JOBS:-100000}
+    section "10. NATS JetStream: $nats_jobs no-op jobs -> 4 consumers x 8 -> acks, file storage, 1 node and 3 nodes R3 (benches/nats_queue.rs)"
+    "${marked[@]}" BENCH_RUNS="$runs" BENCH_NATS_JOBS="$nats_jobs" TMPDIR="$work/tmp" \
+        timeout -k 10 $((600 * 2 * runs)) "$nats_bench" --bench >"$work/nats.out" 2>&1 &
+    nats_pid=$!
+    tail -f --pid="$nats_pid" "$work/nats.out" | grep -v '^RESULT' &
+    wait "$nats_pid" || { sleep 0.2; die "nats queue bench failed or timed out (above)"; }
+    wait $! 2>/dev/null || true
+    check_nothing_left "nats queue bench"
+    nats_result() {
+        awk -v k="$1" '$1 == "RESULT" && $2 == k { printf "%.0f\n", $3; found = 1 } END { exit !found }' "$work/nats.out" \
+            || die "nats queue bench printed no $1"
+    }
+    r1=$(nats_result nats_r1)
+    r3=$(nats_result nats_r3)
+    row "JetStream queue jobs/s (1 node, file, 4 x 8 -> acks, $nats_jobs jobs)" "$r1" "-" "-" ">= 20000" "$(verdict "$r1 >= 20000")"
+    if [ -n "${th:-}" ] && [ -n "${bs:-}" ]; then
+        row "  vs the embedded durable feeder, same run" "$r1" "$th (taskherd durable feeder)" "$(awk -v a="$r1" -v b="$th" 'BEGIN { printf "%.2f", a / b }')x" "-" "-"
+        row "  vs beanstalkd -b, same run" "$r1" "$bs (beanstalkd -b)" "$(awk -v a="$r1" -v b="$bs" 'BEGIN { printf "%.2f", a / b }')x" "-" "-"
+    fi
+    row "JetStream queue jobs/s, 3-node cluster R3 on loopback" "$r3" "-" "-" "-" "-"
 fi
 
 check_nothing_left "the bench"

@@ -11,10 +11,15 @@ use crate::count_text;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum QueueCommand {
-    /// Add jobs to a queue file (also while a feeder serves it).
+    /// Add jobs to a queue file (also while a feeder serves it), or to a
+    /// queue group's JetStream queue.
     Add {
-        /// The queue file (created if needed).
+        /// The queue file (created if needed); with --config, a queue
+        /// group on JetStream; or nats://SERVER/GROUP.
         file: PathBuf,
+        /// The config whose queue group FILE names (`backend = "nats"`).
+        #[arg(short, long, value_name = "CONFIG")]
+        config: Option<PathBuf>,
         /// The jobs, one JSON value each (quote strings: '"text"'); `-`
         /// reads one JSON value per line from stdin.
         #[arg(required = true, allow_hyphen_values = true)]
@@ -27,8 +32,12 @@ pub(crate) enum QueueCommand {
     /// Count pending, waiting (inbox) and dead jobs, and list the dead
     /// ones with their reasons (also while a feeder serves the queue).
     List {
-        /// The queue file.
+        /// The queue file; with --config, a queue group on JetStream; or
+        /// nats://SERVER/GROUP.
         file: PathBuf,
+        /// The config whose queue group FILE names (`backend = "nats"`).
+        #[arg(short, long, value_name = "CONFIG")]
+        config: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -38,8 +47,12 @@ pub(crate) enum QueueCommand {
     },
     /// Put every dead job back in the queue.
     RequeueDead {
-        /// The queue file.
+        /// The queue file; with --config, a queue group on JetStream; or
+        /// nats://SERVER/GROUP.
         file: PathBuf,
+        /// The config whose queue group FILE names (`backend = "nats"`).
+        #[arg(short, long, value_name = "CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Take the inbox in and rewrite the journal as a snapshot (no feeder
     /// may serve the queue meanwhile); prints its size per pending job.
@@ -51,6 +64,9 @@ pub(crate) enum QueueCommand {
 
 pub(crate) fn run(command: QueueCommand) -> anyhow::Result<ExitCode> {
     use taskherd::queue::feeders::{FileFeeder, JsonlFeeder};
+    if let Some(queue) = jetstream_target(&command)? {
+        return jetstream::run(command, &queue);
+    }
     use taskherd::queue::local::LocalQueueError;
 
     let open = |path: &std::path::Path| {
@@ -86,6 +102,7 @@ pub(crate) fn run(command: QueueCommand) -> anyhow::Result<ExitCode> {
             file,
             jobs,
             options,
+            ..
         } => {
             if let Some(jsonl) = jsonl_of(&file) {
                 anyhow::bail!(
@@ -109,7 +126,9 @@ pub(crate) fn run(command: QueueCommand) -> anyhow::Result<ExitCode> {
                 })?;
             println!("{}: added {}", file.display(), jobs_text(added as u64));
         }
-        QueueCommand::List { file, json, jobs } => {
+        QueueCommand::List {
+            file, json, jobs, ..
+        } => {
             let file = match jsonl_of(&file) {
                 Some(jsonl) => JsonlFeeder::state_path(jsonl),
                 None => file,
@@ -154,7 +173,7 @@ pub(crate) fn run(command: QueueCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        QueueCommand::RequeueDead { file } => {
+        QueueCommand::RequeueDead { file, .. } => {
             let requeued = match jsonl_of(&file) {
                 Some(jsonl) => open_jsonl(&jsonl)?.requeue_dead()?,
                 None => open(&file)?.requeue_dead()?,
@@ -312,4 +331,155 @@ fn queue_jobs(args: &[String]) -> anyhow::Result<Vec<Box<serde_json::value::RawV
         jobs.push(job);
     }
     Ok(jobs)
+}
+
+/// The JetStream queue a command names: a group of `--config`, or a
+/// `nats://server/GROUP` URL (the group's default names, no credentials
+/// but those in the URL); `None` for a queue file.
+fn jetstream_target(
+    command: &QueueCommand,
+) -> anyhow::Result<Option<taskherd::protocol::slave::JetStreamQueue>> {
+    let (file, config) = match command {
+        QueueCommand::Add { file, config, .. }
+        | QueueCommand::List { file, config, .. }
+        | QueueCommand::RequeueDead { file, config } => (file, config.as_ref()),
+        QueueCommand::Compact { .. } => return Ok(None),
+    };
+    let text = file.to_string_lossy();
+    if let Some(config_path) = config {
+        let config =
+            taskherd::config::Config::load(config_path).map_err(|err| anyhow::anyhow!("{err}"))?;
+        let group = text.as_ref();
+        return match config.jetstream_queue(group) {
+            Some(queue) => Ok(Some(queue)),
+            None if config.groups.iter().any(|g| g.name == group) => anyhow::bail!(
+                "group {group} of {} is not a queue group on JetStream ([group.queue] backend = \"nats\")",
+                config_path.display()
+            ),
+            None => anyhow::bail!("{} has no group {group}", config_path.display()),
+        };
+    }
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return Ok(None);
+    };
+    if !matches!(scheme, "nats" | "tls") {
+        return Ok(None);
+    }
+    let Some((server, group)) = rest.split_once('/') else {
+        anyhow::bail!("{text}: name the queue group after the server: nats://127.0.0.1:4222/GROUP");
+    };
+    anyhow::ensure!(
+        !group.is_empty() && !group.contains('/'),
+        "{text}: no queue group after the server"
+    );
+    let text = format!(
+        "[nats]\nservers = [{server:?}]\n[[group]]\nname = {group:?}\ncommand = \"true\"\n\
+         [group.queue]\nbackend = \"nats\"\n[group.local]\ninstances = 1\n",
+        server = format!("{scheme}://{server}"),
+    );
+    let config = taskherd::config::Config::parse(&text, "nats-url.toml".as_ref())
+        .map_err(|err| anyhow::anyhow!("{file:?}: {err}", file = file.display()))?;
+    Ok(config.jetstream_queue(group))
+}
+
+/// `taskherd queue` on a JetStream queue.
+mod jetstream {
+    use std::process::ExitCode;
+    use std::time::{Duration, SystemTime};
+
+    use anyhow::Context as _;
+    use taskherd::protocol::slave::JetStreamQueue;
+    use taskherd::queue::nats;
+
+    use super::{jobs_text, queue_jobs, QueueCommand};
+
+    /// Longest list of dead jobs printed.
+    const DEAD_LISTED: usize = 1000;
+
+    pub(super) fn run(command: QueueCommand, queue: &JetStreamQueue) -> anyhow::Result<ExitCode> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start a runtime")?;
+        runtime.block_on(run_async(command, queue))
+    }
+
+    async fn run_async(command: QueueCommand, queue: &JetStreamQueue) -> anyhow::Result<ExitCode> {
+        let where_ = format!("{} on {}", queue.stream, queue.servers.join(","));
+        let client = nats::connect(queue, "taskherd queue").await?;
+        match command {
+            QueueCommand::Add { jobs, options, .. } => {
+                let jobs = queue_jobs(&jobs)?;
+                let (not_before, unique) = options.jetstream()?;
+                let added =
+                    nats::producer::add(&client, queue, &jobs, not_before, unique.as_deref())
+                        .await
+                        .context("jobs before this one were added")?;
+                if added.duplicates > 0 {
+                    println!(
+                        "{where_}: added {}, {} already there (same unique key)",
+                        jobs_text(added.added),
+                        jobs_text(added.duplicates)
+                    );
+                } else {
+                    println!("{where_}: added {}", jobs_text(added.added));
+                }
+            }
+            QueueCommand::List { json, .. } => {
+                let report = nats::producer::inspect(&client, queue, DEAD_LISTED).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                println!(
+                    "{where_}: {} pending ({} running), {} dead",
+                    report.pending, report.in_flight, report.dead_count
+                );
+                for dead in &report.dead {
+                    println!(
+                        "  dead #{} ({} attempts): {}: {}",
+                        dead.id, dead.attempts, dead.reason, dead.job
+                    );
+                }
+            }
+            QueueCommand::RequeueDead { .. } => {
+                let moved = nats::producer::requeue_dead(&client, queue).await?;
+                println!("{where_}: {} put back (were dead)", jobs_text(moved));
+            }
+            QueueCommand::Compact { .. } => {
+                anyhow::bail!("a JetStream queue has no journal to compact")
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+        Ok(ExitCode::SUCCESS)
+    }
+
+    impl super::JobOptionArgs {
+        /// The options a JetStream queue takes: a time not to run before,
+        /// and a unique key (`Nats-Msg-Id`).
+        fn jetstream(&self) -> anyhow::Result<(Option<SystemTime>, Option<String>)> {
+            use taskherd::queue::options::{parse_duration, parse_time};
+            let unsupported = [
+                ("--retry", self.retry.is_some()),
+                ("--retry-every", self.retry_every.is_some()),
+                ("--priority", self.priority.is_some()),
+            ];
+            if let Some((flag, _)) = unsupported.iter().find(|(_, given)| *given) {
+                anyhow::bail!(
+                    "{flag} is not supported on a JetStream queue (the group's retry settings \
+                     apply; jobs run in order)"
+                );
+            }
+            let mut not_before = None;
+            if let Some(text) = &self.delay {
+                let delay =
+                    parse_duration(text).map_err(|why| anyhow::anyhow!("--delay: {why}"))?;
+                not_before = Some(SystemTime::now() + delay);
+            }
+            if let Some(text) = &self.at {
+                not_before = Some(parse_time(text).map_err(|why| anyhow::anyhow!("--at: {why}"))?);
+            }
+            Ok((not_before, self.unique.clone()))
+        }
+    }
 }

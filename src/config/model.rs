@@ -22,6 +22,9 @@ pub struct Config {
     /// The master's HTTP interface (`[http]`): off when `None` (boxed:
     /// configs travel in the master's events, kept small).
     pub http: Option<Box<HttpSpec>>,
+    /// `[nats]`: the NATS servers of queue groups with `backend = "nats"`
+    /// (boxed: most configs have none).
+    pub nats: Option<Box<NatsSpec>>,
 }
 
 /// Default port of `http.bind`.
@@ -72,6 +75,41 @@ impl std::fmt::Debug for HttpToken {
             HttpToken::Environment => f.write_str("Environment"),
         }
     }
+}
+
+/// `[nats]`: where the JetStream queues of queue groups with `[group.queue]
+/// backend = "nats"` are, and how to log in.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NatsSpec {
+    /// `servers`: URLs such as `"nats://127.0.0.1:4222"` (a cluster's
+    /// members, tried in turn). Default `["nats://127.0.0.1:4222"]`.
+    pub servers: Vec<String>,
+    /// `user` + `password`, `token`, `creds` (a credentials file) or
+    /// `nkey` (a seed file): one of them at most.
+    pub auth: crate::protocol::slave::NatsAuth,
+    /// `tls_ca`: a CA file to verify the servers' certificates with (TLS
+    /// is required then).
+    pub tls_ca: Option<PathBuf>,
+    /// `replicas`: replicas of the streams taskherd creates (3 in a
+    /// cluster). Default 1.
+    pub replicas: usize,
+    /// `storage = "memory"`: streams taskherd creates are kept in memory.
+    /// Default `"file"`.
+    pub memory: bool,
+}
+
+/// The NATS server of `[nats]` when it names none.
+pub const DEFAULT_NATS_SERVER: &str = "nats://127.0.0.1:4222";
+
+/// Where a queue group's jobs are (`[group.queue] backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueBackend {
+    /// `"feeder"` (the default): a feeder instance serves them.
+    #[default]
+    Feeder,
+    /// `"nats"`: a NATS JetStream work stream (`[nats]`); no feeder
+    /// instance.
+    Nats,
 }
 
 /// SSH settings of a remote placement: the top-level `[ssh]` table gives
@@ -457,6 +495,22 @@ pub struct QueueSpec {
     /// `[group.queue] fail_on_dead`: `taskherd run` exits 1 when jobs of
     /// this group ended dead. Default `true`.
     pub fail_on_dead: bool,
+    /// `[group.queue] backend`: a feeder instance (the default) or NATS
+    /// JetStream.
+    pub backend: QueueBackend,
+    /// `[group.queue] stream`: the JetStream work stream's name. Default
+    /// `TASKHERD_<GROUP>`; the dead stream is its name + `_DEAD`.
+    pub stream: Option<String>,
+    /// `[group.queue] subject`: the subject jobs are published on.
+    /// Default `taskherd.<group>.jobs`.
+    pub subject: Option<String>,
+}
+
+impl QueueSpec {
+    /// Whether the group has a feeder instance (not on JetStream).
+    pub fn has_feeder(&self) -> bool {
+        self.backend == QueueBackend::Feeder
+    }
 }
 
 /// A built-in feeder of a queue group (`[group.feeder] file`, `jsonl` or
@@ -549,6 +603,9 @@ impl Default for QueueSpec {
             exit_codes: ExitCodes::default(),
             joblog: None,
             fail_on_dead: true,
+            backend: QueueBackend::Feeder,
+            stream: None,
+            subject: None,
         }
     }
 }
@@ -556,7 +613,7 @@ impl Default for QueueSpec {
 impl GroupSpec {
     /// Total number of instances of the group over all placements.
     pub fn instance_count(&self) -> u32 {
-        let feeder = u32::from(self.queue.is_some());
+        let feeder = u32::from(self.queue.as_ref().is_some_and(QueueSpec::has_feeder));
         let local = self.local.as_ref().map_or(0, |local| local.instances);
         let remote: u32 = self
             .remote
@@ -589,6 +646,56 @@ pub fn is_valid_group_name(name: &str) -> bool {
 }
 
 impl Config {
+    /// The JetStream queue of the group named `group`, if it is a queue
+    /// group with `backend = "nats"`: the `[nats]` servers and
+    /// credentials, the stream and subject names (derived from the
+    /// group's name unless given), the group's leases and retries.
+    pub fn jetstream_queue(&self, group: &str) -> Option<crate::protocol::slave::JetStreamQueue> {
+        let spec = self.groups.iter().find(|g| g.name == group)?;
+        let queue = spec.queue.as_ref()?;
+        if queue.backend != QueueBackend::Nats {
+            return None;
+        }
+        let nats = self.nats.as_deref().cloned().unwrap_or_default();
+        let stream = queue
+            .stream
+            .clone()
+            .unwrap_or_else(|| crate::protocol::slave::nats_names::stream(group));
+        let token = crate::protocol::slave::nats_names::subject_token(group);
+        Some(crate::protocol::slave::JetStreamQueue {
+            servers: if nats.servers.is_empty() {
+                vec![DEFAULT_NATS_SERVER.to_string()]
+            } else {
+                nats.servers
+            },
+            auth: nats.auth,
+            tls_ca: nats.tls_ca,
+            subject: queue
+                .subject
+                .clone()
+                .unwrap_or_else(|| format!("taskherd.{token}.jobs")),
+            consumer: "taskherd".to_string(),
+            dead_stream: format!("{stream}_DEAD"),
+            dead_subject: format!("taskherd.{token}.dead"),
+            governor_subject: format!("taskherd.{token}.governor"),
+            stream,
+            settings: crate::protocol::slave::QueueSettings {
+                lease: queue.lease,
+                max_attempts: queue.max_attempts,
+                retry: crate::retry::RetryPolicy::exponential(
+                    queue.retry_initial,
+                    queue.retry_max,
+                    queue.max_attempts,
+                ),
+                rate: queue.rate,
+                progress_every: queue.progress_every,
+                joblog: None,
+            },
+            replicas: nats.replicas.max(1),
+            memory: nats.memory,
+        })
+    }
+
     /// Checks that every group `filter` names is a group of this config.
     ///
     /// # Errors

@@ -13,9 +13,10 @@ use super::probe::{Probe, Spot};
 use super::{
     BuiltinFeeder, Config, ConfigError, ConfigErrors, ConsumerRun, ExitCodes, GroupSpec,
     HealthProbe, HealthSpec, HooksSpec, HostSpec, HttpSpec, HttpToken, KnownHostsPolicy, Limits,
-    LocalPlacement, LogColor, LogFormat, LogSpec, MasterSpec, QueueSpec, RemotePlacement,
-    RestartPolicy, RestartSpec, SshOptions, DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_INTERVAL,
-    DEFAULT_HEALTH_TIMEOUT, DEFAULT_HTTP_MAX_BODY, DEFAULT_HTTP_PORT, HTTP_TOKEN_ENV, MAX_LOG_KEEP,
+    LocalPlacement, LogColor, LogFormat, LogSpec, MasterSpec, NatsSpec, QueueBackend, QueueSpec,
+    RemotePlacement, RestartPolicy, RestartSpec, SshOptions, DEFAULT_HEALTH_FAILURES,
+    DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_HTTP_MAX_BODY, DEFAULT_HTTP_PORT,
+    HTTP_TOKEN_ENV, MAX_LOG_KEEP,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -36,6 +37,7 @@ const TOP_KEYS: &[&str] = &[
     "group",
     "include",
     "http",
+    "nats",
 ];
 /// Top-level keys of an included file.
 const INCLUDED_TOP_KEYS: &[&str] = &["group", "include"];
@@ -118,7 +120,17 @@ const QUEUE_KEYS: &[&str] = &[
     "progress_every",
     "joblog",
     "fail_on_dead",
+    "backend",
+    "stream",
+    "subject",
 ];
+/// Keys of `[nats]`.
+const NATS_KEYS: &[&str] = &[
+    "servers", "user", "password", "token", "creds", "nkey", "tls_ca", "replicas", "storage",
+];
+const NATS_FEEDER: &str = "a queue group with backend = \"nats\" has no feeder instance: \
+                           producers publish jobs on its JetStream subject (taskherd queue add, \
+                           any NATS client); remove [group.feeder]";
 
 const NO_GROUPS: &str = "no groups: add at least one [[group]] with a name, a command and \
                          [group.local] or [[group.remote]]";
@@ -235,10 +247,18 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
             "an included file holds [[group]] tables (and include); \
              set it in the main config file, {main_name}"
         );
-        let hints: Vec<(&str, &str)> = ["master", "log", "ssh", "inventory", "host_vars", "http"]
-            .iter()
-            .map(|key| (*key, hint.as_str()))
-            .collect();
+        let hints: Vec<(&str, &str)> = [
+            "master",
+            "log",
+            "ssh",
+            "inventory",
+            "host_vars",
+            "http",
+            "nats",
+        ]
+        .iter()
+        .map(|key| (*key, hint.as_str()))
+        .collect();
         walker.check_unknown(root.get_ref(), "", INCLUDED_TOP_KEYS, &hints);
     }
     walker.current = 0;
@@ -246,6 +266,10 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
     let log = walker.log(root.get("log"), root.get("master"));
     let ssh = walker.ssh(root.get("ssh"));
     let http = walker.http(root.get("http"));
+    let nats = root
+        .get("nats")
+        .and_then(|value| walker.nats(value))
+        .map(Box::new);
     walker.inventory(root.get("inventory"));
     let host_vars = walker.host_vars(root.get("host_vars"));
     let group_values: Vec<(usize, &Value<'_>)> = roots
@@ -263,6 +287,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
         log,
         groups,
         http,
+        nats,
     });
     Parsed {
         config,
@@ -1289,6 +1314,108 @@ impl<'t> Walker<'t> {
     /// Paths have `~` expanded; relative ones are kept as written in the
     /// main file (the launcher resolves them against the config file's
     /// directory) and made absolute in included files.
+    /// `[nats]`: the servers and credentials of JetStream queue groups.
+    fn nats(&mut self, value: &Value<'_>) -> Option<NatsSpec> {
+        use crate::protocol::slave::NatsAuth;
+        let table = self.table("nats", value)?;
+        self.check_unknown(table, "nats", NATS_KEYS, &[]);
+        let mut spec = NatsSpec {
+            replicas: 1,
+            ..NatsSpec::default()
+        };
+        if let Some(servers) = table.get("servers") {
+            let key = "nats.servers";
+            spec.servers = match servers.get_ref().as_str() {
+                Some(one) => vec![one.to_string()],
+                None => self.strings(key, servers),
+            };
+            for server in &spec.servers {
+                let rest = server
+                    .split_once("://")
+                    .map_or(server.as_str(), |(_, rest)| rest);
+                if rest.is_empty() || server.contains(char::is_whitespace) {
+                    let message = format!(
+                        "invalid NATS server {server:?}: expected a URL such as \
+                         \"nats://127.0.0.1:4222\""
+                    );
+                    self.error(servers.span(), key, message);
+                }
+            }
+        }
+        let text = |walker: &mut Self, name: &str| {
+            table
+                .get(name)
+                .and_then(|value| walker.non_empty_string(&child("nats", name), value))
+        };
+        let user = text(self, "user");
+        let password = text(self, "password");
+        let token = text(self, "token");
+        let file = |walker: &mut Self, name: &str, what: &'static str| {
+            let value = table.get(name)?;
+            walker.ssh_file(&child("nats", name), value, what)
+        };
+        let creds = file(self, "creds", "NATS credentials file");
+        let nkey = file(self, "nkey", "NATS nkey seed file");
+        spec.tls_ca = file(self, "tls_ca", "TLS CA file");
+        let chosen = [
+            user.is_some(),
+            token.is_some(),
+            creds.is_some(),
+            nkey.is_some(),
+        ]
+        .iter()
+        .filter(|set| **set)
+        .count();
+        if chosen > 1 {
+            self.error(
+                value.span(),
+                "nats",
+                "give one way to log in: user (with password), token, creds or nkey",
+            );
+        }
+        if password.is_some() && user.is_none() {
+            if let Some(value) = table.get("password") {
+                self.error(value.span(), "nats.password", "a password needs a user");
+            }
+        }
+        spec.auth = match (user, token, creds, nkey) {
+            (Some(user), _, _, _) => NatsAuth::User {
+                user,
+                password: password.unwrap_or_default(),
+            },
+            (_, Some(token), _, _) => NatsAuth::Token(token),
+            (_, _, Some(creds), _) => NatsAuth::Creds(self.resolved(&creds)),
+            (_, _, _, Some(nkey)) => NatsAuth::Nkey(self.resolved(&nkey)),
+            _ => NatsAuth::None,
+        };
+        spec.tls_ca = spec.tls_ca.map(|ca| self.resolved(&ca));
+        if let Some(value) = table.get("replicas") {
+            if let Some(n) = self.integer("nats.replicas", value) {
+                match n {
+                    1..=5 => spec.replicas = n as usize,
+                    _ => self.error(
+                        value.span(),
+                        "nats.replicas",
+                        format!("must be 1 to 5 (JetStream's limit), found {n}"),
+                    ),
+                }
+            }
+        }
+        if let Some(value) = table.get("storage") {
+            match self.string("nats.storage", value).as_deref() {
+                Some("file") => spec.memory = false,
+                Some("memory") => spec.memory = true,
+                Some(other) => self.error(
+                    value.span(),
+                    "nats.storage",
+                    format!("unknown storage {other:?}: expected \"file\" or \"memory\""),
+                ),
+                None => {}
+            }
+        }
+        Some(spec)
+    }
+
     fn ssh_keys(&mut self, path: &str, table: &DeTable<'_>, ssh: &mut SshOptions) {
         if let Some(value) = table.get("ssh_config") {
             let key = child(path, "ssh_config");
@@ -1693,8 +1820,15 @@ impl<'t> Walker<'t> {
             let key = child(path, "queue");
             // Walked anyway, so its own mistakes show up in the same run.
             self.queue_settings(&key, queue, &mut spec);
-            if feeder.is_none() {
+            let nats = spec.backend == QueueBackend::Nats;
+            if let (true, Some(feeder)) = (nats, feeder) {
+                self.error(feeder.span(), &child(path, "feeder"), NATS_FEEDER);
+            }
+            if feeder.is_none() && !nats {
                 self.error(queue.span(), &key, QUEUE_WITHOUT_FEEDER);
+            }
+            if nats {
+                return Some(spec);
             }
         }
         feeder.map(|_| spec)
@@ -1806,7 +1940,8 @@ impl<'t> Walker<'t> {
             return;
         };
         self.check_unknown(table, path, CONSUMER_KEYS, &[]);
-        if feeder.is_none() {
+        let nats = queue.as_ref().is_some_and(|queue| !queue.has_feeder());
+        if feeder.is_none() && !nats {
             self.error(value.span(), path, CONSUMER_WITHOUT_FEEDER);
         }
         let mut codes = ExitCodes::default();
@@ -1855,10 +1990,11 @@ impl<'t> Walker<'t> {
                     return;
                 };
                 if let Some(queue) = queue.as_ref() {
-                    if run == ConsumerRun::Exec && queue.builtin_feeder.is_none() {
+                    let needs_feeder = queue.builtin_feeder.is_none() && queue.has_feeder();
+                    if run == ConsumerRun::Exec && needs_feeder {
                         self.error(run_value.span(), &key, EXEC_NEEDS_FILE);
                     }
-                    if run == ConsumerRun::Coprocess && queue.builtin_feeder.is_none() {
+                    if run == ConsumerRun::Coprocess && needs_feeder {
                         self.error(run_value.span(), &key, COPROCESS_NEEDS_FILE);
                     }
                 }
@@ -1964,6 +2100,41 @@ impl<'t> Walker<'t> {
             match value.get_ref().as_bool() {
                 Some(flag) => spec.fail_on_dead = flag,
                 None => self.wrong_type(value, &key, "true or false"),
+            }
+        }
+        if let Some(value) = table.get("backend") {
+            let key = child(path, "backend");
+            match self.string(&key, value).as_deref() {
+                Some("feeder") => spec.backend = QueueBackend::Feeder,
+                Some("nats") => spec.backend = QueueBackend::Nats,
+                Some(other) => self.error(
+                    value.span(),
+                    &key,
+                    format!("unknown queue backend {other:?}: expected \"feeder\" or \"nats\""),
+                ),
+                None => {}
+            }
+        }
+        for (name, field) in [("stream", &mut spec.stream), ("subject", &mut spec.subject)] {
+            if let Some(value) = table.get(name) {
+                let key = child(path, name);
+                if let Some(text) = self.non_empty_string(&key, value) {
+                    let bad = if name == "stream" {
+                        text.contains(['.', '*', '>', '/', '\\'])
+                            || text.contains(char::is_whitespace)
+                    } else {
+                        text.contains(char::is_whitespace)
+                            || text
+                                .split('.')
+                                .any(|token| token.is_empty() || token == "*" || token == ">")
+                    };
+                    if bad {
+                        let message = format!("invalid JetStream {name} name {text:?}");
+                        self.error(value.span(), &key, message);
+                    } else {
+                        *field = Some(text);
+                    }
+                }
             }
         }
     }
@@ -3392,6 +3563,9 @@ instances = 1
                 exit_codes: ExitCodes::default(),
                 joblog: None,
                 fail_on_dead: true,
+                backend: QueueBackend::Feeder,
+                stream: None,
+                subject: None,
             })
         );
         assert_eq!(
@@ -3470,6 +3644,91 @@ concurrency = 8
         let queue = config.groups[0].queue.as_ref().expect("a queue group");
         assert_eq!(queue.bind, "[::1]:0");
         assert_eq!(queue.credits, None, "twice the concurrency, at run time");
+    }
+
+    #[test]
+    fn a_queue_group_on_jetstream() {
+        let config = parse_ok(
+            r#"[nats]
+servers = ["nats://10.0.0.5:4222", "nats://10.0.0.6:4222"]
+user = "herd"
+password = "secret"
+replicas = 3
+storage = "memory"
+
+[[group]]
+name = "img.resize"
+command = "/bin/resize"
+[group.queue]
+backend = "nats"
+lease = "10s"
+max_attempts = 4
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 2
+concurrency = 8
+"#,
+        );
+        let group = &config.groups[0];
+        assert_eq!(group.instance_count(), 2, "no feeder instance");
+        let queue = config
+            .jetstream_queue("img.resize")
+            .expect("a JetStream queue");
+        assert_eq!(
+            queue.servers,
+            ["nats://10.0.0.5:4222", "nats://10.0.0.6:4222"]
+        );
+        assert_eq!(
+            queue.auth,
+            crate::protocol::slave::NatsAuth::User {
+                user: "herd".into(),
+                password: "secret".into()
+            }
+        );
+        assert_eq!(queue.stream, "TASKHERD_IMG_RESIZE");
+        assert_eq!(queue.subject, "taskherd.img_resize.jobs");
+        assert_eq!(queue.dead_stream, "TASKHERD_IMG_RESIZE_DEAD");
+        assert_eq!(queue.settings.lease, Duration::from_secs(10));
+        assert_eq!(queue.settings.max_attempts, 4);
+        assert_eq!((queue.replicas, queue.memory), (3, true));
+        assert!(config.jetstream_queue("other").is_none());
+    }
+
+    #[test]
+    fn jetstream_errors() {
+        let group =
+            "[[group]]\nname = \"jobs\"\ncommand = \"/bin/w\"\n[group.local]\ninstances = 1\n";
+        let errors = parse_err(&format!("{group}[group.queue]\nbackend = \"kafka\"\n"));
+        let err = errors
+            .iter()
+            .find(|err| err.key == "group[1].queue.backend")
+            .expect("an error at the backend");
+        assert_error(
+            err,
+            7,
+            "group[1].queue.backend",
+            "expected \"feeder\" or \"nats\"",
+        );
+        let err = only_error(&format!(
+            "{group}[group.queue]\nbackend = \"nats\"\n[group.feeder]\nbind = \"127.0.0.1:0\"\n"
+        ));
+        assert_error(&err, 8, "group[1].feeder", "no feeder instance");
+        let err = only_error(&format!(
+            "{group}[group.queue]\nbackend = \"nats\"\nsubject = \"jobs.*\"\n"
+        ));
+        assert_error(
+            &err,
+            8,
+            "group[1].queue.subject",
+            "invalid JetStream subject",
+        );
+        let err = only_error(&format!("[nats]\nuser = \"a\"\ntoken = \"t\"\n{group}"));
+        assert_error(&err, 1, "nats", "one way to log in");
+        let err = only_error(&format!("[nats]\nreplicas = 7\n{group}"));
+        assert_error(&err, 2, "nats.replicas", "1 to 5");
+        let err = only_error(&format!("[nats]\nserver = \"x\"\n{group}"));
+        assert_error(&err, 2, "nats.server", "servers");
     }
 
     #[test]

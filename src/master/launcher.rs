@@ -144,6 +144,17 @@ pub(crate) async fn run_launcher(
             dead_jobs: Vec::new(),
         };
     }
+    if let Err(err) = super::queue::setup_jetstream(&config, &sink).await {
+        sink.master_event(Level::Critical, format!("cannot start: {err}"))
+            .await;
+        return RunReport {
+            instances: Vec::new(),
+            stop_reason: Some(err.clone()),
+            fatal: Some(err),
+            killed_on_request: Vec::new(),
+            dead_jobs: Vec::new(),
+        };
+    }
     let http = match config
         .http
         .as_ref()

@@ -107,7 +107,9 @@ pub fn plan(config: &Config) -> Plan {
             group_count: group.instance_count(),
             next_group_id: 1,
         };
-        if let Some(queue) = &group.queue {
+        // A JetStream queue has no feeder instance.
+        let jetstream = config.jetstream_queue(&group.name).map(Box::new);
+        if let Some(queue) = group.queue.as_ref().filter(|queue| queue.has_feeder()) {
             match &queue.feeder_host {
                 None => {
                     let process = feeder_process(queue, process_spec(group, &base_dir), |file| {
@@ -151,8 +153,11 @@ pub fn plan(config: &Config) -> Plan {
             for _ in 0..local.instances {
                 let mut spec = placed.instance(&mut next_id, LOCAL_HOST, &process);
                 if let Some(queue) = &group.queue {
-                    spec.identity.queue =
-                        Some(super::queue::consumer_role(queue, local.concurrency));
+                    spec.identity.queue = Some(super::queue::consumer_role(
+                        queue,
+                        local.concurrency,
+                        jetstream.clone(),
+                    ));
                 }
                 plan.local.push(spec);
             }
@@ -167,8 +172,11 @@ pub fn plan(config: &Config) -> Plan {
                     let mut spec = placed.instance(&mut next_id, &host.label, &process);
                     with_host_vars(&mut spec, host);
                     if let Some(queue) = &group.queue {
-                        spec.identity.queue =
-                            Some(super::queue::consumer_role(queue, placement.concurrency));
+                        spec.identity.queue = Some(super::queue::consumer_role(
+                            queue,
+                            placement.concurrency,
+                            jetstream.clone(),
+                        ));
                     }
                     plan.hosts[index].instances.push(spec);
                 }

@@ -4,7 +4,7 @@
 use super::plan::Plan;
 use crate::config::QueueSpec;
 use crate::protocol::queue::random_hex;
-use crate::protocol::slave::{QueueRole, QueueSettings};
+use crate::protocol::slave::{JetStreamQueue, QueueRole, QueueSettings};
 use crate::retry::RetryPolicy;
 use crate::supervise::instance::InstanceSpec;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
@@ -35,8 +35,13 @@ pub fn feeder_role(queue: &QueueSpec, joblog: Option<PathBuf>) -> QueueRole {
     }
 }
 
-/// The role of a consumer with `concurrency`, before [`prepare`].
-pub fn consumer_role(queue: &QueueSpec, concurrency: Option<u32>) -> QueueRole {
+/// The role of a consumer with `concurrency`, before [`prepare`]; a
+/// consumer of a JetStream queue (`jetstream`) has no feeder to wait for.
+pub fn consumer_role(
+    queue: &QueueSpec,
+    concurrency: Option<u32>,
+    jetstream: Option<Box<JetStreamQueue>>,
+) -> QueueRole {
     let concurrency = concurrency.unwrap_or(1).max(1);
     QueueRole::Consumer {
         feeder: queue.bind.clone(),
@@ -46,6 +51,119 @@ pub fn consumer_role(queue: &QueueSpec, concurrency: Option<u32>) -> QueueRole {
             .credits
             .unwrap_or(concurrency.saturating_mul(2))
             .max(concurrency),
+        jetstream,
+    }
+}
+
+/// Creates or checks the streams and the durable consumer of every queue
+/// group on JetStream. A server that cannot be reached now is not fatal:
+/// the master says so and keeps trying in the background while the
+/// consumers wait for it.
+///
+/// # Errors
+/// What retrying cannot fix, as a message naming the group: credentials
+/// the server refuses, an existing stream that contradicts the config,
+/// a server that refuses to create them.
+#[cfg(feature = "nats")]
+pub(crate) async fn setup_jetstream(
+    config: &crate::config::Config,
+    sink: &crate::log::LogSink,
+) -> Result<(), String> {
+    use crate::protocol::slave::Level;
+    use crate::queue::nats::{self, NatsError};
+    for group in &config.groups {
+        let Some(queue) = config.jetstream_queue(&group.name) else {
+            continue;
+        };
+        let name = format!("taskherd master ({})", group.name);
+        let attempt = async {
+            let client = nats::connect(&queue, &name).await?;
+            nats::setup::ensure(&client, &queue).await
+        };
+        match attempt.await {
+            Ok(()) => {
+                sink.master_event(
+                    Level::Info,
+                    format!(
+                        "group {}: JetStream stream {} ready on {}",
+                        group.name,
+                        queue.stream,
+                        queue.servers.join(",")
+                    ),
+                )
+                .await;
+            }
+            Err(err @ NatsError::Unreachable { .. }) => {
+                sink.master_event(
+                    Level::Warning,
+                    format!(
+                        "group {}: {err}; its consumers wait for it, and the streams are \
+                         set up once it answers",
+                        group.name
+                    ),
+                )
+                .await;
+                let sink = sink.clone();
+                let group = group.name.clone();
+                tokio::spawn(async move {
+                    let mut step = 0;
+                    loop {
+                        let delay = crate::backoff::Backoff::doubling(
+                            std::time::Duration::from_millis(200),
+                            std::time::Duration::from_secs(5),
+                            0.25,
+                        )
+                        .delay(step, crate::random::unit());
+                        step = step.saturating_add(1);
+                        tokio::time::sleep(delay).await;
+                        let attempt = async {
+                            let client = nats::connect(&queue, &name).await?;
+                            nats::setup::ensure(&client, &queue).await
+                        };
+                        match attempt.await {
+                            Ok(()) => {
+                                sink.master_event(
+                                    Level::Info,
+                                    format!(
+                                        "group {group}: JetStream stream {} ready",
+                                        queue.stream
+                                    ),
+                                )
+                                .await;
+                                return;
+                            }
+                            Err(NatsError::Unreachable { .. }) => continue,
+                            Err(err) => {
+                                sink.master_event(Level::Error, format!("group {group}: {err}"))
+                                    .await;
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+            Err(err) => return Err(format!("group {}: {err}", group.name)),
+        }
+    }
+    Ok(())
+}
+
+/// Without the `nats` feature no config has JetStream groups that work.
+#[cfg(not(feature = "nats"))]
+pub(crate) async fn setup_jetstream(
+    config: &crate::config::Config,
+    _sink: &crate::log::LogSink,
+) -> Result<(), String> {
+    match config
+        .groups
+        .iter()
+        .find(|group| config.jetstream_queue(&group.name).is_some())
+    {
+        Some(group) => Err(format!(
+            "group {}: backend = \"nats\" needs taskherd built with the `nats` feature",
+            group.name
+        )),
+        None => Ok(()),
     }
 }
 
@@ -273,7 +391,8 @@ concurrency = 3
                     feeder: bind.clone(),
                     secret: secret.clone(),
                     concurrency: 3,
-                    credits: 6
+                    credits: 6,
+                    jetstream: None,
                 })
             );
         }

@@ -89,7 +89,135 @@ pub enum QueueRole {
         concurrency: u32,
         /// Jobs the feeder may send ahead (prefetch), at least `concurrency`.
         credits: u32,
+        /// The group's queue is on NATS JetStream (`[group.queue] backend =
+        /// "nats"`): pull from it instead of a feeder (`feeder` and
+        /// `secret` are empty then).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        jetstream: Option<Box<JetStreamQueue>>,
     },
+}
+
+/// A queue group's queue on NATS JetStream, as its consumers reach it.
+///
+/// The work stream `stream` holds the jobs (subject `subject`, one JSON
+/// value per message); `consumer` is the group's durable pull consumer
+/// (ack wait = `lease`, max deliver = `max_attempts` + 1); dead jobs go to
+/// `dead_stream` on `dead_subject` with their reason in a header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JetStreamQueue {
+    /// Server URLs (`nats://host:4222`), tried in turn.
+    pub servers: Vec<String>,
+    /// How to authenticate.
+    #[serde(default)]
+    pub auth: NatsAuth,
+    /// A CA file to verify the servers' TLS certificates with (TLS is
+    /// required then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The work stream.
+    pub stream: String,
+    /// The subject jobs are published on.
+    pub subject: String,
+    /// The durable pull consumer every consumer of the group shares.
+    pub consumer: String,
+    /// The dead-letter stream.
+    pub dead_stream: String,
+    /// The subject dead jobs are published on.
+    pub dead_subject: String,
+    /// The subject the group's rate governor broadcasts on (slow down,
+    /// pause).
+    pub governor_subject: String,
+    /// Leases, attempts, retries and rate, as for a feeder.
+    pub settings: QueueSettings,
+    /// Replicas of the streams (1, or 3 in a cluster), when created.
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// The streams are kept in memory rather than in files, when created.
+    #[serde(default)]
+    pub memory: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The names of a queue group's JetStream objects, made of its name.
+pub mod nats_names {
+    /// A stream name made of a group's name: `TASKHERD_` + the name in
+    /// upper case, with what stream names cannot hold (`.`, `*`, `>`,
+    /// white space, `/`, `\`) as `_`.
+    pub fn stream(group: &str) -> String {
+        let name: String = group
+            .chars()
+            .map(|c| match c {
+                '.' | '*' | '>' | '/' | '\\' => '_',
+                c if c.is_whitespace() => '_',
+                c => c.to_ascii_uppercase(),
+            })
+            .collect();
+        format!("TASKHERD_{name}")
+    }
+
+    /// A subject token made of a group's name (`.`, `*`, `>` and white
+    /// space as `_`).
+    pub fn subject_token(group: &str) -> String {
+        group
+            .chars()
+            .map(|c| match c {
+                '.' | '*' | '>' => '_',
+                c if c.is_whitespace() => '_',
+                c => c,
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn names_are_made_of_the_group() {
+            assert_eq!(super::stream("jobs"), "TASKHERD_JOBS");
+            assert_eq!(super::stream("img.resize *"), "TASKHERD_IMG_RESIZE__");
+            assert_eq!(super::subject_token("img.resize"), "img_resize");
+        }
+    }
+}
+
+/// How a NATS client authenticates (`[nats]` of the config).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum NatsAuth {
+    /// No credentials.
+    #[default]
+    None,
+    /// A user name and password.
+    User {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A token.
+    Token(String),
+    /// A credentials file (JWT and nkey seed), a path on the consumer's
+    /// host.
+    Creds(std::path::PathBuf),
+    /// An nkey seed file, a path on the consumer's host.
+    Nkey(std::path::PathBuf),
+}
+
+impl NatsAuth {
+    /// Who we are to the server, for error messages: the user, or how we
+    /// authenticate (never a secret).
+    pub fn who(&self) -> String {
+        match self {
+            NatsAuth::None => "no credentials".to_string(),
+            NatsAuth::User { user, .. } => format!("user {user:?}"),
+            NatsAuth::Token(_) => "a token".to_string(),
+            NatsAuth::Creds(path) => format!("credentials file {}", path.display()),
+            NatsAuth::Nkey(path) => format!("nkey seed file {}", path.display()),
+        }
+    }
 }
 
 /// How a feeder treats its jobs.

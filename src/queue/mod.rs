@@ -24,6 +24,8 @@ pub mod governor;
 pub mod joblog;
 pub(crate) mod journal;
 pub mod local;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod options;
 mod peer_warnings;
 pub mod server;

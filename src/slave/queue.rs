@@ -20,7 +20,7 @@ use super::layer;
 use super::link::{self, Outgoing};
 use crate::error_text::{error_chain, panic_text};
 use crate::protocol::slave::{FromSlave, QueueRole, QueueSettings};
-use crate::queue::consumer::{self, ConsumerOptions, JobInfo, JobResult, DEFAULT_GRACE};
+use crate::queue::consumer::{self, ConsumerOptions, JobInfo, JobResult, JobSource, DEFAULT_GRACE};
 use crate::queue::Feeder;
 use crate::retry::Outcome;
 
@@ -271,12 +271,23 @@ impl HandlerQueue {
                 secret,
                 concurrency,
                 credits,
+                jetstream,
             } => {
                 drop(feeder);
                 let options = ConsumerOptions::new(concurrency, credits)
                     .with_grace(consumer_grace(handler.identity().stop_grace))
                     .with_origin(handler.host(), handler.id());
-                run_consumer(&handler, &feeder_addr, &secret, options, consumer)
+                let source = match jetstream {
+                    None => Ok(JobSource::Feeder {
+                        address: feeder_addr,
+                        secret,
+                    }),
+                    #[cfg(feature = "nats")]
+                    Some(queue) => Ok(JobSource::JetStream(Arc::from(queue))),
+                    #[cfg(not(feature = "nats"))]
+                    Some(_) => Err(error_chain(&consumer::ConsumerError::NoNats)),
+                };
+                source.and_then(|source| run_consumer(&handler, &source, options, consumer))
             }
         }));
         let result = played.unwrap_or_else(|payload| Err(panic_text(payload.as_ref())));
@@ -353,8 +364,7 @@ where
 /// blocking pool.
 fn run_consumer<J, C, R>(
     handler: &Arc<Handler>,
-    feeder_addr: &str,
-    secret: &str,
+    source: &JobSource,
     options: ConsumerOptions,
     consumer: C,
 ) -> Result<(), String>
@@ -401,7 +411,7 @@ where
     let consumed = block_on_queue(
         handler,
         blocking_threads,
-        consumer::consume(feeder_addr, secret, &name, options, run, shutdown),
+        consumer::consume_from(source, &name, options, run, shutdown),
     )?;
     match consumed {
         Ok(report) => {
@@ -565,6 +575,7 @@ mod tests {
                 secret: SECRET.into(),
                 concurrency: 2,
                 credits: 4,
+                jetstream: None,
             }),
             ..identity()
         };
@@ -638,6 +649,7 @@ mod tests {
                 secret: SECRET.into(),
                 concurrency: 1,
                 credits: 3,
+                jetstream: None,
             }),
             ..identity()
         };
@@ -717,6 +729,7 @@ mod tests {
                 secret: SECRET.into(),
                 concurrency: 1,
                 credits: 1,
+                jetstream: None,
             }),
             ..identity()
         };

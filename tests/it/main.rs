@@ -22,6 +22,7 @@ mod queue_exec;
 mod queue_faults;
 mod queue_feeders;
 mod queue_hostile;
+mod queue_nats;
 mod queue_options;
 mod queue_results;
 mod readme;

@@ -322,6 +322,7 @@ fn consumers_are_held_until_their_feeder_listens_obeying_meanwhile() {
             secret: String::new(),
             concurrency: 1,
             credits: 2,
+            jetstream: None,
         })
     );
     // The far feeder listens on web1: its consumers left start,

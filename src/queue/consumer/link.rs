@@ -22,10 +22,52 @@ pub(super) enum Attempt {
     Fatal(ConsumerError),
 }
 
-/// Frames read from the feeder.
-pub(super) type FeederRx = FrameReader<OwnedReadHalf, ToConsumer>;
-/// Frames written to the feeder.
-pub(super) type FeederTx = FrameWriter<OwnedWriteHalf, ToFeeder>;
+/// Frames read from the job source: a feeder over TCP, or an in-process
+/// source (the JetStream bridge) that speaks the same frames.
+pub(super) enum FeederRx {
+    /// A feeder's connection.
+    Tcp(FrameReader<OwnedReadHalf, ToConsumer>),
+    /// An in-process source; a closed channel is a closed connection.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    Local(mpsc::UnboundedReceiver<ToConsumer>),
+}
+
+impl FeederRx {
+    /// The next frame, `None` at the end (cancel safe).
+    pub(super) async fn read(&mut self) -> Result<Option<ToConsumer>, ProtocolError> {
+        match self {
+            FeederRx::Tcp(reader) => reader.read().await,
+            FeederRx::Local(frames) => Ok(frames.recv().await),
+        }
+    }
+}
+
+/// Frames written to the job source.
+pub(super) enum FeederTx {
+    /// A feeder's connection.
+    Tcp(FrameWriter<OwnedWriteHalf, ToFeeder>),
+    /// An in-process source, and its task: once the frames end, the
+    /// writer waits for it to finish (its last outcomes sent).
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    Local(mpsc::UnboundedSender<ToFeeder>, tokio::task::JoinHandle<()>),
+}
+
+impl FeederTx {
+    async fn send(&mut self, frame: ToFeeder) -> Result<(), ProtocolError> {
+        match self {
+            FeederTx::Tcp(writer) => writer.send(frame).await,
+            FeederTx::Local(frames, _) => frames.send(frame).map_err(|_| closed()),
+        }
+    }
+}
+
+/// What a closed in-process source reads as.
+fn closed() -> ProtocolError {
+    ProtocolError::Io(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "the job source closed",
+    ))
+}
 
 /// A connection past the handshake.
 pub(super) struct Link {
@@ -83,8 +125,8 @@ pub(super) async fn connect(feeder: &str, secret: &str, name: &str) -> Result<Li
     // Small frames (outcomes, credits) must not wait for Nagle.
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
-    let mut feeder_rx = FeederRx::new(read_half);
-    let mut feeder_tx = FeederTx::new(write_half);
+    let mut feeder_rx = FeederRx::Tcp(FrameReader::new(read_half));
+    let mut feeder_tx = FeederTx::Tcp(FrameWriter::new(write_half));
     let (lease, settles, extends, meta) = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         handshake(&mut feeder_rx, &mut feeder_tx, feeder, secret, name),
@@ -189,9 +231,25 @@ pub(super) async fn read_handshake_frame(feeder_rx: &mut FeederRx) -> Result<ToC
 /// Writes queued frames until the queue closes, feeding all that are ready
 /// and flushing once; then shuts the write half down.
 pub(super) async fn write_frames(
-    mut feeder_tx: FeederTx,
+    feeder_tx: FeederTx,
     mut frames_rx: mpsc::UnboundedReceiver<ToFeeder>,
 ) -> Result<(), ProtocolError> {
+    let mut feeder_tx = match feeder_tx {
+        FeederTx::Tcp(writer) => writer,
+        FeederTx::Local(source, task) => {
+            while let Some(frame) = frames_rx.recv().await {
+                source.send(frame).map_err(|_| closed())?;
+            }
+            drop(source);
+            // The source ends with our frames: wait until it has acted
+            // on the last ones.
+            return task.await.map_err(|err| {
+                ProtocolError::Io(std::io::Error::other(format!(
+                    "the job source failed: {err}"
+                )))
+            });
+        }
+    };
     while let Some(first) = frames_rx.recv().await {
         let mut next = Some(first);
         while let Some(frame) = next.take() {

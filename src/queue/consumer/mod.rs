@@ -383,6 +383,94 @@ pub enum ConsumerError {
     /// No randomness for the handshake nonce.
     #[error("cannot make a handshake nonce")]
     Nonce(#[source] std::io::Error),
+    /// NATS refused us (credentials): retrying cannot help.
+    #[cfg(feature = "nats")]
+    #[error(transparent)]
+    Nats(crate::queue::nats::NatsError),
+    /// The group's queue is on JetStream and this program was built
+    /// without taskherd's `nats` feature.
+    #[error(
+        "the queue group is on NATS JetStream: build this program with taskherd's `nats` feature"
+    )]
+    NoNats,
+}
+
+/// Where a consumer's jobs come from.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum JobSource {
+    /// The group's feeder at `address` (`host:port`), to whom we prove
+    /// the per-run `secret`.
+    Feeder {
+        /// The feeder's address.
+        address: String,
+        /// The per-run secret.
+        secret: String,
+    },
+    /// The group's queue on NATS JetStream.
+    #[cfg(feature = "nats")]
+    JetStream(std::sync::Arc<crate::protocol::slave::JetStreamQueue>),
+}
+
+impl fmt::Display for JobSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobSource::Feeder { address, .. } => f.write_str(address),
+            #[cfg(feature = "nats")]
+            JobSource::JetStream(queue) => write!(
+                f,
+                "{} stream {}",
+                crate::queue::nats::servers_text(&queue.servers),
+                queue.stream
+            ),
+        }
+    }
+}
+
+/// What a source keeps across its sessions.
+#[derive(Default)]
+struct SourceState {
+    /// The NATS connection, made once.
+    #[cfg(feature = "nats")]
+    nats: Option<crate::queue::nats::bridge::Connection>,
+}
+
+impl JobSource {
+    /// Connects (or opens a session of the JetStream bridge).
+    async fn connect(&self, name: &str, state: &mut SourceState) -> Result<link::Link, Attempt> {
+        #[cfg(not(feature = "nats"))]
+        let SourceState {} = state;
+        match self {
+            JobSource::Feeder { address, secret } => connect(address, secret, name).await,
+            #[cfg(feature = "nats")]
+            JobSource::JetStream(queue) => {
+                use crate::queue::nats::{bridge, NatsError};
+                let classify = |err: NatsError| {
+                    if err.is_transient() {
+                        Attempt::Transient(err.to_string())
+                    } else {
+                        Attempt::Fatal(ConsumerError::Nats(err))
+                    }
+                };
+                bridge::connection(queue, name, &mut state.nats)
+                    .await
+                    .map_err(classify)?;
+                let Some(connection) = &state.nats else {
+                    return Err(Attempt::Transient("no NATS connection".into()));
+                };
+                let (from_bridge, to_bridge, task) =
+                    bridge::open(queue, connection).await.map_err(classify)?;
+                Ok(link::Link {
+                    feeder_rx: link::FeederRx::Local(from_bridge),
+                    feeder_tx: link::FeederTx::Local(to_bridge, task),
+                    lease: queue.settings.lease,
+                    settles: false,
+                    extends: true,
+                    meta: false,
+                })
+            }
+        }
+    }
 }
 
 /// Pulls jobs from the feeder at `feeder_addr` and runs them with `run`
@@ -408,7 +496,6 @@ pub enum ConsumerError {
 /// handing back the jobs held (the feeder redelivers them when their
 /// leases expire or it sees the connection close). Cancel `shutdown`
 /// instead.
-#[tracing::instrument(name = "consumer", skip_all, fields(feeder = %feeder_addr, name = %name))]
 pub async fn consume<J, F, Fut>(
     feeder_addr: &str,
     secret: &str,
@@ -423,6 +510,35 @@ where
     Fut: Future + Send + 'static,
     Fut::Output: Into<JobResult>,
 {
+    let source = JobSource::Feeder {
+        address: feeder_addr.to_string(),
+        secret: secret.to_string(),
+    };
+    consume_from(&source, name, options, run, shutdown).await
+}
+
+/// [`consume`] from any [`JobSource`]: the group's feeder, or its
+/// JetStream queue (feature `nats`), with the same rules and outcomes.
+///
+/// # Errors
+/// As [`consume`]; on JetStream, credentials the server refuses
+/// ([`ConsumerError::Nats`]). A server that is down or lost is waited
+/// for (logged once per outage).
+#[tracing::instrument(name = "consumer", skip_all, fields(feeder = %source, name = %name))]
+pub async fn consume_from<J, F, Fut>(
+    source: &JobSource,
+    name: &str,
+    options: ConsumerOptions,
+    run: F,
+    shutdown: CancellationToken,
+) -> Result<ConsumerReport, ConsumerError>
+where
+    J: DeserializeOwned + Send + 'static,
+    F: Fn(J, JobInfo) -> Fut + Send + Sync + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Into<JobResult>,
+{
+    let mut state = SourceState::default();
     let mut runner = Runner::new(run, &options);
     let mut reconnects = Reconnects::default();
     // When the feeder became unreachable, so an outage is logged once.
@@ -431,7 +547,7 @@ where
 
     loop {
         let link = {
-            let attempt = connect(feeder_addr, secret, name);
+            let attempt = source.connect(name, &mut state);
             tokio::pin!(attempt);
             let outcome = loop {
                 tokio::select! {

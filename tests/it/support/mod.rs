@@ -3,6 +3,7 @@
 //! that nothing it started is left behind.
 
 pub mod http;
+pub mod nats;
 pub mod netns;
 pub mod sshd;
 
