@@ -91,7 +91,7 @@
 #   BENCH_NO_BUILD=1 scripts/bench.sh # use the release builds as they are (no cargo)
 #   CARGO_TARGET_DIR=DIR scripts/bench.sh     # builds there and runs those builds (absolute, or
 #                                             # relative to the current directory, as cargo has it)
-#   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable exec nats scale
+#   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable exec http nats scale
 #   BENCH_NATS_JOBS=100000            # jobs of the JetStream rows (default 100 000)
 #   BENCH_ONLY=scale scripts/bench.sh # the scale rows (8. below; not in the default set)
 #   BENCH_ONLY=http scripts/bench.sh  # the HTTP rows (9. below; not in the default set)
