@@ -2,6 +2,7 @@
 //! each in a file of its own.
 
 pub mod check;
+pub mod control;
 pub mod diagnostics;
 pub mod exec;
 pub mod queue;
