@@ -20,56 +20,16 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use taskherd::config::{RestartPolicy, RestartSpec};
 use taskherd::log::{InstanceLabel, LogRecord, LogSink, Stream};
 use taskherd::protocol::agent::{time_of, FromAgent, ToAgent};
-use taskherd::protocol::slave::Identity;
 use taskherd::protocol::{Connection, PROTOCOL_VERSION};
 use taskherd::supervise::instance::{self, InstanceSpec, Supervision};
-use taskherd::supervise::process::ProcessSpec;
 use taskherd::supervise::shutdown::Shutdown;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 fn spec(id: u32, script: &str) -> InstanceSpec {
-    InstanceSpec {
-        label: Arc::new(InstanceLabel {
-            group: "bench".into(),
-            host: "localhost".into(),
-            command: "sh".into(),
-            id,
-            group_id: id,
-        }),
-        process: ProcessSpec {
-            program: "sh".into(),
-            args: vec!["-c".into(), script.into()],
-            env: vec![],
-            cwd: None,
-            own_executable: false,
-        },
-        identity: Identity {
-            vars: Default::default(),
-            id,
-            group_id: id,
-            group_count: 1,
-            group: "bench".into(),
-            host: "localhost".into(),
-            params: serde_json::json!({}),
-            timeout: None,
-            stop_grace: Duration::from_secs(5),
-            max_jobs: None,
-            queue: None,
-        },
-        plain_timeout: None,
-        stop_grace: Duration::from_secs(5),
-        restart: RestartSpec {
-            policy: RestartPolicy::Never,
-            ..RestartSpec::default()
-        },
-        max_lifetime: None,
-        health: None,
-        limits: Default::default(),
-    }
+    InstanceSpec::shell("bench", "localhost", id, 1, script)
 }
 
 /// Counts the output lines that reach the sink until it closes.

@@ -345,52 +345,11 @@ fn watch_agent_signals(shutdown: Shutdown) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RestartSpec;
-    use crate::log::InstanceLabel;
-    use crate::protocol::slave::Identity;
+
     use crate::supervise::instance::{InstanceEnd, InstanceSpec};
-    use crate::supervise::process::ProcessSpec;
-    use std::sync::Arc;
 
     fn spec(id: u32, script: &str) -> InstanceSpec {
-        InstanceSpec {
-            label: Arc::new(InstanceLabel {
-                group: "g".into(),
-                host: "h".into(),
-                command: "sh".into(),
-                id,
-                group_id: id,
-            }),
-            process: ProcessSpec {
-                program: "sh".into(),
-                args: vec!["-c".into(), script.into()],
-                env: vec![],
-                cwd: None,
-                own_executable: false,
-            },
-            identity: Identity {
-                vars: Default::default(),
-                id,
-                group_id: id,
-                group_count: 2,
-                group: "g".into(),
-                host: "h".into(),
-                params: serde_json::json!({}),
-                timeout: None,
-                stop_grace: Duration::from_secs(5),
-                max_jobs: None,
-                queue: None,
-            },
-            plain_timeout: None,
-            stop_grace: Duration::from_secs(5),
-            restart: RestartSpec {
-                policy: crate::config::RestartPolicy::Never,
-                ..RestartSpec::default()
-            },
-            max_lifetime: None,
-            health: None,
-            limits: Default::default(),
-        }
+        InstanceSpec::shell("g", "h", id, 2, script)
     }
 
     /// Plays the master over in-memory pipes.

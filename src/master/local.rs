@@ -144,54 +144,17 @@ impl LocalHost {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RestartPolicy, RestartSpec};
-    use crate::log::{InstanceLabel, LogSink};
-    use crate::protocol::slave::Identity;
+
+    use crate::log::LogSink;
+
     use crate::supervise::instance::{EventKind, InstanceEnd, InstanceSpec};
-    use crate::supervise::process::ProcessSpec;
+
     use crate::supervise::shutdown::Shutdown;
-    use std::sync::Arc;
+
     use std::time::Duration;
 
     fn spec(id: u32, script: &str) -> InstanceSpec {
-        InstanceSpec {
-            label: Arc::new(InstanceLabel {
-                group: "g".into(),
-                host: "localhost".into(),
-                command: "sh".into(),
-                id,
-                group_id: id,
-            }),
-            process: ProcessSpec {
-                program: "sh".into(),
-                args: vec!["-c".into(), script.into()],
-                env: vec![],
-                cwd: None,
-                own_executable: false,
-            },
-            identity: Identity {
-                vars: Default::default(),
-                id,
-                group_id: id,
-                group_count: 2,
-                group: "g".into(),
-                host: "localhost".into(),
-                params: serde_json::json!({}),
-                timeout: None,
-                stop_grace: Duration::from_secs(5),
-                max_jobs: None,
-                queue: None,
-            },
-            plain_timeout: None,
-            stop_grace: Duration::from_secs(5),
-            restart: RestartSpec {
-                policy: RestartPolicy::Never,
-                ..RestartSpec::default()
-            },
-            max_lifetime: None,
-            health: None,
-            limits: Default::default(),
-        }
+        InstanceSpec::shell("g", "localhost", id, 2, script)
     }
 
     #[tokio::test]

@@ -109,6 +109,55 @@ pub struct InstanceSpec {
     pub limits: Limits,
 }
 
+impl InstanceSpec {
+    /// Instance `id` (of `group_count`) of `group` on `host` that runs
+    /// `sh -c script` once (restart policy `never`), with a config's
+    /// defaults otherwise: a 5 s stop grace, no timeout, no parameters,
+    /// no health check, no limits. For programs and tests that supervise a
+    /// shell command without a config.
+    pub fn shell(group: &str, host: &str, id: u32, group_count: u32, script: &str) -> Self {
+        const STOP_GRACE: Duration = Duration::from_secs(5);
+        InstanceSpec {
+            label: Arc::new(InstanceLabel {
+                group: group.into(),
+                host: host.into(),
+                command: "sh".into(),
+                id,
+                group_id: id,
+            }),
+            process: ProcessSpec {
+                program: "sh".into(),
+                args: vec!["-c".into(), script.into()],
+                env: vec![],
+                cwd: None,
+                own_executable: false,
+            },
+            identity: Identity {
+                vars: Default::default(),
+                id,
+                group_id: id,
+                group_count,
+                group: group.into(),
+                host: host.into(),
+                params: serde_json::json!({}),
+                timeout: None,
+                stop_grace: STOP_GRACE,
+                max_jobs: None,
+                queue: None,
+            },
+            plain_timeout: None,
+            stop_grace: STOP_GRACE,
+            restart: RestartSpec {
+                policy: RestartPolicy::Never,
+                ..RestartSpec::default()
+            },
+            max_lifetime: None,
+            health: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
 /// Who an instance runs as and the resource limits it runs under (keys
 /// `user` and `group` of a group, and its `[group.limits]`), applied on
 /// the instance's host at each start. Switching user or group needs the

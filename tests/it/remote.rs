@@ -4,7 +4,7 @@
 
 use crate::support::netns::NetNs;
 use crate::support::sshd::{self, SshHost, SshWorld};
-use crate::support::{taskherd_bin, Herd};
+use crate::support::{describe, taskherd_bin, Herd};
 use std::time::{Duration, Instant};
 
 /// The `[master]` and `[ssh]` tables of a test herd. Hosts are this
@@ -48,16 +48,7 @@ pub(crate) fn assert_host_clean(host: &SshHost) {
             return;
         }
         if Instant::now() >= deadline {
-            let described: Vec<String> = left
-                .iter()
-                .map(|pid| {
-                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    format!(
-                        "{pid}: {}",
-                        String::from_utf8_lossy(&cmd).replace('\0', " ")
-                    )
-                })
-                .collect();
+            let described: Vec<String> = left.iter().map(|pid| describe(*pid)).collect();
             panic!("left on host {}: {described:?}", host.alias());
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -834,20 +825,17 @@ fn gone_within_5s(what: &str, left: impl Fn() -> Vec<i32>) {
             return;
         }
         if Instant::now() >= deadline {
-            let described: Vec<String> = pids
-                .iter()
-                .map(|pid| {
-                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    format!(
-                        "{pid}: {}",
-                        String::from_utf8_lossy(&cmd).replace('\0', " ")
-                    )
-                })
-                .collect();
+            let described: Vec<String> = pids.iter().map(|pid| describe(*pid)).collect();
             panic!("5 s after the kill, left {what}: {described:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether process `pid`'s command line starts with `prefix` (`b"sleep\0"`:
+/// the program is `sleep`).
+fn command_starts_with(pid: i32, prefix: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| cmd.starts_with(prefix))
 }
 
 #[test]
@@ -876,10 +864,7 @@ instances = 2
     let mut herd = Herd::new(&config);
     let sleeps = |pids: Vec<i32>| -> usize {
         pids.into_iter()
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|cmd| cmd.starts_with(b"sleep\0"))
-            })
+            .filter(|pid| command_starts_with(*pid, b"sleep\0"))
             .count()
     };
     for round in 1..=3 {
@@ -901,10 +886,7 @@ instances = 2
         // when that does (below).
         let not_sshd = |pids: Vec<i32>| -> Vec<i32> {
             pids.into_iter()
-                .filter(|pid| {
-                    !std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|cmd| cmd.starts_with(b"sshd"))
-                })
+                .filter(|pid| !command_starts_with(*pid, b"sshd"))
                 .collect()
         };
         gone_within_5s("on the remote host", || not_sshd(host.processes()));
@@ -914,10 +896,7 @@ instances = 2
         gone_within_5s("on the master's host", || {
             herd.marked_processes()
                 .into_iter()
-                .filter(|pid| {
-                    !std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|cmd| cmd.starts_with(b"ssh\0"))
-                })
+                .filter(|pid| !command_starts_with(*pid, b"ssh\0"))
                 .collect()
         });
         herd.assert_no_leftovers();
@@ -951,10 +930,7 @@ instances = 2
     let sleeps = || -> Vec<i32> {
         host.processes()
             .into_iter()
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|cmd| cmd.starts_with(b"sleep\0"))
-            })
+            .filter(|pid| command_starts_with(*pid, b"sleep\0"))
             .collect()
     };
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -346,10 +346,7 @@ async fn action(
         query.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
     // `{group}` is a group, or one instance of it (`web:2`) for start,
     // stop and restart.
-    let target: Target = match group.parse() {
-        Ok(target) => target,
-        Err(never) => match never {},
-    };
+    let Ok(target) = group.parse::<Target>();
     let whole_group = |verb: &str| {
         if target.id.is_some() {
             Err(ApiError::new(

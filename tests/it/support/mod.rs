@@ -428,7 +428,8 @@ impl Drop for Herd {
     }
 }
 
-fn describe(pid: i32) -> String {
+/// `PID: its command line`, for messages about processes left behind.
+pub fn describe(pid: i32) -> String {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     format!(
         "{pid}: {}",
