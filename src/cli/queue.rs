@@ -120,11 +120,20 @@ pub(crate) fn run(command: QueueCommand) -> anyhow::Result<ExitCode> {
                     *job = serde_json::value::RawValue::from_string(text)?;
                 }
             }
-            let added = FileFeeder::push_raw(&file, jobs.iter().map(|job| job.as_ref()))
+            let ids = FileFeeder::add_raw(&file, jobs.iter().map(|job| job.as_ref()))
                 .with_context(|| {
                     format!("cannot add jobs to {} (none was added)", file.display())
                 })?;
-            println!("{}: added {}", file.display(), jobs_text(added as u64));
+            let shown = match ids.end - ids.start {
+                0 => String::new(),
+                1 => format!(" (id {})", ids.start),
+                _ => format!(" (ids {} to {})", ids.start, ids.end - 1),
+            };
+            println!(
+                "{}: added {}{shown}",
+                file.display(),
+                jobs_text(ids.end - ids.start)
+            );
         }
         QueueCommand::List {
             file, json, jobs, ..

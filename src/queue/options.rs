@@ -167,6 +167,29 @@ impl JobOptions {
         self
     }
 
+    /// What a job on a JetStream queue keeps of these options: its start
+    /// time (Unix ms, a delay counted from `now_ms`) and its unique key.
+    ///
+    /// # Errors
+    /// The option a JetStream queue does not take (the group's retry
+    /// settings apply there, and jobs run in order): its name.
+    pub(crate) fn jetstream(
+        &self,
+        now_ms: u64,
+    ) -> Result<(Option<u64>, Option<&str>), &'static str> {
+        let unsupported = [
+            ("retry", self.retry_ms.is_some()),
+            ("retry_every", self.retry_every_ms.is_some()),
+            ("retry_until", self.retry_until_ms.is_some()),
+            ("priority", self.priority != 0),
+        ];
+        if let Some((name, _)) = unsupported.iter().find(|(_, given)| *given) {
+            return Err(name);
+        }
+        let resolved = self.clone().resolved(now_ms);
+        Ok((resolved.at_ms, self.unique.as_deref()))
+    }
+
     /// The same options with a delay turned into a start time counted
     /// from now (what [`FileFeeder::push_with`](super::feeders::FileFeeder::push_with)
     /// does before it writes them).

@@ -4,26 +4,34 @@
 //! A group takes jobs this way when the master can reach its queue: a
 //! queue group fed by the built-in durable file queue on the master's
 //! host (`[group.feeder] file`), whose inbox `taskherd queue add` writes
-//! too ([`JobTarget::File`]). Other backends (JetStream) are further
-//! [`JobTarget`] variants.
+//! too ([`JobTarget::File`]), or one on JetStream (`backend = "nats"`,
+//! [`JobTarget::JetStream`]).
 //!
 //! Each file queue has one intake task: requests hand it their jobs over
 //! a bounded channel; it takes every request waiting, appends all their
 //! jobs to the inbox in one write and one sync (on the blocking pool),
-//! then answers each. Concurrent single-job requests share a sync.
+//! then answers each. Concurrent single-job requests share a sync. The
+//! ids are the queue's own, reserved by the write (`<queue>.ids`, see
+//! `queue::durable::inbox`): no feeder needs to be running.
+//!
+//! Jobs for JetStream are published by [`producer::publish`] (what
+//! `taskherd queue add` uses), on one client per stream kept by the
+//! master, and answered once the stream acknowledged each: their ids are
+//! their stream sequences.
 
 use super::super::herd::Board;
 use super::ApiError;
-use crate::config::{BuiltinFeeder, Config};
+use crate::config::{BuiltinFeeder, Config, QueueBackend};
 use crate::error_text::error_chain;
-use crate::queue::options::{envelope_text, split_envelope};
+use crate::protocol::slave::JetStreamQueue;
+use crate::queue::nats::{self, producer};
+use crate::queue::options::{envelope_text, split_envelope, JobOptions};
 use axum::http::StatusCode;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 /// Requests waiting for one intake task, at most.
@@ -36,14 +44,13 @@ const COMMIT_BYTES: usize = 16 << 20;
 const INTAKE_WAIT: Duration = Duration::from_secs(10);
 
 /// Where a group's jobs go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum JobTarget {
     /// The inbox of the durable file queue at this path, on the master's
     /// host.
     File(PathBuf),
-    // A JetStream stream (issue 13) plugs in here: the master knows its
-    // stream and subject from the config; `Intakes::enqueue` publishes
-    // there and answers once the stream acknowledged.
+    /// A JetStream work stream (`backend = "nats"`).
+    JetStream(Box<JetStreamQueue>),
 }
 
 /// Where `group`'s jobs go, or why it takes none this way.
@@ -67,6 +74,12 @@ pub(crate) fn target_of(config: &Config, group: &str) -> Result<JobTarget, ApiEr
     let Some(queue) = &spec.queue else {
         return refuse("it is not a queue group".into());
     };
+    if queue.backend == QueueBackend::Nats {
+        return match config.jetstream_queue(group) {
+            Some(queue) => Ok(JobTarget::JetStream(Box::new(queue))),
+            None => refuse("its JetStream queue is not configured".into()),
+        };
+    }
     match (&queue.builtin_feeder, &queue.feeder_host) {
         (Some(BuiltinFeeder::File(path)), None) => {
             Ok(JobTarget::File(config.base_dir().join(path)))
@@ -101,6 +114,32 @@ pub(crate) fn target_of(config: &Config, group: &str) -> Result<JobTarget, ApiEr
 /// 400 for a body that is not JSON, an empty array, or wrong options
 /// (naming the job).
 pub(crate) fn parse_jobs(body: &[u8]) -> Result<(Vec<u8>, usize), ApiError> {
+    let jobs = split_jobs(body)?;
+    let mut lines = Vec::with_capacity(body.len() + jobs.len());
+    for (index, (job, options)) in jobs.iter().enumerate() {
+        let named = |why: String| bad_job(index, why);
+        match options {
+            Some(options) => {
+                let text = envelope_text(job, &options.clone().resolved_now())
+                    .map_err(|err| named(err.to_string()))?;
+                push_line(&mut lines, &text).map_err(named)?;
+            }
+            None => push_line(&mut lines, job.get()).map_err(named)?,
+        }
+    }
+    Ok((lines, jobs.len()))
+}
+
+/// 400 naming job `index` (counted from 0).
+fn bad_job(index: usize, why: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, format!("job {}: {why}", index + 1))
+}
+
+/// The jobs of a request body with their options (see [`parse_jobs`]).
+///
+/// # Errors
+/// As [`parse_jobs`].
+fn split_jobs(body: &[u8]) -> Result<Vec<(Box<RawValue>, Option<JobOptions>)>, ApiError> {
     let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, message);
     let text =
         std::str::from_utf8(body).map_err(|err| bad(format!("the body is not UTF-8: {err}")))?;
@@ -119,19 +158,46 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<(Vec<u8>, usize), ApiError> {
     if jobs.is_empty() {
         return Err(bad("the array holds no job".into()));
     }
-    let mut lines = Vec::with_capacity(body.len() + jobs.len());
-    for (index, job) in jobs.iter().enumerate() {
-        let named = |why: String| bad(format!("job {}: {why}", index + 1));
-        match split_envelope(job.get()).map_err(named)? {
-            Some((payload, options)) => {
-                let text = envelope_text(&payload, &options.resolved_now())
-                    .map_err(|err| named(err.to_string()))?;
-                push_line(&mut lines, &text).map_err(named)?;
-            }
-            None => push_line(&mut lines, job.get()).map_err(named)?,
-        }
-    }
-    Ok((lines, jobs.len()))
+    jobs.into_iter()
+        .enumerate()
+        .map(|(index, job)| match split_envelope(job.get()) {
+            Ok(Some((payload, options))) => Ok((payload, Some(options))),
+            Ok(None) => Ok((job, None)),
+            Err(why) => Err(bad_job(index, why)),
+        })
+        .collect()
+}
+
+/// The jobs of a request body for a JetStream queue: each with its start
+/// time (a delay counted from now) and unique key.
+///
+/// # Errors
+/// As [`parse_jobs`]; 400 for an option JetStream does not take, naming
+/// the job.
+fn jetstream_jobs(
+    body: &[u8],
+) -> Result<Vec<(Box<RawValue>, Option<SystemTime>, Option<String>)>, ApiError> {
+    let now = crate::protocol::millis::now();
+    split_jobs(body)?
+        .into_iter()
+        .enumerate()
+        .map(|(index, (job, options))| {
+            let Some(options) = options else {
+                return Ok((job, None, None));
+            };
+            let (at_ms, unique) = options.jetstream(now).map_err(|name| {
+                bad_job(
+                    index,
+                    format!(
+                        "option {name:?} is not taken by a JetStream queue \
+                         (the group's retry settings apply; jobs run in order)"
+                    ),
+                )
+            })?;
+            let not_before = at_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+            Ok((job, not_before, unique.map(str::to_owned)))
+        })
+        .collect()
 }
 
 /// Appends one JSON text as one line (pretty JSON made compact).
@@ -150,35 +216,31 @@ fn push_line(lines: &mut Vec<u8>, text: &str) -> Result<(), String> {
 struct Batch {
     /// One JSON line per job.
     lines: Vec<u8>,
-    /// Told once the jobs are durable (or why not).
-    done: oneshot::Sender<Result<(), String>>,
+    /// How many jobs (lines).
+    count: u64,
+    /// Told the first job's id once the jobs are durable (or why not).
+    done: oneshot::Sender<Result<u64, String>>,
 }
 
-/// Every queue's intake, started on first use; and the receipt ids.
+/// Every queue's intake, started on first use.
 pub(crate) struct Intakes {
     /// The core: the current config says where a group's jobs go.
     board: Board,
     /// The intake task of each file queue.
     files: Mutex<BTreeMap<PathBuf, mpsc::Sender<Batch>>>,
-    /// Prefix of this run's receipt ids.
-    run: String,
-    /// The next receipt number.
-    next: AtomicU64,
+    /// A NATS client per JetStream stream, connected on first use (it
+    /// reconnects by itself afterwards).
+    streams: tokio::sync::Mutex<BTreeMap<String, async_nats::Client>>,
     /// Jobs accepted per group, for the metrics.
     accepted: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Intakes {
     pub(crate) fn new(board: Board) -> Self {
-        let mut bytes = [0u8; 4];
-        if getrandom::fill(&mut bytes).is_err() {
-            bytes = std::process::id().to_le_bytes();
-        }
         Intakes {
             board,
             files: Mutex::new(BTreeMap::new()),
-            run: crate::error_text::hex(&bytes),
-            next: AtomicU64::new(1),
+            streams: tokio::sync::Mutex::new(BTreeMap::new()),
             accepted: Mutex::new(BTreeMap::new()),
         }
     }
@@ -191,31 +253,88 @@ impl Intakes {
             .clone()
     }
 
-    /// Adds the jobs of `body` to `group`'s queue; returns their receipt
-    /// ids once they are durable. All or nothing.
+    /// Adds the jobs of `body` to `group`'s queue; returns their ids (the
+    /// ones the queue, its consumers and `taskherd queue list` know them
+    /// by) once they are durable. All or nothing.
     ///
     /// # Errors
     /// As [`target_of`] and [`parse_jobs`]; 503 when the queue's intake is
     /// busy, 500 when the jobs cannot be written (none was added).
-    pub(crate) async fn enqueue(&self, group: &str, body: &[u8]) -> Result<Vec<String>, ApiError> {
+    pub(crate) async fn enqueue(&self, group: &str, body: &[u8]) -> Result<Vec<u64>, ApiError> {
         let target = target_of(self.board.lock().config(), group)?;
-        let (lines, count) = parse_jobs(body)?;
-        match target {
-            JobTarget::File(path) => self.add_to_file(path, lines).await?,
-        }
+        let ids: Vec<u64> = match target {
+            JobTarget::File(path) => {
+                let (lines, count) = parse_jobs(body)?;
+                let first = self.add_to_file(path, lines, count as u64).await?;
+                (first..first + count as u64).collect()
+            }
+            JobTarget::JetStream(queue) => {
+                let jobs = jetstream_jobs(body)?;
+                self.publish(&queue, &jobs).await?
+            }
+        };
+        let count = ids.len();
         *self
             .accepted
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(group.to_string())
             .or_default() += count as u64;
-        let first = self.next.fetch_add(count as u64, Ordering::Relaxed);
-        Ok((first..first + count as u64)
-            .map(|n| format!("{}-{n}", self.run))
-            .collect())
+        Ok(ids)
     }
 
-    async fn add_to_file(&self, path: PathBuf, lines: Vec<u8>) -> Result<(), ApiError> {
+    /// Publishes `jobs` on the JetStream `queue`; returns their stream
+    /// sequences once the stream acknowledged each (a duplicate of a
+    /// unique key gets the sequence of the job already there).
+    ///
+    /// # Errors
+    /// 503 when the server cannot be reached or the stream does not take
+    /// a job (the jobs before it were added: the message says how many).
+    async fn publish(
+        &self,
+        queue: &JetStreamQueue,
+        jobs: &[(Box<RawValue>, Option<SystemTime>, Option<String>)],
+    ) -> Result<Vec<u64>, ApiError> {
+        let unavailable = |why: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why);
+        let client = {
+            let mut streams = self.streams.lock().await;
+            match streams.get(&queue.stream) {
+                Some(client) => client.clone(),
+                None => {
+                    let client = nats::connect(queue, "taskherd http").await.map_err(|err| {
+                        unavailable(format!("no job was added: {}", error_chain(&err)))
+                    })?;
+                    streams.insert(queue.stream.clone(), client.clone());
+                    client
+                }
+            }
+        };
+        let publications: Vec<producer::Publication<'_>> = jobs
+            .iter()
+            .map(|(job, not_before, unique)| {
+                producer::Publication::new(job, *not_before, unique.as_deref())
+            })
+            .collect();
+        let published = producer::publish(&client, queue, publications)
+            .await
+            .map_err(|err| {
+                tracing::error!(stream = %queue.stream, cause = %error_chain(&err), "cannot publish jobs posted over HTTP");
+                unavailable(format!(
+                    "{} (the jobs before the one refused may have been added)",
+                    error_chain(&err)
+                ))
+            })?;
+        Ok(published.iter().map(|job| job.sequence).collect())
+    }
+
+    /// Adds `count` jobs (`lines`) to the file queue at `path`; returns
+    /// the first one's id once they are synced.
+    async fn add_to_file(
+        &self,
+        path: PathBuf,
+        lines: Vec<u8>,
+        count: u64,
+    ) -> Result<u64, ApiError> {
         let intake = {
             let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
             files
@@ -230,6 +349,7 @@ impl Intakes {
         let (done_tx, done_rx) = oneshot::channel();
         let batch = Batch {
             lines,
+            count,
             done: done_tx,
         };
         let busy = || {
@@ -243,7 +363,7 @@ impl Intakes {
             Ok(Err(_)) | Err(_) => return Err(busy()),
         }
         match done_rx.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(first)) => Ok(first),
             Ok(Err(why)) => Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("no job was added: {why}"),
@@ -278,15 +398,21 @@ async fn file_intake(path: PathBuf, mut batches_rx: mpsc::Receiver<Batch>) {
         })
         .await;
         let result = match written {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(ids)) => Ok(ids.start),
             Ok(Err(err)) => Err(error_chain(&err)),
             Err(err) => Err(format!("the writer failed: {err}")),
         };
         if let Err(why) = &result {
             tracing::error!(path = %path.display(), cause = %why, "cannot add jobs posted over HTTP");
         }
+        // The requests' jobs were written in their order: each gets its
+        // slice of the ids.
+        let mut next = result.clone();
         for batch in batches {
-            let _ = batch.done.send(result.clone());
+            let _ = batch.done.send(next.clone());
+            if let Ok(first) = &mut next {
+                *first += batch.count;
+            }
         }
     }
 }

@@ -14,7 +14,7 @@
 //! file is removed and the next generation may start.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,13 +65,22 @@ pub(crate) fn taking_path(path: &Path, generation: u64) -> PathBuf {
     sibling(path, &format!(".inbox.{generation}"))
 }
 
-/// Appends whole JSON lines to the inbox of the queue at `path` and syncs.
-/// All or nothing: after an error (a full disk) the inbox is cut back to
-/// where it was.
-///
-/// # Errors
-/// [`LocalQueueError::Io`].
-pub(crate) fn append(path: &Path, lines: &[u8]) -> Result<()> {
+/// `<path>.ids`: the next job id of the queue at `path`, reserved by
+/// whoever adds jobs (producers, and the owner for jobs it makes itself)
+/// under the inbox's lock.
+pub(crate) fn ids_path(path: &Path) -> PathBuf {
+    sibling(path, ".ids")
+}
+
+/// Width of the number in `<path>.ids` (always written whole, in one
+/// write of a few bytes).
+const IDS_WIDTH: usize = 20;
+
+/// Runs `write` on the inbox of the queue at `path` under its exclusive
+/// `flock`, with its length after any torn tail was cut. The lock also
+/// guards `<path>.ids`: every producer holding it holds the inbox that the
+/// path names now.
+fn with_inbox<T>(path: &Path, mut write: impl FnMut(&File, u64) -> Result<T>) -> Result<T> {
     let inbox = inbox_path(path);
     let io = |source| io_error(&inbox, source);
     for _ in 0..OPEN_ATTEMPTS {
@@ -92,8 +101,110 @@ pub(crate) fn append(path: &Path, lines: &[u8]) -> Result<()> {
             Err(source) => return Err(io(source)),
         }
         let len = cut_torn_tail(&file, &inbox).map_err(io)?;
+        return write(&file, len);
+    }
+    Err(io(io::Error::other("the inbox kept being replaced")))
+}
+
+/// Takes `count` ids from `<path>.ids`, durably, under the inbox's lock
+/// (held by the caller); returns the first. Without the file, ids start
+/// after those of the journal (read without locking it) and `floor` (the
+/// owner's next id).
+fn reserve_locked(path: &Path, count: u64, floor: Option<u64>) -> Result<u64> {
+    let ids = ids_path(path);
+    let io = |source| io_error(&ids, source);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&ids)
+        .map_err(io)?;
+    let mut text = Vec::new();
+    (&file).read_to_end(&mut text).map_err(io)?;
+    let stored = if text.is_empty() {
+        None
+    } else {
+        let number = std::str::from_utf8(&text)
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .filter(|&next| next > 0);
+        match number {
+            Some(next) => Some(next),
+            None => {
+                return Err(io(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a job id counter (a number of up to 20 digits); \
+                     remove it only if the queue's journal and inbox are gone too",
+                )))
+            }
+        }
+    };
+    let first = match (stored, floor) {
+        (Some(next), floor) => next.max(floor.unwrap_or(1)),
+        (None, Some(floor)) => floor.max(1),
+        (None, None) => match super::store::read_only(path) {
+            Ok(state) => state.next_id.max(1),
+            // A journal of taskherd 0.1: its conversion reserves its ids.
+            Err(LocalQueueError::NotAJournal { .. }) => 1,
+            Err(err) => return Err(err),
+        },
+    };
+    let next = first
+        .checked_add(count)
+        .ok_or_else(|| io(io::Error::other("job ids ran out")))?;
+    let line = format!("{next:0IDS_WIDTH$}\n");
+    file.write_all_at(line.as_bytes(), 0)
+        .and_then(|()| file.set_len(line.len() as u64))
+        .and_then(|()| file.sync_data())
+        .and_then(|()| {
+            if stored.is_none() {
+                files::sync_dir(&ids)
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(io)?;
+    Ok(first)
+}
+
+/// Reserves `count` job ids of the queue at `path` (for jobs its owner
+/// makes itself: dead jobs put back, lines added without an id, a
+/// converted journal); returns the first. `floor`: the owner's next id.
+///
+/// # Errors
+/// [`LocalQueueError::Io`]; a damaged `<path>.ids`.
+pub(crate) fn reserve(path: &Path, count: u64, floor: Option<u64>) -> Result<u64> {
+    with_inbox(path, |_, _| reserve_locked(path, count, floor))
+}
+
+/// Appends whole JSON lines (one job each, compact) to the inbox of the
+/// queue at `path`, each under the id it gets (reserved from
+/// `<path>.ids`, synced first), and syncs; returns the ids. All or
+/// nothing: after an error (a full disk) the inbox is cut back to where it
+/// was (ids reserved then are never used).
+///
+/// # Errors
+/// [`LocalQueueError::Io`]; a damaged `<path>.ids`.
+pub(crate) fn append(path: &Path, lines: &[u8]) -> Result<std::ops::Range<u64>> {
+    let count = memchr::memchr_iter(b'\n', lines).count() as u64;
+    if count == 0 {
+        return Ok(1..1);
+    }
+    let inbox = inbox_path(path);
+    with_inbox(path, |file, len| {
+        let first = reserve_locked(path, count, None)?;
+        let mut numbered = Vec::with_capacity(lines.len() + lines.len() / 8 + 32);
+        let mut id = first;
+        for line in lines.split_inclusive(|&b| b == b'\n') {
+            numbered.push(b'#');
+            numbered.extend_from_slice(id.to_string().as_bytes());
+            numbered.push(b' ');
+            numbered.extend_from_slice(line);
+            id += 1;
+        }
         let written = file
-            .write_all_at(lines, len)
+            .write_all_at(&numbered, len)
             .and_then(|()| file.sync_data())
             .and_then(|()| {
                 if len == 0 {
@@ -106,11 +217,10 @@ pub(crate) fn append(path: &Path, lines: &[u8]) -> Result<()> {
         if let Err(err) = written {
             let _ = file.set_len(len);
             let _ = file.sync_data();
-            return Err(io(err));
+            return Err(io_error(&inbox, err));
         }
-        return Ok(());
-    }
-    Err(io(io::Error::other("the inbox kept being replaced")))
+        Ok(first..first + count)
+    })
 }
 
 /// Truncates `file` after its last newline if it does not end with one
@@ -157,11 +267,14 @@ pub(crate) struct Batch {
     pub(crate) start: u64,
     /// The offset just after the last line of the batch.
     pub(crate) end: u64,
-    /// The jobs, in order, with their options (from an envelope; a delay
-    /// not yet turned into a time).
-    pub(crate) jobs: Vec<(Arc<RawValue>, Option<JobOptions>)>,
-    /// Lines that are not JSON: their text (as a JSON string) and why.
-    pub(crate) rejects: Vec<(Arc<RawValue>, String)>,
+    /// The jobs, in order, with the id reserved for them (a line of the
+    /// inbox; none for a line of a JSON-lines file, numbered by its feeder)
+    /// and their options (from an envelope; a delay not yet turned into a
+    /// time).
+    pub(crate) jobs: Vec<(Option<u64>, Arc<RawValue>, Option<JobOptions>)>,
+    /// Lines that are not jobs: their id, their text (as a JSON string)
+    /// and why.
+    pub(crate) rejects: Vec<(Option<u64>, Arc<RawValue>, String)>,
     /// Whether the generation ends with this batch.
     pub(crate) last: bool,
 }
@@ -285,7 +398,44 @@ pub(crate) fn read_generation(
             taking.display()
         )
     };
-    read_lines(&taking, generation, from, Tail::DropCutShort, reason, each)
+    let mut each = each;
+    read_lines(
+        &taking,
+        generation,
+        from,
+        Tail::DropCutShort,
+        reason,
+        |mut batch| {
+            number_unnumbered(path, &mut batch)?;
+            each(batch)
+        },
+    )
+}
+
+/// Gives ids (reserved now) to the lines of an inbox batch written
+/// without one (by an older taskherd): every job of an inbox has an id
+/// from `<path>.ids`.
+fn number_unnumbered(path: &Path, batch: &mut Batch) -> Result<()> {
+    let missing = batch.jobs.iter().filter(|job| job.0.is_none()).count()
+        + batch
+            .rejects
+            .iter()
+            .filter(|reject| reject.0.is_none())
+            .count();
+    if missing == 0 {
+        return Ok(());
+    }
+    let mut next = reserve(path, missing as u64, None)?;
+    let ids = batch
+        .jobs
+        .iter_mut()
+        .map(|job| &mut job.0)
+        .chain(batch.rejects.iter_mut().map(|reject| &mut reject.0));
+    for id in ids.filter(|id| id.is_none()) {
+        *id = Some(next);
+        next += 1;
+    }
+    Ok(())
 }
 
 /// What [`read_lines`] does with a last line without its newline.
@@ -357,17 +507,17 @@ pub(crate) fn read_lines(
         }
         let start = offset;
         offset += n as u64;
-        let text = line.trim_ascii();
+        let (id, text) = split_id(line.trim_ascii());
         if !text.is_empty() {
             match serde_json::from_slice::<Box<RawValue>>(text) {
                 Ok(job) => match split_envelope(job.get()) {
                     Ok(None) => {
                         bytes += text.len();
-                        batch.jobs.push((Arc::from(job), None));
+                        batch.jobs.push((id, Arc::from(job), None));
                     }
                     Ok(Some((job, options))) => {
                         bytes += text.len();
-                        batch.jobs.push((Arc::from(job), Some(options)));
+                        batch.jobs.push((id, Arc::from(job), Some(options)));
                     }
                     Err(why) => {
                         let reason = format!(
@@ -375,7 +525,7 @@ pub(crate) fn read_lines(
                             file.display()
                         );
                         tracing::warn!(path = %file.display(), offset = start, cause = %why, "a job envelope is refused: kept as a dead job");
-                        batch.rejects.push((Arc::from(job), reason));
+                        batch.rejects.push((id, Arc::from(job), reason));
                     }
                 },
                 Err(err) => {
@@ -383,7 +533,7 @@ pub(crate) fn read_lines(
                     let reason = reason(start, &err);
                     tracing::warn!(path = %file.display(), offset = start, cause = %err, "a line is not JSON: kept as a dead job");
                     if let Ok(text) = serde_json::value::to_raw_value(&shown) {
-                        batch.rejects.push((Arc::from(text), reason));
+                        batch.rejects.push((id, Arc::from(text), reason));
                     }
                 }
             }
@@ -398,35 +548,54 @@ pub(crate) fn read_lines(
     each(batch)
 }
 
+/// Splits the id a producer reserved for an inbox line (`#<id> <job>`)
+/// from its job; a line without one (a JSON-lines file, or an inbox line
+/// of an older taskherd) has none.
+fn split_id(line: &[u8]) -> (Option<u64>, &[u8]) {
+    let Some(rest) = line.strip_prefix(b"#") else {
+        return (None, line);
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let id = std::str::from_utf8(&rest[..digits])
+        .ok()
+        .and_then(|digits| digits.parse::<u64>().ok())
+        .filter(|&id| id > 0);
+    match (id, rest.get(digits)) {
+        (Some(id), Some(b' ')) => (Some(id), rest[digits + 1..].trim_ascii_start()),
+        // Not an id: the line is read as it is (and refused as not JSON).
+        _ => (None, line),
+    }
+}
+
 /// Records a batch in the store: its jobs, its rejected lines, the mark.
 /// The caller commits (one frame: all or nothing).
 pub(crate) fn absorb(store: &mut Store, batch: Batch) -> usize {
     let now = crate::protocol::millis::now();
     let mut count = 0;
-    for (job, options) in batch.jobs {
-        match options {
-            None => {
-                store.push(job);
+    for (id, job, options) in batch.jobs {
+        if let Some(key) = options.as_ref().and_then(JobOptions::unique_key) {
+            if store.state.holds_key(key) {
+                store.state.duplicates += 1;
+                tracing::info!(
+                    key,
+                    id,
+                    duplicates = store.state.duplicates,
+                    "job not added: its unique key is held by a pending or running job"
+                );
+                continue;
             }
-            Some(options) => {
-                if let Some(key) = options.unique_key() {
-                    if store.state.holds_key(key) {
-                        store.state.duplicates += 1;
-                        tracing::info!(
-                            key,
-                            duplicates = store.state.duplicates,
-                            "job not added: its unique key is held by a pending or running job"
-                        );
-                        continue;
-                    }
-                }
-                store.push_with(job, options.resolved(now));
+        }
+        let options = options.map(|options| options.resolved(now));
+        match id {
+            Some(id) => store.push_as(id, job, options),
+            None => {
+                store.push_with(job, options.unwrap_or_default());
             }
         }
         count += 1;
     }
-    for (text, reason) in batch.rejects {
-        store.bury_new(text, now, &reason);
+    for (id, text, reason) in batch.rejects {
+        store.bury_new(id, text, now, &reason);
     }
     store.change(&Record::Intake {
         generation: batch.generation,
@@ -820,4 +989,99 @@ pub(crate) fn waiting(path: &Path, mark: (u64, u64)) -> Result<u64> {
         }
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn take_in(path: &Path) -> BTreeMap<u64, String> {
+        let mut store = Store::open(path).expect("open");
+        take_all(&mut store, Duration::from_secs(30)).expect("take in");
+        store
+            .state
+            .jobs
+            .iter()
+            .map(|(id, job)| (*id, job.payload.get().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn producers_at_once_get_distinct_ids_that_the_queue_keeps() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jobs.queue");
+        // Jobs taken in earlier: the counter starts after the journal's.
+        append(&path, b"\"first\"\n").expect("append");
+        assert_eq!(take_in(&path).into_keys().collect::<Vec<_>>(), [1]);
+        std::fs::remove_file(ids_path(&path)).expect("counter gone");
+
+        // Four producers, 50 writes of 1 to 3 jobs each, all at once, with
+        // nobody taking the inbox in.
+        let threads: Vec<_> = (0..4)
+            .map(|producer| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let mut given = Vec::new();
+                    for write in 0..50 {
+                        let jobs: Vec<String> = (0..=write % 3)
+                            .map(|n| format!("\"{producer}-{write}-{n}\""))
+                            .collect();
+                        let lines: String = jobs.iter().map(|job| format!("{job}\n")).collect();
+                        let ids = append(&path, lines.as_bytes()).expect("append");
+                        assert_eq!(ids.end - ids.start, jobs.len() as u64);
+                        given.extend(ids.zip(jobs));
+                    }
+                    given
+                })
+            })
+            .collect();
+        let mut given: BTreeMap<u64, String> = BTreeMap::new();
+        for thread in threads {
+            for (id, job) in thread.join().expect("producer") {
+                assert!(given.insert(id, job).is_none(), "id {id} given twice");
+            }
+        }
+        // 17 writes of 1 job, 17 of 2, 16 of 3, per producer.
+        assert_eq!(given.len(), 4 * (17 + 34 + 48));
+        assert!(
+            !given.contains_key(&1),
+            "the journal's id is not given again"
+        );
+        // The queue keeps every job under the id its producer was given.
+        let mut kept = take_in(&path);
+        kept.remove(&1);
+        assert_eq!(kept, given);
+    }
+
+    #[test]
+    fn lines_written_without_an_id_are_numbered_from_the_same_counter() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jobs.queue");
+        let first = append(&path, b"1\n2\n").expect("append");
+        assert_eq!(first, 1..3);
+        // A line of an older taskherd (no id), then a new producer's.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(inbox_path(&path))
+            .and_then(|mut file| std::io::Write::write_all(&mut file, b"\"old\"\n"))
+            .expect("old line");
+        assert_eq!(append(&path, b"3\n").expect("append"), 3..4);
+        let kept = take_in(&path);
+        assert_eq!(kept.get(&1).map(String::as_str), Some("1"));
+        assert_eq!(kept.get(&3).map(String::as_str), Some("3"));
+        assert_eq!(kept.get(&4).map(String::as_str), Some("\"old\""));
+        // And the next producer goes on after it.
+        assert_eq!(append(&path, b"5\n").expect("append"), 5..6);
+    }
+
+    #[test]
+    fn a_damaged_counter_is_an_error_not_a_restart_from_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jobs.queue");
+        append(&path, b"1\n").expect("append");
+        std::fs::write(ids_path(&path), "x7\n").expect("damage");
+        let err = append(&path, b"2\n").expect_err("refused");
+        assert!(err.to_string().contains("jobs.queue.ids"), "{err}");
+    }
 }

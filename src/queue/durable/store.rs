@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
+use super::inbox;
 use super::record::{Reader, Record};
 use super::state::State;
 use crate::backoff::Backoff;
@@ -314,9 +315,41 @@ impl Store {
         id
     }
 
-    /// Records a new dead job (an inbox line that is not a job).
-    pub(crate) fn bury_new(&mut self, payload: Arc<RawValue>, at_ms: u64, reason: &str) -> u64 {
-        let id = self.state.next_id;
+    /// Records a new pending job under the id reserved for it (an inbox
+    /// line), with its options if it has some (a delay already turned into
+    /// a time).
+    pub(crate) fn push_as(&mut self, id: u64, payload: Arc<RawValue>, options: Option<JobOptions>) {
+        match options.filter(|options| !options.is_empty()) {
+            None => {
+                Record::Push {
+                    id,
+                    payload: payload.get().as_bytes(),
+                }
+                .encode(&mut self.buf);
+                self.state.add(id, payload, 0);
+            }
+            Some(options) => {
+                Record::PushWith {
+                    id,
+                    options: &options.encode(),
+                    payload: payload.get().as_bytes(),
+                }
+                .encode(&mut self.buf);
+                self.state.add_with(id, payload, 0, Some(Arc::new(options)));
+            }
+        }
+    }
+
+    /// Records a new dead job (a line that is not a job), under the id
+    /// reserved for it if it has one; returns its id.
+    pub(crate) fn bury_new(
+        &mut self,
+        id: Option<u64>,
+        payload: Arc<RawValue>,
+        at_ms: u64,
+        reason: &str,
+    ) -> u64 {
+        let id = id.unwrap_or(self.state.next_id);
         Record::Buried {
             id,
             attempts: 0,
@@ -582,22 +615,23 @@ fn convert_v1_if_needed(path: &Path) -> Result<()> {
         max_receives: u32::MAX,
     };
     let mut old = FileQueue::open(path, options)?;
-    let mut state = State::new();
     let now_ms = crate::protocol::millis::now();
+    // Its jobs, then numbered from ids reserved like any producer's.
+    let mut dead = Vec::new();
+    let mut pending = Vec::new();
     for message in old.dead_letters() {
         if let Ok(payload) = serde_json::value::to_raw_value(&message.payload) {
-            state.bury_new(
-                state.next_id,
+            dead.push((
                 Arc::from(payload),
                 now_ms,
-                "dead in taskherd 0.1",
-            );
+                "dead in taskherd 0.1".to_owned(),
+            ));
         }
     }
     while let Some(lease) = old.receive_now()? {
         if let Ok(payload) = serde_json::value::to_raw_value(&lease.message.payload) {
             let attempts = lease.message.receive_count.saturating_sub(1);
-            state.add(state.next_id, Arc::from(payload), attempts);
+            pending.push((Arc::from(payload), attempts));
         }
     }
     let dead_path = sibling(path, ".dead");
@@ -610,9 +644,17 @@ fn convert_v1_if_needed(path: &Path) -> Result<()> {
                 .to_owned();
             let at_ms = entry["dead_at_ms"].as_u64().unwrap_or(now_ms);
             if let Ok(payload) = serde_json::value::to_raw_value(&entry["job"]) {
-                state.bury_new(state.next_id, Arc::from(payload), at_ms, &reason);
+                dead.push((Arc::from(payload), at_ms, reason));
             }
         }
+    }
+    let mut state = State::new();
+    state.next_id = inbox::reserve(path, (dead.len() + pending.len()) as u64, Some(1))?;
+    for (payload, at_ms, reason) in dead {
+        state.bury_new(state.next_id, payload, at_ms, &reason);
+    }
+    for (payload, attempts) in pending {
+        state.add(state.next_id, payload, attempts);
     }
     let mut data = MAGIC.to_vec();
     data.extend_from_slice(&state.snapshot());

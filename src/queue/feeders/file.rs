@@ -245,13 +245,17 @@ impl FileFeeder {
     }
 
     /// Adds a job to the queue at `path`, whether or not a feeder has it
-    /// open: the job goes to its inbox, synced before this returns.
+    /// open: the job goes to its inbox, synced before this returns; returns
+    /// its id (the one the queue, its consumers and `taskherd queue list`
+    /// know it by), reserved in `<path>.ids`.
     ///
     /// # Errors
     ///
     /// [`LocalQueueError::Io`] if the inbox cannot be written.
-    pub fn push(path: impl AsRef<Path>, payload: Value) -> Result<()> {
-        Self::push_all(path, [payload]).map(|_| ())
+    pub fn push(path: impl AsRef<Path>, payload: Value) -> Result<u64> {
+        let mut line = serde_json::to_vec(&payload).map_err(LocalQueueError::Encode)?;
+        line.push(b'\n');
+        inbox::append(path.as_ref(), &line).map(|ids| ids.start)
     }
 
     /// Adds a job with options (a delay or start time, its own retry
@@ -259,8 +263,9 @@ impl FileFeeder {
     /// the queue open: it goes to the inbox as an envelope
     /// (`{"job": ..., "options": {...}}`, see [`options`](crate::queue::options)),
     /// a delay already turned into a start time, synced before this
-    /// returns. A job whose unique key a pending or running job holds is
-    /// not added when the feeder takes it in (logged at info level).
+    /// returns; returns its id. A job whose unique key a pending or running
+    /// job holds is not added when the feeder takes it in (logged at info
+    /// level; its id is never used).
     ///
     /// ```
     /// use std::time::Duration;
@@ -277,13 +282,13 @@ impl FileFeeder {
     /// # Errors
     ///
     /// As [`push`](Self::push).
-    pub fn push_with(path: impl AsRef<Path>, payload: Value, options: JobOptions) -> Result<()> {
+    pub fn push_with(path: impl AsRef<Path>, payload: Value, options: JobOptions) -> Result<u64> {
         let job = serde_json::value::to_raw_value(&payload).map_err(LocalQueueError::Encode)?;
         let options = options.resolved(millis::now());
         let text = envelope_text(&job, &options).map_err(LocalQueueError::Encode)?;
         let mut line = text.into_bytes();
         line.push(b'\n');
-        inbox::append(path.as_ref(), &line)
+        inbox::append(path.as_ref(), &line).map(|ids| ids.start)
     }
 
     /// Adds jobs at once (one write, one sync); returns how many. All or
@@ -320,8 +325,20 @@ impl FileFeeder {
         path: impl AsRef<Path>,
         payloads: impl IntoIterator<Item = &'a RawValue>,
     ) -> Result<usize> {
+        Self::add_raw(path, payloads).map(|ids| (ids.end - ids.start) as usize)
+    }
+
+    /// [`push_raw`](Self::push_raw), returning the ids of the jobs (one
+    /// after the other, in their order; empty when there was none).
+    ///
+    /// # Errors
+    ///
+    /// As [`push`](Self::push).
+    pub fn add_raw<'a>(
+        path: impl AsRef<Path>,
+        payloads: impl IntoIterator<Item = &'a RawValue>,
+    ) -> Result<std::ops::Range<u64>> {
         let mut buf = Vec::new();
-        let mut count = 0;
         for payload in payloads {
             let text = payload.get();
             if text.contains('\n') {
@@ -332,12 +349,8 @@ impl FileFeeder {
                 buf.extend_from_slice(text.as_bytes());
             }
             buf.push(b'\n');
-            count += 1;
         }
-        if count > 0 {
-            inbox::append(path.as_ref(), &buf)?;
-        }
-        Ok(count)
+        inbox::append(path.as_ref(), &buf)
     }
 
     /// Whether there is a queue at `path`: its journal, or an inbox that
@@ -466,9 +479,26 @@ impl FileFeeder {
             .iter()
             .map(|(id, dead)| (*id, Arc::clone(&dead.payload)))
             .collect();
+        // The ids of an inbox queue come from its counter, as producers'.
+        let mut next = match self.source {
+            Source::Inbox if !dead.is_empty() => Some(inbox::reserve(
+                self.store.path(),
+                dead.len() as u64,
+                Some(self.store.state.next_id),
+            )?),
+            _ => None,
+        };
         for (id, payload) in &dead {
             self.store.change(&Record::Forget { id: *id });
-            self.store.push(Arc::clone(payload));
+            match &mut next {
+                Some(next) => {
+                    self.store.push_as(*next, Arc::clone(payload), None);
+                    *next += 1;
+                }
+                None => {
+                    self.store.push(Arc::clone(payload));
+                }
+            }
         }
         let seq = self.store.commit();
         self.store.wait_synced(seq, COMMAND_SYNC_TIMEOUT)?;

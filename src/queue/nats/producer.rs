@@ -43,27 +43,90 @@ pub async fn add(
     not_before: Option<SystemTime>,
     unique: Option<&str>,
 ) -> Result<Added, NatsError> {
-    let js = jetstream::new(client.clone());
+    let publications = jobs.iter().map(|job| Publication {
+        job,
+        not_before,
+        unique,
+    });
     let mut added = Added::default();
+    for published in publish(client, queue, publications).await? {
+        if published.duplicate {
+            added.duplicates += 1;
+        } else {
+            added.added += 1;
+        }
+    }
+    Ok(added)
+}
+
+/// One job to publish, with its own options.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct Publication<'a> {
+    /// The job's JSON text.
+    pub job: &'a RawValue,
+    /// Not run before this time (header `Taskherd-Not-Before`).
+    pub not_before: Option<SystemTime>,
+    /// Its unique key (header `Nats-Msg-Id`).
+    pub unique: Option<&'a str>,
+}
+
+impl<'a> Publication<'a> {
+    /// A job with its options.
+    #[must_use]
+    pub fn new(job: &'a RawValue, not_before: Option<SystemTime>, unique: Option<&'a str>) -> Self {
+        Publication {
+            job,
+            not_before,
+            unique,
+        }
+    }
+}
+
+/// What the stream did with one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Published {
+    /// Its sequence in the work stream: its id, as consumers see it (for
+    /// a duplicate, the sequence of the job already there).
+    pub sequence: u64,
+    /// Dropped as a duplicate of its unique key.
+    pub duplicate: bool,
+}
+
+/// Publishes `jobs` on the queue, each with its own options, and waits
+/// for the stream to take each (a JetStream ack: it is stored); returns
+/// what became of each, in order.
+///
+/// # Errors
+/// The first publication the stream did not take (the ones before it
+/// were added).
+pub async fn publish<'a>(
+    client: &async_nats::Client,
+    queue: &JetStreamQueue,
+    jobs: impl IntoIterator<Item = Publication<'a>>,
+) -> Result<Vec<Published>, NatsError> {
+    let js = jetstream::new(client.clone());
+    let mut published = Vec::new();
     // The client holds a bounded number of publications waiting for their
     // acks (5 000): the acks are awaited in windows below that.
     let mut acks = Vec::with_capacity(ACK_WINDOW);
     for job in jobs {
         if acks.len() >= ACK_WINDOW {
-            settle(queue, &mut acks, &mut added).await?;
+            settle(queue, &mut acks, &mut published).await?;
         }
         let mut headers = async_nats::HeaderMap::new();
-        if let Some(at) = not_before {
+        if let Some(at) = job.not_before {
             let ms = at
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or(Duration::ZERO)
                 .as_millis();
             headers.insert(NOT_BEFORE_HEADER, ms.to_string().as_str());
         }
-        if let Some(key) = unique {
+        if let Some(key) = job.unique {
             headers.insert(MSG_ID_HEADER, key);
         }
-        let body = bytes::Bytes::copy_from_slice(job.get().as_bytes());
+        let body = bytes::Bytes::copy_from_slice(job.job.get().as_bytes());
         let ack = js
             .publish_with_headers(queue.subject.clone(), headers, body)
             .await
@@ -73,29 +136,28 @@ pub async fn add(
             })?;
         acks.push(ack);
     }
-    settle(queue, &mut acks, &mut added).await?;
-    Ok(added)
+    settle(queue, &mut acks, &mut published).await?;
+    Ok(published)
 }
 
-/// Publications awaited at a time by [`add`].
+/// Publications awaited at a time by [`publish`].
 const ACK_WINDOW: usize = 1000;
 
-/// Awaits the acks of `acks`, counted in `added`.
+/// Awaits the acks of `acks`, in order, into `published`.
 async fn settle(
     queue: &JetStreamQueue,
     acks: &mut Vec<async_nats::jetstream::context::PublishAckFuture>,
-    added: &mut Added,
+    published: &mut Vec<Published>,
 ) -> Result<(), NatsError> {
     for ack in acks.drain(..) {
         let ack = ack.await.map_err(|err| NatsError::Api {
             what: format!("the stream {:?} did not take a job", queue.stream),
             reason: err.to_string(),
         })?;
-        if ack.duplicate {
-            added.duplicates += 1;
-        } else {
-            added.added += 1;
-        }
+        published.push(Published {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        });
     }
     Ok(())
 }
