@@ -33,6 +33,12 @@ pub const DEFAULT_HTTP_PORT: u16 = 8470;
 /// Default of `http.max_body`: 4 MiB.
 pub const DEFAULT_HTTP_MAX_BODY: u64 = 4 << 20;
 
+/// Default of `http.header_timeout`: 10 seconds.
+pub const DEFAULT_HTTP_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Default of `http.max_connections`.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: u32 = 256;
+
 /// The environment variable that gives the HTTP token when the config
 /// sets neither `http.token` nor `http.token_file`.
 pub const HTTP_TOKEN_ENV: &str = "TASKHERD_HTTP_TOKEN";
@@ -50,6 +56,15 @@ pub struct HttpSpec {
     /// Largest request body accepted, in bytes. Key `max_body`, a size
     /// such as `"4MiB"` (the default).
     pub max_body: u64,
+    /// Longest wait for a request's headers, from when the connection is
+    /// ready for one (new, or idle between requests): a connection that
+    /// sends nothing, or trickles its headers, is closed after it. Key
+    /// `header_timeout`, default 10 s ([`DEFAULT_HTTP_HEADER_TIMEOUT`]).
+    pub header_timeout: std::time::Duration,
+    /// Connections served at once, at most; more wait in the listen
+    /// backlog until one closes. Key `max_connections`, default 256
+    /// ([`DEFAULT_HTTP_MAX_CONNECTIONS`]).
+    pub max_connections: u32,
 }
 
 /// Where the HTTP token comes from.

@@ -15,8 +15,9 @@ use super::{
     HealthProbe, HealthSpec, HooksSpec, HostSpec, HttpSpec, HttpToken, KnownHostsPolicy, Limits,
     LocalPlacement, LogColor, LogFormat, LogSpec, MasterSpec, NatsSpec, QueueBackend, QueueSpec,
     RemotePlacement, RestartPolicy, RestartSpec, SshOptions, DEFAULT_HEALTH_FAILURES,
-    DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_HTTP_MAX_BODY, DEFAULT_HTTP_PORT,
-    HTTP_TOKEN_ENV, MAX_LOG_KEEP,
+    DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_HTTP_HEADER_TIMEOUT,
+    DEFAULT_HTTP_MAX_BODY, DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_PORT, HTTP_TOKEN_ENV,
+    MAX_LOG_KEEP,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -54,7 +55,14 @@ const MASTER_KEYS: &[&str] = &[
     "max_handshakes",
 ];
 /// Keys of `[http]`.
-const HTTP_KEYS: &[&str] = &["bind", "token", "token_file", "max_body"];
+const HTTP_KEYS: &[&str] = &[
+    "bind",
+    "token",
+    "token_file",
+    "max_body",
+    "header_timeout",
+    "max_connections",
+];
 /// Keys of `[log]`.
 const LOG_KEYS: &[&str] = &["format", "file", "max_size", "keep", "filter", "color"];
 /// Keys of `[ssh]`, and the per-placement overrides of `[[group.remote]]`.
@@ -1174,6 +1182,8 @@ impl<'t> Walker<'t> {
             bind: std::net::SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT)),
             token: HttpToken::Environment,
             max_body: DEFAULT_HTTP_MAX_BODY,
+            header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
+            max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
         };
         if let Some(value) = table.get("bind") {
             if let Some(text) = self.string("http.bind", value) {
@@ -1209,6 +1219,7 @@ impl<'t> Walker<'t> {
                 http.max_body = size;
             }
         }
+        self.http_connection_limits(table, &mut http);
         let env_token = std::env::var(HTTP_TOKEN_ENV).is_ok_and(|token| !token.trim().is_empty());
         if !http.bind.ip().is_loopback() && http.token == HttpToken::Environment && !env_token {
             let span = table
@@ -1225,6 +1236,20 @@ impl<'t> Walker<'t> {
             );
         }
         Some(Box::new(http))
+    }
+
+    /// `http.header_timeout` and `http.max_connections`.
+    fn http_connection_limits(&mut self, table: &DeTable<'_>, http: &mut HttpSpec) {
+        if let Some(value) = table.get("header_timeout") {
+            if let Some(timeout) = self.positive_duration("http.header_timeout", value) {
+                http.header_timeout = timeout;
+            }
+        }
+        if let Some(value) = table.get("max_connections") {
+            if let Some(count) = self.count("http.max_connections", value) {
+                http.max_connections = count;
+            }
+        }
     }
 
     fn log_format(&mut self, key: &str, value: &Value<'_>) -> Option<LogFormat> {
@@ -6443,5 +6468,29 @@ instances = 1
         assert_error(&errors[1], 4, "http.token_file", "set twice");
         assert_error(&errors[2], 5, "http.max_body", "greater than 0");
         assert_error(&errors[3], 6, "http.port", "unknown key");
+    }
+
+    #[test]
+    fn http_connection_limits() {
+        const GROUP: &str =
+            "[[group]]\nname = \"w\"\ncommand = \"w\"\n[group.local]\ninstances = 1\n";
+        let http = parse_ok(&format!("[http]\n{GROUP}")).http.expect("[http]");
+        assert_eq!(
+            (http.header_timeout, http.max_connections),
+            (DEFAULT_HTTP_HEADER_TIMEOUT, DEFAULT_HTTP_MAX_CONNECTIONS)
+        );
+        let http = parse_ok(&format!(
+            "[http]\nheader_timeout = \"1500ms\"\nmax_connections = 8\n{GROUP}"
+        ))
+        .http
+        .expect("[http]");
+        assert_eq!(http.header_timeout, Duration::from_millis(1500));
+        assert_eq!(http.max_connections, 8);
+        let errors = parse_err(&format!(
+            "[http]\nheader_timeout = \"0s\"\nmax_connections = 0\n{GROUP}"
+        ));
+        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
+        assert_error(&errors[0], 2, "http.header_timeout", "");
+        assert_error(&errors[1], 3, "http.max_connections", "at least 1");
     }
 }

@@ -225,6 +225,7 @@ pub(crate) async fn run_launcher(
         handshakes: Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(config.master.max_handshakes).unwrap_or(usize::MAX),
         )),
+        links: super::links::HostLinks::default(),
     });
     let board = Board::new(Core::new(config.clone(), now));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -265,7 +266,12 @@ pub(crate) async fn run_launcher(
                 sink.master_event(Level::Info, format!("http: listening on http://{address}/"))
                     .await;
             }
-            let serve = server.serve(herd.clone(), sink.clone(), http_stop.clone());
+            let serve = server.serve(
+                herd.clone(),
+                sink.clone(),
+                settings.links.clone(),
+                http_stop.clone(),
+            );
             Some(tokio::spawn(serve))
         }
         None => None,

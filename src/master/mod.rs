@@ -42,6 +42,7 @@ mod hooks;
 mod host;
 pub mod http;
 pub mod launcher;
+pub mod links;
 mod local;
 pub mod plan;
 pub mod queue;

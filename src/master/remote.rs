@@ -8,6 +8,7 @@
 //! instance events, feeders listening, the host lost.
 
 pub use super::host::{HostCommand, HostReport};
+use super::links::{HostLinks, LinkState};
 use super::queue::FeederAddress;
 use super::ssh;
 use crate::config::{HostSpec, RestartSpec, SshOptions};
@@ -68,6 +69,9 @@ pub struct AgentSettings {
     /// Turns to open an SSH connection (`master.max_handshakes`), shared
     /// by every host.
     pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Each host's connection state, noted by its supervisor (for the
+    /// metrics and the dashboard).
+    pub links: HostLinks,
 }
 
 /// Reconnection backoff: 1 s doubling to 30 s, ±20 %.
@@ -181,7 +185,14 @@ pub async fn supervise_host(
             commands: &mut commands,
             reporter: &reporter,
         };
-        match run.connect_and_serve().await {
+        settings.links.set(&host, LinkState::Connecting, None);
+        let outcome = run.connect_and_serve().await;
+        if let HostOutcome::Refused(problem) | HostOutcome::Lost(problem) = &outcome {
+            settings
+                .links
+                .set(&host, LinkState::Down, Some(problem.clone()));
+        }
+        match outcome {
             HostOutcome::Done => {
                 refusals = 0;
                 continue;
@@ -222,6 +233,7 @@ pub async fn supervise_host(
             }
         }
     }
+    settings.links.forget(&host);
     reports
 }
 
@@ -402,6 +414,7 @@ impl HostRun<'_> {
             Ok(Err(err)) => return HostOutcome::Lost(format!("agent link: {err}")),
             Err(_) => return HostOutcome::Lost("agent did not answer".into()),
         };
+        self.settings.links.set(&label, LinkState::Up, None);
         let held_back = match held.len() {
             0 => String::new(),
             n => format!(" ({n} suspended)"),

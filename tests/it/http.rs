@@ -16,7 +16,7 @@ const TOKEN: &str = "0123-s3cret-token";
 /// each job) and a plain group `web`.
 fn herd(dir: &std::path::Path, http: &str) -> Herd {
     let script = dir.join("job.sh");
-    std::fs::write(&script, "read job\necho \"did $job\"\n").expect("script");
+    std::fs::write(&script, "read job\necho \"did $job id=$TASKHERD_JOB_ID\"\n").expect("script");
     Herd::new(&format!(
         r#"
 [http]
@@ -143,27 +143,78 @@ fn jobs_posted_to_the_webhook_are_run_and_bad_requests_are_refused() {
     );
     assert_eq!(batch.status, 202, "{}", batch.text());
     let batch = batch.json();
-    let mut ids: Vec<String> = [&one, &batch]
+    let ids: Vec<u64> = [&one, &batch]
         .iter()
         .flat_map(|answer| answer["ids"].as_array().expect("ids").clone())
-        .map(|id| id.as_str().expect("id").to_string())
+        .map(|id| id.as_u64().expect("a numeric id"))
         .collect();
     assert_eq!(ids.len(), 4);
-    ids.dedup();
-    assert_eq!(ids.len(), 4, "distinct ids");
-    // The queue keeps each job as compact JSON.
-    for job in [
+    // The ids are the queue's own: `queue list` shows them, and each
+    // consumer gets its job under the id the answer gave (the queue keeps
+    // each job as compact JSON).
+    for (job, id) in [
         r#"did {"n":1}"#,
         r#"did {"n":2}"#,
         r#"did "three""#,
         r#"did {"n":4}"#,
-    ] {
-        herd.wait_for(job);
+    ]
+    .iter()
+    .zip(&ids)
+    {
+        herd.wait_for(&format!("{job} id={id}"));
     }
     let status = wait_status(address, "4 jobs done", |s| {
         group(s, "jobs")["queue"]["done"] == 4
     });
     assert_eq!(group(&status, "jobs")["queue"]["dead"], 0);
+
+    // A job for later is in the queue under the id the answer gave, and
+    // `taskherd queue add` takes the next ids.
+    let later = post(
+        address,
+        "/v1/queues/jobs/jobs",
+        Some(TOKEN),
+        r#"{"job": "later", "options": {"delay": "1h"}}"#,
+    );
+    assert_eq!(later.status, 202, "{}", later.text());
+    let later_id = later.json()["ids"][0].as_u64().expect("id");
+    assert!(later_id > ids[3], "{later_id} after {ids:?}");
+    let queue = dir.path().join("jobs.queue");
+    let added = crate::support::queue_ok(&[
+        std::ffi::OsStr::new("add"),
+        queue.as_os_str(),
+        std::ffi::OsStr::new("--delay"),
+        std::ffi::OsStr::new("1h"),
+        std::ffi::OsStr::new("\"cli\""),
+    ]);
+    let cli_id = later_id + 1;
+    assert!(
+        added.contains(&format!("added 1 job (id {cli_id})")),
+        "{added}"
+    );
+    // Both wait in the journal (once the feeder took them in) under those
+    // ids.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed: serde_json::Value = serde_json::from_str(&crate::support::queue_on(
+            &["list", "--json", "--jobs"],
+            &queue,
+        ))
+        .expect("JSON");
+        let listed: Vec<(u64, String)> = listed["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .map(|job| (job["id"].as_u64().expect("id"), job["job"].to_string()))
+            .collect();
+        if listed.contains(&(later_id, "\"later\"".into()))
+            && listed.contains(&(cli_id, "\"cli\"".into()))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{listed:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // The token: missing, wrong, another scheme.
     let jobs = "/v1/queues/jobs/jobs";
@@ -629,4 +680,286 @@ fn the_webhook_example_runs_as_documented() {
     assert_eq!(added.status, 202, "{}", added.text());
     herd.wait_for(r#"handled {"image":"a.png"} (job 1, attempt 1)"#);
     stop(&mut herd);
+}
+
+/// Whether the server closed `stream` within `within`: a read ends (end
+/// of stream, or reset) instead of timing out.
+fn closed_within(stream: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read as _;
+    stream.set_read_timeout(Some(within)).expect("timeout");
+    let mut buf = [0u8; 512];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            // An answer (408, say) before the close.
+            Ok(_) => continue,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn silent_and_trickling_connections_are_closed_and_others_are_served() {
+    use std::io::Write as _;
+    use std::net::TcpStream;
+    let mut herd = herd_at(
+        "bind = \"127.0.0.1:0\"\nheader_timeout = \"1s\"\nmax_connections = 3",
+        None,
+    );
+    herd.start();
+    let address = address_in(&herd.wait_for("http: listening on"));
+
+    // A client that connects and sends nothing is closed after the header
+    // timeout (bounded generously for a busy machine); meanwhile others
+    // are served.
+    let mut silent = TcpStream::connect(address).expect("connect");
+    assert_eq!(get(address, "/v1/status", None).status, 200);
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(20)),
+        "a silent connection stayed open"
+    );
+
+    // Headers trickled a byte at a time never complete: closed too, long
+    // before the trickle would end.
+    let mut slow = TcpStream::connect(address).expect("connect");
+    slow.write_all(b"GET /v1/status HTTP/1.1\r\n")
+        .expect("request line");
+    let started = Instant::now();
+    let mut cut = false;
+    for _ in 0..400 {
+        if slow.write_all(b"X").is_err() {
+            cut = true;
+            break;
+        }
+        if closed_within(&mut slow, Duration::from_millis(100)) {
+            cut = true;
+            break;
+        }
+    }
+    assert!(
+        cut,
+        "a trickling client was served for {:?}",
+        started.elapsed()
+    );
+
+    // As many silent clients as the cap: the next one waits in the backlog
+    // until the timeout frees a place, then is served.
+    let hogs: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(address).expect("connect"))
+        .collect();
+    assert_eq!(get(address, "/v1/status", None).status, 200);
+    drop(hogs);
+    assert_eq!(get(address, "/metrics", None).status, 200);
+    stop(&mut herd);
+}
+
+/// Each job's (number, id) from the `queue_worker`s' `done` lines.
+fn done_with_ids(herd: &Herd) -> BTreeMap<u64, u64> {
+    let mut done = BTreeMap::new();
+    for line in &herd.seen {
+        // "... done <n> #<id> attempt <a>"
+        let Some((_, rest)) = line.rsplit_once("] done ") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let job = words.next().and_then(|w| w.parse::<u64>().ok());
+        let id = words
+            .next()
+            .and_then(|w| w.strip_prefix('#'))
+            .and_then(|w| w.parse::<u64>().ok());
+        if let (Some(job), Some(id)) = (job, id) {
+            done.insert(job, id);
+        }
+    }
+    done
+}
+
+#[test]
+fn jobs_posted_for_a_jetstream_group_are_published_and_run_under_their_sequence() {
+    let test = "jobs_posted_for_a_jetstream_group_are_published_and_run_under_their_sequence";
+    let Some(server) = crate::support::nats::NatsServer::start(test) else {
+        return;
+    };
+    let worker = crate::support::worker_bin().with_file_name("queue_worker");
+    let mut herd = Herd::new(&format!(
+        r#"
+[http]
+bind = "127.0.0.1:0"
+token = "{TOKEN}"
+
+[nats]
+servers = ["{url}"]
+
+[[group]]
+name = "jobs"
+command = "{worker}"
+params = {{ ids = true }}
+
+[group.queue]
+backend = "nats"
+
+[group.local]
+instances = 2
+"#,
+        url = server.url(),
+        worker = worker.display(),
+    ));
+    herd.start_with(&["--log-filter", "debug"]);
+    let address = address_in(&herd.wait_for("http: listening on"));
+    herd.wait_for("JetStream stream TASKHERD_JOBS ready");
+
+    // Plain jobs, two with the same unique key (the second is a duplicate:
+    // it gets the first one's sequence), one delayed.
+    let posted = post(
+        address,
+        "/v1/queues/jobs/jobs",
+        Some(TOKEN),
+        r#"[1, 2, {"job": 3, "options": {"unique": "k"}},
+            {"job": 4, "options": {"unique": "k"}},
+            {"job": 5, "options": {"delay": "1s"}}]"#,
+    );
+    assert_eq!(posted.status, 202, "{}", posted.text());
+    let ids: Vec<u64> = posted.json()["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|id| id.as_u64().expect("a sequence"))
+        .collect();
+    assert_eq!(ids.len(), 5, "{ids:?}");
+    assert_eq!(
+        ids[3], ids[2],
+        "a duplicate answers the first one's sequence"
+    );
+    let mut distinct = vec![ids[0], ids[1], ids[2], ids[4]];
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "{ids:?}");
+
+    // Each job is done by a consumer under the sequence the answer gave.
+    let want: BTreeMap<u64, u64> = [(1, ids[0]), (2, ids[1]), (3, ids[2]), (5, ids[4])].into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = done_with_ids(&herd);
+        if want.iter().all(|(job, id)| done.get(job) == Some(id)) {
+            assert!(!done.contains_key(&4), "a duplicate ran: {done:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "done {done:?}, want {want:?}; seen:\n{}",
+            herd.seen.join("\n")
+        );
+        herd.wait_for_count("] done ", herd.lines_with("] done ").len() + 1);
+    }
+
+    // An option JetStream does not take is refused, naming the job.
+    let refused = post(
+        address,
+        "/v1/queues/jobs/jobs",
+        Some(TOKEN),
+        r#"[7, {"job": 8, "options": {"priority": 3}}]"#,
+    );
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(
+        refused.error().starts_with("job 2: option \"priority\""),
+        "{}",
+        refused.text()
+    );
+    stop(&mut herd);
+    drop(server);
+}
+
+/// The value of the sample `name{labels}` in a `/metrics` text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Polls `/metrics` (bounded) until `series` has `value`.
+fn wait_sample(address: SocketAddr, series: &str, value: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = get(address, "/metrics", None).text();
+        if sample(&text, series) == Some(value) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} never {value}; last scrape:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_remote_host_shows_up_then_down_when_its_sshd_goes() {
+    use crate::support::sshd::SshWorld;
+    let mut world = SshWorld::new();
+    let mut host = world.add_host();
+    let alias = host.alias().to_string();
+    let mut herd = Herd::new(&format!(
+        r#"{header}
+[http]
+bind = "127.0.0.1:0"
+
+[[group]]
+name = "far"
+command = "{{worker}}"
+[[group.remote]]
+hosts = ["{alias}"]
+instances = 1
+"#,
+        header = crate::remote::header(&world, ""),
+    ));
+    herd.start();
+    let address = address_in(&herd.wait_for("http: listening on"));
+    herd.wait_for(&format!("host {alias}: connected"));
+    let up = wait_sample(
+        address,
+        &format!("taskherd_host_state{{host=\"{alias}\",state=\"up\"}}"),
+        1.0,
+    );
+    assert_eq!(
+        sample(&up, &format!("taskherd_host_up{{host=\"{alias}\"}}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&up, "taskherd_host_state{host=\"localhost\",state=\"up\"}"),
+        None,
+        "no instance runs on the master's host"
+    );
+
+    // The host goes away (its sshd and everything it started, the agent
+    // too): its connection is down, with why, until it can come back.
+    host.stop();
+    let down = wait_sample(
+        address,
+        &format!("taskherd_host_state{{host=\"{alias}\",state=\"down\"}}"),
+        1.0,
+    );
+    assert_eq!(
+        sample(&down, &format!("taskherd_host_up{{host=\"{alias}\"}}")),
+        Some(0.0)
+    );
+    let hosts = get(address, "/v1/hosts", None).json();
+    let entry = hosts["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|h| h["host"] == alias.as_str())
+        .cloned()
+        .expect("the host listed");
+    assert!(
+        matches!(entry["state"].as_str(), Some("down" | "connecting")),
+        "{entry}"
+    );
+    herd.signal(libc::SIGTERM);
+    herd.wait_exit();
 }

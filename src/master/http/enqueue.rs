@@ -130,6 +130,12 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<(Vec<u8>, usize), ApiError> {
     Ok((lines, jobs.len()))
 }
 
+/// A job of a request with its options, if it has some.
+type JobWithOptions = (Box<RawValue>, Option<JobOptions>);
+
+/// A job for JetStream: its start time and unique key.
+type StreamJob = (Box<RawValue>, Option<SystemTime>, Option<String>);
+
 /// 400 naming job `index` (counted from 0).
 fn bad_job(index: usize, why: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, format!("job {}: {why}", index + 1))
@@ -139,7 +145,7 @@ fn bad_job(index: usize, why: String) -> ApiError {
 ///
 /// # Errors
 /// As [`parse_jobs`].
-fn split_jobs(body: &[u8]) -> Result<Vec<(Box<RawValue>, Option<JobOptions>)>, ApiError> {
+fn split_jobs(body: &[u8]) -> Result<Vec<JobWithOptions>, ApiError> {
     let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, message);
     let text =
         std::str::from_utf8(body).map_err(|err| bad(format!("the body is not UTF-8: {err}")))?;
@@ -174,9 +180,7 @@ fn split_jobs(body: &[u8]) -> Result<Vec<(Box<RawValue>, Option<JobOptions>)>, A
 /// # Errors
 /// As [`parse_jobs`]; 400 for an option JetStream does not take, naming
 /// the job.
-fn jetstream_jobs(
-    body: &[u8],
-) -> Result<Vec<(Box<RawValue>, Option<SystemTime>, Option<String>)>, ApiError> {
+fn jetstream_jobs(body: &[u8]) -> Result<Vec<StreamJob>, ApiError> {
     let now = crate::protocol::millis::now();
     split_jobs(body)?
         .into_iter()
@@ -293,7 +297,7 @@ impl Intakes {
     async fn publish(
         &self,
         queue: &JetStreamQueue,
-        jobs: &[(Box<RawValue>, Option<SystemTime>, Option<String>)],
+        jobs: &[StreamJob],
     ) -> Result<Vec<u64>, ApiError> {
         let unavailable = |why: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why);
         let client = {

@@ -10,6 +10,8 @@
 //! - `queue`: a feeder's latest counts (`group`, `progress`);
 //! - `stats`: every [`STATS_EVERY`], the totals a chart turns into rates
 //!   (`time_ms`, `jobs_done`, `log_lines`, `log_bytes`);
+//! - `hosts`: each host's connection (as `GET /v1/hosts`), first on
+//!   connect, then when it changes (looked at every [`STATS_EVERY`]);
 //! - `lagged`: this client fell behind and missed `missed` events (a
 //!   `status` follows).
 //!
@@ -18,6 +20,7 @@
 
 use crate::log::LogSink;
 use crate::master::herd::{Herd, Published};
+use crate::master::links::HostLinks;
 use crate::protocol::millis;
 use crate::supervise::instance::EventKind;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -39,8 +42,11 @@ pub(crate) const STATS_EVERY: Duration = Duration::from_secs(1);
 pub(super) fn stream(
     herd: &Herd,
     sink: &LogSink,
+    links: &HostLinks,
     stop: CancellationToken,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let mut hosts_tick = tokio::time::interval(STATS_EVERY);
+    hosts_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut status_tick = tokio::time::interval(STATUS_EVERY);
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut stats_tick = tokio::time::interval_at(Instant::now() + STATS_EVERY, STATS_EVERY);
@@ -54,6 +60,9 @@ pub(super) fn stream(
         stats_tick,
         dirty: true,
         stop,
+        links: links.clone(),
+        hosts_tick,
+        hosts_sent: None,
     };
     let events = futures::stream::unfold(feed, |mut feed| async move {
         let event = feed.next().await?;
@@ -72,6 +81,10 @@ struct Feed {
     /// The status changed since the last `status` event.
     dirty: bool,
     stop: CancellationToken,
+    links: HostLinks,
+    hosts_tick: Interval,
+    /// The hosts of the last `hosts` event.
+    hosts_sent: Option<Value>,
 }
 
 impl Feed {
@@ -102,6 +115,14 @@ impl Feed {
                     return Some(json_event("status", &status));
                 }
                 _ = self.stats_tick.tick() => return Some(self.stats()),
+                _ = self.hosts_tick.tick() => {
+                    let hosts = hosts_json(&self.herd, &self.links);
+                    if self.hosts_sent.as_ref() != Some(&hosts) {
+                        let event = json_event("hosts", &hosts);
+                        self.hosts_sent = Some(hosts);
+                        return Some(event);
+                    }
+                }
             }
         }
     }
@@ -125,6 +146,26 @@ impl Feed {
             }),
         )
     }
+}
+
+/// Each host's connection: `{"hosts": [{"host", "state", "since_ms",
+/// "problem"}]}` (`GET /v1/hosts`, the `hosts` event).
+pub(super) fn hosts_json(herd: &Herd, links: &HostLinks) -> Value {
+    let links = links.snapshot();
+    let states = super::metrics::host_states(&herd.status(), &links);
+    let hosts: Vec<Value> = states
+        .iter()
+        .map(|(host, state)| {
+            let link = links.get(host);
+            json!({
+                "host": host,
+                "state": state.name(),
+                "since_ms": link.map(|link| link.since_ms),
+                "problem": link.and_then(|link| link.problem.clone()),
+            })
+        })
+        .collect();
+    json!({ "hosts": hosts })
 }
 
 fn json_event(name: &str, data: &impl serde::Serialize) -> Event {

@@ -7,6 +7,7 @@
 use super::enqueue::Intakes;
 use crate::log::{InstanceLabel, LogSink, LogTotals};
 use crate::master::herd::Herd;
+use crate::master::links::{HostLinks, Link, LinkState};
 use crate::protocol::control::{HerdStatus, InstanceState};
 use crate::protocol::slave::{JobDurations, JOB_DURATION_BOUNDS};
 use crate::supervise::instance::EventKind;
@@ -69,6 +70,8 @@ struct Snapshot {
     log: LogTotals,
     accepted: BTreeMap<String, u64>,
     process: Option<ProcessStats>,
+    /// Each remote host's connection.
+    links: BTreeMap<String, Link>,
 }
 
 /// The master's own CPU time and memory (from `/proc/self`).
@@ -105,13 +108,14 @@ fn process_stats() -> Option<ProcessStats> {
 }
 
 /// The text of `/metrics`.
-pub(super) fn render(herd: &Herd, sink: &LogSink, intakes: &Intakes) -> String {
+pub(super) fn render(herd: &Herd, sink: &LogSink, intakes: &Intakes, links: &HostLinks) -> String {
     let snapshot = Snapshot {
         status: herd.status(),
         tally: herd.board().tally(),
         log: sink.totals(),
         accepted: intakes.accepted(),
         process: process_stats(),
+        links: links.snapshot(),
     };
     encode(snapshot)
 }
@@ -199,6 +203,7 @@ impl Collector for HerdCollector {
             log,
             accepted,
             process,
+            links: _,
         } = &self.0;
         let groups = &status.groups;
         let gauge = |n: u64| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
@@ -347,15 +352,34 @@ impl Collector for HerdCollector {
             MetricType::Counter,
             ConstCounter::new(log.bytes),
         )?;
-        let hosts = host_states(status);
+        let hosts = host_states(status, &self.0.links);
         family(
             &mut encoder,
             "taskherd_host_up",
-            "1 when the host runs an instance (its agent is connected), else 0",
+            "1 when the host is reachable: the master's own, or a remote host whose agent is connected; else 0",
             MetricType::Gauge,
-            hosts
-                .iter()
-                .map(|(host, up)| (vec![("host", host.as_str())], gauge(u64::from(*up)))),
+            hosts.iter().map(|(host, state)| {
+                (
+                    vec![("host", host.as_str())],
+                    gauge(u64::from(*state == LinkState::Up)),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "taskherd_host_state",
+            "The connection state of each host: 1 for its state (connecting, up, down), 0 for the others",
+            MetricType::Gauge,
+            hosts.iter().flat_map(|(host, state)| {
+                [LinkState::Connecting, LinkState::Up, LinkState::Down]
+                    .into_iter()
+                    .map(move |each| {
+                        (
+                            vec![("host", host.as_str()), ("state", each.name())],
+                            gauge(u64::from(*state == each)),
+                        )
+                    })
+            }),
         )?;
         single(
             &mut encoder,
@@ -384,17 +408,26 @@ impl Collector for HerdCollector {
     }
 }
 
-/// Each host of the herd (the master's own is `local`) and whether it is
-/// up: one of its instances runs or is stopping (its supervisor, or
-/// agent, is there), or none is lost or waits for it.
-pub(crate) fn host_states(status: &HerdStatus) -> BTreeMap<String, bool> {
-    let mut hosts: BTreeMap<String, bool> = BTreeMap::new();
+/// Each host of the herd (the master's own is `local`) and its
+/// connection: a remote host as its supervisor last noted it (`links`),
+/// or connecting while its supervisor has not started yet; the master's
+/// own is up.
+pub(crate) fn host_states(
+    status: &HerdStatus,
+    links: &BTreeMap<String, Link>,
+) -> BTreeMap<String, LinkState> {
+    let mut hosts: BTreeMap<String, LinkState> = links
+        .iter()
+        .map(|(host, link)| (host.clone(), link.state))
+        .collect();
     for instance in status.groups.iter().flat_map(|g| g.instances.iter()) {
-        let up = hosts.entry(instance.host.clone()).or_insert(false);
-        *up |= matches!(
-            instance.state,
-            InstanceState::Running | InstanceState::Stopping
-        );
+        hosts.entry(instance.host.clone()).or_insert_with(|| {
+            if instance.host == crate::master::plan::LOCAL_HOST {
+                LinkState::Up
+            } else {
+                LinkState::Connecting
+            }
+        });
     }
     hosts
 }
@@ -432,7 +465,7 @@ mod tests {
                     name: "web".into(),
                     suspended: false,
                     instances: vec![
-                        instance(1, "local", InstanceState::Running, 2),
+                        instance(1, "localhost", InstanceState::Running, 2),
                         instance(2, "db1", InstanceState::Backoff, 1),
                     ],
                     queue: None,
@@ -440,7 +473,7 @@ mod tests {
                 GroupStatus {
                     name: "jobs".into(),
                     suspended: true,
-                    instances: vec![instance(3, "local", InstanceState::Suspended, 0)],
+                    instances: vec![instance(3, "localhost", InstanceState::Suspended, 0)],
                     queue: Some(QueueProgress {
                         done: 7,
                         pending: 3,
@@ -453,7 +486,7 @@ mod tests {
         let mut tally = EventTally::default();
         let label = InstanceLabel {
             group: "web".into(),
-            host: "local".into(),
+            host: "localhost".into(),
             command: "w".into(),
             id: 1,
             group_id: 1,
@@ -477,6 +510,14 @@ mod tests {
             },
             accepted: BTreeMap::from([("jobs".to_string(), 5)]),
             process: process_stats(),
+            links: BTreeMap::from([(
+                "db1".to_string(),
+                Link {
+                    state: LinkState::Down,
+                    since_ms: 1,
+                    problem: Some("agent link: closed".into()),
+                },
+            )]),
         });
         for line in [
             "# TYPE taskherd_instances gauge",
@@ -499,7 +540,10 @@ mod tests {
             "taskherd_log_lines_total 10",
             "taskherd_log_bytes_total 80",
             "taskherd_host_up{host=\"db1\"} 0",
-            "taskherd_host_up{host=\"local\"} 1",
+            "taskherd_host_up{host=\"localhost\"} 1",
+            "taskherd_host_state{host=\"db1\",state=\"down\"} 1",
+            "taskherd_host_state{host=\"db1\",state=\"up\"} 0",
+            "taskherd_host_state{host=\"localhost\",state=\"up\"} 1",
             "taskherd_uptime_seconds 2.5",
             "# TYPE process_cpu_seconds_total counter",
             "# TYPE process_resident_memory_bytes gauge",

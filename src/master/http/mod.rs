@@ -33,6 +33,7 @@ use super::herd::Herd;
 use super::request::{Answer, HerdError, Request};
 use crate::config::{HttpSpec, HttpToken, HTTP_TOKEN_ENV};
 use crate::log::LogSink;
+use crate::master::links::HostLinks;
 use crate::protocol::control::Target;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -107,6 +108,7 @@ pub(crate) struct HttpServer {
     listener: std::net::TcpListener,
     token: Option<Token>,
     max_body: usize,
+    limits: ConnectionLimits,
 }
 
 impl HttpServer {
@@ -147,6 +149,10 @@ impl HttpServer {
             listener,
             token,
             max_body: usize::try_from(spec.max_body).unwrap_or(usize::MAX),
+            limits: ConnectionLimits {
+                header_timeout: spec.header_timeout,
+                max_connections: usize::try_from(spec.max_connections).unwrap_or(usize::MAX),
+            },
         })
     }
 
@@ -157,11 +163,18 @@ impl HttpServer {
 
     /// Serves until `stop` is cancelled, then lets open requests end
     /// (event streams end at once).
-    pub(crate) async fn serve(self, herd: Herd, sink: LogSink, stop: CancellationToken) {
+    pub(crate) async fn serve(
+        self,
+        herd: Herd,
+        sink: LogSink,
+        links: HostLinks,
+        stop: CancellationToken,
+    ) {
         let HttpServer {
             listener,
             token,
             max_body,
+            limits,
         } = self;
         let address = listener.local_addr().ok();
         let loopback = address.is_some_and(|a| a.ip().is_loopback());
@@ -179,12 +192,86 @@ impl HttpServer {
             access: Access { token, loopback },
             actions: Arc::new(Semaphore::new(ACTIONS_AT_ONCE)),
             stop: stop.clone(),
+            links,
         });
         let app = router(shared, max_body);
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        serve_connections(listener, app, &limits, &stop).await;
     }
+}
+
+/// Accepts connections until `stop`, at most `limits.max_connections`
+/// at once (more wait in the listen backlog), each closed when a
+/// request's headers do not come within `limits.header_timeout` (a client
+/// that sends nothing, trickles its headers or idles between requests);
+/// then lets open requests end, for [`SHUTDOWN_WAIT`] at most.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: &ConnectionLimits,
+    stop: &CancellationToken,
+) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = tokio_util::task::TaskTracker::new();
+    let mut failing = false;
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&connections).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = stop.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of file descriptors, say: not a reason to stop.
+                    if !failing {
+                        tracing::warn!(cause = %err, "http: cannot accept a connection");
+                        failing = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        failing = false;
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let header_timeout = limits.header_timeout;
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                served = conn.as_mut() => {
+                    if let Err(err) = served {
+                        tracing::debug!(cause = %err, "http: connection closed");
+                    }
+                }
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(SHUTDOWN_WAIT, conn).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    tracker.close();
+    let _ = tokio::time::timeout(SHUTDOWN_WAIT, tracker.wait()).await;
+}
+
+/// The connection-level limits of `[http]`.
+#[derive(Debug, Clone)]
+struct ConnectionLimits {
+    header_timeout: Duration,
+    max_connections: usize,
 }
 
 /// What every request shares.
@@ -198,6 +285,8 @@ struct Shared {
     intakes: Intakes,
     /// The master stops serving: event streams end.
     stop: CancellationToken,
+    /// Each remote host's connection.
+    links: HostLinks,
 }
 
 type AppState = State<Arc<Shared>>;
@@ -207,6 +296,7 @@ fn router(shared: Arc<Shared>, max_body: usize) -> Router {
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/hosts", get(hosts))
         .route("/v1/events", get(events))
         .route("/v1/stop", post(stop))
         .route("/v1/groups/{group}/{action}", post(action))
@@ -304,9 +394,16 @@ async fn status(State(shared): AppState, headers: HeaderMap) -> Result<Response,
     Ok(Json(shared.herd.status()).into_response())
 }
 
+/// `GET /v1/hosts`: each host's connection (`connecting`, `up`, `down`,
+/// with since when and what took it down).
+async fn hosts(State(shared): AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    shared.access.read(&headers)?;
+    Ok(Json(events::hosts_json(&shared.herd, &shared.links)).into_response())
+}
+
 async fn metrics(State(shared): AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     shared.access.read(&headers)?;
-    let text = metrics::render(&shared.herd, &shared.sink, &shared.intakes);
+    let text = metrics::render(&shared.herd, &shared.sink, &shared.intakes, &shared.links);
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -319,7 +416,13 @@ async fn metrics(State(shared): AppState, headers: HeaderMap) -> Result<Response
 
 async fn events(State(shared): AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     shared.access.read(&headers)?;
-    Ok(events::stream(&shared.herd, &shared.sink, shared.stop.clone()).into_response())
+    Ok(events::stream(
+        &shared.herd,
+        &shared.sink,
+        &shared.links,
+        shared.stop.clone(),
+    )
+    .into_response())
 }
 
 /// `?wait=false`: answer 202 at once instead of waiting for the outcome.

@@ -195,13 +195,11 @@ pub(crate) fn append(path: &Path, lines: &[u8]) -> Result<std::ops::Range<u64>> 
     with_inbox(path, |file, len| {
         let first = reserve_locked(path, count, None)?;
         let mut numbered = Vec::with_capacity(lines.len() + lines.len() / 8 + 32);
-        let mut id = first;
-        for line in lines.split_inclusive(|&b| b == b'\n') {
+        for (id, line) in (first..).zip(lines.split_inclusive(|&b| b == b'\n')) {
             numbered.push(b'#');
             numbered.extend_from_slice(id.to_string().as_bytes());
             numbered.push(b' ');
             numbered.extend_from_slice(line);
-            id += 1;
         }
         let written = file
             .write_all_at(&numbered, len)
@@ -425,15 +423,15 @@ fn number_unnumbered(path: &Path, batch: &mut Batch) -> Result<()> {
     if missing == 0 {
         return Ok(());
     }
-    let mut next = reserve(path, missing as u64, None)?;
+    let first = reserve(path, missing as u64, None)?;
     let ids = batch
         .jobs
         .iter_mut()
         .map(|job| &mut job.0)
-        .chain(batch.rejects.iter_mut().map(|reject| &mut reject.0));
-    for id in ids.filter(|id| id.is_none()) {
+        .chain(batch.rejects.iter_mut().map(|reject| &mut reject.0))
+        .filter(|id| id.is_none());
+    for (next, id) in (first..).zip(ids) {
         *id = Some(next);
-        next += 1;
     }
     Ok(())
 }

@@ -14,8 +14,15 @@
 //!   mark. A compacted journal starts with the counters, then one record
 //!   per job held: a pending job costs its JSON text plus 4 to 8 bytes.
 //! - `<path>.inbox`: JSON lines appended by producers (`taskherd queue
-//!   add`, [`FileFeeder::push_all`](super::feeders::FileFeeder::push_all)),
-//!   under an exclusive `flock`, synced before they return.
+//!   add`, [`FileFeeder::push_all`](super::feeders::FileFeeder::push_all),
+//!   the master's webhook), under an exclusive `flock`, synced before they
+//!   return; each line is `#<id> <job>`, its id reserved by the producer
+//!   (a line without one, from an older taskherd, gets one when taken in).
+//! - `<path>.ids`: the next job id (20 digits and a newline), taken by
+//!   whoever adds jobs under the inbox's lock and synced before the lines
+//!   that use it: producers and the owner share one sequence, and a
+//!   producer knows its jobs' ids without a feeder. Without it, ids start
+//!   after the journal's.
 //! - `<path>.inbox.<g>`: generation `g` of the inbox, being taken in:
 //!   the inbox is renamed so under its lock, then read in batches, each
 //!   written to the journal with the mark of how far it was read.
