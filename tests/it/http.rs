@@ -963,3 +963,95 @@ instances = 1
     herd.signal(libc::SIGTERM);
     herd.wait_exit();
 }
+
+#[test]
+fn jobs_answered_202_survive_a_master_killed_and_run_under_their_ids() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let done = dir.path().join("done.log");
+    let script = dir.path().join("job.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "read job\necho \"$job $TASKHERD_JOB_ID\" >> {:?}\n",
+            done.display().to_string()
+        ),
+    )
+    .expect("script");
+    let mut herd = Herd::new(&format!(
+        r#"
+[http]
+bind = "127.0.0.1:0"
+token = "{TOKEN}"
+
+[[group]]
+name = "jobs"
+command = "sh"
+args = [{script:?}]
+stop_grace = "2s"
+[group.feeder]
+file = "{queue}"
+[group.consumer]
+run = "exec"
+[group.local]
+instances = 2
+"#,
+        script = script.display().to_string(),
+        queue = dir.path().join("jobs.queue").display(),
+    ));
+    herd.start();
+    let address = address_in(&herd.wait_for("http: listening on"));
+    // 200 jobs in 50 requests; the master is SIGKILLed right after the
+    // last answer, most of them not run yet.
+    let mut want: BTreeMap<u64, String> = BTreeMap::new();
+    for request in 0..50u64 {
+        let jobs: Vec<String> = (0..4)
+            .map(|k| format!("{{\"n\":{}}}", request * 4 + k))
+            .collect();
+        let answer = post(
+            address,
+            "/v1/queues/jobs/jobs",
+            Some(TOKEN),
+            &format!("[{}]", jobs.join(",")),
+        );
+        assert_eq!(answer.status, 202, "{}", answer.text());
+        let ids = answer.json()["ids"].as_array().cloned().expect("ids");
+        for (id, job) in ids.iter().zip(jobs) {
+            let id = id.as_u64().expect("id");
+            assert!(want.insert(id, job).is_none(), "id {id} given twice");
+        }
+    }
+    herd.signal(libc::SIGKILL);
+    herd.wait_exit();
+
+    // A new master on the same config runs every job, each under the id
+    // its answer gave (at least once: a job running when the master died
+    // may run again).
+    herd.start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = std::fs::read_to_string(&done).unwrap_or_default();
+        let mut seen: BTreeMap<u64, String> = BTreeMap::new();
+        for line in text.lines() {
+            let (job, id) = line.rsplit_once(' ').expect("job and id");
+            let id: u64 = id.parse().expect("an id");
+            if let Some(before) = seen.insert(id, job.to_string()) {
+                assert_eq!(before, job, "id {id} ran two different jobs");
+            }
+        }
+        if seen == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} jobs done; missing {:?}",
+            seen.len(),
+            want.len(),
+            want.keys()
+                .filter(|id| !seen.contains_key(id))
+                .take(10)
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop(&mut herd);
+}

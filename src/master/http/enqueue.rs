@@ -475,6 +475,33 @@ mod tests {
     }
 
     #[test]
+    fn jetstream_jobs_keep_a_start_time_and_a_unique_key_only() {
+        let jobs =
+            jetstream_jobs(br#"[1, {"job": {"n": 2}, "options": {"delay": "1h", "unique": "k"}}]"#)
+                .expect("jobs");
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(
+            (jobs[0].0.get(), jobs[0].1, jobs[0].2.as_deref()),
+            ("1", None, None)
+        );
+        assert_eq!(jobs[1].0.get(), r#"{"n": 2}"#);
+        let later = jobs[1].1.expect("a start time");
+        assert!(
+            later > SystemTime::now() + Duration::from_secs(3500),
+            "{later:?}"
+        );
+        assert_eq!(jobs[1].2.as_deref(), Some("k"));
+        let err =
+            jetstream_jobs(br#"[{"job": 1, "options": {"retry": ["1s"]}}]"#).expect_err("refused");
+        assert_eq!(err.status.as_u16(), 400);
+        assert!(
+            err.message.starts_with("job 1: option \"retry\""),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
     fn only_groups_whose_queue_the_master_reaches_take_jobs() {
         let config = Config::parse(
             r#"
@@ -510,6 +537,14 @@ command = "./my-feeder"
 [group.feeder]
 [group.local]
 instances = 1
+
+[[group]]
+name = "stream"
+command = "cat"
+[group.queue]
+backend = "nats"
+[group.local]
+instances = 1
 "#,
             "/etc/herd/herd.toml".as_ref(),
         )
@@ -518,6 +553,15 @@ instances = 1
             target_of(&config, "files").expect("file queue"),
             JobTarget::File("/etc/herd/q/jobs.queue".into())
         );
+        match target_of(&config, "stream").expect("JetStream") {
+            JobTarget::JetStream(queue) => {
+                assert_eq!(
+                    (queue.stream.as_str(), queue.subject.as_str()),
+                    ("TASKHERD_STREAM", "taskherd.stream.jobs")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         let refused = |group| {
             let err = target_of(&config, group).expect_err("refused");
             (err.status.as_u16(), err.message)
