@@ -128,9 +128,11 @@ const QUEUE_KEYS: &[&str] = &[
 const NATS_KEYS: &[&str] = &[
     "servers", "user", "password", "token", "creds", "nkey", "tls_ca", "replicas", "storage",
 ];
-const NATS_FEEDER: &str = "a queue group with backend = \"nats\" has no feeder instance: \
-                           producers publish jobs on its JetStream subject (taskherd queue add, \
-                           any NATS client); remove [group.feeder]";
+const NATS_FEEDER: &str = "a queue group with backend = \"nats\" has no feeder serving its \
+                           consumers: its [group.feeder] may only fill the JetStream queue, \
+                           with jsonl = \"jobs.jsonl\" or command = \"...\", on the master's \
+                           host (no host, bind or file); producers also publish with taskherd \
+                           queue add or any NATS client";
 
 const NO_GROUPS: &str = "no groups: add at least one [[group]] with a name, a command and \
                          [group.local] or [[group.remote]]";
@@ -1822,7 +1824,9 @@ impl<'t> Walker<'t> {
             self.queue_settings(&key, queue, &mut spec);
             let nats = spec.backend == QueueBackend::Nats;
             if let (true, Some(feeder)) = (nats, feeder) {
-                self.error(feeder.span(), &child(path, "feeder"), NATS_FEEDER);
+                if !jetstream_feeder_ok(&spec) {
+                    self.error(feeder.span(), &child(path, "feeder"), NATS_FEEDER);
+                }
             }
             if feeder.is_none() && !nats {
                 self.error(queue.span(), &key, QUEUE_WITHOUT_FEEDER);
@@ -3198,6 +3202,13 @@ fn edit_distance(a: &str, b: &str) -> usize {
         previous = current;
     }
     previous[b.len()]
+}
+
+/// Whether the `[group.feeder]` of a JetStream queue group (`spec`) is one
+/// it may have: a built-in feeder that fills the queue (`jsonl` or
+/// `command`), on the master's host, binding nothing.
+fn jetstream_feeder_ok(spec: &QueueSpec) -> bool {
+    spec.fills_jetstream() && spec.feeder_host.is_none() && spec.bind == QueueSpec::default().bind
 }
 
 #[cfg(test)]

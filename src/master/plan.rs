@@ -148,6 +148,21 @@ pub fn plan(config: &Config) -> Plan {
                 }
             }
         }
+        if let (Some(queue), Some(jetstream)) = (
+            group.queue.as_ref().filter(|queue| queue.fills_jetstream()),
+            &jetstream,
+        ) {
+            let process = jetstream_feeder_process(
+                queue,
+                jetstream,
+                process_spec(group, &base_dir),
+                &base_dir,
+                &group.name,
+            );
+            let mut feeder = placed.instance(&mut next_id, LOCAL_HOST, &process);
+            label_builtin_feeder(&mut feeder, queue);
+            plan.local.push(feeder);
+        }
         if let Some(local) = &group.local {
             let process = consumer_process(group, process_spec(group, &base_dir));
             for _ in 0..local.instances {
@@ -330,6 +345,45 @@ fn feeder_process(
         own_executable: true,
         ..process
     }
+}
+
+/// The instance that fills a JetStream queue from its `[group.feeder]`
+/// `jsonl` file or `command` (on the master's host): `taskherd
+/// builtin-feeder --jetstream --state PATH ...`, the queue in its
+/// environment ([`JETSTREAM_QUEUE_ENV`]). The state file of a command's
+/// feed is `.<group>.command-feed` beside the config file; a file's is
+/// beside the file (`<file>.jetstream`).
+///
+/// [`JETSTREAM_QUEUE_ENV`]: crate::protocol::slave::JETSTREAM_QUEUE_ENV
+fn jetstream_feeder_process(
+    queue: &QueueSpec,
+    jetstream: &crate::protocol::slave::JetStreamQueue,
+    process: ProcessSpec,
+    base_dir: &Path,
+    group: &str,
+) -> ProcessSpec {
+    let mut process = feeder_process(queue, process, |file| base_dir.join(file));
+    let state = match &queue.builtin_feeder {
+        Some(BuiltinFeeder::Jsonl(file)) => {
+            crate::files::sibling(&base_dir.join(file), ".jetstream")
+        }
+        _ => base_dir.join(format!(".{group}.command-feed")),
+    };
+    process.args.splice(
+        1..1,
+        [
+            "--jetstream".to_string(),
+            "--state".to_string(),
+            state.to_string_lossy().into_owned(),
+        ],
+    );
+    // The queue's JSON (a serde_json value of plain fields: it cannot fail).
+    let json = serde_json::to_string(jetstream).unwrap_or_default();
+    process.env.push((
+        crate::protocol::slave::JETSTREAM_QUEUE_ENV.to_string(),
+        json,
+    ));
+    process
 }
 
 /// A built-in feeder is named for what it is in the log, not for the

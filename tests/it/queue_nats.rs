@@ -643,3 +643,278 @@ fn jetstream_a_pause_holds_the_whole_group() {
     );
     stop(&mut herd);
 }
+
+// ---------------------------------------------------------------------
+// Built-in feeders that fill a JetStream queue, the group's rate across
+// masters, jobs that crash their consumers, authentication and TLS.
+// ---------------------------------------------------------------------
+
+/// The `done <n> #<id> attempt <a>` lines of a `done_file`: job -> the
+/// ids (work stream sequences) it was done under.
+fn done_ids(done_file: &std::path::Path) -> BTreeMap<u64, Vec<u64>> {
+    let mut done: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for line in std::fs::read_to_string(done_file)
+        .unwrap_or_default()
+        .lines()
+    {
+        let mut words = line.split_whitespace().skip(1);
+        let job = words.next().and_then(|w| w.parse::<u64>().ok());
+        let id = words
+            .next()
+            .and_then(|w| w.trim_start_matches('#').parse::<u64>().ok());
+        if let (Some(job), Some(id)) = (job, id) {
+            done.entry(job).or_default().push(id);
+        }
+    }
+    done
+}
+
+/// Waits (bounded) until jobs 1..=n are all in `done_file`.
+fn wait_done_file(
+    done_file: &std::path::Path,
+    n: u64,
+    within: Duration,
+) -> BTreeMap<u64, Vec<u64>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let done = done_ids(done_file);
+        if (1..=n).all(|job| done.contains_key(&job)) {
+            return done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} jobs done",
+            done.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every job 1..=n was published once: done under one id each (a line
+/// published twice would be a second message, with its own sequence),
+/// and the work stream's sequences end at n.
+fn assert_published_once(done: &BTreeMap<u64, Vec<u64>>, n: u64) {
+    let mut twice = Vec::new();
+    let mut max_id = 0;
+    for (job, ids) in done {
+        let mut distinct = ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() != 1 {
+            twice.push((*job, distinct.clone()));
+        }
+        max_id = max_id.max(*distinct.last().unwrap_or(&0));
+    }
+    assert!(twice.is_empty(), "lines published twice: {twice:?}");
+    assert_eq!(
+        max_id, n,
+        "the work stream took {max_id} messages for {n} lines"
+    );
+}
+
+#[test]
+fn jetstream_jsonl_feeder_resumes_after_a_master_sigkill_without_duplicates() {
+    let Some(server) = NatsServer::start(
+        "jetstream_jsonl_feeder_resumes_after_a_master_sigkill_without_duplicates",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("jobs.jsonl");
+    let done_file = dir.path().join("done.log");
+    let total = 30_000u64;
+    let text: String = (1..=total).map(|n| format!("{n}\n")).collect();
+    std::fs::write(&file, &text).expect("write jobs");
+    let params = format!("done_file = {:?}", done_file.display().to_string());
+    let feeder = format!("\n[group.feeder]\njsonl = {:?}", file.display().to_string());
+    let mut first = herd(&[server.url()], &params, 1, 8, &feeder, "");
+    start(&mut first);
+    let started = first.wait_for("[jsonl-feeder/1/1] started (pid ");
+    let feeder_pid: i32 = started
+        .rsplit_once("(pid ")
+        .and_then(|(_, rest)| rest.trim_end_matches(')').parse().ok())
+        .expect("pid in the started line");
+    first.wait_for("publishing the file from byte 0");
+    // The first batch is acked and recorded: the feeder and its master
+    // are SIGKILLed mid-feed (the feeder most likely between publishing
+    // a batch and recording it).
+    let state_file = dir.path().join("jobs.jsonl.jetstream");
+    let deadline = Instant::now() + crate::support::WAIT;
+    // A few batches in (each record replaces the file).
+    let recorded = || {
+        std::fs::read_to_string(&state_file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|state| state["offset"].as_u64())
+            .unwrap_or(0)
+    };
+    let mut early: Option<String> = None;
+    while recorded() < 10_000 {
+        if early.is_none() && recorded() > 0 {
+            early = std::fs::read_to_string(&state_file).ok();
+        }
+        assert!(Instant::now() < deadline, "no progress recorded");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Somewhere in a batch.
+    std::thread::sleep(Duration::from_millis(10));
+    // SAFETY: kill(2) on the feeder this test's herd started.
+    unsafe {
+        libc::kill(feeder_pid, libc::SIGKILL);
+    }
+    first.signal(libc::SIGKILL);
+    first.wait_exit();
+    first.assert_no_leftovers();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).expect("state file"))
+            .expect("state JSON");
+    let offset = state["offset"].as_u64().expect("offset");
+    assert!(
+        offset > 0 && offset < text.len() as u64,
+        "the feeder was killed mid-feed: {offset} of {} bytes recorded",
+        text.len()
+    );
+    // As if the kill had come before the last records too (a crash
+    // between publishing lines and recording them): the record goes back
+    // to an early one, and what is published again is dropped as
+    // duplicates (within the stream's 2-minute duplicate window).
+    let early = early.expect("an early record");
+    let early_offset = serde_json::from_str::<serde_json::Value>(&early).expect("state")["offset"]
+        .as_u64()
+        .expect("offset");
+    assert!(early_offset < offset, "{early} then {offset}");
+    std::fs::write(&state_file, &early).expect("roll the record back");
+    // A new master on the same config: the feeder resumes where the
+    // record says.
+    let mut second = herd(&[server.url()], &params, 1, 8, &feeder, "");
+    start(&mut second);
+    second.wait_for(&format!("publishing the file from byte {early_offset}"));
+    second.wait_for("lines published before a restart were dropped as duplicates");
+    let done = wait_done_file(&done_file, total, Duration::from_secs(300));
+    assert_published_once(&done, total);
+    second.wait_for("all of the file is published");
+    wait_list(&second, "every job acked", |r| r["pending"] == 0);
+    stop(&mut second);
+}
+
+#[test]
+fn jetstream_command_feeder_publishes_its_lines_once_and_bad_ones_dead() {
+    let Some(server) =
+        NatsServer::start("jetstream_command_feeder_publishes_its_lines_once_and_bad_ones_dead")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let done_file = dir.path().join("done.log");
+    let params = format!("done_file = {:?}", done_file.display().to_string());
+    let feeder = "\n[group.feeder]\ncommand = \"sh\"\n\
+                  args = [\"-c\", \"seq 1 500; echo oops; echo '{\\\"job\\\": 501, \\\"options\\\": {\\\"delay\\\": \\\"1s\\\"}}'\"]";
+    let mut herd = herd(&[server.url()], &params, 2, 4, feeder, "");
+    start(&mut herd);
+    herd.wait_for("all its lines are published");
+    let done = wait_done_file(&done_file, 501, Duration::from_secs(120));
+    assert_published_once(&done, 501);
+    let report = wait_list(&herd, "the bad line dead", |r| {
+        r["dead_count"] == 1 && r["pending"] == 0
+    });
+    let reason = report["dead"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("line 501 of the output of sh is not JSON"),
+        "{report}"
+    );
+    // A finished feed leaves no state: the next run starts over.
+    let state = herd.config.with_file_name(".jobs.command-feed");
+    assert!(!state.exists(), "{} left", state.display());
+    stop(&mut herd);
+}
+
+#[test]
+fn jetstream_a_job_that_crashes_its_consumers_ends_dead() {
+    let Some(server) = NatsServer::start("jetstream_a_job_that_crashes_its_consumers_ends_dead")
+    else {
+        return;
+    };
+    // Job 2 SIGKILLs the consumer that runs it, every time: after its 2
+    // attempts, the consumer that gets it next buries it unrun. One job
+    // at a time (credits = 1): no other job is held when it crashes.
+    let mut herd = herd(
+        &[server.url()],
+        "crash_on = 2",
+        1,
+        1,
+        "lease = \"1s\"\nmax_attempts = 2\ncredits = 1",
+        "",
+    );
+    start(&mut herd);
+    add(&herd, &["1", "2", "3"]);
+    wait_done(&mut herd, &[1, 3], Duration::from_secs(60));
+    let report = wait_list(&herd, "job 2 dead", |r| {
+        r["dead_count"] == 1 && r["pending"] == 0
+    });
+    let dead = &report["dead"][0];
+    assert_eq!(dead["job"], "2", "{report}");
+    let reason = dead["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("lost 2 times") && reason.contains("crashed"),
+        "{report}"
+    );
+    stop(&mut herd);
+    assert_eq!(
+        herd.lines_with("] crash 2").len(),
+        2,
+        "job 2 ran on its 2 attempts only"
+    );
+}
+
+#[test]
+fn jetstream_rate_holds_across_the_consumers_of_two_masters() {
+    let Some(server) =
+        NatsServer::start("jetstream_rate_holds_across_the_consumers_of_two_masters")
+    else {
+        return;
+    };
+    // 20 jobs/s for the group, 2 consumers under each master. Slots of
+    // 100 ms, 2 tokens each: at most 20 × t + (4 consumers + 2) × 2 jobs
+    // pulled t seconds after the jobs were added (see queue/nats/rate.rs).
+    let rate = 20.0;
+    let slack = 12.0;
+    let total = 200u64;
+    let queue = "rate = \"20/s\"";
+    let mut first = herd(&[server.url()], "", 2, 4, queue, "");
+    let mut second = herd(&[server.url()], "", 2, 4, queue, "");
+    start(&mut first);
+    start(&mut second);
+    // No job can be done before it is added.
+    let added_at = Instant::now();
+    add_numbers(&first, total);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (ok, text) = queue_cmd(&first, &["list", "--json"], None);
+        // The time after the answer: the count is the server's before it.
+        let elapsed = added_at.elapsed().as_secs_f64();
+        assert!(ok, "{text}");
+        let report: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let pending = report["pending"].as_u64().expect("pending");
+        let done = total - pending.min(total);
+        assert!(
+            done as f64 <= rate * elapsed + slack,
+            "{done} jobs done {elapsed:.1} s after they were added: more than {rate}/s"
+        );
+        if pending == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{report}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    stop(&mut first);
+    stop(&mut second);
+    let (a, b) = (
+        first.lines_with("] done ").len(),
+        second.lines_with("] done ").len(),
+    );
+    assert_eq!(a + b, total as usize);
+    assert!(
+        a > 0 && b > 0,
+        "both masters' consumers ran jobs: {a} and {b}"
+    );
+}

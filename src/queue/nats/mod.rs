@@ -16,6 +16,7 @@
 //! | delay | header `Taskherd-Not-Before` (Unix ms): delivered early once, handed back with the time left |
 //! | unique key | header `Nats-Msg-Id` (the stream's duplicate window) |
 //! | rate governor's slow down / pause | broadcast on `taskherd.<group>.governor` |
+//! | the group's `rate` | tokens in the stream `<stream>_RATE`, issued by every consumer, deduplicated per time slot ([`rate`]) |
 //!
 //! A message's body is the job itself: one JSON value. Any NATS client
 //! can publish jobs (`nats pub taskherd.jobs.jobs '{"n": 1}'`).
@@ -36,7 +37,10 @@ use crate::protocol::slave::{JetStreamQueue, NatsAuth};
 
 pub(crate) mod bridge;
 pub(crate) mod decide;
+#[cfg(feature = "master")]
+pub mod feed;
 pub mod producer;
+pub mod rate;
 pub mod setup;
 
 /// Header of a delayed job: not run before this time (Unix ms).
