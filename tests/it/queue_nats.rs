@@ -918,3 +918,317 @@ fn jetstream_rate_holds_across_the_consumers_of_two_masters() {
         "both masters' consumers ran jobs: {a} and {b}"
     );
 }
+
+/// With the server `server` (its config has `extra`): a herd whose
+/// `[nats]` has `bad` refuses to start at once (no retry loop), naming
+/// the server and `who`; one with `good` runs a job.
+fn wrong_then_right(server: &NatsServer, url: &str, bad: &str, good: &str, who: &str) {
+    let mut herd = herd(&[url.to_string()], "", 1, 1, "", bad);
+    herd.start();
+    let line = herd.wait_for("cannot start");
+    assert!(
+        line.contains(&server.url()[7..]) && line.contains(who),
+        "{line}"
+    );
+    assert_ne!(herd.wait_exit().code(), Some(0), "{}", last_lines(&herd));
+    let mut herd = self::herd(&[url.to_string()], "", 1, 1, "", good);
+    start(&mut herd);
+    add(&herd, &["7"]);
+    herd.wait_for("] done 7 ");
+    stop(&mut herd);
+}
+
+#[test]
+fn jetstream_token_auth() {
+    let Some(server) = NatsServer::start_with(
+        "jetstream_token_auth",
+        "authorization { token: \"s3cret\" }",
+    ) else {
+        return;
+    };
+    let url = server.url();
+    wrong_then_right(
+        &server,
+        &url,
+        "token = \"wrong\"",
+        "token = \"s3cret\"",
+        "a token",
+    );
+}
+
+#[test]
+fn jetstream_nkey_auth() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let user = nkeys::KeyPair::new_user();
+    let other = nkeys::KeyPair::new_user();
+    let good_seed = dir.path().join("herd.nk");
+    let bad_seed = dir.path().join("other.nk");
+    std::fs::write(&good_seed, user.seed().expect("seed")).expect("write seed");
+    std::fs::write(&bad_seed, other.seed().expect("seed")).expect("write seed");
+    let Some(server) = NatsServer::start_with(
+        "jetstream_nkey_auth",
+        &format!(
+            "authorization {{ users: [ {{ nkey: {:?} }} ] }}",
+            user.public_key()
+        ),
+    ) else {
+        return;
+    };
+    let url = server.url();
+    wrong_then_right(
+        &server,
+        &url,
+        &format!("nkey = {:?}", bad_seed.display().to_string()),
+        &format!("nkey = {:?}", good_seed.display().to_string()),
+        &format!("nkey seed file {}", bad_seed.display()),
+    );
+}
+
+/// A JWT (NATS v2 claims) of `nats` for `subject`, signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use data_encoding::BASE64URL_NOPAD;
+    let header = BASE64URL_NOPAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": format!("TASKHERD{}{}", iat, subject.len()),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let claims = BASE64URL_NOPAD.encode(claims.to_string().as_bytes());
+    let signed = format!("{header}.{claims}");
+    let signature = BASE64URL_NOPAD.encode(&issuer.sign(signed.as_bytes()).expect("sign"));
+    format!("{signed}.{signature}")
+}
+
+/// A creds file of a user of `account`.
+fn creds(account: &nkeys::KeyPair, user: &nkeys::KeyPair) -> String {
+    let user_jwt = jwt(
+        account,
+        &user.public_key(),
+        "herd",
+        serde_json::json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                           "type": "user", "version": 2}),
+    );
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().expect("seed")
+    )
+}
+
+#[test]
+fn jetstream_creds_file_auth() {
+    // Operator mode, as `nsc` would set it up: an operator, an account
+    // with JetStream (its JWT preloaded in the server's memory resolver)
+    // and a user of it in a creds file. The wrong creds file's user
+    // belongs to an account the server does not know.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let stranger = nkeys::KeyPair::new_account();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "op",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "herd",
+        serde_json::json!({
+            "limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                       "wildcards": true, "conn": -1, "leaf": -1,
+                       "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1},
+            "default_permissions": {"pub": {}, "sub": {}},
+            "type": "account", "version": 2}),
+    );
+    // JetStream needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1,
+                                      "exports": -1, "wildcards": true, "conn": -1, "leaf": -1},
+                           "type": "account", "version": 2}),
+    );
+    let operator_file = dir.path().join("op.jwt");
+    std::fs::write(&operator_file, &operator_jwt).expect("write operator JWT");
+    let good = dir.path().join("herd.creds");
+    let bad = dir.path().join("stranger.creds");
+    std::fs::write(&good, creds(&account, &nkeys::KeyPair::new_user())).expect("write creds");
+    std::fs::write(&bad, creds(&stranger, &nkeys::KeyPair::new_user())).expect("write creds");
+    let Some(server) = NatsServer::start_with(
+        "jetstream_creds_file_auth",
+        &format!(
+            "operator: {:?}\nsystem_account: {}\nresolver: MEMORY\n\
+             resolver_preload: {{ {}: {:?}, {}: {:?} }}",
+            operator_file.display().to_string(),
+            system.public_key(),
+            account.public_key(),
+            account_jwt,
+            system.public_key(),
+            system_jwt
+        ),
+    ) else {
+        return;
+    };
+    let url = server.url();
+    wrong_then_right(
+        &server,
+        &url,
+        &format!("creds = {:?}", bad.display().to_string()),
+        &format!("creds = {:?}", good.display().to_string()),
+        &format!("credentials file {}", bad.display()),
+    );
+}
+
+/// `openssl ARGS...` in `dir`, checked; `None` (the test skips) when
+/// there is no openssl command.
+fn openssl(test: &str, dir: &std::path::Path, args: &[&str]) -> Option<()> {
+    match Command::new("openssl").args(args).current_dir(dir).output() {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(())
+        }
+        Err(err) => {
+            eprintln!("{test}: skipped: no openssl command ({err}; scripts/test installs it)");
+            None
+        }
+    }
+}
+
+/// A CA (`NAME.pem`, `NAME.key`) in `dir`.
+fn make_ca(test: &str, dir: &std::path::Path, name: &str) -> Option<()> {
+    openssl(
+        test,
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    )
+}
+
+#[test]
+fn jetstream_tls_with_a_ca() {
+    let test = "jetstream_tls_with_a_ca";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path();
+    if make_ca(test, path, "ca").is_none() || make_ca(test, path, "other").is_none() {
+        return;
+    }
+    std::fs::write(
+        path.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n\
+         basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n",
+    )
+    .expect("write ext.cnf");
+    openssl(
+        test,
+        path,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    openssl(
+        test,
+        path,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ],
+    );
+    let Some(server) = NatsServer::start_with(
+        test,
+        &format!(
+            "tls {{ cert_file: {:?}, key_file: {:?} }}",
+            path.join("server.pem").display().to_string(),
+            path.join("server.key").display().to_string()
+        ),
+    ) else {
+        return;
+    };
+    let url = server.url();
+    // A CA that did not sign the server's certificate: refused at once.
+    let mut herd = herd(
+        &[url.clone()],
+        "",
+        1,
+        1,
+        "",
+        &format!(
+            "tls_ca = {:?}",
+            path.join("other.pem").display().to_string()
+        ),
+    );
+    herd.start();
+    let line = herd.wait_for("cannot start");
+    assert!(line.contains(&url) && line.contains("TLS"), "{line}");
+    assert_ne!(herd.wait_exit().code(), Some(0));
+    // The right CA: jobs run over TLS.
+    let mut herd = self::herd(
+        &[url.clone()],
+        "",
+        1,
+        1,
+        "",
+        &format!("tls_ca = {:?}", path.join("ca.pem").display().to_string()),
+    );
+    start(&mut herd);
+    add(&herd, &["7"]);
+    herd.wait_for("] done 7 ");
+    stop(&mut herd);
+}

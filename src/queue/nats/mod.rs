@@ -200,9 +200,27 @@ pub async fn connect(queue: &JetStreamQueue, name: &str) -> Result<async_nats::C
                 }
             }
             ConnectErrorKind::Tls => credentials(format!("TLS: {err}")),
+            // A certificate the CA does not vouch for comes as an I/O
+            // error of the handshake: retrying cannot help either.
+            ConnectErrorKind::Io if is_certificate_error(&err) => {
+                credentials(format!("TLS: {err}"))
+            }
             _ => NatsError::Unreachable {
                 servers: servers.clone(),
                 reason: err.to_string(),
             },
         })
+}
+
+/// Whether a connection error is the TLS handshake refusing the server's
+/// certificate (rustls reports it inside an I/O error).
+fn is_certificate_error(err: &async_nats::ConnectError) -> bool {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let text = text.to_ascii_lowercase();
+    text.contains("certificate") || text.contains("tls handshake")
 }
