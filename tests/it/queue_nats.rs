@@ -1204,7 +1204,7 @@ fn jetstream_tls_with_a_ca() {
     let url = server.url();
     // A CA that did not sign the server's certificate: refused at once.
     let mut herd = herd(
-        &[url.clone()],
+        std::slice::from_ref(&url),
         "",
         1,
         1,
@@ -1220,7 +1220,7 @@ fn jetstream_tls_with_a_ca() {
     assert_ne!(herd.wait_exit().code(), Some(0));
     // The right CA: jobs run over TLS.
     let mut herd = self::herd(
-        &[url.clone()],
+        std::slice::from_ref(&url),
         "",
         1,
         1,
