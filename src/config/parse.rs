@@ -3724,7 +3724,39 @@ concurrency = 8
         let err = only_error(&format!(
             "{group}[group.queue]\nbackend = \"nats\"\n[group.feeder]\nbind = \"127.0.0.1:0\"\n"
         ));
-        assert_error(&err, 8, "group[1].feeder", "no feeder instance");
+        assert_error(
+            &err,
+            8,
+            "group[1].feeder",
+            "no feeder serving its consumers",
+        );
+        // Only a built-in feeder that fills the queue, on this host.
+        for feeder in ["file = \"jobs.queue\"", "host = \"web1\"\njsonl = \"j\""] {
+            let err = only_error(&format!(
+                "{group}[group.queue]\nbackend = \"nats\"\n[group.feeder]\n{feeder}\n"
+            ));
+            assert_error(
+                &err,
+                8,
+                "group[1].feeder",
+                "may only fill the JetStream queue",
+            );
+        }
+        for feeder in [
+            "jsonl = \"jobs.jsonl\"",
+            "command = \"seq\"\nargs = [\"1\", \"5\"]",
+        ] {
+            let config = parse_ok(&format!(
+                "{group}[group.queue]\nbackend = \"nats\"\n[group.feeder]\n{feeder}\n"
+            ));
+            let queue = config.groups[0].queue.as_ref().expect("queue");
+            assert!(queue.fills_jetstream() && !queue.has_feeder(), "{feeder}");
+            assert_eq!(
+                config.groups[0].instance_count(),
+                2,
+                "{feeder}: the feeder and 1 consumer"
+            );
+        }
         let err = only_error(&format!(
             "{group}[group.queue]\nbackend = \"nats\"\nsubject = \"jobs.*\"\n"
         ));

@@ -1065,6 +1065,82 @@ instances = 1
         );
     }
 
+    #[test]
+    fn a_jetstream_group_s_feeder_publishes_with_the_queue_in_its_environment() {
+        let text = r#"
+[nats]
+servers = ["nats://10.0.0.5:4222"]
+token = "t"
+
+[[group]]
+name = "lines"
+command = "./bin/handle"
+[group.queue]
+backend = "nats"
+[group.feeder]
+jsonl = "q/jobs.jsonl"
+[group.local]
+instances = 2
+
+[[group]]
+name = "generated"
+command = "./bin/handle"
+[group.queue]
+backend = "nats"
+[group.feeder]
+command = "seq"
+args = ["1", "5"]
+[group.local]
+instances = 1
+"#;
+        let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
+        let plan = plan(&config);
+        assert!(plan.feeders.is_empty(), "no feeder serves consumers");
+        let feeders: Vec<&InstanceSpec> = plan
+            .local
+            .iter()
+            .filter(|spec| spec.process.own_executable)
+            .collect();
+        let args: Vec<Vec<&str>> = feeders
+            .iter()
+            .map(|spec| spec.process.args.iter().map(String::as_str).collect())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                vec![
+                    "builtin-feeder",
+                    "--jetstream",
+                    "--state",
+                    "/etc/herd/q/jobs.jsonl.jetstream",
+                    "--jsonl",
+                    "/etc/herd/q/jobs.jsonl"
+                ],
+                vec![
+                    "builtin-feeder",
+                    "--jetstream",
+                    "--state",
+                    "/etc/herd/.generated.command-feed",
+                    "--command",
+                    "--",
+                    "seq",
+                    "1",
+                    "5"
+                ],
+            ]
+        );
+        for (spec, group) in feeders.iter().zip(["lines", "generated"]) {
+            assert!(spec.identity.queue.is_none(), "a plain instance");
+            let json = env_of(spec, crate::protocol::slave::JETSTREAM_QUEUE_ENV);
+            let queue: crate::protocol::slave::JetStreamQueue =
+                serde_json::from_str(&json[0]).expect("the queue's JSON");
+            assert_eq!(Some(queue), config.jetstream_queue(group));
+        }
+        // Ids: the feeder first, then the consumers.
+        assert_eq!(feeders[0].label.group_id, 1);
+        assert_eq!(feeders[0].identity.group_count, 3);
+    }
+
     /// `web`: `local` instances on the master's host and `remote` on each
     /// of two remote hosts; `other`: one local instance.
     fn sized(local: u32, remote: u32) -> String {
