@@ -176,7 +176,9 @@ impl JobOptions {
     }
 
     /// When it may run, Unix ms, if it says (its `at`, or its `delay`
-    /// counted from `now_ms`: the later of the two).
+    /// counted from `now_ms`: the later of the two). For the feeders that
+    /// fill a JetStream queue.
+    #[cfg(all(feature = "nats", feature = "master"))]
     pub(crate) fn not_before_ms(&self, now_ms: u64) -> Option<u64> {
         self.clone().resolved(now_ms).at_ms
     }
