@@ -829,6 +829,69 @@ fn jetstream_command_feeder_publishes_its_lines_once_and_bad_ones_dead() {
 }
 
 #[test]
+fn jetstream_command_feeder_resumes_after_a_master_sigkill_without_duplicates() {
+    let Some(server) = NatsServer::start(
+        "jetstream_command_feeder_resumes_after_a_master_sigkill_without_duplicates",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let done_file = dir.path().join("done.log");
+    let total = 30_000u64;
+    let params = format!("done_file = {:?}", done_file.display().to_string());
+    let feeder = format!("\n[group.feeder]\ncommand = \"seq\"\nargs = [\"1\", \"{total}\"]");
+    let mut herd = herd(&[server.url()], &params, 1, 8, &feeder, "");
+    start(&mut herd);
+    let started = herd.wait_for("[command-feeder/1/1] started (pid ");
+    let feeder_pid: i32 = started
+        .rsplit_once("(pid ")
+        .and_then(|(_, rest)| rest.trim_end_matches(')').parse().ok())
+        .expect("pid in the started line");
+    // Its record: the lines published, beside the config.
+    let state_file = herd.config.with_file_name(".jobs.command-feed");
+    let recorded = || {
+        std::fs::read_to_string(&state_file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|state| state["lines"].as_u64())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + crate::support::WAIT;
+    let mut early = None;
+    while recorded() < 2000 {
+        if early.is_none() && recorded() > 0 {
+            early = std::fs::read_to_string(&state_file).ok();
+        }
+        assert!(Instant::now() < deadline, "no progress recorded");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kill(2) on the feeder this test's herd started.
+    unsafe {
+        libc::kill(feeder_pid, libc::SIGKILL);
+    }
+    herd.signal(libc::SIGKILL);
+    herd.wait_exit();
+    herd.assert_no_leftovers();
+    let lines = recorded();
+    assert!(lines < total, "killed mid-feed: {lines} lines recorded");
+    // As if the kill had come before the last records: the lines
+    // published since the early record are published again, and dropped.
+    let early = early.expect("an early record");
+    std::fs::write(&state_file, &early).expect("roll the record back");
+    let early_lines = recorded();
+    assert!(early_lines < lines, "{early_lines} then {lines}");
+    herd.start_with(&["--log-filter", "debug"]);
+    herd.wait_for_count("JetStream stream TASKHERD_JOBS ready", 2);
+    herd.wait_for("its lines published before are skipped");
+    herd.wait_for("lines published before a restart were dropped as duplicates");
+    let done = wait_done_file(&done_file, total, Duration::from_secs(300));
+    assert_published_once(&done, total);
+    herd.wait_for("all its lines are published");
+    assert!(!state_file.exists(), "a finished feed leaves no record");
+    stop(&mut herd);
+}
+
+#[test]
 fn jetstream_a_job_that_crashes_its_consumers_ends_dead() {
     let Some(server) = NatsServer::start("jetstream_a_job_that_crashes_its_consumers_ends_dead")
     else {

@@ -659,9 +659,15 @@ async fn feed_command(
                 )
             })
             .collect();
-        let Some((added, _, dead)) = publisher.publish_all(&batch, stop).await else {
+        let Some((added, duplicates, dead)) = publisher.publish_all(&batch, stop).await else {
             return Ok(());
         };
+        if duplicates > 0 {
+            info!(
+                duplicates,
+                "lines published before a restart were dropped as duplicates"
+            );
+        }
         debug!(added, dead, lines = read, "lines published");
         state.lines = read;
         save(state_path, &state)?;
