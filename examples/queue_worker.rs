@@ -20,7 +20,9 @@
 //!   that dies before it relays the output);
 //! - `pid_file = "F"`: the feeder writes its pid to F; with `poison = n`,
 //!   a consumer running job n SIGKILLs that feeder (a job that crashes
-//!   its feeder every time: it ends dead after `max_attempts`).
+//!   its feeder every time: it ends dead after `max_attempts`);
+//! - `crash_on = n`: a consumer running job n SIGKILLs itself (a job
+//!   that crashes its consumers every time), after printing `crash <n>`.
 //!
 //! ```text
 //! cargo build --release --bins --examples
@@ -48,6 +50,7 @@ struct Params {
     ids: Option<bool>,
     pid_file: Option<String>,
     poison: Option<u64>,
+    crash_on: Option<u64>,
     done_file: Option<String>,
 }
 
@@ -93,6 +96,17 @@ fn consume(params: &Params, h: &Handler, job: u64, info: JobInfo) -> Outcome {
         if k > 0 && job % k == 0 && info.attempt == 1 {
             h.warning(format!("job {job} fails on its first attempt"));
             return Outcome::Retry(None);
+        }
+    }
+    if params.crash_on == Some(job) {
+        println!("crash {job}");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        // Lets the line reach the master before the process dies.
+        h.flush();
+        // SAFETY: kill(2) of this very process; no memory involved.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
     if params.poison == Some(job) {

@@ -135,6 +135,15 @@ marked failed, 2 for a bad config or a master that could not start.")]
         /// The command and its arguments, after `--`.
         #[arg(last = true, value_name = "COMMAND")]
         program: Vec<std::ffi::OsString>,
+        /// Publish the lines to the group's JetStream queue (given in
+        /// TASKHERD_JETSTREAM_QUEUE) instead of serving them (with
+        /// --jsonl or --command).
+        #[arg(long, conflicts_with = "file")]
+        jetstream: bool,
+        /// With --jetstream: the file that records how far the source is
+        /// published (default: the --jsonl file + `.jetstream`).
+        #[arg(long, value_name = "PATH", requires = "jetstream")]
+        state: Option<PathBuf>,
     },
     /// Be a consumer of a queue group that runs COMMAND once per job
     /// (`[group.consumer] run = "exec"`; started by the master or an
@@ -422,6 +431,45 @@ fn builtin_feeder(
     }
 }
 
+/// `taskherd builtin-feeder --jetstream`: fill the group's JetStream
+/// queue from the file or the command.
+fn jetstream_feeder(
+    jsonl: Option<PathBuf>,
+    command: bool,
+    program: &[std::ffi::OsString],
+    state: Option<PathBuf>,
+) -> ExitCode {
+    use taskherd::queue::{builtin, nats::feed::Source};
+    let (source, state) = match (jsonl, program.split_first()) {
+        (Some(jsonl), _) => {
+            let state = state.unwrap_or_else(|| {
+                let mut name = jsonl.clone().into_os_string();
+                name.push(".jetstream");
+                PathBuf::from(name)
+            });
+            (Source::Jsonl(jsonl), state)
+        }
+        (None, Some((program, args))) if command => {
+            let Some(state) = state else {
+                eprintln!("taskherd builtin-feeder --jetstream --command: give --state PATH");
+                return ExitCode::from(2);
+            };
+            let source = Source::Command {
+                program: PathBuf::from(program),
+                args: args.to_vec(),
+            };
+            (source, state)
+        }
+        _ => {
+            eprintln!(
+                "taskherd builtin-feeder --jetstream: give --jsonl PATH or --command -- COMMAND"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    builtin::run_jetstream_feeder(source, &state)
+}
+
 /// `taskherd exec-consumer`: the exit map from the options, then the
 /// library's runner.
 fn exec_consumer(
@@ -502,7 +550,13 @@ fn main() -> ExitCode {
             jsonl,
             command,
             program,
-        } => Ok(builtin_feeder(file, jsonl, command, &program)),
+            jetstream,
+            state,
+        } => Ok(if jetstream {
+            jetstream_feeder(jsonl, command, &program, state)
+        } else {
+            builtin_feeder(file, jsonl, command, &program)
+        }),
         Command::ExecConsumer {
             done_codes,
             retry_codes,

@@ -526,6 +526,17 @@ impl QueueSpec {
     pub fn has_feeder(&self) -> bool {
         self.backend == QueueBackend::Feeder
     }
+
+    /// Whether the group's queue is on JetStream and a built-in feeder
+    /// (`[group.feeder] jsonl` or `command`) fills it: an instance of its
+    /// own on the master's host, which publishes rather than serves.
+    pub fn fills_jetstream(&self) -> bool {
+        self.backend == QueueBackend::Nats
+            && matches!(
+                self.builtin_feeder,
+                Some(BuiltinFeeder::Jsonl(_) | BuiltinFeeder::Command { .. })
+            )
+    }
 }
 
 /// A built-in feeder of a queue group (`[group.feeder] file`, `jsonl` or
@@ -628,7 +639,11 @@ impl Default for QueueSpec {
 impl GroupSpec {
     /// Total number of instances of the group over all placements.
     pub fn instance_count(&self) -> u32 {
-        let feeder = u32::from(self.queue.as_ref().is_some_and(QueueSpec::has_feeder));
+        let feeder = u32::from(
+            self.queue
+                .as_ref()
+                .is_some_and(|queue| queue.has_feeder() || queue.fills_jetstream()),
+        );
         let local = self.local.as_ref().map_or(0, |local| local.instances);
         let remote: u32 = self
             .remote

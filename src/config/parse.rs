@@ -136,9 +136,11 @@ const QUEUE_KEYS: &[&str] = &[
 const NATS_KEYS: &[&str] = &[
     "servers", "user", "password", "token", "creds", "nkey", "tls_ca", "replicas", "storage",
 ];
-const NATS_FEEDER: &str = "a queue group with backend = \"nats\" has no feeder instance: \
-                           producers publish jobs on its JetStream subject (taskherd queue add, \
-                           any NATS client); remove [group.feeder]";
+const NATS_FEEDER: &str = "a queue group with backend = \"nats\" has no feeder serving its \
+                           consumers: its [group.feeder] may only fill the JetStream queue, \
+                           with jsonl = \"jobs.jsonl\" or command = \"...\", on the master's \
+                           host (no host, bind or file); producers also publish with taskherd \
+                           queue add or any NATS client";
 
 const NO_GROUPS: &str = "no groups: add at least one [[group]] with a name, a command and \
                          [group.local] or [[group.remote]]";
@@ -1847,7 +1849,9 @@ impl<'t> Walker<'t> {
             self.queue_settings(&key, queue, &mut spec);
             let nats = spec.backend == QueueBackend::Nats;
             if let (true, Some(feeder)) = (nats, feeder) {
-                self.error(feeder.span(), &child(path, "feeder"), NATS_FEEDER);
+                if !jetstream_feeder_ok(&spec) {
+                    self.error(feeder.span(), &child(path, "feeder"), NATS_FEEDER);
+                }
             }
             if feeder.is_none() && !nats {
                 self.error(queue.span(), &key, QUEUE_WITHOUT_FEEDER);
@@ -3225,6 +3229,13 @@ fn edit_distance(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
+/// Whether the `[group.feeder]` of a JetStream queue group (`spec`) is one
+/// it may have: a built-in feeder that fills the queue (`jsonl` or
+/// `command`), on the master's host, binding nothing.
+fn jetstream_feeder_ok(spec: &QueueSpec) -> bool {
+    spec.fills_jetstream() && spec.feeder_host.is_none() && spec.bind == QueueSpec::default().bind
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -3738,7 +3749,39 @@ concurrency = 8
         let err = only_error(&format!(
             "{group}[group.queue]\nbackend = \"nats\"\n[group.feeder]\nbind = \"127.0.0.1:0\"\n"
         ));
-        assert_error(&err, 8, "group[1].feeder", "no feeder instance");
+        assert_error(
+            &err,
+            8,
+            "group[1].feeder",
+            "no feeder serving its consumers",
+        );
+        // Only a built-in feeder that fills the queue, on this host.
+        for feeder in ["file = \"jobs.queue\"", "host = \"web1\"\njsonl = \"j\""] {
+            let err = only_error(&format!(
+                "{group}[group.queue]\nbackend = \"nats\"\n[group.feeder]\n{feeder}\n"
+            ));
+            assert_error(
+                &err,
+                8,
+                "group[1].feeder",
+                "may only fill the JetStream queue",
+            );
+        }
+        for feeder in [
+            "jsonl = \"jobs.jsonl\"",
+            "command = \"seq\"\nargs = [\"1\", \"5\"]",
+        ] {
+            let config = parse_ok(&format!(
+                "{group}[group.queue]\nbackend = \"nats\"\n[group.feeder]\n{feeder}\n"
+            ));
+            let queue = config.groups[0].queue.as_ref().expect("queue");
+            assert!(queue.fills_jetstream() && !queue.has_feeder(), "{feeder}");
+            assert_eq!(
+                config.groups[0].instance_count(),
+                2,
+                "{feeder}: the feeder and 1 consumer"
+            );
+        }
         let err = only_error(&format!(
             "{group}[group.queue]\nbackend = \"nats\"\nsubject = \"jobs.*\"\n"
         ));

@@ -148,6 +148,21 @@ pub fn plan(config: &Config) -> Plan {
                 }
             }
         }
+        if let (Some(queue), Some(jetstream)) = (
+            group.queue.as_ref().filter(|queue| queue.fills_jetstream()),
+            &jetstream,
+        ) {
+            let process = jetstream_feeder_process(
+                queue,
+                jetstream,
+                process_spec(group, &base_dir),
+                &base_dir,
+                &group.name,
+            );
+            let mut feeder = placed.instance(&mut next_id, LOCAL_HOST, &process);
+            label_builtin_feeder(&mut feeder, queue);
+            plan.local.push(feeder);
+        }
         if let Some(local) = &group.local {
             let process = consumer_process(group, process_spec(group, &base_dir));
             for _ in 0..local.instances {
@@ -330,6 +345,45 @@ fn feeder_process(
         own_executable: true,
         ..process
     }
+}
+
+/// The instance that fills a JetStream queue from its `[group.feeder]`
+/// `jsonl` file or `command` (on the master's host): `taskherd
+/// builtin-feeder --jetstream --state PATH ...`, the queue in its
+/// environment ([`JETSTREAM_QUEUE_ENV`]). The state file of a command's
+/// feed is `.<group>.command-feed` beside the config file; a file's is
+/// beside the file (`<file>.jetstream`).
+///
+/// [`JETSTREAM_QUEUE_ENV`]: crate::protocol::slave::JETSTREAM_QUEUE_ENV
+fn jetstream_feeder_process(
+    queue: &QueueSpec,
+    jetstream: &crate::protocol::slave::JetStreamQueue,
+    process: ProcessSpec,
+    base_dir: &Path,
+    group: &str,
+) -> ProcessSpec {
+    let mut process = feeder_process(queue, process, |file| base_dir.join(file));
+    let state = match &queue.builtin_feeder {
+        Some(BuiltinFeeder::Jsonl(file)) => {
+            crate::files::sibling(&base_dir.join(file), ".jetstream")
+        }
+        _ => base_dir.join(format!(".{group}.command-feed")),
+    };
+    process.args.splice(
+        1..1,
+        [
+            "--jetstream".to_string(),
+            "--state".to_string(),
+            state.to_string_lossy().into_owned(),
+        ],
+    );
+    // The queue's JSON (a serde_json value of plain fields: it cannot fail).
+    let json = serde_json::to_string(jetstream).unwrap_or_default();
+    process.env.push((
+        crate::protocol::slave::JETSTREAM_QUEUE_ENV.to_string(),
+        json,
+    ));
+    process
 }
 
 /// A built-in feeder is named for what it is in the log, not for the
@@ -1009,6 +1063,82 @@ instances = 1
             plan.feeders[1].process.cwd,
             Some(PathBuf::from("/etc/herd/work"))
         );
+    }
+
+    #[test]
+    fn a_jetstream_group_s_feeder_publishes_with_the_queue_in_its_environment() {
+        let text = r#"
+[nats]
+servers = ["nats://10.0.0.5:4222"]
+token = "t"
+
+[[group]]
+name = "lines"
+command = "./bin/handle"
+[group.queue]
+backend = "nats"
+[group.feeder]
+jsonl = "q/jobs.jsonl"
+[group.local]
+instances = 2
+
+[[group]]
+name = "generated"
+command = "./bin/handle"
+[group.queue]
+backend = "nats"
+[group.feeder]
+command = "seq"
+args = ["1", "5"]
+[group.local]
+instances = 1
+"#;
+        let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
+        let plan = plan(&config);
+        assert!(plan.feeders.is_empty(), "no feeder serves consumers");
+        let feeders: Vec<&InstanceSpec> = plan
+            .local
+            .iter()
+            .filter(|spec| spec.process.own_executable)
+            .collect();
+        let args: Vec<Vec<&str>> = feeders
+            .iter()
+            .map(|spec| spec.process.args.iter().map(String::as_str).collect())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                vec![
+                    "builtin-feeder",
+                    "--jetstream",
+                    "--state",
+                    "/etc/herd/q/jobs.jsonl.jetstream",
+                    "--jsonl",
+                    "/etc/herd/q/jobs.jsonl"
+                ],
+                vec![
+                    "builtin-feeder",
+                    "--jetstream",
+                    "--state",
+                    "/etc/herd/.generated.command-feed",
+                    "--command",
+                    "--",
+                    "seq",
+                    "1",
+                    "5"
+                ],
+            ]
+        );
+        for (spec, group) in feeders.iter().zip(["lines", "generated"]) {
+            assert!(spec.identity.queue.is_none(), "a plain instance");
+            let json = env_of(spec, crate::protocol::slave::JETSTREAM_QUEUE_ENV);
+            let queue: crate::protocol::slave::JetStreamQueue =
+                serde_json::from_str(&json[0]).expect("the queue's JSON");
+            assert_eq!(Some(queue), config.jetstream_queue(group));
+        }
+        // Ids: the feeder first, then the consumers.
+        assert_eq!(feeders[0].label.group_id, 1);
+        assert_eq!(feeders[0].identity.group_count, 3);
     }
 
     /// `web`: `local` instances on the master's host and `remote` on each

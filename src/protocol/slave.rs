@@ -141,6 +141,11 @@ fn one() -> usize {
     1
 }
 
+/// The environment variable that gives a JetStream queue group's
+/// built-in feeder (`taskherd builtin-feeder --jetstream`) its queue, as
+/// the JSON of a [`JetStreamQueue`].
+pub const JETSTREAM_QUEUE_ENV: &str = "TASKHERD_JETSTREAM_QUEUE";
+
 /// The names of a queue group's JetStream objects, made of its name.
 pub mod nats_names {
     /// A stream name made of a group's name: `TASKHERD_` + the name in

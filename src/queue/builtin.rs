@@ -143,6 +143,59 @@ pub fn run_command_feeder(program: &OsStr, args: &[impl AsRef<OsStr>]) -> ExitCo
     queue.run_queue(no_consumer, DeadLogged(feeder))
 }
 
+/// Fills a JetStream queue group's queue from a JSON-lines file or a
+/// command's output (what `taskherd builtin-feeder --jetstream --state
+/// STATE --jsonl PATH` or `... --command -- PROGRAM ARGS...` does; see
+/// [`nats::feed`](super::nats::feed) for what is published when, and what
+/// a crash can do), recording its progress in `state`, until the master
+/// stops it.
+///
+/// It connects to the master as a plain instance (its log goes there)
+/// and takes the queue from the environment
+/// ([`JETSTREAM_QUEUE_ENV`](crate::protocol::slave::JETSTREAM_QUEUE_ENV)).
+/// Exit code 2 when it cannot start; a failure (credentials refused, a
+/// damaged state file, a command that cannot run) is the instance's
+/// failure, with the reason.
+#[cfg(all(feature = "nats", feature = "master"))]
+pub fn run_jetstream_feeder(source: super::nats::feed::Source, state: &Path) -> ExitCode {
+    use super::nats::feed;
+    let handler = match Handler::from_env() {
+        Ok(handler) => handler,
+        Err(err) => {
+            eprintln!("taskherd builtin-feeder: {}", error_chain(&err));
+            return ExitCode::from(EXIT_CANNOT_START);
+        }
+    };
+    let _ = handler.init_tracing();
+    let queue = match feed::queue_from_env() {
+        Ok(queue) => queue,
+        Err(why) => {
+            handler.error(format!("the built-in JetStream feeder cannot start: {why}"));
+            return ExitCode::from(EXIT_CANNOT_START);
+        }
+    };
+    let source = match source {
+        feed::Source::Jsonl(path) => feed::Source::Jsonl(expand_home(&path)),
+        feed::Source::Command { program, args } => feed::Source::Command {
+            program: expand_home(&program),
+            args,
+        },
+    };
+    let state = expand_home(state);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            handler.error(format!("the built-in JetStream feeder cannot start: {err}"));
+            return ExitCode::from(EXIT_CANNOT_START);
+        }
+    };
+    let stop = handler.stop_token();
+    handler.run(|_| runtime.block_on(feed::feed(&queue, &source, &state, stop)))
+}
+
 /// The feeder's command cannot be started.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot run {}", program.display())]

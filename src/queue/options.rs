@@ -198,6 +198,14 @@ impl JobOptions {
         self.resolved(millis::now())
     }
 
+    /// When it may run, Unix ms, if it says (its `at`, or its `delay`
+    /// counted from `now_ms`: the later of the two). For the feeders that
+    /// fill a JetStream queue.
+    #[cfg(all(feature = "nats", feature = "master"))]
+    pub(crate) fn not_before_ms(&self, now_ms: u64) -> Option<u64> {
+        self.clone().resolved(now_ms).at_ms
+    }
+
     /// Its own retry policy, if it has one; `first_attempt_at` is when its
     /// first attempt started (a `retry_until` time is counted from it).
     pub fn retry_policy(&self, first_attempt_at: SystemTime) -> Option<RetryPolicy> {

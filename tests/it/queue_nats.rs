@@ -643,3 +643,655 @@ fn jetstream_a_pause_holds_the_whole_group() {
     );
     stop(&mut herd);
 }
+
+// ---------------------------------------------------------------------
+// Built-in feeders that fill a JetStream queue, the group's rate across
+// masters, jobs that crash their consumers, authentication and TLS.
+// ---------------------------------------------------------------------
+
+/// The `done <n> #<id> attempt <a>` lines of a `done_file`: job -> the
+/// ids (work stream sequences) it was done under.
+fn done_ids(done_file: &std::path::Path) -> BTreeMap<u64, Vec<u64>> {
+    let mut done: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for line in std::fs::read_to_string(done_file)
+        .unwrap_or_default()
+        .lines()
+    {
+        let mut words = line.split_whitespace().skip(1);
+        let job = words.next().and_then(|w| w.parse::<u64>().ok());
+        let id = words
+            .next()
+            .and_then(|w| w.trim_start_matches('#').parse::<u64>().ok());
+        if let (Some(job), Some(id)) = (job, id) {
+            done.entry(job).or_default().push(id);
+        }
+    }
+    done
+}
+
+/// Waits (bounded) until jobs 1..=n are all in `done_file`.
+fn wait_done_file(
+    done_file: &std::path::Path,
+    n: u64,
+    within: Duration,
+) -> BTreeMap<u64, Vec<u64>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let done = done_ids(done_file);
+        if (1..=n).all(|job| done.contains_key(&job)) {
+            return done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} jobs done",
+            done.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every job 1..=n was published once: done under one id each (a line
+/// published twice would be a second message, with its own sequence),
+/// and the work stream's sequences end at n.
+fn assert_published_once(done: &BTreeMap<u64, Vec<u64>>, n: u64) {
+    let mut twice = Vec::new();
+    let mut max_id = 0;
+    for (job, ids) in done {
+        let mut distinct = ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() != 1 {
+            twice.push((*job, distinct.clone()));
+        }
+        max_id = max_id.max(*distinct.last().unwrap_or(&0));
+    }
+    assert!(twice.is_empty(), "lines published twice: {twice:?}");
+    assert_eq!(
+        max_id, n,
+        "the work stream took {max_id} messages for {n} lines"
+    );
+}
+
+#[test]
+fn jetstream_jsonl_feeder_resumes_after_a_master_sigkill_without_duplicates() {
+    let Some(server) = NatsServer::start(
+        "jetstream_jsonl_feeder_resumes_after_a_master_sigkill_without_duplicates",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("jobs.jsonl");
+    let done_file = dir.path().join("done.log");
+    let total = 30_000u64;
+    let text: String = (1..=total).map(|n| format!("{n}\n")).collect();
+    std::fs::write(&file, &text).expect("write jobs");
+    let params = format!("done_file = {:?}", done_file.display().to_string());
+    let feeder = format!("\n[group.feeder]\njsonl = {:?}", file.display().to_string());
+    let mut first = herd(&[server.url()], &params, 1, 8, &feeder, "");
+    start(&mut first);
+    let started = first.wait_for("[jsonl-feeder/1/1] started (pid ");
+    let feeder_pid: i32 = started
+        .rsplit_once("(pid ")
+        .and_then(|(_, rest)| rest.trim_end_matches(')').parse().ok())
+        .expect("pid in the started line");
+    first.wait_for("publishing the file from byte 0");
+    // The first batch is acked and recorded: the feeder and its master
+    // are SIGKILLed mid-feed (the feeder most likely between publishing
+    // a batch and recording it).
+    let state_file = dir.path().join("jobs.jsonl.jetstream");
+    let deadline = Instant::now() + crate::support::WAIT;
+    // A few batches in (each record replaces the file).
+    let recorded = || {
+        std::fs::read_to_string(&state_file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|state| state["offset"].as_u64())
+            .unwrap_or(0)
+    };
+    let mut early: Option<String> = None;
+    while recorded() < 10_000 {
+        if early.is_none() && recorded() > 0 {
+            early = std::fs::read_to_string(&state_file).ok();
+        }
+        assert!(Instant::now() < deadline, "no progress recorded");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Somewhere in a batch.
+    std::thread::sleep(Duration::from_millis(10));
+    // SAFETY: kill(2) on the feeder this test's herd started.
+    unsafe {
+        libc::kill(feeder_pid, libc::SIGKILL);
+    }
+    first.signal(libc::SIGKILL);
+    first.wait_exit();
+    first.assert_no_leftovers();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).expect("state file"))
+            .expect("state JSON");
+    let offset = state["offset"].as_u64().expect("offset");
+    assert!(
+        offset > 0 && offset < text.len() as u64,
+        "the feeder was killed mid-feed: {offset} of {} bytes recorded",
+        text.len()
+    );
+    // As if the kill had come before the last records too (a crash
+    // between publishing lines and recording them): the record goes back
+    // to an early one, and what is published again is dropped as
+    // duplicates (within the stream's 2-minute duplicate window).
+    let early = early.expect("an early record");
+    let early_offset = serde_json::from_str::<serde_json::Value>(&early).expect("state")["offset"]
+        .as_u64()
+        .expect("offset");
+    assert!(early_offset < offset, "{early} then {offset}");
+    std::fs::write(&state_file, &early).expect("roll the record back");
+    // A new master on the same config: the feeder resumes where the
+    // record says.
+    let mut second = herd(&[server.url()], &params, 1, 8, &feeder, "");
+    start(&mut second);
+    second.wait_for(&format!("publishing the file from byte {early_offset}"));
+    second.wait_for("lines published before a restart were dropped as duplicates");
+    let done = wait_done_file(&done_file, total, Duration::from_secs(300));
+    assert_published_once(&done, total);
+    second.wait_for("all of the file is published");
+    wait_list(&second, "every job acked", |r| r["pending"] == 0);
+    stop(&mut second);
+}
+
+#[test]
+fn jetstream_command_feeder_publishes_its_lines_once_and_bad_ones_dead() {
+    let Some(server) =
+        NatsServer::start("jetstream_command_feeder_publishes_its_lines_once_and_bad_ones_dead")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let done_file = dir.path().join("done.log");
+    let params = format!("done_file = {:?}", done_file.display().to_string());
+    let feeder = "\n[group.feeder]\ncommand = \"sh\"\n\
+                  args = [\"-c\", \"seq 1 500; echo oops; echo '{\\\"job\\\": 501, \\\"options\\\": {\\\"delay\\\": \\\"1s\\\"}}'\"]";
+    let mut herd = herd(&[server.url()], &params, 2, 4, feeder, "");
+    start(&mut herd);
+    herd.wait_for("all its lines are published");
+    let done = wait_done_file(&done_file, 501, Duration::from_secs(120));
+    assert_published_once(&done, 501);
+    let report = wait_list(&herd, "the bad line dead", |r| {
+        r["dead_count"] == 1 && r["pending"] == 0
+    });
+    let reason = report["dead"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("line 501 of the output of sh is not JSON"),
+        "{report}"
+    );
+    // A finished feed leaves no state: the next run starts over.
+    let state = herd.config.with_file_name(".jobs.command-feed");
+    assert!(!state.exists(), "{} left", state.display());
+    stop(&mut herd);
+}
+
+#[test]
+fn jetstream_command_feeder_resumes_after_a_master_sigkill_without_duplicates() {
+    let Some(server) = NatsServer::start(
+        "jetstream_command_feeder_resumes_after_a_master_sigkill_without_duplicates",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let done_file = dir.path().join("done.log");
+    let total = 30_000u64;
+    let params = format!("done_file = {:?}", done_file.display().to_string());
+    let feeder = format!("\n[group.feeder]\ncommand = \"seq\"\nargs = [\"1\", \"{total}\"]");
+    let mut herd = herd(&[server.url()], &params, 1, 8, &feeder, "");
+    start(&mut herd);
+    let started = herd.wait_for("[command-feeder/1/1] started (pid ");
+    let feeder_pid: i32 = started
+        .rsplit_once("(pid ")
+        .and_then(|(_, rest)| rest.trim_end_matches(')').parse().ok())
+        .expect("pid in the started line");
+    // Its record: the lines published, beside the config.
+    let state_file = herd.config.with_file_name(".jobs.command-feed");
+    let recorded = || {
+        std::fs::read_to_string(&state_file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|state| state["lines"].as_u64())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + crate::support::WAIT;
+    let mut early = None;
+    while recorded() < 2000 {
+        if early.is_none() && recorded() > 0 {
+            early = std::fs::read_to_string(&state_file).ok();
+        }
+        assert!(Instant::now() < deadline, "no progress recorded");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kill(2) on the feeder this test's herd started.
+    unsafe {
+        libc::kill(feeder_pid, libc::SIGKILL);
+    }
+    herd.signal(libc::SIGKILL);
+    herd.wait_exit();
+    herd.assert_no_leftovers();
+    let lines = recorded();
+    assert!(lines < total, "killed mid-feed: {lines} lines recorded");
+    // As if the kill had come before the last records: the lines
+    // published since the early record are published again, and dropped.
+    let early = early.expect("an early record");
+    std::fs::write(&state_file, &early).expect("roll the record back");
+    let early_lines = recorded();
+    assert!(early_lines < lines, "{early_lines} then {lines}");
+    herd.start_with(&["--log-filter", "debug"]);
+    herd.wait_for_count("JetStream stream TASKHERD_JOBS ready", 2);
+    herd.wait_for("its lines published before are skipped");
+    herd.wait_for("lines published before a restart were dropped as duplicates");
+    let done = wait_done_file(&done_file, total, Duration::from_secs(300));
+    assert_published_once(&done, total);
+    herd.wait_for("all its lines are published");
+    assert!(!state_file.exists(), "a finished feed leaves no record");
+    stop(&mut herd);
+}
+
+#[test]
+fn jetstream_a_job_that_crashes_its_consumers_ends_dead() {
+    let Some(server) = NatsServer::start("jetstream_a_job_that_crashes_its_consumers_ends_dead")
+    else {
+        return;
+    };
+    // Job 2 SIGKILLs the consumer that runs it, every time: after its 2
+    // attempts, the consumer that gets it next buries it unrun. One job
+    // at a time (credits = 1): no other job is held when it crashes.
+    let mut herd = herd(
+        &[server.url()],
+        "crash_on = 2",
+        1,
+        1,
+        "lease = \"1s\"\nmax_attempts = 2\ncredits = 1",
+        "",
+    );
+    start(&mut herd);
+    add(&herd, &["1", "2", "3"]);
+    wait_done(&mut herd, &[1, 3], Duration::from_secs(60));
+    let report = wait_list(&herd, "job 2 dead", |r| {
+        r["dead_count"] == 1 && r["pending"] == 0
+    });
+    let dead = &report["dead"][0];
+    assert_eq!(dead["job"], "2", "{report}");
+    let reason = dead["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("lost 2 times") && reason.contains("crashed"),
+        "{report}"
+    );
+    stop(&mut herd);
+    assert_eq!(
+        herd.lines_with("] crash 2").len(),
+        2,
+        "job 2 ran on its 2 attempts only"
+    );
+}
+
+#[test]
+fn jetstream_rate_holds_across_the_consumers_of_two_masters() {
+    let Some(server) =
+        NatsServer::start("jetstream_rate_holds_across_the_consumers_of_two_masters")
+    else {
+        return;
+    };
+    // 20 jobs/s for the group, 2 consumers under each master. Slots of
+    // 100 ms, 2 tokens each: at most 20 × t + (4 consumers + 2) × 2 jobs
+    // pulled t seconds after the jobs were added (see queue/nats/rate.rs).
+    let rate = 20.0;
+    let slack = 12.0;
+    let total = 200u64;
+    let queue = "rate = \"20/s\"";
+    let mut first = herd(&[server.url()], "", 2, 4, queue, "");
+    let mut second = herd(&[server.url()], "", 2, 4, queue, "");
+    start(&mut first);
+    start(&mut second);
+    // No job can be done before it is added.
+    let added_at = Instant::now();
+    add_numbers(&first, total);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (ok, text) = queue_cmd(&first, &["list", "--json"], None);
+        // The time after the answer: the count is the server's before it.
+        let elapsed = added_at.elapsed().as_secs_f64();
+        assert!(ok, "{text}");
+        let report: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let pending = report["pending"].as_u64().expect("pending");
+        let done = total - pending.min(total);
+        assert!(
+            done as f64 <= rate * elapsed + slack,
+            "{done} jobs done {elapsed:.1} s after they were added: more than {rate}/s"
+        );
+        if pending == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{report}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    stop(&mut first);
+    stop(&mut second);
+    let (a, b) = (
+        first.lines_with("] done ").len(),
+        second.lines_with("] done ").len(),
+    );
+    assert_eq!(a + b, total as usize);
+    assert!(
+        a > 0 && b > 0,
+        "both masters' consumers ran jobs: {a} and {b}"
+    );
+}
+
+/// With the server `server` (its config has `extra`): a herd whose
+/// `[nats]` has `bad` refuses to start at once (no retry loop), naming
+/// the server and `who`; one with `good` runs a job.
+fn wrong_then_right(server: &NatsServer, url: &str, bad: &str, good: &str, who: &str) {
+    let mut herd = herd(&[url.to_string()], "", 1, 1, "", bad);
+    herd.start();
+    let line = herd.wait_for("cannot start");
+    assert!(
+        line.contains(&server.url()[7..]) && line.contains(who),
+        "{line}"
+    );
+    assert_ne!(herd.wait_exit().code(), Some(0), "{}", last_lines(&herd));
+    let mut herd = self::herd(&[url.to_string()], "", 1, 1, "", good);
+    start(&mut herd);
+    add(&herd, &["7"]);
+    herd.wait_for("] done 7 ");
+    stop(&mut herd);
+}
+
+#[test]
+fn jetstream_token_auth() {
+    let Some(server) = NatsServer::start_with(
+        "jetstream_token_auth",
+        "authorization { token: \"s3cret\" }",
+    ) else {
+        return;
+    };
+    let url = server.url();
+    wrong_then_right(
+        &server,
+        &url,
+        "token = \"wrong\"",
+        "token = \"s3cret\"",
+        "a token",
+    );
+}
+
+#[test]
+fn jetstream_nkey_auth() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let user = nkeys::KeyPair::new_user();
+    let other = nkeys::KeyPair::new_user();
+    let good_seed = dir.path().join("herd.nk");
+    let bad_seed = dir.path().join("other.nk");
+    std::fs::write(&good_seed, user.seed().expect("seed")).expect("write seed");
+    std::fs::write(&bad_seed, other.seed().expect("seed")).expect("write seed");
+    let Some(server) = NatsServer::start_with(
+        "jetstream_nkey_auth",
+        &format!(
+            "authorization {{ users: [ {{ nkey: {:?} }} ] }}",
+            user.public_key()
+        ),
+    ) else {
+        return;
+    };
+    let url = server.url();
+    wrong_then_right(
+        &server,
+        &url,
+        &format!("nkey = {:?}", bad_seed.display().to_string()),
+        &format!("nkey = {:?}", good_seed.display().to_string()),
+        &format!("nkey seed file {}", bad_seed.display()),
+    );
+}
+
+/// A JWT (NATS v2 claims) of `nats` for `subject`, signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use data_encoding::BASE64URL_NOPAD;
+    let header = BASE64URL_NOPAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": format!("TASKHERD{}{}", iat, subject.len()),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let claims = BASE64URL_NOPAD.encode(claims.to_string().as_bytes());
+    let signed = format!("{header}.{claims}");
+    let signature = BASE64URL_NOPAD.encode(&issuer.sign(signed.as_bytes()).expect("sign"));
+    format!("{signed}.{signature}")
+}
+
+/// A creds file of a user of `account`.
+fn creds(account: &nkeys::KeyPair, user: &nkeys::KeyPair) -> String {
+    let user_jwt = jwt(
+        account,
+        &user.public_key(),
+        "herd",
+        serde_json::json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                           "type": "user", "version": 2}),
+    );
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().expect("seed")
+    )
+}
+
+#[test]
+fn jetstream_creds_file_auth() {
+    // Operator mode, as `nsc` would set it up: an operator, an account
+    // with JetStream (its JWT preloaded in the server's memory resolver)
+    // and a user of it in a creds file. The wrong creds file's user
+    // belongs to an account the server does not know.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let stranger = nkeys::KeyPair::new_account();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "op",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "herd",
+        serde_json::json!({
+            "limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                       "wildcards": true, "conn": -1, "leaf": -1,
+                       "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1},
+            "default_permissions": {"pub": {}, "sub": {}},
+            "type": "account", "version": 2}),
+    );
+    // JetStream needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1,
+                                      "exports": -1, "wildcards": true, "conn": -1, "leaf": -1},
+                           "type": "account", "version": 2}),
+    );
+    let operator_file = dir.path().join("op.jwt");
+    std::fs::write(&operator_file, &operator_jwt).expect("write operator JWT");
+    let good = dir.path().join("herd.creds");
+    let bad = dir.path().join("stranger.creds");
+    std::fs::write(&good, creds(&account, &nkeys::KeyPair::new_user())).expect("write creds");
+    std::fs::write(&bad, creds(&stranger, &nkeys::KeyPair::new_user())).expect("write creds");
+    let Some(server) = NatsServer::start_with(
+        "jetstream_creds_file_auth",
+        &format!(
+            "operator: {:?}\nsystem_account: {}\nresolver: MEMORY\n\
+             resolver_preload: {{ {}: {:?}, {}: {:?} }}",
+            operator_file.display().to_string(),
+            system.public_key(),
+            account.public_key(),
+            account_jwt,
+            system.public_key(),
+            system_jwt
+        ),
+    ) else {
+        return;
+    };
+    let url = server.url();
+    wrong_then_right(
+        &server,
+        &url,
+        &format!("creds = {:?}", bad.display().to_string()),
+        &format!("creds = {:?}", good.display().to_string()),
+        &format!("credentials file {}", bad.display()),
+    );
+}
+
+/// `openssl ARGS...` in `dir`, checked; `None` (the test skips) when
+/// there is no openssl command.
+fn openssl(test: &str, dir: &std::path::Path, args: &[&str]) -> Option<()> {
+    match Command::new("openssl").args(args).current_dir(dir).output() {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(())
+        }
+        Err(err) => {
+            eprintln!("{test}: skipped: no openssl command ({err}; scripts/test installs it)");
+            None
+        }
+    }
+}
+
+/// A CA (`NAME.pem`, `NAME.key`) in `dir`.
+fn make_ca(test: &str, dir: &std::path::Path, name: &str) -> Option<()> {
+    openssl(
+        test,
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    )
+}
+
+#[test]
+fn jetstream_tls_with_a_ca() {
+    let test = "jetstream_tls_with_a_ca";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path();
+    if make_ca(test, path, "ca").is_none() || make_ca(test, path, "other").is_none() {
+        return;
+    }
+    std::fs::write(
+        path.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n\
+         basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n",
+    )
+    .expect("write ext.cnf");
+    openssl(
+        test,
+        path,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    openssl(
+        test,
+        path,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ],
+    );
+    let Some(server) = NatsServer::start_with(
+        test,
+        &format!(
+            "tls {{ cert_file: {:?}, key_file: {:?} }}",
+            path.join("server.pem").display().to_string(),
+            path.join("server.key").display().to_string()
+        ),
+    ) else {
+        return;
+    };
+    let url = server.url();
+    // A CA that did not sign the server's certificate: refused at once.
+    let mut herd = herd(
+        std::slice::from_ref(&url),
+        "",
+        1,
+        1,
+        "",
+        &format!(
+            "tls_ca = {:?}",
+            path.join("other.pem").display().to_string()
+        ),
+    );
+    herd.start();
+    let line = herd.wait_for("cannot start");
+    assert!(line.contains(&url) && line.contains("TLS"), "{line}");
+    assert_ne!(herd.wait_exit().code(), Some(0));
+    // The right CA: jobs run over TLS.
+    let mut herd = self::herd(
+        std::slice::from_ref(&url),
+        "",
+        1,
+        1,
+        "",
+        &format!("tls_ca = {:?}", path.join("ca.pem").display().to_string()),
+    );
+    start(&mut herd);
+    add(&herd, &["7"]);
+    herd.wait_for("] done 7 ");
+    stop(&mut herd);
+}

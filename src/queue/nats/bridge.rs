@@ -123,6 +123,30 @@ pub(crate) async fn open(
             what: "cannot subscribe to the MAX_DELIVERIES advisories".into(),
             reason: err.to_string(),
         })?;
+    let rate = match queue.settings.rate {
+        Some(rate) => {
+            let consumer: PullConsumer = connection
+                .js
+                .get_consumer_from_stream(&queue.consumer, super::rate::token_stream(queue))
+                .await
+                .map_err(|err| NatsError::Api {
+                    what: format!(
+                        "cannot find the consumer {:?} of the rate stream {:?} (the master creates both at start)",
+                        queue.consumer,
+                        super::rate::token_stream(queue)
+                    ),
+                    reason: err.to_string(),
+                })?;
+            Some(Rate {
+                rate,
+                tick: super::rate::tick(rate),
+                consumer,
+                tokens: 0,
+                last_slot: 0,
+            })
+        }
+        None => None,
+    };
     let (to_session, from_bridge) = mpsc::unbounded_channel();
     let (to_bridge, from_session) = mpsc::unbounded_channel();
     let bridge = Bridge {
@@ -137,6 +161,7 @@ pub(crate) async fn open(
         pull_failures: 0,
         pull_outage: false,
         dead_letters: JoinSet::new(),
+        rate,
     };
     let task = tokio::spawn(bridge.run(from_session, governor, advisories));
     Ok((from_bridge, to_bridge, task))
@@ -173,6 +198,20 @@ struct MaxDeliveries {
     deliveries: u64,
 }
 
+/// The group's rate on this consumer ([`super::rate`]).
+struct Rate {
+    /// Jobs per second, for the whole group.
+    rate: f64,
+    /// The slot length.
+    tick: Duration,
+    /// The durable consumer of the rate stream.
+    consumer: PullConsumer,
+    /// Tokens taken and not used yet: jobs this consumer may still pull.
+    tokens: u64,
+    /// The last slot this consumer published.
+    last_slot: u64,
+}
+
 type Batch = Pin<Box<dyn Stream<Item = Result<Message, async_nats::Error>> + Send>>;
 
 struct Bridge {
@@ -191,6 +230,8 @@ struct Bridge {
     pull_outage: bool,
     /// Dead jobs being published.
     dead_letters: JoinSet<()>,
+    /// The group's rate, if it has one.
+    rate: Option<Rate>,
 }
 
 impl Bridge {
@@ -201,6 +242,14 @@ impl Bridge {
         mut advisories: async_nats::Subscriber,
     ) {
         let mut batch: Option<Batch> = None;
+        // A pull of rate tokens under way (a group with a rate).
+        let mut token_batch: Option<Batch> = None;
+        let mut ticker = tokio::time::interval(
+            self.rate
+                .as_ref()
+                .map_or(Duration::from_secs(3600), |rate| rate.tick),
+        );
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         // No pull before this (a failed pull's backoff, the group's pause).
         let mut hold_until: Option<Instant> = None;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -209,11 +258,36 @@ impl Bridge {
             if hold_until.is_some_and(|until| until <= Instant::now()) {
                 hold_until = None;
             }
-            if batch.is_none() && self.credits > 0 && hold_until.is_none() {
+            let pullable = match &self.rate {
+                Some(rate) => self
+                    .credits
+                    .min(usize::try_from(rate.tokens).unwrap_or(usize::MAX)),
+                None => self.credits,
+            };
+            if let Some(rate) = &self.rate {
+                if token_batch.is_none()
+                    && self.credits > 0
+                    && rate.tokens == 0
+                    && hold_until.is_none()
+                {
+                    match rate
+                        .consumer
+                        .batch()
+                        .max_messages(1)
+                        .expires(PULL_EXPIRES)
+                        .messages()
+                        .await
+                    {
+                        Ok(pulled) => token_batch = Some(Box::pin(pulled)),
+                        Err(err) => hold_until = Some(self.pull_failed(&err.to_string())),
+                    }
+                }
+            }
+            if batch.is_none() && pullable > 0 && hold_until.is_none() {
                 match self
                     .consumer
                     .batch()
-                    .max_messages(self.credits)
+                    .max_messages(pullable)
                     .expires(PULL_EXPIRES)
                     .messages()
                     .await
@@ -240,6 +314,24 @@ impl Bridge {
                     }
                     None => batch = None,
                 },
+                item = next_of(&mut token_batch), if token_batch.is_some() => match item {
+                    Some(Ok(message)) => {
+                        self.pull_succeeded();
+                        let tokens = super::rate::tokens_of_message(&message.payload);
+                        if let Some(rate) = &mut self.rate {
+                            rate.tokens = rate.tokens.saturating_add(tokens);
+                        }
+                        if let Err(err) = message.ack().await {
+                            debug!(cause = %err, "rate token ack not sent: it comes back");
+                        }
+                    }
+                    Some(Err(err)) => {
+                        token_batch = None;
+                        hold_until = Some(self.pull_failed(&err.to_string()));
+                    }
+                    None => token_batch = None,
+                },
+                _ = ticker.tick(), if self.rate.is_some() => self.issue_tokens().await,
                 Some(message) = governor.next() => {
                     match serde_json::from_slice::<GovernorMessage>(&message.payload) {
                         Ok(GovernorMessage::SlowDown) => {
@@ -278,6 +370,43 @@ impl Bridge {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await;
     }
 
+    /// Publishes the current slot's rate tokens (deduplicated with the
+    /// other consumers' by its message id).
+    async fn issue_tokens(&mut self) {
+        let Some(rate) = &mut self.rate else {
+            return;
+        };
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            });
+        let slot = super::rate::slot_of(now_ms, rate.tick);
+        if slot <= rate.last_slot {
+            return;
+        }
+        rate.last_slot = slot;
+        let tokens = super::rate::tokens_of_slot(rate.rate, rate.tick, slot);
+        if tokens == 0 {
+            return;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(MSG_ID_HEADER, super::rate::slot_id(slot).as_str());
+        // The ack is not awaited: a slot refused (the bucket is full) or
+        // a duplicate (another consumer issued it) is as it should be.
+        if let Err(err) = self
+            .js
+            .publish_with_headers(
+                super::rate::token_subject(&self.queue),
+                headers,
+                tokens.to_string().into(),
+            )
+            .await
+        {
+            debug!(cause = %err, "rate tokens not published");
+        }
+    }
+
     fn pull_failed(&mut self, cause: &str) -> Instant {
         if !self.pull_outage {
             warn!(stream = %self.queue.stream, cause, "cannot pull jobs from JetStream, retrying");
@@ -302,6 +431,10 @@ impl Bridge {
 
     /// A message of the pull: run it, hand it back until due, or bury it.
     async fn arrived(&mut self, message: Message) {
+        // Every delivery takes a token of the group's rate.
+        if let Some(rate) = &mut self.rate {
+            rate.tokens = rate.tokens.saturating_sub(1);
+        }
         let Ok(info) = message.info() else {
             debug!("a message without JetStream metadata: ignored");
             return;

@@ -16,6 +16,7 @@
 //! | delay | header `Taskherd-Not-Before` (Unix ms): delivered early once, handed back with the time left |
 //! | unique key | header `Nats-Msg-Id` (the stream's duplicate window) |
 //! | rate governor's slow down / pause | broadcast on `taskherd.<group>.governor` |
+//! | the group's `rate` | tokens in the stream `<stream>_RATE`, issued by every consumer, deduplicated per time slot ([`rate`]) |
 //!
 //! A message's body is the job itself: one JSON value. Any NATS client
 //! can publish jobs (`nats pub taskherd.jobs.jobs '{"n": 1}'`).
@@ -36,7 +37,10 @@ use crate::protocol::slave::{JetStreamQueue, NatsAuth};
 
 pub(crate) mod bridge;
 pub(crate) mod decide;
+#[cfg(feature = "master")]
+pub mod feed;
 pub mod producer;
+pub mod rate;
 pub mod setup;
 
 /// Header of a delayed job: not run before this time (Unix ms).
@@ -196,9 +200,27 @@ pub async fn connect(queue: &JetStreamQueue, name: &str) -> Result<async_nats::C
                 }
             }
             ConnectErrorKind::Tls => credentials(format!("TLS: {err}")),
+            // A certificate the CA does not vouch for comes as an I/O
+            // error of the handshake: retrying cannot help either.
+            ConnectErrorKind::Io if is_certificate_error(&err) => {
+                credentials(format!("TLS: {err}"))
+            }
             _ => NatsError::Unreachable {
                 servers: servers.clone(),
                 reason: err.to_string(),
             },
         })
+}
+
+/// Whether a connection error is the TLS handshake refusing the server's
+/// certificate (rustls reports it inside an I/O error).
+fn is_certificate_error(err: &async_nats::ConnectError) -> bool {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let text = text.to_ascii_lowercase();
+    text.contains("certificate") || text.contains("tls handshake")
 }

@@ -55,6 +55,38 @@ pub fn consumer(queue: &JetStreamQueue) -> pull::Config {
     }
 }
 
+/// The stream of the group's rate tokens (only for a group with a
+/// `rate`): work-queue retention, in memory, at most one message (the
+/// bucket: a token message published while one waits is refused), its
+/// name the work stream's + `_RATE`, its subject
+/// [`super::rate::token_subject`].
+pub fn rate_stream(queue: &JetStreamQueue) -> Config {
+    Config {
+        name: super::rate::token_stream(queue),
+        subjects: vec![super::rate::token_subject(queue)],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::Memory,
+        num_replicas: queue.replicas.max(1),
+        max_messages: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        description: Some("taskherd queue group: rate tokens".into()),
+        ..Config::default()
+    }
+}
+
+/// The durable pull consumer of the rate tokens every consumer of the
+/// group shares.
+pub fn rate_consumer(queue: &JetStreamQueue) -> pull::Config {
+    pull::Config {
+        durable_name: Some(queue.consumer.clone()),
+        description: Some("taskherd queue group rate tokens".into()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: std::time::Duration::from_secs(5),
+        ..pull::Config::default()
+    }
+}
+
 fn storage(queue: &JetStreamQueue) -> StorageType {
     if queue.memory {
         StorageType::Memory
@@ -74,6 +106,21 @@ pub async fn ensure(client: &async_nats::Client, queue: &JetStreamQueue) -> Resu
     let js = jetstream::new(client.clone());
     let work = ensure_stream(&js, work_stream(queue), "work stream").await?;
     ensure_stream(&js, dead_stream(queue), "dead stream").await?;
+    if queue.settings.rate.is_some() {
+        let rate = ensure_stream(&js, rate_stream(queue), "rate stream").await?;
+        if rate.consumer_info(&queue.consumer).await.is_err() {
+            rate.create_consumer(rate_consumer(queue))
+                .await
+                .map_err(|err| NatsError::Api {
+                    what: format!(
+                        "cannot create the consumer {:?} of the rate stream {:?}",
+                        queue.consumer,
+                        super::rate::token_stream(queue)
+                    ),
+                    reason: err.to_string(),
+                })?;
+        }
+    }
     let wanted = consumer(queue);
     let what = format!(
         "consumer {:?} of the stream {:?}",
