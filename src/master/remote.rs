@@ -745,6 +745,8 @@ mod tests {
             max_lifetime: None,
             health: None,
             limits: Default::default(),
+            ready: None,
+            stop_wait: None,
         }
     }
 

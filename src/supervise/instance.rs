@@ -11,7 +11,7 @@ use super::activity::Activity;
 use super::control_link::{control_link, ControlSummary, SlaveEvent, SLAVE_EVENTS};
 use super::health::Verdict;
 use super::process::{self, Spawned};
-use super::relay::relay_output;
+use super::relay::{relay_output, LineWatch};
 use super::restart::{Decision, RestartTracker, RunOutcome};
 use super::shutdown::Shutdown;
 use crate::error_text::error_chain;
@@ -31,6 +31,7 @@ use tracing::Instrument;
 pub use crate::protocol::instance::{
     EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec,
 };
+use crate::protocol::instance::{ReadyProbe, ReadySpec};
 
 /// Extra time, beyond max lifetime and grace, before the pid killer's record
 /// of an instance would enforce the lifetime on its own.
@@ -361,6 +362,36 @@ async fn run_once(
     }
 
     let activity = Arc::new(Activity::new());
+    // Readiness (`[group.ready]`): results until the first success.
+    let (ready_tx, mut ready_rx) = mpsc::channel(4);
+    let mut ready = Readiness::new(spec.ready.as_ref(), started);
+    let watch = match spec.ready.as_ref().map(|r| &r.probe) {
+        Some(ReadyProbe::Log(pattern)) => match regex::Regex::new(pattern) {
+            Ok(pattern) => Some(LineWatch {
+                pattern: Arc::new(pattern),
+                found_tx: ready_tx.clone(),
+            }),
+            Err(err) => {
+                let _ = ready_tx.try_send(Err(format!("bad log pattern: {err}")));
+                None
+            }
+        },
+        _ => None,
+    };
+    let ready_task = match &spec.ready {
+        Some(ReadySpec {
+            probe: ReadyProbe::Probe(probe),
+            timeout,
+            interval,
+        }) => Some(tokio::spawn(super::health::until_ready(
+            probe.clone(),
+            *interval,
+            *timeout,
+            spec.process.clone(),
+            ready_tx.clone(),
+        ))),
+        _ => None,
+    };
     let readers = [
         tokio::spawn(relay_output(
             stdout,
@@ -368,6 +399,7 @@ async fn run_once(
             label.clone(),
             sink.clone(),
             activity.clone(),
+            watch.clone(),
         )),
         tokio::spawn(relay_output(
             stderr,
@@ -375,8 +407,10 @@ async fn run_once(
             label.clone(),
             sink.clone(),
             activity.clone(),
+            watch,
         )),
     ];
+    drop(ready_tx);
     // Room for the progress reports of a feeder that drains at stop (read
     // once it has exited, below).
     let (events_tx, mut events_rx) = mpsc::channel(SLAVE_EVENTS);
@@ -408,6 +442,8 @@ async fn run_once(
         ))
     });
     let mut tally = super::health::Tally::default();
+    let herd_stop = herd_stop(shutdown, spec.stop_wait);
+    tokio::pin!(herd_stop);
     let wake = loop {
         let deadline = timeout.map(|t| activity.last() + t);
         tokio::select! {
@@ -425,9 +461,21 @@ async fn run_once(
                 SlaveEvent::Progress(progress) => {
                     emit(events, label.id, EventKind::Progress { progress });
                 }
+                SlaveEvent::Ready => {
+                    if matches!(spec.ready.as_ref().map(|r| &r.probe), Some(ReadyProbe::Notify)) {
+                        ready.passed(label, sink, events).await;
+                    }
+                }
             },
+            Some(result) = ready_rx.recv(), if ready.waits() => match result {
+                Ok(()) => ready.passed(label, sink, events).await,
+                Err(why) => ready.last_failure = Some(why),
+            },
+            _ = super::sleep_until_some(ready.deadline) => ready.late(label, sink, events).await,
             command = next_command(commands) => match command {
                 InstanceCommand::Resume => {}
+                // The master's word in the herd's ordered stop.
+                InstanceCommand::Remove if shutdown.is_stopping() => break Wake::Stop,
                 command => break Wake::Command(command),
             },
             _ = seen_tick.tick(), if events.is_some() => {
@@ -460,7 +508,7 @@ async fn run_once(
                     Verdict::Unhealthy { failed, why } => break Wake::Unhealthy(failed, why),
                 }
             }
-            _ = shutdown.stopping() => break Wake::Stop,
+            _ = &mut herd_stop => break Wake::Stop,
             _ = super::sleep_until_some(end_of_life.map(|(_, at)| at)) => {
                 if let Some((limit, _)) = end_of_life {
                     break Wake::Lifetime(limit);
@@ -470,6 +518,9 @@ async fn run_once(
     };
 
     if let Some(task) = health_task {
+        task.abort();
+    }
+    if let Some(task) = ready_task {
         task.abort();
     }
     let stopper = Stopper {
@@ -613,6 +664,85 @@ async fn run_once(
         stopped,
         killed,
         command,
+    }
+}
+
+/// Completes when the process is to stop with the herd: at the herd's
+/// stop, or, for a group that other groups start after (`wait`), once
+/// that much more time has passed (the master says when earlier, with a
+/// [`InstanceCommand::Remove`], once the groups after it have ended) or
+/// a kill is asked for.
+async fn herd_stop(shutdown: &Shutdown, wait: Option<Duration>) {
+    shutdown.stopping().await;
+    if let Some(wait) = wait {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.killing() => {}
+        }
+    }
+}
+
+/// One process's readiness (`[group.ready]`): told once it passes, or
+/// said late once, past its timeout.
+struct Readiness {
+    /// Still to be told (a check is configured and has not passed).
+    pending: bool,
+    /// When it is late, until it was said.
+    deadline: Option<Instant>,
+    /// The timeout, for the message.
+    timeout: Duration,
+    /// The last failure of a probe, for the message.
+    last_failure: Option<String>,
+}
+
+impl Readiness {
+    fn new(spec: Option<&ReadySpec>, started: Instant) -> Self {
+        Readiness {
+            pending: spec.is_some(),
+            deadline: spec.map(|spec| started + spec.timeout),
+            timeout: spec.map_or(Duration::ZERO, |spec| spec.timeout),
+            last_failure: None,
+        }
+    }
+
+    /// Whether it waits for a result.
+    fn waits(&self) -> bool {
+        self.pending
+    }
+
+    /// The check passed: told once.
+    async fn passed(
+        &mut self,
+        label: &Arc<InstanceLabel>,
+        sink: &LogSink,
+        events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+    ) {
+        if !self.pending {
+            return;
+        }
+        self.pending = false;
+        self.deadline = None;
+        sink.instance_event(label, Level::Info, "ready".into())
+            .await;
+        emit(events, label.id, EventKind::Ready);
+    }
+
+    /// The timeout passed: said once (it may still pass later).
+    async fn late(
+        &mut self,
+        label: &Arc<InstanceLabel>,
+        sink: &LogSink,
+        events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+    ) {
+        self.deadline = None;
+        let limit = humantime::format_duration(self.timeout);
+        let why = match &self.last_failure {
+            Some(failure) => format!("not ready within {limit} (last check: {failure})"),
+            None => format!("not ready within {limit}"),
+        };
+        let message = format!("{why}; the groups after it do not start until it is ready");
+        sink.instance_event(label, Level::Error, message).await;
+        emit(events, label.id, EventKind::NotReady { why });
     }
 }
 
