@@ -345,3 +345,56 @@ fn a_reload_replaces_groups_in_their_order() {
     assert_eq!(herd.wait_exit().code(), Some(0));
     herd.assert_no_leftovers();
 }
+
+#[test]
+fn a_remote_dependency_is_judged_ready_on_its_host_and_stops_after_its_dependents() {
+    use crate::remote::{assert_host_clean, header};
+    let mut world = crate::support::sshd::SshWorld::new();
+    let host = world.add_host();
+    let shared = tempfile::tempdir().expect("temp dir");
+    let dir = shared.path().display().to_string();
+    let gate = shared.path().join("gate");
+    fifo(&gate);
+    let config = format!(
+        r#"{header}
+[[group]]
+name = "db"
+command = "sh"
+args = ["-c", "trap 'echo db term >> {dir}/order; exit 0' TERM; cat {dir}/gate > /dev/null; echo db ready >> {dir}/order; echo db up; while :; do sleep 1000 & wait $!; done"]
+[group.ready]
+log = "^db up$"
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+
+[[group]]
+name = "app"
+command = "sh"
+args = ["-c", "trap 'echo app term >> {dir}/order; exit 0' TERM; echo app started >> {dir}/order; echo app up; while :; do sleep 1000 & wait $!; done"]
+after = ["db"]
+[group.local]
+instances = 1
+"#,
+        header = header(&world, ""),
+        host = host.alias(),
+    );
+    let mut herd = Herd::new(&config);
+    herd.start();
+    herd.wait_for(r#"group app waits for db to be ready (after = ["db"])"#);
+    herd.wait_for(&format!("host {}: connected", host.alias()));
+    assert_eq!(states(&status(&herd), "app"), [InstanceState::Waiting]);
+    open_gate(gate);
+    herd.wait_for(&format!("[db] [{}] [sh/1/1] ready", host.alias()));
+    herd.wait_for("group app starts: db ready");
+    herd.wait_for("app up");
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(0));
+    let lines: Vec<String> = std::fs::read_to_string(shared.path().join("order"))
+        .expect("order file")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines, ["db ready", "app started", "app term", "db term"]);
+    assert_host_clean(&host);
+    herd.assert_no_leftovers();
+}
