@@ -244,8 +244,9 @@ pub struct Limits {
     /// `core`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub core: Option<u64>,
-    /// Memory cap in bytes, as `RLIMIT_AS` (address space) of each
-    /// process. Key `memory`.
+    /// Memory cap in bytes: of the whole instance as a cgroup memory
+    /// limit (v2, else v1) where its host allows one, else `RLIMIT_AS`
+    /// (address space) of each process. Key `memory`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<u64>,
 }

@@ -145,6 +145,8 @@ pub async fn supervise(
         let id = spec.label.id;
         let mut tracker = RestartTracker::new(spec.restart.clone());
         let mut suspended = suspended;
+        // The memory cap's mechanism is said once.
+        let mut cap_said = false;
         let end = loop {
             if shutdown.is_stopping() {
                 break InstanceEnd::Stopped { killed: false };
@@ -176,14 +178,18 @@ pub async fn supervise(
                 pin_feeder_port(spec.identity.queue.as_mut(), listening.borrow().as_deref());
             }
             emit(events.as_ref(), id, EventKind::Created);
+            let around = Around {
+                sink: &sink,
+                shutdown: &shutdown,
+                pids: pids.as_ref(),
+                events: events.as_ref(),
+            };
             let run = run_once(
                 &spec,
-                &sink,
-                &shutdown,
-                pids.as_ref(),
+                around,
                 listening.as_ref(),
                 &mut commands,
-                events.as_ref(),
+                &mut cap_said,
             )
             .await;
             if run.stopped {
@@ -296,26 +302,52 @@ enum Wake {
     Unhealthy(u32, String),
 }
 
+/// What one run of an instance's process shares with its supervisor.
+struct Around<'a> {
+    /// Where log lines go.
+    sink: &'a LogSink,
+    /// The run's stop and kill.
+    shutdown: &'a Shutdown,
+    /// The pid registry.
+    pids: Option<&'a PidKiller>,
+    /// Where its events go.
+    events: Option<&'a mpsc::UnboundedSender<InstanceEvent>>,
+}
+
 async fn run_once(
     spec: &InstanceSpec,
-    sink: &LogSink,
-    shutdown: &Shutdown,
-    pids: Option<&PidKiller>,
+    around: Around<'_>,
     listening: Option<&tokio::sync::watch::Sender<Option<String>>>,
     commands: &mut mpsc::UnboundedReceiver<InstanceCommand>,
-    events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+    cap_said: &mut bool,
 ) -> RunEnd {
+    let Around {
+        sink,
+        shutdown,
+        pids,
+        events,
+    } = around;
     let started = Instant::now();
     let label = &spec.label;
+    let cgroup = memory_cgroup(spec, sink, cap_said).await;
+    let spawned = process::spawn_in(
+        &spec.process,
+        &spec.identity,
+        &spec.limits,
+        cgroup.as_ref().map(|c| c.procs.clone()),
+    );
     let Spawned {
         mut child,
         pid,
         control,
         stdout,
         stderr,
-    } = match process::spawn(&spec.process, &spec.identity, &spec.limits) {
+    } = match spawned {
         Ok(spawned) => spawned,
         Err(err) => {
+            if let Some(cgroup) = cgroup {
+                let _ = cgroup.remove().await;
+            }
             let reason = error_chain(&err);
             sink.instance_event(label, Level::Error, reason.clone())
                 .await;
@@ -610,6 +642,21 @@ async fn run_once(
     if let Err(err) = process::signal_group(pid, libc::SIGKILL) {
         tracing::warn!(pid, cause = %err, "cannot kill the rest of the process group");
     }
+    // Over its cgroup's memory cap, the kernel killed it: said so.
+    let mut out_of_memory = None;
+    if let Some(cgroup) = cgroup {
+        if cgroup.oom_kills() > 0 {
+            let cap = spec.limits.memory.unwrap_or_default();
+            out_of_memory = Some(format!(
+                "out of memory: OOM-killed at its memory cap of {} ({})",
+                size_text(cap),
+                cgroup.describe()
+            ));
+        }
+        if let Err(why) = cgroup.remove().await {
+            sink.instance_event(label, Level::Warning, why).await;
+        }
+    }
     if let Some(pids) = pids {
         if let Err(err) = pids.unregister(pid).await {
             tracing::warn!(pid, cause = %err, "cannot unregister the instance from the pid killer");
@@ -633,9 +680,12 @@ async fn run_once(
     }
 
     let recycled = recycled.or(summary.recycle.clone());
-    let outcome = match unhealthy {
-        Some(why) => RunOutcome::Failure(format!("unhealthy: {why}")),
-        None => classify(&status, timed_out, recycled, &summary),
+    let outcome = match (unhealthy, &out_of_memory) {
+        (Some(why), _) => RunOutcome::Failure(format!("unhealthy: {why}")),
+        (None, Some(oom)) if !stopped && command.is_none() => {
+            RunOutcome::Failure(format!("{} ({oom})", describe_status(&status)))
+        }
+        (None, _) => classify(&status, timed_out, recycled, &summary),
     };
     let (level, text) = match (&status, &outcome) {
         (_, RunOutcome::Success | RunOutcome::Recycled(_)) => {
@@ -649,11 +699,15 @@ async fn run_once(
     } else {
         text
     };
+    let how = match &out_of_memory {
+        Some(oom) => format!("{} ({oom})", describe_status(&status)),
+        None => describe_status(&status),
+    };
     emit(
         events,
         label.id,
         EventKind::Exited {
-            how: describe_status(&status),
+            how,
             failed: matches!(outcome, RunOutcome::Failure(_)) && !stopped && command.is_none(),
         },
     );
@@ -664,6 +718,51 @@ async fn run_once(
         stopped,
         killed,
         command,
+    }
+}
+
+/// The cgroup that caps the memory of this run of `spec`'s instance
+/// (`[group.limits] memory`), if this host lets us make one; the
+/// mechanism is said once (`said`), the fallback to `RLIMIT_AS` with why.
+async fn memory_cgroup(
+    spec: &InstanceSpec,
+    sink: &LogSink,
+    said: &mut bool,
+) -> Option<super::cgroup::InstanceCgroup> {
+    let bytes = spec.limits.memory?;
+    let label = &spec.label;
+    let name = format!("{}.{}", label.group, label.id);
+    let (cgroup, message) = match super::cgroup::InstanceCgroup::make(&name, bytes) {
+        Ok(cgroup) => {
+            let message = format!(
+                "memory cap {}: {} (the whole instance)",
+                size_text(bytes),
+                cgroup.describe()
+            );
+            (Some(cgroup), message)
+        }
+        Err(why) => (
+            None,
+            format!(
+                "memory cap {}: RLIMIT_AS of each process (no cgroup: {why})",
+                size_text(bytes)
+            ),
+        ),
+    };
+    if !*said {
+        *said = true;
+        sink.instance_event(label, Level::Info, message).await;
+    }
+    cgroup
+}
+
+/// A size as the log says it: `64 MiB`, or bytes.
+fn size_text(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    if bytes >= MIB && bytes % MIB == 0 {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
     }
 }
 
