@@ -333,6 +333,9 @@ impl Core {
                 if let Some(group) = self.table.entry(event.id).map(|e| e.label.group.clone()) {
                     self.order.apply(&self.config, &group, &event);
                 }
+                if let EventKind::NotReady { why } = &event.kind {
+                    self.still_waiting(event.id, why);
+                }
                 if let Some(label) = self.table.apply(&event) {
                     self.hook(&label, &event);
                     self.out.push(Effect::Publish { label, event });
@@ -891,6 +894,34 @@ impl Core {
             );
         }
         true
+    }
+
+    /// Says which waiting groups an instance not ready in time holds
+    /// back.
+    fn still_waiting(&mut self, id: u32, why: &str) {
+        let Some(label) = self.table.entry(id).map(|e| e.label.clone()) else {
+            return;
+        };
+        let held: BTreeSet<String> = self
+            .waiting
+            .values()
+            .map(|w| w.spec.label.group.clone())
+            .filter(|group| {
+                self.config
+                    .groups
+                    .iter()
+                    .any(|g| g.name == *group && g.after.contains(&label.group))
+            })
+            .collect();
+        for group in held {
+            self.log(
+                Level::Error,
+                format!(
+                    "group {group} still waits for {}: instance {} {why}",
+                    label.group, label.group_id
+                ),
+            );
+        }
     }
 
     /// Starts the instances waiting for groups that are now ready.

@@ -1307,7 +1307,12 @@ fn groups_start_once_the_groups_they_start_after_are_ready() {
     assert!(starts(&herd.runs(2)).is_empty());
     assert!(starts(&herd.instance(1, EventKind::Ready)).is_empty());
     let why = "not ready within 1m".to_string();
-    assert!(starts(&herd.instance(2, EventKind::NotReady { why })).is_empty());
+    let effects = herd.instance(2, EventKind::NotReady { why });
+    assert!(starts(&effects).is_empty());
+    assert_eq!(
+        logs(&effects),
+        ["group web still waits for db: instance 2 not ready within 1m"]
+    );
     let health = herd.core.status(UNIX_EPOCH).groups[0].instances[1]
         .health
         .clone();
