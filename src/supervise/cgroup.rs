@@ -21,7 +21,8 @@
 //! included. The kernel's OOM killer ends an instance over its cap
 //! (SIGKILL); the supervisor reads the cgroup's OOM kill count to say so.
 //! The instance's cgroup is removed after each run, and the herd's once
-//! empty.
+//! empty; those a killed master or agent left are removed by the next
+//! herd that makes its cgroup beside them.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -131,11 +132,15 @@ fn make_in(
     bytes: u64,
 ) -> Result<InstanceCgroup, String> {
     let mkdir = |dir: &Path| match std::fs::create_dir(dir) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(err) => Err(format!("cannot make {}: {err}", dir.display())),
     };
-    mkdir(herd)?;
+    if mkdir(herd)? {
+        if let Some(parent) = herd.parent() {
+            sweep_stale(parent);
+        }
+    }
     if version == Version::V2 {
         // Children of the herd's cgroup get the memory controller.
         let _ = std::fs::write(herd.join("cgroup.subtree_control"), "+memory");
@@ -173,6 +178,37 @@ fn make_in(
         dir,
         procs,
     })
+}
+
+/// Removes the herd cgroups (`taskherd.PID`) under `parent` of masters
+/// or agents that are gone (killed before they could remove them): their
+/// instances' cgroups, then theirs. A cgroup with a process inside is
+/// never removed (the kernel refuses), so a live one stays.
+fn sweep_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("taskherd."))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(children) = std::fs::read_dir(entry.path()) {
+            for child in children.flatten() {
+                if child.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(child.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(entry.path());
+    }
 }
 
 /// This process's cgroup in the unified hierarchy, when the memory
