@@ -7,6 +7,10 @@
 //! 1. prints `Child {id} {group_id}` (or the `message` param) to stdout; with
 //!    a `level` param (e.g. `"emergency"`) the line is sent as a log record
 //!    of that level instead;
+//!    then, with `gate: "path"`, reads that file to its end (a FIFO:
+//!    until the test closes it), and with `ready: true` appends `ready`
+//!    to the file `readyFile` (if given) and tells the master it is
+//!    ready (`Handler::ready`);
 //! 2. `sleep: n` sleeps n seconds, waking early on a stop and pinging;
 //! 3. `forceSleep: n` sleeps n seconds, silent and deaf to stops;
 //! 4. `neverDie: true` ignores stops forever (pings every 200 ms);
@@ -54,6 +58,21 @@ fn work(h: &Handler) -> Result<(), String> {
             h.log(level, line);
         }
         None => say(&line),
+    }
+
+    if let Some(gate) = params.get("gate").and_then(|v| v.as_str()) {
+        std::fs::read(gate).map_err(|err| format!("gate {gate}: {err}"))?;
+    }
+    if params.get("ready").and_then(|v| v.as_bool()) == Some(true) {
+        if let Some(file) = params.get("readyFile").and_then(|v| v.as_str()) {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+                .map_err(|err| format!("readyFile {file}: {err}"))?;
+            writeln!(file, "{} ready", h.group()).map_err(|err| format!("readyFile: {err}"))?;
+        }
+        h.ready();
     }
 
     if let Some(duration) = seconds(params, "sleep")? {

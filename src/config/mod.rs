@@ -180,12 +180,45 @@ impl Config {
     }
 
     /// The longest stop grace of the config (`[master] stop_grace` or a
-    /// group's): the longest a clean stop of the whole herd may take.
+    /// group's, with the wait of a group for the groups after it, see
+    /// [`Config::stop_wait`]): the longest a clean stop of the whole herd
+    /// may take.
     pub fn longest_stop_grace(&self) -> Duration {
         self.groups
             .iter()
-            .filter_map(|g| g.stop_grace)
+            .map(|g| self.stop_grace(&g.name) + self.stop_wait(&g.name).unwrap_or_default())
             .fold(self.master.stop_grace, Duration::max)
+    }
+
+    /// The groups that start after `group` (their `after` names it).
+    pub fn dependents(&self, group: &str) -> impl Iterator<Item = &GroupSpec> {
+        let group = group.to_string();
+        self.groups.iter().filter(move |g| g.after.contains(&group))
+    }
+
+    /// How long an instance of `group` waits, on the herd's stop, for the
+    /// groups after it to end before it stops anyway: the longest chain
+    /// of their stop graces, each with [`STOP_ORDER_MARGIN`]. `None` when
+    /// no group starts after it (it stops at once).
+    pub fn stop_wait(&self, group: &str) -> Option<Duration> {
+        self.stop_wait_within(group, self.groups.len())
+    }
+
+    /// [`Config::stop_wait`], at most `depth` groups deep (a validated
+    /// config has no cycle; this bounds one that was not validated).
+    fn stop_wait_within(&self, group: &str, depth: usize) -> Option<Duration> {
+        if depth == 0 {
+            return None;
+        }
+        self.dependents(group)
+            .map(|after| {
+                self.stop_grace(&after.name)
+                    + STOP_ORDER_MARGIN
+                    + self
+                        .stop_wait_within(&after.name, depth - 1)
+                        .unwrap_or_default()
+            })
+            .max()
     }
 
     /// The directory relative paths in the config are resolved against:

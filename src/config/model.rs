@@ -6,7 +6,9 @@ use std::time::Duration;
 
 // The restart policy travels to agents with each instance: wire data.
 #[doc(inline)]
-pub use crate::protocol::instance::{HealthProbe, HealthSpec, Limits, RestartPolicy, RestartSpec};
+pub use crate::protocol::instance::{
+    HealthProbe, HealthSpec, Limits, ReadyProbe, ReadySpec, RestartPolicy, RestartSpec,
+};
 
 /// A whole herd: master settings and groups, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -393,10 +395,27 @@ pub struct GroupSpec {
     /// A health check of each instance, beside liveness. Table
     /// `[group.health]`, default none.
     pub health: Option<HealthSpec>,
+    /// Groups this one starts after: its instances start once every
+    /// instance of each of them is ready (`[group.ready]`, or started
+    /// when they have none), and on the herd's stop this group stops
+    /// first. Key `after`, default none; no cycles.
+    pub after: Vec<String>,
+    /// When an instance of the group counts as ready, for the groups
+    /// that start after it. Table `[group.ready]`, default none (ready
+    /// once started).
+    pub ready: Option<ReadySpec>,
     /// Who the instances run as (keys `user`, `group`) and their
     /// resource limits (table `[group.limits]`).
     pub limits: Limits,
 }
+
+/// Default of `[group.ready] timeout`.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of `[group.ready] interval`.
+pub const DEFAULT_READY_INTERVAL: Duration = Duration::from_millis(250);
+/// Time allowed, on the herd's ordered stop, beyond the stop grace of the
+/// groups after a group, before it stops anyway (their reports travel).
+pub const STOP_ORDER_MARGIN: Duration = Duration::from_secs(5);
 
 /// Default of `[group.health] interval`.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);

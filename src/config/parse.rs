@@ -14,10 +14,10 @@ use super::{
     BuiltinFeeder, Config, ConfigError, ConfigErrors, ConsumerRun, ExitCodes, GroupSpec,
     HealthProbe, HealthSpec, HooksSpec, HostSpec, HttpSpec, HttpToken, KnownHostsPolicy, Limits,
     LocalPlacement, LogColor, LogFormat, LogSpec, MasterSpec, NatsSpec, QueueBackend, QueueSpec,
-    RemotePlacement, RestartPolicy, RestartSpec, SshOptions, DEFAULT_HEALTH_FAILURES,
-    DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_HTTP_HEADER_TIMEOUT,
-    DEFAULT_HTTP_MAX_BODY, DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_PORT, HTTP_TOKEN_ENV,
-    MAX_LOG_KEEP,
+    ReadyProbe, ReadySpec, RemotePlacement, RestartPolicy, RestartSpec, SshOptions,
+    DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
+    DEFAULT_HTTP_HEADER_TIMEOUT, DEFAULT_HTTP_MAX_BODY, DEFAULT_HTTP_MAX_CONNECTIONS,
+    DEFAULT_HTTP_PORT, DEFAULT_READY_INTERVAL, DEFAULT_READY_TIMEOUT, HTTP_TOKEN_ENV, MAX_LOG_KEEP,
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -96,6 +96,12 @@ const GROUP_KEYS: &[&str] = &[
     "user",
     "group",
     "limits",
+    "after",
+    "ready",
+];
+/// Keys of `[group.ready]`.
+const READY_KEYS: &[&str] = &[
+    "notify", "tcp", "http", "command", "log", "timeout", "interval",
 ];
 /// Keys of `[group.limits]`.
 const LIMIT_KEYS: &[&str] = &["nofile", "nproc", "core", "memory"];
@@ -288,6 +294,7 @@ pub(super) fn parse_all(text: String, source: &Path) -> Parsed {
         .filter_map(|(index, root)| Some((index, root.get_ref().get("group")?)))
         .collect();
     let mut groups = walker.groups(&group_values, &ssh);
+    walker.check_order(&group_values, &groups);
     apply_host_vars(&mut groups, &host_vars);
     walker.current = 0;
     walker.log_filter_groups(root.get("log"), &log, &groups);
@@ -1573,6 +1580,8 @@ impl<'t> Walker<'t> {
             hooks: HooksSpec::none(),
             health: None,
             limits: Limits::default(),
+            after: Vec::new(),
+            ready: None,
         };
         let Some(table) = self.table(&path, value) else {
             return group;
@@ -1652,6 +1661,7 @@ impl<'t> Walker<'t> {
         if let Some(health) = table.get("health") {
             group.health = self.health(&child(&path, "health"), health);
         }
+        self.order_keys(&path, table, &mut group);
         for (name, slot) in [
             ("user", &mut group.limits.user),
             ("group", &mut group.limits.group),
@@ -2355,48 +2365,7 @@ impl<'t> Walker<'t> {
         let table = self.table(path, value)?;
         let errors_before = self.errors.len();
         self.check_unknown(table, path, HEALTH_KEYS, &[]);
-        let mut probes = Vec::new();
-        if let Some(value) = table.get("tcp") {
-            let key = child(path, "tcp");
-            if let Some(addr) = self.non_empty_string(&key, value) {
-                match addr
-                    .rsplit_once(':')
-                    .map(|(host, port)| (host, port.parse::<u16>()))
-                {
-                    Some((host, Ok(port))) if !host.is_empty() && port > 0 => {
-                        probes.push(HealthProbe::Tcp(addr))
-                    }
-                    _ => self.error(
-                        value.span(),
-                        &key,
-                        format!("expected host:port (as 127.0.0.1:8080), found {addr:?}"),
-                    ),
-                }
-            }
-        }
-        if let Some(value) = table.get("http") {
-            let key = child(path, "http");
-            if let Some(url) = self.non_empty_string(&key, value) {
-                match url.strip_prefix("http://") {
-                    Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {
-                        probes.push(HealthProbe::Http(url))
-                    }
-                    _ => self.error(
-                        value.span(),
-                        &key,
-                        format!(
-                            "expected an http:// URL (as http://127.0.0.1:8080/health; \
-                             no https: use a command probe with curl), found {url:?}"
-                        ),
-                    ),
-                }
-            }
-        }
-        if let Some(value) = table.get("command") {
-            if let Some(command) = self.non_empty_string(&child(path, "command"), value) {
-                probes.push(HealthProbe::Command(command));
-            }
-        }
+        let mut probes = self.probes(path, table);
         let mut interval = DEFAULT_HEALTH_INTERVAL;
         let mut timeout = DEFAULT_HEALTH_TIMEOUT;
         for (name, slot) in [("interval", &mut interval), ("timeout", &mut timeout)] {
@@ -2449,6 +2418,55 @@ impl<'t> Walker<'t> {
             timeout,
             failures,
         })
+    }
+
+    /// The probes of `[group.health]` or `[group.ready]` written in
+    /// `table`: `tcp = "host:port"`, `http = "http://..."`, `command =
+    /// "..."`.
+    fn probes(&mut self, path: &str, table: &DeTable<'_>) -> Vec<HealthProbe> {
+        let mut probes = Vec::new();
+        if let Some(value) = table.get("tcp") {
+            let key = child(path, "tcp");
+            if let Some(addr) = self.non_empty_string(&key, value) {
+                match addr
+                    .rsplit_once(':')
+                    .map(|(host, port)| (host, port.parse::<u16>()))
+                {
+                    Some((host, Ok(port))) if !host.is_empty() && port > 0 => {
+                        probes.push(HealthProbe::Tcp(addr))
+                    }
+                    _ => self.error(
+                        value.span(),
+                        &key,
+                        format!("expected host:port (as 127.0.0.1:8080), found {addr:?}"),
+                    ),
+                }
+            }
+        }
+        if let Some(value) = table.get("http") {
+            let key = child(path, "http");
+            if let Some(url) = self.non_empty_string(&key, value) {
+                match url.strip_prefix("http://") {
+                    Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {
+                        probes.push(HealthProbe::Http(url))
+                    }
+                    _ => self.error(
+                        value.span(),
+                        &key,
+                        format!(
+                            "expected an http:// URL (as http://127.0.0.1:8080/health; \
+                             no https: use a command probe with curl), found {url:?}"
+                        ),
+                    ),
+                }
+            }
+        }
+        if let Some(value) = table.get("command") {
+            if let Some(command) = self.non_empty_string(&child(path, "command"), value) {
+                probes.push(HealthProbe::Command(command));
+            }
+        }
+        probes
     }
 
     /// `[group.limits]`: counts (`nofile`, `nproc`, `core`: integers, 0
@@ -3234,6 +3252,205 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// `command`), on the master's host, binding nothing.
 fn jetstream_feeder_ok(spec: &QueueSpec) -> bool {
     spec.fills_jetstream() && spec.feeder_host.is_none() && spec.bind == QueueSpec::default().bind
+}
+
+/// Ordering and readiness: `after` and `[group.ready]` of a group, and the
+/// check of every `after` against the groups (names known, no cycle).
+impl Walker<'_> {
+    /// `after` and `[group.ready]` of the group at `path`.
+    fn order_keys(&mut self, path: &str, table: &DeTable<'_>, group: &mut GroupSpec) {
+        if let Some(after) = table.get("after") {
+            let key = child(path, "after");
+            group.after = self.strings(&key, after);
+        }
+        if let Some(ready) = table.get("ready") {
+            group.ready = self.ready(&child(path, "ready"), ready);
+        }
+    }
+
+    /// `[group.ready]`: exactly one way (`notify = true`, `tcp`, `http`,
+    /// `command`, `log = "PATTERN"`), a timeout and an interval above 0.
+    fn ready(&mut self, path: &str, value: &Value<'_>) -> Option<ReadySpec> {
+        let table = self.table(path, value)?;
+        let errors_before = self.errors.len();
+        self.check_unknown(table, path, READY_KEYS, &[]);
+        let mut ways: Vec<ReadyProbe> = self
+            .probes(path, table)
+            .into_iter()
+            .map(ReadyProbe::Probe)
+            .collect();
+        if let Some(value) = table.get("notify") {
+            let key = child(path, "notify");
+            match value.get_ref().as_bool() {
+                Some(true) => ways.push(ReadyProbe::Notify),
+                Some(false) => {}
+                None => self.wrong_type(value, &key, "true or false"),
+            }
+        }
+        if let Some(value) = table.get("log") {
+            let key = child(path, "log");
+            if let Some(pattern) = self.non_empty_string(&key, value) {
+                match regex::Regex::new(&pattern) {
+                    Ok(_) => ways.push(ReadyProbe::Log(pattern)),
+                    Err(err) => self.error(
+                        value.span(),
+                        &key,
+                        format!("invalid regular expression: {err}"),
+                    ),
+                }
+            }
+        }
+        let mut timeout = DEFAULT_READY_TIMEOUT;
+        let mut interval = DEFAULT_READY_INTERVAL;
+        for (name, slot) in [("timeout", &mut timeout), ("interval", &mut interval)] {
+            if let Some(value) = table.get(name) {
+                let key = child(path, name);
+                match self.duration(&key, value) {
+                    Some(duration) if duration.is_zero() => {
+                        self.error(value.span(), &key, "must be greater than 0")
+                    }
+                    Some(duration) => *slot = duration,
+                    None => {}
+                }
+            }
+        }
+        if ways.len() > 1 {
+            self.error(
+                value.span(),
+                path,
+                "one way to be ready: notify, tcp, http, command or log, not several",
+            );
+            return None;
+        }
+        let Some(probe) = ways.pop() else {
+            if self.errors.len() == errors_before {
+                self.error(
+                    value.span(),
+                    path,
+                    "[group.ready] needs one way to be ready: notify = true, tcp = \"host:port\", \
+                     http = \"http://...\", command = \"...\" or log = \"PATTERN\"",
+                );
+            }
+            return None;
+        };
+        Some(ReadySpec {
+            probe,
+            timeout,
+            interval,
+        })
+    }
+
+    /// Every `after` names a group, not its own, and the groups' `after`
+    /// make no cycle. `values` are the `group` arrays of each file, as
+    /// [`Walker::groups`] read them into `groups` (one for one).
+    fn check_order(&mut self, values: &[(usize, &Value<'_>)], groups: &[GroupSpec]) {
+        // Each group's `after` entries with where they are written.
+        let mut written: Vec<(usize, usize, Vec<Range<usize>>)> = Vec::new();
+        let items = values.iter().flat_map(|(source, value)| {
+            value
+                .get_ref()
+                .as_array()
+                .into_iter()
+                .flat_map(move |array| array.iter().map(move |item| (*source, item)))
+        });
+        for (number, (source, item)) in items.enumerate() {
+            let spans = item
+                .get_ref()
+                .as_table()
+                .and_then(|table| table.get("after"))
+                .and_then(|after| after.get_ref().as_array())
+                .map(|array| array.iter().map(|entry| entry.span()).collect())
+                .unwrap_or_default();
+            written.push((number, source, spans));
+        }
+        let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+        let known: Vec<&str> = names.iter().copied().filter(|n| !n.is_empty()).collect();
+        for (group, (number, source, spans)) in groups.iter().zip(&written) {
+            self.current = *source;
+            for (i, name) in group.after.iter().enumerate() {
+                let span = spans.get(i).cloned().unwrap_or(0..0);
+                let key = index(&child(&index("group", *number), "after"), i);
+                if *name == group.name {
+                    self.error(
+                        span,
+                        &key,
+                        format!("group {name:?} cannot start after itself"),
+                    );
+                } else if !known.contains(&name.as_str()) {
+                    let message = match closest(name, &known) {
+                        Some(close) => {
+                            format!("unknown group {name:?} in after, did you mean {close:?}?")
+                        }
+                        None => format!(
+                            "unknown group {name:?} in after; the groups are: {}",
+                            known.join(", ")
+                        ),
+                    };
+                    self.error(span, &key, message);
+                }
+            }
+        }
+        // A cycle is told once, where its last `after` closes it.
+        let after = |group: usize| -> Vec<(usize, usize)> {
+            groups[group]
+                .after
+                .iter()
+                .enumerate()
+                .filter(|(_, name)| **name != groups[group].name)
+                .filter_map(|(i, name)| Some((i, names.iter().position(|n| n == name)?)))
+                .collect()
+        };
+        let mut told: Vec<Vec<usize>> = Vec::new();
+        // Groups whose every path was walked: no cycle left through them.
+        let mut finished = vec![false; groups.len()];
+        for start in 0..groups.len() {
+            if finished[start] {
+                continue;
+            }
+            // Depth first, the path from `start` on a stack.
+            let mut path = vec![start];
+            let mut next = vec![after(start)];
+            while let Some(edges) = next.last_mut() {
+                let Some((entry, to)) = edges.pop() else {
+                    next.pop();
+                    if let Some(done) = path.pop() {
+                        finished[done] = true;
+                    }
+                    continue;
+                };
+                let Some(position) = path.iter().position(|g| *g == to) else {
+                    if !finished[to] {
+                        path.push(to);
+                        next.push(after(to));
+                    }
+                    continue;
+                };
+                let mut cycle: Vec<usize> = path[position..].to_vec();
+                let from = *path.last().expect("invariant: the path holds start");
+                let mut set = cycle.clone();
+                set.sort_unstable();
+                if told.contains(&set) {
+                    continue;
+                }
+                told.push(set);
+                cycle.push(to);
+                let chain: Vec<&str> = cycle.iter().map(|g| names[*g]).collect();
+                let (number, source, spans) = &written[from];
+                self.current = *source;
+                let span = spans.get(entry).cloned().unwrap_or(0..0);
+                let key = index(&child(&index("group", *number), "after"), entry);
+                self.error(
+                    span,
+                    &key,
+                    format!(
+                        "cycle in after: {} (a group cannot wait for itself)",
+                        chain.join(" starts after ")
+                    ),
+                );
+            }
+        }
+        self.current = 0;
+    }
 }
 
 #[cfg(test)]
@@ -5940,6 +6157,111 @@ instances = 1
             &errors[2],
             7,
             "group[1].hooks.timeout",
+            "must be greater than 0",
+        );
+    }
+
+    #[test]
+    fn groups_start_after_others_and_say_when_they_are_ready() {
+        let config = parse_ok(
+            r#"[[group]]
+name = "db"
+command = "db"
+[group.ready]
+log = "listening on port \\d+"
+timeout = "20s"
+[group.local]
+instances = 1
+
+[[group]]
+name = "web"
+command = "web"
+after = ["db"]
+[group.ready]
+notify = true
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(config.groups[1].after, ["db"]);
+        assert_eq!(
+            config.groups[0].ready,
+            Some(ReadySpec {
+                probe: ReadyProbe::Log(r"listening on port \d+".into()),
+                timeout: Duration::from_secs(20),
+                interval: DEFAULT_READY_INTERVAL,
+            })
+        );
+        assert_eq!(
+            config.groups[1].ready.as_ref().map(|r| &r.probe),
+            Some(&ReadyProbe::Notify)
+        );
+        let errors = parse_err(
+            r#"[[group]]
+name = "a"
+command = "w"
+after = ["b"]
+[group.local]
+instances = 1
+
+[[group]]
+name = "b"
+command = "w"
+after = ["c", "dbb"]
+[group.ready]
+tcp = "127.0.0.1:1"
+log = "x"
+[group.local]
+instances = 1
+
+[[group]]
+name = "c"
+command = "w"
+after = ["a", "c"]
+[group.ready]
+log = "(unclosed"
+[group.local]
+instances = 1
+
+[[group]]
+name = "db"
+command = "w"
+[group.ready]
+timeout = "0s"
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(errors.len(), 6, "{errors:#?}");
+        assert_error(
+            &errors[0],
+            11,
+            "group[2].after[2]",
+            r#"unknown group "dbb" in after, did you mean "db"?"#,
+        );
+        assert_error(&errors[1], 12, "group[2].ready", "one way to be ready");
+        assert_error(
+            &errors[2],
+            21,
+            "group[3].after[1]",
+            "cycle in after: a starts after b starts after c starts after a",
+        );
+        assert_error(
+            &errors[3],
+            21,
+            "group[3].after[2]",
+            r#"group "c" cannot start after itself"#,
+        );
+        assert_error(
+            &errors[4],
+            23,
+            "group[3].ready.log",
+            "invalid regular expression",
+        );
+        assert_error(
+            &errors[5],
+            31,
+            "group[4].ready.timeout",
             "must be greater than 0",
         );
     }

@@ -437,6 +437,7 @@ pub fn progress_line(status: &HerdStatus) -> String {
     for (state, word) in [
         (InstanceState::Backoff, "restarting"),
         (InstanceState::Pending, "pending"),
+        (InstanceState::Waiting, "waiting for their dependencies"),
         (InstanceState::Stopping, "stopping"),
         (InstanceState::Suspended, "suspended"),
         (InstanceState::Lost, "lost"),

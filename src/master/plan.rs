@@ -284,6 +284,8 @@ impl GroupPlacer<'_> {
             max_lifetime: group.max_lifetime,
             health: group.health.clone(),
             limits: group.limits.clone(),
+            ready: group.ready.clone(),
+            stop_wait: self.config.stop_wait(&group.name),
         }
     }
 }

@@ -758,6 +758,8 @@ mod tests {
             max_lifetime: None,
             health: None,
             limits: Default::default(),
+            ready: None,
+            stop_wait: None,
         }
     }
 

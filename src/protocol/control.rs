@@ -217,6 +217,9 @@ pub enum InstanceState {
     /// Not started yet (its host is not connected, or its feeder not
     /// listening).
     Pending,
+    /// Not started yet: its group starts after other groups (`after`),
+    /// and one of them is not ready yet.
+    Waiting,
     /// Its process runs.
     Running,
     /// Its process is being stopped.
@@ -240,6 +243,7 @@ impl InstanceState {
     pub fn as_str(self) -> &'static str {
         match self {
             InstanceState::Pending => "pending",
+            InstanceState::Waiting => "waiting",
             InstanceState::Running => "running",
             InstanceState::Stopping => "stopping",
             InstanceState::Backoff => "backoff",
@@ -286,8 +290,8 @@ pub struct InstanceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seen_ms_ago: Option<u64>,
     /// Its health check's verdict on the running process (`healthy`, or
-    /// `unhealthy: WHY`); none without a health check or before its first
-    /// verdict.
+    /// `unhealthy: WHY`); before a first verdict, `not ready: WHY` once
+    /// its `[group.ready]` check is past its timeout; none otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
 }

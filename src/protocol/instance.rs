@@ -107,6 +107,23 @@ pub struct InstanceSpec {
     /// in the frames of older masters: none.
     #[serde(default, skip_serializing_if = "Limits::is_none")]
     pub limits: Limits,
+    /// When its process counts as ready (`[group.ready]`), judged where
+    /// it runs: [`EventKind::Ready`] then, or [`EventKind::NotReady`] past
+    /// the timeout. `None`: ready once started. Absent in the frames of
+    /// older masters: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<ReadySpec>,
+    /// Other groups start after this one (`after`): on the herd's stop
+    /// it waits for the master's word (a [`InstanceCommand::Remove`],
+    /// once its dependents have ended) before it stops, at most this
+    /// long; then it stops anyway. `None`: it stops with the herd at
+    /// once. Absent in the frames of older masters: none.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "super::millis::option"
+    )]
+    pub stop_wait: Option<Duration>,
 }
 
 impl InstanceSpec {
@@ -154,6 +171,52 @@ impl InstanceSpec {
             max_lifetime: None,
             health: None,
             limits: Limits::default(),
+            ready: None,
+            stop_wait: None,
+        }
+    }
+}
+
+/// When an instance counts as ready (`[group.ready]`): the groups that
+/// start `after` its group wait for that. The check runs where the
+/// instance runs (the master's host, or the agent on a remote host),
+/// from each start of its process until it passes or `timeout` passes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadySpec {
+    /// What tells that it is ready.
+    pub probe: ReadyProbe,
+    /// Longest wait from the start of its process: past it the instance
+    /// is said not ready ([`EventKind::NotReady`], logged) and the groups
+    /// after it do not start (until it is ready after all). Key
+    /// `timeout`, default 60 s.
+    #[serde(with = "super::millis")]
+    pub timeout: Duration,
+    /// Time between two probes (`tcp`, `http`, `command`). Key
+    /// `interval`, default 250 ms.
+    #[serde(with = "super::millis")]
+    pub interval: Duration,
+}
+
+/// What makes an instance ready (one of the keys of `[group.ready]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyProbe {
+    /// The program says so through the slave library
+    /// (`Handler::ready`). Key `notify = true`.
+    Notify,
+    /// A health probe passes once (`tcp`, `http`, `command`).
+    Probe(HealthProbe),
+    /// A line of its output (stdout or stderr) matches this regular
+    /// expression. Key `log`.
+    Log(String),
+}
+
+impl std::fmt::Display for ReadyProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadyProbe::Notify => write!(f, "its ready call"),
+            ReadyProbe::Probe(probe) => write!(f, "{probe}"),
+            ReadyProbe::Log(pattern) => write!(f, "a line matching /{pattern}/"),
         }
     }
 }
@@ -181,8 +244,9 @@ pub struct Limits {
     /// `core`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub core: Option<u64>,
-    /// Memory cap in bytes, as `RLIMIT_AS` (address space) of each
-    /// process. Key `memory`.
+    /// Memory cap in bytes: of the whole instance as a cgroup memory
+    /// limit (v2, else v1) where its host allows one, else `RLIMIT_AS`
+    /// (address space) of each process. Key `memory`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<u64>,
 }
@@ -384,6 +448,15 @@ pub enum EventKind {
         /// The last failure, while unhealthy or failing.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         why: Option<String>,
+    },
+    /// Its process is ready (`[group.ready]`; without it, being started
+    /// is being ready).
+    Ready,
+    /// Its process was not ready within its `[group.ready] timeout`: the
+    /// groups after it wait (they start if it becomes ready after all).
+    NotReady {
+        /// Why (the last probe's failure, or the timeout).
+        why: String,
     },
     /// Its supervision is over.
     Ended {

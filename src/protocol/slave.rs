@@ -363,6 +363,9 @@ pub enum FromSlave {
         /// `host:port` as bound (the real port when 0 was asked).
         addr: String,
     },
+    /// The program is ready to serve: the groups that start after its
+    /// group may start (`[group.ready] notify = true`).
+    Ready,
     /// The feeder's counts, at a steady interval and at the end.
     Progress {
         /// The counts.

@@ -349,6 +349,16 @@ impl Handler {
         self.outbox.try_send(FromSlave::Ping);
     }
 
+    /// Tells the master this instance is ready to serve: the groups that
+    /// start `after` its group (with `[group.ready] notify = true`) may
+    /// start once every instance of it said so. Call it once the program
+    /// can do its work (listens, connected, warmed up); calling it again
+    /// is harmless. Without `notify = true` in the group's config the
+    /// master ignores it.
+    pub fn ready(&self) {
+        self.outbox.send(FromSlave::Ready);
+    }
+
     /// Sleeps up to `duration`, waking early when a stop is requested.
     ///
     /// Returns `true` when it slept the whole time, `false` when it
@@ -857,6 +867,15 @@ pub(crate) mod tests {
         assert!(!handler.sleep(Duration::from_secs(30)));
         assert!(started.elapsed() < Duration::from_secs(10));
         let _master = stopper.join().unwrap();
+    }
+
+    #[test]
+    fn ready_reaches_the_master() {
+        let (mut master, handler) = connected();
+        handler.ready();
+        handler.info("after");
+        assert_eq!(master.recv(), Some(FromSlave::Ready));
+        assert!(matches!(master.recv(), Some(FromSlave::Log { .. })));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub(super) enum SlaveEvent {
     Hello,
     /// A feeder listens at this address.
     Listening(String),
+    /// The program said it is ready (the slave library's ready call).
+    Ready,
     /// A feeder's counts.
     Progress(crate::protocol::slave::QueueProgress),
 }
@@ -107,6 +109,9 @@ pub(super) async fn control_link(
                         )
                         .await;
                         let _ = events_tx.send(SlaveEvent::Listening(addr)).await;
+                    }
+                    FromSlave::Ready => {
+                        let _ = events_tx.send(SlaveEvent::Ready).await;
                     }
                     FromSlave::Progress { progress } => {
                         let message = format!(

@@ -45,6 +45,34 @@ pub(crate) async fn check(
     }
 }
 
+/// Probes `probe` at once and every `interval` until it passes (each
+/// probe bounded by `timeout`), sending each result (a failure only when
+/// there is room: it is the reason of a later "not ready"); ends on the
+/// first success or when the receiver is gone. For `[group.ready]`.
+pub(crate) async fn until_ready(
+    probe: HealthProbe,
+    interval: Duration,
+    timeout: Duration,
+    process: ProcessSpec,
+    results_tx: mpsc::Sender<Result<(), String>>,
+) {
+    loop {
+        match probe_once(&probe, timeout, &process).await {
+            Ok(()) => {
+                let _ = results_tx.send(Ok(())).await;
+                return;
+            }
+            Err(why) => {
+                if results_tx.is_closed() {
+                    return;
+                }
+                let _ = results_tx.try_send(Err(why));
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
 /// One probe, bounded by `timeout`.
 ///
 /// # Errors

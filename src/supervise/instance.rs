@@ -11,7 +11,7 @@ use super::activity::Activity;
 use super::control_link::{control_link, ControlSummary, SlaveEvent, SLAVE_EVENTS};
 use super::health::Verdict;
 use super::process::{self, Spawned};
-use super::relay::relay_output;
+use super::relay::{relay_output, LineWatch};
 use super::restart::{Decision, RestartTracker, RunOutcome};
 use super::shutdown::Shutdown;
 use crate::error_text::error_chain;
@@ -31,6 +31,7 @@ use tracing::Instrument;
 pub use crate::protocol::instance::{
     EventKind, InstanceCommand, InstanceEnd, InstanceEvent, InstanceSpec,
 };
+use crate::protocol::instance::{ReadyProbe, ReadySpec};
 
 /// Extra time, beyond max lifetime and grace, before the pid killer's record
 /// of an instance would enforce the lifetime on its own.
@@ -144,6 +145,8 @@ pub async fn supervise(
         let id = spec.label.id;
         let mut tracker = RestartTracker::new(spec.restart.clone());
         let mut suspended = suspended;
+        // The memory cap's mechanism is said once.
+        let mut cap_said = false;
         let end = loop {
             if shutdown.is_stopping() {
                 break InstanceEnd::Stopped { killed: false };
@@ -175,14 +178,18 @@ pub async fn supervise(
                 pin_feeder_port(spec.identity.queue.as_mut(), listening.borrow().as_deref());
             }
             emit(events.as_ref(), id, EventKind::Created);
+            let around = Around {
+                sink: &sink,
+                shutdown: &shutdown,
+                pids: pids.as_ref(),
+                events: events.as_ref(),
+            };
             let run = run_once(
                 &spec,
-                &sink,
-                &shutdown,
-                pids.as_ref(),
+                around,
                 listening.as_ref(),
                 &mut commands,
-                events.as_ref(),
+                &mut cap_said,
             )
             .await;
             if run.stopped {
@@ -295,26 +302,52 @@ enum Wake {
     Unhealthy(u32, String),
 }
 
+/// What one run of an instance's process shares with its supervisor.
+struct Around<'a> {
+    /// Where log lines go.
+    sink: &'a LogSink,
+    /// The run's stop and kill.
+    shutdown: &'a Shutdown,
+    /// The pid registry.
+    pids: Option<&'a PidKiller>,
+    /// Where its events go.
+    events: Option<&'a mpsc::UnboundedSender<InstanceEvent>>,
+}
+
 async fn run_once(
     spec: &InstanceSpec,
-    sink: &LogSink,
-    shutdown: &Shutdown,
-    pids: Option<&PidKiller>,
+    around: Around<'_>,
     listening: Option<&tokio::sync::watch::Sender<Option<String>>>,
     commands: &mut mpsc::UnboundedReceiver<InstanceCommand>,
-    events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+    cap_said: &mut bool,
 ) -> RunEnd {
+    let Around {
+        sink,
+        shutdown,
+        pids,
+        events,
+    } = around;
     let started = Instant::now();
     let label = &spec.label;
+    let cgroup = memory_cgroup(spec, sink, cap_said).await;
+    let spawned = process::spawn_in(
+        &spec.process,
+        &spec.identity,
+        &spec.limits,
+        cgroup.as_ref().map(|c| c.procs.clone()),
+    );
     let Spawned {
         mut child,
         pid,
         control,
         stdout,
         stderr,
-    } = match process::spawn(&spec.process, &spec.identity, &spec.limits) {
+    } = match spawned {
         Ok(spawned) => spawned,
         Err(err) => {
+            if let Some(cgroup) = cgroup {
+                let _ = cgroup.remove().await;
+            }
             let reason = error_chain(&err);
             sink.instance_event(label, Level::Error, reason.clone())
                 .await;
@@ -361,6 +394,36 @@ async fn run_once(
     }
 
     let activity = Arc::new(Activity::new());
+    // Readiness (`[group.ready]`): results until the first success.
+    let (ready_tx, mut ready_rx) = mpsc::channel(4);
+    let mut ready = Readiness::new(spec.ready.as_ref(), started);
+    let watch = match spec.ready.as_ref().map(|r| &r.probe) {
+        Some(ReadyProbe::Log(pattern)) => match regex::Regex::new(pattern) {
+            Ok(pattern) => Some(LineWatch {
+                pattern: Arc::new(pattern),
+                found_tx: ready_tx.clone(),
+            }),
+            Err(err) => {
+                let _ = ready_tx.try_send(Err(format!("bad log pattern: {err}")));
+                None
+            }
+        },
+        _ => None,
+    };
+    let ready_task = match &spec.ready {
+        Some(ReadySpec {
+            probe: ReadyProbe::Probe(probe),
+            timeout,
+            interval,
+        }) => Some(tokio::spawn(super::health::until_ready(
+            probe.clone(),
+            *interval,
+            *timeout,
+            spec.process.clone(),
+            ready_tx.clone(),
+        ))),
+        _ => None,
+    };
     let readers = [
         tokio::spawn(relay_output(
             stdout,
@@ -368,6 +431,7 @@ async fn run_once(
             label.clone(),
             sink.clone(),
             activity.clone(),
+            watch.clone(),
         )),
         tokio::spawn(relay_output(
             stderr,
@@ -375,8 +439,10 @@ async fn run_once(
             label.clone(),
             sink.clone(),
             activity.clone(),
+            watch,
         )),
     ];
+    drop(ready_tx);
     // Room for the progress reports of a feeder that drains at stop (read
     // once it has exited, below).
     let (events_tx, mut events_rx) = mpsc::channel(SLAVE_EVENTS);
@@ -408,6 +474,8 @@ async fn run_once(
         ))
     });
     let mut tally = super::health::Tally::default();
+    let herd_stop = herd_stop(shutdown, spec.stop_wait);
+    tokio::pin!(herd_stop);
     let wake = loop {
         let deadline = timeout.map(|t| activity.last() + t);
         tokio::select! {
@@ -425,9 +493,21 @@ async fn run_once(
                 SlaveEvent::Progress(progress) => {
                     emit(events, label.id, EventKind::Progress { progress });
                 }
+                SlaveEvent::Ready => {
+                    if matches!(spec.ready.as_ref().map(|r| &r.probe), Some(ReadyProbe::Notify)) {
+                        ready.passed(label, sink, events).await;
+                    }
+                }
             },
+            Some(result) = ready_rx.recv(), if ready.waits() => match result {
+                Ok(()) => ready.passed(label, sink, events).await,
+                Err(why) => ready.last_failure = Some(why),
+            },
+            _ = super::sleep_until_some(ready.deadline) => ready.late(label, sink, events).await,
             command = next_command(commands) => match command {
                 InstanceCommand::Resume => {}
+                // The master's word in the herd's ordered stop.
+                InstanceCommand::Remove if shutdown.is_stopping() => break Wake::Stop,
                 command => break Wake::Command(command),
             },
             _ = seen_tick.tick(), if events.is_some() => {
@@ -460,7 +540,7 @@ async fn run_once(
                     Verdict::Unhealthy { failed, why } => break Wake::Unhealthy(failed, why),
                 }
             }
-            _ = shutdown.stopping() => break Wake::Stop,
+            _ = &mut herd_stop => break Wake::Stop,
             _ = super::sleep_until_some(end_of_life.map(|(_, at)| at)) => {
                 if let Some((limit, _)) = end_of_life {
                     break Wake::Lifetime(limit);
@@ -470,6 +550,9 @@ async fn run_once(
     };
 
     if let Some(task) = health_task {
+        task.abort();
+    }
+    if let Some(task) = ready_task {
         task.abort();
     }
     let stopper = Stopper {
@@ -559,6 +642,21 @@ async fn run_once(
     if let Err(err) = process::signal_group(pid, libc::SIGKILL) {
         tracing::warn!(pid, cause = %err, "cannot kill the rest of the process group");
     }
+    // Over its cgroup's memory cap, the kernel killed it: said so.
+    let mut out_of_memory = None;
+    if let Some(cgroup) = cgroup {
+        if cgroup.oom_kills() > 0 {
+            let cap = spec.limits.memory.unwrap_or_default();
+            out_of_memory = Some(format!(
+                "out of memory: OOM-killed at its memory cap of {} ({})",
+                size_text(cap),
+                cgroup.describe()
+            ));
+        }
+        if let Err(why) = cgroup.remove().await {
+            sink.instance_event(label, Level::Warning, why).await;
+        }
+    }
     if let Some(pids) = pids {
         if let Err(err) = pids.unregister(pid).await {
             tracing::warn!(pid, cause = %err, "cannot unregister the instance from the pid killer");
@@ -582,9 +680,12 @@ async fn run_once(
     }
 
     let recycled = recycled.or(summary.recycle.clone());
-    let outcome = match unhealthy {
-        Some(why) => RunOutcome::Failure(format!("unhealthy: {why}")),
-        None => classify(&status, timed_out, recycled, &summary),
+    let outcome = match (unhealthy, &out_of_memory) {
+        (Some(why), _) => RunOutcome::Failure(format!("unhealthy: {why}")),
+        (None, Some(oom)) if !stopped && command.is_none() => {
+            RunOutcome::Failure(format!("{} ({oom})", describe_status(&status)))
+        }
+        (None, _) => classify(&status, timed_out, recycled, &summary),
     };
     let (level, text) = match (&status, &outcome) {
         (_, RunOutcome::Success | RunOutcome::Recycled(_)) => {
@@ -598,11 +699,15 @@ async fn run_once(
     } else {
         text
     };
+    let how = match &out_of_memory {
+        Some(oom) => format!("{} ({oom})", describe_status(&status)),
+        None => describe_status(&status),
+    };
     emit(
         events,
         label.id,
         EventKind::Exited {
-            how: describe_status(&status),
+            how,
             failed: matches!(outcome, RunOutcome::Failure(_)) && !stopped && command.is_none(),
         },
     );
@@ -613,6 +718,130 @@ async fn run_once(
         stopped,
         killed,
         command,
+    }
+}
+
+/// The cgroup that caps the memory of this run of `spec`'s instance
+/// (`[group.limits] memory`), if this host lets us make one; the
+/// mechanism is said once (`said`), the fallback to `RLIMIT_AS` with why.
+async fn memory_cgroup(
+    spec: &InstanceSpec,
+    sink: &LogSink,
+    said: &mut bool,
+) -> Option<super::cgroup::InstanceCgroup> {
+    let bytes = spec.limits.memory?;
+    let label = &spec.label;
+    let name = format!("{}.{}", label.group, label.id);
+    let (cgroup, message) = match super::cgroup::InstanceCgroup::make(&name, bytes) {
+        Ok(cgroup) => {
+            let message = format!(
+                "memory cap {}: {} (the whole instance)",
+                size_text(bytes),
+                cgroup.describe()
+            );
+            (Some(cgroup), message)
+        }
+        Err(why) => (
+            None,
+            format!(
+                "memory cap {}: RLIMIT_AS of each process (no cgroup: {why})",
+                size_text(bytes)
+            ),
+        ),
+    };
+    if !*said {
+        *said = true;
+        sink.instance_event(label, Level::Info, message).await;
+    }
+    cgroup
+}
+
+/// A size as the log says it: `64 MiB`, or bytes.
+fn size_text(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    if bytes >= MIB && bytes % MIB == 0 {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// Completes when the process is to stop with the herd: at the herd's
+/// stop, or, for a group that other groups start after (`wait`), once
+/// that much more time has passed (the master says when earlier, with a
+/// [`InstanceCommand::Remove`], once the groups after it have ended) or
+/// a kill is asked for.
+async fn herd_stop(shutdown: &Shutdown, wait: Option<Duration>) {
+    shutdown.stopping().await;
+    if let Some(wait) = wait {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.killing() => {}
+        }
+    }
+}
+
+/// One process's readiness (`[group.ready]`): told once it passes, or
+/// said late once, past its timeout.
+struct Readiness {
+    /// Still to be told (a check is configured and has not passed).
+    pending: bool,
+    /// When it is late, until it was said.
+    deadline: Option<Instant>,
+    /// The timeout, for the message.
+    timeout: Duration,
+    /// The last failure of a probe, for the message.
+    last_failure: Option<String>,
+}
+
+impl Readiness {
+    fn new(spec: Option<&ReadySpec>, started: Instant) -> Self {
+        Readiness {
+            pending: spec.is_some(),
+            deadline: spec.map(|spec| started + spec.timeout),
+            timeout: spec.map_or(Duration::ZERO, |spec| spec.timeout),
+            last_failure: None,
+        }
+    }
+
+    /// Whether it waits for a result.
+    fn waits(&self) -> bool {
+        self.pending
+    }
+
+    /// The check passed: told once.
+    async fn passed(
+        &mut self,
+        label: &Arc<InstanceLabel>,
+        sink: &LogSink,
+        events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+    ) {
+        if !self.pending {
+            return;
+        }
+        self.pending = false;
+        self.deadline = None;
+        sink.instance_event(label, Level::Info, "ready".into())
+            .await;
+        emit(events, label.id, EventKind::Ready);
+    }
+
+    /// The timeout passed: said once (it may still pass later).
+    async fn late(
+        &mut self,
+        label: &Arc<InstanceLabel>,
+        sink: &LogSink,
+        events: Option<&mpsc::UnboundedSender<InstanceEvent>>,
+    ) {
+        self.deadline = None;
+        let limit = humantime::format_duration(self.timeout);
+        let why = match &self.last_failure {
+            Some(failure) => format!("not ready within {limit} (last check: {failure})"),
+            None => format!("not ready within {limit}"),
+        };
+        let message = format!("{why}; the groups after it do not start until it is ready");
+        sink.instance_event(label, Level::Error, message).await;
+        emit(events, label.id, EventKind::NotReady { why });
     }
 }
 

@@ -15,9 +15,12 @@
 //! - `health` (private): health checks (tcp, http, command probes) and
 //!   the count of their failures in a row.
 //! - [`limits`]: the open-file limit of a process holding many hosts.
+//! - `cgroup` (private): the memory cap of an instance as a cgroup (v2,
+//!   else v1), else `RLIMIT_AS`.
 //! - [`shutdown`]: the stop and kill tokens, and signal handling.
 
 mod activity;
+mod cgroup;
 mod control_link;
 mod health;
 pub mod instance;

@@ -114,8 +114,23 @@ pub fn spawn(
     identity: &Identity,
     limits: &Limits,
 ) -> Result<Spawned, SpawnError> {
+    spawn_in(spec, identity, limits, None)
+}
+
+/// [`spawn`], the child joining the cgroup whose `cgroup.procs` is
+/// `cgroup` first (then the memory cap is the cgroup's: no
+/// `RLIMIT_AS`).
+pub(crate) fn spawn_in(
+    spec: &ProcessSpec,
+    identity: &Identity,
+    limits: &Limits,
+    cgroup: Option<std::ffi::CString>,
+) -> Result<Spawned, SpawnError> {
     let credentials = credentials(limits)?;
-    let rlimits = rlimits(limits);
+    let mut rlimits = rlimits(limits);
+    if cgroup.is_some() {
+        rlimits.retain(|(resource, _)| *resource != rustix::process::Resource::As);
+    }
     let (parent_end, child_end) = StdUnixStream::pair().map_err(SpawnError::Socket)?;
     let child_end = OwnedFd::from(child_end);
     let child_fd = child_end.as_raw_fd();
@@ -166,11 +181,16 @@ pub fn spawn(
         command.current_dir(cwd);
     }
     // SAFETY: the closure only calls async-signal-safe functions
-    // (setrlimit, prlimit, setgroups, setgid, setuid, prctl, getppid,
+    // (open, write, close, setrlimit, prlimit, setgroups, setgid, setuid, prctl, getppid,
     // fcntl) and allocates nothing (what it reads was made before the
     // fork).
     unsafe {
         command.pre_exec(move || {
+            // Into its cgroup first: as root still, and before anything
+            // it allocates.
+            if let Some(procs) = &cgroup {
+                super::cgroup::join_in_child(procs)?;
+            }
             // The open-file limit the master was given, not the one it
             // raised for itself (a configured `nofile` comes after).
             super::limits::restore_in_child()?;

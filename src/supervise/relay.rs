@@ -13,13 +13,31 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Bytes read from an instance's stdout or stderr at once (at most).
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Turns one output stream into log records.
+/// Looks for the first line matching a pattern (`[group.ready] log`).
+#[derive(Debug, Clone)]
+pub(super) struct LineWatch {
+    /// The pattern.
+    pub(super) pattern: Arc<regex::Regex>,
+    /// Told once, when a line matches.
+    pub(super) found_tx: tokio::sync::mpsc::Sender<Result<(), String>>,
+}
+
+impl LineWatch {
+    /// Whether a line of `record` matches.
+    fn matches(&self, record: &LogRecord) -> bool {
+        record.lines().any(|line| self.pattern.is_match(line))
+    }
+}
+
+/// Turns one output stream into log records; with `watch`, tells it of
+/// the first line that matches its pattern.
 pub(super) async fn relay_output<R: AsyncRead + Unpin>(
     mut pipe: R,
     stream: Stream,
     label: Arc<InstanceLabel>,
     sink: LogSink,
     activity: Arc<Activity>,
+    mut watch: Option<LineWatch>,
 ) {
     let level = match stream {
         Stream::Stderr => Level::Warning,
@@ -50,6 +68,13 @@ pub(super) async fn relay_output<R: AsyncRead + Unpin>(
                 stream,
                 message,
             });
+        }
+        if let Some(found) = watch
+            .as_ref()
+            .filter(|watch| records.iter().any(|record| watch.matches(record)))
+        {
+            let _ = found.found_tx.try_send(Ok(()));
+            watch = None;
         }
         if !records.is_empty() {
             activity.touch();
@@ -86,6 +111,7 @@ mod tests {
             label,
             sink,
             Arc::new(Activity::new()),
+            None,
         ));
         let collect = tokio::spawn(async move {
             let mut lines = Vec::new();
@@ -130,6 +156,7 @@ mod tests {
             label,
             sink,
             Arc::new(Activity::new()),
+            None,
         ));
         writer.write_all(input).await.unwrap();
         drop(writer);

@@ -13,6 +13,7 @@ mod http;
 mod limits;
 mod local;
 mod logs;
+mod order;
 mod output;
 mod queue;
 mod queue_builtin;

@@ -282,7 +282,9 @@ impl Core {
                 let back = entry.is_none_or(|e| {
                     is_final(e.state)
                         || e.state == InstanceState::Suspended
-                        || (e.starts > starts && e.state == InstanceState::Running)
+                        || (e.starts > starts
+                            && e.state == InstanceState::Running
+                            && self.order.is_ready(id))
                 });
                 if !back {
                     if now < deadline {
@@ -481,10 +483,12 @@ impl Core {
             if e.state == InstanceState::Failed || (e.starts == 0 && e.last_exit.is_some()) {
                 failed = e.last_exit.clone().or(Some("failed".into()));
             }
+            // Running is not enough for a group with `[group.ready]`:
+            // the groups after it wait for it to be ready.
             ran &= matches!(
                 e.state,
                 InstanceState::Running | InstanceState::Suspended | InstanceState::Completed
-            );
+            ) && (e.state != InstanceState::Running || self.order.is_ready(*id));
         }
         (ran && failed.is_none(), failed)
     }

@@ -24,6 +24,7 @@
 
 mod changes;
 mod operate;
+mod order;
 mod reload;
 mod table;
 #[cfg(test)]
@@ -33,6 +34,7 @@ pub(crate) use table::{is_final, Table};
 
 use self::changes::{Change, Wait};
 use self::operate::{Await, Kept};
+use self::order::Order;
 use super::hooks::{hook_for, HookCall};
 use super::plan::{same_host, Plan};
 use super::queue::{consumer_of, set_feeder_address, FeederAddress};
@@ -259,6 +261,12 @@ pub(crate) struct Core {
     gates: BTreeMap<String, Gate>,
     /// Consumers waiting for their feeder, by id.
     held: BTreeMap<u32, Held>,
+    /// Instances waiting for the groups their group starts after
+    /// (`after`) to be ready, by id.
+    waiting: BTreeMap<u32, Held>,
+    /// The order between groups: ready instances, groups released, the
+    /// ordered stop.
+    order: Order,
     /// Suspends and resumes to answer once settled.
     waits: Vec<Wait>,
     /// Starts and stops of instances to answer once done.
@@ -300,6 +308,8 @@ impl Core {
             next_id: 1,
             gates: BTreeMap::new(),
             held: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            order: Order::default(),
             waits: Vec::new(),
             awaits: Vec::new(),
             kept: BTreeMap::new(),
@@ -320,6 +330,12 @@ impl Core {
                 self.start(plan, now.at);
             }
             Event::Instance(event) => {
+                if let Some(group) = self.table.entry(event.id).map(|e| e.label.group.clone()) {
+                    self.order.apply(&self.config, &group, &event);
+                }
+                if let EventKind::NotReady { why } = &event.kind {
+                    self.still_waiting(event.id, why);
+                }
                 if let Some(label) = self.table.apply(&event) {
                     self.hook(&label, &event);
                     self.out.push(Effect::Publish { label, event });
@@ -380,7 +396,9 @@ impl Core {
     /// stopped until an operator starts them (the run is not over while
     /// they are, supervised or not, until the herd stops).
     pub(crate) fn holds_instances(&self) -> bool {
-        !self.held.is_empty() || (!self.stopping && self.table.any_parked())
+        !self.held.is_empty()
+            || !self.waiting.is_empty()
+            || (!self.stopping && self.table.any_parked())
     }
 
     /// Every group and instance, with their state, `now`.
@@ -541,6 +559,16 @@ impl Core {
             };
             self.kept.insert(spec.label.id, kept);
             let group_suspended = self.table.is_suspended(&spec.label.group);
+            if self.must_wait(&spec.label.group) {
+                self.table.set_waiting(spec.label.id, true);
+                let waiting = Held {
+                    spec,
+                    place: place.clone(),
+                    suspended: group_suspended,
+                };
+                self.waiting.insert(waiting.spec.label.id, waiting);
+                continue;
+            }
             if let Some(gate) = consumer_of(&spec).and_then(|group| self.gates.get(group)) {
                 match &gate.address {
                     Some(address) => set_feeder_address(&mut spec, address),
@@ -638,6 +666,7 @@ impl Core {
             .filter(|e| e.host.as_ref().is_some_and(|h| same_host(h, host)))
             .filter(|e| !is_final(e.state) && e.state != InstanceState::Suspended)
             .filter(|e| !self.held.contains_key(&e.label.id))
+            .filter(|e| !self.waiting.contains_key(&e.label.id))
             .map(|e| e.label.id)
             .collect();
         for id in gone {
@@ -664,13 +693,19 @@ impl Core {
     /// Commands one instance: its supervisor's business once it is
     /// placed; a held consumer obeys here.
     fn command(&mut self, id: u32, command: InstanceCommand) {
-        let Some(held) = self.held.get_mut(&id) else {
-            self.out.push(Effect::Command { id, command });
-            return;
+        let held = match self.held.get_mut(&id) {
+            Some(held) => held,
+            None => match self.waiting.get_mut(&id) {
+                Some(waiting) => waiting,
+                None => {
+                    self.out.push(Effect::Command { id, command });
+                    return;
+                }
+            },
         };
         match command {
             InstanceCommand::Remove => {
-                if let Some(held) = self.held.remove(&id) {
+                if let Some(held) = self.held.remove(&id).or_else(|| self.waiting.remove(&id)) {
                     self.out.push(Effect::NeverRan(held.spec.label));
                 }
             }
@@ -801,6 +836,9 @@ impl Core {
         for (_, held) in std::mem::take(&mut self.held) {
             self.out.push(Effect::NeverRan(held.spec.label));
         }
+        for (_, waiting) in std::mem::take(&mut self.waiting) {
+            self.out.push(Effect::NeverRan(waiting.spec.label));
+        }
     }
 
     /// Moves on with what waits for time or events: feeders that take
@@ -819,9 +857,141 @@ impl Core {
                 });
             }
         }
+        if self.stopping {
+            self.stop_in_order();
+        } else {
+            self.release_waiting();
+        }
         self.settle_waits(now);
         self.settle_awaits(now);
         self.advance_changes(now);
+    }
+
+    /// Whether instances of `group` wait for the groups it starts after
+    /// (`after`): one of them is not ready, and it was never released.
+    /// Said once in the log.
+    fn must_wait(&mut self, group: &str) -> bool {
+        let table = &self.table;
+        let blockers = self
+            .order
+            .blockers(&self.config, group, |g| table.live_ids(g));
+        if blockers.is_empty() {
+            self.order.release(group);
+            return false;
+        }
+        if self.order.first_wait(group) {
+            self.log(
+                Level::Notice,
+                format!(
+                    "group {group} waits for {} to be ready (after = [{}])",
+                    blockers.join(", "),
+                    blockers
+                        .iter()
+                        .map(|b| format!("{b:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+        true
+    }
+
+    /// Says which waiting groups an instance not ready in time holds
+    /// back.
+    fn still_waiting(&mut self, id: u32, why: &str) {
+        let Some(label) = self.table.entry(id).map(|e| e.label.clone()) else {
+            return;
+        };
+        let held: BTreeSet<String> = self
+            .waiting
+            .values()
+            .map(|w| w.spec.label.group.clone())
+            .filter(|group| {
+                self.config
+                    .groups
+                    .iter()
+                    .any(|g| g.name == *group && g.after.contains(&label.group))
+            })
+            .collect();
+        for group in held {
+            self.log(
+                Level::Error,
+                format!(
+                    "group {group} still waits for {}: instance {} {why}",
+                    label.group, label.group_id
+                ),
+            );
+        }
+    }
+
+    /// Starts the instances waiting for groups that are now ready.
+    fn release_waiting(&mut self) {
+        let groups: BTreeSet<String> = self
+            .waiting
+            .values()
+            .map(|w| w.spec.label.group.clone())
+            .collect();
+        for group in groups {
+            let table = &self.table;
+            let blockers = self
+                .order
+                .blockers(&self.config, &group, |g| table.live_ids(g));
+            if !blockers.is_empty() {
+                continue;
+            }
+            self.order.release(&group);
+            let after = self
+                .config
+                .groups
+                .iter()
+                .find(|g| g.name == group)
+                .map(|g| g.after.join(", "))
+                .unwrap_or_default();
+            self.log(
+                Level::Notice,
+                format!("group {group} starts: {after} ready"),
+            );
+            let ids: Vec<u32> = self
+                .waiting
+                .values()
+                .filter(|w| w.spec.label.group == group)
+                .map(|w| w.spec.label.id)
+                .collect();
+            for id in ids {
+                let Some(waiting) = self.waiting.remove(&id) else {
+                    continue;
+                };
+                self.table.set_waiting(id, false);
+                self.start_on(waiting.place, vec![waiting.spec]);
+            }
+        }
+    }
+
+    /// On the herd's stop, tells the groups others start after to stop
+    /// once those have ended (they wait for this word, bounded by their
+    /// `stop_wait`); the others stopped with the herd at once.
+    fn stop_in_order(&mut self) {
+        let table = &self.table;
+        let held = &self.held;
+        let groups = self.order.may_stop(&self.config, |group| {
+            table.live_ids(group).is_empty() && !held.values().any(|h| h.spec.label.group == group)
+        });
+        for group in groups {
+            let ids = self.table.live_ids(&group);
+            if ids.is_empty() {
+                continue;
+            }
+            self.log(
+                Level::Notice,
+                format!("stopping group {group}: the groups after it have ended"),
+            );
+            for id in ids {
+                self.out.push(Effect::Command {
+                    id,
+                    command: InstanceCommand::Remove,
+                });
+            }
+        }
     }
 
     /// Says so of feeders that do not listen in time; a local feeder's

@@ -177,6 +177,12 @@ impl Core {
             rolling,
         } = draft;
         self.next_id = next_id;
+        // Groups are replaced in their order: a group after the groups it
+        // starts after (each waits until the previous one is ready).
+        let names = rolling.iter().map(|(group, _)| group.clone()).collect();
+        let mut rolling = rolling;
+        let order = super::order::Order::sorted(&new, names);
+        rolling.sort_by_key(|(group, _)| order.iter().position(|g| g == group));
         if new.master != self.config.master {
             let message = "reload: [master] settings take effect at the next start";
             self.log(Level::Warning, message.into());

@@ -134,6 +134,18 @@ impl Table {
         }
     }
 
+    /// Lists instance `id` waiting for the groups its group starts after
+    /// (`waiting`), or pending again once released.
+    pub(crate) fn set_waiting(&mut self, id: u32, waiting: bool) {
+        if let Some(entry) = self.instances.get_mut(&id) {
+            entry.state = if waiting {
+                InstanceState::Waiting
+            } else {
+                InstanceState::Pending
+            };
+        }
+    }
+
     /// Whether an instance is parked (see [`Entry::parked`]).
     pub(crate) fn any_parked(&self) -> bool {
         self.instances.values().any(|e| e.parked)
@@ -220,6 +232,25 @@ impl Table {
                     Some(why) => format!("unhealthy: {why}"),
                     None => "unhealthy".into(),
                 });
+            }
+            // Told in the status until a health verdict says more.
+            EventKind::NotReady { why } => {
+                if entry
+                    .health
+                    .as_ref()
+                    .is_none_or(|h| h.starts_with("not ready"))
+                {
+                    entry.health = Some(format!("not ready: {why}"));
+                }
+            }
+            EventKind::Ready => {
+                if entry
+                    .health
+                    .as_ref()
+                    .is_some_and(|h| h.starts_with("not ready"))
+                {
+                    entry.health = None;
+                }
             }
             EventKind::Seen => entry.seen = Some(at),
             EventKind::TimedOut | EventKind::Stopping => entry.state = InstanceState::Stopping,

@@ -1254,3 +1254,160 @@ fn events_call_their_group_s_hooks_with_the_event_as_json() {
     herd.runs(4);
     assert!(hooks(&fails(&mut herd, 4, "exited with code 1")).is_empty());
 }
+
+/// db (2, ready by a TCP check) <- web (1) <- edge (1), and a lone one.
+const ORDERED: &str = r#"
+[[group]]
+name = "db"
+command = "db"
+[group.ready]
+tcp = "127.0.0.1:5432"
+[group.local]
+instances = 2
+
+[[group]]
+name = "web"
+command = "web"
+after = ["db"]
+[group.local]
+instances = 1
+
+[[group]]
+name = "edge"
+command = "edge"
+after = ["web"]
+[group.local]
+instances = 1
+
+[[group]]
+name = "lone"
+command = "lone"
+[group.local]
+instances = 1
+"#;
+
+#[test]
+fn groups_start_once_the_groups_they_start_after_are_ready() {
+    let (mut herd, effects) = Herd::started(ORDERED);
+    // db 1 2, web 3, edge 4, lone 5: web and edge wait.
+    assert_eq!(starts(&effects), ["local: 1 2 5"]);
+    assert_eq!(
+        logs(&effects),
+        [
+            r#"group web waits for db to be ready (after = ["db"])"#,
+            r#"group edge waits for web to be ready (after = ["web"])"#
+        ]
+    );
+    assert_eq!(herd.state(3), Some(InstanceState::Waiting));
+    let status = herd.core.status(UNIX_EPOCH);
+    assert_eq!(status.groups[1].instances[0].state, InstanceState::Waiting);
+    // Started is not ready for db; one ready of two is not enough; a
+    // late one is said in the status.
+    assert!(starts(&herd.runs(1)).is_empty());
+    assert!(starts(&herd.runs(2)).is_empty());
+    assert!(starts(&herd.instance(1, EventKind::Ready)).is_empty());
+    let why = "not ready within 1m".to_string();
+    let effects = herd.instance(2, EventKind::NotReady { why });
+    assert!(starts(&effects).is_empty());
+    assert_eq!(
+        logs(&effects),
+        ["group web still waits for db: instance 2 not ready within 1m"]
+    );
+    let health = herd.core.status(UNIX_EPOCH).groups[0].instances[1]
+        .health
+        .clone();
+    assert_eq!(health.as_deref(), Some("not ready: not ready within 1m"));
+    // Ready after all: web starts; web has no check: once it runs,
+    // edge starts.
+    let effects = herd.instance(2, EventKind::Ready);
+    assert_eq!(starts(&effects), ["local: 3"]);
+    assert_eq!(logs(&effects), ["group web starts: db ready"]);
+    assert_eq!(herd.state(3), Some(InstanceState::Pending));
+    assert_eq!(starts(&herd.runs(3)), ["local: 4"]);
+    herd.runs(4);
+    herd.runs(5);
+    // db restarting does not stop web or hold it back again.
+    let how = "exited with code 1".to_string();
+    herd.instance(1, EventKind::Exited { how, failed: true });
+    assert!(starts(&herd.runs(1)).is_empty());
+
+    // The stop: edge and lone stop with the herd; web once edge has
+    // ended, db once web has.
+    let effects = herd.handle(Event::Stopping {
+        reason: "test".into(),
+        hint: None,
+    });
+    assert!(commands(&effects).is_empty());
+    assert!(commands(&herd.stopped(5)).is_empty());
+    let effects = herd.stopped(4);
+    assert_eq!(commands(&effects), [(3, InstanceCommand::Remove)]);
+    assert_eq!(
+        logs(&effects),
+        ["stopping group web: the groups after it have ended"]
+    );
+    let effects = herd.stopped(3);
+    assert_eq!(
+        commands(&effects),
+        [(1, InstanceCommand::Remove), (2, InstanceCommand::Remove)]
+    );
+    assert!(commands(&herd.stopped(1)).is_empty());
+}
+
+#[test]
+fn instances_waiting_for_their_dependencies_obey_and_never_run_at_the_stop() {
+    let (mut herd, _) = Herd::started(ORDERED);
+    // An operator stops edge while it waits: it never runs.
+    let effects = herd.ask(
+        Request::StopInstances {
+            target: Target {
+                group: "edge".into(),
+                id: None,
+            },
+        },
+        1,
+    );
+    assert_eq!(never_ran(&effects), [4]);
+    // The herd stops: web, waiting, never runs.
+    let effects = herd.handle(Event::Stopping {
+        reason: "test".into(),
+        hint: None,
+    });
+    assert!(never_ran(&effects).contains(&3), "{effects:?}");
+    assert!(starts(&effects).is_empty());
+    herd.runs(1);
+    herd.instance(1, EventKind::Ready);
+    herd.runs(2);
+    let effects = herd.instance(2, EventKind::Ready);
+    assert!(starts(&effects).is_empty(), "nothing starts once stopping");
+}
+
+#[test]
+fn a_rolling_restart_moves_on_once_the_restarted_instance_is_ready() {
+    let (mut herd, _) = Herd::started(ORDERED);
+    for id in [1, 2] {
+        herd.runs(id);
+        herd.instance(id, EventKind::Ready);
+    }
+    let effects = herd.ask(
+        Request::Restart {
+            target: Target {
+                group: "db".into(),
+                id: None,
+            },
+        },
+        1,
+    );
+    assert_eq!(commands(&effects), [(1, InstanceCommand::Restart)]);
+    let how = "stopped".to_string();
+    herd.instance(1, EventKind::Exited { how, failed: false });
+    // Running again is not enough: db has a ready check.
+    assert!(commands(&herd.runs(1)).is_empty());
+    let effects = herd.instance(1, EventKind::Ready);
+    assert_eq!(commands(&effects), [(2, InstanceCommand::Restart)]);
+    herd.runs(2);
+    let effects = herd.instance(2, EventKind::Ready);
+    assert_eq!(
+        answers(&effects),
+        [(1, Ok("group db restarted (2 instances)".into()))]
+    );
+}

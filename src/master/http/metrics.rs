@@ -183,8 +183,9 @@ impl EncodeMetric for JobHistogram {
 }
 
 /// Every state, so that a state with no instance shows as 0.
-const STATES: [InstanceState; 9] = [
+const STATES: [InstanceState; 10] = [
     InstanceState::Pending,
+    InstanceState::Waiting,
     InstanceState::Running,
     InstanceState::Stopping,
     InstanceState::Backoff,
