@@ -107,13 +107,13 @@ pub(crate) fn start(state_file: &Path) -> std::io::Result<bool> {
 }
 
 /// Starts this process's watchdog for the registry `state_file` by
-/// `fork` alone, without the exec of [`start`]: the child is a copy of
+/// `fork` alone, without the exec of `taskherd watchdog`: the child is a copy of
 /// this process that does what `taskherd watchdog` does. An agent calls it
 /// first thing, before its runtime starts threads: a host then pays no
 /// second exec (and dynamic load) of the executable per agent. Does
 /// nothing and returns `Ok(false)` unless the watchdog is [`enable`]d, if
 /// one runs already, or if this process has more than one thread (a fork
-/// is only sound while it has one); [`start`] then starts it as usual when
+/// is only sound while it has one); the watchdog is then started as a program when
 /// the registry opens.
 ///
 /// # Errors
