@@ -94,6 +94,8 @@
 #   BENCH_ONLY="logs local" scripts/bench.sh   # some of: logs fanout queue local durable exec http nats scale
 #   BENCH_NATS_JOBS=100000            # jobs of the JetStream rows (default 100 000)
 #   BENCH_ONLY=scale scripts/bench.sh # the scale rows (8. below; not in the default set)
+#   BENCH_ONLY=scale BENCH_SCALE_PARTS="fanout-rc start" scripts/bench.sh
+#                                     # only those parts of them (of: ssh fanout-sh fanout-rc start costs lines)
 #   BENCH_ONLY=http scripts/bench.sh  # the HTTP rows (9. below; not in the default set)
 #   BENCH_DURABLE_JOBS=200000         # jobs of the durable queue bench (default 200 000)
 #   BENCH_DURABLE_START_JOBS=1000000  # jobs of the queue list / start-time rows (default 1 000 000)

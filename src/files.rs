@@ -1,6 +1,6 @@
 //! The crate's file helpers: `flock` locks ([`lock`], [`try_lock`],
 //! [`lock_within`]), directory syncs, and atomic replacement of a file
-//! ([`Replacement`], [`write_atomic`]).
+//! ([`Replacement`], [`write_atomic_unsynced`]).
 //!
 //! Used by the queue journals (`queue::journal`, the local and durable
 //! queues and the durable queue's inbox), the pid killer's state file
@@ -182,31 +182,64 @@ impl Replacement {
     /// If the sync or the rename fails; the sibling is then removed and
     /// the old file stays.
     pub(crate) fn commit(self) -> io::Result<File> {
+        self.file.sync_all()?;
+        self.commit_unsynced()
+    }
+
+    /// Renames the new content over the path without syncing it: readers
+    /// find the old content or the new, but a crash of the machine may
+    /// leave the path empty or partly written. For files whose content
+    /// means nothing after a reboot.
+    ///
+    /// # Errors
+    /// If the rename fails; the sibling is then removed and the old file
+    /// stays.
+    pub(crate) fn commit_unsynced(self) -> io::Result<File> {
         let Replacement {
             path,
             file,
             mut tmp,
         } = self;
-        file.sync_all()?;
         std::fs::rename(&tmp.path, &path)?;
         tmp.remove = false;
         Ok(file)
     }
 }
 
-/// Replaces the file at `path` with `bytes` atomically: written to
-/// `<path>.tmp` (permissions `mode` less the umask), synced, renamed over
-/// `path`, and the directory synced.
+/// Replaces the file at `path` with `bytes` atomically for the readers
+/// of this boot, without a sync: written to `<path>.tmp` (permissions
+/// `mode` less the umask) and renamed over `path`. A crash of the machine
+/// may leave the file empty or partly written (see
+/// [`modified_before_boot`]): for files whose content means nothing after
+/// a reboot, where two syncs per write would only cost time.
 ///
 /// # Errors
-/// If any step fails; the old file then stays (unless only the directory
-/// sync failed: the new content is in place, maybe not yet durably).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+/// If any step fails; the old file then stays.
+pub(crate) fn write_atomic_unsynced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let replacement = Replacement::create(path, ".tmp", mode)?;
     let mut file = replacement.file();
     file.write_all(bytes)?;
-    replacement.commit()?;
-    sync_dir(path)
+    replacement.commit_unsynced()?;
+    Ok(())
+}
+
+/// Whether `path` was last modified before the machine booted (so a file
+/// written by [`write_atomic_unsynced`] may have been cut short by a
+/// crash). `false` when either time cannot be read.
+pub(crate) fn modified_before_boot(path: &Path) -> bool {
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
+        stat.lines()
+            .find_map(|line| line.strip_prefix("btime "))
+            .and_then(|secs| secs.trim().parse::<u64>().ok())
+    });
+    let modified = std::fs::metadata(path)
+        .and_then(|meta| meta.modified())
+        .ok()
+        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok());
+    match (boot, modified) {
+        (Some(boot), Some(modified)) => modified.as_secs() < boot,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -228,15 +261,17 @@ mod tests {
         assert_eq!(busy.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
         assert!(waited.elapsed() >= Duration::from_millis(30));
         drop((a, b));
-        lock_within(&open(), LockKind::Exclusive, Duration::ZERO).expect("free");
+        // Bounded wait, not none: a test running beside this one may have
+        // forked a child that holds copies of `a` and `b` until its exec.
+        lock_within(&open(), LockKind::Exclusive, Duration::from_secs(10)).expect("free");
     }
 
     #[test]
     fn replacements_are_all_or_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state");
-        write_atomic(&path, b"one", 0o600).expect("write");
-        write_atomic(&path, b"two", 0o600).expect("write again");
+        write_atomic_unsynced(&path, b"one", 0o600).expect("write");
+        write_atomic_unsynced(&path, b"two", 0o600).expect("write again");
         assert_eq!(std::fs::read(&path).expect("read"), b"two");
         assert!(!sibling(&path, ".tmp").exists());
         {

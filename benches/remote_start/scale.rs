@@ -1151,27 +1151,47 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize, costs_only: bool) {
     let mut results = Vec::new();
 
     let logins: Vec<Login> = std::iter::once(plain.clone()).chain(rc).collect();
-    // ssh true is short and noisy: at least 5 runs.
-    ssh_rows(&logins, &hosts[0], runs.max(5), &mut results);
-    for login in &logins {
-        fanout_rows(dir, taskherd, &hosts, login, runs, &mut results);
+    if part_wanted("ssh") {
+        // ssh true is short and noisy: at least 5 runs.
+        ssh_rows(&logins, &hosts[0], runs.max(5), &mut results);
     }
-    results.extend(start_rows(
-        dir,
-        taskherd,
-        &world,
-        &hosts[..SCALE_HOSTS],
-        &plain,
-        runs,
-    ));
-    cost_rows(dir, taskherd, &hosts, &plain, &counts, runs);
-    line_rows(dir, taskherd, &hosts, &plain, runs);
+    for login in &logins {
+        if part_wanted(&format!("fanout-{}", login.key)) {
+            fanout_rows(dir, taskherd, &hosts, login, runs, &mut results);
+        }
+    }
+    if part_wanted("start") {
+        results.extend(start_rows(
+            dir,
+            taskherd,
+            &world,
+            &hosts[..SCALE_HOSTS],
+            &plain,
+            runs,
+        ));
+    }
+    if part_wanted("costs") {
+        cost_rows(dir, taskherd, &hosts, &plain, &counts, runs);
+    }
+    if part_wanted("lines") {
+        line_rows(dir, taskherd, &hosts, &plain, runs);
+    }
 
     for (key, figures) in &results {
         result_line(key, figures);
     }
     drop(hosts);
     drop(world);
+}
+
+/// Whether the part `name` of the rows runs: all of them unless
+/// `BENCH_SCALE_PARTS` (some of `ssh fanout-sh fanout-rc start costs
+/// lines`) names the ones wanted, to measure one change in minutes.
+fn part_wanted(name: &str) -> bool {
+    match std::env::var("BENCH_SCALE_PARTS") {
+        Ok(parts) => parts.split_whitespace().any(|part| part == name),
+        Err(_) => true,
+    }
 }
 
 /// The soft limit of open files of this process (the master inherits it).

@@ -307,7 +307,16 @@ fn log_frame(record: LogRecord) -> FromAgent {
 /// # Errors
 /// If the runtime cannot start or the handshake fails.
 pub fn run_stdio() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The watchdog by fork, while this process has one thread: no second
+    // exec of the executable on the host (if it fails, the registry's
+    // opening below starts one the usual way).
+    let state_file = default_state_file();
+    if let Err(err) = crate::supervise::watchdog::fork_early(&state_file) {
+        tracing::warn!("cannot fork the watchdog ({err}): starting it as a program");
+    }
+    // One thread: the agent relays and supervises, the work is its
+    // instances' (no worker thread per core of the host to start).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("taskherd-agent")
         .build()?;
@@ -317,7 +326,7 @@ pub fn run_stdio() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         // The agent's own log lines reach the master only once serving;
         // reaped leftovers are reported on stderr, which the master relays.
         let (sink, mut records_rx) = LogSink::channel();
-        let pids = crate::supervise::open_pid_killer(default_state_file(), &sink).await;
+        let pids = crate::supervise::open_pid_killer(state_file, &sink).await;
         drop(sink);
         while let Some(record) = records_rx.recv().await {
             tracing::warn!("{}", record.message);

@@ -21,8 +21,11 @@
 //! # Persistence
 //!
 //! The registry lives in a JSON state file, rewritten atomically after
-//! every change (`<file>.tmp`, fsync, rename, fsync of the directory) while
-//! holding a `flock` on `<file>.lock`; the directory is created mode 0700
+//! every change (`<file>.tmp`, rename) while holding a `flock` on
+//! `<file>.lock`. It is not synced to disk: its entries are processes of
+//! this boot (older ones are dropped by boot id), which a crash of the
+//! machine ends too, and a file such a crash cut short (modified before
+//! the boot) is taken for empty; the directory is created mode 0700
 //! and refused if others can write to it. Several owners (masters, agents)
 //! may share one file: each keeps the entries of the others that are alive.
 //! Commands that arrive together are saved with one write, and a command

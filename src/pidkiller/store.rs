@@ -83,11 +83,24 @@ pub(crate) fn load(path: &Path) -> Result<Option<StateFile>, PidKillerError> {
             })
         }
     };
-    let mut state: StateFile =
-        serde_json::from_str(&text).map_err(|source| PidKillerError::Corrupt {
-            path: path.to_owned(),
-            source,
-        })?;
+    let mut state: StateFile = match serde_json::from_str(&text) {
+        Ok(state) => state,
+        // Written without a sync (see `write`): a crash of the machine may
+        // have cut it short, and what it held ran before the boot.
+        Err(_) if files::modified_before_boot(path) => {
+            tracing::info!(
+                path = %path.display(),
+                "ignoring an unreadable pid registry written before this boot"
+            );
+            return Ok(None);
+        }
+        Err(source) => {
+            return Err(PidKillerError::Corrupt {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
     if state.version > STATE_VERSION {
         return Err(PidKillerError::UnsupportedVersion {
             path: path.to_owned(),
@@ -164,8 +177,12 @@ pub(crate) fn lock(path: &Path) -> Result<Lock, PidKillerError> {
     Ok(Lock { _file: file })
 }
 
-/// Writes `state` atomically (tmp file, fsync, rename, fsync of the dir).
-/// The caller holds the [`Lock`].
+/// Writes `state` atomically (tmp file, rename): readers see the old
+/// document or the new one. Not synced: its entries are processes of this
+/// boot (see [`boot_id`]), which a crash of the machine ends anyway, and a
+/// file it cut short is ignored (see [`load`]); two syncs per write would
+/// cost each instance's start and exit milliseconds on a disk. The caller
+/// holds the [`Lock`].
 pub(crate) fn write(path: &Path, state: &StateFile) -> Result<(), PidKillerError> {
     ensure_dir(path)?;
     let write_err = |source| PidKillerError::Write {
@@ -175,7 +192,7 @@ pub(crate) fn write(path: &Path, state: &StateFile) -> Result<(), PidKillerError
     let mut bytes = serde_json::to_vec_pretty(state)
         .map_err(|err| write_err(io::Error::new(io::ErrorKind::InvalidData, err)))?;
     bytes.push(b'\n');
-    files::write_atomic(path, &bytes, 0o600).map_err(write_err)
+    files::write_atomic_unsynced(path, &bytes, 0o600).map_err(write_err)
 }
 
 /// The outcome of [`merge`].
@@ -306,6 +323,30 @@ mod tests {
             serde_json::from_str(&fs::read_to_string(&path).expect("text")).expect("json");
         assert_eq!(raw["entries"][0]["grace"], 1500);
         assert_eq!(raw["entries"][0]["deadline"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_file_cut_short_before_this_boot_is_empty() {
+        // Unsynced writes: a crash of the machine may leave half a file,
+        // which can only list processes of an earlier boot.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pids.json");
+        fs::write(&path, "{\"version\": 1, \"entries\": [{\"pid\"").expect("write");
+        let long_ago = std::time::UNIX_EPOCH + std::time::Duration::from_secs(86_400);
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|file| file.set_modified(long_ago))
+            .expect("set mtime");
+        assert!(load(&path).expect("taken for empty").is_none());
+        // The same file written in this boot is a corrupt registry.
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|file| file.set_modified(std::time::SystemTime::now()))
+            .expect("set mtime");
+        let err = load(&path).expect_err("corrupt");
+        assert!(matches!(err, PidKillerError::Corrupt { .. }), "{err:?}");
     }
 
     #[test]

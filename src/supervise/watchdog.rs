@@ -21,9 +21,10 @@
 //! the master and wants it too calls [`enable`] with a program that runs
 //! [`run`] when given the arguments `watchdog --state-file FILE`.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -48,10 +49,12 @@ static RUNNING: Mutex<Option<Running>> = Mutex::new(None);
 
 /// A started watchdog: its process and our end of its pipe.
 struct Running {
-    /// The watchdog process (reaped when it ends with us, by init).
-    _child: Child,
-    /// The write end: closed by the kernel when we end.
-    _pipe: ChildStdin,
+    /// The watchdog process (reaped when it ends with us, by init); `None`
+    /// for a [`fork_early`] one.
+    _child: Option<Child>,
+    /// The write end: closed by the kernel when we end (close-on-exec:
+    /// no instance holds it).
+    _pipe: OwnedFd,
     /// The registry it watches.
     state_file: PathBuf,
 }
@@ -96,11 +99,78 @@ pub(crate) fn start(state_file: &Path) -> std::io::Result<bool> {
         ));
     };
     *running = Some(Running {
-        _child: child,
-        _pipe: pipe,
+        _child: Some(child),
+        _pipe: OwnedFd::from(pipe),
         state_file: state_file.to_path_buf(),
     });
     Ok(true)
+}
+
+/// Starts this process's watchdog for the registry `state_file` by
+/// `fork` alone, without the exec of `taskherd watchdog`: the child is a copy of
+/// this process that does what `taskherd watchdog` does. An agent calls it
+/// first thing, before its runtime starts threads: a host then pays no
+/// second exec (and dynamic load) of the executable per agent. Does
+/// nothing and returns `Ok(false)` unless the watchdog is [`enable`]d, if
+/// one runs already, or if this process has more than one thread (a fork
+/// is only sound while it has one); the watchdog is then started as a program when
+/// the registry opens.
+///
+/// # Errors
+/// The pipe or the fork failed.
+pub fn fork_early(state_file: &Path) -> std::io::Result<bool> {
+    if PROGRAM.get().is_none() || !single_threaded() {
+        return Ok(false);
+    }
+    let mut running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+    if running.is_some() {
+        return Ok(false);
+    }
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    let owner = std::process::id();
+    // SAFETY: this process has one thread (checked just above, and nothing
+    // starts one in between), so the child is a complete copy in which any
+    // code may run; it never returns from this function.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => {
+            drop(write);
+            // As `start` does: a process group of its own, stdin and
+            // stdout away from the owner's (an agent's link to its
+            // master), stderr kept for its messages.
+            let _ = rustix::process::setpgid(None, None);
+            let _ = rustix::stdio::dup2_stdin(&null);
+            let _ = rustix::stdio::dup2_stdout(&null);
+            drop(null);
+            let code = guard(owner, std::fs::File::from(read), state_file);
+            std::process::exit(code);
+        }
+        _child => {
+            *running = Some(Running {
+                _child: None,
+                _pipe: write,
+                state_file: state_file.to_path_buf(),
+            });
+            Ok(true)
+        }
+    }
+}
+
+/// Whether this process has a single thread (from /proc; `false` when it
+/// cannot tell).
+fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // After the command name: state is field 3, num_threads 20.
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(17)?.parse::<u32>().ok()
+        })
+        == Some(1)
 }
 
 /// The watchdog process: waits for the end of its stdin (its owner has
@@ -108,12 +178,21 @@ pub(crate) fn start(state_file: &Path) -> std::io::Result<bool> {
 /// and waits (bounded) until it is gone. Call it from `main`.
 pub fn run(state_file: &Path) -> ExitCode {
     let owner = std::os::unix::process::parent_id();
+    match guard(owner, std::io::stdin().lock(), state_file) {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// What a watchdog does, exec'd or forked: waits for the end of `pipe`
+/// (its `owner` has ended), stops what the owner left in the registry
+/// `state_file`, waits (bounded) until it is gone. Returns the exit code.
+fn guard(owner: u32, mut pipe: impl std::io::Read, state_file: &Path) -> i32 {
     // Nothing comes on the pipe: a read returns 0 (or fails) once the
     // owner has ended.
-    let mut stdin = std::io::stdin().lock();
     let mut buf = [0u8; 64];
     loop {
-        match std::io::Read::read(&mut stdin, &mut buf) {
+        match std::io::Read::read(&mut pipe, &mut buf) {
             Ok(0) => break,
             Ok(_) => {}
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
@@ -134,7 +213,7 @@ pub fn run(state_file: &Path) -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("taskherd watchdog: cannot start a runtime: {err}");
-            return ExitCode::FAILURE;
+            return 1;
         }
     };
     runtime.block_on(async {
@@ -146,7 +225,7 @@ pub fn run(state_file: &Path) -> ExitCode {
                     "taskherd watchdog: cannot open the pid registry {}: {err}",
                     state_file.display()
                 );
-                return ExitCode::FAILURE;
+                return 1;
             }
         };
         let leftovers = killer.leftovers().to_vec();
@@ -166,6 +245,6 @@ pub fn run(state_file: &Path) -> ExitCode {
             tokio::time::sleep(POLL).await;
         }
         drop(killer);
-        ExitCode::SUCCESS
+        0
     })
 }

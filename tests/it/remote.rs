@@ -939,6 +939,33 @@ instances = 2
         std::thread::sleep(Duration::from_millis(20));
     }
     let old = sleeps();
+    // The agent's watchdog is a fork of it (no `taskherd watchdog` exec
+    // on the host): a child of the agent with its command line, in a
+    // process group of its own.
+    let agent: i32 = connected
+        .split("agent pid ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("agent pid in the log");
+    let cmdline = |pid: i32| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let on_host = host.processes();
+    assert!(
+        !on_host
+            .iter()
+            .any(|pid| cmdline(*pid).windows(9).any(|w| w == b"watchdog\0")),
+        "a `taskherd watchdog` was exec'd on the host"
+    );
+    let watchdog = on_host
+        .iter()
+        .copied()
+        .find(|pid| {
+            stat_of(*pid).is_some_and(|(ppid, _, _)| ppid == agent)
+                && cmdline(*pid) == cmdline(agent)
+        })
+        .expect("the agent's forked watchdog runs");
+    // SAFETY: getpgid(2) on a pid only reads.
+    assert_eq!(unsafe { libc::getpgid(watchdog) }, watchdog);
     kill_agent(&connected);
     gone_within_5s("of the killed agent's instances", || {
         old.iter()
