@@ -1,6 +1,6 @@
 //! The crate's file helpers: `flock` locks ([`lock`], [`try_lock`],
 //! [`lock_within`]), directory syncs, and atomic replacement of a file
-//! ([`Replacement`], [`write_atomic_unsynced`]).
+//! ([`Replacement`], [`write_atomic`], [`write_atomic_unsynced`]).
 //!
 //! Used by the queue journals (`queue::journal`, the local and durable
 //! queues and the durable queue's inbox), the pid killer's state file
@@ -217,10 +217,23 @@ impl Replacement {
 /// If any step fails; the old file then stays.
 pub(crate) fn write_atomic_unsynced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let replacement = Replacement::create(path, ".tmp", mode)?;
-    let mut file = replacement.file();
-    file.write_all(bytes)?;
+    replacement.file().write_all(bytes)?;
     replacement.commit_unsynced()?;
     Ok(())
+}
+
+/// Replaces the file at `path` with `bytes` atomically and durably:
+/// written to `<path>.tmp` (permissions `mode` less the umask), synced,
+/// renamed over `path`, and the directory synced.
+///
+/// # Errors
+/// If any step fails; the old file then stays (unless only the directory
+/// sync failed: the new content is in place, maybe not yet durably).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let replacement = Replacement::create(path, ".tmp", mode)?;
+    replacement.file().write_all(bytes)?;
+    replacement.commit()?;
+    sync_dir(path)
 }
 
 /// Whether `path` was last modified before the machine booted (so a file
