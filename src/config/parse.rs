@@ -2365,21 +2365,9 @@ impl<'t> Walker<'t> {
         let table = self.table(path, value)?;
         let errors_before = self.errors.len();
         self.check_unknown(table, path, HEALTH_KEYS, &[]);
-        let mut probes = self.probes(path, table);
-        let mut interval = DEFAULT_HEALTH_INTERVAL;
-        let mut timeout = DEFAULT_HEALTH_TIMEOUT;
-        for (name, slot) in [("interval", &mut interval), ("timeout", &mut timeout)] {
-            if let Some(value) = table.get(name) {
-                let key = child(path, name);
-                match self.duration(&key, value) {
-                    Some(duration) if duration.is_zero() => {
-                        self.error(value.span(), &key, "must be greater than 0")
-                    }
-                    Some(duration) => *slot = duration,
-                    None => {}
-                }
-            }
-        }
+        let probes = self.probes(path, table);
+        let interval = self.positive_duration_or(path, table, "interval", DEFAULT_HEALTH_INTERVAL);
+        let timeout = self.positive_duration_or(path, table, "timeout", DEFAULT_HEALTH_TIMEOUT);
         let mut failures = DEFAULT_HEALTH_FAILURES;
         if let Some(value) = table.get("failures") {
             let key = child(path, "failures");
@@ -2394,30 +2382,59 @@ impl<'t> Walker<'t> {
                 }
             }
         }
-        if probes.len() > 1 {
-            self.error(
-                value.span(),
-                path,
-                "one probe per health check: tcp, http or command, not several",
-            );
-            return None;
-        }
-        let Some(probe) = probes.pop() else {
-            if self.errors.len() == errors_before {
-                self.error(
-                    value.span(),
-                    path,
-                    "a health check needs a probe: tcp = \"host:port\", http = \"http://...\" or command = \"...\"",
-                );
-            }
-            return None;
-        };
+        let probe = self.exactly_one(
+            path,
+            value,
+            probes,
+            errors_before,
+            "one probe per health check: tcp, http or command, not several",
+            "a health check needs a probe: tcp = \"host:port\", http = \"http://...\" or command = \"...\"",
+        )?;
         Some(HealthSpec {
             probe,
             interval,
             timeout,
             failures,
         })
+    }
+
+    /// [`Walker::positive_duration`] at `path.name` in `table`; `default`
+    /// when the key is not there or is wrong (then an error is recorded).
+    fn positive_duration_or(
+        &mut self,
+        path: &str,
+        table: &DeTable<'_>,
+        name: &str,
+        default: Duration,
+    ) -> Duration {
+        table
+            .get(name)
+            .and_then(|value| self.positive_duration(&child(path, name), value))
+            .unwrap_or(default)
+    }
+
+    /// The one way of a table that needs exactly one (a health check's
+    /// probe, a readiness check): an error saying `several` when there
+    /// are more, `none` when there is none and nothing else was wrong in
+    /// the table since `errors_before`.
+    fn exactly_one<T>(
+        &mut self,
+        path: &str,
+        value: &Value<'_>,
+        mut ways: Vec<T>,
+        errors_before: usize,
+        several: &str,
+        none: &str,
+    ) -> Option<T> {
+        if ways.len() > 1 {
+            self.error(value.span(), path, several);
+            return None;
+        }
+        let way = ways.pop();
+        if way.is_none() && self.errors.len() == errors_before {
+            self.error(value.span(), path, none);
+        }
+        way
     }
 
     /// The probes of `[group.health]` or `[group.ready]` written in
@@ -3300,39 +3317,17 @@ impl Walker<'_> {
                 }
             }
         }
-        let mut timeout = DEFAULT_READY_TIMEOUT;
-        let mut interval = DEFAULT_READY_INTERVAL;
-        for (name, slot) in [("timeout", &mut timeout), ("interval", &mut interval)] {
-            if let Some(value) = table.get(name) {
-                let key = child(path, name);
-                match self.duration(&key, value) {
-                    Some(duration) if duration.is_zero() => {
-                        self.error(value.span(), &key, "must be greater than 0")
-                    }
-                    Some(duration) => *slot = duration,
-                    None => {}
-                }
-            }
-        }
-        if ways.len() > 1 {
-            self.error(
-                value.span(),
-                path,
-                "one way to be ready: notify, tcp, http, command or log, not several",
-            );
-            return None;
-        }
-        let Some(probe) = ways.pop() else {
-            if self.errors.len() == errors_before {
-                self.error(
-                    value.span(),
-                    path,
-                    "[group.ready] needs one way to be ready: notify = true, tcp = \"host:port\", \
-                     http = \"http://...\", command = \"...\" or log = \"PATTERN\"",
-                );
-            }
-            return None;
-        };
+        let timeout = self.positive_duration_or(path, table, "timeout", DEFAULT_READY_TIMEOUT);
+        let interval = self.positive_duration_or(path, table, "interval", DEFAULT_READY_INTERVAL);
+        let probe = self.exactly_one(
+            path,
+            value,
+            ways,
+            errors_before,
+            "one way to be ready: notify, tcp, http, command or log, not several",
+            "[group.ready] needs one way to be ready: notify = true, tcp = \"host:port\", \
+             http = \"http://...\", command = \"...\" or log = \"PATTERN\"",
+        )?;
         Some(ReadySpec {
             probe,
             timeout,
