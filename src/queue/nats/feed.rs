@@ -295,21 +295,28 @@ struct Publisher<'a> {
 
 impl Publisher<'_> {
     /// Publishes `batch` until the stream took all of it (`false`: stopped
-    /// first). Returns `(added, duplicates, dead)`.
+    /// first). Returns `(added, dead)`; logs the lines the stream dropped as
+    /// duplicates (published before a restart).
     async fn publish_all(
         &mut self,
         batch: &[Publication],
         stop: &CancellationToken,
-    ) -> Option<(u64, u64, u64)> {
+    ) -> Option<(u64, u64)> {
         loop {
             match self.publish(batch).await {
-                Ok(counts) => {
+                Ok((added, duplicates, dead)) => {
+                    if duplicates > 0 {
+                        info!(
+                            duplicates,
+                            "lines published before a restart were dropped as duplicates"
+                        );
+                    }
                     if self.outage {
                         info!(stream = %self.queue.stream, "publishing jobs again");
                     }
                     self.outage = false;
                     self.failures = 0;
-                    return Some(counts);
+                    return Some((added, dead));
                 }
                 Err(err) => {
                     if !self.outage {
@@ -485,15 +492,9 @@ async fn feed_file(
                 )
             })
             .collect();
-        let Some((added, duplicates, dead)) = publisher.publish_all(&batch, stop).await else {
+        let Some((added, dead)) = publisher.publish_all(&batch, stop).await else {
             return Ok(());
         };
-        if duplicates > 0 {
-            info!(
-                duplicates,
-                "lines published before a restart were dropped as duplicates"
-            );
-        }
         debug!(added, dead, offset = end, "lines published");
         state = State {
             offset: end,
@@ -659,15 +660,9 @@ async fn feed_command(
                 )
             })
             .collect();
-        let Some((added, duplicates, dead)) = publisher.publish_all(&batch, stop).await else {
+        let Some((added, dead)) = publisher.publish_all(&batch, stop).await else {
             return Ok(());
         };
-        if duplicates > 0 {
-            info!(
-                duplicates,
-                "lines published before a restart were dropped as duplicates"
-            );
-        }
         debug!(added, dead, lines = read, "lines published");
         state.lines = read;
         save(state_path, &state)?;
