@@ -807,8 +807,11 @@ fn jetstream_command_feeder_publishes_its_lines_once_and_bad_ones_dead() {
     let dir = tempfile::tempdir().expect("temp dir");
     let done_file = dir.path().join("done.log");
     let params = format!("done_file = {:?}", done_file.display().to_string());
+    // Line 500 comes in two writes half a second apart (a program whose
+    // output is flushed by blocks, mid-line): the feeder's flush of the
+    // lines before it must not cut it in two.
     let feeder = "\n[group.feeder]\ncommand = \"sh\"\n\
-                  args = [\"-c\", \"seq 1 500; echo oops; echo '{\\\"job\\\": 501, \\\"options\\\": {\\\"delay\\\": \\\"1s\\\"}}'\"]";
+                  args = [\"-c\", \"seq 1 499; printf 5; sleep 0.5; echo 00; echo oops; echo '{\\\"job\\\": 501, \\\"options\\\": {\\\"delay\\\": \\\"1s\\\"}}'\"]";
     let mut herd = herd(&[server.url()], &params, 2, 4, feeder, "");
     start(&mut herd);
     herd.wait_for("all its lines are published");

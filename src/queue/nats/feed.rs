@@ -574,12 +574,14 @@ struct Group(Option<u32>);
 
 impl Drop for Group {
     fn drop(&mut self) {
-        if let Some(pid) = self.0.and_then(|pid| i32::try_from(pid).ok()) {
-            // SAFETY: kill(2) on the process group this feeder started
-            // (the command is its leader).
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
+        // The process group this feeder started (the command is its
+        // leader); gone already is fine.
+        let group = self
+            .0
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(group) = group {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
         }
     }
 }
@@ -617,29 +619,39 @@ async fn feed_command(
     }
     let mut read: u64 = 0;
     let mut ended = false;
+    // The line being read: it lives across batches, because a read cut by
+    // the flush timer has already taken the line's first bytes from the
+    // pipe (`read_until` appends to it and goes on where it stopped).
+    let mut line = Vec::new();
     while !ended {
         // Up to BATCH lines, or what came within COMMAND_FLUSH.
         let mut lines: Vec<Line> = Vec::new();
         let flush_at = tokio::time::Instant::now() + COMMAND_FLUSH;
         while lines.len() < BATCH {
-            let mut line = Vec::new();
             let got = tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 () = tokio::time::sleep_until(flush_at), if !lines.is_empty() => break,
                 got = stdout.read_until(b'\n', &mut line) => got,
             };
             match got {
-                Ok(0) => {
+                Ok(0) if line.is_empty() => {
                     ended = true;
                     break;
                 }
-                Ok(_) => {
+                Ok(count) => {
+                    // Ok(0) with bytes kept from a cut read: the last line,
+                    // without its newline.
+                    ended = count == 0;
                     if line.last() == Some(&b'\n') {
                         line.pop();
                     }
                     read += 1;
+                    let whole = std::mem::take(&mut line);
                     if read > skip {
-                        lines.push((read, line));
+                        lines.push((read, whole));
+                    }
+                    if ended {
+                        break;
                     }
                 }
                 Err(err) => return Err(format!("cannot read the output of {shown}: {err}")),
