@@ -118,7 +118,7 @@ pub fn plan(config: &Config) -> Plan {
                     let mut feeder = placed.instance(&mut next_id, LOCAL_HOST, &process);
                     let joblog = queue.joblog.as_ref().map(|joblog| base_dir.join(joblog));
                     feeder.identity.queue = Some(super::queue::feeder_role(queue, joblog));
-                    label_builtin_feeder(&mut feeder, queue);
+                    as_feeder(&mut feeder, queue);
                     plan.feeders.push(feeder);
                 }
                 Some(host) => {
@@ -140,7 +140,7 @@ pub fn plan(config: &Config) -> Plan {
                     // So is its joblog.
                     let joblog = queue.joblog.clone();
                     feeder.identity.queue = Some(super::queue::feeder_role(queue, joblog));
-                    label_builtin_feeder(&mut feeder, queue);
+                    as_feeder(&mut feeder, queue);
                     let index = host_index(&mut plan.hosts, host, || {
                         resolve_ssh(&queue.feeder_ssh, &base_dir)
                     });
@@ -160,7 +160,7 @@ pub fn plan(config: &Config) -> Plan {
                 &group.name,
             );
             let mut feeder = placed.instance(&mut next_id, LOCAL_HOST, &process);
-            label_builtin_feeder(&mut feeder, queue);
+            as_feeder(&mut feeder, queue);
             plan.local.push(feeder);
         }
         if let Some(local) = &group.local {
@@ -386,6 +386,17 @@ fn jetstream_feeder_process(
         json,
     ));
     process
+}
+
+/// Makes `feeder`, placed like an instance of its queue group, the
+/// group's feeder: the group's `[group.ready]` and `[group.health]` are
+/// its consumers' (a feeder never answers them: it would hold the groups
+/// after it, or be restarted as unhealthy), and a built-in feeder gets
+/// its label.
+fn as_feeder(feeder: &mut InstanceSpec, queue: &QueueSpec) {
+    feeder.ready = None;
+    feeder.health = None;
+    label_builtin_feeder(feeder, queue);
 }
 
 /// A built-in feeder is named for what it is in the log, not for the

@@ -558,6 +558,7 @@ impl Core {
                 place: place.clone(),
             };
             self.kept.insert(spec.label.id, kept);
+            self.order.note(spec.label.id, spec.ready.is_some());
             let group_suspended = self.table.is_suspended(&spec.label.group);
             if self.must_wait(&spec.label.group) {
                 self.table.set_waiting(spec.label.id, true);

@@ -10,7 +10,7 @@
 
 use crate::config::Config;
 use crate::supervise::instance::{EventKind, InstanceEvent};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What the order between groups knows.
 #[derive(Debug, Default)]
@@ -24,6 +24,10 @@ pub(crate) struct Order {
     told_waiting: BTreeSet<String>,
     /// Groups told to stop in the herd's ordered stop.
     told_to_stop: BTreeSet<String>,
+    /// Whether an instance has a readiness check of its own, by id, as
+    /// its spec says ([`Order::note`]); the config's group otherwise. A
+    /// queue group's feeder has none: started is ready.
+    checked: BTreeMap<u32, bool>,
 }
 
 impl Order {
@@ -32,12 +36,14 @@ impl Order {
         let id = event.id;
         match &event.kind {
             EventKind::Started { .. } => {
-                // Without `[group.ready]`, started is ready.
-                let checked = config
-                    .groups
-                    .iter()
-                    .find(|g| g.name == group)
-                    .is_some_and(|g| g.ready.is_some());
+                // Without a readiness check, started is ready.
+                let checked = self.checked.get(&id).copied().unwrap_or_else(|| {
+                    config
+                        .groups
+                        .iter()
+                        .find(|g| g.name == group)
+                        .is_some_and(|g| g.ready.is_some())
+                });
                 if checked {
                     self.ready.remove(&id);
                 } else {
@@ -52,6 +58,12 @@ impl Order {
             }
             _ => {}
         }
+    }
+
+    /// Notes whether instance `id` has a readiness check (its spec's
+    /// `ready`).
+    pub(crate) fn note(&mut self, id: u32, checked: bool) {
+        self.checked.insert(id, checked);
     }
 
     /// Whether instance `id`'s process is ready.

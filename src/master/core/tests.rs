@@ -1411,3 +1411,52 @@ fn a_rolling_restart_moves_on_once_the_restarted_instance_is_ready() {
         [(1, Ok("group db restarted (2 instances)".into()))]
     );
 }
+
+/// A queue group ready when its consumers say so, and a group after it.
+const QUEUE_READY: &str = r#"
+[[group]]
+name = "jobs"
+command = "q"
+[group.feeder]
+bind = "127.0.0.1:4700"
+[group.ready]
+notify = true
+[group.health]
+tcp = "127.0.0.1:4800"
+[group.local]
+instances = 1
+
+[[group]]
+name = "web"
+command = "web"
+after = ["jobs"]
+[group.local]
+instances = 1
+"#;
+
+#[test]
+fn a_queue_groups_readiness_and_health_are_its_consumers_not_its_feeders() {
+    let (mut herd, effects) = Herd::started(QUEUE_READY);
+    // jobs: feeder 1, consumer 2 (held for the feeder); web 3 waits.
+    assert_eq!(starts(&effects), ["local: 1"]);
+    let Some(Effect::Start { instances, .. }) = effects.first() else {
+        panic!("{effects:?}");
+    };
+    assert!(
+        instances[0].ready.is_none(),
+        "the feeder has no ready check"
+    );
+    assert!(instances[0].health.is_none(), "nor a health check");
+    herd.runs(1);
+    let address = FeederAddress::local("127.0.0.1:4700".parse().unwrap());
+    let effects = herd.handle(Event::Listening { id: 1, address });
+    assert_eq!(starts(&effects), ["local: 2"]);
+    let Some(Effect::Start { instances, .. }) = effects.first() else {
+        panic!("{effects:?}");
+    };
+    assert!(instances[0].ready.is_some(), "the consumer has the check");
+    assert!(starts(&herd.runs(2)).is_empty(), "started is not ready");
+    // The consumer ready is the group ready: its feeder, started, never
+    // says it is, and must not hold web back.
+    assert_eq!(starts(&herd.instance(2, EventKind::Ready)), ["local: 3"]);
+}
