@@ -550,16 +550,23 @@ impl Core {
     /// Starts `specs` at `place`, holding consumers whose feeder does not
     /// listen yet.
     fn start_on(&mut self, place: Place, specs: Vec<InstanceSpec>) {
+        let specs = specs.into_iter().map(|spec| (spec, false)).collect();
+        self.start_marked(place, specs);
+    }
+
+    /// [`Core::start_on`], each spec with whether it starts suspended
+    /// even if its group is not (suspended alone while it waited).
+    fn start_marked(&mut self, place: Place, specs: Vec<(InstanceSpec, bool)>) {
         let mut instances = Vec::new();
         let mut suspended = Vec::new();
-        for mut spec in specs {
+        for (mut spec, suspended_alone) in specs {
             let kept = Kept {
                 spec: spec.clone(),
                 place: place.clone(),
             };
             self.kept.insert(spec.label.id, kept);
             self.order.note(spec.label.id, spec.ready.is_some());
-            let group_suspended = self.table.is_suspended(&spec.label.group);
+            let group_suspended = suspended_alone || self.table.is_suspended(&spec.label.group);
             if self.must_wait(&spec.label.group) {
                 self.table.set_waiting(spec.label.id, true);
                 let waiting = Held {
@@ -963,7 +970,7 @@ impl Core {
                     continue;
                 };
                 self.table.set_waiting(id, false);
-                self.start_on(waiting.place, vec![waiting.spec]);
+                self.start_marked(waiting.place, vec![(waiting.spec, waiting.suspended)]);
             }
         }
     }

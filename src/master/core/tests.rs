@@ -1460,3 +1460,15 @@ fn a_queue_groups_readiness_and_health_are_its_consumers_not_its_feeders() {
     // says it is, and must not hold web back.
     assert_eq!(starts(&herd.instance(2, EventKind::Ready)), ["local: 3"]);
 }
+
+#[test]
+fn an_instance_suspended_while_it_waits_starts_suspended() {
+    let (mut herd, _) = Herd::started(ORDERED);
+    // web 3 waits for db; suspended alone meanwhile (its group is not).
+    herd.core.command(3, InstanceCommand::Suspend);
+    herd.runs(1);
+    herd.runs(2);
+    herd.instance(1, EventKind::Ready);
+    let effects = herd.instance(2, EventKind::Ready);
+    assert_eq!(starts(&effects), ["local: 3 (suspended [3])"]);
+}
