@@ -932,8 +932,70 @@ impl Core {
         }
     }
 
+    /// The groups waited for that ended before they were ready: one
+    /// whose every instance completed (a one-shot job) is ready for good;
+    /// one that ended otherwise (failed, stopped, lost) never will be, so
+    /// the groups waiting for it are given up, said in the log, and the
+    /// run can end.
+    fn ended_dependencies(&mut self) {
+        let groups: BTreeSet<String> = self
+            .waiting
+            .values()
+            .map(|w| w.spec.label.group.clone())
+            .collect();
+        for group in groups {
+            let after = self
+                .config
+                .groups
+                .iter()
+                .find(|g| g.name == group)
+                .map(|g| g.after.clone())
+                .unwrap_or_default();
+            for dependency in after {
+                let pending = |held: &BTreeMap<u32, Held>| {
+                    held.values().any(|h| h.spec.label.group == dependency)
+                };
+                let ids = self.table.all_ids(&dependency);
+                let entries: Vec<&table::Entry> =
+                    ids.iter().filter_map(|id| self.table.entry(*id)).collect();
+                if entries.is_empty()
+                    || pending(&self.held)
+                    || pending(&self.waiting)
+                    || entries.iter().any(|e| e.parked || !is_final(e.state))
+                {
+                    continue;
+                }
+                if entries.iter().all(|e| e.state == InstanceState::Completed) {
+                    self.order.completed(&dependency);
+                    continue;
+                }
+                let given_up: Vec<u32> = self
+                    .waiting
+                    .values()
+                    .filter(|w| w.spec.label.group == group)
+                    .map(|w| w.spec.label.id)
+                    .collect();
+                self.log(
+                    Level::Error,
+                    format!(
+                        "group {group} will not start: {dependency}, which it starts after, \
+                         ended without being ready"
+                    ),
+                );
+                for id in given_up {
+                    if let Some(waiting) = self.waiting.remove(&id) {
+                        self.table.set_waiting(id, false);
+                        self.out.push(Effect::NeverRan(waiting.spec.label));
+                    }
+                }
+                break;
+            }
+        }
+    }
+
     /// Starts the instances waiting for groups that are now ready.
     fn release_waiting(&mut self) {
+        self.ended_dependencies();
         let groups: BTreeSet<String> = self
             .waiting
             .values()

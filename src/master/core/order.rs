@@ -24,6 +24,9 @@ pub(crate) struct Order {
     told_waiting: BTreeSet<String>,
     /// Groups told to stop in the herd's ordered stop.
     told_to_stop: BTreeSet<String>,
+    /// Groups whose every instance completed (a one-shot job such as a
+    /// migration): ready for good, for the groups after them.
+    done: BTreeSet<String>,
     /// Whether an instance has a readiness check of its own, by id, as
     /// its spec says ([`Order::note`]); the config's group otherwise. A
     /// queue group's feeder has none: started is ready.
@@ -94,9 +97,15 @@ impl Order {
         };
         spec.after
             .iter()
-            .filter(|after| !self.group_ready(&live(after)))
+            .filter(|after| !self.done.contains(*after) && !self.group_ready(&live(after)))
             .cloned()
             .collect()
+    }
+
+    /// Notes that every instance of `group` completed: the groups after
+    /// it no longer wait for it.
+    pub(crate) fn completed(&mut self, group: &str) {
+        self.done.insert(group.to_string());
     }
 
     /// Notes that `group` starts now: it never waits again.

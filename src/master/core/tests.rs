@@ -1472,3 +1472,55 @@ fn an_instance_suspended_while_it_waits_starts_suspended() {
     let effects = herd.instance(2, EventKind::Ready);
     assert_eq!(starts(&effects), ["local: 3 (suspended [3])"]);
 }
+
+/// A one-shot job (2 instances) and a group after it.
+const AFTER_ONE_SHOT: &str = r#"
+[[group]]
+name = "migrate"
+command = "migrate"
+[group.local]
+instances = 2
+
+[[group]]
+name = "web"
+command = "web"
+after = ["migrate"]
+[group.local]
+instances = 1
+"#;
+
+#[test]
+fn a_group_after_a_one_shot_starts_once_it_completed_and_is_given_up_if_it_failed() {
+    // migrate has a check and fails before it was ready: web is given
+    // up, said in the log, and the run can end.
+    let failing = AFTER_ONE_SHOT.replace(
+        "instances = 2\n",
+        "instances = 2\n[group.ready]\nnotify = true\n",
+    );
+    let (mut herd, _) = Herd::started(&failing);
+    herd.runs(1);
+    herd.runs(2);
+    let end = InstanceEnd::Completed;
+    assert!(never_ran(&herd.instance(1, EventKind::Ended { end })).is_empty());
+    let end = InstanceEnd::Failed {
+        reason: "exited with code 1".into(),
+    };
+    let effects = herd.instance(2, EventKind::Ended { end });
+    assert_eq!(never_ran(&effects), [3]);
+    assert_eq!(
+        logs(&effects),
+        ["group web will not start: migrate, which it starts after, ended without being ready"]
+    );
+
+    // Every instance completed, none ready by its check: web starts.
+    let (mut herd, _) = Herd::started(&failing);
+    herd.runs(1);
+    herd.runs(2);
+    let end = InstanceEnd::Completed;
+    herd.instance(1, EventKind::Ended { end });
+    let end = InstanceEnd::Completed;
+    assert_eq!(
+        starts(&herd.instance(2, EventKind::Ended { end })),
+        ["local: 3"]
+    );
+}
