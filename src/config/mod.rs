@@ -34,6 +34,7 @@ pub mod probe;
 pub use log_filter::{FilterError, LogFilter};
 pub use model::*;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -201,24 +202,37 @@ impl Config {
     /// of their stop graces, each with [`STOP_ORDER_MARGIN`]. `None` when
     /// no group starts after it (it stops at once).
     pub fn stop_wait(&self, group: &str) -> Option<Duration> {
-        self.stop_wait_within(group, self.groups.len())
+        self.stop_wait_within(group, self.groups.len(), &mut BTreeMap::new())
     }
 
     /// [`Config::stop_wait`], at most `depth` groups deep (a validated
-    /// config has no cycle; this bounds one that was not validated).
-    fn stop_wait_within(&self, group: &str, depth: usize) -> Option<Duration> {
+    /// config has no cycle; this bounds one that was not validated), each
+    /// group's wait worked out once (`known`: shared dependents would
+    /// otherwise be walked once per path to them).
+    fn stop_wait_within(
+        &self,
+        group: &str,
+        depth: usize,
+        known: &mut BTreeMap<String, Option<Duration>>,
+    ) -> Option<Duration> {
         if depth == 0 {
             return None;
         }
-        self.dependents(group)
+        if let Some(wait) = known.get(group) {
+            return *wait;
+        }
+        let wait = self
+            .dependents(group)
             .map(|after| {
                 self.stop_grace(&after.name)
                     + STOP_ORDER_MARGIN
                     + self
-                        .stop_wait_within(&after.name, depth - 1)
+                        .stop_wait_within(&after.name, depth - 1, known)
                         .unwrap_or_default()
             })
-            .max()
+            .max();
+        known.insert(group.to_string(), wait);
+        wait
     }
 
     /// The directory relative paths in the config are resolved against:

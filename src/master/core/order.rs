@@ -312,4 +312,27 @@ instances = 1
         assert_eq!(config.stop_wait("db"), Some(grace + margin + web));
         assert!(config.longest_stop_grace() >= config.stop_grace("db") + grace + margin + web);
     }
+
+    #[test]
+    fn the_stop_wait_of_layers_of_shared_groups_is_worked_out_once_per_group() {
+        // 40 layers of 2 groups, each after both groups of the layer
+        // before: 2^40 paths from the first layer, 80 groups.
+        let mut text = String::new();
+        for layer in 0..40 {
+            for side in ["a", "b"] {
+                text.push_str(&format!(
+                    "[[group]]\nname = \"l{layer}{side}\"\ncommand = \"x\"\n"
+                ));
+                if layer > 0 {
+                    let before = layer - 1;
+                    text.push_str(&format!("after = [\"l{before}a\", \"l{before}b\"]\n"));
+                }
+                text.push_str("[group.local]\ninstances = 1\n");
+            }
+        }
+        let config = config(&text);
+        let step = config.stop_grace("l1a") + crate::config::STOP_ORDER_MARGIN;
+        assert_eq!(config.stop_wait("l0a"), Some(step * 39));
+        assert_eq!(config.stop_wait("l39b"), None);
+    }
 }
