@@ -232,9 +232,10 @@ pub(crate) struct Intakes {
     board: Board,
     /// The intake task of each file queue.
     files: Mutex<BTreeMap<PathBuf, mpsc::Sender<Batch>>>,
-    /// A NATS client per JetStream stream, connected on first use (it
-    /// reconnects by itself afterwards).
-    streams: tokio::sync::Mutex<BTreeMap<String, async_nats::Client>>,
+    /// A NATS client per JetStream stream, with the queue settings it was
+    /// made for, connected on first use (it reconnects by itself
+    /// afterwards; settings changed by a reload make a new one).
+    streams: tokio::sync::Mutex<BTreeMap<String, (JetStreamQueue, async_nats::Client)>>,
     /// Jobs accepted per group, for the metrics.
     accepted: Mutex<BTreeMap<String, u64>>,
 }
@@ -300,17 +301,27 @@ impl Intakes {
         jobs: &[StreamJob],
     ) -> Result<Vec<u64>, ApiError> {
         let unavailable = |why: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why);
-        let client = {
-            let mut streams = self.streams.lock().await;
-            match streams.get(&queue.stream) {
-                Some(client) => client.clone(),
-                None => {
-                    let client = nats::connect(queue, "taskherd http").await.map_err(|err| {
-                        unavailable(format!("no job was added: {}", error_chain(&err)))
-                    })?;
-                    streams.insert(queue.stream.clone(), client.clone());
-                    client
-                }
+        // A client per stream, made again when a reload changed the
+        // queue's settings (servers, credentials, TLS); connected without
+        // the lock, so that a server slow to answer holds no other stream.
+        let known = self
+            .streams
+            .lock()
+            .await
+            .get(&queue.stream)
+            .filter(|(settings, _)| settings == queue)
+            .map(|(_, client)| client.clone());
+        let client = match known {
+            Some(client) => client,
+            None => {
+                let client = nats::connect(queue, "taskherd http").await.map_err(|err| {
+                    unavailable(format!("no job was added: {}", error_chain(&err)))
+                })?;
+                self.streams
+                    .lock()
+                    .await
+                    .insert(queue.stream.clone(), (queue.clone(), client.clone()));
+                client
             }
         };
         let publications: Vec<producer::Publication<'_>> = jobs
