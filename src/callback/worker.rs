@@ -992,11 +992,15 @@ mod tests {
 
     #[tokio::test]
     async fn lease_is_extended_while_a_slow_job_runs() {
-        let queue = memory_queue(Duration::from_millis(60));
+        // The job outlives its lease four times over. The lease is wall
+        // clock time and is extended when half of it is left: half of it
+        // must exceed the scheduling delays of a loaded machine (a 60 ms
+        // lease, 30 ms of slack, was lost once at a load of 9 on 2 cores).
+        let queue = memory_queue(Duration::from_millis(300));
         let mut registry = Registry::new();
         registry
             .register("slow", |_: ()| async {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(Duration::from_millis(1200)).await;
                 Outcome::Done
             })
             .expect("register");

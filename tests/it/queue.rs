@@ -3,7 +3,7 @@
 //! `queue_worker` example.
 
 use crate::support::Herd;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 fn queue_worker() -> String {
@@ -41,28 +41,41 @@ concurrency = {concurrency}
     ))
 }
 
+/// The job of a `done` line.
+fn done_job(line: &str) -> Option<u64> {
+    line.rsplit_once("] done ")
+        .and_then(|(_, n)| n.trim().parse::<u64>().ok())
+}
+
 /// How many times each job was reported done.
 fn done_counts(herd: &Herd) -> BTreeMap<u64, usize> {
     let mut counts = BTreeMap::new();
-    for line in &herd.seen {
-        if let Some(n) = line
-            .rsplit_once("] done ")
-            .and_then(|(_, n)| n.trim().parse::<u64>().ok())
-        {
-            *counts.entry(n).or_insert(0) += 1;
-        }
+    for n in herd.seen.iter().filter_map(|line| done_job(line)) {
+        *counts.entry(n).or_insert(0) += 1;
     }
     counts
 }
 
-/// Waits (bounded) until every job 1..=n was reported done.
+/// Waits (bounded) until every job 1..=n was reported done. Each line
+/// is parsed once, as it comes (rescanning all lines for each new one
+/// is quadratic and falls behind the herd on a loaded machine).
 fn wait_all_done(herd: &mut Herd, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while done_counts(herd).len() < n as usize {
+    let mut left: BTreeSet<u64> = (1..=n).collect();
+    let mut parsed = 0;
+    loop {
+        for job in herd.seen[parsed..].iter().filter_map(|line| done_job(line)) {
+            left.remove(&job);
+        }
+        parsed = herd.seen.len();
+        if left.is_empty() {
+            return;
+        }
+        let now = Instant::now();
         assert!(
-            Instant::now() < deadline,
+            now < deadline && herd.wait_line(deadline - now),
             "only {} of {n} jobs done; last lines:\n{}",
-            done_counts(herd).len(),
+            n - left.len() as u64,
             herd.seen
                 .iter()
                 .rev()
@@ -71,7 +84,6 @@ fn wait_all_done(herd: &mut Herd, n: u64) {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
-        herd.wait_for_count("] done ", herd.lines_with("] done ").len() + 1);
     }
 }
 

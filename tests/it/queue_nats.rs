@@ -3,7 +3,7 @@
 //! store directories. Each test skips (saying why) when nats-server is
 //! not installed (scripts/test installs it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -118,20 +118,20 @@ fn add_numbers(herd: &Herd, n: u64) {
     assert!(text.contains(&format!("added {n} job")), "{text}");
 }
 
+/// The job and attempt of a `done` line ("... done <n> #<id> attempt <a>").
+fn done_line(line: &str) -> Option<(u64, u32)> {
+    let (_, rest) = line.rsplit_once("] done ")?;
+    let mut words = rest.split_whitespace();
+    let job = words.next()?.parse::<u64>().ok()?;
+    let attempt = words.nth(2)?.parse::<u32>().ok()?;
+    Some((job, attempt))
+}
+
 /// Each job's `done` lines: job -> attempts that ended done.
 fn done(herd: &Herd) -> BTreeMap<u64, Vec<u32>> {
     let mut done: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
-    for line in &herd.seen {
-        // "... done <n> #<id> attempt <a>"
-        let Some((_, rest)) = line.rsplit_once("] done ") else {
-            continue;
-        };
-        let mut words = rest.split_whitespace();
-        let job = words.next().and_then(|w| w.parse::<u64>().ok());
-        let attempt = words.nth(2).and_then(|w| w.parse::<u32>().ok());
-        if let (Some(job), Some(attempt)) = (job, attempt) {
-            done.entry(job).or_default().push(attempt);
-        }
+    for (job, attempt) in herd.seen.iter().filter_map(|line| done_line(line)) {
+        done.entry(job).or_default().push(attempt);
     }
     done
 }
@@ -142,22 +142,33 @@ fn wait_all_done(herd: &mut Herd, n: u64, within: Duration) {
     wait_done(herd, &jobs, within);
 }
 
-/// Waits (bounded) until `jobs` were all done at least once.
+/// Waits (bounded) until `jobs` were all done at least once. Each line
+/// is parsed once, as it comes: with thousands of jobs and the master's
+/// debug log, rescanning every line seen for each new `done` line kept
+/// this thread busy for minutes on a loaded machine, so the test fell
+/// behind a herd that had long finished.
 fn wait_done(herd: &mut Herd, jobs: &[u64], within: Duration) {
     let deadline = Instant::now() + within;
+    let mut left: BTreeSet<u64> = jobs.iter().copied().collect();
+    let mut parsed = 0;
     loop {
-        let have = done(herd);
-        if jobs.iter().all(|job| have.contains_key(job)) {
+        for line in &herd.seen[parsed..] {
+            if let Some((job, _)) = done_line(line) {
+                left.remove(&job);
+            }
+        }
+        parsed = herd.seen.len();
+        if left.is_empty() {
             return;
         }
+        let now = Instant::now();
         assert!(
-            Instant::now() < deadline,
+            now < deadline && herd.wait_line(deadline - now),
             "only {} of {} jobs done; last lines:\n{}",
-            have.len(),
+            jobs.len() - left.len(),
             jobs.len(),
             last_lines(herd)
         );
-        herd.wait_for_count("] done ", herd.lines_with("] done ").len() + 1);
     }
 }
 

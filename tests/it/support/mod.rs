@@ -280,6 +280,15 @@ impl Herd {
         }
     }
 
+    /// Waits (at most `within`) for the next line of the master's output
+    /// and adds it to [`seen`](Self::seen); false when none came. For
+    /// tests that parse lines as they come: a loop of
+    /// [`wait_for_count`](Self::wait_for_count) rescans every line seen
+    /// for each new one, quadratic in a run of thousands of jobs.
+    pub fn wait_line(&mut self, within: Duration) -> bool {
+        self.pump(within)
+    }
+
     /// Waits until a line containing `needle` arrives; returns it.
     pub fn wait_for(&mut self, needle: &str) -> String {
         self.wait_for_count(needle, 1)
