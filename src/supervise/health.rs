@@ -45,8 +45,13 @@ pub(crate) async fn check(
     }
 }
 
+/// The longest one readiness probe may take (or the interval, if longer;
+/// at most the readiness timeout): then it failed, and the next one runs.
+pub(crate) const READY_PROBE_BOUND: Duration = Duration::from_secs(5);
+
 /// Probes `probe` at once and every `interval` until it passes (each
-/// probe bounded by `timeout`), sending each result (a failure only when
+/// probe bounded by [`READY_PROBE_BOUND`], or `interval` if longer, at
+/// most `timeout`: the readiness timeout), sending each result (a failure only when
 /// there is room: it is the reason of a later "not ready"); ends on the
 /// first success or when the receiver is gone. For `[group.ready]`.
 pub(crate) async fn until_ready(
@@ -56,8 +61,11 @@ pub(crate) async fn until_ready(
     process: ProcessSpec,
     results_tx: mpsc::Sender<Result<(), String>>,
 ) {
+    // One probe may not take the whole timeout: a connection to a
+    // black-holed address would hold the checks for that long.
+    let bound = timeout.min(READY_PROBE_BOUND.max(interval));
     loop {
-        match probe_once(&probe, timeout, &process).await {
+        match probe_once(&probe, bound, &process).await {
             Ok(()) => {
                 let _ = results_tx.send(Ok(())).await;
                 return;
