@@ -136,17 +136,27 @@ fn make_in(
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(err) => Err(format!("cannot make {}: {err}", dir.display())),
     };
-    if mkdir(herd)? {
-        if let Some(parent) = herd.parent() {
-            sweep_stale(parent);
+    let dir = herd.join(name);
+    // The herd's cgroup may go between the two mkdirs (its last instance
+    // ended meanwhile, on another thread): then it is made again, once.
+    for again in [false, true] {
+        if mkdir(herd)? {
+            if let Some(parent) = herd.parent() {
+                sweep_stale(parent);
+            }
+        }
+        if version == Version::V2 {
+            // Children of the herd's cgroup get the memory controller.
+            let _ = std::fs::write(herd.join("cgroup.subtree_control"), "+memory");
+        }
+        match std::fs::create_dir(&dir) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !again => continue,
+            Err(err) if err.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(format!("cannot make {}: {err}", dir.display()))
+            }
+            _ => break,
         }
     }
-    if version == Version::V2 {
-        // Children of the herd's cgroup get the memory controller.
-        let _ = std::fs::write(herd.join("cgroup.subtree_control"), "+memory");
-    }
-    let dir = herd.join(name);
-    mkdir(&dir)?;
     let write = |file: &str, value: &str| {
         std::fs::write(dir.join(file), value)
             .map_err(|err| format!("cannot write {}: {err}", dir.join(file).display()))
