@@ -221,8 +221,13 @@ fn sweep_stale(parent: &Path) {
     }
 }
 
-/// This process's cgroup in the unified hierarchy, when the memory
-/// controller is delegated to it.
+/// Where the herd's cgroup goes in the unified hierarchy: this process's
+/// cgroup when the memory controller is delegated to its children (its
+/// `cgroup.subtree_control` lists `memory`: the root cgroup, as a rule,
+/// since a cgroup with processes in it cannot hand controllers down),
+/// else its parent's when that one hands the memory controller to its
+/// children (this process's cgroup among them): the herd's cgroup is
+/// then a sibling of this process's.
 fn v2_parent() -> Result<PathBuf, String> {
     let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
         .into_iter()
@@ -231,20 +236,30 @@ fn v2_parent() -> Result<PathBuf, String> {
         .ok_or("no unified hierarchy mounted")?;
     let own = own_cgroup(|controllers| controllers.is_empty(), "0")?;
     let dir = mount.join(own.trim_start_matches('/'));
-    let delegated = std::fs::read_to_string(dir.join("cgroup.subtree_control")).map_err(|err| {
-        format!(
-            "cannot read {}: {err}",
-            dir.join("cgroup.subtree_control").display()
-        )
-    })?;
-    if !delegated.split_whitespace().any(|c| c == "memory") {
-        return Err(format!(
-            "the memory controller is not delegated to {} (its cgroup.subtree_control lists [{}])",
-            dir.display(),
-            delegated.trim()
-        ));
+    let delegated = |dir: &Path| -> Result<String, String> {
+        std::fs::read_to_string(dir.join("cgroup.subtree_control")).map_err(|err| {
+            format!(
+                "cannot read {}: {err}",
+                dir.join("cgroup.subtree_control").display()
+            )
+        })
+    };
+    let memory = |controllers: &str| controllers.split_whitespace().any(|c| c == "memory");
+    let own_controllers = delegated(&dir)?;
+    if memory(&own_controllers) {
+        return Ok(dir);
     }
-    Ok(dir)
+    if let Some(parent) = dir.parent().filter(|_| dir != mount) {
+        if delegated(parent).is_ok_and(|controllers| memory(&controllers)) {
+            return Ok(parent.to_path_buf());
+        }
+    }
+    Err(format!(
+        "the memory controller is not delegated to {} (its cgroup.subtree_control lists [{}]) \
+         nor to its parent's children",
+        dir.display(),
+        own_controllers.trim()
+    ))
 }
 
 /// This process's cgroup in the v1 memory hierarchy.
