@@ -911,7 +911,8 @@ bind = "127.0.0.1:0"
 
 [[group]]
 name = "far"
-command = "{{worker}}"
+command = "sleep"
+args = ["1000"]
 [[group.remote]]
 hosts = ["{alias}"]
 instances = 1
