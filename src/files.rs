@@ -229,6 +229,7 @@ pub(crate) fn write_atomic_unsynced(path: &Path, bytes: &[u8], mode: u32) -> io:
 /// # Errors
 /// If any step fails; the old file then stays (unless only the directory
 /// sync failed: the new content is in place, maybe not yet durably).
+#[cfg(feature = "master")]
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let replacement = Replacement::create(path, ".tmp", mode)?;
     replacement.file().write_all(bytes)?;

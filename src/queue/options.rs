@@ -173,6 +173,7 @@ impl JobOptions {
     /// # Errors
     /// The option a JetStream queue does not take (the group's retry
     /// settings apply there, and jobs run in order): its name.
+    #[cfg(all(feature = "nats", feature = "master"))]
     pub(crate) fn jetstream(
         &self,
         now_ms: u64,
@@ -186,8 +187,7 @@ impl JobOptions {
         if let Some((name, _)) = unsupported.iter().find(|(_, given)| *given) {
             return Err(name);
         }
-        let resolved = self.clone().resolved(now_ms);
-        Ok((resolved.at_ms, self.unique.as_deref()))
+        Ok((self.not_before_ms(now_ms), self.unique.as_deref()))
     }
 
     /// The same options with a delay turned into a start time counted

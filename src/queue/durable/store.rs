@@ -288,30 +288,16 @@ impl Store {
     /// Records a new pending job (its id is the next one); returns the id.
     pub(crate) fn push(&mut self, payload: Arc<RawValue>) -> u64 {
         let id = self.state.next_id;
-        Record::Push {
-            id,
-            payload: payload.get().as_bytes(),
-        }
-        .encode(&mut self.buf);
-        self.state.add(id, payload, 0);
+        self.push_as(id, payload, None);
         id
     }
 
     /// Records a new pending job with options (a delay already turned
-    /// into a time); returns its id. Jobs without options take
-    /// [`push`](Self::push) (a smaller record).
+    /// into a time); returns its id. Empty options are written as
+    /// [`push`](Self::push) writes a job (a smaller record).
     pub(crate) fn push_with(&mut self, payload: Arc<RawValue>, options: JobOptions) -> u64 {
-        if options.is_empty() {
-            return self.push(payload);
-        }
         let id = self.state.next_id;
-        Record::PushWith {
-            id,
-            options: &options.encode(),
-            payload: payload.get().as_bytes(),
-        }
-        .encode(&mut self.buf);
-        self.state.add_with(id, payload, 0, Some(Arc::new(options)));
+        self.push_as(id, payload, Some(options));
         id
     }
 

@@ -633,6 +633,30 @@ impl Bridge {
     }
 }
 
+/// `text` on one line, as a header value must be.
+pub(crate) fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+        .collect()
+}
+
+/// The headers of a dead job in the dead stream: why (on one line), its
+/// sequence in the work stream (0: it never was there), its attempts,
+/// and its message id (a second publication of it is a duplicate).
+pub(crate) fn dead_headers(
+    reason: &str,
+    sequence: u64,
+    attempts: u32,
+    msg_id: &str,
+) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(REASON_HEADER, one_line(reason).as_str());
+    headers.insert(SEQUENCE_HEADER, sequence.to_string().as_str());
+    headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
+    headers.insert(MSG_ID_HEADER, msg_id);
+    headers
+}
+
 /// Publishes a dead job to the dead stream and waits for its ack. Its
 /// message id makes a second publication of the same death (a retried
 /// publish, the advisory's backstop) a duplicate.
@@ -644,19 +668,8 @@ pub(crate) async fn dead_letter(
     attempts: u32,
     payload: bytes::Bytes,
 ) -> Result<(), String> {
-    let mut headers = async_nats::HeaderMap::new();
-    // Header values are one line.
-    let one_line: String = reason
-        .chars()
-        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
-        .collect();
-    headers.insert(REASON_HEADER, one_line.as_str());
-    headers.insert(SEQUENCE_HEADER, sequence.to_string().as_str());
-    headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
-    headers.insert(
-        MSG_ID_HEADER,
-        format!("dead-{}-{sequence}", queue.stream).as_str(),
-    );
+    let msg_id = format!("dead-{}-{sequence}", queue.stream);
+    let headers = dead_headers(reason, sequence, attempts, &msg_id);
     let ack = js
         .publish_with_headers(queue.dead_subject.clone(), headers, payload)
         .await

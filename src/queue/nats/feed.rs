@@ -52,9 +52,8 @@ use tokio::io::AsyncBufReadExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{
-    NatsError, ATTEMPTS_HEADER, MSG_ID_HEADER, NOT_BEFORE_HEADER, REASON_HEADER, SEQUENCE_HEADER,
-};
+use super::bridge::{dead_headers, one_line};
+use super::{NatsError, MSG_ID_HEADER, NOT_BEFORE_HEADER};
 use crate::backoff::Backoff;
 use crate::protocol::slave::JetStreamQueue;
 pub use crate::protocol::slave::JETSTREAM_QUEUE_ENV;
@@ -341,19 +340,19 @@ impl Publisher<'_> {
         let mut acks = Vec::with_capacity(batch.len());
         let mut dead: u64 = 0;
         for publication in batch {
-            let mut headers = async_nats::HeaderMap::new();
-            let (subject, body) = match publication {
+            let (subject, headers, body) = match publication {
                 Publication::Skip => continue,
                 Publication::Job {
                     body,
                     msg_id,
                     not_before_ms,
                 } => {
+                    let mut headers = async_nats::HeaderMap::new();
                     headers.insert(MSG_ID_HEADER, msg_id.as_str());
                     if let Some(ms) = not_before_ms {
                         headers.insert(NOT_BEFORE_HEADER, ms.to_string().as_str());
                     }
-                    (self.queue.subject.clone(), body)
+                    (self.queue.subject.clone(), headers, body)
                 }
                 Publication::Dead {
                     body,
@@ -361,16 +360,10 @@ impl Publisher<'_> {
                     msg_id,
                 } => {
                     dead += 1;
-                    let one_line: String = reason
-                        .chars()
-                        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
-                        .collect();
-                    warn!(reason = %one_line, "job dead");
-                    headers.insert(MSG_ID_HEADER, msg_id.as_str());
-                    headers.insert(REASON_HEADER, one_line.as_str());
-                    headers.insert(SEQUENCE_HEADER, "0");
-                    headers.insert(ATTEMPTS_HEADER, "0");
-                    (self.queue.dead_subject.clone(), body)
+                    warn!(reason = %one_line(reason), "job dead");
+                    // Never in the work stream: sequence 0, no attempt.
+                    let headers = dead_headers(reason, 0, 0, msg_id);
+                    (self.queue.dead_subject.clone(), headers, body)
                 }
             };
             let ack = self
