@@ -369,6 +369,7 @@ impl HostRun<'_> {
             stderr,
             path: agent_path,
             uploaded,
+            through_sh,
         } = match ssh::start_agent(
             session,
             &self.settings.agent_dir,
@@ -380,6 +381,13 @@ impl HostRun<'_> {
             Ok(running) => running,
             Err(err) => return HostOutcome::Lost(err.to_string()),
         };
+        if through_sh {
+            let message = format!(
+                "host {label}: the login shell cannot run the agent's start command; \
+                 it ran through sh -c (one more remote command per connection)"
+            );
+            self.sink.master_event(Level::Info, message).await;
+        }
         if uploaded {
             let message = format!("host {label}: uploaded the agent to {agent_path}");
             self.sink.master_event(Level::Info, message).await;

@@ -313,8 +313,15 @@ async fn hash_own_executable() -> Result<OwnExecutable, RemoteError> {
     Ok(OwnExecutable { path, sha256 })
 }
 
-/// Quotes a string for a POSIX shell.
+/// Quotes a string for a POSIX shell. A word of only letters, digits and
+/// `_@%+=:,./-` (most paths) stays as it is: then a command built with it
+/// holds no quote of its own, and `sh -c '…'` around it reads the same in
+/// shells whose quoting is not POSIX (elvish, rc).
 pub fn shell_quote(text: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        return text.to_string();
+    }
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
@@ -349,14 +356,20 @@ pub struct RunningAgent<'s> {
     pub path: String,
     /// `true` when it was uploaded to start it.
     pub uploaded: bool,
+    /// `true` when the login shell could not run the start command and it
+    /// ran through `sh -c` (one more command per connection).
+    pub through_sh: bool,
 }
 
 /// Starts the agent on the host in **one remote command** when it is
-/// there (each command pays the login's shell rc files): a short script
-/// starts the agent of exactly this build if the host has it, else says
-/// what the host is; then, if the OS and architecture match, **one more
-/// command** uploads it and starts it, the executable and then the agent
-/// protocol on the same stdin. An `agent_path` is started as is. The
+/// there (each command pays the login's shell rc files): a one-line
+/// probe, run by the login shell itself (no `sh` starts before the
+/// agent), execs the agent of exactly this build if the host has it,
+/// else says what the host is; then, if the OS and architecture match,
+/// **one more command** uploads it and starts it, the executable and then
+/// the agent protocol on the same stdin. A login shell that cannot run
+/// the probe (it ends without a word) gets it once more through `sh -c`.
+/// An `agent_path` is started the same way and is never uploaded. The
 /// agent lives in `agent_dir` as `taskherd-<version>-<hash>`; an upload
 /// is written under a temporary name, checked (size, and SHA-256 where
 /// `sha256sum` exists) and renamed.
@@ -379,38 +392,36 @@ pub async fn start_agent<'s>(
     agent_path: Option<&str>,
     prelude: &[u8],
 ) -> Result<RunningAgent<'s>, RemoteError> {
-    if let Some(path) = agent_path {
-        let script = format!(
-            "f={f}; if [ -x \"$f\" ]; then echo {AGENT_STARTS}; exec \"$f\" agent; fi; \
-             echo \"master.agent_path $f is not an executable file on this host\" >&2; exit 127",
-            f = shell_quote(path)
-        );
-        let mut started = Started::spawn(session, script, "cannot start the agent").await?;
-        started.send_prelude(prelude).await;
-        return match started.first_line().await? {
-            Some(line) if line == AGENT_STARTS => Ok(started.running(path.to_string(), false)),
-            line => Err(started.unexpected(line).await),
-        };
-    }
-    let own = own_executable().await?;
-    let dir = agent_dir.strip_prefix("~/").unwrap_or(agent_dir);
-    let file = format!(
-        "{dir}/taskherd-{}-{}",
-        env!("CARGO_PKG_VERSION"),
-        &own.sha256[..16]
-    );
-    let script = format!(
-        "f={f}; if [ -x \"$f\" ]; then echo {AGENT_STARTS}; exec \"$f\" agent; fi; \
-         echo {AGENT_MISSING}; uname -s; uname -m",
-        f = shell_quote(&file)
-    );
-    let mut probe = Started::spawn(session, script, "cannot look for the agent").await?;
-    probe.send_prelude(prelude).await;
-    match probe.first_line().await? {
-        Some(line) if line == AGENT_STARTS => return Ok(probe.running(file, false)),
-        Some(line) if line == AGENT_MISSING => {}
-        line => return Err(probe.unexpected(line).await),
-    }
+    let (file, own) = match agent_path {
+        Some(path) => (path.to_string(), None),
+        None => {
+            let own = own_executable().await?;
+            let dir = agent_dir.strip_prefix("~/").unwrap_or(agent_dir);
+            let file = format!(
+                "{dir}/taskherd-{}-{}",
+                env!("CARGO_PKG_VERSION"),
+                &own.sha256[..16]
+            );
+            (file, Some((own, dir)))
+        }
+    };
+    let (mut probe, through_sh) = match Probe::run(session, &file, Through::Login, prelude).await? {
+        Probe::Starts(started) => return Ok(started.running(file, false, false)),
+        Probe::Missing(started) => (started, false),
+        // A login shell that cannot parse the probe (not POSIX-like, and
+        // without `&&`) ended it without a word: once more through `sh`.
+        Probe::Ended(_) => match Probe::run(session, &file, Through::Sh, prelude).await? {
+            Probe::Starts(started) => return Ok(started.running(file, false, true)),
+            Probe::Missing(started) => (started, true),
+            Probe::Ended(started) => return Err(started.unexpected(None).await),
+        },
+    };
+    let Some((own, dir)) = own else {
+        return Err(RemoteError::Command {
+            what: "cannot start the agent",
+            detail: format!("master.agent_path {file} is not an executable file on this host"),
+        });
+    };
     let remote_os = probe.next_line().await.to_lowercase();
     let remote_arch = probe.next_line().await;
     let _ = tokio::time::timeout(START_TIMEOUT, probe.child.wait()).await;
@@ -423,7 +434,59 @@ pub async fn start_agent<'s>(
             version: env!("CARGO_PKG_VERSION"),
         });
     }
-    upload_and_start(session, own, dir, &file, prelude).await
+    let mut running = upload_and_start(session, own, dir, &file, prelude).await?;
+    running.through_sh = through_sh;
+    Ok(running)
+}
+
+/// What the probe of a start command found.
+enum Probe<'s> {
+    /// The agent starts: its frames follow.
+    Starts(Started<'s>),
+    /// The agent is not there; `uname -s` and `uname -m` follow.
+    Missing(Started<'s>),
+    /// The command ended without a word of its own.
+    Ended(Started<'s>),
+}
+
+impl<'s> Probe<'s> {
+    /// Runs the probe of the agent `file` through `through`: it execs the
+    /// agent if the host has it, else says it is missing and what the
+    /// host is. `prelude` is written at once (see [`start_agent`]).
+    ///
+    /// Through the login shell, the probe is one line that any common
+    /// shell runs as is (sh, bash, zsh, ksh, fish, csh): no `sh` starts
+    /// before the agent.
+    async fn run(
+        session: &'s Session,
+        file: &str,
+        through: Through,
+        prelude: &[u8],
+    ) -> Result<Probe<'s>, RemoteError> {
+        let command = format!(
+            "test -x {f} && echo {AGENT_STARTS} && exec {f} agent; \
+             echo {AGENT_MISSING}; uname -s; uname -m",
+            f = shell_quote(file)
+        );
+        let mut started =
+            Started::spawn(session, command, through, "cannot start the agent").await?;
+        started.send_prelude(prelude).await;
+        Ok(match started.first_line().await? {
+            Some(line) if line == AGENT_STARTS => Probe::Starts(started),
+            Some(_) => Probe::Missing(started),
+            None => Probe::Ended(started),
+        })
+    }
+}
+
+/// How a command reaches the host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Through {
+    /// As the command line of the login shell (what `ssh host COMMAND`
+    /// does): no other shell starts.
+    Login,
+    /// As the script of `sh -c`, whatever the login shell.
+    Sh,
 }
 
 /// Uploads our executable as `file` and starts it as the agent, in one
@@ -449,14 +512,15 @@ async fn upload_and_start<'s>(
          if [ \"$(wc -c < \"$t\")\" -ne {size} ]; then rm -f \"$t\"; echo \"short upload\" >&2; exit 3; fi; \
          chmod 700 \"$t\"; \
          if command -v sha256sum >/dev/null 2>&1; then \
-           h=$(sha256sum \"$t\" | cut -d' ' -f1); \
+           h=$(sha256sum \"$t\" | cut -d\" \" -f1); \
            if [ \"$h\" != {hash} ]; then rm -f \"$t\"; echo \"hash mismatch: $h\" >&2; exit 3; fi; \
          fi; mv -f \"$t\" {file}; echo {AGENT_STARTS}; exec {file} agent",
         dir = shell_quote(dir),
         file = shell_quote(file),
         hash = shell_quote(&own.sha256),
     );
-    let mut started = Started::spawn(session, script, "cannot upload the agent").await?;
+    let mut started =
+        Started::spawn(session, script, Through::Sh, "cannot upload the agent").await?;
     let copied = tokio::io::copy(&mut (&mut local).take(size), &mut started.stdin).await;
     if let Err(err) = copied.and_then(|n| {
         if n == size {
@@ -481,7 +545,7 @@ async fn upload_and_start<'s>(
             detail: err.to_string(),
         })?;
     match started.first_line().await? {
-        Some(line) if line == AGENT_STARTS => Ok(started.running(file.to_string(), true)),
+        Some(line) if line == AGENT_STARTS => Ok(started.running(file.to_string(), true, false)),
         line => Err(started.unexpected(line).await),
     }
 }
@@ -497,15 +561,19 @@ struct Started<'s> {
 }
 
 impl<'s> Started<'s> {
-    /// Runs `script` through the login's shell.
+    /// Runs `script` on the host, through `through`.
     async fn spawn(
         session: &'s Session,
         script: String,
+        through: Through,
         what: &'static str,
     ) -> Result<Started<'s>, RemoteError> {
         let failed = |detail: String| RemoteError::Command { what, detail };
-        let mut child = session
-            .shell(script)
+        let mut command = match through {
+            Through::Login => session.raw_command(script),
+            Through::Sh => session.shell(script),
+        };
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -589,7 +657,7 @@ impl<'s> Started<'s> {
     }
 
     /// The agent started: its stdio.
-    fn running(self, path: String, uploaded: bool) -> RunningAgent<'s> {
+    fn running(self, path: String, uploaded: bool, through_sh: bool) -> RunningAgent<'s> {
         RunningAgent {
             child: self.child,
             stdin: self.stdin,
@@ -597,6 +665,7 @@ impl<'s> Started<'s> {
             stderr: self.stderr,
             path,
             uploaded,
+            through_sh,
         }
     }
 
@@ -637,6 +706,13 @@ mod tests {
     fn quoting() {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("~/x"), "'~/x'");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+        assert_eq!(
+            shell_quote("/opt/taskherd-0.1.0/bin/taskherd"),
+            "/opt/taskherd-0.1.0/bin/taskherd"
+        );
     }
 
     #[test]

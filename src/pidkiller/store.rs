@@ -7,9 +7,9 @@
 //!
 //! Every read-modify-write holds an exclusive `flock(2)` on `<file>.lock`
 //! (the data file itself is replaced by rename, so it cannot carry the lock).
-//! The new content goes to `<file>.tmp` in the same directory, is fsynced,
-//! renamed over the file, and the directory is fsynced: a reader sees the
-//! old or the new document, never a torn one.
+//! The new content goes to `<file>.tmp` in the same directory and is
+//! renamed over the file, without a sync (see [`write`]): a reader sees
+//! the old or the new document, never a torn one.
 //!
 //! Entries of other owners that are still alive are kept as they are;
 //! entries of owners that died are taken over by the writer (see

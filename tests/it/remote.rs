@@ -299,14 +299,87 @@ fn sigkill_to_the_master_leaves_nothing_after_a_few_seconds() {
 
 #[test]
 fn one_remote_command_per_host_with_the_agent_cached_two_when_uploaded() {
-    if !sshd::rc_login_exists() {
+    one_command_per_host_as(sshd::RC_LOGIN, sshd::RC_LOGIN_LOG);
+}
+
+/// The same through a tcsh login: the start command is run by the login
+/// shell itself, and tcsh (not a POSIX shell) runs it too, in one command.
+#[test]
+fn a_tcsh_login_also_costs_one_command_per_host() {
+    one_command_per_host_as(sshd::CSH_LOGIN, sshd::CSH_LOGIN_LOG);
+}
+
+/// A login shell that cannot read the start command (elvish: no `&&`)
+/// gets it again through `sh -c`, and says so; uploaded, then cached.
+#[test]
+fn a_login_shell_that_cannot_read_the_start_command_gets_it_through_sh() {
+    let login = sshd::ELVISH_LOGIN;
+    if !sshd::login_exists(login) {
         eprintln!(
-            "skipped: no {} login here (scripts/test makes it with TASKHERD_TEST_LOGIN=1, as .ci/run does)",
-            sshd::RC_LOGIN
+            "skipped: no {login} login here (scripts/test makes it with TASKHERD_TEST_LOGIN=1, as .ci/run does)"
         );
         return;
     }
-    let mut world = SshWorld::with_login(sshd::RC_LOGIN);
+    let mut world = SshWorld::with_login(login);
+    let host = world.add_host();
+    let agents = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        r#"
+[master]
+agent_dir = "{dir}"
+
+[ssh]
+ssh_config = "{config}"
+
+[[group]]
+name = "far"
+command = "{{worker}}"
+[[group.remote]]
+hosts = ["{host}"]
+instances = 2
+"#,
+        dir = agents.path().join("cache").display(),
+        config = world.ssh_config().display(),
+        host = host.alias(),
+    );
+    let through_sh = "the login shell cannot run the agent's start command; it ran through sh -c";
+    for (run, uploads) in [("first", 1), ("second", 0)] {
+        let mut herd = Herd::new(&config);
+        herd.start();
+        assert_eq!(herd.wait_exit().code(), Some(0), "{run}: {:?}", herd.seen);
+        assert_eq!(
+            herd.lines_with("Child clean exit").len(),
+            2,
+            "{run}: {:?}",
+            herd.seen
+        );
+        assert_eq!(
+            herd.lines_with(through_sh).len(),
+            1,
+            "{run}: {:?}",
+            herd.seen
+        );
+        assert_eq!(
+            herd.lines_with("uploaded the agent to").len(),
+            uploads,
+            "{run}: {:?}",
+            herd.seen
+        );
+    }
+    assert_host_clean(&host);
+}
+
+/// Two runs on two hosts as `login`, whose rc file notes each command in
+/// `log`: the first uploads the agent (two commands per host), the second
+/// finds it (one).
+fn one_command_per_host_as(login: &str, log: &str) {
+    if !sshd::login_exists(login) {
+        eprintln!(
+            "skipped: no {login} login here (scripts/test makes it with TASKHERD_TEST_LOGIN=1, as .ci/run does)"
+        );
+        return;
+    }
+    let mut world = SshWorld::with_login(login);
     let hosts = [world.add_host(), world.add_host()];
     let agents = tempfile::tempdir().expect("temp dir");
     let config = format!(
@@ -330,7 +403,10 @@ instances = 2
         two = hosts[1].alias(),
     );
     // Each command a login runs passes through its rc file, which notes it.
-    let first_count: Vec<usize> = hosts.iter().map(sshd::rc_commands).collect();
+    let first_count: Vec<usize> = hosts
+        .iter()
+        .map(|host| sshd::commands_noted(log, host))
+        .collect();
     let mut first = Herd::new(&config);
     first.start();
     first.wait_for_count("uploaded the agent to", 2);
@@ -344,7 +420,7 @@ instances = 2
     // Uploaded: the look, then the upload that starts it.
     for (host, before) in hosts.iter().zip(&first_count) {
         assert_eq!(
-            sshd::rc_commands(host) - before,
+            sshd::commands_noted(log, host) - before,
             2,
             "commands on {}",
             host.alias()
@@ -367,7 +443,7 @@ instances = 2
     // Cached: one command per host.
     for (host, before) in hosts.iter().zip(&first_count) {
         assert_eq!(
-            sshd::rc_commands(host) - before,
+            sshd::commands_noted(log, host) - before,
             3,
             "commands on {}",
             host.alias()

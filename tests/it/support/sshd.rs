@@ -730,17 +730,31 @@ pub const RC_LOGIN: &str = "taskherd-rc";
 /// Where [`RC_LOGIN`]'s rc file notes each command.
 pub const RC_LOGIN_LOG: &str = "/var/lib/taskherd-rc/commands.log";
 
-/// Whether [`RC_LOGIN`] exists here.
-pub fn rc_login_exists() -> bool {
+/// A login whose shell is tcsh (not a POSIX shell: what many HPC sites
+/// give their users), whose `.tcshrc` notes every command it runs in
+/// [`CSH_LOGIN_LOG`] as [`RC_LOGIN`]'s does. Made by `scripts/test` with
+/// `TASKHERD_TEST_LOGIN=1`.
+pub const CSH_LOGIN: &str = "taskherd-csh";
+
+/// A login whose shell is elvish, which cannot read the agent's start
+/// command (no `&&`). Made by `scripts/test` with `TASKHERD_TEST_LOGIN=1`.
+pub const ELVISH_LOGIN: &str = "taskherd-elvish";
+
+/// Where [`CSH_LOGIN`]'s rc file notes each command.
+pub const CSH_LOGIN_LOG: &str = "/var/lib/taskherd-csh/commands.log";
+
+/// Whether the login `name` exists here.
+pub fn login_exists(name: &str) -> bool {
     std::fs::read_to_string("/etc/passwd")
         .unwrap_or_default()
         .lines()
-        .any(|line| line.starts_with(&format!("{RC_LOGIN}:")))
+        .any(|line| line.starts_with(&format!("{name}:")))
 }
 
-/// How many commands [`RC_LOGIN`]'s rc file has noted on `host`.
-pub fn rc_commands(host: &SshHost) -> usize {
-    std::fs::read_to_string(RC_LOGIN_LOG)
+/// How many commands an rc file that notes them in `log` has noted on
+/// `host`.
+pub fn commands_noted(log: &str, host: &SshHost) -> usize {
+    std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
         .filter(|line| *line == host.marker())
