@@ -96,6 +96,9 @@
 #   BENCH_ONLY=scale scripts/bench.sh # the scale rows (8. below; not in the default set)
 #   BENCH_ONLY=scale BENCH_SCALE_PARTS="fanout-rc start" scripts/bench.sh
 #                                     # only those parts of them (of: ssh fanout-sh fanout-rc start costs lines)
+#   BENCH_SCALE_TOOLS="taskherd pdsh" BENCH_SCALE_FANOUT="64" ...
+#                                     # the fan-out rows' tools (of: taskherd pdsh pdsh_programs) and
+#                                     # host counts (of: 2 16 64), to profile one of them
 #   BENCH_ONLY=http scripts/bench.sh  # the HTTP rows (9. below; not in the default set)
 #   BENCH_DURABLE_JOBS=200000         # jobs of the durable queue bench (default 200 000)
 #   BENCH_DURABLE_START_JOBS=1000000  # jobs of the queue list / start-time rows (default 1 000 000)
@@ -548,9 +551,16 @@ if wants scale; then
                 label="scale: fan-out $n hosts x 4, /bin/sh login, ms"
                 row "$label" "$th" "$pd (pdsh, 1 command per host)" "$(ratio_of "$pd" "$th")x" "-" "-"
             fi
+            # pdsh again, its one command per host starting the 4 programs
+            # taskherd's instances are (`sh -c 'echo done $TASKHERD_ID'`,
+            # all at once): the same work, where the row above runs echo
+            # builtins.
+            pp=$(sresult "${key}_pdsh_programs")
+            row "  same, pdsh's command starting the same 4 programs (sh -c) as taskherd's instances, ms" \
+                "$th" "$pp (pdsh, 1 command per host)" "$(ratio_of "$pp" "$th")x" "-" "-"
             row "  CPU of the tool's processes here / on the hosts, ms" \
                 "$(sfigure "${key}_taskherd_client_cpu_ms") / $(sfigure "${key}_taskherd_hosts_cpu_ms")" \
-                "$(sfigure "${key}_pdsh_client_cpu_ms") / $(sfigure "${key}_pdsh_hosts_cpu_ms") (pdsh)" "-" "-" "-"
+                "$(sfigure "${key}_pdsh_client_cpu_ms") / $(sfigure "${key}_pdsh_hosts_cpu_ms") (pdsh), $(sfigure "${key}_pdsh_programs_client_cpu_ms") / $(sfigure "${key}_pdsh_programs_hosts_cpu_ms") (pdsh, same programs)" "-" "-" "-"
         done
     done
     row "scale: ssh host true, the client's CPU: default key exchange (sntrup761x25519) / curve25519-sha256, ms" \

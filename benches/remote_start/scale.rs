@@ -185,20 +185,33 @@ fn check_one_rc_each(what: &str, hosts: &[SshHost], before: &[usize]) {
     }
 }
 
+/// What pdsh's one command per host runs for its `per_host` instances.
+#[derive(Clone, Copy, PartialEq)]
+enum PdshWork {
+    /// `echo` builtins of the login shell, no process: pdsh's best case.
+    Builtins,
+    /// The instances taskherd runs, `sh -c 'echo done $TASKHERD_ID'`,
+    /// all started at once (`&`, then `wait`): the same work.
+    Programs,
+}
+
 /// One pdsh run of ONE command per host printing `done 1` .. `done
 /// <per_host>`, as `login`; checks every host printed each line once.
-fn time_pdsh_lines(login: &Login, aliases: &[String], per_host: usize) -> Duration {
+fn time_pdsh_lines(login: &Login, aliases: &[String], per_host: usize, work: PdshWork) -> Duration {
+    let ids = (1..=per_host)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut command = Command::new(PDSH);
     command
         .args(["-R", "ssh", "-f", "64", "-l", login.user, "-w"])
         .arg(aliases.join(","))
-        .arg(format!(
-            "for i in {}; do echo done $i; done",
-            (1..=per_host)
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
-        ))
+        .arg(match work {
+            PdshWork::Builtins => format!("for i in {ids}; do echo done $i; done"),
+            PdshWork::Programs => format!(
+                "for i in {ids}; do TASKHERD_ID=$i sh -c 'echo done $TASKHERD_ID' & done; wait"
+            ),
+        })
         .env(
             "PDSH_SSH_ARGS",
             format!("-F {} -2 -a -x -l%u %h", login.ssh_config.display()),
@@ -386,12 +399,23 @@ fn fanout_rows(
     #[derive(Clone, Copy, PartialEq)]
     enum Tool {
         Taskherd,
-        Pdsh,
+        Pdsh(PdshWork),
     }
     let program = Program::one_line();
     let counts_rc = login.user == sshd::RC_LOGIN;
-    let tools = [Tool::Taskherd, Tool::Pdsh];
-    for n in FANOUT_HOSTS {
+    let tools: Vec<Tool> = [
+        (Tool::Taskherd, "taskherd"),
+        (Tool::Pdsh(PdshWork::Builtins), "pdsh"),
+        (Tool::Pdsh(PdshWork::Programs), "pdsh_programs"),
+    ]
+    .into_iter()
+    .filter(|(_, name)| listed_or_all("BENCH_SCALE_TOOLS", name))
+    .map(|(tool, _)| tool)
+    .collect();
+    for n in FANOUT_HOSTS
+        .into_iter()
+        .filter(|n| listed_or_all("BENCH_SCALE_FANOUT", &n.to_string()))
+    {
         let of = &hosts[..n];
         let config = write_herd_config(
             dir,
@@ -431,10 +455,14 @@ fn fanout_rows(
                         ));
                         (key, t.exit)
                     }
-                    Tool::Pdsh => {
-                        let t = time_pdsh_lines(login, &aliases, FANOUT_PER_HOST);
-                        said.push(format!("pdsh (one command per host) {}", ms(t)));
-                        ("pdsh", t)
+                    Tool::Pdsh(work) => {
+                        let t = time_pdsh_lines(login, &aliases, FANOUT_PER_HOST, work);
+                        let (key, what) = match work {
+                            PdshWork::Builtins => ("pdsh", "echo builtins"),
+                            PdshWork::Programs => ("pdsh_programs", "4 sh -c like taskherd's"),
+                        };
+                        said.push(format!("{key} (one command per host, {what}) {}", ms(t)));
+                        (key, t)
                     }
                 };
                 wait_quiet(of);
@@ -1131,7 +1159,7 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize, costs_only: bool) {
         user: sshd::login_user(),
         ssh_config: login_config(dir, &world, hosts.len(), sshd::login_user()),
     };
-    let rc = if sshd::rc_login_exists() {
+    let rc = if sshd::login_exists(sshd::RC_LOGIN) {
         Some(Login {
             key: "rc",
             user: sshd::RC_LOGIN,
@@ -1188,8 +1216,16 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize, costs_only: bool) {
 /// `BENCH_SCALE_PARTS` (some of `ssh fanout-sh fanout-rc start costs
 /// lines`) names the ones wanted, to measure one change in minutes.
 fn part_wanted(name: &str) -> bool {
-    match std::env::var("BENCH_SCALE_PARTS") {
-        Ok(parts) => parts.split_whitespace().any(|part| part == name),
+    listed_or_all("BENCH_SCALE_PARTS", name)
+}
+
+/// Whether `name` is one of the words of the variable `var`, or `var` is
+/// not set. Besides `BENCH_SCALE_PARTS`, the fan-out rows take
+/// `BENCH_SCALE_TOOLS` (some of `taskherd pdsh pdsh_programs`) and `BENCH_SCALE_FANOUT`
+/// (some of `2 16 64`), to profile one tool at one size.
+fn listed_or_all(var: &str, name: &str) -> bool {
+    match std::env::var(var) {
+        Ok(words) => words.split_whitespace().any(|word| word == name),
         Err(_) => true,
     }
 }
