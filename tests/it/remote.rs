@@ -5,6 +5,7 @@
 use crate::support::netns::NetNs;
 use crate::support::sshd::{self, SshHost, SshWorld};
 use crate::support::{describe, taskherd_bin, Herd};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The `[master]` and `[ssh]` tables of a test herd. Hosts are this
@@ -313,35 +314,12 @@ fn a_tcsh_login_also_costs_one_command_per_host() {
 /// gets it again through `sh -c`, and says so; uploaded, then cached.
 #[test]
 fn a_login_shell_that_cannot_read_the_start_command_gets_it_through_sh() {
-    let login = sshd::ELVISH_LOGIN;
-    if !sshd::login_exists(login) {
-        eprintln!(
-            "skipped: no {login} login here (scripts/test makes it with TASKHERD_TEST_LOGIN=1, as .ci/run does)"
-        );
+    let Some(mut world) = world_of_login(sshd::ELVISH_LOGIN) else {
         return;
-    }
-    let mut world = SshWorld::with_login(login);
+    };
     let host = world.add_host();
     let agents = tempfile::tempdir().expect("temp dir");
-    let config = format!(
-        r#"
-[master]
-agent_dir = "{dir}"
-
-[ssh]
-ssh_config = "{config}"
-
-[[group]]
-name = "far"
-command = "{{worker}}"
-[[group.remote]]
-hosts = ["{host}"]
-instances = 2
-"#,
-        dir = agents.path().join("cache").display(),
-        config = world.ssh_config().display(),
-        host = host.alias(),
-    );
+    let config = cached_agent_config(&world, agents.path(), &[&host]);
     let through_sh = "the login shell cannot run the agent's start command; it ran through sh -c";
     for (run, uploads) in [("first", 1), ("second", 0)] {
         let mut herd = Herd::new(&config);
@@ -373,35 +351,12 @@ instances = 2
 /// `log`: the first uploads the agent (two commands per host), the second
 /// finds it (one).
 fn one_command_per_host_as(login: &str, log: &str) {
-    if !sshd::login_exists(login) {
-        eprintln!(
-            "skipped: no {login} login here (scripts/test makes it with TASKHERD_TEST_LOGIN=1, as .ci/run does)"
-        );
+    let Some(mut world) = world_of_login(login) else {
         return;
-    }
-    let mut world = SshWorld::with_login(login);
+    };
     let hosts = [world.add_host(), world.add_host()];
     let agents = tempfile::tempdir().expect("temp dir");
-    let config = format!(
-        r#"
-[master]
-agent_dir = "{dir}"
-
-[ssh]
-ssh_config = "{config}"
-
-[[group]]
-name = "far"
-command = "{{worker}}"
-[[group.remote]]
-hosts = ["{one}", "{two}"]
-instances = 2
-"#,
-        dir = agents.path().join("cache").display(),
-        config = world.ssh_config().display(),
-        one = hosts[0].alias(),
-        two = hosts[1].alias(),
-    );
+    let config = cached_agent_config(&world, agents.path(), &[&hosts[0], &hosts[1]]);
     // Each command a login runs passes through its rc file, which notes it.
     let first_count: Vec<usize> = hosts
         .iter()
@@ -452,6 +407,43 @@ instances = 2
     for host in &hosts {
         assert_host_clean(host);
     }
+}
+
+/// A world whose sessions log in as `login`, or `None` (the test skips,
+/// saying so) when this machine has no such login.
+fn world_of_login(login: &str) -> Option<SshWorld> {
+    if !sshd::login_exists(login) {
+        eprintln!(
+            "skipped: no {login} login here (scripts/test makes it with TASKHERD_TEST_LOGIN=1, as .ci/run does)"
+        );
+        return None;
+    }
+    Some(SshWorld::with_login(login))
+}
+
+/// A herd of 2 workers on each of `hosts`, its agents uploaded to (and
+/// cached in) `agents`/cache.
+fn cached_agent_config(world: &SshWorld, agents: &Path, hosts: &[&SshHost]) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("{:?}", h.alias())).collect();
+    format!(
+        r#"
+[master]
+agent_dir = "{dir}"
+
+[ssh]
+ssh_config = "{config}"
+
+[[group]]
+name = "far"
+command = "{{worker}}"
+[[group.remote]]
+hosts = [{hosts}]
+instances = 2
+"#,
+        dir = agents.join("cache").display(),
+        config = world.ssh_config().display(),
+        hosts = hosts.join(", "),
+    )
 }
 
 /// A herd of one group with `instances` worker(s) on each of `hosts`
