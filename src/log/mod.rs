@@ -756,6 +756,34 @@ mod tests {
     }
 
     #[test]
+    fn events_and_lines_queued_together_are_written_in_the_order_of_their_times() {
+        let gate = Gate::default();
+        let (sink, writer) = LogSink::spawn(LogFormat::Text, gate.clone()).unwrap();
+        let (web, db) = (label("web"), label("db"));
+        // The writer takes this one and parks writing it: what follows
+        // queues up, lines and events together.
+        block_on(sink.send(line(&db, Level::Info, "db first")));
+        gate.screen.wait_end("");
+        std::thread::sleep(Duration::from_millis(50));
+        // Each record is stamped when made; the pauses only keep the
+        // stamps apart.
+        let pause = || std::thread::sleep(Duration::from_millis(2));
+        block_on(sink.instance_event(&web, Level::Info, "started".into()));
+        pause();
+        block_on(sink.send(line(&web, Level::Info, "line 1")));
+        block_on(sink.send(line(&web, Level::Info, "line 2")));
+        pause();
+        block_on(sink.instance_event(&web, Level::Info, "exited".into()));
+        gate.open();
+        drop(sink);
+        writer.finish();
+        assert_eq!(
+            messages(&gate.screen.text()),
+            ["db first", "started", "line 1", "line 2", "exited"]
+        );
+    }
+
+    #[test]
     fn events_never_wait_for_a_terminal_nobody_reads() {
         let gate = Gate::default();
         let (sink, writer) = LogSink::spawn(LogFormat::Text, gate.clone()).unwrap();

@@ -95,24 +95,20 @@ impl<W: Write> Writer<W> {
         mut events_rx: mpsc::UnboundedReceiver<LogRecord>,
     ) {
         let mut events = Vec::new();
+        let mut records = Vec::new();
         let mut open = (true, true);
         while let Some(wake) = self.wait(&mut records_rx, &mut events_rx, &mut open) {
             self.begin_batch();
-            let mut taken = 0;
             match wake {
-                Wake::Record(record) => {
-                    self.take(record);
-                    taken += 1;
-                }
+                Wake::Record(record) => records.push(record),
                 Wake::Event(event) => events.push(event),
                 Wake::Status => {}
             }
-            while taken < MAX_BATCH {
+            while records.len() < MAX_BATCH {
                 let Ok(record) = records_rx.try_recv() else {
                     break;
                 };
-                self.take(record);
-                taken += 1;
+                records.push(record);
             }
             while events.len() < MAX_BATCH {
                 let Ok(event) = events_rx.try_recv() else {
@@ -120,7 +116,18 @@ impl<W: Write> Writer<W> {
                 };
                 events.push(event);
             }
-            for event in events.drain(..) {
+            // Each channel is in order; the two are merged by time, so an
+            // instance's "started" comes before the lines it printed at
+            // once, and its "exited" after its last ones (a tie: the line
+            // first).
+            let mut events_in = events.drain(..).peekable();
+            for record in records.drain(..) {
+                while let Some(event) = events_in.next_if(|event| event.time < record.time) {
+                    self.take(event);
+                }
+                self.take(record);
+            }
+            for event in events_in {
                 self.take(event);
             }
             self.end_batch();
