@@ -29,7 +29,7 @@ pub mod nats;
 pub mod options;
 mod peer_warnings;
 pub mod server;
-mod spawn;
+pub(crate) mod spawn;
 
 pub use governor::Governor;
 pub use server::{serve, FeederServer, ServeReport, ServerError};

@@ -859,7 +859,7 @@ struct Stopper<'a> {
 
 impl Stopper<'_> {
     /// Stops the process; returns its status and whether it was killed.
-    async fn stop(&self, child: &mut tokio::process::Child) -> (std::io::Result<ExitStatus>, bool) {
+    async fn stop(&self, child: &mut process::Child) -> (std::io::Result<ExitStatus>, bool) {
         let (pid, label, sink) = (self.pid, self.label, self.sink);
         if self.uses_library {
             // Dropped only if the link is already gone, and then the
