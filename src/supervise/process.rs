@@ -168,31 +168,32 @@ pub(crate) fn spawn_in(
         .as_ref()
         .map(|cwd| local_path(cwd).unwrap_or_else(|| cwd.clone()));
 
-    // The environment: ours, then the spec's, then the identity; a later
-    // value of a variable replaces an earlier one.
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-    let mut set = |key: &str, value: OsString| {
-        env.retain(|(k, _)| k != key);
-        env.push((OsString::from(key), value));
-    };
-    for (key, value) in &spec.env {
-        set(key, OsString::from(value));
-    }
-    set(wire::CONTROL_FD_ENV, child_fd.to_string().into());
-    set(wire::ID_ENV, identity.id.to_string().into());
-    set(wire::GROUP_ID_ENV, identity.group_id.to_string().into());
-    set(
-        wire::GROUP_COUNT_ENV,
-        identity.group_count.to_string().into(),
-    );
-    set(wire::GROUP_ENV, identity.group.clone().into());
-    set(wire::HOST_ENV, identity.host.clone().into());
-    set(wire::PARAMS_ENV, params.into());
+    // The environment: ours, then the spec's (its last value of a
+    // variable), then the identity, which the spawn sets over both.
+    let spec_env = spec
+        .env
+        .iter()
+        .enumerate()
+        .filter(|(i, (key, _))| !spec.env[i + 1..].iter().any(|(k, _)| k == key))
+        .map(|(_, (key, value))| (OsString::from(key), OsString::from(value)));
+    let base_env = std::env::vars_os()
+        .filter(|(key, _)| !spec.env.iter().any(|(k, _)| key.as_os_str() == k.as_str()))
+        .chain(spec_env);
+    let identity_env = [
+        (wire::CONTROL_FD_ENV, child_fd.to_string()),
+        (wire::ID_ENV, identity.id.to_string()),
+        (wire::GROUP_ID_ENV, identity.group_id.to_string()),
+        (wire::GROUP_COUNT_ENV, identity.group_count.to_string()),
+        (wire::GROUP_ENV, identity.group.clone()),
+        (wire::HOST_ENV, identity.host.clone()),
+        (wire::PARAMS_ENV, params),
+    ];
     let exec_error = |source| SpawnError::Exec {
         program: program.clone(),
         source,
     };
-    let command = JobCommand::new(program.as_os_str(), &args_of(spec), env).map_err(exec_error)?;
+    let args: Vec<OsString> = spec.args.iter().map(OsString::from).collect();
+    let command = JobCommand::new(program.as_os_str(), &args, base_env).map_err(exec_error)?;
     let cwd_c =
         match &cwd {
             Some(cwd) => Some(std::ffi::CString::new(cwd.as_os_str().as_bytes()).map_err(
@@ -264,7 +265,7 @@ pub(crate) fn spawn_in(
         in_child: Some(&in_child),
     };
     let mut process = command
-        .spawn_with(&[], &options)
+        .spawn_with(&identity_env, &options)
         .map_err(|source| explain(source, &program, cwd.as_deref(), &spec.env))?;
     drop(child_end);
 
@@ -288,11 +289,6 @@ pub(crate) fn spawn_in(
         stdout,
         stderr,
     })
-}
-
-/// The arguments of `spec`'s program.
-fn args_of(spec: &ProcessSpec) -> Vec<OsString> {
-    spec.args.iter().map(OsString::from).collect()
 }
 
 /// An instance's process, started by [`spawn`]. Its pid (also its process

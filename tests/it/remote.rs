@@ -319,7 +319,7 @@ fn a_login_shell_that_cannot_read_the_start_command_gets_it_through_sh() {
     };
     let host = world.add_host();
     let agents = tempfile::tempdir().expect("temp dir");
-    let config = cached_agent_config(&world, agents.path(), &[&host]);
+    let config = cached_agent_config(&world, agents.path(), &[&host], 2);
     let through_sh = "the login shell cannot run the agent's start command; it ran through sh -c";
     for (run, uploads) in [("first", 1), ("second", 0)] {
         let mut herd = Herd::new(&config);
@@ -356,7 +356,7 @@ fn one_command_per_host_as(login: &str, log: &str) {
     };
     let hosts = [world.add_host(), world.add_host()];
     let agents = tempfile::tempdir().expect("temp dir");
-    let config = cached_agent_config(&world, agents.path(), &[&hosts[0], &hosts[1]]);
+    let config = cached_agent_config(&world, agents.path(), &[&hosts[0], &hosts[1]], 2);
     // Each command a login runs passes through its rc file, which notes it.
     let first_count: Vec<usize> = hosts
         .iter()
@@ -421,9 +421,14 @@ fn world_of_login(login: &str) -> Option<SshWorld> {
     Some(SshWorld::with_login(login))
 }
 
-/// A herd of 2 workers on each of `hosts`, its agents uploaded to (and
-/// cached in) `agents`/cache.
-fn cached_agent_config(world: &SshWorld, agents: &Path, hosts: &[&SshHost]) -> String {
+/// A herd of `instances` workers on each of `hosts`, its agents uploaded
+/// to (and cached in) `agents`/cache.
+fn cached_agent_config(
+    world: &SshWorld,
+    agents: &Path,
+    hosts: &[&SshHost],
+    instances: u32,
+) -> String {
     let hosts: Vec<String> = hosts.iter().map(|h| format!("{:?}", h.alias())).collect();
     format!(
         r#"
@@ -438,7 +443,7 @@ name = "far"
 command = "{{worker}}"
 [[group.remote]]
 hosts = [{hosts}]
-instances = 2
+instances = {instances}
 "#,
         dir = agents.join("cache").display(),
         config = world.ssh_config().display(),
@@ -538,25 +543,7 @@ fn agent_is_uploaded_once_when_missing() {
     let mut world = SshWorld::new();
     let host = world.add_host();
     let agents = tempfile::tempdir().expect("temp dir");
-    let config = format!(
-        r#"
-[master]
-agent_dir = "{dir}"
-
-[ssh]
-ssh_config = "{config}"
-
-[[group]]
-name = "far"
-command = "{{worker}}"
-[[group.remote]]
-hosts = ["{host}"]
-instances = 1
-"#,
-        dir = agents.path().join("cache").display(),
-        config = world.ssh_config().display(),
-        host = host.alias()
-    );
+    let config = cached_agent_config(&world, agents.path(), &[&host], 1);
     let mut first = Herd::new(&config);
     first.start();
     let line = first.wait_for("uploaded the agent to");
