@@ -308,8 +308,8 @@ fn log_frame(record: LogRecord) -> FromAgent {
 /// If the runtime cannot start or the handshake fails.
 pub fn run_stdio() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // The watchdog by fork, while this process has one thread: no second
-    // exec of the executable on the host (if it fails, the registry's
-    // opening below starts one the usual way).
+    // exec of the executable on the host (if it fails, the first
+    // registration starts one the usual way).
     let state_file = default_state_file();
     if let Err(err) = crate::supervise::watchdog::fork_early(&state_file) {
         tracing::warn!("cannot fork the watchdog ({err}): starting it as a program");
@@ -331,13 +331,44 @@ pub fn run_stdio() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         while let Some(record) = records_rx.recv().await {
             tracing::warn!("{}", record.message);
         }
-        serve(tokio::io::stdin(), tokio::io::stdout(), shutdown, pids).await?;
+        let (reader, writer) = stdio_link();
+        serve(reader, writer, shutdown, pids).await?;
         Ok(())
     });
-    // tokio reads stdin on a blocking thread that a pending read keeps
-    // busy; do not wait for a master that may never write again.
+    // Stdin that is not a pipe is read on a blocking thread that a pending
+    // read keeps busy; do not wait for a master that may never write again.
     runtime.shutdown_timeout(Duration::from_millis(100));
     result
+}
+
+/// The agent's end of its link: stdin and stdout.
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+/// See [`Reader`].
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// Stdin and stdout as the link to the master. Under SSH they are pipes:
+/// read and written on the runtime's own thread (non-blocking), not by
+/// tokio's `stdin()`/`stdout()`, which do every read and write on a
+/// blocking thread (a thread to start, and a hand-over per frame). Other
+/// kinds of stdio (a socket, a terminal, a file) go the blocking way.
+fn stdio_link() -> (Reader, Writer) {
+    use std::os::fd::AsFd;
+    use tokio::net::unix::pipe;
+    let reader: Reader = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => match pipe::Receiver::from_owned_fd(fd) {
+            Ok(pipe) => Box::new(pipe),
+            Err(_) => Box::new(tokio::io::stdin()),
+        },
+        Err(_) => Box::new(tokio::io::stdin()),
+    };
+    let writer: Writer = match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => match pipe::Sender::from_owned_fd(fd) {
+            Ok(pipe) => Box::new(pipe),
+            Err(_) => Box::new(tokio::io::stdout()),
+        },
+        Err(_) => Box::new(tokio::io::stdout()),
+    };
+    (reader, writer)
 }
 
 fn watch_agent_signals(shutdown: Shutdown) -> std::io::Result<()> {
