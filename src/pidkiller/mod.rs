@@ -103,7 +103,7 @@
 //! ```
 
 pub(crate) mod proc;
-mod store;
+pub(crate) mod store;
 mod task;
 
 pub use proc::{ProcessIdentity, Signal};
@@ -720,7 +720,7 @@ mod tests {
         let _lock = store::lock(path).expect("lock");
         let mut state = store::empty_state();
         state.entries = entries;
-        store::write(path, &state).expect("write state");
+        store::write(path, &state, None).expect("write state");
     }
 
     /// The identity of a process that has exited and been reaped.

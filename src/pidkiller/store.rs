@@ -73,6 +73,35 @@ pub(crate) fn state_dir_from(
 ///
 /// Entries of another boot are dropped here.
 pub(crate) fn load(path: &Path) -> Result<Option<StateFile>, PidKillerError> {
+    Ok(load_with_text(path)?.map(|(state, _)| state))
+}
+
+/// What a read-modify-write read: the document (a fresh one when the file
+/// does not exist) and the text it was read from, which [`write`] compares
+/// with its new text.
+pub(crate) struct Loaded {
+    /// The document, without entries of another boot.
+    pub(crate) state: StateFile,
+    /// The file's text; `None` when it did not exist.
+    pub(crate) text: Option<String>,
+}
+
+/// [`load`] for a read-modify-write: see [`Loaded`].
+pub(crate) fn load_for_update(path: &Path) -> Result<Loaded, PidKillerError> {
+    Ok(match load_with_text(path)? {
+        Some((state, text)) => Loaded {
+            state,
+            text: Some(text),
+        },
+        None => Loaded {
+            state: empty_state(),
+            text: None,
+        },
+    })
+}
+
+/// [`load`], with the text of the file.
+fn load_with_text(path: &Path) -> Result<Option<(StateFile, String)>, PidKillerError> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -118,7 +147,7 @@ pub(crate) fn load(path: &Path) -> Result<Option<StateFile>, PidKillerError> {
         state.entries.clear();
         state.boot_id = boot;
     }
-    Ok(Some(state))
+    Ok(Some((state, text)))
 }
 
 /// Makes sure the directory of `path` exists (created mode 0700) and is
@@ -183,8 +212,16 @@ pub(crate) fn lock(path: &Path) -> Result<Lock, PidKillerError> {
 /// file it cut short is ignored (see [`load`]); two syncs per write would
 /// cost each instance's start and exit milliseconds on a disk. The caller
 /// holds the [`Lock`].
-pub(crate) fn write(path: &Path, state: &StateFile) -> Result<(), PidKillerError> {
-    ensure_dir(path)?;
+///
+/// Nothing is written when the file holds exactly this text already
+/// (`on_disk`: its text as read under the same lock): a registry opened,
+/// or an owner that ends, with nothing to change costs no rename (on ext4
+/// each rename over a file flushes the new one to the disk at once).
+pub(crate) fn write(
+    path: &Path,
+    state: &StateFile,
+    on_disk: Option<&str>,
+) -> Result<(), PidKillerError> {
     let write_err = |source| PidKillerError::Write {
         path: path.to_owned(),
         source,
@@ -192,6 +229,10 @@ pub(crate) fn write(path: &Path, state: &StateFile) -> Result<(), PidKillerError
     let mut bytes = serde_json::to_vec_pretty(state)
         .map_err(|err| write_err(io::Error::new(io::ErrorKind::InvalidData, err)))?;
     bytes.push(b'\n');
+    if on_disk.is_some_and(|text| text.as_bytes() == bytes) {
+        return Ok(());
+    }
+    ensure_dir(path)?;
     files::write_atomic_unsynced(path, &bytes, 0o600).map_err(write_err)
 }
 
@@ -311,7 +352,7 @@ mod tests {
                 start_time: 78,
             },
         });
-        write(&path, &state).expect("write");
+        write(&path, &state, None).expect("write");
         assert!(!sibling(&path, ".tmp").exists());
         let mode = fs::metadata(path.parent().expect("dir"))
             .expect("meta")
@@ -323,6 +364,39 @@ mod tests {
             serde_json::from_str(&fs::read_to_string(&path).expect("text")).expect("json");
         assert_eq!(raw["entries"][0]["grace"], 1500);
         assert_eq!(raw["entries"][0]["deadline"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn an_unchanged_document_is_not_written_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state").join("pids.json");
+        let mut state = empty_state();
+        write(&path, &state, None).expect("first write");
+        let inode = || fs::metadata(&path).expect("meta").ino();
+        let first = inode();
+        // The same document, as read under the lock: no new file.
+        let loaded = load_for_update(&path).expect("load");
+        let text = loaded.text.expect("the file exists");
+        write(&path, &loaded.state, Some(&text)).expect("same");
+        assert_eq!(inode(), first, "an unchanged document was written again");
+        // A change is written (a new file renamed over the old one).
+        state.entries.push(Entry {
+            identity: ProcessIdentity {
+                pid: 12,
+                start_time: 34,
+            },
+            pgid: 12,
+            deadline: None,
+            grace: std::time::Duration::from_millis(1500),
+            label: "x".into(),
+            owner: ProcessIdentity {
+                pid: 56,
+                start_time: 78,
+            },
+        });
+        write(&path, &state, Some(&text)).expect("changed");
+        assert_ne!(inode(), first, "a changed document was not written");
+        assert_eq!(read_entries(&path).expect("read"), state.entries);
     }
 
     #[test]

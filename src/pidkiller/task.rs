@@ -591,8 +591,8 @@ async fn sleep_until(wake: Option<Instant>) {
 /// dead owners that still run are taken over and returned.
 fn save(path: &Path, me: ProcessIdentity, ours: Vec<Entry>) -> Result<Vec<Entry>, PidKillerError> {
     let _lock = store::lock(path)?;
-    let state = store::load(path)?.unwrap_or_else(store::empty_state);
-    let merged = store::merge(state.entries, me);
+    let loaded = store::load_for_update(path)?;
+    let merged = store::merge(loaded.state.entries, me);
     let orphans: Vec<Entry> = merged
         .orphans
         .into_iter()
@@ -605,9 +605,10 @@ fn save(path: &Path, me: ProcessIdentity, ours: Vec<Entry>) -> Result<Vec<Entry>
         path,
         &StateFile {
             version: store::STATE_VERSION,
-            boot_id: state.boot_id,
+            boot_id: loaded.state.boot_id,
             entries,
         },
+        loaded.text.as_deref(),
     )?;
     Ok(orphans)
 }
@@ -624,8 +625,8 @@ pub(crate) struct Opened {
 pub(crate) fn open(path: &Path) -> Result<Opened, PidKillerError> {
     let me = store::me()?;
     let _lock = store::lock(path)?;
-    let state = store::load(path)?.unwrap_or_else(store::empty_state);
-    let merged = store::merge(state.entries, me);
+    let loaded = store::load_for_update(path)?;
+    let merged = store::merge(loaded.state.entries, me);
     let own: Vec<Entry> = merged
         .own
         .into_iter()
@@ -648,9 +649,10 @@ pub(crate) fn open(path: &Path) -> Result<Opened, PidKillerError> {
         path,
         &StateFile {
             version: store::STATE_VERSION,
-            boot_id: state.boot_id,
+            boot_id: loaded.state.boot_id,
             entries,
         },
+        loaded.text.as_deref(),
     )?;
     Ok(Opened {
         me,

@@ -372,6 +372,7 @@ async fn run_once(
         .await;
     emit(events, label.id, EventKind::Started { pid });
     if let Some(pids) = pids {
+        super::guard_registry(pids, sink).await;
         // The supervisor stops the instance itself at its max lifetime; the
         // record's deadline only matters if this supervisor is gone by then.
         let backstop = spec

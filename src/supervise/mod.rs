@@ -44,13 +44,6 @@ pub async fn open_pid_killer(
     use crate::protocol::slave::Level;
     match crate::pidkiller::PidKiller::open(state_file.clone()).await {
         Ok(pids) => {
-            if let Err(err) = watchdog::start(&state_file) {
-                let message = format!(
-                    "cannot start the watchdog ({err}): if this process is killed, \
-                     its instances run on until the next run stops them"
-                );
-                sink.master_event(Level::Warning, message).await;
-            }
             for entry in pids.leftovers() {
                 let message = format!(
                     "stopping {} (pid {}), left running by an earlier run that died",
@@ -68,6 +61,23 @@ pub async fn open_pid_killer(
             sink.master_event(Level::Warning, message).await;
             None
         }
+    }
+}
+
+/// Makes sure this process's watchdog (if [`watchdog::enable`]d) runs
+/// beside the registry of `pids`: called before each entry is registered,
+/// it starts one before the first. A process that registers nothing (a
+/// master of remote hosts only) starts none, and the start costs nothing
+/// before a run's first SSH handshakes. Warns in the log, once, when the
+/// watchdog cannot start.
+pub(crate) async fn guard_registry(pids: &crate::pidkiller::PidKiller, sink: &LogSink) {
+    use crate::protocol::slave::Level;
+    if let Err(err) = watchdog::start(pids.state_file()) {
+        let message = format!(
+            "cannot start the watchdog ({err}): if this process is killed, \
+             its instances run on until the next run stops them"
+        );
+        sink.master_event(Level::Warning, message).await;
     }
 }
 

@@ -4,13 +4,14 @@
 //! process group with the identity (pid and start time) of the master or
 //! agent that started it; a later run stops what a dead owner left. The
 //! watchdog does it at once: a small process (`taskherd watchdog`, started
-//! when the registry opens, in a process group of its own) that holds the
+//! before the first entry is registered, in a process group of its own;
+//! an agent forks its own at its start) that holds the
 //! read end of a pipe whose write end only its owner has. When the owner
-//! ends, however it ends, the kernel closes that end; the watchdog then
-//! opens the registry, which takes the dead owner's entries over and stops
-//! them (SIGTERM to each process group, its stop grace, SIGKILL), waits
-//! until they are gone, and exits. After a clean stop the owner's entries
-//! are gone already, and the watchdog exits at once.
+//! ends, however it ends, the kernel closes that end. After a clean end
+//! the owner has no entry left in the registry, and the watchdog exits at
+//! once, having only read it. Otherwise it opens the registry, which takes
+//! the dead owner's entries over and stops them (SIGTERM to each process
+//! group, its stop grace, SIGKILL), waits until they are gone, and exits.
 //!
 //! It kills only what the registry recorded, each checked by pid and start
 //! time (a reused pid is not ours), and only entries whose owner is dead.
@@ -25,6 +26,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -47,6 +49,9 @@ static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
 /// as the process.
 static RUNNING: Mutex<Option<Running>> = Mutex::new(None);
 
+/// Whether [`start`] failed (and said so): it does not try again.
+static START_FAILED: AtomicBool = AtomicBool::new(false);
+
 /// A started watchdog: its process and our end of its pipe.
 struct Running {
     /// The watchdog process (reaped when it ends with us, by init); `None`
@@ -60,17 +65,18 @@ struct Running {
 }
 
 /// Turns the watchdog on for this process: `program watchdog --state-file
-/// FILE` is started beside the first pid registry opened.
+/// FILE` is started beside the first pid registry that gets an entry.
 pub fn enable(program: PathBuf) {
     let _ = PROGRAM.set(program);
 }
 
 /// Starts this process's watchdog for the registry `state_file`, if it is
-/// [`enable`]d and not started yet. `Ok(false)` when there is nothing to
-/// do.
+/// [`enable`]d and not started (or tried) yet. `Ok(false)` when there is
+/// nothing to do.
 ///
 /// # Errors
-/// The watchdog process could not be started.
+/// The watchdog process could not be started (said once: later calls
+/// return `Ok(false)`).
 pub(crate) fn start(state_file: &Path) -> std::io::Result<bool> {
     let Some(program) = PROGRAM.get() else {
         return Ok(false);
@@ -79,10 +85,11 @@ pub(crate) fn start(state_file: &Path) -> std::io::Result<bool> {
     if running
         .as_ref()
         .is_some_and(|running| running.state_file == state_file)
+        || START_FAILED.load(Ordering::Relaxed)
     {
         return Ok(false);
     }
-    let mut child = Command::new(program)
+    let started = Command::new(program)
         .arg(WATCHDOG_COMMAND)
         .arg("--state-file")
         .arg(state_file)
@@ -92,12 +99,14 @@ pub(crate) fn start(state_file: &Path) -> std::io::Result<bool> {
         // Out of our process group: a Ctrl-C meant for the master does
         // not end it before the master has stopped its instances.
         .process_group(0)
-        .spawn()?;
-    let Some(pipe) = child.stdin.take() else {
-        return Err(std::io::Error::other(
-            "the watchdog started without its pipe",
-        ));
-    };
+        .spawn()
+        .and_then(|mut child| match child.stdin.take() {
+            Some(pipe) => Ok((child, pipe)),
+            None => Err(std::io::Error::other(
+                "the watchdog started without its pipe",
+            )),
+        });
+    let (child, pipe) = started.inspect_err(|_| START_FAILED.store(true, Ordering::Relaxed))?;
     *running = Some(Running {
         _child: Some(child),
         _pipe: OwnedFd::from(pipe),
@@ -113,8 +122,8 @@ pub(crate) fn start(state_file: &Path) -> std::io::Result<bool> {
 /// second exec (and dynamic load) of the executable per agent. Does
 /// nothing and returns `Ok(false)` unless the watchdog is [`enable`]d, if
 /// one runs already, or if this process has more than one thread (a fork
-/// is only sound while it has one); the watchdog is then started as a program when
-/// the registry opens.
+/// is only sound while it has one); the watchdog is then started as a
+/// program before the first entry is registered.
 ///
 /// # Errors
 /// The pipe or the fork failed.
@@ -160,6 +169,16 @@ pub fn fork_early(state_file: &Path) -> std::io::Result<bool> {
     }
 }
 
+/// Whether the registry `state_file` holds an entry of the process `owner`
+/// (by pid: one of an earlier process with the same pid counts too), or
+/// cannot be read (then [`PidKiller::open`] says why).
+fn has_entries_of(owner: u32, state_file: &Path) -> bool {
+    match crate::pidkiller::read_state(state_file) {
+        Ok(entries) => entries.iter().any(|entry| entry.owner.pid == owner),
+        Err(_) => true,
+    }
+}
+
 /// Whether this process has a single thread (from /proc; `false` when it
 /// cannot tell).
 fn single_threaded() -> bool {
@@ -198,6 +217,14 @@ fn guard(owner: u32, mut pipe: impl std::io::Read, state_file: &Path) -> i32 {
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
+    }
+    // The pipe closed when the owner's last thread was gone: its last
+    // save is in the registry (or never will be). After a clean end it
+    // has no entry left there, and there is nothing to do: no runtime, no
+    // registry write (which its end would hold up: the watchdog keeps the
+    // owner's stderr, an agent's SSH session, open).
+    if !has_entries_of(owner, state_file) {
+        return 0;
     }
     // The pipe closes while the owner exits, before it is dead: until we
     // are its child no more, the registry would take it for alive (and
@@ -247,4 +274,70 @@ fn guard(owner: u32, mut pipe: impl std::io::Read, state_file: &Path) -> i32 {
         drop(killer);
         0
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pidkiller::proc::ProcessIdentity;
+    use crate::pidkiller::{read_state, Entry};
+    use std::os::unix::fs::MetadataExt;
+
+    /// The pid of a process that has ended and been reaped.
+    fn gone_pid() -> u32 {
+        let mut child = Command::new("true").spawn().expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("wait");
+        pid
+    }
+
+    fn entry_of(owner: u32) -> Entry {
+        let pid = gone_pid();
+        Entry {
+            identity: ProcessIdentity { pid, start_time: 1 },
+            pgid: pid,
+            deadline: None,
+            grace: Duration::from_millis(100),
+            label: "left".into(),
+            owner: ProcessIdentity {
+                pid: owner,
+                start_time: 1,
+            },
+        }
+    }
+
+    fn write_registry(path: &Path, entries: Vec<Entry>) {
+        let _lock = crate::pidkiller::store::lock(path).expect("lock");
+        let mut state = crate::pidkiller::store::empty_state();
+        state.entries = entries;
+        crate::pidkiller::store::write(path, &state, None).expect("write");
+    }
+
+    #[test]
+    fn after_a_clean_end_the_registry_is_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pids.json");
+        let other_owner = gone_pid();
+        write_registry(&path, vec![entry_of(other_owner)]);
+        let inode = fs_inode(&path);
+        // The owner (another ended process) has no entry: done at once.
+        assert_eq!(guard(gone_pid(), std::io::empty(), &path), 0);
+        assert_eq!(fs_inode(&path), inode, "the registry was written");
+    }
+
+    #[test]
+    fn entries_of_the_owner_are_taken_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pids.json");
+        let owner = gone_pid();
+        write_registry(&path, vec![entry_of(owner)]);
+        assert_eq!(guard(owner, std::io::empty(), &path), 0);
+        // The registry was opened: the dead owner's entry, whose process
+        // is gone, was dropped.
+        assert_eq!(read_state(&path).expect("read"), Vec::new());
+    }
+
+    fn fs_inode(path: &Path) -> u64 {
+        std::fs::metadata(path).expect("metadata").ino()
+    }
 }
