@@ -258,8 +258,11 @@ impl SshHost {
              PrintMotd no\n\
              X11Forwarding no\n\
              Subsystem sftp internal-sftp\n\
-             SetEnv {SSHD_MARK_VAR}={marker}\n",
+             SetEnv {SSHD_MARK_VAR}={marker} XDG_STATE_HOME={state}\n",
             host_key = self.host_dir.join("ssh_host_ed25519_key").display(),
+            // Each host keeps its own state (its agents' pid registry), as
+            // a real host does, not one file for every host of the run.
+            state = self.host_dir.join("state").display(),
             pid_file = self.host_dir.join("sshd.pid").display(),
             authorized_keys = authorized_keys.display(),
             marker = self.marker,
