@@ -187,6 +187,9 @@ struct Shared {
 #[derive(Debug)]
 pub struct LogWriter {
     thread: std::thread::JoinHandle<()>,
+    /// Disconnected when the thread ends (or dies): `finish` wakes at
+    /// once instead of polling.
+    done: std::sync::mpsc::Receiver<()>,
     progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -198,6 +201,10 @@ const FLUSH_AT: usize = 64 * 1024;
 /// (`taskherd run | stuck`) before it gives up on the last records.
 const FINISH_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How often [`LogWriter::finish`] looks whether the output still takes
+/// something.
+const FINISH_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl LogWriter {
     /// Waits until every sink is dropped and every record written, or
     /// until the output has taken nothing for 10 s (a pipe nobody reads):
@@ -208,10 +215,12 @@ impl LogWriter {
     /// the records sent after its death were lost.
     pub fn finish(self) {
         use std::sync::atomic::Ordering;
+        use std::sync::mpsc::RecvTimeoutError;
         let mut seen = self.progress.load(Ordering::Relaxed);
         let mut since = std::time::Instant::now();
-        while !self.thread.is_finished() {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        // The thread's end disconnects `done`: no poll interval to wait
+        // out after the last record (it used to cost the exit up to 20 ms).
+        while let Err(RecvTimeoutError::Timeout) = self.done.recv_timeout(FINISH_CHECK) {
             let now = self.progress.load(Ordering::Relaxed);
             if now != seen {
                 seen = now;
@@ -349,9 +358,14 @@ impl LogSink {
             notices: Vec::new(),
             prefix: format::LinePrefix::default(),
         };
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("taskherd-log".into())
-            .spawn(move || writer.run(records_rx, events_rx))
+            .spawn(move || {
+                // Dropped as the thread ends, by return or by panic.
+                let _done = done_tx;
+                writer.run(records_rx, events_rx);
+            })
             .map_err(LogError::Thread)?;
         let shared = Arc::new(Shared {
             feed,
@@ -363,7 +377,14 @@ impl LogSink {
             events_tx: Some(events_tx),
             shared,
         };
-        Ok((sink, LogWriter { thread, progress }))
+        Ok((
+            sink,
+            LogWriter {
+                thread,
+                done,
+                progress,
+            },
+        ))
     }
 
     /// A sink whose records come out of the returned receiver (the agent

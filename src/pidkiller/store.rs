@@ -332,13 +332,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn write_is_atomic_and_readable() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("sub/pids.json");
-        let _lock = lock(&path).expect("lock");
-        let mut state = empty_state();
-        state.entries.push(Entry {
+    /// An entry of pid 12 (group 12), owned by pid 56, 1.5 s of grace.
+    fn sample_entry() -> Entry {
+        Entry {
             identity: ProcessIdentity {
                 pid: 12,
                 start_time: 34,
@@ -351,7 +347,16 @@ mod tests {
                 pid: 56,
                 start_time: 78,
             },
-        });
+        }
+    }
+
+    #[test]
+    fn write_is_atomic_and_readable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/pids.json");
+        let _lock = lock(&path).expect("lock");
+        let mut state = empty_state();
+        state.entries.push(sample_entry());
         write(&path, &state, None).expect("write");
         assert!(!sibling(&path, ".tmp").exists());
         let mode = fs::metadata(path.parent().expect("dir"))
@@ -380,20 +385,7 @@ mod tests {
         write(&path, &loaded.state, Some(&text)).expect("same");
         assert_eq!(inode(), first, "an unchanged document was written again");
         // A change is written (a new file renamed over the old one).
-        state.entries.push(Entry {
-            identity: ProcessIdentity {
-                pid: 12,
-                start_time: 34,
-            },
-            pgid: 12,
-            deadline: None,
-            grace: std::time::Duration::from_millis(1500),
-            label: "x".into(),
-            owner: ProcessIdentity {
-                pid: 56,
-                start_time: 78,
-            },
-        });
+        state.entries.push(sample_entry());
         write(&path, &state, Some(&text)).expect("changed");
         assert_ne!(inode(), first, "a changed document was not written");
         assert_eq!(read_entries(&path).expect("read"), state.entries);
