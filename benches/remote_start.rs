@@ -70,6 +70,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// pdsh's fan-out (`-f`) in every row, and taskherd's `max_handshakes`
+/// next to it: both tools set up as many connections at once.
+const PDSH_FANOUT: u32 = 64;
+
 /// Runs per scenario unless `BENCH_RUNS` says otherwise.
 const DEFAULT_RUNS: usize = 5;
 
@@ -343,6 +347,7 @@ fn write_herd_config(
         "[master]\n\
          agent_path = {agent}\n\
          stop_grace = \"5s\"\n\
+         max_handshakes = {fanout}\n\
          \n\
          [ssh]\n\
          ssh_config = {ssh_config}\n\
@@ -354,6 +359,7 @@ fn write_herd_config(
          hosts = [{hosts}]\n\
          instances = {instances}\n",
         agent = toml_string(&taskherd.display().to_string()),
+        fanout = PDSH_FANOUT,
         ssh_config = toml_string(&ssh_config.display().to_string()),
         group_keys = program.group_keys,
         hosts = aliases.join(", "),
@@ -575,7 +581,15 @@ fn time_pdsh_echo(config: &Path, targets: &[String], word: &str) -> Duration {
     command
         // The same login as taskherd's sessions (see sshd::login_user):
         // pdsh's %u would otherwise be the local user, with its shell rc.
-        .args(["-R", "ssh", "-f", "64", "-l", sshd::login_user(), "-w"])
+        .args([
+            "-R",
+            "ssh",
+            "-f",
+            &PDSH_FANOUT.to_string(),
+            "-l",
+            sshd::login_user(),
+            "-w",
+        ])
         .arg(targets.join(","))
         .arg(format!("echo {word}"))
         // pdsh's default is "-2 -a -x -l%u %h"; only `-F config` is added.

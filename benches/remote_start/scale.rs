@@ -204,7 +204,15 @@ fn time_pdsh_lines(login: &Login, aliases: &[String], per_host: usize, work: Pds
         .join(" ");
     let mut command = Command::new(PDSH);
     command
-        .args(["-R", "ssh", "-f", "64", "-l", login.user, "-w"])
+        .args([
+            "-R",
+            "ssh",
+            "-f",
+            &super::PDSH_FANOUT.to_string(),
+            "-l",
+            login.user,
+            "-w",
+        ])
         .arg(aliases.join(","))
         .arg(match work {
             PdshWork::Builtins => format!("for i in {ids}; do echo done $i; done"),
