@@ -103,13 +103,24 @@ pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
 
 /// Reads and parses `/proc/<pid>/stat`.
 pub(crate) fn read_stat(pid: u32) -> io::Result<Stat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let text = read_small(format!("/proc/{pid}/stat"))?;
     parse_stat(&text).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("cannot parse /proc/{pid}/stat"),
         )
     })
+}
+
+/// Reads a small file of `/proc` (a stat line) in one read and the read
+/// that says its end. `fs::read_to_string` starts with a 32-byte read and
+/// doubles, as the kernel gives these files no size: six reads for a stat
+/// line, for every process a registry or watchdog looks at.
+pub(crate) fn read_small(path: impl AsRef<std::path::Path>) -> io::Result<String> {
+    use std::io::Read;
+    let mut text = String::with_capacity(1024);
+    std::fs::File::open(path)?.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Whether some running process other than a zombie is in group `pgid` and

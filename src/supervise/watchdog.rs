@@ -182,7 +182,7 @@ fn has_entries_of(owner: u32, state_file: &Path) -> bool {
 /// Whether this process has a single thread (from /proc; `false` when it
 /// cannot tell).
 fn single_threaded() -> bool {
-    std::fs::read_to_string("/proc/self/stat")
+    crate::pidkiller::proc::read_small("/proc/self/stat")
         .ok()
         .and_then(|stat| {
             // After the command name: state is field 3, num_threads 20.
