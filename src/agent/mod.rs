@@ -354,19 +354,15 @@ type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 fn stdio_link() -> (Reader, Writer) {
     use std::os::fd::AsFd;
     use tokio::net::unix::pipe;
-    let reader: Reader = match std::io::stdin().as_fd().try_clone_to_owned() {
-        Ok(fd) => match pipe::Receiver::from_owned_fd(fd) {
-            Ok(pipe) => Box::new(pipe),
-            Err(_) => Box::new(tokio::io::stdin()),
-        },
-        Err(_) => Box::new(tokio::io::stdin()),
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned().ok();
+    let reader: Reader = match stdin.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok()) {
+        Some(pipe) => Box::new(pipe),
+        None => Box::new(tokio::io::stdin()),
     };
-    let writer: Writer = match std::io::stdout().as_fd().try_clone_to_owned() {
-        Ok(fd) => match pipe::Sender::from_owned_fd(fd) {
-            Ok(pipe) => Box::new(pipe),
-            Err(_) => Box::new(tokio::io::stdout()),
-        },
-        Err(_) => Box::new(tokio::io::stdout()),
+    let stdout = std::io::stdout().as_fd().try_clone_to_owned().ok();
+    let writer: Writer = match stdout.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok()) {
+        Some(pipe) => Box::new(pipe),
+        None => Box::new(tokio::io::stdout()),
     };
     (reader, writer)
 }

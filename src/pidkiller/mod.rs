@@ -103,7 +103,7 @@
 //! ```
 
 pub(crate) mod proc;
-pub(crate) mod store;
+mod store;
 mod task;
 
 pub use proc::{ProcessIdentity, Signal};
@@ -562,6 +562,16 @@ pub fn read_state(path: impl AsRef<Path>) -> Result<Vec<Entry>, PidKillerError> 
     store::read_entries(path.as_ref())
 }
 
+/// Writes a state file by hand with `entries`, as a previous run would
+/// have (tests of the registry and of its watchdog).
+#[cfg(test)]
+pub(crate) fn write_entries(path: &Path, entries: Vec<Entry>) {
+    let _lock = store::lock(path).expect("lock");
+    let mut state = store::empty_state();
+    state.entries = entries;
+    store::write(path, &state, None).expect("write state");
+}
+
 /// Where state lives: `$XDG_STATE_HOME/taskherd`, else
 /// `$HOME/.local/state/taskherd`, else `/tmp/taskherd-state-<uid>`
 /// (relative values are ignored).
@@ -713,14 +723,6 @@ mod tests {
 
     fn soon(ms: u64) -> Option<SystemTime> {
         Some(SystemTime::now() + Duration::from_millis(ms))
-    }
-
-    /// Writes a state file by hand, as a previous run would have.
-    fn write_state(path: &Path, entries: Vec<Entry>) {
-        let _lock = store::lock(path).expect("lock");
-        let mut state = store::empty_state();
-        state.entries = entries;
-        store::write(path, &state, None).expect("write state");
     }
 
     /// The identity of a process that has exited and been reaped.
@@ -889,7 +891,7 @@ mod tests {
             label: label.into(),
             owner: dead_owner,
         };
-        write_state(
+        write_entries(
             &path,
             vec![
                 entry(stubborn.identity(), "leftover"),
@@ -927,7 +929,7 @@ mod tests {
             label: "foreign".into(),
             owner: owner_identity,
         };
-        write_state(&path, vec![foreign_entry.clone()]);
+        write_entries(&path, vec![foreign_entry.clone()]);
 
         let killer = PidKiller::open(path.clone()).await.expect("open");
         assert!(killer.leftovers().is_empty());

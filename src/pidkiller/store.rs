@@ -69,42 +69,26 @@ pub(crate) fn state_dir_from(
     PathBuf::from(format!("/tmp/taskherd-state-{uid}"))
 }
 
-/// Loads the state file; `Ok(None)` when it does not exist.
-///
-/// Entries of another boot are dropped here.
-pub(crate) fn load(path: &Path) -> Result<Option<StateFile>, PidKillerError> {
-    Ok(load_with_text(path)?.map(|(state, _)| state))
-}
-
-/// What a read-modify-write read: the document (a fresh one when the file
-/// does not exist) and the text it was read from, which [`write`] compares
-/// with its new text.
+/// A loaded state file: the document and the text it was read from, which
+/// [`write`] compares with its new text.
+#[derive(Debug)]
 pub(crate) struct Loaded {
-    /// The document, without entries of another boot.
+    /// The document, without entries of another boot; a fresh one when
+    /// the file does not exist (or was cut short before this boot).
     pub(crate) state: StateFile,
-    /// The file's text; `None` when it did not exist.
+    /// The file's text; `None` when there was none to keep.
     pub(crate) text: Option<String>,
 }
 
-/// [`load`] for a read-modify-write: see [`Loaded`].
-pub(crate) fn load_for_update(path: &Path) -> Result<Loaded, PidKillerError> {
-    Ok(match load_with_text(path)? {
-        Some((state, text)) => Loaded {
-            state,
-            text: Some(text),
-        },
-        None => Loaded {
-            state: empty_state(),
-            text: None,
-        },
-    })
-}
-
-/// [`load`], with the text of the file.
-fn load_with_text(path: &Path) -> Result<Option<(StateFile, String)>, PidKillerError> {
+/// Loads the state file. Entries of another boot are dropped here.
+pub(crate) fn load(path: &Path) -> Result<Loaded, PidKillerError> {
+    let missing = || Loaded {
+        state: empty_state(),
+        text: None,
+    };
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(missing()),
         Err(source) => {
             return Err(PidKillerError::Read {
                 path: path.to_owned(),
@@ -121,7 +105,7 @@ fn load_with_text(path: &Path) -> Result<Option<(StateFile, String)>, PidKillerE
                 path = %path.display(),
                 "ignoring an unreadable pid registry written before this boot"
             );
-            return Ok(None);
+            return Ok(missing());
         }
         Err(source) => {
             return Err(PidKillerError::Corrupt {
@@ -147,7 +131,10 @@ fn load_with_text(path: &Path) -> Result<Option<(StateFile, String)>, PidKillerE
         state.entries.clear();
         state.boot_id = boot;
     }
-    Ok(Some((state, text)))
+    Ok(Loaded {
+        state,
+        text: Some(text),
+    })
 }
 
 /// Makes sure the directory of `path` exists (created mode 0700) and is
@@ -291,7 +278,7 @@ pub(crate) fn still_running(entry: &Entry) -> bool {
 /// Reads the entries of a state file for display; see
 /// [`super::read_state`].
 pub(crate) fn read_entries(path: &Path) -> Result<Vec<Entry>, PidKillerError> {
-    Ok(load(path)?.map(|s| s.entries).unwrap_or_default())
+    Ok(load(path)?.state.entries)
 }
 
 /// A fresh document for the current boot.
@@ -380,7 +367,7 @@ mod tests {
         let inode = || fs::metadata(&path).expect("meta").ino();
         let first = inode();
         // The same document, as read under the lock: no new file.
-        let loaded = load_for_update(&path).expect("load");
+        let loaded = load(&path).expect("load");
         let text = loaded.text.expect("the file exists");
         write(&path, &loaded.state, Some(&text)).expect("same");
         assert_eq!(inode(), first, "an unchanged document was written again");
@@ -404,7 +391,8 @@ mod tests {
             .open(&path)
             .and_then(|file| file.set_modified(long_ago))
             .expect("set mtime");
-        assert!(load(&path).expect("taken for empty").is_none());
+        let loaded = load(&path).expect("taken for empty");
+        assert!(loaded.text.is_none() && loaded.state.entries.is_empty());
         // The same file written in this boot is a corrupt registry.
         File::options()
             .write(true)

@@ -591,7 +591,7 @@ async fn sleep_until(wake: Option<Instant>) {
 /// dead owners that still run are taken over and returned.
 fn save(path: &Path, me: ProcessIdentity, ours: Vec<Entry>) -> Result<Vec<Entry>, PidKillerError> {
     let _lock = store::lock(path)?;
-    let loaded = store::load_for_update(path)?;
+    let loaded = store::load(path)?;
     let merged = store::merge(loaded.state.entries, me);
     let orphans: Vec<Entry> = merged
         .orphans
@@ -625,7 +625,7 @@ pub(crate) struct Opened {
 pub(crate) fn open(path: &Path) -> Result<Opened, PidKillerError> {
     let me = store::me()?;
     let _lock = store::lock(path)?;
-    let loaded = store::load_for_update(path)?;
+    let loaded = store::load(path)?;
     let merged = store::merge(loaded.state.entries, me);
     let own: Vec<Entry> = merged
         .own

@@ -280,7 +280,7 @@ fn guard(owner: u32, mut pipe: impl std::io::Read, state_file: &Path) -> i32 {
 mod tests {
     use super::*;
     use crate::pidkiller::proc::ProcessIdentity;
-    use crate::pidkiller::{read_state, Entry};
+    use crate::pidkiller::{read_state, write_entries, Entry};
     use std::os::unix::fs::MetadataExt;
 
     /// The pid of a process that has ended and been reaped.
@@ -306,19 +306,12 @@ mod tests {
         }
     }
 
-    fn write_registry(path: &Path, entries: Vec<Entry>) {
-        let _lock = crate::pidkiller::store::lock(path).expect("lock");
-        let mut state = crate::pidkiller::store::empty_state();
-        state.entries = entries;
-        crate::pidkiller::store::write(path, &state, None).expect("write");
-    }
-
     #[test]
     fn after_a_clean_end_the_registry_is_left_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("pids.json");
         let other_owner = gone_pid();
-        write_registry(&path, vec![entry_of(other_owner)]);
+        write_entries(&path, vec![entry_of(other_owner)]);
         let inode = fs_inode(&path);
         // The owner (another ended process) has no entry: done at once.
         assert_eq!(guard(gone_pid(), std::io::empty(), &path), 0);
@@ -330,7 +323,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("pids.json");
         let owner = gone_pid();
-        write_registry(&path, vec![entry_of(owner)]);
+        write_entries(&path, vec![entry_of(owner)]);
         assert_eq!(guard(owner, std::io::empty(), &path), 0);
         // The registry was opened: the dead owner's entry, whose process
         // is gone, was dropped.
