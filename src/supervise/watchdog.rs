@@ -169,12 +169,21 @@ pub fn fork_early(state_file: &Path) -> std::io::Result<bool> {
     }
 }
 
-/// Whether the registry `state_file` holds an entry of the process `owner`
-/// (by pid: one of an earlier process with the same pid counts too), or
-/// cannot be read (then [`PidKiller::open`] says why).
-fn has_entries_of(owner: u32, state_file: &Path) -> bool {
+/// Whether the registry `state_file` holds something for a watchdog to
+/// do: an entry of the process `owner` (by pid: one of an earlier process
+/// with the same pid counts too), or of any owner that is no longer alive
+/// (an exec'd watchdog that first looked after its owner had died took
+/// init for its owner), or it cannot be read (then [`PidKiller::open`]
+/// says why).
+fn has_work(owner: u32, state_file: &Path) -> bool {
     match crate::pidkiller::read_state(state_file) {
-        Ok(entries) => entries.iter().any(|entry| entry.owner.pid == owner),
+        Ok(entries) => {
+            let owners: std::collections::HashSet<_> =
+                entries.iter().map(|entry| entry.owner).collect();
+            owners
+                .iter()
+                .any(|entry_owner| entry_owner.pid == owner || !entry_owner.is_alive_same())
+        }
         Err(_) => true,
     }
 }
@@ -223,7 +232,7 @@ fn guard(owner: u32, mut pipe: impl std::io::Read, state_file: &Path) -> i32 {
     // has no entry left there, and there is nothing to do: no runtime, no
     // registry write (which its end would hold up: the watchdog keeps the
     // owner's stderr, an agent's SSH session, open).
-    if !has_entries_of(owner, state_file) {
+    if !has_work(owner, state_file) {
         return 0;
     }
     // The pipe closes while the owner exits, before it is dead: until we
@@ -310,8 +319,10 @@ mod tests {
     fn after_a_clean_end_the_registry_is_left_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("pids.json");
-        let other_owner = gone_pid();
-        write_entries(&path, vec![entry_of(other_owner)]);
+        // Another owner's entry, and that owner (this test) runs on.
+        let mut other = entry_of(gone_pid());
+        other.owner = ProcessIdentity::current().expect("own identity");
+        write_entries(&path, vec![other]);
         let inode = fs_inode(&path);
         // The owner (another ended process) has no entry: done at once.
         assert_eq!(guard(gone_pid(), std::io::empty(), &path), 0);
@@ -327,6 +338,17 @@ mod tests {
         assert_eq!(guard(owner, std::io::empty(), &path), 0);
         // The registry was opened: the dead owner's entry, whose process
         // is gone, was dropped.
+        assert_eq!(read_state(&path).expect("read"), Vec::new());
+    }
+
+    #[test]
+    fn a_dead_owner_s_entries_are_taken_over_whoever_the_owner_was_taken_for() {
+        // An exec'd watchdog that first looks after its owner has died was
+        // reparented already: it takes init (or a subreaper) for its owner.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pids.json");
+        write_entries(&path, vec![entry_of(gone_pid())]);
+        assert_eq!(guard(1, std::io::empty(), &path), 0);
         assert_eq!(read_state(&path).expect("read"), Vec::new());
     }
 
