@@ -37,6 +37,7 @@
 
 pub mod control;
 mod core;
+mod exe_hash;
 pub mod herd;
 mod hooks;
 mod host;

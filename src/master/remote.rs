@@ -316,6 +316,9 @@ struct HostRun<'a> {
 impl HostRun<'_> {
     async fn connect_and_serve(&mut self) -> HostOutcome {
         let host = &self.plan.host;
+        if self.settings.agent_path.is_none() {
+            ssh::prepare_agent_upload();
+        }
         // One of `max_handshakes` turns, held for the handshake only.
         let connect = async {
             let _turn = self.settings.handshakes.acquire().await;

@@ -5,10 +5,9 @@
 
 use crate::config::{HostSpec, KnownHostsPolicy, SshOptions, DEFAULT_CONNECT_TIMEOUT};
 use openssh::{Session, Stdio};
-use sha2::{Digest, Sha256};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
@@ -291,27 +290,44 @@ async fn own_executable() -> Result<&'static OwnExecutable, RemoteError> {
     OWN_EXECUTABLE.get_or_try_init(hash_own_executable).await
 }
 
+/// Starts hashing this executable (what names the agent's file on the
+/// hosts) in the background, once per process, for hosts about to connect
+/// without `master.agent_path`. The first of them then finds the hash
+/// ready as its handshake ends, instead of starting it then: with many
+/// hosts the handshakes take every CPU by that time, and reading and
+/// hashing 25 MB among them took a second (64 hosts on 2 cores), during
+/// which no host could start its agent. A failure is left for the hosts
+/// to meet and report (they ask again).
+pub fn prepare_agent_upload() {
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    if !STARTED.swap(true, Ordering::Relaxed) {
+        tokio::spawn(async {
+            let _ = own_executable().await;
+        });
+    }
+}
+
 async fn hash_own_executable() -> Result<OwnExecutable, RemoteError> {
     let path = std::env::current_exe().map_err(|source| RemoteError::OwnExecutable {
         path: PathBuf::from("/proc/self/exe"),
         source,
     })?;
-    let read_path = path.clone();
-    let bytes = tokio::fs::read(&read_path)
+    let cache = crate::pidkiller::default_state_dir().join(EXE_HASH_FILE);
+    let hashed = path.clone();
+    let sha256 = tokio::task::spawn_blocking(move || super::exe_hash::sha256(&hashed, &cache))
         .await
+        .map_err(std::io::Error::other)
+        .and_then(|hashed| hashed)
         .map_err(|source| RemoteError::OwnExecutable {
             path: path.clone(),
             source,
         })?;
-    let sha256 =
-        tokio::task::spawn_blocking(move || crate::error_text::hex(&Sha256::digest(&bytes)))
-            .await
-            .map_err(|err| RemoteError::OwnExecutable {
-                path: path.clone(),
-                source: std::io::Error::other(err),
-            })?;
     Ok(OwnExecutable { path, sha256 })
 }
+
+/// The file of the state directory where masters keep the hashes of
+/// their executables (see `exe_hash`).
+pub const EXE_HASH_FILE: &str = "exe-sha256";
 
 /// Quotes a string for a POSIX shell. A word of only letters, digits and
 /// `_@%+=:,./-` (most paths) stays as it is: then a command built with it

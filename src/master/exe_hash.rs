@@ -1,0 +1,203 @@
+//! The SHA-256 of an executable, remembered between runs.
+//!
+//! The master names the agent it uploads after its own SHA-256 (and checks
+//! the upload with it). Reading and hashing its 25 MB is ~25 ms of CPU,
+//! paid by every master that starts remote hosts without
+//! `master.agent_path`, at the worst moment: while the SSH handshakes of
+//! every host take the CPU, where it took a second (64 hosts on 2 cores)
+//! and no host could start its agent meanwhile. So the hash is kept in a
+//! small file of the user's state directory, keyed as git's index keys a
+//! file: device, inode, size, modification and change times. Any write to
+//! the executable changes its change time, which no user can set back, so
+//! a key that matches means the same content.
+//!
+//! The file holds one line per executable (the [`KEPT`] most recent):
+//! `<dev> <ino> <size> <mtime>.<ns> <ctime>.<ns> <sha256>`. A line that
+//! does not read so is ignored; a file that cannot be read or written
+//! costs a hash, never an error.
+
+use sha2::{Digest as _, Sha256};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+use std::path::Path;
+
+/// Lines kept in the file: a user switching between a few builds keeps
+/// each one's hash.
+const KEPT: usize = 8;
+
+/// The SHA-256 (lowercase hex) of the file at `path`, from the cache file
+/// `cache` when it knows this very file, else computed (and noted in
+/// `cache` when the file did not change meanwhile).
+///
+/// # Errors
+/// If `path` cannot be read.
+pub(crate) fn sha256(path: &Path, cache: &Path) -> io::Result<String> {
+    let key = key_of(&std::fs::metadata(path)?);
+    let known = std::fs::read_to_string(cache).unwrap_or_default();
+    if let Some(hash) = lookup(&known, &key) {
+        return Ok(hash.to_string());
+    }
+    let hash = crate::error_text::hex(&Sha256::digest(std::fs::read(path)?));
+    // A file replaced while it was read must not be noted under the key of
+    // the one before.
+    if std::fs::metadata(path).is_ok_and(|meta| key_of(&meta) == key) {
+        if let Err(err) = note(cache, &known, &key, &hash) {
+            tracing::debug!("cannot note the hash in {}: {err}", cache.display());
+        }
+    }
+    Ok(hash)
+}
+
+/// What identifies a file's content: device, inode, size, modification
+/// and change times, as the five first fields of a line.
+fn key_of(meta: &std::fs::Metadata) -> String {
+    format!(
+        "{} {} {} {}.{} {}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    )
+}
+
+/// The hash of the line of `text` with key `key`.
+fn lookup<'t>(text: &'t str, key: &str) -> Option<&'t str> {
+    text.lines()
+        .filter_map(parse)
+        .find(|(k, _)| *k == key)
+        .map(|(_, hash)| hash)
+}
+
+/// A well-formed line: (key, hash).
+fn parse(line: &str) -> Option<(&str, &str)> {
+    let (key, hash) = line.rsplit_once(' ')?;
+    let well_formed = key.split(' ').count() == 5
+        && hash.len() == 64
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    well_formed.then_some((key, hash))
+}
+
+/// Writes `cache` anew: `key`'s line first, then the other well-formed
+/// lines of `known`, [`KEPT`] in all.
+fn note(cache: &Path, known: &str, key: &str, hash: &str) -> io::Result<()> {
+    let mut text = format!("{key} {hash}\n");
+    for (k, h) in known
+        .lines()
+        .filter_map(parse)
+        .filter(|(k, _)| *k != key)
+        .take(KEPT - 1)
+    {
+        text.push_str(&format!("{k} {h}\n"));
+    }
+    if let Some(dir) = cache.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    // A sibling of our own: two masters noting at once each write theirs.
+    let suffix = format!(".{}.tmp", std::process::id());
+    let replacement = crate::files::Replacement::create(cache, &suffix, 0o600)?;
+    io::Write::write_all(&mut replacement.file(), text.as_bytes())?;
+    replacement.commit_unsynced()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex_of(bytes: &[u8]) -> String {
+        crate::error_text::hex(&Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn a_file_is_hashed_once_then_its_hash_is_read_from_the_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exe, cache) = (dir.path().join("exe"), dir.path().join("state/exe-sha256"));
+        std::fs::write(&exe, b"program one").expect("write");
+        assert_eq!(sha256(&exe, &cache).expect("hash"), hex_of(b"program one"));
+        let noted = std::fs::read_to_string(&cache).expect("noted");
+        assert_eq!(noted.lines().count(), 1, "{noted}");
+        // The cache is what answers now: a hash planted under the file's
+        // key comes back as it is.
+        let planted = "f".repeat(64);
+        let key = key_of(&std::fs::metadata(&exe).expect("meta"));
+        std::fs::write(&cache, format!("{key} {planted}\n")).expect("plant");
+        assert_eq!(sha256(&exe, &cache).expect("hash"), planted);
+    }
+
+    #[test]
+    fn a_rewritten_file_is_hashed_again_and_both_builds_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exe, cache) = (dir.path().join("exe"), dir.path().join("exe-sha256"));
+        std::fs::write(&exe, b"build one").expect("write");
+        sha256(&exe, &cache).expect("hash");
+        // Same size, and the modification time set back: the change time
+        // still tells.
+        let mtime = std::fs::metadata(&exe)
+            .expect("meta")
+            .modified()
+            .expect("mtime");
+        std::fs::write(&exe, b"build two").expect("rewrite");
+        std::fs::File::options()
+            .write(true)
+            .open(&exe)
+            .and_then(|file| file.set_modified(mtime))
+            .expect("set mtime back");
+        assert_eq!(sha256(&exe, &cache).expect("hash"), hex_of(b"build two"));
+        let noted = std::fs::read_to_string(&cache).expect("noted");
+        let hashes: Vec<&str> = noted.lines().filter_map(parse).map(|(_, h)| h).collect();
+        assert_eq!(
+            hashes,
+            [hex_of(b"build two"), hex_of(b"build one")],
+            "{noted}"
+        );
+    }
+
+    #[test]
+    fn a_damaged_cache_costs_a_hash_and_is_written_anew() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exe, cache) = (dir.path().join("exe"), dir.path().join("exe-sha256"));
+        std::fs::write(&exe, b"program").expect("write");
+        let key = key_of(&std::fs::metadata(&exe).expect("meta"));
+        // The right key with a short hash, binary noise, a line of 4 fields.
+        let damaged = format!("{key} abc\n\u{0}\u{1}garbage\n1 2 3 4 {}\n", "0".repeat(64));
+        std::fs::write(&cache, damaged).expect("damage");
+        assert_eq!(sha256(&exe, &cache).expect("hash"), hex_of(b"program"));
+        let noted = std::fs::read_to_string(&cache).expect("noted");
+        assert_eq!(noted, format!("{key} {}\n", hex_of(b"program")));
+    }
+
+    #[test]
+    fn an_unwritable_cache_is_no_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = dir.path().join("exe");
+        std::fs::write(&exe, b"program").expect("write");
+        // Its directory would have to be a regular file.
+        let cache = exe.join("exe-sha256");
+        assert_eq!(sha256(&exe, &cache).expect("hash"), hex_of(b"program"));
+    }
+
+    #[test]
+    fn only_the_most_recent_builds_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("exe-sha256");
+        for n in 0..KEPT + 3 {
+            let exe = dir.path().join(format!("exe{n}"));
+            std::fs::write(&exe, format!("build {n}")).expect("write");
+            sha256(&exe, &cache).expect("hash");
+        }
+        let noted = std::fs::read_to_string(&cache).expect("noted");
+        assert_eq!(noted.lines().count(), KEPT, "{noted}");
+        assert!(noted.starts_with(&format!(
+            "{} ",
+            key_of(&std::fs::metadata(dir.path().join(format!("exe{}", KEPT + 2))).expect("meta"))
+        )));
+    }
+}
