@@ -266,6 +266,35 @@ fn children_cpu() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// CPU time the whole machine has spent busy (every CPU, every process
+/// and the kernel: /proc/stat's first line less idle and iowait). Over a
+/// run it counts what the per-process figures miss: processes that left
+/// the tool's tree (ssh's daemonized ControlMasters, an agent's watchdog)
+/// and the kernel's work for them; the bench itself adds a thread that
+/// wakes every 10 ms.
+fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(busy * 1000 / hz)
+}
+
 /// CPU time spent on `hosts` so far: each sshd listener's own and that of
 /// its descendants, reaped (sessions, shells, agents, instances that ended)
 /// or still running. One pass over /proc.
@@ -435,8 +464,9 @@ fn fanout_rows(
         );
         let aliases: Vec<String> = of.iter().map(|h| h.alias().to_string()).collect();
         let mut times: HashMap<&str, Vec<Duration>> = HashMap::new();
-        // (ms of CPU of the tool's processes, ms of CPU on the hosts).
-        let mut cpu: HashMap<&str, Vec<(f64, f64)>> = HashMap::new();
+        // (ms of CPU of the tool's processes, ms of CPU on the hosts, ms of
+        // CPU of the whole machine during the run).
+        let mut cpu: HashMap<&str, Vec<(f64, f64, f64)>> = HashMap::new();
         for run in 1..=runs {
             // Rotated, so no tool always runs on a machine another just
             // warmed (or left busy).
@@ -446,6 +476,7 @@ fn fanout_rows(
                 let tool = tools[(i + run - 1) % tools.len()];
                 let before = rc_counts(of);
                 let (client_before, hosts_before) = (children_cpu(), hosts_cpu(of));
+                let machine_before = machine_busy();
                 let (key, elapsed) = match tool {
                     Tool::Taskherd => {
                         let t = time_completion_in(
@@ -473,6 +504,7 @@ fn fanout_rows(
                         (key, t)
                     }
                 };
+                let machine = machine_busy().saturating_sub(machine_before);
                 wait_quiet(of);
                 if counts_rc {
                     check_one_rc_each(key, of, &before);
@@ -484,14 +516,16 @@ fn fanout_rows(
                 let on_hosts = hosts_cpu(of).saturating_sub(hosts_before);
                 if let Some(last) = said.last_mut() {
                     last.push_str(&format!(
-                        " [CPU {} here, {} on the hosts]",
+                        " [CPU {} here, {} on the hosts, {} machine]",
                         ms(client),
-                        ms(on_hosts)
+                        ms(on_hosts),
+                        ms(machine)
                     ));
                 }
                 cpu.entry(key).or_default().push((
                     client.as_secs_f64() * 1000.0,
                     on_hosts.as_secs_f64() * 1000.0,
+                    machine.as_secs_f64() * 1000.0,
                 ));
                 times.entry(key).or_default().push(elapsed);
             }
@@ -507,10 +541,11 @@ fn fanout_rows(
         for key in keys {
             let figures = Figures::of(key, times.remove(key).unwrap_or_default());
             results.push((format!("{prefix}_{key}"), figures));
-            let (client, on_hosts): (Vec<f64>, Vec<f64>) =
-                cpu.remove(key).unwrap_or_default().into_iter().unzip();
-            figure_line(&format!("{prefix}_{key}_client_cpu_ms"), median_of(client));
-            figure_line(&format!("{prefix}_{key}_hosts_cpu_ms"), median_of(on_hosts));
+            let runs = cpu.remove(key).unwrap_or_default();
+            let of_runs = |pick: fn(&(f64, f64, f64)) -> f64| runs.iter().map(pick).collect();
+            figure_line(&format!("{prefix}_{key}_client_cpu_ms"), median_of(of_runs(|r| r.0)));
+            figure_line(&format!("{prefix}_{key}_hosts_cpu_ms"), median_of(of_runs(|r| r.1)));
+            figure_line(&format!("{prefix}_{key}_machine_cpu_ms"), median_of(of_runs(|r| r.2)));
         }
     }
 }
