@@ -561,6 +561,11 @@ if wants scale; then
             row "  CPU of the tool's processes here / on the hosts, ms" \
                 "$(sfigure "${key}_taskherd_client_cpu_ms") / $(sfigure "${key}_taskherd_hosts_cpu_ms")" \
                 "$(sfigure "${key}_pdsh_client_cpu_ms") / $(sfigure "${key}_pdsh_hosts_cpu_ms") (pdsh), $(sfigure "${key}_pdsh_programs_client_cpu_ms") / $(sfigure "${key}_pdsh_programs_hosts_cpu_ms") (pdsh, same programs)" "-" "-" "-"
+            # The whole machine during the run: also what leaves the
+            # tool's process tree (ControlMasters, watchdogs).
+            row "  CPU of the whole machine during the run, ms" \
+                "$(sfigure "${key}_taskherd_machine_cpu_ms")" \
+                "$(sfigure "${key}_pdsh_machine_cpu_ms") (pdsh), $(sfigure "${key}_pdsh_programs_machine_cpu_ms") (pdsh, same programs)" "-" "-" "-"
         done
     done
     row "scale: ssh host true, the client's CPU: default key exchange (sntrup761x25519) / curve25519-sha256, ms" \

@@ -11,7 +11,9 @@
 //!   case: one handshake and one rc file per host, as taskherd; the rc
 //!   file's log is checked for exactly one run per host and tool), each
 //!   with the CPU it took here and on the hosts (taskherd, as pdsh, starts
-//!   each ssh in a session of its own);
+//!   each ssh in a session of its own) and the CPU of the whole machine
+//!   during the run (which also counts what leaves the tool's tree:
+//!   ssh's daemonized ControlMasters, the agents' watchdogs);
 //! - 64 hosts × 8 long-running instances with the plain login: from the
 //!   spawn of `taskherd run` until all 512 have printed their first line
 //!   (and where the CPU went until then), then SIGTERM to the master's
@@ -543,9 +545,18 @@ fn fanout_rows(
             results.push((format!("{prefix}_{key}"), figures));
             let runs = cpu.remove(key).unwrap_or_default();
             let of_runs = |pick: fn(&(f64, f64, f64)) -> f64| runs.iter().map(pick).collect();
-            figure_line(&format!("{prefix}_{key}_client_cpu_ms"), median_of(of_runs(|r| r.0)));
-            figure_line(&format!("{prefix}_{key}_hosts_cpu_ms"), median_of(of_runs(|r| r.1)));
-            figure_line(&format!("{prefix}_{key}_machine_cpu_ms"), median_of(of_runs(|r| r.2)));
+            figure_line(
+                &format!("{prefix}_{key}_client_cpu_ms"),
+                median_of(of_runs(|r| r.0)),
+            );
+            figure_line(
+                &format!("{prefix}_{key}_hosts_cpu_ms"),
+                median_of(of_runs(|r| r.1)),
+            );
+            figure_line(
+                &format!("{prefix}_{key}_machine_cpu_ms"),
+                median_of(of_runs(|r| r.2)),
+            );
         }
     }
 }
