@@ -9,7 +9,10 @@
 //! small file of the user's state directory, keyed as git's index keys a
 //! file: device, inode, size, modification and change times. Any write to
 //! the executable changes its change time, which no user can set back, so
-//! a key that matches means the same content.
+//! a key that matches means the same content. As git does with its "racy"
+//! entries, a file changed within the last [`SETTLED`] is not noted: on a
+//! file system whose times are coarse, a write in the same tick would
+//! leave the key as it was.
 //!
 //! The file holds one line per executable (the [`KEPT`] most recent):
 //! `<dev> <ino> <size> <mtime>.<ns> <ctime>.<ns> <sha256>`. A line that
@@ -25,6 +28,9 @@ use std::path::Path;
 /// each one's hash.
 const KEPT: usize = 8;
 
+/// How long ago a file must have last changed for its hash to be noted.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The SHA-256 (lowercase hex) of the file at `path`, from the cache file
 /// `cache` when it knows this very file, else computed (and noted in
 /// `cache` when the file did not change meanwhile).
@@ -32,15 +38,28 @@ const KEPT: usize = 8;
 /// # Errors
 /// If `path` cannot be read.
 pub(crate) fn sha256(path: &Path, cache: &Path) -> io::Result<String> {
-    let key = key_of(&std::fs::metadata(path)?);
+    sha256_settled(path, cache, SETTLED)
+}
+
+/// [`sha256`], noting only files last changed `settle` ago or more.
+fn sha256_settled(path: &Path, cache: &Path, settle: std::time::Duration) -> io::Result<String> {
+    let meta = std::fs::metadata(path)?;
+    let key = key_of(&meta);
     let known = std::fs::read_to_string(cache).unwrap_or_default();
     if let Some(hash) = lookup(&known, &key) {
         return Ok(hash.to_string());
     }
     let hash = crate::error_text::hex(&Sha256::digest(std::fs::read(path)?));
     // A file replaced while it was read must not be noted under the key of
-    // the one before.
-    if std::fs::metadata(path).is_ok_and(|meta| key_of(&meta) == key) {
+    // the one before, nor one that may change again within its key.
+    let settled = std::time::SystemTime::UNIX_EPOCH
+        + std::time::Duration::new(
+            u64::try_from(meta.ctime()).unwrap_or(0),
+            u32::try_from(meta.ctime_nsec()).unwrap_or(0),
+        )
+        + settle
+        <= std::time::SystemTime::now();
+    if settled && std::fs::metadata(path).is_ok_and(|meta| key_of(&meta) == key) {
         if let Err(err) = note(cache, &known, &key, &hash) {
             tracing::debug!("cannot note the hash in {}: {err}", cache.display());
         }
@@ -116,12 +135,26 @@ mod tests {
         crate::error_text::hex(&Sha256::digest(bytes))
     }
 
+    /// The files of these tests were all written just now.
+    fn hash(exe: &Path, cache: &Path) -> io::Result<String> {
+        sha256_settled(exe, cache, std::time::Duration::ZERO)
+    }
+
+    #[test]
+    fn a_file_changed_just_now_is_hashed_but_not_noted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exe, cache) = (dir.path().join("exe"), dir.path().join("exe-sha256"));
+        std::fs::write(&exe, b"fresh build").expect("write");
+        assert_eq!(sha256(&exe, &cache).expect("hash"), hex_of(b"fresh build"));
+        assert!(!cache.exists(), "noted a file changed within {SETTLED:?}");
+    }
+
     #[test]
     fn a_file_is_hashed_once_then_its_hash_is_read_from_the_cache() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (exe, cache) = (dir.path().join("exe"), dir.path().join("state/exe-sha256"));
         std::fs::write(&exe, b"program one").expect("write");
-        assert_eq!(sha256(&exe, &cache).expect("hash"), hex_of(b"program one"));
+        assert_eq!(hash(&exe, &cache).expect("hash"), hex_of(b"program one"));
         let noted = std::fs::read_to_string(&cache).expect("noted");
         assert_eq!(noted.lines().count(), 1, "{noted}");
         // The cache is what answers now: a hash planted under the file's
@@ -129,7 +162,7 @@ mod tests {
         let planted = "f".repeat(64);
         let key = key_of(&std::fs::metadata(&exe).expect("meta"));
         std::fs::write(&cache, format!("{key} {planted}\n")).expect("plant");
-        assert_eq!(sha256(&exe, &cache).expect("hash"), planted);
+        assert_eq!(hash(&exe, &cache).expect("hash"), planted);
     }
 
     #[test]
@@ -137,7 +170,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (exe, cache) = (dir.path().join("exe"), dir.path().join("exe-sha256"));
         std::fs::write(&exe, b"build one").expect("write");
-        sha256(&exe, &cache).expect("hash");
+        hash(&exe, &cache).expect("hash");
         // Same size, and the modification time set back: the change time
         // still tells.
         let mtime = std::fs::metadata(&exe)
@@ -150,7 +183,7 @@ mod tests {
             .open(&exe)
             .and_then(|file| file.set_modified(mtime))
             .expect("set mtime back");
-        assert_eq!(sha256(&exe, &cache).expect("hash"), hex_of(b"build two"));
+        assert_eq!(hash(&exe, &cache).expect("hash"), hex_of(b"build two"));
         let noted = std::fs::read_to_string(&cache).expect("noted");
         let hashes: Vec<&str> = noted.lines().filter_map(parse).map(|(_, h)| h).collect();
         assert_eq!(
@@ -169,7 +202,7 @@ mod tests {
         // The right key with a short hash, binary noise, a line of 4 fields.
         let damaged = format!("{key} abc\n\u{0}\u{1}garbage\n1 2 3 4 {}\n", "0".repeat(64));
         std::fs::write(&cache, damaged).expect("damage");
-        assert_eq!(sha256(&exe, &cache).expect("hash"), hex_of(b"program"));
+        assert_eq!(hash(&exe, &cache).expect("hash"), hex_of(b"program"));
         let noted = std::fs::read_to_string(&cache).expect("noted");
         assert_eq!(noted, format!("{key} {}\n", hex_of(b"program")));
     }
@@ -181,7 +214,7 @@ mod tests {
         std::fs::write(&exe, b"program").expect("write");
         // Its directory would have to be a regular file.
         let cache = exe.join("exe-sha256");
-        assert_eq!(sha256(&exe, &cache).expect("hash"), hex_of(b"program"));
+        assert_eq!(hash(&exe, &cache).expect("hash"), hex_of(b"program"));
     }
 
     #[test]
@@ -191,7 +224,7 @@ mod tests {
         for n in 0..KEPT + 3 {
             let exe = dir.path().join(format!("exe{n}"));
             std::fs::write(&exe, format!("build {n}")).expect("write");
-            sha256(&exe, &cache).expect("hash");
+            hash(&exe, &cache).expect("hash");
         }
         let noted = std::fs::read_to_string(&cache).expect("noted");
         assert_eq!(noted.lines().count(), KEPT, "{noted}");

@@ -561,6 +561,18 @@ fn agent_is_uploaded_once_when_missing() {
         copy == std::fs::read(taskherd_bin()).expect("read binary"),
         "the uploaded agent differs from the binary (was it rebuilt meanwhile?)"
     );
+    // The master noted its executable's hash, which names the agent, for
+    // its next runs.
+    let noted_file = first.state_file().with_file_name("exe-sha256");
+    let noted = std::fs::read_to_string(&noted_file).expect("exe-sha256 written");
+    let name_hash = uploaded[0].rsplit('-').next().expect("hash in the name");
+    assert!(
+        noted
+            .lines()
+            .filter_map(|line| line.rsplit(' ').next())
+            .any(|hash| hash.len() == 64 && hash.starts_with(name_hash)),
+        "{noted_file:?}: {noted}"
+    );
 
     let mut second = Herd::new(&config);
     second.start();
