@@ -540,6 +540,20 @@ fn handshakes_are_capped_by_max_handshakes() {
 
 #[test]
 fn agent_is_uploaded_once_when_missing() {
+    // A master notes its executable's hash only once the file has not
+    // changed for 2 s (exe_hash::SETTLED): a binary built just now must
+    // age that much first.
+    let changed = std::fs::metadata(taskherd_bin())
+        .map(|meta| {
+            use std::os::unix::fs::MetadataExt as _;
+            std::time::UNIX_EPOCH
+                + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().max(0) as u32)
+        })
+        .expect("stat the binary");
+    let settled = changed + Duration::from_millis(2100);
+    if let Ok(wait) = settled.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(wait.min(Duration::from_millis(2100)));
+    }
     let mut world = SshWorld::new();
     let host = world.add_host();
     let agents = tempfile::tempdir().expect("temp dir");
