@@ -51,13 +51,16 @@ pub(crate) struct HookCall {
 
 /// The hook an instance's event calls, if its group has one: `event`
 /// has just been applied to the instance, which has now started
-/// `starts` processes; the hook runs in `dir`.
+/// `starts` processes, `restarts` of them not asked by an operator
+/// (the payload's `restarts`, as `status` counts them); the hook runs in
+/// `dir`.
 pub(crate) fn hook_for(
     hooks: &HooksSpec,
     dir: &Path,
     label: &Arc<InstanceLabel>,
     event: &InstanceEvent,
     starts: u32,
+    restarts: u32,
 ) -> Option<HookCall> {
     let (hook, command) = match &event.kind {
         EventKind::Exited { failed: true, .. } => ("on_failure", &hooks.on_failure),
@@ -80,7 +83,7 @@ pub(crate) fn hook_for(
         "group_id": label.group_id,
         "name": format!("{}:{}", label.group, label.group_id),
         "time_ms": event.time_ms,
-        "restarts": starts.saturating_sub(1),
+        "restarts": restarts,
         "event": event.kind,
     });
     Some(HookCall {

@@ -443,14 +443,17 @@ impl Core {
         };
         // Ended instances a reload retired are gone from the table: one
         // start is all they had.
-        let starts = self.table.entry(label.id).map_or(1, |e| e.starts);
+        let (starts, restarts) = self
+            .table
+            .entry(label.id)
+            .map_or((1, 0), |e| (e.starts, e.restarts));
         let dir = self
             .config
             .source
             .parent()
             .filter(|dir| !dir.as_os_str().is_empty())
             .unwrap_or_else(|| std::path::Path::new("."));
-        if let Some(call) = hook_for(&group.hooks, dir, label, event, starts) {
+        if let Some(call) = hook_for(&group.hooks, dir, label, event, starts, restarts) {
             self.out.push(Effect::Hook(call));
         }
     }
@@ -701,6 +704,7 @@ impl Core {
     /// Commands one instance: its supervisor's business once it is
     /// placed; a held consumer obeys here.
     fn command(&mut self, id: u32, command: InstanceCommand) {
+        self.table.operator_command(id, command);
         let held = match self.held.get_mut(&id) {
             Some(held) => held,
             None => match self.waiting.get_mut(&id) {

@@ -6,6 +6,7 @@
 use crate::config::HostSpec;
 use crate::log::InstanceLabel;
 use crate::protocol::control::{GroupStatus, HerdStatus, InstanceState, InstanceStatus};
+use crate::protocol::instance::InstanceCommand;
 use crate::protocol::slave::QueueProgress;
 use crate::supervise::instance::{EventKind, InstanceEnd, InstanceEvent};
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,6 +51,13 @@ pub(crate) struct Entry {
     pub(crate) since: Option<SystemTime>,
     /// Processes started so far.
     pub(crate) starts: u32,
+    /// Starts of a new process that no operator asked for: by the restart
+    /// policy, or after the host was lost. What `status` and the metrics
+    /// call restarts.
+    pub(crate) restarts: u32,
+    /// An operator's restart or resume is under way: the next start is
+    /// theirs, not a restart.
+    pub(crate) operator_start: bool,
     /// How its last process ended.
     pub(crate) last_exit: Option<String>,
     /// Its last sign of life.
@@ -108,12 +116,28 @@ impl Table {
                     pid: None,
                     since: None,
                     starts: 0,
+                    restarts: 0,
+                    operator_start: false,
                     last_exit: None,
                     seen: None,
                     health: None,
                     parked: false,
                 },
             );
+        }
+    }
+
+    /// Notes that an operator's `command` goes to instance `id`: a restart
+    /// of a live instance, or a resume of a suspended one, starts its next
+    /// process, which is then not counted as a restart.
+    pub(crate) fn operator_command(&mut self, id: u32, command: InstanceCommand) {
+        if let Some(entry) = self.instances.get_mut(&id) {
+            let starts_again = match command {
+                InstanceCommand::Restart => !is_final(entry.state),
+                InstanceCommand::Resume => entry.state == InstanceState::Suspended,
+                InstanceCommand::Suspend | InstanceCommand::Remove => false,
+            };
+            entry.operator_start |= starts_again;
         }
     }
 
@@ -223,6 +247,10 @@ impl Table {
                 entry.pid = Some(*pid);
                 entry.since = Some(at);
                 entry.seen = Some(at);
+                if entry.starts > 0 && !entry.operator_start {
+                    entry.restarts += 1;
+                }
+                entry.operator_start = false;
                 entry.starts += 1;
                 entry.health = None;
             }
@@ -361,7 +389,7 @@ impl Table {
                         state: e.state,
                         pid: e.pid,
                         uptime_ms: since(e.since),
-                        restarts: e.starts.saturating_sub(1),
+                        restarts: e.restarts,
                         last_exit: e.last_exit.clone(),
                         seen_ms_ago: since(e.seen).filter(|_| e.pid.is_some()),
                         health: e.health.clone().filter(|_| e.pid.is_some()),

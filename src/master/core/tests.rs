@@ -408,6 +408,9 @@ fn a_lost_host_takes_its_instances_with_it_but_not_the_suspended_ones() {
     herd.feed_back(effects, &config(QUEUES));
     assert_eq!(herd.state(7), Some(InstanceState::Backoff));
     assert_eq!(herd.state(8), Some(InstanceState::Running), "on web2");
+    // Started again once its host answers: a restart (no operator's).
+    herd.runs(7);
+    assert_eq!(herd.core.table.entry(7).map(|e| e.restarts), Some(1));
 }
 
 #[test]
@@ -1523,4 +1526,81 @@ fn a_group_after_a_one_shot_starts_once_it_completed_and_is_given_up_if_it_faile
         starts(&herd.instance(2, EventKind::Ended { end })),
         ["local: 3"]
     );
+}
+
+/// `status`'s restarts of instance `id` of group web.
+fn restarts_of(herd: &Herd, id: u32) -> u32 {
+    let status = herd.core.status(UNIX_EPOCH);
+    let web = status.groups.iter().find(|g| g.name == "web").expect("web");
+    web.instances
+        .iter()
+        .find(|i| i.id == id)
+        .map(|i| i.restarts)
+        .expect("listed")
+}
+
+#[test]
+fn restarts_count_what_the_policy_starts_not_what_an_operator_does() {
+    let (mut herd, _) = Herd::started(WEB);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    let crash = EventKind::Exited {
+        how: "exited with code 3".into(),
+        failed: true,
+    };
+    // The policy restarts instance 1 after a crash: a restart.
+    herd.instance(1, crash.clone());
+    herd.instance(1, EventKind::Backoff { delay_ms: 100 });
+    herd.runs(1);
+    assert_eq!(restarts_of(&herd, 1), 1);
+
+    // An operator's restart starts it again: not one.
+    let effects = herd.ask(
+        Request::Restart {
+            target: Target::instance("web", 1),
+        },
+        1,
+    );
+    assert_eq!(commands(&effects), [(1, InstanceCommand::Restart)]);
+    herd.instance(1, EventKind::Stopping);
+    herd.runs(1);
+    assert_eq!(restarts_of(&herd, 1), 1);
+
+    // Nor is a suspend and a resume.
+    herd.ask(
+        Request::Suspend {
+            group: "web".into(),
+        },
+        2,
+    );
+    for id in 1..=3 {
+        herd.instance(id, EventKind::Suspended);
+    }
+    herd.ask(
+        Request::Resume {
+            group: "web".into(),
+        },
+        3,
+    );
+    for id in 1..=3 {
+        herd.runs(id);
+    }
+    assert_eq!(
+        (1..=3).map(|id| restarts_of(&herd, id)).collect::<Vec<_>>(),
+        [1, 0, 0]
+    );
+
+    // A resume of a group that runs starts nothing: the next crash's
+    // restart still counts.
+    herd.ask(
+        Request::Resume {
+            group: "web".into(),
+        },
+        4,
+    );
+    herd.instance(2, crash);
+    herd.instance(2, EventKind::Backoff { delay_ms: 100 });
+    herd.runs(2);
+    assert_eq!(restarts_of(&herd, 2), 1);
 }
