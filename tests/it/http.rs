@@ -469,7 +469,21 @@ fn metrics_parse_as_prometheus_text_and_match_the_status() {
     wait_status(address, "3 jobs done", |s| {
         group(s, "jobs")["queue"]["done"] == 3
     });
-    // A restart, to count.
+    // Two crashes, to count: the policy restarts both web instances (an
+    // operator's restart would not count).
+    let before = status_json(&herd);
+    for instance in group(&before, "web")["instances"].as_array().expect("web") {
+        let pid = instance["pid"].as_i64().expect("running");
+        // SAFETY: kill(2) on a pid this test's herd runs.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    }
+    wait_status(address, "web restarted by its policy", |s| {
+        group(s, "web")["instances"].as_array().is_some_and(|all| {
+            all.iter()
+                .all(|i| i["state"] == "running" && i["restarts"] == 1)
+        })
+    });
+    // An operator's restart, not to count.
     let restarted = post(address, "/v1/groups/web/restart", Some(TOKEN), "");
     assert_eq!(restarted.status, 200, "{}", restarted.text());
 
@@ -631,13 +645,20 @@ fn the_event_stream_delivers_a_restart_as_it_happens() {
         name == "instance" && is(data, "started")
     });
     assert_ne!(started["pid"].as_u64(), Some(old_pid), "a new process");
-    // And a status that shows it restarted.
-    events.wait_for(deadline, "status after the restart", |name, data| {
+    // And a status that shows its new process; an operator's restart is
+    // not counted among its restarts (those are the policy's).
+    let new_pid = started["pid"].clone();
+    let status = events.wait_for(deadline, "status after the restart", |name, data| {
         name == "status"
             && group(data, "web")["instances"]
                 .as_array()
-                .is_some_and(|all| all.iter().any(|i| i["id"] == id && i["restarts"] == 1))
+                .is_some_and(|all| all.iter().any(|i| i["id"] == id && i["pid"] == new_pid))
     });
+    let listed = group(&status, "web")["instances"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["id"] == id).cloned())
+        .expect("listed");
+    assert_eq!(listed["restarts"], 0, "{status}");
     // Queue counts come as `queue` events.
     let added = post(address, "/v1/queues/jobs/jobs", Some(TOKEN), "7");
     assert_eq!(added.status, 202);
