@@ -1,7 +1,7 @@
 //! The SHA-256 of an executable, remembered between runs.
 //!
 //! The master names the agent it uploads after its own SHA-256 (and checks
-//! the upload with it). Reading and hashing its 25 MB is ~25 ms of CPU,
+//! the upload with it). Reading and hashing its 15–25 MB is 15–25 ms of CPU,
 //! paid by every master that starts remote hosts without
 //! `master.agent_path`, at the worst moment: while the SSH handshakes of
 //! every host take the CPU, where it took a second (64 hosts on 2 cores)

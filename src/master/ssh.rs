@@ -295,7 +295,7 @@ async fn own_executable() -> Result<&'static OwnExecutable, RemoteError> {
 /// without `master.agent_path`. The first of them then finds the hash
 /// ready as its handshake ends, instead of starting it then: with many
 /// hosts the handshakes take every CPU by that time, and reading and
-/// hashing 25 MB among them took a second (64 hosts on 2 cores), during
+/// hashing its 15–25 MB among them took a second (64 hosts on 2 cores), during
 /// which no host could start its agent. A failure is left for the hosts
 /// to meet and report (they ask again).
 pub fn prepare_agent_upload() {
