@@ -21,7 +21,7 @@
 
 use sha2::{Digest as _, Sha256};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::Path;
 
 /// Lines kept in the file: a user switching between a few builds keeps
@@ -45,7 +45,15 @@ pub(crate) fn sha256(path: &Path, cache: &Path) -> io::Result<String> {
 fn sha256_settled(path: &Path, cache: &Path, settle: std::time::Duration) -> io::Result<String> {
     let meta = std::fs::metadata(path)?;
     let key = key_of(&meta);
-    let known = std::fs::read_to_string(cache).unwrap_or_default();
+    // Only a directory of this user's, closed to others, is trusted (the
+    // fallback state directory is under /tmp, where anybody could have
+    // made it first).
+    let trusted = private_dir(cache).is_ok();
+    let known = if trusted {
+        std::fs::read_to_string(cache).unwrap_or_default()
+    } else {
+        String::new()
+    };
     if let Some(hash) = lookup(&known, &key) {
         return Ok(hash.to_string());
     }
@@ -59,7 +67,7 @@ fn sha256_settled(path: &Path, cache: &Path, settle: std::time::Duration) -> io:
         )
         + settle
         <= std::time::SystemTime::now();
-    if settled && std::fs::metadata(path).is_ok_and(|meta| key_of(&meta) == key) {
+    if trusted && settled && std::fs::metadata(path).is_ok_and(|meta| key_of(&meta) == key) {
         if let Err(err) = note(cache, &known, &key, &hash) {
             tracing::debug!("cannot note the hash in {}: {err}", cache.display());
         }
@@ -113,18 +121,45 @@ fn note(cache: &Path, known: &str, key: &str, hash: &str) -> io::Result<()> {
     {
         text.push_str(&format!("{k} {h}\n"));
     }
-    if let Some(dir) = cache.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+    // A sibling of our own (two masters noting at once each write theirs),
+    // new: never a file or link that was there.
+    let tmp = crate::files::sibling(cache, &format!(".{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut file| io::Write::write_all(&mut file, text.as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, cache));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    // A sibling of our own: two masters noting at once each write theirs.
-    let suffix = format!(".{}.tmp", std::process::id());
-    let replacement = crate::files::Replacement::create(cache, &suffix, 0o600)?;
-    io::Write::write_all(&mut replacement.file(), text.as_bytes())?;
-    replacement.commit_unsynced()?;
-    Ok(())
+    written
+}
+
+/// Makes sure the directory of `cache` exists (made private if new), is
+/// a directory (not a link), belongs to this user and is closed to others.
+fn private_dir(cache: &Path) -> io::Result<()> {
+    let dir = match cache.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let mine = meta.uid() == rustix::process::geteuid().as_raw();
+    if meta.is_dir() && mine && meta.mode() & 0o022 == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is not a private directory of this user", dir.display()),
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -173,16 +208,29 @@ mod tests {
         hash(&exe, &cache).expect("hash");
         // Same size, and the modification time set back: the change time
         // still tells.
-        let mtime = std::fs::metadata(&exe)
-            .expect("meta")
-            .modified()
-            .expect("mtime");
-        std::fs::write(&exe, b"build two").expect("rewrite");
-        std::fs::File::options()
-            .write(true)
-            .open(&exe)
-            .and_then(|file| file.set_modified(mtime))
-            .expect("set mtime back");
+        let before = std::fs::metadata(&exe).expect("meta");
+        let mtime = before.modified().expect("mtime");
+        // File times may be coarse (a clock tick of a few ms): rewrite
+        // until the change time has moved, as it has for any build made
+        // SETTLED before its first run.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            std::fs::write(&exe, b"build two").expect("rewrite");
+            std::fs::File::options()
+                .write(true)
+                .open(&exe)
+                .and_then(|file| file.set_modified(mtime))
+                .expect("set mtime back");
+            let now = std::fs::metadata(&exe).expect("meta");
+            if (now.ctime(), now.ctime_nsec()) != (before.ctime(), before.ctime_nsec()) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the change time never moved"
+            );
+            std::thread::yield_now();
+        }
         assert_eq!(hash(&exe, &cache).expect("hash"), hex_of(b"build two"));
         let noted = std::fs::read_to_string(&cache).expect("noted");
         let hashes: Vec<&str> = noted.lines().filter_map(parse).map(|(_, h)| h).collect();
@@ -232,5 +280,39 @@ mod tests {
             "{} ",
             key_of(&std::fs::metadata(dir.path().join(format!("exe{}", KEPT + 2))).expect("meta"))
         )));
+    }
+
+    #[test]
+    fn a_cache_in_a_directory_others_can_write_is_neither_read_nor_written() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = dir.path().join("exe");
+        std::fs::write(&exe, b"program").expect("write");
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let cache = shared.join("exe-sha256");
+        // Somebody else's entry for this very file.
+        let key = key_of(&std::fs::metadata(&exe).expect("meta"));
+        let planted = format!("{key} {}\n", "f".repeat(64));
+        std::fs::write(&cache, &planted).expect("plant");
+        assert_eq!(hash(&exe, &cache).expect("hash"), hex_of(b"program"));
+        assert_eq!(std::fs::read_to_string(&cache).expect("left"), planted);
+    }
+
+    #[test]
+    fn a_link_planted_where_the_new_cache_is_written_is_not_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exe, cache) = (dir.path().join("exe"), dir.path().join("exe-sha256"));
+        std::fs::write(&exe, b"program").expect("write");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("write");
+        let tmp = crate::files::sibling(&cache, &format!(".{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).expect("plant link");
+        assert_eq!(hash(&exe, &cache).expect("hash"), hex_of(b"program"));
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+        assert!(std::fs::read_to_string(&cache)
+            .expect("noted")
+            .ends_with(&format!("{}\n", hex_of(b"program"))));
     }
 }
