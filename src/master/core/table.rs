@@ -127,15 +127,17 @@ impl Table {
         }
     }
 
-    /// Notes that an operator's `command` goes to instance `id`: a restart
-    /// of a live instance, or a resume of a suspended one, starts its next
-    /// process, which is then not counted as a restart.
+    /// Notes that an operator's `command` goes to instance `id`: after a
+    /// restart of a live instance, or a suspend (its process starts again
+    /// only at the resume, however soon that comes), or a resume of a
+    /// suspended one, its next process is the operator's, not counted as a
+    /// restart.
     pub(crate) fn operator_command(&mut self, id: u32, command: InstanceCommand) {
         if let Some(entry) = self.instances.get_mut(&id) {
             let starts_again = match command {
-                InstanceCommand::Restart => !is_final(entry.state),
+                InstanceCommand::Restart | InstanceCommand::Suspend => !is_final(entry.state),
                 InstanceCommand::Resume => entry.state == InstanceState::Suspended,
-                InstanceCommand::Suspend | InstanceCommand::Remove => false,
+                InstanceCommand::Remove => false,
             };
             entry.operator_start |= starts_again;
         }

@@ -1591,16 +1591,29 @@ fn restarts_count_what_the_policy_starts_not_what_an_operator_does() {
         [1, 0, 0]
     );
 
-    // A resume of a group that runs starts nothing: the next crash's
-    // restart still counts.
-    herd.ask(
-        Request::Resume {
-            group: "web".into(),
-        },
-        4,
-    );
+    // A resume that reaches a running instance starts nothing: the next
+    // crash's restart still counts.
+    herd.core.table.operator_command(2, InstanceCommand::Resume);
     herd.instance(2, crash);
     herd.instance(2, EventKind::Backoff { delay_ms: 100 });
     herd.runs(2);
     assert_eq!(restarts_of(&herd, 2), 1);
+
+    // A resume that comes before the instance has said it is suspended:
+    // the start after it is still the operator's.
+    herd.ask(
+        Request::Suspend {
+            group: "web".into(),
+        },
+        4,
+    );
+    herd.ask(
+        Request::Resume {
+            group: "web".into(),
+        },
+        5,
+    );
+    herd.instance(3, EventKind::Suspended);
+    herd.runs(3);
+    assert_eq!(restarts_of(&herd, 3), 0);
 }
