@@ -269,7 +269,8 @@ fn children_cpu() -> Duration {
 }
 
 /// CPU time the whole machine has spent busy (every CPU, every process
-/// and the kernel: /proc/stat's first line less idle and iowait). Over a
+/// and the kernel: /proc/stat's first line less idle, iowait and steal,
+/// the time the hypervisor gave other guests). Over a
 /// run it counts what the per-process figures miss: processes that left
 /// the tool's tree (ssh's daemonized ControlMasters, an agent's watchdog)
 /// and the kernel's work for them; the bench itself adds a thread that
@@ -284,10 +285,11 @@ fn machine_busy() -> Duration {
         .skip(1)
         .filter_map(|field| field.parse().ok())
         .collect();
-    // user nice system idle iowait irq softirq steal (guest time is in user).
+    // user nice system idle iowait irq softirq steal (guest time is in
+    // user): the first three and irq, softirq.
     let busy: u64 = ticks
         .iter()
-        .take(8)
+        .take(7)
         .enumerate()
         .filter(|(i, _)| *i != 3 && *i != 4)
         .map(|(_, t)| t)
@@ -506,8 +508,10 @@ fn fanout_rows(
                         (key, t)
                     }
                 };
-                let machine = machine_busy().saturating_sub(machine_before);
+                // After the hosts are quiet: what a tool leaves running
+                // (ControlMasters closing, watchdogs) is its work too.
                 wait_quiet(of);
+                let machine = machine_busy().saturating_sub(machine_before);
                 if counts_rc {
                     check_one_rc_each(key, of, &before);
                 }
