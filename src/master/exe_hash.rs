@@ -41,6 +41,28 @@ pub(crate) fn sha256(path: &Path, cache: &Path) -> io::Result<String> {
     sha256_settled(path, cache, SETTLED)
 }
 
+/// Drops every line of `cache` that gives `hash`: a host found that the
+/// executable's content does not have it (the upload's check), so the
+/// line was wrong (a file system whose change times do not move, or a
+/// hand edit), and the next master hashes the file again. Best effort.
+pub(crate) fn forget(cache: &Path, hash: &str) {
+    if private_dir(cache).is_err() {
+        return;
+    }
+    let Ok(known) = std::fs::read_to_string(cache) else {
+        return;
+    };
+    let kept: Vec<(&str, &str)> = known
+        .lines()
+        .filter_map(parse)
+        .filter(|(_, h)| *h != hash)
+        .collect();
+    let text: String = kept.iter().map(|(k, h)| format!("{k} {h}\n")).collect();
+    if let Err(err) = replace(cache, &text) {
+        tracing::debug!("cannot rewrite {}: {err}", cache.display());
+    }
+}
+
 /// [`sha256`], noting only files last changed `settle` ago or more.
 fn sha256_settled(path: &Path, cache: &Path, settle: std::time::Duration) -> io::Result<String> {
     let meta = std::fs::metadata(path)?;
@@ -121,8 +143,13 @@ fn note(cache: &Path, known: &str, key: &str, hash: &str) -> io::Result<()> {
     {
         text.push_str(&format!("{k} {h}\n"));
     }
-    // A sibling of our own (two masters noting at once each write theirs),
-    // new: never a file or link that was there.
+    replace(cache, &text)
+}
+
+/// Puts `text` in place of `cache`'s content, through a sibling of our
+/// own (two masters writing at once each write theirs) that is new: never
+/// a file or link that was there.
+fn replace(cache: &Path, text: &str) -> io::Result<()> {
     let tmp = crate::files::sibling(cache, &format!(".{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let written = std::fs::OpenOptions::new()
@@ -314,5 +341,22 @@ mod tests {
         assert!(std::fs::read_to_string(&cache)
             .expect("noted")
             .ends_with(&format!("{}\n", hex_of(b"program"))));
+    }
+
+    #[test]
+    fn a_hash_a_host_found_wrong_is_forgotten_and_the_file_hashed_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exe, cache) = (dir.path().join("exe"), dir.path().join("exe-sha256"));
+        std::fs::write(&exe, b"program").expect("write");
+        let key = key_of(&std::fs::metadata(&exe).expect("meta"));
+        let (wrong, other) = ("a".repeat(64), format!("1 2 3 4.0 5.0 {}", "b".repeat(64)));
+        std::fs::write(&cache, format!("{key} {wrong}\n{other}\n")).expect("plant");
+        assert_eq!(hash(&exe, &cache).expect("hash"), wrong);
+        forget(&cache, &wrong);
+        assert_eq!(
+            std::fs::read_to_string(&cache).expect("left"),
+            format!("{other}\n")
+        );
+        assert_eq!(hash(&exe, &cache).expect("hash"), hex_of(b"program"));
     }
 }

@@ -312,7 +312,7 @@ async fn hash_own_executable() -> Result<OwnExecutable, RemoteError> {
         path: PathBuf::from("/proc/self/exe"),
         source,
     })?;
-    let cache = crate::pidkiller::default_state_dir().join(EXE_HASH_FILE);
+    let cache = exe_hash_file();
     let hashed = path.clone();
     let sha256 = tokio::task::spawn_blocking(move || super::exe_hash::sha256(&hashed, &cache))
         .await
@@ -328,6 +328,11 @@ async fn hash_own_executable() -> Result<OwnExecutable, RemoteError> {
 /// The file of the state directory where masters keep the hashes of
 /// their executables (see `exe_hash`).
 pub const EXE_HASH_FILE: &str = "exe-sha256";
+
+/// [`EXE_HASH_FILE`] in this user's default state directory.
+fn exe_hash_file() -> PathBuf {
+    crate::pidkiller::default_state_dir().join(EXE_HASH_FILE)
+}
 
 /// Quotes a string for a POSIX shell. A word of only letters, digits and
 /// `_@%+=:,./-` (most paths) stays as it is: then a command built with it
@@ -562,7 +567,26 @@ async fn upload_and_start<'s>(
         })?;
     match started.first_line().await? {
         Some(line) if line == AGENT_STARTS => Ok(started.running(file.to_string(), true, false)),
-        line => Err(started.unexpected(line).await),
+        line => {
+            let mut failed = started.unexpected(line).await;
+            if let RemoteError::Command { detail, .. } = &mut failed {
+                if detail.contains("hash mismatch") {
+                    // Wrong in the cache, or the executable changed under
+                    // this master: the next master hashes it again.
+                    let (cache, wrong) = (exe_hash_file(), own.sha256.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        super::exe_hash::forget(&cache, &wrong);
+                    })
+                    .await;
+                    detail.push_str(&format!(
+                        "; {} no longer gives that hash: restart the master to hash {} again",
+                        EXE_HASH_FILE,
+                        own.path.display()
+                    ));
+                }
+            }
+            Err(failed)
+        }
     }
 }
 

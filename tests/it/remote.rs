@@ -601,6 +601,50 @@ fn agent_is_uploaded_once_when_missing() {
 }
 
 #[test]
+fn a_wrong_hash_in_the_master_s_cache_fails_the_upload_and_is_dropped() {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let agents = tempfile::tempdir().expect("temp dir");
+    let config = cached_agent_config(&world, agents.path(), &[&host], 1);
+    let mut herd = Herd::new(&config);
+    // The master's cache (exe_hash.rs: dev ino size mtime ctime sha256)
+    // says something else of this very binary.
+    let meta = std::fs::metadata(taskherd_bin()).expect("stat the binary");
+    let key = format!(
+        "{} {} {} {}.{} {}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    let wrong = "0123456789abcdef".repeat(4);
+    let cache = herd.state_file().with_file_name("exe-sha256");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(cache.parent().expect("state dir"))
+        .expect("state dir");
+    std::fs::write(&cache, format!("{key} {wrong}\n")).expect("plant");
+    herd.start();
+    let error = herd.wait_for("hash mismatch");
+    assert!(error.contains("restart the master"), "{error}");
+    herd.signal(libc::SIGTERM);
+    herd.wait_exit();
+    let left = std::fs::read_to_string(&cache).expect("cache");
+    assert!(!left.contains(&wrong), "{left}");
+    // Nothing was left on the host under the wrong name.
+    let cached: Vec<_> = std::fs::read_dir(agents.path().join("cache"))
+        .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(cached.is_empty(), "{cached:?}");
+    assert_host_clean(&host);
+}
+
+#[test]
 fn unreachable_host_is_reported_and_the_others_run() {
     let mut world = SshWorld::new();
     let good = world.add_host();
