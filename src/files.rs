@@ -1,10 +1,12 @@
 //! The crate's file helpers: `flock` locks ([`lock`], [`try_lock`],
-//! [`lock_within`]), directory syncs, and atomic replacement of a file
-//! ([`Replacement`], [`write_atomic`], [`write_atomic_unsynced`]).
+//! [`lock_within`]), directory syncs, atomic replacement of a file
+//! ([`Replacement`], [`write_atomic`], [`write_atomic_unsynced`]) and
+//! private directories ([`private_dir_of`]).
 //!
 //! Used by the queue journals (`queue::journal`, the local and durable
 //! queues and the durable queue's inbox), the pid killer's state file
-//! (`pidkiller::store`) and, for its lock, the master's control paths.
+//! (`pidkiller::store`), the master's hash cache (`master::exe_hash`) and,
+//! for its lock, the master's control paths.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -84,6 +86,40 @@ fn flock(file: &File, operation: FlockOperation) -> io::Result<()> {
             done => return done.map_err(io::Error::from),
         }
     }
+}
+
+/// Why [`private_dir_of`] refused a directory.
+#[derive(Debug)]
+pub(crate) enum PrivateDirError {
+    /// It cannot be made or looked at.
+    Io(io::Error),
+    /// It is not a directory of this user's closed to others.
+    Insecure,
+}
+
+/// The directory of `path`, made (mode 0700) if missing, once it is sure
+/// to be this user's and not writable by others: nobody else can then
+/// swap a file of it. A symlinked directory is fine if its target passes.
+///
+/// # Errors
+/// If it cannot be made or looked at, or is somebody else's.
+pub(crate) fn private_dir_of(path: &Path) -> Result<PathBuf, PrivateDirError> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(PrivateDirError::Io)?;
+    let meta = std::fs::metadata(&dir).map_err(PrivateDirError::Io)?;
+    let euid = rustix::process::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
+        return Err(PrivateDirError::Insecure);
+    }
+    Ok(dir)
 }
 
 /// `<path><suffix>`, in the same directory.

@@ -21,7 +21,7 @@
 
 use sha2::{Digest as _, Sha256};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::Path;
 
 /// Lines kept in the file: a user switching between a few builds keeps
@@ -46,19 +46,14 @@ pub(crate) fn sha256(path: &Path, cache: &Path) -> io::Result<String> {
 /// line was wrong (a file system whose change times do not move, or a
 /// hand edit), and the next master hashes the file again. Best effort.
 pub(crate) fn forget(cache: &Path, hash: &str) {
-    if private_dir(cache).is_err() {
+    if crate::files::private_dir_of(cache).is_err() {
         return;
     }
     let Ok(known) = std::fs::read_to_string(cache) else {
         return;
     };
-    let kept: Vec<(&str, &str)> = known
-        .lines()
-        .filter_map(parse)
-        .filter(|(_, h)| *h != hash)
-        .collect();
-    let text: String = kept.iter().map(|(k, h)| format!("{k} {h}\n")).collect();
-    if let Err(err) = replace(cache, &text) {
+    let kept = known.lines().filter_map(parse).filter(|(_, h)| *h != hash);
+    if let Err(err) = write_lines(cache, kept) {
         tracing::debug!("cannot rewrite {}: {err}", cache.display());
     }
 }
@@ -70,7 +65,7 @@ fn sha256_settled(path: &Path, cache: &Path, settle: std::time::Duration) -> io:
     // Only a directory of this user's, closed to others, is trusted (the
     // fallback state directory is under /tmp, where anybody could have
     // made it first).
-    let trusted = private_dir(cache).is_ok();
+    let trusted = crate::files::private_dir_of(cache).is_ok();
     let known = if trusted {
         std::fs::read_to_string(cache).unwrap_or_default()
     } else {
@@ -134,22 +129,21 @@ fn parse(line: &str) -> Option<(&str, &str)> {
 /// Writes `cache` anew: `key`'s line first, then the other well-formed
 /// lines of `known`, [`KEPT`] in all.
 fn note(cache: &Path, known: &str, key: &str, hash: &str) -> io::Result<()> {
-    let mut text = format!("{key} {hash}\n");
-    for (k, h) in known
-        .lines()
-        .filter_map(parse)
-        .filter(|(k, _)| *k != key)
-        .take(KEPT - 1)
-    {
-        text.push_str(&format!("{k} {h}\n"));
-    }
-    replace(cache, &text)
+    let others = known.lines().filter_map(parse).filter(|(k, _)| *k != key);
+    write_lines(
+        cache,
+        std::iter::once((key, hash)).chain(others.take(KEPT - 1)),
+    )
 }
 
-/// Puts `text` in place of `cache`'s content, through a sibling of our
-/// own (two masters writing at once each write theirs) that is new: never
-/// a file or link that was there.
-fn replace(cache: &Path, text: &str) -> io::Result<()> {
+/// Puts `lines` (key, hash) in place of `cache`'s content, through a
+/// sibling of our own (two masters writing at once each write theirs)
+/// that is new: never a file or link that was there.
+fn write_lines<'l>(
+    cache: &Path,
+    lines: impl Iterator<Item = (&'l str, &'l str)>,
+) -> io::Result<()> {
+    let text: String = lines.map(|(key, hash)| format!("{key} {hash}\n")).collect();
     let tmp = crate::files::sibling(cache, &format!(".{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let written = std::fs::OpenOptions::new()
@@ -164,29 +158,6 @@ fn replace(cache: &Path, text: &str) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     written
-}
-
-/// Makes sure the directory of `cache` exists (made private if new), is
-/// a directory (not a link), belongs to this user and is closed to others.
-fn private_dir(cache: &Path) -> io::Result<()> {
-    let dir = match cache.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
-    let mine = meta.uid() == rustix::process::geteuid().as_raw();
-    if meta.is_dir() && mine && meta.mode() & 0o022 == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("{} is not a private directory of this user", dir.display()),
-        ))
-    }
 }
 
 #[cfg(test)]

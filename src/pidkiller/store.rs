@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Version of the state file format.
@@ -140,31 +140,16 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, PidKillerError> {
 /// Makes sure the directory of `path` exists (created mode 0700) and is
 /// ours and not writable by others, so nobody can swap the file under us.
 fn ensure_dir(path: &Path) -> Result<PathBuf, PidKillerError> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let dir_err = |source| PidKillerError::StateDir {
-        path: dir.clone(),
-        source,
-    };
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(dir_err)?;
-    let meta = fs::symlink_metadata(&dir).map_err(dir_err)?;
-    let euid = rustix::process::geteuid().as_raw();
-    // A symlinked directory is fine if the link target passes the checks.
-    let meta = if meta.file_type().is_symlink() {
-        fs::metadata(&dir).map_err(dir_err)?
-    } else {
-        meta
-    };
-    if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
-        return Err(PidKillerError::InsecureStateDir { path: dir });
-    }
-    Ok(dir)
+    files::private_dir_of(path).map_err(|err| {
+        let path = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        match err {
+            files::PrivateDirError::Io(source) => PidKillerError::StateDir { path, source },
+            files::PrivateDirError::Insecure => PidKillerError::InsecureStateDir { path },
+        }
+    })
 }
 
 /// An exclusive lock on `<file>.lock`, released on drop (closing the fd).
@@ -298,6 +283,7 @@ pub(crate) fn me() -> Result<ProcessIdentity, PidKillerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt as _;
 
     #[test]
     fn state_dir_follows_xdg_then_home_then_tmp() {
