@@ -63,7 +63,7 @@
 #    SIGTERM to exit; the same with
 #    KexAlgorithms curve25519-sha256 in the ssh_config (OpenSSH's default,
 #    sntrup761x25519, costs the client several times the CPU). The master's CPU, VmHWM and file descriptors (and its
-#    ssh processes': a ControlMaster per host) at 8,
+#    ssh processes': one per host) at 8,
 #    16, 32 and 64 hosts x 8, all running and over 10 s idle, with the
 #    slope per host; its CPU per relayed line, 8 hosts x 4 instances
 #    printing 20 000 lines each at once, and 1 000 each 5 ms apart (a frame
@@ -562,7 +562,7 @@ if wants scale; then
                 "$(sfigure "${key}_taskherd_client_cpu_ms") / $(sfigure "${key}_taskherd_hosts_cpu_ms")" \
                 "$(sfigure "${key}_pdsh_client_cpu_ms") / $(sfigure "${key}_pdsh_hosts_cpu_ms") (pdsh), $(sfigure "${key}_pdsh_programs_client_cpu_ms") / $(sfigure "${key}_pdsh_programs_hosts_cpu_ms") (pdsh, same programs)" "-" "-" "-"
             # The whole machine during the run: also what leaves the
-            # tool's process tree (ControlMasters, watchdogs).
+            # tool's process tree (the agents' watchdogs).
             row "  CPU of the whole machine during the run, ms" \
                 "$(sfigure "${key}_taskherd_machine_cpu_ms")" \
                 "$(sfigure "${key}_pdsh_machine_cpu_ms") (pdsh), $(sfigure "${key}_pdsh_programs_machine_cpu_ms") (pdsh, same programs)" "-" "-" "-"

@@ -13,7 +13,8 @@
 //!   with the CPU it took here and on the hosts (taskherd, as pdsh, starts
 //!   each ssh in a session of its own) and the CPU of the whole machine
 //!   during the run (which also counts what leaves the tool's tree:
-//!   ssh's daemonized ControlMasters, the agents' watchdogs);
+//!   the agents' watchdogs; before taskherd ran its ssh as its own child,
+//!   ssh's daemonized ControlMasters);
 //! - 64 hosts × 8 long-running instances with the plain login: from the
 //!   spawn of `taskherd run` until all 512 have printed their first line
 //!   (and where the CPU went until then), then SIGTERM to the master's
@@ -21,8 +22,8 @@
 //!   exchange;
 //! - the master's CPU time, peak RSS and file descriptors at 8, 16, 32 and
 //!   64 hosts × 8 (when all are running, and over [`IDLE_WINDOW`] after),
-//!   and the same of the ssh processes it keeps (a ControlMaster and a
-//!   session client per host) and of those it reaped (the handshakes); the
+//!   and the same of the ssh processes it keeps (one per host, a
+//!   ControlMaster that runs the agent's command) and of those it reaped; the
 //!   sshd, agents and instances run on this machine too but belong to the
 //!   hosts, so they are not counted;
 //! - the master's CPU per relayed line: 8 hosts × 4 instances printing
@@ -272,7 +273,8 @@ fn children_cpu() -> Duration {
 /// and the kernel: /proc/stat's first line less idle, iowait and steal,
 /// the time the hypervisor gave other guests). Over a
 /// run it counts what the per-process figures miss: processes that left
-/// the tool's tree (ssh's daemonized ControlMasters, an agent's watchdog)
+/// the tool's tree (an agent's watchdog; ssh's daemonized ControlMasters
+/// before taskherd ran its ssh as its child)
 /// and the kernel's work for them; the bench itself adds a thread that
 /// wakes every 10 ms.
 fn machine_busy() -> Duration {
@@ -509,15 +511,14 @@ fn fanout_rows(
                     }
                 };
                 // After the hosts are quiet: what a tool leaves running
-                // (ControlMasters closing, watchdogs) is its work too.
+                // (ssh closing, watchdogs) is its work too.
                 wait_quiet(of);
                 let machine = machine_busy().saturating_sub(machine_before);
                 if counts_rc {
                     check_one_rc_each(key, of, &before);
                 }
                 // Everything has ended and been reaped: the tool's own
-                // processes (the daemonized ControlMasters aside, which
-                // only relay once connected) and the hosts' side.
+                // processes, its ssh included, and the hosts' side.
                 let client = children_cpu().saturating_sub(client_before);
                 let on_hosts = hosts_cpu(of).saturating_sub(hosts_before);
                 if let Some(last) = said.last_mut() {
@@ -637,8 +638,8 @@ fn usage_of(pid: u32) -> Usage {
     }
 }
 
-/// What the live ssh processes of one master use: its ControlMasters and
-/// session clients (their arguments name its control directory,
+/// What the live ssh processes of one master use: one per host, each a
+/// ControlMaster running the agent's command (their arguments name its control directory,
 /// `$TMPDIR/taskherd-<pid>/`).
 #[derive(Clone, Copy, Default)]
 struct SshUsage {

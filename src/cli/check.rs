@@ -125,16 +125,30 @@ fn check_connections(path: &std::path::Path, config: &Config) -> anyhow::Result<
                 let control_dir = control_dir.clone();
                 async move {
                     let result = async {
-                        let connection =
-                            ssh::connect(&host, &options, &control_dir, CHECK_KEEPALIVE)
-                                .await
-                                .map_err(|err| err.to_string())?;
-                        let status = connection.session().command("true").status().await;
+                        let (mut connection, stdio) = ssh::connect(
+                            &host,
+                            &options,
+                            &control_dir,
+                            CHECK_KEEPALIVE,
+                            "true",
+                            (),
+                        )
+                        .await
+                        .map_err(|err| err.to_string())?;
+                        // Its output (the login's chatter) is left in its
+                        // pipes until it ends; it gets no input.
+                        drop(stdio.stdin);
+                        let status = connection.first_status(CHECK_COMMAND_TIMEOUT).await;
+                        drop(stdio.stdout);
+                        drop(stdio.stderr);
                         connection.close().await;
                         match status {
-                            Ok(status) if status.success() => Ok(()),
-                            Ok(status) => Err(format!("`true` ended with {status}")),
-                            Err(err) => Err(format!("cannot run a command: {err}")),
+                            Some(status) if status.success() => Ok(()),
+                            Some(status) => Err(format!("`true` ended with {status}")),
+                            None => Err(format!(
+                                "`true` did not end within {}s",
+                                CHECK_COMMAND_TIMEOUT.as_secs()
+                            )),
                         }
                     }
                     .await;
@@ -167,3 +181,7 @@ const CHECK_CONNECTIONS: usize = 8;
 
 /// The SSH keepalive of `check --connect`'s short sessions.
 const CHECK_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long `true` may take on a host once logged in (its rc files run
+/// first).
+const CHECK_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);

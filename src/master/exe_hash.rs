@@ -3,9 +3,10 @@
 //! The master names the agent it uploads after its own SHA-256 (and checks
 //! the upload with it). Reading and hashing its 15–25 MB is 15–25 ms of CPU,
 //! paid by every master that starts remote hosts without
-//! `master.agent_path`, at the worst moment: while the SSH handshakes of
-//! every host take the CPU, where it took a second (64 hosts on 2 cores)
-//! and no host could start its agent meanwhile. So the hash is kept in a
+//! `master.agent_path`, before its first ssh starts (the probe names the
+//! file); when it was computed alongside the handshakes, it took a second
+//! (64 hosts on 2 cores) and no host could start its agent meanwhile.
+//! So the hash is kept in a
 //! small file of the user's state directory, keyed as git's index keys a
 //! file: device, inode, size, modification and change times. Any write to
 //! the executable changes its change time, which no user can set back, so

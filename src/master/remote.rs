@@ -23,7 +23,6 @@ use crate::supervise::instance::{
 use crate::supervise::restart::backoff_delay;
 use crate::supervise::shutdown::Shutdown;
 use futures::StreamExt;
-use openssh::Session;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -315,40 +314,6 @@ struct HostRun<'a> {
 
 impl HostRun<'_> {
     async fn connect_and_serve(&mut self) -> HostOutcome {
-        let host = &self.plan.host;
-        if self.settings.agent_path.is_none() {
-            ssh::prepare_agent_upload();
-        }
-        // One of `max_handshakes` turns, held for the handshake only.
-        let connect = async {
-            let _turn = self.settings.handshakes.acquire().await;
-            ssh::connect(
-                host,
-                &self.plan.ssh,
-                &self.settings.control_dir,
-                self.settings.orphan_timeout / 3,
-            )
-            .await
-        };
-        let connection = tokio::select! {
-            connected = connect => {
-                match connected {
-                    Ok(connection) => connection,
-                    Err(err @ ssh::RemoteError::Refused(_)) => {
-                        return HostOutcome::Refused(format!("cannot connect: {err}"))
-                    }
-                    Err(err) => return HostOutcome::Lost(format!("cannot connect: {err}")),
-                }
-            }
-            _ = self.shutdown.stopping() => return HostOutcome::Lost("stopped while connecting".into()),
-        };
-        let outcome = self.serve(connection.session()).await;
-        // Closing the ControlMaster ends whatever still runs over it.
-        connection.close().await;
-        outcome
-    }
-
-    async fn serve(&mut self, session: &Session) -> HostOutcome {
         let label = self.plan.host.label.clone();
         // The hello goes with the start command: the agent reads it as it
         // starts, without waiting for the master to see it start.
@@ -365,25 +330,52 @@ impl HostRun<'_> {
         if let Err(err) = encoded {
             return HostOutcome::Lost(format!("cannot encode the hello: {err}"));
         }
+        let how = ssh::AgentStart {
+            host: &self.plan.host,
+            options: &self.plan.ssh,
+            control_dir: &self.settings.control_dir,
+            keepalive: self.settings.orphan_timeout / 3,
+            handshakes: &self.settings.handshakes,
+            agent_dir: &self.settings.agent_dir,
+            agent_path: self.settings.agent_path.as_deref(),
+            prelude: &prelude,
+        };
+        let (mut connection, running) = tokio::select! {
+            started = ssh::start_agent(&how) => match started {
+                Ok(started) => started,
+                Err(err @ ssh::RemoteError::Refused(_)) => {
+                    return HostOutcome::Refused(format!("cannot connect: {err}"))
+                }
+                Err(err @ ssh::RemoteError::Connect(_)) => {
+                    return HostOutcome::Lost(format!("cannot connect: {err}"))
+                }
+                Err(err) => return HostOutcome::Lost(err.to_string()),
+            },
+            _ = self.shutdown.stopping() => return HostOutcome::Lost("stopped while connecting".into()),
+        };
+        let outcome = self.serve(&label, running).await;
+        // A lost agent is given its 2 s before it is cut off. Every report
+        // of a done one is in: it ends by itself as its link closes, and
+        // its exit status says nothing more. Waiting for that status would
+        // cost each host's end a round trip through sshd and ssh.
+        if !matches!(outcome, HostOutcome::Done) {
+            connection.wait_agent(Duration::from_secs(2)).await;
+        }
+        // Closing the ControlMaster ends whatever still runs over it.
+        connection.close().await;
+        outcome
+    }
+
+    async fn serve(&mut self, label: &str, running: ssh::RunningAgent) -> HostOutcome {
+        let label = label.to_string();
         let ssh::RunningAgent {
-            child,
             stdin,
             stdout,
             stderr,
             path: agent_path,
             uploaded,
             through_sh,
-        } = match ssh::start_agent(
-            session,
-            &self.settings.agent_dir,
-            self.settings.agent_path.as_deref(),
-            &prelude,
-        )
-        .await
-        {
-            Ok(running) => running,
-            Err(err) => return HostOutcome::Lost(err.to_string()),
-        };
+        } = running;
         if through_sh {
             let message = format!(
                 "host {label}: the login shell cannot run the agent's start command; \
@@ -443,16 +435,6 @@ impl HostRun<'_> {
         let outcome = self.relay(&mut from_agent, &to_agent_tx, held).await;
         drop(to_agent_tx);
         writer.abort();
-        // Every report is in: the agent ends by itself as its link closes,
-        // and its exit status says nothing more. Waiting for that status
-        // would cost each host's end a round trip through sshd, the
-        // ControlMaster and the mux, and, about once in 40 ends here, the
-        // whole 2 s (the status never came through). Closing the
-        // connection (the caller's next step) ends the session anyway.
-        // A lost agent is given its 2 s before it is cut off.
-        if !matches!(outcome, HostOutcome::Done) {
-            let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
-        }
         outcome
     }
 
@@ -490,7 +472,7 @@ impl HostRun<'_> {
     async fn relay(
         &mut self,
         from_agent: &mut Connection<
-            tokio::io::Join<tokio::io::BufReader<openssh::ChildStdout>, tokio::io::Empty>,
+            tokio::io::Join<tokio::io::BufReader<ssh::RemoteRead>, tokio::io::Empty>,
         >,
         to_agent_tx: &mpsc::UnboundedSender<ToAgent>,
         mut held: BTreeSet<u32>,
@@ -713,7 +695,7 @@ async fn report_lost(
 }
 
 async fn write_to_agent(
-    stdin: openssh::ChildStdin,
+    stdin: ssh::RemoteWrite,
     mut to_agent_rx: mpsc::UnboundedReceiver<ToAgent>,
 ) {
     let mut link = Connection::new(tokio::io::join(tokio::io::empty(), stdin));
@@ -726,7 +708,7 @@ async fn write_to_agent(
 
 /// The agent's own diagnostics (and the remote shell's errors, such as a
 /// missing binary) become warnings of the host.
-async fn relay_agent_stderr(stderr: openssh::ChildStderr, host: String, sink: LogSink) {
+async fn relay_agent_stderr(stderr: ssh::RemoteRead, host: String, sink: LogSink) {
     let mut lines = FramedRead::new(stderr, crate::supervise::output::LineDecoder::default());
     while let Some(Ok(line)) = lines.next().await {
         sink.master_event(Level::Warning, format!("host {host}: agent: {line}"))

@@ -7,13 +7,10 @@ use crate::config::{HostSpec, KnownHostsPolicy, SshOptions, DEFAULT_CONNECT_TIME
 use openssh::{Session, Stdio};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-
-/// How long an idle ControlMaster survives the master (it has no other
-/// user): long enough to reconnect the agent, short enough not to linger.
-const CONTROL_PERSIST_SECS: usize = 5;
 
 /// Errors of a remote host. They are reported and retried, never fatal to
 /// the master.
@@ -62,55 +59,106 @@ pub enum RemoteError {
     Refused(String),
 }
 
-/// One SSH connection to a host: an OpenSSH ControlMaster that this
-/// process started, and the [`Session`] that runs commands over its socket
-/// from this process (the `openssh` crate's native mux: no `ssh` client
-/// process per command).
+/// How a remote command's output is read, whichever way it runs (the
+/// ControlMaster's own session or a session over its socket).
+pub type RemoteRead = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// How a remote command's input is written (see [`RemoteRead`]).
+pub type RemoteWrite = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+/// The stdio of a remote command.
+pub struct RemoteStdio {
+    /// Its stdin.
+    pub stdin: RemoteWrite,
+    /// Its stdout.
+    pub stdout: BufReader<RemoteRead>,
+    /// Its stderr.
+    pub stderr: RemoteRead,
+}
+
+impl std::fmt::Debug for RemoteStdio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStdio").finish_non_exhaustive()
+    }
+}
+
+/// One SSH connection to a host: an OpenSSH ControlMaster that is this
+/// process's child and runs the connection's first command as its own
+/// session (as `ssh host COMMAND` does: the command's stdio are the ssh
+/// process's pipes), and a [`Session`] over its socket for any further
+/// command (the `openssh` crate's native mux: no `ssh` client process per
+/// command).
 #[derive(Debug)]
 pub struct SshConnection {
-    session: Session,
+    /// The ssh process: the ControlMaster. Killed if dropped unclosed.
+    master: tokio::process::Child,
+    /// Commands over the ControlMaster's socket.
+    session: Arc<Session>,
+    /// The agent's command when it runs over the socket (it was uploaded)
+    /// rather than as the first command.
+    agent: Option<openssh::Child<Arc<Session>>>,
     /// The ControlMaster's socket and log, removed at the close.
     socket: PathBuf,
     log: PathBuf,
-    /// The ControlMaster process (it forked into the background after the
-    /// handshake), to end it at the close.
-    master: Option<OwnedFd>,
 }
 
 impl SshConnection {
-    /// The session, to run commands on the host.
-    pub fn session(&self) -> &Session {
+    /// The session over the ControlMaster's socket, for commands beside
+    /// the first one. It works as long as the first command runs or
+    /// another session is open (the ControlMaster ends with its last
+    /// session).
+    pub fn session(&self) -> &Arc<Session> {
         &self.session
     }
 
-    /// Ends the ControlMaster, and with it whatever still runs over it,
-    /// and waits (2 s at most) until it has exited.
-    pub async fn close(self) {
-        let SshConnection {
-            session,
-            socket,
-            log,
-            master,
-        } = self;
-        match master {
-            Some(fd) => {
-                // ssh takes SIGTERM as `ssh -O exit` takes its request:
-                // it closes the connection and exits.
-                if rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::TERM).is_ok() {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        crate::pidkiller::proc::wait_exit(fd),
-                    )
-                    .await;
-                }
-                drop(session);
+    /// Waits (`limit` at most) for the first command to end, and returns
+    /// its exit status (ssh's, which is the command's): `None` when it did
+    /// not end in time.
+    pub async fn first_status(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.master.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    /// Waits (`limit` at most) for the agent's command to end, whichever
+    /// way it runs.
+    pub async fn wait_agent(&mut self, limit: Duration) {
+        match self.agent.take() {
+            Some(agent) => {
+                let _ = tokio::time::timeout(limit, agent.wait()).await;
             }
             None => {
-                if let Err(err) = session.close().await {
-                    tracing::debug!(cause = %err, "closing the ssh connection");
-                }
+                let _ = tokio::time::timeout(limit, self.master.wait()).await;
             }
         }
+    }
+
+    /// Ends the ControlMaster, and with it whatever still runs over it,
+    /// and waits (2 s at most) until it has exited; it is killed then.
+    pub async fn close(self) {
+        let SshConnection {
+            mut master,
+            session,
+            agent,
+            socket,
+            log,
+        } = self;
+        drop(agent);
+        // ssh takes SIGTERM as `ssh -O exit` takes its request: it closes
+        // the connection and exits. Not reaped yet, its pid is still its.
+        if let Some(pid) = master
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            if rustix::process::kill_process(pid, rustix::process::Signal::TERM).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), master.wait()).await;
+            }
+        }
+        // Killed and reaped in the background if it is still there.
+        drop(master);
+        drop(session);
         let _ = std::fs::remove_file(&socket);
         let _ = std::fs::remove_file(&log);
     }
@@ -120,8 +168,18 @@ impl SshConnection {
 /// control directory.
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
-/// Opens the ControlMaster connection to `host`: `ssh -M -f -N`, which
-/// returns once it has authenticated and forked into the background.
+/// Opens an SSH connection to `host` that runs `command` (a command line
+/// for the login shell, as `ssh host COMMAND` takes it): one `ssh -M`
+/// process, this process's child, that authenticates, listens on its
+/// control socket for further sessions, and runs `command` as its own
+/// session, whose stdio are returned. It returns once the handshake is
+/// over (the socket appeared: `turn` is dropped then), the command
+/// answered, or ssh ended.
+///
+/// No `-f`, no `ControlPersist`: the ControlMaster runs as long as its
+/// first command or any session over its socket, and no fork, mux session
+/// or mux relay sits between the master and the first command. The
+/// ControlMaster's own stdio carries the command's, as pdsh runs its ssh.
 ///
 /// The ssh process starts in a **session of its own** (`setsid`), as pdsh
 /// starts its ssh: a terminal's signals do not reach it (the master stops
@@ -130,7 +188,8 @@ static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 /// all of them sharing the master's.
 ///
 /// The key exchange and every other SSH setting are ssh's and the user's
-/// ssh_config's: none is forced here (see the README's performance
+/// ssh_config's, except what the link needs: no tty (`-T`), no X11, no
+/// `RemoteCommand`, no `ControlPersist` (see the README's performance
 /// section on `KexAlgorithms`).
 ///
 /// # Errors
@@ -138,27 +197,29 @@ static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 /// refused`, `host key verification failed`, `permission denied
 /// (publickey)`...; [`RemoteError::Refused`] when the host closed the
 /// connection before its banner (sshd past `MaxStartups`).
-pub async fn connect(
+pub async fn connect<T>(
     host: &HostSpec,
     options: &SshOptions,
     control_dir: &Path,
     keepalive: Duration,
-) -> Result<SshConnection, RemoteError> {
+    command: &str,
+    turn: T,
+) -> Result<(SshConnection, RemoteStdio), RemoteError> {
     let connect_timeout = options.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let n = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
-    let socket = control_dir.join(format!("{n}.sock"));
+    let socket_name = format!("{n}.sock");
+    let socket = control_dir.join(&socket_name);
     let log = control_dir.join(format!("{n}.log"));
     let mut ssh = tokio::process::Command::new("ssh");
-    ssh.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+    ssh.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .arg("-E")
         .arg(&log)
         .arg("-S")
         .arg(&socket)
-        .args(["-M", "-f", "-N", "-o"])
-        .arg(format!("ControlPersist={CONTROL_PERSIST_SECS}s"))
-        .args(["-o", "BatchMode=yes", "-o"])
+        .args(["-M", "-T", "-x", "-o", "ControlPersist=no"])
+        .args(["-o", "RemoteCommand=none", "-o", "BatchMode=yes", "-o"])
         .arg(match options.known_hosts {
             KnownHostsPolicy::Strict => "StrictHostKeyChecking=yes",
             KnownHostsPolicy::AcceptNew => "StrictHostKeyChecking=accept-new",
@@ -189,8 +250,9 @@ pub async fn connect(
     if let Some(jump) = &options.jump_host {
         ssh.arg("-J").arg(jump);
     }
-    ssh.arg("--").arg(&host.name);
-    // A handshake cut short by the timeout below is not left running.
+    ssh.arg("--").arg(&host.name).arg(command);
+    // A connection dropped unclosed (a handshake cut short by the
+    // timeout below, a stop meanwhile) is not left running.
     ssh.kill_on_drop(true);
     // SAFETY: the closure runs in the child between fork and exec and only
     // makes the setsid(2) system call, which is async-signal-safe; it
@@ -202,15 +264,33 @@ pub async fn connect(
                 .map_err(std::io::Error::from)
         });
     }
+    // Watched before ssh starts, so its socket cannot appear unseen.
+    let watch = SocketWatch::new(control_dir).ok();
+    let mut master = ssh
+        .spawn()
+        .map_err(|err| RemoteError::Connect(format!("cannot run ssh: {err}")))?;
+    let (Some(stdin), Some(stdout), Some(stderr)) = (
+        master.stdin.take(),
+        master.stdout.take(),
+        master.stderr.take(),
+    ) else {
+        return Err(RemoteError::Connect("ssh started without pipes".into()));
+    };
+    let mut stdout = BufReader::new(Box::new(stdout) as RemoteRead);
     // ssh's ConnectTimeout covers the TCP connect only; a host that
     // accepts and then stalls is bounded here.
     let limit = connect_timeout * 2 + Duration::from_secs(5);
-    let status = match tokio::time::timeout(limit, ssh.status()).await {
-        Ok(Ok(status)) => status,
-        Ok(Err(err)) => {
-            return Err(RemoteError::Connect(format!("cannot run ssh: {err}")));
+    let handshake = async {
+        tokio::select! {
+            () = socket_appears(watch.as_ref(), &socket, &socket_name) => false,
+            answered = stdout.fill_buf() => answered.is_ok_and(|data| data.is_empty()),
+            _ = master.wait() => true,
         }
+    };
+    let ended = match tokio::time::timeout(limit, handshake).await {
+        Ok(ended) => ended,
         Err(_) => {
+            drop(master);
             let _ = std::fs::remove_file(&log);
             return Err(RemoteError::Connect(format!(
                 "no answer within {}",
@@ -218,43 +298,136 @@ pub async fn connect(
             )));
         }
     };
-    if !status.success() {
+    drop(turn);
+    drop(watch);
+    if ended {
+        // ssh ended, or is ending: with 255 or a signal it failed, and its
+        // log says why. (A command that ran and ended otherwise is the
+        // caller's to read.)
+        let status = tokio::time::timeout(limit, master.wait()).await;
+        let failed = match &status {
+            Ok(Ok(status)) => status.code().is_none_or(|code| code == 255),
+            _ => true,
+        };
         let said = std::fs::read_to_string(&log).unwrap_or_default();
-        let _ = std::fs::remove_file(&log);
-        let text = ssh_verdict(&said).unwrap_or_else(|| format!("ssh failed ({status})"));
-        // sshd past MaxStartups closes the connection at once, before
-        // its banner: ssh says so from `kex_exchange_identification`.
-        return Err(if text.contains("kex_exchange_identification") {
-            RemoteError::Refused(text)
-        } else {
-            RemoteError::Connect(text)
-        });
-    }
-    // The ControlMaster's pid, from itself, to end it at the close.
-    let master = match openssh_mux_client::Connection::connect(&socket).await {
-        Ok(mut mux) => match mux.send_alive_check().await {
-            Ok(pid) => crate::pidkiller::proc::ProcessIdentity::of(pid.get())
-                .and_then(crate::pidkiller::proc::pidfd_open)
-                .ok(),
-            Err(_) => None,
-        },
-        Err(err) => {
-            return Err(RemoteError::Connect(format!(
-                "the ssh ControlMaster does not answer on {}: {err}",
-                socket.display()
-            )))
+        if failed {
+            let _ = std::fs::remove_file(&log);
+            let text = ssh_verdict(&said).unwrap_or_else(|| match status {
+                Ok(Ok(status)) => format!("ssh failed ({status})"),
+                Ok(Err(err)) => format!("ssh failed ({err})"),
+                Err(_) => "ssh did not end".to_string(),
+            });
+            // sshd past MaxStartups closes the connection at once, before
+            // its banner: ssh says so from `kex_exchange_identification`.
+            return Err(if text.contains("kex_exchange_identification") {
+                RemoteError::Refused(text)
+            } else {
+                RemoteError::Connect(text)
+            });
         }
-    };
-    let session = Session::resume_mux(
+    }
+    let session = Arc::new(Session::resume_mux(
         socket.clone().into_boxed_path(),
         Some(log.clone().into_boxed_path()),
-    );
-    Ok(SshConnection {
-        session,
-        socket,
-        log,
-        master,
-    })
+    ));
+    Ok((
+        SshConnection {
+            master,
+            session,
+            agent: None,
+            socket,
+            log,
+        },
+        RemoteStdio {
+            stdin: Box::new(stdin),
+            stdout,
+            stderr: Box::new(stderr),
+        },
+    ))
+}
+
+/// Tells when a file appears in a directory (inotify): how the end of a
+/// handshake is seen, as the ControlMaster creates its socket right after
+/// authenticating, before it opens the first session.
+struct SocketWatch {
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl SocketWatch {
+    /// Watches `dir` for new files (one inotify instance, for one
+    /// handshake; if there are none left, the handshake ends at the first
+    /// command's answer instead).
+    fn new(dir: &Path) -> std::io::Result<SocketWatch> {
+        use rustix::fs::inotify;
+        let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
+        inotify::add_watch(
+            &fd,
+            dir,
+            inotify::WatchFlags::CREATE | inotify::WatchFlags::MOVED_TO,
+        )?;
+        // SAFETY: `fd` is an open inotify descriptor that the AsyncFd
+        // owns from here on: it stays open, the same, until it is dropped.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|err| err.into_parts().1)?;
+        Ok(SocketWatch { fd })
+    }
+}
+
+/// Returns when the file `path` (named `name`) appears in the watched
+/// directory. Without a watch, or if it fails, it looks every 50 ms.
+async fn socket_appears(watch: Option<&SocketWatch>, path: &Path, name: &str) {
+    if let Some(watch) = watch {
+        if watch.saw(name).await.is_ok() {
+            return;
+        }
+    }
+    while !path.exists() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl SocketWatch {
+    /// Returns once a file named `name` was created in the directory.
+    ///
+    /// # Errors
+    /// If reading the watch fails.
+    async fn saw(&self, name: &str) -> std::io::Result<()> {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let read = ready.try_io(|fd| {
+                let mut events = rustix::fs::inotify::Reader::new(fd.get_ref(), &mut buf);
+                let mut seen = false;
+                loop {
+                    match events.next() {
+                        // Events were lost: look at the directory instead.
+                        Ok(event)
+                            if event
+                                .events()
+                                .contains(rustix::fs::inotify::ReadFlags::QUEUE_OVERFLOW) =>
+                        {
+                            return Err(std::io::Error::other("inotify queue overflow"));
+                        }
+                        Ok(event) => {
+                            seen |= event
+                                .file_name()
+                                .is_some_and(|file| file.to_bytes() == name.as_bytes());
+                        }
+                        // Read to the end: then `seen`, or wait for more.
+                        Err(rustix::io::Errno::AGAIN) if seen => return Ok(()),
+                        Err(err) => return Err(std::io::Error::from(err)),
+                    }
+                }
+            });
+            match read {
+                Ok(result) => return result,
+                // Read to the end, not seen: readiness cleared, wait.
+                Err(_would_block) => {}
+            }
+        }
+    }
 }
 
 /// ssh's verdict in what it printed: its last line, without the noise
@@ -288,23 +461,6 @@ static OWN_EXECUTABLE: tokio::sync::OnceCell<OwnExecutable> = tokio::sync::OnceC
 
 async fn own_executable() -> Result<&'static OwnExecutable, RemoteError> {
     OWN_EXECUTABLE.get_or_try_init(hash_own_executable).await
-}
-
-/// Starts hashing this executable (what names the agent's file on the
-/// hosts) in the background, once per process, for hosts about to connect
-/// without `master.agent_path`. The first of them then finds the hash
-/// ready as its handshake ends, instead of starting it then: with many
-/// hosts the handshakes take every CPU by that time, and reading and
-/// hashing its 15–25 MB among them took a second (64 hosts on 2 cores), during
-/// which no host could start its agent. A failure is left for the hosts
-/// to meet and report (they ask again).
-pub fn prepare_agent_upload() {
-    static STARTED: AtomicBool = AtomicBool::new(false);
-    if !STARTED.swap(true, Ordering::Relaxed) {
-        tokio::spawn(async {
-            let _ = own_executable().await;
-        });
-    }
 }
 
 async fn hash_own_executable() -> Result<OwnExecutable, RemoteError> {
@@ -363,37 +519,68 @@ const MAX_LOGIN_NOISE: usize = 64 * 1024;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The agent running on a host, its stdio ready for the agent protocol.
-#[derive(Debug)]
-pub struct RunningAgent<'s> {
-    /// The remote command (the agent, after its shell's `exec`).
-    pub child: openssh::Child<&'s Session>,
+pub struct RunningAgent {
     /// The agent's stdin: frames to the agent.
-    pub stdin: openssh::ChildStdin,
+    pub stdin: RemoteWrite,
     /// The agent's stdout, past the start line: frames from the agent.
-    pub stdout: BufReader<openssh::ChildStdout>,
+    pub stdout: BufReader<RemoteRead>,
     /// The agent's stderr: its own log lines and the login's chatter.
-    pub stderr: openssh::ChildStderr,
+    pub stderr: RemoteRead,
     /// Remote path of the `taskherd` executable.
     pub path: String,
     /// `true` when it was uploaded to start it.
     pub uploaded: bool,
     /// `true` when the login shell could not run the start command and it
-    /// ran through `sh -c` (one more command per connection).
+    /// ran through `sh -c` (one more connection and command).
     pub through_sh: bool,
 }
 
-/// Starts the agent on the host in **one remote command** when it is
-/// there (each command pays the login's shell rc files): a one-line
-/// probe, run by the login shell itself (no `sh` starts before the
-/// agent), execs the agent of exactly this build if the host has it,
-/// else says what the host is; then, if the OS and architecture match,
-/// **one more command** uploads it and starts it, the executable and then
-/// the agent protocol on the same stdin. A login shell that cannot run
-/// the probe (it ends without a word) gets it once more through `sh -c`.
-/// An `agent_path` is started the same way and is never uploaded. The
-/// agent lives in `agent_dir` as `taskherd-<version>-<hash>`; an upload
-/// is written under a temporary name, checked (size, and SHA-256 where
-/// `sha256sum` exists) and renamed.
+impl std::fmt::Debug for RunningAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningAgent")
+            .field("path", &self.path)
+            .field("uploaded", &self.uploaded)
+            .field("through_sh", &self.through_sh)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to reach a host and its agent, for [`start_agent`].
+#[derive(Debug)]
+pub struct AgentStart<'a> {
+    /// The host.
+    pub host: &'a HostSpec,
+    /// Its SSH settings.
+    pub options: &'a SshOptions,
+    /// Where the ControlMaster's socket goes (short: a socket path is
+    /// limited to about 100 bytes).
+    pub control_dir: &'a Path,
+    /// ssh's `ServerAliveInterval`.
+    pub keepalive: Duration,
+    /// Turns to hold during a handshake (`master.max_handshakes`).
+    pub handshakes: &'a tokio::sync::Semaphore,
+    /// Where uploaded agents live on the host.
+    pub agent_dir: &'a str,
+    /// An agent installed on the host (never uploaded), if any.
+    pub agent_path: Option<&'a str>,
+    /// The master's first frames, written to the agent's stdin at once.
+    pub prelude: &'a [u8],
+}
+
+/// Connects to the host and starts the agent there in **one remote
+/// command** when it is there (each command pays the login's shell rc
+/// files), the connection's own: a one-line probe, run by the login
+/// shell itself (no `sh` starts before the agent), execs the agent of
+/// exactly this build if the host has it, else says what the host is and
+/// waits; then, if the OS and architecture match, **one more command**
+/// over the connection's socket uploads it and starts it, the executable
+/// and then the agent protocol on the same stdin. A login shell that
+/// cannot run the probe (it ends without a word) gets it once more
+/// through `sh -c`, on a new connection. An `agent_path` is started the
+/// same way and is never uploaded. The agent lives in `agent_dir` as
+/// `taskherd-<version>-<hash>`; an upload is written under a temporary
+/// name, checked (size, and SHA-256 where `sha256sum` exists) and
+/// renamed.
 ///
 /// Lines the login prints on stdout before the script's own (rc files
 /// that echo) are skipped, up to 64 KiB.
@@ -404,20 +591,18 @@ pub struct RunningAgent<'s> {
 /// that does not start the agent reads none of it.
 ///
 /// # Errors
-/// [`RemoteError::Platform`] on a mismatch, [`RemoteError::Command`] when
-/// a command fails or says something unexpected (with its stderr),
-/// [`RemoteError::OwnExecutable`] when our executable cannot be read.
-pub async fn start_agent<'s>(
-    session: &'s Session,
-    agent_dir: &str,
-    agent_path: Option<&str>,
-    prelude: &[u8],
-) -> Result<RunningAgent<'s>, RemoteError> {
-    let (file, own) = match agent_path {
+/// Those of [`connect`]; [`RemoteError::Platform`] on a mismatch,
+/// [`RemoteError::Command`] when a command fails or says something
+/// unexpected (with its stderr), [`RemoteError::OwnExecutable`] when our
+/// executable cannot be read.
+pub async fn start_agent(
+    how: &AgentStart<'_>,
+) -> Result<(SshConnection, RunningAgent), RemoteError> {
+    let (file, own) = match how.agent_path {
         Some(path) => (path.to_string(), None),
         None => {
             let own = own_executable().await?;
-            let dir = agent_dir.strip_prefix("~/").unwrap_or(agent_dir);
+            let dir = how.agent_dir.strip_prefix("~/").unwrap_or(how.agent_dir);
             let file = format!(
                 "{dir}/taskherd-{}-{}",
                 env!("CARGO_PKG_VERSION"),
@@ -426,18 +611,30 @@ pub async fn start_agent<'s>(
             (file, Some((own, dir)))
         }
     };
-    let (mut probe, through_sh) = match Probe::run(session, &file, Through::Login, prelude).await? {
-        Probe::Starts(started) => return Ok(started.running(file, false, false)),
-        Probe::Missing(started) => (started, false),
+    let (connection, mut probe, through_sh) = match Probe::run(how, &file, Through::Login).await? {
+        (connection, Probe::Starts(started)) => {
+            return Ok(started.running(connection, file, false, false))
+        }
+        (connection, Probe::Missing(started)) => (connection, started, false),
         // A login shell that cannot parse the probe (not POSIX-like, and
         // without `&&`) ended it without a word: once more through `sh`.
-        Probe::Ended(_) => match Probe::run(session, &file, Through::Sh, prelude).await? {
-            Probe::Starts(started) => return Ok(started.running(file, false, true)),
-            Probe::Missing(started) => (started, true),
-            Probe::Ended(started) => return Err(started.unexpected(None).await),
-        },
+        (connection, Probe::Ended(_)) => {
+            connection.close().await;
+            match Probe::run(how, &file, Through::Sh).await? {
+                (connection, Probe::Starts(started)) => {
+                    return Ok(started.running(connection, file, false, true))
+                }
+                (connection, Probe::Missing(started)) => (connection, started, true),
+                (mut connection, Probe::Ended(started)) => {
+                    let failed = started.unexpected(None, &mut connection).await;
+                    connection.close().await;
+                    return Err(failed);
+                }
+            }
+        }
     };
     let Some((own, dir)) = own else {
+        connection.close().await;
         return Err(RemoteError::Command {
             what: "cannot start the agent",
             detail: format!("master.agent_path {file} is not an executable file on this host"),
@@ -445,58 +642,86 @@ pub async fn start_agent<'s>(
     };
     let remote_os = probe.next_line().await.to_lowercase();
     let remote_arch = probe.next_line().await;
-    let _ = tokio::time::timeout(START_TIMEOUT, probe.child.wait()).await;
     let arch_matches = remote_arch == std::env::consts::ARCH
         || (std::env::consts::ARCH == "aarch64" && remote_arch == "arm64");
     if remote_os != std::env::consts::OS || !arch_matches {
+        connection.close().await;
         return Err(RemoteError::Platform {
             remote: format!("{remote_os} {remote_arch}"),
             local: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
             version: env!("CARGO_PKG_VERSION"),
         });
     }
-    let mut running = upload_and_start(session, own, dir, &file, prelude).await?;
-    running.through_sh = through_sh;
-    Ok(running)
+    // The probe waits (`cat`) and so keeps the ControlMaster up until
+    // the upload's session is open; it ends as its stdin closes.
+    let uploaded = upload_and_start(&connection, own, dir, &file, how.prelude).await;
+    drop(probe);
+    match uploaded {
+        Ok(started) => Ok(started.running(connection, file, true, through_sh)),
+        Err(err) => {
+            connection.close().await;
+            Err(err)
+        }
+    }
 }
 
 /// What the probe of a start command found.
-enum Probe<'s> {
+enum Probe {
     /// The agent starts: its frames follow.
-    Starts(Started<'s>),
-    /// The agent is not there; `uname -s` and `uname -m` follow.
-    Missing(Started<'s>),
+    Starts(Started),
+    /// The agent is not there; `uname -s` and `uname -m` follow, and the
+    /// probe waits for its stdin to close.
+    Missing(Started),
     /// The command ended without a word of its own.
-    Ended(Started<'s>),
+    Ended(Started),
 }
 
-impl<'s> Probe<'s> {
-    /// Runs the probe of the agent `file` through `through`: it execs the
-    /// agent if the host has it, else says it is missing and what the
-    /// host is. `prelude` is written at once (see [`start_agent`]).
+impl Probe {
+    /// Connects and runs the probe of the agent `file` through `through`
+    /// as the connection's first command: it execs the agent if the host
+    /// has it, else says it is missing and what the host is, and waits.
+    /// The prelude is written at once (see [`start_agent`]).
     ///
     /// Through the login shell, the probe is one line that any common
     /// shell runs as is (sh, bash, zsh, ksh, fish, csh): no `sh` starts
     /// before the agent.
     async fn run(
-        session: &'s Session,
+        how: &AgentStart<'_>,
         file: &str,
         through: Through,
-        prelude: &[u8],
-    ) -> Result<Probe<'s>, RemoteError> {
-        let command = format!(
+    ) -> Result<(SshConnection, Probe), RemoteError> {
+        let script = format!(
             "test -x {f} && echo {AGENT_STARTS} && exec {f} agent; \
-             echo {AGENT_MISSING}; uname -s; uname -m",
+             echo {AGENT_MISSING}; uname -s; uname -m; cat >/dev/null",
             f = shell_quote(file)
         );
-        let mut started =
-            Started::spawn(session, command, through, "cannot start the agent").await?;
-        started.send_prelude(prelude).await;
-        Ok(match started.first_line().await? {
-            Some(line) if line == AGENT_STARTS => Probe::Starts(started),
-            Some(_) => Probe::Missing(started),
-            None => Probe::Ended(started),
-        })
+        let command = match through {
+            Through::Login => script,
+            Through::Sh => format!("sh -c {}", shell_quote(&script)),
+        };
+        // One of `max_handshakes` turns, held for the handshake only.
+        let turn = how.handshakes.acquire().await;
+        let (connection, stdio) = connect(
+            how.host,
+            how.options,
+            how.control_dir,
+            how.keepalive,
+            &command,
+            turn,
+        )
+        .await?;
+        let mut started = Started::first(stdio, "cannot start the agent");
+        started.send_prelude(how.prelude).await;
+        let found = match started.first_line().await {
+            Ok(Some(line)) if line == AGENT_STARTS => Probe::Starts(started),
+            Ok(Some(_)) => Probe::Missing(started),
+            Ok(None) => Probe::Ended(started),
+            Err(err) => {
+                connection.close().await;
+                return Err(err);
+            }
+        };
+        Ok((connection, found))
     }
 }
 
@@ -511,15 +736,16 @@ enum Through {
 }
 
 /// Uploads our executable as `file` and starts it as the agent, in one
-/// command: exactly its size is read off stdin (`head -c`, which reads no
-/// further), and what follows on stdin is the agent protocol.
-async fn upload_and_start<'s>(
-    session: &'s Session,
+/// command over the connection's socket: exactly its size is read off
+/// stdin (`head -c`, which reads no further), and what follows on stdin
+/// is the agent protocol.
+async fn upload_and_start(
+    connection: &SshConnection,
     own: &OwnExecutable,
     dir: &str,
     file: &str,
     prelude: &[u8],
-) -> Result<RunningAgent<'s>, RemoteError> {
+) -> Result<Started, RemoteError> {
     let own_error = |source| RemoteError::OwnExecutable {
         path: own.path.clone(),
         source,
@@ -540,8 +766,7 @@ async fn upload_and_start<'s>(
         file = shell_quote(file),
         hash = shell_quote(&own.sha256),
     );
-    let mut started =
-        Started::spawn(session, script, Through::Sh, "cannot upload the agent").await?;
+    let mut started = Started::over_socket(connection, script, "cannot upload the agent").await?;
     let copied = tokio::io::copy(&mut (&mut local).take(size), &mut started.stdin).await;
     if let Err(err) = copied.and_then(|n| {
         if n == size {
@@ -550,7 +775,7 @@ async fn upload_and_start<'s>(
             Err(std::io::Error::other(format!("{n} of {size} bytes sent")))
         }
     }) {
-        let mut failed = started.unexpected(None).await;
+        let mut failed = started.unexpected_over_socket(None).await;
         if let RemoteError::Command { detail, .. } = &mut failed {
             *detail = format!("{err}; {detail}");
         }
@@ -566,9 +791,9 @@ async fn upload_and_start<'s>(
             detail: err.to_string(),
         })?;
     match started.first_line().await? {
-        Some(line) if line == AGENT_STARTS => Ok(started.running(file.to_string(), true, false)),
+        Some(line) if line == AGENT_STARTS => Ok(started),
         line => {
-            let mut failed = started.unexpected(line).await;
+            let mut failed = started.unexpected_over_socket(line).await;
             if let RemoteError::Command { detail, .. } = &mut failed {
                 if detail.contains("hash mismatch") {
                     // Wrong in the cache, or the executable changed under
@@ -591,28 +816,38 @@ async fn upload_and_start<'s>(
 }
 
 /// A start command running, its stdio piped.
-struct Started<'s> {
+struct Started {
     /// What it does, for errors.
     what: &'static str,
-    child: openssh::Child<&'s Session>,
-    stdin: openssh::ChildStdin,
-    stdout: BufReader<openssh::ChildStdout>,
-    stderr: openssh::ChildStderr,
+    stdin: RemoteWrite,
+    stdout: BufReader<RemoteRead>,
+    stderr: RemoteRead,
+    /// The command when it runs over the socket; `None` for the
+    /// connection's first command (whose status is ssh's).
+    child: Option<openssh::Child<Arc<Session>>>,
 }
 
-impl<'s> Started<'s> {
-    /// Runs `script` on the host, through `through`.
-    async fn spawn(
-        session: &'s Session,
+impl Started {
+    /// The connection's first command, from its stdio.
+    fn first(stdio: RemoteStdio, what: &'static str) -> Started {
+        Started {
+            what,
+            stdin: stdio.stdin,
+            stdout: stdio.stdout,
+            stderr: stdio.stderr,
+            child: None,
+        }
+    }
+
+    /// Runs `script` through `sh -c` over the connection's socket.
+    async fn over_socket(
+        connection: &SshConnection,
         script: String,
-        through: Through,
         what: &'static str,
-    ) -> Result<Started<'s>, RemoteError> {
+    ) -> Result<Started, RemoteError> {
         let failed = |detail: String| RemoteError::Command { what, detail };
-        let mut command = match through {
-            Through::Login => session.raw_command(script),
-            Through::Sh => session.shell(script),
-        };
+        let mut command = Session::to_command(Arc::clone(connection.session()), "sh");
+        command.arg("-c").arg(script);
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -629,10 +864,10 @@ impl<'s> Started<'s> {
         };
         Ok(Started {
             what,
-            child,
-            stdin,
-            stdout: BufReader::new(stdout),
-            stderr,
+            stdin: Box::new(stdin),
+            stdout: BufReader::new(Box::new(stdout)),
+            stderr: Box::new(stderr),
+            child: Some(child),
         })
     }
 
@@ -641,6 +876,7 @@ impl<'s> Started<'s> {
     async fn send_prelude(&mut self, prelude: &[u8]) {
         if !prelude.is_empty() {
             let _ = self.stdin.write_all(prelude).await;
+            let _ = self.stdin.flush().await;
         }
     }
 
@@ -696,45 +932,102 @@ impl<'s> Started<'s> {
         line.trim().to_string()
     }
 
-    /// The agent started: its stdio.
-    fn running(self, path: String, uploaded: bool, through_sh: bool) -> RunningAgent<'s> {
-        RunningAgent {
-            child: self.child,
+    /// The agent started: its stdio, and the connection that keeps its
+    /// command (if it runs over the socket).
+    fn running(
+        self,
+        mut connection: SshConnection,
+        path: String,
+        uploaded: bool,
+        through_sh: bool,
+    ) -> (SshConnection, RunningAgent) {
+        if self.child.is_some() {
+            connection.agent = self.child;
+        }
+        let running = RunningAgent {
             stdin: self.stdin,
             stdout: self.stdout,
             stderr: self.stderr,
             path,
             uploaded,
             through_sh,
-        }
+        };
+        (connection, running)
     }
 
-    /// The error of a command that did not answer as expected: what it
-    /// said instead (`line`), its stderr and its exit status.
-    async fn unexpected(mut self, line: Option<String>) -> RemoteError {
-        drop(self.stdin);
-        let mut stderr = Vec::new();
-        let _ = tokio::time::timeout(
-            START_TIMEOUT,
-            (&mut self.stderr)
-                .take(MAX_LOGIN_NOISE as u64)
-                .read_to_end(&mut stderr),
-        )
-        .await;
-        let status = match tokio::time::timeout(START_TIMEOUT, self.child.wait()).await {
-            Ok(Ok(status)) => status.to_string(),
-            Ok(Err(err)) => err.to_string(),
-            Err(_) => "still running".to_string(),
+    /// The error of a command over the socket that did not answer as
+    /// expected (see [`Started::unexpected`]).
+    async fn unexpected_over_socket(self, line: Option<String>) -> RemoteError {
+        let Started {
+            what,
+            stdin,
+            stderr,
+            child,
+            ..
+        } = self;
+        drop(stdin);
+        let said = said_on(stderr).await;
+        let status = match child {
+            Some(child) => match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
+                Ok(Ok(status)) => status.to_string(),
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => "still running".to_string(),
+            },
+            None => "no command".to_string(),
         };
-        let stderr = String::from_utf8_lossy(&stderr);
-        let said = match line {
-            Some(line) => format!("unexpected answer {line:?}"),
-            None => "no answer".to_string(),
-        };
-        RemoteError::Command {
-            what: self.what,
-            detail: format!("{said} ({status}): {}", stderr.trim()),
+        unexpected_error(what, line, &status, &said)
+    }
+
+    /// The error of the connection's first command that did not answer as
+    /// expected: what it said instead (`line`), its stderr and its exit
+    /// status.
+    async fn unexpected(self, line: Option<String>, connection: &mut SshConnection) -> RemoteError {
+        if self.child.is_some() {
+            return self.unexpected_over_socket(line).await;
         }
+        let Started {
+            what,
+            stdin,
+            stderr,
+            ..
+        } = self;
+        drop(stdin);
+        let said = said_on(stderr).await;
+        let status = match connection.first_status(START_TIMEOUT).await {
+            Some(status) => status.to_string(),
+            None => "still running".to_string(),
+        };
+        unexpected_error(what, line, &status, &said)
+    }
+}
+
+/// What a command said on `stderr` (64 KiB at most, until it ends).
+async fn said_on(mut stderr: RemoteRead) -> String {
+    let mut said = Vec::new();
+    let _ = tokio::time::timeout(
+        START_TIMEOUT,
+        (&mut stderr)
+            .take(MAX_LOGIN_NOISE as u64)
+            .read_to_end(&mut said),
+    )
+    .await;
+    String::from_utf8_lossy(&said).trim().to_string()
+}
+
+/// The error of a start command that answered `line` (or nothing).
+fn unexpected_error(
+    what: &'static str,
+    line: Option<String>,
+    status: &str,
+    said: &str,
+) -> RemoteError {
+    let answer = match line {
+        Some(line) => format!("unexpected answer {line:?}"),
+        None => "no answer".to_string(),
+    };
+    RemoteError::Command {
+        what,
+        detail: format!("{answer} ({status}): {said}"),
     }
 }
 
@@ -753,6 +1046,49 @@ mod tests {
             shell_quote("/opt/taskherd-0.1.0/bin/taskherd"),
             "/opt/taskherd-0.1.0/bin/taskherd"
         );
+    }
+
+    /// The end of a handshake as the master sees it: ssh binds its
+    /// control socket under a temporary name and hard-links it to its
+    /// path; other files come and go in the same directory.
+    #[tokio::test]
+    async fn a_socket_linked_into_the_directory_is_seen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let watch = SocketWatch::new(dir.path()).expect("inotify");
+        let socket = dir.path().join("7.sock");
+        let appears = socket_appears(Some(&watch), &socket, "7.sock");
+        let make = async {
+            tokio::task::yield_now().await;
+            std::fs::write(dir.path().join("7.log"), b"").expect("log");
+            std::fs::write(dir.path().join("8.sock"), b"").expect("another socket");
+            let temporary = dir.path().join("7.sock.XXXXXXXX");
+            std::fs::write(&temporary, b"").expect("temporary");
+            std::fs::hard_link(&temporary, &socket).expect("link");
+            std::fs::remove_file(&temporary).expect("unlink");
+        };
+        let ((), seen) = tokio::join!(make, tokio::time::timeout(Duration::from_secs(10), appears));
+        assert!(seen.is_ok(), "the socket's link was not seen");
+        // Nothing else ends the wait: another name stays unseen.
+        let unseen = dir.path().join("9.sock");
+        let other = socket_appears(Some(&watch), &unseen, "9.sock");
+        assert!(tokio::time::timeout(Duration::from_millis(200), other)
+            .await
+            .is_err());
+    }
+
+    /// Without a watch (no inotify instance left), the socket is looked
+    /// for instead.
+    #[tokio::test]
+    async fn without_a_watch_the_socket_is_looked_for() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("1.sock");
+        let make = async {
+            tokio::task::yield_now().await;
+            std::fs::write(&socket, b"").expect("socket");
+        };
+        let appears = socket_appears(None, &socket, "1.sock");
+        let ((), seen) = tokio::join!(make, tokio::time::timeout(Duration::from_secs(10), appears));
+        assert!(seen.is_ok(), "the socket was not found");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use crate::support::netns::NetNs;
 use crate::support::sshd::{self, SshHost, SshWorld};
 use crate::support::{describe, taskherd_bin, Herd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The `[master]` and `[ssh]` tables of a test herd. Hosts are this
@@ -536,6 +536,78 @@ fn handshakes_are_capped_by_max_handshakes() {
         herd.seen
     );
     assert_host_clean(&host);
+}
+
+/// A handshake turn ends with the handshake, not with the login's rc
+/// files: with one turn, two hosts whose logins are held in their rc file
+/// (a gate file that the test login's `.bashrc` waits on) both get to
+/// run it. Were the turn held until the start command answers, the
+/// second host could not log in while the first is held.
+#[test]
+fn a_login_held_in_its_rc_file_does_not_hold_a_handshake_turn() {
+    let Some(mut world) = world_of_login(sshd::RC_LOGIN) else {
+        return;
+    };
+    let hosts = [world.add_host(), world.add_host()];
+    let gates: Vec<Gate> = hosts.iter().map(Gate::close).collect();
+    let agents = tempfile::tempdir().expect("temp dir");
+    let config = cached_agent_config(&world, agents.path(), &[&hosts[0], &hosts[1]], 2)
+        .replace("[master]\n", "[master]\nmax_handshakes = 1\n");
+    let before: Vec<usize> = hosts
+        .iter()
+        .map(|host| sshd::commands_noted(sshd::RC_LOGIN_LOG, host))
+        .collect();
+    let mut herd = Herd::new(&config);
+    herd.start();
+    // Shorter than a handshake's own limit (2 × ConnectTimeout + 5 s),
+    // past which a held turn would be released by a failure.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while hosts
+        .iter()
+        .zip(&before)
+        .any(|(host, before)| sshd::commands_noted(sshd::RC_LOGIN_LOG, host) == *before)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "both logins did not reach their rc file with one handshake turn: {:?}",
+            herd.seen
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(gates);
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    assert!(
+        herd.lines_with("cannot connect").is_empty(),
+        "{:?}",
+        herd.seen
+    );
+    assert_eq!(
+        herd.lines_with("Child clean exit").len(),
+        4,
+        "{:?}",
+        herd.seen
+    );
+    for host in &hosts {
+        assert_host_clean(host);
+    }
+}
+
+/// A file that [`sshd::RC_LOGIN`]'s rc file waits on, for the logins of
+/// one host, as long as it exists (removed when dropped).
+struct Gate(PathBuf);
+
+impl Gate {
+    fn close(host: &SshHost) -> Gate {
+        let path = PathBuf::from(sshd::rc_gate(host));
+        std::fs::write(&path, b"").expect("write the gate");
+        Gate(path)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 #[test]

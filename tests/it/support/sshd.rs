@@ -726,8 +726,9 @@ pub const TEST_LOGIN: &str = "taskherd-test";
 
 /// A login whose shell is bash with an rc file that costs what a real
 /// one does (0.2 s) and notes every command it runs: a line with the
-/// sshd's marker (`TASKHERD_TEST_SSHD`) in [`RC_LOGIN_LOG`]. Made by
-/// `scripts/test` with `TASKHERD_TEST_LOGIN=1`.
+/// sshd's marker (`TASKHERD_TEST_SSHD`) in [`RC_LOGIN_LOG`], then waits
+/// while the host's [`rc_gate`] exists. Made by `scripts/test` with
+/// `TASKHERD_TEST_LOGIN=1`.
 pub const RC_LOGIN: &str = "taskherd-rc";
 
 /// Where [`RC_LOGIN`]'s rc file notes each command.
@@ -752,6 +753,12 @@ pub fn login_exists(name: &str) -> bool {
         .unwrap_or_default()
         .lines()
         .any(|line| line.starts_with(&format!("{name}:")))
+}
+
+/// The file [`RC_LOGIN`]'s rc file waits on, after noting the command,
+/// for as long as it exists: a test holds that host's logins there.
+pub fn rc_gate(host: &SshHost) -> String {
+    format!("/tmp/taskherd-rc-gate-{}", host.marker())
 }
 
 /// How many commands an rc file that notes them in `log` has noted on
