@@ -187,8 +187,10 @@ pub(crate) fn lock(path: &Path) -> Result<Lock, PidKillerError> {
 ///
 /// Nothing is written when the file holds exactly this text already
 /// (`on_disk`: its text as read under the same lock): a registry opened,
-/// or an owner that ends, with nothing to change costs no rename (on ext4
-/// each rename over a file flushes the new one to the disk at once).
+/// or an owner that ends, with nothing to change costs no write. (A
+/// write puts its file in place by exchanging names, which on ext4,
+/// unlike a rename over a file, does not send it to the disk at once: see
+/// [`files::Replacement::commit_unsynced`].)
 pub(crate) fn write(
     path: &Path,
     state: &StateFile,
