@@ -392,9 +392,9 @@ impl PidKiller {
     /// Outside a tokio runtime.
     pub async fn open(state_file: PathBuf) -> Result<PidKiller, PidKillerError> {
         let path = state_file.clone();
-        let opened = tokio::task::spawn_blocking(move || task::open(&path))
+        let opened = task::file_work(move || task::open(&path))
             .await
-            .map_err(|_| PidKillerError::Closed)??;
+            .ok_or(PidKillerError::Closed)??;
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
         let (events_tx, _) = broadcast::channel(EVENT_CAPACITY);
         let registry =

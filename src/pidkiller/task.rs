@@ -537,7 +537,7 @@ impl Registry {
             let path = self.path.clone();
             let me = self.me;
             let ours: Vec<Entry> = self.entries.values().map(|t| t.entry.clone()).collect();
-            let saved = tokio::task::spawn_blocking(move || save(&path, me, ours))
+            let saved = file_work(move || save(&path, me, ours))
                 .await
                 .unwrap_or(Err(PidKillerError::Closed));
             match saved {
@@ -611,6 +611,25 @@ fn save(path: &Path, me: ProcessIdentity, ours: Vec<Entry>) -> Result<Vec<Entry>
         loaded.text.as_deref(),
     )?;
     Ok(orphans)
+}
+
+/// Runs the registry's file work (a lock, a read, maybe a write: well
+/// under a millisecond, unless another process holds the lock for its own
+/// such work): on the blocking pool of a multi-threaded runtime, but in
+/// place on a current-thread one (an agent's), whose one thread would
+/// only wait for the pool's, after starting it. `None` if the pool's task
+/// failed.
+pub(crate) async fn file_work<T, F>(work: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
+        Some(work())
+    } else {
+        tokio::task::spawn_blocking(work).await.ok()
+    }
 }
 
 /// What [`open`] found in the file.
