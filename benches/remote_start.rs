@@ -19,7 +19,12 @@
 //! BENCH_RUNS=3 cargo bench --bench remote_start -- --fanout
 //! BENCH_RUNS=3 cargo bench --bench remote_start -- --scale
 //! BENCH_RUNS=1 BENCH_SCALE_COST_HOSTS="64 128 192" cargo bench --bench remote_start -- --scale --costs
+//! BENCH_RUNS=5 cargo bench --bench remote_start -- --agent
 //! ```
+//!
+//! With `--agent`, the CPU of one host's side without ssh: an agent and
+//! its 4 instances against `sh` starting the same programs (see
+//! `agent_cost.rs`).
 //!
 //! With `--fanout` (what `scripts/bench.sh` runs) it measures instead what
 //! issue 7 asks of remote placement, on the same sshd hosts:
@@ -58,6 +63,8 @@
 #[path = "../tests/it/support/sshd.rs"]
 mod sshd;
 
+#[path = "remote_start/agent_cost.rs"]
+mod agent_cost;
 #[path = "remote_start/scale.rs"]
 mod scale;
 
@@ -1034,6 +1041,10 @@ fn main() {
     let runs = runs();
     let taskherd = PathBuf::from(env!("CARGO_BIN_EXE_taskherd"));
     let dir = tempfile::tempdir().expect("temp dir for the bench's configs");
+    if std::env::args().any(|arg| arg == "--agent") {
+        agent_cost::run(dir.path(), &taskherd, runs);
+        return;
+    }
     if std::env::args().any(|arg| arg == "--scale") {
         let costs_only = std::env::args().any(|arg| arg == "--costs");
         scale::run(dir.path(), &taskherd, runs, costs_only);

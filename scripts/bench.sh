@@ -49,7 +49,10 @@
 #    `true N` N times); the coprocesses' own counts of jobs answered.
 # 8. Scale (`scale`, only when asked for: BENCH_ONLY=scale; about 10-15
 #    minutes with 3 runs on 2 cores): `cargo bench --bench remote_start --
-#    --scale` on 64 loopback sshd hosts. The cost of the rc file of the
+#    --scale` on 64 loopback sshd hosts. First, without ssh, the CPU of
+#    one host's side: `taskherd agent` given 4 instances, against `sh`
+#    starting the same 4 programs and `sh` with 4 echo builtins (what
+#    pdsh's commands run). The cost of the rc file of the
 #    `taskherd-rc` login (bash, a .bashrc that sleeps 0.2 s, as
 #    scripts/test makes it; made here when missing): `ssh host true` as
 #    taskherd-rc minus as taskherd-test (/bin/sh). Fan-out to completion of
@@ -568,6 +571,11 @@ if wants scale; then
                 "$(sfigure "${key}_pdsh_machine_cpu_ms") (pdsh), $(sfigure "${key}_pdsh_programs_machine_cpu_ms") (pdsh, same programs)" "-" "-" "-"
         done
     done
+    # One host's side without ssh: what the agent and its instances cost
+    # against the shell starting the same programs (pdsh's command).
+    row "scale: one host's side without ssh: taskherd agent + 4 instances, CPU per run, ms" \
+        "$(sfigure agent_cost_taskherd_agent_cpu_ms 2)" \
+        "$(sfigure agent_cost_sh_programs_cpu_ms 2) (sh starting the same 4 programs), $(sfigure agent_cost_sh_builtins_cpu_ms 2) (sh, 4 echo builtins)" "-" "-" "-"
     row "scale: ssh host true, the client's CPU: default key exchange (sntrup761x25519) / curve25519-sha256, ms" \
         "$(sfigure scale_ssh_true_sh_client_cpu_ms 1) / $(sfigure scale_ssh_true_sh_curve25519_client_cpu_ms 1)" "-" "-" "-" "-"
     ready=$(sresult scale_start_64x8_ready)

@@ -31,6 +31,9 @@
 //!   frame per line), every line checked in order, minus the same herd
 //!   printing one line each.
 //!
+//! - first, before any sshd starts, the CPU of one host's side without
+//!   ssh (`agent_cost.rs`, also alone with `--agent`).
+//!
 //! Besides `RESULT` lines (times) it prints `FIGURE <key> <value>` lines
 //! (costs) for `scripts/bench.sh`. Every run's figures are printed as it
 //! goes, with the load average: other work on the machine moves them.
@@ -258,7 +261,7 @@ fn time_pdsh_lines(login: &Login, aliases: &[String], per_host: usize, work: Pds
 
 /// CPU time of this process's children that it has reaped (and of their
 /// descendants that they reaped): a tool's own processes once it has ended.
-fn children_cpu() -> Duration {
+pub(crate) fn children_cpu() -> Duration {
     // SAFETY: rusage is plain data; all zeros is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage writes into the struct we pass.
@@ -1202,6 +1205,10 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize, costs_only: bool) {
     } else {
         SCALE_HOSTS.max(counts.iter().copied().max().unwrap_or(0))
     };
+    // Before any sshd starts: it reaps every child it has.
+    if !costs_only && part_wanted("agent") {
+        super::agent_cost::run(dir, taskherd, runs);
+    }
     let mut world = SshWorld::new();
     let hosts: Vec<SshHost> = (0..started).map(|_| world.add_host()).collect();
     println!(
@@ -1272,7 +1279,7 @@ pub(super) fn run(dir: &Path, taskherd: &Path, runs: usize, costs_only: bool) {
 }
 
 /// Whether the part `name` of the rows runs: all of them unless
-/// `BENCH_SCALE_PARTS` (some of `ssh fanout-sh fanout-rc start costs
+/// `BENCH_SCALE_PARTS` (some of `agent ssh fanout-sh fanout-rc start costs
 /// lines`) names the ones wanted, to measure one change in minutes.
 fn part_wanted(name: &str) -> bool {
     listed_or_all("BENCH_SCALE_PARTS", name)
