@@ -392,9 +392,7 @@ impl PidKiller {
     /// Outside a tokio runtime.
     pub async fn open(state_file: PathBuf) -> Result<PidKiller, PidKillerError> {
         let path = state_file.clone();
-        let opened = task::file_work(move || task::open(&path))
-            .await
-            .ok_or(PidKillerError::Closed)??;
+        let opened = task::file_work(move |wait| task::open(&path, wait)).await?;
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
         let (events_tx, _) = broadcast::channel(EVENT_CAPACITY);
         let registry =
@@ -566,7 +564,7 @@ pub fn read_state(path: impl AsRef<Path>) -> Result<Vec<Entry>, PidKillerError> 
 /// have (tests of the registry and of its watchdog).
 #[cfg(test)]
 pub(crate) fn write_entries(path: &Path, entries: Vec<Entry>) {
-    let _lock = store::lock(path).expect("lock");
+    let _lock = store::lock(path, true).expect("lock");
     let mut state = store::empty_state();
     state.entries = entries;
     store::write(path, &state, None).expect("write state");
@@ -621,6 +619,34 @@ mod epoch_ms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On a current-thread runtime (an agent's) the registry's file work
+    /// runs in place while the lock is free, and goes to the blocking pool
+    /// to wait for it when another holder has it, the runtime free
+    /// meanwhile.
+    #[tokio::test]
+    async fn file_work_runs_in_place_unless_the_lock_is_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state").join(STATE_FILE_NAME);
+        let work = |path: PathBuf| move |wait: bool| store::lock(&path, wait).map(|_lock| wait);
+        let in_place = task::file_work(work(path.clone()))
+            .await
+            .expect("free lock");
+        assert!(!in_place, "the free lock was waited for on the pool");
+        let held = store::lock(&path, true).expect("hold the lock");
+        let waiting = tokio::spawn(task::file_work(work(path.clone())));
+        // The runtime's one thread is free while the work waits: this
+        // task runs, and the work has not ended.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the work did not wait for the lock");
+        drop(held);
+        let on_pool = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the work ends once the lock is free")
+            .expect("join")
+            .expect("locked");
+        assert!(on_pool, "the taken lock was not waited for on the pool");
+    }
     use proc::Target;
     use std::io::{BufRead, BufReader};
     use std::os::unix::process::{CommandExt, ExitStatusExt};

@@ -157,9 +157,11 @@ pub(crate) struct Lock {
     _file: File,
 }
 
-/// Takes the lock of `path`, creating the directory if needed. Blocks while
-/// another process holds it (it only does so for one read-modify-write).
-pub(crate) fn lock(path: &Path) -> Result<Lock, PidKillerError> {
+/// Takes the lock of `path`, creating the directory if needed. With
+/// `wait`, blocks while another process holds it (it only does so for one
+/// read-modify-write); without, fails then with a
+/// [`PidKillerError::Lock`] whose source is [`io::ErrorKind::WouldBlock`].
+pub(crate) fn lock(path: &Path, wait: bool) -> Result<Lock, PidKillerError> {
     ensure_dir(path)?;
     let lock_path = sibling(path, ".lock");
     let lock_err = |source| PidKillerError::Lock {
@@ -174,7 +176,11 @@ pub(crate) fn lock(path: &Path) -> Result<Lock, PidKillerError> {
         .mode(0o600)
         .open(&lock_path)
         .map_err(lock_err)?;
-    files::lock(&file, LockKind::Exclusive).map_err(lock_err)?;
+    if wait {
+        files::lock(&file, LockKind::Exclusive).map_err(lock_err)?;
+    } else {
+        files::try_lock(&file, LockKind::Exclusive).map_err(lock_err)?;
+    }
     Ok(Lock { _file: file })
 }
 
@@ -329,7 +335,7 @@ mod tests {
     fn write_is_atomic_and_readable() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub/pids.json");
-        let _lock = lock(&path).expect("lock");
+        let _lock = lock(&path, true).expect("lock");
         let mut state = empty_state();
         state.entries.push(sample_entry());
         write(&path, &state, None).expect("write");
@@ -416,7 +422,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).expect("chmod");
-        let err = lock(&dir.path().join("pids.json")).err().expect("refused");
+        let err = lock(&dir.path().join("pids.json"), true)
+            .err()
+            .expect("refused");
         assert!(
             matches!(err, PidKillerError::InsecureStateDir { .. }),
             "{err:?}"

@@ -537,9 +537,7 @@ impl Registry {
             let path = self.path.clone();
             let me = self.me;
             let ours: Vec<Entry> = self.entries.values().map(|t| t.entry.clone()).collect();
-            let saved = file_work(move || save(&path, me, ours))
-                .await
-                .unwrap_or(Err(PidKillerError::Closed));
+            let saved = file_work(move |wait| save(&path, me, ours.clone(), wait)).await;
             match saved {
                 Ok(orphans) => self.adopt(orphans).await,
                 Err(err) => {
@@ -586,11 +584,17 @@ async fn sleep_until(wake: Option<Instant>) {
     }
 }
 
-/// Read-modify-write of the state file under its lock: entries of live
-/// foreign owners are kept, our entries replaced by `ours`, and entries of
-/// dead owners that still run are taken over and returned.
-fn save(path: &Path, me: ProcessIdentity, ours: Vec<Entry>) -> Result<Vec<Entry>, PidKillerError> {
-    let _lock = store::lock(path)?;
+/// Read-modify-write of the state file under its lock (waited for if
+/// `wait`, see [`open`]): entries of live foreign owners are kept, our
+/// entries replaced by `ours`, and entries of dead owners that still run
+/// are taken over and returned.
+fn save(
+    path: &Path,
+    me: ProcessIdentity,
+    ours: Vec<Entry>,
+    wait: bool,
+) -> Result<Vec<Entry>, PidKillerError> {
+    let _lock = store::lock(path, wait)?;
     let loaded = store::load(path)?;
     let merged = store::merge(loaded.state.entries, me);
     let orphans: Vec<Entry> = merged
@@ -614,22 +618,32 @@ fn save(path: &Path, me: ProcessIdentity, ours: Vec<Entry>) -> Result<Vec<Entry>
 }
 
 /// Runs the registry's file work (a lock, a read, maybe a write: well
-/// under a millisecond, unless another process holds the lock for its own
-/// such work): on the blocking pool of a multi-threaded runtime, but in
-/// place on a current-thread one (an agent's), whose one thread would
-/// only wait for the pool's, after starting it. `None` if the pool's task
-/// failed.
-pub(crate) async fn file_work<T, F>(work: F) -> Option<T>
+/// under a millisecond): on the blocking pool of a multi-threaded
+/// runtime, but in place on a current-thread one (an agent's), whose one
+/// thread would only wait for the pool's, after starting it. `work` is
+/// given whether it may wait for the file's lock: in place it may not (a
+/// lock held long by another process, stopped or on a slow file system,
+/// would stall everything on that thread), and a lock that is taken
+/// sends the work to the pool after all.
+///
+/// # Errors
+/// `work`'s, and [`PidKillerError::Closed`] if the pool's task failed.
+pub(crate) async fn file_work<T, F>(work: F) -> Result<T, PidKillerError>
 where
     T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
+    F: Fn(bool) -> Result<T, PidKillerError> + Send + 'static,
 {
     use tokio::runtime::{Handle, RuntimeFlavor};
     if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
-        Some(work())
-    } else {
-        tokio::task::spawn_blocking(work).await.ok()
+        match work(false) {
+            Err(PidKillerError::Lock { source, .. })
+                if source.kind() == std::io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
     }
+    tokio::task::spawn_blocking(move || work(true))
+        .await
+        .unwrap_or(Err(PidKillerError::Closed))
 }
 
 /// What [`open`] found in the file.
@@ -640,10 +654,11 @@ pub(crate) struct Opened {
 }
 
 /// Loads and sorts the state file under its lock, and writes it back
-/// without what is gone (blocking).
-pub(crate) fn open(path: &Path) -> Result<Opened, PidKillerError> {
+/// without what is gone (blocking; waiting for the lock if `wait`, else
+/// failing with a [`PidKillerError::Lock`] of kind `WouldBlock`).
+pub(crate) fn open(path: &Path, wait: bool) -> Result<Opened, PidKillerError> {
     let me = store::me()?;
-    let _lock = store::lock(path)?;
+    let _lock = store::lock(path, wait)?;
     let loaded = store::load(path)?;
     let merged = store::merge(loaded.state.entries, me);
     let own: Vec<Entry> = merged
