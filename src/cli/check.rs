@@ -135,12 +135,26 @@ fn check_connections(path: &std::path::Path, config: &Config) -> anyhow::Result<
                         )
                         .await
                         .map_err(|err| err.to_string())?;
-                        // Its output (the login's chatter) is left in its
-                        // pipes until it ends; it gets no input.
-                        drop(stdio.stdin);
-                        let status = connection.first_status(CHECK_COMMAND_TIMEOUT).await;
-                        drop(stdio.stdout);
-                        drop(stdio.stderr);
+                        // It gets no input; its output (the login's
+                        // chatter) is read and dropped until it ends.
+                        let ssh::RemoteStdio {
+                            stdin,
+                            mut stdout,
+                            mut stderr,
+                        } = stdio;
+                        drop(stdin);
+                        let drain = async {
+                            let mut sink = tokio::io::sink();
+                            let mut sink2 = tokio::io::sink();
+                            let _ = tokio::join!(
+                                tokio::io::copy(&mut stdout, &mut sink),
+                                tokio::io::copy(&mut stderr, &mut sink2)
+                            );
+                        };
+                        let (status, _) = tokio::join!(
+                            connection.first_status(CHECK_COMMAND_TIMEOUT),
+                            tokio::time::timeout(CHECK_COMMAND_TIMEOUT, drain)
+                        );
                         connection.close().await;
                         match status {
                             Some(status) if status.success() => Ok(()),

@@ -121,6 +121,44 @@ impl SshConnection {
             .and_then(Result::ok)
     }
 
+    /// Once ssh has ended or is ending: the connection's failure if it
+    /// failed (status 255 or a signal, or no end within `limit`), from
+    /// what ssh wrote in its log; `None` when its first command ran and
+    /// ended with a status of its own.
+    async fn failure(&mut self, limit: Duration, logged_in: bool) -> Option<RemoteError> {
+        let status = tokio::time::timeout(limit, self.master.wait()).await;
+        if let Ok(Ok(status)) = &status {
+            if status.code().is_some_and(|code| code != 255) {
+                return None;
+            }
+        }
+        let said = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = ssh_verdict(&said).unwrap_or_else(|| {
+            let how = match status {
+                Ok(Ok(status)) => status.to_string(),
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => "it did not end".to_string(),
+            };
+            if logged_in {
+                // sshd refusing the session (`MaxSessions 0`) says nothing
+                // ssh logs at its usual level.
+                format!(
+                    "ssh ended after logging in, without a word ({how}): \
+                     the host refused the session, or the connection dropped"
+                )
+            } else {
+                format!("ssh failed ({how})")
+            }
+        });
+        // sshd past MaxStartups closes the connection at once, before its
+        // banner: ssh says so from `kex_exchange_identification`.
+        Some(if text.contains("kex_exchange_identification") {
+            RemoteError::Refused(text)
+        } else {
+            RemoteError::Connect(text)
+        })
+    }
+
     /// Waits (`limit` at most) for the agent's command to end, whichever
     /// way it runs.
     pub async fn wait_agent(&mut self, limit: Duration) {
@@ -300,44 +338,27 @@ pub async fn connect<T>(
     };
     drop(turn);
     drop(watch);
-    if ended {
-        // ssh ended, or is ending: with 255 or a signal it failed, and its
-        // log says why. (A command that ran and ended otherwise is the
-        // caller's to read.)
-        let status = tokio::time::timeout(limit, master.wait()).await;
-        let failed = match &status {
-            Ok(Ok(status)) => status.code().is_none_or(|code| code == 255),
-            _ => true,
-        };
-        let said = std::fs::read_to_string(&log).unwrap_or_default();
-        if failed {
-            let _ = std::fs::remove_file(&log);
-            let text = ssh_verdict(&said).unwrap_or_else(|| match status {
-                Ok(Ok(status)) => format!("ssh failed ({status})"),
-                Ok(Err(err)) => format!("ssh failed ({err})"),
-                Err(_) => "ssh did not end".to_string(),
-            });
-            // sshd past MaxStartups closes the connection at once, before
-            // its banner: ssh says so from `kex_exchange_identification`.
-            return Err(if text.contains("kex_exchange_identification") {
-                RemoteError::Refused(text)
-            } else {
-                RemoteError::Connect(text)
-            });
-        }
-    }
     let session = Arc::new(Session::resume_mux(
         socket.clone().into_boxed_path(),
         Some(log.clone().into_boxed_path()),
     ));
+    let mut connection = SshConnection {
+        master,
+        session,
+        agent: None,
+        socket,
+        log,
+    };
+    if ended {
+        // ssh ended, or is ending. (A command that ran and ended with
+        // its own status is the caller's to read.)
+        if let Some(failed) = connection.failure(limit, false).await {
+            connection.close().await;
+            return Err(failed);
+        }
+    }
     Ok((
-        SshConnection {
-            master,
-            session,
-            agent: None,
-            socket,
-            log,
-        },
+        connection,
         RemoteStdio {
             stdin: Box::new(stdin),
             stdout,
@@ -618,15 +639,24 @@ pub async fn start_agent(
         (connection, Probe::Missing(started)) => (connection, started, false),
         // A login shell that cannot parse the probe (not POSIX-like, and
         // without `&&`) ended it without a word: once more through `sh`.
-        (connection, Probe::Ended(_)) => {
+        // Unless ssh itself failed after the handshake (255: the
+        // connection dropped, the session was refused).
+        (mut connection, Probe::Ended(_)) => {
+            let failed = connection.failure(START_TIMEOUT, true).await;
             connection.close().await;
+            if let Some(failed) = failed {
+                return Err(failed);
+            }
             match Probe::run(how, &file, Through::Sh).await? {
                 (connection, Probe::Starts(started)) => {
                     return Ok(started.running(connection, file, false, true))
                 }
                 (connection, Probe::Missing(started)) => (connection, started, true),
                 (mut connection, Probe::Ended(started)) => {
-                    let failed = started.unexpected(None, &mut connection).await;
+                    let failed = match connection.failure(START_TIMEOUT, true).await {
+                        Some(failed) => failed,
+                        None => started.unexpected(None, &mut connection).await,
+                    };
                     connection.close().await;
                     return Err(failed);
                 }

@@ -508,6 +508,32 @@ fn a_host_that_refuses_the_handshake_is_retried_and_joins() {
     assert_host_clean(&host);
 }
 
+/// A host that lets the login in but refuses every session (sshd's
+/// `MaxSessions 0`): ssh ends with 255 after the handshake, which is a
+/// connection error with ssh's own words, retried, not a login shell that
+/// cannot read the start command (no second try through `sh -c`).
+#[test]
+fn a_host_that_refuses_sessions_is_a_connection_error() {
+    let mut world = SshWorld::new();
+    let host = world.add_host_with_max_sessions(0);
+    let mut herd = herd_on(&world, &[host.alias()], 1, "");
+    herd.start();
+    let refused = herd.wait_for("cannot connect");
+    assert!(
+        refused.contains(&format!("host {}", host.alias())) && refused.contains("after logging in"),
+        "{refused}"
+    );
+    herd.wait_for_count("cannot connect", 2);
+    assert!(
+        herd.lines_with("through sh -c").is_empty(),
+        "{:?}",
+        herd.seen
+    );
+    herd.signal(libc::SIGTERM);
+    herd.wait_exit();
+    assert_host_clean(&host);
+}
+
 #[test]
 fn handshakes_are_capped_by_max_handshakes() {
     let mut world = SshWorld::new();

@@ -137,6 +137,8 @@ pub struct SshHost {
     child: Option<Child>,
     /// Its `MaxStartups`.
     max_startups: u32,
+    /// Its `MaxSessions`.
+    max_sessions: u32,
     /// Keeps the directory holding the sshd's files alive while it runs.
     _dir: Arc<tempfile::TempDir>,
 }
@@ -154,7 +156,13 @@ impl SshHost {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir for a standalone sshd"));
         let authorized_keys = dir.path().join("authorized_keys");
         std::fs::write(&authorized_keys, "").expect("write an empty authorized_keys");
-        SshHost::launch(dir, addr, None, &authorized_keys, DEFAULT_MAX_STARTUPS)
+        SshHost::launch(
+            dir,
+            addr,
+            None,
+            &authorized_keys,
+            (DEFAULT_MAX_STARTUPS, DEFAULT_MAX_SESSIONS),
+        )
     }
 
     /// Starts an sshd in `dir/<alias>/`, accepting the keys of
@@ -164,7 +172,7 @@ impl SshHost {
         addr: IpAddr,
         netns: Option<&str>,
         authorized_keys: &Path,
-        max_startups: u32,
+        (max_startups, max_sessions): (u32, u32),
     ) -> SshHost {
         let n = next_host_number();
         let alias = format!("th-host-{n}");
@@ -190,6 +198,7 @@ impl SshHost {
             host_dir,
             child: None,
             max_startups,
+            max_sessions,
             _dir: dir,
         };
         let mut failures = Vec::new();
@@ -253,7 +262,7 @@ impl SshHost {
              PasswordAuthentication no\n\
              KbdInteractiveAuthentication no\n\
              MaxStartups {max_startups}\n\
-             MaxSessions 100\n\
+             MaxSessions {max_sessions}\n\
              LogLevel ERROR\n\
              PrintMotd no\n\
              X11Forwarding no\n\
@@ -267,6 +276,7 @@ impl SshHost {
             authorized_keys = authorized_keys.display(),
             marker = self.marker,
             max_startups = self.max_startups,
+            max_sessions = self.max_sessions,
         );
         // From 9.8 on, sshd penalizes sources that disconnect before
         // authenticating (our readiness probe, host key failures): every
@@ -575,14 +585,28 @@ impl SshWorld {
     /// `ip netns exec`) when given, and adds it to ssh_config and
     /// known_hosts.
     pub fn add_host_on(&mut self, addr: IpAddr, netns: Option<&str>) -> SshHost {
-        self.launch_host(addr, netns, DEFAULT_MAX_STARTUPS)
+        self.launch_host(addr, netns, (DEFAULT_MAX_STARTUPS, DEFAULT_MAX_SESSIONS))
     }
 
     /// Starts a new sshd that sets up at most `max_startups` connections
     /// at once (its `MaxStartups`): it drops the next ones, as a busy
     /// sshd or bastion does.
     pub fn add_host_with_max_startups(&mut self, max_startups: u32) -> SshHost {
-        self.launch_host(loopback_for(next_host_number()), None, max_startups)
+        self.launch_host(
+            loopback_for(next_host_number()),
+            None,
+            (max_startups, DEFAULT_MAX_SESSIONS),
+        )
+    }
+
+    /// Starts a new sshd with `MaxSessions` `max_sessions`: with 0 it
+    /// lets logins in and refuses every session (a command, a shell).
+    pub fn add_host_with_max_sessions(&mut self, max_sessions: u32) -> SshHost {
+        self.launch_host(
+            loopback_for(next_host_number()),
+            None,
+            (DEFAULT_MAX_STARTUPS, max_sessions),
+        )
     }
 
     /// Another alias of `host` in ssh_config (same sshd): a second "host"
@@ -597,13 +621,13 @@ impl SshWorld {
         self.write_files();
     }
 
-    fn launch_host(&mut self, addr: IpAddr, netns: Option<&str>, max_startups: u32) -> SshHost {
+    fn launch_host(&mut self, addr: IpAddr, netns: Option<&str>, limits: (u32, u32)) -> SshHost {
         let host = SshHost::launch(
             self.dir.clone(),
             addr,
             netns,
             &self.authorized_keys(),
-            max_startups,
+            limits,
         );
         self.hosts.push(HostEntry {
             alias: host.alias.clone(),
@@ -720,6 +744,9 @@ pub fn login_user() -> &'static str {
 
 /// `MaxStartups` of the test sshds unless a test asks for less.
 const DEFAULT_MAX_STARTUPS: u32 = 100;
+
+/// `MaxSessions` of the test sshds unless a test asks for another.
+const DEFAULT_MAX_SESSIONS: u32 = 100;
 
 /// Name of the dedicated test login (see [`login_user`]).
 pub const TEST_LOGIN: &str = "taskherd-test";
