@@ -17,10 +17,10 @@
 //! BENCH_RUNS=5 cargo bench --bench remote_start -- --agent
 //! ```
 
+use super::scale::children_cpu;
 use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use super::scale::children_cpu;
 use std::time::{Duration, Instant};
 use taskherd::protocol::agent::{FromAgent, ToAgent};
 use taskherd::protocol::instance::InstanceSpec;
@@ -87,9 +87,13 @@ pub fn run(dir: &Path, taskherd: &Path, runs: usize) {
             }
             // The last watchdog counts in this round, not the next tool's.
             reap_orphans(true);
-            let cpu = children_cpu().saturating_sub(before).as_secs_f64() * 1000.0 / PER_ROUND as f64;
+            let cpu =
+                children_cpu().saturating_sub(before).as_secs_f64() * 1000.0 / PER_ROUND as f64;
             let wall = started.elapsed().as_secs_f64() * 1000.0 / PER_ROUND as f64;
-            said.push(format!("{} {cpu:.2} ms CPU ({wall:.2} ms wall)", tool.key()));
+            said.push(format!(
+                "{} {cpu:.2} ms CPU ({wall:.2} ms wall)",
+                tool.key()
+            ));
             figures.push(cpu);
         }
         println!("round {round}: {}", said.join(", "));
