@@ -655,7 +655,7 @@ pub async fn start_agent(
                 (mut connection, Probe::Ended(started)) => {
                     let failed = match connection.failure(START_TIMEOUT, true).await {
                         Some(failed) => failed,
-                        None => started.unexpected(None, &mut connection).await,
+                        None => started.unexpected(None, Some(&mut connection)).await,
                     };
                     connection.close().await;
                     return Err(failed);
@@ -805,7 +805,7 @@ async fn upload_and_start(
             Err(std::io::Error::other(format!("{n} of {size} bytes sent")))
         }
     }) {
-        let mut failed = started.unexpected_over_socket(None).await;
+        let mut failed = started.unexpected(None, None).await;
         if let RemoteError::Command { detail, .. } = &mut failed {
             *detail = format!("{err}; {detail}");
         }
@@ -823,7 +823,7 @@ async fn upload_and_start(
     match started.first_line().await? {
         Some(line) if line == AGENT_STARTS => Ok(started),
         line => {
-            let mut failed = started.unexpected_over_socket(line).await;
+            let mut failed = started.unexpected(line, None).await;
             if let RemoteError::Command { detail, .. } = &mut failed {
                 if detail.contains("hash mismatch") {
                     // Wrong in the cache, or the executable changed under
@@ -985,9 +985,14 @@ impl Started {
         (connection, running)
     }
 
-    /// The error of a command over the socket that did not answer as
-    /// expected (see [`Started::unexpected`]).
-    async fn unexpected_over_socket(self, line: Option<String>) -> RemoteError {
+    /// The error of a command that did not answer as expected: what it
+    /// said instead (`line`), its stderr and its exit status (the
+    /// connection's, through `connection`, for its first command).
+    async fn unexpected(
+        self,
+        line: Option<String>,
+        connection: Option<&mut SshConnection>,
+    ) -> RemoteError {
         let Started {
             what,
             stdin,
@@ -997,35 +1002,17 @@ impl Started {
         } = self;
         drop(stdin);
         let said = said_on(stderr).await;
-        let status = match child {
-            Some(child) => match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
+        let status = match (child, connection) {
+            (Some(child), _) => match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
                 Ok(Ok(status)) => status.to_string(),
                 Ok(Err(err)) => err.to_string(),
                 Err(_) => "still running".to_string(),
             },
-            None => "no command".to_string(),
-        };
-        unexpected_error(what, line, &status, &said)
-    }
-
-    /// The error of the connection's first command that did not answer as
-    /// expected: what it said instead (`line`), its stderr and its exit
-    /// status.
-    async fn unexpected(self, line: Option<String>, connection: &mut SshConnection) -> RemoteError {
-        if self.child.is_some() {
-            return self.unexpected_over_socket(line).await;
-        }
-        let Started {
-            what,
-            stdin,
-            stderr,
-            ..
-        } = self;
-        drop(stdin);
-        let said = said_on(stderr).await;
-        let status = match connection.first_status(START_TIMEOUT).await {
-            Some(status) => status.to_string(),
-            None => "still running".to_string(),
+            (None, Some(connection)) => match connection.first_status(START_TIMEOUT).await {
+                Some(status) => status.to_string(),
+                None => "still running".to_string(),
+            },
+            (None, None) => "not known".to_string(),
         };
         unexpected_error(what, line, &status, &said)
     }
