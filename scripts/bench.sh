@@ -308,7 +308,8 @@ if { wants fanout || wants scale; } && [ -z "${TASKHERD_TEST_NO_LOGIN:-}" ] && !
     $sudo mkdir -p /var/lib/taskherd-test
 fi
 # The login with a 0.2 s rc file (as scripts/test makes it with
-# TASKHERD_TEST_LOGIN=1): uid 0, bash, a .bashrc that notes each command.
+# TASKHERD_TEST_LOGIN=1, the same file): uid 0, bash, a .bashrc that notes
+# each command.
 if wants scale && [ -z "${TASKHERD_TEST_NO_LOGIN:-}" ] && ! id taskherd-rc >/dev/null 2>&1; then
     $sudo useradd --non-unique --uid 0 --gid 0 --no-create-home \
         --home-dir /var/lib/taskherd-rc --shell /bin/bash taskherd-rc
@@ -318,7 +319,10 @@ if wants scale && [ -z "${TASKHERD_TEST_NO_LOGIN:-}" ] && ! id taskherd-rc >/dev
     printf '%s\n' \
         '# taskherd tests: an rc file that costs time and notes each command' \
         'printf "%s\n" "${TASKHERD_TEST_SSHD:-none}" >> /var/lib/taskherd-rc/commands.log' \
-        'sleep 0.2' | $sudo tee /var/lib/taskherd-rc/.bashrc >/dev/null
+        'sleep 0.2' \
+        '# (a test holds the logins of one test sshd here while this file exists)' \
+        'while [ -e "/tmp/taskherd-rc-gate-${TASKHERD_TEST_SSHD:-none}" ]; do sleep 0.02; done' \
+        | $sudo tee /var/lib/taskherd-rc/.bashrc >/dev/null
 fi
 
 # ------------------------------------------------------------------ build
