@@ -88,13 +88,21 @@ fn flock(file: &File, operation: FlockOperation) -> io::Result<()> {
     }
 }
 
-/// Why [`private_dir_of`] refused a directory.
+/// Why [`private_dir_of`] refused the directory `dir`.
 #[derive(Debug)]
 pub(crate) enum PrivateDirError {
     /// It cannot be made or looked at.
-    Io(io::Error),
+    Io {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
     /// It is not a directory of this user's closed to others.
-    Insecure,
+    Insecure {
+        /// The directory.
+        dir: PathBuf,
+    },
 }
 
 /// The directory of `path`, made (mode 0700) if missing, once it is sure
@@ -109,15 +117,19 @@ pub(crate) fn private_dir_of(path: &Path) -> Result<PathBuf, PrivateDirError> {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
         _ => PathBuf::from("."),
     };
+    let io = |source| PrivateDirError::Io {
+        dir: dir.clone(),
+        source,
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)
-        .map_err(PrivateDirError::Io)?;
-    let meta = std::fs::metadata(&dir).map_err(PrivateDirError::Io)?;
+        .map_err(io)?;
+    let meta = std::fs::metadata(&dir).map_err(io)?;
     let euid = rustix::process::geteuid().as_raw();
     if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
-        return Err(PrivateDirError::Insecure);
+        return Err(PrivateDirError::Insecure { dir });
     }
     Ok(dir)
 }
@@ -219,6 +231,11 @@ impl Replacement {
     /// the old file stays.
     pub(crate) fn commit(self) -> io::Result<File> {
         self.file.sync_all()?;
+        self.rename_over()
+    }
+
+    /// Renames the sibling over the path; returns its file.
+    fn rename_over(self) -> io::Result<File> {
         let Replacement {
             path,
             file,
@@ -247,25 +264,19 @@ impl Replacement {
     /// If the rename fails; the sibling is then removed and the old file
     /// stays.
     pub(crate) fn commit_unsynced(self) -> io::Result<File> {
-        let Replacement {
-            path,
-            file,
-            mut tmp,
-        } = self;
         let cwd = rustix::fs::CWD;
         let exchanged = rustix::fs::renameat_with(
             cwd,
-            &tmp.path,
+            &self.tmp.path,
             cwd,
-            &path,
+            &self.path,
             rustix::fs::RenameFlags::EXCHANGE,
         );
         if exchanged.is_err() {
-            std::fs::rename(&tmp.path, &path)?;
-            tmp.remove = false;
+            return self.rename_over();
         }
-        // Exchanged: dropping `tmp` removes the old content.
-        Ok(file)
+        // Exchanged: dropping the sibling removes the old content.
+        Ok(self.file)
     }
 }
 

@@ -314,7 +314,6 @@ struct HostRun<'a> {
 
 impl HostRun<'_> {
     async fn connect_and_serve(&mut self) -> HostOutcome {
-        let label = self.plan.host.label.clone();
         // The hello goes with the start command: the agent reads it as it
         // starts, without waiting for the master to see it start.
         let hello = ToAgent::Hello {
@@ -353,7 +352,7 @@ impl HostRun<'_> {
             },
             _ = self.shutdown.stopping() => return HostOutcome::Lost("stopped while connecting".into()),
         };
-        let outcome = self.serve(&label, running).await;
+        let outcome = self.serve(running).await;
         // A lost agent is given its 2 s before it is cut off. Every report
         // of a done one is in: it ends by itself as its link closes, and
         // its exit status says nothing more. Waiting for that status would
@@ -366,8 +365,8 @@ impl HostRun<'_> {
         outcome
     }
 
-    async fn serve(&mut self, label: &str, running: ssh::RunningAgent) -> HostOutcome {
-        let label = label.to_string();
+    async fn serve(&mut self, running: ssh::RunningAgent) -> HostOutcome {
+        let label = self.plan.host.label.clone();
         let ssh::RunningAgent {
             stdin,
             stdout,

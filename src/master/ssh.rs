@@ -167,7 +167,7 @@ impl SshConnection {
                 let _ = tokio::time::timeout(limit, agent.wait()).await;
             }
             None => {
-                let _ = tokio::time::timeout(limit, self.master.wait()).await;
+                self.first_status(limit).await;
             }
         }
     }
@@ -245,8 +245,7 @@ pub async fn connect<T>(
 ) -> Result<(SshConnection, RemoteStdio), RemoteError> {
     let connect_timeout = options.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let n = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
-    let socket_name = format!("{n}.sock");
-    let socket = control_dir.join(&socket_name);
+    let socket = control_dir.join(format!("{n}.sock"));
     let log = control_dir.join(format!("{n}.log"));
     let mut ssh = tokio::process::Command::new("ssh");
     ssh.stdin(std::process::Stdio::piped())
@@ -320,7 +319,7 @@ pub async fn connect<T>(
     let limit = connect_timeout * 2 + Duration::from_secs(5);
     let handshake = async {
         tokio::select! {
-            () = socket_appears(watch.as_ref(), &socket, &socket_name) => false,
+            () = socket_appears(watch.as_ref(), &socket) => false,
             answered = stdout.fill_buf() => answered.is_ok_and(|data| data.is_empty()),
             _ = master.wait() => true,
         }
@@ -376,8 +375,8 @@ struct SocketWatch {
 
 impl SocketWatch {
     /// Watches `dir` for new files (one inotify instance, for one
-    /// handshake; if there are none left, the handshake ends at the first
-    /// command's answer instead).
+    /// handshake; if there are none left, [`socket_appears`] looks for the
+    /// socket instead).
     fn new(dir: &Path) -> std::io::Result<SocketWatch> {
         use rustix::fs::inotify;
         let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
@@ -394,27 +393,12 @@ impl SocketWatch {
         .map_err(|err| err.into_parts().1)?;
         Ok(SocketWatch { fd })
     }
-}
 
-/// Returns when the file `path` (named `name`) appears in the watched
-/// directory. Without a watch, or if it fails, it looks every 50 ms.
-async fn socket_appears(watch: Option<&SocketWatch>, path: &Path, name: &str) {
-    if let Some(watch) = watch {
-        if watch.saw(name).await.is_ok() {
-            return;
-        }
-    }
-    while !path.exists() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-impl SocketWatch {
     /// Returns once a file named `name` was created in the directory.
     ///
     /// # Errors
     /// If reading the watch fails.
-    async fn saw(&self, name: &str) -> std::io::Result<()> {
+    async fn saw(&self, name: &std::ffi::OsStr) -> std::io::Result<()> {
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
         loop {
             let mut ready = self.fd.readable().await?;
@@ -434,7 +418,7 @@ impl SocketWatch {
                         Ok(event) => {
                             seen |= event
                                 .file_name()
-                                .is_some_and(|file| file.to_bytes() == name.as_bytes());
+                                .is_some_and(|file| file.to_bytes() == name.as_encoded_bytes());
                         }
                         // Read to the end: then `seen`, or wait for more.
                         Err(rustix::io::Errno::AGAIN) if seen => return Ok(()),
@@ -448,6 +432,19 @@ impl SocketWatch {
                 Err(_would_block) => {}
             }
         }
+    }
+}
+
+/// Returns when the file `path` appears in the watched directory.
+/// Without a watch, or if it fails, it looks every 50 ms.
+async fn socket_appears(watch: Option<&SocketWatch>, path: &Path) {
+    if let (Some(watch), Some(name)) = (watch, path.file_name()) {
+        if watch.saw(name).await.is_ok() {
+            return;
+        }
+    }
+    while !path.exists() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -971,9 +968,7 @@ impl Started {
         uploaded: bool,
         through_sh: bool,
     ) -> (SshConnection, RunningAgent) {
-        if self.child.is_some() {
-            connection.agent = self.child;
-        }
+        connection.agent = self.child;
         let running = RunningAgent {
             stdin: self.stdin,
             stdout: self.stdout,
@@ -1073,7 +1068,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let watch = SocketWatch::new(dir.path()).expect("inotify");
         let socket = dir.path().join("7.sock");
-        let appears = socket_appears(Some(&watch), &socket, "7.sock");
+        let appears = socket_appears(Some(&watch), &socket);
         let make = async {
             tokio::task::yield_now().await;
             std::fs::write(dir.path().join("7.log"), b"").expect("log");
@@ -1087,7 +1082,7 @@ mod tests {
         assert!(seen.is_ok(), "the socket's link was not seen");
         // Nothing else ends the wait: another name stays unseen.
         let unseen = dir.path().join("9.sock");
-        let other = socket_appears(Some(&watch), &unseen, "9.sock");
+        let other = socket_appears(Some(&watch), &unseen);
         assert!(tokio::time::timeout(Duration::from_millis(200), other)
             .await
             .is_err());
@@ -1103,7 +1098,7 @@ mod tests {
             tokio::task::yield_now().await;
             std::fs::write(&socket, b"").expect("socket");
         };
-        let appears = socket_appears(None, &socket, "1.sock");
+        let appears = socket_appears(None, &socket);
         let ((), seen) = tokio::join!(make, tokio::time::timeout(Duration::from_secs(10), appears));
         assert!(seen.is_ok(), "the socket was not found");
     }

@@ -140,15 +140,11 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, PidKillerError> {
 /// Makes sure the directory of `path` exists (created mode 0700) and is
 /// ours and not writable by others, so nobody can swap the file under us.
 fn ensure_dir(path: &Path) -> Result<PathBuf, PidKillerError> {
-    files::private_dir_of(path).map_err(|err| {
-        let path = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        match err {
-            files::PrivateDirError::Io(source) => PidKillerError::StateDir { path, source },
-            files::PrivateDirError::Insecure => PidKillerError::InsecureStateDir { path },
+    files::private_dir_of(path).map_err(|err| match err {
+        files::PrivateDirError::Io { dir, source } => {
+            PidKillerError::StateDir { path: dir, source }
         }
+        files::PrivateDirError::Insecure { dir } => PidKillerError::InsecureStateDir { path: dir },
     })
 }
 
