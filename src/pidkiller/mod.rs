@@ -478,6 +478,45 @@ impl PidKiller {
         self.register_entry(entry).await
     }
 
+    /// [`register`](Self::register) for a process this program has just
+    /// started and not reaped yet, whose `identity` it knows (see
+    /// [`crate::supervise::process::Spawned::start_time`]): nothing is read
+    /// from `/proc`, which would wait while the process is still in
+    /// `execve`. It may have exited already (a zombie until reaped): its
+    /// entry is dropped when it is [`unregister`](Self::unregister)ed.
+    ///
+    /// # Errors
+    /// [`PidKillerError::InvalidGroup`] for group 0, 1 or our own;
+    /// [`PidKillerError::NotSaved`] if the entry is in effect but could not
+    /// be saved.
+    ///
+    /// # Cancel safety
+    /// As [`register`](Self::register).
+    pub async fn register_started(
+        &self,
+        identity: ProcessIdentity,
+        pgid: u32,
+        deadline: Option<SystemTime>,
+        grace: Duration,
+        label: impl Into<String>,
+    ) -> Result<ProcessIdentity, PidKillerError> {
+        if pgid <= 1 || pgid == proc::own_pgrp() {
+            return Err(PidKillerError::InvalidGroup {
+                pid: identity.pid,
+                pgid,
+            });
+        }
+        self.register_entry(Entry {
+            identity,
+            pgid,
+            deadline,
+            grace,
+            label: label.into(),
+            owner: self.owner,
+        })
+        .await
+    }
+
     async fn register_entry(&self, entry: Entry) -> Result<ProcessIdentity, PidKillerError> {
         self.request(|reply| task::Command::Register { entry, reply })
             .await?
@@ -891,6 +930,50 @@ mod tests {
         assert_eq!(listed[0].deadline, deadline.map(round_to_ms));
         assert_eq!(victim.exit_status().await.signal(), Some(libc::SIGTERM));
         assert!(SystemTime::now() >= deadline.expect("deadline"));
+    }
+
+    #[tokio::test]
+    async fn a_started_process_is_registered_on_the_identity_its_starter_gives() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = state_path(&dir);
+        let killer = PidKiller::open(path.clone()).await.expect("open");
+        // Ended and not reaped yet, as a short command can be by the time
+        // its starter registers it.
+        let mut victim = Victim::spawn("echo ready");
+        let deadline = std::time::Instant::now() + BOUND;
+        while proc::read_stat(victim.pid).is_ok_and(|stat| stat.is_running()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the victim did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let identity = victim.identity();
+        let grace = Duration::from_secs(1);
+        let err = killer
+            .register(victim.pid, victim.pid, None, grace, "read")
+            .await
+            .expect_err("a zombie, read from /proc, is refused");
+        assert!(err.is_process_gone(), "{err}");
+        let registered = killer
+            .register_started(identity, victim.pid, None, grace, "started")
+            .await
+            .expect("registered on the identity given");
+        assert_eq!(registered, identity);
+        let saved = read_state(&path).expect("state");
+        assert_eq!(saved.len(), 1);
+        assert_eq!(saved[0].identity, identity);
+        assert_eq!(saved[0].label, "started");
+        // Its starter unregisters it when it reaps it.
+        victim.exit_status().await;
+        killer.unregister(identity.pid).await.expect("unregister");
+        assert!(read_state(&path).expect("state").is_empty());
+        // The groups nobody may be given stay refused.
+        let err = killer
+            .register_started(identity, 1, None, grace, "init's group")
+            .await
+            .expect_err("group 1");
+        assert!(matches!(err, PidKillerError::InvalidGroup { .. }), "{err}");
     }
 
     /// What a deadline looks like after a round trip through the file.

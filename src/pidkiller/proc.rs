@@ -123,6 +123,63 @@ pub(crate) fn read_small(path: impl AsRef<std::path::Path>) -> io::Result<String
     Ok(text)
 }
 
+/// Nanoseconds of `CLOCK_BOOTTIME`, the clock a process's start time is
+/// read from when the kernel forks it; 0 if it cannot be read.
+/// Async-signal-safe (a spawn's child reads it before its exec).
+pub(crate) fn boot_clock_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own; it is
+    // async-signal-safe and allocates nothing.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) } != 0 {
+        return 0;
+    }
+    let (Ok(secs), Ok(nanos)) = (u64::try_from(now.tv_sec), u64::try_from(now.tv_nsec)) else {
+        return 0;
+    };
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
+}
+
+/// How far from a tick's edge both readings of [`start_time_between`] must
+/// be: the clock read in user space and the one the kernel stamps a new
+/// process with are the same clock, and this covers any rounding between
+/// the two.
+const TICK_EDGE_NS: u64 = 1_000;
+
+/// The start time (field 22 of `/proc/<pid>/stat`: clock ticks after
+/// boot) of a process forked between two readings of [`boot_clock_ns`],
+/// `before` (in the parent, before the fork) and `after` (in the child),
+/// when the kernel's stamp cannot be in any other tick: `/proc` shows the
+/// boot clock at the fork, in whole ticks. `None` when the readings
+/// straddle a tick (or come near its edge), when one failed, or when a
+/// tick is not a whole number of nanoseconds: then `/proc` must be read.
+///
+/// Why not read `/proc/<pid>/stat` at once: while the child is in
+/// `execve`, the read waits for it (Linux 6.x takes the exec lock there),
+/// and the kernel then often runs the reader after the new program, on
+/// its CPU: each instance's start held its agent up until the instance
+/// had run for a while.
+pub(crate) fn start_time_between(before: u64, after: u64) -> Option<u64> {
+    // SAFETY: sysconf only reads a value of the C library.
+    let ticks_per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    if ticks_per_second == 0 || 1_000_000_000 % ticks_per_second != 0 {
+        return None;
+    }
+    tick_between(before, after, 1_000_000_000 / ticks_per_second)
+}
+
+/// [`start_time_between`] for ticks of `tick_ns` nanoseconds.
+fn tick_between(before: u64, after: u64, tick_ns: u64) -> Option<u64> {
+    if before == 0 || after < before {
+        return None;
+    }
+    let first = before.checked_sub(TICK_EDGE_NS)? / tick_ns;
+    let last = after.checked_add(TICK_EDGE_NS)? / tick_ns;
+    (first == last).then_some(first)
+}
+
 /// Whether some running process other than a zombie is in group `pgid` and
 /// started no earlier than `since` (the recorded start of the group leader:
 /// members of the leader's group started after it).
@@ -335,6 +392,43 @@ mod tests {
             ProcessIdentity::of(0).expect_err("no pid 0").kind(),
             io::ErrorKind::NotFound
         );
+    }
+
+    #[test]
+    fn a_start_time_is_told_only_when_both_readings_share_a_tick() {
+        let tick = 10_000_000;
+        // Well inside tick 7.
+        assert_eq!(tick_between(72_000_000, 73_000_000, tick), Some(7));
+        // Across the edge of ticks 7 and 8, or within 1 µs of it.
+        assert_eq!(tick_between(79_000_000, 80_500_000, tick), None);
+        assert_eq!(tick_between(75_000_000, 79_999_500, tick), None);
+        assert_eq!(tick_between(80_000_200, 81_000_000, tick), None);
+        // A failed reading (0), or readings out of order.
+        assert_eq!(tick_between(0, 5_000_000, tick), None);
+        assert_eq!(tick_between(73_000_000, 72_000_000, tick), None);
+    }
+
+    #[test]
+    fn the_start_time_told_by_the_clock_is_the_one_proc_shows() {
+        // Forked between two readings of the clock, as a spawn's child is:
+        // when they share a tick, /proc says that tick.
+        let mut told = 0;
+        for _ in 0..50 {
+            let before = boot_clock_ns();
+            let mut child = std::process::Command::new("sleep")
+                .arg("5")
+                .spawn()
+                .expect("spawn sleep");
+            let after = boot_clock_ns();
+            let from_proc = ProcessIdentity::of(child.id()).expect("identity");
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Some(start_time) = start_time_between(before, after) {
+                assert_eq!(start_time, from_proc.start_time);
+                told += 1;
+            }
+        }
+        assert!(told > 0, "no spawn fell within one tick");
     }
 
     #[test]

@@ -24,9 +24,12 @@
 //!
 //! The child runs only what `posix_spawn`'s runs: `setpgid`, `prctl`,
 //! `getppid`, `dup2`, `sigaction`, `sigprocmask`, `execve`, `_exit`
-//! (and the hook's calls, under the same rules). It
-//! allocates nothing and touches nothing of the parent but the one field
-//! where it leaves the error of a failed step. All signals are blocked in
+//! (and the hook's calls, under the same rules), and first
+//! `clock_gettime`. It allocates nothing and touches nothing of the
+//! parent but two fields: the boot clock as it first read it (with the
+//! parent's reading before the `clone`, that tells the child's start
+//! time, its identity, without a read of `/proc` that would wait for its
+//! `execve`), and the error of a failed step. All signals are blocked in
 //! the calling thread across the `clone`, so no handler of the parent's
 //! can run on the child's borrowed memory; the child sets every caught
 //! signal (and `SIGPIPE`, which Rust programs ignore) back to its default
@@ -40,12 +43,13 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::process::ExitStatus;
 use std::ptr;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use libc::{c_char, c_int, c_void};
 use rustix::pipe::PipeFlags;
 use rustix::process::{Pid, Signal, WaitOptions};
 
+use crate::pidkiller::proc::{boot_clock_ns, start_time_between};
 use crate::queue::child::wait_exited;
 
 /// Stack of the child until it execs (it calls a handful of libc
@@ -82,6 +86,9 @@ pub(crate) struct JobProcess {
     pub(crate) stdout: Option<OwnedFd>,
     /// The job's stderr, to read from.
     pub(crate) stderr: Option<OwnedFd>,
+    /// Its start time as `/proc/<pid>/stat` shows it, when the spawn
+    /// could tell it without reading `/proc` (see [`JobProcess::start_time`]).
+    start_time: Option<u64>,
     /// Reaped already.
     reaped: bool,
 }
@@ -121,6 +128,8 @@ struct ChildSetup<'a> {
     in_child: Option<&'a (dyn Fn() -> io::Result<()> + Sync)>,
     /// The errno of the step that failed; 0 while none has.
     error: AtomicI32,
+    /// The boot clock as the child first read it (0 if it could not).
+    forked_ns: AtomicU64,
 }
 
 impl JobCommand {
@@ -217,10 +226,12 @@ impl JobCommand {
             parent: rustix::process::getpid().as_raw_pid(),
             in_child: options.in_child,
             error: AtomicI32::new(0),
+            forked_ns: AtomicU64::new(0),
         };
         // Not zeroed: a stack needs no initial contents.
         let mut stack: Vec<MaybeUninit<u8>> = Vec::with_capacity(CHILD_STACK);
         stack.resize_with(CHILD_STACK, MaybeUninit::uninit);
+        let before_fork = boot_clock_ns();
         let pid = clone_vfork(&setup, &mut stack)?;
         // The child has exec'd or ended: its ends of the pipes are its own.
         drop((stdin_read, stdout_write, stderr_write));
@@ -230,6 +241,7 @@ impl JobCommand {
             stdin: stdin_write,
             stdout: Some(stdout_read),
             stderr: Some(stderr_read),
+            start_time: start_time_between(before_fork, setup.forked_ns.load(Ordering::SeqCst)),
             reaped: false,
         };
         match setup.error.load(Ordering::SeqCst) {
@@ -248,6 +260,13 @@ impl JobProcess {
     /// it cannot be anybody else's.
     pub(crate) fn id(&self) -> u32 {
         self.pid
+    }
+
+    /// Its start time (field 22 of `/proc/<pid>/stat`), when the clock read
+    /// around its fork tells it for certain (nearly always): its identity
+    /// without a read of `/proc`, which would wait for its `execve`.
+    pub(crate) fn start_time(&self) -> Option<u64> {
+        self.start_time
     }
 
     /// Waits until the process has ended, without reaping it (until
@@ -345,7 +364,8 @@ fn clone_vfork(setup: &ChildSetup<'_>, stack: &mut [MaybeUninit<u8>]) -> io::Res
     Ok(pid)
 }
 
-/// The child: process group, parent-death signal, stdio, signals, exec.
+/// The child: the clock, process group, parent-death signal, stdio,
+/// signals, exec.
 /// Leaves the errno of the failing step in `setup.error` and exits 127.
 extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` is the `ChildSetup` the parent keeps alive (and does
@@ -353,6 +373,8 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // functions are called, on pointers and arrays built by the parent.
     unsafe {
         let setup = &*(arg as *const ChildSetup<'_>);
+        // First: the kernel stamped our start just before we run.
+        setup.forked_ns.store(boot_clock_ns(), Ordering::SeqCst);
         let fail = |errno: c_int| -> c_int {
             setup.error.store(
                 if errno == 0 { libc::EINVAL } else { errno },
@@ -522,6 +544,26 @@ mod tests {
             env_with(extra),
         )
         .expect("command")
+    }
+
+    #[test]
+    fn the_start_time_told_is_the_one_proc_shows() {
+        // Waits on its stdin: running while /proc is read.
+        let command = sh("read line", &[]);
+        let mut told = 0;
+        for _ in 0..20 {
+            let mut process = command.spawn(&[]).expect("spawn");
+            let from_proc = crate::pidkiller::ProcessIdentity::of(process.id()).expect("identity");
+            if let Some(start_time) = process.start_time() {
+                assert_eq!(start_time, from_proc.start_time);
+                told += 1;
+            }
+            drop(process.stdin.take());
+            process.wait().expect("wait");
+        }
+        // The child reads the clock right after its fork: only a fork
+        // across a tick's edge (10 ms) leaves its start time to /proc.
+        assert!(told >= 10, "told the start time of {told} of 20 spawns");
     }
 
     #[test]

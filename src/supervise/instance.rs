@@ -16,7 +16,7 @@ use super::restart::{Decision, RestartTracker, RunOutcome};
 use super::shutdown::Shutdown;
 use crate::error_text::error_chain;
 use crate::log::{InstanceLabel, LogSink, Stream};
-use crate::pidkiller::PidKiller;
+use crate::pidkiller::{PidKiller, ProcessIdentity};
 use crate::protocol::millis;
 use crate::protocol::slave::{Level, QueueRole, ToSlave};
 use std::process::ExitStatus;
@@ -339,6 +339,7 @@ async fn run_once(
     let Spawned {
         mut child,
         pid,
+        start_time,
         control,
         stdout,
         stderr,
@@ -378,10 +379,18 @@ async fn run_once(
         let backstop = spec
             .max_lifetime
             .map(|limit| SystemTime::now() + limit + spec.stop_grace + REGISTRY_BACKSTOP_MARGIN);
-        match pids
-            .register(pid, pid, backstop, spec.stop_grace, label.to_string())
-            .await
-        {
+        let registered = match start_time {
+            Some(start_time) => {
+                let identity = ProcessIdentity { pid, start_time };
+                pids.register_started(identity, pid, backstop, spec.stop_grace, label.to_string())
+                    .await
+            }
+            None => {
+                pids.register(pid, pid, backstop, spec.stop_grace, label.to_string())
+                    .await
+            }
+        };
+        match registered {
             Ok(_) => {}
             // A short-lived command (`true`, `echo`) may be done before it
             // is registered: nothing is left to watch, nothing went wrong.

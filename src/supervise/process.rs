@@ -36,6 +36,11 @@ pub struct Spawned {
     pub child: Child,
     /// Its pid, which is also its process group id.
     pub pid: u32,
+    /// Its start time (field 22 of `/proc/<pid>/stat`), when the spawn
+    /// could tell it without reading `/proc`: with `pid`, its
+    /// [`ProcessIdentity`](crate::pidkiller::ProcessIdentity) for
+    /// [`PidKiller::register_started`](crate::pidkiller::PidKiller::register_started).
+    pub start_time: Option<u64>,
     /// The parent end of the control socketpair.
     pub control: UnixStream,
     /// The child's stdout.
@@ -270,6 +275,7 @@ pub(crate) fn spawn_in(
     drop(child_end);
 
     let pid = process.id();
+    let start_time = process.start_time();
     let (Some(stdout), Some(stderr)) = (process.stdout.take(), process.stderr.take()) else {
         unreachable!("invariant: stdout and stderr are piped by the spawn");
     };
@@ -285,6 +291,7 @@ pub(crate) fn spawn_in(
             status: None,
         },
         pid,
+        start_time,
         control,
         stdout,
         stderr,
