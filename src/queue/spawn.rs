@@ -88,6 +88,8 @@ pub(crate) struct JobProcess {
     pub(crate) stderr: Option<OwnedFd>,
     /// Its start time as `/proc/<pid>/stat` shows it, when the spawn
     /// could tell it without reading `/proc` (see [`JobProcess::start_time`]).
+    /// (Instances register it; the slave-only build has none.)
+    #[cfg_attr(not(feature = "master"), allow(dead_code))]
     start_time: Option<u64>,
     /// Reaped already.
     reaped: bool,
@@ -265,6 +267,7 @@ impl JobProcess {
     /// Its start time (field 22 of `/proc/<pid>/stat`), when the clock read
     /// around its fork tells it for certain (nearly always): its identity
     /// without a read of `/proc`, which would wait for its `execve`.
+    #[cfg_attr(not(feature = "master"), allow(dead_code))]
     pub(crate) fn start_time(&self) -> Option<u64> {
         self.start_time
     }
