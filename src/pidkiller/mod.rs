@@ -446,9 +446,7 @@ impl PidKiller {
         grace: Duration,
         label: impl Into<String>,
     ) -> Result<ProcessIdentity, PidKillerError> {
-        if pgid <= 1 || pgid == proc::own_pgrp() {
-            return Err(PidKillerError::InvalidGroup { pid, pgid });
-        }
+        check_group(pid, pgid)?;
         let stat =
             proc::read_stat(pid).map_err(|source| PidKillerError::NoSuchProcess { pid, source })?;
         if !stat.is_running() {
@@ -464,18 +462,12 @@ impl PidKiller {
                 actual: stat.pgrp,
             });
         }
-        let entry = Entry {
-            identity: ProcessIdentity {
-                pid,
-                start_time: stat.start_time,
-            },
-            pgid,
-            deadline,
-            grace,
-            label: label.into(),
-            owner: self.owner,
+        let identity = ProcessIdentity {
+            pid,
+            start_time: stat.start_time,
         };
-        self.register_entry(entry).await
+        self.register_started(identity, pgid, deadline, grace, label)
+            .await
     }
 
     /// [`register`](Self::register) for a process this program has just
@@ -500,24 +492,15 @@ impl PidKiller {
         grace: Duration,
         label: impl Into<String>,
     ) -> Result<ProcessIdentity, PidKillerError> {
-        if pgid <= 1 || pgid == proc::own_pgrp() {
-            return Err(PidKillerError::InvalidGroup {
-                pid: identity.pid,
-                pgid,
-            });
-        }
-        self.register_entry(Entry {
+        check_group(identity.pid, pgid)?;
+        let entry = Entry {
             identity,
             pgid,
             deadline,
             grace,
             label: label.into(),
             owner: self.owner,
-        })
-        .await
-    }
-
-    async fn register_entry(&self, entry: Entry) -> Result<ProcessIdentity, PidKillerError> {
+        };
         self.request(|reply| task::Command::Register { entry, reply })
             .await?
     }
@@ -586,6 +569,15 @@ impl PidKiller {
             .map_err(|_| PidKillerError::Closed)?;
         reply_rx.await.map_err(|_| PidKillerError::Closed)
     }
+}
+
+/// Refuses the process groups no entry may name: 0, 1 (init's) and our
+/// own, which a signal to the entry's group would hit.
+fn check_group(pid: u32, pgid: u32) -> Result<(), PidKillerError> {
+    if pgid <= 1 || pgid == proc::own_pgrp() {
+        return Err(PidKillerError::InvalidGroup { pid, pgid });
+    }
+    Ok(())
 }
 
 /// Reads the entries saved in a state file, of every owner, for display
@@ -875,14 +867,13 @@ mod tests {
             ..real
         };
         killer
-            .register_entry(Entry {
-                identity: recorded,
-                pgid: real.pid,
-                deadline: soon(200),
-                grace: Duration::from_millis(100),
-                label: "reused".into(),
-                owner: killer.owner,
-            })
+            .register_started(
+                recorded,
+                real.pid,
+                soon(200),
+                Duration::from_millis(100),
+                "reused",
+            )
             .await
             .expect("register");
 
