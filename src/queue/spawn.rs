@@ -110,6 +110,13 @@ pub(crate) struct SpawnOptions<'a> {
     /// error only as an OS error (`io::Error::last_os_error`), whose errno
     /// becomes the start's error.
     pub(crate) in_child: Option<&'a (dyn Fn() -> io::Result<()> + Sync)>,
+    /// A session of its own (`setsid`: a process group of its own too,
+    /// whose id is its pid, and no controlling terminal) instead of only a
+    /// process group of its own.
+    pub(crate) new_session: bool,
+    /// No parent-death signal: the process may outlive the calling thread
+    /// (whoever started it stops it: an ssh connection the master closes).
+    pub(crate) no_parent_death_signal: bool,
 }
 
 /// What the child needs, all built before the `clone`: it only reads
@@ -128,6 +135,11 @@ struct ChildSetup<'a> {
     parent: libc::pid_t,
     /// [`SpawnOptions::in_child`].
     in_child: Option<&'a (dyn Fn() -> io::Result<()> + Sync)>,
+    /// [`SpawnOptions::new_session`].
+    new_session: bool,
+    /// Whether to set the parent-death signal
+    /// ([`SpawnOptions::no_parent_death_signal`]).
+    parent_death_signal: bool,
     /// The errno of the step that failed; 0 while none has.
     error: AtomicI32,
     /// The boot clock as the child first read it (0 if it could not).
@@ -178,7 +190,8 @@ impl JobCommand {
     }
 
     /// Starts the command in a process group of its own, with its stdin,
-    /// stdout and stderr on pipes, SIGKILL as its parent-death signal, and
+    /// stdout and stderr on pipes, SIGKILL as its parent-death signal
+    /// (unless [`spawn_with`](Self::spawn_with)'s options say otherwise), and
     /// `env` added to the base environment. An error is the one of the
     /// `execve` (`NotFound` when no candidate exists) or of a step before.
     ///
@@ -227,6 +240,8 @@ impl JobCommand {
             ],
             parent: rustix::process::getpid().as_raw_pid(),
             in_child: options.in_child,
+            new_session: options.new_session,
+            parent_death_signal: !options.no_parent_death_signal,
             error: AtomicI32::new(0),
             forked_ns: AtomicU64::new(0),
         };
@@ -386,7 +401,12 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             libc::_exit(127)
         };
         let errno = || *libc::__errno_location();
-        if libc::setpgid(0, 0) != 0 {
+        let grouped = if setup.new_session {
+            libc::setsid() >= 0
+        } else {
+            libc::setpgid(0, 0) == 0
+        };
+        if !grouped {
             return fail(errno());
         }
         if let Some(in_child) = setup.in_child {
@@ -396,19 +416,21 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
                 return fail(err.raw_os_error().unwrap_or(libc::EINVAL));
             }
         }
-        if libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        ) != 0
-        {
-            return fail(errno());
-        }
-        // The consumer may have died before the parent-death signal was set.
-        if libc::getppid() != setup.parent {
-            return fail(libc::ESRCH);
+        if setup.parent_death_signal {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return fail(errno());
+            }
+            // The consumer may have died before the signal was set.
+            if libc::getppid() != setup.parent {
+                return fail(libc::ESRCH);
+            }
         }
         for (target, &fd) in setup.fds.iter().enumerate() {
             // Our ends are above 2: dup2 leaves them as they are (to be

@@ -268,6 +268,7 @@ pub(crate) fn spawn_in(
     let options = SpawnOptions {
         null_stdin: true,
         in_child: Some(&in_child),
+        ..SpawnOptions::default()
     };
     let mut process = command
         .spawn_with(&identity_env, &options)
@@ -286,10 +287,7 @@ pub(crate) fn spawn_in(
         .map_err(SpawnError::Socket)?;
     let control = UnixStream::from_std(parent_end).map_err(SpawnError::Socket)?;
     Ok(Spawned {
-        child: Child {
-            process: Some(process),
-            status: None,
-        },
+        child: Child::of(process),
         pid,
         start_time,
         control,
@@ -310,6 +308,20 @@ pub struct Child {
 }
 
 impl Child {
+    /// A process started by [`JobCommand`], awaited as an instance's is.
+    pub(crate) fn of(process: JobProcess) -> Child {
+        Child {
+            process: Some(process),
+            status: None,
+        }
+    }
+
+    /// Its pid while it is not reaped (until then it cannot be another
+    /// process's); `None` once [`wait`](Self::wait) has reaped it.
+    pub fn id(&self) -> Option<u32> {
+        self.process.as_ref().map(JobProcess::id)
+    }
+
     /// Waits until the process has ended and reaps it; again, the same
     /// status. Cancel-safe: dropped before it ends, nothing has changed.
     ///
