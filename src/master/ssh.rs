@@ -254,60 +254,48 @@ pub async fn connect<T>(
     let n = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let socket = control_dir.join(format!("{n}.sock"));
     let log = control_dir.join(format!("{n}.log"));
-    let mut args: Vec<OsString> = Vec::with_capacity(32);
-    let mut arg = |value: &dyn AsRef<OsStr>| args.push(value.as_ref().to_os_string());
-    arg(&"-E");
-    arg(&log);
-    arg(&"-S");
-    arg(&socket);
-    for value in ["-M", "-T", "-x", "-o", "ControlPersist=no"] {
-        arg(&value);
-    }
-    for value in ["-o", "RemoteCommand=none", "-o", "BatchMode=yes", "-o"] {
-        arg(&value);
-    }
-    arg(&match options.known_hosts {
-        KnownHostsPolicy::Strict => "StrictHostKeyChecking=yes",
-        KnownHostsPolicy::AcceptNew => "StrictHostKeyChecking=accept-new",
-    });
-    arg(&"-o");
-    arg(&format!(
-        "ConnectTimeout={}",
-        connect_timeout.as_secs().max(1)
-    ));
-    arg(&"-o");
-    arg(&format!(
-        "ServerAliveInterval={}",
-        keepalive.as_secs().max(1)
-    ));
+    // The arguments, built as for `Command`; the spawn is `JobCommand`'s.
+    let mut ssh = std::process::Command::new("ssh");
+    ssh.arg("-E")
+        .arg(&log)
+        .arg("-S")
+        .arg(&socket)
+        .args(["-M", "-T", "-x", "-o", "ControlPersist=no"])
+        .args(["-o", "RemoteCommand=none", "-o", "BatchMode=yes", "-o"])
+        .arg(match options.known_hosts {
+            KnownHostsPolicy::Strict => "StrictHostKeyChecking=yes",
+            KnownHostsPolicy::AcceptNew => "StrictHostKeyChecking=accept-new",
+        })
+        .arg("-o")
+        .arg(format!(
+            "ConnectTimeout={}",
+            connect_timeout.as_secs().max(1)
+        ))
+        .arg("-o")
+        .arg(format!(
+            "ServerAliveInterval={}",
+            keepalive.as_secs().max(1)
+        ));
     if let Some(port) = host.port {
-        arg(&"-p");
-        arg(&port.to_string());
+        ssh.arg("-p").arg(port.to_string());
     }
     if let Some(user) = &host.user {
-        arg(&"-l");
-        arg(user);
+        ssh.arg("-l").arg(user);
     }
     if let Some(key) = &options.identity_file {
         // Only that key, as with `ssh -i` in a script.
-        for value in ["-o", "IdentitiesOnly=yes", "-i"] {
-            arg(&value);
-        }
-        arg(key);
+        ssh.args(["-o", "IdentitiesOnly=yes", "-i"]).arg(key);
     }
     if let Some(file) = &options.config_file {
-        arg(&"-F");
-        arg(file);
+        ssh.arg("-F").arg(file);
     }
     if let Some(jump) = &options.jump_host {
-        arg(&"-J");
-        arg(jump);
+        ssh.arg("-J").arg(jump);
     }
-    arg(&"--");
-    arg(&host.name);
-    arg(&command);
+    ssh.arg("--").arg(&host.name).arg(command);
+    let args: Vec<OsString> = ssh.get_args().map(OsStr::to_os_string).collect();
     let cannot_run = |err: std::io::Error| RemoteError::Connect(format!("cannot run ssh: {err}"));
-    let ssh = JobCommand::new(OsStr::new("ssh"), &args, std::env::vars_os()).map_err(cannot_run)?;
+    let ssh = JobCommand::new(ssh.get_program(), &args, std::env::vars_os()).map_err(cannot_run)?;
     // Started as the instances are (`vfork`, no copy of the master's
     // memory), in a session of its own, with no parent-death signal: the
     // master closes its connections itself, and one dropped unclosed (a

@@ -86,11 +86,11 @@ pub(crate) struct JobProcess {
     pub(crate) stdout: Option<OwnedFd>,
     /// The job's stderr, to read from.
     pub(crate) stderr: Option<OwnedFd>,
-    /// Its start time as `/proc/<pid>/stat` shows it, when the spawn
-    /// could tell it without reading `/proc` (see [`JobProcess::start_time`]).
-    /// (Instances register it; the slave-only build has none.)
+    /// The boot clock read by the parent before the fork and by the
+    /// child first thing (see [`JobProcess::start_time`]; instances
+    /// register it, the slave-only build has none).
     #[cfg_attr(not(feature = "master"), allow(dead_code))]
-    start_time: Option<u64>,
+    forked_between: (u64, u64),
     /// Reaped already.
     reaped: bool,
 }
@@ -258,7 +258,7 @@ impl JobCommand {
             stdin: stdin_write,
             stdout: Some(stdout_read),
             stderr: Some(stderr_read),
-            start_time: start_time_between(before_fork, setup.forked_ns.load(Ordering::SeqCst)),
+            forked_between: (before_fork, setup.forked_ns.load(Ordering::SeqCst)),
             reaped: false,
         };
         match setup.error.load(Ordering::SeqCst) {
@@ -284,7 +284,8 @@ impl JobProcess {
     /// without a read of `/proc`, which would wait for its `execve`.
     #[cfg_attr(not(feature = "master"), allow(dead_code))]
     pub(crate) fn start_time(&self) -> Option<u64> {
-        self.start_time
+        let (before, after) = self.forked_between;
+        start_time_between(before, after)
     }
 
     /// Waits until the process has ended, without reaping it (until
