@@ -74,8 +74,10 @@ marked failed, 2 for a bad config or a master that could not start.")]
     /// exec -w 'web[1-4],local' -n 2 -- uptime`. Output lines are tagged
     /// with the host and instance; at the end, how each instance ended.
     ///
-    /// Exit code: 0 when every instance exited 0, 1 when any failed, 2 for
-    /// bad arguments.
+    /// Exit code: 0 when every instance exited 0, 1 when any failed (or was
+    /// lost, or stopped by `taskherd stop`), 130 or 143 when Ctrl-C or
+    /// SIGTERM stopped instances before their end (128 + the signal), 2
+    /// for bad arguments.
     Exec(cli::exec::ExecArgs),
     /// Validate a config and print every error found; also look on this
     /// machine for the programs and working directories of local groups,

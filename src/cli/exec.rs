@@ -6,14 +6,16 @@
 //! runs it through the config parser and the master like any other: the
 //! same SSH settings (ssh_config, ssh-agent, known_hosts), host ranges,
 //! tagged output and stop on Ctrl-C. At the end it sums up how every
-//! instance ended; the exit code is 1 when any failed.
+//! instance ended; the exit code is 1 when any did not exit 0, and
+//! 128 + N when signal N (Ctrl-C, SIGTERM) stopped the run (see
+//! [`exit_code`]).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use taskherd::config::{hosts, Config};
-use taskherd::master;
+use taskherd::master::{self, RunReport};
 use taskherd::supervise::instance::{InstanceEnd, InstanceReport};
 
 use crate::{LogArgs, Verbosity, EXIT_ERROR, EXIT_FAILED_INSTANCES};
@@ -89,13 +91,28 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
     let report = master::Launcher::new(config)
         .run_blocking()
         .context("cannot start the master")?;
-    let summary = summary(&report.instances);
+    let summary = summary(&report.instances, report.stop_reason.as_deref());
     eprintln!("taskherd exec: {summary}");
-    Ok(if report.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_FAILED_INSTANCES)
-    })
+    Ok(ExitCode::from(exit_code(&report)))
+}
+
+/// The exit code of a run, as a script expects of a command it ran:
+///
+/// - 0 when every instance exited 0;
+/// - 128 + N when signal N stopped instances before their end (Ctrl-C:
+///   130, SIGTERM: 143), as a shell reports a command a signal ended;
+/// - 1 when any instance failed, was lost with its host or was stopped
+///   another way (`taskherd stop`), or the run could not start.
+fn exit_code(report: &RunReport) -> u8 {
+    let stopped = report
+        .instances
+        .iter()
+        .any(|r| matches!(r.end, InstanceEnd::Stopped { .. }));
+    match report.stop_signal {
+        Some(signal) if stopped => u8::try_from(128 + signal).unwrap_or(EXIT_FAILED_INSTANCES),
+        _ if stopped || !report.success() => EXIT_FAILED_INSTANCES,
+        _ => 0,
+    }
 }
 
 /// The herd's config: one group, the command, its placements.
@@ -188,8 +205,9 @@ pub fn split_list(list: &str) -> Vec<String> {
 }
 
 /// `8 instances on 4 hosts: 7 exited 0, 1 failed: [exec] [web3] [sh/5/3]
-/// exited with code 1`.
-fn summary(instances: &[InstanceReport]) -> String {
+/// exited with code 1`; with `stopped (SIGINT received)` when the run
+/// was stopped for `stop_reason` before some ended.
+fn summary(instances: &[InstanceReport], stop_reason: Option<&str>) -> String {
     let hosts: std::collections::BTreeSet<&str> =
         instances.iter().map(|r| r.label.host.as_str()).collect();
     let mut ok = 0usize;
@@ -212,7 +230,10 @@ fn summary(instances: &[InstanceReport]) -> String {
         parts.push(format!("{} lost", lost.len()));
     }
     if stopped > 0 {
-        parts.push(format!("{stopped} stopped"));
+        parts.push(match stop_reason {
+            Some(reason) => format!("{stopped} stopped ({reason})"),
+            None => format!("{stopped} stopped"),
+        });
     }
     let mut text = format!(
         "{} on {}: {}",
@@ -247,5 +268,86 @@ mod tests {
             ["web[1,3]", "db1", "local", "[::1]:22"]
         );
         assert!(split_list(" , ").is_empty());
+    }
+
+    fn report(host: &str, id: u32, end: InstanceEnd) -> InstanceReport {
+        InstanceReport {
+            label: std::sync::Arc::new(taskherd::protocol::instance::InstanceLabel {
+                group: GROUP.into(),
+                host: host.into(),
+                command: "sh".into(),
+                id,
+                group_id: id,
+            }),
+            end,
+        }
+    }
+
+    fn run(ends: Vec<InstanceEnd>, stop_signal: Option<i32>) -> RunReport {
+        let stopped = ends
+            .iter()
+            .any(|end| matches!(end, InstanceEnd::Stopped { .. }));
+        RunReport {
+            instances: (1..)
+                .zip(ends)
+                .map(|(id, end)| report("web1", id, end))
+                .collect(),
+            stop_reason: (stopped || stop_signal.is_some()).then(|| "SIGINT received".into()),
+            stop_signal,
+            ..RunReport::default()
+        }
+    }
+
+    #[test]
+    fn the_exit_code_says_whether_every_instance_exited_0_or_a_signal_stopped_them() {
+        use InstanceEnd::{Completed, Failed, Lost, Stopped};
+        let failed = || Failed {
+            reason: "exited with code 5".into(),
+        };
+        let stopped = Stopped { killed: false };
+        assert_eq!(exit_code(&run(vec![Completed, Completed], None)), 0);
+        assert_eq!(exit_code(&run(vec![Completed, failed()], None)), 1);
+        let lost = Lost {
+            reason: "host lost".into(),
+        };
+        assert_eq!(exit_code(&run(vec![Completed, lost], None)), 1);
+        // Ctrl-C and SIGTERM before the end: as a shell says it.
+        let sigint = Some(libc::SIGINT);
+        assert_eq!(
+            exit_code(&run(vec![Completed, stopped.clone()], sigint)),
+            130
+        );
+        let sigterm = Some(libc::SIGTERM);
+        assert_eq!(
+            exit_code(&run(vec![failed(), stopped.clone()], sigterm)),
+            143
+        );
+        // A signal after every instance had ended stopped nothing.
+        assert_eq!(exit_code(&run(vec![Completed], sigint)), 0);
+        assert_eq!(exit_code(&run(vec![failed()], sigint)), 1);
+        // Stopped by an operator's command: not a success either.
+        assert_eq!(exit_code(&run(vec![Completed, stopped], None)), 1);
+        let fatal = RunReport {
+            fatal: Some("cannot bind".into()),
+            ..RunReport::default()
+        };
+        assert_eq!(exit_code(&fatal), 1);
+    }
+
+    #[test]
+    fn the_summary_says_why_instances_were_stopped() {
+        let ends = vec![
+            InstanceEnd::Completed,
+            InstanceEnd::Stopped { killed: false },
+        ];
+        let report = run(ends, Some(libc::SIGINT));
+        assert_eq!(
+            summary(&report.instances, report.stop_reason.as_deref()),
+            "2 instances on 1 host: 1 exited 0, 1 stopped (SIGINT received)"
+        );
+        assert_eq!(
+            summary(&report.instances[..1], None),
+            "1 instance on 1 host: 1 exited 0"
+        );
     }
 }

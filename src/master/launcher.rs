@@ -28,6 +28,9 @@ pub struct RunReport {
     pub instances: Vec<InstanceReport>,
     /// Why the run was stopped, if it was.
     pub stop_reason: Option<String>,
+    /// The signal (`SIGINT`, `SIGTERM`) that stopped the run, if one did
+    /// ([`Shutdown::stop_signal`]).
+    pub stop_signal: Option<i32>,
     /// Why the run could not start at all, if so.
     pub fatal: Option<String>,
     /// Ids of the instances SIGKILLed at once because a kill was asked
@@ -139,6 +142,7 @@ pub(crate) async fn run_launcher(
         return RunReport {
             instances: Vec::new(),
             stop_reason: Some(err.to_string()),
+            stop_signal: None,
             fatal: Some(err.to_string()),
             killed_on_request: Vec::new(),
             dead_jobs: Vec::new(),
@@ -150,6 +154,7 @@ pub(crate) async fn run_launcher(
         return RunReport {
             instances: Vec::new(),
             stop_reason: Some(err.clone()),
+            stop_signal: None,
             fatal: Some(err),
             killed_on_request: Vec::new(),
             dead_jobs: Vec::new(),
@@ -168,6 +173,7 @@ pub(crate) async fn run_launcher(
             return RunReport {
                 instances: Vec::new(),
                 stop_reason: Some(why.clone()),
+                stop_signal: None,
                 fatal: Some(why),
                 killed_on_request: Vec::new(),
                 dead_jobs: Vec::new(),
@@ -357,6 +363,7 @@ pub(crate) async fn run_launcher(
     let report = RunReport {
         instances: reports,
         stop_reason: shutdown.reason().map(str::to_string),
+        stop_signal: shutdown.stop_signal(),
         fatal: None,
         killed_on_request,
         dead_jobs,
@@ -794,6 +801,7 @@ mod tests {
                 report("slow", 4, InstanceEnd::Failed { reason: "x".into() }),
             ],
             stop_reason: Some("test".into()),
+            stop_signal: None,
             fatal: None,
             killed_on_request: vec![2],
             dead_jobs: Vec::new(),

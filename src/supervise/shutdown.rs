@@ -32,6 +32,9 @@ pub struct Shutdown {
     /// How the operator can kill at once, when they can (a second Ctrl-C
     /// on the master's terminal), for the stop message.
     kill_hint: Arc<OnceLock<String>>,
+    /// The signal whose receipt asked for the first stop, if a signal did
+    /// (see [`stop_on_signals`]).
+    signal: Arc<OnceLock<i32>>,
 }
 
 impl Shutdown {
@@ -91,6 +94,16 @@ impl Shutdown {
         self.kill.cancelled()
     }
 
+    /// The signal (`SIGINT`, `SIGTERM`) whose receipt asked for the first
+    /// stop, when [`stop_on_signals`] did; `None` when the stop came
+    /// another way (an operator's command, the end of the work) or not at
+    /// all. `taskherd exec` exits with 128 + this number when the signal
+    /// stopped instances before their end, as a shell reports a command a
+    /// signal ended.
+    pub fn stop_signal(&self) -> Option<i32> {
+        self.signal.get().copied()
+    }
+
     /// Why the stop was requested, once it was.
     pub fn reason(&self) -> Option<&str> {
         self.reason.get().map(String::as_str)
@@ -131,11 +144,15 @@ pub fn stop_on_signals(shutdown: Shutdown) -> std::io::Result<tokio::task::JoinH
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     Ok(tokio::spawn(async move {
-        let first = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let (first, number) = tokio::select! {
+            _ = term.recv() => ("SIGTERM", libc::SIGTERM),
+            _ = int.recv() => ("SIGINT", libc::SIGINT),
         };
         let reason = format!("{first} received");
+        // Only when the signal is what stops the run (as its reason is).
+        if !shutdown.is_stopping() {
+            let _ = shutdown.signal.set(number);
+        }
         let terminal = std::io::stdin().is_terminal()
             || std::io::stdout().is_terminal()
             || std::io::stderr().is_terminal();

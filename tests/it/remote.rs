@@ -976,6 +976,46 @@ fn exec_runs_a_command_on_hosts_and_locally_and_sums_up() {
 }
 
 #[test]
+fn exec_stopped_by_ctrl_c_exits_130_and_leaves_nothing() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    // Each instance says it runs, then would run for a minute.
+    let script = "echo \"running on $TASKHERD_HOST\"; exec sleep 60";
+    let mut herd = Herd::new("");
+    let agent = taskherd_bin();
+    herd.start_exec(&[
+        "-w".as_ref(),
+        host.alias().as_ref(),
+        "-w".as_ref(),
+        "local".as_ref(),
+        "-F".as_ref(),
+        world.ssh_config().as_os_str(),
+        "--agent-path".as_ref(),
+        agent.as_os_str(),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        script.as_ref(),
+    ]);
+    herd.wait_for(&format!("running on {}", host.alias()));
+    herd.wait_for("running on localhost");
+    herd.signal(libc::SIGINT);
+    // As a shell reports a command that Ctrl-C ended: 128 + SIGINT.
+    assert_eq!(herd.wait_exit().code(), Some(130), "{:?}", herd.seen);
+    assert_eq!(
+        herd.lines_with(
+            "taskherd exec: 2 instances on 2 hosts: 0 exited 0, 2 stopped (SIGINT received)"
+        )
+        .len(),
+        1,
+        "{:?}",
+        herd.seen
+    );
+    assert_host_clean(&host);
+    herd.assert_no_leftovers();
+}
+
+#[test]
 fn host_vars_reach_the_instances_of_each_host() {
     let mut world = SshWorld::new();
     let hosts = [world.add_host(), world.add_host()];

@@ -156,6 +156,21 @@ impl Herd {
 
     /// Starts `taskherd run` on the config, with extra arguments.
     pub fn start_with(&mut self, extra: &[&str]) {
+        let mut args: Vec<std::ffi::OsString> = vec!["run".into(), self.config.clone().into()];
+        args.extend(extra.iter().map(Into::into));
+        self.spawn(&args);
+    }
+
+    /// Starts `taskherd exec` with these arguments (the config is not
+    /// used), watched as a master: its lines, its exit, its leftovers.
+    pub fn start_exec<S: AsRef<std::ffi::OsStr>>(&mut self, args: &[S]) {
+        let mut all: Vec<std::ffi::OsString> = vec!["exec".into()];
+        all.extend(args.iter().map(|arg| arg.as_ref().to_os_string()));
+        self.spawn(&all);
+    }
+
+    /// Starts taskherd with `args` and reads its stdout and stderr.
+    fn spawn(&mut self, args: &[std::ffi::OsString]) {
         let mut command = Command::new(taskherd_bin());
         for var in &self.env_removed {
             command.env_remove(var);
@@ -185,9 +200,7 @@ impl Herd {
             }
         }
         let mut child = command
-            .arg("run")
-            .arg(&self.config)
-            .args(extra)
+            .args(args)
             // Instances inherit it: that is how leftovers are found.
             .env(MARK_VAR, &self.mark)
             // A pid registry of its own: herds of parallel tests must not
