@@ -51,6 +51,13 @@ pub struct ExecArgs {
     /// this one.
     #[arg(long, value_name = "PATH")]
     agent_path: Option<String>,
+    /// Connections in a row a host may lose (unreachable, or lost while
+    /// running) before it is given up and its instances end lost, as
+    /// `ssh.give_up_after`. The default, 1, tries each host once, as pdsh
+    /// does: a command is never run twice. Refusals that look like sshd's
+    /// `MaxStartups` are retried regardless.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    give_up_after: u32,
     /// The command and its arguments (after `--`).
     #[arg(required = true, last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -135,9 +142,11 @@ fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<
     if args.accept_new_hosts {
         ssh.insert("known_hosts".into(), Value::String("accept-new".into()));
     }
-    if !ssh.is_empty() {
-        root.insert("ssh".into(), Value::Table(ssh));
-    }
+    ssh.insert(
+        "give_up_after".into(),
+        Value::Integer(i64::from(args.give_up_after)),
+    );
+    root.insert("ssh".into(), Value::Table(ssh));
     let mut group = Table::new();
     group.insert("name".into(), Value::String(GROUP.into()));
     group.insert("command".into(), Value::String(program.clone()));

@@ -146,6 +146,13 @@ pub struct SshOptions {
     /// Longest wait for the TCP connection and the handshake. Key
     /// `connect_timeout`, default 10 s.
     pub connect_timeout: Option<Duration>,
+    /// Connections in a row a host may lose (it could not be reached, or
+    /// its agent was lost) before it is given up: its instances that have
+    /// not ended end lost, and it is not tried again. A connection that
+    /// reached the agent starts the count again. Key `give_up_after`;
+    /// `None` (the default): never given up, reconnected with a backoff.
+    /// Refusals that look like sshd's `MaxStartups` do not count.
+    pub give_up_after: Option<u32>,
 }
 
 /// Default of `ssh.connect_timeout`.

@@ -72,6 +72,7 @@ const SSH_KEYS: &[&str] = &[
     "known_hosts",
     "jump_host",
     "connect_timeout",
+    "give_up_after",
 ];
 const GROUP_KEYS: &[&str] = &[
     "name",
@@ -1476,6 +1477,11 @@ impl<'t> Walker<'t> {
         if let Some(value) = table.get("connect_timeout") {
             if let Some(timeout) = self.positive_duration(&child(path, "connect_timeout"), value) {
                 ssh.connect_timeout = Some(timeout);
+            }
+        }
+        if let Some(value) = table.get("give_up_after") {
+            if let Some(limit) = self.count(&child(path, "give_up_after"), value) {
+                ssh.give_up_after = Some(limit);
             }
         }
     }
@@ -5486,6 +5492,7 @@ identity_file = "~/.ssh/id_herd"
 known_hosts = "accept-new"
 jump_host = "bastion.example.com"
 connect_timeout = "5s"
+give_up_after = 3
 
 [[group]]
 name = "workers"
@@ -5508,6 +5515,7 @@ env = { RUST_LOG = "debug", ROLE = "db" }
 identity_file = "/etc/herd/key"
 known_hosts = "strict"
 connect_timeout = "30s"
+give_up_after = 1
 
 [[group]]
 name = "inline"
@@ -5522,6 +5530,7 @@ remote = [{ hosts = ["a", "b"], instances = 3, jump_host = "other" }]
             known_hosts: KnownHostsPolicy::AcceptNew,
             jump_host: Some("bastion.example.com".to_owned()),
             connect_timeout: Some(Duration::from_secs(5)),
+            give_up_after: Some(3),
         };
         let workers = &config.groups[0];
         assert_eq!(
@@ -5567,6 +5576,7 @@ remote = [{ hosts = ["a", "b"], instances = 3, jump_host = "other" }]
                     identity_file: Some(PathBuf::from("/etc/herd/key")),
                     known_hosts: KnownHostsPolicy::Strict,
                     connect_timeout: Some(Duration::from_secs(30)),
+                    give_up_after: Some(1),
                     ..defaults.clone()
                 },
             }
@@ -5611,6 +5621,7 @@ instances = 1
         assert_eq!(remote.ssh, SshOptions::default());
         assert_eq!(remote.ssh.known_hosts, KnownHostsPolicy::Strict);
         assert_eq!(remote.ssh.connect_timeout, None);
+        assert_eq!(remote.ssh.give_up_after, None, "never given up");
         assert!(remote.env.is_empty());
     }
 
@@ -5848,10 +5859,11 @@ instances = 1
 known_hosts = "yes"
 connect_timeout = 10
 identity_file = 5
+give_up_after = 0
 "#,
         );
         let text = ConfigErrors(errors.clone()).to_string();
-        assert_eq!(errors.len(), 8, "{text}");
+        assert_eq!(errors.len(), 9, "{text}");
         assert_error(
             &errors[0],
             2,
@@ -5889,6 +5901,12 @@ identity_file = 5
             16,
             "group[1].remote[1].identity_file",
             "expected a string, found integer",
+        );
+        assert_error(
+            &errors[8],
+            17,
+            "group[1].remote[1].give_up_after",
+            "must be at least 1, found 0",
         );
 
         let err = only_error(

@@ -153,6 +153,8 @@ pub async fn supervise_host(
     let mut reports = Vec::new();
     let mut failures = 0u32;
     let mut refusals = 0u32;
+    // Connections lost in a row, for `ssh.give_up_after`.
+    let mut lost_in_a_row = 0u32;
     let mut last_problem = String::from("never connected");
     loop {
         while let Ok(command) = commands.try_recv() {
@@ -161,10 +163,7 @@ pub async fn supervise_host(
         if state.pending.is_empty() {
             // Nothing more can come in once closed; what came in before
             // is still served.
-            commands.close();
-            while let Ok(command) = commands.try_recv() {
-                state.apply_offline(command, &mut reports, &reporter);
-            }
+            close_commands(&mut commands, &mut state, &mut reports, &reporter);
             if state.pending.is_empty() {
                 break;
             }
@@ -216,6 +215,25 @@ pub async fn supervise_host(
             }
             HostOutcome::Lost(problem) => {
                 refusals = 0;
+                // A connection that reached the agent starts the count again.
+                lost_in_a_row = if std::mem::take(&mut state.reached) {
+                    1
+                } else {
+                    lost_in_a_row.saturating_add(1)
+                };
+                if let Some(limit) = plan.ssh.give_up_after.filter(|l| lost_in_a_row >= *l) {
+                    let given_up = format!(
+                        "given up after {} in a row",
+                        crate::error_text::count(limit, "lost connection")
+                    );
+                    let said = format!("host {host}: {problem}; {given_up} (ssh.give_up_after)");
+                    sink.master_event(Level::Error, said).await;
+                    // What is pending, and what came in until now, ends lost.
+                    close_commands(&mut commands, &mut state, &mut reports, &reporter);
+                    let reason = format!("{problem}; {given_up}");
+                    report_lost(&mut state, &reason, &mut reports, &sink, &reporter).await;
+                    break;
+                }
                 let delay = backoff_delay(&reconnect_backoff(), failures, crate::random::unit());
                 failures = failures.saturating_add(1);
                 // Its instances are gone with it, until the next agent.
@@ -247,6 +265,8 @@ struct HostState {
     suspended: BTreeSet<u32>,
     /// Instances being removed: a reconnection must not start them again.
     removed: BTreeSet<u32>,
+    /// The connection under way reached the agent (its hello came).
+    reached: bool,
 }
 
 impl HostState {
@@ -417,6 +437,7 @@ impl HostRun<'_> {
             Err(_) => return HostOutcome::Lost("agent did not answer".into()),
         };
         self.settings.links.set(&label, LinkState::Up, None);
+        self.state.reached = true;
         let held_back = match held.len() {
             0 => String::new(),
             n => format!(" ({n} suspended)"),
@@ -669,6 +690,20 @@ impl HostRun<'_> {
 }
 
 /// Gives up on the instances still pending, saying why for each.
+/// Closes a host's commands: nothing more comes in, and what came in
+/// before is applied.
+fn close_commands(
+    commands: &mut mpsc::UnboundedReceiver<HostCommand>,
+    state: &mut HostState,
+    reports: &mut Vec<InstanceReport>,
+    reporter: &Reporter,
+) {
+    commands.close();
+    while let Ok(command) = commands.try_recv() {
+        state.apply_offline(command, reports, reporter);
+    }
+}
+
 async fn report_lost(
     state: &mut HostState,
     reason: &str,

@@ -332,7 +332,7 @@ impl Shell {
                 self.tasks.spawn(remote::supervise_host(
                     HostPlan {
                         host,
-                        ssh,
+                        ssh: *ssh,
                         instances: Vec::new(),
                     },
                     self.settings.clone(),

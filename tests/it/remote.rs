@@ -742,13 +742,17 @@ fn a_wrong_hash_in_the_master_s_cache_fails_the_upload_and_is_dropped() {
     assert_host_clean(&host);
 }
 
-#[test]
-fn unreachable_host_is_reported_and_the_others_run() {
-    let mut world = SshWorld::new();
-    let good = world.add_host();
-    // Nothing listens on port 1 of this loopback address.
-    let mut herd = Herd::new(&format!(
-        r#"{}
+/// A herd of one long-running worker on `good` and one on a host nothing
+/// listens for (port 1 of a loopback address), with `master_extra` in
+/// `[master]` and `ssh_extra` in `[ssh]`.
+fn beside_unreachable(
+    world: &SshWorld,
+    good: &SshHost,
+    master_extra: &str,
+    ssh_extra: &str,
+) -> String {
+    format!(
+        r#"{}{ssh_extra}
 [[group]]
 name = "spread"
 command = "{{worker}}"
@@ -757,8 +761,20 @@ params = {{ sleep = 1000 }}
 hosts = ["{good}", "root@127.0.0.1:1"]
 instances = 1
 "#,
-        header(&world, "max_running_time = \"4s\""),
+        header(world, master_extra),
         good = good.alias()
+    )
+}
+
+#[test]
+fn unreachable_host_is_reported_and_the_others_run() {
+    let mut world = SshWorld::new();
+    let good = world.add_host();
+    let mut herd = Herd::new(&beside_unreachable(
+        &world,
+        &good,
+        "max_running_time = \"4s\"",
+        "",
     ));
     herd.start();
     let error = herd.wait_for("host 127.0.0.1:1: cannot connect");
@@ -779,6 +795,102 @@ instances = 1
     assert_eq!(herd.wait_exit().code(), Some(1));
     herd.wait_for("never started on 127.0.0.1:1");
     assert_host_clean(&good);
+}
+
+#[test]
+fn a_host_is_given_up_after_its_lost_connections_in_a_row() {
+    let mut world = SshWorld::new();
+    let good = world.add_host();
+    let mut herd = Herd::new(&beside_unreachable(&world, &good, "", "give_up_after = 2"));
+    herd.start();
+    // Tried twice, then given up: its instance ends lost at once.
+    let given_up = herd.wait_for("given up after 2 lost connections in a row");
+    assert!(
+        given_up.contains("host 127.0.0.1:1: cannot connect")
+            && given_up.to_lowercase().contains("connection refused"),
+        "{given_up}"
+    );
+    assert_eq!(herd.lines_with("host 127.0.0.1:1: cannot connect").len(), 2);
+    herd.wait_for("[spread] [127.0.0.1:1] [worker/2/2] lost: cannot connect");
+    // A connection that reached the agent starts the count again: the
+    // good host's agent is lost twice and comes back each time.
+    for round in 1..=2 {
+        let connected = herd.wait_for_count("connected, agent pid", round);
+        herd.wait_for_count(
+            &format!("[spread] [{}] [worker/1/1] Child 1 1", good.alias()),
+            round,
+        );
+        kill_agent(&connected);
+    }
+    herd.wait_for_count("connected, agent pid", 3);
+    herd.wait_for_count(
+        &format!("[spread] [{}] [worker/1/1] Child 1 1", good.alias()),
+        3,
+    );
+    herd.signal(libc::SIGTERM);
+    // The lost instance makes the run a failure.
+    assert_eq!(herd.wait_exit().code(), Some(1));
+    assert_eq!(herd.lines_with("host 127.0.0.1:1: cannot connect").len(), 2);
+    assert_host_clean(&good);
+}
+
+#[test]
+fn exec_tries_each_host_once_and_never_runs_a_command_twice() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    // An unreachable host: said, its instance lost, no retry, exit 1.
+    let mut herd = Herd::new("");
+    let hosts = [host.alias(), "root@127.0.0.1:1"];
+    exec_sh(&mut herd, &world, &hosts, "echo \"ran on $TASKHERD_HOST\"");
+    assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
+    assert_eq!(
+        herd.lines_with(&format!("ran on {}", host.alias())).len(),
+        1
+    );
+    assert_eq!(
+        herd.lines_with("host 127.0.0.1:1: cannot connect").len(),
+        1,
+        "tried once: {:?}",
+        herd.seen
+    );
+    assert_eq!(
+        herd.lines_with("given up after 1 lost connection in a row (ssh.give_up_after)")
+            .len(),
+        1,
+        "{:?}",
+        herd.seen
+    );
+    assert!(herd.lines_with("retrying in").is_empty(), "{:?}", herd.seen);
+    assert_eq!(
+        herd.lines_with("taskherd exec: 2 instances on 2 hosts: 1 exited 0, 1 lost")
+            .len(),
+        1,
+        "{:?}",
+        herd.seen
+    );
+    // A host lost while its command runs: the command is not run again.
+    let mut herd = Herd::new("");
+    exec_sh(
+        &mut herd,
+        &world,
+        &[host.alias()],
+        "echo \"started on $TASKHERD_HOST\"; exec sleep 60",
+    );
+    let connected = herd.wait_for("connected, agent pid");
+    herd.wait_for("started on");
+    kill_agent(&connected);
+    assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
+    assert_eq!(herd.lines_with("started on").len(), 1, "{:?}", herd.seen);
+    assert_eq!(herd.lines_with("connected, agent pid").len(), 1);
+    assert_eq!(
+        herd.lines_with("taskherd exec: 1 instance on 1 host: 0 exited 0, 1 lost")
+            .len(),
+        1,
+        "{:?}",
+        herd.seen
+    );
+    assert_host_clean(&host);
+    herd.assert_no_leftovers();
 }
 
 #[test]
@@ -975,6 +1087,19 @@ fn exec_runs_a_command_on_hosts_and_locally_and_sums_up() {
     }
 }
 
+/// Starts `taskherd exec -w HOST... -- sh -c SCRIPT` in `herd`, with the
+/// world's ssh_config and this build as the agent.
+fn exec_sh(herd: &mut Herd, world: &SshWorld, hosts: &[&str], script: &str) {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    for host in hosts {
+        args.extend(["-w".into(), (*host).into()]);
+    }
+    args.extend(["-F".into(), world.ssh_config().into()]);
+    args.extend(["--agent-path".into(), taskherd_bin().into()]);
+    args.extend(["--", "sh", "-c", script].map(Into::into));
+    herd.start_exec(&args);
+}
+
 #[test]
 fn exec_stopped_by_ctrl_c_exits_130_and_leaves_nothing() {
     let mut world = SshWorld::new();
@@ -982,21 +1107,7 @@ fn exec_stopped_by_ctrl_c_exits_130_and_leaves_nothing() {
     // Each instance says it runs, then would run for a minute.
     let script = "echo \"running on $TASKHERD_HOST\"; exec sleep 60";
     let mut herd = Herd::new("");
-    let agent = taskherd_bin();
-    herd.start_exec(&[
-        "-w".as_ref(),
-        host.alias().as_ref(),
-        "-w".as_ref(),
-        "local".as_ref(),
-        "-F".as_ref(),
-        world.ssh_config().as_os_str(),
-        "--agent-path".as_ref(),
-        agent.as_os_str(),
-        "--".as_ref(),
-        "sh".as_ref(),
-        "-c".as_ref(),
-        script.as_ref(),
-    ]);
+    exec_sh(&mut herd, &world, &[host.alias(), "local"], script);
     herd.wait_for(&format!("running on {}", host.alias()));
     herd.wait_for("running on localhost");
     herd.signal(libc::SIGINT);

@@ -79,8 +79,8 @@ pub(crate) enum Place {
     Host {
         /// The host.
         host: HostSpec,
-        /// How to reach it.
-        ssh: SshOptions,
+        /// How to reach it (boxed: the enum stays small for `Local`).
+        ssh: Box<SshOptions>,
     },
 }
 
@@ -518,7 +518,7 @@ impl Core {
         for host in hosts {
             let place = Place::Host {
                 host: host.host,
-                ssh: host.ssh,
+                ssh: Box::new(host.ssh),
             };
             let instances = self.park_unstarted(place.clone(), host.instances);
             self.start_on(place, instances);
