@@ -75,7 +75,7 @@ marked failed, 2 for a bad config or a master that could not start.")]
     /// with the host and instance; at the end, how each instance ended.
     ///
     /// Exit code: 0 when every instance exited 0, 1 when any failed (or was
-    /// lost, or stopped by `taskherd stop`), 130 or 143 when Ctrl-C or
+    /// lost, or stopped by `--timeout`), 130 or 143 when Ctrl-C or
     /// SIGTERM stopped instances before their end (128 + the signal), 2
     /// for bad arguments.
     Exec(cli::exec::ExecArgs),

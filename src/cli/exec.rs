@@ -58,6 +58,11 @@ pub struct ExecArgs {
     /// `MaxStartups` are retried regardless.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     give_up_after: u32,
+    /// Stop every instance still running after this long (`90s`, `5m`),
+    /// as `master.max_running_time`: cleanly (SIGTERM, then SIGKILL after
+    /// the stop grace). Those stopped make the exit code 1.
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    timeout: Option<std::time::Duration>,
     /// The command and its arguments (after `--`).
     #[arg(required = true, last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -109,7 +114,7 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
 /// - 128 + N when signal N stopped instances before their end (Ctrl-C:
 ///   130, SIGTERM: 143), as a shell reports a command a signal ended;
 /// - 1 when any instance failed, was lost with its host or was stopped
-///   another way (`taskherd stop`), or the run could not start.
+///   another way (`--timeout`, `taskherd stop`), or the run could not start.
 fn exit_code(report: &RunReport) -> u8 {
     let stopped = report
         .instances
@@ -127,9 +132,15 @@ fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<
     use toml::{Table, Value};
     let (program, command_args) = args.command.split_first().context("no command given")?;
     let mut root = Table::new();
+    let mut master = Table::new();
     if let Some(path) = &args.agent_path {
-        let mut master = Table::new();
         master.insert("agent_path".into(), Value::String(path.clone()));
+    }
+    if let Some(limit) = args.timeout {
+        let text = humantime::format_duration(limit).to_string();
+        master.insert("max_running_time".into(), Value::String(text));
+    }
+    if !master.is_empty() {
         root.insert("master".into(), Value::Table(master));
     }
     let mut ssh = Table::new();
@@ -174,6 +185,15 @@ fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<
     }
     root.insert("group".into(), Value::Array(vec![Value::Table(group)]));
     toml::to_string(&root).context("cannot write the herd's config")
+}
+
+/// `--timeout`: a duration such as `90s` or `1m 30s`, more than zero.
+fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(limit) if limit.is_zero() => Err("must be more than 0".into()),
+        Ok(limit) => Ok(limit),
+        Err(err) => Err(format!("{err} (a duration such as 90s, 5m or 1h 30m)")),
+    }
 }
 
 /// A path as a TOML string (absolute, so that it does not depend on

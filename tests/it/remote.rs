@@ -841,7 +841,13 @@ fn exec_tries_each_host_once_and_never_runs_a_command_twice() {
     // An unreachable host: said, its instance lost, no retry, exit 1.
     let mut herd = Herd::new("");
     let hosts = [host.alias(), "root@127.0.0.1:1"];
-    exec_sh(&mut herd, &world, &hosts, "echo \"ran on $TASKHERD_HOST\"");
+    exec_sh(
+        &mut herd,
+        &world,
+        &hosts,
+        &[],
+        "echo \"ran on $TASKHERD_HOST\"",
+    );
     assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
     assert_eq!(
         herd.lines_with(&format!("ran on {}", host.alias())).len(),
@@ -874,6 +880,7 @@ fn exec_tries_each_host_once_and_never_runs_a_command_twice() {
         &mut herd,
         &world,
         &[host.alias()],
+        &[],
         "echo \"started on $TASKHERD_HOST\"; exec sleep 60",
     );
     let connected = herd.wait_for("connected, agent pid");
@@ -1087,13 +1094,14 @@ fn exec_runs_a_command_on_hosts_and_locally_and_sums_up() {
     }
 }
 
-/// Starts `taskherd exec -w HOST... -- sh -c SCRIPT` in `herd`, with the
-/// world's ssh_config and this build as the agent.
-fn exec_sh(herd: &mut Herd, world: &SshWorld, hosts: &[&str], script: &str) {
+/// Starts `taskherd exec -w HOST... EXTRA... -- sh -c SCRIPT` in `herd`,
+/// with the world's ssh_config and this build as the agent.
+fn exec_sh(herd: &mut Herd, world: &SshWorld, hosts: &[&str], extra: &[&str], script: &str) {
     let mut args: Vec<std::ffi::OsString> = Vec::new();
     for host in hosts {
         args.extend(["-w".into(), (*host).into()]);
     }
+    args.extend(extra.iter().map(Into::into));
     args.extend(["-F".into(), world.ssh_config().into()]);
     args.extend(["--agent-path".into(), taskherd_bin().into()]);
     args.extend(["--", "sh", "-c", script].map(Into::into));
@@ -1107,7 +1115,7 @@ fn exec_stopped_by_ctrl_c_exits_130_and_leaves_nothing() {
     // Each instance says it runs, then would run for a minute.
     let script = "echo \"running on $TASKHERD_HOST\"; exec sleep 60";
     let mut herd = Herd::new("");
-    exec_sh(&mut herd, &world, &[host.alias(), "local"], script);
+    exec_sh(&mut herd, &world, &[host.alias(), "local"], &[], script);
     herd.wait_for(&format!("running on {}", host.alias()));
     herd.wait_for("running on localhost");
     herd.signal(libc::SIGINT);
@@ -1124,6 +1132,41 @@ fn exec_stopped_by_ctrl_c_exits_130_and_leaves_nothing() {
     );
     assert_host_clean(&host);
     herd.assert_no_leftovers();
+}
+
+#[test]
+fn exec_timeout_stops_what_still_runs_and_exits_1() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    // The remote instance ends at once; the local one would run a minute.
+    let script =
+        "echo \"up on $TASKHERD_HOST\"; [ \"$TASKHERD_HOST\" = localhost ] && exec sleep 60; true";
+    let mut herd = Herd::new("");
+    exec_sh(
+        &mut herd,
+        &world,
+        &[host.alias(), "local"],
+        &["--timeout", "2s"],
+        script,
+    );
+    herd.wait_for(&format!("up on {}", host.alias()));
+    herd.wait_for("up on localhost");
+    assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
+    let summary = "taskherd exec: 2 instances on 2 hosts: 1 exited 0, 1 stopped (max running time of 2s reached)";
+    assert_eq!(herd.lines_with(summary).len(), 1, "{:?}", herd.seen);
+    assert_host_clean(&host);
+    herd.assert_no_leftovers();
+    // A bad duration: said, exit code 2.
+    let out = std::process::Command::new(taskherd_bin())
+        .args(["exec", "-w", "local", "--timeout", "0s", "--", "true"])
+        .output()
+        .expect("run taskherd exec");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must be more than 0"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
