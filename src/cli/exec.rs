@@ -32,8 +32,16 @@ pub struct ExecArgs {
     /// Where to run: host names, ranges (`web[01-16]`, `db[1,3,5]`),
     /// `user@host:port`, and `local` for this machine; comma-separated
     /// (commas inside brackets belong to the range), or `-w` again.
+    /// `^FILE` reads them from a file (one or more per line, `#`
+    /// comments), as pdsh does.
     #[arg(short = 'w', long = "hosts", value_name = "HOSTS", required = true)]
     hosts: Vec<String>,
+    /// Hosts to leave out of `-w`: names, ranges, `local`, `^FILE`, as
+    /// `-w` takes them (`-w 'node[1-64]' -x 'node[13,57]'`). An entry
+    /// without `user@` or `:port` leaves out that host under any user and
+    /// port.
+    #[arg(short = 'x', long = "exclude", value_name = "HOSTS")]
+    exclude: Vec<String>,
     /// Instances of the command on each host.
     #[arg(short = 'n', long, default_value_t = 1, value_name = "N")]
     instances: u32,
@@ -72,21 +80,42 @@ pub struct ExecArgs {
 
 /// Runs `taskherd exec`.
 pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
-    let mut remote = Vec::new();
-    let mut local = false;
-    for entry in args.hosts.iter().flat_map(|list| split_list(list)) {
-        if entry == LOCAL {
-            local = true;
-            continue;
-        }
-        if let Err(err) = hosts::expand(&entry) {
-            eprintln!("taskherd exec: -w {entry}: {err}");
+    let targets = match host_list("-w", &args.hosts) {
+        Ok(targets) => targets,
+        Err(message) => {
+            eprintln!("taskherd exec: {message}");
             return Ok(ExitCode::from(EXIT_ERROR));
         }
-        remote.push(entry);
-    }
+    };
+    let excluded = match host_list("-x", &args.exclude) {
+        Ok(excluded) => excluded,
+        Err(message) => {
+            eprintln!("taskherd exec: {message}");
+            return Ok(ExitCode::from(EXIT_ERROR));
+        }
+    };
+    // Whole entries, and names without user or port (any user, any port).
+    let excluded: std::collections::HashSet<&str> = excluded.iter().map(String::as_str).collect();
+    let left_out = |entry: &str| {
+        excluded.contains(entry) || {
+            let name = host_name(entry);
+            name != entry && excluded.contains(name)
+        }
+    };
+    let local = targets.iter().any(|entry| entry == LOCAL) && !left_out(LOCAL);
+    let mut seen = std::collections::HashSet::new();
+    let remote: Vec<String> = targets
+        .into_iter()
+        .filter(|entry| entry != LOCAL && !left_out(entry))
+        .filter(|entry| seen.insert(entry.clone()))
+        .collect();
     if !local && remote.is_empty() {
-        eprintln!("taskherd exec: -w names no host");
+        let after = if excluded.is_empty() {
+            ""
+        } else {
+            " once -x is applied"
+        };
+        eprintln!("taskherd exec: -w names no host{after}");
         return Ok(ExitCode::from(EXIT_ERROR));
     }
     let text = herd_text(&args, local, &remote)?;
@@ -207,6 +236,51 @@ fn path_value(path: &Path) -> anyhow::Result<toml::Value> {
     Ok(toml::Value::String(text.to_string()))
 }
 
+/// The hosts `lists` (the values of `flag`) name, ranges expanded and
+/// `^FILE`s read, in order; the error is the message to print.
+fn host_list(flag: &str, lists: &[String]) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for entry in lists.iter().flat_map(|list| split_list(list)) {
+        let entries = match entry.strip_prefix('^') {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|err| format!("{flag} ^{file}: cannot read it: {err}"))?;
+                text.lines()
+                    .map(|line| line.split('#').next().unwrap_or_default())
+                    .flat_map(|line| {
+                        line.split_whitespace()
+                            .flat_map(split_list)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            }
+            None => vec![entry],
+        };
+        for entry in entries {
+            if entry == LOCAL {
+                names.push(entry);
+                continue;
+            }
+            let expanded = hosts::expand(&entry).map_err(|err| format!("{flag} {entry}: {err}"))?;
+            names.extend(expanded);
+        }
+    }
+    Ok(names)
+}
+
+/// The host name of an entry, without `user@` and `:port` (`deploy@web2:22`:
+/// `web2`; `[::1]:2222`: `::1`; a bare IPv6 address as it is).
+fn host_name(entry: &str) -> &str {
+    let host = entry.rsplit_once('@').map_or(entry, |(_, host)| host);
+    if let Some(inside) = host.strip_prefix('[') {
+        return inside.split(']').next().unwrap_or(inside);
+    }
+    match host.split_once(':') {
+        Some((name, port)) if !port.contains(':') => name,
+        _ => host,
+    }
+}
+
 /// `a,b[1,2],c` split at the commas outside brackets; empty entries
 /// dropped.
 pub fn split_list(list: &str) -> Vec<String> {
@@ -289,6 +363,46 @@ fn plural(n: usize, noun: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_lists_expand_ranges_read_files_and_name_hosts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("hosts");
+        std::fs::write(
+            &file,
+            "# the racks\nrack[1-2]  db1,db2 # two dbs\n\nlocal\n",
+        )
+        .expect("write");
+        let lists = vec![
+            format!("web[01-02],^{}", file.display()),
+            "ops@gw:2222".into(),
+        ];
+        assert_eq!(
+            host_list("-w", &lists).expect("valid"),
+            [
+                "web01",
+                "web02",
+                "rack1",
+                "rack2",
+                "db1",
+                "db2",
+                "local",
+                "ops@gw:2222"
+            ]
+        );
+        let err = host_list("-w", &["web[2-1]".into()]).expect_err("backwards");
+        assert!(err.starts_with("-w web[2-1]: "), "{err}");
+        let err = host_list("-x", &["^/no/such/file".into()]).expect_err("missing file");
+        assert!(
+            err.starts_with("-x ^/no/such/file: cannot read it: "),
+            "{err}"
+        );
+        assert_eq!(host_name("deploy@web2:2222"), "web2");
+        assert_eq!(host_name("web2"), "web2");
+        assert_eq!(host_name("[::1]:2222"), "::1");
+        assert_eq!(host_name("fe80::1"), "fe80::1");
+        assert_eq!(host_name("ops@[fe80::1]"), "fe80::1");
+    }
 
     #[test]
     fn lists_split_outside_brackets() {

@@ -1083,12 +1083,7 @@ fn exec_runs_a_command_on_hosts_and_locally_and_sums_up() {
         "{stderr}"
     );
     // A bad range: said, exit code 2, nothing started.
-    let out = std::process::Command::new(taskherd_bin())
-        .args(["exec", "-w", "web[2-1]", "--", "true"])
-        .output()
-        .expect("run taskherd exec");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("runs backwards"));
+    exec_refused(&["-w", "web[2-1]", "--", "true"], "runs backwards");
     for host in &hosts {
         assert_host_clean(host);
     }
@@ -1106,6 +1101,19 @@ fn exec_sh(herd: &mut Herd, world: &SshWorld, hosts: &[&str], extra: &[&str], sc
     args.extend(["--agent-path".into(), taskherd_bin().into()]);
     args.extend(["--", "sh", "-c", script].map(Into::into));
     herd.start_exec(&args);
+}
+
+/// Runs `taskherd exec ARGS`, which must refuse them: exit code 2, and
+/// `said` on stderr.
+fn exec_refused(args: &[&str], said: &str) {
+    let out = std::process::Command::new(taskherd_bin())
+        .arg("exec")
+        .args(args)
+        .output()
+        .expect("run taskherd exec");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(said), "{stderr}");
 }
 
 #[test]
@@ -1135,6 +1143,47 @@ fn exec_stopped_by_ctrl_c_exits_130_and_leaves_nothing() {
 }
 
 #[test]
+fn exec_takes_hosts_from_a_file_and_leaves_out_those_of_x() {
+    let mut world = SshWorld::new();
+    let hosts = [world.add_host(), world.add_host()];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("hosts");
+    let listed = format!(
+        "# both hosts, and here\n{} {}\nlocal\n",
+        hosts[0].alias(),
+        hosts[1].alias()
+    );
+    std::fs::write(&file, listed).expect("write the host file");
+    let from_file = format!("^{}", file.display());
+    let mut herd = Herd::new("");
+    let left_out = ["-x", hosts[1].alias(), "-x", "local"];
+    exec_sh(
+        &mut herd,
+        &world,
+        &[&from_file],
+        &left_out,
+        "echo \"ran on $TASKHERD_HOST\"",
+    );
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    assert_eq!(herd.lines_with("ran on").len(), 1, "{:?}", herd.seen);
+    assert_eq!(
+        herd.lines_with(&format!("ran on {}", hosts[0].alias()))
+            .len(),
+        1
+    );
+    let summary = "taskherd exec: 1 instance on 1 host: 1 exited 0";
+    assert_eq!(herd.lines_with(summary).len(), 1, "{:?}", herd.seen);
+    // Leaving out every host: said, exit code 2.
+    exec_refused(
+        &["-w", "local", "-x", "local", "--", "true"],
+        "-w names no host once -x is applied",
+    );
+    for host in &hosts {
+        assert_host_clean(host);
+    }
+}
+
+#[test]
 fn exec_timeout_stops_what_still_runs_and_exits_1() {
     let mut world = SshWorld::new();
     let host = world.add_host();
@@ -1157,15 +1206,9 @@ fn exec_timeout_stops_what_still_runs_and_exits_1() {
     assert_host_clean(&host);
     herd.assert_no_leftovers();
     // A bad duration: said, exit code 2.
-    let out = std::process::Command::new(taskherd_bin())
-        .args(["exec", "-w", "local", "--timeout", "0s", "--", "true"])
-        .output()
-        .expect("run taskherd exec");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("must be more than 0"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    exec_refused(
+        &["-w", "local", "--timeout", "0s", "--", "true"],
+        "must be more than 0",
     );
 }
 
