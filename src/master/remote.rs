@@ -11,7 +11,7 @@ pub use super::host::{HostCommand, HostReport};
 use super::links::{HostLinks, LinkState};
 use super::queue::FeederAddress;
 use super::ssh;
-use crate::config::{HostSpec, RestartSpec, SshOptions};
+use crate::config::{HostSpec, RestartPolicy, RestartSpec, SshOptions};
 use crate::log::{InstanceLabel, LogRecord, LogSink};
 use crate::protocol::agent::{time_of, FromAgent, ToAgent};
 use crate::protocol::slave::Level;
@@ -607,6 +607,26 @@ impl HostRun<'_> {
         }
     }
 
+    /// The instances this agent ran whose restart policy is `never` end
+    /// lost with it: the next agent must not run them a second time.
+    /// (Suspended ones did not run; the others restart per their policy.)
+    async fn end_never_restarted(&mut self, problem: &str) {
+        let state = &mut *self.state;
+        let ids: Vec<u32> = state
+            .pending
+            .iter()
+            .filter(|(_, spec)| spec.restart.policy == RestartPolicy::Never)
+            .map(|(id, _)| *id)
+            .filter(|id| !state.suspended.contains(id) && !state.removed.contains(id))
+            .collect();
+        let reason = format!("{problem}; not run again (restart policy never)");
+        for id in ids {
+            if let Some(spec) = self.state.pending.remove(&id) {
+                end_lost(spec.label, &reason, self.reports, self.sink, self.reporter).await;
+            }
+        }
+    }
+
     /// The wait for reports after a stop: the grace plus a margin for the
     /// agent to kill and report.
     fn stop_wait(&self) -> Duration {
@@ -682,6 +702,7 @@ impl HostRun<'_> {
     /// reported lost (the agent stops them itself), otherwise reconnect.
     async fn lost(&mut self, stopping: bool, problem: String) -> HostOutcome {
         if !stopping {
+            self.end_never_restarted(&problem).await;
             return HostOutcome::Lost(problem);
         }
         report_lost(self.state, &problem, self.reports, self.sink, self.reporter).await;
@@ -689,7 +710,6 @@ impl HostRun<'_> {
     }
 }
 
-/// Gives up on the instances still pending, saying why for each.
 /// Closes a host's commands: nothing more comes in, and what came in
 /// before is applied.
 fn close_commands(
@@ -704,6 +724,7 @@ fn close_commands(
     }
 }
 
+/// Gives up on the instances still pending, saying why for each.
 async fn report_lost(
     state: &mut HostState,
     reason: &str,
@@ -718,14 +739,26 @@ async fn report_lost(
             reports.push(reporter.never_ran(label));
             continue;
         }
-        sink.instance_event(&label, Level::Error, format!("lost: {reason}"))
-            .await;
-        let end = InstanceEnd::Lost {
-            reason: reason.to_string(),
-        };
-        reporter.emit(id, EventKind::Ended { end: end.clone() });
-        reports.push(InstanceReport { label, end });
+        end_lost(label, reason, reports, sink, reporter).await;
     }
+}
+
+/// Ends one instance lost with its host: said, its `Ended` event sent,
+/// its final report kept.
+async fn end_lost(
+    label: Arc<InstanceLabel>,
+    reason: &str,
+    reports: &mut Vec<InstanceReport>,
+    sink: &LogSink,
+    reporter: &Reporter,
+) {
+    sink.instance_event(&label, Level::Error, format!("lost: {reason}"))
+        .await;
+    let end = InstanceEnd::Lost {
+        reason: reason.to_string(),
+    };
+    reporter.emit(label.id, EventKind::Ended { end: end.clone() });
+    reports.push(InstanceReport { label, end });
 }
 
 async fn write_to_agent(

@@ -982,6 +982,58 @@ fn killed_agent_is_replaced_and_its_instances_restarted() {
 }
 
 #[test]
+fn an_instance_with_restart_policy_never_is_not_run_again_after_its_agent_is_lost() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let mut herd = Herd::new(&format!(
+        r#"{}
+[[group]]
+name = "once"
+command = "sh"
+args = ["-c", "echo once up; exec sleep 1000"]
+restart = {{ policy = "never" }}
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+
+[[group]]
+name = "service"
+command = "sh"
+args = ["-c", "echo service up; exec sleep 1000"]
+[[group.remote]]
+hosts = ["{host}"]
+instances = 1
+"#,
+        header(&world, "stop_grace = \"5s\""),
+        host = host.alias()
+    ));
+    herd.start();
+    let connected = herd.wait_for("connected, agent pid");
+    herd.wait_for("once up");
+    herd.wait_for("service up");
+    kill_agent(&connected);
+    // The next agent runs the service again, not the one-shot.
+    herd.wait_for_count("service up", 2);
+    let lost = herd.wait_for("not run again (restart policy never)");
+    assert!(
+        lost.contains("[once] [") && lost.contains("lost: "),
+        "{lost}"
+    );
+    assert!(
+        herd.wait_for_count("connected, agent pid", 2)
+            .contains("runs 1 instance"),
+        "{:?}",
+        herd.seen
+    );
+    assert_eq!(herd.lines_with("once up").len(), 1, "{:?}", herd.seen);
+    herd.signal(libc::SIGTERM);
+    // The one-shot that nobody can say ended well makes the run a failure.
+    assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
+    assert_eq!(herd.lines_with("once up").len(), 1, "{:?}", herd.seen);
+    assert_host_clean(&host);
+}
+
+#[test]
 fn partitioned_host_is_marked_down_then_reconnected() {
     let ns = match NetNs::create() {
         Ok(ns) => ns,
