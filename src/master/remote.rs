@@ -185,6 +185,7 @@ pub async fn supervise_host(
         };
         settings.links.set(&host, LinkState::Connecting, None);
         let outcome = run.connect_and_serve().await;
+        let reached = std::mem::take(&mut state.reached);
         if let HostOutcome::Refused(problem) | HostOutcome::Lost(problem) = &outcome {
             settings
                 .links
@@ -216,7 +217,7 @@ pub async fn supervise_host(
             HostOutcome::Lost(problem) => {
                 refusals = 0;
                 // A connection that reached the agent starts the count again.
-                lost_in_a_row = if std::mem::take(&mut state.reached) {
+                lost_in_a_row = if reached {
                     1
                 } else {
                     lost_in_a_row.saturating_add(1)
@@ -265,7 +266,8 @@ struct HostState {
     suspended: BTreeSet<u32>,
     /// Instances being removed: a reconnection must not start them again.
     removed: BTreeSet<u32>,
-    /// The connection under way reached the agent (its hello came).
+    /// The connection under way reached the agent (its hello came); read
+    /// and cleared when it ends.
     reached: bool,
 }
 
