@@ -80,15 +80,10 @@ pub struct ExecArgs {
 
 /// Runs `taskherd exec`.
 pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
-    let targets = match host_list("-w", &args.hosts) {
-        Ok(targets) => targets,
-        Err(message) => {
-            eprintln!("taskherd exec: {message}");
-            return Ok(ExitCode::from(EXIT_ERROR));
-        }
-    };
-    let excluded = match host_list("-x", &args.exclude) {
-        Ok(excluded) => excluded,
+    let lists = host_list("-w", &args.hosts)
+        .and_then(|targets| Ok((targets, host_list("-x", &args.exclude)?)));
+    let (targets, excluded) = match lists {
+        Ok(lists) => lists,
         Err(message) => {
             eprintln!("taskherd exec: {message}");
             return Ok(ExitCode::from(EXIT_ERROR));

@@ -16,7 +16,8 @@ pub enum LinkState {
     Connecting,
     /// Its agent answered and is connected.
     Up,
-    /// Lost or refused; tried again later.
+    /// Lost or refused; tried again later (or given up:
+    /// `ssh.give_up_after`, said in the problem).
     Down,
 }
 

@@ -233,7 +233,10 @@ pub async fn supervise_host(
                     close_commands(&mut commands, &mut state, &mut reports, &reporter);
                     let reason = format!("{problem}; {given_up}");
                     report_lost(&mut state, &reason, &mut reports, &sink, &reporter).await;
-                    break;
+                    // Shown down, and why, for the rest of the run (not
+                    // forgotten as a host whose work is done).
+                    settings.links.set(&host, LinkState::Down, Some(reason));
+                    return reports;
                 }
                 let delay = backoff_delay(&reconnect_backoff(), failures, crate::random::unit());
                 failures = failures.saturating_add(1);

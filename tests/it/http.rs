@@ -987,6 +987,65 @@ instances = 1
 }
 
 #[test]
+fn a_host_given_up_stays_down_with_why() {
+    use crate::support::sshd::SshWorld;
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    let alias = host.alias().to_string();
+    // Nothing listens on port 1 of this loopback address.
+    let mut herd = Herd::new(&format!(
+        r#"{header}give_up_after = 1
+
+[http]
+bind = "127.0.0.1:0"
+
+[[group]]
+name = "far"
+command = "sleep"
+args = ["1000"]
+[[group.remote]]
+hosts = ["{alias}", "root@127.0.0.1:1"]
+instances = 1
+"#,
+        header = crate::remote::header(&world, ""),
+    ));
+    herd.start();
+    let address = address_in(&herd.wait_for("http: listening on"));
+    herd.wait_for("given up after 1 lost connection in a row");
+    herd.wait_for(&format!("host {alias}: connected"));
+    let down = wait_sample(
+        address,
+        "taskherd_host_state{host=\"127.0.0.1:1\",state=\"down\"}",
+        1.0,
+    );
+    assert_eq!(
+        sample(
+            &down,
+            &format!("taskherd_host_state{{host=\"{alias}\",state=\"up\"}}")
+        ),
+        Some(1.0)
+    );
+    let hosts = get(address, "/v1/hosts", None).json();
+    let entry = hosts["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|h| h["host"] == "127.0.0.1:1")
+        .cloned()
+        .expect("the given-up host listed");
+    assert_eq!(entry["state"], "down", "{entry}");
+    let problem = entry["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("given up after 1 lost connection"),
+        "{entry}"
+    );
+    herd.signal(libc::SIGTERM);
+    // Its instance ended lost: the run failed.
+    assert_eq!(herd.wait_exit().code(), Some(1));
+    crate::remote::assert_host_clean(&host);
+}
+
+#[test]
 fn jobs_answered_202_survive_a_master_killed_and_run_under_their_ids() {
     let dir = tempfile::tempdir().expect("temp dir");
     let done = dir.path().join("done.log");
