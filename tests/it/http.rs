@@ -919,14 +919,11 @@ fn wait_sample(address: SocketAddr, series: &str, value: f64) -> String {
     }
 }
 
-#[test]
-fn a_remote_host_shows_up_then_down_when_its_sshd_goes() {
-    use crate::support::sshd::SshWorld;
-    let mut world = SshWorld::new();
-    let mut host = world.add_host();
-    let alias = host.alias().to_string();
-    let mut herd = Herd::new(&format!(
-        r#"{header}
+/// A herd with an HTTP interface and one `sleep 1000` on each of `hosts`
+/// (remote), `ssh_extra` in its `[ssh]`.
+fn far_sleepers(world: &crate::support::sshd::SshWorld, ssh_extra: &str, hosts: &[&str]) -> String {
+    format!(
+        r#"{header}{ssh_extra}
 [http]
 bind = "127.0.0.1:0"
 
@@ -935,11 +932,33 @@ name = "far"
 command = "sleep"
 args = ["1000"]
 [[group.remote]]
-hosts = ["{alias}"]
+hosts = ["{hosts}"]
 instances = 1
 "#,
-        header = crate::remote::header(&world, ""),
-    ));
+        header = crate::remote::header(world, ""),
+        hosts = hosts.join("\", \""),
+    )
+}
+
+/// `host`'s entry in `GET /v1/hosts`.
+fn host_entry(address: SocketAddr, host: &str) -> serde_json::Value {
+    let hosts = get(address, "/v1/hosts", None).json();
+    hosts["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .find(|h| h["host"] == host)
+        .cloned()
+        .unwrap_or_else(|| panic!("{host} not listed: {hosts}"))
+}
+
+#[test]
+fn a_remote_host_shows_up_then_down_when_its_sshd_goes() {
+    use crate::support::sshd::SshWorld;
+    let mut world = SshWorld::new();
+    let mut host = world.add_host();
+    let alias = host.alias().to_string();
+    let mut herd = Herd::new(&far_sleepers(&world, "", &[&alias]));
     herd.start();
     let address = address_in(&herd.wait_for("http: listening on"));
     herd.wait_for(&format!("host {alias}: connected"));
@@ -970,14 +989,7 @@ instances = 1
         sample(&down, &format!("taskherd_host_up{{host=\"{alias}\"}}")),
         Some(0.0)
     );
-    let hosts = get(address, "/v1/hosts", None).json();
-    let entry = hosts["hosts"]
-        .as_array()
-        .expect("hosts")
-        .iter()
-        .find(|h| h["host"] == alias.as_str())
-        .cloned()
-        .expect("the host listed");
+    let entry = host_entry(address, &alias);
     assert!(
         matches!(entry["state"].as_str(), Some("down" | "connecting")),
         "{entry}"
@@ -993,22 +1005,8 @@ fn a_host_given_up_stays_down_with_why() {
     let host = world.add_host();
     let alias = host.alias().to_string();
     // Nothing listens on port 1 of this loopback address.
-    let mut herd = Herd::new(&format!(
-        r#"{header}give_up_after = 1
-
-[http]
-bind = "127.0.0.1:0"
-
-[[group]]
-name = "far"
-command = "sleep"
-args = ["1000"]
-[[group.remote]]
-hosts = ["{alias}", "root@127.0.0.1:1"]
-instances = 1
-"#,
-        header = crate::remote::header(&world, ""),
-    ));
+    let hosts = [alias.as_str(), "root@127.0.0.1:1"];
+    let mut herd = Herd::new(&far_sleepers(&world, "give_up_after = 1", &hosts));
     herd.start();
     let address = address_in(&herd.wait_for("http: listening on"));
     herd.wait_for("given up after 1 lost connection in a row");
@@ -1025,14 +1023,7 @@ instances = 1
         ),
         Some(1.0)
     );
-    let hosts = get(address, "/v1/hosts", None).json();
-    let entry = hosts["hosts"]
-        .as_array()
-        .expect("hosts")
-        .iter()
-        .find(|h| h["host"] == "127.0.0.1:1")
-        .cloned()
-        .expect("the given-up host listed");
+    let entry = host_entry(address, "127.0.0.1:1");
     assert_eq!(entry["state"], "down", "{entry}");
     let problem = entry["problem"].as_str().unwrap_or_default();
     assert!(
