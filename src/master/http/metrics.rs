@@ -412,7 +412,8 @@ impl Collector for HerdCollector {
 /// Each host of the herd (the master's own is `local`) and its
 /// connection: a remote host as its supervisor last noted it (`links`),
 /// or connecting while its supervisor has not started yet; the master's
-/// own is up.
+/// own is up. A remote host whose supervisor ended with its every
+/// instance (nothing runs there any more) is not listed.
 pub(crate) fn host_states(
     status: &HerdStatus,
     links: &BTreeMap<String, Link>,
@@ -421,7 +422,15 @@ pub(crate) fn host_states(
         .iter()
         .map(|(host, link)| (host.clone(), link.state))
         .collect();
-    for instance in status.groups.iter().flat_map(|g| g.instances.iter()) {
+    let listed = status
+        .groups
+        .iter()
+        .flat_map(|g| g.instances.iter())
+        .filter(|instance| {
+            instance.host == crate::master::plan::LOCAL_HOST
+                || !crate::master::core::is_final(instance.state)
+        });
+    for instance in listed {
         hosts.entry(instance.host.clone()).or_insert_with(|| {
             if instance.host == crate::master::plan::LOCAL_HOST {
                 LinkState::Up
@@ -453,6 +462,44 @@ mod tests {
             seen_ms_ago: None,
             health: None,
         }
+    }
+
+    #[test]
+    fn hosts_are_listed_while_something_runs_there_or_their_supervisor_says_how_they_are() {
+        let status = HerdStatus {
+            config: "herd.toml".into(),
+            pid: 1,
+            uptime_ms: 1,
+            groups: vec![GroupStatus {
+                name: "web".into(),
+                suspended: false,
+                instances: vec![
+                    instance(1, "localhost", InstanceState::Completed, 0),
+                    instance(2, "new1", InstanceState::Pending, 0),
+                    instance(3, "done1", InstanceState::Completed, 0),
+                    instance(4, "gone1", InstanceState::Lost, 0),
+                ],
+                queue: None,
+            }],
+        };
+        let down = Link {
+            state: LinkState::Down,
+            since_ms: 1,
+            problem: Some("refused; given up after 1 lost connection in a row".into()),
+        };
+        let links = BTreeMap::from([("gone1".to_string(), down)]);
+        assert_eq!(
+            host_states(&status, &links),
+            BTreeMap::from([
+                // Given up: down, as its supervisor left it.
+                ("gone1".to_string(), LinkState::Down),
+                // The master's own, whatever its instances.
+                ("localhost".to_string(), LinkState::Up),
+                // Its supervisor has not started yet.
+                ("new1".to_string(), LinkState::Connecting),
+            ]),
+            "done1 ran all it had: not listed"
+        );
     }
 
     #[test]
