@@ -119,7 +119,15 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
     let mut config = match Config::parse(&text, source) {
         Ok(config) => config,
         Err(errors) => {
-            eprintln!("taskherd exec: {errors}");
+            // Said of the flags, not of the config written for them.
+            for err in &errors.0 {
+                let flag = if err.key.contains(".hosts[") {
+                    "-w"
+                } else {
+                    err.key.as_str()
+                };
+                eprintln!("taskherd exec: {flag}: {}", err.message);
+            }
             return Ok(ExitCode::from(EXIT_ERROR));
         }
     };
@@ -255,6 +263,12 @@ fn host_list(flag: &str, lists: &[String]) -> Result<Vec<String>, String> {
             if entry == LOCAL {
                 names.push(entry);
                 continue;
+            }
+            if entry.starts_with('@') {
+                return Err(format!(
+                    "{flag} {entry}: host groups come from a config's [inventory]; \
+                     exec takes host names and ranges (or ^FILE)"
+                ));
             }
             let expanded = hosts::expand(&entry).map_err(|err| format!("{flag} {entry}: {err}"))?;
             names.extend(expanded);

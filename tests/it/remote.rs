@@ -1136,6 +1136,15 @@ fn exec_runs_a_command_on_hosts_and_locally_and_sums_up() {
     );
     // A bad range: said, exit code 2, nothing started.
     exec_refused(&["-w", "web[2-1]", "--", "true"], "runs backwards");
+    // Said of the flag, not of the config exec writes for it.
+    exec_refused(
+        &["-w", "web[1-3", "--", "true"],
+        "taskherd exec: -w: invalid host \"web[1-3\": unmatched bracket",
+    );
+    exec_refused(
+        &["-w", "@web", "--", "true"],
+        "-w @web: host groups come from a config's [inventory]",
+    );
     for host in &hosts {
         assert_host_clean(host);
     }
