@@ -336,8 +336,11 @@ impl Core {
                 if let EventKind::NotReady { why } = &event.kind {
                     self.still_waiting(event.id, why);
                 }
+                // A reload's retired instance leaves the table with its
+                // end: its counts, for its hook, are read before.
+                let counts = self.table.entry(event.id).map(|e| (e.starts, e.restarts));
                 if let Some(label) = self.table.apply(&event) {
-                    self.hook(&label, &event);
+                    self.hook(&label, &event, counts);
                     self.out.push(Effect::Publish { label, event });
                 }
             }
@@ -436,17 +439,24 @@ impl Core {
     }
 
     /// Calls the hook of `label`'s group that `event` (just applied)
-    /// calls, if any.
-    fn hook(&mut self, label: &Arc<InstanceLabel>, event: &InstanceEvent) {
+    /// calls, if any; `before` are the instance's starts and restarts
+    /// before the event, for one the event took out of the table (a
+    /// reload retired it).
+    fn hook(
+        &mut self,
+        label: &Arc<InstanceLabel>,
+        event: &InstanceEvent,
+        before: Option<(u32, u32)>,
+    ) {
         let Some(group) = self.config.groups.iter().find(|g| g.name == label.group) else {
             return;
         };
-        // Ended instances a reload retired are gone from the table: one
-        // start is all they had.
         let (starts, restarts) = self
             .table
             .entry(label.id)
-            .map_or((1, 0), |e| (e.starts, e.restarts));
+            .map(|e| (e.starts, e.restarts))
+            .or(before)
+            .unwrap_or((1, 0));
         let dir = self
             .config
             .source

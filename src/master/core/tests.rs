@@ -1196,6 +1196,37 @@ fn hooks(effects: &[Effect]) -> Vec<(&'static str, serde_json::Value)> {
 }
 
 #[test]
+fn the_hook_of_an_instance_a_reload_retired_counts_its_restarts() {
+    let text = WEB.replace(
+        "name = \"web\"\ncommand = \"w\"",
+        "name = \"web\"\ncommand = \"w\"\nhooks = { on_stop = \"notify s\" }",
+    );
+    let (mut herd, _) = Herd::started(&text);
+    for id in 1..=4 {
+        herd.runs(id);
+    }
+    // Instance 3 fails once and runs again: one restart.
+    herd.instance(
+        3,
+        EventKind::Exited {
+            how: "exited with code 1".into(),
+            failed: true,
+        },
+    );
+    herd.runs(3);
+    // A reload to 2 instances retires it; its end leaves the table.
+    let smaller = config(&text.replace("instances = 3", "instances = 2"));
+    let effects = herd.ask(Request::Reload, 1);
+    let effects = herd.feed_back(effects, &smaller);
+    assert_eq!(commands(&effects), [(3, InstanceCommand::Remove)]);
+    let called = hooks(&herd.stopped(3));
+    assert_eq!(called.len(), 1, "{called:?}");
+    assert_eq!(called[0].0, "on_stop");
+    assert_eq!(called[0].1["restarts"], 1, "{:?}", called[0].1);
+    assert_eq!(herd.state(3), None, "retired: gone from the table");
+}
+
+#[test]
 fn events_call_their_group_s_hooks_with_the_event_as_json() {
     let text = WEB.replace(
         "name = \"web\"\ncommand = \"w\"",
