@@ -288,9 +288,12 @@ impl HostState {
             InstanceCommand::Suspend => {
                 self.suspended.insert(id);
             }
-            InstanceCommand::Resume | InstanceCommand::Restart => {
+            InstanceCommand::Resume => {
                 self.suspended.remove(&id);
             }
+            // Only a resume ends a suspend, as the instance's supervisor
+            // says (a restart of a suspended instance leaves it so).
+            InstanceCommand::Restart => {}
             InstanceCommand::Remove => {
                 self.suspended.remove(&id);
                 self.removed.insert(id);
@@ -863,6 +866,14 @@ mod tests {
             command: InstanceCommand::Suspend,
         };
         state.apply_offline(suspend, &mut reports, &reporter);
+        assert!(state.suspended.contains(&2));
+        // A restart does not end the suspend (only a resume does), online
+        // or not: the next agent holds it back still.
+        let restart = HostCommand::Instance {
+            id: 2,
+            command: InstanceCommand::Restart,
+        };
+        state.apply_offline(restart, &mut reports, &reporter);
         assert!(state.suspended.contains(&2));
         // Removed while no agent runs: it ends at once, never having run.
         let remove = HostCommand::Instance {
