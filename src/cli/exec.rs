@@ -94,7 +94,7 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
     let left_out = |entry: &str| {
         excluded.contains(entry) || {
             let name = host_name(entry);
-            name != entry && excluded.contains(name)
+            name != entry && excluded.contains(name.as_str())
         }
     };
     let local = targets.iter().any(|entry| entry == LOCAL) && !left_out(LOCAL);
@@ -221,10 +221,9 @@ fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<
 
 /// `--timeout`: a duration such as `90s` or `1m 30s`, more than zero.
 fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
-    match humantime::parse_duration(text) {
+    match taskherd::queue::options::parse_duration(text) {
         Ok(limit) if limit.is_zero() => Err("must be more than 0".into()),
-        Ok(limit) => Ok(limit),
-        Err(err) => Err(format!("{err} (a duration such as 90s, 5m or 1h 30m)")),
+        other => other,
     }
 }
 
@@ -250,11 +249,7 @@ fn host_list(flag: &str, lists: &[String]) -> Result<Vec<String>, String> {
                     .map_err(|err| format!("{flag} ^{file}: cannot read it: {err}"))?;
                 text.lines()
                     .map(|line| line.split('#').next().unwrap_or_default())
-                    .flat_map(|line| {
-                        line.split_whitespace()
-                            .flat_map(split_list)
-                            .collect::<Vec<_>>()
-                    })
+                    .flat_map(|line| line.split_whitespace().flat_map(split_list))
                     .collect()
             }
             None => vec![entry],
@@ -278,16 +273,10 @@ fn host_list(flag: &str, lists: &[String]) -> Result<Vec<String>, String> {
 }
 
 /// The host name of an entry, without `user@` and `:port` (`deploy@web2:22`:
-/// `web2`; `[::1]:2222`: `::1`; a bare IPv6 address as it is).
-fn host_name(entry: &str) -> &str {
-    let host = entry.rsplit_once('@').map_or(entry, |(_, host)| host);
-    if let Some(inside) = host.strip_prefix('[') {
-        return inside.split(']').next().unwrap_or(inside);
-    }
-    match host.split_once(':') {
-        Some((name, port)) if !port.contains(':') => name,
-        _ => host,
-    }
+/// `web2`; `[::1]:2222`: `::1`), as the config reads it; an entry it does
+/// not read (a bare IPv6 address) as it is.
+fn host_name(entry: &str) -> String {
+    taskherd::config::parse_host(entry).map_or_else(|_| entry.to_string(), |host| host.name)
 }
 
 /// `a,b[1,2],c` split at the commas outside brackets; empty entries

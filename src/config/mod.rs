@@ -33,6 +33,7 @@ pub mod probe;
 
 pub use log_filter::{FilterError, LogFilter};
 pub use model::*;
+pub use parse::parse_host;
 
 use std::collections::BTreeMap;
 use std::fmt;

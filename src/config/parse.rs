@@ -3067,7 +3067,11 @@ fn is_env_name(name: &str) -> bool {
 
 /// One `hosts` entry, `[user@]name[:port]`, an IPv6 name in brackets
 /// (`[::1]:2222`). The error is the whole message, for the caller to place.
-fn parse_host(entry: &str) -> Result<HostSpec, String> {
+///
+/// # Errors
+/// The entry is not a host: empty, whitespace, an unbracketed IPv6
+/// address, an unmatched bracket, a leading `-`, a bad port.
+pub fn parse_host(entry: &str) -> Result<HostSpec, String> {
     if entry.is_empty() {
         return Err("must not be empty".to_owned());
     }

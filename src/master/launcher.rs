@@ -137,28 +137,10 @@ pub(crate) async fn run_launcher(
     } = launcher;
     let mut plan = plan(&config);
     if let Err(err) = super::queue::prepare(&mut plan) {
-        sink.master_event(Level::Critical, format!("cannot start: {err}"))
-            .await;
-        return RunReport {
-            instances: Vec::new(),
-            stop_reason: Some(err.to_string()),
-            stop_signal: None,
-            fatal: Some(err.to_string()),
-            killed_on_request: Vec::new(),
-            dead_jobs: Vec::new(),
-        };
+        return cannot_start(&sink, err.to_string()).await;
     }
     if let Err(err) = super::queue::setup_jetstream(&config, &sink).await {
-        sink.master_event(Level::Critical, format!("cannot start: {err}"))
-            .await;
-        return RunReport {
-            instances: Vec::new(),
-            stop_reason: Some(err.clone()),
-            stop_signal: None,
-            fatal: Some(err),
-            killed_on_request: Vec::new(),
-            dead_jobs: Vec::new(),
-        };
+        return cannot_start(&sink, err).await;
     }
     let http = match config
         .http
@@ -167,17 +149,7 @@ pub(crate) async fn run_launcher(
     {
         Some(Ok(server)) => Some(server),
         Some(Err(err)) => {
-            let why = crate::error_text::error_chain(&err);
-            sink.master_event(Level::Critical, format!("cannot start: {why}"))
-                .await;
-            return RunReport {
-                instances: Vec::new(),
-                stop_reason: Some(why.clone()),
-                stop_signal: None,
-                fatal: Some(why),
-                killed_on_request: Vec::new(),
-                dead_jobs: Vec::new(),
-            };
+            return cannot_start(&sink, crate::error_text::error_chain(&err)).await;
         }
         None => None,
     };
@@ -577,6 +549,18 @@ pub(crate) fn run_blocking_with(launcher: Launcher) -> std::io::Result<RunReport
     drop(runtime);
     writer.finish();
     report
+}
+
+/// The run could not start, for `why`: said, and the report of a run
+/// that never started.
+async fn cannot_start(sink: &LogSink, why: String) -> RunReport {
+    sink.master_event(Level::Critical, format!("cannot start: {why}"))
+        .await;
+    RunReport {
+        stop_reason: Some(why.clone()),
+        fatal: Some(why),
+        ..RunReport::default()
+    }
 }
 
 async fn announce_end(report: &RunReport, sink: &LogSink) {

@@ -422,22 +422,15 @@ pub(crate) fn host_states(
         .iter()
         .map(|(host, link)| (host.clone(), link.state))
         .collect();
-    let listed = status
-        .groups
-        .iter()
-        .flat_map(|g| g.instances.iter())
-        .filter(|instance| {
-            instance.host == crate::master::plan::LOCAL_HOST
-                || !crate::master::core::is_final(instance.state)
-        });
-    for instance in listed {
-        hosts.entry(instance.host.clone()).or_insert_with(|| {
-            if instance.host == crate::master::plan::LOCAL_HOST {
-                LinkState::Up
-            } else {
-                LinkState::Connecting
-            }
-        });
+    for instance in status.groups.iter().flat_map(|g| g.instances.iter()) {
+        let state = if instance.host == crate::master::plan::LOCAL_HOST {
+            LinkState::Up
+        } else if crate::master::core::is_final(instance.state) {
+            continue;
+        } else {
+            LinkState::Connecting
+        };
+        hosts.entry(instance.host.clone()).or_insert(state);
     }
     hosts
 }
