@@ -71,11 +71,16 @@ marked failed, 2 for a bad config or a master that could not start.")]
         log: LogArgs,
     },
     /// Run a command on hosts without a config file, like pdsh: `taskherd
-    /// exec -w 'web[1-4],local' -n 2 -- uptime`. Output lines are tagged
-    /// with the host and instance; at the end, how each instance ended.
+    /// exec -w 'web[1-4],local' -n 2 -- uptime`. Each line of output is
+    /// written as pdsh does, `web2: line` (`web2/3: line` with `-n` over
+    /// 1: instance 3, its TASKHERD_ID), standard error on standard error;
+    /// the master's warnings go to standard error (its other events with
+    /// `-v`); `--log-format` or `--log-file` write the herd's log instead.
+    /// At the end, on standard error, how each instance ended.
     ///
     /// Exit code: 0 when every instance exited 0, 1 when any failed (or was
-    /// lost, or stopped by `--timeout`), 130 or 143 when Ctrl-C or
+    /// lost, or stopped by `--timeout`, or standard output was closed, as
+    /// by `| head`), 130 or 143 when Ctrl-C or
     /// SIGTERM stopped instances before their end (128 + the signal), 2
     /// for bad arguments.
     Exec(cli::exec::ExecArgs),
@@ -338,7 +343,7 @@ struct LogArgs {
 
 /// The environment variable with a log filter, between `[log] filter`
 /// and `--log-filter`.
-const LOG_FILTER_ENV: &str = "TASKHERD_LOG";
+pub(crate) const LOG_FILTER_ENV: &str = "TASKHERD_LOG";
 
 impl LogArgs {
     /// Puts the flags (and TASKHERD_LOG, then `-q` or `-v`) over the

@@ -403,6 +403,7 @@ pub struct Launcher {
     pub(crate) events: Option<Arc<dyn Events>>,
     pub(crate) control: Option<super::control::ControlSocket>,
     pub(crate) reload_on_sighup: bool,
+    pub(crate) end_summary: bool,
 }
 
 impl std::fmt::Debug for Launcher {
@@ -426,7 +427,17 @@ impl Launcher {
             events: None,
             control: None,
             reload_on_sighup: false,
+            end_summary: true,
         }
+    }
+
+    /// Whether the master logs its summary at the end of the run (the
+    /// instances marked failed or killed after their grace, dead jobs,
+    /// the closing line); on by default. A caller that sums up the
+    /// [`RunReport`] itself (as `taskherd exec` does) turns it off.
+    pub fn end_summary(mut self, on: bool) -> Self {
+        self.end_summary = on;
+        self
     }
 
     /// Reloads the config file on SIGHUP (as `taskherd run` does).

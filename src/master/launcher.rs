@@ -134,6 +134,7 @@ pub(crate) async fn run_launcher(
         events: callbacks,
         control,
         reload_on_sighup,
+        end_summary,
     } = launcher;
     let mut plan = plan(&config);
     if let Err(err) = super::queue::prepare(&mut plan) {
@@ -154,11 +155,10 @@ pub(crate) async fn run_launcher(
         None => None,
     };
     let total = plan.instances().len();
-    let hosts = if plan.hosts.is_empty() {
-        String::new()
-    } else {
-        format!(" on {} and locally", count(plan.hosts.len(), "remote host"))
-    };
+    let hosts = placement_phrase(
+        plan.hosts.len(),
+        !plan.local.is_empty() || !plan.feeders.is_empty(),
+    );
     sink.master_event(
         Level::Info,
         format!(
@@ -340,7 +340,9 @@ pub(crate) async fn run_launcher(
         killed_on_request,
         dead_jobs,
     };
-    announce_end(&report, &sink).await;
+    if end_summary {
+        announce_end(&report, &sink).await;
+    }
     if let Some(callbacks) = &callbacks {
         callbacks.stopped(&report);
     }
@@ -689,6 +691,16 @@ impl Drop for ControlDir {
     }
 }
 
+/// Where the start line says the instances run: " on 2 remote hosts",
+/// " on 2 remote hosts and locally", or nothing when all are local.
+fn placement_phrase(remote_hosts: usize, local: bool) -> String {
+    match (remote_hosts, local) {
+        (0, _) => String::new(),
+        (n, true) => format!(" on {} and locally", count(n, "remote host")),
+        (n, false) => format!(" on {}", count(n, "remote host")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,6 +721,14 @@ mod tests {
             seen_ms_ago: None,
             health: None,
         }
+    }
+
+    #[test]
+    fn the_start_line_says_locally_only_when_something_runs_here() {
+        assert_eq!(placement_phrase(0, true), "");
+        assert_eq!(placement_phrase(0, false), "");
+        assert_eq!(placement_phrase(1, false), " on 1 remote host");
+        assert_eq!(placement_phrase(3, true), " on 3 remote hosts and locally");
     }
 
     #[test]

@@ -880,7 +880,7 @@ fn exec_tries_each_host_once_and_never_runs_a_command_twice() {
         &mut herd,
         &world,
         &[host.alias()],
-        &[],
+        &["-v"],
         "echo \"started on $TASKHERD_HOST\"; exec sleep 60",
     );
     let connected = herd.wait_for("connected, agent pid");
@@ -1099,7 +1099,8 @@ fn exec_runs_a_command_on_hosts_and_locally_and_sums_up() {
     let failing = hosts[1].alias().to_string();
     // Tagged output from each, one failure, a summary, exit code 1.
     let script = format!(
-        "echo \"out from $TASKHERD_HOST\"; if [ \"$TASKHERD_HOST\" = {failing} ]; then exit 5; fi"
+        "echo \"out from $TASKHERD_HOST\"; echo \"err from $TASKHERD_HOST\" >&2; \
+         if [ \"$TASKHERD_HOST\" = {failing} ]; then exit 5; fi"
     );
     let list = format!("{},{},local", hosts[0].alias(), hosts[1].alias());
     let out = std::process::Command::new(taskherd_bin())
@@ -1113,13 +1114,27 @@ fn exec_runs_a_command_on_hosts_and_locally_and_sums_up() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    // pdsh's form: `HOST/ID: line`, standard output on standard output
+    // (and nothing else there), standard error on standard error.
+    let tag_of = |line: &str| -> Option<(String, String)> {
+        let (tag, text) = line.split_once(": ")?;
+        let (host, id) = tag.rsplit_once('/')?;
+        id.parse::<u32>().ok()?;
+        Some((host.to_string(), text.to_string()))
+    };
+    for line in stdout.lines() {
+        let (host, text) = tag_of(line).unwrap_or_else(|| panic!("untagged: {line}\n{stdout}"));
+        assert_eq!(text, format!("out from {host}"), "{stdout}");
+    }
     for host in hosts.iter().map(SshHost::alias).chain(["localhost"]) {
-        let tagged: Vec<&str> = stdout
-            .lines()
-            .filter(|line| line.contains(&format!("[exec] [{host}] [sh/")))
-            .filter(|line| line.ends_with(&format!("out from {host}")))
-            .collect();
-        assert_eq!(tagged.len(), 2, "two tagged lines from {host}:\n{stdout}");
+        for (stream, said, text) in [("out", &stdout, "out"), ("err", &stderr, "err")] {
+            let tagged = said
+                .lines()
+                .filter_map(tag_of)
+                .filter(|(tagged, line)| tagged == host && *line == format!("{text} from {host}"))
+                .count();
+            assert_eq!(tagged, 2, "two lines from {host} on std{stream}:\n{said}");
+        }
     }
     assert!(
         stderr.contains("taskherd exec: 8 instances on 4 hosts: 6 exited 0, 2 failed"),
@@ -1128,8 +1143,8 @@ fn exec_runs_a_command_on_hosts_and_locally_and_sums_up() {
     assert_eq!(
         stderr
             .lines()
-            .filter(|line| line.contains(&format!("[exec] [{failing}] [sh/"))
-                && line.ends_with("exited with code 5"))
+            .filter(|line| line.starts_with(&format!("  {failing}/"))
+                && line.ends_with(": exited with code 5"))
             .count(),
         2,
         "{stderr}"

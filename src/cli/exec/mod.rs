@@ -5,8 +5,9 @@
 //! the hosts of `-w` as one remote placement, `local` as a local one) and
 //! runs it through the config parser and the master like any other: the
 //! same SSH settings (ssh_config, ssh-agent, known_hosts), host ranges,
-//! tagged output and stop on Ctrl-C. At the end it sums up how every
-//! instance ended; the exit code is 1 when any did not exit 0, and
+//! and stop on Ctrl-C. Its output is pdsh's ([`output`]): `HOST: line`,
+//! unless `--log-format` or `--log-file` asks for the herd's log. At the
+//! end it sums up how every instance ended; the exit code is 1 when any did not exit 0, and
 //! 128 + N when signal N (Ctrl-C, SIGTERM) stopped the run (see
 //! [`exit_code`]).
 
@@ -15,10 +16,14 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use taskherd::config::{hosts, Config};
+use taskherd::log::InstanceLabel;
 use taskherd::master::{self, RunReport};
-use taskherd::supervise::instance::{InstanceEnd, InstanceReport};
+use taskherd::protocol::slave::Level;
+use taskherd::supervise::instance::InstanceEnd;
 
-use crate::{LogArgs, Verbosity, EXIT_ERROR, EXIT_FAILED_INSTANCES};
+use crate::{LogArgs, Verbosity, EXIT_ERROR, EXIT_FAILED_INSTANCES, LOG_FILTER_ENV};
+
+mod output;
 
 /// The `-w` entry that means the master's own host.
 pub const LOCAL: &str = "local";
@@ -131,11 +136,32 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_ERROR));
         }
     };
+    // pdsh's output, unless the herd's log is asked for.
+    let plain = args.log.log_format.is_none() && args.log.log_file.is_none();
+    let tags = output::Tags {
+        with_id: args.instances > 1,
+    };
+    let filter_given = args.log.log_filter.is_some()
+        || std::env::var_os(LOG_FILTER_ENV).is_some_and(|text| !text.is_empty());
     args.log.apply(&mut config, verbosity)?;
-    let report = master::Launcher::new(config)
-        .run_blocking()
-        .context("cannot start the master")?;
-    let summary = summary(&report.instances, report.stop_reason.as_deref());
+    let report = if plain {
+        let events = match verbosity {
+            _ if filter_given => output::Events::Filter(config.log.filter.clone()),
+            Verbosity::Verbose => output::Events::Filter(config.log.filter.clone()),
+            Verbosity::Normal => output::Events::Master(Level::Warning),
+            Verbosity::Quiet => output::Events::Master(Level::Error),
+        };
+        output::run(config, tags, events)?
+    } else {
+        master::Launcher::new(config)
+            .run_blocking()
+            .context("cannot start the master")?
+    };
+    let summary = if plain {
+        summary(&report, &|label| tags.of(label))
+    } else {
+        summary(&report, &|label| label.to_string())
+    };
     eprintln!("taskherd exec: {summary}");
     Ok(ExitCode::from(exit_code(&report)))
 }
@@ -305,22 +331,25 @@ pub fn split_list(list: &str) -> Vec<String> {
         .collect()
 }
 
-/// `8 instances on 4 hosts: 7 exited 0, 1 failed: [exec] [web3] [sh/5/3]
-/// exited with code 1`; with `stopped (SIGINT received)` when the run
-/// was stopped for `stop_reason` before some ended.
-fn summary(instances: &[InstanceReport], stop_reason: Option<&str>) -> String {
+/// `8 instances on 4 hosts: 7 exited 0, 1 failed`, then a line for each
+/// instance that failed or was lost (`web3/5: exited with code 1`, each
+/// instance named by `name`); with `stopped (SIGINT received)` when the
+/// run was stopped before some ended, and how many of those had to be
+/// killed after their grace.
+fn summary(report: &RunReport, name: &dyn Fn(&InstanceLabel) -> String) -> String {
+    let instances = &report.instances;
     let hosts: std::collections::BTreeSet<&str> =
         instances.iter().map(|r| r.label.host.as_str()).collect();
     let mut ok = 0usize;
     let mut failed = Vec::new();
     let mut stopped = 0usize;
     let mut lost = Vec::new();
-    for report in instances {
-        match &report.end {
+    for r in instances {
+        match &r.end {
             InstanceEnd::Completed => ok += 1,
-            InstanceEnd::Failed { reason } => failed.push(format!("{}: {reason}", report.label)),
+            InstanceEnd::Failed { reason } => failed.push(format!("{}: {reason}", name(&r.label))),
             InstanceEnd::Stopped { .. } => stopped += 1,
-            InstanceEnd::Lost { reason } => lost.push(format!("{}: {reason}", report.label)),
+            InstanceEnd::Lost { reason } => lost.push(format!("{}: {reason}", name(&r.label))),
         }
     }
     let mut parts = vec![format!("{ok} exited 0")];
@@ -331,9 +360,15 @@ fn summary(instances: &[InstanceReport], stop_reason: Option<&str>) -> String {
         parts.push(format!("{} lost", lost.len()));
     }
     if stopped > 0 {
-        parts.push(match stop_reason {
-            Some(reason) => format!("{stopped} stopped ({reason})"),
-            None => format!("{stopped} stopped"),
+        let mut why: Vec<String> = report.stop_reason.iter().cloned().collect();
+        let killed = report.killed_after_grace().count();
+        if killed > 0 {
+            why.push(format!("{killed} killed after the stop grace"));
+        }
+        parts.push(if why.is_empty() {
+            format!("{stopped} stopped")
+        } else {
+            format!("{stopped} stopped ({})", why.join("; "))
         });
     }
     let mut text = format!(
@@ -411,8 +446,12 @@ mod tests {
         assert!(split_list(" , ").is_empty());
     }
 
-    fn report(host: &str, id: u32, end: InstanceEnd) -> InstanceReport {
-        InstanceReport {
+    fn report(
+        host: &str,
+        id: u32,
+        end: InstanceEnd,
+    ) -> taskherd::supervise::instance::InstanceReport {
+        taskherd::supervise::instance::InstanceReport {
             label: std::sync::Arc::new(taskherd::protocol::instance::InstanceLabel {
                 group: GROUP.into(),
                 host: host.into(),
@@ -482,13 +521,54 @@ mod tests {
             InstanceEnd::Stopped { killed: false },
         ];
         let report = run(ends, Some(libc::SIGINT));
+        let tags = output::Tags { with_id: false };
         assert_eq!(
-            summary(&report.instances, report.stop_reason.as_deref()),
+            summary(&report, &|label| tags.of(label)),
             "2 instances on 1 host: 1 exited 0, 1 stopped (SIGINT received)"
         );
+        let first = RunReport {
+            instances: report.instances[..1].to_vec(),
+            ..RunReport::default()
+        };
         assert_eq!(
-            summary(&report.instances[..1], None),
+            summary(&first, &|label| tags.of(label)),
             "1 instance on 1 host: 1 exited 0"
+        );
+        // Killed after the grace: said with the reason.
+        let killed = run(
+            vec![InstanceEnd::Stopped { killed: true }],
+            Some(libc::SIGTERM),
+        );
+        assert_eq!(
+            summary(&killed, &|label| tags.of(label)),
+            "1 instance on 1 host: 0 exited 0, 1 stopped (SIGINT received; 1 killed after the stop grace)"
+        );
+    }
+
+    #[test]
+    fn the_summary_names_instances_by_tag_or_by_label() {
+        let ends = vec![
+            InstanceEnd::Failed {
+                reason: "exited with code 1".into(),
+            },
+            InstanceEnd::Lost {
+                reason: "cannot connect".into(),
+            },
+        ];
+        let report = run(ends, None);
+        let plain = output::Tags { with_id: false };
+        assert_eq!(
+            summary(&report, &|label| plain.of(label)),
+            "2 instances on 1 host: 0 exited 0, 1 failed, 1 lost\n  web1: exited with code 1\n  web1: cannot connect"
+        );
+        let numbered = output::Tags { with_id: true };
+        assert_eq!(
+            summary(&report, &|label| numbered.of(label)),
+            "2 instances on 1 host: 0 exited 0, 1 failed, 1 lost\n  web1/1: exited with code 1\n  web1/2: cannot connect"
+        );
+        assert_eq!(
+            summary(&report, &|label| label.to_string()),
+            "2 instances on 1 host: 0 exited 0, 1 failed, 1 lost\n  [exec] [web1] [sh/1/1]: exited with code 1\n  [exec] [web1] [sh/2/2]: cannot connect"
         );
     }
 }

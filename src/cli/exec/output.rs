@@ -1,0 +1,272 @@
+//! exec's output the pdsh way: each line of a command's output as
+//! `HOST: line` (`HOST/ID: line` with `-n` over 1), its standard output
+//! on standard output and its standard error on standard error, nothing
+//! else on standard output; the master's warnings on standard error as
+//! `taskherd exec: ...`, its other events with `-v`.
+//!
+//! The herd runs with a [`LogSink::channel`]: a thread of its own takes
+//! the records from it and writes them. When standard output is closed
+//! (`taskherd exec ... | head`), the run is stopped, as pdsh ends on its
+//! SIGPIPE, and the rest of the output is dropped.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use taskherd::config::{Config, LogFilter};
+use taskherd::log::{InstanceLabel, LogRecord, LogSink, Stream};
+use taskherd::master::{Launcher, RunReport};
+use taskherd::protocol::slave::Level;
+use taskherd::supervise::shutdown::{stop_on_signals, Shutdown};
+use tokio::sync::mpsc;
+
+/// Bytes buffered for one stream before they are written, within a batch.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// How long the end of the run waits for an output that takes nothing
+/// (`taskherd exec ... | stuck`) before it gives up on the last lines.
+const FINISH_STALL: Duration = Duration::from_secs(10);
+
+/// Which of the master's events are written (on standard error).
+#[derive(Debug, Clone)]
+pub(super) enum Events {
+    /// The master's own events at or above this level; none of the
+    /// instances' (their ends are in the summary).
+    Master(Level),
+    /// Every event this filter lets through (`-v`, `--log-filter`,
+    /// `TASKHERD_LOG`).
+    Filter(LogFilter),
+}
+
+impl Events {
+    fn shows(&self, record: &LogRecord) -> bool {
+        match self {
+            Events::Master(lowest) => record.instance.is_none() && record.level >= *lowest,
+            Events::Filter(filter) => filter.enabled(record),
+        }
+    }
+}
+
+/// How lines are tagged: with the host, and the instance's id when a host
+/// runs several.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Tags {
+    /// Tag with `HOST/ID` instead of `HOST`.
+    pub(super) with_id: bool,
+}
+
+impl Tags {
+    /// `web2`, or `web2/5` (instance 5, as `TASKHERD_ID` says).
+    pub(super) fn of(self, label: &InstanceLabel) -> String {
+        if self.with_id {
+            format!("{}/{}", label.host, label.id)
+        } else {
+            label.host.clone()
+        }
+    }
+}
+
+/// Runs the herd of `config` with the output written by [`Printer`].
+///
+/// # Errors
+/// If the runtime, the output thread or the signal handlers cannot be
+/// set up; nothing was started then.
+pub(super) fn run(config: Config, tags: Tags, events: Events) -> anyhow::Result<RunReport> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("taskherd")
+        .build()
+        .context("cannot start the runtime")?;
+    let (sink, records) = LogSink::channel();
+    let shutdown = Shutdown::new();
+    let progress = Arc::new(AtomicU64::new(0));
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    let printer = Printer {
+        tags,
+        events,
+        shutdown: shutdown.clone(),
+        out: Output::new(Target::Stdout),
+        err: Output::new(Target::Stderr),
+        progress: Arc::clone(&progress),
+    };
+    std::thread::Builder::new()
+        .name("taskherd-out".into())
+        .spawn(move || {
+            // Dropped as the thread ends, by return or by panic.
+            let _done = done_tx;
+            printer.run(records);
+        })
+        .context("cannot start the output thread")?;
+    let report = runtime.block_on(async move {
+        stop_on_signals(shutdown.clone())?;
+        std::io::Result::Ok(
+            Launcher::new(config)
+                .end_summary(false)
+                .run(sink, shutdown)
+                .await,
+        )
+    });
+    // The runtime's tasks hold the last sink clones: once they are gone
+    // the printer writes what is left and ends.
+    drop(runtime);
+    wait_for_printer(&done, &progress);
+    report.context("cannot start the master")
+}
+
+/// Waits until the printer has written everything, or until the output
+/// has taken nothing for [`FINISH_STALL`].
+fn wait_for_printer(done: &std::sync::mpsc::Receiver<()>, progress: &AtomicU64) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut seen = progress.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    while let Err(RecvTimeoutError::Timeout) = done.recv_timeout(Duration::from_millis(100)) {
+        let now = progress.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            since = Instant::now();
+        } else if since.elapsed() >= FINISH_STALL {
+            eprintln!(
+                "taskherd exec: the output has taken nothing for {}s; exiting without the last lines",
+                FINISH_STALL.as_secs()
+            );
+            return;
+        }
+    }
+}
+
+/// Standard output or standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Stdout,
+    Stderr,
+}
+
+/// One of the two outputs: its pending bytes, and whether it still takes
+/// any.
+struct Output {
+    target: Target,
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+impl Output {
+    fn new(target: Target) -> Self {
+        Output {
+            target,
+            buf: Vec::with_capacity(FLUSH_AT),
+            closed: false,
+        }
+    }
+
+    /// Writes what is pending; `false` when the output is closed (or
+    /// failed), which drops what it held.
+    fn flush(&mut self) -> bool {
+        if self.buf.is_empty() || self.closed {
+            self.buf.clear();
+            return !self.closed;
+        }
+        let written = match self.target {
+            Target::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&self.buf).and_then(|()| out.flush())
+            }
+            Target::Stderr => {
+                let mut err = std::io::stderr().lock();
+                err.write_all(&self.buf).and_then(|()| err.flush())
+            }
+        };
+        self.buf.clear();
+        if written.is_err() {
+            self.closed = true;
+        }
+        !self.closed
+    }
+}
+
+/// Writes the records of the run as they come.
+struct Printer {
+    tags: Tags,
+    events: Events,
+    shutdown: Shutdown,
+    out: Output,
+    err: Output,
+    /// Batches written, for [`wait_for_printer`].
+    progress: Arc<AtomicU64>,
+}
+
+impl Printer {
+    fn run(mut self, mut records: mpsc::Receiver<LogRecord>) {
+        while let Some(record) = records.blocking_recv() {
+            self.take(&record);
+            while let Ok(record) = records.try_recv() {
+                self.take(&record);
+            }
+            self.flush_both();
+            self.progress.fetch_add(1, Ordering::Relaxed);
+        }
+        self.flush_both();
+    }
+
+    fn take(&mut self, record: &LogRecord) {
+        match (&record.instance, record.stream) {
+            (Some(label), Stream::Stdout) => {
+                let tag = self.tags.of(label);
+                self.lines(Target::Stdout, &tag, record);
+            }
+            (Some(label), Stream::Stderr | Stream::Control) => {
+                let tag = self.tags.of(label);
+                self.lines(Target::Stderr, &tag, record);
+            }
+            (label, _) => {
+                if self.events.shows(record) {
+                    let tag = match label {
+                        Some(label) => format!("taskherd exec: {}", self.tags.of(label)),
+                        None => "taskherd exec".to_string(),
+                    };
+                    self.lines(Target::Stderr, &tag, record);
+                }
+            }
+        }
+    }
+
+    /// Appends the record's lines to `target` as `TAG: line`; what the
+    /// other output holds is written first, so that a terminal shows the
+    /// two in order.
+    fn lines(&mut self, target: Target, tag: &str, record: &LogRecord) {
+        let (this, other) = match target {
+            Target::Stdout => (&mut self.out, &mut self.err),
+            Target::Stderr => (&mut self.err, &mut self.out),
+        };
+        if this.closed {
+            return;
+        }
+        if !other.buf.is_empty() {
+            flush(other, &self.shutdown);
+        }
+        for line in record.lines() {
+            this.buf.extend_from_slice(tag.as_bytes());
+            this.buf.extend_from_slice(b": ");
+            this.buf.extend_from_slice(line.as_bytes());
+            this.buf.push(b'\n');
+        }
+        if this.buf.len() >= FLUSH_AT {
+            flush(this, &self.shutdown);
+        }
+    }
+
+    fn flush_both(&mut self) {
+        flush(&mut self.out, &self.shutdown);
+        flush(&mut self.err, &self.shutdown);
+    }
+}
+
+/// Writes what `output` holds; standard output closed stops the run
+/// (once), as pdsh ends when its reader has gone.
+fn flush(output: &mut Output, shutdown: &Shutdown) {
+    let was_closed = output.closed;
+    if !output.flush() && !was_closed && output.target == Target::Stdout {
+        shutdown.request_stop("standard output was closed");
+    }
+}
