@@ -245,6 +245,13 @@ pub struct MasterSpec {
     /// stay within its `MaxStartups` (10:30:60 by default). Key
     /// `max_handshakes`, default 32 (pdsh's fan-out).
     pub max_handshakes: u32,
+    /// Remote hosts worked on at once, for one-shot runs such as rolling
+    /// restarts (pdsh's `-f`): a host takes a turn when its connection
+    /// starts and gives it back once every instance on it has ended, so
+    /// the other hosts wait until then. Key `max_active_hosts`, default
+    /// none (every host at once). Hosts whose instances never end keep
+    /// their turn for the whole run.
+    pub max_active_hosts: Option<u32>,
 }
 
 impl Default for MasterSpec {
@@ -259,6 +266,7 @@ impl Default for MasterSpec {
             agent_path: None,
             state_dir: None,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_active_hosts: None,
         }
     }
 }

@@ -53,6 +53,7 @@ const MASTER_KEYS: &[&str] = &[
     "agent_path",
     "state_dir",
     "max_handshakes",
+    "max_active_hosts",
 ];
 /// Keys of `[http]`.
 const HTTP_KEYS: &[&str] = &[
@@ -1098,6 +1099,9 @@ impl<'t> Walker<'t> {
             if let Some(count) = self.count("master.max_handshakes", value) {
                 master.max_handshakes = count;
             }
+        }
+        if let Some(value) = table.get("max_active_hosts") {
+            master.max_active_hosts = self.count("master.max_active_hosts", value);
         }
         master
     }
@@ -3507,6 +3511,7 @@ orphan_timeout = "1m"
 agent_dir = "/opt/taskherd/agents"
 agent_path = "/usr/local/bin/taskherd"
 max_handshakes = 8
+max_active_hosts = 4
 
 [[group]]
 name = "workers.v2_a-b"
@@ -3548,6 +3553,7 @@ instances = 1
                 agent_path: Some("/usr/local/bin/taskherd".to_owned()),
                 state_dir: None,
                 max_handshakes: 8,
+                max_active_hosts: Some(4),
             }
         );
         assert_eq!(config.log.format, LogFormat::Json, "from master.log_format");
@@ -5932,6 +5938,7 @@ heartbeat = "0s"
 agent_dir = ""
 agent_path = " "
 hearbeat = "1s"
+max_active_hosts = 0
 [[group]]
 name = "w"
 command = "w"
@@ -5939,7 +5946,7 @@ local = { instances = 1 }
 "#,
         );
         let text = ConfigErrors(errors.clone()).to_string();
-        assert_eq!(errors.len(), 4, "{text}");
+        assert_eq!(errors.len(), 5, "{text}");
         assert_error(
             &errors[0],
             2,
@@ -5953,6 +5960,12 @@ local = { instances = 1 }
             5,
             "master.hearbeat",
             r#"did you mean "heartbeat"?"#,
+        );
+        assert_error(
+            &errors[4],
+            6,
+            "master.max_active_hosts",
+            "must be at least 1, found 0",
         );
     }
 

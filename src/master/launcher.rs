@@ -203,6 +203,11 @@ pub(crate) async fn run_launcher(
         handshakes: Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(config.master.max_handshakes).unwrap_or(usize::MAX),
         )),
+        host_turns: config.master.max_active_hosts.map(|turns| {
+            Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(turns).unwrap_or(usize::MAX),
+            ))
+        }),
         links: super::links::HostLinks::default(),
     });
     let board = Board::new(Core::new(config.clone(), now));

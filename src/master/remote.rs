@@ -68,6 +68,10 @@ pub struct AgentSettings {
     /// Turns to open an SSH connection (`master.max_handshakes`), shared
     /// by every host.
     pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Turns of the hosts worked on at once (`master.max_active_hosts`),
+    /// each held by a host's supervisor from its first connection to its
+    /// end; `None`: every host at once.
+    pub host_turns: Option<Arc<tokio::sync::Semaphore>>,
     /// Each host's connection state, noted by its supervisor (for the
     /// metrics and the dashboard).
     pub links: HostLinks,
@@ -156,6 +160,29 @@ pub async fn supervise_host(
     // Connections lost in a row, for `ssh.give_up_after`.
     let mut lost_in_a_row = 0u32;
     let mut last_problem = String::from("never connected");
+    // A turn among `master.max_active_hosts`, held until the host is done.
+    let _turn = match settings.host_turns.clone() {
+        Some(turns) => {
+            settings.links.set(
+                &host,
+                LinkState::Connecting,
+                Some("waiting for its turn (master.max_active_hosts)".into()),
+            );
+            let waited = wait_for_turn(
+                turns,
+                &mut state,
+                &mut reports,
+                &mut commands,
+                &reporter,
+                &shutdown,
+            );
+            match waited.await {
+                Some(turn) => turn,
+                None => return reports,
+            }
+        }
+        None => None,
+    };
     loop {
         while let Ok(command) = commands.try_recv() {
             state.apply_offline(command, &mut reports, &reporter);
@@ -720,6 +747,47 @@ impl HostRun<'_> {
 
 /// Closes a host's commands: nothing more comes in, and what came in
 /// before is applied.
+/// Waits for one of the `turns` of `master.max_active_hosts`, serving
+/// the host's commands offline meanwhile: the turn to hold. `None` when
+/// the host ended
+/// before its turn came (its instances all removed, or the run stopping:
+/// they end stopped, never having run), its reports in `reports`.
+async fn wait_for_turn(
+    turns: Arc<tokio::sync::Semaphore>,
+    state: &mut HostState,
+    reports: &mut Vec<InstanceReport>,
+    commands: &mut mpsc::UnboundedReceiver<HostCommand>,
+    reporter: &Reporter,
+    shutdown: &Shutdown,
+) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+    let turn = turns.acquire_owned();
+    tokio::pin!(turn);
+    let mut commands_open = true;
+    loop {
+        tokio::select! {
+            // A closed semaphore (it never is) would be no limit.
+            turn = &mut turn => return Some(turn.ok()),
+            command = commands.recv(), if commands_open => match command {
+                Some(command) => state.apply_offline(command, reports, reporter),
+                None => commands_open = false,
+            },
+            () = shutdown.stopping() => {
+                close_commands(commands, state, reports, reporter);
+                for (_, spec) in std::mem::take(&mut state.pending) {
+                    reports.push(reporter.never_ran(spec.label));
+                }
+                return None;
+            }
+        }
+        if state.pending.is_empty() {
+            close_commands(commands, state, reports, reporter);
+            if state.pending.is_empty() {
+                return None;
+            }
+        }
+    }
+}
+
 fn close_commands(
     commands: &mut mpsc::UnboundedReceiver<HostCommand>,
     state: &mut HostState,
@@ -933,5 +1001,94 @@ mod tests {
         let line = records.try_recv().expect("a log line");
         assert_eq!(line.message, "lost: never started on web1: refused");
         assert!(state.pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_host_waiting_for_its_turn_serves_commands_and_ends_stopped_at_a_stop() {
+        let (reports_tx, _reports_rx) = mpsc::unbounded_channel();
+        let reporter = Reporter(reports_tx);
+        let (commands_tx, mut commands) = mpsc::unbounded_channel();
+        let shutdown = Shutdown::new();
+        let turns = Arc::new(tokio::sync::Semaphore::new(1));
+        let held = Arc::clone(&turns).acquire_owned().await.expect("a turn");
+
+        // Its turn comes once the other host gives it back.
+        let mut state = HostState::default();
+        state.add(vec![spec(1)]);
+        let mut reports = Vec::new();
+        let waiting = wait_for_turn(
+            Arc::clone(&turns),
+            &mut state,
+            &mut reports,
+            &mut commands,
+            &reporter,
+            &shutdown,
+        );
+        let given_back = async {
+            tokio::task::yield_now().await;
+            drop(held);
+        };
+        let (turn, ()) = tokio::join!(waiting, given_back);
+        assert!(matches!(turn, Some(Some(_))), "the turn is taken");
+        assert!(reports.is_empty());
+        assert_eq!(state.pending.len(), 1);
+        drop(turn);
+
+        // Every instance removed while it waits: done, without a turn.
+        let held = Arc::clone(&turns).acquire_owned().await.expect("a turn");
+        let mut state = HostState::default();
+        state.add(vec![spec(2)]);
+        let mut reports = Vec::new();
+        let remove = HostCommand::Instance {
+            id: 2,
+            command: InstanceCommand::Remove,
+        };
+        commands_tx.send(remove).expect("sent");
+        let turn = wait_for_turn(
+            Arc::clone(&turns),
+            &mut state,
+            &mut reports,
+            &mut commands,
+            &reporter,
+            &shutdown,
+        )
+        .await;
+        assert!(turn.is_none(), "ended without a turn");
+        assert_eq!(reports.len(), 1);
+        assert!(matches!(
+            reports[0].end,
+            InstanceEnd::Stopped { killed: false }
+        ));
+
+        // The run stops while it waits: its instances end stopped, never
+        // run (not lost).
+        let (_commands_tx, mut commands) = mpsc::unbounded_channel();
+        let mut state = HostState::default();
+        state.add(vec![spec(3), spec(4)]);
+        let mut reports = Vec::new();
+        shutdown.request_stop("SIGINT received");
+        let turn = wait_for_turn(
+            Arc::clone(&turns),
+            &mut state,
+            &mut reports,
+            &mut commands,
+            &reporter,
+            &shutdown,
+        )
+        .await;
+        assert!(turn.is_none());
+        let ends: Vec<_> = reports
+            .iter()
+            .map(|r| (r.label.id, r.end.clone()))
+            .collect();
+        assert_eq!(
+            ends,
+            [
+                (3, InstanceEnd::Stopped { killed: false }),
+                (4, InstanceEnd::Stopped { killed: false })
+            ]
+        );
+        assert!(state.pending.is_empty());
+        drop(held);
     }
 }

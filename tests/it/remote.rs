@@ -1575,3 +1575,47 @@ instances = 1
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn exec_fanout_runs_one_host_at_a_time_and_a_stop_ends_the_waiting_ones() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut world = SshWorld::new();
+    let hosts = [world.add_host(), world.add_host()];
+    let aliases = [hosts[0].alias(), hosts[1].alias()];
+    // Each command holds a directory while it runs: a second command
+    // running at the same time could not make it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let busy = dir.path().join("busy");
+    let script = format!(
+        "mkdir {busy} || echo overlap; echo \"ran on $TASKHERD_HOST\"; sleep 0.3; rmdir {busy}",
+        busy = busy.display()
+    );
+    let mut herd = Herd::new("");
+    exec_sh(&mut herd, &world, &aliases, &["-f", "1"], &script);
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    assert!(herd.lines_with("overlap").is_empty(), "{:?}", herd.seen);
+    for host in aliases {
+        assert_eq!(
+            herd.lines_with(&format!("{host}: ran on {host}")).len(),
+            1,
+            "{:?}",
+            herd.seen
+        );
+    }
+    // Ctrl-C while the first host runs: the second never starts, and
+    // its instance ends stopped, not lost.
+    let mut herd = Herd::new("");
+    let script = "echo \"running on $TASKHERD_HOST\"; exec sleep 60";
+    exec_sh(&mut herd, &world, &aliases, &["-f", "1"], script);
+    herd.wait_for("running on");
+    herd.signal(libc::SIGINT);
+    assert_eq!(herd.wait_exit().code(), Some(130), "{:?}", herd.seen);
+    assert_eq!(herd.lines_with("running on").len(), 1, "{:?}", herd.seen);
+    let summary = "taskherd exec: 2 instances on 2 hosts: 0 exited 0, 2 stopped (SIGINT received)";
+    assert_eq!(herd.lines_with(summary).len(), 1, "{:?}", herd.seen);
+    for host in &hosts {
+        assert_host_clean(host);
+    }
+    herd.assert_no_leftovers();
+}

@@ -50,6 +50,12 @@ pub struct ExecArgs {
     /// Instances of the command on each host.
     #[arg(short = 'n', long, default_value_t = 1, value_name = "N")]
     instances: u32,
+    /// Remote hosts at once, as pdsh's `-f`: the others wait until a
+    /// host's instances have all ended, so `-f 1` goes host after host
+    /// (a rolling restart). Default: every host at once (at most 32
+    /// handshakes at a time). `local` runs at once, outside the count.
+    #[arg(short = 'f', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    fanout: Option<u32>,
     /// The ssh_config file to use (default: ssh's own).
     #[arg(short = 'F', long, value_name = "FILE")]
     ssh_config: Option<PathBuf>,
@@ -193,6 +199,9 @@ fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<
     let mut master = Table::new();
     if let Some(path) = &args.agent_path {
         master.insert("agent_path".into(), Value::String(path.clone()));
+    }
+    if let Some(fanout) = args.fanout {
+        master.insert("max_active_hosts".into(), Value::Integer(i64::from(fanout)));
     }
     if let Some(limit) = args.timeout {
         let text = humantime::format_duration(limit).to_string();
