@@ -577,6 +577,78 @@ fn time_command(mut command: Command, what: &str) -> (Duration, Output) {
     }
 }
 
+/// Lines each host prints in the exec output scenario.
+const OUTPUT_LINES: u32 = 500_000;
+
+/// `what` printed `seq 1 OUTPUT_LINES` from each of `hosts` hosts as
+/// pdsh does, `TAG: n`, every line there once and in order per host.
+fn check_seq_output(what: &str, output: &Output, hosts: usize) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut next: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    for line in stdout.lines() {
+        let parsed = line
+            .split_once(": ")
+            .and_then(|(tag, n)| Some((tag, n.parse::<u32>().ok()?)));
+        let Some((tag, n)) = parsed else {
+            panic!("{what}: not `TAG: n`: {line:?}");
+        };
+        let expected = next.entry(tag).or_insert(1);
+        assert_eq!(n, *expected, "{what}: line {n} of {tag} out of order");
+        *expected += 1;
+    }
+    let complete = next.values().filter(|n| **n == OUTPUT_LINES + 1).count();
+    if !output.status.success() || next.len() != hosts || complete != hosts {
+        panic!(
+            "{what} ({}): {complete} of {hosts} hosts printed their {OUTPUT_LINES} lines\n--- stderr:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// `taskherd exec -w HOSTS -- seq 1 OUTPUT_LINES`, its output read
+/// through a pipe; checked.
+fn time_exec_output(taskherd: &Path, world: &SshWorld, hosts: &[SshHost]) -> Duration {
+    let mut command = Command::new(taskherd);
+    let list: Vec<&str> = hosts.iter().map(SshHost::alias).collect();
+    command
+        .args(["exec", "-w", &list.join(","), "-F"])
+        .arg(world.ssh_config())
+        .arg("--agent-path")
+        .arg(taskherd)
+        .args(["--", "seq", "1", &OUTPUT_LINES.to_string()]);
+    let (elapsed, output) = time_command(command, "taskherd exec");
+    check_seq_output("taskherd exec", &output, hosts.len());
+    elapsed
+}
+
+/// `pdsh -R ssh -w HOSTS 'seq 1 OUTPUT_LINES'`, its output read through
+/// a pipe; checked.
+fn time_pdsh_output(config: &Path, targets: &[String]) -> Duration {
+    let mut command = Command::new(PDSH);
+    command
+        .args([
+            "-R",
+            "ssh",
+            "-f",
+            &PDSH_FANOUT.to_string(),
+            "-l",
+            sshd::login_user(),
+            "-w",
+        ])
+        .arg(targets.join(","))
+        .arg(format!("seq 1 {OUTPUT_LINES}"))
+        .env(
+            "PDSH_SSH_ARGS",
+            format!("-F {} -2 -a -x -l%u %h", config.display()),
+        )
+        .env_remove("PDSH_SSH_ARGS_APPEND")
+        .env_remove("PDSH_RCMD_TYPE");
+    let (elapsed, output) = time_command(command, "pdsh");
+    check_seq_output("pdsh", &output, targets.len());
+    elapsed
+}
+
 /// One pdsh run of `echo ready` on `targets`; checks every target answered.
 fn time_pdsh(config: &Path, targets: &[String]) -> Duration {
     time_pdsh_echo(config, targets, "ready")
@@ -1002,6 +1074,26 @@ fn fanout(
         format!("fanout_{}x1_pdsh", hosts.len()),
         Figures::of("floor", floor),
     ));
+
+    // Output of ad hoc commands: 2 hosts each printing OUTPUT_LINES
+    // lines, `taskherd exec` against pdsh, both tagging `host: line`.
+    let pair: Vec<String> = aliases[..2].iter().map(|of_host| of_host[0].clone()).collect();
+    let (mut ours, mut pdsh) = (Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let t = time_exec_output(taskherd, world, &hosts[..2]);
+        wait_quiet(&hosts[..2]);
+        let p = time_pdsh_output(pdsh_config, &pair);
+        wait_quiet(&hosts[..2]);
+        println!(
+            "exec output, 2 hosts × {OUTPUT_LINES} lines, run {run}: taskherd exec {}, pdsh {}",
+            ms(t),
+            ms(p)
+        );
+        ours.push(t);
+        pdsh.push(p);
+    }
+    results.push(("exec_output_taskherd".into(), Figures::of("taskherd", ours)));
+    results.push(("exec_output_pdsh".into(), Figures::of("pdsh", pdsh)));
 
     let worker = taskherd
         .parent()

@@ -15,7 +15,10 @@
 # 2. Remote fan-out: instances that print one line and exit, on loopback
 #    sshd hosts, 2 × 4 and 8 × 8, spawn to exit, against `pdsh -R ssh` and
 #    `parallel -S` (`cargo bench --bench remote_start -- --fanout`), and the
-#    stop latency of 2 × 4 remote library instances.
+#    stop latency of 2 × 4 remote library instances; then the output of an
+#    ad hoc command: `taskherd exec -w h1,h2 -- seq 1 500000` against
+#    `pdsh -R ssh -w h1,h2 'seq 1 500000'`, both read through a pipe, every
+#    line checked (`host: n`, each once, in order per host).
 # 3. Queue: no-op jobs, feeder -> 4 consumers with acks, and the round trip
 #    at light load (`cargo bench --bench queue`).
 # 4. Supervision cost: master CPU over 10 s with 100 idle local library
@@ -520,6 +523,10 @@ if wants fanout; then
         row "  same vs parallel -S" "$th" "$pa (parallel)" "${ratio_pa}x faster" "-" "-"
     done
     row "  floor: pdsh, 8 hosts x 1 (one ssh each), ms" "-" "$(result fanout_8x1_pdsh) (pdsh)" "-" "-" "-"
+    th=$(result exec_output_taskherd)
+    pd=$(result exec_output_pdsh)
+    row "exec output: 2 hosts x 500 000 lines (seq), tagged host: line, to a pipe, ms" "$th" "$pd (pdsh)" \
+        "$(awk -v a="$pd" -v b="$th" 'BEGIN { printf "%.2f", a / b }')x faster" "<= pdsh" "$(verdict "$th <= $pd")"
     stop_remote=$(result stop_remote_2x4)
 fi
 
