@@ -1077,7 +1077,10 @@ fn fanout(
 
     // Output of ad hoc commands: 2 hosts each printing OUTPUT_LINES
     // lines, `taskherd exec` against pdsh, both tagging `host: line`.
-    let pair: Vec<String> = aliases[..2].iter().map(|of_host| of_host[0].clone()).collect();
+    let pair: Vec<String> = aliases[..2]
+        .iter()
+        .map(|of_host| of_host[0].clone())
+        .collect();
     let (mut ours, mut pdsh) = (Vec::new(), Vec::new());
     for run in 1..=runs {
         let t = time_exec_output(taskherd, world, &hosts[..2]);

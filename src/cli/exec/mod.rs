@@ -50,6 +50,10 @@ pub struct ExecArgs {
     /// Instances of the command on each host.
     #[arg(short = 'n', long, default_value_t = 1, value_name = "N")]
     instances: u32,
+    /// Output lines without their `HOST: ` tag, as pdsh's `-N` (the
+    /// summary still names hosts).
+    #[arg(short = 'N', long = "no-tag")]
+    no_tag: bool,
     /// Remote hosts at once, as pdsh's `-f`: the others wait until a
     /// host's instances have all ended, so `-f 1` goes host after host
     /// (a rolling restart). Default: every host at once (at most 32
@@ -146,6 +150,7 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
     let plain = args.log.log_format.is_none() && args.log.log_file.is_none();
     let tags = output::Tags {
         with_id: args.instances > 1,
+        on_output: !args.no_tag,
     };
     let filter_given = args.log.log_filter.is_some()
         || std::env::var_os(LOG_FILTER_ENV).is_some_and(|text| !text.is_empty());
@@ -530,7 +535,10 @@ mod tests {
             InstanceEnd::Stopped { killed: false },
         ];
         let report = run(ends, Some(libc::SIGINT));
-        let tags = output::Tags { with_id: false };
+        let tags = output::Tags {
+            with_id: false,
+            on_output: true,
+        };
         assert_eq!(
             summary(&report, &|label| tags.of(label)),
             "2 instances on 1 host: 1 exited 0, 1 stopped (SIGINT received)"
@@ -565,12 +573,18 @@ mod tests {
             },
         ];
         let report = run(ends, None);
-        let plain = output::Tags { with_id: false };
+        let plain = output::Tags {
+            with_id: false,
+            on_output: true,
+        };
         assert_eq!(
             summary(&report, &|label| plain.of(label)),
             "2 instances on 1 host: 0 exited 0, 1 failed, 1 lost\n  web1: exited with code 1\n  web1: cannot connect"
         );
-        let numbered = output::Tags { with_id: true };
+        let numbered = output::Tags {
+            with_id: true,
+            on_output: true,
+        };
         assert_eq!(
             summary(&report, &|label| numbered.of(label)),
             "2 instances on 1 host: 0 exited 0, 1 failed, 1 lost\n  web1/1: exited with code 1\n  web1/2: cannot connect"

@@ -1,5 +1,6 @@
 //! exec's output the pdsh way: each line of a command's output as
-//! `HOST: line` (`HOST/ID: line` with `-n` over 1), its standard output
+//! `HOST: line` (`HOST/ID: line` with `-n` over 1; the line alone with
+//! `-N`), its standard output
 //! on standard output and its standard error on standard error, nothing
 //! else on standard output; the master's warnings on standard error as
 //! `taskherd exec: ...`, its other events with `-v`.
@@ -55,6 +56,9 @@ impl Events {
 pub(super) struct Tags {
     /// Tag with `HOST/ID` instead of `HOST`.
     pub(super) with_id: bool,
+    /// Output lines carry their tag (not with `-N`); events and the
+    /// summary always do.
+    pub(super) on_output: bool,
 }
 
 impl Tags {
@@ -192,7 +196,7 @@ struct Printer {
     shutdown: Shutdown,
     out: Output,
     err: Output,
-    /// Batches written, for [`wait_for_printer`].
+    /// Writes done, for [`wait_for_printer`].
     progress: Arc<AtomicU64>,
 }
 
@@ -204,7 +208,6 @@ impl Printer {
                 self.take(&record);
             }
             self.flush_both();
-            self.progress.fetch_add(1, Ordering::Relaxed);
         }
         self.flush_both();
     }
@@ -212,12 +215,12 @@ impl Printer {
     fn take(&mut self, record: &LogRecord) {
         match (&record.instance, record.stream) {
             (Some(label), Stream::Stdout) => {
-                let tag = self.tags.of(label);
-                self.lines(Target::Stdout, &tag, record);
+                let tag = self.tags.on_output.then(|| self.tags.of(label));
+                self.lines(Target::Stdout, tag.as_deref(), record);
             }
             (Some(label), Stream::Stderr | Stream::Control) => {
-                let tag = self.tags.of(label);
-                self.lines(Target::Stderr, &tag, record);
+                let tag = self.tags.on_output.then(|| self.tags.of(label));
+                self.lines(Target::Stderr, tag.as_deref(), record);
             }
             (label, _) => {
                 if self.events.shows(record) {
@@ -225,16 +228,16 @@ impl Printer {
                         Some(label) => format!("taskherd exec: {}", self.tags.of(label)),
                         None => "taskherd exec".to_string(),
                     };
-                    self.lines(Target::Stderr, &tag, record);
+                    self.lines(Target::Stderr, Some(&tag), record);
                 }
             }
         }
     }
 
-    /// Appends the record's lines to `target` as `TAG: line`; what the
-    /// other output holds is written first, so that a terminal shows the
-    /// two in order.
-    fn lines(&mut self, target: Target, tag: &str, record: &LogRecord) {
+    /// Appends the record's lines to `target` as `TAG: line` (as they are
+    /// without a tag); what the other output holds is written first, so
+    /// that a terminal shows the two in order.
+    fn lines(&mut self, target: Target, tag: Option<&str>, record: &LogRecord) {
         let (this, other) = match target {
             Target::Stdout => (&mut self.out, &mut self.err),
             Target::Stderr => (&mut self.err, &mut self.out),
@@ -243,30 +246,33 @@ impl Printer {
             return;
         }
         if !other.buf.is_empty() {
-            flush(other, &self.shutdown);
+            flush(other, &self.shutdown, &self.progress);
         }
         for line in record.lines() {
-            this.buf.extend_from_slice(tag.as_bytes());
-            this.buf.extend_from_slice(b": ");
+            if let Some(tag) = tag {
+                this.buf.extend_from_slice(tag.as_bytes());
+                this.buf.extend_from_slice(b": ");
+            }
             this.buf.extend_from_slice(line.as_bytes());
             this.buf.push(b'\n');
         }
         if this.buf.len() >= FLUSH_AT {
-            flush(this, &self.shutdown);
+            flush(this, &self.shutdown, &self.progress);
         }
     }
 
     fn flush_both(&mut self) {
-        flush(&mut self.out, &self.shutdown);
-        flush(&mut self.err, &self.shutdown);
+        flush(&mut self.out, &self.shutdown, &self.progress);
+        flush(&mut self.err, &self.shutdown, &self.progress);
     }
 }
 
-/// Writes what `output` holds; standard output closed stops the run
-/// (once), as pdsh ends when its reader has gone.
-fn flush(output: &mut Output, shutdown: &Shutdown) {
+/// Writes what `output` holds, counted in `progress`; standard output
+/// closed stops the run (once), as pdsh ends when its reader has gone.
+fn flush(output: &mut Output, shutdown: &Shutdown, progress: &AtomicU64) {
     let was_closed = output.closed;
     if !output.flush() && !was_closed && output.target == Target::Stdout {
         shutdown.request_stop("standard output was closed");
     }
+    progress.fetch_add(1, Ordering::Relaxed);
 }
