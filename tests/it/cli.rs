@@ -184,6 +184,10 @@ fn exec_writes_output_as_pdsh_does() {
     let (code, stdout, stderr) = exec(&["-w", "local", "--", "echo", "hello"], &mark);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, "localhost: hello\n", "{stderr}");
+    // One word of shell syntax: through sh -c, as pdsh's command.
+    let (code, stdout, stderr) = exec(&["-w", "local", "--", "echo a | tr a b"], &mark);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "localhost: b\n", "{stderr}");
     // -N: the lines alone, as pdsh's -N.
     let (code, stdout, stderr) = exec(&["-N", "-w", "local", "--", "echo", "hello"], &mark);
     assert_eq!(code, Some(0), "{stderr}");

@@ -86,7 +86,9 @@ pub struct ExecArgs {
     /// the stop grace). Those stopped make the exit code 1.
     #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     timeout: Option<std::time::Duration>,
-    /// The command and its arguments (after `--`).
+    /// The command and its arguments (after `--`), run as they are. One
+    /// word with spaces or shell syntax (`'uptime | cut -d, -f1'`) runs
+    /// through `sh -c`, as pdsh hands its command to the host's shell.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     command: Vec<String>,
     #[command(flatten)]
@@ -200,6 +202,14 @@ fn exit_code(report: &RunReport) -> u8 {
 fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<String> {
     use toml::{Table, Value};
     let (program, command_args) = args.command.split_first().context("no command given")?;
+    let shell_line;
+    let (program, command_args) = match shell_line_of(&args.command) {
+        Some(line) => {
+            shell_line = ["-c".to_string(), line.to_string()];
+            (&"sh".to_string(), &shell_line[..])
+        }
+        None => (program, command_args),
+    };
     let mut root = Table::new();
     let mut master = Table::new();
     if let Some(path) = &args.agent_path {
@@ -257,6 +267,18 @@ fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<
     }
     root.insert("group".into(), Value::Array(vec![Value::Table(group)]));
     toml::to_string(&root).context("cannot write the herd's config")
+}
+
+/// The shell command line `command` is, when it is one word with spaces
+/// or shell syntax (`'uptime | cut -d, -f1'`, `'cd /srv && make'`) and
+/// not a file here: pdsh's habit of one quoted command for the host's
+/// shell. `None` for a program with its arguments, run as they are.
+fn shell_line_of(command: &[String]) -> Option<&str> {
+    let [word] = command else {
+        return None;
+    };
+    let shell_syntax = |c: char| c.is_whitespace() || "|&;<>()$`\\\"'*?[]#~=%{}".contains(c);
+    (word.contains(shell_syntax) && !Path::new(word).exists()).then_some(word.as_str())
 }
 
 /// `--timeout`: a duration such as `90s` or `1m 30s`, more than zero.
@@ -449,6 +471,30 @@ mod tests {
         assert_eq!(host_name("[::1]:2222"), "::1");
         assert_eq!(host_name("fe80::1"), "fe80::1");
         assert_eq!(host_name("ops@[fe80::1]"), "fe80::1");
+    }
+
+    #[test]
+    fn one_word_of_shell_syntax_runs_through_sh() {
+        let words = |list: &[&str]| list.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            shell_line_of(&words(&["uptime | cut -d, -f1"])),
+            Some("uptime | cut -d, -f1")
+        );
+        assert_eq!(
+            shell_line_of(&words(&["cd /srv && make"])),
+            Some("cd /srv && make")
+        );
+        assert_eq!(shell_line_of(&words(&["echo $HOME"])), Some("echo $HOME"));
+        // A program alone, or with its arguments: run as it is.
+        assert_eq!(shell_line_of(&words(&["uptime"])), None);
+        assert_eq!(shell_line_of(&words(&["/usr/bin/env"])), None);
+        assert_eq!(shell_line_of(&words(&["echo", "a | b"])), None);
+        // A file here whose name has a space is a program.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let program = dir.path().join("my tool");
+        std::fs::write(&program, "").expect("write");
+        let name = program.display().to_string();
+        assert_eq!(shell_line_of(&words(&[name.as_str()])), None);
     }
 
     #[test]
