@@ -200,14 +200,8 @@ pub(crate) async fn run_launcher(
             .as_ref()
             .map_or_else(std::env::temp_dir, |dir| dir.path.clone()),
         stop_grace: longest_grace_rx,
-        handshakes: Arc::new(tokio::sync::Semaphore::new(
-            usize::try_from(config.master.max_handshakes).unwrap_or(usize::MAX),
-        )),
-        host_turns: config.master.max_active_hosts.map(|turns| {
-            Arc::new(tokio::sync::Semaphore::new(
-                usize::try_from(turns).unwrap_or(usize::MAX),
-            ))
-        }),
+        handshakes: Arc::new(turns(config.master.max_handshakes)),
+        host_turns: config.master.max_active_hosts.map(|n| Arc::new(turns(n))),
         links: super::links::HostLinks::default(),
     });
     let board = Board::new(Core::new(config.clone(), now));
@@ -694,6 +688,13 @@ impl Drop for ControlDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// A semaphore of `n` turns (at most tokio's limit, which `Semaphore::new`
+/// would panic beyond).
+fn turns(n: u32) -> tokio::sync::Semaphore {
+    let n = usize::try_from(n).unwrap_or(usize::MAX);
+    tokio::sync::Semaphore::new(n.min(tokio::sync::Semaphore::MAX_PERMITS))
 }
 
 /// Where the start line says the instances run: " on 2 remote hosts",

@@ -160,29 +160,9 @@ pub async fn supervise_host(
     // Connections lost in a row, for `ssh.give_up_after`.
     let mut lost_in_a_row = 0u32;
     let mut last_problem = String::from("never connected");
-    // A turn among `master.max_active_hosts`, held until the host is done.
-    let _turn = match settings.host_turns.clone() {
-        Some(turns) => {
-            settings.links.set(
-                &host,
-                LinkState::Connecting,
-                Some("waiting for its turn (master.max_active_hosts)".into()),
-            );
-            let waited = wait_for_turn(
-                turns,
-                &mut state,
-                &mut reports,
-                &mut commands,
-                &reporter,
-                &shutdown,
-            );
-            match waited.await {
-                Some(turn) => turn,
-                None => return reports,
-            }
-        }
-        None => None,
-    };
+    // A turn among `master.max_active_hosts`: taken before a connection,
+    // held while the host is worked on, given back while it is down.
+    let mut turn: Option<tokio::sync::OwnedSemaphorePermit> = None;
     loop {
         while let Ok(command) = commands.try_recv() {
             state.apply_offline(command, &mut reports, &reporter);
@@ -193,6 +173,26 @@ pub async fn supervise_host(
             close_commands(&mut commands, &mut state, &mut reports, &reporter);
             if state.pending.is_empty() {
                 break;
+            }
+        }
+        if let (Some(turns), None, false) = (&settings.host_turns, &turn, shutdown.is_stopping()) {
+            settings.links.set(
+                &host,
+                LinkState::Connecting,
+                Some("waiting for its turn (master.max_active_hosts)".into()),
+            );
+            let waited = wait_for_turn(
+                Arc::clone(turns),
+                &mut state,
+                &mut reports,
+                &mut commands,
+                &reporter,
+                &shutdown,
+            );
+            match waited.await {
+                Some(taken) => turn = Some(taken),
+                // Done before its turn came (removed, or the run stopping).
+                None => break,
             }
         }
         if shutdown.is_stopping() {
@@ -217,6 +217,8 @@ pub async fn supervise_host(
             settings
                 .links
                 .set(&host, LinkState::Down, Some(problem.clone()));
+            // Another host works while this one is down.
+            turn = None;
         }
         match outcome {
             HostOutcome::Done => {
@@ -745,13 +747,11 @@ impl HostRun<'_> {
     }
 }
 
-/// Closes a host's commands: nothing more comes in, and what came in
-/// before is applied.
 /// Waits for one of the `turns` of `master.max_active_hosts`, serving
 /// the host's commands offline meanwhile: the turn to hold. `None` when
-/// the host ended
-/// before its turn came (its instances all removed, or the run stopping:
-/// they end stopped, never having run), its reports in `reports`.
+/// the host ended before its turn came (its instances all removed, or the
+/// run stopping: they end stopped, never having run), its reports in
+/// `reports`.
 async fn wait_for_turn(
     turns: Arc<tokio::sync::Semaphore>,
     state: &mut HostState,
@@ -759,25 +759,24 @@ async fn wait_for_turn(
     commands: &mut mpsc::UnboundedReceiver<HostCommand>,
     reporter: &Reporter,
     shutdown: &Shutdown,
-) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
     let turn = turns.acquire_owned();
     tokio::pin!(turn);
     let mut commands_open = true;
     loop {
         tokio::select! {
-            // A closed semaphore (it never is) would be no limit.
-            turn = &mut turn => return Some(turn.ok()),
+            // A stop wins over a turn that comes at the same time.
+            biased;
+            () = shutdown.stopping() => break,
+            turn = &mut turn => match turn {
+                Ok(turn) if !shutdown.is_stopping() => return Some(turn),
+                // Closed (it never is), or the run stopping meanwhile.
+                _ => break,
+            },
             command = commands.recv(), if commands_open => match command {
                 Some(command) => state.apply_offline(command, reports, reporter),
                 None => commands_open = false,
             },
-            () = shutdown.stopping() => {
-                close_commands(commands, state, reports, reporter);
-                for (_, spec) in std::mem::take(&mut state.pending) {
-                    reports.push(reporter.never_ran(spec.label));
-                }
-                return None;
-            }
         }
         if state.pending.is_empty() {
             close_commands(commands, state, reports, reporter);
@@ -786,8 +785,15 @@ async fn wait_for_turn(
             }
         }
     }
+    close_commands(commands, state, reports, reporter);
+    for (_, spec) in std::mem::take(&mut state.pending) {
+        reports.push(reporter.never_ran(spec.label));
+    }
+    None
 }
 
+/// Closes a host's commands: nothing more comes in, and what came in
+/// before is applied.
 fn close_commands(
     commands: &mut mpsc::UnboundedReceiver<HostCommand>,
     state: &mut HostState,
@@ -1029,7 +1035,7 @@ mod tests {
             drop(held);
         };
         let (turn, ()) = tokio::join!(waiting, given_back);
-        assert!(matches!(turn, Some(Some(_))), "the turn is taken");
+        assert!(turn.is_some(), "the turn is taken");
         assert!(reports.is_empty());
         assert_eq!(state.pending.len(), 1);
         drop(turn);
@@ -1089,6 +1095,26 @@ mod tests {
             ]
         );
         assert!(state.pending.is_empty());
+        // A turn free when the run has stopped: the stop wins, the
+        // instance never runs.
         drop(held);
+        let mut state = HostState::default();
+        state.add(vec![spec(5)]);
+        let mut reports = Vec::new();
+        let turn = wait_for_turn(
+            Arc::clone(&turns),
+            &mut state,
+            &mut reports,
+            &mut commands,
+            &reporter,
+            &shutdown,
+        )
+        .await;
+        assert!(turn.is_none());
+        assert_eq!(reports.len(), 1);
+        assert!(matches!(
+            reports[0].end,
+            InstanceEnd::Stopped { killed: false }
+        ));
     }
 }

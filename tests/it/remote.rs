@@ -1619,3 +1619,34 @@ fn exec_fanout_runs_one_host_at_a_time_and_a_stop_ends_the_waiting_ones() {
     }
     herd.assert_no_leftovers();
 }
+
+#[test]
+fn a_host_that_is_down_gives_its_turn_to_the_others() {
+    let mut world = SshWorld::new();
+    let good = world.add_host();
+    // One host at a time; the unreachable host comes first and is retried
+    // for as long as the herd runs (no give_up_after).
+    let config = format!(
+        r#"{}
+[[group]]
+name = "once"
+command = "sh"
+args = ["-c", "echo \"once on $TASKHERD_HOST\""]
+restart = {{ policy = "never" }}
+[[group.remote]]
+hosts = ["root@127.0.0.1:1", "{good}"]
+instances = 1
+"#,
+        header(&world, "max_active_hosts = 1"),
+        good = good.alias()
+    );
+    let mut herd = Herd::new(&config);
+    herd.start();
+    // While the unreachable host waits for its next try, the good one
+    // takes the turn and runs.
+    herd.wait_for(&format!("once on {}", good.alias()));
+    herd.wait_for_count("host 127.0.0.1:1: cannot connect", 2);
+    herd.signal(libc::SIGTERM);
+    assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
+    assert_host_clean(&good);
+}

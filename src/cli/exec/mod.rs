@@ -83,7 +83,9 @@ pub struct ExecArgs {
     give_up_after: u32,
     /// Stop every instance still running after this long (`90s`, `5m`),
     /// as `master.max_running_time`: cleanly (SIGTERM, then SIGKILL after
-    /// the stop grace). Those stopped make the exit code 1.
+    /// the stop grace). It bounds the whole run, from its start (with
+    /// `-f`, hosts whose turn has not come by then do not run). Those
+    /// stopped make the exit code 1.
     #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     timeout: Option<std::time::Duration>,
     /// The command and its arguments (after `--`), run as they are. One
@@ -154,8 +156,10 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
         with_id: args.instances > 1,
         on_output: !args.no_tag,
     };
+    // As `LogArgs::apply` reads them: a blank TASKHERD_LOG is none.
     let filter_given = args.log.log_filter.is_some()
-        || std::env::var_os(LOG_FILTER_ENV).is_some_and(|text| !text.is_empty());
+        || std::env::var_os(LOG_FILTER_ENV)
+            .is_some_and(|text| !text.to_string_lossy().trim().is_empty());
     args.log.apply(&mut config, verbosity)?;
     let report = if plain {
         let events = match verbosity {
@@ -164,7 +168,8 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
             Verbosity::Normal => output::Events::Master(Level::Warning),
             Verbosity::Quiet => output::Events::Master(Level::Error),
         };
-        output::run(config, tags, events)?
+        let records = config.log.filter.clone();
+        output::run(config, tags, events, records)?
     } else {
         master::Launcher::new(config)
             .run_blocking()

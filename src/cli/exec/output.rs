@@ -72,12 +72,19 @@ impl Tags {
     }
 }
 
-/// Runs the herd of `config` with the output written by [`Printer`].
+/// Runs the herd of `config` with the output written by [`Printer`];
+/// `library_records` filters the records a command sends through the slave
+/// library (its output lines are all written).
 ///
 /// # Errors
 /// If the runtime, the output thread or the signal handlers cannot be
 /// set up; nothing was started then.
-pub(super) fn run(config: Config, tags: Tags, events: Events) -> anyhow::Result<RunReport> {
+pub(super) fn run(
+    config: Config,
+    tags: Tags,
+    events: Events,
+    library_records: LogFilter,
+) -> anyhow::Result<RunReport> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("taskherd")
@@ -90,6 +97,7 @@ pub(super) fn run(config: Config, tags: Tags, events: Events) -> anyhow::Result<
     let printer = Printer {
         tags,
         events,
+        library_records,
         shutdown: shutdown.clone(),
         out: Output::new(Target::Stdout),
         err: Output::new(Target::Stderr),
@@ -193,6 +201,8 @@ impl Output {
 struct Printer {
     tags: Tags,
     events: Events,
+    /// Which records sent through the slave library are written.
+    library_records: LogFilter,
     shutdown: Shutdown,
     out: Output,
     err: Output,
@@ -218,9 +228,15 @@ impl Printer {
                 let tag = self.tags.on_output.then(|| self.tags.of(label));
                 self.lines(Target::Stdout, tag.as_deref(), record);
             }
-            (Some(label), Stream::Stderr | Stream::Control) => {
+            (Some(label), Stream::Stderr) => {
                 let tag = self.tags.on_output.then(|| self.tags.of(label));
                 self.lines(Target::Stderr, tag.as_deref(), record);
+            }
+            (Some(label), Stream::Control) => {
+                if self.library_records.enabled(record) {
+                    let tag = self.tags.on_output.then(|| self.tags.of(label));
+                    self.lines(Target::Stderr, tag.as_deref(), record);
+                }
             }
             (label, _) => {
                 if self.events.shows(record) {
