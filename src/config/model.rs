@@ -247,8 +247,9 @@ pub struct MasterSpec {
     pub max_handshakes: u32,
     /// Remote hosts worked on at once, for one-shot runs such as rolling
     /// restarts (pdsh's `-f`): a host takes a turn when its connection
-    /// starts and gives it back once every instance on it has ended, so
-    /// the other hosts wait until then. Key `max_active_hosts`, default
+    /// starts and gives it back once every instance on it has ended (or
+    /// while it is down, until it reconnects), so the other hosts wait
+    /// until then. Key `max_active_hosts`, default
     /// none (every host at once). Hosts whose instances never end keep
     /// their turn for the whole run.
     pub max_active_hosts: Option<u32>,
