@@ -1650,3 +1650,53 @@ instances = 1
     assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
     assert_host_clean(&good);
 }
+
+#[test]
+fn exec_takes_pdsh_s_login_and_timeout_flags() {
+    let mut world = SshWorld::new();
+    let host = world.add_host();
+    // -l names the login of hosts given without one: here ssh_config's.
+    let mut herd = Herd::new("");
+    let login = sshd::login_user();
+    exec_sh(
+        &mut herd,
+        &world,
+        &[host.alias()],
+        &["-l", login, "-t", "20s"],
+        "echo \"as $USER\"",
+    );
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    let said = format!("{}: as {login}", host.alias());
+    assert_eq!(herd.lines_with(&said).len(), 1, "{:?}", herd.seen);
+    // A login the host does not know: refused, the instance lost.
+    let mut herd = Herd::new("");
+    exec_sh(
+        &mut herd,
+        &world,
+        &[host.alias()],
+        &["-l", "nobody-here"],
+        "echo ran",
+    );
+    assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
+    assert!(herd.lines_with("ran").is_empty(), "{:?}", herd.seen);
+    assert_eq!(
+        herd.lines_with(&format!(
+            "host {}: cannot connect: nobody-here@",
+            host.alias()
+        ))
+        .len(),
+        1,
+        "{:?}",
+        herd.seen
+    );
+    // Bad values: said of the flag, exit code 2.
+    exec_refused(
+        &["-w", "web1", "-t", "0s", "--", "true"],
+        "must be more than 0",
+    );
+    exec_refused(
+        &["-w", "web1", "-J", "", "--", "true"],
+        "taskherd exec: -J: ",
+    );
+    assert_host_clean(&host);
+}

@@ -60,6 +60,18 @@ pub struct ExecArgs {
     /// handshakes at a time). `local` runs at once, outside the count.
     #[arg(short = 'f', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     fanout: Option<u32>,
+    /// The login on hosts named without `user@`, as pdsh's `-l`
+    /// (default: ssh's, from ssh_config or the local user).
+    #[arg(short = 'l', long, value_name = "USER")]
+    user: Option<String>,
+    /// TCP connect and handshake limit per host (`5s`), as pdsh's `-t`
+    /// and `ssh.connect_timeout` (default 10s).
+    #[arg(short = 't', long, value_name = "DURATION", value_parser = duration_arg)]
+    connect_timeout: Option<std::time::Duration>,
+    /// Reach the hosts through this one (`[user@]host[:port]`), as
+    /// `ssh -J` and `ssh.jump_host`.
+    #[arg(short = 'J', long, value_name = "HOST")]
+    jump_host: Option<String>,
     /// The ssh_config file to use (default: ssh's own).
     #[arg(short = 'F', long, value_name = "FILE")]
     ssh_config: Option<PathBuf>,
@@ -121,6 +133,7 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
     let remote: Vec<String> = targets
         .into_iter()
         .filter(|entry| entry != LOCAL && !left_out(entry))
+        .map(|entry| with_user(entry, args.user.as_deref()))
         .filter(|entry| seen.insert(entry.clone()))
         .collect();
     if !local && remote.is_empty() {
@@ -140,10 +153,10 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
         Err(errors) => {
             // Said of the flags, not of the config written for them.
             for err in &errors.0 {
-                let flag = if err.key.contains(".hosts[") {
-                    "-w"
-                } else {
-                    err.key.as_str()
+                let flag = match err.key.as_str() {
+                    key if key.contains(".hosts[") => "-w",
+                    "ssh.jump_host" => "-J",
+                    key => key,
                 };
                 eprintln!("taskherd exec: {flag}: {}", err.message);
             }
@@ -239,6 +252,13 @@ fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<
     }
     if args.accept_new_hosts {
         ssh.insert("known_hosts".into(), Value::String("accept-new".into()));
+    }
+    if let Some(limit) = args.connect_timeout {
+        let text = humantime::format_duration(limit).to_string();
+        ssh.insert("connect_timeout".into(), Value::String(text));
+    }
+    if let Some(jump) = &args.jump_host {
+        ssh.insert("jump_host".into(), Value::String(jump.clone()));
     }
     ssh.insert(
         "give_up_after".into(),
@@ -337,6 +357,14 @@ fn host_list(flag: &str, lists: &[String]) -> Result<Vec<String>, String> {
         }
     }
     Ok(names)
+}
+
+/// `entry` with `user@` in front when it names no user (`-l`).
+fn with_user(entry: String, user: Option<&str>) -> String {
+    match user {
+        Some(user) if !entry.contains('@') => format!("{user}@{entry}"),
+        _ => entry,
+    }
 }
 
 /// The host name of an entry, without `user@` and `:port` (`deploy@web2:22`:
@@ -500,6 +528,14 @@ mod tests {
         std::fs::write(&program, "").expect("write");
         let name = program.display().to_string();
         assert_eq!(shell_line_of(&words(&[name.as_str()])), None);
+    }
+
+    #[test]
+    fn l_names_the_login_of_hosts_without_one() {
+        assert_eq!(with_user("web1".into(), Some("ops")), "ops@web1");
+        assert_eq!(with_user("web1:2222".into(), Some("ops")), "ops@web1:2222");
+        assert_eq!(with_user("root@web1".into(), Some("ops")), "root@web1");
+        assert_eq!(with_user("web1".into(), None), "web1");
     }
 
     #[test]
