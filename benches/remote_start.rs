@@ -625,37 +625,15 @@ fn time_exec_output(taskherd: &Path, world: &SshWorld, hosts: &[SshHost]) -> Dur
 /// `pdsh -R ssh -w HOSTS 'seq 1 OUTPUT_LINES'`, its output read through
 /// a pipe; checked.
 fn time_pdsh_output(config: &Path, targets: &[String]) -> Duration {
-    let mut command = Command::new(PDSH);
-    command
-        .args([
-            "-R",
-            "ssh",
-            "-f",
-            &PDSH_FANOUT.to_string(),
-            "-l",
-            sshd::login_user(),
-            "-w",
-        ])
-        .arg(targets.join(","))
-        .arg(format!("seq 1 {OUTPUT_LINES}"))
-        .env(
-            "PDSH_SSH_ARGS",
-            format!("-F {} -2 -a -x -l%u %h", config.display()),
-        )
-        .env_remove("PDSH_SSH_ARGS_APPEND")
-        .env_remove("PDSH_RCMD_TYPE");
+    let command = pdsh_command(config, targets, &format!("seq 1 {OUTPUT_LINES}"));
     let (elapsed, output) = time_command(command, "pdsh");
     check_seq_output("pdsh", &output, targets.len());
     elapsed
 }
 
-/// One pdsh run of `echo ready` on `targets`; checks every target answered.
-fn time_pdsh(config: &Path, targets: &[String]) -> Duration {
-    time_pdsh_echo(config, targets, "ready")
-}
-
-/// One pdsh run of `echo <word>` on `targets`; checks every target answered.
-fn time_pdsh_echo(config: &Path, targets: &[String], word: &str) -> Duration {
+/// `pdsh -R ssh -f PDSH_FANOUT -w TARGETS REMOTE_COMMAND` with ssh's
+/// `config` and the test login.
+fn pdsh_command(config: &Path, targets: &[String], remote_command: &str) -> Command {
     let mut command = Command::new(PDSH);
     command
         // The same login as taskherd's sessions (see sshd::login_user):
@@ -670,7 +648,7 @@ fn time_pdsh_echo(config: &Path, targets: &[String], word: &str) -> Duration {
             "-w",
         ])
         .arg(targets.join(","))
-        .arg(format!("echo {word}"))
+        .arg(remote_command)
         // pdsh's default is "-2 -a -x -l%u %h"; only `-F config` is added.
         .env(
             "PDSH_SSH_ARGS",
@@ -678,6 +656,17 @@ fn time_pdsh_echo(config: &Path, targets: &[String], word: &str) -> Duration {
         )
         .env_remove("PDSH_SSH_ARGS_APPEND")
         .env_remove("PDSH_RCMD_TYPE");
+    command
+}
+
+/// One pdsh run of `echo ready` on `targets`; checks every target answered.
+fn time_pdsh(config: &Path, targets: &[String]) -> Duration {
+    time_pdsh_echo(config, targets, "ready")
+}
+
+/// One pdsh run of `echo <word>` on `targets`; checks every target answered.
+fn time_pdsh_echo(config: &Path, targets: &[String], word: &str) -> Duration {
+    let command = pdsh_command(config, targets, &format!("echo {word}"));
     let (elapsed, output) = time_command(command, "pdsh");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let suffix = format!(": {word}");

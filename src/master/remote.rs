@@ -1009,112 +1009,80 @@ mod tests {
         assert!(state.pending.is_empty());
     }
 
+    /// A host of instances `ids` waiting for one of `turns`: its turn (if
+    /// it got one) and its instances' final reports.
+    async fn turn_of(
+        turns: &Arc<tokio::sync::Semaphore>,
+        ids: &[u32],
+        commands: &mut mpsc::UnboundedReceiver<HostCommand>,
+        shutdown: &Shutdown,
+    ) -> (
+        Option<tokio::sync::OwnedSemaphorePermit>,
+        Vec<(u32, InstanceEnd)>,
+    ) {
+        let (reports_tx, _reports_rx) = mpsc::unbounded_channel();
+        let mut state = HostState::default();
+        state.add(ids.iter().map(|id| spec(*id)).collect());
+        let mut reports = Vec::new();
+        let reporter = Reporter(reports_tx);
+        let turns = Arc::clone(turns);
+        let turn = wait_for_turn(
+            turns,
+            &mut state,
+            &mut reports,
+            commands,
+            &reporter,
+            shutdown,
+        )
+        .await;
+        let ends = reports
+            .iter()
+            .map(|r| (r.label.id, r.end.clone()))
+            .collect();
+        (turn, ends)
+    }
+
     #[tokio::test]
     async fn a_host_waiting_for_its_turn_serves_commands_and_ends_stopped_at_a_stop() {
-        let (reports_tx, _reports_rx) = mpsc::unbounded_channel();
-        let reporter = Reporter(reports_tx);
+        let never_ran = InstanceEnd::Stopped { killed: false };
         let (commands_tx, mut commands) = mpsc::unbounded_channel();
         let shutdown = Shutdown::new();
         let turns = Arc::new(tokio::sync::Semaphore::new(1));
         let held = Arc::clone(&turns).acquire_owned().await.expect("a turn");
 
         // Its turn comes once the other host gives it back.
-        let mut state = HostState::default();
-        state.add(vec![spec(1)]);
-        let mut reports = Vec::new();
-        let waiting = wait_for_turn(
-            Arc::clone(&turns),
-            &mut state,
-            &mut reports,
-            &mut commands,
-            &reporter,
-            &shutdown,
-        );
         let given_back = async {
             tokio::task::yield_now().await;
             drop(held);
         };
-        let (turn, ()) = tokio::join!(waiting, given_back);
+        let ((turn, ends), ()) =
+            tokio::join!(turn_of(&turns, &[1], &mut commands, &shutdown), given_back);
         assert!(turn.is_some(), "the turn is taken");
-        assert!(reports.is_empty());
-        assert_eq!(state.pending.len(), 1);
-        drop(turn);
+        assert!(ends.is_empty());
+        let held = turn;
 
         // Every instance removed while it waits: done, without a turn.
-        let held = Arc::clone(&turns).acquire_owned().await.expect("a turn");
-        let mut state = HostState::default();
-        state.add(vec![spec(2)]);
-        let mut reports = Vec::new();
         let remove = HostCommand::Instance {
             id: 2,
             command: InstanceCommand::Remove,
         };
         commands_tx.send(remove).expect("sent");
-        let turn = wait_for_turn(
-            Arc::clone(&turns),
-            &mut state,
-            &mut reports,
-            &mut commands,
-            &reporter,
-            &shutdown,
-        )
-        .await;
+        let (turn, ends) = turn_of(&turns, &[2], &mut commands, &shutdown).await;
         assert!(turn.is_none(), "ended without a turn");
-        assert_eq!(reports.len(), 1);
-        assert!(matches!(
-            reports[0].end,
-            InstanceEnd::Stopped { killed: false }
-        ));
+        assert_eq!(ends, [(2, never_ran.clone())]);
 
         // The run stops while it waits: its instances end stopped, never
         // run (not lost).
-        let (_commands_tx, mut commands) = mpsc::unbounded_channel();
-        let mut state = HostState::default();
-        state.add(vec![spec(3), spec(4)]);
-        let mut reports = Vec::new();
         shutdown.request_stop("SIGINT received");
-        let turn = wait_for_turn(
-            Arc::clone(&turns),
-            &mut state,
-            &mut reports,
-            &mut commands,
-            &reporter,
-            &shutdown,
-        )
-        .await;
+        let (turn, ends) = turn_of(&turns, &[3, 4], &mut commands, &shutdown).await;
         assert!(turn.is_none());
-        let ends: Vec<_> = reports
-            .iter()
-            .map(|r| (r.label.id, r.end.clone()))
-            .collect();
-        assert_eq!(
-            ends,
-            [
-                (3, InstanceEnd::Stopped { killed: false }),
-                (4, InstanceEnd::Stopped { killed: false })
-            ]
-        );
-        assert!(state.pending.is_empty());
+        assert_eq!(ends, [(3, never_ran.clone()), (4, never_ran.clone())]);
+
         // A turn free when the run has stopped: the stop wins, the
         // instance never runs.
         drop(held);
-        let mut state = HostState::default();
-        state.add(vec![spec(5)]);
-        let mut reports = Vec::new();
-        let turn = wait_for_turn(
-            Arc::clone(&turns),
-            &mut state,
-            &mut reports,
-            &mut commands,
-            &reporter,
-            &shutdown,
-        )
-        .await;
+        let (turn, ends) = turn_of(&turns, &[5], &mut commands, &shutdown).await;
         assert!(turn.is_none());
-        assert_eq!(reports.len(), 1);
-        assert!(matches!(
-            reports[0].end,
-            InstanceEnd::Stopped { killed: false }
-        ));
+        assert_eq!(ends, [(5, never_ran)]);
     }
 }
