@@ -1698,5 +1698,9 @@ fn exec_takes_pdsh_s_login_and_timeout_flags() {
         &["-w", "web1", "-J", "", "--", "true"],
         "taskherd exec: -J: ",
     );
+    exec_refused(
+        &["-w", "web1", "-n", "0", "--", "true"],
+        "invalid value '0' for '--instances <N>'",
+    );
     assert_host_clean(&host);
 }

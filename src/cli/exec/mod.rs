@@ -48,7 +48,7 @@ pub struct ExecArgs {
     #[arg(short = 'x', long = "exclude", value_name = "HOSTS")]
     exclude: Vec<String>,
     /// Instances of the command on each host.
-    #[arg(short = 'n', long, default_value_t = 1, value_name = "N")]
+    #[arg(short = 'n', long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     instances: u32,
     /// Output lines without their `HOST: ` tag, as pdsh's `-N` (the
     /// summary still names hosts).
