@@ -78,9 +78,9 @@ marked failed, 2 for a bad config or a master that could not start.")]
     /// `-v`); `--log-format` or `--log-file` write the herd's log instead.
     /// At the end, on standard error, how each instance ended.
     ///
-    /// Exit code: 0 when every instance exited 0, 1 when any failed (or was
-    /// lost, or stopped by `--timeout`, or standard output was closed, as
-    /// by `| head`), 130 or 143 when Ctrl-C or
+    /// Exit code: 0 when every instance exited 0, 1 when any failed (or ran
+    /// past `--timeout`, or was lost, or was stopped when standard output
+    /// was closed, as by `| head`), 130 or 143 when Ctrl-C or
     /// SIGTERM stopped instances before their end (128 + the signal), 2
     /// for bad arguments.
     Exec(cli::exec::ExecArgs),

@@ -389,6 +389,13 @@ pub struct GroupSpec {
     /// SIGKILL) and started again, whatever its restart policy. Key
     /// `max_lifetime`, default none.
     pub max_lifetime: Option<Duration>,
+    /// An instance still running this long after its start is stopped
+    /// (Stop, grace, SIGKILL) and the run counts as a failure (`ran
+    /// longer than its time limit of 5m`), which its restart policy then
+    /// sees: a bound on one-shot work that hangs (GNU parallel's and
+    /// pdsh's timeouts, systemd's `RuntimeMaxSec`). Key `time_limit`,
+    /// default none.
+    pub time_limit: Option<Duration>,
     /// Recycling: an instance that reported this many jobs done (through
     /// the slave library) is asked to stop, and started again. Key
     /// `max_jobs`, default none.

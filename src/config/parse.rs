@@ -85,6 +85,7 @@ const GROUP_KEYS: &[&str] = &[
     "timeout",
     "stop_grace",
     "max_lifetime",
+    "time_limit",
     "max_jobs",
     "restart",
     "local",
@@ -1583,6 +1584,7 @@ impl<'t> Walker<'t> {
             timeout: None,
             stop_grace: None,
             max_lifetime: None,
+            time_limit: None,
             max_jobs: None,
             local: None,
             remote: Vec::new(),
@@ -1648,6 +1650,9 @@ impl<'t> Walker<'t> {
                     "must be greater than 0 (leave it out for no limit)",
                 );
             }
+        }
+        if let Some(limit) = table.get("time_limit") {
+            group.time_limit = self.positive_duration(&child(&path, "time_limit"), limit);
         }
         if let Some(jobs) = table.get("max_jobs") {
             let key = child(&path, "max_jobs");
@@ -6060,6 +6065,7 @@ name = "w"
 command = "w"
 max_lifetime = "1h"
 max_jobs = 500
+time_limit = "5m"
 [group.local]
 instances = 1
 "#,
@@ -6069,17 +6075,19 @@ instances = 1
             Some(Duration::from_secs(3600))
         );
         assert_eq!(config.groups[0].max_jobs, Some(500));
+        assert_eq!(config.groups[0].time_limit, Some(Duration::from_secs(300)));
         let errors = parse_err(
             r#"[[group]]
 name = "w"
 command = "w"
 max_lifetime = "0s"
 max_jobs = 0
+time_limit = "0s"
 [group.local]
 instances = 1
 "#,
         );
-        assert_eq!(errors.len(), 2, "{}", ConfigErrors(errors.clone()));
+        assert_eq!(errors.len(), 3, "{}", ConfigErrors(errors.clone()));
         assert_error(
             &errors[0],
             4,
@@ -6091,6 +6099,12 @@ instances = 1
             5,
             "group[1].max_jobs",
             "must be at least 1, found 0",
+        );
+        assert_error(
+            &errors[2],
+            6,
+            "group[1].time_limit",
+            "must be greater than 0",
         );
     }
 

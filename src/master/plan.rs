@@ -282,6 +282,7 @@ impl GroupPlacer<'_> {
             stop_grace,
             restart: group.restart.clone(),
             max_lifetime: group.max_lifetime,
+            time_limit: group.time_limit,
             health: group.health.clone(),
             limits: group.limits.clone(),
             ready: group.ready.clone(),

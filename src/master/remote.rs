@@ -905,6 +905,7 @@ mod tests {
             stop_grace: Duration::from_secs(5),
             restart: RestartSpec::default(),
             max_lifetime: None,
+            time_limit: None,
             health: None,
             limits: Default::default(),
             ready: None,

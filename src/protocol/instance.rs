@@ -99,6 +99,15 @@ pub struct InstanceSpec {
     /// Recycle the instance after it ran this long.
     #[serde(default, with = "super::millis::option")]
     pub max_lifetime: Option<Duration>,
+    /// Stop a run of the instance that lasts longer than this, as a
+    /// failure (`time_limit`). Absent in the frames of older masters:
+    /// none.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "super::millis::option"
+    )]
+    pub time_limit: Option<Duration>,
     /// Its health check, run where it runs, beside liveness. Absent in the
     /// frames of older masters: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -169,6 +178,7 @@ impl InstanceSpec {
                 ..RestartSpec::default()
             },
             max_lifetime: None,
+            time_limit: None,
             health: None,
             limits: Limits::default(),
             ready: None,

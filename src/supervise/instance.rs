@@ -118,7 +118,8 @@ pub(crate) fn event_now(id: u32, kind: EventKind) -> InstanceEvent {
 ///
 /// Each process is registered with `pids` (when given) while it runs, so
 /// that a master or agent that dies leaves a record the next run reaps;
-/// with `max_lifetime` the record carries a backstop deadline.
+/// with `max_lifetime` or `time_limit` the record carries a backstop
+/// deadline.
 ///
 /// A feeder's listening address is published on `listening` each time it
 /// starts, so that consumers start after it.
@@ -297,6 +298,8 @@ enum Wake {
     Timeout(Duration),
     Stop,
     Lifetime(Duration),
+    /// It ran past its `time_limit`.
+    TimeLimit(Duration),
     Command(InstanceCommand),
     /// Its health check failed this many times in a row (the last: why).
     Unhealthy(u32, String),
@@ -374,10 +377,13 @@ async fn run_once(
     emit(events, label.id, EventKind::Started { pid });
     if let Some(pids) = pids {
         super::guard_registry(pids, sink).await;
-        // The supervisor stops the instance itself at its max lifetime; the
-        // record's deadline only matters if this supervisor is gone by then.
-        let backstop = spec
-            .max_lifetime
+        // The supervisor stops the instance itself at its max lifetime or
+        // time limit (the earlier); the record's deadline only matters if
+        // this supervisor is gone by then.
+        let backstop = [spec.max_lifetime, spec.time_limit]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|limit| SystemTime::now() + limit + spec.stop_grace + REGISTRY_BACKSTOP_MARGIN);
         let registered = match start_time {
             Some(start_time) => {
@@ -470,6 +476,7 @@ async fn run_once(
     let mut timeout = spec.plain_timeout.filter(|t| !t.is_zero());
     let mut uses_library = false;
     let end_of_life = spec.max_lifetime.map(|limit| (limit, started + limit));
+    let time_limit = spec.time_limit.map(|limit| (limit, started + limit));
     // Signs of life are reported at a slow pace, and only to a listener.
     let mut seen_tick = tokio::time::interval_at(started + SEEN_EVERY, SEEN_EVERY);
     seen_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -556,6 +563,11 @@ async fn run_once(
                     break Wake::Lifetime(limit);
                 }
             }
+            _ = super::sleep_until_some(time_limit.map(|(_, at)| at)) => {
+                if let Some((limit, _)) = time_limit {
+                    break Wake::TimeLimit(limit);
+                }
+            }
         }
     };
 
@@ -578,9 +590,13 @@ async fn run_once(
     let mut timed_out = None;
     let mut unhealthy = None;
     let mut recycled = None;
+    let mut over_time = None;
     let mut command = None;
     let stopped = matches!(wake, Wake::Stop);
-    if matches!(wake, Wake::Stop | Wake::Command(_) | Wake::Lifetime(_)) {
+    if matches!(
+        wake,
+        Wake::Stop | Wake::Command(_) | Wake::Lifetime(_) | Wake::TimeLimit(_)
+    ) {
         emit(events, label.id, EventKind::Stopping);
     }
     let status = match wake {
@@ -639,6 +655,18 @@ async fn run_once(
             killed = was_killed;
             status
         }
+        Wake::TimeLimit(limit) => {
+            let reason = format!(
+                "ran longer than its time limit of {}",
+                humantime::format_duration(limit)
+            );
+            sink.instance_event(label, Level::Warning, format!("{reason}: stopping it"))
+                .await;
+            over_time = Some(reason);
+            let (status, was_killed) = stopper.stop(&mut child).await;
+            killed = was_killed;
+            status
+        }
         Wake::Stop => {
             let (status, was_killed) = stopper.stop(&mut child).await;
             killed = was_killed;
@@ -690,12 +718,13 @@ async fn run_once(
     }
 
     let recycled = recycled.or(summary.recycle.clone());
-    let outcome = match (unhealthy, &out_of_memory) {
-        (Some(why), _) => RunOutcome::Failure(format!("unhealthy: {why}")),
-        (None, Some(oom)) if !stopped && command.is_none() => {
+    let outcome = match (unhealthy, over_time, &out_of_memory) {
+        (Some(why), _, _) => RunOutcome::Failure(format!("unhealthy: {why}")),
+        (None, Some(reason), _) => RunOutcome::Failure(reason),
+        (None, None, Some(oom)) if !stopped && command.is_none() => {
             RunOutcome::Failure(format!("{} ({oom})", describe_status(&status)))
         }
-        (None, _) => classify(&status, timed_out, recycled, &summary),
+        (None, None, _) => classify(&status, timed_out, recycled, &summary),
     };
     let (level, text) = match (&status, &outcome) {
         (_, RunOutcome::Success | RunOutcome::Recycled(_)) => {

@@ -532,3 +532,27 @@ instances = 1
     herd.wait_exit();
     herd.assert_no_leftovers();
 }
+
+#[test]
+fn a_run_past_its_time_limit_is_stopped_as_a_failure_and_restarted() {
+    let mut herd = Herd::new(
+        r#"
+[[group]]
+name = "hang"
+command = "sh"
+args = ["-c", "echo \"run $TASKHERD_ID\"; exec sleep 60"]
+time_limit = "300ms"
+restart = { policy = "on-failure", initial = "10ms", limit = 1 }
+[group.local]
+instances = 1
+"#,
+    );
+    herd.start();
+    // Stopped at its limit, restarted once (the policy sees a failure),
+    // stopped again, then marked failed.
+    herd.wait_for_count("ran longer than its time limit of 300ms: stopping it", 2);
+    herd.wait_for("marked failed after 1 restart in a row");
+    assert_eq!(exit_code(&mut herd), Some(1));
+    assert_eq!(herd.lines_with("run 1").len(), 2, "{:?}", herd.seen);
+    herd.assert_no_leftovers();
+}

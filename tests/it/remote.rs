@@ -1261,13 +1261,26 @@ fn exec_takes_hosts_from_a_file_and_leaves_out_those_of_x() {
 
 #[test]
 fn exec_timeout_stops_what_still_runs_and_exits_1() {
-    // Local only: a remote host's connection could take the timeout's
-    // time on a busy machine, and what a timeout does is the same.
+    // The second instance would run for a minute: stopped at 1 s, failed.
     let mut herd = Herd::new("");
-    herd.start_exec(&["-w", "local", "--timeout", "1s", "--", "sleep", "60"]);
+    let script = "if [ \"$TASKHERD_ID\" = 2 ]; then exec sleep 60; fi; echo quick";
+    herd.start_exec(&[
+        "-w",
+        "local",
+        "-n",
+        "2",
+        "--timeout",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
     assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
-    let summary = "taskherd exec: 1 instance on 1 host: 0 exited 0, 1 stopped (max running time of 1s reached)";
+    let summary = "taskherd exec: 2 instances on 1 host: 1 exited 0, 1 failed";
     assert_eq!(herd.lines_with(summary).len(), 1, "{:?}", herd.seen);
+    let why = "  localhost/2: ran longer than its time limit of 1s";
+    assert_eq!(herd.lines_with(why).len(), 1, "{:?}", herd.seen);
     herd.assert_no_leftovers();
     // A bad duration: said, exit code 2.
     exec_refused(
@@ -1618,6 +1631,40 @@ fn exec_fanout_runs_one_host_at_a_time_and_a_stop_ends_the_waiting_ones() {
         assert_host_clean(host);
     }
     herd.assert_no_leftovers();
+}
+
+#[test]
+fn exec_timeout_counts_for_each_instance_from_its_start() {
+    let mut world = SshWorld::new();
+    let hosts = [world.add_host(), world.add_host()];
+    let aliases = [hosts[0].alias(), hosts[1].alias()];
+    // One host after the other, 2 s each, a limit of 4 s: the second
+    // starts after more than 2 s of the run, and still has its 4 s.
+    let mut herd = Herd::new("");
+    exec_sh(
+        &mut herd,
+        &world,
+        &aliases,
+        &["-f", "1", "--timeout", "4s"],
+        "sleep 2; echo \"done on $TASKHERD_HOST\"",
+    );
+    assert_eq!(herd.wait_exit().code(), Some(0), "{:?}", herd.seen);
+    assert_eq!(herd.lines_with(": done on").len(), 2, "{:?}", herd.seen);
+    // The host's agent keeps the limit: a command that hangs is stopped.
+    let mut herd = Herd::new("");
+    exec_sh(
+        &mut herd,
+        &world,
+        &aliases[..1],
+        &["--timeout", "1s"],
+        "exec sleep 60",
+    );
+    assert_eq!(herd.wait_exit().code(), Some(1), "{:?}", herd.seen);
+    let why = format!("  {}: ran longer than its time limit of 1s", aliases[0]);
+    assert_eq!(herd.lines_with(&why).len(), 1, "{:?}", herd.seen);
+    for host in &hosts {
+        assert_host_clean(host);
+    }
 }
 
 #[test]

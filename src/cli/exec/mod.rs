@@ -93,11 +93,11 @@ pub struct ExecArgs {
     /// `MaxStartups` are retried regardless.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     give_up_after: u32,
-    /// Stop every instance still running after this long (`90s`, `5m`),
-    /// as `master.max_running_time`: cleanly (SIGTERM, then SIGKILL after
-    /// the stop grace). It bounds the whole run, from its start (with
-    /// `-f`, hosts whose turn has not come by then do not run). Those
-    /// stopped make the exit code 1.
+    /// Stop an instance still running this long after its start (`90s`,
+    /// `5m`), as pdsh's `-u` and the group key `time_limit`: cleanly
+    /// (SIGTERM, then SIGKILL after the stop grace), and it counts as
+    /// failed. Each instance has its own clock, so with `-f` every host
+    /// gets the whole time.
     #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     timeout: Option<std::time::Duration>,
     /// The command and its arguments (after `--`), run as they are. One
@@ -203,7 +203,8 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
 /// - 128 + N when signal N stopped instances before their end (Ctrl-C:
 ///   130, SIGTERM: 143), as a shell reports a command a signal ended;
 /// - 1 when any instance failed, was lost with its host or was stopped
-///   another way (`--timeout`, `taskherd stop`), or the run could not start.
+///   another way (`taskherd stop`, closed stdout), or the run could not
+///   start; an instance past `--timeout` is a failure.
 fn exit_code(report: &RunReport) -> u8 {
     let stopped = report
         .instances
@@ -235,10 +236,6 @@ fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<
     }
     if let Some(fanout) = args.fanout {
         master.insert("max_active_hosts".into(), Value::Integer(i64::from(fanout)));
-    }
-    if let Some(limit) = args.timeout {
-        let text = humantime::format_duration(limit).to_string();
-        master.insert("max_running_time".into(), Value::String(text));
     }
     if !master.is_empty() {
         root.insert("master".into(), Value::Table(master));
@@ -275,6 +272,10 @@ fn herd_text(args: &ExecArgs, local: bool, remote: &[String]) -> anyhow::Result<
     let mut restart = Table::new();
     restart.insert("policy".into(), Value::String("never".into()));
     group.insert("restart".into(), Value::Table(restart));
+    if let Some(limit) = args.timeout {
+        let text = humantime::format_duration(limit).to_string();
+        group.insert("time_limit".into(), Value::String(text));
+    }
     let instances = Value::Integer(i64::from(args.instances));
     if local {
         let mut placement = Table::new();
