@@ -1652,7 +1652,17 @@ impl<'t> Walker<'t> {
             }
         }
         if let Some(limit) = table.get("time_limit") {
-            group.time_limit = self.positive_duration(&child(&path, "time_limit"), limit);
+            let key = child(&path, "time_limit");
+            group.time_limit = self.positive_duration(&key, limit);
+            if let (Some(time_limit), Some(lifetime)) = (group.time_limit, group.max_lifetime) {
+                if lifetime <= time_limit {
+                    let message = format!(
+                        "never reached: max_lifetime ({}) recycles the instance first",
+                        humantime::format_duration(lifetime)
+                    );
+                    self.error(limit.span(), &key, message);
+                }
+            }
         }
         if let Some(jobs) = table.get("max_jobs") {
             let key = child(&path, "max_jobs");
@@ -6105,6 +6115,23 @@ instances = 1
             6,
             "group[1].time_limit",
             "must be greater than 0",
+        );
+        let errors = parse_err(
+            r#"[[group]]
+name = "w"
+command = "w"
+max_lifetime = "1m"
+time_limit = "1m"
+[group.local]
+instances = 1
+"#,
+        );
+        assert_eq!(errors.len(), 1, "{}", ConfigErrors(errors.clone()));
+        assert_error(
+            &errors[0],
+            5,
+            "group[1].time_limit",
+            "never reached: max_lifetime (1m) recycles the instance first",
         );
     }
 

@@ -390,13 +390,15 @@ fn jetstream_feeder_process(
 }
 
 /// Makes `feeder`, placed like an instance of its queue group, the
-/// group's feeder: the group's `[group.ready]` and `[group.health]` are
-/// its consumers' (a feeder never answers them: it would hold the groups
-/// after it, or be restarted as unhealthy), and a built-in feeder gets
-/// its label.
+/// group's feeder: the group's `[group.ready]`, `[group.health]` and
+/// `time_limit` are its consumers' (a feeder never answers the first two:
+/// it would hold the groups after it, or be restarted as unhealthy; and
+/// it lives as long as its queue, which a consumer's time limit does not
+/// bound), and a built-in feeder gets its label.
 fn as_feeder(feeder: &mut InstanceSpec, queue: &QueueSpec) {
     feeder.ready = None;
     feeder.health = None;
+    feeder.time_limit = None;
     label_builtin_feeder(feeder, queue);
 }
 
@@ -910,6 +912,7 @@ command = "./bin/handle"
 args = ["--fast"]
 env = { A = "1" }
 cwd = "work"
+time_limit = "5m"
 [group.feeder]
 file = "q/jobs.queue"
 [group.consumer]
@@ -937,6 +940,14 @@ cwd = "/srv"
         let config = Config::parse(text, "/etc/herd/herd.toml".as_ref()).unwrap();
         let plan = plan(&config);
         let specs = plan.instances();
+        // The group's time limit bounds its consumers, not its feeder.
+        let limits: Vec<(u32, Option<Duration>)> = specs
+            .iter()
+            .filter(|s| s.label.group == "local")
+            .map(|s| (s.label.id, s.time_limit))
+            .collect();
+        let five_minutes = Some(Duration::from_secs(300));
+        assert_eq!(limits, [(1, None), (2, five_minutes), (3, five_minutes)]);
         let run: Vec<(&str, &str, bool, Vec<&str>)> = specs
             .iter()
             .map(|s| {

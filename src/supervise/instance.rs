@@ -54,7 +54,10 @@ pub struct InstanceReport {
 /// How one run of the process ended.
 struct RunEnd {
     outcome: RunOutcome,
-    ran_for: Duration,
+    /// How long it ran healthily, for the restart tracker (a run that
+    /// long starts the count of restarts in a row again): zero for a run
+    /// stopped at its time limit, which hung rather than ran well.
+    healthy_for: Duration,
     /// Ended because the master asked it to stop.
     stopped: bool,
     /// Had to be SIGKILLed after the stop grace.
@@ -205,7 +208,7 @@ pub async fn supervise(
                 Some(InstanceCommand::Restart) => continue,
                 Some(InstanceCommand::Resume) | None => {}
             }
-            match tracker.decide(&run.outcome, run.ran_for, crate::random::unit()) {
+            match tracker.decide(&run.outcome, run.healthy_for, crate::random::unit()) {
                 Decision::Finished => match run.outcome {
                     // Recycling always restarts: only a clean end finishes.
                     RunOutcome::Success | RunOutcome::Recycled(_) => break InstanceEnd::Completed,
@@ -365,7 +368,7 @@ async fn run_once(
             );
             return RunEnd {
                 outcome: RunOutcome::Failure(reason),
-                ran_for: Duration::ZERO,
+                healthy_for: Duration::ZERO,
                 stopped: false,
                 killed: false,
                 command: None,
@@ -718,6 +721,16 @@ async fn run_once(
     }
 
     let recycled = recycled.or(summary.recycle.clone());
+    let healthy_for = if over_time.is_some() {
+        Duration::ZERO
+    } else {
+        ran_for
+    };
+    let how = match (&out_of_memory, &over_time) {
+        (Some(oom), _) => format!("{} ({oom})", describe_status(&status)),
+        (None, Some(reason)) => format!("{} ({reason})", describe_status(&status)),
+        (None, None) => describe_status(&status),
+    };
     let outcome = match (unhealthy, over_time, &out_of_memory) {
         (Some(why), _, _) => RunOutcome::Failure(format!("unhealthy: {why}")),
         (None, Some(reason), _) => RunOutcome::Failure(reason),
@@ -738,10 +751,6 @@ async fn run_once(
     } else {
         text
     };
-    let how = match &out_of_memory {
-        Some(oom) => format!("{} ({oom})", describe_status(&status)),
-        None => describe_status(&status),
-    };
     emit(
         events,
         label.id,
@@ -753,7 +762,7 @@ async fn run_once(
     sink.instance_event(label, level, text).await;
     RunEnd {
         outcome,
-        ran_for,
+        healthy_for,
         stopped,
         killed,
         command,

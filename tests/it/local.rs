@@ -542,14 +542,15 @@ name = "hang"
 command = "sh"
 args = ["-c", "echo \"run $TASKHERD_ID\"; exec sleep 60"]
 time_limit = "300ms"
-restart = { policy = "on-failure", initial = "10ms", limit = 1 }
+restart = { policy = "on-failure", initial = "10ms", limit = 1, reset_after = "100ms" }
 [group.local]
 instances = 1
 "#,
     );
     herd.start();
     // Stopped at its limit, restarted once (the policy sees a failure),
-    // stopped again, then marked failed.
+    // stopped again, then marked failed: a run that hung is never one
+    // that lasted `reset_after` well, which would start the count again.
     herd.wait_for_count("ran longer than its time limit of 300ms: stopping it", 2);
     herd.wait_for("marked failed after 1 restart in a row");
     assert_eq!(exit_code(&mut herd), Some(1));
