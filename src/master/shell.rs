@@ -107,6 +107,24 @@ impl Shell {
         let mut stop_announced = false;
         let mut kill_announced = false;
         loop {
+            // A stop (or kill) is told to the core before anything that
+            // came with it, and before the loop may end: the last
+            // supervisors can end in the same instant (said even then).
+            if shutdown.is_stopping() && !stop_announced {
+                stop_announced = true;
+                let event = Event::Stopping {
+                    reason: shutdown.reason().unwrap_or("stop requested").to_string(),
+                    hint: shutdown.kill_hint().map(str::to_string),
+                };
+                self.handle(event).await;
+            }
+            if shutdown.is_killing() && !kill_announced {
+                kill_announced = true;
+                let event = Event::Killing {
+                    reason: shutdown.reason().unwrap_or("kill requested").to_string(),
+                };
+                self.handle(event).await;
+            }
             if self.tasks.is_empty() && !self.board.lock().holds_instances() {
                 break;
             }
@@ -131,19 +149,9 @@ impl Shell {
                 },
                 Some(_) = self.streams.join_next(), if !self.streams.is_empty() => continue,
                 _ = sleep_until(deadline) => Event::Tick,
-                _ = shutdown.stopping(), if !stop_announced => {
-                    stop_announced = true;
-                    Event::Stopping {
-                        reason: shutdown.reason().unwrap_or("stop requested").to_string(),
-                        hint: shutdown.kill_hint().map(str::to_string),
-                    }
-                }
-                _ = shutdown.killing(), if !kill_announced => {
-                    kill_announced = true;
-                    Event::Killing {
-                        reason: shutdown.reason().unwrap_or("kill requested").to_string(),
-                    }
-                }
+                // Wakes the loop, whose top tells the core.
+                _ = shutdown.stopping(), if !stop_announced => continue,
+                _ = shutdown.killing(), if !kill_announced => continue,
             };
             self.handle(event).await;
         }
