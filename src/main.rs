@@ -343,12 +343,13 @@ struct LogArgs {
 
 /// The environment variable with a log filter, between `[log] filter`
 /// and `--log-filter`.
-pub(crate) const LOG_FILTER_ENV: &str = "TASKHERD_LOG";
+const LOG_FILTER_ENV: &str = "TASKHERD_LOG";
 
 impl LogArgs {
     /// Puts the flags (and TASKHERD_LOG, then `-q` or `-v`) over the
-    /// config's `[log]` table.
-    fn apply(self, config: &mut Config, verbosity: Verbosity) -> anyhow::Result<()> {
+    /// config's `[log]` table; `true` when a filter was given
+    /// (`--log-filter` or a TASKHERD_LOG that is not blank).
+    fn apply(self, config: &mut Config, verbosity: Verbosity) -> anyhow::Result<bool> {
         use taskherd::config::LogColor;
         if let Some(format) = self.log_format {
             config.log.format = match format {
@@ -382,17 +383,17 @@ impl LogArgs {
                 let level = match verbosity {
                     Verbosity::Quiet => Level::Warning,
                     Verbosity::Verbose => Level::Debug,
-                    Verbosity::Normal => return Ok(()),
+                    Verbosity::Normal => return Ok(false),
                 };
                 config.log.filter = taskherd::config::LogFilter::at_least(Some(level));
-                return Ok(());
+                return Ok(false);
             }
         };
         if let Err(message) = config.check_log_filter(&filter) {
             anyhow::bail!("{origin}: {message}");
         }
         config.log.filter = filter;
-        Ok(())
+        Ok(true)
     }
 }
 

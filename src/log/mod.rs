@@ -205,7 +205,41 @@ const FINISH_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 /// something.
 const FINISH_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Told by an output thread ([`LogSink::spawn_output`]) each time it
+/// wrote something.
+#[derive(Debug, Clone)]
+pub struct WriteProgress(Arc<std::sync::atomic::AtomicU64>);
+
+impl WriteProgress {
+    /// Something was written.
+    pub fn wrote(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl LogWriter {
+    /// Runs `body` on a thread named `name`, whose writes `progress`
+    /// counts: the writer to wait for.
+    fn spawn(
+        name: &str,
+        progress: Arc<std::sync::atomic::AtomicU64>,
+        body: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<LogWriter> {
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                // Dropped as the thread ends, by return or by panic.
+                let _done = done_tx;
+                body();
+            })?;
+        Ok(LogWriter {
+            thread,
+            done,
+            progress,
+        })
+    }
+
     /// Waits until every sink is dropped and every record written, or
     /// until the output has taken nothing for 10 s (a pipe nobody reads):
     /// then says so on standard error and returns, so that the process can
@@ -347,7 +381,7 @@ impl LogSink {
         };
         let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
-            progress: progress.clone(),
+            progress: Arc::clone(&progress),
             format: options.format,
             filter: options.filter.clone(),
             terminal,
@@ -358,15 +392,10 @@ impl LogSink {
             notices: Vec::new(),
             prefix: format::LinePrefix::default(),
         };
-        let (done_tx, done) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("taskherd-log".into())
-            .spawn(move || {
-                // Dropped as the thread ends, by return or by panic.
-                let _done = done_tx;
-                writer.run(records_rx, events_rx);
-            })
-            .map_err(LogError::Thread)?;
+        let thread = LogWriter::spawn("taskherd-log", progress, move || {
+            writer.run(records_rx, events_rx);
+        })
+        .map_err(LogError::Thread)?;
         let shared = Arc::new(Shared {
             feed,
             status,
@@ -377,14 +406,28 @@ impl LogSink {
             events_tx: Some(events_tx),
             shared,
         };
-        Ok((
-            sink,
-            LogWriter {
-                thread,
-                done,
-                progress,
-            },
-        ))
+        Ok((sink, thread))
+    }
+
+    /// A sink whose records (the master's events among them, in order,
+    /// as with [`LogSink::channel`]) go to `output`, run on a thread of
+    /// its own named `name`: an output of the caller's, which the
+    /// returned writer's [`LogWriter::finish`] waits for as it waits for
+    /// the log's. `output` calls [`WriteProgress::wrote`] each time it
+    /// has written something, so that an output that is slow is told
+    /// from one that is stuck.
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub fn spawn_output<F>(name: &str, output: F) -> std::io::Result<(LogSink, LogWriter)>
+    where
+        F: FnOnce(mpsc::Receiver<LogRecord>, WriteProgress) + Send + 'static,
+    {
+        let (sink, records) = LogSink::channel();
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let wrote = WriteProgress(Arc::clone(&progress));
+        let writer = LogWriter::spawn(name, progress, move || output(records, wrote))?;
+        Ok((sink, writer))
     }
 
     /// A sink whose records come out of the returned receiver (the agent

@@ -471,6 +471,24 @@ impl Launcher {
     pub fn run_blocking(self) -> std::io::Result<RunReport> {
         super::launcher::run_blocking_with(self)
     }
+
+    /// Runs the herd from a plain program as [`Launcher::run_blocking`]
+    /// does (its own runtime, stopped on SIGINT and SIGTERM), its log
+    /// going to `sink` instead of the config's `[log]`: `writer` is
+    /// finished at the end ([`LogSink::spawn_output`] makes a pair for an
+    /// output of the caller's); `shutdown` stops it too.
+    ///
+    /// # Errors
+    /// If the runtime or the signal handlers cannot be set up; nothing
+    /// was started then.
+    pub fn run_blocking_to(
+        self,
+        sink: LogSink,
+        writer: crate::log::LogWriter,
+        shutdown: Shutdown,
+    ) -> std::io::Result<RunReport> {
+        super::launcher::run_blocking_to(self, sink, writer, shutdown)
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use super::remote::AgentSettings;
 use super::shell::{Inbox, Shell};
 use crate::config::{BuiltinFeeder, Config};
 use crate::error_text::count;
-use crate::log::LogSink;
+use crate::log::{LogSink, LogWriter};
 use crate::protocol::control::{HerdStatus, InstanceState};
 use crate::protocol::slave::Level;
 use crate::supervise::instance::{self, InstanceEnd, InstanceReport};
@@ -534,20 +534,37 @@ pub fn run_blocking(config: Config) -> std::io::Result<RunReport> {
 
 pub(crate) fn run_blocking_with(launcher: Launcher) -> std::io::Result<RunReport> {
     let config = &launcher.config;
+    let (sink, writer) =
+        LogSink::start(&config.log, &config.base_dir()).map_err(std::io::Error::other)?;
+    run_blocking_to(launcher, sink, writer, Shutdown::new())
+}
+
+pub(crate) fn run_blocking_to(
+    launcher: Launcher,
+    sink: LogSink,
+    writer: LogWriter,
+    shutdown: Shutdown,
+) -> std::io::Result<RunReport> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("taskherd")
-        .build()?;
-    let (sink, writer) =
-        LogSink::start(&config.log, &config.base_dir()).map_err(std::io::Error::other)?;
-    let report = runtime.block_on(async move {
-        let shutdown = Shutdown::new();
-        crate::supervise::shutdown::stop_on_signals(shutdown.clone())?;
-        std::io::Result::Ok(launcher.run(sink, shutdown).await)
-    });
-    // The runtime's tasks hold the last sink clones: once they are gone the
-    // writer drains what is left and ends.
-    drop(runtime);
+        .build();
+    let report = match runtime {
+        Ok(runtime) => {
+            let report = runtime.block_on(async move {
+                crate::supervise::shutdown::stop_on_signals(shutdown.clone())?;
+                std::io::Result::Ok(launcher.run(sink, shutdown).await)
+            });
+            // The runtime's tasks hold the last sink clones: once they are
+            // gone the writer drains what is left and ends.
+            drop(runtime);
+            report
+        }
+        Err(err) => {
+            drop(sink);
+            Err(err)
+        }
+    };
     writer.finish();
     report
 }

@@ -69,8 +69,8 @@ pub struct AgentSettings {
     /// by every host.
     pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Turns of the hosts worked on at once (`master.max_active_hosts`),
-    /// each held by a host's supervisor from its first connection to its
-    /// end; `None`: every host at once.
+    /// each held by a host's supervisor from a connection until its end,
+    /// or until the host is down; `None`: every host at once.
     pub host_turns: Option<Arc<tokio::sync::Semaphore>>,
     /// Each host's connection state, noted by its supervisor (for the
     /// metrics and the dashboard).
@@ -167,13 +167,8 @@ pub async fn supervise_host(
         while let Ok(command) = commands.try_recv() {
             state.apply_offline(command, &mut reports, &reporter);
         }
-        if state.pending.is_empty() {
-            // Nothing more can come in once closed; what came in before
-            // is still served.
-            close_commands(&mut commands, &mut state, &mut reports, &reporter);
-            if state.pending.is_empty() {
-                break;
-            }
+        if nothing_left(&mut commands, &mut state, &mut reports, &reporter) {
+            break;
         }
         if let (Some(turns), None, false) = (&settings.host_turns, &turn, shutdown.is_stopping()) {
             settings.links.set(
@@ -778,11 +773,8 @@ async fn wait_for_turn(
                 None => commands_open = false,
             },
         }
-        if state.pending.is_empty() {
-            close_commands(commands, state, reports, reporter);
-            if state.pending.is_empty() {
-                return None;
-            }
+        if nothing_left(commands, state, reports, reporter) {
+            return None;
         }
     }
     close_commands(commands, state, reports, reporter);
@@ -790,6 +782,22 @@ async fn wait_for_turn(
         reports.push(reporter.never_ran(spec.label));
     }
     None
+}
+
+/// Whether the host is done: nothing pending, and nothing more can come
+/// (its commands are closed once nothing is pending; what came in before
+/// is still served, and may add instances).
+fn nothing_left(
+    commands: &mut mpsc::UnboundedReceiver<HostCommand>,
+    state: &mut HostState,
+    reports: &mut Vec<InstanceReport>,
+    reporter: &Reporter,
+) -> bool {
+    if !state.pending.is_empty() {
+        return false;
+    }
+    close_commands(commands, state, reports, reporter);
+    state.pending.is_empty()
 }
 
 /// Closes a host's commands: nothing more comes in, and what came in

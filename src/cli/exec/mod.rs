@@ -21,7 +21,7 @@ use taskherd::master::{self, RunReport};
 use taskherd::protocol::slave::Level;
 use taskherd::supervise::instance::InstanceEnd;
 
-use crate::{LogArgs, Verbosity, EXIT_ERROR, EXIT_FAILED_INSTANCES, LOG_FILTER_ENV};
+use crate::{LogArgs, Verbosity, EXIT_ERROR, EXIT_FAILED_INSTANCES};
 
 mod output;
 
@@ -169,11 +169,7 @@ pub fn run(args: ExecArgs, verbosity: Verbosity) -> anyhow::Result<ExitCode> {
         with_id: args.instances > 1,
         on_output: !args.no_tag,
     };
-    // As `LogArgs::apply` reads them: a blank TASKHERD_LOG is none.
-    let filter_given = args.log.log_filter.is_some()
-        || std::env::var_os(LOG_FILTER_ENV)
-            .is_some_and(|text| !text.to_string_lossy().trim().is_empty());
-    args.log.apply(&mut config, verbosity)?;
+    let filter_given = args.log.apply(&mut config, verbosity)?;
     let report = if plain {
         let events = match verbosity {
             _ if filter_given => output::Events::Filter(config.log.filter.clone()),

@@ -5,30 +5,24 @@
 //! else on standard output; the master's warnings on standard error as
 //! `taskherd exec: ...`, its other events with `-v`.
 //!
-//! The herd runs with a [`LogSink::channel`]: a thread of its own takes
-//! the records from it and writes them. When standard output is closed
+//! The herd's records go to a [`Printer`] on a thread of its own
+//! ([`LogSink::spawn_output`]), which the end of the run waits for as it
+//! waits for the log's writer. When standard output is closed
 //! (`taskherd exec ... | head`), the run is stopped, as pdsh ends on its
 //! SIGPIPE, and the rest of the output is dropped.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use taskherd::config::{Config, LogFilter};
-use taskherd::log::{InstanceLabel, LogRecord, LogSink, Stream};
+use taskherd::log::{InstanceLabel, LogRecord, LogSink, Stream, WriteProgress};
 use taskherd::master::{Launcher, RunReport};
 use taskherd::protocol::slave::Level;
-use taskherd::supervise::shutdown::{stop_on_signals, Shutdown};
+use taskherd::supervise::shutdown::Shutdown;
 use tokio::sync::mpsc;
 
 /// Bytes buffered for one stream before they are written, within a batch.
 const FLUSH_AT: usize = 64 * 1024;
-
-/// How long the end of the run waits for an output that takes nothing
-/// (`taskherd exec ... | stuck`) before it gives up on the last lines.
-const FINISH_STALL: Duration = Duration::from_secs(10);
 
 /// Which of the master's events are written (on standard error).
 #[derive(Debug, Clone)]
@@ -85,67 +79,25 @@ pub(super) fn run(
     events: Events,
     library_records: LogFilter,
 ) -> anyhow::Result<RunReport> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("taskherd")
-        .build()
-        .context("cannot start the runtime")?;
-    let (sink, records) = LogSink::channel();
     let shutdown = Shutdown::new();
-    let progress = Arc::new(AtomicU64::new(0));
-    let (done_tx, done) = std::sync::mpsc::channel::<()>();
-    let printer = Printer {
-        tags,
-        events,
-        library_records,
-        shutdown: shutdown.clone(),
-        out: Output::new(Target::Stdout),
-        err: Output::new(Target::Stderr),
-        progress: Arc::clone(&progress),
-    };
-    std::thread::Builder::new()
-        .name("taskherd-out".into())
-        .spawn(move || {
-            // Dropped as the thread ends, by return or by panic.
-            let _done = done_tx;
-            printer.run(records);
-        })
-        .context("cannot start the output thread")?;
-    let report = runtime.block_on(async move {
-        stop_on_signals(shutdown.clone())?;
-        std::io::Result::Ok(
-            Launcher::new(config)
-                .end_summary(false)
-                .run(sink, shutdown)
-                .await,
-        )
-    });
-    // The runtime's tasks hold the last sink clones: once they are gone
-    // the printer writes what is left and ends.
-    drop(runtime);
-    wait_for_printer(&done, &progress);
-    report.context("cannot start the master")
-}
-
-/// Waits until the printer has written everything, or until the output
-/// has taken nothing for [`FINISH_STALL`].
-fn wait_for_printer(done: &std::sync::mpsc::Receiver<()>, progress: &AtomicU64) {
-    use std::sync::mpsc::RecvTimeoutError;
-    let mut seen = progress.load(Ordering::Relaxed);
-    let mut since = Instant::now();
-    while let Err(RecvTimeoutError::Timeout) = done.recv_timeout(Duration::from_millis(100)) {
-        let now = progress.load(Ordering::Relaxed);
-        if now != seen {
-            seen = now;
-            since = Instant::now();
-        } else if since.elapsed() >= FINISH_STALL {
-            eprintln!(
-                "taskherd exec: the output has taken nothing for {}s; exiting without the last lines",
-                FINISH_STALL.as_secs()
-            );
-            return;
-        }
-    }
+    let stop = shutdown.clone();
+    let (sink, writer) = LogSink::spawn_output("taskherd-out", move |records, progress| {
+        let printer = Printer {
+            tags,
+            events,
+            library_records,
+            shutdown: stop,
+            out: Output::new(Target::Stdout),
+            err: Output::new(Target::Stderr),
+            progress,
+        };
+        printer.run(records);
+    })
+    .context("cannot start the output thread")?;
+    Launcher::new(config)
+        .end_summary(false)
+        .run_blocking_to(sink, writer, shutdown)
+        .context("cannot start the master")
 }
 
 /// Standard output or standard error.
@@ -206,8 +158,8 @@ struct Printer {
     shutdown: Shutdown,
     out: Output,
     err: Output,
-    /// Writes done, for [`wait_for_printer`].
-    progress: Arc<AtomicU64>,
+    /// Told of each write, for the end's wait.
+    progress: WriteProgress,
 }
 
 impl Printer {
@@ -285,10 +237,10 @@ impl Printer {
 
 /// Writes what `output` holds, counted in `progress`; standard output
 /// closed stops the run (once), as pdsh ends when its reader has gone.
-fn flush(output: &mut Output, shutdown: &Shutdown, progress: &AtomicU64) {
+fn flush(output: &mut Output, shutdown: &Shutdown, progress: &WriteProgress) {
     let was_closed = output.closed;
     if !output.flush() && !was_closed && output.target == Target::Stdout {
         shutdown.request_stop("standard output was closed");
     }
-    progress.fetch_add(1, Ordering::Relaxed);
+    progress.wrote();
 }
