@@ -338,6 +338,9 @@ fn a_reload_replaces_groups_in_their_order() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // web has no readiness probe: its successor counts as ready once
+    // started, so the reload may be done before it noted its start.
+    herd.wait_for_count("web up", 2);
     let lines = order_lines(&herd);
     let db = position(&lines, "db start 2");
     let web = position(&lines, "web start 2");
